@@ -1,0 +1,609 @@
+"""TOML configuration -> frozen dataclasses, validated once.
+
+Every problem becomes one line ``<file>: <key>: <what is wrong and what is expected>``; all
+problems are collected before :class:`~certd.errors.ConfigError` is raised, so an operator
+fixes them in one pass. Relative paths resolve against the config file's directory.
+"""
+
+from __future__ import annotations
+
+import grp
+import ipaddress
+import os
+import pwd
+import re
+import stat
+import tomllib
+from dataclasses import dataclass, field
+from datetime import timedelta
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import idna
+
+from certd.errors import ConfigError
+
+DEFAULT_PATH = Path("/etc/certd/certd.toml")
+
+KEY_TYPES = ("ecdsa-p256", "ecdsa-p384", "rsa-2048", "rsa-3072", "rsa-4096")
+CHALLENGES = ("http-01", "dns-01", "tls-alpn-01")
+FILE_CONTENTS = ("cert", "chain", "fullchain", "privkey", "combined")
+HOOK_KINDS = ("nginx", "haproxy")
+
+KeyType = Literal["ecdsa-p256", "ecdsa-p384", "rsa-2048", "rsa-3072", "rsa-4096"]
+Challenge = Literal["http-01", "dns-01", "tls-alpn-01"]
+
+
+@dataclass(frozen=True)
+class Listen:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    state_dir: Path = Path("/var/lib/certd")
+    control_socket: Path = Path("/run/certd/control.sock")
+    control_group: str | None = None
+    metrics_listen: Listen | None = None
+    workers: int = 4
+
+
+@dataclass(frozen=True)
+class AcmeConfig:
+    directory: str
+    email: str | None = None
+    agree_tos: bool = False
+    ca_bundle: Path | None = None
+    eab_kid: str | None = None
+    eab_hmac_key: str | None = None
+
+
+@dataclass(frozen=True)
+class FileTarget:
+    """One plain file written by temp file + fsync + rename (for software refusing symlinks)."""
+
+    path: Path
+    content: str  # one of FILE_CONTENTS
+    owner: str | None = None
+    group: str | None = None
+    mode: int | None = None  # default: 0o600 for key material, 0o644 otherwise
+
+
+@dataclass(frozen=True)
+class DeployConfig:
+    live_dir: Path | None = None
+    combined: Path | None = None
+    group: str | None = None
+    files: tuple[FileTarget, ...] = ()
+
+
+@dataclass(frozen=True)
+class ReloadHook:
+    """A built-in hook (``kind`` nginx / haproxy) or a command (``kind`` = "command")."""
+
+    kind: str
+    timeout: float = 30.0
+    command: tuple[str, ...] = ()
+    config: Path | None = None          # nginx: -c
+    binary: str = "nginx"               # nginx: executable name or path
+    socket: Path | None = None          # haproxy: admin socket
+    crt: str | None = None              # haproxy: cert path as HAProxy knows it
+
+
+@dataclass(frozen=True)
+class VerifyEndpoint:
+    host: str
+    port: int
+    sni: str
+    ca_bundle: Path | None = None  # trust anchors for the served chain; None = system store
+
+    def __str__(self) -> str:
+        return f"{Listen(self.host, self.port)} (SNI {self.sni})"
+
+
+@dataclass(frozen=True)
+class RenewBefore:
+    """Renew when this fraction of the lifetime, or this much time, remains."""
+
+    fraction: Fraction | None = None
+    duration: timedelta | None = None
+
+
+@dataclass(frozen=True)
+class CertificateConfig:
+    name: str
+    domains: tuple[str, ...]
+    key_type: str = "ecdsa-p256"
+    reuse_key: bool = False
+    challenge: str = "http-01"
+    http01_listen: Listen | None = None
+    http01_webroot: Path | None = None
+    dns01_hook: tuple[str, ...] = ()
+    tlsalpn01_listen: Listen | None = None
+    renew_before: RenewBefore | None = None
+    keep_versions: int = 5
+    verify_timeout: float = 10.0
+    deploy: DeployConfig = field(default_factory=DeployConfig)
+    reload: tuple[ReloadHook, ...] = ()
+    verify: tuple[VerifyEndpoint, ...] = ()
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    daemon: DaemonConfig
+    acme: AcmeConfig
+    certificates: tuple[CertificateConfig, ...]
+
+    def certificate(self, name: str) -> CertificateConfig:
+        for cert in self.certificates:
+            if cert.name == name:
+                return cert
+        raise KeyError(name)
+
+    @property
+    def names(self) -> list[str]:
+        return [c.name for c in self.certificates]
+
+
+def resolve_path(config_arg: str | None) -> Path:
+    """``--config`` beats ``$CERTD_CONFIG`` beats the default."""
+    return Path(config_arg or os.environ.get("CERTD_CONFIG") or DEFAULT_PATH)
+
+
+def load(path: Path, *, check_runtime: bool = False) -> Config:
+    """Read and validate ``path``. ``check_runtime`` also checks what only the daemon needs
+    (the control socket's directory). Raises :class:`ConfigError` with every problem."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file; pass --config PATH or set CERTD_CONFIG") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: TOML syntax error: {e}") from None
+    return parse(data, path, check_runtime=check_runtime)
+
+
+def parse(data: dict[str, Any], path: Path, *, check_runtime: bool = False) -> Config:
+    p = _Parser(path, check_runtime)
+    config = p.config(data)
+    if p.problems:
+        raise ConfigError(p.problems)
+    assert config is not None
+    return config
+
+
+# --- parsing -------------------------------------------------------------------------------
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_LABEL_RE = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+_DURATION_RE = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
+_EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+
+
+class _Table:
+    """A TOML table that remembers which keys were read, to report the unknown ones."""
+
+    def __init__(self, parser: _Parser, where: str, data: Any) -> None:
+        self.p, self.where = parser, where
+        if not isinstance(data, dict):
+            parser.problem(where, f"expected a table, got {_kind(data)}")
+            data = {}
+        self.data: dict[str, Any] = data
+        self.seen: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.where}.{name}" if self.where else name
+
+    def get(self, name: str, kind: type | tuple[type, ...], default: Any = None,
+            required: bool = False) -> Any:
+        self.seen.add(name)
+        if name not in self.data:
+            if required:
+                self.p.problem(self.key(name), "required key is missing")
+            return default
+        value = self.data[name]
+        # bool is an int in Python; a TOML boolean must not pass for a number.
+        if not isinstance(value, kind) or (isinstance(value, bool) and bool not in _as_tuple(kind)):
+            self.p.problem(self.key(name), f"expected {_kind_name(kind)}, got {_kind(value)}")
+            return default
+        return value
+
+    def done(self) -> None:
+        for k in self.data:
+            if k not in self.seen:
+                self.p.problem(self.key(k), "unknown key (check the spelling; see the README's configuration reference)")
+
+
+class _Parser:
+    def __init__(self, path: Path, check_runtime: bool) -> None:
+        self.path = path
+        self.base = path.resolve().parent
+        self.check_runtime = check_runtime
+        self.problems: list[str] = []
+
+    def problem(self, key: str, message: str) -> None:
+        self.problems.append(f"{self.path}: {key}: {message}")
+
+    def config(self, data: dict[str, Any]) -> Config | None:
+        top = _Table(self, "", data)
+        daemon = self.daemon(_Table(self, "daemon", top.get("daemon", dict, {})))
+        acme_t = top.get("acme", dict, None, required=True)
+        acme = self.acme(_Table(self, "acme", acme_t if acme_t is not None else {}))
+        certs_raw = top.get("certificate", list, [])
+        top.done()
+        certs: list[CertificateConfig] = []
+        names: dict[str, int] = {}
+        for i, raw in enumerate(certs_raw):
+            cert = self.certificate(i, raw)
+            if cert is None:
+                continue
+            if cert.name in names:
+                self.problem(f"certificate[{i}].name", f"duplicate name {cert.name!r} (also certificate[{names[cert.name]}]); names must be unique")
+            names.setdefault(cert.name, i)
+            certs.append(cert)
+        if acme is None:
+            return None
+        return Config(self.path, daemon, acme, tuple(certs))
+
+    # -- sections --
+
+    def daemon(self, t: _Table) -> DaemonConfig:
+        d = DaemonConfig()
+        state_dir = self.path_value(t, "state_dir") or d.state_dir
+        sock = self.path_value(t, "control_socket") or d.control_socket
+        group = t.get("control_group", str)
+        if group is not None:
+            self.check_group(t.key("control_group"), group)
+        metrics = self.listen(t, "metrics_listen")
+        workers = t.get("workers", int, d.workers)
+        if not 1 <= workers <= 64:
+            self.problem(t.key("workers"), f"{workers} is out of range; expected 1..64")
+        t.done()
+        if self.check_runtime and not sock.parent.is_dir():
+            self.problem(t.key("control_socket"), f"directory {sock.parent} does not exist; create it (systemd's RuntimeDirectory=certd does) or choose another path")
+        return DaemonConfig(state_dir, sock, group, metrics, workers)
+
+    def acme(self, t: _Table) -> AcmeConfig | None:
+        directory = t.get("directory", str, required=True)
+        if directory is not None and not re.match(r"^https?://[^/\s]+(/\S*)?$", directory):
+            self.problem(t.key("directory"), f"{directory!r} is not an http(s) URL; expected e.g. \"https://127.0.0.1:14000/dir\"")
+        email = t.get("email", str)
+        if email is not None and not _EMAIL_RE.match(email):
+            self.problem(t.key("email"), f"{email!r} is not an e-mail address")
+        agree = t.get("agree_tos", bool, False)
+        ca_bundle = self.path_value(t, "ca_bundle", must_exist=True)
+        kid = t.get("eab_kid", str)
+        hmac = t.get("eab_hmac_key", str)
+        if (kid is None) != (hmac is None):
+            self.problem(t.key("eab_kid" if kid is None else "eab_hmac_key"), "External Account Binding needs both eab_kid and eab_hmac_key")
+        if hmac is not None and not re.match(r"^[A-Za-z0-9_=-]+$", hmac):
+            self.problem(t.key("eab_hmac_key"), "expected base64url text (as the CA handed it out)")
+        t.done()
+        if directory is None:
+            return None
+        return AcmeConfig(directory, email, agree, ca_bundle, kid, hmac)
+
+    def certificate(self, i: int, raw: Any) -> CertificateConfig | None:
+        t = _Table(self, f"certificate[{i}]", raw)
+        name = t.get("name", str, required=True)
+        if name is not None:
+            if not _NAME_RE.match(name):
+                self.problem(t.key("name"), f"{name!r}: expected 1-64 characters of letters, digits, '.', '_', '-' (it names a directory)")
+                name = None
+            else:
+                t.where = f"certificate[{i}] ({name})"
+        domains = self.domains(t)
+        key_type = t.get("key_type", str, "ecdsa-p256")
+        if key_type not in KEY_TYPES:
+            self.problem(t.key("key_type"), f"unknown key type {key_type!r}; expected one of {', '.join(KEY_TYPES)}")
+        reuse_key = t.get("reuse_key", bool, False)
+        challenge = t.get("challenge", str, "http-01")
+        http_listen = self.listen(t, "http01_listen")
+        webroot = self.path_value(t, "http01_webroot")
+        dns_hook = self.argv(t, "dns01_hook")
+        alpn_listen = self.listen(t, "tlsalpn01_listen")
+        self.check_challenge(t, challenge, domains, http_listen, webroot, dns_hook, alpn_listen)
+        renew_before = self.renew_before(t)
+        keep = t.get("keep_versions", int, 5)
+        if not 2 <= keep <= 100:
+            self.problem(t.key("keep_versions"), f"{keep} is out of range; expected 2..100 (the previous version is the rollback backup)")
+        verify_timeout = self.duration(t, "verify_timeout", 10.0)
+        deploy = self.deploy(_Table(self, t.key("deploy"), t.get("deploy", dict, {})))
+        hooks = tuple(h for j, raw_h in enumerate(t.get("reload", list, []))
+                      if (h := self.reload(_Table(self, t.key(f"reload[{j}]"), raw_h), deploy)) is not None)
+        default_sni = next((d for d in domains if not d.startswith("*.")), domains[0][2:] if domains else "")
+        verify = tuple(v for j, raw_v in enumerate(t.get("verify", list, []))
+                       if (v := self.verify(_Table(self, t.key(f"verify[{j}]"), raw_v), default_sni)) is not None)
+        t.done()
+        if name is None or not domains:
+            return None
+        return CertificateConfig(name, tuple(domains), key_type, reuse_key, challenge, http_listen,
+                                 webroot, dns_hook, alpn_listen, renew_before, keep, verify_timeout,
+                                 deploy, hooks, verify)
+
+    def domains(self, t: _Table) -> list[str]:
+        raw = t.get("domains", list, required=True)
+        if raw is None:
+            return []
+        if not raw:
+            self.problem(t.key("domains"), "empty; list at least one domain name")
+        out: list[str] = []
+        for j, d in enumerate(raw):
+            key = t.key(f"domains[{j}]")
+            if not isinstance(d, str):
+                self.problem(key, f"expected a string, got {_kind(d)}")
+                continue
+            norm, why = normalize_domain(d)
+            if why:
+                self.problem(key, why)
+            elif norm in out:
+                self.problem(key, f"{d!r} is listed twice")
+            else:
+                out.append(norm)
+        return out
+
+    def check_challenge(self, t: _Table, challenge: str, domains: list[str], http_listen: Listen | None,
+                        webroot: Path | None, dns_hook: tuple[str, ...], alpn: Listen | None) -> None:
+        if challenge not in CHALLENGES:
+            self.problem(t.key("challenge"), f"unknown challenge {challenge!r}; expected one of {', '.join(CHALLENGES)}")
+            return
+        wild = [d for d in domains if d.startswith("*.")]
+        if wild and challenge != "dns-01":
+            self.problem(t.key("challenge"), f"{wild[0]!r} is a wildcard; wildcards can only be validated with challenge = \"dns-01\" (RFC 8555 §7.1.3)")
+        if challenge == "http-01":
+            if (http_listen is None) == (webroot is None):
+                self.problem(t.key("http01_listen"), "http-01 needs exactly one of http01_listen (built-in responder) or http01_webroot")
+        elif challenge == "dns-01" and not dns_hook:
+            self.problem(t.key("dns01_hook"), "dns-01 needs dns01_hook = [\"/path/to/hook\", ...] to set and clear the TXT record")
+        elif challenge == "tls-alpn-01" and alpn is None:
+            self.problem(t.key("tlsalpn01_listen"), "tls-alpn-01 needs tlsalpn01_listen = \"host:port\" for the built-in responder")
+
+    def renew_before(self, t: _Table) -> RenewBefore | None:
+        raw = t.get("renew_before", str)
+        if raw is None:
+            return None
+        m = re.match(r"^\s*(\d+)\s*/\s*(\d+)\s*$", raw)
+        if m:
+            num, den = int(m.group(1)), int(m.group(2))
+            if den == 0 or not 0 < num < den:
+                self.problem(t.key("renew_before"), f"{raw!r}: a fraction must lie strictly between 0 and 1, e.g. \"1/3\"")
+                return None
+            return RenewBefore(fraction=Fraction(num, den))
+        seconds = parse_duration(raw)
+        if seconds is None or seconds <= 0:
+            self.problem(t.key("renew_before"), f"{raw!r}: expected a fraction such as \"1/3\" or a duration such as \"30d\", \"12h\", \"90m\"")
+            return None
+        return RenewBefore(duration=timedelta(seconds=seconds))
+
+    def deploy(self, t: _Table) -> DeployConfig:
+        live_dir = self.path_value(t, "live_dir")
+        combined = self.path_value(t, "combined")
+        group = t.get("group", str)
+        if group is not None:
+            self.check_group(t.key("group"), group)
+        files: list[FileTarget] = []
+        for j, raw in enumerate(t.get("files", list, [])):
+            ft = _Table(self, t.key(f"files[{j}]"), raw)
+            path = self.path_value(ft, "path")
+            if path is None and "path" not in ft.data:
+                self.problem(ft.key("path"), "required key is missing")
+            content = ft.get("content", str, required=True)
+            if content is not None and content not in FILE_CONTENTS:
+                self.problem(ft.key("content"), f"unknown content {content!r}; expected one of {', '.join(FILE_CONTENTS)}")
+            owner = ft.get("owner", str)
+            if owner is not None:
+                try:
+                    pwd.getpwnam(owner)
+                except KeyError:
+                    self.problem(ft.key("owner"), f"no such user {owner!r}")
+            fgroup = ft.get("group", str)
+            if fgroup is not None:
+                self.check_group(ft.key("group"), fgroup)
+            mode = ft.get("mode", str)
+            mode_int = None
+            if mode is not None:
+                if not re.match(r"^0?[0-7]{3}$", mode):
+                    self.problem(ft.key("mode"), f"{mode!r}: expected an octal mode such as \"0640\"")
+                else:
+                    mode_int = int(mode, 8)
+                    if content in ("privkey", "combined") and mode_int & 0o007:
+                        self.problem(ft.key("mode"), f"{mode}: a file holding a private key must not be readable by others")
+            ft.done()
+            if path is not None and content in FILE_CONTENTS:
+                files.append(FileTarget(path, content, owner, fgroup, mode_int))
+        t.done()
+        targets = [p for p in [live_dir, combined, *(f.path for f in files)] if p is not None]
+        if len(set(targets)) != len(targets):
+            self.problem(t.where, "two deploy targets name the same path")
+        return DeployConfig(live_dir, combined, group, tuple(files))
+
+    def reload(self, t: _Table, deploy: DeployConfig) -> ReloadHook | None:
+        kind = t.get("hook", str)
+        command = self.argv(t, "command")
+        timeout = self.duration(t, "timeout", 30.0)
+        if (kind is None) == (not command):
+            self.problem(t.where, "a reload entry needs exactly one of hook = \"nginx\"|\"haproxy\" or command = [\"/abs/path\", ...]")
+            t.done()
+            return None
+        if kind is not None and kind not in HOOK_KINDS:
+            self.problem(t.key("hook"), f"unknown built-in hook {kind!r}; expected one of {', '.join(HOOK_KINDS)}, or use command = [...]")
+            t.done()
+            return None
+        if kind == "nginx":
+            config = self.path_value(t, "config", must_exist=True)
+            binary = t.get("binary", str, "nginx")
+            t.done()
+            return ReloadHook("nginx", timeout, config=config, binary=binary)
+        if kind == "haproxy":
+            sock = self.path_value(t, "socket")
+            if sock is None and "socket" not in t.data:
+                self.problem(t.key("socket"), "the haproxy hook needs socket = \"/run/haproxy/admin.sock\" (stats socket ... level admin)")
+            crt = t.get("crt", str)
+            if crt is None:
+                if deploy.combined is None:
+                    self.problem(t.key("crt"), "the haproxy hook needs crt = \"<path as in haproxy.cfg>\" or [certificate.deploy] combined = ...")
+                else:
+                    crt = str(deploy.combined)
+            t.done()
+            return ReloadHook("haproxy", timeout, socket=sock, crt=crt)
+        t.done()
+        return ReloadHook("command", timeout, command=command)
+
+    def verify(self, t: _Table, default_sni: str) -> VerifyEndpoint | None:
+        raw = t.get("endpoint", str, required=True)
+        sni = t.get("sni", str, default_sni)
+        if sni != default_sni:
+            norm, why = normalize_domain(sni)
+            if why or norm.startswith("*."):
+                self.problem(t.key("sni"), why or "SNI cannot be a wildcard; name one host the endpoint serves")
+            sni = norm
+        ca = self.path_value(t, "ca_bundle", must_exist=True)
+        t.done()
+        if raw is None:
+            return None
+        listen = parse_listen(raw)
+        if isinstance(listen, str):
+            self.problem(t.key("endpoint"), listen)
+            return None
+        return VerifyEndpoint(listen.host, listen.port, sni, ca)
+
+    # -- values --
+
+    def path_value(self, t: _Table, name: str, must_exist: bool = False) -> Path | None:
+        raw = t.get(name, str)
+        if raw is None:
+            return None
+        if not raw:
+            self.problem(t.key(name), "empty path")
+            return None
+        p = Path(raw).expanduser()
+        if not p.is_absolute():
+            p = self.base / p
+        if must_exist and not p.exists():
+            self.problem(t.key(name), f"{p} does not exist")
+        return p
+
+    def listen(self, t: _Table, name: str) -> Listen | None:
+        raw = t.get(name, str)
+        if raw is None:
+            return None
+        listen = parse_listen(raw)
+        if isinstance(listen, str):
+            self.problem(t.key(name), listen)
+            return None
+        return listen
+
+    def argv(self, t: _Table, name: str) -> tuple[str, ...]:
+        raw = t.get(name, list, [])
+        if not raw:
+            if name in t.data:
+                self.problem(t.key(name), "empty command; expected [\"/absolute/path\", \"arg\", ...]")
+            return ()
+        if not all(isinstance(a, str) for a in raw):
+            self.problem(t.key(name), "every element of a command must be a string")
+            return ()
+        exe = Path(raw[0])
+        if not exe.is_absolute():
+            self.problem(t.key(name), f"{raw[0]!r} is not an absolute path; commands run without a shell or $PATH lookup")
+            return ()
+        try:
+            st = exe.stat()
+        except OSError:
+            self.problem(t.key(name), f"{exe} does not exist")
+            return ()
+        if not stat.S_ISREG(st.st_mode) or not os.access(exe, os.X_OK):
+            self.problem(t.key(name), f"{exe} is not an executable file")
+        elif st.st_mode & stat.S_IWOTH:
+            self.problem(t.key(name), f"{exe} is world-writable; anyone could change what certd runs (chmod o-w)")
+        return tuple(raw)
+
+    def duration(self, t: _Table, name: str, default: float) -> float:
+        raw = t.get(name, (str, int), None)
+        if raw is None:
+            return default
+        seconds = float(raw) if isinstance(raw, int) else parse_duration(raw)
+        if seconds is None or seconds <= 0:
+            self.problem(t.key(name), f"{raw!r}: expected a positive duration such as \"30s\", \"2m\"")
+            return default
+        return seconds
+
+    def check_group(self, key: str, group: str) -> None:
+        try:
+            grp.getgrnam(group)
+        except KeyError:
+            self.problem(key, f"no such group {group!r}")
+
+
+def parse_duration(raw: str) -> float | None:
+    """``"1d12h"``, ``"90m"``, ``"45s"`` -> seconds; None when malformed."""
+    m = _DURATION_RE.match(raw.strip())
+    if not m or not any(m.groups()):
+        return None
+    d, h, mi, s = (int(g or 0) for g in m.groups())
+    return float(((d * 24 + h) * 60 + mi) * 60 + s)
+
+
+def parse_listen(raw: str) -> Listen | str:
+    """``"127.0.0.1:5002"`` / ``"[::1]:5002"`` -> Listen, or a problem description."""
+    m = re.match(r"^\[([0-9A-Fa-f:.]+)\]:(\d+)$", raw) or re.match(r"^([^:\[\]\s]+):(\d+)$", raw)
+    if not m:
+        return f"{raw!r}: expected \"host:port\" (IPv6 as \"[::1]:port\")"
+    port = int(m.group(2))
+    if not 1 <= port <= 65535:
+        return f"{raw!r}: port {port} is out of range 1..65535"
+    return Listen(m.group(1), port)
+
+
+def normalize_domain(raw: str) -> tuple[str, str | None]:
+    """Lower-case, IDNA-encode (UTS #46) and check a DNS name for an ACME order.
+
+    Returns ``(name, None)`` or ``(raw, problem)``.
+    """
+    name = raw.strip().rstrip(".")
+    wildcard = name.startswith("*.")
+    body = name[2:] if wildcard else name
+    if not body:
+        return raw, f"{raw!r} is not a domain name"
+    if "*" in body:
+        return raw, f"{raw!r}: a wildcard must be the whole left-most label, as in \"*.example.com\""
+    try:
+        ipaddress.ip_address(body)
+        return raw, f"{raw!r} is an IP address; certd requests DNS names only"
+    except ValueError:
+        pass
+    try:
+        ascii_name = idna.encode(body, uts46=True).decode("ascii")
+    except idna.IDNAError as e:
+        return raw, f"{raw!r} is not a valid (internationalized) domain name: {e}"
+    labels = ascii_name.split(".")
+    if len(labels) < 2:
+        return raw, f"{raw!r}: a single-label name cannot get a public certificate; use a fully qualified name"
+    if len(ascii_name) > 253 or not all(_LABEL_RE.match(lab) for lab in labels):
+        return raw, f"{raw!r} is not a valid domain name (labels of letters, digits and inner hyphens, 63 characters each)"
+    return ("*." if wildcard else "") + ascii_name, None
+
+
+def _as_tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
+    return kind if isinstance(kind, tuple) else (kind,)
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    names = {str: "a string", int: "an integer", bool: "true or false", list: "an array", dict: "a table", float: "a number"}
+    return " or ".join(names.get(k, k.__name__) for k in _as_tuple(kind))
+
+
+def _kind(value: Any) -> str:
+    return _kind_name(type(value))
+
+

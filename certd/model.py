@@ -1,0 +1,109 @@
+"""Value objects that cross module boundaries: a certificate bundle and the facts read from it."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from datetime import datetime
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+PEM_CERT_BEGIN = b"-----BEGIN CERTIFICATE-----"
+
+
+def split_pem_chain(pem: bytes) -> list[bytes]:
+    """Split concatenated PEM certificates into a list of PEM blocks (each ending in a newline)."""
+    blocks: list[bytes] = []
+    for part in pem.split(PEM_CERT_BEGIN)[1:]:
+        end = part.find(b"-----END CERTIFICATE-----")
+        if end < 0:
+            raise ValueError("truncated PEM certificate")
+        blocks.append(PEM_CERT_BEGIN + part[: end + len(b"-----END CERTIFICATE-----")] + b"\n")
+    return blocks
+
+
+def key_type_of(public_key: object) -> str:
+    """``ecdsa-p256`` ... ``rsa-4096`` for a public or private key; ``unknown`` otherwise."""
+    if isinstance(public_key, (ec.EllipticCurvePublicKey, ec.EllipticCurvePrivateKey)):
+        return {"secp256r1": "ecdsa-p256", "secp384r1": "ecdsa-p384"}.get(public_key.curve.name, "unknown")
+    if isinstance(public_key, (rsa.RSAPublicKey, rsa.RSAPrivateKey)):
+        return f"rsa-{public_key.key_size}"
+    return "unknown"
+
+
+def spki_sha256(public_key: object) -> str:
+    der = public_key.public_bytes(serialization.Encoding.DER,  # type: ignore[attr-defined]
+                                  serialization.PublicFormat.SubjectPublicKeyInfo)
+    return hashlib.sha256(der).hexdigest()
+
+
+@dataclass(frozen=True)
+class CertInfo:
+    """What an operator (and ``status --json``) needs to know about one leaf certificate."""
+
+    serial: str                 # lower-case hex, no colons
+    not_before: datetime        # aware UTC
+    not_after: datetime         # aware UTC
+    fingerprint_sha256: str     # hex of SHA-256 over the leaf's DER
+    spki_sha256: str            # hex of SHA-256 over the SubjectPublicKeyInfo DER
+    domains: tuple[str, ...]    # DNS SANs in certificate order
+    key_type: str
+    issuer: str                 # RFC 4514 string
+
+    @property
+    def lifetime_seconds(self) -> float:
+        return (self.not_after - self.not_before).total_seconds()
+
+    @classmethod
+    def from_cert(cls, cert: x509.Certificate) -> CertInfo:
+        try:
+            san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            domains = tuple(san.get_values_for_type(x509.DNSName))
+        except x509.ExtensionNotFound:
+            domains = ()
+        pub = cert.public_key()
+        return cls(
+            serial=format(cert.serial_number, "x"),
+            not_before=cert.not_valid_before_utc,
+            not_after=cert.not_valid_after_utc,
+            fingerprint_sha256=hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest(),
+            spki_sha256=spki_sha256(pub),
+            domains=domains,
+            key_type=key_type_of(pub),
+            issuer=cert.issuer.rfc4514_string(),
+        )
+
+    @classmethod
+    def from_pem(cls, pem: bytes) -> CertInfo:
+        """Facts about the first certificate in ``pem``."""
+        return cls.from_cert(x509.load_pem_x509_certificate(split_pem_chain(pem)[0]))
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A checked certificate with its chain and private key, as stored and deployed.
+
+    ``key_pem`` is secret: never log it, never put it in an error or an audit record.
+    """
+
+    cert_pem: bytes      # the leaf only
+    chain_pem: bytes     # intermediates, leaf's issuer first
+    key_pem: bytes
+
+    @property
+    def fullchain_pem(self) -> bytes:
+        return self.cert_pem + self.chain_pem
+
+    @property
+    def combined_pem(self) -> bytes:
+        """fullchain + key in one file, as HAProxy reads it."""
+        return self.fullchain_pem + self.key_pem
+
+    @property
+    def info(self) -> CertInfo:
+        return CertInfo.from_pem(self.cert_pem)
+
+    def __repr__(self) -> str:  # keep the key out of tracebacks and debug logs
+        return f"Bundle(serial={self.info.serial}, key=<redacted>)"

@@ -1,0 +1,17 @@
+"""Shared fixtures: real Pebble + challtestsrv, nginx, HAProxy, a webroot HTTP server.
+
+Process fixtures live in tests/support/ and are registered here as plugins.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+pytest_plugins = [
+    "tests.support.pebble_fixtures",
+    "tests.support.server_fixtures",
+]
