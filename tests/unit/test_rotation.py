@@ -1,0 +1,146 @@
+"""The rotation state machine, driven with fake effects and a fake clock."""
+
+from __future__ import annotations
+
+import pytest
+
+from certd import rotation
+from certd.clock import FakeClock
+from certd.errors import HookFailed, StoreError, VerificationFailed
+from certd.rotation import Action, Journal, Step
+
+
+class FakeEffects:
+    """Records every effect; fails the ones named in ``fail`` (action, version)."""
+
+    def __init__(self, fail: dict[tuple[str, int], Exception] | None = None) -> None:
+        self.calls: list[tuple[str, int]] = []
+        self.fail = fail or {}
+        self.live: int | None = 1
+
+    def _do(self, what: str, version: int) -> None:
+        self.calls.append((what, version))
+        if (what, version) in self.fail:
+            raise self.fail[(what, version)]
+
+    def stage(self, version: int) -> None:
+        self._do("stage", version)
+
+    def switch(self, version: int) -> None:
+        self._do("switch", version)
+        self.live = version
+
+    def reload(self, version: int) -> None:
+        self._do("reload", version)
+
+    def verify(self, version: int) -> None:
+        self._do("verify", version)
+
+    def commit(self, version: int) -> None:
+        self._do("commit", version)
+
+
+def run(effects: FakeEffects, j: Journal | None = None) -> tuple[Journal, list[Journal]]:
+    clock = FakeClock()
+    saved: list[Journal] = []
+    j = j or rotation.start("www", "renew", 1, 2, clock.now(), initiator="test", reason="")
+    return rotation.drive(j, effects, saved.append, clock), saved
+
+
+def test_happy_path_goes_through_every_step_in_order():
+    """A rotation that works stages, switches, reloads, verifies and commits, saving each step."""
+    fx = FakeEffects()
+    j, saved = run(fx)
+    assert j.step == Step.COMMITTED and j.result == "success"
+    assert [s.step for s in saved] == [Step.STAGED, Step.SWITCHED, Step.RELOADED, Step.VERIFIED, Step.COMMITTED]
+    assert fx.calls == [("stage", 2), ("switch", 2), ("reload", 2), ("verify", 2), ("commit", 2)]
+
+
+@pytest.mark.parametrize("failing,error", [
+    ("reload", HookFailed("nginx -t exited 1")),
+    ("verify", VerificationFailed("served serial 0a, expected 7c")),
+    ("switch", StoreError("rename failed: read-only file system")),
+])
+def test_failure_after_switch_rolls_back_to_the_previous_version(failing, error):
+    """Any failure at or after the switch switches back, reloads and verifies the old version."""
+    fx = FakeEffects({(failing, 2): error})
+    j, _ = run(fx)
+    assert j.step == Step.ROLLED_BACK
+    assert j.error == str(error)
+    assert fx.calls[-4:] == [("stage", 1), ("switch", 1), ("reload", 1), ("verify", 1)]
+    assert fx.live == 1
+    assert ("commit", 2) not in fx.calls
+
+
+def test_failed_staging_changes_nothing_a_reader_sees():
+    """A staging failure (disk full) ends the rotation without switching or rolling back."""
+    fx = FakeEffects({("stage", 2): StoreError("No space left on device")})
+    j, _ = run(fx)
+    assert j.step == Step.FAILED and not j.unverified
+    assert fx.calls == [("stage", 2)]
+
+
+def test_rollback_that_fails_ends_in_rollback_failed():
+    """If the old version cannot be proven served either, the journal says rollback_failed."""
+    fx = FakeEffects({("verify", 2): VerificationFailed("new not served"),
+                      ("verify", 1): VerificationFailed("old not served")})
+    j, _ = run(fx)
+    assert j.step == Step.ROLLBACK_FAILED
+    assert j.error == "new not served" and j.rollback_error == "old not served"
+
+
+def test_first_issuance_keeps_the_new_version_when_verification_fails():
+    """With no previous version there is nothing to roll back to: keep it, mark it unverified."""
+    fx = FakeEffects({("verify", 1): VerificationFailed("endpoint down")})
+    clock = FakeClock()
+    j0 = rotation.start("www", "renew", None, 1, clock.now(), initiator="t", reason="")
+    j, _ = run(fx, j0)
+    assert j.step == Step.FAILED and j.unverified and j.result == "deployed_unverified"
+    assert ("stage", 1) in fx.calls and ("switch", 1) in fx.calls
+
+
+def test_commit_failure_leaves_the_journal_resumable_at_verified():
+    """If recording the new current version fails, the error surfaces and the journal stays at verified."""
+    fx = FakeEffects({("commit", 2): StoreError("disk full")})
+    clock = FakeClock()
+    saved: list[Journal] = []
+    j0 = rotation.start("www", "renew", 1, 2, clock.now(), initiator="t", reason="")
+    with pytest.raises(StoreError):
+        rotation.drive(j0, fx, saved.append, clock)
+    assert saved[-1].step == Step.VERIFIED
+    fx.fail.clear()
+    j = rotation.drive(saved[-1], fx, saved.append, clock)
+    assert j.step == Step.COMMITTED
+
+
+@pytest.mark.parametrize("step,expected_first", [
+    (Step.ISSUED, ("stage", 2)),
+    (Step.STAGED, ("switch", 2)),
+    (Step.SWITCHED, ("reload", 2)),
+    (Step.RELOADED, ("verify", 2)),
+    (Step.VERIFIED, ("commit", 2)),
+    (Step.ROLLING_BACK, ("stage", 1)),
+])
+def test_resuming_from_any_step_continues_deterministically(step, expected_first):
+    """An unfinished journal is driven on from the step it records, never restarted."""
+    clock = FakeClock()
+    j0 = rotation.start("www", "renew", 1, 2, clock.now(), initiator="t", reason="")
+    j0 = rotation.Journal.from_json({**j0.to_json(), "step": step.value})
+    fx = FakeEffects()
+    j, _ = run(fx, j0)
+    assert fx.calls[0] == expected_first
+    assert j.step == (Step.ROLLED_BACK if step == Step.ROLLING_BACK else Step.COMMITTED)
+
+
+def test_journal_round_trips_through_json():
+    """What is saved is what is loaded, so a restart sees the same rotation."""
+    clock = FakeClock()
+    j = rotation.start("www", "rollback", 3, 2, clock.now(), initiator="uid=0(root)", reason="bad chain")
+    j = rotation.advance(j, Action.STAGE, None, clock.now())
+    assert Journal.from_json(j.to_json()) == j
+
+
+def test_corrupt_journal_is_a_clear_store_error():
+    """A journal that does not parse says how to get going again."""
+    with pytest.raises(StoreError, match="move it aside"):
+        Journal.from_json({"name": "www", "step": "bogus"})
