@@ -123,10 +123,11 @@ class PebbleEnv:
         """Prepare (not start) an environment in ``workdir``.
 
         ``env`` overrides :data:`DETERMINISTIC_ENV` (e.g. ``{"PEBBLE_WFE_NONCEREJECT": "50"}``);
-        ``validity`` is ``certificateValidityPeriod`` in seconds; ``retry_after`` is the
-        ``Retry-After`` Pebble sends for pending authzs/orders (an int sets both, or a
-        ``{"authz": n, "order": n}`` dict); ``config`` is merged into the ``"pebble"`` section
-        last. ``ports`` defaults to fresh free ports.
+        ``validity`` is ``certificateValidityPeriod`` in seconds; ``retry_after`` sets
+        Pebble's ``retryAfter`` for pending authzs/orders (an int sets both, or a
+        ``{"authz": n, "order": n}`` dict): 0 (the template's default) sends no
+        ``Retry-After`` header, n >= 1 sends an HTTP-date up to n s ahead. ``config`` is
+        merged into the ``"pebble"`` section last. ``ports`` defaults to fresh free ports.
         """
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
