@@ -239,7 +239,7 @@ class _Parser:
         top = _Table(self, "", data)
         daemon = self.daemon(_Table(self, "daemon", top.get("daemon", dict, {})))
         acme_t = top.get("acme", dict, None, required=True)
-        acme = self.acme(_Table(self, "acme", acme_t if acme_t is not None else {}))
+        acme = self.acme(_Table(self, "acme", acme_t)) if acme_t is not None else None
         certs_raw = top.get("certificate", list, [])
         top.done()
         certs: list[CertificateConfig] = []
@@ -313,7 +313,7 @@ class _Parser:
         webroot = self.path_value(t, "http01_webroot")
         dns_hook = self.argv(t, "dns01_hook")
         alpn_listen = self.listen(t, "tlsalpn01_listen")
-        self.check_challenge(t, challenge, domains, http_listen, webroot, dns_hook, alpn_listen)
+        self.check_challenge(t, challenge, domains)
         renew_before = self.renew_before(t)
         keep = t.get("keep_versions", int, 5)
         if not 2 <= keep <= 100:
@@ -353,8 +353,9 @@ class _Parser:
                 out.append(norm)
         return out
 
-    def check_challenge(self, t: _Table, challenge: str, domains: list[str], http_listen: Listen | None,
-                        webroot: Path | None, dns_hook: tuple[str, ...], alpn: Listen | None) -> None:
+    def check_challenge(self, t: _Table, challenge: str, domains: list[str]) -> None:
+        """Cross-key checks; a key that is present but invalid was reported already."""
+        has = t.data.__contains__
         if challenge not in CHALLENGES:
             self.problem(t.key("challenge"), f"unknown challenge {challenge!r}; expected one of {', '.join(CHALLENGES)}")
             return
@@ -362,11 +363,11 @@ class _Parser:
         if wild and challenge != "dns-01":
             self.problem(t.key("challenge"), f"{wild[0]!r} is a wildcard; wildcards can only be validated with challenge = \"dns-01\" (RFC 8555 §7.1.3)")
         if challenge == "http-01":
-            if (http_listen is None) == (webroot is None):
+            if has("http01_listen") == has("http01_webroot"):
                 self.problem(t.key("http01_listen"), "http-01 needs exactly one of http01_listen (built-in responder) or http01_webroot")
-        elif challenge == "dns-01" and not dns_hook:
+        elif challenge == "dns-01" and not has("dns01_hook"):
             self.problem(t.key("dns01_hook"), "dns-01 needs dns01_hook = [\"/path/to/hook\", ...] to set and clear the TXT record")
-        elif challenge == "tls-alpn-01" and alpn is None:
+        elif challenge == "tls-alpn-01" and not has("tlsalpn01_listen"):
             self.problem(t.key("tlsalpn01_listen"), "tls-alpn-01 needs tlsalpn01_listen = \"host:port\" for the built-in responder")
 
     def renew_before(self, t: _Table) -> RenewBefore | None:
@@ -432,7 +433,7 @@ class _Parser:
         kind = t.get("hook", str)
         command = self.argv(t, "command")
         timeout = self.duration(t, "timeout", 30.0)
-        if (kind is None) == (not command):
+        if ("hook" in t.data) == ("command" in t.data):
             self.problem(t.where, "a reload entry needs exactly one of hook = \"nginx\"|\"haproxy\" or command = [\"/abs/path\", ...]")
             t.done()
             return None
@@ -458,7 +459,7 @@ class _Parser:
             t.done()
             return ReloadHook("haproxy", timeout, socket=sock, crt=crt)
         t.done()
-        return ReloadHook("command", timeout, command=command)
+        return ReloadHook("command", timeout, command=command) if command else None
 
     def verify(self, t: _Table, default_sni: str) -> VerifyEndpoint | None:
         raw = t.get("endpoint", str, required=True)
@@ -507,7 +508,7 @@ class _Parser:
     def argv(self, t: _Table, name: str) -> tuple[str, ...]:
         raw = t.get(name, list, [])
         if not raw:
-            if name in t.data:
+            if t.data.get(name) == []:
                 self.problem(t.key(name), "empty command; expected [\"/absolute/path\", \"arg\", ...]")
             return ()
         if not all(isinstance(a, str) for a in raw):

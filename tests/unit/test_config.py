@@ -1,0 +1,271 @@
+"""Configuration validation over a corpus of bad configs: one actionable line each, exit 2."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from certd import config
+from certd.errors import ConfigError
+
+GOOD = """
+[daemon]
+state_dir = "state"
+control_socket = "run/control.sock"
+
+[acme]
+directory = "https://127.0.0.1:14000/dir"
+email = "ops@example.test"
+agree_tos = true
+
+[[certificate]]
+name = "www"
+domains = ["www.example.test", "example.test"]
+http01_listen = "127.0.0.1:5002"
+
+[certificate.deploy]
+live_dir = "live/www"
+
+[[certificate.reload]]
+command = ["/bin/true"]
+
+[[certificate.verify]]
+endpoint = "127.0.0.1:8443"
+"""
+
+ACME = '[acme]\ndirectory = "https://127.0.0.1:14000/dir"\n'
+
+
+def cert(body: str, name: str = "www") -> str:
+    return ACME + f'[[certificate]]\nname = "{name}"\n' + body
+
+
+# (id, config text, fragments every one of which must appear in the single problem line)
+CORPUS: list[tuple[str, str, tuple[str, ...]]] = [
+    ("toml-syntax", "[acme\ndirectory = 1", ("TOML syntax error", "line 1")),
+    ("toml-unterminated-string", ACME + 'email = "ops@x.test\n', ("TOML syntax error",)),
+    ("toml-duplicate-key", ACME + 'email = "a@b.test"\nemail = "c@d.test"\n', ("TOML syntax error",)),
+    ("missing-acme", '[daemon]\nstate_dir = "/tmp/x"\n', ("acme", "required key is missing")),
+    ("acme-not-table", 'acme = "https://x"\n', ("acme", "expected a table")),
+    ("missing-directory", '[acme]\nemail = "a@b.test"\n', ("acme.directory", "required key is missing")),
+    ("directory-not-url", '[acme]\ndirectory = "127.0.0.1:14000"\n', ("acme.directory", "not an http(s) URL")),
+    ("directory-ftp", '[acme]\ndirectory = "ftp://ca.test/dir"\n', ("acme.directory", "not an http(s) URL")),
+    ("directory-int", '[acme]\ndirectory = 14000\n', ("acme.directory", "expected a string, got an integer")),
+    ("bad-email", ACME + 'email = "ops-at-example"\n', ("acme.email", "not an e-mail address")),
+    ("agree-tos-string", ACME + 'agree_tos = "yes"\n', ("acme.agree_tos", "expected true or false")),
+    ("missing-ca-bundle", ACME + 'ca_bundle = "/nonexistent/ca.pem"\n', ("acme.ca_bundle", "/nonexistent/ca.pem does not exist")),
+    ("eab-half", ACME + 'eab_kid = "kid-1"\n', ("eab_hmac_key", "both eab_kid and eab_hmac_key")),
+    ("eab-bad-hmac", ACME + 'eab_kid = "k"\neab_hmac_key = "not base64!"\n', ("acme.eab_hmac_key", "base64url")),
+    ("unknown-top-key", ACME + 'certificates = []\n', ("certificates", "unknown key")),
+    ("unknown-acme-key", ACME + 'emial = "a@b.test"\n', ("acme.emial", "unknown key")),
+    ("unknown-daemon-key", '[daemon]\nstatedir = "/x"\n' + ACME, ("daemon.statedir", "unknown key")),
+    ("workers-zero", '[daemon]\nworkers = 0\n' + ACME, ("daemon.workers", "out of range")),
+    ("workers-bool", '[daemon]\nworkers = true\n' + ACME, ("daemon.workers", "expected an integer, got true or false")),
+    ("metrics-port-range", '[daemon]\nmetrics_listen = "127.0.0.1:99999"\n' + ACME, ("daemon.metrics_listen", "out of range")),
+    ("metrics-no-port", '[daemon]\nmetrics_listen = "localhost"\n' + ACME, ("daemon.metrics_listen", "host:port")),
+    ("control-group-unknown", '[daemon]\ncontrol_group = "no-such-group-xyz"\n' + ACME, ("daemon.control_group", "no such group")),
+    ("certificate-not-array", ACME + '[certificate]\nname = "www"\n', ("certificate", "expected an array")),
+    ("missing-name", ACME + '[[certificate]]\ndomains = ["a.example.test"]\nhttp01_listen = "127.0.0.1:5002"\n', ("certificate[0].name", "required")),
+    ("bad-name-slash", cert('domains = ["a.example.test"]\nhttp01_listen = "127.0.0.1:5002"\n', name="../etc"), ("name", "names a directory")),
+    ("bad-name-empty", cert('domains = ["a.example.test"]\nhttp01_listen = "127.0.0.1:5002"\n', name=""), ("name",)),
+    ("duplicate-name", cert('domains = ["a.example.test"]\nhttp01_listen = "127.0.0.1:5002"\n') + '[[certificate]]\nname = "www"\ndomains = ["b.example.test"]\nhttp01_listen = "127.0.0.1:5002"\n', ("duplicate name 'www'",)),
+    ("missing-domains", cert('http01_listen = "127.0.0.1:5002"\n'), ("(www).domains", "required")),
+    ("empty-domains", cert('domains = []\nhttp01_listen = "127.0.0.1:5002"\n'), ("(www).domains", "empty")),
+    ("domains-string", cert('domains = "a.example.test"\nhttp01_listen = "127.0.0.1:5002"\n'), ("(www).domains", "expected an array")),
+    ("domain-int", cert('domains = [42]\nhttp01_listen = "127.0.0.1:5002"\n'), ("domains[0]", "expected a string")),
+    ("domain-single-label", cert('domains = ["localhost"]\nhttp01_listen = "127.0.0.1:5002"\n'), ("domains[0]", "single-label")),
+    ("domain-ip", cert('domains = ["127.0.0.1"]\nhttp01_listen = "127.0.0.1:5002"\n'), ("domains[0]", "IP address")),
+    ("domain-underscore", cert('domains = ["bad_name.example.test"]\nhttp01_listen = "127.0.0.1:5002"\n'), ("domains[0]", "not a valid")),
+    ("domain-leading-hyphen", cert('domains = ["-www.example.test"]\nhttp01_listen = "127.0.0.1:5002"\n'), ("domains[0]", "not a valid")),
+    ("domain-label-too-long", cert(f'domains = ["{"a" * 64}.example.test"]\nhttp01_listen = "127.0.0.1:5002"\n'), ("domains[0]",)),
+    ("domain-bad-idn", cert('domains = ["xn--zz.example.test"]\nhttp01_listen = "127.0.0.1:5002"\n'), ("domains[0]", "not a valid")),
+    ("domain-space", cert('domains = ["www example.test"]\nhttp01_listen = "127.0.0.1:5002"\n'), ("domains[0]",)),
+    ("domain-duplicate", cert('domains = ["a.example.test", "A.example.test"]\nhttp01_listen = "127.0.0.1:5002"\n'), ("domains[1]", "listed twice")),
+    ("wildcard-middle", cert('domains = ["www.*.example.test"]\nchallenge = "dns-01"\ndns01_hook = ["/bin/true"]\n'), ("domains[0]", "left-most label")),
+    ("wildcard-http01", cert('domains = ["*.example.test"]\nhttp01_listen = "127.0.0.1:5002"\n'), ("(www).challenge", "wildcard", "dns-01")),
+    ("wildcard-tls-alpn", cert('domains = ["*.example.test"]\nchallenge = "tls-alpn-01"\ntlsalpn01_listen = "127.0.0.1:5001"\n'), ("wildcard", "dns-01")),
+    ("unknown-key-type", cert('domains = ["a.example.test"]\nkey_type = "ed25519"\nhttp01_listen = "127.0.0.1:5002"\n'), ("(www).key_type", "unknown key type 'ed25519'", "ecdsa-p256")),
+    ("unknown-challenge", cert('domains = ["a.example.test"]\nchallenge = "http-02"\n'), ("(www).challenge", "unknown challenge")),
+    ("http01-no-responder", cert('domains = ["a.example.test"]\n'), ("http01_listen", "exactly one of")),
+    ("http01-both", cert('domains = ["a.example.test"]\nhttp01_listen = "127.0.0.1:5002"\nhttp01_webroot = "/var/www"\n'), ("exactly one of",)),
+    ("http01-port-zero", cert('domains = ["a.example.test"]\nhttp01_listen = "127.0.0.1:0"\n'), ("http01_listen", "out of range")),
+    ("http01-port-huge", cert('domains = ["a.example.test"]\nhttp01_listen = "127.0.0.1:65536"\n'), ("http01_listen", "out of range")),
+    ("http01-port-text", cert('domains = ["a.example.test"]\nhttp01_listen = "127.0.0.1:http"\n'), ("http01_listen", "host:port")),
+    ("dns01-no-hook", cert('domains = ["a.example.test"]\nchallenge = "dns-01"\n'), ("dns01_hook", "set and clear")),
+    ("dns01-relative-hook", cert('domains = ["a.example.test"]\nchallenge = "dns-01"\ndns01_hook = ["hooks/dns"]\n'), ("dns01_hook", "not an absolute path")),
+    ("dns01-missing-hook", cert('domains = ["a.example.test"]\nchallenge = "dns-01"\ndns01_hook = ["/nonexistent/hook"]\n'), ("dns01_hook", "does not exist")),
+    ("dns01-hook-not-exec", cert('domains = ["a.example.test"]\nchallenge = "dns-01"\ndns01_hook = ["/etc/passwd"]\n'), ("dns01_hook", "not an executable")),
+    ("dns01-hook-args-int", cert('domains = ["a.example.test"]\nchallenge = "dns-01"\ndns01_hook = ["/bin/true", 5]\n'), ("dns01_hook", "must be a string")),
+    ("alpn-no-listen", cert('domains = ["a.example.test"]\nchallenge = "tls-alpn-01"\n'), ("tlsalpn01_listen",)),
+    ("renew-before-fraction-one", cert('domains = ["a.example.test"]\nhttp01_listen = "127.0.0.1:5002"\nrenew_before = "3/3"\n'), ("renew_before", "strictly between 0 and 1")),
+    ("renew-before-zero-den", cert('domains = ["a.example.test"]\nhttp01_listen = "127.0.0.1:5002"\nrenew_before = "1/0"\n'), ("renew_before",)),
+    ("renew-before-bad-unit", cert('domains = ["a.example.test"]\nhttp01_listen = "127.0.0.1:5002"\nrenew_before = "30 days"\n'), ("renew_before", "\"30d\"")),
+    ("renew-before-int", cert('domains = ["a.example.test"]\nhttp01_listen = "127.0.0.1:5002"\nrenew_before = 30\n'), ("renew_before", "expected a string")),
+    ("keep-versions-one", cert('domains = ["a.example.test"]\nhttp01_listen = "127.0.0.1:5002"\nkeep_versions = 1\n'), ("keep_versions", "rollback backup")),
+    ("verify-timeout-bad", cert('domains = ["a.example.test"]\nhttp01_listen = "127.0.0.1:5002"\nverify_timeout = "soon"\n'), ("verify_timeout", "positive duration")),
+    ("unknown-cert-key", cert('domains = ["a.example.test"]\nhttp01_listen = "127.0.0.1:5002"\nreuse-key = true\n'), ("(www).reuse-key", "unknown key")),
+    ("deploy-unknown-key", cert('domains = ["a.example.test"]\nhttp01_listen = "127.0.0.1:5002"\n[certificate.deploy]\nlivedir = "/x"\n'), ("deploy.livedir", "unknown key")),
+    ("deploy-unknown-group", cert('domains = ["a.example.test"]\nhttp01_listen = "127.0.0.1:5002"\n[certificate.deploy]\ngroup = "no-such-group-xyz"\n'), ("deploy.group", "no such group")),
+    ("deploy-same-path", cert('domains = ["a.example.test"]\nhttp01_listen = "127.0.0.1:5002"\n[certificate.deploy]\nlive_dir = "/etc/x"\ncombined = "/etc/x"\n'), ("same path",)),
+    ("deploy-file-bad-content", cert('domains = ["a.example.test"]\nhttp01_listen = "127.0.0.1:5002"\n[[certificate.deploy.files]]\npath = "/etc/x.pem"\ncontent = "pfx"\n'), ("files[0].content", "unknown content")),
+    ("deploy-file-key-world-readable", cert('domains = ["a.example.test"]\nhttp01_listen = "127.0.0.1:5002"\n[[certificate.deploy.files]]\npath = "/etc/x.key"\ncontent = "privkey"\nmode = "0644"\n'), ("files[0].mode", "private key")),
+    ("deploy-file-bad-mode", cert('domains = ["a.example.test"]\nhttp01_listen = "127.0.0.1:5002"\n[[certificate.deploy.files]]\npath = "/etc/x.pem"\ncontent = "cert"\nmode = "rw-r--r--"\n'), ("files[0].mode", "octal")),
+    ("deploy-file-unknown-owner", cert('domains = ["a.example.test"]\nhttp01_listen = "127.0.0.1:5002"\n[[certificate.deploy.files]]\npath = "/etc/x.pem"\ncontent = "cert"\nowner = "no-such-user-xyz"\n'), ("files[0].owner", "no such user")),
+    ("reload-neither", cert('domains = ["a.example.test"]\nhttp01_listen = "127.0.0.1:5002"\n[[certificate.reload]]\ntimeout = "5s"\n'), ("reload[0]", "exactly one of")),
+    ("reload-unknown-builtin", cert('domains = ["a.example.test"]\nhttp01_listen = "127.0.0.1:5002"\n[[certificate.reload]]\nhook = "apache"\n'), ("reload[0].hook", "unknown built-in hook 'apache'")),
+    ("reload-command-shell-string", cert('domains = ["a.example.test"]\nhttp01_listen = "127.0.0.1:5002"\n[[certificate.reload]]\ncommand = "systemctl reload nginx"\n'), ("reload[0].command", "expected an array")),
+    ("reload-command-relative", cert('domains = ["a.example.test"]\nhttp01_listen = "127.0.0.1:5002"\n[[certificate.reload]]\ncommand = ["nginx", "-s", "reload"]\n'), ("reload[0].command", "not an absolute path", "without a shell")),
+    ("reload-command-empty", cert('domains = ["a.example.test"]\nhttp01_listen = "127.0.0.1:5002"\n[[certificate.reload]]\ncommand = []\n'), ("reload[0]",)),
+    ("reload-timeout-negative", cert('domains = ["a.example.test"]\nhttp01_listen = "127.0.0.1:5002"\n[[certificate.reload]]\ncommand = ["/bin/true"]\ntimeout = "-5s"\n'), ("reload[0].timeout", "positive duration")),
+    ("reload-nginx-missing-config", cert('domains = ["a.example.test"]\nhttp01_listen = "127.0.0.1:5002"\n[[certificate.reload]]\nhook = "nginx"\nconfig = "/nonexistent/nginx.conf"\n'), ("reload[0].config", "does not exist")),
+    ("reload-haproxy-no-socket", cert('domains = ["a.example.test"]\nhttp01_listen = "127.0.0.1:5002"\n[certificate.deploy]\ncombined = "/etc/haproxy/www.pem"\n[[certificate.reload]]\nhook = "haproxy"\n'), ("reload[0].socket", "stats socket")),
+    ("reload-haproxy-no-crt", cert('domains = ["a.example.test"]\nhttp01_listen = "127.0.0.1:5002"\n[[certificate.reload]]\nhook = "haproxy"\nsocket = "/run/haproxy.sock"\n'), ("reload[0].crt",)),
+    ("reload-unknown-key", cert('domains = ["a.example.test"]\nhttp01_listen = "127.0.0.1:5002"\n[[certificate.reload]]\ncommand = ["/bin/true"]\nshell = true\n'), ("reload[0].shell", "unknown key")),
+    ("verify-no-endpoint", cert('domains = ["a.example.test"]\nhttp01_listen = "127.0.0.1:5002"\n[[certificate.verify]]\nsni = "a.example.test"\n'), ("verify[0].endpoint", "required")),
+    ("verify-bad-endpoint", cert('domains = ["a.example.test"]\nhttp01_listen = "127.0.0.1:5002"\n[[certificate.verify]]\nendpoint = "https://127.0.0.1:443/"\n'), ("verify[0].endpoint", "host:port")),
+    ("verify-port-range", cert('domains = ["a.example.test"]\nhttp01_listen = "127.0.0.1:5002"\n[[certificate.verify]]\nendpoint = "127.0.0.1:70000"\n'), ("verify[0].endpoint", "out of range")),
+    ("verify-wildcard-sni", cert('domains = ["a.example.test"]\nhttp01_listen = "127.0.0.1:5002"\n[[certificate.verify]]\nendpoint = "127.0.0.1:443"\nsni = "*.example.test"\n'), ("verify[0].sni", "wildcard")),
+    ("verify-missing-ca", cert('domains = ["a.example.test"]\nhttp01_listen = "127.0.0.1:5002"\n[[certificate.verify]]\nendpoint = "127.0.0.1:443"\nca_bundle = "/nonexistent/root.pem"\n'), ("verify[0].ca_bundle", "does not exist")),
+]
+
+
+def problems_for(tmp_path: Path, text: str) -> list[str]:
+    path = tmp_path / "certd.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as exc:
+        config.load(path)
+    return exc.value.problems
+
+
+@pytest.mark.parametrize("text,fragments", [(t, f) for _, t, f in CORPUS], ids=[i for i, _, _ in CORPUS])
+def test_bad_config_gives_one_actionable_line(tmp_path, text, fragments):
+    """Each broken config yields exactly one problem line naming the file, the key and the fix."""
+    problems = problems_for(tmp_path, text)
+    assert len(problems) == 1, problems
+    line = problems[0]
+    assert line.startswith(str(tmp_path / "certd.toml") + ": ")
+    assert "\n" not in line
+    for fragment in fragments:
+        assert fragment in line, f"{fragment!r} not in {line!r}"
+
+
+def test_corpus_is_large():
+    """The corpus covers at least 50 distinct broken configurations."""
+    assert len(CORPUS) >= 50 and len({i for i, _, _ in CORPUS}) == len(CORPUS)
+
+
+def test_good_config_parses_into_typed_values(tmp_path):
+    """A valid file becomes frozen dataclasses with relative paths resolved against its directory."""
+    path = tmp_path / "certd.toml"
+    path.write_text(GOOD)
+    cfg = config.load(path)
+    www = cfg.certificate("www")
+    assert cfg.daemon.state_dir == tmp_path / "state"
+    assert www.deploy.live_dir == tmp_path / "live/www"
+    assert www.domains == ("www.example.test", "example.test")
+    assert www.http01_listen == config.Listen("127.0.0.1", 5002)
+    assert www.verify[0].sni == "www.example.test"
+    assert www.reload[0].kind == "command" and www.reload[0].timeout == 30.0
+    with pytest.raises(Exception):
+        www.name = "other"  # type: ignore[misc]
+
+
+def test_idn_domains_are_encoded_and_lowercased(tmp_path):
+    """Internationalized and upper-case names become the A-labels the CA expects."""
+    cfg_text = cert('domains = ["Bücher.Example.test", "*.WILD.example.test"]\nchallenge = "dns-01"\ndns01_hook = ["/bin/true"]\n')
+    path = tmp_path / "c.toml"
+    path.write_text(cfg_text)
+    assert config.load(path).certificate("www").domains == ("xn--bcher-kva.example.test", "*.wild.example.test")
+
+
+def test_all_problems_are_reported_together(tmp_path):
+    """An operator sees every problem in one run, not one per attempt."""
+    text = cert('domains = ["*.x.example.test"]\nkey_type = "dsa"\nbogus = 1\n')
+    assert len(problems_for(tmp_path, text)) == 4  # wildcard, no responder, key type, unknown key
+
+
+def test_world_writable_hook_is_refused(tmp_path):
+    """A hook anyone can rewrite would let anyone run code as certd."""
+    hook = tmp_path / "hook"
+    hook.write_text("#!/bin/sh\nexit 0\n")
+    hook.chmod(0o777)
+    text = cert(f'domains = ["a.example.test"]\nhttp01_listen = "127.0.0.1:5002"\n[[certificate.reload]]\ncommand = ["{hook}"]\n')
+    (line,) = problems_for(tmp_path, text)
+    assert "world-writable" in line and "chmod o-w" in line
+
+
+def test_control_socket_in_missing_directory_is_a_runtime_problem(tmp_path):
+    """check-config (and the daemon) refuse a control socket whose directory does not exist."""
+    path = tmp_path / "c.toml"
+    path.write_text('[daemon]\ncontrol_socket = "/nonexistent-dir/control.sock"\n' + ACME)
+    config.load(path)  # fine for one-shot commands
+    with pytest.raises(ConfigError, match="does not exist"):
+        config.load(path, check_runtime=True)
+
+
+def test_missing_file_names_the_fix(tmp_path):
+    """A missing config file says how to point certd at one."""
+    with pytest.raises(ConfigError, match="--config PATH or set CERTD_CONFIG"):
+        config.load(tmp_path / "nope.toml")
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "certd.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=60)
+
+
+@pytest.mark.parametrize("text", [t for _, t, _ in CORPUS[::7]], ids=[i for i, _, _ in CORPUS[::7]])
+def test_check_config_exits_2_with_one_line_and_no_traceback(tmp_path, text):
+    """`certd check-config` on a broken file: exit 2, one line on stderr, no traceback."""
+    path = tmp_path / "certd.toml"
+    # check-config also checks the control socket's directory: point it somewhere that exists.
+    sock = f'control_socket = "{tmp_path}/control.sock"\n'
+    path.write_text(text.replace("[daemon]\n", "[daemon]\n" + sock, 1) if text.startswith("[daemon]")
+                    else "[daemon]\n" + sock + text)
+    r = run_cli("--config", str(path), "check-config")
+    assert r.returncode == 2
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    assert r.stdout == ""
+
+
+def test_check_config_accepts_a_good_file(tmp_path):
+    """A valid file: exit 0 and a line naming the certificates."""
+    (tmp_path / "run").mkdir()
+    path = tmp_path / "certd.toml"
+    path.write_text(GOOD)
+    r = run_cli("--config", str(path), "check-config")
+    assert r.returncode == 0, r.stderr
+    assert "OK (1 certificate: www)" in r.stdout
+
+
+def test_config_from_environment_variable(tmp_path):
+    """Without --config, $CERTD_CONFIG names the file."""
+    r = run_cli("check-config", env={"CERTD_CONFIG": str(tmp_path / "missing.toml")})
+    assert r.returncode == 2 and "missing.toml: no such file" in r.stderr
+
+
+BAD_CLI = [
+    ("no-command", []),
+    ("unknown-command", ["frobnicate"]),
+    ("renew-force-without-names", ["renew", "--force"]),
+    ("rollback-without-name", ["rollback"]),
+    ("rollback-bad-version", ["rollback", "www", "--to", "three"]),
+    ("unknown-flag", ["status", "--jsn"]),
+    ("unknown-certificate", ["status", "nosuchcert"]),
+    ("verify-unknown-certificate", ["verify", "nosuchcert"]),
+]
+
+
+@pytest.mark.parametrize("argv", [a for _, a in BAD_CLI], ids=[i for i, _ in BAD_CLI])
+def test_bad_command_line_exits_2_with_one_line(tmp_path, argv):
+    """A wrong invocation is a usage error: exit 2, one line, no traceback."""
+    path = tmp_path / "certd.toml"
+    path.write_text(GOOD)
+    r = run_cli("--config", str(path), *argv)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
