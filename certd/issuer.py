@@ -1,0 +1,685 @@
+"""ACME (RFC 8555) issuance, renewal information (RFC 9773) and revocation.
+
+Built on the ``acme`` library's protocol objects and its ``ClientNetwork`` (JWS signing,
+nonces), but not on its order flow, for three reasons worth knowing before changing this file:
+
+- Speed. ``ClientV2.poll_and_finalize`` sleeps a fixed second between polls; a local Pebble
+  needs ~15 ms for a whole order. We poll the *order* (one request, whatever the number of
+  names; its status turns ``ready`` once every authorization is valid) on a short, growing
+  schedule, honour ``Retry-After`` (capped), and stop at an overall deadline on the injected
+  :class:`~certd.clock.Clock`.
+- Robustness. ``ClientNetwork.post`` retries a ``badNonce`` once and throws away the fresh
+  nonce the error carried; we retry several times and keep that nonce (RFC 8555 §6.5: the
+  server sends a new nonce with every error). A 409 with a problem document (RFC 9773
+  ``alreadyReplaced``) keeps its problem instead of becoming a bare ``ConflictError``.
+- Threads. ``issue()`` runs in up to 8 threads at once. Each thread has its own
+  ``ClientNetwork`` (its own HTTP connection pool and nonce pool); they share the directory,
+  which is fetched once per :class:`Issuer`, and the account (key + URL), set up once under a
+  lock. No lock is held while talking to the CA.
+
+The account lives in an :class:`AccountStore`, one per directory URL. If the CA no longer
+knows it (Pebble restarted), it is registered again with the same key and saved, and the
+order is retried once.
+
+Errors are mapped onto :mod:`certd.errors` in one place (``_Failure``): "the CA could not be
+reached" (:class:`CANotReachable`), "the CA said no" (:class:`AcmeError` with the RFC 8555
+problem type), "validation failed" (:class:`ChallengeFailed`). Every message is one line
+that ends with what happens next; none contains key material.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import math
+import threading
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from email.utils import parsedate_to_datetime
+from typing import Any, Protocol
+
+import josepy as jose
+import requests
+from acme import client as acme_client
+from acme import errors as acme_errors
+from acme import messages
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from certd import __version__
+from certd.clock import Clock, utc
+from certd.config import AcmeConfig, CertificateConfig
+from certd.errors import AcmeError, CANotReachable, ChallengeFailed, ConfigError
+from certd.keys import make_csr
+from certd.model import split_pem_chain
+from certd.solvers import Solver, solver_for
+
+log = logging.getLogger(__name__)
+
+DEFAULT_USER_AGENT = f"certd/{__version__}"
+ORDER_TIMEOUT = 90.0         # seconds for one whole order, from newOrder to the certificate
+NETWORK_TIMEOUT = 30         # seconds for one HTTP request
+# Poll schedule: first poll soon (a local CA validates in milliseconds), then back off.
+FIRST_POLL = 0.004
+POLL_GROWTH = 2.0
+MAX_POLL = 2.0
+MAX_RETRY_AFTER = 15.0       # never wait longer than this for one poll, whatever the CA says
+BAD_NONCE_ATTEMPTS = 12      # at 50 % rejected nonces, 12 tries all fail with p = 0.02 %
+ARI_DEFAULT_RETRY = timedelta(hours=6)                          # RFC 9773 §4.3.3
+ARI_RETRY_BOUNDS = (timedelta(minutes=1), timedelta(days=1))    # sane limits on Retry-After
+
+_PREFIX = "urn:ietf:params:acme:error:"
+_TRANSIENT_PROBLEMS = {"rateLimited", "serverInternal", "badNonce", "orderNotReady"}
+_FINAL_CHALLENGE_PROBLEMS = {"caa", "rejectedIdentifier", "unsupportedIdentifier"}
+_NEXT_STEP = {
+    "unauthorized": "the CA does not allow this account to do that; not retrying",
+    "rejectedIdentifier": "the CA will not issue for these names; change the domains; not retrying",
+    "unsupportedIdentifier": "the CA will not issue for these names; change the domains; not retrying",
+    "caa": "a CAA record forbids this CA; fix the CAA records; not retrying",
+    "badCSR": "the CA refuses the request (key type or names); change key_type or domains; not retrying",
+    "badPublicKey": "the CA refuses this key; change key_type; not retrying",
+    "externalAccountRequired": "set eab_kid and eab_hmac_key in [acme]; not retrying",
+    "invalidContact": "fix [acme] email; not retrying",
+    "unsupportedContact": "fix [acme] email; not retrying",
+}
+
+
+@dataclass(frozen=True)
+class RenewalInfo:
+    """The CA's suggested renewal window for one certificate (RFC 9773 §4.2)."""
+
+    window_start: datetime      # aware UTC
+    window_end: datetime        # aware UTC
+    retry_after: datetime       # aware UTC: when to ask again
+    explanation_url: str | None
+
+
+class AccountStore(Protocol):
+    def load_account(self, directory_url: str) -> tuple[bytes, str] | None:
+        """(account key PEM, registration JSON) for ``directory_url``, or None."""
+
+    def save_account(self, directory_url: str, key_pem: bytes, registration_json: str) -> None:
+        """Remember the account (the key file must be 0600)."""
+
+
+class ReplacingOrder(messages.NewOrder):
+    """newOrder with RFC 9773 §5 ``replaces`` (acme 5.9 has no such field)."""
+
+    replaces: str | None = jose.field("replaces", omitempty=True)
+
+
+def ari_cert_id(cert_pem: bytes) -> str:
+    """RFC 9773 §4.1 certificate identifier: base64url(AKI keyIdentifier) "." base64url(serial).
+
+    The serial is the content of its DER INTEGER: big-endian two's complement, so a serial whose
+    top bit is set gets a leading zero byte.
+    """
+    blocks = split_pem_chain(cert_pem)
+    if not blocks:
+        raise ValueError("no PEM certificate")
+    cert = x509.load_pem_x509_certificate(blocks[0])
+    try:
+        aki = cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value.key_identifier
+    except x509.ExtensionNotFound:
+        aki = None
+    if not aki:
+        raise ValueError("the certificate has no authority key identifier; it has no ARI identifier")
+    serial = cert.serial_number
+    serial_der = serial.to_bytes(max(1, math.ceil((serial.bit_length() + 1) / 8)), "big", signed=True)
+    return f"{_b64(aki)}.{_b64(serial_der)}"
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode("ascii").rstrip("=")
+
+
+# --- transport ---------------------------------------------------------------------------------
+
+
+class _Network(acme_client.ClientNetwork):
+    """``ClientNetwork`` that survives badNonce storms and keeps problem documents of 409s."""
+
+    def post(self, *args: Any, **kwargs: Any) -> requests.Response:
+        for attempt in range(1, BAD_NONCE_ATTEMPTS + 1):
+            try:
+                return self._post_once(*args, **kwargs)
+            except messages.Error as e:
+                if e.code != "badNonce" or attempt == BAD_NONCE_ATTEMPTS:
+                    raise
+                log.debug("badNonce (attempt %d); retrying with a fresh nonce", attempt)
+        raise AssertionError("unreachable")
+
+    def _send_request(self, method: str, url: str, *args: Any, **kwargs: Any) -> requests.Response:
+        response = super()._send_request(method, url, *args, **kwargs)
+        if not response.ok and self.REPLAY_NONCE_HEADER in response.headers:
+            # Errors carry a fresh nonce too; the library drops it and asks newNonce again.
+            try:
+                self._add_nonce(response)
+            except acme_errors.BadNonce:
+                pass
+        return response
+
+    @classmethod
+    def _check_response(cls, response: requests.Response,
+                        content_type: str | None = None) -> requests.Response:
+        if response.status_code == 409:
+            try:
+                problem = messages.Error.from_json(response.json())
+            except (ValueError, jose.DeserializationError):
+                problem = None
+            if problem is not None and problem.typ != "about:blank":
+                problem.retry_after = response.headers.get("Retry-After")
+                raise problem
+        try:
+            return super()._check_response(response, content_type=content_type)
+        except messages.Error as e:
+            e.retry_after = response.headers.get("Retry-After")  # for rateLimited
+            raise
+
+
+# --- errors ----------------------------------------------------------------------------------
+
+
+class _Failure:
+    """Turns what the transport or the CA threw into a certd error (one line, next step)."""
+
+    def __init__(self, directory_url: str, clock: Clock) -> None:
+        self.directory_url = directory_url
+        self.clock = clock
+
+    def __call__(self, e: BaseException, doing: str) -> Exception:
+        if isinstance(e, (AcmeError, ConfigError)):
+            return e
+        if isinstance(e, requests.exceptions.SSLError):
+            return self.unreachable(f"TLS error: {_tls_reason(e)}")
+        if isinstance(e, requests.exceptions.Timeout):
+            return self.unreachable("timed out")
+        if isinstance(e, requests.exceptions.ConnectionError):
+            return self.unreachable(_connection_reason(e))
+        if isinstance(e, messages.Error):
+            return self.problem(e, doing)
+        if isinstance(e, acme_errors.ClientError):
+            status = _status_of(e)
+            transient = status is None or status >= 500
+            return AcmeError(f"{doing}: the CA answered HTTP {status or '?'} without a problem document; "
+                             f"{'will retry' if transient else 'not retrying'}", transient=transient)
+        if isinstance(e, requests.exceptions.RequestException):
+            return self.unreachable(_one_line(str(e)) or type(e).__name__)
+        if isinstance(e, (ValueError, jose.DeserializationError, KeyError)):
+            return AcmeError(f"{doing}: the CA sent an answer certd cannot read ({_one_line(str(e))[:120]}); "
+                             "will retry", transient=True)
+        return AcmeError(f"{doing}: {type(e).__name__}: {_one_line(str(e))[:200]}; will retry", transient=True)
+
+    def unreachable(self, why: str) -> CANotReachable:
+        return CANotReachable(f"ACME server {self.directory_url} is not reachable ({why}); will retry")
+
+    def problem(self, e: messages.Error, doing: str) -> AcmeError:
+        code = problem_code(e)
+        detail = _problem_detail(e)
+        retry_after = self.retry_after_seconds(getattr(e, "retry_after", None))
+        transient = code in _TRANSIENT_PROBLEMS
+        if code == "rateLimited":
+            when = (self.clock.now() + timedelta(seconds=retry_after)).strftime("%H:%M UTC") \
+                if retry_after is not None else None
+            next_step = f"will retry after {when}" if when else "will retry later"
+        else:
+            next_step = "will retry" if transient else _NEXT_STEP.get(code, "not retrying automatically")
+        return AcmeError(f"{doing}: the CA refused ({code}): {detail}; {next_step}",
+                         problem_type=e.typ, detail=e.detail, transient=transient, retry_after=retry_after)
+
+    def retry_after_seconds(self, header: str | None) -> float | None:
+        return _retry_after_seconds(header, self.clock.now())
+
+
+def problem_code(e: messages.Error) -> str:
+    """``rateLimited`` for ``urn:ietf:params:acme:error:rateLimited``; the whole type otherwise."""
+    typ = str(e.typ or "about:blank")
+    return typ[len(_PREFIX):] if typ.startswith(_PREFIX) else typ
+
+
+def _problem_detail(e: messages.Error) -> str:
+    text = _one_line(e.detail or e.title or e.description or "no detail")
+    subs = list(e.subproblems or ())
+    if subs:
+        first = subs[0]
+        who = f"{first.identifier.value}: " if first.identifier else ""
+        text += f" [{who}{problem_code(first)}: {_one_line(first.detail or '')}" \
+                f"{f'; {len(subs) - 1} more' if len(subs) > 1 else ''}]"
+    return text[:400]
+
+
+def _retry_after_seconds(header: str | None, now: datetime) -> float | None:
+    if not header:
+        return None
+    header = header.strip()
+    if header.isdigit():
+        return float(header)
+    try:
+        return max(0.0, (utc(parsedate_to_datetime(header)) - now).total_seconds())
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _status_of(e: acme_errors.ClientError) -> int | None:
+    for arg in e.args:
+        for candidate in (arg if isinstance(arg, tuple) else (arg,)):
+            if isinstance(candidate, requests.Response):
+                return candidate.status_code
+    return None
+
+
+def _connection_reason(e: BaseException) -> str:
+    text = str(e)
+    for needle, why in (("Connection refused", "connection refused"),
+                        ("Name or service not known", "its name does not resolve"),
+                        ("Temporary failure in name resolution", "its name does not resolve"),
+                        ("No route to host", "no route to host"),
+                        ("Network is unreachable", "network unreachable"),
+                        ("timed out", "timed out"),
+                        ("Connection reset", "connection reset"),
+                        ("RemoteDisconnected", "the server closed the connection")):
+        if needle in text:
+            return why
+    return "connection failed"
+
+
+def _tls_reason(e: BaseException) -> str:
+    text = str(e)
+    if "CERTIFICATE_VERIFY_FAILED" in text:
+        return "its certificate is not trusted; set [acme] ca_bundle"
+    if "hostname mismatch" in text or "doesn't match" in text:
+        return "its certificate does not match the host name"
+    return "handshake failed"
+
+
+# --- the issuer --------------------------------------------------------------------------------
+
+
+class Issuer:
+    """Talks to one ACME CA for one account. Thread-safe; see the module docstring."""
+
+    def __init__(self, acme: AcmeConfig, accounts: AccountStore, clock: Clock, *,
+                 user_agent: str = DEFAULT_USER_AGENT, order_timeout: float = ORDER_TIMEOUT,
+                 network_timeout: int = NETWORK_TIMEOUT) -> None:
+        self._acme = acme
+        self._accounts = accounts
+        self._clock = clock
+        self._user_agent = user_agent
+        self._order_timeout = order_timeout
+        self._network_timeout = network_timeout
+        self._verify: bool | str = str(acme.ca_bundle) if acme.ca_bundle else True
+        self._fail = _Failure(acme.directory, clock)
+        self._lock = threading.Lock()          # directory and account set-up only
+        self._local = threading.local()
+        self._networks: weakref.WeakSet[_Network] = weakref.WeakSet()
+        self._directory: messages.Directory | None = None
+        self._key: jose.JWK | None = None
+        self._raw_key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | None = None
+        self._alg: jose.JWASignature = jose.ES256
+        self._regr: messages.RegistrationResource | None = None
+
+    # -- public API --
+
+    def issue(self, cert: CertificateConfig, key_pem: bytes, *, replaces: str | None = None,
+              progress: Callable[[str], None] | None = None) -> bytes:
+        """Order, validate, finalize and download a certificate for ``cert.domains``.
+
+        Returns the full chain PEM exactly as the CA sent it (check it with
+        :func:`certd.certcheck.check_issued`). ``replaces`` is the ARI identifier of the
+        certificate this one renews (RFC 9773 §5); if the CA refuses it, the order is placed
+        again without it.
+        """
+        say = progress or (lambda _msg: None)
+        doing = f"issuing {cert.name}"
+        deadline = self._clock.monotonic() + self._order_timeout
+        csr_pem = make_csr(key_pem, cert.domains)
+        solver = solver_for(cert)
+        for attempt in (1, 2):
+            with self._mapped(doing):
+                client = self._client()
+                used_account = self._regr
+                try:
+                    return _Order(self, client, cert, solver, say, deadline).run(csr_pem, replaces)
+                except messages.Error as e:
+                    if problem_code(e) != "accountDoesNotExist" or attempt == 2:
+                        raise
+                log.warning("account_unknown directory=%s: the CA no longer knows account %s; "
+                            "registering again", self._acme.directory, used_account.uri if used_account else "?")
+                self._reregister(used_account)
+        raise AssertionError("unreachable")
+
+    def renewal_info(self, cert_pem: bytes) -> RenewalInfo | None:
+        """The CA's renewal window for ``cert_pem`` (RFC 9773), or None without ARI support."""
+        with self._mapped("fetching renewal information"):
+            directory = self._get_directory()
+            try:
+                base = directory["renewalInfo"]
+            except KeyError:
+                return None
+            url = f"{str(base).rstrip('/')}/{ari_cert_id(cert_pem)}"
+            response = self._network().get(url, content_type=acme_client.ClientNetwork.JSON_CONTENT_TYPE)
+            body = response.json()
+            window = messages.RenewalInfo.from_json(body).suggested_window
+            now = self._clock.now()
+            wait = _retry_after_seconds(response.headers.get("Retry-After"), now)
+            delay = ARI_DEFAULT_RETRY if wait is None else timedelta(seconds=wait)
+            delay = min(max(delay, ARI_RETRY_BOUNDS[0]), ARI_RETRY_BOUNDS[1])
+            explanation = body.get("explanationURL") if isinstance(body, dict) else None
+            return RenewalInfo(window_start=utc(window.start), window_end=utc(window.end),
+                               retry_after=now + delay,
+                               explanation_url=explanation if isinstance(explanation, str) else None)
+
+    def revoke(self, cert_pem: bytes, reason: int) -> None:
+        """Revoke ``cert_pem`` (RFC 5280 reason code) with the account key."""
+        cert = x509.load_pem_x509_certificate(split_pem_chain(cert_pem)[0])
+        with self._mapped(f"revoking certificate {cert.serial_number:x}"):
+            client = self._client()
+            try:
+                _post(client, self._get_directory()["revokeCert"],
+                      messages.Revocation(certificate=cert, reason=reason))
+            except messages.Error as e:
+                if problem_code(e) != "alreadyRevoked":
+                    raise
+                log.info("certificate %x was already revoked", cert.serial_number)
+
+    def close(self) -> None:
+        """Close every HTTP connection this issuer opened (it can still be used afterwards)."""
+        for net in list(self._networks):
+            try:
+                net.session.close()
+            except Exception:  # noqa: BLE001 - closing is best effort
+                pass
+
+    # -- account and transport --
+
+    @contextmanager
+    def _mapped(self, doing: str) -> Iterator[None]:
+        try:
+            yield
+        except (AcmeError, ConfigError):
+            raise
+        except Exception as e:  # noqa: BLE001 - every failure becomes one certd error
+            raise self._fail(e, doing) from e
+
+    def _network(self) -> _Network:
+        net: _Network | None = getattr(self._local, "net", None)
+        if net is None:
+            net = _Network(None, alg=self._alg, verify_ssl=self._verify, user_agent=self._user_agent,
+                           timeout=self._network_timeout)
+            self._local.net = net
+            self._networks.add(net)
+        return net
+
+    def _get_directory(self) -> messages.Directory:
+        directory = self._directory
+        if directory is None:
+            with self._lock:
+                if self._directory is None:
+                    self._directory = acme_client.ClientV2.get_directory(self._acme.directory, self._network())
+                directory = self._directory
+        return directory
+
+    def _client(self) -> acme_client.ClientV2:
+        """This thread's client, signed with the (set up once) account."""
+        directory = self._get_directory()
+        if self._regr is None:
+            with self._lock:
+                if self._regr is None:
+                    self._load_or_register(directory)
+        client: acme_client.ClientV2 | None = getattr(self._local, "client", None)
+        if client is None:
+            client = acme_client.ClientV2(directory, self._network())
+            self._local.client = client
+        client.net.key, client.net.alg, client.net.account = self._key, self._alg, self._regr
+        return client
+
+    def _load_or_register(self, directory: messages.Directory) -> None:
+        stored = self._accounts.load_account(self._acme.directory)
+        if stored is not None:
+            key_pem, regr_json = stored
+            self._set_key(serialization.load_pem_private_key(key_pem, password=None))
+            self._regr = messages.RegistrationResource.json_loads(regr_json)
+            log.debug("account_loaded directory=%s account=%s", self._acme.directory, self._regr.uri)
+            return
+        key = ec.generate_private_key(ec.SECP256R1())
+        self._set_key(key)
+        self._register(directory, key)
+
+    def _set_key(self, key: Any) -> None:
+        if isinstance(key, ec.EllipticCurvePrivateKey):
+            algs = {"secp256r1": jose.ES256, "secp384r1": jose.ES384, "secp521r1": jose.ES512}
+            if key.curve.name not in algs:
+                raise ConfigError(f"the stored ACME account key uses curve {key.curve.name}; "
+                                  "remove the account directory to register a new account")
+            self._key, self._alg = jose.JWKEC(key=key), algs[key.curve.name]
+        elif isinstance(key, rsa.RSAPrivateKey):
+            self._key, self._alg = jose.JWKRSA(key=key), jose.RS256
+        else:
+            raise ConfigError("the stored ACME account key is neither EC nor RSA; "
+                              "remove the account directory to register a new account")
+        self._raw_key = key
+
+    def _register(self, directory: messages.Directory, key: Any) -> None:
+        """newAccount with ``key`` (caller holds the lock); saves the account."""
+        acme = self._acme
+        meta = directory.meta
+        tos = getattr(meta, "terms_of_service", None)
+        eab = None
+        if acme.eab_kid and acme.eab_hmac_key:
+            try:
+                eab = messages.ExternalAccountBinding.from_data(
+                    account_public_key=self._key.public_key(), kid=acme.eab_kid,
+                    hmac_key=acme.eab_hmac_key, directory=directory)
+            except (ValueError, TypeError, jose.DeserializationError):
+                raise ConfigError("[acme] eab_hmac_key: not valid base64url; copy the HMAC key exactly "
+                                  "as the CA shows it") from None
+        elif getattr(meta, "external_account_required", False):
+            raise ConfigError(f"[acme] eab_kid: the CA at {acme.directory} requires External Account "
+                              "Binding; set eab_kid and eab_hmac_key from your CA account")
+        registration = messages.NewRegistration.from_data(
+            email=acme.email, terms_of_service_agreed=True if acme.agree_tos else None,
+            external_account_binding=eab)
+        net = _Network(self._key, alg=self._alg, verify_ssl=self._verify, user_agent=self._user_agent,
+                       timeout=self._network_timeout)
+        self._networks.add(net)
+        try:
+            regr = acme_client.ClientV2(directory, net).new_account(registration)
+        except messages.Error as e:
+            if not acme.agree_tos and (tos or problem_code(e) == "userActionRequired"
+                                       or "terms" in (e.detail or "").lower()):
+                raise ConfigError(f"[acme] agree_tos: the CA at {acme.directory} requires agreeing to its "
+                                  f"terms of service{f' ({tos})' if tos else ''}; read them and set "
+                                  "agree_tos = true") from None
+            raise self._fail(e, f"registering an ACME account at {acme.directory}") from e
+        finally:
+            net.session.close()
+        key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption())
+        self._accounts.save_account(acme.directory, key_pem, regr.json_dumps())
+        self._regr = regr
+        log.info("account_registered directory=%s account=%s", acme.directory, regr.uri)
+
+    def _reregister(self, stale: messages.RegistrationResource | None) -> None:
+        """Register the same key again, unless another thread already did."""
+        directory = self._get_directory()
+        with self._lock:
+            if self._regr is not stale and self._regr is not None:
+                return
+            self._regr = None
+            if self._raw_key is None:
+                self._set_key(ec.generate_private_key(ec.SECP256R1()))
+            self._register(directory, self._raw_key)
+
+
+# --- one order ---------------------------------------------------------------------------------
+
+
+def _post(client: acme_client.ClientV2, url: str, obj: Any) -> requests.Response:
+    return client.net.post(url, obj, new_nonce_url=client.directory["newNonce"])
+
+
+def _get(client: acme_client.ClientV2, url: str) -> requests.Response:
+    """POST-as-GET (RFC 8555 §6.3)."""
+    return client.net.post(url, None, new_nonce_url=client.directory["newNonce"])
+
+
+class _Order:
+    """newOrder -> challenges -> poll -> finalize -> poll -> download, for one certificate."""
+
+    def __init__(self, issuer: Issuer, client: acme_client.ClientV2, cert: CertificateConfig,
+                 solver: Solver, say: Callable[[str], None], deadline: float) -> None:
+        self.issuer, self.client, self.cert, self.solver = issuer, client, cert, solver
+        self.say, self.deadline = say, deadline
+        self.clock = issuer._clock
+        self.doing = f"issuing {cert.name}"
+
+    def run(self, csr_pem: bytes, replaces: str | None) -> bytes:
+        uri, order = self.create(replaces)
+        self.say(f"order {uri} created ({order.status.name})")
+        if order.status.name == "pending":
+            order = self.validate(uri, order)
+        if order.status.name == "ready":
+            csr = x509.load_pem_x509_csr(csr_pem)
+            order = messages.Order.from_json(
+                _post(self.client, order.finalize, messages.CertificateRequest(csr=csr)).json())
+            self.say("finalizing")
+            if order.status.name in ("ready", "processing"):
+                order = self.poll(uri, "the CA to issue the certificate")
+        if order.status.name != "valid" or not order.certificate:
+            raise self.order_failed(order)
+        fullchain = _get(self.client, order.certificate).content
+        self.say("certificate downloaded")
+        return fullchain
+
+    def create(self, replaces: str | None) -> tuple[str, messages.Order]:
+        identifiers = [messages.Identifier(typ=messages.IDENTIFIER_FQDN, value=d) for d in self.cert.domains]
+        url = self.client.directory["newOrder"]
+        if replaces:
+            try:
+                response = _post(self.client, url, ReplacingOrder(identifiers=identifiers, replaces=replaces))
+            except messages.Error as e:
+                code = problem_code(e)
+                if code not in ("alreadyReplaced", "malformed", "conflict") and \
+                        "replace" not in f"{e.detail} {e.title}".lower():
+                    raise
+                log.warning("replaces_refused certificate=%s replaces=%s problem=%s detail=%s; "
+                            "ordering without replaces", self.cert.name, replaces, code, _one_line(e.detail or ""))
+                self.say(f"the CA refused replaces ({code}); ordering without it")
+                response = _post(self.client, url, messages.NewOrder(identifiers=identifiers))
+        else:
+            response = _post(self.client, url, messages.NewOrder(identifiers=identifiers))
+        return response.headers["Location"], messages.Order.from_json(response.json())
+
+    def validate(self, uri: str, order: messages.Order) -> messages.Order:
+        """Present and answer every pending authorization's challenge, then wait for the order."""
+        authzs = [(url, messages.Authorization.from_json(_get(self.client, url).json()))
+                  for url in order.authorizations]
+        work = []
+        for url, authz in authzs:
+            if authz.status.name == "valid":
+                continue
+            if authz.status.name != "pending":
+                raise self.authz_failed(authz)
+            challb = next((c for c in authz.challenges if c.chall.typ == self.solver.challenge_type), None)
+            if challb is None:
+                offered = ", ".join(sorted({c.typ for c in authz.challenges})) or "none"
+                raise AcmeError(f"{self.doing}: the CA offers no {self.solver.challenge_type} challenge for "
+                                f"{_authz_name(authz)} (offers {offered}); choose another challenge; "
+                                "not retrying")
+            work.append((authz.identifier.value, challb))
+        if not work:
+            return self.poll(uri, "the order to become ready")
+        key = self.client.net.key
+        presented: list[tuple[str, messages.ChallengeBody]] = []
+        try:
+            self.present_all(work, key, presented)
+            for _domain, challb in work:
+                _post(self.client, challb.uri, challb.chall.response(key))
+            self.say(f"answered {len(work)} {self.solver.challenge_type} challenge(s)")
+            order = self.poll(uri, "validation")
+        finally:
+            self.side_by_side([lambda d=d, c=c: self.solver.cleanup(d, c.chall, key) for d, c in presented])
+        if order.status.name == "invalid":
+            for url, _authz in authzs:
+                authz = messages.Authorization.from_json(_get(self.client, url).json())
+                if authz.status.name == "invalid":
+                    raise self.authz_failed(authz)
+        return order
+
+    def present_all(self, work: Sequence[tuple[str, messages.ChallengeBody]], key: jose.JWK,
+                    presented: list[tuple[str, messages.ChallengeBody]]) -> None:
+        """Present every challenge, recording in ``presented`` what needs a cleanup."""
+        def one(domain: str, challb: messages.ChallengeBody) -> None:
+            self.solver.present(domain, challb.chall, key)
+            presented.append((domain, challb))
+
+        self.side_by_side([lambda d=d, c=c: one(d, c) for d, c in work])
+
+    def side_by_side(self, calls: Sequence[Callable[[], None]]) -> None:
+        """Run ``calls``; hooks (dns-01: a process each) run in parallel, the rest in turn.
+
+        Raises the first failure once every call has finished.
+        """
+        if len(calls) <= 1 or self.solver.challenge_type != "dns-01":
+            for call in calls:
+                call()
+            return
+        with ThreadPoolExecutor(max_workers=min(8, len(calls)), thread_name_prefix="certd-solver") as pool:
+            futures = [pool.submit(call) for call in calls]
+        for future in futures:
+            future.result()
+
+    def poll(self, uri: str, waiting_for: str) -> messages.Order:
+        """Poll the order until it leaves pending/processing, within the deadline."""
+        delay = FIRST_POLL
+        while True:
+            response = _get(self.client, uri)
+            order = messages.Order.from_json(response.json())
+            if order.status.name not in ("pending", "processing"):
+                return order
+            now = self.clock.monotonic()
+            wait = delay
+            asked = _retry_after_seconds(response.headers.get("Retry-After"), self.clock.now())
+            if asked is not None:
+                wait = max(wait, min(asked, MAX_RETRY_AFTER))
+            wait = min(wait, self.deadline - now)
+            if wait <= 0:
+                raise AcmeError(f"{self.doing}: still waiting for {waiting_for} after "
+                                f"{self.issuer._order_timeout:g} s (order {order.status.name}); will retry",
+                                transient=True)
+            self.clock.sleep(wait)
+            delay = min(delay * POLL_GROWTH, MAX_POLL)
+
+    def authz_failed(self, authz: messages.Authorization) -> AcmeError:
+        name = _authz_name(authz)
+        failed = next((c for c in authz.challenges if c.error is not None), None)
+        if failed is None:
+            return AcmeError(f"{self.doing}: the authorization for {name} is {authz.status.name} "
+                             "without a reason from the CA; will retry", transient=True)
+        problem = failed.error
+        code = problem_code(problem)
+        final = code in _FINAL_CHALLENGE_PROBLEMS
+        return ChallengeFailed(
+            f"{self.doing}: the CA could not validate {failed.chall.typ} for {name} ({code}): "
+            f"{_problem_detail(problem)}; {_NEXT_STEP.get(code, 'not retrying') if final else 'will retry'}",
+            problem_type=problem.typ, detail=problem.detail, transient=not final)
+
+    def order_failed(self, order: messages.Order) -> AcmeError:
+        if order.error is not None:
+            return self.issuer._fail.problem(order.error, f"{self.doing}: the order is {order.status.name}")
+        return AcmeError(f"{self.doing}: the order ended {order.status.name} without a certificate; will retry",
+                         transient=True)
+
+
+def _authz_name(authz: messages.Authorization) -> str:
+    value = authz.identifier.value if authz.identifier else "?"
+    return f"*.{value}" if authz.wildcard else value
