@@ -502,6 +502,8 @@ class Issuer:
             raise self._fail(e, f"registering an ACME account at {acme.directory}") from e
         finally:
             net.session.close()
+        # Pebble echoes the EAB back; josepy decodes it into a frozendict it cannot serialize again.
+        regr = regr.update(body=regr.body.update(external_account_binding=None))
         key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                     serialization.NoEncryption())
         self._accounts.save_account(acme.directory, key_pem, regr.json_dumps())
