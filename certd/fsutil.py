@@ -198,7 +198,7 @@ def secure_delete(path: Path | str) -> None:
         try:
             fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except PermissionError:
-            os.chmod(path, 0o600, follow_symlinks=False)
+            os.chmod(path, 0o600)  # our own read-only key file (a symlink would be ELOOP)
             fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
         return
