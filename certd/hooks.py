@@ -1,0 +1,413 @@
+"""Reload hooks: make the servers pick up the certificate the deploy step just switched to.
+
+Three kinds, one contract: :func:`run_reload` returns a :class:`HookResult` when the server
+accepted the new certificate and raises :class:`~certd.errors.HookFailed` (one line: which
+hook, exit code or timeout, the line of output that says why) when it did not. Whether the
+new certificate is actually *served* is not decided here: ``certd.verify`` checks that with a
+real handshake, because a reload that "succeeded" proves little.
+
+- **nginx**: ``nginx -t -c <config>`` first, so a broken certificate/key pair is reported with
+  nginx's own error line and the master is never signalled; then ``nginx -s reload -c
+  <config>`` (which reads the pid file named in that config and sends SIGHUP). nginx answers
+  before its workers have switched; new handshakes see the new certificate ~0.1 s later.
+- **haproxy**: the runtime API on the admin socket, no reload at all: ``set ssl cert <crt>``
+  with fullchain + key as payload, then ``commit ssl cert <crt>``; the next handshake serves
+  the new certificate. Replies are free text: success is recognised by HAProxy's fixed
+  markers ("Transaction created/updated", "Success!"); on anything else the transaction is
+  aborted (HAProxy would otherwise keep it open and refuse the next one). Runtime changes are
+  memory-only — the deploy step has already written the combined file, so a restart keeps
+  the new certificate.
+- **command**: an operator's argv, run without a shell, with an explicit environment
+  (:func:`hook_env`, certbot-compatible ``RENEWED_LINEAGE``/``RENEWED_DOMAINS`` included),
+  stdin from /dev/null, in its own session. On timeout the whole process group gets SIGTERM,
+  then SIGKILL after a short grace, so a hook's grandchildren cannot outlive it and certd
+  gets control back promptly. Output (stdout+stderr, truncated) is logged at INFO: a reload
+  hook's output is operational, never key material — the key is never in the environment.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import select
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from certd.config import ReloadHook
+from certd.errors import HookFailed
+from certd.model import Bundle
+
+log = logging.getLogger(__name__)
+
+#: Output kept per hook run: the head and the tail (the tail says why it failed).
+OUTPUT_HEAD = 4 * 1024
+OUTPUT_TAIL = 28 * 1024
+#: After SIGTERM on timeout, how long the process group gets before SIGKILL.
+KILL_GRACE = 1.0
+#: After the hook itself exited, how long to keep reading output that a leftover background
+#: child might still hold open (we do not wait for such children).
+DRAIN_AFTER_EXIT = 0.05
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+@dataclass(frozen=True)
+class HookContext:
+    """What a hook is told about the rotation it is part of."""
+
+    name: str                   # the certificate's name in the config
+    domains: tuple[str, ...]
+    version: int                # the store version now deployed
+    bundle: Bundle
+    live_dir: Path | None       # [certificate.deploy] live_dir, if configured
+    combined: Path | None       # [certificate.deploy] combined, if configured
+
+
+@dataclass(frozen=True)
+class HookResult:
+    hook: str                   # which hook, as an operator would recognise it
+    ok: bool
+    returncode: int | None      # None: timed out, could not start, or not a process (haproxy)
+    duration: float             # seconds
+    output: str                 # stdout+stderr (or the runtime API's replies), truncated
+    timed_out: bool = False
+
+
+def hook_label(hook: ReloadHook) -> str:
+    """``nginx -c /etc/nginx/nginx.conf``, ``haproxy /run/haproxy/admin.sock``, ``/usr/bin/x``."""
+    if hook.kind == "nginx":
+        return f"nginx -c {hook.config}" if hook.config else "nginx"
+    if hook.kind == "haproxy":
+        return f"haproxy {hook.socket}"
+    return hook.command[0] if hook.command else "command"
+
+
+def hook_env(ctx: HookContext) -> dict[str, str]:
+    """The complete environment of a command hook (nothing else from certd's is inherited).
+
+    ``CERTD_LIVE_DIR``/``RENEWED_LINEAGE`` and ``CERTD_COMBINED`` are present only when that
+    deploy target is configured. Never the private key.
+    """
+    env = {
+        "PATH": os.environ.get("PATH") or DEFAULT_PATH,
+        "LANG": "C",
+        "CERTD_NAME": ctx.name,
+        "CERTD_DOMAINS": " ".join(ctx.domains),
+        "CERTD_VERSION": str(ctx.version),
+        "CERTD_SERIAL": ctx.bundle.info.serial,
+        "CERTD_FINGERPRINT": ctx.bundle.info.fingerprint_sha256,
+        "RENEWED_DOMAINS": " ".join(ctx.domains),
+    }
+    if ctx.live_dir is not None:
+        env["CERTD_LIVE_DIR"] = env["RENEWED_LINEAGE"] = str(ctx.live_dir)
+    if ctx.combined is not None:
+        env["CERTD_COMBINED"] = str(ctx.combined)
+    return env
+
+
+def run_reload(hook: ReloadHook, ctx: HookContext) -> HookResult:
+    """Run one reload hook; raise :class:`HookFailed` unless the server took the change."""
+    if hook.kind == "nginx":
+        result = _reload_nginx(hook)
+    elif hook.kind == "haproxy":
+        result = _hotswap_haproxy(hook, ctx.bundle)
+    elif hook.kind == "command":
+        result = run_command(hook.command, env=hook_env(ctx), timeout=hook.timeout)
+    else:
+        raise HookFailed(f"{ctx.name}: unknown reload hook kind {hook.kind!r}")
+    label = hook_label(hook)
+    result = HookResult(label, result.ok, result.returncode, result.duration, result.output,
+                        result.timed_out)
+    event = "hook_ran" if result.ok else "hook_failed"
+    level = logging.INFO if result.ok else logging.WARNING
+    log.log(level, "%s cert=%s hook=%r ok=%s returncode=%s duration=%.3fs output=%r",
+            event, ctx.name, label, result.ok, result.returncode, result.duration, result.output,
+            extra={"event": event, "cert": ctx.name, "hook": label, "duration": result.duration,
+                   "returncode": result.returncode})
+    if not result.ok:
+        raise HookFailed(f"{ctx.name}: reload hook {label} {_failure(result)}")
+    return result
+
+
+def run_command(argv: Sequence[str], *, env: Mapping[str, str], timeout: float) -> HookResult:
+    """Run ``argv`` (no shell) with exactly ``env``; never raises for what the command does.
+
+    ``ok`` is true only for exit status 0 within ``timeout``. On timeout the process group is
+    killed (SIGTERM, SIGKILL after :data:`KILL_GRACE`) and the command reaped.
+    """
+    label = argv[0] if argv else "<empty command>"
+    start = time.monotonic()
+    try:
+        proc = subprocess.Popen(list(argv), env=dict(env), stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                start_new_session=True, close_fds=True)
+    except (OSError, ValueError) as e:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        return HookResult(label, False, None, time.monotonic() - start, f"cannot run {label}: {why}")
+    assert proc.stdout is not None
+    out = _Output()
+    timed_out = not _pump(proc, out, start + timeout)
+    if timed_out:
+        _kill_group(proc, out)
+    else:
+        _drain(proc.stdout, out, time.monotonic() + DRAIN_AFTER_EXIT)
+    proc.stdout.close()
+    returncode = proc.wait()
+    duration = time.monotonic() - start
+    if timed_out:
+        return HookResult(label, False, None, duration, out.text(), timed_out=True)
+    return HookResult(label, returncode == 0, returncode, duration, out.text())
+
+
+# --- nginx ----------------------------------------------------------------------------------
+
+
+def _reload_nginx(hook: ReloadHook) -> HookResult:
+    deadline = time.monotonic() + hook.timeout
+    conf = ["-c", str(hook.config)] if hook.config else []
+    env = {"PATH": os.environ.get("PATH") or DEFAULT_PATH, "LANG": "C"}
+    test = run_command([hook.binary, "-t", "-q", *conf], env=env, timeout=hook.timeout)
+    if not test.ok:
+        why = "timed out" if test.timed_out else _nginx_error_line(test.output)
+        return HookResult(test.hook, False, test.returncode, test.duration,
+                          f"{test.output}\nconfiguration test failed, nginx not signalled: {why}",
+                          test.timed_out)
+    reload = run_command([hook.binary, "-s", "reload", *conf], env=env,
+                         timeout=max(0.1, deadline - time.monotonic()))
+    output = "\n".join(o for o in (test.output, reload.output) if o)
+    if not reload.ok and not reload.timed_out:
+        output += f"\nreload failed: {_nginx_error_line(reload.output)}"
+    return HookResult(reload.hook, reload.ok, reload.returncode, test.duration + reload.duration,
+                      output, reload.timed_out)
+
+
+_NGINX_LOG_PREFIX = re.compile(r"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d (\[\w+\]) \d+#\d+: ")
+
+
+def _nginx_error_line(output: str) -> str:
+    """nginx's first ``[emerg]``/``[alert]``/``[crit]``/``[error]`` line — the reason, unlike
+    the last line ("configuration file ... test failed"). When the config names an error_log,
+    nginx prefixes lines with a timestamp and PIDs; that becomes ``nginx: [emerg] ...``."""
+    lines = [line for line in output.splitlines() if line.strip()]
+    for line in lines:
+        if any(tag in line for tag in ("[emerg]", "[alert]", "[crit]", "[error]")):
+            return _NGINX_LOG_PREFIX.sub(r"nginx: \1 ", line.strip())
+    return lines[-1].strip() if lines else "(no output)"
+
+
+# --- HAProxy runtime API --------------------------------------------------------------------
+
+
+def _hotswap_haproxy(hook: ReloadHook, bundle: Bundle) -> HookResult:
+    start = time.monotonic()
+    deadline = start + hook.timeout
+    if hook.socket is None or not hook.crt:
+        return HookResult("haproxy", False, None, 0.0, "haproxy hook needs socket and crt")
+    crt = hook.crt
+    replies: list[str] = []
+
+    def finish(ok: bool, why: str | None = None, timed_out: bool = False) -> HookResult:
+        text = "\n".join(r.strip() for r in replies if r.strip())
+        if why:
+            text = f"{text}\n{why}" if text else why
+        return HookResult("haproxy", ok, None, time.monotonic() - start, text, timed_out)
+
+    # The payload ends at the first empty line: the PEM must not contain one.
+    payload = b"\n".join(line for line in bundle.combined_pem.splitlines() if line.strip())
+    try:
+        reply = haproxy_command(hook.socket, f"set ssl cert {crt} <<\n".encode() + payload + b"\n\n",
+                                deadline)
+        replies.append(reply)
+        if "Transaction created" not in reply and "Transaction updated" not in reply:
+            _abort(hook.socket, crt, replies)
+            return finish(False, f"set ssl cert refused: {_one_line(reply)}")
+        reply = haproxy_command(hook.socket, f"commit ssl cert {crt}\n".encode(), deadline)
+        replies.append(reply)
+        if "Success!" not in reply:
+            _abort(hook.socket, crt, replies)
+            return finish(False, f"commit ssl cert refused: {_one_line(reply)}")
+    except (OSError, TimeoutError) as e:
+        _abort(hook.socket, crt, replies)
+        timed_out = isinstance(e, TimeoutError)
+        why = (f"timed out after {hook.timeout:g}s on {hook.socket}" if timed_out
+               else f"admin socket {hook.socket}: {e.strerror or e}")
+        return finish(False, why, timed_out)
+    return finish(True)
+
+
+def haproxy_command(sock_path: Path, request: bytes, deadline: float) -> str:
+    """Send one runtime-API request and read the reply until HAProxy closes the connection
+    (non-interactive mode: one command per connection). Raises OSError / TimeoutError."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(max(0.001, deadline - time.monotonic()))
+        s.connect(str(sock_path))
+        s.sendall(request)
+        chunks: list[bytes] = []
+        while True:
+            s.settimeout(max(0.001, deadline - time.monotonic()))
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    return b"".join(chunks).decode("utf-8", errors="replace")
+
+
+def _abort(sock_path: Path, crt: str, replies: list[str]) -> None:
+    """Close a pending transaction so the next ``set ssl cert`` starts clean; best effort."""
+    try:
+        replies.append(haproxy_command(sock_path, f"abort ssl cert {crt}\n".encode(),
+                                       time.monotonic() + 2.0))
+    except OSError as e:
+        replies.append(f"abort ssl cert failed: {e}")
+
+
+def _one_line(reply: str) -> str:
+    return " ".join(line.strip() for line in reply.splitlines() if line.strip()) or "(empty reply)"
+
+
+# --- process plumbing -----------------------------------------------------------------------
+
+
+class _Output:
+    """Keeps the first :data:`OUTPUT_HEAD` and last :data:`OUTPUT_TAIL` bytes of a stream."""
+
+    def __init__(self) -> None:
+        self.head = bytearray()
+        self.tail = bytearray()
+        self.dropped = 0
+
+    def add(self, data: bytes) -> None:
+        room = OUTPUT_HEAD - len(self.head)
+        if room > 0:
+            self.head += data[:room]
+            data = data[room:]
+        self.tail += data
+        if len(self.tail) > OUTPUT_TAIL:
+            excess = len(self.tail) - OUTPUT_TAIL
+            self.dropped += excess
+            del self.tail[:excess]
+
+    def text(self) -> str:
+        mid = f"\n[... {self.dropped} bytes of output omitted ...]\n".encode() if self.dropped else b""
+        return bytes(self.head + mid + self.tail).decode("utf-8", errors="replace").rstrip()
+
+
+def _pump(proc: subprocess.Popen[bytes], out: _Output, deadline: float) -> bool:
+    """Read output until the command exits or ``deadline``; False on timeout."""
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    eof = False
+    while True:
+        remaining = deadline - time.monotonic()
+        if eof:
+            try:
+                proc.wait(max(0.0, remaining))
+                return True
+            except subprocess.TimeoutExpired:
+                return False
+        if proc.poll() is not None:
+            return True
+        if remaining <= 0:
+            return False
+        # wake up now and then to notice an exit while a background child holds the pipe
+        ready, _, _ = select.select([fd], [], [], min(remaining, 0.05))
+        if ready:
+            data = os.read(fd, 65536)
+            if data:
+                out.add(data)
+            else:
+                eof = True
+
+
+def _drain(stream: object, out: _Output, deadline: float) -> None:
+    """Read what is left in the pipe until EOF or ``deadline`` (a leftover child may hold it)."""
+    fd = stream.fileno()  # type: ignore[attr-defined]
+    while (remaining := deadline - time.monotonic()) > 0:
+        ready, _, _ = select.select([fd], [], [], remaining)
+        if not ready:
+            return
+        data = os.read(fd, 65536)
+        if not data:
+            return
+        out.add(data)
+
+
+def _kill_group(proc: subprocess.Popen[bytes], out: _Output) -> None:
+    """SIGTERM the command's process group, SIGKILL it after :data:`KILL_GRACE`, reap the
+    command. The group id is the command's PID (``start_new_session``)."""
+    pgid = proc.pid
+    _signal_group(pgid, signal.SIGTERM)
+    deadline = time.monotonic() + KILL_GRACE
+    assert proc.stdout is not None
+    while time.monotonic() < deadline:
+        _drain(proc.stdout, out, min(deadline, time.monotonic() + 0.01))
+        if proc.poll() is not None and not _group_alive(pgid):
+            return
+    _signal_group(pgid, signal.SIGKILL)
+    proc.wait()
+    # kill() returns before the kernel has torn the processes down; give it a moment so that
+    # "killed" means gone when we return (SIGKILL cannot be caught: this is bounded).
+    settle = time.monotonic() + 0.5
+    while _group_alive(pgid) and time.monotonic() < settle:
+        _drain(proc.stdout, out, time.monotonic() + 0.005)
+
+
+def _signal_group(pgid: int, signum: int) -> None:
+    try:
+        os.killpg(pgid, signum)
+    except ProcessLookupError:
+        pass
+
+
+def _group_alive(pgid: int) -> bool:
+    """True while a live (not zombie) process is left in group ``pgid``.
+
+    Zombies are skipped: orphaned grandchildren are reaped by PID 1, which in some containers
+    never happens, and a zombie holds nothing open.
+    """
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return True
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # "pid (comm) state ppid pgrp ..."; comm may hold spaces and parentheses
+        fields = stat[stat.rfind(b")") + 2:].split()
+        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
+            return True
+    return False
+
+
+def _failure(result: HookResult) -> str:
+    """``exit status 1: <last line>`` / ``timed out after 2.0s: <last line>``."""
+    if result.timed_out:
+        what = f"timed out after {result.duration:.1f}s (process group killed)"
+    elif result.returncode is not None:
+        what = f"exited with status {result.returncode}" if result.returncode >= 0 else \
+            f"killed by signal {-result.returncode}"
+    else:
+        what = "failed"
+    last = _last_line(result.output)
+    return f"{what}: {last}" if last else f"{what} (no output)"
+
+
+def _last_line(output: str) -> str:
+    for line in reversed(output.splitlines()):
+        if line.strip() and not line.startswith("[... "):
+            return line.strip()[:500]
+    return ""
