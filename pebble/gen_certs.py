@@ -74,7 +74,7 @@ def write_certs(directory: Path, days: int = 365) -> CertPaths:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     # Backdate a little so a clock a few minutes behind still accepts the certificates.
-    now = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5)
+    now = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
     until = now + dt.timedelta(days=days)
 
     ca_key = ec.generate_private_key(ec.SECP256R1())

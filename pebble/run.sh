@@ -127,7 +127,7 @@ for name, pidfile, url, context in checks:
         if not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z":
             sys.exit(f"{name} (pid {pid}) exited during start")
         try:
-            urllib.request.urlopen(url, timeout=2, context=context).close()
+            urllib.request.urlopen(url, timeout=1, context=context).close()
             break
         except urllib.error.HTTPError:
             break  # it answered: up

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import os
-import subprocess
+import socket
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from cryptography import x509
 
-from tests.support.pebble_fixtures import PebbleEnv
+from tests.support.pebble_fixtures import PebbleEnv, PebblePorts, dns_query
 from tests.support.procs import ManagedProcess, ProcessFailed, WaitTimeout, wait_until
 
 
@@ -42,8 +41,6 @@ def test_management_api_serves_a_ca_root(pebble: PebbleEnv, tmp_path: Path) -> N
 def test_challtestsrv_answers_any_name_with_loopback(pebble: PebbleEnv) -> None:
     """challtestsrv's DNS answers A 127.0.0.1 for any name and no AAAA (so Pebble dials IPv4)."""
     assert pebble.resolve_a("anything.example.test") == ["127.0.0.1"]
-    from tests.support.pebble_fixtures import dns_query
-
     assert dns_query("anything.example.test", pebble.dns_port, qtype=28) == []
 
 
@@ -88,6 +85,22 @@ def test_cert_status_of_unknown_serial_is_an_error(pebble: PebbleEnv) -> None:
     """/cert-status-by-serial answers 404 for a serial Pebble never issued."""
     with pytest.raises(AssertionError, match="HTTP 404"):
         pebble.cert_status("00:DE:AD:BE:EF")
+
+
+def test_pebble_that_cannot_bind_fails_with_its_log_and_leaks_nothing(tmp_path: Path) -> None:
+    """A Pebble whose port is taken raises ProcessFailed quoting its log; both PIDs are gone."""
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen()
+        ports = PebblePorts.pick()
+        ports = PebblePorts(**{**ports.__dict__, "acme": blocker.getsockname()[1]})
+        env = PebbleEnv(tmp_path, ports=ports)
+        with pytest.raises(ProcessFailed, match="(?s)pebble.*address already in use"):
+            env.start()
+    for pid in (env.pebble_pid, env.challtestsrv_pid):
+        assert pid is not None
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
 
 
 def test_failed_start_reports_log_tail(tmp_path: Path) -> None:

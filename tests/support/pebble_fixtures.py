@@ -56,6 +56,9 @@ DETERMINISTIC_ENV: dict[str, str] = {
 START_TIMEOUT = 15.0
 #: Seconds for one HTTP request to Pebble or challtestsrv.
 HTTP_TIMEOUT = 10.0
+#: Seconds for one readiness probe: short, so a dead process is noticed promptly even when
+#: something else holds its port and accepts connections without answering.
+PROBE_TIMEOUT = 1.0
 #: Attempts with fresh ports when a port picked by free_port() was taken in the meantime.
 PORT_ATTEMPTS = 3
 
@@ -196,7 +199,8 @@ class PebbleEnv:
     @property
     def alive(self) -> bool:
         """True while both processes run."""
-        return bool(self._pebble and self._pebble.alive and self._challtestsrv and self._challtestsrv.alive)
+        procs = (self._pebble, self._challtestsrv)
+        return all(proc is not None and proc.alive for proc in procs)
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -227,6 +231,10 @@ class PebbleEnv:
 
     def _start_once(self) -> None:
         self._write_config()
+        self._start_challtestsrv()
+        self._start_pebble()
+
+    def _start_challtestsrv(self) -> None:
         self._challtestsrv = ManagedProcess(
             [
                 _binary("pebble-challtestsrv"),
@@ -235,38 +243,47 @@ class PebbleEnv:
                 "-defaultIPv4", "127.0.0.1",
                 # The default "::1" makes Pebble dial [::1] and miss a 127.0.0.1 responder.
                 "-defaultIPv6", "",
+                # Its own challenge responders would sit on the ports the code under test needs.
                 "-http01", "", "-https01", "", "-tlsalpn01", "", "-doh", "",
             ],
             log_path=self.workdir / "challtestsrv.log",
             name="pebble-challtestsrv",
         ).start()
         self._challtestsrv.wait_ready(
-            lambda: self._http("GET", self.challtestsrv_url + "/", ok_status=(200, 404, 405)) is not None,
+            lambda: self._answers(self.challtestsrv_url + "/", ok_status=(200, 404, 405)),
             START_TIMEOUT,
             what=f"management API at {self.challtestsrv_url}",
         )
         self._challtestsrv.wait_ready(
-            lambda: self.resolve_a("ready.certd.test.", timeout=0.2) == ["127.0.0.1"],
+            lambda: self.resolve_a("ready.certd.test.", timeout=PROBE_TIMEOUT) == ["127.0.0.1"],
             START_TIMEOUT,
             what=f"DNS answers on 127.0.0.1:{self.ports.dns}",
         )
+
+    def _start_pebble(self) -> None:
+        dns = f"127.0.0.1:{self.ports.dns}"
         self._pebble = ManagedProcess(
-            [_binary("pebble"), "-config", self.config_path, "-dnsserver", f"127.0.0.1:{self.ports.dns}"],
+            [_binary("pebble"), "-config", self.config_path, "-dnsserver", dns],
             log_path=self.workdir / "pebble.log",
             env=self.env,
             cwd=self.workdir,
             name="pebble",
         ).start()
+        # Pebble logs "Listening on" before it binds: only an answer means ready.
         self._pebble.wait_ready(
-            lambda: "newOrder" in self.directory(),
+            lambda: self._answers(self.directory_url),
             START_TIMEOUT,
             what=f"directory at {self.directory_url}",
         )
         self._pebble.wait_ready(
-            lambda: self._http("GET", self.mgmt_url + "/roots/0") is not None,
+            lambda: self._answers(self.mgmt_url + "/roots/0"),
             START_TIMEOUT,
             what=f"management API at {self.mgmt_url}",
         )
+
+    def _answers(self, url: str, ok_status: tuple[int, ...] = (200,)) -> bool:
+        """Readiness probe: True if ``url`` answers GET with one of ``ok_status``."""
+        return self._http("GET", url, ok_status=ok_status, timeout=PROBE_TIMEOUT) is not None
 
     def stop(self) -> None:
         """SIGTERM both processes by PID (SIGKILL after a deadline) and reap them."""
@@ -388,6 +405,7 @@ class PebbleEnv:
         url: str,
         body: bytes | None = None,
         ok_status: tuple[int, ...] = (200,),
+        timeout: float = HTTP_TIMEOUT,
     ) -> bytes | None:
         """One request; returns the body for a status in ``ok_status``, else raises."""
         if self._ssl_context is None:
@@ -396,7 +414,7 @@ class PebbleEnv:
         if body is not None:
             request.add_header("Content-Type", "application/json")
         try:
-            with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT, context=self._ssl_context) as resp:
+            with urllib.request.urlopen(request, timeout=timeout, context=self._ssl_context) as resp:
                 data: bytes = resp.read()
                 status: int = resp.status
         except urllib.error.HTTPError as exc:

@@ -13,6 +13,7 @@ Three rules every fixture follows, and these helpers make easy:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import shlex
@@ -192,7 +193,7 @@ class ManagedProcess:
         raised with the tail of its log.
         """
 
-        def ready_or_dead() -> T | bool:
+        def ready_or_dead() -> T:
             if not self.alive:
                 raise ProcessFailed(self._failure_message(f"exited before {what}"))
             return predicate()
@@ -228,10 +229,9 @@ class ManagedProcess:
 
     def _signal(self, signum: int) -> None:
         assert self._popen is not None
-        try:
+        # It may have exited between poll() and kill(); wait() reaps it either way.
+        with contextlib.suppress(ProcessLookupError):
             os.kill(self._popen.pid, signum)
-        except ProcessLookupError:  # exited between poll() and kill(); wait() reaps it
-            pass
 
     # -- state -------------------------------------------------------------------------
 
