@@ -34,6 +34,6 @@ def fmt(value: Any) -> str:
     return text
 
 
-def event(log: logging.Logger, name: str, level: int = logging.INFO, **fields: Any) -> None:
+def event(log: logging.Logger, name: str, level: int = logging.INFO, /, **fields: Any) -> None:
     if log.isEnabledFor(level):
         log.log(level, "%s %s", name, " ".join(f"{k}={fmt(v)}" for k, v in fields.items() if v is not None))

@@ -47,7 +47,7 @@ from datetime import datetime
 from typing import Any, Callable, Protocol
 
 from certd.clock import Clock, isoformat
-from certd.errors import OperationFailed, StoreError
+from certd.errors import HookFailed, OperationFailed, StoreError
 
 
 class Step(str, enum.Enum):
@@ -190,8 +190,14 @@ class Effects(Protocol):
 
     def stage(self, version: int) -> None: ...
     def switch(self, version: int) -> None: ...
-    def reload(self, version: int) -> None: ...
-    def verify(self, version: int) -> None: ...
+
+    def reload(self, version: int, *, keep_going: bool = False) -> list[str]:
+        """Run the reload hooks. Normally the first failure raises; with ``keep_going`` every
+        hook runs and the failures are returned (a rollback must reach every server)."""
+
+    def verify(self, version: int) -> bool:
+        """Prove by handshake that ``version`` is served; False when no endpoints are configured."""
+
     def commit(self, version: int) -> None: ...
 
 
@@ -231,11 +237,16 @@ def _perform(action: Action, j: Journal, effects: Effects) -> None:
     elif action == Action.COMMIT:
         effects.commit(j.to_version)
     elif action == Action.ROLL_BACK:
+        # The hook that failed the rotation may fail again; what matters is that every server
+        # is told and the handshake proves the old certificate is back. Only without verify
+        # endpoints do hook errors decide.
         assert j.from_version is not None
         effects.stage(j.from_version)
         effects.switch(j.from_version)
-        effects.reload(j.from_version)
-        effects.verify(j.from_version)
+        hook_errors = effects.reload(j.from_version, keep_going=True)
+        verified = effects.verify(j.from_version)
+        if hook_errors and not verified:
+            raise HookFailed("; ".join(hook_errors) + " (no verify endpoints to prove the rollback)")
 
 
 CRASH_ENV = "CERTD_CRASH_AT"

@@ -30,11 +30,20 @@ class FakeEffects:
         self._do("switch", version)
         self.live = version
 
-    def reload(self, version: int) -> None:
-        self._do("reload", version)
+    def reload(self, version: int, *, keep_going: bool = False) -> list[str]:
+        try:
+            self._do("reload", version)
+        except HookFailed as e:
+            if not keep_going:
+                raise
+            return [str(e)]
+        return []
 
-    def verify(self, version: int) -> None:
+    def verify(self, version: int) -> bool:
         self._do("verify", version)
+        return self.has_endpoints
+
+    has_endpoints = True
 
     def commit(self, version: int) -> None:
         self._do("commit", version)
@@ -87,6 +96,22 @@ def test_rollback_that_fails_ends_in_rollback_failed():
     j, _ = run(fx)
     assert j.step == Step.ROLLBACK_FAILED
     assert j.error == "new not served" and j.rollback_error == "old not served"
+
+
+def test_hook_failing_again_during_rollback_does_not_fail_a_verified_rollback():
+    """The hook that broke the rotation fails again on the way back; the handshake still proves the rollback."""
+    fx = FakeEffects({("reload", 2): HookFailed("lb said no"), ("reload", 1): HookFailed("lb said no")})
+    j, _ = run(fx)
+    assert j.step == Step.ROLLED_BACK
+    assert ("verify", 1) in fx.calls
+
+
+def test_rollback_with_failing_hooks_and_no_endpoints_is_not_proven():
+    """Without verify endpoints, a hook failing during rollback leaves it unproven: rollback_failed."""
+    fx = FakeEffects({("reload", 2): HookFailed("lb said no"), ("reload", 1): HookFailed("lb said no")})
+    fx.has_endpoints = False
+    j, _ = run(fx)
+    assert j.step == Step.ROLLBACK_FAILED and "no verify endpoints" in (j.rollback_error or "")
 
 
 def test_first_issuance_keeps_the_new_version_when_verification_fails():

@@ -1,0 +1,507 @@
+"""Composition: the operations users ask for (renew, roll back, verify, status), built from the
+pure core (policy, rotation) and the edges (issuer, store, deploy, hooks, verify).
+
+Every operation on a certificate takes its per-certificate lock, then looks at the store again
+before acting (another process may have just renewed it), and first finishes any rotation a
+crash left unfinished.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pwd
+import random
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Callable, Iterable
+
+from certd import certcheck, deploy, hooks, keys, policy, rotation, verify
+from certd.clock import Clock, SystemClock, isoformat
+from certd.config import CertificateConfig, Config
+from certd.errors import CertdError, OperationFailed, StoreError, UsageError
+from certd.issuer import Issuer, ari_cert_id
+from certd.log import event
+from certd.model import Bundle
+from certd.rotation import Journal, Step
+from certd.scheduler import ari_poll_interval
+from certd.store import FileStore, Store, StoredVersion
+
+log = logging.getLogger("certd")
+
+Progress = Callable[[str, str], None]   # (certificate name, message)
+
+
+def whoami() -> str:
+    """The initiator recorded for actions taken from this process's CLI."""
+    uid = os.getuid()
+    try:
+        return f"uid={uid}({pwd.getpwuid(uid).pw_name})"
+    except KeyError:
+        return f"uid={uid}"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What happened to one certificate in one operation."""
+
+    name: str
+    result: str          # renewed | not_due | failed | rolled_back | rollback_failed | deployed_unverified | switched
+    message: str
+    version: int | None = None
+    serial: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.result in ("renewed", "not_due", "switched", "verified")
+
+
+@dataclass
+class CertState:
+    """Per-certificate scheduling facts kept between runs (no key material)."""
+
+    failures: int = 0
+    last_failure: str | None = None
+    last_error: str | None = None
+    last_result: str | None = None
+    last_attempt: str | None = None
+    last_success: str | None = None
+    ari: dict[str, Any] | None = None          # {"serial", "start", "end", "retry_after"}
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any] | None) -> CertState:
+        if not d:
+            return cls()
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class Manager:
+    def __init__(self, config: Config, *, store: Store | None = None, issuer: Issuer | None = None,
+                 clock: Clock | None = None, lock_timeout: float = 0.0) -> None:
+        self.config = config
+        self.clock = clock or SystemClock()
+        self.store = store or FileStore(config.daemon.state_dir)
+        self._issuer = issuer
+        self.lock_timeout = lock_timeout
+
+    @property
+    def issuer(self) -> Issuer:
+        if self._issuer is None:
+            self._issuer = Issuer(self.config.acme, self.store, self.clock)
+        return self._issuer
+
+    def close(self) -> None:
+        if self._issuer is not None:
+            self._issuer.close()
+
+    def reconfigure(self, config: Config) -> None:
+        """Use a new (validated) config from now on; rotations in flight keep theirs."""
+        old, self.config = self.config, config
+        if config.acme != old.acme and self._issuer is not None:
+            self._issuer = None  # the next operation builds one for the new CA settings
+
+    def plan(self, cert: CertificateConfig) -> tuple[datetime, str]:
+        """When the daemon should next look at ``cert``: its renewal time, or earlier to poll ARI."""
+        current = self.store.current(cert.name)
+        stored = self.store.load(cert.name, current) if current is not None else None
+        state = self.load_state(cert.name)
+        decision = self._decide(cert, stored, state, refresh_ari=False)
+        when, why = decision.renew_at, decision.reason
+        if stored is not None:
+            cached = state.ari if state.ari and state.ari.get("serial") == stored.bundle.info.serial else None
+            poll_at = _parse_time(cached.get("next_poll")) if cached else self.clock.now()
+            if poll_at is not None and poll_at < when:
+                when, why = poll_at, "poll ACME Renewal Information"
+        return when, why
+
+    def select(self, names: Iterable[str]) -> list[CertificateConfig]:
+        """The configured certificates named (all when none named); UsageError for unknown names."""
+        names = list(names)
+        if not names:
+            return list(self.config.certificates)
+        unknown = [n for n in names if n not in self.config.names]
+        if unknown:
+            raise UsageError(f"unknown certificate {', '.join(unknown)}; configured: {', '.join(self.config.names) or 'none'}")
+        return [self.config.certificate(n) for n in names]
+
+    # -- renewal --------------------------------------------------------------------------
+
+    def renew(self, certs: Iterable[CertificateConfig], *, force: bool = False, reason: str = "",
+              initiator: str = "scheduler", progress: Progress | None = None) -> list[Outcome]:
+        """Renew each certificate that is due (all of them with ``force``); one failure does not
+        stop the others."""
+        return [self.renew_one(c, force=force, reason=reason, initiator=initiator, progress=progress)
+                for c in certs]
+
+    def renew_one(self, cert: CertificateConfig, *, force: bool = False, reason: str = "",
+                  initiator: str = "scheduler", progress: Progress | None = None) -> Outcome:
+        say = _sayer(cert.name, progress)
+        try:
+            with self.store.lock(cert.name, timeout=self.lock_timeout):
+                self._recover(cert, say)
+                return self._renew_locked(cert, force, reason, initiator, say)
+        except CertdError as e:
+            event(log, "renewal_failed", logging.ERROR, name=cert.name, error=str(e))
+            return Outcome(cert.name, "failed", str(e))
+
+    def _renew_locked(self, cert: CertificateConfig, force: bool, reason: str, initiator: str,
+                      say: Callable[[str], None]) -> Outcome:
+        current = self.store.current(cert.name)
+        stored = self.store.load(cert.name, current) if current is not None else None
+        state = self.load_state(cert.name)
+        if not force:
+            decision = self._decide(cert, stored, state, refresh_ari=True)
+            event(log, "renewal_decision", name=cert.name, renew_at=isoformat(decision.renew_at),
+                  reason=decision.reason, due=decision.is_due(self.clock.now()))
+            if not decision.is_due(self.clock.now()):
+                return Outcome(cert.name, "not_due", f"renews at {isoformat(decision.renew_at)}: {decision.reason}",
+                               current, stored.bundle.info.serial if stored else None)
+            reason = reason or decision.reason
+        started = self.clock.monotonic()
+        state.last_attempt = isoformat(self.clock.now())
+        try:
+            key_pem = self._key_for(cert, stored)
+            replaces = self._replaces(stored)
+            say("ordering from the CA" + (f" (replaces {replaces})" if replaces else ""))
+            fullchain = self.issuer.issue(cert, key_pem, replaces=replaces, progress=say)
+            bundle = certcheck.check_issued(fullchain, key_pem, cert.domains, self.clock.now())
+            info = bundle.info
+            say(f"issued serial {info.serial}, not after {isoformat(info.not_after)}")
+            version = self.store.add_version(cert.name, bundle, {
+                "created": isoformat(self.clock.now()), "initiator": initiator, "reason": reason,
+                "serial": info.serial, "not_after": isoformat(info.not_after),
+                "fingerprint_sha256": info.fingerprint_sha256, "replaces": replaces,
+            })
+        except OperationFailed as e:
+            self._record_failure(cert, state, str(e))
+            return Outcome(cert.name, "failed", str(e), current)
+        event(log, "cert_issued", name=cert.name, version=version, serial=info.serial,
+              not_after=isoformat(info.not_after), initiator=initiator)
+        j = rotation.start(cert.name, "renew", current, version, self.clock.now(),
+                           initiator=initiator, reason=reason)
+        self._save_journal(j)
+        rotation.crash_point(Step.ISSUED)
+        j = self._drive(cert, j, say)
+        return self._finish(cert, j, state, self.clock.monotonic() - started)
+
+    def _key_for(self, cert: CertificateConfig, stored: StoredVersion | None) -> bytes:
+        if cert.reuse_key and stored is not None and stored.bundle.info.key_type == cert.key_type \
+                and not stored.meta.get("key_compromised"):
+            return stored.bundle.key_pem
+        return keys.generate_private_key(cert.key_type)
+
+    def _replaces(self, stored: StoredVersion | None) -> str | None:
+        if stored is None:
+            return None
+        try:
+            return ari_cert_id(stored.bundle.cert_pem)
+        except (ValueError, TypeError):  # no AKI: the CA cannot have ARI for it
+            return None
+
+    # -- rollback -------------------------------------------------------------------------
+
+    def rollback(self, cert: CertificateConfig, *, to_version: int | None = None, reason: str = "",
+                 initiator: str = "operator", progress: Progress | None = None) -> Outcome:
+        """Switch back to ``to_version`` (default: the previous good version) through the same
+        stage/switch/reload/verify path; if the target cannot be verified, return to the current one."""
+        say = _sayer(cert.name, progress)
+        try:
+            with self.store.lock(cert.name, timeout=self.lock_timeout):
+                self._recover(cert, say)
+                current = self.store.current(cert.name)
+                if current is None:
+                    raise UsageError(f"{cert.name} has no certificate yet; nothing to roll back")
+                target = to_version if to_version is not None else self._previous_good(cert.name, current)
+                self._check_target(cert.name, current, target)
+                started = self.clock.monotonic()
+                say(f"rolling back from version {current} to {target}")
+                j = rotation.start(cert.name, "rollback", current, target, self.clock.now(),
+                                   initiator=initiator, reason=reason)
+                self._save_journal(j)
+                j = self._drive(cert, j, say)
+                return self._finish(cert, j, self.load_state(cert.name), self.clock.monotonic() - started)
+        except UsageError:
+            raise
+        except CertdError as e:
+            return Outcome(cert.name, "failed", str(e))
+
+    def _previous_good(self, name: str, current: int) -> int:
+        j = self._load_journal(name)
+        if j is not None and j.succeeded and j.to_version == current and j.from_version is not None \
+                and j.from_version in self.store.versions(name):
+            return j.from_version
+        older = [v for v in self.store.versions(name) if v < current]
+        if not older:
+            raise UsageError(f"{name} has no earlier version to roll back to (versions: {self.store.versions(name)})")
+        return older[-1]
+
+    def _check_target(self, name: str, current: int, target: int) -> None:
+        versions = self.store.versions(name)
+        if target not in versions:
+            raise UsageError(f"{name} has no version {target}; stored versions: {', '.join(map(str, versions))}")
+        if target == current:
+            raise UsageError(f"{name} version {target} is already current")
+        sv = self.store.load(name, target)
+        if sv.meta.get("key_compromised"):
+            raise UsageError(f"{name} version {target} has a compromised key; it cannot be deployed again")
+        if sv.bundle.info.not_after <= self.clock.now():
+            raise UsageError(f"{name} version {target} expired at {isoformat(sv.bundle.info.not_after)}; choose a newer one")
+
+    # -- the rotation's edges -------------------------------------------------------------
+
+    def _drive(self, cert: CertificateConfig, j: Journal, say: Callable[[str], None]) -> Journal:
+        def on_step(jj: Journal) -> None:
+            event(log, f"rotation_{jj.step.value}", name=jj.name, version=jj.to_version,
+                  kind=jj.kind, error=jj.error if jj.step in (Step.ROLLING_BACK, Step.FAILED) else None)
+            say(_STEP_TEXT.get(jj.step, jj.step.value).format(j=jj))
+        return rotation.drive(j, _Effects(self, cert), self._save_journal, self.clock, on_step)
+
+    def _finish(self, cert: CertificateConfig, j: Journal, state: CertState, seconds: float) -> Outcome:
+        version = j.to_version if j.step == Step.COMMITTED or j.unverified else j.from_version
+        serial = None
+        if version is not None:
+            serial = self.store.load(cert.name, version).bundle.info.serial
+        if j.step == Step.COMMITTED:
+            self._prune(cert)
+            if j.kind == "renew":
+                state.failures, state.last_error, state.ari = 0, None, None
+                state.last_success = isoformat(self.clock.now())
+                result, msg = "renewed", f"renewed: version {version}, serial {serial} ({seconds:.2f}s)"
+            else:
+                result, msg = "switched", f"rolled back to version {version}, serial {serial}; verified"
+            state.last_result = j.result
+            self.save_state(cert.name, state)
+            return Outcome(cert.name, result, msg, version, serial)
+        error = j.error or "unknown error"
+        if j.step == Step.ROLLED_BACK:
+            result, msg = "rolled_back", f"rolled back to version {j.from_version} (serial {serial}, verified): {error}"
+        elif j.step == Step.ROLLBACK_FAILED:
+            result, msg = "rollback_failed", f"ROLLBACK FAILED, check the endpoints now: {error}; rollback: {j.rollback_error}"
+        elif j.unverified:
+            result, msg = "deployed_unverified", f"deployed version {version} but could not verify it: {error}"
+        else:
+            result, msg = "failed", error
+        if j.kind == "renew":
+            self._record_failure(cert, state, msg, result=j.result)
+        return Outcome(cert.name, result, msg, version, serial)
+
+    def _record_failure(self, cert: CertificateConfig, state: CertState, error: str, result: str = "failed") -> None:
+        state.failures += 1
+        state.last_failure = isoformat(self.clock.now())
+        state.last_error = error
+        state.last_result = result
+        try:
+            self.save_state(cert.name, state)
+        except StoreError as e:
+            event(log, "state_not_saved", logging.WARNING, name=cert.name, error=str(e))
+
+    def _prune(self, cert: CertificateConfig) -> None:
+        current = self.store.current(cert.name)
+        removed = self.store.prune(cert.name, cert.keep_versions, protect={current} if current else ())
+        deploy.prune(cert, set(self.store.versions(cert.name)))
+        if removed:
+            event(log, "versions_pruned", name=cert.name, versions=",".join(map(str, removed)))
+
+    def _recover(self, cert: CertificateConfig, say: Callable[[str], None]) -> Journal | None:
+        """Finish a rotation that a crash left unfinished (see rotation.py for the rule)."""
+        j = self._load_journal(cert.name)
+        if j is None or j.finished:
+            return None
+        event(log, "rotation_resumed", logging.WARNING, name=cert.name, step=j.step.value, version=j.to_version)
+        say(f"resuming an unfinished {j.kind} at step {j.step.value}")
+        j = self._drive(cert, j, say)
+        self._finish(cert, j, self.load_state(cert.name), 0.0)
+        return j
+
+    def recover_all(self) -> list[Journal]:
+        """Finish every unfinished rotation (called at daemon start)."""
+        done = []
+        for cert in self.config.certificates:
+            with self.store.lock(cert.name, timeout=self.lock_timeout):
+                j = self._recover(cert, _sayer(cert.name, None))
+                if j is not None:
+                    done.append(j)
+        return done
+
+    # -- verification and status ----------------------------------------------------------
+
+    def verify_now(self, cert: CertificateConfig) -> Outcome:
+        current = self.store.current(cert.name)
+        if current is None:
+            return Outcome(cert.name, "failed", "no certificate issued yet")
+        if not cert.verify:
+            return Outcome(cert.name, "not_due", "no [[certificate.verify]] endpoints configured", current)
+        info = self.store.load(cert.name, current).bundle.info
+        try:
+            served = verify.await_served(cert.verify, info.fingerprint_sha256, timeout=min(cert.verify_timeout, 3.0),
+                                         clock=self.clock)
+        except OperationFailed as e:
+            return Outcome(cert.name, "failed", str(e), current, info.serial)
+        where = ", ".join(str(s.endpoint) for s in served)
+        return Outcome(cert.name, "verified", f"serial {info.serial} served on {where}", current, info.serial)
+
+    def status(self, cert: CertificateConfig) -> dict[str, Any]:
+        """One ``status --json`` row (see CONTRACT.md); no network I/O."""
+        current = self.store.current(cert.name)
+        state = self.load_state(cert.name)
+        j = self._load_journal(cert.name)
+        row: dict[str, Any] = {"name": cert.name, "domains": list(cert.domains), "version": current,
+                               "serial": None, "not_before": None, "not_after": None,
+                               "fingerprint_sha256": None, "key_type": cert.key_type,
+                               "next_renewal": None, "last_result": state.last_result,
+                               "last_error": state.last_error, "failures": state.failures,
+                               "rotation": j.step.value if j is not None and not j.finished else None,
+                               "state": "missing"}
+        stored = self.store.load(cert.name, current) if current is not None else None
+        decision = self._decide(cert, stored, state, refresh_ari=False)
+        row["next_renewal"] = isoformat(decision.renew_at)
+        row["renewal_reason"] = decision.reason
+        if stored is not None:
+            info = stored.bundle.info
+            now = self.clock.now()
+            row.update(serial=info.serial, not_before=isoformat(info.not_before), not_after=isoformat(info.not_after),
+                       fingerprint_sha256=info.fingerprint_sha256, key_type=info.key_type)
+            if info.not_after <= now:
+                row["state"] = "expired"
+            elif policy.is_expiring_soon(info.not_before, info.not_after, now):
+                row["state"] = "expiring"
+            elif state.failures:
+                row["state"] = "failing"
+            else:
+                row["state"] = "ok"
+        return row
+
+    # -- facts for the policy -------------------------------------------------------------
+
+    def _decide(self, cert: CertificateConfig, stored: StoredVersion | None, state: CertState,
+                refresh_ari: bool) -> policy.Decision:
+        now = self.clock.now()
+        if stored is None:
+            return policy.Decision(now, "no certificate yet")
+        info = stored.bundle.info
+        if set(info.domains) != set(cert.domains):
+            return policy.Decision(now, f"configured domains {sorted(cert.domains)} differ from the certificate's {sorted(info.domains)}")
+        if info.key_type != cert.key_type:
+            return policy.Decision(now, f"configured key_type {cert.key_type} differs from the certificate's {info.key_type}")
+        ari = self._ari(stored, state, refresh_ari)
+        facts = policy.Facts(info.not_before, info.not_after, cert.renew_before, ari,
+                             state.failures, _parse_time(state.last_failure))
+        # Seed by serial so the random point in a window is stable between calls (status vs run).
+        return policy.decide(facts, now, random.Random(info.serial))
+
+    def _ari(self, stored: StoredVersion, state: CertState, refresh: bool) -> policy.AriWindow | None:
+        info = stored.bundle.info
+        cached = state.ari if state.ari and state.ari.get("serial") == info.serial else None
+        now = self.clock.now()
+        stale = cached is None or (_parse_time(cached.get("next_poll")) or now) <= now
+        if refresh and stale:
+            lifetime = info.not_after - info.not_before
+            try:
+                ri = self.issuer.renewal_info(stored.bundle.cert_pem)
+            except OperationFailed as e:
+                event(log, "ari_unavailable", logging.WARNING, name=stored.name, error=str(e))
+                # Keep the last window we had; ask again after a short while.
+                cached = dict(cached or {"serial": info.serial}, next_poll=isoformat(now + ari_poll_interval(None, now, lifetime) / 6))
+            else:
+                if ri is None:  # the CA has no ARI: look again in a day
+                    cached = {"serial": info.serial, "next_poll": isoformat(now + ari_poll_interval(None, now, lifetime) * 4)}
+                else:
+                    cached = {"serial": info.serial, "start": isoformat(ri.window_start), "end": isoformat(ri.window_end),
+                              "next_poll": isoformat(now + ari_poll_interval(ri.retry_after, now, lifetime))}
+                    event(log, "ari_fetched", logging.DEBUG, name=stored.name, start=cached["start"], end=cached["end"])
+            state.ari = cached
+            self.save_state(stored.name, state)
+        if not cached:
+            return None
+        start, end = _parse_time(cached.get("start")), _parse_time(cached.get("end"))
+        return policy.AriWindow(start, end) if start and end else None
+
+    # -- persistence helpers --------------------------------------------------------------
+
+    def load_state(self, name: str) -> CertState:
+        return CertState.from_json(self.store.load_state(name))
+
+    def save_state(self, name: str, state: CertState) -> None:
+        self.store.save_state(name, state.to_json())
+
+    def _load_journal(self, name: str) -> Journal | None:
+        d = self.store.load_journal(name)
+        return Journal.from_json(d) if d else None
+
+    def _save_journal(self, j: Journal) -> None:
+        self.store.save_journal(j.name, j.to_json())
+
+
+class _Effects:
+    """rotation.Effects for one certificate, on the real edges."""
+
+    def __init__(self, mgr: Manager, cert: CertificateConfig) -> None:
+        self.mgr, self.cert = mgr, cert
+        self._bundles: dict[int, Bundle] = {}
+
+    def _bundle(self, version: int) -> Bundle:
+        if version not in self._bundles:
+            self._bundles[version] = self.mgr.store.load(self.cert.name, version).bundle
+        return self._bundles[version]
+
+    def stage(self, version: int) -> None:
+        deploy.stage(self.cert, version, self._bundle(version))
+
+    def switch(self, version: int) -> None:
+        deploy.switch(self.cert, version)
+
+    def reload(self, version: int, *, keep_going: bool = False) -> list[str]:
+        ctx = hooks.HookContext(self.cert.name, self.cert.domains, version, self._bundle(version),
+                                self.cert.deploy.live_dir, self.cert.deploy.combined)
+        errors = []
+        for hook in self.cert.reload:
+            try:
+                hooks.run_reload(hook, ctx)
+            except OperationFailed as e:
+                if not keep_going:
+                    raise
+                errors.append(str(e))
+        return errors
+
+    def verify(self, version: int) -> bool:
+        if not self.cert.verify:
+            return False
+        verify.await_served(self.cert.verify, self._bundle(version).info.fingerprint_sha256,
+                            timeout=self.cert.verify_timeout, clock=self.mgr.clock)
+        return True
+
+    def commit(self, version: int) -> None:
+        self.mgr.store.set_current(self.cert.name, version)
+
+
+_STEP_TEXT = {
+    Step.STAGED: "staged version {j.to_version} beside the live files",
+    Step.SWITCHED: "switched to version {j.to_version}",
+    Step.RELOADED: "reload hooks succeeded",
+    Step.VERIFIED: "verified: endpoints serve version {j.to_version}",
+    Step.COMMITTED: "committed version {j.to_version}",
+    Step.FAILED: "failed: {j.error}",
+    Step.ROLLING_BACK: "rolling back to version {j.from_version}: {j.error}",
+    Step.ROLLED_BACK: "rolled back: version {j.from_version} is served again (verified)",
+    Step.ROLLBACK_FAILED: "ROLLBACK FAILED: {j.rollback_error}",
+}
+
+
+def _sayer(name: str, progress: Progress | None) -> Callable[[str], None]:
+    def say(message: str) -> None:
+        if progress is not None:
+            progress(name, message)
+    return say
+
+
+def _parse_time(value: str | None) -> datetime | None:
+    if not value:
+        return None
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+

@@ -1,0 +1,117 @@
+"""Run certd as users do: a config file on disk and the ``certd`` CLI (or daemon) as a process.
+
+``CertdEnv`` writes ``certd.toml`` from plain dicts, runs commands, and reads ``status --json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import pytest
+
+from tests.support.procs import ManagedProcess, wait_until
+
+ROOT = Path(__file__).resolve().parents[2]
+HOOKS = ROOT / "hooks"
+
+
+def toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return str(v)
+    if isinstance(v, (str, Path)):
+        return json.dumps(str(v))
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {type(v).__name__} as TOML")
+
+
+def to_toml(daemon: Mapping[str, Any], acme: Mapping[str, Any], certificates: Sequence[Mapping[str, Any]]) -> str:
+    """The subset of TOML certd's config uses: two tables and an array of certificate tables,
+    each with an optional deploy table and arrays of reload / verify tables."""
+    out = ["[daemon]"] + [f"{k} = {toml_value(v)}" for k, v in daemon.items()]
+    out += ["", "[acme]"] + [f"{k} = {toml_value(v)}" for k, v in acme.items()]
+    for cert in certificates:
+        out += ["", "[[certificate]]"]
+        out += [f"{k} = {toml_value(v)}" for k, v in cert.items() if k not in ("deploy", "reload", "verify")]
+        if cert.get("deploy"):
+            deploy = dict(cert["deploy"])
+            files = deploy.pop("files", [])
+            out += ["[certificate.deploy]"] + [f"{k} = {toml_value(v)}" for k, v in deploy.items()]
+            for f in files:
+                out += ["[[certificate.deploy.files]]"] + [f"{k} = {toml_value(v)}" for k, v in f.items()]
+        for table in ("reload", "verify"):
+            for entry in cert.get(table, []):
+                out += [f"[[certificate.{table}]]"] + [f"{k} = {toml_value(v)}" for k, v in entry.items()]
+    return "\n".join(out) + "\n"
+
+
+class CertdEnv:
+    """A certd installation in a temp dir, pointed at one Pebble."""
+
+    def __init__(self, workdir: Path, pebble: Any) -> None:
+        self.dir = workdir
+        self.pebble = pebble
+        self.state_dir = workdir / "state"
+        self.config_path = workdir / "certd.toml"
+        self.socket = workdir / "control.sock"
+        self.root_path = workdir / "pebble-root.pem"
+        self.certificates: list[dict[str, Any]] = []
+        self.daemon_extra: dict[str, Any] = {}
+        self.acme_extra: dict[str, Any] = {}
+
+    def refresh_root(self) -> Path:
+        """Pebble makes a new root at every start: fetch the current one for verify's trust."""
+        self.pebble.write_root(self.root_path)
+        return self.root_path
+
+    def http_cert(self, name: str, domains: Sequence[str], **kw: Any) -> dict[str, Any]:
+        """A certificate validated by the built-in http-01 responder on Pebble's http port."""
+        return {"name": name, "domains": list(domains), "challenge": "http-01",
+                "http01_listen": f"127.0.0.1:{self.pebble.http_port}", **kw}
+
+    def dns_cert(self, name: str, domains: Sequence[str], **kw: Any) -> dict[str, Any]:
+        return {"name": name, "domains": list(domains), "challenge": "dns-01",
+                "dns01_hook": [str(HOOKS / "dns-challtestsrv"), self.pebble.challtestsrv_url], **kw}
+
+    def write_config(self, certificates: Sequence[Mapping[str, Any]] | None = None) -> Path:
+        if certificates is not None:
+            self.certificates = [dict(c) for c in certificates]
+        daemon = {"state_dir": str(self.state_dir), "control_socket": str(self.socket), **self.daemon_extra}
+        acme = {"directory": self.pebble.directory_url, "email": "ops@example.test", "agree_tos": True,
+                "ca_bundle": str(self.pebble.ca_bundle), **self.acme_extra}
+        tmp = self.config_path.with_suffix(".tmp")
+        tmp.write_text(to_toml(daemon, acme, self.certificates))
+        os.replace(tmp, self.config_path)
+        return self.config_path
+
+    def argv(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "certd.cli", "--config", str(self.config_path), *args]
+
+    def run(self, *args: str, env: Mapping[str, str] | None = None, timeout: float = 120,
+            check: int | None = None) -> subprocess.CompletedProcess[str]:
+        r = subprocess.run(self.argv(*args), capture_output=True, text=True, timeout=timeout,
+                           env={**os.environ, **(env or {})}, cwd=ROOT)
+        if check is not None and r.returncode != check:
+            pytest.fail(f"certd {' '.join(args)} exited {r.returncode}, expected {check}\n"
+                        f"stdout:\n{r.stdout}\nstderr:\n{r.stderr}")
+        return r
+
+    def status(self, *names: str) -> dict[str, dict[str, Any]]:
+        r = self.run("status", "--json", *names, check=0)
+        return {c["name"]: c for c in json.loads(r.stdout)["certificates"]}
+
+    def start_daemon(self, env: Mapping[str, str] | None = None) -> ManagedProcess:
+        proc = ManagedProcess(self.argv("run"), env={**os.environ, **(env or {})},
+                              log_path=self.dir / "daemon.log", cwd=ROOT)
+        proc.start()
+        wait_until(lambda: self.socket.exists() or not proc.alive, timeout=30, what="certd control socket")
+        if not proc.alive:
+            pytest.fail(f"certd run exited early:\n{proc.log_text()}")
+        return proc
