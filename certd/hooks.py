@@ -53,6 +53,9 @@ KILL_GRACE = 1.0
 #: After the hook itself exited, how long to keep reading output that a leftover background
 #: child might still hold open (we do not wait for such children).
 DRAIN_AFTER_EXIT = 0.05
+#: Above this payload size a silent HAProxy is probably stuck on its CLI buffer (tune.bufsize,
+#: 16384 by default: a 23 kB payload hangs, 13.7 kB works on HAProxy 2.6).
+CLI_PAYLOAD_HINT = 14 * 1024
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -130,7 +133,7 @@ def run_reload(hook: ReloadHook, ctx: HookContext) -> HookResult:
             extra={"event": event, "cert": ctx.name, "hook": label, "duration": result.duration,
                    "returncode": result.returncode})
     if not result.ok:
-        raise HookFailed(f"{ctx.name}: reload hook {label} {_failure(result)}")
+        raise HookFailed(f"{ctx.name}: reload hook {label} {_failure(result, hook.kind != 'haproxy')}")
     return result
 
 
@@ -224,18 +227,21 @@ def _hotswap_haproxy(hook: ReloadHook, bundle: Bundle) -> HookResult:
                                 deadline)
         replies.append(reply)
         if "Transaction created" not in reply and "Transaction updated" not in reply:
-            _abort(hook.socket, crt, replies)
-            return finish(False, f"set ssl cert refused: {_one_line(reply)}")
+            _abort(hook.socket, crt, replies, min(2.0, hook.timeout))
+            hint = _size_hint(payload) if not reply.strip() else ""
+            return finish(False, f"set ssl cert refused: {_one_line(reply)}{hint}")
         reply = haproxy_command(hook.socket, f"commit ssl cert {crt}\n".encode(), deadline)
         replies.append(reply)
         if "Success!" not in reply:
-            _abort(hook.socket, crt, replies)
+            _abort(hook.socket, crt, replies, min(2.0, hook.timeout))
             return finish(False, f"commit ssl cert refused: {_one_line(reply)}")
     except (OSError, TimeoutError) as e:
-        _abort(hook.socket, crt, replies)
+        _abort(hook.socket, crt, replies, min(2.0, hook.timeout))
         timed_out = isinstance(e, TimeoutError)
-        why = (f"timed out after {hook.timeout:g}s on {hook.socket}" if timed_out
+        why = (f"no answer within {hook.timeout:g}s on {hook.socket}" if timed_out
                else f"admin socket {hook.socket}: {e.strerror or e}")
+        if timed_out:
+            why += _size_hint(payload)
         return finish(False, why, timed_out)
     return finish(True)
 
@@ -257,13 +263,21 @@ def haproxy_command(sock_path: Path, request: bytes, deadline: float) -> str:
     return b"".join(chunks).decode("utf-8", errors="replace")
 
 
-def _abort(sock_path: Path, crt: str, replies: list[str]) -> None:
+def _abort(sock_path: Path, crt: str, replies: list[str], timeout: float) -> None:
     """Close a pending transaction so the next ``set ssl cert`` starts clean; best effort."""
     try:
         replies.append(haproxy_command(sock_path, f"abort ssl cert {crt}\n".encode(),
-                                       time.monotonic() + 2.0))
+                                       time.monotonic() + timeout))
     except OSError as e:
         replies.append(f"abort ssl cert failed: {e}")
+
+
+def _size_hint(payload: bytes) -> str:
+    """HAProxy stalls or hangs up without a word on a payload larger than its CLI buffer."""
+    if len(payload) <= CLI_PAYLOAD_HINT:
+        return ""
+    return (f" (the {len(payload)}-byte certificate payload may exceed HAProxy's CLI buffer;"
+            " raise tune.bufsize in haproxy.cfg)")
 
 
 def _one_line(reply: str) -> str:
@@ -315,8 +329,7 @@ def _pump(proc: subprocess.Popen[bytes], out: _Output, deadline: float) -> bool:
         if remaining <= 0:
             return False
         # wake up now and then to notice an exit while a background child holds the pipe
-        ready, _, _ = select.select([fd], [], [], min(remaining, 0.05))
-        if ready:
+        if _readable(fd, min(remaining, 0.05)):
             data = os.read(fd, 65536)
             if data:
                 out.add(data)
@@ -328,13 +341,19 @@ def _drain(stream: object, out: _Output, deadline: float) -> None:
     """Read what is left in the pipe until EOF or ``deadline`` (a leftover child may hold it)."""
     fd = stream.fileno()  # type: ignore[attr-defined]
     while (remaining := deadline - time.monotonic()) > 0:
-        ready, _, _ = select.select([fd], [], [], remaining)
-        if not ready:
+        if not _readable(fd, remaining):
             return
         data = os.read(fd, 65536)
         if not data:
             return
         out.add(data)
+
+
+def _readable(fd: int, timeout: float) -> bool:
+    """poll(), not select(): a busy daemon's descriptors may be numbered above 1024."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
+    return bool(poller.poll(max(0, int(timeout * 1000))))
 
 
 def _kill_group(proc: subprocess.Popen[bytes], out: _Output) -> None:
@@ -393,10 +412,10 @@ def _group_alive(pgid: int) -> bool:
     return False
 
 
-def _failure(result: HookResult) -> str:
+def _failure(result: HookResult, is_process: bool) -> str:
     """``exit status 1: <last line>`` / ``timed out after 2.0s: <last line>``."""
     if result.timed_out:
-        what = f"timed out after {result.duration:.1f}s (process group killed)"
+        what = f"timed out after {result.duration:.1f}s" + (" (process group killed)" if is_process else "")
     elif result.returncode is not None:
         what = f"exited with status {result.returncode}" if result.returncode >= 0 else \
             f"killed by signal {-result.returncode}"

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 
 from certd.clock import SystemClock
 from certd.config import ReloadHook, VerifyEndpoint
@@ -348,3 +349,20 @@ def test_hook_files_are_executable() -> None:
     for name in ("nginx-reload", "haproxy-hotswap"):
         mode = (REPO / "hooks" / name).stat().st_mode
         assert mode & stat.S_IXUSR and not mode & stat.S_IWOTH
+
+
+def test_haproxy_payload_beyond_cli_buffer(tmp_path: Path, test_ca: TestCA, haproxy_factory) -> None:
+    """A >16 kB bundle stalls HAProxy's CLI: HookFailed hints at tune.bufsize; raising it works."""
+    old, new = test_ca.issue(DOMAIN), test_ca.issue(DOMAIN)
+    padding = test_ca.root.public_bytes(serialization.Encoding.PEM) * 45  # long chain, ~25 kB
+    big = Bundle(new.cert_pem, new.chain_pem + padding, new.key_pem)
+    assert len(big.combined_pem) > 20_000
+
+    server = haproxy_factory(write_combined(tmp_path / "a.pem", old))
+    with pytest.raises(HookFailed, match="raise tune.bufsize"):
+        run_reload(ReloadHook("haproxy", timeout=0.5, socket=server.socket, crt=server.crt), context(big))
+    assert server.served(DOMAIN) == fingerprint(old)
+
+    roomy = haproxy_factory(write_combined(tmp_path / "b.pem", old), extra_global="    tune.bufsize 65536")
+    run_reload(haproxy_hook(roomy), context(big))
+    assert roomy.served(DOMAIN) == fingerprint(new)

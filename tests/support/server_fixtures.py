@@ -6,7 +6,7 @@ Fixtures (registered as a pytest plugin by ``tests/conftest.py``):
   -> :class:`NginxServer`: ``.port``, ``.config``, ``.pid`` (master), ``.error_log``,
   ``.reload()``, ``.stop()``, ``.kill()``, ``.served()``. nginx runs as root in the foreground
   (``daemon off; master_process on; worker_processes 1``) with every path under a temp dir.
-- ``haproxy_factory(combined_path, *, port=None, extra_bind="")`` -> :class:`HaproxyServer`:
+- ``haproxy_factory(combined_path, *, port=None, extra_bind="", extra_global="")`` -> :class:`HaproxyServer`:
   ``.port``, ``.socket`` (admin socket, ``level admin``), ``.crt`` (the path as written in
   haproxy.cfg), ``.pid``, ``.command(text)``, ``.stop()``, ``.kill()``, ``.served()``.
 - ``test_ca`` -> :class:`TestCA`; ``other_ca`` -> a second, unrelated :class:`TestCA`.
@@ -339,6 +339,7 @@ HAPROXY_CFG = """\
 global
     stats socket {socket} mode 600 level admin
     maxconn 256
+{extra_global}
 
 defaults
     mode http
@@ -355,12 +356,13 @@ frontend fe
 class HaproxyServer(_Server):
     name = "haproxy"
 
-    def __init__(self, workdir: Path, port: int, crt: Path, *, extra_bind: str) -> None:
+    def __init__(self, workdir: Path, port: int, crt: Path, *, extra_bind: str,
+                 extra_global: str = "") -> None:
         self.config = workdir / "haproxy.cfg"
         self.socket = workdir / "admin.sock"
         self.crt = str(crt)
         self.config.write_text(HAPROXY_CFG.format(socket=self.socket, port=port, crt=crt,
-                                                  extra_bind=extra_bind))
+                                                  extra_bind=extra_bind, extra_global=extra_global))
         super().__init__([HAPROXY, "-db", "-f", str(self.config)], workdir, port)
 
     def start(self) -> HaproxyServer:
@@ -433,10 +435,12 @@ def haproxy_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callab
     """Start HAProxy terminating TLS with ``combined_path`` on 127.0.0.1; stopped at teardown."""
     servers: list[_Server] = []
 
-    def start(combined_path: Path | str, *, port: int | None = None, extra_bind: str = "") -> HaproxyServer:
+    def start(combined_path: Path | str, *, port: int | None = None, extra_bind: str = "",
+              extra_global: str = "") -> HaproxyServer:
         workdir = tmp_path_factory.mktemp("haproxy")
         server = _start_with_retries(
-            lambda p: HaproxyServer(workdir, p, Path(combined_path), extra_bind=extra_bind), port)
+            lambda p: HaproxyServer(workdir, p, Path(combined_path), extra_bind=extra_bind,
+                                    extra_global=extra_global), port)
         servers.append(server)
         return server  # type: ignore[return-value]
 
