@@ -1,30 +1,26 @@
 """ACME (RFC 8555) issuance, renewal information (RFC 9773) and revocation.
 
-Built on the ``acme`` library's protocol objects and its ``ClientNetwork`` (JWS signing,
-nonces), but not on its order flow, for three reasons worth knowing before changing this file:
+Built on the ``acme`` library's protocol objects and (through :mod:`certd.acmenet`) its
+``ClientNetwork`` for JWS signing and nonces, but not on its order flow, because of speed:
+``ClientV2.poll_and_finalize`` sleeps a fixed second between polls, while a local Pebble needs
+~15 ms for a whole order. :class:`_Order` polls the *order* (one request whatever the number of
+names: its status turns ``ready`` once every authorization is valid) on a short, growing
+schedule, honours ``Retry-After`` (capped), and gives up at an overall deadline measured on
+the injected :class:`~certd.clock.Clock`.
 
-- Speed. ``ClientV2.poll_and_finalize`` sleeps a fixed second between polls; a local Pebble
-  needs ~15 ms for a whole order. We poll the *order* (one request, whatever the number of
-  names; its status turns ``ready`` once every authorization is valid) on a short, growing
-  schedule, honour ``Retry-After`` (capped), and stop at an overall deadline on the injected
-  :class:`~certd.clock.Clock`.
-- Robustness. ``ClientNetwork.post`` retries a ``badNonce`` once and throws away the fresh
-  nonce the error carried; we retry several times and keep that nonce (RFC 8555 §6.5: the
-  server sends a new nonce with every error). A 409 with a problem document (RFC 9773
-  ``alreadyReplaced``) keeps its problem instead of becoming a bare ``ConflictError``.
-- Threads. ``issue()`` runs in up to 8 threads at once. Each thread has its own
-  ``ClientNetwork`` (its own HTTP connection pool and nonce pool); they share the directory,
-  which is fetched once per :class:`Issuer`, and the account (key + URL), set up once under a
-  lock. No lock is held while talking to the CA.
+Threads: ``issue()`` runs in up to 8 threads at once. Each thread has its own network object
+(its own keep-alive connection and nonce pool); they share the directory, fetched once per
+:class:`Issuer`, and the account (key + URL), set up once under a lock. No lock is held while
+talking to the CA.
 
 The account lives in an :class:`AccountStore`, one per directory URL. If the CA no longer
-knows it (Pebble restarted), it is registered again with the same key and saved, and the
+knows it (Pebble restarted: fresh state), the same key is registered again and saved, and the
 order is retried once.
 
-Errors are mapped onto :mod:`certd.errors` in one place (``_Failure``): "the CA could not be
-reached" (:class:`CANotReachable`), "the CA said no" (:class:`AcmeError` with the RFC 8555
-problem type), "validation failed" (:class:`ChallengeFailed`). Every message is one line
-that ends with what happens next; none contains key material.
+Every failure leaves as one certd error, mapped in :class:`certd.acmenet.Failure`: the CA is
+not reachable (:class:`CANotReachable`), the CA said no (:class:`AcmeError` with the problem
+type), or validation failed (:class:`ChallengeFailed`, naming domain, challenge and the CA's
+reason). Messages are one line ending with what happens next, and never hold key material.
 """
 
 from __future__ import annotations
@@ -38,23 +34,23 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
-from email.utils import parsedate_to_datetime
+from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 import josepy as jose
 import requests
 from acme import client as acme_client
-from acme import errors as acme_errors
 from acme import messages
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from certd import __version__
+from certd.acmenet import (NEXT_STEP, AcmeNetwork, Failure, one_line, problem_code, problem_detail, proxied,
+                           retry_after_seconds)
 from certd.clock import Clock, utc
 from certd.config import AcmeConfig, CertificateConfig
-from certd.errors import AcmeError, CANotReachable, ChallengeFailed, ConfigError
+from certd.errors import AcmeError, ChallengeFailed, ConfigError
 from certd.keys import make_csr
 from certd.model import split_pem_chain
 from certd.solvers import Solver, solver_for
@@ -66,27 +62,14 @@ ORDER_TIMEOUT = 90.0         # seconds for one whole order, from newOrder to the
 NETWORK_TIMEOUT = 30         # seconds for one HTTP request
 # Poll schedule: first poll soon (a local CA validates in milliseconds), then back off.
 FIRST_POLL = 0.004
+ISSUE_WAIT = 0.003           # after finalize, before the first poll
 POLL_GROWTH = 2.0
 MAX_POLL = 2.0
 MAX_RETRY_AFTER = 15.0       # never wait longer than this for one poll, whatever the CA says
-BAD_NONCE_ATTEMPTS = 12      # at 50 % rejected nonces, 12 tries all fail with p = 0.02 %
 ARI_DEFAULT_RETRY = timedelta(hours=6)                          # RFC 9773 §4.3.3
 ARI_RETRY_BOUNDS = (timedelta(minutes=1), timedelta(days=1))    # sane limits on Retry-After
 
-_PREFIX = "urn:ietf:params:acme:error:"
-_TRANSIENT_PROBLEMS = {"rateLimited", "serverInternal", "badNonce", "orderNotReady"}
 _FINAL_CHALLENGE_PROBLEMS = {"caa", "rejectedIdentifier", "unsupportedIdentifier"}
-_NEXT_STEP = {
-    "unauthorized": "the CA does not allow this account to do that; not retrying",
-    "rejectedIdentifier": "the CA will not issue for these names; change the domains; not retrying",
-    "unsupportedIdentifier": "the CA will not issue for these names; change the domains; not retrying",
-    "caa": "a CAA record forbids this CA; fix the CAA records; not retrying",
-    "badCSR": "the CA refuses the request (key type or names); change key_type or domains; not retrying",
-    "badPublicKey": "the CA refuses this key; change key_type; not retrying",
-    "externalAccountRequired": "set eab_kid and eab_hmac_key in [acme]; not retrying",
-    "invalidContact": "fix [acme] email; not retrying",
-    "unsupportedContact": "fix [acme] email; not retrying",
-}
 
 
 @dataclass(frozen=True)
@@ -138,169 +121,6 @@ def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).decode("ascii").rstrip("=")
 
 
-# --- transport ---------------------------------------------------------------------------------
-
-
-class _Network(acme_client.ClientNetwork):
-    """``ClientNetwork`` that survives badNonce storms and keeps problem documents of 409s."""
-
-    def post(self, *args: Any, **kwargs: Any) -> requests.Response:
-        for attempt in range(1, BAD_NONCE_ATTEMPTS + 1):
-            try:
-                return self._post_once(*args, **kwargs)
-            except messages.Error as e:
-                if e.code != "badNonce" or attempt == BAD_NONCE_ATTEMPTS:
-                    raise
-                log.debug("badNonce (attempt %d); retrying with a fresh nonce", attempt)
-        raise AssertionError("unreachable")
-
-    def _send_request(self, method: str, url: str, *args: Any, **kwargs: Any) -> requests.Response:
-        response = super()._send_request(method, url, *args, **kwargs)
-        if not response.ok and self.REPLAY_NONCE_HEADER in response.headers:
-            # Errors carry a fresh nonce too; the library drops it and asks newNonce again.
-            try:
-                self._add_nonce(response)
-            except acme_errors.BadNonce:
-                pass
-        return response
-
-    @classmethod
-    def _check_response(cls, response: requests.Response,
-                        content_type: str | None = None) -> requests.Response:
-        if response.status_code == 409:
-            try:
-                problem = messages.Error.from_json(response.json())
-            except (ValueError, jose.DeserializationError):
-                problem = None
-            if problem is not None and problem.typ != "about:blank":
-                problem.retry_after = response.headers.get("Retry-After")
-                raise problem
-        try:
-            return super()._check_response(response, content_type=content_type)
-        except messages.Error as e:
-            e.retry_after = response.headers.get("Retry-After")  # for rateLimited
-            raise
-
-
-# --- errors ----------------------------------------------------------------------------------
-
-
-class _Failure:
-    """Turns what the transport or the CA threw into a certd error (one line, next step)."""
-
-    def __init__(self, directory_url: str, clock: Clock) -> None:
-        self.directory_url = directory_url
-        self.clock = clock
-
-    def __call__(self, e: BaseException, doing: str) -> Exception:
-        if isinstance(e, (AcmeError, ConfigError)):
-            return e
-        if isinstance(e, requests.exceptions.SSLError):
-            return self.unreachable(f"TLS error: {_tls_reason(e)}")
-        if isinstance(e, requests.exceptions.Timeout):
-            return self.unreachable("timed out")
-        if isinstance(e, requests.exceptions.ConnectionError):
-            return self.unreachable(_connection_reason(e))
-        if isinstance(e, messages.Error):
-            return self.problem(e, doing)
-        if isinstance(e, acme_errors.ClientError):
-            status = _status_of(e)
-            transient = status is None or status >= 500
-            return AcmeError(f"{doing}: the CA answered HTTP {status or '?'} without a problem document; "
-                             f"{'will retry' if transient else 'not retrying'}", transient=transient)
-        if isinstance(e, requests.exceptions.RequestException):
-            return self.unreachable(_one_line(str(e)) or type(e).__name__)
-        if isinstance(e, (ValueError, jose.DeserializationError, KeyError)):
-            return AcmeError(f"{doing}: the CA sent an answer certd cannot read ({_one_line(str(e))[:120]}); "
-                             "will retry", transient=True)
-        return AcmeError(f"{doing}: {type(e).__name__}: {_one_line(str(e))[:200]}; will retry", transient=True)
-
-    def unreachable(self, why: str) -> CANotReachable:
-        return CANotReachable(f"ACME server {self.directory_url} is not reachable ({why}); will retry")
-
-    def problem(self, e: messages.Error, doing: str) -> AcmeError:
-        code = problem_code(e)
-        detail = _problem_detail(e)
-        retry_after = self.retry_after_seconds(getattr(e, "retry_after", None))
-        transient = code in _TRANSIENT_PROBLEMS
-        if code == "rateLimited":
-            when = (self.clock.now() + timedelta(seconds=retry_after)).strftime("%H:%M UTC") \
-                if retry_after is not None else None
-            next_step = f"will retry after {when}" if when else "will retry later"
-        else:
-            next_step = "will retry" if transient else _NEXT_STEP.get(code, "not retrying automatically")
-        return AcmeError(f"{doing}: the CA refused ({code}): {detail}; {next_step}",
-                         problem_type=e.typ, detail=e.detail, transient=transient, retry_after=retry_after)
-
-    def retry_after_seconds(self, header: str | None) -> float | None:
-        return _retry_after_seconds(header, self.clock.now())
-
-
-def problem_code(e: messages.Error) -> str:
-    """``rateLimited`` for ``urn:ietf:params:acme:error:rateLimited``; the whole type otherwise."""
-    typ = str(e.typ or "about:blank")
-    return typ[len(_PREFIX):] if typ.startswith(_PREFIX) else typ
-
-
-def _problem_detail(e: messages.Error) -> str:
-    text = _one_line(e.detail or e.title or e.description or "no detail")
-    subs = list(e.subproblems or ())
-    if subs:
-        first = subs[0]
-        who = f"{first.identifier.value}: " if first.identifier else ""
-        text += f" [{who}{problem_code(first)}: {_one_line(first.detail or '')}" \
-                f"{f'; {len(subs) - 1} more' if len(subs) > 1 else ''}]"
-    return text[:400]
-
-
-def _retry_after_seconds(header: str | None, now: datetime) -> float | None:
-    if not header:
-        return None
-    header = header.strip()
-    if header.isdigit():
-        return float(header)
-    try:
-        return max(0.0, (utc(parsedate_to_datetime(header)) - now).total_seconds())
-    except (TypeError, ValueError, IndexError):
-        return None
-
-
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
-
-
-def _status_of(e: acme_errors.ClientError) -> int | None:
-    for arg in e.args:
-        for candidate in (arg if isinstance(arg, tuple) else (arg,)):
-            if isinstance(candidate, requests.Response):
-                return candidate.status_code
-    return None
-
-
-def _connection_reason(e: BaseException) -> str:
-    text = str(e)
-    for needle, why in (("Connection refused", "connection refused"),
-                        ("Name or service not known", "its name does not resolve"),
-                        ("Temporary failure in name resolution", "its name does not resolve"),
-                        ("No route to host", "no route to host"),
-                        ("Network is unreachable", "network unreachable"),
-                        ("timed out", "timed out"),
-                        ("Connection reset", "connection reset"),
-                        ("RemoteDisconnected", "the server closed the connection")):
-        if needle in text:
-            return why
-    return "connection failed"
-
-
-def _tls_reason(e: BaseException) -> str:
-    text = str(e)
-    if "CERTIFICATE_VERIFY_FAILED" in text:
-        return "its certificate is not trusted; set [acme] ca_bundle"
-    if "hostname mismatch" in text or "doesn't match" in text:
-        return "its certificate does not match the host name"
-    return "handshake failed"
-
-
 # --- the issuer --------------------------------------------------------------------------------
 
 
@@ -317,10 +137,11 @@ class Issuer:
         self._order_timeout = order_timeout
         self._network_timeout = network_timeout
         self._verify: bool | str = str(acme.ca_bundle) if acme.ca_bundle else True
-        self._fail = _Failure(acme.directory, clock)
+        self._lean = not proxied(acme.directory)   # with a proxy, plain requests does the work
+        self._fail = Failure(acme.directory, clock)
         self._lock = threading.Lock()          # directory and account set-up only
         self._local = threading.local()
-        self._networks: weakref.WeakSet[_Network] = weakref.WeakSet()
+        self._networks: weakref.WeakSet[AcmeNetwork] = weakref.WeakSet()
         self._directory: messages.Directory | None = None
         self._key: jose.JWK | None = None
         self._raw_key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | None = None
@@ -370,7 +191,7 @@ class Issuer:
             body = response.json()
             window = messages.RenewalInfo.from_json(body).suggested_window
             now = self._clock.now()
-            wait = _retry_after_seconds(response.headers.get("Retry-After"), now)
+            wait = retry_after_seconds(response.headers.get("Retry-After"), now)
             delay = ARI_DEFAULT_RETRY if wait is None else timedelta(seconds=wait)
             delay = min(max(delay, ARI_RETRY_BOUNDS[0]), ARI_RETRY_BOUNDS[1])
             explanation = body.get("explanationURL") if isinstance(body, dict) else None
@@ -410,13 +231,17 @@ class Issuer:
         except Exception as e:  # noqa: BLE001 - every failure becomes one certd error
             raise self._fail(e, doing) from e
 
-    def _network(self) -> _Network:
-        net: _Network | None = getattr(self._local, "net", None)
+    def _network(self) -> AcmeNetwork:
+        net: AcmeNetwork | None = getattr(self._local, "net", None)
         if net is None:
-            net = _Network(None, alg=self._alg, verify_ssl=self._verify, user_agent=self._user_agent,
-                           timeout=self._network_timeout)
+            net = self._new_network(None)
             self._local.net = net
-            self._networks.add(net)
+        return net
+
+    def _new_network(self, key: jose.JWK | None) -> AcmeNetwork:
+        net = AcmeNetwork(key, alg=self._alg, verify_ssl=self._verify, user_agent=self._user_agent,
+                          timeout=self._network_timeout, lean=self._lean)
+        self._networks.add(net)
         return net
 
     def _get_directory(self) -> messages.Directory:
@@ -488,9 +313,7 @@ class Issuer:
         registration = messages.NewRegistration.from_data(
             email=acme.email, terms_of_service_agreed=True if acme.agree_tos else None,
             external_account_binding=eab)
-        net = _Network(self._key, alg=self._alg, verify_ssl=self._verify, user_agent=self._user_agent,
-                       timeout=self._network_timeout)
-        self._networks.add(net)
+        net = self._new_network(self._key)
         try:
             regr = acme_client.ClientV2(directory, net).new_account(registration)
         except messages.Error as e:
@@ -555,7 +378,8 @@ class _Order:
                 _post(self.client, order.finalize, messages.CertificateRequest(csr=csr)).json())
             self.say("finalizing")
             if order.status.name in ("ready", "processing"):
-                order = self.poll(uri, "the CA to issue the certificate")
+                # Issuing takes a CA a moment (Pebble: ~3 ms); asking at once is a wasted request.
+                order = self.poll(uri, "the CA to issue the certificate", first_wait=ISSUE_WAIT)
         if order.status.name != "valid" or not order.certificate:
             raise self.order_failed(order)
         fullchain = _get(self.client, order.certificate).content
@@ -574,7 +398,7 @@ class _Order:
                         "replace" not in f"{e.detail} {e.title}".lower():
                     raise
                 log.warning("replaces_refused certificate=%s replaces=%s problem=%s detail=%s; "
-                            "ordering without replaces", self.cert.name, replaces, code, _one_line(e.detail or ""))
+                            "ordering without replaces", self.cert.name, replaces, code, one_line(e.detail or ""))
                 self.say(f"the CA refused replaces ({code}); ordering without it")
                 response = _post(self.client, url, messages.NewOrder(identifiers=identifiers))
         else:
@@ -640,9 +464,11 @@ class _Order:
         for future in futures:
             future.result()
 
-    def poll(self, uri: str, waiting_for: str) -> messages.Order:
+    def poll(self, uri: str, waiting_for: str, first_wait: float = 0.0) -> messages.Order:
         """Poll the order until it leaves pending/processing, within the deadline."""
         delay = FIRST_POLL
+        if first_wait > 0:
+            self.clock.sleep(min(first_wait, max(0.0, self.deadline - self.clock.monotonic())))
         while True:
             response = _get(self.client, uri)
             order = messages.Order.from_json(response.json())
@@ -650,7 +476,7 @@ class _Order:
                 return order
             now = self.clock.monotonic()
             wait = delay
-            asked = _retry_after_seconds(response.headers.get("Retry-After"), self.clock.now())
+            asked = retry_after_seconds(response.headers.get("Retry-After"), self.clock.now())
             if asked is not None:
                 wait = max(wait, min(asked, MAX_RETRY_AFTER))
             wait = min(wait, self.deadline - now)
@@ -672,7 +498,7 @@ class _Order:
         final = code in _FINAL_CHALLENGE_PROBLEMS
         return ChallengeFailed(
             f"{self.doing}: the CA could not validate {failed.chall.typ} for {name} ({code}): "
-            f"{_problem_detail(problem)}; {_NEXT_STEP.get(code, 'not retrying') if final else 'will retry'}",
+            f"{problem_detail(problem)}; {NEXT_STEP.get(code, 'not retrying') if final else 'will retry'}",
             problem_type=problem.typ, detail=problem.detail, transient=not final)
 
     def order_failed(self, order: messages.Order) -> AcmeError:
