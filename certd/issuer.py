@@ -142,6 +142,7 @@ class Issuer:
         self._lock = threading.Lock()          # directory and account set-up only
         self._local = threading.local()
         self._networks: weakref.WeakSet[AcmeNetwork] = weakref.WeakSet()
+        self._networks_lock = threading.Lock()
         self._directory: messages.Directory | None = None
         self._key: jose.JWK | None = None
         self._raw_key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | None = None
@@ -167,7 +168,7 @@ class Issuer:
         for attempt in (1, 2):
             with self._mapped(doing):
                 client = self._client()
-                used_account = self._regr
+                used_account = client.net.account
                 try:
                     return _Order(self, client, cert, solver, say, deadline).run(csr_pem, replaces)
                 except messages.Error as e:
@@ -179,14 +180,26 @@ class Issuer:
         raise AssertionError("unreachable")
 
     def renewal_info(self, cert_pem: bytes) -> RenewalInfo | None:
-        """The CA's renewal window for ``cert_pem`` (RFC 9773), or None without ARI support."""
+        """The CA's renewal window for ``cert_pem`` (RFC 9773).
+
+        None when the CA has no ``renewalInfo``, the certificate has no authority key
+        identifier, or it has expired (RFC 9773 §4.3: clients must not ask then; renew now).
+        """
+        try:
+            cert_id = ari_cert_id(cert_pem)
+        except ValueError as e:
+            log.debug("no ARI for this certificate: %s", e)
+            return None
+        cert = x509.load_pem_x509_certificate(split_pem_chain(cert_pem)[0])
+        if cert.not_valid_after_utc <= self._clock.now():
+            return None
         with self._mapped("fetching renewal information"):
             directory = self._get_directory()
             try:
                 base = directory["renewalInfo"]
             except KeyError:
                 return None
-            url = f"{str(base).rstrip('/')}/{ari_cert_id(cert_pem)}"
+            url = f"{str(base).rstrip('/')}/{cert_id}"
             response = self._network().get(url, content_type=acme_client.ClientNetwork.JSON_CONTENT_TYPE)
             body = response.json()
             window = messages.RenewalInfo.from_json(body).suggested_window
@@ -214,7 +227,9 @@ class Issuer:
 
     def close(self) -> None:
         """Close every HTTP connection this issuer opened (it can still be used afterwards)."""
-        for net in list(self._networks):
+        with self._networks_lock:
+            networks = list(self._networks)
+        for net in networks:
             try:
                 net.session.close()
             except Exception:  # noqa: BLE001 - closing is best effort
@@ -241,7 +256,8 @@ class Issuer:
     def _new_network(self, key: jose.JWK | None) -> AcmeNetwork:
         net = AcmeNetwork(key, alg=self._alg, verify_ssl=self._verify, user_agent=self._user_agent,
                           timeout=self._network_timeout, lean=self._lean)
-        self._networks.add(net)
+        with self._networks_lock:
+            self._networks.add(net)
         return net
 
     def _get_directory(self) -> messages.Directory:
@@ -264,7 +280,8 @@ class Issuer:
         if client is None:
             client = acme_client.ClientV2(directory, self._network())
             self._local.client = client
-        client.net.key, client.net.alg, client.net.account = self._key, self._alg, self._regr
+        with self._lock:  # key, alg and account change together (re-registration)
+            client.net.key, client.net.alg, client.net.account = self._key, self._alg, self._regr
         return client
 
     def _load_or_register(self, directory: messages.Directory) -> None:
@@ -337,11 +354,9 @@ class Issuer:
         """Register the same key again, unless another thread already did."""
         directory = self._get_directory()
         with self._lock:
-            if self._regr is not stale and self._regr is not None:
+            if self._regr is not stale:
                 return
-            self._regr = None
-            if self._raw_key is None:
-                self._set_key(ec.generate_private_key(ec.SECP256R1()))
+            assert self._raw_key is not None  # set with the account that went stale
             self._register(directory, self._raw_key)
 
 

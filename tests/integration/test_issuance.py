@@ -272,6 +272,19 @@ def test_stopped_ca_is_not_reachable(pebble_factory: Callable[..., PebbleEnv],
     assert info.value.transient
 
 
+def test_untrusted_ca_certificate(pebble: PebbleEnv, accounts: MemoryAccounts, tmp_path: Path) -> None:
+    """An ACME server whose TLS certificate the ca_bundle does not vouch for is reported as a TLS problem."""
+    other = tmp_path / "other-ca.pem"
+    other.write_bytes(_cert_with_aki())
+    issuer = Issuer(AcmeConfig(directory=pebble.directory_url, agree_tos=True, ca_bundle=other), accounts,
+                    SystemClock())
+    with pytest.raises(CANotReachable) as info:
+        issuer.issue(http_cert(pebble, "tls.example.test"), generate_private_key("ecdsa-p256"))
+    assert str(info.value) == (f"ACME server {pebble.directory_url} is not reachable (TLS error: its certificate "
+                               "is not trusted; set [acme] ca_bundle); will retry")
+    issuer.close()
+
+
 def test_ca_stopped_after_account_setup(pebble_factory: Callable[..., PebbleEnv],
                                         make_issuer: Callable[..., Issuer], tmp_path: Path) -> None:
     """A CA that goes away between two orders gives CANotReachable too (not a raw requests error)."""
@@ -287,7 +300,7 @@ def test_ca_stopped_after_account_setup(pebble_factory: Callable[..., PebbleEnv]
         issuer.renewal_info(_cert_with_aki())
 
 
-def _cert_with_aki(serial: int = 0x80AB) -> bytes:
+def _cert_with_aki(serial: int = 0x80AB, not_after: datetime | None = None) -> bytes:
     """A self-signed certificate with an authority key identifier and the given serial."""
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -296,7 +309,8 @@ def _cert_with_aki(serial: int = 0x80AB) -> bytes:
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "aki.example.test")])
     now = datetime.now(timezone.utc)
     cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(serial).not_valid_before(now - timedelta(hours=1)).not_valid_after(now + timedelta(days=1))
+            .serial_number(serial).not_valid_before(now - timedelta(hours=2))
+            .not_valid_after(not_after or now + timedelta(days=1))
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(key.public_key()), critical=False)
             .sign(key, hashes.SHA256()))
     return cert.public_bytes(serialization.Encoding.PEM)
@@ -375,6 +389,16 @@ def test_renewal_info_for_fresh_cert(pebble: PebbleEnv, make_issuer: Callable[..
     # Pebble sends Retry-After: 21600 (6 h)
     assert before + timedelta(hours=6) - timedelta(seconds=5) <= info.retry_after <= \
         datetime.now(timezone.utc) + timedelta(hours=6, seconds=5)
+
+
+def test_renewal_info_none_without_aki_or_after_expiry(pebble: PebbleEnv, make_issuer: Callable[..., Issuer],
+                                                       tmp_path: Path) -> None:
+    """No ARI request for a certificate without AKI, nor for an expired one (RFC 9773 §4.3)."""
+    from tests.support.server_fixtures import TestCA
+    issuer = make_issuer(pebble)
+    no_aki = TestCA(tmp_path).issue("x.example.test").cert_pem
+    assert issuer.renewal_info(no_aki) is None
+    assert issuer.renewal_info(_cert_with_aki(not_after=datetime.now(timezone.utc) - timedelta(minutes=1))) is None
 
 
 @pytest.mark.parametrize("serial, encoded", [(0x80AB, "AICr"), (0x7F, "fw"), (0x1234, "EjQ")])
