@@ -27,6 +27,7 @@ real handshake, because a reload that "succeeded" proves little.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -124,8 +125,7 @@ def run_reload(hook: ReloadHook, ctx: HookContext) -> HookResult:
     else:
         raise HookFailed(f"{ctx.name}: unknown reload hook kind {hook.kind!r}")
     label = hook_label(hook)
-    result = HookResult(label, result.ok, result.returncode, result.duration, result.output,
-                        result.timed_out)
+    result = dataclasses.replace(result, hook=label)
     event = "hook_ran" if result.ok else "hook_failed"
     level = logging.INFO if result.ok else logging.WARNING
     log.log(level, "%s cert=%s hook=%r ok=%s returncode=%s duration=%.3fs output=%r",
