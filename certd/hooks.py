@@ -9,7 +9,12 @@ real handshake, because a reload that "succeeded" proves little.
 - **nginx**: ``nginx -t -c <config>`` first, so a broken certificate/key pair is reported with
   nginx's own error line and the master is never signalled; then ``nginx -s reload -c
   <config>`` (which reads the pid file named in that config and sends SIGHUP). nginx answers
-  before its workers have switched; new handshakes see the new certificate ~0.1 s later.
+  before its workers have switched: the master starts new workers, *sleeps 100 ms*, and only
+  then tells the old ones to stop accepting. During that window both generations answer
+  handshakes, so a verification right after a rollback could be satisfied by a stale worker
+  that happens to serve the expected (old) certificate while the next client gets the newer
+  one. The hook therefore waits until every worker the master had before the reload has
+  exited or retitled itself "shutting down" (its listening sockets are closed by then).
 - **haproxy**: the runtime API on the admin socket, no reload at all: ``set ssl cert <crt>``
   with fullchain + key as payload, then ``commit ssl cert <crt>``; the next handshake serves
   the new certificate. Replies are free text: success is recognised by HAProxy's fixed
@@ -180,13 +185,65 @@ def _reload_nginx(hook: ReloadHook) -> HookResult:
         return HookResult(test.hook, False, test.returncode, test.duration,
                           f"{test.output}\nconfiguration test failed, nginx not signalled: {why}",
                           test.timed_out)
+    master = _nginx_master(hook.config)
+    old_workers = _children(master) if master else []
     reload = run_command([hook.binary, "-s", "reload", *conf], env=env,
                          timeout=max(0.1, deadline - time.monotonic()))
     output = "\n".join(o for o in (test.output, reload.output) if o)
+    duration = test.duration + reload.duration
     if not reload.ok and not reload.timed_out:
         output += f"\nreload failed: {_nginx_error_line(reload.output)}"
-    return HookResult(reload.hook, reload.ok, reload.returncode, test.duration + reload.duration,
-                      output, reload.timed_out)
+    elif reload.ok and old_workers:
+        started = time.monotonic()
+        if not _wait_retired(old_workers, min(deadline, started + NGINX_RETIRE_WAIT)):
+            output += f"\nold workers {old_workers} still accepting after {NGINX_RETIRE_WAIT:.0f}s"
+            log.warning("nginx_workers_not_retired master=%s workers=%s", master, old_workers)
+        duration += time.monotonic() - started
+    return HookResult(reload.hook, reload.ok, reload.returncode, duration, output, reload.timed_out)
+
+
+NGINX_RETIRE_WAIT = 3.0
+DEFAULT_NGINX_PID = Path("/run/nginx.pid")  # Debian's compiled-in default
+_PID_DIRECTIVE = re.compile(r"^\s*pid\s+([^;\s]+)\s*;", re.MULTILINE)
+
+
+def _nginx_master(config: Path | None) -> int | None:
+    """The master's PID from the pid file the config names (or nginx's default); None if unknown."""
+    pid_file = DEFAULT_NGINX_PID
+    if config is not None:
+        try:
+            m = _PID_DIRECTIVE.search(config.read_text(errors="replace"))
+        except OSError:
+            m = None
+        if m and Path(m.group(1)).is_absolute():
+            pid_file = Path(m.group(1))
+    try:
+        return int(pid_file.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except (OSError, ValueError):
+        return []
+
+
+def _wait_retired(pids: Sequence[int], deadline: float) -> bool:
+    """Poll until every pid has exited or is an nginx worker "shutting down"."""
+    def retired(pid: int) -> bool:
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return True
+        return not cmdline or b"shutting down" in cmdline  # empty: a zombie
+    while True:
+        if all(retired(p) for p in pids):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.005)
 
 
 _NGINX_LOG_PREFIX = re.compile(r"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d (\[\w+\]) \d+#\d+: ")
