@@ -156,6 +156,19 @@ def resolve_path(config_arg: str | None) -> Path:
     return Path(config_arg or os.environ.get("CERTD_CONFIG") or DEFAULT_PATH)
 
 
+def peek_control_socket(path: Path) -> Path:
+    """The control socket named in a config file that may be invalid (so ``certd reload`` can
+    still reach the daemon and let it report the problems); the default when it cannot tell."""
+    try:
+        raw = tomllib.loads(path.read_text("utf-8")).get("daemon", {}).get("control_socket")
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, AttributeError):
+        raw = None
+    if not isinstance(raw, str) or not raw:
+        return DaemonConfig.control_socket
+    p = Path(raw).expanduser()
+    return p if p.is_absolute() else path.resolve().parent / p
+
+
 def load(path: Path, *, check_runtime: bool = False) -> Config:
     """Read and validate ``path``. ``check_runtime`` also checks what only the daemon needs
     (the control socket's directory). Raises :class:`ConfigError` with every problem."""
@@ -491,8 +504,12 @@ class _Parser:
         p = Path(raw).expanduser()
         if not p.is_absolute():
             p = self.base / p
-        if must_exist and not p.exists():
-            self.problem(t.key(name), f"{p} does not exist")
+        if must_exist:
+            try:
+                if not p.exists():
+                    self.problem(t.key(name), f"{p} does not exist")
+            except OSError as e:
+                self.problem(t.key(name), f"cannot access {p}: {e.strerror}")
         return p
 
     def listen(self, t: _Table, name: str) -> Listen | None:
@@ -520,8 +537,11 @@ class _Parser:
             return ()
         try:
             st = exe.stat()
-        except OSError:
+        except FileNotFoundError:
             self.problem(t.key(name), f"{exe} does not exist")
+            return ()
+        except OSError as e:
+            self.problem(t.key(name), f"cannot access {exe}: {e.strerror}")
             return ()
         if not stat.S_ISREG(st.st_mode) or not os.access(exe, os.X_OK):
             self.problem(t.key(name), f"{exe} is not an executable file")

@@ -66,6 +66,10 @@ def decide(facts: Facts, now: datetime, rng: random.Random | None = None) -> Dec
     """When this certificate should next be renewed, and why (see the module essay)."""
     rng = rng or random.Random()
     if facts.not_before is None or facts.not_after is None:
+        if facts.failures > 0 and facts.last_failure is not None:
+            retry = facts.last_failure + first_issue_backoff(facts.failures, rng)
+            if retry > now:
+                return Decision(retry, f"no certificate yet; retry {facts.failures} after failure, backoff until {isoformat(retry)}")
         return Decision(now, "no certificate yet")
     base = _scheduled(facts, now, rng)
     if facts.failures > 0 and facts.last_failure is not None:
@@ -131,6 +135,16 @@ def backoff(failures: int, not_before: datetime, not_after: datetime, failed_at:
     base = min(max(lifetime / 1000, 1.0), 60.0)
     cap = min(max((not_after - failed_at).total_seconds() / 8, 5.0), 3600.0)
     delay = min(base * 2 ** max(failures - 1, 0), cap)
+    return timedelta(seconds=delay * (1 + rng.uniform(0, 0.1)))
+
+
+def first_issue_backoff(failures: int, rng: random.Random | None = None) -> timedelta:
+    """Delay before retrying a first issuance: 2 s doubling to a 5-minute cap (plus up to 10 %).
+
+    Nothing is served yet, so an operator is probably watching; still, a down CA is not hammered.
+    """
+    rng = rng or random.Random()
+    delay = min(2.0 * 2 ** max(failures - 1, 0), 300.0)
     return timedelta(seconds=delay * (1 + rng.uniform(0, 0.1)))
 
 

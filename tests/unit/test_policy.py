@@ -29,6 +29,14 @@ def test_no_certificate_is_due_now():
     assert d.renew_at == T0 and d.is_due(T0) and "no certificate" in d.reason
 
 
+def test_first_issuance_failures_back_off_too():
+    """With no certificate yet, a failing CA is retried after 2 s, 4 s, 8 s... not at once."""
+    for n, expected in ((1, 2), (2, 4), (3, 8), (20, 300)):
+        d = decide(Facts(failures=n, last_failure=T0), T0, rng())
+        assert timedelta(seconds=expected) <= d.renew_at - T0 <= timedelta(seconds=expected * 1.1)
+        assert "no certificate yet; retry" in d.reason
+
+
 def test_default_renews_with_a_third_of_the_lifetime_left_minus_jitter():
     """A 90-day certificate renews about 30 days before expiry, jittered by at most an hour."""
     f = cert(90)
