@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 from certd import __version__, config as config_mod
 from certd import log as logmod
 from certd.config import Config
-from certd.errors import CertdError, ConfigError, UsageError
+from certd.errors import CertdError, ConfigError, OperationFailed, UsageError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     rb.add_argument("name", metavar="NAME")
     rb.add_argument("--to", type=int, metavar="VERSION", dest="to_version")
     rb.add_argument("--reason", default="")
+
+    sub.add_parser("reload", help="tell the running daemon to re-read its configuration")
     return p
 
 
@@ -100,15 +102,100 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _manager(args: argparse.Namespace) -> Any:
-    from certd.manager import Manager
-    return Manager(load_config(args))
+class _Local:
+    """Work in-process, taking the same per-certificate locks the daemon takes."""
+
+    def __init__(self, cfg: Config) -> None:
+        from certd.manager import Manager
+        self.mgr = Manager(cfg)
+
+    def close(self) -> None:
+        self.mgr.close()
+
+    def renew(self, names: list[str], all_: bool, force: bool, reason: str, wait: bool,
+              progress: Any) -> list[dict[str, Any]]:
+        from certd.manager import whoami
+        certs = self.mgr.select([] if all_ else names)
+        return [_outcome(o) for o in self.mgr.renew(certs, force=force, reason=reason, initiator=whoami(),
+                                                    progress=progress)]
+
+    def status(self, names: list[str]) -> list[dict[str, Any]]:
+        return [self.mgr.status(c) for c in self.mgr.select(names)]
+
+    def verify(self, names: list[str]) -> list[dict[str, Any]]:
+        return [_outcome(self.mgr.verify_now(c)) for c in self.mgr.select(names)]
+
+    def rollback(self, name: str, to_version: int | None, reason: str, progress: Any) -> dict[str, Any]:
+        from certd.manager import whoami
+        cert = self.mgr.select([name])[0]
+        return _outcome(self.mgr.rollback(cert, to_version=to_version, reason=reason, initiator=whoami(),
+                                          progress=progress))
 
 
-def _names(args: argparse.Namespace, mgr: Any, *, require: bool = False) -> list[Any]:
-    if require and not args.names and not getattr(args, "all", False):
-        raise UsageError("name the certificates to renew, or pass --all")
-    return mgr.select([] if getattr(args, "all", False) else args.names)
+class _Remote:
+    """Ask the running daemon over its control socket (it records our uid from SO_PEERCRED)."""
+
+    def __init__(self, client: Any, cfg: Config) -> None:
+        self.client, self.cfg = client, cfg
+
+    def close(self) -> None:
+        pass
+
+    def _check(self, names: list[str]) -> None:
+        unknown = [n for n in names if n not in self.cfg.names]
+        if unknown:
+            raise UsageError(f"unknown certificate {', '.join(unknown)}; configured: {', '.join(self.cfg.names) or 'none'}")
+
+    def _stream(self, path: str, body: dict[str, Any], progress: Any) -> list[dict[str, Any]]:
+        outcomes: list[dict[str, Any]] = []
+        for ev in self.client.stream(path, body):
+            if ev.get("event") == "progress" and progress is not None:
+                progress(ev["name"], ev["message"])
+            elif ev.get("event") == "result":
+                outcomes = ev["outcomes"]
+        return outcomes
+
+    def renew(self, names: list[str], all_: bool, force: bool, reason: str, wait: bool,
+              progress: Any) -> list[dict[str, Any]]:
+        self._check(names)
+        body = {"names": names, "all": all_, "force": force, "reason": reason, "wait": wait}
+        if not wait:
+            accepted = self.client.call("/v1/renew", body)["accepted"]
+            return [{"name": n, "ok": True, "result": "accepted",
+                     "message": "accepted by the daemon (follow with --wait, or certd status)"} for n in accepted]
+        return self._stream("/v1/renew", body, progress)
+
+    def status(self, names: list[str]) -> list[dict[str, Any]]:
+        self._check(names)
+        return self.client.get("/v1/status", params={"name": names} if names else None)["certificates"]
+
+    def verify(self, names: list[str]) -> list[dict[str, Any]]:
+        self._check(names)
+        return self.client.call("/v1/verify", {"names": names})["outcomes"]
+
+    def rollback(self, name: str, to_version: int | None, reason: str, progress: Any) -> dict[str, Any]:
+        self._check([name])
+        outcomes = self._stream("/v1/rollback", {"name": name, "to_version": to_version, "reason": reason}, progress)
+        if not outcomes:
+            raise OperationFailed("the daemon ended the rollback without a result; see certd status")
+        return outcomes[0]
+
+
+def _backend(args: argparse.Namespace) -> Any:
+    """The daemon when it runs (so one process owns the schedule), else in-process."""
+    from certd.control import ControlClient, DaemonNotRunning
+    cfg = load_config(args)
+    client = ControlClient(cfg.daemon.control_socket)
+    try:
+        client.probe()
+    except DaemonNotRunning:
+        return _Local(cfg)
+    return _Remote(client, cfg)
+
+
+def _outcome(o: Any) -> dict[str, Any]:
+    return {"name": o.name, "result": o.result, "message": o.message, "ok": o.ok, "version": o.version,
+            "serial": o.serial}
 
 
 def _progress(name: str, message: str) -> None:
@@ -116,25 +203,23 @@ def _progress(name: str, message: str) -> None:
 
 
 def cmd_renew(args: argparse.Namespace) -> int:
-    from certd.manager import whoami
-    if args.force and not args.reason:
-        print("certd: note: --force without --reason; recording 'forced by operator'", file=sys.stderr)
-    mgr = _manager(args)
+    if args.force and not args.names and not args.all:
+        raise UsageError("name the certificates to renew, or pass --all")
+    backend = _backend(args)
     try:
-        certs = _names(args, mgr, require=args.force)
         progress = _progress if (args.wait or sys.stderr.isatty()) else None
-        outcomes = mgr.renew(certs, force=args.force, reason=args.reason or ("forced by operator" if args.force else ""),
-                             initiator=whoami(), progress=progress)
+        reason = args.reason or ("forced by operator" if args.force else "")
+        outcomes = backend.renew(args.names, args.all, args.force, reason, args.wait or isinstance(backend, _Local),
+                                 progress)
     finally:
-        mgr.close()
+        backend.close()
     for o in outcomes:
-        print(f"{o.name}: {o.message}")
-    return EXIT_OK if all(o.ok for o in outcomes) else EXIT_FAILED
+        print(f"{o['name']}: {o['message']}")
+    return EXIT_OK if all(o["ok"] for o in outcomes) else EXIT_FAILED
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    mgr = _manager(args)
-    rows = [mgr.status(c) for c in _names(args, mgr)]
+    rows = _backend(args).status(args.names)
     if args.json:
         json.dump({"certificates": rows}, sys.stdout, indent=2)
         sys.stdout.write("\n")
@@ -146,25 +231,42 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    mgr = _manager(args)
-    outcomes = [mgr.verify_now(c) for c in _names(args, mgr)]
+    outcomes = _backend(args).verify(args.names)
     for o in outcomes:
-        print(f"{o.name}: {'OK' if o.result == 'verified' else o.result.upper()}: {o.message}")
-    return EXIT_OK if all(o.result in ("verified", "not_due") for o in outcomes) else EXIT_FAILED
+        print(f"{o['name']}: {'OK' if o['result'] == 'verified' else o['result'].upper()}: {o['message']}")
+    return EXIT_OK if all(o["result"] in ("verified", "not_due") for o in outcomes) else EXIT_FAILED
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    from certd.manager import whoami
-    mgr = _manager(args)
-    cert = mgr.select([args.name])[0]
-    o = mgr.rollback(cert, to_version=args.to_version, reason=args.reason or "rollback by operator",
-                     initiator=whoami(), progress=_progress)
-    print(f"{o.name}: {o.message}")
-    return EXIT_OK if o.ok else EXIT_FAILED
+    o = _backend(args).rollback(args.name, args.to_version, args.reason or "rollback by operator", _progress)
+    print(f"{o['name']}: {o['message']}")
+    if o["result"] == "refused":
+        return EXIT_USAGE
+    return EXIT_OK if o["ok"] else EXIT_FAILED
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    from certd.control import ControlClient, DaemonNotRunning
+    # The file may be broken: that is what the daemon reports. Only find its socket here.
+    sock = config_mod.peek_control_socket(config_mod.resolve_path(args.config))
+    client = ControlClient(sock)
+    try:
+        client.probe()
+    except DaemonNotRunning:
+        raise UsageError(f"no daemon listens on {sock}; nothing to reload") from None
+    result = client.call("/v1/reload", {})
+    if not result["ok"]:
+        for problem in result["problems"]:
+            print(f"certd: {problem}", file=sys.stderr)
+        print("certd: the daemon keeps running its previous configuration", file=sys.stderr)
+        return EXIT_USAGE
+    print("configuration reloaded")
+    return EXIT_OK
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    raise UsageError("certd run: the daemon is not built yet; use 'certd renew' from a timer meanwhile")
+    from certd.daemon import Daemon
+    return Daemon(config_mod.resolve_path(args.config)).run()
 
 
 def _print_table(rows: list[dict[str, Any]], cols: list[tuple[str, str]]) -> None:
@@ -187,6 +289,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "status": cmd_status,
     "verify": cmd_verify,
     "rollback": cmd_rollback,
+    "reload": cmd_reload,
 }
 
 

@@ -291,6 +291,7 @@ class Manager:
         return Outcome(cert.name, result, msg, version, serial)
 
     def _record_failure(self, cert: CertificateConfig, state: CertState, error: str, result: str = "failed") -> None:
+        event(log, "renewal_failed", logging.ERROR, name=cert.name, failures=state.failures + 1, error=error)
         state.failures += 1
         state.last_failure = isoformat(self.clock.now())
         state.last_error = error
@@ -382,7 +383,7 @@ class Manager:
                 refresh_ari: bool) -> policy.Decision:
         now = self.clock.now()
         if stored is None:
-            return policy.Decision(now, "no certificate yet")
+            return policy.decide(policy.Facts(failures=state.failures, last_failure=_parse_time(state.last_failure)), now)
         info = stored.bundle.info
         if set(info.domains) != set(cert.domains):
             return policy.Decision(now, f"configured domains {sorted(cert.domains)} differ from the certificate's {sorted(info.domains)}")

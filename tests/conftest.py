@@ -14,4 +14,5 @@ if str(ROOT) not in sys.path:
 pytest_plugins = [
     "tests.support.pebble_fixtures",
     "tests.support.server_fixtures",
+    "tests.support.certd_env",
 ]

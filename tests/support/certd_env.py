@@ -10,9 +10,13 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from certd.model import split_pem_chain
 
 from tests.support.procs import ManagedProcess, wait_until
 
@@ -65,6 +69,7 @@ class CertdEnv:
         self.certificates: list[dict[str, Any]] = []
         self.daemon_extra: dict[str, Any] = {}
         self.acme_extra: dict[str, Any] = {}
+        self.daemons: list[ManagedProcess] = []
 
     def refresh_root(self) -> Path:
         """Pebble makes a new root at every start: fetch the current one for verify's trust."""
@@ -111,7 +116,37 @@ class CertdEnv:
         proc = ManagedProcess(self.argv("run"), env={**os.environ, **(env or {})},
                               log_path=self.dir / "daemon.log", cwd=ROOT)
         proc.start()
+        self.daemons.append(proc)
         wait_until(lambda: self.socket.exists() or not proc.alive, timeout=30, what="certd control socket")
         if not proc.alive:
             pytest.fail(f"certd run exited early:\n{proc.log_text()}")
         return proc
+
+    def close(self) -> None:
+        """Stop every daemon this environment started (SIGTERM, then SIGKILL), by PID."""
+        for proc in self.daemons:
+            if proc.alive:
+                proc.stop(timeout=30)
+
+
+def key_matches(cert_path: Path, key_path: Path) -> bool:
+    """Does the first certificate in ``cert_path`` belong to the key in ``key_path``?"""
+    cert = x509.load_pem_x509_certificate(split_pem_chain(cert_path.read_bytes())[0])
+    key = serialization.load_pem_private_key(key_path.read_bytes(), None)
+    return cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo) \
+        == key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+@pytest.fixture
+def certd_env(tmp_path: Path) -> Iterator[Callable[..., CertdEnv]]:
+    """``certd_env(pebble, workdir=None)`` -> a CertdEnv whose daemons are stopped at teardown."""
+    made: list[CertdEnv] = []
+
+    def make(pebble: Any, workdir: Path | None = None) -> CertdEnv:
+        env = CertdEnv(workdir or tmp_path, pebble)
+        made.append(env)
+        return env
+
+    yield make
+    for env in made:
+        env.close()

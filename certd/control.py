@@ -1,0 +1,261 @@
+"""The daemon's local control API: HTTP over a Unix socket, and the CLI's client for it.
+
+Who may call: the socket file is mode 0660 (owner and ``control_group``), so the kernel refuses
+everybody else at ``connect()``. The server also reads the caller's uid from ``SO_PEERCRED``
+and records ``uid=N(user)`` as the initiator of every action; mutating calls are allowed for
+root, the daemon's own user and members of ``control_group``.
+
+Endpoints (JSON; long operations stream NDJSON progress events, the last line the result):
+
+    GET  /v1/status[?name=a&name=b]   {"certificates": [...]}
+    POST /v1/renew     {"names": [...], "all": bool, "force": bool, "reason": str}
+    POST /v1/rollback  {"name": str, "to_version": int|null, "reason": str}
+    POST /v1/verify    {"names": [...]}
+    POST /v1/reload    reload the configuration file
+"""
+
+from __future__ import annotations
+
+import grp
+import json
+import logging
+import os
+import pwd
+import socket
+import socketserver
+import struct
+import threading
+from http.server import BaseHTTPRequestHandler
+from pathlib import Path
+from typing import Any, Callable, Iterator
+from urllib.parse import parse_qs, urlparse
+
+import httpx
+
+from certd.errors import CertdError, OperationFailed, UsageError
+from certd.log import event
+
+log = logging.getLogger("certd.control")
+
+
+class Caller:
+    def __init__(self, uid: int, gid: int, pid: int) -> None:
+        self.uid, self.gid, self.pid = uid, gid, pid
+        try:
+            self.user: str | None = pwd.getpwuid(uid).pw_name
+        except KeyError:
+            self.user = None
+
+    def __str__(self) -> str:
+        return f"uid={self.uid}({self.user})" if self.user else f"uid={self.uid}"
+
+
+def peer_credentials(sock: socket.socket) -> Caller:
+    pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    return Caller(uid, gid, pid)
+
+
+# A handler returns a JSON-able result, or an iterator of events (streamed) whose last item is the result.
+Handler = Callable[[Caller, dict[str, Any]], Any]
+
+
+class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+class ControlServer:
+    def __init__(self, path: Path, routes: dict[tuple[str, str], Handler], *, group: str | None = None,
+                 mutating: set[str] | None = None) -> None:
+        self.path = path
+        self.routes = routes
+        self.group = group
+        self.mutating = mutating or set()
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+
+    def allowed(self, caller: Caller) -> bool:
+        if caller.uid in (0, os.getuid()):
+            return True
+        if self.group is None:
+            return False
+        try:
+            g = grp.getgrnam(self.group)
+        except KeyError:
+            return False
+        return caller.gid == g.gr_gid or (caller.user is not None and caller.user in g.gr_mem)
+
+    def start(self) -> None:
+        if self.path.is_socket() or self.path.exists():
+            if _socket_answers(self.path):
+                raise UsageError(f"another certd already listens on {self.path}")
+            self.path.unlink()
+        outer = self
+        old_umask = os.umask(0o117)  # the socket is created 0660 from the first instant
+        try:
+            self._server = _Server(str(self.path), _make_handler(outer))
+        finally:
+            os.umask(old_umask)
+        if self.group is not None:
+            os.chown(self.path, -1, grp.getgrnam(self.group).gr_gid)
+        os.chmod(self.path, 0o660)
+        self._thread = threading.Thread(target=self._server.serve_forever, name="control", daemon=True)
+        self._thread.start()
+        event(log, "control_listening", path=self.path, group=self.group)
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def _make_handler(server: ControlServer) -> type[BaseHTTPRequestHandler]:
+    class H(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.0"
+
+        def address_string(self) -> str:
+            return "unix"
+
+        def log_message(self, format: str, *args: Any) -> None:
+            log.debug("control %s", format % args)
+
+        def do_GET(self) -> None:
+            self._handle("GET")
+
+        def do_POST(self) -> None:
+            self._handle("POST")
+
+        def _handle(self, method: str) -> None:
+            url = urlparse(self.path)
+            route = server.routes.get((method, url.path))
+            if route is None:
+                return self._send(404, {"error": f"no such endpoint {method} {url.path}"})
+            caller = peer_credentials(self.connection)
+            if url.path in server.mutating and not server.allowed(caller):
+                event(log, "control_refused", logging.WARNING, caller=caller, path=url.path)
+                return self._send(403, {"error": f"{caller} may not call {url.path}; ask for membership of the control group"})
+            try:
+                body = self._body() if method == "POST" else {k: v for k, v in parse_qs(url.query).items()}
+                result = route(caller, body)
+            except UsageError as e:
+                return self._send(400, {"error": str(e), "exit_code": 2})
+            except CertdError as e:
+                return self._send(500, {"error": str(e), "exit_code": e.exit_code})
+            except Exception as e:  # a bug must not kill the control thread
+                log.exception("control handler failed")
+                return self._send(500, {"error": f"internal error: {type(e).__name__}: {e}", "exit_code": 1})
+            if isinstance(result, Iterator):
+                self._stream(result)
+            else:
+                self._send(200, result)
+
+        def _body(self) -> dict[str, Any]:
+            n = int(self.headers.get("Content-Length") or 0)
+            if n > 1 << 20:
+                raise UsageError("request body too large")
+            raw = self.rfile.read(n) if n else b"{}"
+            try:
+                data = json.loads(raw)
+            except ValueError:
+                raise UsageError("request body is not JSON") from None
+            if not isinstance(data, dict):
+                raise UsageError("request body must be a JSON object")
+            return data
+
+        def _send(self, status: int, payload: Any) -> None:
+            data = json.dumps(payload).encode() + b"\n"
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _stream(self, events: Iterator[Any]) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-ndjson")
+            self.end_headers()
+            try:
+                for item in events:
+                    self.wfile.write(json.dumps(item).encode() + b"\n")
+                    self.wfile.flush()
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the engineer pressed ^C; the work goes on in the daemon
+
+    return H
+
+
+def _socket_answers(path: Path) -> bool:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(1.0)
+    try:
+        s.connect(str(path))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+# -- client -------------------------------------------------------------------------------
+
+class DaemonNotRunning(Exception):
+    """No daemon listens on the socket: the CLI works in-process instead."""
+
+
+class ControlClient:
+    def __init__(self, path: Path, timeout: float = 600.0) -> None:
+        self.path = path
+        self.timeout = timeout
+
+    def probe(self) -> None:
+        """Raise DaemonNotRunning if nobody listens, UsageError if we may not connect."""
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(2.0)
+        try:
+            s.connect(str(self.path))
+        except (FileNotFoundError, ConnectionRefusedError):
+            raise DaemonNotRunning() from None
+        except PermissionError:
+            raise UsageError(f"permission denied on the control socket {self.path}: run as root or as a member of "
+                             f"the daemon's control_group") from None
+        except OSError as e:
+            raise DaemonNotRunning() from e
+        finally:
+            s.close()
+
+    def _client(self) -> httpx.Client:
+        return httpx.Client(transport=httpx.HTTPTransport(uds=str(self.path)), base_url="http://certd",
+                            timeout=httpx.Timeout(self.timeout, connect=5.0))
+
+    def get(self, path: str, params: dict[str, Any] | None = None) -> Any:
+        with self._client() as c:
+            r = c.get(path, params=params)
+            return _result(r.status_code, r.json())
+
+    def call(self, path: str, body: dict[str, Any]) -> Any:
+        with self._client() as c:
+            r = c.post(path, json=body)
+            return _result(r.status_code, r.json())
+
+    def stream(self, path: str, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        with self._client() as c, c.stream("POST", path, json=body) as r:
+            if r.status_code != 200:
+                r.read()
+                _result(r.status_code, r.json())
+            for line in r.iter_lines():
+                if line.strip():
+                    yield json.loads(line)
+
+
+def _result(status: int, payload: Any) -> Any:
+    if status == 200:
+        return payload
+    message = payload.get("error", f"HTTP {status}") if isinstance(payload, dict) else f"HTTP {status}"
+    if status in (400, 403):
+        raise UsageError(message)
+    raise OperationFailed(message)

@@ -1,0 +1,321 @@
+"""``certd run``: the composition root of the long-running service.
+
+Start-up: load and check the config, finish rotations a crash left unfinished, schedule every
+certificate, open the control socket, watch the config file, tell systemd READY=1. Then the
+main thread only waits for signals: SIGHUP reloads the config (as does an edit of the file),
+SIGTERM/SIGINT stop taking work, let in-flight rotations reach a safe point (committed or rolled
+back) within ``SHUTDOWN_GRACE`` seconds, and exit 0. A rotation still running past that bound
+is left to its journal: the next start resumes it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+from pathlib import Path
+from typing import Any, Iterator
+
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+
+from certd import config as config_mod
+from certd.clock import Clock, SystemClock, isoformat
+from certd.config import CertificateConfig, Config
+from certd.control import Caller, ControlServer
+from certd.errors import ConfigError, UsageError
+from certd.log import event
+from certd.manager import Manager, Outcome
+from certd.scheduler import Flight, Flights, Scheduler, ShuttingDown
+
+log = logging.getLogger("certd.daemon")
+
+SHUTDOWN_GRACE = 60.0
+CONFIG_DEBOUNCE = 0.3
+
+
+def sd_notify(message: str) -> None:
+    """Send a state line to systemd (Type=notify); a no-op outside systemd."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        try:
+            s.sendto(message.encode(), addr)
+        except OSError as e:
+            log.warning("sd_notify failed: %s", e)
+
+
+class Daemon:
+    def __init__(self, config_path: Path, *, clock: Clock | None = None) -> None:
+        self.config_path = config_path
+        self.clock = clock or SystemClock()
+        self.config: Config = config_mod.load(config_path, check_runtime=True)
+        self.manager = Manager(self.config, clock=self.clock, lock_timeout=SHUTDOWN_GRACE)
+        self.flights = Flights()
+        self.scheduler = Scheduler(self.config.daemon.workers, self._scheduled_job, self.clock)
+        self.control = ControlServer(self.config.daemon.control_socket, {
+            ("GET", "/v1/status"): self._api_status,
+            ("POST", "/v1/renew"): self._api_renew,
+            ("POST", "/v1/rollback"): self._api_rollback,
+            ("POST", "/v1/verify"): self._api_verify,
+            ("POST", "/v1/reload"): self._api_reload,
+        }, group=self.config.daemon.control_group,
+            mutating={"/v1/renew", "/v1/rollback", "/v1/reload", "/v1/verify"})
+        self._stop = threading.Event()
+        self._reload_lock = threading.Lock()
+        self._reload_timer: threading.Timer | None = None
+        self._observer: Any = None
+
+    # -- life cycle -----------------------------------------------------------------------
+
+    def run(self) -> int:
+        sd_notify("STATUS=starting: finishing interrupted rotations")
+        self.control.start()
+        try:
+            for j in self.manager.recover_all():
+                event(log, "rotation_recovered", name=j.name, step=j.step.value)
+            for cert in self.config.certificates:
+                self._reschedule(cert.name)
+            self.scheduler.start()
+            self._watch_config()
+            self._install_signals()
+            self._start_watchdog()
+            sd_notify("READY=1")
+            self._update_status()
+            event(log, "daemon_ready", certificates=len(self.config.certificates), pid=os.getpid())
+            while not self._stop.wait(1.0):
+                pass
+            return self._shutdown()
+        finally:
+            self.control.stop()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _shutdown(self) -> int:
+        sd_notify("STOPPING=1")
+        event(log, "daemon_stopping", in_flight=len(self.flights.in_progress()))
+        self.flights.accepting = False
+        self.scheduler.shutdown()
+        if self._observer is not None:
+            self._observer.stop()
+        idle = self.flights.wait_idle(SHUTDOWN_GRACE, self.clock)
+        event(log, "daemon_stopped", clean=idle)
+        self.manager.close()
+        if not idle:  # the journal resumes the rotation at the next start
+            logging.shutdown()
+            os._exit(0)
+        return 0
+
+    def _install_signals(self) -> None:
+        signal.signal(signal.SIGTERM, lambda *_: self.stop())
+        signal.signal(signal.SIGINT, lambda *_: self.stop())
+        signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=self.reload_config, args=("SIGHUP",),
+                                                                   daemon=True).start())
+
+    def _start_watchdog(self) -> None:
+        usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
+        if usec <= 0:
+            return
+        interval = usec / 1e6 / 2
+
+        def ping() -> None:
+            while not self._stop.wait(interval):
+                if self.scheduler.running:  # a wedged scheduler stops the pings: systemd restarts us
+                    sd_notify("WATCHDOG=1")
+        threading.Thread(target=ping, name="watchdog", daemon=True).start()
+
+    def _update_status(self) -> None:
+        names = self.scheduler.scheduled_names()
+        upcoming = sorted((t, n) for n in names if (t := self.scheduler.next_run(n)) is not None)
+        failing = sum(1 for c in self.config.certificates if self.manager.load_state(c.name).failures)
+        line = f"{len(self.config.certificates)} certificates"
+        if upcoming:
+            line += f"; next: {upcoming[0][1]} at {isoformat(upcoming[0][0])}"
+        if failing:
+            line += f"; {failing} failing"
+        sd_notify(f"STATUS={line}")
+
+    # -- scheduling -----------------------------------------------------------------------
+
+    def _reschedule(self, name: str) -> None:
+        try:
+            cert = self.config.certificate(name)
+        except KeyError:
+            return
+        when, reason = self.manager.plan(cert)
+        self.scheduler.schedule(name, when, reason)
+
+    def _scheduled_job(self, name: str) -> None:
+        try:
+            flight, started = self.flights.begin(name, "scheduled")
+        except ShuttingDown:
+            return
+        if not started:
+            return  # a forced renewal or rollback is running; it reschedules when done
+        self._run_flight(flight, "renew", force=False, reason="", initiator="scheduler")
+
+    def _run_flight(self, flight: Flight, kind: str, **kw: Any) -> None:
+        outcome: Outcome | None = None
+        try:
+            cert = self.config.certificate(flight.name)
+            progress = lambda _n, m: flight.say(m)  # noqa: E731
+            if kind == "renew":
+                outcome = self.manager.renew_one(cert, progress=progress, **kw)
+            else:
+                outcome = self.manager.rollback(cert, progress=progress, **kw)
+        except UsageError as e:
+            outcome = Outcome(flight.name, "refused", str(e))
+        except KeyError:
+            outcome = Outcome(flight.name, "failed", f"{flight.name} is no longer configured")
+        except Exception as e:  # never let a bug kill the worker silently
+            log.exception("rotation of %s crashed", flight.name)
+            outcome = Outcome(flight.name, "failed", f"internal error: {type(e).__name__}: {e}")
+        finally:
+            self.flights.end(flight, outcome)
+            if not self._stop.is_set():
+                self._reschedule(flight.name)
+                self._update_status()
+        if outcome is not None and not outcome.ok:
+            event(log, "rotation_outcome", logging.WARNING, name=flight.name, result=outcome.result, message=outcome.message)
+
+    # -- config reload --------------------------------------------------------------------
+
+    def _watch_config(self) -> None:
+        target = str(self.config_path.resolve())
+        daemon = self
+
+        class Handler(FileSystemEventHandler):
+            def on_any_event(self, ev: FileSystemEvent) -> None:
+                paths = {str(getattr(ev, "src_path", "")), str(getattr(ev, "dest_path", "") or "")}
+                if target in paths and ev.event_type in ("modified", "created", "moved", "closed"):
+                    daemon._debounced_reload()
+
+        self._observer = Observer()
+        self._observer.schedule(Handler(), str(self.config_path.resolve().parent), recursive=False)
+        self._observer.daemon = True
+        self._observer.start()
+
+    def _debounced_reload(self) -> None:
+        # Editors write a file in several events; act once when they are done.
+        if self._reload_timer is not None:
+            self._reload_timer.cancel()
+        self._reload_timer = threading.Timer(CONFIG_DEBOUNCE, self.reload_config, args=("file changed",))
+        self._reload_timer.daemon = True
+        self._reload_timer.start()
+
+    def reload_config(self, source: str) -> tuple[bool, list[str]]:
+        """Apply a valid config live; keep the running one on any problem."""
+        with self._reload_lock:
+            try:
+                new = config_mod.load(self.config_path, check_runtime=True)
+            except ConfigError as e:
+                for problem in e.problems:
+                    event(log, "config_rejected", logging.ERROR, source=source, problem=problem)
+                event(log, "config_kept", logging.ERROR, reason="the new configuration is invalid; the running one stays")
+                return False, e.problems
+            old = self.config
+            if new == old:
+                return True, []
+            if new.daemon != old.daemon:
+                event(log, "config_restart_needed", logging.WARNING,
+                      detail="[daemon] changes (state_dir, control_socket, workers, ...) take effect after a restart")
+                new = Config(new.path, old.daemon, new.acme, new.certificates)
+            old_by_name = {c.name: c for c in old.certificates}
+            new_by_name = {c.name: c for c in new.certificates}
+            self.config = new
+            self.manager.reconfigure(new)
+            for name in old_by_name.keys() - new_by_name.keys():
+                self.scheduler.unschedule(name)
+            changed = [n for n, c in new_by_name.items() if old_by_name.get(n) != c]
+            for name in changed:
+                self._reschedule(name)
+            event(log, "config_reloaded", source=source,
+                  added=",".join(sorted(new_by_name.keys() - old_by_name.keys())) or None,
+                  removed=",".join(sorted(old_by_name.keys() - new_by_name.keys())) or None,
+                  changed=",".join(sorted(n for n in changed if n in old_by_name)) or None)
+            self._update_status()
+            return True, []
+
+    # -- control API ----------------------------------------------------------------------
+
+    def _select(self, names: Any) -> list[CertificateConfig]:
+        if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+            raise UsageError("names must be a list of strings")
+        return self.manager.select(names or [])
+
+    def _api_status(self, caller: Caller, query: dict[str, Any]) -> dict[str, Any]:
+        rows = []
+        for cert in self._select(query.get("name")):
+            row = self.manager.status(cert)
+            nxt = self.scheduler.next_run(cert.name)
+            if nxt is not None:
+                row["next_run"] = isoformat(nxt)
+            rows.append(row)
+        return {"certificates": rows}
+
+    def _api_renew(self, caller: Caller, body: dict[str, Any]) -> Iterator[dict[str, Any]] | dict[str, Any]:
+        certs = list(self.config.certificates) if body.get("all") else self._select(body.get("names"))
+        if not certs:
+            raise UsageError("no certificates named")
+        force = bool(body.get("force"))
+        reason = str(body.get("reason") or ("forced by operator" if force else "requested by operator"))
+        initiator = str(caller)
+        flights = []
+        for cert in certs:
+            try:
+                flight, started = self.flights.begin(cert.name, "forced" if force else "requested")
+            except ShuttingDown as e:
+                raise UsageError(str(e)) from None
+            if started:
+                event(log, "renewal_requested", name=cert.name, initiator=initiator, force=force, reason=reason)
+                self.scheduler.submit(self._run_flight, flight, "renew", job_id=f"run:{cert.name}",
+                                      force=force, reason=reason, initiator=initiator)
+            else:
+                flight.say(f"joined the {flight.kind} rotation already in progress (one order per certificate)")
+            flights.append(flight)
+        if not body.get("wait"):
+            return {"accepted": [f.name for f in flights]}
+        return _follow(flights)
+
+    def _api_rollback(self, caller: Caller, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        name = body.get("name")
+        if not isinstance(name, str):
+            raise UsageError("rollback needs a certificate name")
+        self._select([name])
+        to_version = body.get("to_version")
+        if to_version is not None and not isinstance(to_version, int):
+            raise UsageError("to_version must be an integer")
+        flight, started = self.flights.begin(name, "rollback")
+        if not started:
+            raise UsageError(f"a {flight.kind} rotation of {name} is in progress; try again when it finishes")
+        initiator = str(caller)
+        event(log, "rollback_requested", name=name, initiator=initiator, to_version=to_version)
+        self.scheduler.submit(self._run_flight, flight, "rollback", job_id=f"run:{name}", to_version=to_version,
+                              reason=str(body.get("reason") or "rollback by operator"), initiator=initiator)
+        return _follow([flight])
+
+    def _api_verify(self, caller: Caller, body: dict[str, Any]) -> dict[str, Any]:
+        outcomes = [self.manager.verify_now(c) for c in self._select(body.get("names"))]
+        return {"outcomes": [_outcome_json(o) for o in outcomes]}
+
+    def _api_reload(self, caller: Caller, body: dict[str, Any]) -> dict[str, Any]:
+        ok, problems = self.reload_config(f"control socket ({caller})")
+        return {"ok": ok, "problems": problems}
+
+
+def _follow(flights: list[Flight]) -> Iterator[dict[str, Any]]:
+    for flight in flights:
+        for ev in flight.follow():
+            yield {"event": "progress", **ev}
+    yield {"event": "result", "outcomes": [_outcome_json(f.result) for f in flights if f.result is not None]}
+
+
+def _outcome_json(o: Outcome) -> dict[str, Any]:
+    return {"name": o.name, "result": o.result, "message": o.message, "version": o.version,
+            "serial": o.serial, "ok": o.ok}

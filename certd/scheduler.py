@@ -1,0 +1,177 @@
+"""Scheduling and single-flight: when each certificate's job runs, and one rotation per
+certificate at a time.
+
+Every certificate has one APScheduler job, set to the earlier of its renewal time (from
+:mod:`certd.policy`) and its next ARI poll. The job runs :meth:`Manager.renew_one` (which only
+renews when due) and then sets the next run from the fresh facts. All rotations — scheduled,
+forced through the control socket, rollbacks — run in APScheduler's bounded thread pool.
+
+:class:`Flights` makes a certificate's work single-flight within the daemon: a forced renewal
+that arrives while a scheduled one runs *joins* it (streaming its progress) instead of placing
+a second order; across processes the store's per-certificate lock does the same job.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Callable, Iterator
+
+from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.date import DateTrigger
+
+from certd.clock import Clock, isoformat
+from certd.log import event
+
+log = logging.getLogger("certd.scheduler")
+
+
+@dataclass
+class Flight:
+    """One unit of work on one certificate, with its progress for anyone who joins."""
+
+    name: str
+    kind: str
+    events: list[dict[str, Any]] = field(default_factory=list)
+    result: Any = None
+    done: bool = False
+    cond: threading.Condition = field(default_factory=threading.Condition)
+
+    def say(self, message: str) -> None:
+        with self.cond:
+            self.events.append({"name": self.name, "message": message})
+            self.cond.notify_all()
+
+    def finish(self, result: Any) -> None:
+        with self.cond:
+            self.result, self.done = result, True
+            self.cond.notify_all()
+
+    def follow(self, timeout: float | None = None) -> Iterator[dict[str, Any]]:
+        """Yield progress events as they happen until the flight is done."""
+        i = 0
+        while True:
+            with self.cond:
+                while i >= len(self.events) and not self.done:
+                    if not self.cond.wait(timeout):
+                        return
+                batch, i = self.events[i:], len(self.events)
+                done = self.done
+            yield from batch
+            if done and i >= len(self.events):
+                return
+
+
+class Flights:
+    """At most one :class:`Flight` per certificate name."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._flights: dict[str, Flight] = {}
+        self.accepting = True
+
+    def begin(self, name: str, kind: str) -> tuple[Flight, bool]:
+        """Return ``(flight, started)``: a new flight (started=True) or the one in progress."""
+        with self._lock:
+            current = self._flights.get(name)
+            if current is not None:
+                return current, False
+            if not self.accepting:
+                raise ShuttingDown("certd is shutting down; no new work is accepted")
+            flight = Flight(name, kind)
+            self._flights[name] = flight
+            return flight, True
+
+    def end(self, flight: Flight, result: Any) -> None:
+        with self._lock:
+            if self._flights.get(flight.name) is flight:
+                del self._flights[flight.name]
+        flight.finish(result)
+
+    def in_progress(self) -> list[Flight]:
+        with self._lock:
+            return list(self._flights.values())
+
+    def wait_idle(self, timeout: float, clock: Clock) -> bool:
+        deadline = clock.monotonic() + timeout
+        for flight in self.in_progress():
+            with flight.cond:
+                while not flight.done:
+                    left = deadline - clock.monotonic()
+                    if left <= 0 or not flight.cond.wait(min(left, 0.5)):
+                        if deadline - clock.monotonic() <= 0:
+                            return False
+        return True
+
+
+class ShuttingDown(Exception):
+    pass
+
+
+def ari_poll_interval(retry_after: datetime | None, now: datetime, lifetime: timedelta) -> timedelta:
+    """How long until ARI is polled again for a certificate.
+
+    RFC 9773 §4.3.2 lets clients clamp Retry-After to reasonable limits. certd clamps it to
+    [min(1 min, lifetime/10), min(1 day, lifetime/10)]: a 90-day certificate honours a CA's
+    6-hour Retry-After, while a 2-minute one looks every 12 s, so a revocation behind certd's
+    back is noticed while the certificate still matters.
+    """
+    tenth = lifetime / 10
+    floor, ceiling = min(timedelta(minutes=1), tenth), min(timedelta(days=1), tenth)
+    wanted = (retry_after - now) if retry_after else timedelta(hours=6)
+    return min(max(wanted, floor), ceiling)
+
+
+class Scheduler:
+    """APScheduler wiring: one date-triggered job per certificate, a bounded worker pool."""
+
+    def __init__(self, workers: int, run_job: Callable[[str], None], clock: Clock) -> None:
+        self.clock = clock
+        self._run_job = run_job
+        self._aps = BackgroundScheduler(
+            executors={"default": ThreadPoolExecutor(max_workers=workers)},
+            # Single-flight is Flights' job. APScheduler's own instance limit would *skip* the run
+            # a job schedules for itself while it is still finishing, and a DateTrigger job that
+            # is skipped is gone: the certificate would never be looked at again.
+            job_defaults={"coalesce": True, "max_instances": 8, "misfire_grace_time": None},
+            timezone="UTC",
+        )
+
+    def start(self) -> None:
+        self._aps.start()
+
+    def shutdown(self) -> None:
+        if self._aps.running:
+            self._aps.shutdown(wait=False)
+
+    @property
+    def running(self) -> bool:
+        return bool(self._aps.running)
+
+    def schedule(self, name: str, when: datetime, reason: str) -> None:
+        """(Re)schedule ``name``'s job at ``when`` (now if in the past)."""
+        when = max(when, self.clock.now())
+        self._aps.add_job(self._run_job, DateTrigger(run_date=when), args=[name], id=f"renew:{name}",
+                          name=f"renew {name}", replace_existing=True)
+        event(log, "renewal_scheduled", name=name, at=isoformat(when), reason=reason)
+
+    def submit(self, fn: Callable[..., Any], *args: Any, job_id: str, **kwargs: Any) -> None:
+        """Run ``fn(*args, **kwargs)`` in the worker pool now (forced renewals, rollbacks)."""
+        self._aps.add_job(fn, DateTrigger(run_date=self.clock.now()), args=list(args), kwargs=kwargs,
+                          id=job_id, replace_existing=True)
+
+    def unschedule(self, name: str) -> None:
+        job = self._aps.get_job(f"renew:{name}")
+        if job is not None:
+            job.remove()
+            event(log, "renewal_unscheduled", name=name)
+
+    def next_run(self, name: str) -> datetime | None:
+        job = self._aps.get_job(f"renew:{name}")
+        return job.next_run_time if job is not None else None
+
+    def scheduled_names(self) -> list[str]:
+        return [j.id.split(":", 1)[1] for j in self._aps.get_jobs() if j.id.startswith("renew:")]

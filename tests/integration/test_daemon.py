@@ -1,0 +1,231 @@
+"""certd run as a real process: unattended rotation of short-lived certificates, the control
+socket, single-flight, ARI-driven renewal after revocation, backoff while the CA is down, live
+config reload, SIGTERM mid-rotation, and socket permissions."""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from certd.config import AcmeConfig
+from certd.issuer import Issuer
+from certd.clock import SystemClock
+from certd.store import FileStore
+from tests.support.certd_env import CertdEnv, key_matches
+from tests.support.procs import wait_until
+from tests.support.server_fixtures import served_fingerprint
+
+SNI = "www.example.test"
+
+
+def version_of(env: CertdEnv, name: str = "www") -> int | None:
+    return env.status(name)[name]["version"]
+
+
+@pytest.fixture
+def short_pebble(pebble_factory: Any) -> Any:
+    """A private Pebble issuing 2-minute certificates."""
+    return pebble_factory(validity=120)
+
+
+@pytest.mark.slow
+def test_daemon_rotates_short_certificates_unattended_with_nginx_verified(
+        tmp_path: Path, certd_env: Any, short_pebble: Any, nginx_factory: Any) -> None:
+    """Two-minute certificates renewed with 90 s left: three unattended rotations, nginx verified each time."""
+    env = certd_env(short_pebble)
+    env.refresh_root()
+    live = tmp_path / "live" / "www"
+    base = env.http_cert("www", [SNI], deploy={"live_dir": str(live)})
+    env.write_config([base])
+    env.run("renew", "--all", check=0)
+    nginx = nginx_factory(live / "fullchain.pem", live / "privkey.pem", server_name=SNI)
+    env.write_config([{**base, "renew_before": "90s",
+                       "reload": [{"hook": "nginx", "config": str(nginx.config)}],
+                       "verify": [{"endpoint": f"127.0.0.1:{nginx.port}", "ca_bundle": str(env.root_path)}]}])
+    daemon = env.start_daemon()
+    seen = {served_fingerprint(nginx.port, SNI)}
+    for expected in (2, 3, 4):
+        wait_until(lambda: (version_of(env) or 0) >= expected, timeout=75, what=f"version {expected}")
+        row = env.status("www")["www"]
+        assert row["last_result"] == "success"
+        wait_until(lambda: served_fingerprint(nginx.port, SNI) == row["fingerprint_sha256"], timeout=5,
+                   what="nginx serving the committed certificate")
+        seen.add(row["fingerprint_sha256"])
+    assert len(seen) == 4
+    daemon.stop(timeout=30)
+    assert daemon.returncode == 0
+
+
+def test_forced_renewal_joins_the_scheduled_one(tmp_path: Path, certd_env: Any, pebble: Any) -> None:
+    """A forced renewal arriving during a scheduled rotation joins it: one order, one new version."""
+    env = certd_env(pebble)
+    slow = tmp_path / "slow-hook"
+    slow.write_text("#!/bin/sh\nsleep 2\n")
+    slow.chmod(0o755)
+    env.write_config([env.http_cert("www", [SNI], deploy={"live_dir": str(tmp_path / "live")},
+                                    reload=[{"command": [str(slow)]}])])
+    daemon = env.start_daemon()  # no certificate yet: the scheduled job starts at once
+    wait_until(lambda: env.status("www")["www"]["rotation"] is not None, timeout=30, what="rotation in progress")
+    r = env.run("renew", "www", "--force", "--wait", "--reason", "incident 42", check=0)
+    assert "joined" in r.stderr
+    assert version_of(env) == 1
+    assert FileStore(env.state_dir).versions("www") == [1]
+    daemon.stop(timeout=30)
+
+
+def test_renew_wait_through_the_socket_shows_the_steps(tmp_path: Path, certd_env: Any, pebble: Any) -> None:
+    """renew --force --wait via the daemon streams each step and exits with the outcome."""
+    env = certd_env(pebble)
+    env.write_config([env.http_cert("www", [SNI], deploy={"live_dir": str(tmp_path / "live")})])
+    env.run("renew", "--all", check=0)
+    daemon = env.start_daemon()
+    r = env.run("renew", "www", "--force", "--wait", "--reason", "rotate after audit", check=0)
+    for step in ("ordering", "issued serial", "staged version 2", "switched to version 2", "committed version 2"):
+        assert step in r.stderr, r.stderr
+    assert "renewed: version 2" in r.stdout
+    meta = FileStore(env.state_dir).load("www", 2).meta
+    assert meta["reason"] == "rotate after audit" and meta["initiator"].startswith("uid=0(root)")
+    daemon.stop(timeout=30)
+
+
+def test_certificate_revoked_behind_certds_back_is_renewed_promptly(tmp_path: Path, certd_env: Any, short_pebble: Any) -> None:
+    """When ARI says 'renew now' after a revocation, the daemon renews within seconds."""
+    env = certd_env(short_pebble)
+    env.write_config([env.http_cert("www", [SNI], deploy={"live_dir": str(tmp_path / "live")})])
+    env.run("renew", "--all", check=0)
+    daemon = env.start_daemon()
+    store = FileStore(env.state_dir)
+    old = store.load("www", 1).bundle
+    issuer = Issuer(AcmeConfig(short_pebble.directory_url, ca_bundle=short_pebble.ca_bundle), store, SystemClock())
+    issuer.revoke(old.cert_pem, 1)  # keyCompromise, by someone else
+    issuer.close()
+    assert short_pebble.cert_status(old.info.serial)["Status"] == "Revoked"
+    wait_until(lambda: version_of(env) == 2, timeout=40, what="renewal after revocation")
+    assert "ARI window ended" in store.load("www", 2).meta["reason"]
+    daemon.stop(timeout=30)
+
+
+def test_ca_down_backs_off_then_renews_soon_after_it_returns(tmp_path: Path, certd_env: Any, short_pebble: Any) -> None:
+    """With the CA down the daemon retries with growing delays, and renews promptly once it is back."""
+    env = certd_env(short_pebble)
+    env.write_config([env.http_cert("www", [SNI], deploy={"live_dir": str(tmp_path / "live")})])
+    short_pebble.stop()
+    daemon = env.start_daemon()  # nothing issued yet: due at once, but the CA is down
+    wait_until(lambda: env.status("www")["www"]["failures"] >= 3, timeout=30, what="three failed attempts")
+    # Backoff 2 s, 4 s, 8 s...: three failures take ~6 s; without backoff there would be hundreds.
+    assert daemon.log_text().count("renewal_failed") <= 4
+    assert "not reachable" in env.status("www")["www"]["last_error"]
+    short_pebble.start()
+    wait_until(lambda: version_of(env) == 1, timeout=30, what="issuance after the CA came back")
+    row = env.status("www")["www"]
+    assert row["failures"] == 0 and row["last_result"] == "success"
+    daemon.stop(timeout=30)
+
+
+def test_invalid_config_edit_is_rejected_and_a_valid_one_applied(tmp_path: Path, certd_env: Any, pebble: Any) -> None:
+    """A broken edit keeps the running config; a valid edit adds a certificate that is then issued."""
+    env = certd_env(pebble)
+    www = env.http_cert("www", [SNI], deploy={"live_dir": str(tmp_path / "live-www")})
+    env.write_config([www])
+    daemon = env.start_daemon()
+    wait_until(lambda: version_of(env) == 1, timeout=30, what="www issued")
+    env.config_path.write_text(env.config_path.read_text() + "\nbogus_key = 1\n")
+    wait_until(lambda: "config_rejected" in daemon.log_text(), timeout=10, what="rejection logged")
+    assert "bogus_key" in daemon.log_text()
+    assert daemon.alive
+    env.write_config([www, env.http_cert("api", ["api.example.test"], deploy={"live_dir": str(tmp_path / "live-api")})])
+    wait_until(lambda: "config_reloaded" in daemon.log_text(), timeout=10, what="reload logged")
+    wait_until(lambda: env.status().get("api", {}).get("version") == 1, timeout=30, what="api issued")
+    daemon.stop(timeout=30)
+
+
+def test_sighup_reloads_and_the_reload_command_reports_problems(tmp_path: Path, certd_env: Any, pebble: Any) -> None:
+    """certd reload prints the problems of a broken file and the daemon keeps its config."""
+    env = certd_env(pebble)
+    env.write_config([env.http_cert("www", [SNI])])
+    daemon = env.start_daemon()
+    env.config_path.write_text(env.config_path.read_text().replace('challenge = "http-01"', 'challenge = "http-03"'))
+    r = env.run("reload", check=2)
+    assert "unknown challenge 'http-03'" in r.stderr and "keeps running" in r.stderr
+    env.write_config()
+    os.kill(daemon.pid, signal.SIGHUP)
+    assert daemon.alive
+    daemon.stop(timeout=30)
+
+
+def test_sigterm_during_a_rotation_finishes_it_and_exits_0(tmp_path: Path, certd_env: Any, pebble: Any) -> None:
+    """SIGTERM mid-rotation: the rotation reaches a safe point, the daemon exits 0, disk is consistent."""
+    env = certd_env(pebble)
+    slow = tmp_path / "slow-hook"
+    slow.write_text("#!/bin/sh\nsleep 1\n")
+    slow.chmod(0o755)
+    live = tmp_path / "live"
+    env.write_config([env.http_cert("www", [SNI], deploy={"live_dir": str(live)}, reload=[{"command": [str(slow)]}])])
+    daemon = env.start_daemon()
+    wait_until(lambda: env.status("www")["www"]["rotation"] is not None, timeout=30, what="rotation in progress")
+    os.kill(daemon.pid, signal.SIGTERM)
+    wait_until(lambda: not daemon.alive, timeout=30, what="daemon exit")
+    assert daemon.returncode == 0
+    row = env.status("www")["www"]
+    assert row["rotation"] is None and row["version"] == 1
+    assert key_matches(live / "fullchain.pem", live / "privkey.pem")
+
+
+def run_cli_as_nobody(argv: list[str]) -> tuple[int, str]:
+    """Run certd's CLI entry point in a child process that dropped to uid/gid 65534 (nobody).
+
+    A fork of this process rather than an exec: the venv's interpreter lives under /root,
+    which nobody cannot traverse, but the code path is exactly the CLI's."""
+    import gettext  # noqa: F401  imported lazily by argparse; nobody cannot read /root later
+    import locale  # noqa: F401
+
+    from certd import cli, control, manager  # noqa: F401
+    cli.build_parser().parse_args(argv)  # warm every lazy import the CLI path takes
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        try:
+            os.close(read_fd)
+            sys.stderr = os.fdopen(write_fd, "w")  # pytest has replaced sys.stderr; write to our pipe
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            rc = cli.main(argv)
+            sys.stderr.flush()
+            os._exit(rc)
+        except BaseException:
+            os._exit(99)
+    os.close(write_fd)
+    with os.fdopen(read_fd) as f:
+        err = f.read()
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), err
+
+
+def test_caller_without_permission_on_the_socket_is_refused(certd_env: Any, pebble: Any) -> None:
+    """An unprivileged user cannot use the control socket (0660 root): clear error, exit 2, nothing done."""
+    d = Path(tempfile.mkdtemp(prefix="certd-perm-"))
+    d.chmod(0o755)
+    env = certd_env(pebble, d)
+    ca = d / "acme-ca.pem"
+    ca.write_bytes(Path(pebble.ca_bundle).read_bytes())
+    ca.chmod(0o644)
+    env.acme_extra["ca_bundle"] = str(ca)
+    env.write_config([env.http_cert("www", [SNI])])
+    env.config_path.chmod(0o644)
+    daemon = env.start_daemon()
+    wait_until(lambda: version_of(env) == 1, timeout=30, what="www issued")
+    assert stat.S_IMODE(env.socket.stat().st_mode) == 0o660
+    rc, err = run_cli_as_nobody(["--config", str(env.config_path), "renew", "www", "--force"])
+    assert rc == 2, err
+    assert "permission denied on the control socket" in err and "Traceback" not in err
+    assert version_of(env) == 1
+    daemon.stop(timeout=30)
