@@ -1,0 +1,103 @@
+"""Error mapping and Retry-After parsing for the ACME transport (no network)."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import pytest
+import requests
+from acme import messages
+
+from certd.acmenet import AcmeNetwork, Failure, problem_code, retry_after_seconds
+from certd.clock import FakeClock
+from certd.errors import AcmeError, CANotReachable
+
+NOW = datetime(2026, 5, 4, 12, 0, tzinfo=timezone.utc)
+DIRECTORY = "https://acme.example.test/dir"
+
+
+@pytest.fixture
+def fail() -> Failure:
+    return Failure(DIRECTORY, FakeClock(NOW))
+
+
+def _problem(code: str, detail: str = "no", retry_after: str | None = None, **kw: object) -> messages.Error:
+    error = messages.Error(typ=f"urn:ietf:params:acme:error:{code}", detail=detail, **kw)
+    error.retry_after = retry_after
+    return error
+
+
+@pytest.mark.parametrize("code, transient, next_step", [
+    ("rateLimited", True, "will retry after 13:00 UTC"),
+    ("serverInternal", True, "will retry"),
+    ("badNonce", True, "will retry"),
+    ("unauthorized", False, "not retrying"),
+    ("rejectedIdentifier", False, "change the domains; not retrying"),
+    ("caa", False, "fix the CAA records; not retrying"),
+    ("externalAccountRequired", False, "set eab_kid and eab_hmac_key"),
+    ("somethingNew", False, "not retrying automatically"),
+])
+def test_problem_types_map_to_transience_and_next_step(fail: Failure, code: str, transient: bool,
+                                                       next_step: str) -> None:
+    """Each RFC 8555 problem type decides transience; the message ends with what happens next."""
+    error = fail(_problem(code, "the detail\nacross lines", retry_after="3600"), "issuing www")
+    assert isinstance(error, AcmeError) and not isinstance(error, CANotReachable)
+    assert error.transient is transient
+    assert error.problem_type == f"urn:ietf:params:acme:error:{code}"
+    assert error.detail == "the detail\nacross lines"
+    msg = str(error)
+    assert msg.startswith(f"issuing www: the CA refused ({code}): the detail across lines; ")
+    assert msg.endswith(next_step) or next_step in msg
+    assert "\n" not in msg
+
+
+def test_rate_limit_carries_retry_after(fail: Failure) -> None:
+    """rateLimited keeps the CA's Retry-After (seconds or HTTP-date) as seconds."""
+    assert fail(_problem("rateLimited", retry_after="90"), "x").retry_after == 90.0  # type: ignore[union-attr]
+    dated = fail(_problem("rateLimited", retry_after="Mon, 04 May 2026 12:30:00 GMT"), "x")
+    assert dated.retry_after == 1800.0  # type: ignore[union-attr]
+    assert "will retry after 12:30 UTC" in str(dated)
+
+
+def test_subproblems_are_summarised(fail: Failure) -> None:
+    """The first subproblem (with its identifier) is named, and how many more there are."""
+    sub = [messages.Error(typ="urn:ietf:params:acme:error:caa", detail="CAA forbids",
+                          identifier=messages.Identifier(typ=messages.IDENTIFIER_FQDN, value="a.example.test")),
+           messages.Error(typ="urn:ietf:params:acme:error:dns", detail="SERVFAIL")]
+    msg = str(fail(_problem("compound", "several", subproblems=tuple(sub)), "issuing www"))
+    assert "several [a.example.test: caa: CAA forbids; 1 more]" in msg
+
+
+@pytest.mark.parametrize("exc, why", [
+    (requests.exceptions.ConnectionError("ConnectionRefusedError: [Errno 111] Connection refused"),
+     "connection refused"),
+    (requests.exceptions.Timeout("timed out"), "timed out"),
+    (requests.exceptions.SSLError("[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed"),
+     "TLS error: its certificate is not trusted; set [acme] ca_bundle"),
+    (requests.exceptions.ConnectionError("something odd"), "connection failed"),
+])
+def test_transport_failures_are_ca_not_reachable(fail: Failure, exc: Exception, why: str) -> None:
+    """Transport failures become a transient CANotReachable naming the server and the reason."""
+    error = fail(exc, "issuing www")
+    assert isinstance(error, CANotReachable) and error.transient
+    assert str(error) == f"ACME server {DIRECTORY} is not reachable ({why}); will retry"
+
+
+def test_conflict_keeps_its_problem_document() -> None:
+    """A 409 with a problem document raises that problem (the library would raise a bare ConflictError)."""
+    response = requests.Response()
+    response.status_code = 409
+    response.headers["Content-Type"] = "application/problem+json"
+    response._content = b'{"type": "urn:ietf:params:acme:error:alreadyReplaced", "detail": "replaced"}'
+    with pytest.raises(messages.Error) as info:
+        AcmeNetwork._check_response(response)
+    assert problem_code(info.value) == "alreadyReplaced"
+
+
+@pytest.mark.parametrize("header, seconds", [
+    (None, None), ("", None), ("120", 120.0), ("soon", None),
+    ("Mon, 04 May 2026 12:00:30 GMT", 30.0), ("Mon, 04 May 2026 11:00:00 GMT", 0.0),
+])
+def test_retry_after_parsing(header: str | None, seconds: float | None) -> None:
+    """Retry-After as delta-seconds or HTTP-date; past dates mean now; junk means absent."""
+    assert retry_after_seconds(header, NOW) == seconds
