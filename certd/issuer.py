@@ -62,7 +62,7 @@ ORDER_TIMEOUT = 90.0         # seconds for one whole order, from newOrder to the
 NETWORK_TIMEOUT = 30         # seconds for one HTTP request
 # Poll schedule: first poll soon (a local CA validates in milliseconds), then back off.
 FIRST_POLL = 0.004
-ISSUE_WAIT = 0.003           # after finalize, before the first poll
+ISSUE_WAIT = 0.002           # after finalize, before the first poll
 POLL_GROWTH = 2.0
 MAX_POLL = 2.0
 MAX_RETRY_AFTER = 15.0       # never wait longer than this for one poll, whatever the CA says
@@ -203,6 +203,9 @@ class Issuer:
             response = self._network().get(url, content_type=acme_client.ClientNetwork.JSON_CONTENT_TYPE)
             body = response.json()
             window = messages.RenewalInfo.from_json(body).suggested_window
+            if window.start is None or window.end is None or window.end < window.start:
+                raise AcmeError("fetching renewal information: the CA sent no valid suggestedWindow "
+                                "(RFC 9773 §4.2); will retry", transient=True)
             now = self._clock.now()
             wait = retry_after_seconds(response.headers.get("Retry-After"), now)
             delay = ARI_DEFAULT_RETRY if wait is None else timedelta(seconds=wait)
