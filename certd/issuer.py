@@ -483,17 +483,24 @@ class _Order:
             future.result()
 
     def poll(self, uri: str, waiting_for: str, first_wait: float = 0.0) -> messages.Order:
-        """Poll the order until it leaves pending/processing, within the deadline."""
+        """Poll the order until it leaves pending/processing, within the deadline.
+
+        Waits grow from :data:`FIRST_POLL` by :data:`POLL_GROWTH` up to :data:`MAX_POLL`, but are
+        never shorter than two round trips of the last poll: milliseconds against a local CA,
+        a polite pace against a distant one. A Retry-After from the CA wins (up to
+        :data:`MAX_RETRY_AFTER`).
+        """
         delay = FIRST_POLL
         if first_wait > 0:
             self.clock.sleep(min(first_wait, max(0.0, self.deadline - self.clock.monotonic())))
         while True:
+            sent = self.clock.monotonic()
             response = _get(self.client, uri)
             order = messages.Order.from_json(response.json())
             if order.status.name not in ("pending", "processing"):
                 return order
             now = self.clock.monotonic()
-            wait = delay
+            wait = max(delay, 2 * (now - sent))
             asked = retry_after_seconds(response.headers.get("Retry-After"), self.clock.now())
             if asked is not None:
                 wait = max(wait, min(asked, MAX_RETRY_AFTER))
