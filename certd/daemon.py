@@ -217,6 +217,8 @@ class Daemon:
             except ConfigError as e:
                 for problem in e.problems:
                     event(log, "config_rejected", logging.ERROR, source=source, problem=problem)
+                self.manager.emit("config_rejected", "", initiator=source, outcome="rejected",
+                                  reason="; ".join(e.problems))
                 event(log, "config_kept", logging.ERROR, reason="the new configuration is invalid; the running one stays")
                 return False, e.problems
             old = self.config
@@ -235,6 +237,10 @@ class Daemon:
             changed = [n for n, c in new_by_name.items() if old_by_name.get(n) != c]
             for name in changed:
                 self._reschedule(name)
+            self.manager.emit("config_changed", "", initiator=source, detail={
+                "added": sorted(new_by_name.keys() - old_by_name.keys()),
+                "removed": sorted(old_by_name.keys() - new_by_name.keys()),
+                "changed": sorted(n for n in changed if n in old_by_name)})
             event(log, "config_reloaded", source=source,
                   added=",".join(sorted(new_by_name.keys() - old_by_name.keys())) or None,
                   removed=",".join(sorted(old_by_name.keys() - new_by_name.keys())) or None,

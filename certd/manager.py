@@ -20,6 +20,7 @@ from certd import certcheck, deploy, hooks, keys, policy, rotation, verify
 from certd.clock import Clock, SystemClock, isoformat
 from certd.config import CertificateConfig, Config
 from certd.errors import CertdError, OperationFailed, StoreError, UsageError
+from certd.events import EventBus, LifecycleEvent
 from certd.issuer import Issuer, ari_cert_id
 from certd.log import event
 from certd.model import Bundle
@@ -82,8 +83,9 @@ class CertState:
 
 class Manager:
     def __init__(self, config: Config, *, store: Store | None = None, issuer: Issuer | None = None,
-                 clock: Clock | None = None, lock_timeout: float = 0.0) -> None:
+                 clock: Clock | None = None, lock_timeout: float = 0.0, events: EventBus | None = None) -> None:
         self.config = config
+        self.events = events or EventBus()
         self.clock = clock or SystemClock()
         self.store = store or FileStore(config.daemon.state_dir)
         self._issuer = issuer
@@ -162,6 +164,9 @@ class Manager:
                 return Outcome(cert.name, "not_due", f"renews at {isoformat(decision.renew_at)}: {decision.reason}",
                                current, stored.bundle.info.serial if stored else None)
             reason = reason or decision.reason
+        else:
+            self.emit("forced", cert.name, initiator=initiator, reason=reason, outcome="requested",
+                      old_serial=stored.bundle.info.serial if stored else None, version=current)
         started = self.clock.monotonic()
         state.last_attempt = isoformat(self.clock.now())
         try:
@@ -182,6 +187,9 @@ class Manager:
             return Outcome(cert.name, "failed", str(e), current)
         event(log, "cert_issued", name=cert.name, version=version, serial=info.serial,
               not_after=isoformat(info.not_after), initiator=initiator)
+        self.emit("issued", cert.name, initiator=initiator, reason=reason, version=version, new_serial=info.serial,
+                  old_serial=stored.bundle.info.serial if stored else None, spki_sha256=info.spki_sha256,
+                  not_after=info.not_after, duration=self.clock.monotonic() - started)
         j = rotation.start(cert.name, "renew", current, version, self.clock.now(),
                            initiator=initiator, reason=reason)
         self._save_journal(j)
@@ -259,6 +267,7 @@ class Manager:
             event(log, f"rotation_{jj.step.value}", name=jj.name, version=jj.to_version,
                   kind=jj.kind, error=jj.error if jj.step in (Step.ROLLING_BACK, Step.FAILED) else None)
             say(_STEP_TEXT.get(jj.step, jj.step.value).format(j=jj))
+            self._emit_step(cert, jj)
         return rotation.drive(j, _Effects(self, cert), self._save_journal, self.clock, on_step)
 
     def _finish(self, cert: CertificateConfig, j: Journal, state: CertState, seconds: float) -> Outcome:
@@ -268,12 +277,19 @@ class Manager:
             serial = self.store.load(cert.name, version).bundle.info.serial
         if j.step == Step.COMMITTED:
             self._prune(cert)
+            info = self._info(cert.name, version)
+            fields: dict[str, Any] = {"initiator": j.initiator, "reason": j.reason, "version": version,
+                                      "new_serial": serial, "old_serial": self._serial(cert.name, j.from_version),
+                                      "spki_sha256": info.spki_sha256 if info else None,
+                                      "not_after": info.not_after if info else None, "duration": seconds}
             if j.kind == "renew":
                 state.failures, state.last_error, state.ari = 0, None, None
                 state.last_success = isoformat(self.clock.now())
                 result, msg = "renewed", f"renewed: version {version}, serial {serial} ({seconds:.2f}s)"
+                self.emit("renewed", cert.name, **fields)
             else:
                 result, msg = "switched", f"rolled back to version {version}, serial {serial}; verified"
+                self.emit("operator_rollback", cert.name, **fields)
             state.last_result = j.result
             self.save_state(cert.name, state)
             return Outcome(cert.name, result, msg, version, serial)
@@ -292,6 +308,7 @@ class Manager:
 
     def _record_failure(self, cert: CertificateConfig, state: CertState, error: str, result: str = "failed") -> None:
         event(log, "renewal_failed", logging.ERROR, name=cert.name, failures=state.failures + 1, error=error)
+        self.emit("renewal_failed", cert.name, outcome=result, reason=error, detail={"failures": state.failures + 1})
         state.failures += 1
         state.last_failure = isoformat(self.clock.now())
         state.last_error = error
@@ -307,6 +324,8 @@ class Manager:
         deploy.prune(cert, set(self.store.versions(cert.name)))
         if removed:
             event(log, "versions_pruned", name=cert.name, versions=",".join(map(str, removed)))
+        for v in removed:
+            self.emit("version_pruned", cert.name, version=v, reason=f"keep_versions = {cert.keep_versions}")
 
     def _recover(self, cert: CertificateConfig, say: Callable[[str], None]) -> Journal | None:
         """Finish a rotation that a crash left unfinished (see rotation.py for the rule)."""
@@ -421,6 +440,39 @@ class Manager:
             return None
         start, end = _parse_time(cached.get("start")), _parse_time(cached.get("end"))
         return policy.AriWindow(start, end) if start and end else None
+
+    # -- events ---------------------------------------------------------------------------
+
+    def emit(self, kind: str, name: str, **fields: Any) -> None:
+        self.events.emit(LifecycleEvent(kind, name, self.clock.now(), **fields))
+
+    def _emit_step(self, cert: CertificateConfig, j: Journal) -> None:
+        """Lifecycle events for the journal steps an operator cares about."""
+        common: dict[str, Any] = {"initiator": j.initiator, "reason": j.reason}
+        if j.step in (Step.SWITCHED, Step.VERIFIED):
+            info = self._info(cert.name, j.to_version)
+            kind = "deployed" if j.step == Step.SWITCHED else "verified"
+            self.emit(kind, cert.name, version=j.to_version, new_serial=info.serial if info else None,
+                      old_serial=self._serial(cert.name, j.from_version), **common)
+        elif j.step == Step.ROLLED_BACK:
+            self.emit("rolled_back", cert.name, outcome="rolled_back", version=j.from_version,
+                      old_serial=self._serial(cert.name, j.to_version), new_serial=self._serial(cert.name, j.from_version),
+                      detail={"error": j.error}, **common)
+        elif j.step == Step.ROLLBACK_FAILED:
+            self.emit("rollback_failed", cert.name, outcome="rollback_failed", version=j.from_version,
+                      detail={"error": j.error, "rollback_error": j.rollback_error}, **common)
+
+    def _info(self, name: str, version: int | None) -> Any:
+        if version is None:
+            return None
+        try:
+            return self.store.load(name, version).bundle.info
+        except CertdError:
+            return None
+
+    def _serial(self, name: str, version: int | None) -> str | None:
+        info = self._info(name, version)
+        return info.serial if info else None
 
     # -- persistence helpers --------------------------------------------------------------
 

@@ -1,0 +1,82 @@
+"""Lifecycle events: one record per thing that happened to a certificate, fanned out to sinks.
+
+The manager and daemon ``emit`` events; the audit log, metrics and alert webhooks subscribe.
+A sink that fails is logged and skipped: a full disk under the audit log or a webhook that is
+down must never fail a rotation that is protecting a served certificate.
+
+Events never carry key material: only serials, fingerprints, SPKI hashes and dates.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Callable
+
+log = logging.getLogger("certd.events")
+
+# Stable event kinds (snake_case; audit records and metrics use them as they are).
+KINDS = frozenset({
+    "issued",            # a new version was issued, checked and stored
+    "forced",            # an operator forced a renewal (initiator + reason)
+    "deployed",          # the switch made a version live on the deploy targets
+    "verified",          # every endpoint served the version
+    "renewed",           # a renewal committed
+    "renewal_failed",    # a renewal failed before or after the switch
+    "rolled_back",       # a failed rotation was rolled back and the old version proven served
+    "rollback_failed",   # even the rollback could not be proven: page someone
+    "operator_rollback", # an operator switched to an earlier version
+    "revoked",           # revoked at the CA
+    "key_destroyed",     # a compromised key was destroyed
+    "version_pruned",    # an old version was removed (its key overwritten)
+    "config_changed",    # the daemon applied a new configuration
+    "config_rejected",   # the daemon refused an invalid configuration
+    "drift_found",       # configured / stored / deployed / served disagree
+    "drift_repaired",
+    "expiring_soon",     # past the emergency point without a successful renewal
+})
+
+
+@dataclass(frozen=True)
+class LifecycleEvent:
+    kind: str
+    name: str                               # certificate name ("" for daemon-wide events)
+    time: datetime
+    initiator: str = "scheduler"            # scheduler | ari | uid=N(user) | ...
+    reason: str = ""
+    outcome: str = "success"
+    old_serial: str | None = None
+    new_serial: str | None = None
+    spki_sha256: str | None = None
+    not_after: datetime | None = None
+    version: int | None = None
+    duration: float | None = None           # seconds
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown lifecycle event kind {self.kind!r}")
+
+
+Sink = Callable[[LifecycleEvent], None]
+
+
+class EventBus:
+    def __init__(self) -> None:
+        self._sinks: list[Sink] = []
+        self._lock = threading.Lock()
+
+    def subscribe(self, sink: Sink) -> None:
+        with self._lock:
+            self._sinks.append(sink)
+
+    def emit(self, event: LifecycleEvent) -> None:
+        with self._lock:
+            sinks = list(self._sinks)
+        for sink in sinks:
+            try:
+                sink(event)
+            except Exception:  # a sink must never break the caller
+                log.exception("event sink %r failed for %s %s", sink, event.kind, event.name)
