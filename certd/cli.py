@@ -106,8 +106,8 @@ class _Local:
     """Work in-process, taking the same per-certificate locks the daemon takes."""
 
     def __init__(self, cfg: Config) -> None:
-        from certd.manager import Manager
-        self.mgr = Manager(cfg)
+        from certd.wiring import build_manager
+        self.mgr = build_manager(cfg)
 
     def close(self) -> None:
         self.mgr.close()

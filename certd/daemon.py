@@ -27,7 +27,8 @@ from certd.config import CertificateConfig, Config
 from certd.control import Caller, ControlServer
 from certd.errors import ConfigError, UsageError
 from certd.log import event
-from certd.manager import Manager, Outcome
+from certd.manager import Outcome
+from certd.wiring import build_manager
 from certd.scheduler import Flight, Flights, Scheduler, ShuttingDown
 
 log = logging.getLogger("certd.daemon")
@@ -55,7 +56,7 @@ class Daemon:
         self.config_path = config_path
         self.clock = clock or SystemClock()
         self.config: Config = config_mod.load(config_path, check_runtime=True)
-        self.manager = Manager(self.config, clock=self.clock, lock_timeout=SHUTDOWN_GRACE)
+        self.manager = build_manager(self.config, clock=self.clock, daemon=True, lock_timeout=SHUTDOWN_GRACE)
         self.flights = Flights()
         self.scheduler = Scheduler(self.config.daemon.workers, self._scheduled_job, self.clock)
         self.control = ControlServer(self.config.daemon.control_socket, {
