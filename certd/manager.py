@@ -266,7 +266,10 @@ class Manager:
         def on_step(jj: Journal) -> None:
             event(log, f"rotation_{jj.step.value}", name=jj.name, version=jj.to_version,
                   kind=jj.kind, error=jj.error if jj.step in (Step.ROLLING_BACK, Step.FAILED) else None)
-            say(_STEP_TEXT.get(jj.step, jj.step.value).format(j=jj))
+            text = _STEP_TEXT.get(jj.step, jj.step.value)
+            if jj.step == Step.VERIFIED and not cert.verify:
+                text = "no [[certificate.verify]] endpoints: the live handshake was not checked"
+            say(text.format(j=jj))
             self._emit_step(cert, jj)
         return rotation.drive(j, _Effects(self, cert), self._save_journal, self.clock, on_step)
 
