@@ -51,6 +51,21 @@ class DaemonConfig:
     control_group: str | None = None
     metrics_listen: Listen | None = None
     workers: int = 4
+    ca_probe_interval: float = 30.0   # while certificates wait for an unreachable CA
+    metrics_allow_remote: bool = False  # metrics_listen may be a non-loopback address
+    metrics_textfile: Path | None = None  # node_exporter textfile collector output (*.prom)
+    drift_interval: float = 300.0       # periodic drift reconcile (seconds)
+    repair_drift: bool = False          # default for [certificate.deploy] repair_drift
+
+
+@dataclass(frozen=True)
+class AlertsConfig:
+    """``[alerts]``: where webhook notifications go (see certd/alerts.py)."""
+
+    webhook_url: str
+    bearer_token: str | None = field(default=None, repr=False)   # a secret: never logged
+    bearer_token_file: Path | None = None                          # read at every delivery
+    timeout: float = 5.0                                            # per attempt
 
 
 @dataclass(frozen=True)
@@ -80,6 +95,7 @@ class DeployConfig:
     combined: Path | None = None
     group: str | None = None
     files: tuple[FileTarget, ...] = ()
+    repair_drift: bool | None = None   # None: the daemon's default ([daemon] repair_drift)
 
 
 @dataclass(frozen=True)
@@ -139,6 +155,7 @@ class Config:
     daemon: DaemonConfig
     acme: AcmeConfig
     certificates: tuple[CertificateConfig, ...]
+    alerts: AlertsConfig | None = None
 
     def certificate(self, name: str) -> CertificateConfig:
         for cert in self.certificates:
@@ -254,6 +271,8 @@ class _Parser:
         acme_t = top.get("acme", dict, None, required=True)
         acme = self.acme(_Table(self, "acme", acme_t)) if acme_t is not None else None
         certs_raw = top.get("certificate", list, [])
+        alerts_t = top.get("alerts", dict, None)
+        alerts = self.alerts(_Table(self, "alerts", alerts_t)) if alerts_t is not None else None
         top.done()
         certs: list[CertificateConfig] = []
         names: dict[str, int] = {}
@@ -267,7 +286,7 @@ class _Parser:
             certs.append(cert)
         if acme is None:
             return None
-        return Config(self.path, daemon, acme, tuple(certs))
+        return Config(self.path, daemon, acme, tuple(certs), alerts)
 
     # -- sections --
 
@@ -282,10 +301,51 @@ class _Parser:
         workers = t.get("workers", int, d.workers)
         if not 1 <= workers <= 64:
             self.problem(t.key("workers"), f"{workers} is out of range; expected 1..64")
+        ca_probe = self.duration(t, "ca_probe_interval", DaemonConfig.ca_probe_interval)
+        allow_remote = t.get("metrics_allow_remote", bool, False)
+        if metrics is not None and not allow_remote and not is_loopback(metrics.host):
+            self.problem(t.key("metrics_listen"), f"{metrics.host} is not a loopback address; metrics name every certificate and its schedule: keep 127.0.0.1 (scrape through a proxy) or set metrics_allow_remote = true")
+        textfile = self.path_value(t, "metrics_textfile")
+        if textfile is not None and textfile.suffix != ".prom":
+            self.problem(t.key("metrics_textfile"), f"{textfile.name}: node_exporter's textfile collector reads only *.prom files; use e.g. \"/var/lib/node_exporter/certd.prom\"")
+        elif textfile is not None and self.check_runtime and not textfile.parent.is_dir():
+            self.problem(t.key("metrics_textfile"), f"directory {textfile.parent} does not exist; create it or choose another path")
+        drift_interval = self.duration(t, "drift_interval", DaemonConfig.drift_interval)
+        repair = t.get("repair_drift", bool, False)
         t.done()
         if self.check_runtime and not sock.parent.is_dir():
             self.problem(t.key("control_socket"), f"directory {sock.parent} does not exist; create it (systemd's RuntimeDirectory=certd does) or choose another path")
-        return DaemonConfig(state_dir, sock, group, metrics, workers)
+        return DaemonConfig(state_dir, sock, group, metrics, workers, ca_probe_interval=ca_probe,
+                            metrics_allow_remote=allow_remote, metrics_textfile=textfile,
+                            drift_interval=drift_interval, repair_drift=repair)
+
+    def alerts(self, t: _Table) -> AlertsConfig | None:
+        url = t.get("webhook_url", str, required=True)
+        token = t.get("bearer_token", str)
+        token_file = self.path_value(t, "bearer_token_file", must_exist=True)
+        timeout = self.duration(t, "timeout", AlertsConfig.timeout)
+        t.done()
+        if timeout > 60:
+            self.problem(t.key("timeout"), f"{timeout:g}s is too long for one attempt; expected at most \"60s\" (failed attempts are retried)")
+        if token is not None and token_file is not None:
+            self.problem(t.key("bearer_token"), "set bearer_token or bearer_token_file, not both")
+        if token is not None and not token.strip():
+            self.problem(t.key("bearer_token"), "empty token; remove the key or set the token")
+        if token_file is not None:
+            try:
+                if token_file.stat().st_mode & 0o007:
+                    self.problem(t.key("bearer_token_file"), f"{token_file} is accessible to other users; it holds a secret (chmod o-rwx)")
+            except OSError:
+                pass  # must_exist reported it
+        if url is None:
+            return None
+        m = re.match(r"^(https?)://(\[[0-9A-Fa-f:.]+\]|[^/\s:?#]+)(:\d+)?([/?]\S*)?$", url)
+        if not m:
+            self.problem(t.key("webhook_url"), f"{url!r} is not an http(s) URL; expected e.g. \"https://hooks.example.test/certd\"")
+            return None
+        if m.group(1) == "http" and (token or token_file) and not is_loopback(m.group(2).strip("[]")):
+            self.problem(t.key("webhook_url"), f"{url!r}: the bearer token would cross the network in clear text; use https://")
+        return AlertsConfig(url, token, token_file, timeout)
 
     def acme(self, t: _Table) -> AcmeConfig | None:
         directory = t.get("directory", str, required=True)
@@ -406,6 +466,7 @@ class _Parser:
         group = t.get("group", str)
         if group is not None:
             self.check_group(t.key("group"), group)
+        repair_drift = t.get("repair_drift", bool)
         files: list[FileTarget] = []
         for j, raw in enumerate(t.get("files", list, [])):
             ft = _Table(self, t.key(f"files[{j}]"), raw)
@@ -440,7 +501,7 @@ class _Parser:
         targets = [p for p in [live_dir, combined, *(f.path for f in files)] if p is not None]
         if len(set(targets)) != len(targets):
             self.problem(t.where, "two deploy targets name the same path")
-        return DeployConfig(live_dir, combined, group, tuple(files))
+        return DeployConfig(live_dir, combined, group, tuple(files), repair_drift)
 
     def reload(self, t: _Table, deploy: DeployConfig) -> ReloadHook | None:
         kind = t.get("hook", str)
@@ -564,6 +625,16 @@ class _Parser:
             grp.getgrnam(group)
         except KeyError:
             self.problem(key, f"no such group {group!r}")
+
+
+def is_loopback(host: str) -> bool:
+    """``localhost`` or a loopback IP address (127.0.0.0/8, ::1)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def parse_duration(raw: str) -> float | None:

@@ -18,6 +18,7 @@ import threading
 from pathlib import Path
 from typing import Any, Iterator
 
+import httpx
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
@@ -83,6 +84,7 @@ class Daemon:
             for cert in self.config.certificates:
                 self._reschedule(cert.name)
             self.scheduler.start()
+            self.scheduler.every(self.config.daemon.ca_probe_interval, self._probe_ca, job_id="ca-probe")
             self._watch_config()
             self._install_signals()
             self._start_watchdog()
@@ -184,6 +186,23 @@ class Daemon:
                 self._update_status()
         if outcome is not None and not outcome.ok:
             event(log, "rotation_outcome", logging.WARNING, name=flight.name, result=outcome.result, message=outcome.message)
+
+    def _probe_ca(self) -> None:
+        """While certificates wait out a backoff because the CA was unreachable, ask the CA's
+        directory (one cheap GET) every ``ca_probe_interval``; once it answers, retry them now
+        instead of at the end of their backoff (no day-long stuck backoff after an outage)."""
+        waiting = self.manager.waiting_for_ca()
+        if not waiting or not _ca_answers(self.config.acme.directory, self.config.acme.ca_bundle):
+            return
+        event(log, "ca_reachable_again", names=",".join(c.name for c in waiting))
+        for cert in waiting:
+            try:
+                flight, started = self.flights.begin(cert.name, "scheduled")
+            except ShuttingDown:
+                return
+            if started:
+                self.scheduler.submit(self._run_flight, flight, "renew", job_id=f"run:{cert.name}", force=False,
+                                      reason="", initiator="scheduler", skip_backoff=True)
 
     # -- config reload --------------------------------------------------------------------
 
@@ -314,6 +333,14 @@ class Daemon:
     def _api_reload(self, caller: Caller, body: dict[str, Any]) -> dict[str, Any]:
         ok, problems = self.reload_config(f"control socket ({caller})")
         return {"ok": ok, "problems": problems}
+
+
+def _ca_answers(directory: str, ca_bundle: Path | None) -> bool:
+    try:
+        r = httpx.get(directory, verify=str(ca_bundle) if ca_bundle else True, timeout=5.0)
+    except httpx.HTTPError:
+        return False
+    return r.status_code == 200
 
 
 def _follow(flights: list[Flight]) -> Iterator[dict[str, Any]]:

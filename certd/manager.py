@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable
 from certd import certcheck, deploy, hooks, keys, policy, rotation, verify
 from certd.clock import Clock, SystemClock, isoformat
 from certd.config import CertificateConfig, Config
-from certd.errors import CertdError, OperationFailed, StoreError, UsageError
+from certd.errors import CANotReachable, CertdError, OperationFailed, StoreError, UsageError
 from certd.events import EventBus, LifecycleEvent
 from certd.issuer import Issuer, ari_cert_id
 from certd.log import event
@@ -67,6 +67,7 @@ class CertState:
     last_result: str | None = None
     last_attempt: str | None = None
     last_success: str | None = None
+    ca_unreachable: bool = False               # the last failure was "CA not reachable"
     ari: dict[str, Any] | None = None          # {"serial", "start", "end", "retry_after"}
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -141,29 +142,34 @@ class Manager:
                 for c in certs]
 
     def renew_one(self, cert: CertificateConfig, *, force: bool = False, reason: str = "",
-                  initiator: str = "scheduler", progress: Progress | None = None) -> Outcome:
+                  initiator: str = "scheduler", progress: Progress | None = None,
+                  skip_backoff: bool = False) -> Outcome:
+        """Renew ``cert`` if due (now with ``force``). ``skip_backoff``: the CA is known to be
+        back, so a certificate waiting out a failure backoff is retried now if otherwise due."""
         say = _sayer(cert.name, progress)
         try:
             with self.store.lock(cert.name, timeout=self.lock_timeout):
                 self._recover(cert, say)
-                return self._renew_locked(cert, force, reason, initiator, say)
+                return self._renew_locked(cert, force, reason, initiator, say, skip_backoff)
         except CertdError as e:
             event(log, "renewal_failed", logging.ERROR, name=cert.name, error=str(e))
             return Outcome(cert.name, "failed", str(e))
 
     def _renew_locked(self, cert: CertificateConfig, force: bool, reason: str, initiator: str,
-                      say: Callable[[str], None]) -> Outcome:
+                      say: Callable[[str], None], skip_backoff: bool = False) -> Outcome:
         current = self.store.current(cert.name)
         stored = self.store.load(cert.name, current) if current is not None else None
         state = self.load_state(cert.name)
         if not force:
-            decision = self._decide(cert, stored, state, refresh_ari=True)
+            decision = self._decide(cert, stored, state, refresh_ari=True, ignore_failures=skip_backoff)
             event(log, "renewal_decision", name=cert.name, renew_at=isoformat(decision.renew_at),
                   reason=decision.reason, due=decision.is_due(self.clock.now()))
             if not decision.is_due(self.clock.now()):
                 return Outcome(cert.name, "not_due", f"renews at {isoformat(decision.renew_at)}: {decision.reason}",
                                current, stored.bundle.info.serial if stored else None)
             reason = reason or decision.reason
+            if decision.ca_requested and initiator == "scheduler":
+                initiator = "ari"  # the CA asked (ARI window in the past), not our own schedule
         else:
             self.emit("forced", cert.name, initiator=initiator, reason=reason, outcome="requested",
                       old_serial=stored.bundle.info.serial if stored else None, version=current)
@@ -183,7 +189,7 @@ class Manager:
                 "fingerprint_sha256": info.fingerprint_sha256, "replaces": replaces,
             })
         except OperationFailed as e:
-            self._record_failure(cert, state, str(e))
+            self._record_failure(cert, state, str(e), ca_unreachable=isinstance(e, CANotReachable))
             return Outcome(cert.name, "failed", str(e), current)
         event(log, "cert_issued", name=cert.name, version=version, serial=info.serial,
               not_after=isoformat(info.not_after), initiator=initiator)
@@ -286,7 +292,7 @@ class Manager:
                                       "spki_sha256": info.spki_sha256 if info else None,
                                       "not_after": info.not_after if info else None, "duration": seconds}
             if j.kind == "renew":
-                state.failures, state.last_error, state.ari = 0, None, None
+                state.failures, state.last_error, state.ari, state.ca_unreachable = 0, None, None, False
                 state.last_success = isoformat(self.clock.now())
                 result, msg = "renewed", f"renewed: version {version}, serial {serial} ({seconds:.2f}s)"
                 self.emit("renewed", cert.name, **fields)
@@ -309,9 +315,11 @@ class Manager:
             self._record_failure(cert, state, msg, result=j.result)
         return Outcome(cert.name, result, msg, version, serial)
 
-    def _record_failure(self, cert: CertificateConfig, state: CertState, error: str, result: str = "failed") -> None:
+    def _record_failure(self, cert: CertificateConfig, state: CertState, error: str, result: str = "failed",
+                        ca_unreachable: bool = False) -> None:
         event(log, "renewal_failed", logging.ERROR, name=cert.name, failures=state.failures + 1, error=error)
         self.emit("renewal_failed", cert.name, outcome=result, reason=error, detail={"failures": state.failures + 1})
+        state.ca_unreachable = ca_unreachable
         state.failures += 1
         state.last_failure = isoformat(self.clock.now())
         state.last_error = error
@@ -340,6 +348,10 @@ class Manager:
         j = self._drive(cert, j, say)
         self._finish(cert, j, self.load_state(cert.name), 0.0)
         return j
+
+    def waiting_for_ca(self) -> list[CertificateConfig]:
+        """Certificates whose last attempt failed because the CA was not reachable."""
+        return [c for c in self.config.certificates if self.load_state(c.name).ca_unreachable]
 
     def recover_all(self) -> list[Journal]:
         """Finish every unfinished rotation (called at daemon start)."""
@@ -402,18 +414,28 @@ class Manager:
     # -- facts for the policy -------------------------------------------------------------
 
     def _decide(self, cert: CertificateConfig, stored: StoredVersion | None, state: CertState,
-                refresh_ari: bool) -> policy.Decision:
+                refresh_ari: bool, ignore_failures: bool = False) -> policy.Decision:
         now = self.clock.now()
+        failures = 0 if ignore_failures else state.failures
         if stored is None:
-            return policy.decide(policy.Facts(failures=state.failures, last_failure=_parse_time(state.last_failure)), now)
+            return policy.decide(policy.Facts(failures=failures, last_failure=_parse_time(state.last_failure)), now)
         info = stored.bundle.info
+        changed = None
         if set(info.domains) != set(cert.domains):
-            return policy.Decision(now, f"configured domains {sorted(cert.domains)} differ from the certificate's {sorted(info.domains)}")
-        if info.key_type != cert.key_type:
-            return policy.Decision(now, f"configured key_type {cert.key_type} differs from the certificate's {info.key_type}")
+            changed = f"configured domains {sorted(cert.domains)} differ from the certificate's {sorted(info.domains)}"
+        elif info.key_type != cert.key_type:
+            changed = f"configured key_type {cert.key_type} differs from the certificate's {info.key_type}"
+        if changed:
+            last_failure = _parse_time(state.last_failure)
+            if failures and last_failure is not None:  # due now, but a failing CA is not hammered
+                retry = last_failure + policy.backoff(failures, info.not_before, info.not_after, last_failure,
+                                                      random.Random(info.serial))
+                if retry > now:
+                    return policy.Decision(retry, f"{changed}; retry {failures} after failure, backoff until {isoformat(retry)}")
+            return policy.Decision(now, changed)
         ari = self._ari(stored, state, refresh_ari)
         facts = policy.Facts(info.not_before, info.not_after, cert.renew_before, ari,
-                             state.failures, _parse_time(state.last_failure))
+                             failures, _parse_time(state.last_failure))
         # Seed by serial so the random point in a window is stable between calls (status vs run).
         return policy.decide(facts, now, random.Random(info.serial))
 

@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterator
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.date import DateTrigger
+from apscheduler.triggers.interval import IntervalTrigger
 
 from certd.clock import Clock, isoformat
 from certd.log import event
@@ -162,6 +163,10 @@ class Scheduler:
         """Run ``fn(*args, **kwargs)`` in the worker pool now (forced renewals, rollbacks)."""
         self._aps.add_job(fn, DateTrigger(run_date=self.clock.now()), args=list(args), kwargs=kwargs,
                           id=job_id, replace_existing=True)
+
+    def every(self, seconds: float, fn: Callable[[], None], *, job_id: str) -> None:
+        """Run ``fn`` every ``seconds`` in the worker pool (housekeeping jobs)."""
+        self._aps.add_job(fn, IntervalTrigger(seconds=seconds), id=job_id, replace_existing=True)
 
     def unschedule(self, name: str) -> None:
         job = self._aps.get_job(f"renew:{name}")

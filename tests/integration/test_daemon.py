@@ -229,3 +229,25 @@ def test_caller_without_permission_on_the_socket_is_refused(certd_env: Any, pebb
     assert "permission denied on the control socket" in err and "Traceback" not in err
     assert version_of(env) == 1
     daemon.stop(timeout=30)
+
+
+def test_recovered_ca_is_used_at_once_not_after_the_backoff(tmp_path: Path, certd_env: Any, pebble_factory: Any) -> None:
+    """A certificate backing off (60 s+) because the CA was down renews within seconds of the CA's return."""
+    peb = pebble_factory()  # long-lived certificates: backoff base 60 s
+    env = certd_env(peb)
+    env.daemon_extra["ca_probe_interval"] = "1s"
+    live = str(tmp_path / "live")
+    env.write_config([env.http_cert("www", [SNI], deploy={"live_dir": live})])
+    env.run("renew", "--all", check=0)
+    peb.stop()
+    # a new name makes the certificate due now, while the CA is down
+    env.write_config([env.http_cert("www", [SNI, "api.example.test"], deploy={"live_dir": live})])
+    daemon = env.start_daemon()
+    wait_until(lambda: env.status("www")["www"]["failures"] >= 1, timeout=30, what="a failed attempt")
+    row = env.status("www")["www"]
+    assert "not reachable" in row["last_error"] and "backoff" in row["renewal_reason"]
+    peb.start()
+    wait_until(lambda: version_of(env) == 2, timeout=15, what="renewal soon after the CA came back")
+    assert "ca_reachable_again" in daemon.log_text()
+    assert env.status("www")["www"]["failures"] == 0
+    daemon.stop(timeout=30)
