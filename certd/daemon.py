@@ -64,10 +64,11 @@ class Daemon:
             ("GET", "/v1/status"): self._api_status,
             ("POST", "/v1/renew"): self._api_renew,
             ("POST", "/v1/rollback"): self._api_rollback,
+            ("POST", "/v1/revoke"): self._api_revoke,
             ("POST", "/v1/verify"): self._api_verify,
             ("POST", "/v1/reload"): self._api_reload,
         }, group=self.config.daemon.control_group,
-            mutating={"/v1/renew", "/v1/rollback", "/v1/reload", "/v1/verify"})
+            mutating={"/v1/renew", "/v1/rollback", "/v1/reload", "/v1/verify", "/v1/revoke"})
         self._stop = threading.Event()
         self._reload_lock = threading.Lock()
         self._reload_timer: threading.Timer | None = None
@@ -170,6 +171,8 @@ class Daemon:
             progress = lambda _n, m: flight.say(m)  # noqa: E731
             if kind == "renew":
                 outcome = self.manager.renew_one(cert, progress=progress, **kw)
+            elif kind == "revoke":
+                outcome = self.manager.revoke(cert, progress=progress, **kw)
             else:
                 outcome = self.manager.rollback(cert, progress=progress, **kw)
         except UsageError as e:
@@ -303,6 +306,7 @@ class Daemon:
                 self.scheduler.submit(self._run_flight, flight, "renew", job_id=f"run:{cert.name}",
                                       force=force, reason=reason, initiator=initiator)
             else:
+                event(log, "renewal_joined", name=cert.name, initiator=initiator, running=flight.kind)
                 flight.say(f"joined the {flight.kind} rotation already in progress (one order per certificate)")
             flights.append(flight)
         if not body.get("wait"):
@@ -324,6 +328,22 @@ class Daemon:
         event(log, "rollback_requested", name=name, initiator=initiator, to_version=to_version)
         self.scheduler.submit(self._run_flight, flight, "rollback", job_id=f"run:{name}", to_version=to_version,
                               reason=str(body.get("reason") or "rollback by operator"), initiator=initiator)
+        return _follow([flight])
+
+    def _api_revoke(self, caller: Caller, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        from certd.revocation import parse_reason
+        name = body.get("name")
+        if not isinstance(name, str):
+            raise UsageError("revoke needs a certificate name")
+        self._select([name])
+        reason = parse_reason(str(body.get("reason") or ""))
+        flight, started = self.flights.begin(name, "revoke")
+        if not started:
+            raise UsageError(f"a {flight.kind} rotation of {name} is in progress; try again when it finishes")
+        initiator = str(caller)
+        event(log, "revocation_requested", name=name, initiator=initiator, reason=reason)
+        self.scheduler.submit(self._run_flight, flight, "revoke", job_id=f"run:{name}", reason=reason,
+                              initiator=initiator)
         return _follow([flight])
 
     def _api_verify(self, caller: Caller, body: dict[str, Any]) -> dict[str, Any]:

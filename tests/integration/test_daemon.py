@@ -67,15 +67,21 @@ def test_daemon_rotates_short_certificates_unattended_with_nginx_verified(
 def test_forced_renewal_joins_the_scheduled_one(tmp_path: Path, certd_env: Any, pebble: Any) -> None:
     """A forced renewal arriving during a scheduled rotation joins it: one order, one new version."""
     env = certd_env(pebble)
-    slow = tmp_path / "slow-hook"
-    slow.write_text("#!/bin/sh\nsleep 2\n")
-    slow.chmod(0o755)
+    release = tmp_path / "release"
+    gate = tmp_path / "gate-hook"  # holds the scheduled rotation until the test lets it go
+    gate.write_text(f"#!/bin/sh\nwhile [ ! -e {release} ]; do sleep 0.02; done\n")
+    gate.chmod(0o755)
     env.write_config([env.http_cert("www", [SNI], deploy={"live_dir": str(tmp_path / "live")},
-                                    reload=[{"command": [str(slow)]}])])
+                                    reload=[{"command": [str(gate)], "timeout": "60s"}])])
     daemon = env.start_daemon()  # no certificate yet: the scheduled job starts at once
     wait_until(lambda: env.status("www")["www"]["rotation"] is not None, timeout=30, what="rotation in progress")
-    r = env.run("renew", "www", "--force", "--wait", "--reason", "incident 42", check=0)
-    assert "joined" in r.stderr
+    forced = subprocess.Popen(env.argv("renew", "www", "--force", "--wait", "--reason", "incident 42"),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_until(lambda: "renewal_joined" in daemon.log_text(), timeout=30, what="the forced renewal joining")
+    release.touch()
+    out, err = forced.communicate(timeout=60)
+    assert forced.returncode == 0, err
+    assert "joined the scheduled rotation" in err
     assert version_of(env) == 1
     assert FileStore(env.state_dir).versions("www") == [1]
     daemon.stop(timeout=30)
