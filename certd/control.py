@@ -10,6 +10,7 @@ Endpoints (JSON; long operations stream NDJSON progress events, the last line th
     GET  /v1/status[?name=a&name=b]   {"certificates": [...]}
     POST /v1/renew     {"names": [...], "all": bool, "force": bool, "reason": str}
     POST /v1/rollback  {"name": str, "to_version": int|null, "reason": str}
+    POST /v1/revoke    {"name": str, "reason": "keyCompromise"|"superseded"|...}
     POST /v1/verify    {"names": [...]}
     POST /v1/reload    reload the configuration file
 """

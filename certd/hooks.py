@@ -47,6 +47,7 @@ from pathlib import Path
 
 from certd.config import ReloadHook
 from certd.errors import HookFailed
+from certd.log import redact
 from certd.model import Bundle
 
 log = logging.getLogger(__name__)
@@ -130,7 +131,8 @@ def run_reload(hook: ReloadHook, ctx: HookContext) -> HookResult:
     else:
         raise HookFailed(f"{ctx.name}: unknown reload hook kind {hook.kind!r}")
     label = hook_label(hook)
-    result = dataclasses.replace(result, hook=label)
+    # A hook that prints a key file (set -x, a debugging cat) must not put it in logs or errors.
+    result = dataclasses.replace(result, hook=label, output=redact(result.output, [ctx.bundle.key_pem]))
     event = "hook_ran" if result.ok else "hook_failed"
     level = logging.INFO if result.ok else logging.WARNING
     log.log(level, "%s cert=%s hook=%r ok=%s returncode=%s duration=%.3fs output=%r",

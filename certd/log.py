@@ -7,8 +7,9 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
-from typing import Any
+from typing import Any, Iterable
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -31,6 +32,22 @@ def fmt(value: Any) -> str:
     text = str(value)
     if not text or any(c in text for c in " \t\"="):
         return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return text
+
+
+_PEM_KEY = re.compile(r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----.*?(?:-----END (?:[A-Z0-9]+ )*PRIVATE KEY-----|\Z)"
+                      r"|(?:^[A-Za-z0-9+/=]{16,}\r?\n)*-----END (?:[A-Z0-9]+ )*PRIVATE KEY-----", re.S | re.M)
+
+
+def redact(text: str, known_keys: Iterable[bytes] = ()) -> str:
+    """``text`` with PEM private keys (whole, or cut short by truncated output) and every base64
+    line of ``known_keys`` replaced by ``[private key redacted]``. For text certd did not write
+    itself, such as a hook's output, before it reaches a log, an error or the audit log."""
+    text = _PEM_KEY.sub("[private key redacted]", text)
+    for key in known_keys:
+        for line in key.decode("ascii", "replace").splitlines():
+            if len(line) >= 16 and not line.startswith("-----"):
+                text = text.replace(line, "[private key redacted]")
     return text
 
 

@@ -57,6 +57,7 @@ class Decision:
     renew_at: datetime
     reason: str
     emergency: bool = False
+    ca_requested: bool = False   # an ARI window wholly in the past: the CA asks for renewal now
 
     def is_due(self, now: datetime) -> bool:
         return self.renew_at <= now
@@ -88,7 +89,8 @@ def _scheduled(facts: Facts, now: datetime, rng: random.Random) -> Decision:
     note = ""
     if ari is not None:
         if ari.end <= now:
-            return Decision(now, f"ARI window ended {isoformat(ari.end)}: the CA asks for renewal now (revoked?)")
+            return Decision(now, f"ARI window ended {isoformat(ari.end)}: the CA asks for renewal now (revoked?)",
+                            ca_requested=True)
         if ari.start >= facts.not_before and ari.end <= facts.not_after and ari.end > ari.start:
             span = (ari.end - ari.start).total_seconds()
             at = ari.start + timedelta(seconds=rng.uniform(0, span))

@@ -1,0 +1,91 @@
+"""After keyCompromise: every non-live copy of a key in the deploy targets is zeroed and removed,
+and text certd did not write (hook output) is redacted before it reaches a log or an error."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from certd import deploy, keys
+from certd.config import CertificateConfig, DeployConfig, FileTarget
+from certd.log import redact
+from certd.model import Bundle
+from tests.support.certs import make_bundle
+
+
+def _cert(base: Path) -> CertificateConfig:
+    return CertificateConfig("www", ("www.example.test",), deploy=DeployConfig(
+        live_dir=base / "ssl" / "www", combined=base / "haproxy" / "www.pem",
+        files=(FileTarget(base / "app" / "tls.key", "privkey"), FileTarget(base / "app" / "tls.crt", "cert"))))
+
+
+def _deploy(cert: CertificateConfig, version: int, bundle: Bundle) -> None:
+    deploy.stage(cert, version, bundle)
+    deploy.switch(cert, version)
+
+
+def _holding(base: Path, key: bytes) -> list[str]:
+    return sorted(str(p.relative_to(base)) for p in base.rglob("*")
+                  if p.is_file() and not p.is_symlink() and key in p.read_bytes())
+
+
+def test_destroy_keys_removes_old_staged_and_backup_copies_but_never_the_live_one(tmp_path: Path) -> None:
+    """Versions 1 and 2 share the compromised key, 3 is live with a new one: only 3's key remains."""
+    cert = _cert(tmp_path)
+    old = make_bundle()
+    v2 = Bundle(make_bundle().cert_pem, old.chain_pem, old.key_pem)  # reuse_key: same key, other leaf
+    new = make_bundle()
+    for version, bundle in ((1, old), (2, v2), (3, new)):
+        _deploy(cert, version, bundle)
+    assert _holding(tmp_path, old.key_pem)  # .certd-prev and the staged copies hold it
+    removed = deploy.destroy_keys(cert, [old.key_pem, b""])
+    assert _holding(tmp_path, old.key_pem) == []
+    assert len(removed) >= 4
+    assert (tmp_path / "ssl" / "www" / "privkey.pem").read_bytes() == new.key_pem
+    assert (tmp_path / "haproxy" / "www.pem").read_bytes() == new.combined_pem
+    assert (tmp_path / "app" / "tls.key").read_bytes() == new.key_pem
+    assert deploy.deployed_version(cert) == 3
+    assert deploy.check(cert, 3, new) == []
+
+
+def test_destroy_keys_zeroes_a_copy_that_shares_its_inode(tmp_path: Path) -> None:
+    """A staged file hard-linked as .certd-prev is zeroed (both names dropped first), not only unlinked."""
+    cert = _cert(tmp_path)
+    old, new = make_bundle(), make_bundle()
+    _deploy(cert, 1, old)
+    _deploy(cert, 2, new)
+    staged = tmp_path / "haproxy" / ".www.pem.certd-0001"
+    prev = tmp_path / "haproxy" / ".www.pem.certd-prev"
+    assert os.stat(staged).st_ino == os.stat(prev).st_ino
+    fd = os.open(staged, os.O_RDONLY)  # keep the inode reachable to look at its bytes afterwards
+    try:
+        deploy.destroy_keys(cert, [old.key_pem])
+        assert not staged.exists() and not prev.exists()
+        data = os.pread(fd, 1 << 16, 0)
+        assert data and set(data) == {0}
+    finally:
+        os.close(fd)
+
+
+def test_destroy_keys_leaves_a_live_compromised_key_alone(tmp_path: Path) -> None:
+    """If the rotation away from the key did not happen, the live files are not destroyed."""
+    cert = _cert(tmp_path)
+    old = make_bundle()
+    _deploy(cert, 1, old)
+    deploy.destroy_keys(cert, [old.key_pem])
+    assert (tmp_path / "ssl" / "www" / "privkey.pem").read_bytes() == old.key_pem
+    assert (tmp_path / "haproxy" / "www.pem").read_bytes() == old.combined_pem
+
+
+@pytest.mark.parametrize("cut", ["whole", "head_cut", "tail_cut", "bare_line"])
+def test_redact_hides_keys_in_text_such_as_hook_output(cut: str) -> None:
+    """Whole PEM keys, keys cut short by output truncation, and bare lines of a known key are redacted."""
+    key = keys.generate_private_key("rsa-2048").decode()
+    lines = key.splitlines()
+    text = {"whole": f"before\n{key}after", "head_cut": "\n".join(lines[5:]) + "\nafter",
+            "tail_cut": "before\n" + "\n".join(lines[:5]), "bare_line": f"x {lines[3]} y"}[cut]
+    out = redact(text, [key.encode()])
+    assert "PRIVATE KEY" not in out and "[private key redacted]" in out
+    assert not any(line in out for line in lines[1:-1] if len(line) >= 16)
