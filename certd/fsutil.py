@@ -105,22 +105,24 @@ def _unlink_quiet(path: Path) -> None:
         pass
 
 
-def write_new(path: Path, data: bytes, *, mode: int = 0o644, uid: int = -1, gid: int = -1) -> None:
+def write_new(path: Path, data: bytes, *, mode: int = 0o644, uid: int = -1, gid: int = -1,
+              report_as: Path | None = None) -> None:
     """Create ``path``, which must not exist, holding ``data``, fsynced (directory not fsynced).
 
     For files inside a temporary directory that one ``rename()`` publishes later; a failure
-    removes the partial file.
+    removes the partial file. Errors name ``report_as`` (the file's published path) if given.
     """
+    shown = report_as or path
     try:
         fd = _create(path, mode, uid, gid)
     except OSError as e:
-        raise store_error(e, path) from e
+        raise store_error(e, shown) from e
     try:
         _write_all(fd, data)
         os.fsync(fd)
     except OSError as e:
         _discard(fd, path)
-        raise store_error(e, path) from e
+        raise store_error(e, shown) from e
     os.close(fd)
 
 
@@ -310,6 +312,7 @@ class TempDir:
     def __init__(self, parent: Path, final_name: str, *, mode: int, gid: int = -1) -> None:
         self.parent = parent
         self.path = parent / temp_name(final_name)
+        self.final = parent / final_name   # what errors name: the temporary name means nothing to a reader
         self.published = False
         with os_errors(parent / final_name, "create directory"):
             os.mkdir(self.path, mode & 0o700)
@@ -343,7 +346,7 @@ class TempDir:
             os.close(self._fd)
 
     def write(self, name: str, data: bytes, *, mode: int = 0o644, uid: int = -1, gid: int = -1) -> None:
-        write_new(self.path / name, data, mode=mode, uid=uid, gid=gid)
+        write_new(self.path / name, data, mode=mode, uid=uid, gid=gid, report_as=self.final / name)
 
     def publish(self, final: Path) -> bool:
         """fsync, then rename to ``final``; False (nothing changed) if ``final`` already exists."""

@@ -217,3 +217,16 @@ def test_temp_dir_discarded_unless_published(tmp_path):
         assert t.publish(tmp_path / "0001")
     assert os.listdir(tmp_path) == ["0001"]
     assert _mode(tmp_path / "0001") == 0o700 and _mode(tmp_path / "0001" / "privkey.pem") == 0o600
+
+
+def test_temp_dir_write_on_a_full_disk_names_the_final_path(tmp_path):
+    """A version that cannot be written is reported under its published name, not the hidden temp name."""
+    with small_tmpfs(tmp_path / "mnt", size="256k") as mnt:
+        with fsutil.TempDir(mnt, "0002", mode=0o700) as t:
+            fill(mnt)
+            with pytest.raises(StoreError) as e:
+                t.write("cert.pem", SECRET * 4096)
+        msg = str(e.value)
+        assert msg.startswith(f"cannot write {mnt / '0002' / 'cert.pem'}: No space left on device"), msg
+        assert fsutil.TMP_INFIX not in msg
+        assert [n for n in os.listdir(mnt) if n != ".filler"] == []
