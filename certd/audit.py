@@ -209,17 +209,22 @@ class AuditLog:
         return out
 
     def verify(self, expect_head: str | None = None) -> Verification:
-        """Walk the chain; see :class:`Verification`."""
-        return verify_lines(self.path.name, self._raw_or_empty(), self.head(), self.head_path.exists(),
-                            expect_head)
-
-    def _raw_or_empty(self) -> bytes | None:
+        """Walk the chain; see :class:`Verification`. Log and head are read under a shared
+        flock, so an append in progress is never mistaken for records cut off the end."""
         try:
-            return self.path.read_bytes()
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
         except FileNotFoundError:
-            return None
+            return verify_lines(self.path.name, None, self.head(), self.head_path.exists(), expect_head)
         except OSError as e:
             raise fsutil.store_error(e, self.path, "read") from e
+        try:
+            with fsutil.os_errors(self.path, "read"):
+                fcntl.flock(fd, fcntl.LOCK_SH)
+                raw = _read_all(fd, os.fstat(fd).st_size)
+            head, head_exists = self.head(), self.head_path.exists()
+        finally:
+            os.close(fd)
+        return verify_lines(self.path.name, raw, head, head_exists, expect_head)
 
 
 @dataclass
@@ -349,7 +354,14 @@ def _last_seq(fd: int, size: int, last: bytes | None) -> int:
 
 
 def _read_all(fd: int, size: int) -> bytes:
-    return os.pread(fd, size, 0)
+    chunks, offset = [], 0
+    while offset < size:
+        chunk = os.pread(fd, size - offset, offset)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        offset += len(chunk)
+    return b"".join(chunks)
 
 
 def iter_matching(records: list[dict[str, Any]], name: str | None) -> Iterator[dict[str, Any]]:

@@ -233,7 +233,9 @@ def test_pruned_versions_are_audited_and_their_keys_gone(site: Site) -> None:
     assert site.store.versions("www") == [3, 4]
     pruned = [r for r in site.audit() if r["event"] == "version_pruned"]
     assert [r["version"] for r in pruned] == [1, 2]
-    assert all(r["reason"] == "keep_versions = 2" and r["name"] == "www" for r in pruned)
+    assert all(r["reason"] == "keep_versions = 2" and r["name"] == "www" and r["initiator"] == "uid=0(root)"
+               for r in pruned)
+    assert pruned[0]["old_serial"] == next(r["new_serial"] for r in site.audit() if r["event"] == "issued")
     assert not (site.deploy_dir / "live" / ".www.versions" / "0001").exists()
     assert holders(key_secrets(v1_key), [site.env.state_dir, site.deploy_dir]) == []
     site.env.run("audit", "verify", check=0)

@@ -193,3 +193,19 @@ def test_concurrent_processes_never_fork_the_chain(tmp_path: Path) -> None:
     assert v.ok, v.problems[:5]
     assert v.records == 200 and [r["seq"] for r in log.records()] == list(range(1, 201))
     assert os.path.getsize(path) > 0
+
+
+def test_verify_during_appends_never_reports_a_false_tamper(tmp_path: Path) -> None:
+    """Verifying while another process appends always sees a consistent log and head."""
+    path = tmp_path / "audit.jsonl"
+    AuditLog(path).append(ev())
+    ctx = multiprocessing.get_context("fork")
+    writer = ctx.Process(target=_append_many, args=(str(path), "w", 150))
+    writer.start()
+    log, checks = AuditLog(path), 0
+    while writer.is_alive() or checks == 0:
+        v = log.verify()
+        assert v.ok, v.problems
+        checks += 1
+    writer.join(60)
+    assert writer.exitcode == 0 and log.verify().records == 151
