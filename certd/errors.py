@@ -10,11 +10,22 @@ Every ``str(error)`` is one line an operator can act on. Messages never contain 
 from __future__ import annotations
 
 
+def one_line(text: str) -> str:
+    """``text`` with every control character (newline, escape, ...) shown as its escape."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 class CertdError(Exception):
     """Base of every error certd reports to a user."""
 
     exit_code = 1
     transient = False
+
+    def __str__(self) -> str:
+        # A message may quote what a user typed (a name, a path): keep it one line regardless.
+        return one_line(super().__str__())
 
 
 class ConfigError(CertdError):
