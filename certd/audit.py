@@ -46,6 +46,7 @@ from typing import Any, Iterator
 
 from certd import fsutil
 from certd.clock import utc
+from certd.errors import StoreError
 from certd.events import LifecycleEvent
 from certd.log import event as log_event
 
@@ -134,13 +135,19 @@ class AuditLog:
             except FileExistsError:
                 return os.open(self.path, flags)
             try:
-                if self._group is not None:
-                    os.fchown(fd, -1, grp.getgrnam(self._group).gr_gid)
+                if self._gid() != -1:
+                    os.fchown(fd, -1, self._gid())
                 os.fchmod(fd, self._mode)
-            except (OSError, KeyError):
+            except OSError:
                 pass  # stays 0600: narrower is safe
             fsutil.fsync_dir(self.path.parent)
             return fd
+
+    def _gid(self) -> int:
+        try:
+            return grp.getgrnam(self._group).gr_gid if self._group is not None else -1
+        except KeyError:
+            return -1
 
     def _append_locked(self, fields: dict[str, Any]) -> dict[str, Any]:
         fd = self._open()
@@ -167,7 +174,11 @@ class AuditLog:
                 except OSError:
                     pass
                 raise fsutil.store_error(e, self.path, "append to") from e
-            fsutil.atomic_write(self.head_path, _head_bytes(seq, record["hash"]), mode=self._mode)
+            try:
+                fsutil.atomic_write(self.head_path, _head_bytes(seq, record["hash"]), mode=self._mode,
+                                    gid=self._gid())
+            except StoreError as e:  # the record itself is durable; a lagging head is not a tamper sign
+                log_event(log, "audit_head_not_written", logging.WARNING, seq=seq, error=str(e))
             return record
         finally:
             os.close(fd)  # releases the flock

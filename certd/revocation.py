@@ -24,16 +24,20 @@ A revoked version is never deployed again (rollback refuses it). Each revocation
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any, Callable
 
 from certd import deploy
 from certd.clock import isoformat
 from certd.config import CertificateConfig
-from certd.errors import OperationFailed, UsageError
+from certd.errors import CertdError, OperationFailed, UsageError
+from certd.log import event
 from certd.store import StoredVersion
 
 if TYPE_CHECKING:
     from certd.manager import Manager, Outcome
+
+log = logging.getLogger("certd.revocation")
 
 # RFC 5280 §5.3.1 CRLReason codes that an ACME subscriber may reasonably choose.
 REASONS: dict[str, int] = {"keyCompromise": 1, "affiliationChanged": 3, "superseded": 4, "cessationOfOperation": 5}
@@ -157,7 +161,8 @@ def destroy_compromised_keys(mgr: Manager, cert: CertificateConfig, initiator: s
     """Zero and remove every copy of a compromised key that the live version no longer uses:
     the deploy targets' copies first, then the store's. Called after every commit (so a re-key
     that failed at first is finished by the next successful renewal); caller holds the lock.
-    Returns the store versions whose key was destroyed."""
+    Returns the store versions whose key was destroyed; a failure is logged and audited, never
+    raised (the renewal that called it has committed)."""
     name = cert.name
     current = mgr.store.current(name)
     live_spki = mgr.store.load(name, current).bundle.info.spki_sha256 if current is not None else None
@@ -166,9 +171,15 @@ def destroy_compromised_keys(mgr: Manager, cert: CertificateConfig, initiator: s
                and sv.bundle.info.spki_sha256 != live_spki]
     if not pending:
         return []
-    files = deploy.destroy_keys(cert, {sv.bundle.key_pem for sv in pending})
-    for sv in pending:
-        mgr.store.destroy_key(name, sv.version)
+    try:
+        files = deploy.destroy_keys(cert, {sv.bundle.key_pem for sv in pending})
+        for sv in pending:
+            mgr.store.destroy_key(name, sv.version)
+    except CertdError as e:  # the commit stands; the next one tries again
+        event(log, "key_destroy_failed", logging.ERROR, name=name, error=str(e))
+        mgr.emit("key_destroyed", name, initiator=initiator, reason="keyCompromise", outcome="failed",
+                 spki_sha256=pending[-1].bundle.info.spki_sha256, detail={"error": str(e)})
+        return []
     by_key: dict[str, list[StoredVersion]] = {}
     for sv in pending:
         by_key.setdefault(sv.bundle.info.spki_sha256, []).append(sv)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import stat
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -122,6 +123,27 @@ def test_revoke_key_compromise_revokes_rekeys_rotates_and_destroys_the_key(site:
     assert "chain intact" in site.env.run("audit", "verify", check=0).stdout
 
 
+def test_key_compromise_whose_rotation_fails_keeps_the_served_key_until_the_next_renewal(
+        site: Site, pebble: Any, tmp_path: Path) -> None:
+    """If the re-key rotation rolls back, revoke exits 1 and the still-served key is kept; the next
+    successful renewal (with a fresh key) destroys it."""
+    old = site.store.load("www", 1).bundle
+    fail = tmp_path / "fail-hook"
+    fail.write_text("#!/bin/sh\nexit 1\n")
+    fail.chmod(0o755)
+    site.configure(reload=site.cert()["reload"] + [{"command": [str(fail)]}])
+    r = site.env.run("revoke", "www", "--reason", "keyCompromise", check=1)
+    assert "rolled back" in r.stdout and "still kept" in r.stdout
+    assert pebble.cert_status(old.info.serial)["Status"] == "Revoked"
+    assert site.served().serial == old.info.serial  # served (revoked) rather than nothing
+    assert (site.deploy_dir / "live" / "www" / "privkey.pem").read_bytes() == old.key_pem
+    site.configure(reuse_key=True)
+    site.env.run("renew", "www", "--force", check=0)
+    assert site.served().spki_sha256 != old.info.spki_sha256
+    assert holders(key_secrets(old.key_pem), [site.env.state_dir, site.deploy_dir]) == []
+    assert [r["event"] for r in site.audit()].count("key_destroyed") == 1
+
+
 def test_revoke_superseded_renews_first_then_revokes_the_old_certificate(site: Site, pebble: Any) -> None:
     """superseded: the replacement is served before the old serial is revoked; the old one cannot be rolled back to."""
     old = site.row()
@@ -185,6 +207,19 @@ def test_renewal_after_a_revocation_by_someone_else_is_initiated_by_ari(site: Si
     renewed = next(r for r in site.audit() if r["event"] == "renewed" and r["version"] == 2)
     assert renewed["initiator"] == "ari" and "ARI window ended" in renewed["reason"]
     assert site.served().serial == site.row()["serial"]
+
+
+def test_the_daemons_own_renewals_are_audited_as_scheduler(tmp_path: Path, pebble: Any, certd_env: Any) -> None:
+    """A certificate the daemon issues on its own schedule is recorded with initiator 'scheduler'."""
+    env = certd_env(pebble)
+    env.write_config([env.http_cert("www", [SNI], deploy={"live_dir": str(tmp_path / "live")})])
+    env.start_daemon()  # nothing issued yet: due at once
+    wait_until(lambda: env.status("www")["www"]["version"] == 1, timeout=30, what="first issuance")
+    records = json.loads(env.run("history", "--json", check=0).stdout)["records"]
+    assert [(r["event"], r["initiator"]) for r in records if r["event"] in ("issued", "renewed")] == \
+        [("issued", "scheduler"), ("renewed", "scheduler")]
+    assert stat.S_IMODE((env.state_dir / "audit.jsonl").stat().st_mode) == 0o600
+    assert "records, chain intact" in env.run("audit", "verify", check=0).stdout
 
 
 def test_untouched_audit_log_verifies_and_each_tampering_is_named(site: Site) -> None:

@@ -69,6 +69,16 @@ def test_file_is_private_and_mode_0600(tmp_path: Path) -> None:
     assert stat.S_IMODE(log.head_path.stat().st_mode) == 0o600
 
 
+def test_with_a_group_the_log_is_0640_owned_by_it(tmp_path: Path) -> None:
+    """With control_group the log and head are 0640 and group-owned, for operators who may read them."""
+    import grp
+    log = AuditLog(tmp_path / "audit.jsonl", group="www-data")
+    log.append(ev())
+    gid = grp.getgrnam("www-data").gr_gid
+    for p in (log.path, log.head_path):
+        assert stat.S_IMODE(p.stat().st_mode) == 0o640 and p.stat().st_gid == gid
+
+
 @pytest.mark.parametrize("tamper, expected", [
     ("edit", "line 3: hash mismatch (record edited?)"),
     ("delete", "line 3: prev does not match line 2 (record removed, inserted or reordered)"),
