@@ -45,10 +45,14 @@ from certd.model import Bundle
 KEY_CONTENTS = ("privkey", "combined")
 
 
-def stage(cert: CertificateConfig, version: int, bundle: Bundle) -> None:
-    """Write everything for ``version`` beside the live files; nothing readers see changes."""
+def stage(cert: CertificateConfig, version: int, bundle: Bundle, *, repair: bool = False) -> None:
+    """Write everything for ``version`` beside the live files; nothing readers see changes.
+
+    A live ``version`` whose files were edited out of band is refused (StoreError), unless
+    ``repair``: then the edited files are rewritten (drift repair; each file atomically, and all
+    of them belong to ``version``, so a reader never pairs a certificate with another key)."""
     for target in _targets(cert):
-        target.stage(version, bundle)
+        target.stage(version, bundle, repair)
 
 
 def switch(cert: CertificateConfig, version: int) -> None:
@@ -72,6 +76,28 @@ def prune(cert: CertificateConfig, keep_versions: Collection[int]) -> None:
     and leftovers of interrupted writes."""
     for target in _targets(cert):
         target.prune(set(keep_versions))
+
+
+def destroy_keys(cert: CertificateConfig, keys: Collection[bytes]) -> list[Path]:
+    """Zero and remove every staged, old or backup copy (``.certd-prev``) of these private keys in
+    ``cert``'s targets (after keyCompromise). What is live is never touched: switch away first.
+    Returns the paths removed; a version directory counts as one."""
+    keys = [k for k in keys if k]
+    removed: list[Path] = []
+    if keys:
+        for target in _targets(cert):
+            removed.extend(target.destroy_keys(keys))
+    return removed
+
+
+def _holds_any(path: Path, keys: Collection[bytes]) -> bool:
+    try:
+        data = path.read_bytes()
+    except (FileNotFoundError, IsADirectoryError):
+        return False
+    except OSError as e:
+        raise fsutil.store_error(e, path, "read") from e
+    return any(k in data for k in keys)
 
 
 def check(cert: CertificateConfig, version: int, bundle: Bundle) -> list[str]:
@@ -161,12 +187,13 @@ def _same_inode(a: Path, b: Path) -> bool:
 
 class _Target(Protocol):
     def describe(self) -> str: ...
-    def stage(self, version: int, bundle: Bundle) -> None: ...
+    def stage(self, version: int, bundle: Bundle, repair: bool = False) -> None: ...
     def is_staged(self, version: int) -> bool: ...
     def switch(self, version: int) -> None: ...
     def live_version(self) -> int | None: ...
     def prune(self, keep: set[int]) -> None: ...
     def check(self, version: int, bundle: Bundle) -> list[str]: ...
+    def destroy_keys(self, keys: Collection[bytes]) -> list[Path]: ...
 
 
 def _vname(version: int) -> str:
@@ -199,7 +226,7 @@ class _LiveDir:
                              f"certd replaces it with a symlink only once you move it away, "
                              f"e.g. mv {self.link} {self.link}.orig")
 
-    def stage(self, version: int, bundle: Bundle) -> None:
+    def stage(self, version: int, bundle: Bundle, repair: bool = False) -> None:
         self._refuse_foreign()
         fsutil.ensure_dir(self.link.parent, 0o755)
         fsutil.ensure_dir(self.root, 0o755)
@@ -213,8 +240,15 @@ class _LiveDir:
                     _fix_attrs(final / n, w)
                 return
             if self.live_version() == version:
-                raise StoreError(f"{final} is live but holds other files than version {version}; "
-                                 f"switch to another version before staging {version} again")
+                if not repair:
+                    raise StoreError(f"{final} is live but holds other files than version {version}; "
+                                     f"switch to another version before staging {version} again")
+                for n, w in wants.items():
+                    if _same_content(final / n, w.data):
+                        _fix_attrs(final / n, w)
+                    else:
+                        fsutil.atomic_write(final / n, w.data, mode=w.mode, uid=w.uid, gid=w.gid)
+                return
         with fsutil.TempDir(self.root, _vname(version), mode=0o755) as tmp:
             for n, w in wants.items():
                 tmp.write(n, w.data, mode=w.mode, uid=w.uid, gid=w.gid)
@@ -250,6 +284,20 @@ class _LiveDir:
         for n in names:
             if n.isdigit() and int(n) not in keep and int(n) != live:
                 fsutil.hide_and_remove(self.root / n)
+
+    def destroy_keys(self, keys: Collection[bytes]) -> list[Path]:
+        fsutil.remove_stale_temps(self.root)  # a killed writer's leftovers may hold the key too
+        live = self.live_version()
+        try:
+            names = sorted(os.listdir(self.root))
+        except FileNotFoundError:
+            return []
+        removed = []
+        for n in names:
+            if n.isdigit() and int(n) != live and _holds_any(self.root / n / "privkey.pem", keys):
+                fsutil.hide_and_remove(self.root / n)
+                removed.append(self.root / n)
+        return removed
 
     def check(self, version: int, bundle: Bundle) -> list[str]:
         live = self.live_version()
@@ -293,7 +341,7 @@ class _PlainFile:
     def _want(self, bundle: Bundle) -> _Want:
         return _Want(_content(bundle, self.content), self.mode, self.uid, self.gid)
 
-    def stage(self, version: int, bundle: Bundle) -> None:
+    def stage(self, version: int, bundle: Bundle, repair: bool = False) -> None:
         fsutil.ensure_dir(self.dir, 0o755)
         fsutil.remove_stale_temps(self.dir, self._temp_prefixes)
         want, staged = self._want(bundle), self.staged(version)
@@ -301,7 +349,7 @@ class _PlainFile:
             if _same_content(staged, want.data):
                 _fix_attrs(staged, want)
                 return
-            if _same_inode(staged, self.path):
+            if _same_inode(staged, self.path) and not repair:  # repair: a fresh inode, switched in
                 raise StoreError(f"{self.path} is live as version {version} but holds other content; "
                                  f"switch to another version before staging {version} again")
         fsutil.atomic_write(staged, want.data, mode=want.mode, uid=want.uid, gid=want.gid)
@@ -364,6 +412,31 @@ class _PlainFile:
 
     def check(self, version: int, bundle: Bundle) -> list[str]:
         return _drift(self.path, self._want(bundle))
+
+    def destroy_keys(self, keys: Collection[bytes]) -> list[Path]:
+        if not self.is_key:
+            return []
+        fsutil.remove_stale_temps(self.dir, self._temp_prefixes)
+        try:
+            names = sorted(n for n in os.listdir(self.dir) if self._staged_re.fullmatch(n))
+        except FileNotFoundError:
+            return []
+        victims = [p for p in (self.prev, *(self.dir / n for n in names))
+                   if os.path.lexists(p) and not _same_inode(p, self.path) and _holds_any(p, keys)]
+        # A staged copy and .certd-prev may share an inode: drop the extra names first so that
+        # secure_delete of the last one zeroes the data instead of only unlinking it.
+        last: dict[tuple[int, int], Path] = {}
+        with fsutil.os_errors(self.dir, "remove key copies in"):
+            for p in victims:
+                st = os.lstat(p)
+                other = last.get((st.st_dev, st.st_ino))
+                if other is not None:
+                    os.unlink(other)
+                last[(st.st_dev, st.st_ino)] = p
+        for p in last.values():
+            fsutil.secure_delete(p)
+        fsutil.fsync_dir(self.dir)
+        return victims
 
 
 def _link_over(src: Path, dst: Path, *, follow: bool) -> None:
