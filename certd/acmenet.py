@@ -22,15 +22,18 @@ not reachable (:class:`~certd.errors.CANotReachable`) or the CA said no
 
 from __future__ import annotations
 
+import functools
 import http.client
+import io
 import json
 import logging
 import select
 import socket
 import ssl
+import time
 from datetime import datetime, timedelta
 from email.utils import parsedate_to_datetime
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import urlsplit
 
 import josepy as jose
@@ -46,6 +49,7 @@ from certd.errors import AcmeError, CANotReachable, ConfigError
 log = logging.getLogger(__name__)
 
 BAD_NONCE_ATTEMPTS = 12      # at 50 % rejected nonces, 12 tries all fail with p = 0.02 %
+MAX_RESPONSE_BYTES = 4 << 20  # ACME answers are a few KiB; a certificate chain well under 1 MiB
 PROBLEM_PREFIX = "urn:ietf:params:acme:error:"
 TRANSIENT_PROBLEMS = {"rateLimited", "serverInternal", "badNonce", "orderNotReady"}
 NEXT_STEP = {
@@ -68,7 +72,10 @@ class LeanSession:
     """The part of ``requests.Session`` that ``ClientNetwork`` uses, over ``http.client``.
 
     One keep-alive connection per origin; not thread-safe (certd uses one per thread).
-    Failures raise the ``requests`` exceptions the rest of certd maps.
+    Failures raise the ``requests`` exceptions the rest of certd maps. Unlike ``requests``,
+    ``timeout`` bounds the whole answer, not each read (a server trickling bytes cannot hold a
+    request open), and an answer over :data:`MAX_RESPONSE_BYTES` is refused unread
+    (:class:`ResponseTooLarge`) instead of filling memory.
     """
 
     def __init__(self) -> None:
@@ -83,12 +90,17 @@ class LeanSession:
         if parts.query:
             target += "?" + parts.query
         body = data.encode() if isinstance(data, str) else data
+        deadline = None if timeout is None else time.monotonic() + timeout
         for attempt in (1, 2):
             conn, reused = self._connection(origin, verify, timeout)
+            conn.response_class = functools.partial(_BoundedResponse, deadline=deadline)  # type: ignore[assignment]
             try:
                 conn.request(method, target, body=body, headers=headers or {})
                 raw = conn.getresponse()
-                content = raw.read()
+                content = _read_bounded(raw, method, url)
+            except ResponseTooLarge:
+                self._drop(origin)
+                raise
             except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as e:
                 self._drop(origin)
                 if reused and attempt == 1:
@@ -151,6 +163,57 @@ class LeanSession:
         pass
 
 
+class ResponseTooLarge(requests.exceptions.RequestException):
+    """The server's answer is larger than :data:`MAX_RESPONSE_BYTES`; it was not read."""
+
+
+class _DeadlineReader(io.RawIOBase):
+    """The socket's file, with every read ending by ``deadline`` (``time.monotonic()``).
+
+    A socket timeout bounds each ``recv`` alone: a server that sends one byte every few
+    seconds would keep a request alive for ever. Here every read gets only the time left.
+    """
+
+    def __init__(self, raw: Any, sock: socket.socket, deadline: float) -> None:
+        super().__init__()
+        self._raw, self._sock, self._deadline = raw, sock, deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("no complete answer before the request's deadline")
+        self._sock.settimeout(left)
+        return int(self._raw.readinto(buffer))
+
+    def close(self) -> None:
+        if not self.closed:
+            self._raw.close()  # the socket file keeps the socket open until the answer is read
+        super().close()
+
+
+class _BoundedResponse(http.client.HTTPResponse):
+    """An ``HTTPResponse`` (status, headers, body) that must arrive whole before ``deadline``."""
+
+    def __init__(self, sock: socket.socket, *args: Any, deadline: float | None = None, **kwargs: Any) -> None:
+        super().__init__(sock, *args, **kwargs)
+        if deadline is not None:
+            self.fp = io.BufferedReader(_DeadlineReader(self.fp.detach(), sock, deadline))
+
+
+def _read_bounded(raw: http.client.HTTPResponse, method: str, url: str) -> bytes:
+    """The body, or :class:`ResponseTooLarge` before more than the limit is read."""
+    too_large = ResponseTooLarge(f"the answer to {method} {url} is larger than {MAX_RESPONSE_BYTES} bytes")
+    if raw.length is not None and raw.length > MAX_RESPONSE_BYTES:
+        raise too_large
+    content = raw.read(MAX_RESPONSE_BYTES + 1)
+    if len(content) > MAX_RESPONSE_BYTES:
+        raise too_large
+    return content
+
+
 def _closed_by_peer(sock: socket.socket) -> bool:
     """An idle keep-alive socket that is readable has been closed (or spoke out of turn)."""
     try:
@@ -184,11 +247,24 @@ class AcmeNetwork(acme_client.ClientNetwork):
     """``ClientNetwork`` on a :class:`LeanSession` (unless proxied), with badNonce retries."""
 
     def __init__(self, key: jose.JWK | None, *, alg: jose.JWASignature, verify_ssl: bool | str,
-                 user_agent: str, timeout: int, lean: bool = True) -> None:
+                 user_agent: str, timeout: int, lean: bool = True,
+                 on_request: Callable[[float], None] | None = None, clock: Clock | None = None) -> None:
         super().__init__(key, alg=alg, verify_ssl=verify_ssl, user_agent=user_agent, timeout=timeout)
+        # Told the duration of every HTTP request (answered or not), for the metrics.
+        self._on_request, self._clock = on_request, clock
         if lean:
             self.session.close()
             self.session = LeanSession()  # type: ignore[assignment]
+
+    #: Seconds left until the caller's deadline (an order's), or None; set per order by the issuer.
+    time_left: Callable[[], float] | None = None
+
+    def _timeout_now(self, asked: float | None) -> float:
+        """The whole-request timeout: the network timeout, but never past the caller's deadline."""
+        timeout = float(asked if asked is not None else self._default_timeout)
+        if self.time_left is not None:
+            timeout = min(timeout, max(0.001, self.time_left()))
+        return timeout
 
     def post(self, *args: Any, **kwargs: Any) -> requests.Response:
         for attempt in range(1, BAD_NONCE_ATTEMPTS + 1):
@@ -223,8 +299,15 @@ class AcmeNetwork(acme_client.ClientNetwork):
         kwargs["verify"] = self.verify_ssl
         headers = kwargs.setdefault("headers", {})
         headers.setdefault("User-Agent", self.user_agent)
-        kwargs.setdefault("timeout", self._default_timeout)
-        response = self.session.request(method, url, *args, **kwargs)
+        kwargs["timeout"] = self._timeout_now(kwargs.get("timeout"))
+        if self._on_request is None or self._clock is None:
+            response = self.session.request(method, url, *args, **kwargs)
+        else:
+            started = self._clock.monotonic()
+            try:
+                response = self.session.request(method, url, *args, **kwargs)
+            finally:
+                self._on_request(self._clock.monotonic() - started)
         if "Accept" not in headers:
             response.encoding = "utf-8"
         if log.isEnabledFor(logging.DEBUG):
@@ -268,6 +351,8 @@ class Failure:
     def __call__(self, e: BaseException, doing: str) -> Exception:
         if isinstance(e, (AcmeError, ConfigError)):
             return e
+        if isinstance(e, ResponseTooLarge):
+            return AcmeError(f"{doing}: {e}; not read (a broken CA or proxy?); will retry", transient=True)
         if isinstance(e, requests.exceptions.SSLError):
             return self.unreachable(f"TLS error: {_tls_reason(e)}")
         if isinstance(e, requests.exceptions.Timeout):

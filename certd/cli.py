@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 import traceback
 from pathlib import Path
@@ -53,10 +54,28 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="handshake-check the live endpoints now")
     v.add_argument("names", nargs="*", metavar="NAME")
 
+    d = sub.add_parser("drift", help="compare configured, stored, deployed and served; exit 1 on any mismatch")
+    d.add_argument("names", nargs="*", metavar="NAME")
+    d.add_argument("--json", action="store_true")
+
     rb = sub.add_parser("rollback", help="switch back to an earlier version, reload, verify")
     rb.add_argument("name", metavar="NAME")
     rb.add_argument("--to", type=int, metavar="VERSION", dest="to_version")
     rb.add_argument("--reason", default="")
+
+    rv = sub.add_parser("revoke", help="revoke the current certificate at the CA; keyCompromise re-keys at once")
+    rv.add_argument("name", metavar="NAME")
+    rv.add_argument("--reason", required=True, metavar="CODE",
+                    help="keyCompromise | superseded | cessationOfOperation | affiliationChanged")
+
+    h = sub.add_parser("history", help="the audit trail")
+    h.add_argument("name", nargs="?", metavar="NAME")
+    h.add_argument("--json", action="store_true")
+
+    a = sub.add_parser("audit", help="audit log tools")
+    asub = a.add_subparsers(dest="audit_command", metavar="SUBCOMMAND", parser_class=_Parser)
+    av = asub.add_parser("verify", help="check the audit log's hash chain")
+    av.add_argument("--head", metavar="HASH", help="also require this record hash, kept elsewhere, to be in the chain")
 
     sub.add_parser("reload", help="tell the running daemon to re-read its configuration")
     return p
@@ -125,11 +144,22 @@ class _Local:
     def verify(self, names: list[str]) -> list[dict[str, Any]]:
         return [_outcome(self.mgr.verify_now(c)) for c in self.mgr.select(names)]
 
+    def drift(self, names: list[str]) -> dict[str, Any]:
+        from certd import drift
+        self.mgr.select(names)  # unknown names are a usage error
+        return drift.to_json(drift.check_all(self.mgr.config, self.mgr.store, names or None))
+
     def rollback(self, name: str, to_version: int | None, reason: str, progress: Any) -> dict[str, Any]:
         from certd.manager import whoami
         cert = self.mgr.select([name])[0]
         return _outcome(self.mgr.rollback(cert, to_version=to_version, reason=reason, initiator=whoami(),
                                           progress=progress))
+
+
+    def revoke(self, name: str, reason: str, progress: Any) -> dict[str, Any]:
+        from certd.manager import whoami
+        cert = self.mgr.select([name])[0]
+        return _outcome(self.mgr.revoke(cert, reason, initiator=whoami(), progress=progress))
 
 
 class _Remote:
@@ -173,11 +203,22 @@ class _Remote:
         self._check(names)
         return self.client.call("/v1/verify", {"names": names})["outcomes"]
 
+    def drift(self, names: list[str]) -> dict[str, Any]:
+        self._check(names)
+        return self.client.get("/v1/drift", params={"name": names} if names else None)
+
     def rollback(self, name: str, to_version: int | None, reason: str, progress: Any) -> dict[str, Any]:
         self._check([name])
         outcomes = self._stream("/v1/rollback", {"name": name, "to_version": to_version, "reason": reason}, progress)
         if not outcomes:
             raise OperationFailed("the daemon ended the rollback without a result; see certd status")
+        return outcomes[0]
+
+    def revoke(self, name: str, reason: str, progress: Any) -> dict[str, Any]:
+        self._check([name])
+        outcomes = self._stream("/v1/revoke", {"name": name, "reason": reason}, progress)
+        if not outcomes:
+            raise OperationFailed("the daemon ended the revocation without a result; see certd history")
         return outcomes[0]
 
 
@@ -230,6 +271,21 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_drift(args: argparse.Namespace) -> int:
+    backend = _backend(args)
+    try:
+        report = backend.drift(args.names)
+    finally:
+        backend.close()
+    if args.json:
+        json.dump(report, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        from certd.drift import lines
+        print("\n".join(lines(report)))
+    return EXIT_FAILED if report["drift"] else EXIT_OK
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     outcomes = _backend(args).verify(args.names)
     for o in outcomes:
@@ -243,6 +299,62 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     if o["result"] == "refused":
         return EXIT_USAGE
     return EXIT_OK if o["ok"] else EXIT_FAILED
+
+
+def cmd_revoke(args: argparse.Namespace) -> int:
+    from certd.revocation import parse_reason
+    reason = parse_reason(args.reason)
+    backend = _backend(args)
+    try:
+        o = backend.revoke(args.name, reason, _progress)
+    finally:
+        backend.close()
+    print(f"{o['name']}: {o['message']}")
+    if o["result"] == "refused":
+        return EXIT_USAGE
+    return EXIT_OK if o["ok"] else EXIT_FAILED
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    from certd import audit
+    cfg = load_config(args)
+    log = audit.open_for(cfg.daemon.state_dir)
+    records = log.records()
+    if args.name is not None and args.name not in cfg.names and not any(r.get("name") == args.name for r in records):
+        raise UsageError(f"unknown certificate {args.name}; configured: {', '.join(cfg.names) or 'none'}")
+    rows = list(audit.iter_matching(records, args.name))
+    if not log.verify().ok:
+        print("certd: warning: the audit log's hash chain is broken; run certd audit verify", file=sys.stderr)
+    if args.json:
+        json.dump({"records": rows}, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return EXIT_OK
+    for r in rows:
+        r["serials"] = " -> ".join(x for x in (r.get("old_serial"), r.get("new_serial")) if x) or None
+    _print_table(rows, [("TIME", "time"), ("EVENT", "event"), ("NAME", "name"), ("INITIATOR", "initiator"),
+                        ("OUTCOME", "outcome"), ("SERIALS", "serials"), ("REASON", "reason")])
+    return EXIT_OK
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from certd import audit
+    if args.audit_command != "verify":
+        raise UsageError("certd audit: a SUBCOMMAND is required: verify (see --help)")
+    cfg = load_config(args)
+    if args.head is not None and not re.fullmatch(r"[0-9a-f]{64}", args.head):
+        raise UsageError(f"--head {args.head!r}: expected a record hash, 64 lower-case hex digits")
+    v = audit.open_for(cfg.daemon.state_dir).verify(expect_head=args.head)
+    if v.ok:
+        head = f" (head: seq {v.last_seq}, hash {v.last_hash})" if v.last_hash else ""
+        print(f"{v.records} records, chain intact{head}")
+        return EXIT_OK
+    for problem in v.problems[:audit.MAX_PROBLEMS]:
+        print(problem)
+    if len(v.problems) > audit.MAX_PROBLEMS:
+        print(f"... and {len(v.problems) - audit.MAX_PROBLEMS} more problems")
+    print(f"audit log TAMPERED or damaged: {len(v.problems)} problem{'s' if len(v.problems) != 1 else ''} "
+          f"in {v.records} records ({cfg.daemon.state_dir / audit.FILENAME})")
+    return EXIT_FAILED
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
@@ -288,8 +400,12 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "renew": cmd_renew,
     "status": cmd_status,
     "verify": cmd_verify,
+    "drift": cmd_drift,
     "rollback": cmd_rollback,
     "reload": cmd_reload,
+    "revoke": cmd_revoke,
+    "history": cmd_history,
+    "audit": cmd_audit,
 }
 
 

@@ -10,11 +10,13 @@ is left to its journal: the next start resumes it.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
 import socket
 import threading
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -23,19 +25,23 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
 from certd import config as config_mod
+from certd import drift
 from certd.clock import Clock, SystemClock, isoformat
 from certd.config import CertificateConfig, Config
 from certd.control import Caller, ControlServer
-from certd.errors import ConfigError, UsageError
+from certd.errors import CertdError, ConfigError, UsageError
 from certd.log import event
-from certd.manager import Outcome
-from certd.wiring import build_manager
+from certd.manager import ARI_POLL, Outcome
+from certd.monitor import Monitor
+from certd.wiring import build_manager, build_sinks
 from certd.scheduler import Flight, Flights, Scheduler, ShuttingDown
 
 log = logging.getLogger("certd.daemon")
 
 SHUTDOWN_GRACE = 60.0
 CONFIG_DEBOUNCE = 0.3
+STATUS_INTERVAL = 5.0    # seconds between systemd STATUS= lines (each one looks at every certificate)
+ARI_START_RATE = 10.0    # ARI polls a second, at most, for those due when the daemon starts
 
 
 def sd_notify(message: str) -> None:
@@ -57,9 +63,14 @@ class Daemon:
         self.config_path = config_path
         self.clock = clock or SystemClock()
         self.config: Config = config_mod.load(config_path, check_runtime=True)
-        self.manager = build_manager(self.config, clock=self.clock, daemon=True, lock_timeout=SHUTDOWN_GRACE)
+        self.sinks = build_sinks(self.config, self.clock, daemon=True)
+        self.manager = build_manager(self.config, clock=self.clock, daemon=True, lock_timeout=SHUTDOWN_GRACE,
+                                     sinks=self.sinks)
         self.flights = Flights()
         self.scheduler = Scheduler(self.config.daemon.workers, self._scheduled_job, self.clock)
+        self.monitor = Monitor(self.manager, lambda: self.config, clock=self.clock, metrics=self.sinks.metrics,
+                               busy=lambda name: any(f.name == name for f in self.flights.in_progress()),
+                               submit=self.scheduler.submit)
         self.control = ControlServer(self.config.daemon.control_socket, {
             ("GET", "/v1/status"): self._api_status,
             ("POST", "/v1/renew"): self._api_renew,
@@ -67,12 +78,17 @@ class Daemon:
             ("POST", "/v1/revoke"): self._api_revoke,
             ("POST", "/v1/verify"): self._api_verify,
             ("POST", "/v1/reload"): self._api_reload,
+            ("GET", "/v1/drift"): self._api_drift,
         }, group=self.config.daemon.control_group,
             mutating={"/v1/renew", "/v1/rollback", "/v1/reload", "/v1/verify", "/v1/revoke"})
         self._stop = threading.Event()
         self._reload_lock = threading.Lock()
         self._reload_timer: threading.Timer | None = None
         self._observer: Any = None
+        self._status_lock = threading.Lock()
+        self._status_timer: threading.Timer | None = None
+        self._status_sent = float("-inf")
+        self._failing: set[str] = set()
 
     # -- life cycle -----------------------------------------------------------------------
 
@@ -82,11 +98,15 @@ class Daemon:
         try:
             for j in self.manager.recover_all():
                 event(log, "rotation_recovered", name=j.name, step=j.step.value)
+            spread = _Spread(self.clock, ARI_START_RATE)
             for cert in self.config.certificates:
-                self._reschedule(cert.name)
+                self._reschedule(cert.name, spread)
             self.scheduler.start()
             self.scheduler.every(self.config.daemon.ca_probe_interval, self._probe_ca, job_id="ca-probe")
             self._watch_config()
+            if self.sinks.metrics is not None:
+                self.sinks.metrics.start()
+            self.monitor.start()
             self._install_signals()
             self._start_watchdog()
             sd_notify("READY=1")
@@ -103,12 +123,17 @@ class Daemon:
 
     def _shutdown(self) -> int:
         sd_notify("STOPPING=1")
+        with self._status_lock:
+            if self._status_timer is not None:
+                self._status_timer.cancel()
         event(log, "daemon_stopping", in_flight=len(self.flights.in_progress()))
         self.flights.accepting = False
         self.scheduler.shutdown()
         if self._observer is not None:
             self._observer.stop()
+        self.monitor.stop()
         idle = self.flights.wait_idle(SHUTDOWN_GRACE, self.clock)
+        self.sinks.close()
         event(log, "daemon_stopped", clean=idle)
         self.manager.close()
         if not idle:  # the journal resumes the rotation at the next start
@@ -135,24 +160,60 @@ class Daemon:
         threading.Thread(target=ping, name="watchdog", daemon=True).start()
 
     def _update_status(self) -> None:
-        names = self.scheduler.scheduled_names()
-        upcoming = sorted((t, n) for n in names if (t := self.scheduler.next_run(n)) is not None)
-        failing = sum(1 for c in self.config.certificates if self.manager.load_state(c.name).failures)
-        line = f"{len(self.config.certificates)} certificates"
+        """Send systemd a STATUS= summary soon, at most one every STATUS_INTERVAL seconds: with
+        thousands of certificates, a summary after every finished job cost more than the jobs."""
+        with self._status_lock:
+            if self._status_timer is not None:
+                return  # one is due already and will see this change too
+            delay = max(0.0, self._status_sent + STATUS_INTERVAL - self.clock.monotonic())
+            self._status_timer = threading.Timer(delay, self._send_status)
+            self._status_timer.daemon = True
+            self._status_timer.start()
+
+    def _send_status(self) -> None:
+        with self._status_lock:
+            self._status_timer = None
+            first, self._status_sent = self._status_sent == float("-inf"), self.clock.monotonic()
+        if first:  # once; afterwards each finished job updates its own entry
+            failing_now = {c.name for c in self.config.certificates if self._failures_of(c.name)}
+            with self._status_lock:
+                self._failing |= failing_now
+        names = set(self.config.names)
+        with self._status_lock:
+            failing = len(self._failing & names)
+        upcoming = self.scheduler.next_scheduled()
+        line = f"{len(names)} certificates"
         if upcoming:
-            line += f"; next: {upcoming[0][1]} at {isoformat(upcoming[0][0])}"
+            line += f"; next: {upcoming[1]} at {isoformat(upcoming[0])}"
         if failing:
             line += f"; {failing} failing"
         sd_notify(f"STATUS={line}")
 
+    def _note_failures(self, name: str) -> None:
+        """Keep the failing set for STATUS= current after a job on ``name``."""
+        failing = self._failures_of(name)
+        with self._status_lock:
+            if failing:
+                self._failing.add(name)
+            else:
+                self._failing.discard(name)
+
+    def _failures_of(self, name: str) -> bool:
+        try:
+            return self.manager.load_state(name).failures > 0
+        except CertdError:
+            return False
+
     # -- scheduling -----------------------------------------------------------------------
 
-    def _reschedule(self, name: str) -> None:
+    def _reschedule(self, name: str, spread: _Spread | None = None) -> None:
         try:
             cert = self.config.certificate(name)
         except KeyError:
             return
         when, reason = self.manager.plan(cert)
+        if spread is not None and reason == ARI_POLL:
+            when = spread.slot(when)
         self.scheduler.schedule(name, when, reason)
 
     def _scheduled_job(self, name: str) -> None:
@@ -186,6 +247,7 @@ class Daemon:
             self.flights.end(flight, outcome)
             if not self._stop.is_set():
                 self._reschedule(flight.name)
+                self._note_failures(flight.name)
                 self._update_status()
         if outcome is not None and not outcome.ok:
             event(log, "rotation_outcome", logging.WARNING, name=flight.name, result=outcome.result, message=outcome.message)
@@ -250,11 +312,13 @@ class Daemon:
             if new.daemon != old.daemon:
                 event(log, "config_restart_needed", logging.WARNING,
                       detail="[daemon] changes (state_dir, control_socket, workers, ...) take effect after a restart")
-                new = Config(new.path, old.daemon, new.acme, new.certificates)
+                new = dataclasses.replace(new, daemon=old.daemon)
             old_by_name = {c.name: c for c in old.certificates}
             new_by_name = {c.name: c for c in new.certificates}
             self.config = new
             self.manager.reconfigure(new)
+            self.sinks.reconfigure(new)
+            self.monitor.reconfigure()
             for name in old_by_name.keys() - new_by_name.keys():
                 self.scheduler.unschedule(name)
             changed = [n for n, c in new_by_name.items() if old_by_name.get(n) != c]
@@ -350,9 +414,30 @@ class Daemon:
         outcomes = [self.manager.verify_now(c) for c in self._select(body.get("names"))]
         return {"outcomes": [_outcome_json(o) for o in outcomes]}
 
+    def _api_drift(self, caller: Caller, query: dict[str, Any]) -> dict[str, Any]:
+        names = [c.name for c in self._select(query.get("name"))] if query.get("name") else None
+        return drift.to_json(self.monitor.check_now(names))
+
     def _api_reload(self, caller: Caller, body: dict[str, Any]) -> dict[str, Any]:
         ok, problems = self.reload_config(f"control socket ({caller})")
         return {"ok": ok, "problems": problems}
+
+
+class _Spread:
+    """Start-up slots for ARI polls that are due at once, ``rate`` a second: a restart with
+    thousands of certificates would otherwise ask the CA about every one of them in the same
+    second (RFC 9773 leaves the polling pace to the client). A certificate whose renewal is
+    due is not delayed: only plan()'s ARI_POLL times get a slot."""
+
+    def __init__(self, clock: Clock, rate: float) -> None:
+        self.clock, self.next, self.step = clock, clock.now(), timedelta(seconds=1 / rate)
+
+    def slot(self, when: datetime) -> datetime:
+        now = self.clock.now()
+        if when > now:
+            return when
+        when, self.next = max(self.next, now), max(self.next, now) + self.step
+        return when
 
 
 def _ca_answers(directory: str, ca_bundle: Path | None) -> bool:

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Callable
 
+from certd.errors import CertdError
+
 log = logging.getLogger("certd.events")
 
 # Stable event kinds (snake_case; audit records and metrics use them as they are).
@@ -61,12 +63,28 @@ class LifecycleEvent:
 
 
 Sink = Callable[[LifecycleEvent], None]
+#: (what was timed, seconds, labels): ``acme_request`` (one HTTP request to the CA) and
+#: ``hook`` (one reload hook, label ``hook``). Metrics subscribe; nothing is recorded otherwise.
+MeasureSink = Callable[[str, float, dict[str, str]], None]
 
 
 class EventBus:
     def __init__(self) -> None:
         self._sinks: list[Sink] = []
+        self._measure_sinks: list[MeasureSink] = []
         self._lock = threading.Lock()
+
+    def subscribe_measurements(self, sink: MeasureSink) -> None:
+        with self._lock:
+            self._measure_sinks.append(sink)
+
+    def measure(self, what: str, seconds: float, **labels: str) -> None:
+        """Report a duration to the measurement sinks; like :meth:`emit`, never raises."""
+        for sink in list(self._measure_sinks):
+            try:
+                sink(what, seconds, labels)
+            except Exception:  # a sink must never break the caller
+                log.exception("measurement sink %r failed for %s", sink, what)
 
     def subscribe(self, sink: Sink) -> None:
         with self._lock:
@@ -78,5 +96,13 @@ class EventBus:
         for sink in sinks:
             try:
                 sink(event)
-            except Exception:  # a sink must never break the caller
+            except CertdError as e:  # a full disk, a webhook down: one line, no traceback
+                log.error("event_sink_failed sink=%s event=%s name=%s error=%s",
+                          _sink_name(sink), event.kind, event.name or "-", e)
+            except Exception:  # a sink must never break the caller; a bug gets its traceback
                 log.exception("event sink %r failed for %s %s", sink, event.kind, event.name)
+
+
+def _sink_name(sink: Callable[..., Any]) -> str:
+    owner = getattr(sink, "__self__", sink)
+    return type(owner).__name__ if not hasattr(owner, "__qualname__") else str(owner.__qualname__)

@@ -40,8 +40,10 @@ import select
 import signal
 import socket
 import subprocess
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -177,11 +179,52 @@ def run_command(argv: Sequence[str], *, env: Mapping[str, str], timeout: float) 
 # --- nginx ----------------------------------------------------------------------------------
 
 
+# --- one change at a time per server -----------------------------------------------------------
+
+_locks: dict[tuple[str, str], threading.Lock] = {}
+_locks_guard = threading.Lock()
+
+
+def _server_lock(kind: str, where: object) -> threading.Lock:
+    with _locks_guard:
+        return _locks.setdefault((kind, str(where)), threading.Lock())
+
+
+@contextmanager
+def servers_quiet(hooks: Sequence[ReloadHook]) -> Iterator[None]:
+    """Hold off reloads of the nginx servers among ``hooks`` while the block runs.
+
+    nginx opens a certificate and its key one after the other, by path. A deploy switch (one
+    rename) landing between the two opens while ``nginx -t`` or the master reads its
+    configuration pairs one version's certificate with another's key: nginx refuses the whole
+    configuration ("key values mismatch") and the rotation of whichever certificate asked for
+    the reload fails. certd runs the switch inside this block, and the nginx hook holds the
+    same lock from ``nginx -t`` until the master has replaced its workers, so within one certd
+    process a switch never overlaps nginx reading its certificates.
+    """
+    locks = [_server_lock("nginx", c) for c in sorted({str(h.config) for h in hooks if h.kind == "nginx"})]
+    with ExitStack() as stack:
+        for lock in locks:
+            stack.enter_context(lock)
+        yield
+
+
 def _reload_nginx(hook: ReloadHook) -> HookResult:
     deadline = time.monotonic() + hook.timeout
+    lock = _server_lock("nginx", hook.config)
+    if not lock.acquire(timeout=hook.timeout):
+        return HookResult("nginx", False, None, hook.timeout,
+                          f"another reload of this nginx did not finish within {hook.timeout:g}s", timed_out=True)
+    try:
+        return _reload_nginx_locked(hook, deadline)
+    finally:
+        lock.release()
+
+
+def _reload_nginx_locked(hook: ReloadHook, deadline: float) -> HookResult:
     conf = ["-c", str(hook.config)] if hook.config else []
     env = {"PATH": os.environ.get("PATH") or DEFAULT_PATH, "LANG": "C"}
-    test = run_command([hook.binary, "-t", "-q", *conf], env=env, timeout=hook.timeout)
+    test = run_command([hook.binary, "-t", "-q", *conf], env=env, timeout=max(0.1, deadline - time.monotonic()))
     if not test.ok:
         why = "timed out" if test.timed_out else _nginx_error_line(test.output)
         return HookResult(test.hook, False, test.returncode, test.duration,
@@ -279,16 +322,42 @@ def _hotswap_haproxy(hook: ReloadHook, bundle: Bundle) -> HookResult:
             text = f"{text}\n{why}" if text else why
         return HookResult("haproxy", ok, None, time.monotonic() - start, text, timed_out)
 
+    # HAProxy keeps one certificate transaction for all its certificates: updates of several
+    # certificates on the same HAProxy take turns here, and another client's turn is waited out.
+    lock = _server_lock("haproxy", hook.socket)
+    if not lock.acquire(timeout=hook.timeout):
+        return finish(False, f"another update on {hook.socket} did not finish within {hook.timeout:g}s", True)
+    try:
+        return _hotswap_haproxy_locked(hook, bundle, crt, deadline, replies, finish)
+    finally:
+        lock.release()
+
+
+def _hotswap_haproxy_locked(hook: ReloadHook, bundle: Bundle, crt: str, deadline: float, replies: list[str],
+                            finish: Callable[..., HookResult]) -> HookResult:
+    assert hook.socket is not None
     # The payload ends at the first empty line: the PEM must not contain one.
     payload = b"\n".join(line for line in bundle.combined_pem.splitlines() if line.strip())
     try:
-        reply = haproxy_command(hook.socket, f"set ssl cert {crt} <<\n".encode() + payload + b"\n\n",
-                                deadline)
-        replies.append(reply)
-        if "Transaction created" not in reply and "Transaction updated" not in reply:
-            _abort(hook.socket, crt, replies, min(2.0, hook.timeout))
-            hint = _size_hint(payload) if not reply.strip() else ""
-            return finish(False, f"set ssl cert refused: {_one_line(reply)}{hint}")
+        for _attempt in range(HAPROXY_SET_ATTEMPTS):
+            _wait_for_turn(hook.socket, crt, deadline, replies)
+            reply = haproxy_command(hook.socket, f"set ssl cert {crt} <<\n".encode() + payload + b"\n\n",
+                                    deadline)
+            replies.append(reply)
+            m = _TRANSACTION.search(reply)
+            if m is None:
+                _abort(hook.socket, crt, replies, min(2.0, hook.timeout))
+                hint = _size_hint(payload) if not reply.strip() else ""
+                return finish(False, f"set ssl cert refused: {_one_line(reply)}{hint}")
+            if _same_crt(m.group(1), crt):
+                break
+            # HAProxy 2.6 puts a new payload into whatever transaction is open, even one for
+            # another certificate: that one now holds our certificate under another name, and
+            # committing it would serve it there. Abort it; the other client will start over.
+            log.warning("haproxy_transaction_clash socket=%s crt=%s other=%s: aborted", hook.socket, crt, m.group(1))
+            _abort(hook.socket, m.group(1), replies, min(2.0, hook.timeout))
+        else:
+            return finish(False, "set ssl cert: another client kept HAProxy's certificate transaction busy")
         reply = haproxy_command(hook.socket, f"commit ssl cert {crt}\n".encode(), deadline)
         replies.append(reply)
         if "Success!" not in reply:
@@ -303,6 +372,35 @@ def _hotswap_haproxy(hook: ReloadHook, bundle: Bundle) -> HookResult:
             why += _size_hint(payload)
         return finish(False, why, timed_out)
     return finish(True)
+
+
+HAPROXY_SET_ATTEMPTS = 3
+HAPROXY_BUSY_RETRY = 0.05   # seconds between looks while another certificate's transaction is open
+HAPROXY_STALE = 2.0         # a transaction open this long was abandoned (its client died): abort it
+_TRANSACTION = re.compile(r"Transaction (?:created|updated) for certificate (.+?)!")
+_ONGOING = re.compile(r"^# transaction\s*\n\*(.+)$", re.MULTILINE)
+
+
+def _same_crt(a: str, b: str) -> bool:
+    return os.path.normpath(a.strip()) == os.path.normpath(b.strip())
+
+
+def _wait_for_turn(sock_path: Path, crt: str, deadline: float, replies: list[str]) -> None:
+    """Wait while HAProxy has a transaction open for another certificate (HAProxy has one for
+    all of them); abort it once it has stayed open :data:`HAPROXY_STALE` seconds, as one left
+    by a client killed between ``set`` and ``commit`` would for ever."""
+    since = time.monotonic()
+    while True:
+        m = _ONGOING.search(haproxy_command(sock_path, b"show ssl cert\n", deadline))
+        if m is None or _same_crt(m.group(1), crt):
+            return
+        now = time.monotonic()
+        if now - since >= HAPROXY_STALE or now + HAPROXY_BUSY_RETRY >= deadline:
+            log.warning("haproxy_transaction_abandoned socket=%s other=%s: open for %.1fs, aborting it",
+                        sock_path, m.group(1), now - since)
+            _abort(sock_path, m.group(1).strip(), replies, 2.0)
+            return
+        time.sleep(HAPROXY_BUSY_RETRY)
 
 
 def haproxy_command(sock_path: Path, request: bytes, deadline: float) -> str:

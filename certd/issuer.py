@@ -50,7 +50,7 @@ from certd.acmenet import (NEXT_STEP, AcmeNetwork, Failure, one_line, problem_co
                            retry_after_seconds)
 from certd.clock import Clock, utc
 from certd.config import AcmeConfig, CertificateConfig
-from certd.errors import AcmeError, ChallengeFailed, ConfigError
+from certd.errors import AcmeError, CANotReachable, ChallengeFailed, ConfigError
 from certd.keys import make_csr
 from certd.model import split_pem_chain
 from certd.solvers import Solver, solver_for
@@ -58,7 +58,7 @@ from certd.solvers import Solver, solver_for
 log = logging.getLogger(__name__)
 
 DEFAULT_USER_AGENT = f"certd/{__version__}"
-ORDER_TIMEOUT = 90.0         # seconds for one whole order, from newOrder to the certificate
+ORDER_TIMEOUT = AcmeConfig.order_timeout   # default seconds for one whole order ([acme] order_timeout)
 NETWORK_TIMEOUT = 30         # seconds for one HTTP request
 # Poll schedule: first poll soon (a local CA validates in milliseconds), then back off.
 FIRST_POLL = 0.004
@@ -128,13 +128,16 @@ class Issuer:
     """Talks to one ACME CA for one account. Thread-safe; see the module docstring."""
 
     def __init__(self, acme: AcmeConfig, accounts: AccountStore, clock: Clock, *,
-                 user_agent: str = DEFAULT_USER_AGENT, order_timeout: float = ORDER_TIMEOUT,
-                 network_timeout: int = NETWORK_TIMEOUT) -> None:
+                 user_agent: str = DEFAULT_USER_AGENT, order_timeout: float | None = None,
+                 network_timeout: int = NETWORK_TIMEOUT,
+                 on_request: Callable[[float], None] | None = None) -> None:
+        """``on_request`` is told the duration (seconds) of every HTTP request to the CA."""
         self._acme = acme
+        self._on_request = on_request
         self._accounts = accounts
         self._clock = clock
         self._user_agent = user_agent
-        self._order_timeout = order_timeout
+        self._order_timeout = acme.order_timeout if order_timeout is None else order_timeout
         self._network_timeout = network_timeout
         self._verify: bool | str = str(acme.ca_bundle) if acme.ca_bundle else True
         self._lean = not proxied(acme.directory)   # with a proxy, plain requests does the work
@@ -165,18 +168,31 @@ class Issuer:
         deadline = self._clock.monotonic() + self._order_timeout
         csr_pem = make_csr(key_pem, cert.domains)
         solver = solver_for(cert)
-        for attempt in (1, 2):
-            with self._mapped(doing):
-                client = self._client()
-                used_account = client.net.account
-                try:
-                    return _Order(self, client, cert, solver, say, deadline).run(csr_pem, replaces)
-                except messages.Error as e:
-                    if problem_code(e) != "accountDoesNotExist" or attempt == 2:
-                        raise
-                log.warning("account_unknown directory=%s: the CA no longer knows account %s; "
-                            "registering again", self._acme.directory, used_account.uri if used_account else "?")
-                self._reregister(used_account)
+        try:
+            for attempt in (1, 2):
+                with self._mapped(doing):
+                    # Every request of the order ends by the deadline, even one the CA answers
+                    # a byte at a time (the poll loop alone only checks between requests).
+                    net = self._network()
+                    net.time_left = lambda: deadline - self._clock.monotonic()
+                    try:
+                        client = self._client()
+                        used_account = client.net.account
+                        return _Order(self, client, cert, solver, say, deadline).run(csr_pem, replaces)
+                    except messages.Error as e:
+                        if problem_code(e) != "accountDoesNotExist" or attempt == 2:
+                            raise
+                    finally:
+                        net.time_left = None
+                    log.warning("account_unknown directory=%s: the CA no longer knows account %s; "
+                                "registering again", self._acme.directory, used_account.uri if used_account else "?")
+                    self._reregister(used_account)
+        except CANotReachable as e:
+            if self._clock.monotonic() < deadline:
+                raise
+            raise AcmeError(f"{doing}: no certificate within the {self._order_timeout:g} s order deadline "
+                            f"([acme] order_timeout): the CA at {self._acme.directory} answers too slowly; "
+                            "will retry", transient=True) from e
         raise AssertionError("unreachable")
 
     def renewal_info(self, cert_pem: bytes) -> RenewalInfo | None:
@@ -258,7 +274,8 @@ class Issuer:
 
     def _new_network(self, key: jose.JWK | None) -> AcmeNetwork:
         net = AcmeNetwork(key, alg=self._alg, verify_ssl=self._verify, user_agent=self._user_agent,
-                          timeout=self._network_timeout, lean=self._lean)
+                          timeout=self._network_timeout, lean=self._lean,
+                          on_request=self._on_request, clock=self._clock)
         with self._networks_lock:
             self._networks.add(net)
         return net
@@ -411,9 +428,12 @@ class _Order:
             try:
                 response = _post(self.client, url, ReplacingOrder(identifiers=identifiers, replaces=replaces))
             except messages.Error as e:
+                # replaces is advisory (RFC 9773 §5): a CA that cannot use it (already replaced,
+                # a certificate it does not know, Pebble 2.6 failing every serial whose DER
+                # encoding needs a leading zero byte with serverInternal) must not block the
+                # renewal for ever. Only problems that would hit any order are raised as they are.
                 code = problem_code(e)
-                if code not in ("alreadyReplaced", "malformed", "conflict") and \
-                        "replace" not in f"{e.detail} {e.title}".lower():
+                if code in ("rateLimited", "accountDoesNotExist", "badNonce"):
                     raise
                 log.warning("replaces_refused certificate=%s replaces=%s problem=%s detail=%s; "
                             "ordering without replaces", self.cert.name, replaces, code, one_line(e.detail or ""))

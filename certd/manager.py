@@ -12,11 +12,13 @@ import logging
 import os
 import pwd
 import random
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Callable, Iterable
 
-from certd import certcheck, deploy, hooks, keys, policy, rotation, verify
+from certd import certcheck, deploy, hooks, keys, policy, revocation, rotation, verify
 from certd.clock import Clock, SystemClock, isoformat
 from certd.config import CertificateConfig, Config
 from certd.errors import CANotReachable, CertdError, OperationFailed, StoreError, UsageError
@@ -31,6 +33,7 @@ from certd.store import FileStore, Store, StoredVersion
 log = logging.getLogger("certd")
 
 Progress = Callable[[str, str], None]   # (certificate name, message)
+ARI_POLL = "poll ACME Renewal Information"  # plan()'s reason when the next look is only an ARI poll
 
 
 def whoami() -> str:
@@ -54,7 +57,7 @@ class Outcome:
 
     @property
     def ok(self) -> bool:
-        return self.result in ("renewed", "not_due", "switched", "verified")
+        return self.result in ("renewed", "not_due", "switched", "verified", "revoked")
 
 
 @dataclass
@@ -95,7 +98,8 @@ class Manager:
     @property
     def issuer(self) -> Issuer:
         if self._issuer is None:
-            self._issuer = Issuer(self.config.acme, self.store, self.clock)
+            self._issuer = Issuer(self.config.acme, self.store, self.clock,
+                                  on_request=lambda seconds: self.events.measure("acme_request", seconds))
         return self._issuer
 
     def close(self) -> None:
@@ -115,11 +119,11 @@ class Manager:
         state = self.load_state(cert.name)
         decision = self._decide(cert, stored, state, refresh_ari=False)
         when, why = decision.renew_at, decision.reason
-        if stored is not None:
+        if stored is not None and not revocation.is_held(stored.meta):
             cached = state.ari if state.ari and state.ari.get("serial") == stored.bundle.info.serial else None
             poll_at = _parse_time(cached.get("next_poll")) if cached else self.clock.now()
             if poll_at is not None and poll_at < when:
-                when, why = poll_at, "poll ACME Renewal Information"
+                when, why = poll_at, ARI_POLL
         return when, why
 
     def select(self, names: Iterable[str]) -> list[CertificateConfig]:
@@ -135,11 +139,29 @@ class Manager:
     # -- renewal --------------------------------------------------------------------------
 
     def renew(self, certs: Iterable[CertificateConfig], *, force: bool = False, reason: str = "",
-              initiator: str = "scheduler", progress: Progress | None = None) -> list[Outcome]:
-        """Renew each certificate that is due (all of them with ``force``); one failure does not
-        stop the others."""
-        return [self.renew_one(c, force=force, reason=reason, initiator=initiator, progress=progress)
-                for c in certs]
+              initiator: str = "scheduler", progress: Progress | None = None,
+              workers: int | None = None) -> list[Outcome]:
+        """Renew each certificate that is due (all of them with ``force``), up to ``workers``
+        (default ``[daemon] workers``) at a time, each under its own lock; one failure does not
+        stop the others. Outcomes come back in the order of ``certs``, whatever order they
+        finish in."""
+        certs = list(certs)
+        workers = max(1, min(workers or self.config.daemon.workers, len(certs)))
+        if workers > 1 and progress is not None:
+            progress = _serialized(progress)
+
+        def one(cert: CertificateConfig) -> Outcome:
+            try:
+                return self.renew_one(cert, force=force, reason=reason, initiator=initiator, progress=progress)
+            except Exception as e:  # a bug in one renewal must not lose the others' outcomes
+                log.exception("renewal of %s crashed", cert.name)
+                return Outcome(cert.name, "failed", f"internal error: {type(e).__name__}: {e}")
+
+        if workers == 1:
+            return [one(c) for c in certs]
+        self.issuer  # built once here, not raced for by the workers
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="certd-renew") as pool:
+            return list(pool.map(one, certs))
 
     def renew_one(self, cert: CertificateConfig, *, force: bool = False, reason: str = "",
                   initiator: str = "scheduler", progress: Progress | None = None,
@@ -217,6 +239,26 @@ class Manager:
         except (ValueError, TypeError):  # no AKI: the CA cannot have ARI for it
             return None
 
+    # -- revocation -----------------------------------------------------------------------
+
+    def revoke(self, cert: CertificateConfig, reason: str, *, initiator: str = "operator",
+               progress: Progress | None = None) -> Outcome:
+        """Revoke the current certificate at the CA (``reason``: a name in revocation.REASONS)
+        and follow up as the reason demands (certd/revocation.py): result ``revoked`` when every
+        step succeeded. UsageError if there is nothing to revoke."""
+        say = _sayer(cert.name, progress)
+        try:
+            with self.store.lock(cert.name, timeout=self.lock_timeout):
+                self._recover(cert, say)
+                return revocation.revoke_locked(
+                    self, cert, reason, initiator, say,
+                    rotate=lambda why: self._renew_locked(cert, True, why, initiator, say))
+        except UsageError:
+            raise
+        except CertdError as e:
+            event(log, "revocation_failed", logging.ERROR, name=cert.name, error=str(e))
+            return Outcome(cert.name, "failed", str(e))
+
     # -- rollback -------------------------------------------------------------------------
 
     def rollback(self, cert: CertificateConfig, *, to_version: int | None = None, reason: str = "",
@@ -263,8 +305,40 @@ class Manager:
         sv = self.store.load(name, target)
         if sv.meta.get("key_compromised"):
             raise UsageError(f"{name} version {target} has a compromised key; it cannot be deployed again")
+        if sv.meta.get("revoked"):
+            raise UsageError(f"{name} version {target} was revoked ({sv.meta['revoked'].get('reason')}); "
+                             f"it cannot be deployed again")
         if sv.bundle.info.not_after <= self.clock.now():
             raise UsageError(f"{name} version {target} expired at {isoformat(sv.bundle.info.not_after)}; choose a newer one")
+
+    def redeploy(self, cert: CertificateConfig, *, progress: Progress | None = None) -> Outcome:
+        """Put the current version back where the servers read it (drift repair): stage it
+        again (rewriting deployed files edited out of band), switch, run the reload hooks and
+        verify by handshake, with the rotation's own effects.
+
+        No journal: the target is the version the store already names current and every step
+        is idempotent, so an interrupted repair is simply done again; the store is not changed.
+        Result ``verified`` (or ``switched`` without verify endpoints), else ``failed``."""
+        say = _sayer(cert.name, progress)
+        current: int | None = None
+        try:
+            with self.store.lock(cert.name, timeout=self.lock_timeout):
+                self._recover(cert, say)
+                current = self.store.current(cert.name)
+                if current is None:
+                    return Outcome(cert.name, "not_due", "no certificate issued yet; nothing to redeploy")
+                effects = _Effects(self, cert, repair=True)
+                effects.stage(current)
+                effects.switch(current)
+                effects.reload(current)
+                verified = effects.verify(current)
+        except CertdError as e:
+            return Outcome(cert.name, "failed", f"redeploying version {current}: {e}", current)
+        serial = self._serial(cert.name, current)
+        event(log, "cert_redeployed", name=cert.name, version=current, serial=serial, verified=verified)
+        return Outcome(cert.name, "verified" if verified else "switched",
+                       f"redeployed version {current}, serial {serial}" + ("; verified" if verified else ""),
+                       current, serial)
 
     # -- the rotation's edges -------------------------------------------------------------
 
@@ -277,7 +351,8 @@ class Manager:
                 text = "no [[certificate.verify]] endpoints: the live handshake was not checked"
             say(text.format(j=jj))
             self._emit_step(cert, jj)
-        return rotation.drive(j, _Effects(self, cert), self._save_journal, self.clock, on_step)
+        return rotation.drive(j, _Effects(self, cert), self._save_journal, self.clock, on_step,
+                              idle=_idle_actions(cert))
 
     def _finish(self, cert: CertificateConfig, j: Journal, state: CertState, seconds: float) -> Outcome:
         version = j.to_version if j.step == Step.COMMITTED or j.unverified else j.from_version
@@ -285,7 +360,8 @@ class Manager:
         if version is not None:
             serial = self.store.load(cert.name, version).bundle.info.serial
         if j.step == Step.COMMITTED:
-            self._prune(cert)
+            self._prune(cert, j.initiator)
+            revocation.destroy_compromised_keys(self, cert, j.initiator)
             info = self._info(cert.name, version)
             fields: dict[str, Any] = {"initiator": j.initiator, "reason": j.reason, "version": version,
                                       "new_serial": serial, "old_serial": self._serial(cert.name, j.from_version),
@@ -312,13 +388,16 @@ class Manager:
         else:
             result, msg = "failed", error
         if j.kind == "renew":
-            self._record_failure(cert, state, msg, result=j.result)
+            self._record_failure(cert, state, msg, result=j.result, failed_step=_failed_step(j))
         return Outcome(cert.name, result, msg, version, serial)
 
     def _record_failure(self, cert: CertificateConfig, state: CertState, error: str, result: str = "failed",
-                        ca_unreachable: bool = False) -> None:
+                        ca_unreachable: bool = False, failed_step: str | None = None) -> None:
         event(log, "renewal_failed", logging.ERROR, name=cert.name, failures=state.failures + 1, error=error)
-        self.emit("renewal_failed", cert.name, outcome=result, reason=error, detail={"failures": state.failures + 1})
+        detail: dict[str, Any] = {"failures": state.failures + 1}
+        if failed_step is not None:
+            detail["failed_step"] = failed_step
+        self.emit("renewal_failed", cert.name, outcome=result, reason=error, detail=detail)
         state.ca_unreachable = ca_unreachable
         state.failures += 1
         state.last_failure = isoformat(self.clock.now())
@@ -329,14 +408,17 @@ class Manager:
         except StoreError as e:
             event(log, "state_not_saved", logging.WARNING, name=cert.name, error=str(e))
 
-    def _prune(self, cert: CertificateConfig) -> None:
+    def _prune(self, cert: CertificateConfig, initiator: str = "scheduler") -> None:
         current = self.store.current(cert.name)
+        versions = self.store.versions(cert.name)
+        serials = {v: self._serial(cert.name, v) for v in versions} if len(versions) > cert.keep_versions else {}
         removed = self.store.prune(cert.name, cert.keep_versions, protect={current} if current else ())
         deploy.prune(cert, set(self.store.versions(cert.name)))
         if removed:
             event(log, "versions_pruned", name=cert.name, versions=",".join(map(str, removed)))
         for v in removed:
-            self.emit("version_pruned", cert.name, version=v, reason=f"keep_versions = {cert.keep_versions}")
+            self.emit("version_pruned", cert.name, version=v, reason=f"keep_versions = {cert.keep_versions}",
+                      initiator=initiator, old_serial=serials.get(v))
 
     def _recover(self, cert: CertificateConfig, say: Callable[[str], None]) -> Journal | None:
         """Finish a rotation that a crash left unfinished (see rotation.py for the rule)."""
@@ -420,6 +502,9 @@ class Manager:
         if stored is None:
             return policy.decide(policy.Facts(failures=failures, last_failure=_parse_time(state.last_failure)), now)
         info = stored.bundle.info
+        held = revocation.is_held(stored.meta)
+        if held:  # revoked for cessationOfOperation: ARI asks for renewal, the operator said no
+            return policy.Decision(info.not_after + (info.not_after - info.not_before) * 100, held)
         changed = None
         if set(info.domains) != set(cert.domains):
             changed = f"configured domains {sorted(cert.domains)} differ from the certificate's {sorted(info.domains)}"
@@ -482,10 +567,11 @@ class Manager:
         elif j.step == Step.ROLLED_BACK:
             self.emit("rolled_back", cert.name, outcome="rolled_back", version=j.from_version,
                       old_serial=self._serial(cert.name, j.to_version), new_serial=self._serial(cert.name, j.from_version),
-                      detail={"error": j.error}, **common)
+                      detail={"error": j.error, "failed_step": _failed_step(j)}, **common)
         elif j.step == Step.ROLLBACK_FAILED:
             self.emit("rollback_failed", cert.name, outcome="rollback_failed", version=j.from_version,
-                      detail={"error": j.error, "rollback_error": j.rollback_error}, **common)
+                      detail={"error": j.error, "rollback_error": j.rollback_error,
+                              "failed_step": _failed_step(j)}, **common)
 
     def _info(self, name: str, version: int | None) -> Any:
         if version is None:
@@ -518,8 +604,9 @@ class Manager:
 class _Effects:
     """rotation.Effects for one certificate, on the real edges."""
 
-    def __init__(self, mgr: Manager, cert: CertificateConfig) -> None:
+    def __init__(self, mgr: Manager, cert: CertificateConfig, *, repair: bool = False) -> None:
         self.mgr, self.cert = mgr, cert
+        self.repair = repair  # stage rewrites deployed files edited out of band (drift repair)
         self._bundles: dict[int, Bundle] = {}
 
     def _bundle(self, version: int) -> Bundle:
@@ -528,22 +615,28 @@ class _Effects:
         return self._bundles[version]
 
     def stage(self, version: int) -> None:
-        deploy.stage(self.cert, version, self._bundle(version))
+        deploy.stage(self.cert, version, self._bundle(version), repair=self.repair)
 
     def switch(self, version: int) -> None:
-        deploy.switch(self.cert, version)
+        # Not while nginx reads its certificates for another rotation: it opens cert and key
+        # one after the other and would pair this switch's halves (see hooks.servers_quiet).
+        with hooks.servers_quiet(self.cert.reload):
+            deploy.switch(self.cert, version)
 
     def reload(self, version: int, *, keep_going: bool = False) -> list[str]:
         ctx = hooks.HookContext(self.cert.name, self.cert.domains, version, self._bundle(version),
                                 self.cert.deploy.live_dir, self.cert.deploy.combined)
         errors = []
         for hook in self.cert.reload:
+            started = self.mgr.clock.monotonic()
             try:
                 hooks.run_reload(hook, ctx)
             except OperationFailed as e:
                 if not keep_going:
                     raise
                 errors.append(str(e))
+            finally:
+                self.mgr.events.measure("hook", self.mgr.clock.monotonic() - started, hook=hooks.hook_label(hook))
         return errors
 
     def verify(self, version: int) -> bool:
@@ -568,6 +661,33 @@ _STEP_TEXT = {
     Step.ROLLED_BACK: "rolled back: version {j.from_version} is served again (verified)",
     Step.ROLLBACK_FAILED: "ROLLBACK FAILED: {j.rollback_error}",
 }
+
+
+def _idle_actions(cert: CertificateConfig) -> frozenset[rotation.Action]:
+    """The rotation actions that have nothing to do for ``cert`` (see rotation.drive)."""
+    idle = set()
+    if cert.deploy.live_dir is None and cert.deploy.combined is None and not cert.deploy.files:
+        idle |= {rotation.Action.STAGE, rotation.Action.SWITCH}
+    if not cert.reload:
+        idle.add(rotation.Action.RELOAD)
+    if not cert.verify:
+        idle.add(rotation.Action.VERIFY)
+    return frozenset(idle)
+
+
+def _serialized(progress: Progress) -> Progress:
+    """``progress`` for several threads: one message at a time (lines never interleave)."""
+    lock = threading.Lock()
+
+    def say(name: str, message: str) -> None:
+        with lock:
+            progress(name, message)
+    return say
+
+
+def _failed_step(j: Journal) -> str | None:
+    action = rotation.failed_action(j)
+    return action.value if action is not None else None
 
 
 def _sayer(name: str, progress: Progress | None) -> Callable[[str], None]:

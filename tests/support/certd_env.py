@@ -36,11 +36,14 @@ def toml_value(v: Any) -> str:
     raise TypeError(f"cannot write {type(v).__name__} as TOML")
 
 
-def to_toml(daemon: Mapping[str, Any], acme: Mapping[str, Any], certificates: Sequence[Mapping[str, Any]]) -> str:
-    """The subset of TOML certd's config uses: two tables and an array of certificate tables,
-    each with an optional deploy table and arrays of reload / verify tables."""
+def to_toml(daemon: Mapping[str, Any], acme: Mapping[str, Any], certificates: Sequence[Mapping[str, Any]],
+            alerts: Mapping[str, Any] | None = None) -> str:
+    """The subset of TOML certd's config uses: two tables (three with ``alerts``) and an array of
+    certificate tables, each with an optional deploy table and arrays of reload / verify tables."""
     out = ["[daemon]"] + [f"{k} = {toml_value(v)}" for k, v in daemon.items()]
     out += ["", "[acme]"] + [f"{k} = {toml_value(v)}" for k, v in acme.items()]
+    if alerts:
+        out += ["", "[alerts]"] + [f"{k} = {toml_value(v)}" for k, v in alerts.items()]
     for cert in certificates:
         out += ["", "[[certificate]]"]
         out += [f"{k} = {toml_value(v)}" for k, v in cert.items() if k not in ("deploy", "reload", "verify")]
@@ -69,6 +72,7 @@ class CertdEnv:
         self.certificates: list[dict[str, Any]] = []
         self.daemon_extra: dict[str, Any] = {}
         self.acme_extra: dict[str, Any] = {}
+        self.alerts: dict[str, Any] | None = None   # the [alerts] table, when set
         self.daemons: list[ManagedProcess] = []
 
     def refresh_root(self) -> Path:
@@ -92,7 +96,7 @@ class CertdEnv:
         acme = {"directory": self.pebble.directory_url, "email": "ops@example.test", "agree_tos": True,
                 "ca_bundle": str(self.pebble.ca_bundle), **self.acme_extra}
         tmp = self.config_path.with_suffix(".tmp")
-        tmp.write_text(to_toml(daemon, acme, self.certificates))
+        tmp.write_text(to_toml(daemon, acme, self.certificates, self.alerts))
         os.replace(tmp, self.config_path)
         return self.config_path
 

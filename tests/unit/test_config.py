@@ -131,6 +131,25 @@ CORPUS: list[tuple[str, str, tuple[str, ...]]] = [
     ("verify-port-range", cert('domains = ["a.example.test"]\nhttp01_listen = "127.0.0.1:5002"\n[[certificate.verify]]\nendpoint = "127.0.0.1:70000"\n'), ("verify[0].endpoint", "out of range")),
     ("verify-wildcard-sni", cert('domains = ["a.example.test"]\nhttp01_listen = "127.0.0.1:5002"\n[[certificate.verify]]\nendpoint = "127.0.0.1:443"\nsni = "*.example.test"\n'), ("verify[0].sni", "wildcard")),
     ("verify-missing-ca", cert('domains = ["a.example.test"]\nhttp01_listen = "127.0.0.1:5002"\n[[certificate.verify]]\nendpoint = "127.0.0.1:443"\nca_bundle = "/nonexistent/root.pem"\n'), ("verify[0].ca_bundle", "does not exist")),
+    ("metrics-not-loopback", '[daemon]\nmetrics_listen = "0.0.0.0:9464"\n' + ACME, ("daemon.metrics_listen", "0.0.0.0 is not a loopback address", "metrics_allow_remote = true")),
+    ("metrics-hostname-not-loopback", '[daemon]\nmetrics_listen = "metrics.example.test:9464"\n' + ACME, ("daemon.metrics_listen", "not a loopback address")),
+    ("metrics-allow-remote-string", '[daemon]\nmetrics_allow_remote = "yes"\n' + ACME, ("daemon.metrics_allow_remote", "expected true or false")),
+    ("metrics-textfile-not-prom", '[daemon]\nmetrics_textfile = "/var/lib/node_exporter/certd.txt"\n' + ACME, ("daemon.metrics_textfile", "only *.prom files")),
+    ("metrics-textfile-int", '[daemon]\nmetrics_textfile = 1\n' + ACME, ("daemon.metrics_textfile", "expected a string")),
+    ("drift-interval-bad", '[daemon]\ndrift_interval = "often"\n' + ACME, ("daemon.drift_interval", "positive duration")),
+    ("drift-interval-zero", '[daemon]\ndrift_interval = 0\n' + ACME, ("daemon.drift_interval", "positive duration")),
+    ("repair-drift-string", '[daemon]\nrepair_drift = "yes"\n' + ACME, ("daemon.repair_drift", "expected true or false")),
+    ("deploy-repair-drift-int", cert('domains = ["a.example.test"]\nhttp01_listen = "127.0.0.1:5002"\n[certificate.deploy]\nrepair_drift = 1\n'), ("deploy.repair_drift", "expected true or false")),
+    ("alerts-not-table", 'alerts = "https://hooks.example.test/x"\n' + ACME, ("alerts", "expected a table")),
+    ("alerts-no-url", ACME + '[alerts]\ntimeout = "5s"\n', ("alerts.webhook_url", "required key is missing")),
+    ("alerts-url-not-http", ACME + '[alerts]\nwebhook_url = "hooks.example.test/certd"\n', ("alerts.webhook_url", "not an http(s) URL")),
+    ("alerts-url-ftp", ACME + '[alerts]\nwebhook_url = "ftp://hooks.example.test/certd"\n', ("alerts.webhook_url", "not an http(s) URL")),
+    ("alerts-token-in-clear", ACME + '[alerts]\nwebhook_url = "http://hooks.example.test/certd"\nbearer_token = "t0k"\n', ("alerts.webhook_url", "clear text", "https://")),
+    ("alerts-empty-token", ACME + '[alerts]\nwebhook_url = "https://hooks.example.test/certd"\nbearer_token = " "\n', ("alerts.bearer_token", "empty token")),
+    ("alerts-token-file-missing", ACME + '[alerts]\nwebhook_url = "https://hooks.example.test/certd"\nbearer_token_file = "/nonexistent/token"\n', ("alerts.bearer_token_file", "does not exist")),
+    ("alerts-timeout-long", ACME + '[alerts]\nwebhook_url = "https://hooks.example.test/certd"\ntimeout = "5m"\n', ("alerts.timeout", "at most")),
+    ("alerts-timeout-bad", ACME + '[alerts]\nwebhook_url = "https://hooks.example.test/certd"\ntimeout = "soon"\n', ("alerts.timeout", "positive duration")),
+    ("alerts-unknown-key", ACME + '[alerts]\nwebhook_url = "https://hooks.example.test/certd"\nurl = "x"\n', ("alerts.url", "unknown key")),
 ]
 
 
@@ -269,3 +288,57 @@ def test_bad_command_line_exits_2_with_one_line(tmp_path, argv):
     r = run_cli("--config", str(path), *argv)
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+def test_monitoring_keys_parse_into_typed_values(tmp_path):
+    """Metrics, drift and alert settings become typed values; loopback names need no permission."""
+    (tmp_path / "token").write_text("s3cret\n")
+    (tmp_path / "token").chmod(0o600)
+    path = tmp_path / "certd.toml"
+    path.write_text(GOOD.replace("[daemon]\n", '[daemon]\nmetrics_listen = "[::1]:9464"\nmetrics_textfile = "certd.prom"\n'
+                                 'drift_interval = "10m"\nrepair_drift = true\n', 1).replace(
+        '[certificate.deploy]\n', '[certificate.deploy]\nrepair_drift = false\n', 1)
+        + '\n[alerts]\nwebhook_url = "https://hooks.example.test/certd"\nbearer_token_file = "token"\ntimeout = "3s"\n')
+    cfg = config.load(path)
+    d = cfg.daemon
+    assert (d.metrics_listen, d.metrics_textfile, d.drift_interval, d.repair_drift) == \
+        (config.Listen("::1", 9464), tmp_path / "certd.prom", 600.0, True)
+    assert cfg.certificate("www").deploy.repair_drift is False
+    assert cfg.alerts == config.AlertsConfig("https://hooks.example.test/certd", None, tmp_path / "token", 3.0)
+    assert "s3cret" not in repr(config.AlertsConfig("https://x.test/h", bearer_token="s3cret"))
+    plain = config.load(_write(tmp_path, GOOD))
+    assert plain.alerts is None and plain.daemon.drift_interval == 300.0 and plain.daemon.repair_drift is False
+    assert plain.certificate("www").deploy.repair_drift is None
+
+
+def _write(tmp_path, text: str):
+    path = tmp_path / "plain.toml"
+    path.write_text(text)
+    return path
+
+
+def test_remote_metrics_need_explicit_permission(tmp_path):
+    """metrics_allow_remote = true accepts a non-loopback listener; an http webhook on loopback may carry a token."""
+    cfg = config.load(_write(tmp_path, '[daemon]\nmetrics_listen = "0.0.0.0:9464"\nmetrics_allow_remote = true\n' + ACME
+                             + '[alerts]\nwebhook_url = "http://127.0.0.1:9000/hook"\nbearer_token = "t"\n'))
+    assert cfg.daemon.metrics_allow_remote and cfg.alerts is not None and cfg.alerts.bearer_token == "t"
+
+
+def test_token_file_readable_by_others_and_both_token_kinds_are_refused(tmp_path):
+    """A world-readable token file leaks the secret; a token and a token file at once is ambiguous."""
+    token = tmp_path / "token"
+    token.write_text("t\n")
+    token.chmod(0o644)
+    (line,) = problems_for(tmp_path, ACME + f'[alerts]\nwebhook_url = "https://x.example.test/h"\nbearer_token_file = "{token}"\n')
+    assert "alerts.bearer_token_file" in line and "chmod o-rwx" in line
+    token.chmod(0o600)
+    (line,) = problems_for(tmp_path, ACME + f'[alerts]\nwebhook_url = "https://x.example.test/h"\nbearer_token = "t"\nbearer_token_file = "{token}"\n')
+    assert "alerts.bearer_token" in line and "not both" in line
+
+
+def test_textfile_in_a_missing_directory_is_a_runtime_problem(tmp_path):
+    """check-config (and the daemon) refuse a textfile whose directory does not exist."""
+    path = _write(tmp_path, '[daemon]\nmetrics_textfile = "/nonexistent-dir/certd.prom"\n' + ACME)
+    config.load(path)
+    with pytest.raises(ConfigError, match="directory /nonexistent-dir does not exist"):
+        config.load(path, check_runtime=True)

@@ -1,0 +1,79 @@
+"""The daemon's monitor: expiring_soon once per serial, surviving a restart; which files it watches."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+from certd.clock import FakeClock
+from certd.config import AcmeConfig, CertificateConfig, Config, DaemonConfig, DeployConfig, FileTarget
+from certd.events import EventBus, LifecycleEvent
+from certd.manager import CertState, Manager
+from certd.monitor import Monitor, _concerns
+from certd.store import FileStore
+from tests.support.certs import make_bundle
+
+NOW = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
+
+
+def make(tmp_path: Path, clock: FakeClock) -> tuple[Monitor, Manager, Config, list[LifecycleEvent]]:
+    cfg = Config(tmp_path / "certd.toml", DaemonConfig(state_dir=tmp_path / "state"),
+                 AcmeConfig("https://127.0.0.1:14000/dir"), (CertificateConfig("www", ("www.example.test",)),))
+    seen: list[LifecycleEvent] = []
+    bus = EventBus()
+    bus.subscribe(seen.append)
+    manager = Manager(cfg, store=FileStore(cfg.daemon.state_dir), clock=clock, events=bus)
+    monitor = Monitor(manager, lambda: cfg, busy=lambda name: False, submit=lambda *a, **k: None,
+                      metrics=None, clock=clock)
+    return monitor, manager, cfg, seen
+
+
+def store(manager: Manager, days: float = 10) -> str:
+    bundle = make_bundle(("www.example.test",), not_before=NOW, days=days)
+    manager.store.set_current("www", manager.store.add_version("www", bundle, {}))
+    return bundle.info.serial
+
+
+def test_expiring_soon_once_per_serial_and_not_again_after_a_restart(tmp_path):
+    """Past a tenth of its lifetime left and not renewed: one event for that serial, none on restart."""
+    clock = FakeClock(NOW)
+    monitor, manager, cfg, seen = make(tmp_path, clock)
+    serial = store(manager)
+    manager.save_state("www", CertState(failures=3, last_error="CA not reachable"))
+    wait = monitor.check_expiring(cfg)
+    assert wait is not None and abs(wait - timedelta(days=9).total_seconds()) < 1  # wakes at the emergency point
+    assert not seen
+    clock.advance(timedelta(days=9, seconds=1))
+    assert monitor.check_expiring(cfg) is None
+    (ev,) = seen
+    assert ev.kind == "expiring_soon" and ev.old_serial == serial and ev.not_after == NOW + timedelta(days=10)
+    assert "3 failed renewal attempts, last: CA not reachable" in ev.reason
+    monitor.check_expiring(cfg)
+    again, _, _, seen_again = make(tmp_path, clock)  # a restarted daemon
+    again.check_expiring(cfg)
+    assert len(seen) == 1 and not seen_again
+
+
+def test_a_renewed_certificate_is_watched_afresh(tmp_path):
+    """A new serial gets its own expiring_soon when it, too, runs late."""
+    clock = FakeClock(NOW)
+    monitor, manager, cfg, seen = make(tmp_path, clock)
+    store(manager)
+    clock.advance(timedelta(days=9, hours=12))
+    monitor.check_expiring(cfg)
+    second = store(manager, days=9.6)  # issued at NOW too: already past its own emergency point
+    monitor.check_expiring(cfg)
+    assert [e.old_serial for e in seen][-1] == second and len(seen) == 2
+
+
+def test_only_the_certificates_own_files_trigger_a_check(tmp_path: Path):
+    """Its link, version files and staged copies concern it; a neighbour's files do not."""
+    cert = CertificateConfig("www", ("www.example.test",), deploy=DeployConfig(
+        live_dir=tmp_path / "ssl" / "www", combined=tmp_path / "haproxy" / "www.pem",
+        files=(FileTarget(tmp_path / "app" / "tls.key", "privkey"),)))
+    yes = [tmp_path / "ssl" / "www", tmp_path / "ssl" / ".www.versions" / "0002" / "privkey.pem",
+           tmp_path / "haproxy" / "www.pem", tmp_path / "haproxy" / ".www.pem.certd-0002", tmp_path / "app" / "tls.key"]
+    no = [tmp_path / "ssl" / "api", tmp_path / "ssl" / ".api.versions" / "0001" / "cert.pem",
+          tmp_path / "haproxy" / "api.pem", tmp_path / "app" / "other.key"]
+    assert all(_concerns(cert, str(p)) for p in yes)
+    assert not any(_concerns(cert, str(p)) for p in no)
