@@ -136,13 +136,14 @@ def check_all(config: Config, store: Store, names: Iterable[str] | None = None, 
               probe_timeout: float = PROBE_TIMEOUT) -> list[CertDrift]:
     """:func:`check` every configured certificate (or those named), side by side; then one
     row per certificate found in the store but not configured (when none are named)."""
-    wanted = list(names) if names is not None else None
+    wanted = set(names) if names is not None else None  # a set: the daemon names thousands
     certs = [c for c in config.certificates if wanted is None or c.name in wanted]
     with ThreadPoolExecutor(max_workers=max(1, min(WORKERS, len(certs)))) as pool:
         results = list(pool.map(lambda c: check(c, store, probe_timeout=probe_timeout), certs))
     if wanted is None:
         try:
-            stray = [n for n in store.names() if n not in config.names]
+            configured = set(config.names)
+            stray = [n for n in store.names() if n not in configured]
         except CertdError:
             stray = []
         results += [CertDrift(n, store.current(n), configured=False,
