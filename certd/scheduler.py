@@ -180,3 +180,9 @@ class Scheduler:
 
     def scheduled_names(self) -> list[str]:
         return [j.id.split(":", 1)[1] for j in self._aps.get_jobs() if j.id.startswith("renew:")]
+
+    def next_scheduled(self) -> tuple[datetime, str] | None:
+        """The earliest certificate job: (when, name); None if there is none (or before start)."""
+        return min(((when, job.id.split(":", 1)[1]) for job in self._aps.get_jobs()
+                    if job.id.startswith("renew:") and (when := getattr(job, "next_run_time", None)) is not None),
+                   default=None)

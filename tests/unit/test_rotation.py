@@ -65,6 +65,26 @@ def test_happy_path_goes_through_every_step_in_order():
     assert fx.calls == [("stage", 2), ("switch", 2), ("reload", 2), ("verify", 2), ("commit", 2)]
 
 
+def test_steps_over_idle_actions_are_saved_with_the_next_one():
+    """Transitions over actions with nothing to do are persisted with the next step; all are still reported."""
+    fx, clock, saved, seen = FakeEffects(), FakeClock(), [], []
+    j0 = rotation.start("www", "renew", 1, 2, clock.now(), initiator="t", reason="")
+    idle = {Action.STAGE, Action.SWITCH, Action.VERIFY}
+    j = rotation.drive(j0, fx, saved.append, clock, seen.append, idle=idle)
+    assert j.step == Step.COMMITTED
+    assert [s.step for s in saved] == [Step.RELOADED, Step.COMMITTED]
+    assert [s.step for s in seen] == [Step.STAGED, Step.SWITCHED, Step.RELOADED, Step.VERIFIED, Step.COMMITTED]
+    assert [h[0] for h in saved[-1].history] == ["issued", "staged", "switched", "reloaded", "verified", "committed"]
+
+
+def test_a_failing_idle_action_is_saved_at_once():
+    """A failure is always persisted, even for an action declared idle."""
+    fx, clock, saved = FakeEffects({("verify", 2): VerificationFailed("x")}), FakeClock(), []
+    j0 = rotation.start("www", "renew", 1, 2, clock.now(), initiator="t", reason="")
+    rotation.drive(j0, fx, saved.append, clock, idle={Action.VERIFY})
+    assert [s.step for s in saved] == [Step.STAGED, Step.SWITCHED, Step.RELOADED, Step.ROLLING_BACK, Step.ROLLED_BACK]
+
+
 @pytest.mark.parametrize("failing,error", [
     ("reload", HookFailed("nginx -t exited 1")),
     ("verify", VerificationFailed("served serial 0a, expected 7c")),
