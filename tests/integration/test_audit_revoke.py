@@ -36,7 +36,7 @@ class Site:
 
     def cert(self, **kw: Any) -> dict[str, Any]:
         base: dict[str, Any] = dict(
-            keep_versions=5, verify_timeout="3s",
+            keep_versions=5, verify_timeout="10s",  # generous: other suites may load the machine
             deploy={"live_dir": str(self.deploy_dir / "live" / "www"),
                     "combined": str(self.deploy_dir / "combined" / "www.pem"),
                     "files": [{"path": str(self.deploy_dir / "files" / "www.key"), "content": "privkey"}]},
