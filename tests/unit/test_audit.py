@@ -7,6 +7,7 @@ import json
 import multiprocessing
 import os
 import stat
+import threading
 from pathlib import Path
 
 import pytest
@@ -203,6 +204,35 @@ def test_concurrent_processes_never_fork_the_chain(tmp_path: Path) -> None:
     assert v.ok, v.problems[:5]
     assert v.records == 200 and [r["seq"] for r in log.records()] == list(range(1, 201))
     assert os.path.getsize(path) > 0
+
+
+def test_concurrent_threads_share_writes_and_never_fork_the_chain(tmp_path: Path) -> None:
+    """Eight threads appending 40 records each: 320 records, seq 1..320, chain intact, each
+    caller gets its own record back, and fewer writes than records (group commit)."""
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path)
+    writes = 0
+    real = log._append_locked
+
+    def counting(batch: list[dict[str, object]]) -> list[dict[str, object]]:
+        nonlocal writes
+        writes += 1
+        return real(batch)
+    log._append_locked = counting  # type: ignore[method-assign]
+    got: dict[str, list[int]] = {}
+
+    def worker(tag: str) -> None:
+        got[tag] = [int(log.append(ev("verified", tag, version=i))["version"]) for i in range(40)]
+    threads = [threading.Thread(target=worker, args=(f"t{k}",)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    v = AuditLog(path).verify()
+    assert v.ok, v.problems[:5]
+    assert v.records == 320 and [r["seq"] for r in log.records()] == list(range(1, 321))
+    assert all(got[f"t{k}"] == list(range(40)) for k in range(8))
+    assert writes < 320
 
 
 def test_verify_during_appends_never_reports_a_false_tamper(tmp_path: Path) -> None:
