@@ -215,8 +215,10 @@ class AuditLog:
                     pass
                 raise fsutil.store_error(e, self.path, "append to") from e
             try:
+                # Not durable (no directory fsync): a crash can only leave an older head behind,
+                # and a lagging head is no tamper sign; a torn one cannot happen.
                 fsutil.atomic_write(self.head_path, _head_bytes(seq, records[-1]["hash"]), mode=self._mode,
-                                    gid=self._gid())
+                                    gid=self._gid(), durable=False)
             except StoreError as e:  # the records themselves are durable; a lagging head is not a tamper sign
                 log_event(log, "audit_head_not_written", logging.WARNING, seq=seq, error=str(e))
             return records

@@ -136,11 +136,14 @@ def _discard(fd: int, path: Path) -> None:
     _unlink_quiet(path)
 
 
-def atomic_write(path: Path | str, data: bytes, *, mode: int = 0o644, uid: int = -1, gid: int = -1) -> None:
+def atomic_write(path: Path | str, data: bytes, *, mode: int = 0o644, uid: int = -1, gid: int = -1,
+                 durable: bool = True) -> None:
     """Replace ``path`` with a file holding ``data``: readers see the old file or the new one.
 
     The new file has ``mode`` (and ``uid``/``gid`` when not -1) from its creation on. On any
     error ``path`` is untouched, the temporary file is gone, and :class:`StoreError` is raised.
+    ``durable=False`` skips the directory fsync: still atomic, and never a torn or empty file,
+    but a crash may bring the previous content back (for files where that is harmless).
     """
     path = Path(path)
     tmp = path.with_name(temp_name(path.name))
@@ -157,7 +160,8 @@ def atomic_write(path: Path | str, data: bytes, *, mode: int = 0o644, uid: int =
         _discard(fd, tmp)
         raise store_error(e, path) from e
     os.close(fd)
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
 
 
 def fsync_dir(path: Path | str) -> None:
