@@ -31,6 +31,7 @@ import hashlib
 import json
 import os
 import re
+import stat
 from collections.abc import Collection, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
@@ -139,6 +140,11 @@ class FileStore:
 
     def _ensure_cert_dir(self, name: str) -> Path:
         d = self._cert_dir(name)
+        try:  # the common case, in one stat: versions/ exists, so everything above it does
+            if stat.S_ISDIR(os.stat(f"{self._cert_path(name)}/versions").st_mode):
+                return d
+        except OSError:
+            pass
         for p in (self.root, self.root / "certs", d, d / "versions"):
             fsutil.ensure_dir(p, self._dir_mode, gid=self._gid)
         return d
