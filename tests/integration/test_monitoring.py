@@ -247,7 +247,8 @@ def test_edited_deployed_files_are_found_by_certd_drift_and_repaired_by_the_daem
     env.write_config([{**cert, "deploy": {**cert["deploy"], "repair_drift": True}}])
     daemon = env.start_daemon()
     wait_until(lambda: env.run("drift").returncode == 0, timeout=20, what="drift repaired")
-    assert "drift_repaired" in daemon.log_text()
+    # the files are whole again a moment before the daemon's own re-check logs the repair
+    wait_until(lambda: "drift_repaired" in daemon.log_text(), timeout=20, what="drift_repaired logged")
     assert stat.S_IMODE((live / "privkey.pem").stat().st_mode) == 0o600
     store = FileStore(env.state_dir)
     assert (live / "fullchain.pem").read_bytes() == store.load("www", 1).bundle.fullchain_pem
