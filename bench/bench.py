@@ -1,0 +1,604 @@
+#!/usr/bin/env python3
+"""certd performance benchmark (issue 6): batch renewals against the protocol's limit, the
+daemon's footprint at thousands of certificates, and certbot for comparison.
+
+One command, everything it needs started and stopped by itself (by PID)::
+
+    bash bench/run.sh              # = .venv/bin/python bench/bench.py
+    bash bench/run.sh --quick      # CI-sized: small counts, a short idle window, ~2 minutes
+
+It starts two Pebble 2.6 servers on free loopback ports, both with PEBBLE_VA_NOSLEEP=1,
+PEBBLE_WFE_NONCEREJECT=0 and PEBBLE_AUTHZREUSE=0:
+
+- **fast mode** (PEBBLE_VA_ALWAYS_VALID=1): Pebble skips validation, so what is measured is
+  the client and the protocol's round trips — the throughput figures;
+- **real mode**: Pebble validates http-01 against the client's own responder — the figures
+  comparable with certbot.
+
+and measures, printing one table at the end:
+
+1. **The protocol limit** (``bench/limit_client.py``): a minimal client on the ``acme``
+   library, polling fast, nothing stored — sequential median ms/cert, and certs/s with 8
+   worker threads (run before and after certd's batches; the reference is the mean).
+2. **certd, one certificate, in-process**: ``Manager.renew_one(force=True)`` as the CLI builds
+   it (``wiring.build_manager``: audit log and every other configured sink), timed per
+   certificate — no interpreter start-up in the figure. The limit client and certd take turns,
+   one certificate each, so both medians come from the same minutes of a machine whose disk
+   and CPUs other work may share.
+3. **certd, batches**: ``certd renew --all --force`` as a process over a config with N
+   certificates (http-01 standalone; ``[daemon] workers`` = ``--workers``), wall time
+   including start-up.
+4. **certbot** (PyPI, installed by this script into ``.cache/bench/certbot-venv``): ``certbot
+   certonly --standalone`` for fresh names, one process each, real mode. certbot's random
+   sleep (up to 8 minutes) only happens in ``certbot renew`` when stdin is not a terminal;
+   ``certonly`` for a new name never takes that path, and ``--no-random-sleep-on-renew`` is
+   passed as well — the figure is issuance.
+5. **Footprint**: N certificates issued (fast mode, 6-hour lifetimes: real schedules, nothing
+   due during the measurement), then ``certd run``: start-up until the control socket answers
+   and until READY=1 (a NOTIFY_SOCKET of this script), RSS (VmRSS/VmHWM), CPU over an idle
+   window (utime+stime), ``status --json`` in-process and through the daemon.
+
+Timing figures depend on what else runs on the machine: the load average before and after is
+printed with the results. Nothing here is a pass/fail test; the table shows each target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from certd import config as config_mod  # noqa: E402
+from certd import log as logmod  # noqa: E402
+from certd.control import ControlClient  # noqa: E402
+from certd.wiring import build_manager  # noqa: E402
+from limit_client import LimitClient  # noqa: E402
+from tests.support.certd_env import CertdEnv  # noqa: E402
+from tests.support.pebble_fixtures import PebbleEnv  # noqa: E402
+from tests.support.procs import ManagedProcess, wait_until  # noqa: E402
+
+VALIDITY = 6 * 3600          # Pebble certificateValidityPeriod: renewal ~3 h later, ARI every 36 min
+CERTBOT_VENV = ROOT / ".cache" / "bench" / "certbot-venv"
+FAST = {"PEBBLE_VA_ALWAYS_VALID": "1"}
+
+
+@dataclass
+class Sizes:
+    limit_par: int
+    single_fast: int
+    single_real: int
+    batch_real: tuple[int, ...]
+    batch_fast: tuple[int, ...]
+    certbot: int
+    footprint: tuple[int, ...]
+    idle: float
+
+
+FULL = Sizes(limit_par=400, single_fast=50, single_real=20, batch_real=(1, 100),
+             batch_fast=(1, 100, 1000), certbot=5, footprint=(1000, 10000), idle=30.0)
+QUICK = Sizes(limit_par=80, single_fast=10, single_real=5, batch_real=(1, 20),
+              batch_fast=(1, 20, 100), certbot=2, footprint=(100,), idle=5.0)
+
+
+@dataclass
+class Results:
+    machine: dict[str, Any] = field(default_factory=dict)
+    limit: dict[str, Any] = field(default_factory=dict)
+    single: dict[str, float] = field(default_factory=dict)
+    batch: dict[str, dict[str, float]] = field(default_factory=dict)
+    certbot: dict[str, Any] = field(default_factory=dict)
+    footprint: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+def say(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+# --- /proc ---------------------------------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def memory_mb(pid: int) -> tuple[float, float]:
+    """(VmRSS, VmHWM) in MB."""
+    values = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, rest = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            values[key] = int(rest.split()[0]) / 1024
+    return values["VmRSS"], values["VmHWM"]
+
+
+def machine() -> dict[str, Any]:
+    mem = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
+               if line.startswith("MemTotal:"))
+    os_name = next((line.split("=", 1)[1].strip('"') for line in Path("/etc/os-release").read_text().splitlines()
+                    if line.startswith("PRETTY_NAME=")), platform.system())
+    version_file = ROOT / ".cache" / "pebble" / "bin" / "VERSION"
+    return {"cores": os.cpu_count(), "memory_gib": round(mem / 1024 / 1024), "os": os_name,
+            "python": platform.python_version(),
+            "pebble": version_file.read_text().strip() if version_file.exists() else "?",
+            "load_before": os.getloadavg()[0]}
+
+
+# --- certd as users run it -------------------------------------------------------------------
+
+
+def certd_argv(config: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "certd.cli", "--config", str(config), *args]
+
+
+class PebbleStalled(RuntimeError):
+    """Pebble stopped answering (its in-memory store can deadlock under many concurrent orders)."""
+
+
+def run_certd(config: Path, *args: str, pebble: PebbleEnv | None = None,
+              stall: float = 90.0) -> tuple[float, float, subprocess.CompletedProcess[str]]:
+    """(wall seconds, CPU seconds of the process, result) of one certd command.
+
+    With ``pebble``: PebbleStalled (certd stopped by PID) once Pebble's log has not grown for
+    ``stall`` seconds while certd runs — Pebble 2.6's MemoryStore can deadlock under many
+    concurrent orders (seen once in ~25,000: every request then hangs)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.perf_counter()
+    argv = certd_argv(config, *args)
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    log = pebble.workdir / "pebble.log" if pebble is not None else None
+    size, changed = -1, time.monotonic()
+    while True:
+        try:
+            out, err = proc.communicate(timeout=5)
+            break
+        except subprocess.TimeoutExpired:
+            if log is None:
+                continue
+            now_size = log.stat().st_size
+            if now_size != size:
+                size, changed = now_size, time.monotonic()
+            elif time.monotonic() - changed > stall:
+                proc.kill()
+                proc.communicate()
+                raise PebbleStalled(f"Pebble (pid {pebble.pebble_pid}) answered nothing for {stall:g} s")  # type: ignore[union-attr]
+    wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    r = subprocess.CompletedProcess(argv, proc.returncode, out, err)
+    if r.returncode != 0:
+        raise RuntimeError(f"certd {' '.join(args)} exited {r.returncode}:\n{r.stderr[-2000:]}")
+    return wall, cpu, r
+
+
+class Site:
+    """One certd state directory + config against one Pebble."""
+
+    def __init__(self, work: Path, pebble: PebbleEnv, workers: int) -> None:
+        work.mkdir(parents=True, exist_ok=True)
+        self.env = CertdEnv(work, pebble)
+        self.env.daemon_extra = {"workers": workers}
+        self.pebble = pebble
+
+    def configure(self, names: list[str]) -> Path:
+        return self.env.write_config([self.env.http_cert(n, [f"{n}.example.test"]) for n in names])
+
+    @property
+    def config(self) -> Path:
+        return self.env.config_path
+
+
+def names(prefix: str, n: int) -> list[str]:
+    return [f"{prefix}-{i:05d}" for i in range(n)]
+
+
+# --- 1 + 2. the protocol limit and one certificate in-process, interleaved ------------------------
+#
+# Other work on the machine (disk flushes above all) moves these figures by tens of percent
+# from one minute to the next, so the limit client and certd take turns, one certificate each:
+# both medians come from the same minutes.
+
+
+def bench_sequential(site: Site, pebble: PebbleEnv, count: int, label: str, real: bool, res: Results) -> None:
+    say(f"sequential, {label} mode: limit client and certd renew_one in turns, {count} certificates each")
+    lc = LimitClient(pebble.directory_url, str(pebble.ca_bundle), http_port=pebble.http_port if real else None)
+    site.configure(names(f"one-{label}", count + 1))
+    cfg = config_mod.load(site.config)
+    mgr = build_manager(cfg)  # as the CLI builds it: the audit log and every configured sink
+    limit_times, certd_times = [], []
+    lc_names = [f"{n}.example.test" for n in names(f"limit-{label}", count + 1)]
+    try:
+        for i, cert in enumerate(cfg.certificates):
+            # In real mode both answer http-01 on Pebble's http port: the limit client's
+            # responder runs only around its own order (started and stopped outside the timing).
+            with lc.responding():
+                started = time.perf_counter()
+                lc.issue(lc_names[i])
+                limit_elapsed = time.perf_counter() - started
+            started = time.perf_counter()
+            outcome = mgr.renew_one(cert, force=True, initiator="bench")
+            certd_elapsed = time.perf_counter() - started
+            if not outcome.ok:
+                raise RuntimeError(f"{cert.name}: {outcome.message}")
+            if i:  # the first of each registers its ACME account
+                limit_times.append(limit_elapsed)
+                certd_times.append(certd_elapsed)
+    finally:
+        mgr.close()
+    key = "" if label == "fast" else "_real"
+    res.limit[f"seq{key}_ms"] = statistics.median(limit_times) * 1000
+    res.single[f"{label}_ms"] = statistics.median(certd_times) * 1000
+    say(f"  limit {res.limit[f'seq{key}_ms']:.1f} ms/cert, certd {res.single[f'{label}_ms']:.1f} ms/cert (medians)")
+
+
+def bench_limit_parallel(fast: PebbleEnv, count: int, res: Results) -> None:
+    say(f"protocol limit, 8 threads: {count} certificates")
+    lc = LimitClient(fast.directory_url, str(fast.ca_bundle))
+    lc.run([f"{n}.example.test" for n in names("limit-warm", 3)], 1)
+    par = lc.run([f"{n}.example.test" for n in names(f"limit-par{len(res.limit)}", count)], 8)
+    res.limit.setdefault("par_runs", []).append(par.per_second)  # type: ignore[union-attr]
+    res.limit["par_per_s"] = statistics.mean(res.limit["par_runs"])  # type: ignore[arg-type]
+    say(f"  {par.per_second:.1f} certs/s")
+
+
+# --- 3. batches through the CLI ---------------------------------------------------------------
+
+
+def bench_batches(site: Site, counts: tuple[int, ...], label: str, res: Results) -> None:
+    site.configure(["warm"])
+    run_certd(site.config, "renew", "--all", "--force", pebble=site.pebble)  # registers the account
+    for n in counts:
+        site.configure(names(f"b{n}-{label}", n))
+        say(f"certd renew --all --force: {n} certificates ({label})")
+        assert site.pebble.pebble_pid is not None
+        pebble_cpu = cpu_seconds(site.pebble.pebble_pid)
+        wall, cpu, r = run_certd(site.config, "renew", "--all", "--force", pebble=site.pebble)
+        pebble_cpu = cpu_seconds(site.pebble.pebble_pid) - pebble_cpu
+        renewed = sum(1 for line in r.stdout.splitlines() if ": renewed: version" in line)
+        if renewed != n:
+            raise RuntimeError(f"expected {n} renewed, got {renewed}:\n{r.stdout[-2000:]}")
+        res.batch[f"{label}_{n}"] = {"n": n, "seconds": wall, "per_s": n / wall, "cpu_ms_per_cert": cpu / n * 1000,
+                                     "pebble_cpu_ms_per_cert": pebble_cpu / n * 1000}
+        say(f"  {wall:.2f} s, {n / wall:.1f} certs/s, CPU per certificate: certd {cpu / n * 1000:.1f} ms, "
+            f"Pebble {pebble_cpu / n * 1000:.1f} ms")
+
+
+# --- 4. certbot ---------------------------------------------------------------------------------
+
+
+def ensure_certbot() -> Path | None:
+    certbot = CERTBOT_VENV / "bin" / "certbot"
+    if certbot.exists():
+        return certbot
+    say(f"installing certbot from PyPI into {CERTBOT_VENV}")
+    try:
+        subprocess.run([sys.executable, "-m", "venv", str(CERTBOT_VENV)], check=True, capture_output=True)
+        subprocess.run([str(CERTBOT_VENV / "bin" / "pip"), "install", "-q", "certbot"], check=True,
+                       capture_output=True, timeout=600)
+    except (subprocess.SubprocessError, OSError) as e:
+        say(f"  certbot could not be installed ({e}); skipping the comparison")
+        shutil.rmtree(CERTBOT_VENV, ignore_errors=True)
+        return None
+    return certbot
+
+
+def bench_certbot(real: PebbleEnv, work: Path, count: int, res: Results) -> None:
+    certbot = ensure_certbot()
+    if certbot is None:
+        return
+    version = subprocess.run([str(certbot), "--version"], capture_output=True, text=True).stdout.strip()
+    dirs = ["--config-dir", str(work / "config"), "--work-dir", str(work / "work"), "--logs-dir", str(work / "logs")]
+    common = ["--server", real.directory_url, "--non-interactive", "--agree-tos", "-m", "bench@example.test", *dirs]
+    env = {**os.environ, "REQUESTS_CA_BUNDLE": str(real.ca_bundle)}  # trust Pebble's HTTPS
+    subprocess.run([str(certbot), "register", "--no-eff-email", *common], check=True, capture_output=True, env=env)
+    say(f"{version}: certonly --standalone, {count} certificates, one process each")
+    times = []
+    for n in names("certbot", count):
+        started = time.perf_counter()
+        subprocess.run([str(certbot), "certonly", "--standalone", "-d", f"{n}.example.test",
+                        "--http-01-port", str(real.http_port), "--http-01-address", "127.0.0.1",
+                        "--key-type", "ecdsa", "--no-random-sleep-on-renew", *common],
+                       check=True, capture_output=True, env=env, stdin=subprocess.DEVNULL)
+        times.append(time.perf_counter() - started)
+    res.certbot.update(version=version, n=count, median_s=statistics.median(times), mean_s=statistics.mean(times))
+    say(f"  median {statistics.median(times):.2f} s/cert")
+
+
+# --- 5. footprint ---------------------------------------------------------------------------------
+
+
+class Notify:
+    """A NOTIFY_SOCKET for the daemon, drained by a thread as systemd would (a full socket
+    would block the daemon's sd_notify): records when READY=1 arrives, counts STATUS= lines."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.2)
+        self.ready_at: float | None = None
+        self.statuses = 0
+        self._stop = False
+        self._thread = threading.Thread(target=self._drain, daemon=True)
+        self._thread.start()
+
+    def _drain(self) -> None:
+        while not self._stop:
+            try:
+                lines = self.sock.recv(65536).split(b"\n")
+            except (TimeoutError, socket.timeout):
+                continue
+            except OSError:
+                return
+            if b"READY=1" in lines and self.ready_at is None:
+                self.ready_at = time.perf_counter()
+            self.statuses += sum(1 for line in lines if line.startswith(b"STATUS="))
+
+    def ready(self) -> bool:
+        return self.ready_at is not None
+
+    def close(self) -> None:
+        self._stop = True
+        self._thread.join()
+        self.sock.close()
+        self.path.unlink(missing_ok=True)
+
+
+def status_probe(config: Path) -> dict[str, float]:
+    """``--status-probe``: in a fresh process, the status rows of every certificate, in-process."""
+    logmod.setup(logging.CRITICAL)
+    started = time.perf_counter()
+    cfg = config_mod.load(config)
+    loaded = time.perf_counter()
+    mgr = build_manager(cfg)
+    rows = [mgr.status(c) for c in cfg.certificates]
+    done = time.perf_counter()
+    json.dumps({"certificates": rows}, indent=2)
+    return {"config_s": loaded - started, "status_s": done - loaded, "rows": len(rows),
+            "json_s": time.perf_counter() - done}
+
+
+def bench_footprint(site: Site, n: int, idle: float, res: Results) -> None:
+    site.configure(names(f"fp{n}", n))
+    say(f"footprint {n}: issuing {n} certificates (fast mode, batch)")
+    assert site.pebble.pebble_pid is not None
+    pebble_cpu = cpu_seconds(site.pebble.pebble_pid)
+    wall, cpu, _ = run_certd(site.config, "renew", "--all", "--force", pebble=site.pebble)
+    pebble_cpu = cpu_seconds(site.pebble.pebble_pid) - pebble_cpu
+    row: dict[str, float] = {"issue_s": wall, "issue_per_s": n / wall, "issue_cpu_ms_per_cert": cpu / n * 1000,
+                             "issue_pebble_cpu_ms_per_cert": pebble_cpu / n * 1000}
+    say(f"  issued in {wall:.1f} s ({n / wall:.1f}/s; CPU per certificate: certd {cpu / n * 1000:.1f} ms, "
+        f"Pebble {pebble_cpu / n * 1000:.1f} ms)")
+
+    notify = Notify(site.env.dir / "notify.sock")
+    daemon = ManagedProcess(certd_argv(site.config, "run"), log_path=site.env.dir / "daemon.log", cwd=ROOT,
+                            env={"NOTIFY_SOCKET": str(notify.path)}, name="certd run")
+    client = ControlClient(site.env.socket, timeout=60)
+    one = names(f"fp{n}", 1)
+    try:
+        started = time.perf_counter()
+        daemon.start()
+        assert daemon.pid is not None
+        daemon.wait_ready(lambda: client.get("/v1/status", params={"name": one}), 120, "control socket answering",
+                          ignore=(OSError, Exception))
+        row["socket_s"] = time.perf_counter() - started
+        daemon.wait_ready(notify.ready, 300, "READY=1")
+        row["ready_s"] = (notify.ready_at or 0) - started
+        say(f"  certd run: control socket answers after {row['socket_s']:.2f} s, READY=1 after {row['ready_s']:.2f} s")
+        time.sleep(min(5.0, idle))  # let start-up work (logging, first ARI polls) settle
+        jobs_before = daemon.log_text().count("renewal_scheduled")
+        cpu0, t0 = cpu_seconds(daemon.pid), time.perf_counter()
+        time.sleep(idle)
+        busy = cpu_seconds(daemon.pid) - cpu0
+        row["idle_cpu_pct"] = busy / (time.perf_counter() - t0) * 100
+        row["idle_jobs"] = daemon.log_text().count("renewal_scheduled") - jobs_before
+        row["rss_mb"], row["hwm_mb"] = memory_mb(daemon.pid)
+        say(f"  idle {idle:g} s: CPU {row['idle_cpu_pct']:.2f} % ({row['idle_jobs']} scheduled ARI polls ran); "
+            f"RSS {row['rss_mb']:.1f} MB (peak {row['hwm_mb']:.1f} MB)")
+
+        timings = []
+        for _ in range(2):
+            t = time.perf_counter()
+            rows = client.get("/v1/status")["certificates"]
+            timings.append(time.perf_counter() - t)
+        assert len(rows) == n
+        row["status_daemon_s"], row["status_daemon_warm_s"] = timings
+        t = time.perf_counter()
+        subprocess.run(certd_argv(site.config, "status", "--json"), check=True, capture_output=True, cwd=ROOT)
+        row["status_cli_daemon_s"] = time.perf_counter() - t
+        row["rss_after_status_mb"], row["hwm_mb"] = memory_mb(daemon.pid)
+        probe = json.loads(subprocess.run([sys.executable, str(Path(__file__)), "--status-probe", str(site.config)],
+                                          check=True, capture_output=True, text=True, cwd=ROOT).stdout)
+        row["status_inproc_s"], row["config_load_s"] = probe["status_s"], probe["config_s"]
+        say(f"  status --json: through the daemon {timings[0]:.2f} s (again {timings[1]:.2f} s; CLI process "
+            f"{row['status_cli_daemon_s']:.2f} s); in-process {probe['status_s']:.2f} s "
+            f"(+ config load {probe['config_s']:.2f} s)")
+    finally:
+        code = daemon.stop(timeout=60)
+        notify.close()
+        res.footprint[str(n)] = row
+    row["exit_code"] = code if code is not None else -1
+
+
+# --- report ---------------------------------------------------------------------------------------
+
+
+def report(res: Results, sizes: Sizes) -> str:
+    m, lim, single, batch, cb, fp = res.machine, res.limit, res.single, res.batch, res.certbot, res.footprint
+    out = [f"certd benchmark: {m['cores']} cores, {m['memory_gib']} GiB, {m['os']}, Python {m['python']}, "
+           f"Pebble {m['pebble']}; load average {m['load_before']:.1f} before, {m.get('load_after', 0):.1f} after", ""]
+
+    def line(what: str, value: str, target: str = "", verdict: str = "") -> None:
+        out.append(f"  {what:<44} {value:>22}  {target:<30} {verdict}")
+
+    def check(ok: bool) -> str:
+        return "ok" if ok else "MISSED"
+
+    out.append("protocol limit (acme library, fast polling, nothing stored)")
+    line("sequential, fast mode", f"{lim['seq_ms']:.1f} ms/cert")
+    line("8 threads, fast mode", f"{lim['par_per_s']:.1f} certs/s",
+         "runs: " + ", ".join(f"{r:.1f}" for r in lim["par_runs"]))
+    line("sequential, real http-01 validation", f"{lim['seq_real_ms']:.1f} ms/cert")
+    out.append("")
+    out.append("certd")
+    limit_single = 1.5 * lim["seq_ms"]
+    line("one certificate in-process, fast", f"{single['fast_ms']:.1f} ms/cert",
+         f"<= 1.5 x limit = {limit_single:.1f} ms", check(single["fast_ms"] <= limit_single))
+    line("  ratio to the limit", f"{single['fast_ms'] / lim['seq_ms']:.2f}")
+    line("one certificate in-process, real", f"{single['real_ms']:.1f} ms/cert",
+         f"(limit {lim['seq_real_ms']:.1f} ms)")
+    for key, b in batch.items():
+        label, n = key.rsplit("_", 1)
+        line(f"renew --all --force, {n} certs, {label}", f"{b['seconds']:.2f} s = {b['per_s']:.1f}/s",
+             f"CPU/cert certd {b['cpu_ms_per_cert']:.0f} ms, Pebble {b['pebble_cpu_ms_per_cert']:.0f} ms")
+    big = max((b for k, b in batch.items() if k.startswith("fast_")), key=lambda b: b["n"])
+    want = 0.7 * lim["par_per_s"]
+    line(f"batch throughput ({int(big['n'])}, fast)", f"{big['per_s']:.1f} certs/s",
+         f">= 0.7 x limit = {want:.1f}/s", check(big["per_s"] >= want))
+    line("  ratio to the limit's 8 threads", f"{big['per_s'] / lim['par_per_s']:.2f}")
+    if cb:
+        out.append("")
+        out.append(f"certbot ({cb['version']}, certonly --standalone, one process per certificate)")
+        line(f"per certificate, real mode (median of {cb['n']})", f"{cb['median_s']:.2f} s")
+        real_n = max(b["n"] for k, b in batch.items() if k.startswith("real_"))
+        certd_real = batch[f"real_{int(real_n)}"]["seconds"]
+        ratio = cb["median_s"] * real_n / certd_real
+        line(f"certd vs certbot at N = {int(real_n)}",
+             f"{cb['median_s'] * real_n:.0f} s vs {certd_real:.2f} s", "", "")
+        line("  throughput ratio certd/certbot", f"{ratio:.0f} x", ">= 30 x", check(ratio >= 30))
+    out.append("")
+    out.append("daemon footprint (certd run; 6-hour certificates, nothing due)")
+    first = None
+    for key, f in fp.items():
+        n = int(key)
+        out.append(f"  {n} certificates (issued in {f['issue_s']:.0f} s, {f['issue_per_s']:.1f}/s; CPU/cert "
+                   f"certd {f['issue_cpu_ms_per_cert']:.0f} ms, Pebble {f['issue_pebble_cpu_ms_per_cert']:.0f} ms)")
+        line("start-up: control socket answers", f"{f['socket_s']:.2f} s")
+        line("start-up: READY=1", f"{f['ready_s']:.2f} s", "<= 10 s", check(f["ready_s"] <= 10))
+        rss_target = "<= 80 MB" if n <= 1000 else "roughly linear"
+        line("RSS (peak)", f"{f['rss_mb']:.1f} MB ({f['hwm_mb']:.1f})", rss_target,
+             check(f["rss_mb"] <= 80) if n <= 1000 else "")
+        if first is not None and n > first[0]:
+            per_cert = (f["rss_mb"] - first[1]) / (n - first[0]) * 1024
+            line("  RSS growth per certificate", f"{per_cert:.1f} KB")
+        first = first or (n, f["rss_mb"])
+        line(f"idle CPU over {sizes.idle:g} s", f"{f['idle_cpu_pct']:.2f} %",
+             f"near zero ({int(f['idle_jobs'])} ARI polls ran)")
+        line("status --json in-process", f"{f['status_inproc_s']:.2f} s", "<= 1 s", check(f["status_inproc_s"] <= 1))
+        line("status --json through the daemon", f"{f['status_daemon_s']:.2f} s", "<= 1 s",
+             check(f["status_daemon_s"] <= 1))
+        line("  certd status --json process (start-up, config)", f"{f['status_cli_daemon_s']:.2f} s",
+             f"config load {f['config_load_s']:.2f} s")
+    return "\n".join(out)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="CI-sized counts and a 5 s idle window")
+    ap.add_argument("--workers", type=int, default=8, help="[daemon] workers for certd (default 8)")
+    ap.add_argument("--no-certbot", action="store_true", help="skip the certbot comparison")
+    ap.add_argument("--footprint", type=int, nargs="*", help="footprint sizes (default 1000 10000; --quick: 100)")
+    ap.add_argument("--only", choices=["single", "batch", "certbot", "footprint"], action="append",
+                    help="run only these parts (repeatable)")
+    ap.add_argument("--json", type=Path, help="also write the figures as JSON here")
+    ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    ap.add_argument("--status-probe", type=Path, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.status_probe:
+        print(json.dumps(status_probe(args.status_probe)))
+        return 0
+    sizes = QUICK if args.quick else FULL
+    if args.footprint is not None:
+        sizes.footprint = tuple(args.footprint)
+    parts = set(args.only or ["single", "batch", "certbot", "footprint"])
+    if args.no_certbot:
+        parts.discard("certbot")
+    logmod.setup(logging.CRITICAL)
+    res = Results(machine=machine())
+    work = Path(tempfile.mkdtemp(prefix="certd-bench-"))
+    say(f"work directory {work}")
+    pebbles: list[PebbleEnv] = []
+
+    def pebble(label: str, fast: bool) -> PebbleEnv:
+        """A fresh Pebble for one part: a long-lived one slows down (O(n) lookups in its
+        in-memory store) and, once in a long while, deadlocks."""
+        p = PebbleEnv(work / f"pebble-{label}", env=FAST if fast else None, validity=VALIDITY)
+        pebbles.append(p)
+        p.start()
+        say(f"Pebble {label} ({'fast' if fast else 'real validation'}): pid {p.pebble_pid}")
+        return p
+
+    def retried(label: str, fn: Callable[[PebbleEnv], None]) -> None:
+        for attempt in (1, 2):
+            p = pebble(f"{label}-{attempt}", fast=True)
+            try:
+                fn(p)
+                return
+            except PebbleStalled as e:
+                say(f"  {e}; once more with a fresh Pebble")
+                if attempt == 2:
+                    raise
+            finally:
+                p.stop()
+
+    try:
+        real = pebble("real", fast=False)
+        if "single" in parts:
+            fast = pebble("sequential", fast=True)
+            bench_sequential(Site(work / "single-fast", fast, args.workers), fast, sizes.single_fast, "fast", False, res)
+            fast.stop()
+            bench_sequential(Site(work / "single-real", real, args.workers), real, sizes.single_real, "real", True, res)
+        if "batch" in parts:
+            bench_batches(Site(work / "batch-real", real, args.workers), sizes.batch_real, "real", res)
+
+            def fast_batches(p: PebbleEnv) -> None:
+                # The limit's 8-thread run before and after certd's batches: the reference is their mean.
+                res.limit.pop("par_runs", None)
+                bench_limit_parallel(p, sizes.limit_par, res)
+                bench_batches(Site(work / f"batch-fast-{p.pebble_pid}", p, args.workers), sizes.batch_fast, "fast", res)
+                bench_limit_parallel(p, sizes.limit_par, res)
+            retried("batch", fast_batches)
+        if "certbot" in parts:
+            bench_certbot(real, work / "certbot", sizes.certbot, res)
+        if "footprint" in parts:
+            for n in sizes.footprint:
+                retried(f"footprint-{n}", lambda p, n=n: bench_footprint(  # type: ignore[misc]
+                    Site(work / f"footprint-{n}-{p.pebble_pid}", p, args.workers), n, sizes.idle, res))
+    finally:
+        for p in pebbles:
+            p.stop()
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    res.machine["load_after"] = os.getloadavg()[0]
+    if args.json:
+        args.json.write_text(json.dumps(res.__dict__, indent=2) + "\n")
+    try:
+        print(report(res, sizes))
+    except KeyError as e:  # a part was skipped: print what there is
+        print(json.dumps(res.__dict__, indent=2))
+        say(f"(partial run: no {e} figures for the full table)")
+    return 0
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # finally-blocks stop the servers
+    sys.exit(main())

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The certd benchmark (issue 6), in one command: bash bench/run.sh [--quick] [--help for more].
+# Needs the dev virtualenv (.venv, from scripts/setup.sh) and Pebble (bash pebble/install.sh);
+# installs certbot from PyPI into .cache/bench/certbot-venv on first use.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+[[ -x "$ROOT/.venv/bin/python" ]] || { echo "bench/run.sh: no .venv; run bash scripts/setup.sh first" >&2; exit 2; }
+[[ -x "$ROOT/.cache/pebble/bin/pebble" ]] || bash "$ROOT/pebble/install.sh"
+exec "$ROOT/.venv/bin/python" "$ROOT/bench/bench.py" "$@"
