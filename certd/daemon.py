@@ -96,7 +96,7 @@ class Daemon:
         sd_notify("STATUS=starting: finishing interrupted rotations")
         self.control.start()
         try:
-            for j in self.manager.recover_all():
+            for j in self.manager.recover_all(workers=self.config.daemon.workers):
                 event(log, "rotation_recovered", name=j.name, step=j.step.value)
             spread = _Spread(self.clock, ARI_START_RATE)
             for cert in self.config.certificates:
