@@ -427,6 +427,21 @@ def test_replaces_is_accepted_and_falls_back(pebble: PebbleEnv, make_issuer: Cal
     assert "replaces_refused" in caplog.text
 
 
+def test_replaces_naming_a_certificate_the_ca_cannot_find_falls_back(
+        pebble: PebbleEnv, make_issuer: Callable[..., Issuer], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """replaces naming a serial the CA has no order for (Pebble: serverInternal; it also says so for its
+    own serials whose DER form needs a leading zero byte) orders without it instead of failing for ever."""
+    issuer = make_issuer(pebble)
+    cert = http_cert(pebble, "unknown-predecessor.example.test")
+    first = issue_checked(issuer, pebble, cert, tmp_path)
+    aki = ari_cert_id(first.cert_pem).split(".")[0]
+    unknown = aki + "." + base64.urlsafe_b64encode(b"\x00\xf6\x7f\x74\x4d\x2c\x4f\xb4").decode().rstrip("=")
+    caplog.set_level(logging.WARNING, logger="certd.issuer")
+    steps: list[str] = []
+    issue_checked(issuer, pebble, cert, tmp_path, replaces=unknown, progress=steps.append)
+    assert any("refused replaces (serverInternal)" in s for s in steps), steps
+
+
 def test_revoke(pebble: PebbleEnv, make_issuer: Callable[..., Issuer], tmp_path: Path) -> None:
     """revoke() with the account key: Pebble's management API reports the certificate Revoked with our reason."""
     issuer = make_issuer(pebble)
