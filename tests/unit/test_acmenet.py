@@ -101,3 +101,32 @@ def test_conflict_keeps_its_problem_document() -> None:
 def test_retry_after_parsing(header: str | None, seconds: float | None) -> None:
     """Retry-After as delta-seconds or HTTP-date; past dates mean now; junk means absent."""
     assert retry_after_seconds(header, NOW) == seconds
+
+
+class _NonceRejecting(AcmeNetwork):
+    """An AcmeNetwork whose server rejects the first ``rejections`` nonces (no network)."""
+
+    def __init__(self, rejections: int) -> None:
+        self.rejections, self.sent = rejections, 0
+
+    def _post_once(self, *args: object, **kwargs: object) -> requests.Response:
+        self.sent += 1
+        if self.sent <= self.rejections:
+            raise _problem("badNonce")
+        return requests.Response()
+
+
+def test_twenty_rejected_nonces_in_a_row_still_go_through() -> None:
+    """At PEBBLE_WFE_NONCEREJECT=50, 12 tries failed one request in 4096; a long unlucky run now passes."""
+    net = _NonceRejecting(20)
+    net.post("https://acme.example.test/x", None)
+    assert net.sent == 21
+
+
+def test_a_server_rejecting_every_nonce_fails_after_a_bounded_number_of_tries() -> None:
+    """A CA (or proxy) that rejects every nonce gives the badNonce problem after BAD_NONCE_ATTEMPTS tries."""
+    from certd.acmenet import BAD_NONCE_ATTEMPTS
+    net = _NonceRejecting(10**6)
+    with pytest.raises(messages.Error):
+        net.post("https://acme.example.test/x", None)
+    assert net.sent == BAD_NONCE_ATTEMPTS
