@@ -3,6 +3,7 @@
     with small_tmpfs(tmp_path / "mnt") as mnt: ...      # 64 KiB, unmounted afterwards
     fill(mnt)                                            # now every write there fails ENOSPC
     remount_ro(mnt)                                      # now every write fails EROFS
+    remount_rw(mnt)                                      # writable again
 """
 
 from __future__ import annotations
@@ -46,3 +47,7 @@ def fill(mount: Path) -> None:
 
 def remount_ro(mount: Path) -> None:
     subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True, capture_output=True)
+
+
+def remount_rw(mount: Path) -> None:
+    subprocess.run(["mount", "-o", "remount,rw", str(mount)], check=True, capture_output=True)

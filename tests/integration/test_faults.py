@@ -1,0 +1,513 @@
+"""The fault-injection matrix: whatever fails around certd, a served certificate is never broken,
+never expired and never lost, and certd recovers by itself once the fault clears.
+
+Each test runs real Pebble, nginx and certd processes, injects one fault, and checks the same
+invariants (:meth:`FaultSite.assert_invariants`): a prober handshaking nginx all along never saw
+an expired, untrusted, misnamed or mismatched certificate (only "unreachable" or "dropped"
+while a test itself takes nginx down), the certificate and key on disk belong together, and the key of the
+served certificate is in the store.
+
+Faults covered elsewhere, not repeated here: CA down and back (test_rotation
+``test_ca_down_...``, test_daemon ``test_ca_down_backs_off_...``), reload hook exiting 1 or
+hanging (test_rotation), certd SIGKILLed at every journal step and during a rollback
+(test_rotation), SIGTERM mid-rotation (test_daemon), hostile CA answers (test_hostile_ca).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cryptography.hazmat.primitives import hashes
+
+from certd.keys import load_private_key
+from certd.model import spki_sha256
+from certd.store import FileStore
+from tests.support.certd_env import CertdEnv, key_matches
+from tests.support.delay_proxy import DelayProxy
+from tests.support.procs import wait_until
+from tests.support.prober import Prober, Target, TrustAnchors, probe_once
+from tests.support.tmpfs import fill, remount_ro, remount_rw, small_tmpfs
+
+SNI = "www.example.test"
+DOMAINS = [SNI, "example.test"]
+
+
+class FaultSite:
+    """certd managing 'www' for one nginx (reload hook, handshake verify), watched by a prober."""
+
+    def __init__(self, env: CertdEnv, nginx: Any, live: Path, base: dict[str, Any]) -> None:
+        self.env, self.nginx, self.live, self.base = env, nginx, live, base
+        self.roots = env.dir / "roots.pem"       # every Pebble root seen (Pebble restarts make new ones)
+        self.anchors = TrustAnchors(self.roots)
+        self.prober = Prober([Target("127.0.0.1", nginx.port, SNI)], self.anchors)
+
+    def cert(self, **kw: Any) -> dict[str, Any]:
+        return {**self.base, "reload": [{"hook": "nginx", "config": str(self.nginx.config)}],
+                "verify": [{"endpoint": f"127.0.0.1:{self.nginx.port}", "sni": SNI, "ca_bundle": str(self.roots)}],
+                "verify_timeout": "2s", **kw}
+
+    def configure(self, **kw: Any) -> None:
+        self.env.write_config([self.cert(**kw)])
+
+    def stored(self) -> dict[str, Any]:
+        return self.env.status("www")["www"]
+
+    def served(self) -> Any:
+        result = probe_once(Target("127.0.0.1", self.nginx.port, SNI), self.anchors)
+        assert result.ok, (result.category, result.detail)
+        return result.info
+
+    def versions(self) -> list[int]:
+        return FileStore(self.env.state_dir).versions("www")
+
+    def assert_invariants(self) -> None:
+        """No bad certificate was ever seen; disk and store are consistent with what is served."""
+        assert self.prober.total > 0
+        assert self.prober.unexpected() == [], [(r.category, r.detail, r.at, r.info and (r.info.serial, r.info.not_before.isoformat(), r.info.not_after.isoformat())) for r in self.prober.unexpected()]
+        assert key_matches(self.live / "fullchain.pem", self.live / "privkey.pem")
+        served = self.served()
+        keys = {spki_sha256(load_private_key(p.read_bytes()).public_key())
+                for p in (self.env.state_dir / "certs" / "www" / "versions").glob("*/privkey.pem")}
+        assert served.spki_sha256 in keys, "the served certificate's key is not in the store"
+
+
+def add_root(roots: Path, pebble: Any) -> None:
+    """Append Pebble's current root to the trust-anchor file (old certificates stay trusted)."""
+    old = roots.read_text() if roots.exists() else ""
+    new = pebble.root_pem()
+    if new not in old:
+        tmp = roots.with_suffix(".tmp")
+        tmp.write_text(old + new)
+        os.replace(tmp, roots)
+
+
+def make_site(tmp_path: Path, pebble: Any, nginx_factory: Any, *, state_dir: Path | None = None,
+              live: Path | None = None, **cert_extra: Any) -> FaultSite:
+    """Issue a first certificate with the CLI, start nginx on it, configure reload + verify."""
+    env = CertdEnv(tmp_path, pebble)
+    if state_dir is not None:
+        env.state_dir = state_dir
+    live = live or tmp_path / "live" / "www"
+    challenge = cert_extra.pop("challenge", "http-01")
+    make = env.dns_cert if challenge == "dns-01" else env.http_cert
+    base = make("www", DOMAINS, deploy={"live_dir": str(live)}, **cert_extra)
+    env.write_config([base])
+    env.run("renew", "--all", check=0)
+    nginx = nginx_factory(live / "fullchain.pem", live / "privkey.pem", server_name=SNI)
+    site = FaultSite(env, nginx, live, base)
+    add_root(site.roots, pebble)
+    site.configure()
+    return site
+
+
+@pytest.fixture
+def sites(tmp_path: Path, nginx_factory: Any) -> Iterator[list[FaultSite]]:
+    """Sites made by a test (``sites.append(make_site(...))``); probers and daemons are stopped after."""
+    made: list[FaultSite] = []
+    yield made
+    for site in made:
+        site.prober.stop()
+        site.env.close()
+
+
+def start(sites: list[FaultSite], site: FaultSite) -> FaultSite:
+    sites.append(site)
+    site.prober.start()
+    wait_until(lambda: site.prober.total >= 1, timeout=10, what="a first probe")
+    return site
+
+
+def renew_forced(site: FaultSite, check: int, timeout: float = 60) -> Any:
+    started = time.monotonic()
+    r = site.env.run("renew", "www", "--force", check=check, timeout=timeout)
+    assert "Traceback" not in r.stdout + r.stderr
+    return r, time.monotonic() - started
+
+
+# --- the CA ----------------------------------------------------------------------------------
+
+
+def test_ca_killed_mid_order_fails_cleanly_and_the_next_renewal_works(
+        tmp_path: Path, pebble_factory: Any, nginx_factory: Any, sites: list[FaultSite]) -> None:
+    """Pebble SIGKILLed while an order is pending (from the dns-01 hook): one clear line, nothing
+    stored or deployed; once Pebble is back (new state, new root) the next renewal re-registers and works."""
+    peb = pebble_factory()
+    site = start(sites, make_site(tmp_path, peb, nginx_factory, challenge="dns-01"))
+    before = site.served()
+    killer = tmp_path / "kill-ca-hook"
+    killer.write_text('#!/bin/sh\n[ "$2" = set ] && kill -9 "$1"\nexit 0\n')
+    killer.chmod(0o755)
+    site.configure(dns01_hook=[str(killer), str(peb.pebble_pid)])
+    r, _ = renew_forced(site, check=1)
+    assert "not reachable" in r.stdout and len(r.stdout.strip().splitlines()) == 1, r.stdout
+    assert site.versions() == [1] and site.stored()["rotation"] is None
+    assert site.served().fingerprint_sha256 == before.fingerprint_sha256
+    peb.start()                       # fresh Pebble: no account, a new root
+    add_root(site.roots, peb)
+    site.configure()
+    renew_forced(site, check=0)
+    row = site.stored()
+    assert row["version"] == 2 and row["last_result"] == "success"
+    assert site.served().fingerprint_sha256 == row["fingerprint_sha256"]
+    site.assert_invariants()
+
+
+def test_half_of_all_nonces_rejected_during_rotations_with_nginx(
+        tmp_path: Path, pebble_factory: Any, nginx_factory: Any, sites: list[FaultSite]) -> None:
+    """With PEBBLE_WFE_NONCEREJECT=50 every request may get badNonce: three full rotations still succeed."""
+    peb = pebble_factory(env={"PEBBLE_WFE_NONCEREJECT": "50"})
+    site = start(sites, make_site(tmp_path, peb, nginx_factory))
+    retries = 0
+    for version in (2, 3, 4):
+        r = site.env.run("--debug", "renew", "www", "--force", check=0)
+        retries += r.stderr.count("badNonce (attempt")
+        row = site.stored()
+        assert row["version"] == version and row["last_result"] == "success"
+        assert site.served().fingerprint_sha256 == row["fingerprint_sha256"]
+    assert retries >= 3, "Pebble rejected fewer nonces than expected: is PEBBLE_WFE_NONCEREJECT honoured?"
+    site.assert_invariants()
+
+
+@pytest.fixture
+def slow_ca(pebble: Any) -> Iterator[DelayProxy]:
+    """A DelayProxy in front of the shared Pebble's ACME port (starts fast)."""
+    with DelayProxy(pebble.ports.acme) as proxy:
+        yield proxy
+
+
+def test_slow_ca_within_the_deadline_still_renews(
+        tmp_path: Path, pebble: Any, nginx_factory: Any, slow_ca: DelayProxy, sites: list[FaultSite]) -> None:
+    """Every CA answer 150 ms late: renewal takes longer and succeeds."""
+    site = start(sites, make_site(tmp_path, pebble, nginx_factory))
+    site.env.acme_extra["directory"] = f"https://127.0.0.1:{slow_ca.port}/dir"
+    site.configure()
+    slow_ca.delay = 0.15
+    renew_forced(site, check=0)
+    assert site.stored()["version"] == 2
+    site.assert_invariants()
+
+
+@pytest.mark.parametrize("how", ["delay", "trickle"])
+def test_ca_slower_than_the_order_deadline_fails_in_time(
+        tmp_path: Path, pebble: Any, nginx_factory: Any, slow_ca: DelayProxy, sites: list[FaultSite],
+        how: str) -> None:
+    """A CA that answers after the order deadline, or one byte at a time, fails the renewal at the
+    deadline (not per read) with one line; the served certificate stays; a fast CA then renews."""
+    site = start(sites, make_site(tmp_path, pebble, nginx_factory))
+    before = site.served()
+    site.env.acme_extra.update(directory=f"https://127.0.0.1:{slow_ca.port}/dir", order_timeout="3s")
+    site.configure()
+    if how == "delay":
+        slow_ca.delay = 6.0
+    else:
+        slow_ca.trickle = 0.2        # ~5 bytes/s: each read returns quickly, the answer never ends
+    r, took = renew_forced(site, check=1)
+    assert took < 15, f"renew took {took:.1f}s with a 3 s order deadline"
+    (line,) = r.stdout.strip().splitlines()
+    assert "3 s order deadline" in line and "answers too slowly" in line, line
+    assert site.versions() == [1]
+    assert site.served().fingerprint_sha256 == before.fingerprint_sha256
+    slow_ca.delay = slow_ca.trickle = 0.0
+    renew_forced(site, check=0)
+    assert site.stored()["version"] == 2
+    site.assert_invariants()
+
+
+# --- the server ------------------------------------------------------------------------------
+
+
+def kill_nginx(nginx: Any) -> None:
+    """SIGKILL nginx's master and workers by PID, as a crash would, and reap the master."""
+    pids = [nginx.pid, *nginx.worker_pids()]
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: not nginx.alive, timeout=5, what="nginx gone")
+
+
+def test_nginx_crashed_before_the_reload_fails_the_rotation_without_hanging(
+        tmp_path: Path, pebble: Any, nginx_factory: Any, sites: list[FaultSite]) -> None:
+    """nginx SIGKILLed mid-rotation, before its reload: certd switches back, reports that nothing could be
+    verified, and returns promptly; nginx started again serves the old certificate; the next rotation works."""
+    site = start(sites, make_site(tmp_path, pebble, nginx_factory))
+    before = site.served()
+    site.prober.allow = {"unreachable", "dropped"}
+    pids_file = tmp_path / "nginx-pids"
+    killer = tmp_path / "kill-nginx-hook"
+    killer.write_text(f'#!/bin/sh\nkill -9 $(cat {pids_file})\nexit 0\n')
+    killer.chmod(0o755)
+    pids_file.write_text(" ".join(map(str, [site.nginx.pid, *site.nginx.worker_pids()])))
+    site.configure(reload=[{"command": [str(killer)]}, {"hook": "nginx", "config": str(site.nginx.config)}])
+    r, took = renew_forced(site, check=1)
+    assert took < 30
+    assert "ROLLBACK FAILED" in r.stdout and "connection refused" in r.stdout, r.stdout
+    wait_until(lambda: not site.nginx.alive, timeout=5, what="nginx gone")
+    row = site.stored()
+    assert row["version"] == 1 and row["rotation"] is None
+    assert os.readlink(site.live).endswith("0001")           # switched back on disk
+    assert key_matches(site.live / "fullchain.pem", site.live / "privkey.pem")
+    site.nginx.start()                                         # the operator (or systemd) starts nginx
+    site.prober.allow = set()
+    prober_mark = site.prober.total
+    assert site.served().fingerprint_sha256 == before.fingerprint_sha256
+    site.configure()
+    renew_forced(site, check=0)
+    row = site.stored()
+    assert row["version"] == 3 and site.served().fingerprint_sha256 == row["fingerprint_sha256"]
+    wait_until(lambda: site.prober.total > prober_mark + 3, timeout=10, what="probes after the restart")
+    site.assert_invariants()
+
+
+def test_nginx_crashing_and_restarted_by_its_supervisor_mid_rotation(
+        tmp_path: Path, pebble: Any, nginx_factory: Any, sites: list[FaultSite]) -> None:
+    """nginx SIGKILLed mid-rotation and restarted at once (systemd Restart=always): whichever way the
+    race goes, the rotation ends committed or rolled back, and what is served is the store's current."""
+    site = start(sites, make_site(tmp_path, pebble, nginx_factory))
+    site.prober.allow = {"unreachable", "dropped"}
+    stop = threading.Event()
+
+    def supervise() -> None:
+        while not stop.is_set():
+            if not site.nginx.alive:
+                site.nginx.start()
+            stop.wait(0.01)
+
+    supervisor = threading.Thread(target=supervise, daemon=True)
+    supervisor.start()
+    try:
+        for _ in range(3):
+            pids_file = tmp_path / "nginx-pids"
+            pids_file.write_text(" ".join(map(str, [site.nginx.pid, *site.nginx.worker_pids()])))
+            killer = tmp_path / "kill-nginx-hook"
+            killer.write_text(f'#!/bin/sh\nkill -9 $(cat {pids_file})\nexit 0\n')
+            killer.chmod(0o755)
+            site.configure(reload=[{"command": [str(killer)]}, {"hook": "nginx", "config": str(site.nginx.config)}])
+            r, took = renew_forced(site, check=None)  # type: ignore[arg-type]
+            assert took < 30 and r.returncode in (0, 1), r.stdout
+            assert "renewed" in r.stdout or "rolled back to version" in r.stdout, r.stdout
+            wait_until(lambda: site.nginx.alive and site.nginx.pid_file.exists(), timeout=10, what="nginx back")
+            wait_until(lambda: probe_once(Target("127.0.0.1", site.nginx.port, SNI), site.anchors).ok,
+                       timeout=10, what="nginx serving again")
+            assert site.served().fingerprint_sha256 == site.stored()["fingerprint_sha256"]
+        site.prober.allow = set()
+        site.configure()
+        renew_forced(site, check=0)
+        assert site.served().fingerprint_sha256 == site.stored()["fingerprint_sha256"]
+        site.assert_invariants()
+    finally:
+        # nginx was (re)started from the supervisor thread: it gets SIGTERM when that thread
+        # ends (PR_SET_PDEATHSIG follows the thread), so the thread lives to the very end.
+        stop.set()
+        supervisor.join(timeout=10)
+
+
+# --- the disk --------------------------------------------------------------------------------
+
+
+def test_full_state_disk_fails_issuance_cleanly_and_the_next_renewal_works(
+        tmp_path: Path, pebble: Any, nginx_factory: Any, sites: list[FaultSite]) -> None:
+    """State dir on a tiny tmpfs that fills up: renewal fails with one line naming the path and the fix,
+    nothing half-written is visible, nginx keeps its certificate; with space freed the next renewal works."""
+    with small_tmpfs(tmp_path / "statefs", size="1m") as mnt:
+        site = start(sites, make_site(tmp_path, pebble, nginx_factory, state_dir=mnt / "state"))
+        before = site.served()
+        fill(mnt)
+        r, _ = renew_forced(site, check=1)
+        (line,) = r.stdout.strip().splitlines()
+        assert f"cannot write {mnt}/state/certs/www/versions/0002/" in line, line
+        assert "No space left on device (the filesystem is full; free some space)" in line, line
+        versions_dir = mnt / "state" / "certs" / "www" / "versions"
+        assert sorted(p.name for p in versions_dir.iterdir()) == ["0001"]
+        assert site.served().fingerprint_sha256 == before.fingerprint_sha256
+        (mnt / ".filler").unlink()
+        renew_forced(site, check=0)
+        row = site.stored()
+        assert row["version"] == 2 and site.served().fingerprint_sha256 == row["fingerprint_sha256"]
+        site.assert_invariants()
+        site.prober.stop()
+
+
+def test_full_state_disk_under_the_daemon_recovers_without_help(
+        tmp_path: Path, pebble_factory: Any, nginx_factory: Any, sites: list[FaultSite]) -> None:
+    """certd run with a due certificate and a full state disk: attempts fail and back off, nginx keeps a
+    valid certificate, and once space is freed the daemon renews by itself."""
+    peb = pebble_factory(validity=3600)
+    with small_tmpfs(tmp_path / "statefs", size="2m") as mnt:
+        site = start(sites, make_site(tmp_path, peb, nginx_factory, state_dir=mnt / "state"))
+        before = site.served()
+        fill(mnt)
+        site.configure(renew_before="59m58s")        # due one second after issuance, always
+        daemon = site.env.start_daemon()
+        wait_until(lambda: daemon.log_text().count("No space left on device") >= 2, timeout=30,
+                   what="two attempts failing on the full disk")
+        assert site.versions() == [1]
+        assert site.served().fingerprint_sha256 == before.fingerprint_sha256
+        (mnt / ".filler").unlink()
+        wait_until(lambda: (site.versions() or [0])[-1] >= 2 and site.stored()["last_result"] == "success",
+                   timeout=60, what="a renewal once space is free")
+        daemon.stop(timeout=30)
+        assert daemon.returncode == 0
+        assert site.served().fingerprint_sha256 == site.stored()["fingerprint_sha256"]
+        site.assert_invariants()
+        site.prober.stop()
+
+
+def test_read_only_deploy_directory_fails_before_the_switch_and_recovers(
+        tmp_path: Path, pebble: Any, nginx_factory: Any, sites: list[FaultSite]) -> None:
+    """The deploy directory remounted read-only: the rotation fails at staging with one line naming the
+    path, nothing is switched, nginx keeps its certificate; remounted read-write, the next renewal works."""
+    with small_tmpfs(tmp_path / "deployfs", size="1m") as mnt:
+        site = start(sites, make_site(tmp_path, pebble, nginx_factory, live=mnt / "www"))
+        before = site.served()
+        remount_ro(mnt)
+        r, _ = renew_forced(site, check=1)
+        (line,) = r.stdout.strip().splitlines()
+        assert str(mnt) in line and "read-only" in line, line
+        row = site.stored()
+        assert row["version"] == 1 and row["rotation"] is None
+        assert os.readlink(site.live).endswith("0001")
+        assert site.served().fingerprint_sha256 == before.fingerprint_sha256
+        remount_rw(mnt)
+        renew_forced(site, check=0)
+        row = site.stored()
+        assert row["version"] == 3 and site.served().fingerprint_sha256 == row["fingerprint_sha256"]
+        site.assert_invariants()
+        site.prober.stop()
+
+
+# --- time ------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_certificate_expired_while_certd_was_stopped_is_renewed_at_start(
+        tmp_path: Path, pebble_factory: Any, nginx_factory: Any, sites: list[FaultSite]) -> None:
+    """A 15-second certificate expires while no certd runs: the daemon renews it as soon as it starts."""
+    peb = pebble_factory(validity=15)
+    site = start(sites, make_site(tmp_path, peb, nginx_factory))
+    site.prober.allow = {"expired"}
+    wait_until(lambda: site.prober.last[site.prober.targets[0]].category == "expired", timeout=30,
+               what="the served certificate to expire")
+    started = time.monotonic()
+    daemon = site.env.start_daemon()
+    # Committed means verified: nginx's old workers (which may still hand out the expired
+    # certificate for ~100 ms after the reload) have stopped accepting by then.
+    wait_until(lambda: (row := site.stored())["last_result"] == "success" and row["version"] >= 2, timeout=15,
+               what="the daemon's first rotation committed")
+    assert time.monotonic() - started < 15
+    site.prober.allow = set()
+    assert probe_once(Target("127.0.0.1", site.nginx.port, SNI), site.anchors).ok
+    mark = site.prober.total
+    wait_until(lambda: site.prober.total > mark + 20, timeout=10, what="more probes")
+    daemon.stop(timeout=30)
+    site.assert_invariants()
+
+
+# --- many certificates, one nginx, one HAProxy ------------------------------------------------
+
+
+@pytest.mark.slow
+def test_many_certificates_rotating_at_once_on_one_nginx_and_one_haproxy(
+        tmp_path: Path, pebble: Any, certd_env: Any) -> None:
+    """Ten certificates served by one nginx (a server block each) and one HAProxy (a crt directory),
+    force-renewed together three times by the daemon (10 workers): every rotation commits, nothing rolls
+    back, and every name is always served its own valid certificate by both servers.
+
+    Two faults this used to show: HAProxy 2.6 puts a `set ssl cert` payload into whatever transaction is
+    open, so two hot swaps at once served one name's certificate under the other; and nginx, reading a
+    certificate and its key by path one after the other, paired the halves of another rotation's switch."""
+    from tests.support.server_fixtures import HaproxyServer, NginxServer
+    from tests.support.procs import free_port
+
+    names = [f"c{i}" for i in range(10)]
+    domain = "{}.example.test".format
+    env = certd_env(pebble)
+    env.refresh_root()
+    env.daemon_extra["workers"] = 10
+    live, crt_dir = tmp_path / "live", tmp_path / "crt"
+    crt_dir.mkdir()
+
+    def cert(name: str, servers: tuple[Any, Any] | None = None) -> dict[str, Any]:
+        c = env.http_cert(name, [domain(name)], deploy={"live_dir": str(live / name), "combined": str(crt_dir / f"{name}.pem")})
+        if servers:
+            ngx, hap = servers
+            c["reload"] = [{"hook": "nginx", "config": str(ngx.config)},
+                           {"hook": "haproxy", "socket": str(hap.socket), "crt": str(crt_dir / f"{name}.pem")}]
+            c["verify"] = [{"endpoint": f"127.0.0.1:{ngx.port}", "ca_bundle": str(env.root_path)},
+                           {"endpoint": f"127.0.0.1:{hap.port}", "ca_bundle": str(env.root_path)}]
+            c["verify_timeout"] = "10s"
+        return c
+
+    env.write_config([cert(n) for n in names])
+    env.run("renew", "--all", check=0)
+    port = free_port()
+    blocks = "\n".join(f"    server {{ listen 127.0.0.1:{port} ssl; server_name {domain(n)}; "
+                       f"ssl_certificate {live / n / 'fullchain.pem'}; ssl_certificate_key {live / n / 'privkey.pem'}; "
+                       f"location / {{ return 200; }} }}" for n in names[1:])
+    (tmp_path / "nginx").mkdir()
+    (tmp_path / "haproxy").mkdir()
+    nginx = NginxServer(tmp_path / "nginx", port, live / names[0] / "fullchain.pem", live / names[0] / "privkey.pem",
+                        server_name=domain(names[0]), extra="", extra_http=blocks).start()
+    haproxy = HaproxyServer(tmp_path / "haproxy", free_port(), crt_dir, extra_bind="").start()
+    prober = Prober([Target("127.0.0.1", s.port, domain(n)) for n in names for s in (nginx, haproxy)],
+                    TrustAnchors(env.root_path), interval=0.005)
+    try:
+        env.write_config([cert(n, (nginx, haproxy)) for n in names])
+        prober.start()
+        daemon = env.start_daemon()
+        for round_ in range(2, 5):
+            r = env.run("renew", "--all", "--force", "--wait", check=0, timeout=180)
+            assert r.stdout.count("renewed: version") == len(names), r.stdout
+            rows = env.status()
+            assert {row["version"] for row in rows.values()} == {round_}
+            for n in names:
+                for server in (nginx, haproxy):
+                    info = probe_once(Target("127.0.0.1", server.port, domain(n)), prober.anchors).info
+                    assert info is not None and info.fingerprint_sha256 == rows[n]["fingerprint_sha256"], (n, server.port)
+        assert "rolling_back" not in daemon.log_text()
+        daemon.stop(timeout=60)
+        assert prober.unexpected() == [], [(str(r.target), r.category, r.detail) for r in prober.unexpected()]
+        assert prober.total > 100
+    finally:
+        prober.stop()
+        haproxy.stop()
+        nginx.stop()
+
+
+def test_haproxy_transaction_left_open_by_a_dead_client_is_cleared(tmp_path: Path, test_ca: Any) -> None:
+    """A `set ssl cert` another client never committed (it died) blocks HAProxy's one transaction: the
+    hook waits a moment, aborts it, hot-swaps its own certificate, and the other name keeps its certificate."""
+    from certd.config import ReloadHook
+    from certd.hooks import HookContext, run_reload
+    from tests.support.procs import free_port
+    from tests.support.server_fixtures import HaproxyServer, served_leaf
+
+    crt_dir = tmp_path / "crt"
+    crt_dir.mkdir()
+    bundles = {n: test_ca.issue(f"{n}.example.test") for n in ("a", "b")}
+    for n, b in bundles.items():
+        (crt_dir / f"{n}.pem").write_bytes(b.combined_pem)
+    (tmp_path / "haproxy").mkdir()
+    haproxy = HaproxyServer(tmp_path / "haproxy", free_port(), crt_dir, extra_bind="").start()
+    try:
+        stray = test_ca.issue("stray.example.test").combined_pem
+        reply = haproxy.command(f"set ssl cert {crt_dir / 'a.pem'} <<\n" +
+                                "\n".join(l for l in stray.decode().splitlines() if l.strip()) + "\n\n")
+        assert "Transaction created" in reply
+        new_b = test_ca.issue("b.example.test")
+        hook = ReloadHook("haproxy", timeout=10.0, socket=haproxy.socket, crt=str(crt_dir / "b.pem"))
+        started = time.monotonic()
+        result = run_reload(hook, HookContext("b", ("b.example.test",), 2, new_b, None, crt_dir / "b.pem"))
+        assert result.ok and 1.5 < time.monotonic() - started < 8, result
+        assert "Transaction aborted" in result.output
+        served = {n: served_leaf(haproxy.port, f"{n}.example.test").fingerprint(hashes.SHA256()).hex()
+                  for n in ("a", "b")}
+        assert served == {"a": bundles["a"].info.fingerprint_sha256, "b": new_b.info.fingerprint_sha256}
+    finally:
+        haproxy.stop()
