@@ -129,8 +129,7 @@ def test_oversized_answer_is_not_read_into_memory(site: Site) -> None:
 
 
 def test_certificate_from_an_untrusted_ca_is_caught_by_the_handshake_and_rolled_back(site: Site) -> None:
-    """A chain that links but ends at a root nobody trusts passes the pre-store checks; the verify
-    step rejects what nginx then serves and certd rolls back to the trusted certificate."""
+    """A chain to an untrusted root passes the pre-store checks; the handshake check catches it and rolls back."""
     before = site.served()
     site.ca.mode = "untrusted"
     r = site.env.run("renew", "www", "--force", check=1)
@@ -144,8 +143,7 @@ def test_certificate_from_an_untrusted_ca_is_caught_by_the_handshake_and_rolled_
 
 def test_daemon_keeps_serving_while_the_ca_misbehaves_and_recovers_after(
         tmp_path: Path, pebble_factory: Any, nginx_factory: Any) -> None:
-    """certd run against a CA that sends expired certificates: every attempt is refused, nothing is
-    deployed, nginx keeps the valid certificate; once the CA is fixed the daemon renews by itself."""
+    """certd run against a CA sending expired certificates refuses each, keeps nginx's, and renews once it is fixed."""
     # One-hour certificates due one second after issuance: the daemon works on them at once.
     site = make_site(tmp_path, pebble_factory(validity=3600), nginx_factory, renew_before="59m58s")
     try:

@@ -74,8 +74,7 @@ def test_switches_wait_while_nginx_reads_its_certificates() -> None:
 
 
 def test_after_a_restart_the_first_reload_covers_switches_made_before_it() -> None:
-    """A rotation resumed after a crash (its switch unknown to this process) needs one reload since
-    the start, and every resumed rotation shares it."""
+    """Rotations resumed after a crash (their switches unknown to this process) share the first reload."""
     gate, log = _NginxGate(), []
     gate.reload("a", time.monotonic() + 5, ok_reload(log, "first"))
     assert "already reloaded" in gate.reload("b", time.monotonic() + 5, ok_reload(log, "second")).output
