@@ -162,7 +162,8 @@ def run_certd(config: Path, *args: str, pebble: PebbleEnv | None = None,
     With ``pebble``: PebbleStalled (certd stopped by PID) once Pebble has issued nothing for
     ``stall`` seconds while certd runs. Pebble can wedge for good: its Order() handler takes an
     order's read lock twice, and a CompleteOrder() between the two deadlocks it
-    (letsencrypt/pebble#554); then every request hangs. Seen here every few thousand orders."""
+    (Go's RWMutex is not reentrant once a writer waits); then every request hangs. Seen here every
+    few thousand orders."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     argv = certd_argv(config, *args)
@@ -187,7 +188,7 @@ def run_certd(config: Path, *args: str, pebble: PebbleEnv | None = None,
                 proc.kill()
                 proc.communicate()
                 raise PebbleStalled(f"Pebble (pid {pebble.pebble_pid}) issued nothing for {stall:g} s "  # type: ignore[union-attr]
-                                    f"(wedged: letsencrypt/pebble#554)")
+                                    f"(wedged: its Order handler read-locks an order twice)")
     wall = time.perf_counter() - started
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
@@ -458,7 +459,7 @@ def report(res: Results, sizes: Sizes) -> str:
     out = [f"certd benchmark: {m['cores']} cores, {m['memory_gib']} GiB, {m['os']}, Python {m['python']}, "
            f"Pebble {m['pebble']}; load average {m['load_before']:.1f} before, {m.get('load_after', 0):.1f} after"]
     if m.get("pebble_wedges"):
-        out.append(f"(Pebble wedged {m['pebble_wedges']} time(s), letsencrypt/pebble#554: that part was run again "
+        out.append(f"(Pebble wedged {m['pebble_wedges']} time(s), an order read-locked twice: that part was run again "
                    "with a fresh Pebble)")
     for name, why in res.failures.items():
         out.append(f"NOT MEASURED: {name}: {why}")
@@ -548,7 +549,7 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=8, help="[daemon] workers for certd (default 8)")
     ap.add_argument("--issue-workers", type=int, default=4,
                     help="workers for issuing the footprint certificates (default 4: Pebble wedges more "
-                         "often under more concurrent orders, letsencrypt/pebble#554)")
+                         "often under more concurrent orders)")
     ap.add_argument("--no-certbot", action="store_true", help="skip the certbot comparison")
     ap.add_argument("--footprint", type=int, nargs="*", help="footprint sizes (default 1000 10000; --quick: 100)")
     ap.add_argument("--only", choices=["single", "batch", "certbot", "footprint"], action="append",
