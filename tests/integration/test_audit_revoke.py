@@ -134,6 +134,8 @@ def test_key_compromise_whose_rotation_fails_keeps_the_served_key_until_the_next
     site.configure(reload=site.cert()["reload"] + [{"command": [str(fail)]}])
     r = site.env.run("revoke", "www", "--reason", "keyCompromise", check=1)
     assert "rolled back" in r.stdout and "still kept" in r.stdout
+    failed = next(x for x in site.audit() if x["event"] == "renewal_failed")
+    assert failed["initiator"] == "uid=0(root)" and failed["outcome"] == "rolled_back"
     assert pebble.cert_status(old.info.serial)["Status"] == "Revoked"
     assert site.served().serial == old.info.serial  # served (revoked) rather than nothing
     assert (site.deploy_dir / "live" / "www" / "privkey.pem").read_bytes() == old.key_pem
