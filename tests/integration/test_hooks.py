@@ -284,7 +284,7 @@ def test_hanging_hook_and_its_process_group_are_killed_at_timeout(tmp_path: Path
         print("waiting for the load balancer", flush=True)
         time.sleep(60)
     """)
-    from certd import hooks
+    from certd import hooks_command
     timeout = 0.5
     start = time.monotonic()
     with pytest.raises(HookFailed) as failed:
@@ -293,21 +293,21 @@ def test_hanging_hook_and_its_process_group_are_killed_at_timeout(tmp_path: Path
     elapsed = time.monotonic() - start
 
     assert "timed out" in str(failed.value) and "waiting for the load balancer" in str(failed.value)
-    assert elapsed < timeout + hooks.KILL_GRACE + 0.5
+    assert elapsed < timeout + hooks_command.KILL_GRACE + 0.5
     hook_pid, grandchild = (int(p) for p in pids.read_text().split())
     assert gone(hook_pid) and gone(grandchild)
 
 
 def test_hook_stopped_by_sigterm_returns_without_waiting_for_grace(tmp_path: Path) -> None:
     """When SIGTERM suffices (shell + background sleep), control returns right after the timeout."""
-    from certd import hooks
+    from certd import hooks_command
     pids = tmp_path / "pids"
     start = time.monotonic()
     result = run_command(["/bin/sh", "-c", f'sleep 60 & echo $$ $! > {pids}; sleep 60'],
                          env={"PATH": os.environ["PATH"]}, timeout=0.3)
     elapsed = time.monotonic() - start
     assert result.timed_out and not result.ok and result.returncode is None
-    assert elapsed < 0.3 + hooks.KILL_GRACE - 0.2  # SIGKILL's grace was not waited out
+    assert elapsed < 0.3 + hooks_command.KILL_GRACE - 0.2  # SIGKILL's grace was not waited out
     assert all(gone(int(p)) for p in pids.read_text().split())
 
 
@@ -328,7 +328,7 @@ def test_background_child_holding_output_does_not_block(tmp_path: Path) -> None:
 
 def test_output_is_truncated_keeping_the_tail(tmp_path: Path) -> None:
     """Huge output is cut in the middle; the last line survives for the error message."""
-    from certd import hooks
+    from certd import hooks_command
     hook_script = script(tmp_path, "chatty", """
         import sys
         for i in range(20000):
@@ -339,7 +339,7 @@ def test_output_is_truncated_keeping_the_tail(tmp_path: Path) -> None:
     """)
     result = run_command([str(hook_script)], env={}, timeout=10)
     assert result.returncode == 2
-    assert len(result.output) < hooks.OUTPUT_HEAD + hooks.OUTPUT_TAIL + 200
+    assert len(result.output) < hooks_command.OUTPUT_HEAD + hooks_command.OUTPUT_TAIL + 200
     assert result.output.startswith("line 0 ") and result.output.endswith("final: reload failed")
     assert "bytes of output omitted" in result.output
 

@@ -1,4 +1,4 @@
-"""hooks._NginxGate: deploy switches never overlap nginx reading its certificates, and one reload
+"""hooks_nginx.NginxGate: deploy switches never overlap nginx reading its certificates, and one reload
 serves every rotation whose switch came before it started."""
 
 from __future__ import annotations
@@ -6,7 +6,8 @@ from __future__ import annotations
 import threading
 import time
 
-from certd.hooks import HookResult, _NginxGate
+from certd.hooks_command import HookResult
+from certd.hooks_nginx import NginxGate
 
 
 def ok_reload(log: list[str], what: str, seconds: float = 0.0):  # noqa: ANN201
@@ -20,7 +21,7 @@ def ok_reload(log: list[str], what: str, seconds: float = 0.0):  # noqa: ANN201
 
 def test_a_reload_after_a_switch_serves_every_certificate_switched_before_it() -> None:
     """Two certificates switch, one reload runs; the other's hook finds it already reloaded."""
-    gate, log = _NginxGate(), []
+    gate, log = NginxGate(), []
     for name in ("a", "b"):
         with gate.switch(name):
             pass
@@ -32,7 +33,7 @@ def test_a_reload_after_a_switch_serves_every_certificate_switched_before_it() -
 
 def test_a_switch_after_the_reload_started_needs_a_reload_of_its_own() -> None:
     """A switch made after a reload began is not covered by it."""
-    gate, log = _NginxGate(), []
+    gate, log = NginxGate(), []
     with gate.switch("a"):
         pass
     gate.reload("a", time.monotonic() + 5, ok_reload(log, "first"))
@@ -44,7 +45,7 @@ def test_a_switch_after_the_reload_started_needs_a_reload_of_its_own() -> None:
 
 def test_a_failed_reload_covers_nothing() -> None:
     """When nginx refused the reload, the next hook reloads again."""
-    gate, log = _NginxGate(), []
+    gate, log = NginxGate(), []
     with gate.switch("a"):
         pass
     assert not gate.reload("a", time.monotonic() + 5, lambda: HookResult("nginx", False, 1, 0.0, "emerg")).ok
@@ -54,7 +55,7 @@ def test_a_failed_reload_covers_nothing() -> None:
 
 def test_switches_wait_while_nginx_reads_its_certificates() -> None:
     """A switch that arrives during a reload happens only after the reload finished."""
-    gate, log = _NginxGate(), []
+    gate, log = NginxGate(), []
     with gate.switch("a"):
         pass
     reader = threading.Thread(target=gate.reload, args=("a", time.monotonic() + 5, ok_reload(log, "reload", 0.3)))
@@ -75,7 +76,7 @@ def test_switches_wait_while_nginx_reads_its_certificates() -> None:
 
 def test_after_a_restart_the_first_reload_covers_switches_made_before_it() -> None:
     """Rotations resumed after a crash (their switches unknown to this process) share the first reload."""
-    gate, log = _NginxGate(), []
+    gate, log = NginxGate(), []
     gate.reload("a", time.monotonic() + 5, ok_reload(log, "first"))
     assert "already reloaded" in gate.reload("b", time.monotonic() + 5, ok_reload(log, "second")).output
     assert log == ["first start", "first end"]
@@ -83,7 +84,7 @@ def test_after_a_restart_the_first_reload_covers_switches_made_before_it() -> No
 
 def test_waiting_for_a_reload_gives_up_at_the_hook_deadline() -> None:
     """A reload stuck in another thread makes the next hook fail at its own deadline, not hang."""
-    gate, release = _NginxGate(), threading.Event()
+    gate, release = NginxGate(), threading.Event()
     with gate.switch("a"):
         pass
     stuck = threading.Thread(target=gate.reload, args=("a", time.monotonic() + 5,
