@@ -172,12 +172,31 @@ def _bind_problem(what: str, listen: Listen, e: OSError) -> ChallengeFailed:
     return ChallengeFailed(f"{what} responder cannot listen on {listen}: {why}; will retry", transient=True)
 
 
-class _WakeableServerMixin:
-    """Serve until ``stop()``, which wakes the accept loop at once through a pipe."""
+class _ResponderMixin:
+    """A built-in challenge responder: what it serves by name (``put``/``drop``), started on
+    its own thread by ``start(listen)``, serving until ``stop()``, which wakes the accept loop
+    at once through a pipe."""
 
+    kind: str                       # the challenge type, for errors and the thread's name
+    entries: dict[str, Any]
     socket: socket.socket
     _handle_request_noblock: Any
     server_close: Any
+
+    @classmethod
+    def start(cls, listen: Listen) -> _ResponderMixin:
+        try:
+            server = cls(listen)  # type: ignore[call-arg]
+        except OSError as e:
+            raise _bind_problem(cls.kind, listen, e) from None
+        server.run_in_thread(f"certd-{cls.kind.replace('-', '')}-{listen}")
+        return server
+
+    def put(self, name: str, value: Any) -> None:
+        self.entries[name] = value
+
+    def drop(self, name: str) -> None:
+        self.entries.pop(name, None)
 
     def run_in_thread(self, name: str) -> None:
         self._wake_r, self._wake_w = os.pipe()
@@ -202,6 +221,36 @@ class _WakeableServerMixin:
         os.close(self._wake_w)
 
 
+class _ResponderSolver:
+    """present/cleanup for a challenge answered by a built-in responder on ``listen``, shared
+    by every order in the process that uses that address (see _SharedListeners)."""
+
+    challenge_type: str
+    responder: type[_ResponderMixin]
+
+    def __init__(self, listen: Listen) -> None:
+        self.listen = listen
+
+    def _entry(self, domain: str, challenge: challenges.KeyAuthorizationChallenge,
+               account_key: jose.JWK) -> tuple[str, Any]:
+        raise NotImplementedError
+
+    def _name(self, domain: str, challenge: challenges.KeyAuthorizationChallenge) -> str:
+        raise NotImplementedError
+
+    def present(self, domain: str, challenge: challenges.KeyAuthorizationChallenge,
+                account_key: jose.JWK) -> None:
+        name, value = self._entry(domain, challenge, account_key)
+        _LISTENERS.acquire(self.challenge_type, self.listen, self.responder.start, name, value)
+
+    def cleanup(self, domain: str, challenge: challenges.KeyAuthorizationChallenge,
+                account_key: jose.JWK) -> None:
+        try:
+            _LISTENERS.release(self.challenge_type, self.listen, self._name(domain, challenge))
+        except Exception as e:  # noqa: BLE001 - cleanup must not mask the order's outcome
+            log.warning("%s responder on %s: cleanup failed: %s", self.challenge_type, self.listen, e)
+
+
 # --- http-01 ---------------------------------------------------------------------------------
 
 
@@ -218,7 +267,7 @@ class _ChallengeHandler(BaseHTTPRequestHandler):
 
     def _answer(self, body: bool) -> None:
         token = self.path[len(CHALLENGE_PATH):] if self.path.startswith(CHALLENGE_PATH) else None
-        value = self.server.tokens.get(token) if token else None
+        value = self.server.entries.get(token) if token else None
         data = value.encode("ascii") if value is not None else b"not found\n"
         self.send_response(200 if value is not None else 404)
         self.send_header("Content-Type", "text/plain" if value is not None else "text/plain; charset=utf-8")
@@ -231,15 +280,16 @@ class _ChallengeHandler(BaseHTTPRequestHandler):
         log.debug("http-01 responder: %s %s", self.address_string(), format % args)
 
 
-class _HttpResponder(_WakeableServerMixin, ThreadingHTTPServer):
+class _HttpResponder(_ResponderMixin, ThreadingHTTPServer):
     # Pebble opens several validation connections per challenge at once; the default backlog
     # of 5 drops some, and TCP retries them only after 1 s.
+    kind = "http-01"
     request_queue_size = 1024
     daemon_threads = True
 
     def __init__(self, listen: Listen) -> None:
         self.address_family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
-        self.tokens: dict[str, str] = {}
+        self.entries: dict[str, str] = {}   # token -> key authorization
         super().__init__((listen.host, listen.port), _ChallengeHandler)
 
     def server_bind(self) -> None:
@@ -247,41 +297,19 @@ class _HttpResponder(_WakeableServerMixin, ThreadingHTTPServer):
         socketserver.TCPServer.server_bind(self)
         self.server_name, self.server_port = str(self.server_address[0]), int(self.server_address[1])
 
-    def put(self, name: str, value: Any) -> None:
-        self.tokens[name] = value
 
-    def drop(self, name: str) -> None:
-        self.tokens.pop(name, None)
-
-
-def _start_http(listen: Listen) -> _HttpResponder:
-    try:
-        server = _HttpResponder(listen)
-    except OSError as e:
-        raise _bind_problem("http-01", listen, e) from None
-    server.run_in_thread(f"certd-http01-{listen}")
-    return server
-
-
-class StandaloneHttpSolver:
+class StandaloneHttpSolver(_ResponderSolver):
     """http-01 through the built-in responder on ``listen``."""
 
     challenge_type = "http-01"
+    responder = _HttpResponder
 
-    def __init__(self, listen: Listen) -> None:
-        self.listen = listen
+    def _entry(self, domain: str, challenge: challenges.KeyAuthorizationChallenge,
+               account_key: jose.JWK) -> tuple[str, Any]:
+        return challenge.encode("token"), challenge.validation(account_key)
 
-    def present(self, domain: str, challenge: challenges.KeyAuthorizationChallenge,
-                account_key: jose.JWK) -> None:
-        _LISTENERS.acquire("http-01", self.listen, _start_http,
-                           challenge.encode("token"), challenge.validation(account_key))
-
-    def cleanup(self, domain: str, challenge: challenges.KeyAuthorizationChallenge,
-                account_key: jose.JWK) -> None:
-        try:
-            _LISTENERS.release("http-01", self.listen, challenge.encode("token"))
-        except Exception as e:  # noqa: BLE001 - cleanup must not mask the order's outcome
-            log.warning("http-01 responder on %s: cleanup failed: %s", self.listen, e)
+    def _name(self, domain: str, challenge: challenges.KeyAuthorizationChallenge) -> str:
+        return challenge.encode("token")
 
 
 class WebrootSolver:
@@ -421,43 +449,29 @@ class _AlpnHandler(socketserver.BaseRequestHandler):
             log.debug("tls-alpn-01 responder: handshake with %s failed: %s", self.client_address[0], e)
 
 
-class _AlpnResponder(_WakeableServerMixin, socketserver.ThreadingTCPServer):
+class _AlpnResponder(_ResponderMixin, socketserver.ThreadingTCPServer):
+    kind = "tls-alpn-01"
     request_queue_size = 1024
     daemon_threads = True
     allow_reuse_address = True
 
     def __init__(self, listen: Listen) -> None:
         self.address_family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
-        self.contexts: dict[str, ssl.SSLContext] = {}
+        self.entries: dict[str, ssl.SSLContext] = {}   # lower-case name -> validation context
         self.base_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.base_context.set_alpn_protocols([ACME_TLS_ALPN])
         self.base_context.sni_callback = self._pick
         super().__init__((listen.host, listen.port), _AlpnHandler)
 
     def _pick(self, sock: ssl.SSLObject, server_name: str | None, _ctx: ssl.SSLContext) -> int | None:
-        ctx = self.contexts.get((server_name or "").lower())
+        ctx = self.entries.get((server_name or "").lower())
         if ctx is None:
             return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
         sock.context = ctx
         return None
 
-    def put(self, name: str, value: Any) -> None:
-        self.contexts[name] = value
 
-    def drop(self, name: str) -> None:
-        self.contexts.pop(name, None)
-
-
-def _start_alpn(listen: Listen) -> _AlpnResponder:
-    try:
-        server = _AlpnResponder(listen)
-    except OSError as e:
-        raise _bind_problem("tls-alpn-01", listen, e) from None
-    server.run_in_thread(f"certd-tlsalpn01-{listen}")
-    return server
-
-
-class TlsAlpnSolver:
+class TlsAlpnSolver(_ResponderSolver):
     """tls-alpn-01 through the built-in TLS responder on ``listen``.
 
     One validation certificate per name at a time: two orders validating the same name at once
@@ -465,18 +479,11 @@ class TlsAlpnSolver:
     """
 
     challenge_type = "tls-alpn-01"
+    responder = _AlpnResponder
 
-    def __init__(self, listen: Listen) -> None:
-        self.listen = listen
+    def _entry(self, domain: str, challenge: challenges.KeyAuthorizationChallenge,
+               account_key: jose.JWK) -> tuple[str, Any]:
+        return domain.lower(), _alpn_context(domain, challenge.validation(account_key))
 
-    def present(self, domain: str, challenge: challenges.KeyAuthorizationChallenge,
-                account_key: jose.JWK) -> None:
-        ctx = _alpn_context(domain, challenge.validation(account_key))
-        _LISTENERS.acquire("tls-alpn-01", self.listen, _start_alpn, domain.lower(), ctx)
-
-    def cleanup(self, domain: str, challenge: challenges.KeyAuthorizationChallenge,
-                account_key: jose.JWK) -> None:
-        try:
-            _LISTENERS.release("tls-alpn-01", self.listen, domain.lower())
-        except Exception as e:  # noqa: BLE001 - cleanup must not mask the order's outcome
-            log.warning("tls-alpn-01 responder on %s: cleanup failed: %s", self.listen, e)
+    def _name(self, domain: str, challenge: challenges.KeyAuthorizationChallenge) -> str:
+        return domain.lower()
