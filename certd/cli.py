@@ -13,7 +13,6 @@ import logging
 import re
 import sys
 import traceback
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from certd import __version__, config as config_mod

@@ -31,12 +31,14 @@ from certd.config import CertificateConfig, Config
 from certd.control import Caller, ControlServer
 from certd.errors import CertdError, ConfigError, UsageError
 from certd.log import event
-from certd.manager import ARI_POLL, Outcome
+from certd.manager import Outcome
+from certd.planning import ARI_POLL
 from certd.monitor import Monitor
 from certd.wiring import build_manager, build_sinks
 from certd.scheduler import Flight, Flights, Scheduler, ShuttingDown
 
 log = logging.getLogger("certd.daemon")
+_REQUESTED = {"rollback": "rollback_requested", "revoke": "revocation_requested"}  # log event per kind
 
 SHUTDOWN_GRACE = 60.0
 CONFIG_DEBOUNCE = 0.3
@@ -378,36 +380,38 @@ class Daemon:
         return _follow(flights)
 
     def _api_rollback(self, caller: Caller, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
-        name = body.get("name")
-        if not isinstance(name, str):
-            raise UsageError("rollback needs a certificate name")
-        self._select([name])
+        name = self._one_name(body, "rollback")
         to_version = body.get("to_version")
         if to_version is not None and not isinstance(to_version, int):
             raise UsageError("to_version must be an integer")
-        flight, started = self.flights.begin(name, "rollback")
-        if not started:
-            raise UsageError(f"a {flight.kind} rotation of {name} is in progress; try again when it finishes")
-        initiator = str(caller)
-        event(log, "rollback_requested", name=name, initiator=initiator, to_version=to_version)
-        self.scheduler.submit(self._run_flight, flight, "rollback", job_id=f"run:{name}", to_version=to_version,
-                              reason=str(body.get("reason") or "rollback by operator"), initiator=initiator)
-        return _follow([flight])
+        return self._start_alone(name, "rollback", caller, to_version=to_version,
+                                 reason=str(body.get("reason") or "rollback by operator"))
 
     def _api_revoke(self, caller: Caller, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
         from certd.revocation import parse_reason
+        name = self._one_name(body, "revoke")
+        return self._start_alone(name, "revoke", caller, reason=parse_reason(str(body.get("reason") or "")))
+
+    def _one_name(self, body: dict[str, Any], what: str) -> str:
         name = body.get("name")
         if not isinstance(name, str):
-            raise UsageError("revoke needs a certificate name")
+            raise UsageError(f"{what} needs a certificate name")
         self._select([name])
-        reason = parse_reason(str(body.get("reason") or ""))
-        flight, started = self.flights.begin(name, "revoke")
+        return name
+
+    def _start_alone(self, name: str, kind: str, caller: Caller, **kw: Any) -> Iterator[dict[str, Any]]:
+        """Run a ``kind`` operation on ``name`` in the pool and stream its progress. Unlike a
+        renewal it never joins a rotation in flight (it would change what that one commits):
+        refused while one runs."""
+        try:
+            flight, started = self.flights.begin(name, kind)
+        except ShuttingDown as e:
+            raise UsageError(str(e)) from None
         if not started:
             raise UsageError(f"a {flight.kind} rotation of {name} is in progress; try again when it finishes")
         initiator = str(caller)
-        event(log, "revocation_requested", name=name, initiator=initiator, reason=reason)
-        self.scheduler.submit(self._run_flight, flight, "revoke", job_id=f"run:{name}", reason=reason,
-                              initiator=initiator)
+        event(log, _REQUESTED[kind], name=name, initiator=initiator, **kw)
+        self.scheduler.submit(self._run_flight, flight, kind, job_id=f"run:{name}", initiator=initiator, **kw)
         return _follow([flight])
 
     def _api_verify(self, caller: Caller, body: dict[str, Any]) -> dict[str, Any]:

@@ -11,29 +11,27 @@ from __future__ import annotations
 import logging
 import os
 import pwd
-import random
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Callable, Iterable
 
-from certd import certcheck, deploy, hooks, keys, policy, revocation, rotation, verify
+from certd import certcheck, deploy, keys, revocation, rotation, verify
 from certd.clock import Clock, SystemClock, isoformat
 from certd.config import CertificateConfig, Config
+from certd.effects import STEP_TEXT, RotationEffects, failed_step, idle_actions
 from certd.errors import CANotReachable, CertdError, OperationFailed, StoreError, UsageError
 from certd.events import EventBus, LifecycleEvent
 from certd.issuer import Issuer, ari_cert_id
 from certd.log import event
-from certd.model import Bundle
+from certd.planning import CertState, Planner
 from certd.rotation import Journal, Step
-from certd.scheduler import ari_poll_interval
-from certd.store import FileStore, Store, StoredVersion, VersionInfo
+from certd.store import FileStore, Store, StoredVersion
 
 log = logging.getLogger("certd")
 
 Progress = Callable[[str, str], None]   # (certificate name, message)
-ARI_POLL = "poll ACME Renewal Information"  # plan()'s reason when the next look is only an ARI poll
 
 
 def whoami() -> str:
@@ -60,31 +58,6 @@ class Outcome:
         return self.result in ("renewed", "not_due", "switched", "verified", "revoked")
 
 
-@dataclass
-class CertState:
-    """Per-certificate scheduling facts kept between runs (no key material)."""
-
-    failures: int = 0
-    last_failure: str | None = None
-    last_error: str | None = None
-    last_result: str | None = None
-    last_attempt: str | None = None
-    last_success: str | None = None
-    ca_unreachable: bool = False               # the last failure was "CA not reachable"
-    ari: dict[str, Any] | None = None          # {"serial", "start", "end", "retry_after"}
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any] | None) -> CertState:
-        if not d:
-            return cls()
-        known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in d.items() if k in known})
-
-    def to_json(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-
 class Manager:
     def __init__(self, config: Config, *, store: Store | None = None, issuer: Issuer | None = None,
                  clock: Clock | None = None, lock_timeout: float = 0.0, events: EventBus | None = None) -> None:
@@ -94,6 +67,7 @@ class Manager:
         self.store = store or FileStore(config.daemon.state_dir)
         self._issuer = issuer
         self.lock_timeout = lock_timeout
+        self.planner = Planner(self.store, self.clock, lambda: self.issuer)
 
     @property
     def issuer(self) -> Issuer:
@@ -113,18 +87,18 @@ class Manager:
             self._issuer = None  # the next operation builds one for the new CA settings
 
     def plan(self, cert: CertificateConfig) -> tuple[datetime, str]:
-        """When the daemon should next look at ``cert``: its renewal time, or earlier to poll ARI."""
-        current = self.store.current(cert.name)
-        stored = self.store.load_info(cert.name, current) if current is not None else None
-        state = self.load_state(cert.name)
-        decision = self._decide(cert, stored, state, refresh_ari=False)
-        when, why = decision.renew_at, decision.reason
-        if stored is not None and not revocation.is_held(stored.meta):
-            cached = state.ari if state.ari and state.ari.get("serial") == stored.info.serial else None
-            poll_at = _parse_time(cached.get("next_poll")) if cached else self.clock.now()
-            if poll_at is not None and poll_at < when:
-                when, why = poll_at, ARI_POLL
-        return when, why
+        """When the daemon should next look at ``cert`` (see Planner.plan)."""
+        return self.planner.plan(cert)
+
+    def status(self, cert: CertificateConfig) -> dict[str, Any]:
+        """One ``status --json`` row (see CONTRACT.md); no network I/O."""
+        return self.planner.status(cert)
+
+    def load_state(self, name: str) -> CertState:
+        return self.planner.load_state(name)
+
+    def save_state(self, name: str, state: CertState) -> None:
+        self.planner.save_state(name, state)
 
     def select(self, names: Iterable[str]) -> list[CertificateConfig]:
         """The configured certificates named (all when none named); UsageError for unknown names."""
@@ -183,7 +157,7 @@ class Manager:
         stored = self.store.load(cert.name, current) if current is not None else None
         state = self.load_state(cert.name)
         if not force:
-            decision = self._decide(cert, stored, state, refresh_ari=True, ignore_failures=skip_backoff)
+            decision = self.planner.decide(cert, stored, state, refresh_ari=True, ignore_failures=skip_backoff)
             event(log, "renewal_decision", name=cert.name, renew_at=isoformat(decision.renew_at),
                   reason=decision.reason, due=decision.is_due(self.clock.now()))
             if not decision.is_due(self.clock.now()):
@@ -328,7 +302,7 @@ class Manager:
                 current = self.store.current(cert.name)
                 if current is None:
                     return Outcome(cert.name, "not_due", "no certificate issued yet; nothing to redeploy")
-                effects = _Effects(self, cert, repair=True)
+                effects = RotationEffects(self.store, self.clock, self.events, cert, repair=True)
                 effects.stage(current)
                 effects.switch(current)
                 effects.reload(current)
@@ -347,13 +321,13 @@ class Manager:
         def on_step(jj: Journal) -> None:
             event(log, f"rotation_{jj.step.value}", name=jj.name, version=jj.to_version,
                   kind=jj.kind, error=jj.error if jj.step in (Step.ROLLING_BACK, Step.FAILED) else None)
-            text = _STEP_TEXT.get(jj.step, jj.step.value)
+            text = STEP_TEXT.get(jj.step, jj.step.value)
             if jj.step == Step.VERIFIED and not cert.verify:
                 text = "no [[certificate.verify]] endpoints: the live handshake was not checked"
             say(text.format(j=jj))
             self._emit_step(cert, jj)
-        return rotation.drive(j, _Effects(self, cert), self._save_journal, self.clock, on_step,
-                              idle=_idle_actions(cert))
+        return rotation.drive(j, RotationEffects(self.store, self.clock, self.events, cert), self._save_journal, self.clock, on_step,
+                              idle=idle_actions(cert))
 
     def _finish(self, cert: CertificateConfig, j: Journal, state: CertState, seconds: float) -> Outcome:
         version = j.to_version if j.step == Step.COMMITTED or j.unverified else j.from_version
@@ -389,7 +363,7 @@ class Manager:
         else:
             result, msg = "failed", error
         if j.kind == "renew":
-            self._record_failure(cert, state, msg, result=j.result, failed_step=_failed_step(j),
+            self._record_failure(cert, state, msg, result=j.result, failed_step=failed_step(j),
                                  initiator=j.initiator)
         return Outcome(cert.name, result, msg, version, serial)
 
@@ -486,95 +460,6 @@ class Manager:
         where = ", ".join(str(s.endpoint) for s in served)
         return Outcome(cert.name, "verified", f"serial {info.serial} served on {where}", current, info.serial)
 
-    def status(self, cert: CertificateConfig) -> dict[str, Any]:
-        """One ``status --json`` row (see CONTRACT.md); no network I/O."""
-        current = self.store.current(cert.name)
-        state = self.load_state(cert.name)
-        unfinished = _unfinished_step(self.store.load_journal(cert.name))
-        row: dict[str, Any] = {"name": cert.name, "domains": list(cert.domains), "version": current,
-                               "serial": None, "not_before": None, "not_after": None,
-                               "fingerprint_sha256": None, "key_type": cert.key_type,
-                               "next_renewal": None, "last_result": state.last_result,
-                               "last_error": state.last_error, "failures": state.failures,
-                               "rotation": unfinished,
-                               "state": "missing"}
-        stored = self.store.load_info(cert.name, current) if current is not None else None
-        decision = self._decide(cert, stored, state, refresh_ari=False)
-        row["next_renewal"] = isoformat(decision.renew_at)
-        row["renewal_reason"] = decision.reason
-        if stored is not None:
-            info = stored.info
-            now = self.clock.now()
-            row.update(serial=info.serial, not_before=isoformat(info.not_before), not_after=isoformat(info.not_after),
-                       fingerprint_sha256=info.fingerprint_sha256, key_type=info.key_type)
-            if info.not_after <= now:
-                row["state"] = "expired"
-            elif policy.is_expiring_soon(info.not_before, info.not_after, now):
-                row["state"] = "expiring"
-            elif state.failures:
-                row["state"] = "failing"
-            else:
-                row["state"] = "ok"
-        return row
-
-    # -- facts for the policy -------------------------------------------------------------
-
-    def _decide(self, cert: CertificateConfig, stored: StoredVersion | VersionInfo | None, state: CertState,
-                refresh_ari: bool, ignore_failures: bool = False) -> policy.Decision:
-        now = self.clock.now()
-        failures = 0 if ignore_failures else state.failures
-        if stored is None:
-            return policy.decide(policy.Facts(failures=failures, last_failure=_parse_time(state.last_failure)), now)
-        info = stored.info
-        held = revocation.is_held(stored.meta)
-        if held:  # revoked for cessationOfOperation: ARI asks for renewal, the operator said no
-            return policy.Decision(info.not_after + (info.not_after - info.not_before) * 100, held)
-        changed = None
-        if set(info.domains) != set(cert.domains):
-            changed = f"configured domains {sorted(cert.domains)} differ from the certificate's {sorted(info.domains)}"
-        elif info.key_type != cert.key_type:
-            changed = f"configured key_type {cert.key_type} differs from the certificate's {info.key_type}"
-        if changed:
-            last_failure = _parse_time(state.last_failure)
-            if failures and last_failure is not None:  # due now, but a failing CA is not hammered
-                retry = last_failure + policy.backoff(failures, info.not_before, info.not_after, last_failure,
-                                                      random.Random(info.serial))
-                if retry > now:
-                    return policy.Decision(retry, f"{changed}; retry {failures} after failure, backoff until {isoformat(retry)}")
-            return policy.Decision(now, changed)
-        ari = self._ari(stored, state, refresh_ari)
-        facts = policy.Facts(info.not_before, info.not_after, cert.renew_before, ari,
-                             failures, _parse_time(state.last_failure))
-        # Seed by serial so the random point in a window is stable between calls (status vs run).
-        return policy.decide(facts, now, random.Random(info.serial))
-
-    def _ari(self, stored: StoredVersion | VersionInfo, state: CertState, refresh: bool) -> policy.AriWindow | None:
-        info = stored.info
-        cached = state.ari if state.ari and state.ari.get("serial") == info.serial else None
-        now = self.clock.now()
-        stale = cached is None or (_parse_time(cached.get("next_poll")) or now) <= now
-        if refresh and stale:
-            lifetime = info.not_after - info.not_before
-            try:
-                ri = self.issuer.renewal_info(_cert_pem(self.store, stored))
-            except OperationFailed as e:
-                event(log, "ari_unavailable", logging.WARNING, name=stored.name, error=str(e))
-                # Keep the last window we had; ask again after a short while.
-                cached = dict(cached or {"serial": info.serial}, next_poll=isoformat(now + ari_poll_interval(None, now, lifetime) / 6))
-            else:
-                if ri is None:  # the CA has no ARI: look again in a day
-                    cached = {"serial": info.serial, "next_poll": isoformat(now + ari_poll_interval(None, now, lifetime) * 4)}
-                else:
-                    cached = {"serial": info.serial, "start": isoformat(ri.window_start), "end": isoformat(ri.window_end),
-                              "next_poll": isoformat(now + ari_poll_interval(ri.retry_after, now, lifetime))}
-                    event(log, "ari_fetched", logging.DEBUG, name=stored.name, start=cached["start"], end=cached["end"])
-            state.ari = cached
-            self.save_state(stored.name, state)
-        if not cached:
-            return None
-        start, end = _parse_time(cached.get("start")), _parse_time(cached.get("end"))
-        return policy.AriWindow(start, end) if start and end else None
-
     # -- events ---------------------------------------------------------------------------
 
     def emit(self, kind: str, name: str, **fields: Any) -> None:
@@ -583,6 +468,8 @@ class Manager:
     def _emit_step(self, cert: CertificateConfig, j: Journal) -> None:
         """Lifecycle events for the journal steps an operator cares about."""
         common: dict[str, Any] = {"initiator": j.initiator, "reason": j.reason}
+        if j.step == Step.VERIFIED and not cert.verify:
+            return  # nothing was checked: the audit log must not say "verified"
         if j.step in (Step.SWITCHED, Step.VERIFIED):
             info = self._info(cert.name, j.to_version)
             kind = "deployed" if j.step == Step.SWITCHED else "verified"
@@ -591,11 +478,11 @@ class Manager:
         elif j.step == Step.ROLLED_BACK:
             self.emit("rolled_back", cert.name, outcome="rolled_back", version=j.from_version,
                       old_serial=self._serial(cert.name, j.to_version), new_serial=self._serial(cert.name, j.from_version),
-                      detail={"error": j.error, "failed_step": _failed_step(j)}, **common)
+                      detail={"error": j.error, "failed_step": failed_step(j)}, **common)
         elif j.step == Step.ROLLBACK_FAILED:
             self.emit("rollback_failed", cert.name, outcome="rollback_failed", version=j.from_version,
                       detail={"error": j.error, "rollback_error": j.rollback_error,
-                              "failed_step": _failed_step(j)}, **common)
+                              "failed_step": failed_step(j)}, **common)
 
     def _info(self, name: str, version: int | None) -> Any:
         if version is None:
@@ -611,110 +498,12 @@ class Manager:
 
     # -- persistence helpers --------------------------------------------------------------
 
-    def load_state(self, name: str) -> CertState:
-        return CertState.from_json(self.store.load_state(name))
-
-    def save_state(self, name: str, state: CertState) -> None:
-        self.store.save_state(name, state.to_json())
-
     def _load_journal(self, name: str) -> Journal | None:
         d = self.store.load_journal(name)
         return Journal.from_json(d) if d else None
 
     def _save_journal(self, j: Journal) -> None:
         self.store.save_journal(j.name, j.to_json())
-
-
-class _Effects:
-    """rotation.Effects for one certificate, on the real edges."""
-
-    def __init__(self, mgr: Manager, cert: CertificateConfig, *, repair: bool = False) -> None:
-        self.mgr, self.cert = mgr, cert
-        self.repair = repair  # stage rewrites deployed files edited out of band (drift repair)
-        self._bundles: dict[int, Bundle] = {}
-
-    def _bundle(self, version: int) -> Bundle:
-        if version not in self._bundles:
-            self._bundles[version] = self.mgr.store.load(self.cert.name, version).bundle
-        return self._bundles[version]
-
-    def stage(self, version: int) -> None:
-        deploy.stage(self.cert, version, self._bundle(version), repair=self.repair)
-
-    def switch(self, version: int) -> None:
-        # Not while nginx reads its certificates for another rotation: it opens cert and key
-        # one after the other and would pair this switch's halves (see hooks.switching).
-        with hooks.switching(self.cert.reload, self.cert.name):
-            deploy.switch(self.cert, version)
-
-    def reload(self, version: int, *, keep_going: bool = False) -> list[str]:
-        ctx = hooks.HookContext(self.cert.name, self.cert.domains, version, self._bundle(version),
-                                self.cert.deploy.live_dir, self.cert.deploy.combined)
-        errors = []
-        for hook in self.cert.reload:
-            started = self.mgr.clock.monotonic()
-            try:
-                hooks.run_reload(hook, ctx)
-            except OperationFailed as e:
-                if not keep_going:
-                    raise
-                errors.append(str(e))
-            finally:
-                self.mgr.events.measure("hook", self.mgr.clock.monotonic() - started, hook=hooks.hook_label(hook))
-        return errors
-
-    def verify(self, version: int) -> bool:
-        if not self.cert.verify:
-            return False
-        verify.await_served(self.cert.verify, self._bundle(version).info.fingerprint_sha256,
-                            timeout=self.cert.verify_timeout, clock=self.mgr.clock)
-        return True
-
-    def commit(self, version: int) -> None:
-        self.mgr.store.set_current(self.cert.name, version)
-
-
-_STEP_TEXT = {
-    Step.STAGED: "staged version {j.to_version} beside the live files",
-    Step.SWITCHED: "switched to version {j.to_version}",
-    Step.RELOADED: "reload hooks succeeded",
-    Step.VERIFIED: "verified: endpoints serve version {j.to_version}",
-    Step.COMMITTED: "committed version {j.to_version}",
-    Step.FAILED: "failed: {j.error}",
-    Step.ROLLING_BACK: "rolling back to version {j.from_version}: {j.error}",
-    Step.ROLLED_BACK: "rolled back: version {j.from_version} is served again (verified)",
-    Step.ROLLBACK_FAILED: "ROLLBACK FAILED: {j.rollback_error}",
-}
-
-
-def _cert_pem(store: Store, stored: StoredVersion | VersionInfo) -> bytes:
-    if isinstance(stored, StoredVersion):
-        return stored.bundle.cert_pem
-    return store.load(stored.name, stored.version).bundle.cert_pem
-
-
-def _unfinished_step(raw: dict[str, Any] | None) -> str | None:
-    """The step of the unfinished rotation a journal records, else None: a status row needs
-    only that, and building the Journal costs ~10x more (status reads thousands of them)."""
-    if not raw:
-        return None
-    try:
-        step = Step(raw["step"])
-    except (KeyError, TypeError, ValueError):
-        step = Journal.from_json(raw).step  # raises the StoreError that names the problem
-    return None if step in rotation.TERMINAL else step.value
-
-
-def _idle_actions(cert: CertificateConfig) -> frozenset[rotation.Action]:
-    """The rotation actions that have nothing to do for ``cert`` (see rotation.drive)."""
-    idle = set()
-    if cert.deploy.live_dir is None and cert.deploy.combined is None and not cert.deploy.files:
-        idle |= {rotation.Action.STAGE, rotation.Action.SWITCH}
-    if not cert.reload:
-        idle.add(rotation.Action.RELOAD)
-    if not cert.verify:
-        idle.add(rotation.Action.VERIFY)
-    return frozenset(idle)
 
 
 def _serialized(progress: Progress) -> Progress:
@@ -727,21 +516,8 @@ def _serialized(progress: Progress) -> Progress:
     return say
 
 
-def _failed_step(j: Journal) -> str | None:
-    action = rotation.failed_action(j)
-    return action.value if action is not None else None
-
-
 def _sayer(name: str, progress: Progress | None) -> Callable[[str], None]:
     def say(message: str) -> None:
         if progress is not None:
             progress(name, message)
     return say
-
-
-def _parse_time(value: str | None) -> datetime | None:
-    if not value:
-        return None
-    return datetime.fromisoformat(value.replace("Z", "+00:00"))
-
-

@@ -165,7 +165,9 @@ def test_revoke_cessation_revokes_only_and_the_schedule_holds_off(site: Site, pe
     assert pebble.cert_status(old["serial"])["Status"] == "Revoked"
     r = site.env.run("renew", "www", check=0)
     assert "not renewing" in r.stdout and site.row()["version"] == 1
-    assert site.row()["renewal_reason"].startswith("revoked (cessationOfOperation)")
+    row = site.row()
+    assert row["renewal_reason"].startswith("revoked (cessationOfOperation)")
+    assert row["state"] == "revoked" and row["next_renewal"] is None
 
 
 def test_revoke_usage_errors_exit_2(site: Site) -> None:
@@ -212,7 +214,7 @@ def test_renewal_after_a_revocation_by_someone_else_is_initiated_by_ari(site: Si
 
 
 def test_the_daemons_own_renewals_are_audited_as_scheduler(tmp_path: Path, pebble: Any, certd_env: Any) -> None:
-    """A certificate the daemon issues on its own schedule is recorded with initiator 'scheduler'."""
+    """The daemon's own issuance is recorded with initiator 'scheduler', and never as verified without endpoints."""
     env = certd_env(pebble)
     env.write_config([env.http_cert("www", [SNI], deploy={"live_dir": str(tmp_path / "live")})])
     env.start_daemon()  # nothing issued yet: due at once
@@ -220,6 +222,8 @@ def test_the_daemons_own_renewals_are_audited_as_scheduler(tmp_path: Path, pebbl
     records = json.loads(env.run("history", "--json", check=0).stdout)["records"]
     assert [(r["event"], r["initiator"]) for r in records if r["event"] in ("issued", "renewed")] == \
         [("issued", "scheduler"), ("renewed", "scheduler")]
+    kinds = [r["event"] for r in records]
+    assert "deployed" in kinds and "verified" not in kinds  # no verify endpoints: nothing was checked
     assert stat.S_IMODE((env.state_dir / "audit.jsonl").stat().st_mode) == 0o600
     assert "records, chain intact" in env.run("audit", "verify", check=0).stdout
 

@@ -13,7 +13,8 @@ from certd import rotation
 from certd.clock import FakeClock
 from certd.config import AcmeConfig, CertificateConfig, Config, DaemonConfig, Listen
 from certd.events import EventBus, LifecycleEvent
-from certd.manager import CertState, Manager
+from certd.manager import Manager
+from certd.planning import CertState
 from certd.metrics import Metrics
 from certd.rotation import Step
 from certd.store import FileStore

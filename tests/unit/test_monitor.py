@@ -8,7 +8,8 @@ from pathlib import Path
 from certd.clock import FakeClock
 from certd.config import AcmeConfig, CertificateConfig, Config, DaemonConfig, DeployConfig, FileTarget
 from certd.events import EventBus, LifecycleEvent
-from certd.manager import CertState, Manager
+from certd.manager import Manager
+from certd.planning import CertState
 from certd.monitor import Monitor, _concerns
 from certd.store import FileStore
 from tests.support.certs import make_bundle

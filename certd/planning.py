@@ -1,0 +1,182 @@
+"""When each certificate is due, and how it stands: the facts the policy needs (the stored
+certificate, the CA's renewal window, past failures) gathered from the store and the CA, and
+the ``status --json`` row built from the same facts (so status and the scheduler never disagree).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Callable
+
+from certd import policy, revocation
+from certd.clock import Clock, isoformat
+from certd.config import CertificateConfig
+from certd.effects import unfinished_step
+from certd.errors import OperationFailed
+from certd.issuer import Issuer
+from certd.log import event
+from certd.scheduler import ari_poll_interval
+from certd.store import Store, StoredVersion, VersionInfo
+
+log = logging.getLogger("certd")
+
+ARI_POLL = "poll ACME Renewal Information"  # plan()'s reason when the next look is only an ARI poll
+
+
+@dataclass
+class CertState:
+    """Per-certificate scheduling facts kept between runs (no key material)."""
+
+    failures: int = 0
+    last_failure: str | None = None
+    last_error: str | None = None
+    last_result: str | None = None
+    last_attempt: str | None = None
+    last_success: str | None = None
+    ca_unreachable: bool = False               # the last failure was "CA not reachable"
+    ari: dict[str, Any] | None = None          # {"serial", "start", "end", "retry_after"}
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any] | None) -> CertState:
+        if not d:
+            return cls()
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class Planner:
+    """The policy's facts for each certificate, read from ``store`` (and the CA's ARI through
+    ``issuer()``, built on first use); per-certificate bookkeeping kept as CertState."""
+
+    def __init__(self, store: Store, clock: Clock, issuer: Callable[[], Issuer]) -> None:
+        self.store, self.clock, self._issuer = store, clock, issuer
+
+    def plan(self, cert: CertificateConfig) -> tuple[datetime, str]:
+        """When the daemon should next look at ``cert``: its renewal time, or earlier to poll ARI."""
+        current = self.store.current(cert.name)
+        stored = self.store.load_info(cert.name, current) if current is not None else None
+        state = self.load_state(cert.name)
+        decision = self.decide(cert, stored, state, refresh_ari=False)
+        when, why = decision.renew_at, decision.reason
+        if stored is not None and not revocation.is_held(stored.meta):
+            cached = state.ari if state.ari and state.ari.get("serial") == stored.info.serial else None
+            poll_at = parse_time(cached.get("next_poll")) if cached else self.clock.now()
+            if poll_at is not None and poll_at < when:
+                when, why = poll_at, ARI_POLL
+        return when, why
+
+    def status(self, cert: CertificateConfig) -> dict[str, Any]:
+        """One ``status --json`` row (see CONTRACT.md); no network I/O."""
+        current = self.store.current(cert.name)
+        state = self.load_state(cert.name)
+        unfinished = unfinished_step(self.store.load_journal(cert.name))
+        row: dict[str, Any] = {"name": cert.name, "domains": list(cert.domains), "version": current,
+                               "serial": None, "not_before": None, "not_after": None,
+                               "fingerprint_sha256": None, "key_type": cert.key_type,
+                               "next_renewal": None, "last_result": state.last_result,
+                               "last_error": state.last_error, "failures": state.failures,
+                               "rotation": unfinished,
+                               "state": "missing"}
+        stored = self.store.load_info(cert.name, current) if current is not None else None
+        decision = self.decide(cert, stored, state, refresh_ari=False)
+        row["next_renewal"] = isoformat(decision.renew_at)
+        row["renewal_reason"] = decision.reason
+        if stored is not None:
+            info = stored.info
+            now = self.clock.now()
+            row.update(serial=info.serial, not_before=isoformat(info.not_before), not_after=isoformat(info.not_after),
+                       fingerprint_sha256=info.fingerprint_sha256, key_type=info.key_type)
+            if revocation.is_held(stored.meta):
+                row["next_renewal"] = None  # the operator ended it; nothing is planned
+            if info.not_after <= now:
+                row["state"] = "expired"
+            elif stored.meta.get("revoked"):
+                row["state"] = "revoked"  # still served until an operator acts
+            elif policy.is_expiring_soon(info.not_before, info.not_after, now):
+                row["state"] = "expiring"
+            elif state.failures:
+                row["state"] = "failing"
+            else:
+                row["state"] = "ok"
+        return row
+
+    def decide(self, cert: CertificateConfig, stored: StoredVersion | VersionInfo | None, state: CertState,
+                refresh_ari: bool, ignore_failures: bool = False) -> policy.Decision:
+        now = self.clock.now()
+        failures = 0 if ignore_failures else state.failures
+        if stored is None:
+            return policy.decide(policy.Facts(failures=failures, last_failure=parse_time(state.last_failure)), now)
+        info = stored.info
+        held = revocation.is_held(stored.meta)
+        if held:  # revoked for cessationOfOperation: ARI asks for renewal, the operator said no
+            return policy.Decision(info.not_after + (info.not_after - info.not_before) * 100, held)
+        changed = None
+        if set(info.domains) != set(cert.domains):
+            changed = f"configured domains {sorted(cert.domains)} differ from the certificate's {sorted(info.domains)}"
+        elif info.key_type != cert.key_type:
+            changed = f"configured key_type {cert.key_type} differs from the certificate's {info.key_type}"
+        if changed:
+            last_failure = parse_time(state.last_failure)
+            if failures and last_failure is not None:  # due now, but a failing CA is not hammered
+                retry = last_failure + policy.backoff(failures, info.not_before, info.not_after, last_failure,
+                                                      random.Random(info.serial))
+                if retry > now:
+                    return policy.Decision(retry, f"{changed}; retry {failures} after failure, backoff until {isoformat(retry)}")
+            return policy.Decision(now, changed)
+        ari = self._ari(stored, state, refresh_ari)
+        facts = policy.Facts(info.not_before, info.not_after, cert.renew_before, ari,
+                             failures, parse_time(state.last_failure))
+        # Seed by serial so the random point in a window is stable between calls (status vs run).
+        return policy.decide(facts, now, random.Random(info.serial))
+
+    def _ari(self, stored: StoredVersion | VersionInfo, state: CertState, refresh: bool) -> policy.AriWindow | None:
+        info = stored.info
+        cached = state.ari if state.ari and state.ari.get("serial") == info.serial else None
+        now = self.clock.now()
+        stale = cached is None or (parse_time(cached.get("next_poll")) or now) <= now
+        if refresh and stale:
+            lifetime = info.not_after - info.not_before
+            try:
+                ri = self._issuer().renewal_info(cert_pem(self.store, stored))
+            except OperationFailed as e:
+                event(log, "ari_unavailable", logging.WARNING, name=stored.name, error=str(e))
+                # Keep the last window we had; ask again after a short while.
+                cached = dict(cached or {"serial": info.serial}, next_poll=isoformat(now + ari_poll_interval(None, now, lifetime) / 6))
+            else:
+                if ri is None:  # the CA has no ARI: look again in a day
+                    cached = {"serial": info.serial, "next_poll": isoformat(now + ari_poll_interval(None, now, lifetime) * 4)}
+                else:
+                    cached = {"serial": info.serial, "start": isoformat(ri.window_start), "end": isoformat(ri.window_end),
+                              "next_poll": isoformat(now + ari_poll_interval(ri.retry_after, now, lifetime))}
+                    event(log, "ari_fetched", logging.DEBUG, name=stored.name, start=cached["start"], end=cached["end"])
+            state.ari = cached
+            self.save_state(stored.name, state)
+        if not cached:
+            return None
+        start, end = parse_time(cached.get("start")), parse_time(cached.get("end"))
+        return policy.AriWindow(start, end) if start and end else None
+
+    def load_state(self, name: str) -> CertState:
+        return CertState.from_json(self.store.load_state(name))
+
+    def save_state(self, name: str, state: CertState) -> None:
+        self.store.save_state(name, state.to_json())
+
+
+def cert_pem(store: Store, stored: StoredVersion | VersionInfo) -> bytes:
+    if isinstance(stored, StoredVersion):
+        return stored.bundle.cert_pem
+    return store.load(stored.name, stored.version).bundle.cert_pem
+
+
+def parse_time(value: str | None) -> datetime | None:
+    if not value:
+        return None
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
