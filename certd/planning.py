@@ -9,6 +9,7 @@ import logging
 import random
 from dataclasses import dataclass, field
 from datetime import datetime
+from collections.abc import Hashable
 from typing import Any, Callable
 
 from certd import policy, revocation
@@ -18,6 +19,7 @@ from certd.effects import unfinished_step
 from certd.errors import OperationFailed
 from certd.issuer import Issuer
 from certd.log import event
+from certd.model import CertInfo
 from certd.scheduler import ari_poll_interval
 from certd.store import Store, StoredVersion, VersionInfo
 
@@ -51,29 +53,75 @@ class CertState:
         return dict(self.__dict__)
 
 
+@dataclass(frozen=True)
+class _Facts:
+    """What plan() and status() know of one certificate, cached while it holds: the store's
+    change token is the same, the certificate's configuration is equal, and the planned
+    renewal time has not come (until then the decision stands)."""
+
+    token: Hashable
+    cert: CertificateConfig         # the configuration it was gathered for
+    decision: policy.Decision
+    row: dict[str, Any]             # the status row, but for its time-dependent "state"
+    info: CertInfo | None = None
+    revoked: bool = False
+    held: bool = False              # revoked for cessationOfOperation: not renewed
+    ari_cached: bool = False        # state.json holds an ARI answer for this serial
+    ari_poll: datetime | None = None
+
+
+def _state(info: CertInfo, revoked: bool, failures: int, now: datetime) -> str:
+    if info.not_after <= now:
+        return "expired"
+    if revoked:
+        return "revoked"  # still served until an operator acts
+    if policy.is_expiring_soon(info.not_before, info.not_after, now):
+        return "expiring"
+    return "failing" if failures else "ok"
+
+
 class Planner:
     """The policy's facts for each certificate, read from ``store`` (and the CA's ARI through
     ``issuer()``, built on first use); per-certificate bookkeeping kept as CertState."""
 
     def __init__(self, store: Store, clock: Clock, issuer: Callable[[], Issuer]) -> None:
         self.store, self.clock, self._issuer = store, clock, issuer
+        self._cache: dict[str, _Facts] = {}   # see _facts()
 
     def plan(self, cert: CertificateConfig) -> tuple[datetime, str]:
         """When the daemon should next look at ``cert``: its renewal time, or earlier to poll ARI."""
-        current = self.store.current(cert.name)
-        stored = self.store.load_info(cert.name, current) if current is not None else None
-        state = self.load_state(cert.name)
-        decision = self.decide(cert, stored, state, refresh_ari=False)
-        when, why = decision.renew_at, decision.reason
-        if stored is not None and not revocation.is_held(stored.meta):
-            cached = state.ari if state.ari and state.ari.get("serial") == stored.info.serial else None
-            poll_at = parse_time(cached.get("next_poll")) if cached else self.clock.now()
+        now = self.clock.now()
+        facts = self._facts(cert, now)
+        when, why = facts.decision.renew_at, facts.decision.reason
+        if facts.info is not None and not facts.held:
+            poll_at = facts.ari_poll if facts.ari_cached else now
             if poll_at is not None and poll_at < when:
                 when, why = poll_at, ARI_POLL
         return when, why
 
     def status(self, cert: CertificateConfig) -> dict[str, Any]:
-        """One ``status --json`` row (see CONTRACT.md); no network I/O."""
+        """One ``status --json`` row (see CONTRACT.md); no network I/O.
+
+        Rows come from the facts cache (see _Facts: four syscalls per certificate instead of
+        three JSON files and a policy decision, so status over 10,000 certificates takes a
+        fraction of a second); the time-dependent ``state`` is worked out afresh each time."""
+        now = self.clock.now()
+        facts = self._facts(cert, now)
+        row = dict(facts.row)
+        if facts.info is not None:
+            row["state"] = _state(facts.info, facts.revoked, facts.row["failures"], now)
+        return row
+
+    def _facts(self, cert: CertificateConfig, now: datetime) -> _Facts:
+        token = self.store.change_token(cert.name)
+        hit = self._cache.get(cert.name)
+        if hit is None or hit.token != token or (hit.cert is not cert and hit.cert != cert) \
+                or now >= hit.decision.renew_at:
+            hit = self._gather(cert, token)
+            self._cache[cert.name] = hit
+        return hit
+
+    def _gather(self, cert: CertificateConfig, token: Hashable) -> _Facts:
         current = self.store.current(cert.name)
         state = self.load_state(cert.name)
         unfinished = unfinished_step(self.store.load_journal(cert.name))
@@ -88,27 +136,20 @@ class Planner:
         decision = self.decide(cert, stored, state, refresh_ari=False)
         row["next_renewal"] = isoformat(decision.renew_at)
         row["renewal_reason"] = decision.reason
-        if stored is not None:
-            info = stored.info
-            now = self.clock.now()
-            row.update(serial=info.serial, not_before=isoformat(info.not_before), not_after=isoformat(info.not_after),
-                       fingerprint_sha256=info.fingerprint_sha256, key_type=info.key_type)
-            if revocation.is_held(stored.meta):
-                row["next_renewal"] = None  # the operator ended it; nothing is planned
-            if info.not_after <= now:
-                row["state"] = "expired"
-            elif stored.meta.get("revoked"):
-                row["state"] = "revoked"  # still served until an operator acts
-            elif policy.is_expiring_soon(info.not_before, info.not_after, now):
-                row["state"] = "expiring"
-            elif state.failures:
-                row["state"] = "failing"
-            else:
-                row["state"] = "ok"
-        return row
+        if stored is None:
+            return _Facts(token, cert, decision, row)
+        info = stored.info
+        row.update(serial=info.serial, not_before=isoformat(info.not_before), not_after=isoformat(info.not_after),
+                   fingerprint_sha256=info.fingerprint_sha256, key_type=info.key_type)
+        held = revocation.is_held(stored.meta) is not None
+        if held:
+            row["next_renewal"] = None  # the operator ended it; nothing is planned
+        ari = state.ari if state.ari and state.ari.get("serial") == info.serial else None
+        return _Facts(token, cert, decision, row, info, bool(stored.meta.get("revoked")), held,
+                      ari is not None, parse_time(ari.get("next_poll")) if ari else None)
 
     def decide(self, cert: CertificateConfig, stored: StoredVersion | VersionInfo | None, state: CertState,
-                refresh_ari: bool, ignore_failures: bool = False) -> policy.Decision:
+               refresh_ari: bool, ignore_failures: bool = False) -> policy.Decision:
         now = self.clock.now()
         failures = 0 if ignore_failures else state.failures
         if stored is None:

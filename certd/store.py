@@ -32,7 +32,7 @@ import json
 import os
 import re
 import stat
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Hashable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,8 +92,17 @@ class Store(Protocol):
     def save_journal(self, name: str, journal: dict[str, Any] | None) -> None: ...
     def load_state(self, name: str) -> dict[str, Any] | None: ...
     def save_state(self, name: str, state: dict[str, Any]) -> None: ...
+    def change_token(self, name: str) -> Hashable: ...
     def load_account(self, directory_url: str) -> tuple[bytes, str] | None: ...
     def save_account(self, directory_url: str, key_pem: bytes, registration_json: str) -> None: ...
+
+
+def _identity(path: str) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
 
 
 def version_dirname(version: int) -> str:
@@ -343,6 +352,19 @@ class FileStore:
 
     def save_state(self, name: str, state: dict[str, Any]) -> None:
         self._save_obj(name, "state.json", state)
+
+    def change_token(self, name: str) -> Hashable:
+        """A cheap value that differs whenever anything current(), load_info() of the current
+        version, load_state() or load_journal() would read for ``name`` has changed: what a
+        cache of those may be keyed by. Every write here replaces a file or the ``current``
+        link by rename(), so a changed file has a new inode; four syscalls, no reads."""
+        base = self._cert_path(name)
+        try:
+            target: str | None = os.readlink(f"{base}/current")
+        except OSError:
+            target = None
+        meta = _identity(f"{base}/{target}/meta.json") if target else None
+        return target, meta, _identity(f"{base}/state.json"), _identity(f"{base}/journal.json")
 
     def _load_obj(self, path: str, what: str) -> dict[str, Any] | None:
         try:
