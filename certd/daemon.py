@@ -28,7 +28,7 @@ from certd import config as config_mod
 from certd import drift
 from certd.clock import Clock, SystemClock, isoformat
 from certd.config import CertificateConfig, Config
-from certd.control import Caller, ControlServer
+from certd.control import Caller, ControlServer, Preformatted, rows_document
 from certd.errors import CertdError, ConfigError, UsageError
 from certd.log import event
 from certd.manager import Outcome
@@ -90,7 +90,9 @@ class Daemon:
         self._status_lock = threading.Lock()
         self._status_timer: threading.Timer | None = None
         self._status_sent = float("-inf")
-        self._failing: set[str] = set()
+        self._failing: set[str] = set()      # certificates whose last attempt failed (STATUS=)
+        self._ca_waiting: set[str] = set()   # ... because the CA was unreachable (_probe_ca)
+        self._states_scanned = False         # both sets hold every certificate's state
 
     # -- life cycle -----------------------------------------------------------------------
 
@@ -176,10 +178,8 @@ class Daemon:
         with self._status_lock:
             self._status_timer = None
             first, self._status_sent = self._status_sent == float("-inf"), self.clock.monotonic()
-        if first:  # once; afterwards each finished job updates its own entry
-            failing_now = {c.name for c in self.config.certificates if self._failures_of(c.name)}
-            with self._status_lock:
-                self._failing |= failing_now
+        if first:
+            self._scan_states()
         names = set(self.config.names)
         with self._status_lock:
             failing = len(self._failing & names)
@@ -191,20 +191,26 @@ class Daemon:
             line += f"; {failing} failing"
         sd_notify(f"STATUS={line}")
 
-    def _note_failures(self, name: str) -> None:
-        """Keep the failing set for STATUS= current after a job on ``name``."""
-        failing = self._failures_of(name)
+    def _scan_states(self) -> None:
+        """Read every certificate's state once; afterwards each finished job updates its own
+        entry (_note_failures), so neither STATUS= nor the CA probe reads thousands of files."""
+        for cert in self.config.certificates:
+            self._note_failures(cert.name)
         with self._status_lock:
-            if failing:
-                self._failing.add(name)
-            else:
-                self._failing.discard(name)
+            self._states_scanned = True
 
-    def _failures_of(self, name: str) -> bool:
+    def _note_failures(self, name: str) -> None:
+        """Keep the failing and waiting-for-the-CA sets current after a job on ``name``."""
         try:
-            return self.manager.load_state(name).failures > 0
+            state = self.manager.load_state(name)
         except CertdError:
-            return False
+            return
+        with self._status_lock:
+            for bucket, member in ((self._failing, state.failures > 0), (self._ca_waiting, state.ca_unreachable)):
+                if member:
+                    bucket.add(name)
+                else:
+                    bucket.discard(name)
 
     # -- scheduling -----------------------------------------------------------------------
 
@@ -258,7 +264,11 @@ class Daemon:
         """While certificates wait out a backoff because the CA was unreachable, ask the CA's
         directory (one cheap GET) every ``ca_probe_interval``; once it answers, retry them now
         instead of at the end of their backoff (no day-long stuck backoff after an outage)."""
-        waiting = self.manager.waiting_for_ca()
+        if not self._states_scanned:
+            self._scan_states()
+        with self._status_lock:
+            names = set(self._ca_waiting)
+        waiting = [c for c in self.config.certificates if c.name in names]
         if not waiting or not _ca_answers(self.config.acme.directory, self.config.acme.ca_bundle):
             return
         event(log, "ca_reachable_again", names=",".join(c.name for c in waiting))
@@ -321,6 +331,7 @@ class Daemon:
             self.manager.reconfigure(new)
             self.sinks.reconfigure(new)
             self.monitor.reconfigure()
+            self._states_scanned = False  # names came or went: the next CA probe looks again
             for name in old_by_name.keys() - new_by_name.keys():
                 self.scheduler.unschedule(name)
             changed = [n for n, c in new_by_name.items() if old_by_name.get(n) != c]
@@ -352,6 +363,8 @@ class Daemon:
             if nxt is not None:
                 row["next_run"] = isoformat(nxt)
             rows.append(row)
+        if query.get("format") == ["lines"]:  # the CLI prints it as it is (status --json)
+            return Preformatted(rows_document("certificates", rows))
         return {"certificates": rows}
 
     def _api_renew(self, caller: Caller, body: dict[str, Any]) -> Iterator[dict[str, Any]] | dict[str, Any]:

@@ -105,9 +105,10 @@ class Manager:
         names = list(names)
         if not names:
             return list(self.config.certificates)
-        unknown = [n for n in names if n not in self.config.names]
+        known = set(self.config.names)
+        unknown = [n for n in names if n not in known]
         if unknown:
-            raise UsageError(f"unknown certificate {', '.join(unknown)}; configured: {', '.join(self.config.names) or 'none'}")
+            raise UsageError(f"unknown certificate {', '.join(unknown)}; configured: {self.config.names_summary()}")
         return [self.config.certificate(n) for n in names]
 
     # -- renewal --------------------------------------------------------------------------
@@ -407,10 +408,6 @@ class Manager:
         j = self._drive(cert, j, say)
         self._finish(cert, j, self.load_state(cert.name), 0.0)
         return j
-
-    def waiting_for_ca(self) -> list[CertificateConfig]:
-        """Certificates whose last attempt failed because the CA was not reachable."""
-        return [c for c in self.config.certificates if self.load_state(c.name).ca_unreachable]
 
     def recover_all(self, workers: int = 1) -> list[Journal]:
         """Finish every unfinished rotation (called at daemon start), ``workers`` at a time.
