@@ -11,6 +11,7 @@ types section by section, config_values.py parses the scalars (durations, addres
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -163,6 +164,12 @@ class Config:
     def names(self) -> list[str]:
         return list(self._by_name)
 
+    def names_summary(self, limit: int = 8) -> str:
+        """The configured names for a message: all of a few, the first ``limit`` of many."""
+        names = self.names
+        more = len(names) - limit
+        return (", ".join(names[:limit]) + (f" and {more:,} more" if more > 0 else "")) or "none"
+
     @cached_property
     def _by_name(self) -> dict[str, CertificateConfig]:
         # The daemon looks certificates up by name after every job: a scan was O(n) each,
@@ -175,13 +182,31 @@ def resolve_path(config_arg: str | None) -> Path:
     return Path(config_arg or os.environ.get("CERTD_CONFIG") or DEFAULT_PATH)
 
 
+_DAEMON_TABLE = re.compile(r"^[ \t]*\[[ \t]*daemon[ \t]*\][ \t]*(?:#[^\n]*)?$(.*?)(?=^[ \t]*\[|\Z)", re.M | re.S)
+
+
 def peek_control_socket(path: Path) -> Path:
     """The control socket named in a config file that may be invalid (so ``certd reload`` can
-    still reach the daemon and let it report the problems); the default when it cannot tell."""
+    still reach the daemon and let it report the problems, and the CLI can ask the daemon
+    without validating 10,000 certificates first); the default when it cannot tell.
+
+    Only the ``[daemon]`` table is parsed when it can be cut out of the text (a whole file of
+    10,000 certificates takes ~0.6 s to parse); anything unusual falls back to the whole file."""
     try:
-        raw = tomllib.loads(path.read_text("utf-8")).get("daemon", {}).get("control_socket")
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, AttributeError):
-        raw = None
+        text = path.read_text("utf-8")
+    except (OSError, UnicodeDecodeError):
+        return DaemonConfig.control_socket
+    raw = None
+    m = _DAEMON_TABLE.search(text)
+    try:
+        raw = tomllib.loads(m.group(1)).get("control_socket") if m else None
+    except tomllib.TOMLDecodeError:
+        m = None
+    if m is None:
+        try:
+            raw = tomllib.loads(text).get("daemon", {}).get("control_socket")
+        except (tomllib.TOMLDecodeError, AttributeError):
+            raw = None
     if not isinstance(raw, str) or not raw:
         return DaemonConfig.control_socket
     p = Path(raw).expanduser()

@@ -169,7 +169,7 @@ def _make_handler(server: ControlServer) -> type[BaseHTTPRequestHandler]:
             return data
 
         def _send(self, status: int, payload: Any) -> None:
-            data = json.dumps(payload).encode() + b"\n"
+            data = payload.encode() if isinstance(payload, Preformatted) else json.dumps(payload).encode() + b"\n"
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
@@ -188,6 +188,16 @@ def _make_handler(server: ControlServer) -> type[BaseHTTPRequestHandler]:
                 pass  # the engineer pressed ^C; the work goes on in the daemon
 
     return H
+
+
+class Preformatted(str):
+    """A route's answer that is JSON text already (see rows_document): sent as it is."""
+
+
+def rows_document(key: str, rows: list[dict[str, Any]]) -> str:
+    """``{key: [rows]}`` with one row per line: readable, greppable, and fast at 10,000 rows
+    (json's indent= switches to its pure-Python encoder: 0.4 s for 10,000 status rows)."""
+    return f'{{"{key}": [\n' + ",\n".join(json.dumps(r) for r in rows) + "\n]}\n"
 
 
 def _socket_answers(path: Path) -> bool:
@@ -237,6 +247,14 @@ class ControlClient:
         with self._client() as c:
             r = c.get(path, params=params)
             return _result(r.status_code, r.json())
+
+    def get_text(self, path: str, params: dict[str, Any] | None = None) -> str:
+        """A route's answer as the text it sent (a Preformatted document, printed as it is)."""
+        with self._client() as c:
+            r = c.get(path, params=params)
+            if r.status_code != 200:
+                _result(r.status_code, r.json())
+            return r.text
 
     def call(self, path: str, body: dict[str, Any]) -> Any:
         with self._client() as c:
