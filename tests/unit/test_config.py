@@ -342,3 +342,16 @@ def test_textfile_in_a_missing_directory_is_a_runtime_problem(tmp_path):
     config.load(path)
     with pytest.raises(ConfigError, match="directory /nonexistent-dir does not exist"):
         config.load(path, check_runtime=True)
+
+
+def test_peek_control_socket_finds_the_socket_in_a_broken_file_in_any_toml_form(tmp_path: Path) -> None:
+    """The CLI reaches the daemon through the [daemon] table alone, a dotted key, or the default."""
+    p = tmp_path / "certd.toml"
+    p.write_text('[daemon]\ncontrol_socket = "run/c.sock"  # relative\n\n[[certificate]]\nname = \n')
+    assert config.peek_control_socket(p) == tmp_path / "run" / "c.sock"
+    p.write_text('daemon.control_socket = "/x/y.sock"\n[acme]\n')
+    assert config.peek_control_socket(p) == Path("/x/y.sock")
+    p.write_text('[acme]\ndirectory = "x"\n[daemon]\nstate_dir = "/s"\n')
+    assert config.peek_control_socket(p) == config.DaemonConfig.control_socket
+    p.write_text("[daemon\n")
+    assert config.peek_control_socket(p) == config.DaemonConfig.control_socket
