@@ -164,7 +164,7 @@ class PebbleStalled(RuntimeError):
 
 
 def run_certd(config: Path, *args: str, pebble: PebbleEnv | None = None,
-              stall: float = 60.0) -> tuple[float, float, subprocess.CompletedProcess[str]]:
+              stall: float = 60.0, ok_codes: tuple[int, ...] = (0,)) -> tuple[float, float, subprocess.CompletedProcess[str]]:
     """(wall seconds, CPU seconds of the process, result) of one certd command.
 
     With ``pebble``: PebbleStalled (certd stopped by PID) once Pebble has issued nothing for
@@ -203,7 +203,7 @@ def run_certd(config: Path, *args: str, pebble: PebbleEnv | None = None,
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     r = subprocess.CompletedProcess(argv, proc.returncode, out, err)
-    if r.returncode != 0:
+    if r.returncode not in ok_codes:
         raise RuntimeError(f"certd {' '.join(args)} exited {r.returncode}:\n{r.stderr[-2000:]}")
     return wall, cpu, r
 
@@ -291,14 +291,20 @@ def bench_batches(site: Site, counts: tuple[int, ...], label: str, res: Results)
         say(f"certd renew --all --force: {n} certificates ({label})")
         assert site.pebble.pebble_pid is not None
         pebble_cpu = cpu_seconds(site.pebble.pebble_pid)
-        wall, cpu, r = run_certd(site.config, "renew", "--all", "--force", pebble=site.pebble)
+        wall, cpu, r = run_certd(site.config, "renew", "--all", "--force", pebble=site.pebble, ok_codes=(0, 1))
         pebble_cpu = cpu_seconds(site.pebble.pebble_pid) - pebble_cpu
         renewed = sum(1 for line in r.stdout.splitlines() if ": renewed: version" in line)
-        if renewed != n:
+        failed = [line for line in r.stdout.splitlines() if line and ": renewed: version" not in line]
+        if failed and all("timed out" in line for line in failed):
+            # The lock of run_certd's docstring, held by one order only: Pebble never answers
+            # that order's request, certd gives it up after its 30 s network timeout, and the
+            # batch's wall time measures Pebble's hang. Run the part again on a fresh Pebble.
+            raise PebbleStalled(f"Pebble never answered {len(failed)} order(s): {failed[0][:160]}")
+        if failed:
             raise RuntimeError(f"expected {n} renewed, got {renewed}:\n{r.stdout[-2000:]}")
-        res.batch[f"{label}_{n}"] = {"n": n, "seconds": wall, "per_s": n / wall, "cpu_ms_per_cert": cpu / n * 1000,
-                                     "pebble_cpu_ms_per_cert": pebble_cpu / n * 1000}
-        say(f"  {wall:.2f} s, {n / wall:.1f} certs/s, CPU per certificate: certd {cpu / n * 1000:.1f} ms, "
+        res.batch[f"{label}_{n}"] = {"n": n, "renewed": renewed, "seconds": wall, "per_s": renewed / wall,
+                                     "cpu_ms_per_cert": cpu / n * 1000, "pebble_cpu_ms_per_cert": pebble_cpu / n * 1000}
+        say(f"  {wall:.2f} s, {renewed / wall:.1f} certs/s, CPU per certificate: certd {cpu / n * 1000:.1f} ms, "
             f"Pebble {pebble_cpu / n * 1000:.1f} ms")
 
 
