@@ -23,6 +23,7 @@ Certificates with a rotation in flight are skipped and looked at again :data:`BU
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterable
 from datetime import datetime
@@ -69,6 +70,7 @@ class Monitor:
         self._infos: dict[tuple[str, int], CertInfo] = {}
         self._observer: Any = None
         self._watches: dict[tuple[str, bool], Any] = {}
+        self._owners: _Owners | None = None              # which certificate a deployed path is
         self._thread: threading.Thread | None = None
 
     # -- life cycle ---------------------------------------------------------------------------
@@ -291,9 +293,11 @@ class Monitor:
     def file_changed(self, paths: Iterable[str]) -> None:
         """A watched file changed: check every certificate it belongs to, debounced."""
         cfg = self._config()
-        for cert in cfg.certificates:
-            if any(_concerns(cert, p) for p in paths if p):
-                self.request(cert.name)
+        owners = self._owners
+        if owners is None or owners.config is not cfg:
+            owners = self._owners = _Owners(cfg)
+        for name in set().union(*(owners.of(p) for p in paths if p)):
+            self.request(name)
 
 
 class _Handler(FileSystemEventHandler):
@@ -315,16 +319,39 @@ def _watch_dirs(cert: CertificateConfig) -> list[tuple[Path, bool]]:
     return dirs
 
 
-def _concerns(cert: CertificateConfig, path: str) -> bool:
-    """Is ``path`` one of ``cert``'s deployed files, links or staged copies?"""
-    p = Path(path)
-    d = cert.deploy
-    if d.live_dir is not None:
-        root = d.live_dir.parent / f".{d.live_dir.name}.versions"
-        if p == d.live_dir or p == root or root in p.parents:
-            return True
-    for target in [d.combined, *(f.path for f in d.files)]:
-        if target is not None and p.parent == target.parent and (
-                p.name == target.name or p.name.startswith(f".{target.name}.certd-")):
-            return True
-    return False
+class _Owners:
+    """Which certificates a deployed path belongs to: its live_dir link, anything below its
+    versions directory, its combined/plain files and their staged ``.NAME.certd-*`` copies.
+    Dictionary lookups, because a rotation writes dozens of files and each event scanned every
+    certificate's paths with pathlib (a fifth of the daemon's CPU in the 200-name soak)."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.exact: dict[str, set[str]] = {}
+        self.roots: dict[str, set[str]] = {}
+        self.staged: dict[tuple[str, str], set[str]] = {}
+        for cert in config.certificates:
+            d = cert.deploy
+            if d.live_dir is not None:
+                self.exact.setdefault(str(d.live_dir), set()).add(cert.name)
+                root = str(d.live_dir.parent / f".{d.live_dir.name}.versions")
+                self.roots.setdefault(root, set()).add(cert.name)
+            for target in [d.combined, *(f.path for f in d.files)]:
+                if target is not None:
+                    self.exact.setdefault(str(target), set()).add(cert.name)
+                    self.staged.setdefault((str(target.parent), target.name), set()).add(cert.name)
+
+    def of(self, path: str) -> set[str]:
+        path = os.path.normpath(path)
+        owners = set(self.exact.get(path, ()))
+        head, tail = os.path.split(path)
+        i = tail.find(".certd-", 1) if tail.startswith(".") else -1
+        while i != -1:  # .NAME.certd-*: a staged copy of NAME (NAME may hold ".certd-" itself)
+            owners |= self.staged.get((head, tail[1:i]), set())
+            i = tail.find(".certd-", i + 1)
+        while True:  # the path or any directory above it may be a versions directory
+            owners |= self.roots.get(path, set())
+            parent = os.path.dirname(path)
+            if parent == path:
+                return owners
+            path = parent

@@ -10,7 +10,7 @@ from certd.config import AcmeConfig, CertificateConfig, Config, DaemonConfig, De
 from certd.events import EventBus, LifecycleEvent
 from certd.manager import Manager
 from certd.planning import CertState
-from certd.monitor import Monitor, _concerns
+from certd.monitor import Monitor, _Owners
 from certd.store import FileStore
 from tests.support.certs import make_bundle
 
@@ -76,5 +76,8 @@ def test_only_the_certificates_own_files_trigger_a_check(tmp_path: Path):
            tmp_path / "haproxy" / "www.pem", tmp_path / "haproxy" / ".www.pem.certd-0002", tmp_path / "app" / "tls.key"]
     no = [tmp_path / "ssl" / "api", tmp_path / "ssl" / ".api.versions" / "0001" / "cert.pem",
           tmp_path / "haproxy" / "api.pem", tmp_path / "app" / "other.key"]
-    assert all(_concerns(cert, str(p)) for p in yes)
-    assert not any(_concerns(cert, str(p)) for p in no)
+    owners = _Owners(Config(tmp_path / "certd.toml", DaemonConfig(state_dir=tmp_path / "state"),
+                            AcmeConfig("https://127.0.0.1:14000/dir"), (cert,)))
+    assert all(owners.of(str(p)) == {"www"} for p in yes)
+    assert not any(owners.of(str(p)) for p in no)
+    assert owners.of(str(tmp_path / "ssl" / ".www.versions") + "/") == {"www"}  # however it is spelled
