@@ -33,6 +33,7 @@ import argparse
 import json
 import os
 import random
+import signal
 import socket
 import sys
 import tempfile
@@ -356,6 +357,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    # SIGTERM (CI's timeout, kill PID) stops like ^C: the finally blocks stop what was started.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         sys.exit(main())
     except KeyboardInterrupt:
