@@ -434,7 +434,9 @@ def bench_footprint(site: Site, n: int, idle: float, res: Results, issue_workers
     site.configure(names(f"fp{n}", n), workers=workers)
 
     notify = Notify(site.env.dir / "notify.sock")
-    daemon = ManagedProcess(certd_argv(site.config, "run"), log_path=site.env.dir / "daemon.log", cwd=ROOT,
+    # Not beside certd.toml: the daemon watches that directory for config edits, and every line
+    # it logs would wake the watcher (CPU that belongs to the benchmark, not to certd).
+    daemon = ManagedProcess(certd_argv(site.config, "run"), log_path=site.env.dir / "logs" / "daemon.log", cwd=ROOT,
                             env={"NOTIFY_SOCKET": str(notify.path)}, name="certd run")
     client = ControlClient(site.env.socket, timeout=60)
     one = names(f"fp{n}", 1)
