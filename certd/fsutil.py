@@ -164,6 +164,13 @@ def atomic_write(path: Path | str, data: bytes, *, mode: int = 0o644, uid: int =
         fsync_dir(path.parent)
 
 
+def identity(path: Path | str) -> tuple[int, int, int]:
+    """(inode, mtime in ns, size) of ``path``: changes whenever the file is rewritten or
+    replaced by rename(), so caches of what it holds can be keyed by it. OSError if absent."""
+    st = os.stat(path)
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
 def fsync_dir(path: Path | str) -> None:
     """Make the directory's entries (created, renamed, removed names) durable."""
     try:

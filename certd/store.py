@@ -99,10 +99,9 @@ class Store(Protocol):
 
 def _identity(path: str) -> tuple[int, int, int] | None:
     try:
-        st = os.stat(path)
+        return fsutil.identity(path)
     except OSError:
         return None
-    return st.st_ino, st.st_mtime_ns, st.st_size
 
 
 def version_dirname(version: int) -> str:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import os
 import socket
 import ssl
 from collections.abc import Sequence
@@ -32,6 +31,7 @@ from pathlib import Path
 
 from cryptography import x509
 
+from certd import fsutil
 from certd.clock import Clock, isoformat
 from certd.config import VerifyEndpoint
 from certd.errors import VerificationFailed
@@ -197,10 +197,7 @@ def _info(der: bytes) -> CertInfo:
 
 def _context(ca_bundle: Path | None, *, check_name: bool) -> ssl.SSLContext:
     """A verifying client context, cached until the trust-anchor file changes."""
-    stamp = None
-    if ca_bundle is not None:
-        st = os.stat(ca_bundle)
-        stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+    stamp = fsutil.identity(ca_bundle) if ca_bundle is not None else None
     return _cached_context(str(ca_bundle) if ca_bundle else None, stamp, check_name)
 
 
