@@ -193,24 +193,24 @@ def peek_control_socket(path: Path) -> Path:
     Only the ``[daemon]`` table is parsed when it can be cut out of the text (a whole file of
     10,000 certificates takes ~0.6 s to parse); anything unusual falls back to the whole file."""
     try:
-        text = path.read_text("utf-8")
-    except (OSError, UnicodeDecodeError):
-        return DaemonConfig.control_socket
-    raw = None
-    m = _DAEMON_TABLE.search(text)
-    try:
-        raw = tomllib.loads(m.group(1)).get("control_socket") if m else None
-    except tomllib.TOMLDecodeError:
-        m = None
-    if m is None:
-        try:
-            raw = tomllib.loads(text).get("daemon", {}).get("control_socket")
-        except (tomllib.TOMLDecodeError, AttributeError):
-            raw = None
+        raw = _daemon_table(path.read_text("utf-8")).get("control_socket")
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        raw = None
     if not isinstance(raw, str) or not raw:
         return DaemonConfig.control_socket
     p = Path(raw).expanduser()
     return p if p.is_absolute() else path.resolve().parent / p
+
+
+def _daemon_table(text: str) -> dict[str, Any]:
+    m = _DAEMON_TABLE.search(text)
+    if m is not None:
+        try:
+            return tomllib.loads(m.group(1))
+        except tomllib.TOMLDecodeError:
+            pass  # not cut out cleanly (a value spanning a line that starts with "["): whole file
+    table = tomllib.loads(text).get("daemon", {})
+    return table if isinstance(table, dict) else {}
 
 
 def load(path: Path, *, check_runtime: bool = False) -> Config:
