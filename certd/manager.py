@@ -327,8 +327,8 @@ class Manager:
                 text = "no [[certificate.verify]] endpoints: the live handshake was not checked"
             say(text.format(j=jj))
             self._emit_step(cert, jj)
-        return rotation.drive(j, RotationEffects(self.store, self.clock, self.events, cert), self._save_journal, self.clock, on_step,
-                              idle=idle_actions(cert))
+        effects = RotationEffects(self.store, self.clock, self.events, cert)
+        return rotation.drive(j, effects, self._save_journal, self.clock, on_step, idle=idle_actions(cert))
 
     def _finish(self, cert: CertificateConfig, j: Journal, state: CertState, seconds: float) -> Outcome:
         version = j.to_version if j.step == Step.COMMITTED or j.unverified else j.from_version

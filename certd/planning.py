@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from datetime import datetime
-from collections.abc import Hashable
 from typing import Any, Callable
 
 from certd import policy, revocation
