@@ -33,7 +33,7 @@ from certd.store import FileStore
 from tests.support.certd_env import CertdEnv, key_matches
 from tests.support.delay_proxy import DelayProxy
 from tests.support.procs import wait_until
-from tests.support.prober import Prober, Target, TrustAnchors, probe_once
+from tests.support.prober import Prober, Target, TrustAnchors, probe_once, verified_leaf
 from tests.support.tmpfs import fill, remount_ro, remount_rw, small_tmpfs
 
 SNI = "www.example.test"
@@ -61,9 +61,7 @@ class FaultSite:
         return self.env.status("www")["www"]
 
     def served(self) -> Any:
-        result = probe_once(Target("127.0.0.1", self.nginx.port, SNI), self.anchors)
-        assert result.ok, (result.category, result.detail)
-        return result.info
+        return verified_leaf(Target("127.0.0.1", self.nginx.port, SNI), self.anchors)
 
     def versions(self) -> list[int]:
         return FileStore(self.env.state_dir).versions("www")

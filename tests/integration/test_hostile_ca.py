@@ -17,7 +17,7 @@ from certd.store import FileStore
 from tests.support.certd_env import ROOT, CertdEnv, key_matches
 from tests.support.hostile_ca import OVERSIZED_BYTES, HostileCA
 from tests.support.procs import wait_until
-from tests.support.prober import Target, TrustAnchors, probe_once
+from tests.support.prober import Target, TrustAnchors, verified_leaf
 
 SNI = "www.example.test"
 DOMAINS = [SNI, "example.test"]
@@ -31,9 +31,7 @@ class Site:
         self.anchors = TrustAnchors(env.root_path)
 
     def served(self) -> Any:
-        result = probe_once(Target("127.0.0.1", self.nginx.port, SNI), self.anchors)
-        assert result.ok, (result.category, result.detail)
-        return result.info
+        return verified_leaf(Target("127.0.0.1", self.nginx.port, SNI), self.anchors)
 
     def versions(self) -> list[int]:
         return FileStore(self.env.state_dir).versions("www")

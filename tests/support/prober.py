@@ -119,6 +119,13 @@ def probe_once(target: Target, anchors: TrustAnchors, timeout: float = 3.0) -> P
     return ProbeResult(target, "ok", CertInfo.from_cert(x509.load_der_x509_certificate(der)), "", time.time())
 
 
+def verified_leaf(target: Target, anchors: TrustAnchors) -> CertInfo:
+    """The leaf one verified handshake receives; fails the test unless the handshake is clean."""
+    result = probe_once(target, anchors)
+    assert result.ok and result.info is not None, (result.category, result.detail)
+    return result.info
+
+
 class Prober:
     """Probe ``targets`` round-robin in a background thread until :meth:`stop`.
 
