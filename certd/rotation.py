@@ -21,7 +21,8 @@ written and fsynced as each is reached::
 
 A failure before the switch ends in ``failed``: readers never saw anything. A failure at or
 after the switch ends in ``rolling_back``: switch back to ``from_version``, run the hooks again
-and prove by handshake that the old certificate is served again (``rolled_back``); if even that
+and prove by handshake that the old certificate is served again (``rolled_back``; when a hook
+failed and the proof did not come, the hooks and the proof get one more round); if even that
 fails, ``rollback_failed`` is the state to page someone for. A first issuance has nothing to
 roll back to: it keeps the new version and records the failure (``failed`` with
 ``unverified=True``).
@@ -49,7 +50,7 @@ from datetime import datetime
 from typing import Any, Callable, Collection, Protocol
 
 from certd.clock import Clock, isoformat
-from certd.errors import HookFailed, OperationFailed, StoreError
+from certd.errors import HookFailed, OperationFailed, StoreError, VerificationFailed
 
 
 class Step(str, enum.Enum):
@@ -258,12 +259,23 @@ def _perform(action: Action, j: Journal, effects: Effects) -> None:
     elif action == Action.ROLL_BACK:
         # The hook that failed the rotation may fail again; what matters is that every server
         # is told and the handshake proves the old certificate is back. Only without verify
-        # endpoints do hook errors decide.
+        # endpoints do hook errors decide. A server whose reload failed may have been
+        # restarting (its supervisor brought it back with the certificate it read at start-up,
+        # while the old pid file was still there) and was never told: so when a hook failed and
+        # the old certificate is not proven back, every server is told once more.
         assert j.from_version is not None
         effects.stage(j.from_version)
         effects.switch(j.from_version)
-        hook_errors = effects.reload(j.from_version, keep_going=True)
-        verified = effects.verify(j.from_version)
+        for attempt in (1, 2):
+            hook_errors = effects.reload(j.from_version, keep_going=True)
+            try:
+                verified = effects.verify(j.from_version)
+                break
+            except OperationFailed as e:
+                if not hook_errors:
+                    raise
+                if attempt == 2:
+                    raise VerificationFailed(f"{e}; reload hooks failed: {'; '.join(hook_errors)}") from e
         if hook_errors and not verified:
             raise HookFailed("; ".join(hook_errors) + " (no verify endpoints to prove the rollback)")
 

@@ -11,17 +11,21 @@ from certd.rotation import Action, Journal, Step
 
 
 class FakeEffects:
-    """Records every effect; fails the ones named in ``fail`` (action, version)."""
+    """Records every effect; fails the ones named in ``fail`` (action, version): every time,
+    or, given a list, once per exception in it (then the effect works)."""
 
-    def __init__(self, fail: dict[tuple[str, int], Exception] | None = None) -> None:
+    def __init__(self, fail: dict[tuple[str, int], Exception | list[Exception]] | None = None) -> None:
         self.calls: list[tuple[str, int]] = []
         self.fail = fail or {}
         self.live: int | None = 1
 
     def _do(self, what: str, version: int) -> None:
         self.calls.append((what, version))
-        if (what, version) in self.fail:
-            raise self.fail[(what, version)]
+        failure = self.fail.get((what, version))
+        if isinstance(failure, list):
+            failure = failure.pop(0) if failure else None
+        if failure is not None:
+            raise failure
 
     def stage(self, version: int) -> None:
         self._do("stage", version)
@@ -124,6 +128,35 @@ def test_hook_failing_again_during_rollback_does_not_fail_a_verified_rollback():
     j, _ = run(fx)
     assert j.step == Step.ROLLED_BACK
     assert ("verify", 1) in fx.calls
+
+
+def test_rollback_whose_hook_failed_tells_every_server_once_more_before_giving_up():
+    """A server restarting during the rollback's reload missed it: a second round of hooks brings the old certificate back."""
+    fx = FakeEffects({("reload", 2): HookFailed("kill(123, 1) failed (3: No such process)"),
+                      ("reload", 1): [HookFailed("kill(123, 1) failed (3: No such process)")],
+                      ("verify", 1): [VerificationFailed("served the new serial 0b")]})
+    j, _ = run(fx)
+    assert j.step == Step.ROLLED_BACK
+    assert fx.calls[-6:] == [("stage", 1), ("switch", 1), ("reload", 1), ("verify", 1), ("reload", 1), ("verify", 1)]
+
+
+def test_rollback_failing_twice_names_what_was_served_and_why_the_hooks_failed():
+    """Two rounds without proof: rollback_failed, with the handshake's finding and the hook's error."""
+    fx = FakeEffects({("reload", 2): HookFailed("lb said no"), ("reload", 1): HookFailed("lb down"),
+                      ("verify", 1): VerificationFailed("served the new serial 0b")})
+    j, _ = run(fx)
+    assert j.step == Step.ROLLBACK_FAILED
+    assert j.rollback_error == "served the new serial 0b; reload hooks failed: lb down"
+    assert fx.calls.count(("reload", 1)) == 2
+
+
+def test_rollback_without_hook_errors_is_not_retried():
+    """Hooks all worked and the old certificate is still not served: no second round, rollback_failed."""
+    fx = FakeEffects({("verify", 2): VerificationFailed("new not served"),
+                      ("verify", 1): [VerificationFailed("old not served")]})
+    j, _ = run(fx)
+    assert j.step == Step.ROLLBACK_FAILED and j.rollback_error == "old not served"
+    assert fx.calls.count(("reload", 1)) == 1
 
 
 def test_rollback_with_failing_hooks_and_no_endpoints_is_not_proven():
