@@ -262,3 +262,28 @@ def test_one_failing_certificate_does_not_stop_the_others(tmp_path: Path, pebble
     assert "renewed" in lines["fine"] and "renewed" not in lines["broken"]
     status = env.status()
     assert status["fine"]["version"] == 1 and status["broken"]["version"] is None
+
+
+def test_nginx_reading_cert_and_key_from_one_combined_file_rotates_and_restarts_cleanly(
+        tmp_path: Path, pebble: Any, nginx_factory: Any) -> None:
+    """The README's advice for an nginx that others may restart: ssl_certificate and
+    ssl_certificate_key both on the combined file (one open, one version) rotate and reload, and
+    a restart after the switch serves the new certificate."""
+    env = CertdEnv(tmp_path, pebble)
+    env.refresh_root()
+    combined = tmp_path / "nginx" / "www.pem"
+    combined.parent.mkdir()
+    env.write_config([env.http_cert("www", DOMAINS, deploy={"combined": str(combined)})])
+    env.run("renew", "--all", check=0)
+    nginx = nginx_factory(combined, combined, server_name=SNI)
+    env.write_config([env.http_cert(
+        "www", DOMAINS, deploy={"combined": str(combined)},
+        reload=[{"hook": "nginx", "config": str(nginx.config)}],
+        verify=[{"endpoint": f"127.0.0.1:{nginx.port}", "sni": SNI, "ca_bundle": str(env.root_path)}])])
+    r = env.run("renew", "www", "--force", check=0)
+    assert "renewed: version 2" in r.stdout
+    row = env.status("www")["www"]
+    assert served_fingerprint(nginx.port, SNI) == row["fingerprint_sha256"]
+    nginx.kill()
+    nginx.start()
+    assert served_fingerprint(nginx.port, SNI) == row["fingerprint_sha256"]
