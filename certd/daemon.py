@@ -35,7 +35,7 @@ from certd.manager import Outcome
 from certd.planning import ARI_POLL
 from certd.monitor import Monitor
 from certd.wiring import build_manager, build_sinks
-from certd.scheduler import Flight, Flights, Scheduler, ShuttingDown
+from certd.scheduler import UNFORCED, Flight, Flights, Scheduler, ShuttingDown
 
 log = logging.getLogger("certd.daemon")
 _REQUESTED = {"rollback": "rollback_requested", "revoke": "revocation_requested"}  # log event per kind
@@ -235,30 +235,42 @@ class Daemon:
 
     def _run_flight(self, flight: Flight, kind: str, **kw: Any) -> None:
         outcome: Outcome | None = None
+        ended = False
         try:
-            cert = self.config.certificate(flight.name)
-            progress = lambda _n, m: flight.say(m)  # noqa: E731
-            if kind == "renew":
-                outcome = self.manager.renew_one(cert, progress=progress, **kw)
-            elif kind == "revoke":
-                outcome = self.manager.revoke(cert, progress=progress, **kw)
-            else:
-                outcome = self.manager.rollback(cert, progress=progress, **kw)
-        except UsageError as e:
-            outcome = Outcome(flight.name, "refused", str(e))
-        except KeyError:
-            outcome = Outcome(flight.name, "failed", f"{flight.name} is no longer configured")
-        except Exception as e:  # never let a bug kill the worker silently
-            log.exception("rotation of %s crashed", flight.name)
-            outcome = Outcome(flight.name, "failed", f"internal error: {type(e).__name__}: {e}")
+            while not ended:
+                outcome = self._fly(flight, kind, kw)
+                forced = self.flights.end(flight, outcome, renewed=outcome.result != "not_due")
+                ended = forced is None
+                if forced is not None:  # a forced renewal joined this unforced one, which renewed nothing
+                    flight.say(f"{outcome.message}; now the forced renewal asked for meanwhile")
+                    kind, kw = "renew", forced
         finally:
-            self.flights.end(flight, outcome)
+            if not ended:  # interrupted by what _fly does not catch (KeyboardInterrupt)
+                self.flights.end(flight, outcome)
             if not self._stop.is_set():
                 self._reschedule(flight.name)
                 self._note_failures(flight.name)
                 self._update_status()
         if outcome is not None and not outcome.ok:
             event(log, "rotation_outcome", logging.WARNING, name=flight.name, result=outcome.result, message=outcome.message)
+
+    def _fly(self, flight: Flight, kind: str, kw: dict[str, Any]) -> Outcome:
+        """Run one ``kind`` operation of ``flight``; every failure becomes its outcome."""
+        try:
+            cert = self.config.certificate(flight.name)
+            progress = lambda _n, m: flight.say(m)  # noqa: E731
+            if kind == "renew":
+                return self.manager.renew_one(cert, progress=progress, **kw)
+            if kind == "revoke":
+                return self.manager.revoke(cert, progress=progress, **kw)
+            return self.manager.rollback(cert, progress=progress, **kw)
+        except UsageError as e:
+            return Outcome(flight.name, "refused", str(e))
+        except KeyError:
+            return Outcome(flight.name, "failed", f"{flight.name} is no longer configured")
+        except Exception as e:  # never let a bug kill the worker silently
+            log.exception("rotation of %s crashed", flight.name)
+            return Outcome(flight.name, "failed", f"internal error: {type(e).__name__}: {e}")
 
     def _probe_ca(self) -> None:
         """While certificates wait out a backoff because the CA was unreachable, ask the CA's
@@ -376,17 +388,19 @@ class Daemon:
         initiator = str(caller)
         flights = []
         for cert in certs:
+            args = {"force": force, "reason": reason, "initiator": initiator}
             try:
-                flight, started = self.flights.begin(cert.name, "forced" if force else "requested")
+                flight, started = self.flights.begin(cert.name, "forced" if force else "requested",
+                                                     forced=args if force else None)
             except ShuttingDown as e:
                 raise UsageError(str(e)) from None
             if started:
                 event(log, "renewal_requested", name=cert.name, initiator=initiator, force=force, reason=reason)
-                self.scheduler.submit(self._run_flight, flight, "renew", job_id=f"run:{cert.name}",
-                                      force=force, reason=reason, initiator=initiator)
+                self.scheduler.submit(self._run_flight, flight, "renew", job_id=f"run:{cert.name}", **args)
             else:
                 event(log, "renewal_joined", name=cert.name, initiator=initiator, running=flight.kind)
-                flight.say(f"joined the {flight.kind} rotation already in progress (one order per certificate)")
+                then = " (renewing after it if it finds nothing due)" if force and flight.kind in UNFORCED else ""
+                flight.say(f"joined the {flight.kind} rotation already in progress (one order per certificate){then}")
             flights.append(flight)
         if not body.get("wait"):
             return {"accepted": [f.name for f in flights]}

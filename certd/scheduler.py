@@ -9,7 +9,8 @@ APScheduler's bounded thread pool.
 
 :class:`Flights` makes a certificate's work single-flight within the daemon: a forced renewal
 that arrives while a scheduled one runs *joins* it (streaming its progress) instead of placing
-a second order; across processes the store's per-certificate lock does the same job.
+a second order — and when that one finds nothing due, the forced renewal runs right after it
+in the same flight; across processes the store's per-certificate lock does the same job.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ class Flight:
     result: Any = None
     done: bool = False
     cond: threading.Condition = field(default_factory=threading.Condition)
+    #: a forced renewal asked for while an unforced one ran: its arguments (see Flights.end)
+    forced_next: dict[str, Any] | None = None
 
     def say(self, message: str) -> None:
         with self.cond:
@@ -78,11 +81,16 @@ class Flights:
         self._flights: dict[str, Flight] = {}
         self.accepting = True
 
-    def begin(self, name: str, kind: str) -> tuple[Flight, bool]:
-        """Return ``(flight, started)``: a new flight (started=True) or the one in progress."""
+    def begin(self, name: str, kind: str, *, forced: dict[str, Any] | None = None) -> tuple[Flight, bool]:
+        """Return ``(flight, started)``: a new flight (started=True) or the one in progress.
+
+        ``forced`` (a forced renewal's arguments) joining an unforced renewal is remembered on
+        it: should that one find nothing due, :meth:`end` hands it back to be run next."""
         with self._lock:
             current = self._flights.get(name)
             if current is not None:
+                if forced is not None and current.kind in UNFORCED and current.forced_next is None:
+                    current.forced_next = forced
                 return current, False
             if not self.accepting:
                 raise ShuttingDown("certd is shutting down; no new work is accepted")
@@ -90,11 +98,19 @@ class Flights:
             self._flights[name] = flight
             return flight, True
 
-    def end(self, flight: Flight, result: Any) -> None:
+    def end(self, flight: Flight, result: Any, *, renewed: bool = True) -> dict[str, Any] | None:
+        """End ``flight`` with ``result`` — unless it did not renew (``renewed`` false) and a
+        forced renewal joined it: then the flight goes on as that one, whose arguments are
+        returned. Deciding under the lock that :meth:`begin` takes means no forced request can
+        join in between and be lost."""
         with self._lock:
+            if not renewed and flight.forced_next is not None and self.accepting:
+                forced, flight.forced_next, flight.kind = flight.forced_next, None, "forced"
+                return forced
             if self._flights.get(flight.name) is flight:
                 del self._flights[flight.name]
         flight.finish(result)
+        return None
 
     def in_progress(self) -> list[Flight]:
         with self._lock:
@@ -110,6 +126,10 @@ class Flights:
                         if deadline - clock.monotonic() <= 0:
                             return False
         return True
+
+
+#: flight kinds that renew only when due (a forced renewal joining one may still have to run)
+UNFORCED = ("scheduled", "requested")
 
 
 class ShuttingDown(Exception):

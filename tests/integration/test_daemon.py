@@ -20,6 +20,7 @@ from certd.issuer import Issuer
 from certd.clock import SystemClock
 from certd.store import FileStore
 from tests.support.certd_env import CertdEnv, key_matches
+from tests.support.delay_proxy import DelayProxy
 from tests.support.procs import wait_until
 from tests.support.server_fixtures import served_fingerprint
 
@@ -85,6 +86,31 @@ def test_forced_renewal_joins_the_scheduled_one(tmp_path: Path, certd_env: Any, 
     assert version_of(env) == 1
     assert FileStore(env.state_dir).versions("www") == [1]
     daemon.stop(timeout=30)
+
+
+def test_forced_renewal_joining_a_check_that_finds_nothing_due_still_renews(
+        tmp_path: Path, certd_env: Any, pebble: Any) -> None:
+    """A forced renewal arriving while the daemon's start-up ARI check runs: that check renews
+    nothing, so the forced renewal runs right after it, in the same flight; the operator gets a new certificate."""
+    env = certd_env(pebble)
+    env.write_config([env.http_cert("www", [SNI], deploy={"live_dir": str(tmp_path / "live")})])
+    env.run("renew", "--all", check=0)
+    with DelayProxy(pebble.ports.acme, delay=2.0) as slow_ca:  # holds the check's ARI request
+        env.acme_extra["directory"] = f"https://127.0.0.1:{slow_ca.port}/dir"
+        env.write_config([env.http_cert("www", [SNI], deploy={"live_dir": str(tmp_path / "live")})])
+        daemon = env.start_daemon()  # no ARI window known yet: the first check asks the CA at once
+        wait_until(lambda: slow_ca.connections >= 1, timeout=30, what="the start-up check asking the CA")
+        forced = subprocess.Popen(env.argv("renew", "www", "--force", "--wait", "--reason", "key exposure drill"),
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        wait_until(lambda: "renewal_joined" in daemon.log_text(), timeout=30, what="the forced renewal joining")
+        slow_ca.delay = 0.0
+        out, err = forced.communicate(timeout=60)
+        assert forced.returncode == 0, err
+        assert "joined the scheduled rotation" in err and "now the forced renewal" in err, err
+        assert "renewed: version 2" in out, out
+        assert version_of(env) == 2
+        assert FileStore(env.state_dir).load("www", 2).meta["reason"] == "key exposure drill"
+        daemon.stop(timeout=30)
 
 
 def test_renew_wait_through_the_socket_shows_the_steps(tmp_path: Path, certd_env: Any, pebble: Any) -> None:
