@@ -142,7 +142,7 @@ class _Local:
 
     def status_json(self, names: list[str]) -> str:
         from certd.control import rows_document
-        return rows_document("certificates", self.status(names))
+        return rows_document("certificates", [self.mgr.status_json(c) for c in self.mgr.select(names)])
 
     def verify(self, names: list[str]) -> list[dict[str, Any]]:
         return [_outcome(self.mgr.verify_now(c)) for c in self.mgr.select(names)]

@@ -368,15 +368,16 @@ class Daemon:
         return self.manager.select(names or [])
 
     def _api_status(self, caller: Caller, query: dict[str, Any]) -> dict[str, Any]:
-        rows = []
-        for cert in self._select(query.get("name")):
-            row = self.manager.status(cert)
-            nxt = self.scheduler.next_run(cert.name)
-            if nxt is not None:
-                row["next_run"] = isoformat(nxt)
-            rows.append(row)
+        certs, runs = self._select(query.get("name")), self.scheduler.next_runs()
         if query.get("format") == ["lines"]:  # the CLI prints it as it is (status --json)
-            return Preformatted(rows_document("certificates", rows))
+            return Preformatted(rows_document("certificates", [
+                self.manager.status_json(c, next_run=runs.get(c.name)) for c in certs]))
+        rows = []
+        for cert in certs:
+            row = self.manager.status(cert)
+            if cert.name in runs:
+                row["next_run"] = runs[cert.name]
+            rows.append(row)
         return {"certificates": rows}
 
     def _api_renew(self, caller: Caller, body: dict[str, Any]) -> Iterator[dict[str, Any]] | dict[str, Any]:

@@ -94,6 +94,10 @@ class Manager:
         """One ``status --json`` row (see CONTRACT.md); no network I/O."""
         return self.planner.status(cert)
 
+    def status_json(self, cert: CertificateConfig, next_run: str | None = None) -> str:
+        """:meth:`status` as one line of JSON text (with the daemon's ``next_run``)."""
+        return self.planner.status_json(cert, next_run)
+
     def load_state(self, name: str) -> CertState:
         return self.planner.load_state(name)
 

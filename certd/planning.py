@@ -5,6 +5,7 @@ the ``status --json`` row built from the same facts (so status and the scheduler
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 from collections.abc import Hashable
@@ -68,16 +69,25 @@ class _Facts:
     held: bool = False              # revoked for cessationOfOperation: not renewed
     ari_cached: bool = False        # state.json holds an ARI answer for this serial
     ari_poll: datetime | None = None
+    row_json: str = ""              # json.dumps(row) without its closing brace (see status_json)
+    expiring_at: datetime | None = None  # the emergency point (policy.is_expiring_soon)
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "row_json", json.dumps(self.row)[:-1])
+        if self.info is not None:
+            object.__setattr__(self, "expiring_at", policy.expiring_at(self.info.not_before, self.info.not_after))
 
-def _state(info: CertInfo, revoked: bool, failures: int, now: datetime) -> str:
-    if info.not_after <= now:
-        return "expired"
-    if revoked:
-        return "revoked"  # still served until an operator acts
-    if policy.is_expiring_soon(info.not_before, info.not_after, now):
-        return "expiring"
-    return "failing" if failures else "ok"
+    def state(self, now: datetime) -> str:
+        """The row's ``state`` at ``now``."""
+        if self.info is None:
+            return "missing"
+        if self.info.not_after <= now:
+            return "expired"
+        if self.revoked:
+            return "revoked"  # still served until an operator acts
+        if self.expiring_at is not None and now >= self.expiring_at:
+            return "expiring"
+        return "failing" if self.row["failures"] else "ok"
 
 
 class Planner:
@@ -107,10 +117,15 @@ class Planner:
         fraction of a second); the time-dependent ``state`` is worked out afresh each time."""
         now = self.clock.now()
         facts = self._facts(cert, now)
-        row = dict(facts.row)
-        if facts.info is not None:
-            row["state"] = _state(facts.info, facts.revoked, facts.row["failures"], now)
-        return row
+        return {**facts.row, "state": facts.state(now)}
+
+    def status_json(self, cert: CertificateConfig, next_run: str | None = None) -> str:
+        """:meth:`status` as one line of JSON, plus the daemon's ``next_run`` (ISO 8601 text):
+        the row's text is cached with its facts (json.dumps of 10,000 rows cost ~0.1 s a request)."""
+        now = self.clock.now()
+        facts = self._facts(cert, now)
+        tail = f', "next_run": {json.dumps(next_run)}' if next_run is not None else ""
+        return f'{facts.row_json}, "state": "{facts.state(now)}"{tail}}}'
 
     def _facts(self, cert: CertificateConfig, now: datetime) -> _Facts:
         token = self.store.change_token(cert.name)
@@ -130,8 +145,7 @@ class Planner:
                                "fingerprint_sha256": None, "key_type": cert.key_type,
                                "next_renewal": None, "last_result": state.last_result,
                                "last_error": state.last_error, "failures": state.failures,
-                               "rotation": unfinished,
-                               "state": "missing"}
+                               "rotation": unfinished}
         stored = self.store.load_info(cert.name, current) if current is not None else None
         decision = self.decide(cert, stored, state, refresh_ari=False)
         row["next_renewal"] = isoformat(decision.renew_at)

@@ -152,8 +152,13 @@ def first_issue_backoff(failures: int, rng: random.Random | None = None) -> time
 
 def is_expiring_soon(not_before: datetime, not_after: datetime, now: datetime) -> bool:
     """Past the emergency point: alert-worthy unless a renewal succeeds very soon."""
+    return now >= expiring_at(not_before, not_after)
+
+
+def expiring_at(not_before: datetime, not_after: datetime) -> datetime:
+    """The emergency point: the last :data:`EMERGENCY_FRACTION` of the lifetime."""
     lifetime = not_after - not_before
-    return now >= not_after - lifetime * EMERGENCY_FRACTION.numerator / EMERGENCY_FRACTION.denominator
+    return not_after - lifetime * EMERGENCY_FRACTION.numerator / EMERGENCY_FRACTION.denominator
 
 
 def _fmt(d: timedelta) -> str:

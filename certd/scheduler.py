@@ -173,6 +173,7 @@ class Scheduler:
         )
         self._cond = threading.Condition()
         self._when: dict[str, datetime] = {}            # name -> when its job runs
+        self._when_text: dict[str, str] = {}            # name -> the same as ISO 8601 text (status)
         self._heap: list[tuple[datetime, str]] = []     # (when, name); stale entries are skipped
         self._timer: threading.Thread | None = None
         self._stopping = False
@@ -196,15 +197,16 @@ class Scheduler:
     def schedule(self, name: str, when: datetime, reason: str) -> None:
         """(Re)schedule ``name``'s job at ``when`` (now if in the past)."""
         when = max(when, self.clock.now())
+        at = isoformat(when)
         with self._cond:
-            self._when[name] = when
+            self._when[name], self._when_text[name] = when, at
             heapq.heappush(self._heap, (when, name))
             if len(self._heap) > 2 * len(self._when) + 64:  # mostly stale: rebuild
                 self._heap = [(w, n) for n, w in self._when.items()]
                 heapq.heapify(self._heap)
             if self._heap[0] == (when, name):
                 self._cond.notify()  # earlier than what the timer waits for
-        event(log, "renewal_scheduled", name=name, at=isoformat(when), reason=reason)
+        event(log, "renewal_scheduled", name=name, at=at, reason=reason)
 
     def _due_loop(self) -> None:
         """Hand every certificate whose time has come to the worker pool."""
@@ -215,7 +217,7 @@ class Scheduler:
                 while self._heap and self._heap[0][0] <= now:
                     when, name = heapq.heappop(self._heap)
                     if self._when.get(name) == when:
-                        del self._when[name]
+                        del self._when[name], self._when_text[name]
                         due.append(name)
                 for name in due:
                     self.submit(self._run_job, name, job_id=f"renew:{name}")
@@ -236,12 +238,19 @@ class Scheduler:
     def unschedule(self, name: str) -> None:
         with self._cond:
             found = self._when.pop(name, None) is not None
+            self._when_text.pop(name, None)
         if found:
             event(log, "renewal_unscheduled", name=name)
 
     def next_run(self, name: str) -> datetime | None:
         with self._cond:
             return self._when.get(name)
+
+    def next_runs(self) -> dict[str, str]:
+        """When each scheduled certificate's job runs next, as ISO 8601 text (a copy taken under
+        one lock; formatting 10,000 datetimes per status request cost 50 ms)."""
+        with self._cond:
+            return dict(self._when_text)
 
     def scheduled_names(self) -> list[str]:
         with self._cond:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
+from certd import policy
 from certd.clock import FakeClock
 from certd.config import AcmeConfig, CertificateConfig, Config, DaemonConfig
 from certd.manager import Manager
@@ -27,33 +30,43 @@ def add(manager: Manager, days: float) -> str:
     return bundle.info.serial
 
 
+def status(m: Manager, cert: CertificateConfig) -> dict[str, Any]:
+    """The status row, checked against the daemon's cached JSON text of it (with a next_run)."""
+    row = m.status(cert)
+    assert json.loads(m.status_json(cert)) == row
+    assert json.loads(m.status_json(cert, "2026-11-22T13:00:00Z")) == {**row, "next_run": "2026-11-22T13:00:00Z"}
+    return row
+
+
 def test_status_follows_every_store_change_and_the_clock(tmp_path: Path) -> None:
     """A new version, a failure, a revocation mark and time passing each show at once."""
     clock = FakeClock(NOW)
     m = make(tmp_path, clock)
     cert = m.config.certificates[0]
-    assert m.status(cert)["state"] == "missing"
+    assert status(m, cert)["state"] == "missing"
     first = add(m, days=9)
-    row = m.status(cert)
+    row = status(m, cert)
     assert (row["serial"], row["state"], row["version"]) == (first, "ok", 1)
-    assert m.status(cert) == row  # the cached row, unchanged
+    assert status(m, cert) == row  # the cached row, unchanged
 
     m.save_state("www", CertState(failures=2, last_error="CA not reachable"))
-    assert (m.status(cert)["state"], m.status(cert)["failures"]) == ("failing", 2)
+    assert (status(m, cert)["state"], status(m, cert)["failures"]) == ("failing", 2)
     m.save_state("www", CertState())
 
     second = add(m, days=9)
-    assert (m.status(cert)["serial"], m.status(cert)["version"]) == (second, 2)
+    assert (status(m, cert)["serial"], status(m, cert)["version"]) == (second, 2)
 
     m.store.update_meta("www", 2, {"revoked": {"reason": "superseded"}})
-    assert m.status(cert)["state"] == "revoked"
+    assert status(m, cert)["state"] == "revoked"
     m.store.update_meta("www", 2, {"revoked": None})
 
-    renew_at = datetime.fromisoformat(m.status(cert)["next_renewal"].replace("Z", "+00:00"))
+    renew_at = datetime.fromisoformat(status(m, cert)["next_renewal"].replace("Z", "+00:00"))
     clock.advance(renew_at - clock.now() + timedelta(seconds=1))  # due: decided again, not cached
     assert m.plan(cert)[0] <= clock.now()
+    clock.advance(policy.expiring_at(NOW, NOW + timedelta(days=9)) - clock.now())
+    assert status(m, cert)["state"] == "expiring"
     clock.advance(NOW + timedelta(days=9, seconds=1) - clock.now())
-    assert m.status(cert)["state"] == "expired"
+    assert status(m, cert)["state"] == "expired"
 
 
 def test_an_equal_configuration_after_a_reload_keeps_the_cache_and_a_changed_one_does_not(tmp_path: Path) -> None:
