@@ -238,8 +238,7 @@ class Monitor:
                 if not self._note_expiring(cert, current, info):
                     return BUSY_RETRY  # the lock is busy: try again shortly
                 continue
-            lifetime = info.not_after - info.not_before
-            at = info.not_after - lifetime * policy.EMERGENCY_FRACTION.numerator / policy.EMERGENCY_FRACTION.denominator
+            at = policy.expiring_at(info.not_before, info.not_after)
             soonest = at if soonest is None or at < soonest else soonest
         return None if soonest is None else max(0.0, (soonest - now).total_seconds()) + 0.01
 

@@ -10,6 +10,7 @@ import logging
 import random
 from collections.abc import Hashable
 from dataclasses import dataclass, field
+from functools import cached_property
 from datetime import datetime
 from typing import Any, Callable
 
@@ -69,13 +70,16 @@ class _Facts:
     held: bool = False              # revoked for cessationOfOperation: not renewed
     ari_cached: bool = False        # state.json holds an ARI answer for this serial
     ari_poll: datetime | None = None
-    row_json: str = ""              # json.dumps(row) without its closing brace (see status_json)
-    expiring_at: datetime | None = None  # the emergency point (policy.is_expiring_soon)
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "row_json", json.dumps(self.row)[:-1])
-        if self.info is not None:
-            object.__setattr__(self, "expiring_at", policy.expiring_at(self.info.not_before, self.info.not_after))
+    @cached_property
+    def row_json(self) -> str:
+        """``json.dumps(row)`` without its closing brace (see Planner.status_json); built on
+        first use, not for every plan() after an ARI poll."""
+        return json.dumps(self.row)[:-1]
+
+    @cached_property
+    def expiring_at(self) -> datetime | None:
+        return policy.expiring_at(self.info.not_before, self.info.not_after) if self.info else None
 
     def state(self, now: datetime) -> str:
         """The row's ``state`` at ``now``."""

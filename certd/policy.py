@@ -84,7 +84,7 @@ def decide(facts: Facts, now: datetime, rng: random.Random | None = None) -> Dec
 def _scheduled(facts: Facts, now: datetime, rng: random.Random) -> Decision:
     assert facts.not_before is not None and facts.not_after is not None
     lifetime = facts.not_after - facts.not_before
-    emergency_at = facts.not_after - lifetime * EMERGENCY_FRACTION.numerator / EMERGENCY_FRACTION.denominator
+    emergency_at = expiring_at(facts.not_before, facts.not_after)
     ari = facts.ari
     note = ""
     if ari is not None:

@@ -242,10 +242,6 @@ class Scheduler:
         if found:
             event(log, "renewal_unscheduled", name=name)
 
-    def next_run(self, name: str) -> datetime | None:
-        with self._cond:
-            return self._when.get(name)
-
     def next_runs(self) -> dict[str, str]:
         """When each scheduled certificate's job runs next, as ISO 8601 text (a copy taken under
         one lock; formatting 10,000 datetimes per status request cost 50 ms)."""
