@@ -97,11 +97,16 @@ class Daemon:
     # -- life cycle -----------------------------------------------------------------------
 
     def run(self) -> int:
+        # First: a SIGTERM from here on stops cleanly. The control socket answers (and systemd
+        # may stop us) while interrupted rotations are still being finished below.
+        self._install_signals()
         sd_notify("STATUS=starting: finishing interrupted rotations")
         self.control.start()
         try:
             for j in self.manager.recover_all(workers=self.config.daemon.workers):
                 event(log, "rotation_recovered", name=j.name, step=j.step.value)
+            if self._stop.is_set():  # asked to stop meanwhile: start nothing new
+                return self._shutdown()
             spread = _Spread(self.clock, ARI_START_RATE)
             for cert in self.config.certificates:
                 self._reschedule(cert.name, spread)
@@ -111,7 +116,6 @@ class Daemon:
             if self.sinks.metrics is not None:
                 self.sinks.metrics.start()
             self.monitor.start()
-            self._install_signals()
             self._start_watchdog()
             sd_notify("READY=1")
             self._update_status()

@@ -211,6 +211,32 @@ def test_sigterm_during_a_rotation_finishes_it_and_exits_0(tmp_path: Path, certd
     assert key_matches(live / "fullchain.pem", live / "privkey.pem")
 
 
+def test_sigterm_while_start_up_finishes_an_interrupted_rotation_exits_0(
+        tmp_path: Path, certd_env: Any, pebble: Any) -> None:
+    """systemctl stop while the daemon is still finishing a rotation interrupted by a crash (its
+    control socket already answers): the rotation completes, the daemon exits 0, not by the signal."""
+    env = certd_env(pebble)
+    live = tmp_path / "live"
+    env.write_config([env.http_cert("www", [SNI], deploy={"live_dir": str(live)})])
+    env.run("renew", "--all", check=0)
+    r = env.run("renew", "www", "--force", env={"CERTD_CRASH_AT": "switched"})
+    assert r.returncode == -9, r.stderr
+    started, release = tmp_path / "hook-started", tmp_path / "hook-release"
+    gate = tmp_path / "gate-hook"  # holds the recovery's reload until the test has sent SIGTERM
+    gate.write_text(f"#!/bin/sh\ntouch {started}\nwhile [ ! -e {release} ]; do sleep 0.05; done\n")
+    gate.chmod(0o755)
+    env.write_config([env.http_cert("www", [SNI], deploy={"live_dir": str(live)}, reload=[{"command": [str(gate)]}])])
+    daemon = env.start_daemon()
+    wait_until(started.exists, timeout=30, what="the recovery's reload hook running")
+    os.kill(daemon.pid, signal.SIGTERM)
+    release.touch()
+    wait_until(lambda: not daemon.alive, timeout=30, what="daemon exit")
+    assert daemon.returncode == 0, daemon.log_text()[-2000:]
+    row = env.status("www")["www"]
+    assert row["rotation"] is None and row["version"] == 2
+    assert key_matches(live / "fullchain.pem", live / "privkey.pem")
+
+
 def run_cli_as_nobody(argv: list[str]) -> tuple[int, str]:
     """Run certd's CLI entry point in a child process that dropped to uid/gid 65534 (nobody).
 
