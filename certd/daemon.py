@@ -103,7 +103,7 @@ class Daemon:
         sd_notify("STATUS=starting: finishing interrupted rotations")
         self.control.start()
         try:
-            for j in self.manager.recover_all(workers=self.config.daemon.workers):
+            for j in self.manager.recover_all(workers=self.config.daemon.workers, stop=self._stop):
                 event(log, "rotation_recovered", name=j.name, step=j.step.value)
             if self._stop.is_set():  # asked to stop meanwhile: start nothing new
                 return self._shutdown()

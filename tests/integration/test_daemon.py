@@ -211,30 +211,44 @@ def test_sigterm_during_a_rotation_finishes_it_and_exits_0(tmp_path: Path, certd
     assert key_matches(live / "fullchain.pem", live / "privkey.pem")
 
 
-def test_sigterm_while_start_up_finishes_an_interrupted_rotation_exits_0(
+def test_sigterm_during_start_up_recovery_finishes_what_runs_defers_the_rest_exits_0(
         tmp_path: Path, certd_env: Any, pebble: Any) -> None:
-    """systemctl stop while the daemon is still finishing a rotation interrupted by a crash (its
-    control socket already answers): the rotation completes, the daemon exits 0, not by the signal."""
+    """systemctl stop while the daemon is still finishing rotations a crash interrupted (its
+    control socket already answers): the one being finished completes, the one not yet begun
+    is left to its journal (a stop must not wait for them all), and the daemon exits 0, not
+    killed by the signal. The next start finishes the other."""
     env = certd_env(pebble)
-    live = tmp_path / "live"
-    env.write_config([env.http_cert("www", [SNI], deploy={"live_dir": str(live)})])
+    env.daemon_extra["workers"] = 1  # one recovery at a time: 'api' waits behind 'www'
+    live = {n: tmp_path / f"live-{n}" for n in ("www", "api")}
+    certs = [env.http_cert(n, [f"{n}.example.test"], deploy={"live_dir": str(live[n])}) for n in live]
+    env.write_config(certs)
     env.run("renew", "--all", check=0)
-    r = env.run("renew", "www", "--force", env={"CERTD_CRASH_AT": "switched"})
-    assert r.returncode == -9, r.stderr
+    for n in live:
+        r = env.run("renew", n, "--force", env={"CERTD_CRASH_AT": "switched"})
+        assert r.returncode == -9, r.stderr
     started, release = tmp_path / "hook-started", tmp_path / "hook-release"
-    gate = tmp_path / "gate-hook"  # holds the recovery's reload until the test has sent SIGTERM
-    gate.write_text(f"#!/bin/sh\ntouch {started}\nwhile [ ! -e {release} ]; do sleep 0.05; done\n")
+    gate = tmp_path / "gate-hook"  # holds a recovery's reload until the test has sent SIGTERM
+    gate.write_text(f"#!/bin/sh\necho \"$CERTD_NAME\" >> {started}\nwhile [ ! -e {release} ]; do sleep 0.05; done\n")
     gate.chmod(0o755)
-    env.write_config([env.http_cert("www", [SNI], deploy={"live_dir": str(live)}, reload=[{"command": [str(gate)]}])])
+    env.write_config([{**c, "reload": [{"command": [str(gate)]}]} for c in certs])
     daemon = env.start_daemon()
-    wait_until(started.exists, timeout=30, what="the recovery's reload hook running")
+    wait_until(started.exists, timeout=30, what="the first recovery's reload hook running")
     os.kill(daemon.pid, signal.SIGTERM)
     release.touch()
     wait_until(lambda: not daemon.alive, timeout=30, what="daemon exit")
     assert daemon.returncode == 0, daemon.log_text()[-2000:]
-    row = env.status("www")["www"]
-    assert row["rotation"] is None and row["version"] == 2
-    assert key_matches(live / "fullchain.pem", live / "privkey.pem")
+    first = started.read_text().split()
+    assert len(first) == 1, first
+    (done,), (deferred,) = first, set(live) - set(first)
+    rows = env.status()
+    assert rows[done]["rotation"] is None and rows[done]["version"] == 2
+    assert rows[deferred]["rotation"] is not None and "recovery_deferred" in daemon.log_text()
+    for n in live:
+        assert key_matches(live[n] / "fullchain.pem", live[n] / "privkey.pem")
+    daemon = env.start_daemon()
+    wait_until(lambda: env.status(deferred)[deferred]["rotation"] is None, timeout=30, what="the deferred recovery")
+    assert env.status(deferred)[deferred]["version"] == 2
+    daemon.stop(timeout=30)
 
 
 def run_cli_as_nobody(argv: list[str]) -> tuple[int, str]:
