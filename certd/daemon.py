@@ -243,7 +243,9 @@ class Daemon:
         try:
             while not ended:
                 outcome = self._fly(flight, kind, kw)
-                forced = self.flights.end(flight, outcome, renewed=outcome.result != "not_due")
+                not_run = Outcome(flight.name, "failed", f"{outcome.message}; the forced renewal asked for meanwhile "
+                                  "did not run: certd is shutting down; ask again once it is back")
+                forced = self.flights.end(flight, outcome, renewed=outcome.result != "not_due", not_run=not_run)
                 ended = forced is None
                 if forced is not None:  # a forced renewal joined this unforced one, which renewed nothing
                     flight.say(f"{outcome.message}; now the forced renewal asked for meanwhile")

@@ -52,11 +52,12 @@ def test_forced_renewal_joining_anything_but_an_unforced_renewal_is_not_queued(r
 
 
 def test_no_forced_renewal_is_started_once_shutting_down():
-    """Shutting down: the queued forced renewal is dropped, the flight ends with what it did."""
+    """Shutting down: the queued forced renewal is not started, and the flight's answer says so."""
     flights = Flights()
     flight, _ = flights.begin("www", "scheduled")
     flights.begin("www", "forced", forced=FORCED)
     flights.accepting = False
-    assert flights.end(flight, "not_due", renewed=False) is None and flight.done
+    assert flights.end(flight, "not_due", renewed=False, not_run="forced renewal not run") is None
+    assert flight.done and flight.result == "forced renewal not run" and flights.in_progress() == []
     with pytest.raises(ShuttingDown):
         flights.begin("other", "forced")
