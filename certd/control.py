@@ -26,6 +26,7 @@ import socket
 import socketserver
 import struct
 import threading
+import time
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -60,9 +61,37 @@ def peer_credentials(sock: socket.socket) -> Caller:
 Handler = Callable[[Caller, dict[str, Any]], Any]
 
 
+CLIENT_TIMEOUT = 10.0  # seconds a socket read or write to one client may block
+STOP_GRACE = 5.0       # seconds stop() gives answers still being written (a renewal's result)
+
+
 class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    """One thread per client. The threads are daemon threads (a stuck client never keeps the
+    process alive), so the server keeps its own list to let a stopping daemon finish its
+    answers: the result of a renewal that ended during shutdown must reach whoever waits on it."""
+
     daemon_threads = True
     allow_reuse_address = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._clients: list[threading.Thread] = []
+        self._clients_lock = threading.Lock()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        t = threading.Thread(target=self.process_request_thread, args=(request, client_address),
+                             name="control-client", daemon=True)
+        with self._clients_lock:
+            self._clients = [c for c in self._clients if c.is_alive()]
+            self._clients.append(t)
+        t.start()
+
+    def finish_answers(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        with self._clients_lock:
+            clients = list(self._clients)
+        for c in clients:
+            c.join(max(0.0, deadline - time.monotonic()))
 
 
 class ControlServer:
@@ -106,7 +135,8 @@ class ControlServer:
 
     def stop(self) -> None:
         if self._server is not None:
-            self._server.shutdown()
+            self._server.shutdown()  # no new clients
+            self._server.finish_answers(STOP_GRACE)
             self._server.server_close()
             self._server = None
         try:
@@ -118,6 +148,7 @@ class ControlServer:
 def _make_handler(server: ControlServer) -> type[BaseHTTPRequestHandler]:
     class H(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.0"
+        timeout = CLIENT_TIMEOUT  # a client that connects and says nothing does not keep a thread
 
         def address_string(self) -> str:
             return "unix"

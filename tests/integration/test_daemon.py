@@ -113,6 +113,32 @@ def test_forced_renewal_joining_a_check_that_finds_nothing_due_still_renews(
         daemon.stop(timeout=30)
 
 
+def test_forced_renewal_waiting_behind_a_check_when_the_daemon_stops_is_told_it_did_not_run(
+        tmp_path: Path, certd_env: Any, pebble: Any) -> None:
+    """The same join, then SIGTERM before the check ends: the daemon starts no renewal while
+    stopping, and the operator's `renew --force --wait` exits 1 saying so, not 0 with "renews at"."""
+    env = certd_env(pebble)
+    env.write_config([env.http_cert("www", [SNI], deploy={"live_dir": str(tmp_path / "live")})])
+    env.run("renew", "--all", check=0)
+    with DelayProxy(pebble.ports.acme, delay=2.0) as slow_ca:
+        env.acme_extra["directory"] = f"https://127.0.0.1:{slow_ca.port}/dir"
+        env.write_config([env.http_cert("www", [SNI], deploy={"live_dir": str(tmp_path / "live")})])
+        daemon = env.start_daemon()
+        wait_until(lambda: slow_ca.connections >= 1, timeout=30, what="the start-up check asking the CA")
+        forced = subprocess.Popen(env.argv("renew", "www", "--force", "--wait", "--reason", "drill"),
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        wait_until(lambda: "renewal_joined" in daemon.log_text(), timeout=30, what="the forced renewal joining")
+        os.kill(daemon.pid, signal.SIGTERM)
+        wait_until(lambda: "daemon_stopping" in daemon.log_text(), timeout=30, what="the daemon stopping")
+        slow_ca.delay = 0.0
+        out, err = forced.communicate(timeout=60)
+        wait_until(lambda: not daemon.alive, timeout=30, what="daemon exit")
+    assert forced.returncode == 1, (out, err)
+    assert "did not run: certd is shutting down" in out + err, (out, err)
+    assert daemon.returncode == 0
+    assert version_of(env) == 1
+
+
 def test_renew_wait_through_the_socket_shows_the_steps(tmp_path: Path, certd_env: Any, pebble: Any) -> None:
     """renew --force --wait via the daemon streams each step and exits with the outcome."""
     env = certd_env(pebble)
@@ -249,6 +275,23 @@ def test_sigterm_during_start_up_recovery_finishes_what_runs_defers_the_rest_exi
     wait_until(lambda: env.status(deferred)[deferred]["rotation"] is None, timeout=30, what="the deferred recovery")
     assert env.status(deferred)[deferred]["version"] == 2
     daemon.stop(timeout=30)
+
+
+def test_a_silent_client_on_the_control_socket_does_not_hold_up_a_stop(
+        tmp_path: Path, certd_env: Any, pebble: Any) -> None:
+    """A client that connects and never sends a request (a hung script, a stray nc): SIGTERM
+    still ends the daemon with 0 within seconds; the control server gives such a client 10 s."""
+    import socket
+    env = certd_env(pebble)
+    env.write_config([env.http_cert("www", [SNI], deploy={"live_dir": str(tmp_path / "live")})])
+    daemon = env.start_daemon()
+    wait_until(lambda: version_of(env) == 1, timeout=30, what="www issued")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as silent:
+        silent.connect(str(env.socket))
+        env.status()  # accepted in order: once a later connection is answered, the silent one has its handler
+        os.kill(daemon.pid, signal.SIGTERM)
+        wait_until(lambda: not daemon.alive, timeout=30, what="daemon exit with a silent client connected")
+    assert daemon.returncode == 0
 
 
 def run_cli_as_nobody(argv: list[str]) -> tuple[int, str]:
