@@ -433,23 +433,31 @@ class Manager:
             if j is not None and not j.finished:
                 pending.append(cert)  # no lock needed to know that (10,000 locks: ~0.5 s)
 
+        deferred: list[str] = []
+
+        def stopping() -> bool:
+            return stop is not None and stop.is_set()
+
         def finish(cert: CertificateConfig) -> Journal | None:
-            if stop is not None and stop.is_set():
-                event(log, "recovery_deferred", logging.WARNING, name=cert.name,
-                      reason="stopping; the next start finishes it")
-                return None
             try:
-                with self.store.lock(cert.name, timeout=self.lock_timeout):  # _recover looks again
-                    return self._recover(cert, _sayer(cert.name, None))
+                if not stopping():
+                    with self.store.lock(cert.name, timeout=self.lock_timeout):  # _recover looks again
+                        if not stopping():  # waiting for the lock may have taken a while
+                            return self._recover(cert, _sayer(cert.name, None))
             except CertdError as e:
                 event(log, "recovery_failed", logging.ERROR, name=cert.name, error=str(e))
                 return None
+            deferred.append(cert.name)
+            return None
 
         if workers <= 1 or len(pending) <= 1:
             results = [finish(cert) for cert in pending]
         else:
             with ThreadPoolExecutor(max_workers=min(workers, len(pending)), thread_name_prefix="certd-recover") as pool:
                 results = list(pool.map(finish, pending))
+        if deferred:
+            event(log, "recovery_deferred", logging.WARNING, count=len(deferred), names=",".join(deferred[:8]),
+                  reason="stopping; the next start finishes them")
         return [j for j in results if j is not None]
 
     # -- verification and status ----------------------------------------------------------
