@@ -93,6 +93,8 @@ class Daemon:
         self._failing: set[str] = set()      # certificates whose last attempt failed (STATUS=)
         self._ca_waiting: set[str] = set()   # ... because the CA was unreachable (_probe_ca)
         self._states_scanned = False         # both sets hold every certificate's state
+        self._serving = False                # start-up done: the scheduler runs submitted work
+        self._reload_asked = False           # a SIGHUP came during start-up: reload once serving
 
     # -- life cycle -----------------------------------------------------------------------
 
@@ -117,6 +119,9 @@ class Daemon:
                 self.sinks.metrics.start()
             self.monitor.start()
             self._start_watchdog()
+            self._serving = True
+            if self._reload_asked:
+                self._sighup()
             sd_notify("READY=1")
             self._update_status()
             event(log, "daemon_ready", certificates=len(self.config.certificates), pid=os.getpid())
@@ -136,6 +141,10 @@ class Daemon:
                 self._status_timer.cancel()
         event(log, "daemon_stopping", in_flight=len(self.flights.in_progress()))
         self.flights.accepting = False
+        if not self._serving:  # stopped while starting: what was asked meanwhile waits for a scheduler that never ran
+            for flight in self.flights.in_progress():
+                self.flights.end(flight, Outcome(flight.name, "failed", "not run: certd was stopped while it "
+                                                 "was starting; ask again once it is back"))
         self.scheduler.shutdown()
         if self._observer is not None:
             self._observer.stop()
@@ -152,8 +161,15 @@ class Daemon:
     def _install_signals(self) -> None:
         signal.signal(signal.SIGTERM, lambda *_: self.stop())
         signal.signal(signal.SIGINT, lambda *_: self.stop())
-        signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=self.reload_config, args=("SIGHUP",),
-                                                                   daemon=True).start())
+        signal.signal(signal.SIGHUP, lambda *_: self._sighup())
+
+    def _sighup(self) -> None:
+        """Reload the config off the main thread; during start-up (recovery still writing
+        state), once start-up is done. Signal handlers and run() share the main thread."""
+        if not self._serving:
+            self._reload_asked = True
+            return
+        threading.Thread(target=self.reload_config, args=("SIGHUP",), daemon=True).start()
 
     def _start_watchdog(self) -> None:
         usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
@@ -243,9 +259,7 @@ class Daemon:
         try:
             while not ended:
                 outcome = self._fly(flight, kind, kw)
-                not_run = Outcome(flight.name, "failed", f"{outcome.message}; the forced renewal asked for meanwhile "
-                                  "did not run: certd is shutting down; ask again once it is back")
-                forced = self.flights.end(flight, outcome, renewed=outcome.result != "not_due", not_run=not_run)
+                forced = self.flights.end(flight, outcome, renewed=outcome.result != "not_due", not_run=_not_run)
                 ended = forced is None
                 if forced is not None:  # a forced renewal joined this unforced one, which renewed nothing
                     flight.say(f"{outcome.message}; now the forced renewal asked for meanwhile")
@@ -257,8 +271,9 @@ class Daemon:
                 self._reschedule(flight.name)
                 self._note_failures(flight.name)
                 self._update_status()
-        if outcome is not None and not outcome.ok:
-            event(log, "rotation_outcome", logging.WARNING, name=flight.name, result=outcome.result, message=outcome.message)
+        final = flight.result if flight.done else outcome  # what its followers were told
+        if final is not None and not final.ok:
+            event(log, "rotation_outcome", logging.WARNING, name=flight.name, result=final.result, message=final.message)
 
     def _fly(self, flight: Flight, kind: str, kw: dict[str, Any]) -> Outcome:
         """Run one ``kind`` operation of ``flight``; every failure becomes its outcome."""
@@ -484,6 +499,12 @@ def _ca_answers(directory: str, ca_bundle: Path | None) -> bool:
     except httpx.HTTPError:
         return False
     return r.status_code == 200
+
+
+def _not_run(outcome: Outcome) -> Outcome:
+    """How a flight ends whose forced renewal, waiting behind a check, is not started (stopping)."""
+    return Outcome(outcome.name, "failed", f"{outcome.message}; the forced renewal asked for meanwhile did not "
+                   "run: certd is shutting down; ask again once it is back")
 
 
 def _follow(flights: list[Flight]) -> Iterator[dict[str, Any]]:

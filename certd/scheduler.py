@@ -99,19 +99,21 @@ class Flights:
             return flight, True
 
     def end(self, flight: Flight, result: Any, *, renewed: bool = True,
-            not_run: Any = None) -> dict[str, Any] | None:
+            not_run: Callable[[Any], Any] | None = None) -> dict[str, Any] | None:
         """End ``flight`` with ``result`` — unless it did not renew (``renewed`` false) and a
         forced renewal joined it: then the flight goes on as that one, whose arguments are
         returned. Deciding under the lock that :meth:`begin` takes means no forced request can
         join in between and be lost. Once shutting down, that forced renewal is not started:
-        the flight ends with ``not_run`` instead (if given), so whoever asked for it is told."""
+        the flight ends with ``not_run(result)`` instead (if given), so whoever asked is told
+        (every follower of the flight gets that answer)."""
         with self._lock:
             if not renewed and flight.forced_next is not None:
                 if self.accepting:
                     forced, flight.forced_next, flight.kind = flight.forced_next, None, "forced"
                     return forced
                 flight.forced_next = None
-                result = result if not_run is None else not_run
+                if not_run is not None:
+                    result = not_run(result)
             if self._flights.get(flight.name) is flight:
                 del self._flights[flight.name]
         flight.finish(result)

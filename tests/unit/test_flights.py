@@ -57,7 +57,7 @@ def test_no_forced_renewal_is_started_once_shutting_down():
     flight, _ = flights.begin("www", "scheduled")
     flights.begin("www", "forced", forced=FORCED)
     flights.accepting = False
-    assert flights.end(flight, "not_due", renewed=False, not_run="forced renewal not run") is None
-    assert flight.done and flight.result == "forced renewal not run" and flights.in_progress() == []
+    assert flights.end(flight, "not_due", renewed=False, not_run=lambda r: f"{r}; forced renewal not run") is None
+    assert flight.done and flight.result == "not_due; forced renewal not run" and flights.in_progress() == []
     with pytest.raises(ShuttingDown):
         flights.begin("other", "forced")
