@@ -61,7 +61,7 @@ def peer_credentials(sock: socket.socket) -> Caller:
 Handler = Callable[[Caller, dict[str, Any]], Any]
 
 
-CLIENT_TIMEOUT = 10.0  # seconds a socket read or write to one client may block
+CLIENT_TIMEOUT = 10.0  # seconds a client has to send its request
 STOP_GRACE = 5.0       # seconds stop() gives answers still being written (a renewal's result)
 
 
@@ -148,7 +148,7 @@ class ControlServer:
 def _make_handler(server: ControlServer) -> type[BaseHTTPRequestHandler]:
     class H(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.0"
-        timeout = CLIENT_TIMEOUT  # a client that connects and says nothing does not keep a thread
+        timeout = CLIENT_TIMEOUT  # for the request: a client that connects and says nothing is dropped
 
         def address_string(self) -> str:
             return "unix"
@@ -173,6 +173,7 @@ def _make_handler(server: ControlServer) -> type[BaseHTTPRequestHandler]:
                 return self._send(403, {"error": f"{caller} may not call {url.path}; ask for membership of the control group"})
             try:
                 body = self._body() if method == "POST" else {k: v for k, v in parse_qs(url.query).items()}
+                self.connection.settimeout(None)  # the request is in; an answer may take minutes
                 result = route(caller, body)
             except UsageError as e:
                 return self._send(400, {"error": str(e), "exit_code": 2})
@@ -215,8 +216,8 @@ def _make_handler(server: ControlServer) -> type[BaseHTTPRequestHandler]:
                 for item in events:
                     self.wfile.write(json.dumps(item).encode() + b"\n")
                     self.wfile.flush()
-            except (BrokenPipeError, ConnectionResetError):
-                pass  # the engineer pressed ^C; the work goes on in the daemon
+            except OSError:
+                pass  # the engineer pressed ^C (or the daemon is stopping); the work goes on
 
     return H
 
