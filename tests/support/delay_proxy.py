@@ -4,12 +4,14 @@
         proxy.delay = 5.0                              # hold every answer 5 s
         proxy.trickle = 0.5                            # or: dribble answers 1 byte per 0.5 s
         proxy.delay = 0.0; proxy.trickle = 0.0         # back to a fast server
+        proxy.hold(); ...; proxy.release()             # no answer at all until released
 
 It forwards raw bytes both ways, so TLS passes through untouched (the client still verifies
 the real server's certificate; Pebble's is valid for 127.0.0.1). Only what the *server* sends
 is slowed down: ``delay`` holds each chunk before forwarding it, ``trickle`` forwards it one
 byte at a time with a pause between bytes (a server that keeps the connection alive but never
-finishes, which a per-read socket timeout does not catch). Settings apply to data read after
+finishes, which a per-read socket timeout does not catch), ``hold()`` keeps every answer until
+``release()`` (a test decides when the server answers). Settings apply to data read after
 the change. ``stop()`` closes every connection it accepted; nothing else is ever signalled.
 """
 
@@ -35,6 +37,8 @@ class DelayProxy:
         self._listener = socket.create_server((host, 0))
         self.port: int = self._listener.getsockname()[1]
         self._stopped = threading.Event()
+        self._released = threading.Event()
+        self._released.set()
         self._lock = threading.Lock()
         self._sockets: set[socket.socket] = set()
         self._thread = threading.Thread(target=self._accept_loop, name=f"delay-proxy-{self.port}", daemon=True)
@@ -50,9 +54,17 @@ class DelayProxy:
                  tb: TracebackType | None) -> None:
         self.stop()
 
+    def hold(self) -> None:
+        """From now on, forward nothing the server sends until :meth:`release`."""
+        self._released.clear()
+
+    def release(self) -> None:
+        self._released.set()
+
     def stop(self) -> None:
         """Stop accepting and close every proxied connection (both sides)."""
         self._stopped.set()
+        self._released.set()
         try:
             self._listener.close()
         except OSError:
@@ -108,6 +120,9 @@ class DelayProxy:
                 self._sockets.discard(dst)
 
     def _slow_send(self, dst: socket.socket, data: bytes) -> None:
+        self._released.wait()
+        if self._stopped.is_set():
+            return
         if self.delay > 0:
             self._sleep(self.delay)
         if self.trickle > 0:
