@@ -10,8 +10,9 @@ import stat
 import subprocess
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 
@@ -88,23 +89,32 @@ def test_forced_renewal_joins_the_scheduled_one(tmp_path: Path, certd_env: Any, 
     daemon.stop(timeout=30)
 
 
+@contextmanager
+def forced_renewal_joining_a_held_check(env: CertdEnv, pebble: Any, live: Path,
+                                        reason: str) -> Iterator[tuple[Any, DelayProxy, subprocess.Popen[str]]]:
+    """A daemon whose start-up ARI check of 'www' (issued, so nothing due) is held at the CA,
+    and `renew www --force --wait` joined to that check: (daemon, CA proxy, the renew process)."""
+    env.write_config([env.http_cert("www", [SNI], deploy={"live_dir": str(live)})])
+    env.run("renew", "--all", check=0)
+    with DelayProxy(pebble.ports.acme) as slow_ca:
+        env.acme_extra["directory"] = f"https://127.0.0.1:{slow_ca.port}/dir"
+        env.write_config([env.http_cert("www", [SNI], deploy={"live_dir": str(live)})])
+        slow_ca.hold()  # the CA answers the check only when the test releases it
+        daemon = env.start_daemon()  # no ARI window known yet: the first check asks the CA at once
+        wait_until(lambda: slow_ca.connections >= 1, timeout=30, what="the start-up check asking the CA")
+        forced = subprocess.Popen(env.argv("renew", "www", "--force", "--wait", "--reason", reason),
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        wait_until(lambda: "renewal_joined" in daemon.log_text(), timeout=30, what="the forced renewal joining")
+        yield daemon, slow_ca, forced
+
+
 def test_forced_renewal_joining_a_check_that_finds_nothing_due_still_renews(
         tmp_path: Path, certd_env: Any, pebble: Any) -> None:
     """A forced renewal arriving while the daemon's start-up ARI check runs: that check renews
     nothing, so the forced renewal runs right after it, in the same flight; the operator gets a new certificate."""
     env = certd_env(pebble)
-    env.write_config([env.http_cert("www", [SNI], deploy={"live_dir": str(tmp_path / "live")})])
-    env.run("renew", "--all", check=0)
-    with DelayProxy(pebble.ports.acme) as slow_ca:
-        env.acme_extra["directory"] = f"https://127.0.0.1:{slow_ca.port}/dir"
-        env.write_config([env.http_cert("www", [SNI], deploy={"live_dir": str(tmp_path / "live")})])
-        slow_ca.hold()  # the CA answers the start-up check only once the forced renewal has joined it
-        daemon = env.start_daemon()  # no ARI window known yet: the first check asks the CA at once
-        wait_until(lambda: slow_ca.connections >= 1, timeout=30, what="the start-up check asking the CA")
-        forced = subprocess.Popen(env.argv("renew", "www", "--force", "--wait", "--reason", "key exposure drill"),
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        wait_until(lambda: "renewal_joined" in daemon.log_text(), timeout=30, what="the forced renewal joining")
-        slow_ca.release()
+    with forced_renewal_joining_a_held_check(env, pebble, tmp_path / "live", "key exposure drill") as (daemon, ca, forced):
+        ca.release()
         out, err = forced.communicate(timeout=60)
         assert forced.returncode == 0, err
         assert "joined the scheduled rotation" in err and "now the forced renewal" in err, err
@@ -119,20 +129,10 @@ def test_forced_renewal_waiting_behind_a_check_when_the_daemon_stops_is_told_it_
     """The same join, then SIGTERM before the check ends: the daemon starts no renewal while
     stopping, and the operator's `renew --force --wait` exits 1 saying so, not 0 with "renews at"."""
     env = certd_env(pebble)
-    env.write_config([env.http_cert("www", [SNI], deploy={"live_dir": str(tmp_path / "live")})])
-    env.run("renew", "--all", check=0)
-    with DelayProxy(pebble.ports.acme) as slow_ca:
-        env.acme_extra["directory"] = f"https://127.0.0.1:{slow_ca.port}/dir"
-        env.write_config([env.http_cert("www", [SNI], deploy={"live_dir": str(tmp_path / "live")})])
-        slow_ca.hold()
-        daemon = env.start_daemon()
-        wait_until(lambda: slow_ca.connections >= 1, timeout=30, what="the start-up check asking the CA")
-        forced = subprocess.Popen(env.argv("renew", "www", "--force", "--wait", "--reason", "drill"),
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        wait_until(lambda: "renewal_joined" in daemon.log_text(), timeout=30, what="the forced renewal joining")
+    with forced_renewal_joining_a_held_check(env, pebble, tmp_path / "live", "drill") as (daemon, ca, forced):
         os.kill(daemon.pid, signal.SIGTERM)
         wait_until(lambda: "daemon_stopping" in daemon.log_text(), timeout=30, what="the daemon stopping")
-        slow_ca.release()
+        ca.release()
         out, err = forced.communicate(timeout=60)
         wait_until(lambda: not daemon.alive, timeout=30, what="daemon exit")
     assert forced.returncode == 1, (out, err)
