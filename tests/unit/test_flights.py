@@ -5,9 +5,17 @@ from __future__ import annotations
 
 import pytest
 
-from certd.scheduler import Flights, ShuttingDown
+from certd.scheduler import Flight, Flights, ShuttingDown
 
 FORCED = {"force": True, "reason": "incident 7", "initiator": "uid=0(root)"}
+
+
+def forced_joining(running: str = "scheduled") -> tuple[Flights, Flight]:
+    """A ``running`` flight on 'www' that a forced renewal has joined."""
+    flights = Flights()
+    flight, _ = flights.begin("www", running)
+    flights.begin("www", "forced", forced=FORCED)
+    return flights, flight
 
 
 def test_a_second_request_joins_the_flight_in_progress():
@@ -22,9 +30,7 @@ def test_a_second_request_joins_the_flight_in_progress():
 
 def test_forced_renewal_joining_a_check_that_renewed_nothing_is_handed_back():
     """The unforced flight renewed nothing: end() keeps the flight open and returns the forced request."""
-    flights = Flights()
-    flight, _ = flights.begin("www", "scheduled")
-    flights.begin("www", "forced", forced=FORCED)
+    flights, flight = forced_joining()
     assert flights.end(flight, "not_due", renewed=False) == FORCED
     assert not flight.done and flight.kind == "forced" and flights.in_progress() == [flight]
     late, started = flights.begin("www", "requested")
@@ -35,9 +41,7 @@ def test_forced_renewal_joining_a_check_that_renewed_nothing_is_handed_back():
 
 def test_forced_renewal_joining_a_check_that_renewed_is_satisfied_by_it():
     """One order per certificate: a flight that did renew answers the forced request too."""
-    flights = Flights()
-    flight, _ = flights.begin("www", "scheduled")
-    flights.begin("www", "forced", forced=FORCED)
+    flights, flight = forced_joining()
     assert flights.end(flight, "renewed", renewed=True) is None
     assert flight.done and flight.result == "renewed"
 
@@ -45,17 +49,13 @@ def test_forced_renewal_joining_a_check_that_renewed_is_satisfied_by_it():
 @pytest.mark.parametrize("running", ["forced", "rollback", "revoke"])
 def test_forced_renewal_joining_anything_but_an_unforced_renewal_is_not_queued(running: str):
     """A forced flight renews anyway; a rollback or revocation is not followed by a renewal."""
-    flights = Flights()
-    flight, _ = flights.begin("www", running)
-    flights.begin("www", "forced", forced=FORCED)
+    flights, flight = forced_joining(running)
     assert flights.end(flight, "not_due", renewed=False) is None and flight.done
 
 
 def test_no_forced_renewal_is_started_once_shutting_down():
     """Shutting down: the queued forced renewal is not started, and the flight's answer says so."""
-    flights = Flights()
-    flight, _ = flights.begin("www", "scheduled")
-    flights.begin("www", "forced", forced=FORCED)
+    flights, flight = forced_joining()
     flights.accepting = False
     assert flights.end(flight, "not_due", renewed=False, not_run=lambda r: f"{r}; forced renewal not run") is None
     assert flight.done and flight.result == "not_due; forced renewal not run" and flights.in_progress() == []
