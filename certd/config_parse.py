@@ -49,6 +49,7 @@ class Parser:
         top.done()
         certs: list[CertificateConfig] = []
         names: dict[str, int] = {}
+        targets: dict[Path, tuple[int, str, str]] = {}
         for i, raw in enumerate(certs_raw):
             cert = self.certificate(i, raw)
             if cert is None:
@@ -56,10 +57,28 @@ class Parser:
             if cert.name in names:
                 self.problem(f"certificate[{i}].name", f"duplicate name {cert.name!r} (also certificate[{names[cert.name]}]); names must be unique")
             names.setdefault(cert.name, i)
+            self.check_shared_targets(i, cert, targets)
             certs.append(cert)
         if acme is None:
             return None
         return Config(self.path, daemon, acme, tuple(certs), alerts)
+
+    def check_shared_targets(self, i: int, cert: CertificateConfig, seen: dict[Path, tuple[int, str, str]]) -> None:
+        """Two certificates deploying to one path would overwrite each other: the second one's
+        renewal then fails at staging. Refused here, naming both certificates."""
+        d = cert.deploy
+        mine = [("live_dir", d.live_dir), ("combined", d.combined),
+                *((f"files[{j}].path", f.path) for j, f in enumerate(d.files))]
+        for key, path in mine:
+            if path is None:
+                continue
+            other = seen.get(path)
+            if other is None:
+                seen[path] = (i, cert.name, key)
+            elif other[0] != i:
+                self.problem(f"certificate[{i}].deploy.{key}",
+                             f"{path} is also certificate[{other[0]}] ({other[1]})'s deploy.{other[2]}; two "
+                             f"certificates ({other[1]} and {cert.name}) cannot deploy to the same path: give each its own")
 
     # -- sections --
 
@@ -298,8 +317,9 @@ class Parser:
             sock = self.path_value(t, "socket")
             if sock is None and "socket" not in t.data:
                 self.problem(t.key("socket"), "the haproxy hook needs socket = \"/run/haproxy/admin.sock\" (stats socket ... level admin)")
-            crt = t.get("crt", str)
-            if crt is None:
+            crt_path = self.path_value(t, "crt")  # relative: against the config's directory, like socket
+            crt = None if crt_path is None else str(crt_path)
+            if crt is None and "crt" not in t.data:
                 if deploy.combined is None:
                     self.problem(t.key("crt"), "the haproxy hook needs crt = \"<path as in haproxy.cfg>\" or [certificate.deploy] combined = ...")
                 else:
