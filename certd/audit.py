@@ -47,7 +47,7 @@ from typing import Any, Iterator
 
 from certd import fsutil
 from certd.clock import utc
-from certd.errors import StoreError
+from certd.errors import StoreError, UsageError
 from certd.events import LifecycleEvent
 from certd.log import event as log_event
 
@@ -422,6 +422,25 @@ def iter_matching(records: list[dict[str, Any]], name: str | None) -> Iterator[d
     for rec in records:
         if name is None or rec.get("name") == name:
             yield rec
+
+
+def history(state_dir: Path, name: str | None, configured: Any, names_summary: str) -> dict[str, Any]:
+    """What ``certd history [NAME]`` shows, read by whoever may read the log (the CLI as root or
+    the certd user, or the daemon for ``GET /v1/history``): ``{"records": [...], "chain_intact":
+    bool}``. A name neither configured nor in any record is a usage error; a log certd may not
+    read says who can (exit 2), like the control socket's refusal."""
+    log = open_for(state_dir)
+    try:
+        records = log.records()
+        intact = log.verify().ok
+    except StoreError as e:
+        if isinstance(e.__cause__, PermissionError):
+            raise UsageError(f"cannot read {log.path}: permission denied; run as root or as the certd user, "
+                             f"or start the daemon (certd history then asks it)") from None
+        raise
+    if name is not None and name not in configured and not any(r.get("name") == name for r in records):
+        raise UsageError(f"unknown certificate {name}; configured: {names_summary}")
+    return {"records": list(iter_matching(records, name)), "chain_intact": intact}
 
 
 def open_for(state_dir: Path, group: str | None = None) -> AuditLog:

@@ -15,7 +15,7 @@ import sys
 import traceback
 from typing import Any, Callable, Sequence
 
-from certd import __version__, config as config_mod
+from certd import __version__, cli_output, config as config_mod
 from certd import log as logmod
 from certd.config import Config
 from certd.errors import CertdError, ConfigError, OperationFailed, UsageError
@@ -49,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("status", help="one row per certificate")
     s.add_argument("names", nargs="*", metavar="NAME")
     s.add_argument("--json", action="store_true")
+    s.add_argument("--wide", action="store_true", help="every domain (default: the first 3 and a count)")
 
     v = sub.add_parser("verify", help="handshake-check the live endpoints now")
     v.add_argument("names", nargs="*", metavar="NAME")
@@ -90,7 +91,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UsageError("certd: a COMMAND is required (see --help)")
         if args.command == "run":
             logmod.setup(logging.DEBUG if debug else logging.INFO)
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
+        cli_output.flush()
+        return code
+    except BrokenPipeError:  # the reader left early (`certd status | head -1`): quiet, like git log
+        cli_output.reader_left()
+        return EXIT_OK
     except CertdError as e:
         if debug:
             traceback.print_exc()
@@ -219,8 +225,8 @@ class _Remote:
         return outcomes[0]
 
 
-def _backend(args: argparse.Namespace) -> Any:
-    """The daemon when it runs (so one process owns the schedule), else in-process."""
+def _daemon_client(args: argparse.Namespace) -> Any:
+    """A client of the running daemon, or None when none runs."""
     from certd.control import ControlClient, DaemonNotRunning
     path = config_mod.resolve_path(args.config)
     if path.is_file():  # else load_config says what is wrong with the path
@@ -230,10 +236,16 @@ def _backend(args: argparse.Namespace) -> Any:
         client = ControlClient(config_mod.peek_control_socket(path))
         try:
             client.probe()
-            return _Remote(client)
+            return client
         except DaemonNotRunning:
             pass
-    return _Local(load_config(args))
+    return None
+
+
+def _backend(args: argparse.Namespace) -> Any:
+    """The daemon when it runs (so one process owns the schedule), else in-process."""
+    client = _daemon_client(args)
+    return _Remote(client) if client is not None else _Local(load_config(args))
 
 
 def _outcome(o: Any) -> dict[str, Any]:
@@ -267,6 +279,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         sys.stdout.write(backend.status_json(args.names))
         return EXIT_OK
     rows = backend.status(args.names)
+    for r in rows:
+        r["domains"] = cli_output.status_domains(r.get("domains"), args.wide)
     _print_table(rows, [("NAME", "name"), ("STATE", "state"), ("VER", "version"), ("SERIAL", "serial"),
                         ("NOT AFTER", "not_after"), ("NEXT RENEWAL", "next_renewal"), ("LAST RESULT", "last_result"),
                         ("DOMAINS", "domains")])
@@ -297,9 +311,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_rollback(args: argparse.Namespace) -> int:
     o = _backend(args).rollback(args.name, args.to_version, args.reason or "rollback by operator", _progress)
+    if o["result"] == "refused":  # through the daemon: the same one stderr line as in-process
+        raise UsageError(o["message"])
     print(f"{o['name']}: {o['message']}")
-    if o["result"] == "refused":
-        return EXIT_USAGE
     return EXIT_OK if o["ok"] else EXIT_FAILED
 
 
@@ -311,22 +325,23 @@ def cmd_revoke(args: argparse.Namespace) -> int:
         o = backend.revoke(args.name, reason, _progress)
     finally:
         backend.close()
+    if o["result"] == "refused":  # through the daemon: the same one stderr line as in-process
+        raise UsageError(o["message"])
     print(f"{o['name']}: {o['message']}")
-    if o["result"] == "refused":
-        return EXIT_USAGE
     return EXIT_OK if o["ok"] else EXIT_FAILED
 
 
 def cmd_history(args: argparse.Namespace) -> int:
     from certd import audit
     from certd.control import rows_document
-    cfg = load_config(args)
-    log = audit.open_for(cfg.daemon.state_dir)
-    records = log.records()
-    if args.name is not None and args.name not in cfg.names and not any(r.get("name") == args.name for r in records):
-        raise UsageError(f"unknown certificate {args.name}; configured: {cfg.names_summary()}")
-    rows = list(audit.iter_matching(records, args.name))
-    if not log.verify().ok:
+    client = _daemon_client(args)  # the daemon reads the 0700 state dir for control_group members
+    if client is not None:
+        doc = client.get("/v1/history", params={"name": args.name} if args.name is not None else None)
+    else:
+        cfg = load_config(args)
+        doc = audit.history(cfg.daemon.state_dir, args.name, set(cfg.names), cfg.names_summary())
+    rows = doc["records"]
+    if not doc["chain_intact"]:
         print("certd: warning: the audit log's hash chain is broken; run certd audit verify", file=sys.stderr)
     if args.json:
         sys.stdout.write(rows_document("records", rows))

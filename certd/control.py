@@ -13,6 +13,7 @@ Endpoints (JSON; long operations stream NDJSON progress events, the last line th
     POST /v1/revoke    {"name": str, "reason": "keyCompromise"|"superseded"|...}
     POST /v1/verify    {"names": [...]}
     POST /v1/reload    reload the configuration file
+    GET  /v1/history[?name=a]  {"records": [...], "chain_intact": bool}  (read-only)
 """
 
 from __future__ import annotations

@@ -81,6 +81,7 @@ class Daemon:
             ("POST", "/v1/verify"): self._api_verify,
             ("POST", "/v1/reload"): self._api_reload,
             ("GET", "/v1/drift"): self._api_drift,
+            ("GET", "/v1/history"): self._api_history,
         }, group=self.config.daemon.control_group,
             mutating={"/v1/renew", "/v1/rollback", "/v1/reload", "/v1/verify", "/v1/revoke"})
         self._stop = threading.Event()
@@ -403,8 +404,6 @@ class Daemon:
 
     def _api_renew(self, caller: Caller, body: dict[str, Any]) -> Iterator[dict[str, Any]] | dict[str, Any]:
         certs = list(self.config.certificates) if body.get("all") else self._select(body.get("names"))
-        if not certs:
-            raise UsageError("no certificates named")
         force = bool(body.get("force"))
         reason = str(body.get("reason") or ("forced by operator" if force else "requested by operator"))
         initiator = str(caller)
@@ -470,6 +469,15 @@ class Daemon:
     def _api_drift(self, caller: Caller, query: dict[str, Any]) -> dict[str, Any]:
         names = [c.name for c in self._select(query.get("name"))] if query.get("name") else None
         return drift.to_json(self.monitor.check_now(names))
+
+    def _api_history(self, caller: Caller, query: dict[str, Any]) -> dict[str, Any]:
+        """Read-only, so control_group members (who cannot read the 0700 state dir) see it too."""
+        from certd import audit
+        names = query.get("name") or [None]
+        if len(names) != 1:
+            raise UsageError("history takes at most one certificate name")
+        return audit.history(self.config.daemon.state_dir, names[0], set(self.config.names),
+                             self.config.names_summary())
 
     def _api_reload(self, caller: Caller, body: dict[str, Any]) -> dict[str, Any]:
         ok, problems = self.reload_config(f"control socket ({caller})")

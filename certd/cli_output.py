@@ -1,0 +1,48 @@
+"""What the CLI writes, and what happens when its reader goes away.
+
+``certd status | head -1`` closes the pipe after one line; the next write (or the flush at
+exit) then raises BrokenPipeError. Like ``git log | head``, certd then stops writing without a
+word: :func:`reader_left` points stdout at /dev/null, so neither the rest of the command nor
+the interpreter's final flush complains, and the command keeps its own exit code.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+_gone = False
+
+
+def reader_left() -> None:
+    """stdout's reader closed the pipe: send whatever follows to /dev/null, silently."""
+    global _gone
+    _gone = True
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, sys.stdout.fileno())
+        finally:
+            os.close(devnull)
+    except (OSError, ValueError):  # no real stdout (a test's capture): nothing to redirect
+        pass
+
+
+def gone() -> bool:
+    return _gone
+
+
+def flush() -> None:
+    """Flush stdout; a reader that left early is not an error."""
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        reader_left()
+
+
+def status_domains(domains: Any, wide: bool, limit: int = 3) -> Any:
+    """The DOMAINS cell of ``status``: at most ``limit`` names and "(+N more)", all with --wide."""
+    if wide or not isinstance(domains, list) or len(domains) <= limit:
+        return domains
+    return ",".join(map(str, domains[:limit])) + f" (+{len(domains) - limit} more)"
