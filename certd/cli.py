@@ -25,7 +25,8 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # argparse exits 2 too, but prints usage; keep one line
-        raise UsageError(f"{self.prog}: {message} (see --help)")
+        sub = self.prog.removeprefix("certd").strip()  # main() prints the "certd: " prefix once
+        raise UsageError(f"{sub + ': ' if sub else ''}{message} (see --help)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(args_list)
         if args.command is None:
-            raise UsageError("certd: a COMMAND is required (see --help)")
+            raise UsageError("a COMMAND is required (see --help)")
         if args.command == "run":
             logmod.setup(logging.DEBUG if debug else logging.INFO)
         code = COMMANDS[args.command](args)
@@ -356,7 +357,7 @@ def cmd_history(args: argparse.Namespace) -> int:
 def cmd_audit(args: argparse.Namespace) -> int:
     from certd import audit
     if args.audit_command != "verify":
-        raise UsageError("certd audit: a SUBCOMMAND is required: verify (see --help)")
+        raise UsageError("audit: a SUBCOMMAND is required: verify (see --help)")
     cfg = load_config(args)
     if args.head is not None and not re.fullmatch(r"[0-9a-f]{64}", args.head):
         raise UsageError(f"--head {args.head!r}: expected a record hash, 64 lower-case hex digits")

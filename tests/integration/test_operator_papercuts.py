@@ -1,0 +1,215 @@
+"""What an operator meets in the first week (issue 13), as real processes: the README's
+exit-code and error promises over every command, in-process and through the daemon; history
+for control_group members; a reader that leaves early; refusals; long domain lists."""
+
+from __future__ import annotations
+
+import grp
+import json
+import os
+import shutil
+import subprocess
+import sysconfig
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from tests.support.certd_env import ROOT, CertdEnv
+from tests.support.unpriv import UnprivUser
+
+SNI = "www.example.test"
+SYSTEM_PYTHON = "/usr/bin/python3"  # the venv's interpreter lives under /root (0700): not for other users
+
+
+@pytest.fixture(scope="module")
+def operator() -> Iterator[UnprivUser]:
+    """An on-call engineer: not root, not certd's user; control_group is their group."""
+    user = UnprivUser("certdop")
+    try:
+        yield user
+    finally:
+        user.remove()
+
+
+def run_as(user: UnprivUser, env: CertdEnv, *args: str) -> subprocess.CompletedProcess[str]:
+    """``certd ARGS`` as ``user``, with the project's packages (same Python minor version)."""
+    path = f"{sysconfig.get_paths()['purelib']}:{ROOT}"
+    return user.run([SYSTEM_PYTHON, "-m", "certd.cli", "--config", str(env.config_path), *args],
+                    env={"PYTHONPATH": path})
+
+
+def one_error_line(r: subprocess.CompletedProcess[str], code: int = 2) -> str:
+    """The README's promise: the documented exit code, nothing on stdout, one line on stderr."""
+    assert r.returncode == code, (r.returncode, r.stdout, r.stderr)
+    assert r.stdout == "", r.stdout
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("certd: ") and not lines[0].startswith("certd: certd:"), r.stderr
+    assert "Traceback" not in r.stderr and "internal error" not in r.stderr
+    return lines[0]
+
+
+def issued_env(certd_env: Any, pebble: Any, workdir: Path, **daemon: Any) -> CertdEnv:
+    env = certd_env(pebble, workdir=workdir)
+    shutil.copy(pebble.ca_bundle, workdir / "acme-ca.pem")  # readable wherever the workdir is
+    env.acme_extra = {"ca_bundle": str(workdir / "acme-ca.pem")}
+    env.daemon_extra = dict(daemon)
+    env.write_config([env.http_cert("www", [SNI], deploy={"live_dir": str(workdir / "live")})])
+    env.run("renew", "--all", check=0)
+    return env
+
+
+# -- item 1: history for control_group members ----------------------------------------------
+
+def test_history_for_a_control_group_member_goes_through_the_daemon(certd_env: Any, pebble: Any,
+                                                                    operator: UnprivUser) -> None:
+    """The state dir is 0700: a control_group member cannot read audit.jsonl. Without a daemon
+    they are told what to do (exit 2, one line); with one, the daemon reads it for them."""
+    group = grp.getgrgid(operator.gid).gr_name
+    env = issued_env(certd_env, pebble, operator.workdir(), control_group=group)
+    assert os.stat(env.state_dir).st_mode & 0o777 == 0o700
+    line = one_error_line(run_as(operator, env, "history"))
+    assert "permission denied" in line and "start the daemon" in line and "root" in line, line
+
+    env.start_daemon()
+    r = run_as(operator, env, "history", "www")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[0].split()[:3] == ["TIME", "EVENT", "NAME"]
+    assert any(" www " in row and "success" in row for row in r.stdout.splitlines()[1:]), r.stdout
+    as_member = json.loads(run_as(operator, env, "history", "--json").stdout)["records"]
+    as_root = json.loads(env.run("history", "--json", check=0).stdout)["records"]
+    assert as_member == as_root and as_member
+    one_error_line(run_as(operator, env, "history", "nosuch"))  # unknown name: still a usage error
+
+
+# -- item 2: a reader that leaves early ---------------------------------------------------
+
+def run_into_closed_pipe(env: CertdEnv, *args: str) -> subprocess.CompletedProcess[str]:
+    """``certd ARGS | head -0``, deterministically: stdout is a pipe whose reader is gone."""
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        proc = subprocess.run(env.argv(*args), stdout=w, stderr=subprocess.PIPE, text=True, timeout=120, cwd=ROOT)
+    finally:
+        os.close(w)
+    return proc
+
+
+@pytest.mark.parametrize("through_daemon", [False, True], ids=["in-process", "daemon"])
+def test_a_reader_that_leaves_early_gets_no_error(tmp_path: Path, certd_env: Any, pebble: Any,
+                                                  through_daemon: bool) -> None:
+    """`certd status | head -1` printed "certd: internal error: BrokenPipeError" and exited 1."""
+    env = issued_env(certd_env, pebble, tmp_path)
+    if through_daemon:
+        env.start_daemon()
+    for args in (("status",), ("status", "--json"), ("history",), ("history", "--json"), ("drift",)):
+        r = run_into_closed_pipe(env, *args)
+        assert (r.returncode, r.stderr) == (0, ""), (args, r.returncode, r.stderr)
+
+
+# -- items 3 and 8 ----------------------------------------------------------------------------
+
+def test_a_refused_rollback_says_the_same_thing_in_process_and_through_the_daemon(
+        tmp_path: Path, certd_env: Any, pebble: Any) -> None:
+    env = issued_env(certd_env, pebble, tmp_path)
+    local = one_error_line(env.run("rollback", "www", "--to", "7"))
+    env.start_daemon()
+    remote = one_error_line(env.run("rollback", "www", "--to", "7"))
+    assert remote == local, (local, remote)
+    assert "www: www" not in remote
+
+
+def test_renew_all_with_no_certificates_is_nothing_to_do(tmp_path: Path, certd_env: Any, pebble: Any) -> None:
+    env = certd_env(pebble)
+    env.write_config([])
+    assert env.run("renew", "--all").returncode == 0
+    env.start_daemon()
+    for args in (("renew", "--all"), ("renew", "--all", "--wait"), ("renew",), ("renew", "--all", "--force")):
+        r = env.run(*args)
+        assert (r.returncode, r.stderr) == (0, ""), (args, r.returncode, r.stderr)
+
+
+# -- item 11: long domain lists in status ------------------------------------------------------
+
+@pytest.mark.parametrize("through_daemon", [False, True], ids=["in-process", "daemon"])
+def test_status_shows_three_domains_and_a_count_unless_wide(tmp_path: Path, certd_env: Any, pebble: Any,
+                                                            through_daemon: bool) -> None:
+    env = certd_env(pebble)
+    names = [f"host{i:03}.example.test" for i in range(100)]
+    env.write_config([env.http_cert("big", names, deploy={"live_dir": str(tmp_path / "big")}),
+                      env.http_cert("small", ["a.example.test"], deploy={"live_dir": str(tmp_path / "small")})])
+    if through_daemon:
+        env.start_daemon()
+    rows = env.run("status", check=0).stdout.splitlines()
+    big = next(r for r in rows if r.startswith("big "))
+    assert big.endswith("host000.example.test,host001.example.test,host002.example.test (+97 more)"), big
+    assert len(big) < 200 and "host003" not in big
+    assert next(r for r in rows if r.startswith("small ")).endswith("a.example.test")
+    wide = next(r for r in env.run("status", "--wide", check=0).stdout.splitlines() if r.startswith("big "))
+    assert wide.endswith(",".join(names))
+    assert env.status("big")["big"]["domains"] == names  # --json: every name, as before
+
+
+# -- the README's exit-code and error promises, over every command ----------------------------
+
+USAGE_ERRORS: list[tuple[str, ...]] = [
+    ("frobnicate",),
+    ("renew", "nosuch"),
+    ("renew", "--force"),
+    ("status", "nosuch"),
+    ("verify", "nosuch"),
+    ("drift", "nosuch"),
+    ("rollback", "nosuch"),
+    ("rollback", "www", "--to", "9"),
+    ("revoke", "www", "--reason", "bogus"),
+    ("revoke", "nosuch", "--reason", "superseded"),
+    ("history", "nosuch"),
+    ("audit",),
+    ("audit", "verify", "--head", "xyz"),
+]
+SUCCESSES: list[tuple[str, ...]] = [
+    ("check-config",),
+    ("renew",),
+    ("renew", "--all"),
+    ("status",),
+    ("status", "--json"),
+    ("status", "--wide", "www"),
+    ("verify",),
+    ("drift",),
+    ("history",),
+    ("history", "www", "--json"),
+    ("audit", "verify"),
+]
+
+
+@pytest.mark.parametrize("through_daemon", [False, True], ids=["in-process", "daemon"])
+def test_every_command_keeps_the_readmes_exit_code_and_error_promises(tmp_path: Path, certd_env: Any,
+                                                                     pebble: Any, through_daemon: bool) -> None:
+    """0 success or nothing to do, 1 an operation failed, 2 usage or configuration error;
+    errors are one line on stderr."""
+    env = issued_env(certd_env, pebble, tmp_path)
+    if through_daemon:
+        env.start_daemon()
+        ok = env.run("reload")
+        assert (ok.returncode, ok.stderr) == (0, ""), ok.stderr
+        second = env.run("run")
+        assert second.returncode == 2 and "another certd already listens" in second.stderr.splitlines()[-1]
+    else:
+        one_error_line(env.run("reload"))
+    for args in USAGE_ERRORS:
+        one_error_line(env.run(*args))
+    for args in SUCCESSES:
+        r = env.run(*args)
+        assert (r.returncode, r.stderr) == (0, ""), (args, r.returncode, r.stdout, r.stderr)
+    # 1: an operation failed. A tampered audit log ...
+    audit = env.state_dir / "audit.jsonl"
+    audit.write_bytes(audit.read_bytes().replace(b'"outcome": "success"', b'"outcome": "failure"', 1))
+    r = env.run("audit", "verify")
+    assert r.returncode == 1 and "TAMPERED" in r.stdout
+    # ... and a deployed key someone made world-readable.
+    os.chmod(tmp_path / "live" / "privkey.pem", 0o644)
+    r = env.run("drift")
+    assert r.returncode == 1 and "privkey.pem" in r.stdout and "0644" in r.stdout, (r.stdout, r.stderr)
+    # 2: a configuration error, even while the daemon runs its last good config.
+    env.config_path.write_text(env.config_path.read_text() + "\nbogus = 1\n")
+    one_error_line(env.run("check-config"))
