@@ -11,9 +11,10 @@ from __future__ import annotations
 import logging
 import os
 import pwd
+import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, Callable, Iterable
 
@@ -150,8 +151,9 @@ class Manager:
         say = _sayer(cert.name, progress)
         try:
             with self.store.lock(cert.name, timeout=self.lock_timeout):
-                self._recover(cert, say)
-                return self._renew_locked(cert, force, reason, initiator, say, skip_backoff)
+                resumed = self._recover(cert, say)
+                outcome = self._renew_locked(cert, force, reason, initiator, say, skip_backoff)
+                return outcome if resumed is None else _with_resumed(outcome, resumed)
         except CertdError as e:
             event(log, "renewal_failed", logging.ERROR, name=cert.name, error=str(e))
             return Outcome(cert.name, "failed", str(e))
@@ -191,7 +193,7 @@ class Manager:
             })
         except OperationFailed as e:
             self._record_failure(cert, state, str(e), ca_unreachable=isinstance(e, CANotReachable),
-                                 initiator=initiator)
+                                 initiator=initiator, reason=reason)
             return Outcome(cert.name, "failed", str(e), current)
         event(log, "cert_issued", name=cert.name, version=version, serial=info.serial,
               not_after=isoformat(info.not_after), initiator=initiator)
@@ -362,24 +364,25 @@ class Manager:
         if j.step == Step.ROLLED_BACK:
             result, msg = "rolled_back", f"rolled back to version {j.from_version} (serial {serial}, verified): {error}"
         elif j.step == Step.ROLLBACK_FAILED:
-            result, msg = "rollback_failed", f"ROLLBACK FAILED, check the endpoints now: {error}; rollback: {j.rollback_error}"
+            result, msg = "rollback_failed", rollback_failed_message(j)
         elif j.unverified:
             result, msg = "deployed_unverified", f"deployed version {version} but could not verify it: {error}"
         else:
             result, msg = "failed", error
         if j.kind == "renew":
             self._record_failure(cert, state, msg, result=j.result, failed_step=failed_step(j),
-                                 initiator=j.initiator)
+                                 initiator=j.initiator, reason=j.reason)
         return Outcome(cert.name, result, msg, version, serial)
 
     def _record_failure(self, cert: CertificateConfig, state: CertState, error: str, result: str = "failed",
                         ca_unreachable: bool = False, failed_step: str | None = None,
-                        initiator: str = "scheduler") -> None:
+                        initiator: str = "scheduler", reason: str = "") -> None:
         event(log, "renewal_failed", logging.ERROR, name=cert.name, failures=state.failures + 1, error=error)
-        detail: dict[str, Any] = {"failures": state.failures + 1}
+        detail: dict[str, Any] = {"failures": state.failures + 1, "error": error}
         if failed_step is not None:
             detail["failed_step"] = failed_step
-        self.emit("renewal_failed", cert.name, outcome=result, reason=error, detail=detail, initiator=initiator)
+        # reason: why the renewal was asked for (the operator's --reason); the error goes in detail
+        self.emit("renewal_failed", cert.name, outcome=result, reason=reason, detail=detail, initiator=initiator)
         state.ca_unreachable = ca_unreachable
         state.failures += 1
         state.last_failure = isoformat(self.clock.now())
@@ -496,8 +499,9 @@ class Manager:
             self.emit("rolled_back", cert.name, outcome="rolled_back", version=j.from_version,
                       old_serial=self._serial(cert.name, j.to_version), new_serial=self._serial(cert.name, j.from_version),
                       detail={"error": j.error, "failed_step": failed_step(j)}, **common)
-        elif j.step == Step.ROLLBACK_FAILED:
+        elif j.step == Step.ROLLBACK_FAILED:  # serials as in rolled_back: from the new version back to the old
             self.emit("rollback_failed", cert.name, outcome="rollback_failed", version=j.from_version,
+                      old_serial=self._serial(cert.name, j.to_version), new_serial=self._serial(cert.name, j.from_version),
                       detail={"error": j.error, "rollback_error": j.rollback_error,
                               "failed_step": failed_step(j)}, **common)
 
@@ -521,6 +525,29 @@ class Manager:
 
     def _save_journal(self, j: Journal) -> None:
         self.store.save_journal(j.name, j.to_json())
+
+
+def _with_resumed(outcome: Outcome, j: Journal) -> Outcome:
+    """``outcome`` whose message also says how the rotation a crash left unfinished ended: the
+    report on stdout is where the operator looks, not a WARNING on stderr."""
+    ended = {Step.COMMITTED: f"committed version {j.to_version}",
+             Step.ROLLED_BACK: f"rolled back to version {j.from_version}",
+             Step.ROLLBACK_FAILED: "ROLLBACK FAILED"}.get(j.step, j.step.value)
+    note = f"resumed a {j.kind} to version {j.to_version} that a crash interrupted: {ended}"
+    return replace(outcome, message=f"{note}; {outcome.message}")
+
+
+_FINGERPRINT = re.compile(r"\b([0-9a-f]{8})[0-9a-f]{56}\b")
+
+
+def rollback_failed_message(j: Journal) -> str:
+    """The one line a page starts from: what failed and why the old version is not proven
+    served, without repeating the served certificate's description (the rotation's own error
+    and the full fingerprints stay in the audit record's detail)."""
+    step = failed_step(j) or "the rotation"
+    why = _FINGERPRINT.sub(r"\1…", j.rollback_error or "unknown error")
+    return (f"ROLLBACK FAILED, check the endpoints now: version {j.to_version} failed at {step}; version "
+            f"{j.from_version} not proven served: {why}")
 
 
 def _serialized(progress: Progress) -> Progress:

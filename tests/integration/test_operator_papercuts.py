@@ -213,3 +213,42 @@ def test_every_command_keeps_the_readmes_exit_code_and_error_promises(tmp_path: 
     # 2: a configuration error, even while the daemon runs its last good config.
     env.config_path.write_text(env.config_path.read_text() + "\nbogus = 1\n")
     one_error_line(env.run("check-config"))
+
+
+# -- items 9 and 10: what the audit log and the report say -------------------------------------
+
+def test_a_failed_rollback_keeps_the_reason_the_serials_and_a_short_message(
+        tmp_path: Path, certd_env: Any, pebble: Any, nginx_factory: Any, test_ca: Any) -> None:
+    """An endpoint that serves neither version: the rotation fails verification and so does the
+    rollback. The operator's --reason stays the record's reason, the error goes in
+    detail.error, rollback_failed names both serials, and the message is one short line."""
+    env = issued_env(certd_env, pebble, tmp_path)
+    other = test_ca.issue(SNI)
+    (tmp_path / "other.pem").write_bytes(other.fullchain_pem)
+    (tmp_path / "other.key").write_bytes(other.key_pem)
+    nginx = nginx_factory(tmp_path / "other.pem", tmp_path / "other.key")
+    cert = dict(env.certificates[0], verify_timeout="1s",
+                verify=[{"endpoint": f"127.0.0.1:{nginx.port}", "sni": SNI, "ca_bundle": str(test_ca.root_path)}])
+    env.write_config([cert])
+    r = env.run("renew", "www", "--force", "--reason", "incident 4711", check=1)
+    line = r.stdout.strip()
+    assert line.startswith("www: ROLLBACK FAILED") and "\n" not in line, r.stdout
+    assert len(line) < 300, (len(line), line)
+    assert line.count("served serial") == 1, line
+    records = json.loads(env.run("history", "www", "--json", check=0).stdout)["records"]
+    failed = [x for x in records if x["event"] == "renewal_failed"][-1]
+    assert failed["reason"] == "incident 4711", failed
+    assert failed["outcome"] == "rollback_failed" and "ROLLBACK FAILED" in failed["detail"]["error"]
+    rb = [x for x in records if x["event"] == "rollback_failed"][-1]
+    served_before = [x for x in records if x["event"] == "renewed" or x["event"] == "issued"][0]["new_serial"]
+    assert rb["new_serial"] == served_before and rb["old_serial"] and rb["old_serial"] != served_before, rb
+    assert rb["reason"] == "incident 4711"
+
+
+def test_a_rotation_resumed_after_a_crash_is_in_the_renew_report(tmp_path: Path, certd_env: Any,
+                                                                 pebble: Any) -> None:
+    env = issued_env(certd_env, pebble, tmp_path)
+    assert env.run("renew", "www", "--force", env={"CERTD_CRASH_AT": "switched"}).returncode == -9
+    r = env.run("renew", "www", check=0)
+    assert "www: resumed a renew to version 2 that a crash interrupted: committed version 2" in r.stdout, r.stdout
+    assert env.status("www")["www"]["version"] == 2
