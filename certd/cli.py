@@ -140,9 +140,12 @@ class _Local:
     def renew(self, names: list[str], all_: bool, force: bool, reason: str, wait: bool,
               progress: Any) -> list[dict[str, Any]]:
         from certd.manager import whoami
+        from certd import housekeeping
         certs = self.mgr.select([] if all_ else names)
-        return [_outcome(o) for o in self.mgr.renew(certs, force=force, reason=reason, initiator=whoami(),
-                                                    progress=progress)]
+        outcomes = [_outcome(o) for o in self.mgr.renew(certs, force=force, reason=reason, initiator=whoami(),
+                                                        progress=progress)]
+        housekeeping.sweep(self.mgr.config, [c.name for c in certs])  # what killed runs left
+        return outcomes
 
     def status(self, names: list[str]) -> list[dict[str, Any]]:
         return [self.mgr.status(c) for c in self.mgr.select(names)]

@@ -25,7 +25,7 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
 from certd import config as config_mod
-from certd import drift
+from certd import drift, housekeeping
 from certd.clock import Clock, SystemClock, isoformat
 from certd.config import CertificateConfig, Config
 from certd.control import Caller, ControlServer, Preformatted, rows_document
@@ -124,6 +124,7 @@ class Daemon:
             if self._reload_asked:
                 self._sighup()
             sd_notify("READY=1")
+            self._housekeep()
             self._update_status()
             event(log, "daemon_ready", certificates=len(self.config.certificates), pid=os.getpid())
             while not self._stop.wait(1.0):
@@ -233,6 +234,13 @@ class Daemon:
                 else:
                     bucket.discard(name)
 
+    def _housekeep(self, names: list[str] | None = None) -> None:
+        """Remove what killed processes left (housekeeping.py): all at start, then per rotation."""
+        try:
+            housekeeping.sweep(self.config, names)
+        except Exception:  # tidying up must never stop the daemon
+            log.exception("housekeeping failed")
+
     # -- scheduling -----------------------------------------------------------------------
 
     def _reschedule(self, name: str, spread: _Spread | None = None) -> None:
@@ -269,6 +277,7 @@ class Daemon:
             if not ended:  # interrupted by what _fly does not catch (KeyboardInterrupt)
                 self.flights.end(flight, outcome)
             if not self._stop.is_set():
+                self._housekeep([flight.name])
                 self._reschedule(flight.name)
                 self._note_failures(flight.name)
                 self._update_status()

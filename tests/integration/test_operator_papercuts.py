@@ -16,6 +16,7 @@ from typing import Any, Iterator
 import pytest
 
 from tests.support.certd_env import ROOT, CertdEnv
+from tests.support.procs import wait_until
 from tests.support.unpriv import UnprivUser
 
 SNI = "www.example.test"
@@ -252,3 +253,32 @@ def test_a_rotation_resumed_after_a_crash_is_in_the_renew_report(tmp_path: Path,
     r = env.run("renew", "www", check=0)
     assert "www: resumed a renew to version 2 that a crash interrupted: committed version 2" in r.stdout, r.stdout
     assert env.status("www")["www"]["version"] == 2
+
+
+# -- item 4: what SIGKILLed writers leave behind ------------------------------------------------
+
+def plant_leftovers(env: CertdEnv, live: Path, tag: str) -> list[Path]:
+    """What a SIGKILL between create and rename leaves (the names fsutil.temp_name makes)."""
+    certdir = env.state_dir / "certs" / "www"
+    staging = live.parent / f".{live.name}.versions" / f".0011.tmp-{tag}"
+    staging.mkdir()
+    (staging / "privkey.pem").write_bytes(b"-----BEGIN PRIVATE KEY-----\nstale\n-----END PRIVATE KEY-----\n")
+    files = [certdir / f".journal.json.tmp-{tag}", certdir / f".state.json.tmp-{tag}",
+             env.state_dir / f".audit.head.tmp-{tag}"]
+    for f in files:
+        f.write_text("{}")
+    return [*files, staging]
+
+
+def test_stale_temporaries_are_swept_at_start_and_after_each_rotation(tmp_path: Path, certd_env: Any,
+                                                                      pebble: Any) -> None:
+    env = issued_env(certd_env, pebble, tmp_path)
+    live = tmp_path / "live"
+    at_start = plant_leftovers(env, live, "a1b2c3")
+    daemon = env.start_daemon()
+    wait_until(lambda: not any(os.path.lexists(p) for p in at_start), timeout=30, what="start-up sweep")
+    assert "stale_temp_removed" in daemon.log_text()
+    after_rotation = plant_leftovers(env, live, "d4e5f6")
+    env.run("renew", "www", "--force", "--wait", check=0)
+    wait_until(lambda: not any(os.path.lexists(p) for p in after_rotation), timeout=30, what="post-rotation sweep")
+    assert os.readlink(live).endswith("0002")  # the live certificate is untouched by the sweep
