@@ -38,6 +38,7 @@ KINDS = frozenset({
     "drift_found",       # configured / stored / deployed / served disagree
     "drift_repaired",
     "expiring_soon",     # past the emergency point without a successful renewal
+    "state_dir_tightened",  # the state dir was group/world accessible and certd made it 0700
 })
 
 

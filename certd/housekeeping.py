@@ -1,5 +1,6 @@
-"""Sweep what killed processes left behind: temporary files in the state directory and
-staging directories beside each live_dir.
+"""Keep the state directory tidy and private: sweep what killed processes left behind
+(temporary files in the state directory, staging directories beside each live_dir), and
+tighten a state directory someone left group- or world-accessible.
 
 A process SIGKILLed between creating a temporary file and renaming it leaves
 ``.journal.json.tmp-*`` / ``.state.json.tmp-*`` (``certs/NAME/``), ``.audit.head.tmp-*`` (the
@@ -30,6 +31,7 @@ from collections.abc import Collection
 from pathlib import Path
 
 from certd.config import Config
+from certd.errors import UsageError
 from certd.log import event
 
 log = logging.getLogger("certd.housekeeping")
@@ -138,3 +140,36 @@ def _zero(fd: int, size: int) -> None:
     while offset < size:
         offset += os.pwrite(fd, _ZEROS[:min(len(_ZEROS), size - offset)], offset)
     os.fsync(fd)
+
+
+STATE_DIR_MODE = 0o700
+
+
+def secure_state_dir(state_dir: Path) -> int | None:
+    """Make an existing ``state_dir`` with a looser mode than 0700 (0755 from a packaging
+    default, 1777 on a fresh tmpfs) 0700, by descriptor. Returns the mode it had when it was
+    tightened, None when nothing was needed (absent: it is created 0700; a symlink is not
+    followed). UsageError (exit 2) when certd may not change it: running on a directory others
+    can read keys from is not an option."""
+    try:
+        fd = os.open(state_dir, _DIR_FLAGS)
+    except OSError as e:
+        if e.errno in (errno.ENOENT, errno.ELOOP):
+            return None
+        raise UsageError(f"state_dir {state_dir}: cannot open it: {e.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        old = stat.S_IMODE(st.st_mode)
+        if old & ~STATE_DIR_MODE == 0:
+            return None
+        try:
+            os.fchmod(fd, STATE_DIR_MODE)
+        except OSError as e:
+            raise UsageError(f"state_dir {state_dir} has mode {old:04o} (others may read private keys) and certd "
+                             f"cannot make it 0700 ({e.strerror}, owner uid {st.st_uid}); run "
+                             f"chmod 700 {state_dir} as its owner or root") from None
+    finally:
+        os.close(fd)
+    event(log, "state_dir_tightened", logging.WARNING, path=state_dir, old_mode=f"{old:04o}",
+          mode=f"{STATE_DIR_MODE:04o}")
+    return old

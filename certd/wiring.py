@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from certd import audit
+from certd import audit, housekeeping
 from certd.alerts import Alerter
 from certd.metrics import Metrics
 from certd.clock import Clock, SystemClock
 from certd.config import Config
 from certd.events import EventBus
-from certd.manager import Manager
+from certd.manager import Manager, whoami
 
 
 @dataclass
@@ -62,8 +62,12 @@ def build_events(config: Config, clock: Clock, *, daemon: bool, sinks: Sinks | N
 def build_manager(config: Config, *, clock: Clock | None = None, daemon: bool = False,
                   lock_timeout: float = 0.0, sinks: Sinks | None = None) -> Manager:
     clock = clock or SystemClock()
+    loose_mode = housekeeping.secure_state_dir(config.daemon.state_dir)  # before anything is read or written
     manager = Manager(config, clock=clock, lock_timeout=lock_timeout,
                       events=build_events(config, clock, daemon=daemon, sinks=sinks))
+    if loose_mode is not None:
+        manager.emit("state_dir_tightened", "", initiator=whoami(), reason=f"state_dir had mode {loose_mode:04o}",
+                     detail={"path": str(config.daemon.state_dir), "old_mode": f"{loose_mode:04o}", "mode": "0700"})
     if sinks is not None and sinks.metrics is not None:
         sinks.metrics.bind(manager)  # the store-backed gauges read the manager's status
     return manager

@@ -282,3 +282,33 @@ def test_stale_temporaries_are_swept_at_start_and_after_each_rotation(tmp_path: 
     env.run("renew", "www", "--force", "--wait", check=0)
     wait_until(lambda: not any(os.path.lexists(p) for p in after_rotation), timeout=30, what="post-rotation sweep")
     assert os.readlink(live).endswith("0002")  # the live certificate is untouched by the sweep
+
+
+# -- item 5: a state dir others can read --------------------------------------------------------
+
+def test_a_loose_state_dir_is_tightened_with_a_log_line_and_an_audit_record(tmp_path: Path, certd_env: Any,
+                                                                           pebble: Any) -> None:
+    env = issued_env(certd_env, pebble, tmp_path)
+    os.chmod(env.state_dir, 0o755)
+    r = env.run("status", check=0)
+    assert "state_dir_tightened" in r.stderr and "0755" in r.stderr, r.stderr
+    assert os.stat(env.state_dir).st_mode & 0o7777 == 0o700
+    records = json.loads(env.run("history", "--json", check=0).stdout)["records"]
+    tightened = [x for x in records if x["event"] == "state_dir_tightened"]
+    assert len(tightened) == 1 and tightened[0]["detail"]["old_mode"] == "0755", tightened
+    assert env.run("status", check=0).stderr == ""  # once: now it is private
+
+    os.chmod(env.state_dir, 0o1777)  # a fresh tmpfs
+    daemon = env.start_daemon()
+    wait_until(lambda: "state_dir_tightened" in daemon.log_text(), timeout=30, what="the daemon's log line")
+    assert os.stat(env.state_dir).st_mode & 0o7777 == 0o700
+
+
+def test_a_loose_state_dir_certd_cannot_tighten_is_refused(certd_env: Any, pebble: Any,
+                                                          operator: UnprivUser) -> None:
+    """Not its owner (nor root): certd refuses to run on it, exit 2, one line saying what to do."""
+    env = issued_env(certd_env, pebble, operator.workdir())
+    os.chmod(env.state_dir, 0o755)
+    line = one_error_line(run_as(operator, env, "status"))
+    assert "chmod 700" in line and str(env.state_dir) in line and "0755" in line, line
+    assert os.stat(env.state_dir).st_mode & 0o7777 == 0o755

@@ -103,3 +103,22 @@ def test_after_one_rotation_only_that_certificates_leftovers_are_swept(tmp_path:
     assert other.exists()
     housekeeping.sweep(cfg)
     assert not other.exists()
+
+
+def test_a_loose_state_dir_is_tightened_to_0700(tmp_path: Path) -> None:
+    """0755 (a packaging default) and 1777 (a fresh tmpfs) become 0700; the old mode is returned."""
+    for loose in (0o755, 0o1777, 0o750, 0o701):
+        state = tmp_path / f"state-{loose:o}"
+        state.mkdir()
+        os.chmod(state, loose)
+        assert housekeeping.secure_state_dir(state) == loose
+        assert os.stat(state).st_mode & 0o7777 == 0o700
+
+
+def test_a_private_or_absent_state_dir_is_left_as_it_is(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    assert housekeeping.secure_state_dir(state) is None and not state.exists()
+    state.mkdir(mode=0o700)
+    assert housekeeping.secure_state_dir(state) is None
+    os.chmod(state, 0o500)
+    assert housekeeping.secure_state_dir(state) is None and os.stat(state).st_mode & 0o777 == 0o500
