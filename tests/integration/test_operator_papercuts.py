@@ -277,7 +277,8 @@ def test_stale_temporaries_are_swept_at_start_and_after_each_rotation(tmp_path: 
     at_start = plant_leftovers(env, live, "a1b2c3")
     daemon = env.start_daemon()
     wait_until(lambda: not any(os.path.lexists(p) for p in at_start), timeout=30, what="start-up sweep")
-    assert "stale_temp_removed" in daemon.log_text()
+    wait_until(lambda: daemon.log_text().count("stale_temp_removed") == len(at_start), timeout=10,
+               what="one log line per leftover")
     after_rotation = plant_leftovers(env, live, "d4e5f6")
     env.run("renew", "www", "--force", "--wait", check=0)
     wait_until(lambda: not any(os.path.lexists(p) for p in after_rotation), timeout=30, what="post-rotation sweep")
