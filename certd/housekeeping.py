@@ -74,7 +74,12 @@ def sweep_dir(directory: Path, prefixes: tuple[str, ...]) -> list[str]:
         return []
     removed: list[str] = []
     try:
-        for name in os.listdir(dfd):
+        try:
+            names = os.listdir(dfd)
+        except OSError as e:
+            event(log, "sweep_failed", logging.WARNING, path=directory, error=e.strerror)
+            return []
+        for name in names:
             if TMP_INFIX not in name or not name.startswith(prefixes):
                 continue
             try:
@@ -83,7 +88,10 @@ def sweep_dir(directory: Path, prefixes: tuple[str, ...]) -> list[str]:
             except OSError as e:  # one stubborn leftover does not stop the sweep
                 event(log, "sweep_failed", logging.WARNING, path=directory / name, error=e.strerror)
         if removed:
-            os.fsync(dfd)
+            try:
+                os.fsync(dfd)
+            except OSError:
+                pass  # the names are gone either way
     finally:
         os.close(dfd)
     return removed
@@ -94,11 +102,19 @@ def _subdirs(directory: Path) -> list[str]:
         dfd = os.open(directory, _DIR_FLAGS)
     except OSError:
         return []
+    found = []
     try:
-        return [n for n in os.listdir(dfd)
-                if stat.S_ISDIR(os.stat(n, dir_fd=dfd, follow_symlinks=False).st_mode)]
+        for n in os.listdir(dfd):
+            try:
+                if stat.S_ISDIR(os.stat(n, dir_fd=dfd, follow_symlinks=False).st_mode):
+                    found.append(n)
+            except OSError:
+                continue  # gone meanwhile
+    except OSError:
+        pass
     finally:
         os.close(dfd)
+    return found
 
 
 def _remove_at(dfd: int, name: str, *, check_lock: bool) -> bool:
