@@ -112,6 +112,7 @@ def test_a_reader_that_leaves_early_gets_no_error(tmp_path: Path, certd_env: Any
 
 def test_a_refused_rollback_says_the_same_thing_in_process_and_through_the_daemon(
         tmp_path: Path, certd_env: Any, pebble: Any) -> None:
+    """Through the daemon it went to stdout as "www: www has no version 7…", exit 2."""
     env = issued_env(certd_env, pebble, tmp_path)
     local = one_error_line(env.run("rollback", "www", "--to", "7"))
     env.start_daemon()
@@ -121,6 +122,7 @@ def test_a_refused_rollback_says_the_same_thing_in_process_and_through_the_daemo
 
 
 def test_renew_all_with_no_certificates_is_nothing_to_do(tmp_path: Path, certd_env: Any, pebble: Any) -> None:
+    """Through the daemon it said "no certificates named" and exited 2; in-process 0."""
     env = certd_env(pebble)
     env.write_config([])
     assert env.run("renew", "--all").returncode == 0
@@ -135,6 +137,7 @@ def test_renew_all_with_no_certificates_is_nothing_to_do(tmp_path: Path, certd_e
 @pytest.mark.parametrize("through_daemon", [False, True], ids=["in-process", "daemon"])
 def test_status_shows_three_domains_and_a_count_unless_wide(tmp_path: Path, certd_env: Any, pebble: Any,
                                                             through_daemon: bool) -> None:
+    """A 100-name certificate made ~1,900-character lines."""
     env = certd_env(pebble)
     names = [f"host{i:03}.example.test" for i in range(100)]
     env.write_config([env.http_cert("big", names, deploy={"live_dir": str(tmp_path / "big")}),
@@ -248,6 +251,7 @@ def test_a_failed_rollback_keeps_the_reason_the_serials_and_a_short_message(
 
 def test_a_rotation_resumed_after_a_crash_is_in_the_renew_report(tmp_path: Path, certd_env: Any,
                                                                  pebble: Any) -> None:
+    """It showed only as a rotation_resumed WARNING on stderr."""
     env = issued_env(certd_env, pebble, tmp_path)
     assert env.run("renew", "www", "--force", env={"CERTD_CRASH_AT": "switched"}).returncode == -9
     r = env.run("renew", "www", check=0)
@@ -272,6 +276,7 @@ def plant_leftovers(env: CertdEnv, live: Path, tag: str) -> list[Path]:
 
 def test_stale_temporaries_are_swept_at_start_and_after_each_rotation(tmp_path: Path, certd_env: Any,
                                                                       pebble: Any) -> None:
+    """Leftovers of killed writers (19 after 42 kills) were never removed."""
     env = issued_env(certd_env, pebble, tmp_path)
     live = tmp_path / "live"
     at_start = plant_leftovers(env, live, "a1b2c3")
@@ -289,6 +294,7 @@ def test_stale_temporaries_are_swept_at_start_and_after_each_rotation(tmp_path: 
 
 def test_a_loose_state_dir_is_tightened_with_a_log_line_and_an_audit_record(tmp_path: Path, certd_env: Any,
                                                                            pebble: Any) -> None:
+    """0755 (or 1777 on a fresh tmpfs) was used without a word."""
     env = issued_env(certd_env, pebble, tmp_path)
     os.chmod(env.state_dir, 0o755)
     r = env.run("status", check=0)

@@ -37,6 +37,7 @@ SHARED = [
 @pytest.mark.parametrize("first,second,key", [s[1:] for s in SHARED], ids=[s[0] for s in SHARED])
 def test_two_certificates_deploying_to_one_path_are_refused_naming_both(tmp_path: Path, first: str, second: str,
                                                                          key: str) -> None:
+    """The second certificate's renewal used to fail at staging and show it as missing."""
     path = tmp_path / "certd.toml"
     path.write_text(two(first, second.format(dir=tmp_path)))
     with pytest.raises(ConfigError) as exc:
@@ -47,6 +48,7 @@ def test_two_certificates_deploying_to_one_path_are_refused_naming_both(tmp_path
 
 
 def test_check_config_reports_the_shared_path_on_one_line_exit_2(tmp_path: Path) -> None:
+    """check-config catches it, not the first renewal."""
     path = tmp_path / "certd.toml"
     path.write_text(two('live_dir = "/etc/ssl/certd/shared"', 'live_dir = "/etc/ssl/certd/shared"'))
     r = subprocess.run([sys.executable, "-m", "certd.cli", "--config", str(path), "check-config"],
@@ -56,6 +58,7 @@ def test_check_config_reports_the_shared_path_on_one_line_exit_2(tmp_path: Path)
 
 
 def test_distinct_paths_still_pass(tmp_path: Path) -> None:
+    """Only a shared path is refused."""
     path = tmp_path / "certd.toml"
     path.write_text(two('live_dir = "/etc/ssl/certd/alpha"', 'live_dir = "/etc/ssl/certd/beta"'))
     assert list(config.load(path).names) == ["alpha", "beta"]

@@ -40,6 +40,7 @@ def leftovers(tmp_path: Path) -> dict[str, Path]:
 
 
 def test_stale_temporaries_are_removed_and_what_else_is_there_stays(tmp_path: Path) -> None:
+    """Journal, state, audit-head temporaries and a staging dir go; live files stay."""
     cfg = make_config(tmp_path)
     paths = leftovers(tmp_path)
     keep = [tmp_path / "state/certs/www/journal.json", tmp_path / "state/audit.jsonl",
@@ -54,6 +55,7 @@ def test_stale_temporaries_are_removed_and_what_else_is_there_stays(tmp_path: Pa
 
 
 def test_a_staged_key_is_zeroed_before_it_is_unlinked(tmp_path: Path) -> None:
+    """A since-pruned version's key does not linger in freed blocks."""
     cfg = make_config(tmp_path)
     paths = leftovers(tmp_path)
     key = paths["staging"] / "privkey.pem"
@@ -80,6 +82,7 @@ def test_a_temporary_being_written_is_left_alone(tmp_path: Path) -> None:
 
 
 def test_a_symlink_among_the_temporaries_is_removed_not_followed(tmp_path: Path) -> None:
+    """A planted link is unlinked; what it points at is untouched."""
     cfg = make_config(tmp_path)
     leftovers(tmp_path)
     outside = tmp_path / "precious"
@@ -93,6 +96,7 @@ def test_a_symlink_among_the_temporaries_is_removed_not_followed(tmp_path: Path)
 
 
 def test_after_one_rotation_only_that_certificates_leftovers_are_swept(tmp_path: Path) -> None:
+    """After a rotation only that certificate's directories are read (10,000 certificates)."""
     cfg = make_config(tmp_path)
     paths = leftovers(tmp_path)
     other = tmp_path / "state/certs/api/.journal.json.tmp-112233"
@@ -116,6 +120,7 @@ def test_a_loose_state_dir_is_tightened_to_0700(tmp_path: Path) -> None:
 
 
 def test_a_private_or_absent_state_dir_is_left_as_it_is(tmp_path: Path) -> None:
+    """0700, 0500 and a missing dir are not touched."""
     state = tmp_path / "state"
     assert housekeeping.secure_state_dir(state) is None and not state.exists()
     state.mkdir(mode=0o700)
