@@ -95,8 +95,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = COMMANDS[args.command](args)
         cli_output.flush()
         return code
-    except BrokenPipeError:  # the reader left early (`certd status | head -1`): quiet, like git log
-        cli_output.reader_left()
+    except BrokenPipeError as e:
+        if not cli_output.stdout_closed():
+            return _internal_error(e, debug)
+        cli_output.reader_left()  # the reader left early (`certd status | head -1`): quiet, like git log
         return EXIT_OK
     except CertdError as e:
         if debug:
@@ -110,10 +112,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as e:  # a bug: still one line, the traceback with --debug
-        if debug:
-            traceback.print_exc()
-        print(f"certd: internal error: {type(e).__name__}: {e} (run with --debug for details)", file=sys.stderr)
-        return EXIT_FAILED
+        return _internal_error(e, debug)
+
+
+def _internal_error(e: BaseException, debug: bool) -> int:
+    if debug:
+        traceback.print_exc()
+    print(f"certd: internal error: {type(e).__name__}: {e} (run with --debug for details)", file=sys.stderr)
+    return EXIT_FAILED
 
 
 def load_config(args: argparse.Namespace, *, check_runtime: bool = False) -> Config:

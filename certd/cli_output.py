@@ -9,6 +9,7 @@ the interpreter's final flush complains, and the command keeps its own exit code
 from __future__ import annotations
 
 import os
+import select
 import sys
 from typing import Any
 
@@ -31,6 +32,19 @@ def reader_left() -> None:
 
 def gone() -> bool:
     return _gone
+
+
+def stdout_closed() -> bool:
+    """Is stdout a pipe or socket whose reader went away? (A BrokenPipeError from anything
+    else, e.g. a hook's pipe, is a real error, not a reader that left.)"""
+    if _gone:
+        return True
+    try:
+        p = select.poll()
+        p.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in p.poll(0))
+    except (OSError, ValueError):
+        return False
 
 
 def flush() -> None:
