@@ -205,6 +205,15 @@ def test_every_command_keeps_the_readmes_exit_code_and_error_promises(tmp_path: 
     for args in SUCCESSES:
         r = env.run(*args)
         assert (r.returncode, r.stderr) == (0, ""), (args, r.returncode, r.stdout, r.stderr)
+    # 2: refused by the manager (through the daemon: as the flight's outcome), for a certificate
+    # never issued (or, through the daemon, while an attempt to issue it is in progress)
+    never_issued = {"name": "api", "domains": ["api.example.test"], "challenge": "dns-01",
+                    "dns01_hook": ["/bin/false"], "deploy": {"live_dir": str(tmp_path / "api")}}
+    env.write_config([*env.certificates, never_issued])
+    if through_daemon:
+        assert env.run("reload").returncode == 0
+    for args in (("rollback", "api"), ("revoke", "api", "--reason", "superseded")):
+        one_error_line(env.run(*args))
     # 1: an operation failed. A tampered audit log ...
     audit = env.state_dir / "audit.jsonl"
     audit.write_bytes(audit.read_bytes().replace(b'"outcome": "success"', b'"outcome": "failure"', 1))
