@@ -14,7 +14,7 @@ from functools import cached_property
 from datetime import datetime
 from typing import Any, Callable
 
-from certd import policy, revocation
+from certd import attempts, policy, retry, revocation
 from certd.clock import Clock, isoformat
 from certd.config import CertificateConfig
 from certd.effects import unfinished_step
@@ -42,6 +42,13 @@ class CertState:
     last_success: str | None = None
     ca_unreachable: bool = False               # the last failure was "CA not reachable"
     ari: dict[str, Any] | None = None          # {"serial", "start", "end", "retry_after"}
+    # the last failure's kind (see certd.retry and certd.attempts) and the earliest next try
+    failure_kind: str | None = None
+    kind_failures: int = 0                     # failures of that kind in a row
+    problem: str | None = None                 # the CA's problem type (short form), if any
+    retry_after: str | None = None             # ISO 8601: no attempt before (held, rate_limited)
+    fix: str | None = None                     # what an operator does about a hold
+    issued: list[dict[str, Any]] | None = None  # [{"at", "names"}] this rolling week (duplicate limit)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -70,6 +77,7 @@ class _Facts:
     held: bool = False              # revoked for cessationOfOperation: not renewed
     ari_cached: bool = False        # state.json holds an ARI answer for this serial
     ari_poll: datetime | None = None
+    blocked_until: datetime | None = None  # a hold or rate limit (row["failure_kind"]) lasts until
 
     @cached_property
     def row_json(self) -> str:
@@ -83,12 +91,15 @@ class _Facts:
 
     def state(self, now: datetime) -> str:
         """The row's ``state`` at ``now``."""
+        blocked = self.blocked_until is not None and now < self.blocked_until
         if self.info is None:
-            return "missing"
+            return self.row["failure_kind"] if blocked else "missing"
         if self.info.not_after <= now:
             return "expired"
         if self.revoked:
             return "revoked"  # still served until an operator acts
+        if blocked:
+            return self.row["failure_kind"]  # held | rate_limited: waiting for retry_after
         if self.expiring_at is not None and now >= self.expiring_at:
             return "expiring"
         return "failing" if self.row["failures"] else "ok"
@@ -101,6 +112,7 @@ class Planner:
     def __init__(self, store: Store, clock: Clock, issuer: Callable[[], Issuer]) -> None:
         self.store, self.clock, self._issuer = store, clock, issuer
         self._cache: dict[str, _Facts] = {}   # see _facts()
+        self._failed: dict[str, CertState] = {}  # the last failure recorded per name (see load_state)
 
     def plan(self, cert: CertificateConfig) -> tuple[datetime, str]:
         """When the daemon should next look at ``cert``: its renewal time, or earlier to poll ARI."""
@@ -150,12 +162,15 @@ class Planner:
                                "next_renewal": None, "last_result": state.last_result,
                                "last_error": state.last_error, "failures": state.failures,
                                "rotation": unfinished}
+        until = attempts.blocked_until(state, self.clock.now())
+        row.update(failure_kind=state.failure_kind if state.failures else None, problem=state.problem,
+                   retry_after=isoformat(until) if until else None)
         stored = self.store.load_info(cert.name, current) if current is not None else None
         decision = self.decide(cert, stored, state, refresh_ari=False)
         row["next_renewal"] = isoformat(decision.renew_at)
         row["renewal_reason"] = decision.reason
         if stored is None:
-            return _Facts(token, cert, decision, row)
+            return _Facts(token, cert, decision, row, blocked_until=until)
         info = stored.info
         row.update(serial=info.serial, not_before=isoformat(info.not_before), not_after=isoformat(info.not_after),
                    fingerprint_sha256=info.fingerprint_sha256, key_type=info.key_type)
@@ -164,10 +179,20 @@ class Planner:
             row["next_renewal"] = None  # the operator ended it; nothing is planned
         ari = state.ari if state.ari and state.ari.get("serial") == info.serial else None
         return _Facts(token, cert, decision, row, info, bool(stored.meta.get("revoked")), held,
-                      ari is not None, parse_time(ari.get("next_poll")) if ari else None)
+                      ari is not None, parse_time(ari.get("next_poll")) if ari else None, until)
 
     def decide(self, cert: CertificateConfig, stored: StoredVersion | VersionInfo | None, state: CertState,
                refresh_ari: bool, ignore_failures: bool = False) -> policy.Decision:
+        """The policy's decision, held back while the CA's refusal or rate limit lasts (see
+        certd.retry: not even the emergency point comes sooner; ``renew --force`` does)."""
+        decision = self._decide(cert, stored, state, refresh_ari, ignore_failures)
+        until = None if ignore_failures else attempts.blocked_until(state, self.clock.now())
+        if until is not None and until > decision.renew_at:
+            decision = policy.Decision(until, blocked_reason(cert.name, state, until), decision.emergency)
+        return decision
+
+    def _decide(self, cert: CertificateConfig, stored: StoredVersion | VersionInfo | None, state: CertState,
+                refresh_ari: bool, ignore_failures: bool = False) -> policy.Decision:
         now = self.clock.now()
         failures = 0 if ignore_failures else state.failures
         if stored is None:
@@ -223,10 +248,35 @@ class Planner:
         return policy.AriWindow(start, end) if start and end else None
 
     def load_state(self, name: str) -> CertState:
-        return CertState.from_json(self.store.load_state(name))
+        """The stored state, unless this process remembers a later failure than it holds (a
+        state write that failed): the backoff can only grow, never be lost to a full disk."""
+        state = CertState.from_json(self.store.load_state(name))
+        kept = self._failed.get(name)
+        if kept is not None:
+            if (state.last_success or "") > (kept.last_failure or "") or \
+                    (state.last_failure or "") >= (kept.last_failure or ""):
+                self._failed.pop(name, None)  # the store caught up (or another process succeeded)
+            else:
+                return CertState.from_json(kept.to_json())
+        return state
 
     def save_state(self, name: str, state: CertState) -> None:
+        if state.failures:  # remembered before the write, which may fail (disk full)
+            self._failed[name] = CertState.from_json(state.to_json())
+        else:
+            self._failed.pop(name, None)
+        self._cache.pop(name, None)
         self.store.save_state(name, state.to_json())
+
+
+def blocked_reason(name: str, state: CertState, until: datetime) -> str:
+    """Why ``name`` waits until ``until`` after a refusal or rate limit, and how to try now."""
+    problem = f" ({state.problem})" if state.problem else ""
+    if state.failure_kind == retry.RATE_LIMITED:
+        why = f"rate limited by the CA{problem}"
+    else:
+        why = f"held after the CA refused{problem}" + (f": {state.fix}" if state.fix else "")
+    return f"{why}; next try at {isoformat(until)}, or now with: certd renew --force {name}"
 
 
 def cert_pem(store: Store, stored: StoredVersion | VersionInfo) -> bytes:
