@@ -52,6 +52,7 @@ from certd.clock import Clock, utc
 from certd.config import AcmeConfig, CertificateConfig
 from certd.errors import AcmeError, CANotReachable, ChallengeFailed, ConfigError
 from certd.keys import make_csr
+from certd.retry import CHALLENGE, FINALIZE, NEW_ORDER, REPLACES
 from certd.model import split_pem_chain
 from certd.solvers import Solver, solver_for
 
@@ -66,8 +67,6 @@ ISSUE_WAIT = 0.002           # after finalize, before the first poll
 POLL_GROWTH = 2.0
 MAX_POLL = 2.0
 MAX_RETRY_AFTER = 15.0       # never wait longer than this for one poll, whatever the CA says
-ARI_DEFAULT_RETRY = timedelta(hours=6)                          # RFC 9773 §4.3.3
-ARI_RETRY_BOUNDS = (timedelta(minutes=1), timedelta(days=1))    # sane limits on Retry-After
 
 _FINAL_CHALLENGE_PROBLEMS = {"caa", "rejectedIdentifier", "unsupportedIdentifier"}
 
@@ -78,7 +77,8 @@ class RenewalInfo:
 
     window_start: datetime      # aware UTC
     window_end: datetime        # aware UTC
-    retry_after: datetime       # aware UTC: when to ask again
+    retry_after: datetime | None  # aware UTC: when the CA asks to be asked again (None: it did not
+    #                               say); clamped in one place, certd.scheduler.ari_poll_interval
     explanation_url: str | None
 
 
@@ -219,16 +219,14 @@ class Issuer:
             response = self._network().get(url, content_type=acme_client.ClientNetwork.JSON_CONTENT_TYPE)
             body = response.json()
             window = messages.RenewalInfo.from_json(body).suggested_window
-            if window.start is None or window.end is None or window.end < window.start:
+            if window.start is None or window.end is None or window.end <= window.start:
                 raise AcmeError("fetching renewal information: the CA sent no valid suggestedWindow "
                                 "(RFC 9773 §4.2); will retry", transient=True)
             now = self._clock.now()
             wait = retry_after_seconds(response.headers.get("Retry-After"), now)
-            delay = ARI_DEFAULT_RETRY if wait is None else timedelta(seconds=wait)
-            delay = min(max(delay, ARI_RETRY_BOUNDS[0]), ARI_RETRY_BOUNDS[1])
             explanation = body.get("explanationURL") if isinstance(body, dict) else None
             return RenewalInfo(window_start=utc(window.start), window_end=utc(window.end),
-                               retry_after=now + delay,
+                               retry_after=None if wait is None else now + timedelta(seconds=wait),
                                explanation_url=explanation if isinstance(explanation, str) else None)
 
     def revoke(self, cert_pem: bytes, reason: int) -> None:
@@ -351,6 +349,7 @@ class Issuer:
             email=acme.email, terms_of_service_agreed=True if acme.agree_tos else None,
             external_account_binding=eab)
         net = self._new_network(self._key)
+        net.time_left = self._network().time_left  # the order's deadline bounds badNonce retries too
         try:
             regr = acme_client.ClientV2(directory, net).new_account(registration)
         except messages.Error as e:
@@ -403,14 +402,16 @@ class _Order:
         self.doing = f"issuing {cert.name}"
 
     def run(self, csr_pem: bytes, replaces: str | None) -> bytes:
-        uri, order = self.create(replaces)
+        with _where(NEW_ORDER):
+            uri, order = self.create(replaces)
         self.say(f"order {uri} created ({order.status.name})")
         if order.status.name == "pending":
             order = self.validate(uri, order)
         if order.status.name == "ready":
             csr = x509.load_pem_x509_csr(csr_pem)
-            order = messages.Order.from_json(
-                _post(self.client, order.finalize, messages.CertificateRequest(csr=csr)).json())
+            with _where(FINALIZE):
+                order = messages.Order.from_json(
+                    _post(self.client, order.finalize, messages.CertificateRequest(csr=csr)).json())
             self.say("finalizing")
             if order.status.name in ("ready", "processing"):
                 # Issuing takes a CA a moment (Pebble: ~3 ms); asking at once is a wasted request.
@@ -544,13 +545,26 @@ class _Order:
         return ChallengeFailed(
             f"{self.doing}: the CA could not validate {failed.chall.typ} for {name} ({code}): "
             f"{problem_detail(problem)}; {NEXT_STEP.get(code, 'not retrying') if final else 'will retry'}",
-            problem_type=problem.typ, detail=problem.detail, transient=not final)
+            problem_type=problem.typ, detail=problem.detail, transient=not final, where=CHALLENGE)
 
     def order_failed(self, order: messages.Order) -> AcmeError:
         if order.error is not None:
-            return self.issuer._fail.problem(order.error, f"{self.doing}: the order is {order.status.name}")
+            error = self.issuer._fail.problem(order.error, f"{self.doing}: the order is {order.status.name}")
+            error.where = FINALIZE
+            return error
         return AcmeError(f"{self.doing}: the order ended {order.status.name} without a certificate; will retry",
                          transient=True)
+
+
+@contextmanager
+def _where(step: str) -> Iterator[None]:
+    """Mark a CA problem raised inside with the order ``step`` it answered (certd.retry's table)."""
+    try:
+        yield
+    except messages.Error as e:
+        if getattr(e, "certd_where", None) is None:
+            e.certd_where = step  # type: ignore[attr-defined]
+        raise
 
 
 def _authz_name(authz: messages.Authorization) -> str:

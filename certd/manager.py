@@ -193,7 +193,7 @@ class Manager:
         state.last_attempt = isoformat(self.clock.now())
         try:
             key_pem = self._key_for(cert, stored)
-            replaces = self._replaces(stored)
+            replaces = self._replaces(stored, cert)
             say("ordering from the CA" + (f" (replaces {replaces})" if replaces else ""))
             fullchain = self.issuer.issue(cert, key_pem, replaces=replaces, progress=say)
             bundle = certcheck.check_issued(fullchain, key_pem, cert.domains, self.clock.now())
@@ -227,8 +227,10 @@ class Manager:
             return stored.bundle.key_pem
         return keys.generate_private_key(cert.key_type)
 
-    def _replaces(self, stored: StoredVersion | None) -> str | None:
-        if stored is None:
+    def _replaces(self, stored: StoredVersion | None, cert: CertificateConfig) -> str | None:
+        """The ARI id the new order replaces (RFC 9773 §5); none when the configured names
+        differ from the stored certificate's (a CA refuses replaces for other identifiers)."""
+        if stored is None or set(stored.bundle.info.domains) != set(cert.domains):
             return None
         try:
             return ari_cert_id(stored.bundle.cert_pem)
