@@ -32,7 +32,7 @@ import threading
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Protocol
@@ -40,6 +40,7 @@ from typing import Any, Protocol
 import josepy as jose
 import requests
 from acme import client as acme_client
+from acme import errors as acme_errors
 from acme import messages
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -302,17 +303,32 @@ class Issuer:
             client.net.key, client.net.alg, client.net.account = self._key, self._alg, self._regr
         return client
 
+    def _account_lock(self) -> AbstractContextManager[None]:
+        """Registration is serialized across processes when the store can (FileStore.account_lock)."""
+        lock = getattr(self._accounts, "account_lock", None)
+        return lock(self._acme.directory) if lock is not None else nullcontext()
+
     def _load_or_register(self, directory: messages.Directory) -> None:
+        with self._account_lock():
+            if self._load_stored():
+                return
+            key = ec.generate_private_key(ec.SECP256R1())
+            self._set_key(key)
+            self._register(directory, key)
+
+    def _load_stored(self, unless_uri: str | None = None) -> bool:
+        """Use the stored account, if there is one (and it is not ``unless_uri``)."""
         stored = self._accounts.load_account(self._acme.directory)
-        if stored is not None:
-            key_pem, regr_json = stored
-            self._set_key(serialization.load_pem_private_key(key_pem, password=None))
-            self._regr = messages.RegistrationResource.json_loads(regr_json)
-            log.debug("account_loaded directory=%s account=%s", self._acme.directory, self._regr.uri)
-            return
-        key = ec.generate_private_key(ec.SECP256R1())
-        self._set_key(key)
-        self._register(directory, key)
+        if stored is None:
+            return False
+        key_pem, regr_json = stored
+        regr = messages.RegistrationResource.json_loads(regr_json)
+        if unless_uri is not None and regr.uri == unless_uri:
+            return False
+        self._set_key(serialization.load_pem_private_key(key_pem, password=None))
+        self._regr = regr
+        log.debug("account_loaded directory=%s account=%s", self._acme.directory, regr.uri)
+        return True
 
     def _set_key(self, key: Any) -> None:
         if isinstance(key, ec.EllipticCurvePrivateKey):
@@ -352,6 +368,12 @@ class Issuer:
         net.time_left = self._network().time_left  # the order's deadline bounds badNonce retries too
         try:
             regr = acme_client.ClientV2(directory, net).new_account(registration)
+        except acme_errors.ConflictError as e:
+            # 200 + Location (RFC 8555 §7.3.1): the CA already has this key — a registration whose
+            # answer was lost (disk full, SIGKILL before save_account). Adopt and save that account.
+            regr = messages.RegistrationResource(uri=e.location, body=messages.Registration())
+            log.warning("account_adopted directory=%s account=%s: the CA already knew this key", acme.directory,
+                        e.location)
         except messages.Error as e:
             if not acme.agree_tos and (tos or problem_code(e) == "userActionRequired"
                                        or "terms" in (e.detail or "").lower()):
@@ -375,8 +397,12 @@ class Issuer:
         with self._lock:
             if self._regr is not stale:
                 return
-            assert self._raw_key is not None  # set with the account that went stale
-            self._register(directory, self._raw_key)
+            with self._account_lock():
+                # Another process may have registered again meanwhile: use what it saved.
+                if self._load_stored(unless_uri=stale.uri if stale is not None else None):
+                    return
+                assert self._raw_key is not None  # set with the account that went stale
+                self._register(directory, self._raw_key)
 
 
 # --- one order ---------------------------------------------------------------------------------
