@@ -18,7 +18,7 @@ from certd import attempts, policy, retry, revocation
 from certd.clock import Clock, isoformat
 from certd.config import CertificateConfig
 from certd.effects import unfinished_step
-from certd.errors import OperationFailed
+from certd.errors import OperationFailed, StoreError
 from certd.issuer import Issuer
 from certd.log import event
 from certd.model import CertInfo
@@ -112,7 +112,7 @@ class Planner:
     def __init__(self, store: Store, clock: Clock, issuer: Callable[[], Issuer]) -> None:
         self.store, self.clock, self._issuer = store, clock, issuer
         self._cache: dict[str, _Facts] = {}   # see _facts()
-        self._failed: dict[str, CertState] = {}  # the last failure recorded per name (see load_state)
+        self._unsaved: dict[str, CertState] = {}  # states whose write failed (see load_state)
 
     def plan(self, cert: CertificateConfig) -> tuple[datetime, str]:
         """When the daemon should next look at ``cert``: its renewal time, or earlier to poll ARI."""
@@ -241,32 +241,41 @@ class Planner:
                               "next_poll": isoformat(now + ari_poll_interval(ri.retry_after, now, lifetime))}
                     event(log, "ari_fetched", logging.DEBUG, name=stored.name, start=cached["start"], end=cached["end"])
             state.ari = cached
-            self.save_state(stored.name, state)
+            try:
+                self.save_state(stored.name, state)
+            except StoreError as e:  # kept in memory (load_state): the decision goes on
+                event(log, "state_not_saved", logging.WARNING, name=stored.name, error=str(e))
         if not cached:
             return None
         start, end = parse_time(cached.get("start")), parse_time(cached.get("end"))
         return policy.AriWindow(start, end) if start and end else None
 
     def load_state(self, name: str) -> CertState:
-        """The stored state, unless this process remembers a later failure than it holds (a
-        state write that failed): the backoff can only grow, never be lost to a full disk."""
+        """The stored state, unless this process holds a later one it could not write (disk
+        full): a lost write can only make certd wait longer, never retry sooner."""
         state = CertState.from_json(self.store.load_state(name))
-        kept = self._failed.get(name)
-        if kept is not None:
-            if (state.last_success or "") > (kept.last_failure or "") or \
-                    (state.last_failure or "") >= (kept.last_failure or ""):
-                self._failed.pop(name, None)  # the store caught up (or another process succeeded)
-            else:
-                return CertState.from_json(kept.to_json())
-        return state
+        kept = self._unsaved.get(name)
+        if kept is None:
+            return state
+        if _later(state, kept):  # the store caught up, or another process wrote since
+            self._unsaved.pop(name, None)
+            return state
+        return CertState.from_json(kept.to_json())
 
     def save_state(self, name: str, state: CertState) -> None:
-        if state.failures:  # remembered before the write, which may fail (disk full)
-            self._failed[name] = CertState.from_json(state.to_json())
-        else:
-            self._failed.pop(name, None)
         self._cache.pop(name, None)
-        self.store.save_state(name, state.to_json())
+        try:
+            self.store.save_state(name, state.to_json())
+        except StoreError:
+            self._unsaved[name] = CertState.from_json(state.to_json())
+            raise
+        self._unsaved.pop(name, None)
+
+
+def _later(stored: CertState, kept: CertState) -> bool:
+    """Whether ``stored`` records something that happened after what ``kept`` knows."""
+    return any((getattr(stored, f) or "") > (getattr(kept, f) or "")
+               for f in ("last_attempt", "last_success", "last_failure"))
 
 
 def blocked_reason(name: str, state: CertState, until: datetime) -> str:

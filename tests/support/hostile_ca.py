@@ -40,6 +40,8 @@ CA rules (each may be set at any time; they apply to the next request):
 ``rate_limited = 30``        newOrder is answered 429 ``rateLimited`` with ``Retry-After: 30``
 ``refuse_replaces = True``   a newOrder carrying ``replaces`` is answered 403 ``unauthorized``
 ``new_orders``               monotonic times of the newOrder requests seen (answered or not)
+``orders_created``           monotonic times of the newOrders Pebble accepted (201): one per
+                             attempt even when a refused ``replaces`` made the client ask twice
 """
 
 from __future__ import annotations
@@ -99,6 +101,7 @@ class HostileCA:
         self.rate_limited: int | None = None   # seconds of Retry-After on every newOrder
         self.refuse_replaces = False
         self.new_orders: list[float] = []
+        self.orders_created: list[float] = []
         self.fake_ca = TestCA(Path(workdir) / "hostile-ca", "hostile")
         self._upstream_ctx = ssl.create_default_context(cafile=str(pebble.ca_bundle))
         server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -221,6 +224,8 @@ class HostileCA:
                     status, reason, resp_headers = resp.status, resp.reason, resp.getheaders()
                 finally:
                     upstream.close()
+                if self.command == "POST" and self.path.startswith(NEW_ORDER_PATH) and status == 201:
+                    ca.orders_created.append(time.monotonic())
                 mode = ca.mode
                 if self.path.startswith(CERT_PATH) and status == 200 and mode is not None:
                     ca.forged += 1
