@@ -38,8 +38,10 @@ CA rules (each may be set at any time; they apply to the next request):
                              ARI window spans a test certificate's whole lifetime, which would
                              move a renewal the test wants "due now" to a random point)
 ``rate_limited = 30``        newOrder is answered 429 ``rateLimited`` with ``Retry-After: 30``
+                             (``rate_limited_name``: only orders naming it; ``rate_limited_count``:
+                             only that many times)
 ``refuse_replaces = True``   a newOrder carrying ``replaces`` is answered 403 ``unauthorized``
-``new_orders``               monotonic times of the newOrder requests seen (answered or not)
+``new_orders``               (monotonic time, JWS payload) of each newOrder request (answered or not)
 ``orders_created``           monotonic times of the newOrders Pebble accepted (201): one per
                              attempt even when a refused ``replaces`` made the client ask twice
 """
@@ -100,7 +102,9 @@ class HostileCA:
         self.hide_ari = False
         self.rate_limited: int | None = None   # seconds of Retry-After on every newOrder
         self.refuse_replaces = False
-        self.new_orders: list[float] = []
+        self.rate_limited_name: str | None = None
+        self.rate_limited_count: int | None = None
+        self.new_orders: list[tuple[float, bytes]] = []
         self.orders_created: list[float] = []
         self.fake_ca = TestCA(Path(workdir) / "hostile-ca", "hostile")
         self._upstream_ctx = ssl.create_default_context(cafile=str(pebble.ca_bundle))
@@ -174,6 +178,15 @@ class HostileCA:
                 .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
                 .sign(self.fake_ca.int_key, hashes.SHA256()))
 
+    def _rate_limits(self, payload: bytes) -> bool:
+        if self.rate_limited is None or (self.rate_limited_name and self.rate_limited_name.encode() not in payload):
+            return False
+        if self.rate_limited_count is not None:
+            if self.rate_limited_count <= 0:
+                return False
+            self.rate_limited_count -= 1
+        return True
+
     def _remember_csr(self, body: bytes) -> None:
         try:
             payload = json.loads(_b64url_decode(json.loads(body)["payload"]))
@@ -207,11 +220,12 @@ class HostileCA:
                 if body and self.path.startswith(FINALIZE_PATH):
                     ca._remember_csr(body)
                 if self.command == "POST" and self.path.startswith(NEW_ORDER_PATH):
-                    ca.new_orders.append(time.monotonic())
-                    if ca.rate_limited is not None:
+                    payload = _payload(body or b"")
+                    ca.new_orders.append((time.monotonic(), payload))
+                    if ca._rate_limits(payload):
                         return self._problem(429, "rateLimited", "too many new orders (hostile_ca)",
                                              {"Retry-After": str(ca.rate_limited)})
-                    if ca.refuse_replaces and b"replaces" in _payload(body):
+                    if ca.refuse_replaces and b"\"replaces\"" in payload:
                         return self._problem(403, "unauthorized", "account did not request the certificate "
                                              "being replaced (hostile_ca)")
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection", "keep-alive")}
