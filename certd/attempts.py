@@ -6,6 +6,7 @@ try — persisted so a restart keeps a hold — plus the certificates issued per
 
 from __future__ import annotations
 
+import re
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -52,6 +53,29 @@ def blocked_until(state: CertState, now: datetime) -> datetime | None:
         return None
     at = _parse(state.retry_after)
     return at if at > now else None
+
+
+# -- what happens next, said truthfully by the process that says it ------------------------------
+
+_NEXT = re.compile(r"(;\s*)?(will retry\b.*|not retrying\b.*)$")
+
+
+def next_step(message: str, name: str, state: CertState, now: datetime, retries: bool) -> str:
+    """``message`` (a failure) ending with what happens next: "will retry" only when this
+    process does retry (``retries``: the daemon), and for a hold or rate limit when, and how to
+    try now. Whatever next-step wording the error carried is replaced."""
+    base = _NEXT.sub("", message).rstrip("; ")
+    until = blocked_until(state, now)
+    at = isoformat(until) if until else None
+    if state.failure_kind == retry.HELD and at:
+        tail = (f"held: next try at {at}; after fixing it, try now with: certd renew --force {name}" if retries else
+                f"after fixing it, try again with: certd renew --force {name} (certd run would wait until {at})")
+    elif state.failure_kind == retry.RATE_LIMITED and at:
+        tail = (f"rate limited: will retry after {at}" if retries else
+                f"rate limited by the CA until {at}; certd run retries then")
+    else:
+        tail = "will retry" if retries else f"run certd renew {name} again later (certd run retries by itself)"
+    return f"{base}; {tail}"
 
 
 # -- the duplicate-certificate limit -----------------------------------------------------------

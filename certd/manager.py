@@ -68,6 +68,9 @@ class Manager:
         self._issuer = issuer
         self.lock_timeout = lock_timeout
         self.planner = Planner(self.store, self.clock, lambda: self.issuer)
+        #: True in the daemon, which retries failed renewals by itself; the one-shot CLI does not,
+        #: so its messages must not say "will retry" (see attempts.next_step).
+        self.retries = False
 
     @property
     def issuer(self) -> Issuer:
@@ -207,7 +210,8 @@ class Manager:
         except OperationFailed as e:
             self._record_failure(cert, state, str(e), ca_unreachable=isinstance(e, CANotReachable),
                                  initiator=initiator, exc=e)
-            return Outcome(cert.name, "failed", str(e), current)
+            return Outcome(cert.name, "failed",
+                           attempts.next_step(str(e), cert.name, state, self.clock.now(), self.retries), current)
         attempts.note_issued(state, cert.domains, self.clock.now())
         event(log, "cert_issued", name=cert.name, version=version, serial=info.serial,
               not_after=isoformat(info.not_after), initiator=initiator)

@@ -64,6 +64,7 @@ def build_manager(config: Config, *, clock: Clock | None = None, daemon: bool = 
     clock = clock or SystemClock()
     manager = Manager(config, clock=clock, lock_timeout=lock_timeout,
                       events=build_events(config, clock, daemon=daemon, sinks=sinks))
+    manager.retries = daemon  # only the daemon retries by itself (and may say so)
     if sinks is not None and sinks.metrics is not None:
         sinks.metrics.bind(manager)  # the store-backed gauges read the manager's status
     return manager

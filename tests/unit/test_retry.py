@@ -224,3 +224,30 @@ def test_the_duplicate_limit_refuses_a_sixth_forced_renewal_in_a_week(tmp_path: 
     clock.advance(timedelta(days=1, seconds=1))  # the oldest left the rolling week
     m.save_state("www", CertState(issued=state.issued))
     assert m.renew_one(CERT, force=True).result == "failed" and ca.orders == 2
+
+
+def test_only_a_process_that_retries_says_will_retry() -> None:
+    """Issue 13 item 13: the one-shot CLI never says "will retry"; the daemon does, and a hold
+    says when the next try is and how to try now — "not retrying" nowhere."""
+    transient = CertState(failures=1, failure_kind=retry.TRANSIENT)
+    msg = "issuing www: the CA refused (serverInternal): boom; will retry"
+    assert attempts.next_step(msg, "www", transient, NOW, retries=True) == "issuing www: the CA refused (serverInternal): boom; will retry"
+    cli = attempts.next_step(msg, "www", transient, NOW, retries=False)
+    assert "will retry" not in cli and "certd renew www again later" in cli
+
+    held = CertState(failures=1, failure_kind=retry.HELD, retry_after=isoformat(NOW + timedelta(minutes=20)))
+    refused = "issuing www: the CA refused (caa): no; a CAA record forbids this CA; fix the CAA records; not retrying"
+    for retries in (True, False):
+        text = attempts.next_step(refused, "www", held, NOW, retries)
+        assert "not retrying" not in text and "will retry" not in text
+        assert "fix the CAA records" in text and "certd renew --force www" in text
+        assert "2026-11-22T12:20:00Z" in text
+
+
+def test_the_cli_says_no_will_retry_through_the_manager(tmp_path: Path) -> None:
+    clock, ca = FakeClock(NOW), RefusingCA(AcmeError("issuing www: timed out; will retry", transient=True))
+    m, _ = make(tmp_path, clock, ca)
+    assert "will retry" not in m.renew_one(CERT).message
+    m.retries = True
+    clock.advance(3600)
+    assert m.renew_one(CERT).message.endswith("; will retry")
