@@ -44,6 +44,7 @@ def note_failure(state: CertState, error: BaseException | None, now: datetime, b
 def clear(state: CertState) -> None:
     """A success: no failure kind, no hold."""
     state.failure_kind, state.kind_failures, state.problem, state.retry_after, state.fix = None, 0, None, None, None
+    state.forced_retry = None
 
 
 def blocked_until(state: CertState, now: datetime) -> datetime | None:

@@ -208,6 +208,8 @@ class Manager:
                 "fingerprint_sha256": info.fingerprint_sha256, "replaces": replaces,
             })
         except OperationFailed as e:
+            if force:  # the operator asked for a new certificate: retried on the backoff until one comes
+                state.forced_retry = reason or "forced"
             self._record_failure(cert, state, str(e), ca_unreachable=isinstance(e, CANotReachable),
                                  initiator=initiator, exc=e)
             return Outcome(cert.name, "failed",

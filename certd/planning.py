@@ -49,6 +49,7 @@ class CertState:
     retry_after: str | None = None             # ISO 8601: no attempt before (held, rate_limited)
     fix: str | None = None                     # what an operator does about a hold
     issued: list[dict[str, Any]] | None = None  # [{"at", "names"}] this rolling week (duplicate limit)
+    forced_retry: str | None = None            # a forced renewal failed: the daemon retries it (backoff)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -186,10 +187,30 @@ class Planner:
         """The policy's decision, held back while the CA's refusal or rate limit lasts (see
         certd.retry: not even the emergency point comes sooner; ``renew --force`` does)."""
         decision = self._decide(cert, stored, state, refresh_ari, ignore_failures)
+        decision = self._forced_retry(stored, state, decision)
         until = None if ignore_failures else attempts.blocked_until(state, self.clock.now())
         if until is not None and until > decision.renew_at:
             decision = policy.Decision(until, blocked_reason(cert.name, state, until), decision.emergency)
         return decision
+
+    def _forced_retry(self, stored: StoredVersion | VersionInfo | None, state: CertState,
+                      decision: policy.Decision) -> policy.Decision:
+        """A forced renewal that failed is retried on the failure backoff, not left until the
+        next scheduled renewal (the operator asked for a new certificate)."""
+        last_failure = parse_time(state.last_failure)
+        if not state.forced_retry or not state.failures or last_failure is None:
+            return decision
+        if stored is None:
+            wait = policy.first_issue_backoff(state.failures, random.Random(state.failures))
+        else:
+            info = stored.info
+            wait = policy.backoff(state.failures, info.not_before, info.not_after, last_failure,
+                                  random.Random(info.serial))
+        retry_at = last_failure + wait
+        if retry_at >= decision.renew_at:
+            return decision
+        return policy.Decision(retry_at, f"retry {state.failures} of a forced renewal ({state.forced_retry}) after "
+                                         f"failure, backoff until {isoformat(retry_at)}", decision.emergency)
 
     def _decide(self, cert: CertificateConfig, stored: StoredVersion | VersionInfo | None, state: CertState,
                 refresh_ari: bool, ignore_failures: bool = False) -> policy.Decision:

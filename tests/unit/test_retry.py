@@ -251,3 +251,19 @@ def test_the_cli_says_no_will_retry_through_the_manager(tmp_path: Path) -> None:
     m.retries = True
     clock.advance(3600)
     assert m.renew_one(CERT).message.endswith("; will retry")
+
+
+def test_a_forced_renewal_that_failed_transiently_is_retried_on_the_backoff(tmp_path: Path) -> None:
+    """Issue 11 item 5: a forced renewal failing on a transient error (a badNonce storm) is
+    retried on the backoff, not left "failing" until the normal renewal date weeks away."""
+    from tests.support.certs import make_bundle
+    clock, ca = FakeClock(NOW), RefusingCA(refusal("badNonce", retry.NEW_ORDER))
+    m, _ = make(tmp_path, clock, ca)
+    bundle = make_bundle(("blocked.example.test",), not_before=NOW, days=90)
+    m.store.set_current("www", m.store.add_version("www", bundle, {}))
+    assert m.renew_one(CERT, force=True, reason="rotate now").result == "failed"
+    row = m.status(CERT)
+    when, why = datetime.fromisoformat(row["next_renewal"].replace("Z", "+00:00")), row["renewal_reason"]
+    assert when - NOW <= timedelta(seconds=66) and "forced renewal (rotate now)" in why, (when, why)
+    clock.advance(when - NOW + timedelta(seconds=1))
+    assert m.renew_one(CERT).result == "failed" and ca.orders == 2   # retried without being asked again
