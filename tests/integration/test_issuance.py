@@ -1,4 +1,4 @@
-"""Issuance against a real Pebble 2.6 with real validation (no PEBBLE_VA_ALWAYS_VALID).
+"""Issuance against a real Pebble 2.10 with real validation (no PEBBLE_VA_ALWAYS_VALID).
 
 Every issued chain is checked twice: by certd's own ``check_issued`` and by ``openssl verify``
 against the Pebble instance's current root.

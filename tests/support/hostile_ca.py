@@ -69,7 +69,7 @@ from tests.support.server_fixtures import TestCA
 MODES = ("other_key", "other_names", "expired", "not_yet_valid", "garbage_pem", "not_pem", "empty",
          "truncated", "unlinked_chain", "untrusted", "oversized", "oversized_declared")
 OVERSIZED_BYTES = 50 * 1024 * 1024
-CERT_PATH = "/certZ/"          # where Pebble 2.6 serves issued certificates
+CERT_PATH = "/certZ/"          # where Pebble (2.6, 2.10) serves issued certificates
 FINALIZE_PATH = "/finalize-order/"
 NEW_ORDER_PATH = "/order-plz"
 
