@@ -57,15 +57,15 @@ MAX_RESPONSE_BYTES = 4 << 20  # ACME answers are a few KiB; a certificate chain 
 PROBLEM_PREFIX = "urn:ietf:params:acme:error:"
 TRANSIENT_PROBLEMS = {"rateLimited", "serverInternal", "badNonce", "orderNotReady"}
 NEXT_STEP = {
-    "unauthorized": "the CA does not allow this account to do that; not retrying",
-    "rejectedIdentifier": "the CA will not issue for these names; change the domains; not retrying",
-    "unsupportedIdentifier": "the CA will not issue for these names; change the domains; not retrying",
-    "caa": "a CAA record forbids this CA; fix the CAA records; not retrying",
-    "badCSR": "the CA refuses the request (key type or names); change key_type or domains; not retrying",
-    "badPublicKey": "the CA refuses this key; change key_type; not retrying",
-    "externalAccountRequired": "set eab_kid and eab_hmac_key in [acme]; not retrying",
-    "invalidContact": "fix [acme] email; not retrying",
-    "unsupportedContact": "fix [acme] email; not retrying",
+    "unauthorized": "the CA does not allow this account to do that",
+    "rejectedIdentifier": "the CA will not issue for these names; change the domains",
+    "unsupportedIdentifier": "the CA will not issue for these names; change the domains",
+    "caa": "a CAA record forbids this CA; fix the CAA records",
+    "badCSR": "the CA refuses the request (key type or names); change key_type or domains",
+    "badPublicKey": "the CA refuses this key; change key_type",
+    "externalAccountRequired": "set eab_kid and eab_hmac_key in [acme]",
+    "invalidContact": "fix [acme] email",
+    "unsupportedContact": "fix [acme] email",
 }
 
 
@@ -378,7 +378,7 @@ class Failure:
             status = _status_of(e)
             transient = status is None or status >= 500
             return AcmeError(f"{doing}: the CA answered HTTP {status or '?'} without a problem document; "
-                             f"{'will retry' if transient else 'not retrying'}", transient=transient)
+                             f"{'will retry' if transient else 'a broken CA or proxy?'}", transient=transient)
         if isinstance(e, requests.exceptions.RequestException):
             return self.unreachable(one_line(str(e)) or type(e).__name__)
         if isinstance(e, (ValueError, jose.DeserializationError, KeyError)):
@@ -398,7 +398,7 @@ class Failure:
                 if retry_after is not None else None
             next_step = f"will retry after {when}" if when else "will retry later"
         else:
-            next_step = "will retry" if transient else NEXT_STEP.get(code, "not retrying automatically")
+            next_step = "will retry" if transient else NEXT_STEP.get(code, "see the CA's documentation of this problem")
         return AcmeError(f"{doing}: the CA refused ({code}): {problem_detail(e)}; {next_step}",
                          problem_type=e.typ, detail=e.detail, transient=transient, retry_after=retry_after,
                          where=getattr(e, "certd_where", None))

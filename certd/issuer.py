@@ -484,8 +484,7 @@ class _Order:
             if challb is None:
                 offered = ", ".join(sorted({c.typ for c in authz.challenges})) or "none"
                 raise AcmeError(f"{self.doing}: the CA offers no {self.solver.challenge_type} challenge for "
-                                f"{_authz_name(authz)} (offers {offered}); choose another challenge; "
-                                "not retrying")
+                                f"{_authz_name(authz)} (offers {offered}); choose another challenge")
             work.append((authz.identifier.value, challb))
         if not work:
             return self.poll(uri, "the order to become ready")
@@ -570,7 +569,7 @@ class _Order:
         final = code in _FINAL_CHALLENGE_PROBLEMS
         return ChallengeFailed(
             f"{self.doing}: the CA could not validate {failed.chall.typ} for {name} ({code}): "
-            f"{problem_detail(problem)}; {NEXT_STEP.get(code, 'not retrying') if final else 'will retry'}",
+            f"{problem_detail(problem)}; {NEXT_STEP.get(code, 'fix what the CA names') if final else 'will retry'}",
             problem_type=problem.typ, detail=problem.detail, transient=not final, where=CHALLENGE)
 
     def order_failed(self, order: messages.Order) -> AcmeError:

@@ -411,6 +411,7 @@ class Manager:
         state.last_error = error
         state.last_result = result
         rule = attempts.note_failure(state, exc, self.clock.now(), timedelta(0))
+        state.last_error = attempts.next_step(error, cert.name, state, self.clock.now(), self.retries)
         if rule.kind != "transient":
             event(log, "renewal_blocked", logging.WARNING, name=cert.name, kind=rule.kind, problem=state.problem,
                   retry_after=state.retry_after, cite=rule.cite)

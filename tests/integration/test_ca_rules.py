@@ -58,6 +58,7 @@ def test_a_refused_name_is_held_and_a_rate_limited_one_waits_for_retry_after(
         assert rows["blocked"]["state"] == "held", rows["blocked"]
         assert rows["blocked"]["problem"] == "rejectedIdentifier" and rows["blocked"]["retry_after"]
         assert rows["limited"]["retry_after"] and rows["limited"]["problem"] == "rateLimited"
+        assert "not retrying" not in str(rows) and "rejectedIdentifier" in rows["blocked"]["last_error"]
 
         table = env.run("status", check=0).stdout
         line = next(x for x in table.splitlines() if x.startswith("blocked: "))

@@ -31,11 +31,11 @@ def _problem(code: str, detail: str = "no", retry_after: str | None = None, **kw
     ("rateLimited", True, "will retry after 13:00 UTC"),
     ("serverInternal", True, "will retry"),
     ("badNonce", True, "will retry"),
-    ("unauthorized", False, "not retrying"),
-    ("rejectedIdentifier", False, "change the domains; not retrying"),
-    ("caa", False, "fix the CAA records; not retrying"),
+    ("unauthorized", False, "the CA does not allow this account to do that"),
+    ("rejectedIdentifier", False, "change the domains"),
+    ("caa", False, "fix the CAA records"),
     ("externalAccountRequired", False, "set eab_kid and eab_hmac_key"),
-    ("somethingNew", False, "not retrying automatically"),
+    ("somethingNew", False, "see the CA's documentation of this problem"),
 ])
 def test_problem_types_map_to_transience_and_next_step(fail: Failure, code: str, transient: bool,
                                                        next_step: str) -> None:
