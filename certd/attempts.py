@@ -36,7 +36,9 @@ def note_failure(state: CertState, error: BaseException | None, now: datetime, b
     state.problem = retry.short(getattr(error, "problem_type", None))
     ra_seconds = getattr(error, "retry_after", None)
     ca_retry_after = now + timedelta(seconds=ra_seconds) if isinstance(ra_seconds, (int, float)) else None
-    state.retry_after = isoformat(retry.next_allowed(rule.kind, state.kind_failures, now, backoff, ca_retry_after))
+    at = retry.next_allowed(rule.kind, state.kind_failures, now, backoff, ca_retry_after)
+    # stored to the second: rounded up, so never a moment before what the CA asked
+    state.retry_after = isoformat(at + timedelta(microseconds=999_999) if at.microsecond else at)
     state.fix = rule.fix or None
     return rule
 
