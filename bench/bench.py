@@ -7,7 +7,7 @@ One command, everything it needs started and stopped by itself (by PID)::
     bash bench/run.sh              # = .venv/bin/python bench/bench.py
     bash bench/run.sh --quick      # CI-sized: small counts, a short idle window, ~2 minutes
 
-It starts two Pebble 2.6 servers on free loopback ports, both with PEBBLE_VA_NOSLEEP=1,
+It starts two Pebble 2.10 servers on free loopback ports, both with PEBBLE_VA_NOSLEEP=1,
 PEBBLE_WFE_NONCEREJECT=0 and PEBBLE_AUTHZREUSE=0:
 
 - **fast mode** (PEBBLE_VA_ALWAYS_VALID=1): Pebble skips validation, so what is measured is
@@ -79,7 +79,7 @@ from tests.support.certd_env import CertdEnv  # noqa: E402
 from tests.support.pebble_fixtures import PebbleEnv  # noqa: E402
 from tests.support.procs import ManagedProcess, wait_until  # noqa: E402
 
-VALIDITY = 6 * 3600          # Pebble certificateValidityPeriod: renewal ~3 h later, ARI every 36 min
+VALIDITY = 6 * 3600          # Pebble default-profile validityPeriod: renewal ~3 h later, ARI every 36 min
 CERTBOT_VENV = ROOT / ".cache" / "bench" / "certbot-venv"
 FAST = {"PEBBLE_VA_ALWAYS_VALID": "1"}
 

@@ -120,7 +120,7 @@ def main() -> int:
         ("rotation overhead over issuance", median_ms(full) - median_ms(bare), "<= 200 ms"),
         ("rollback: failed verify -> old cert proven", median_ms(rollback), "<= 300 ms"),
     ]
-    print(f"\nrotation benchmark: {args.runs} runs, medians (Pebble 2.6 real http-01 validation, nginx 1.22)")
+    print(f"\nrotation benchmark: {args.runs} runs, medians (Pebble 2.10 real http-01 validation, nginx 1.22)")
     print(f"{'measure':45} {'ms':>8}  target")
     for name, ms, target in rows:
         print(f"{name:45} {ms:8.1f}  {target}")

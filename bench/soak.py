@@ -2,7 +2,7 @@
 """Soak (issue 7): ``certd run`` unattended for a while, with everything that can go wrong
 going wrong at random, and a client watching what is served the whole time.
 
-- Pebble issues 3-minute certificates (``certificateValidityPeriod`` 180 s; real http-01
+- Pebble issues 3-minute certificates (default profile ``validityPeriod`` 180 s; real http-01
   validation) for 200 names, one certificate per name.
 - One nginx (a server block per name) and one HAProxy (a ``crt`` directory of combined PEMs,
   hot-swapped over the runtime API) serve all names by SNI; every certificate has both reload

@@ -43,7 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("renew", help="renew what is due (or everything named, with --force)")
     r.add_argument("names", nargs="*", metavar="NAME")
     r.add_argument("--all", action="store_true", help="every configured certificate")
-    r.add_argument("--force", action="store_true", help="renew now even if not due")
+    r.add_argument("--force", action="store_true", help="renew now even if not due (also: try now although "
+                   "held or rate limited after a CA refusal)")
+    r.add_argument("--ignore-duplicate-limit", action="store_true",
+                   help="with --force: renew even past the CA's 5 certificates per name set per week")
     r.add_argument("--reason", default="", help="why (recorded with your identity)")
     r.add_argument("--wait", action="store_true", help="show the steps as they happen and exit with the outcome")
 
@@ -144,12 +147,13 @@ class _Local:
         self.mgr.close()
 
     def renew(self, names: list[str], all_: bool, force: bool, reason: str, wait: bool,
-              progress: Any) -> list[dict[str, Any]]:
+              progress: Any, ignore_duplicate_limit: bool = False) -> list[dict[str, Any]]:
         from certd.manager import whoami
         from certd import housekeeping
         certs = self.mgr.select([] if all_ else names)
         outcomes = [_outcome(o) for o in self.mgr.renew(certs, force=force, reason=reason, initiator=whoami(),
-                                                        progress=progress)]
+                                                        progress=progress,
+                                                        ignore_duplicate_limit=ignore_duplicate_limit)]
         housekeeping.sweep(self.mgr.config, [c.name for c in certs])  # what killed runs left
         return outcomes
 
@@ -200,8 +204,10 @@ class _Remote:
         return outcomes
 
     def renew(self, names: list[str], all_: bool, force: bool, reason: str, wait: bool,
-              progress: Any) -> list[dict[str, Any]]:
+              progress: Any, ignore_duplicate_limit: bool = False) -> list[dict[str, Any]]:
         body = {"names": names, "all": all_, "force": force, "reason": reason, "wait": wait}
+        if ignore_duplicate_limit:
+            body["ignore_duplicate_limit"] = True
         if not wait:
             accepted = self.client.call("/v1/renew", body)["accepted"]
             return [{"name": n, "ok": True, "result": "accepted",
@@ -270,12 +276,14 @@ def _progress(name: str, message: str) -> None:
 def cmd_renew(args: argparse.Namespace) -> int:
     if args.force and not args.names and not args.all:
         raise UsageError("name the certificates to renew, or pass --all")
+    if args.ignore_duplicate_limit and not args.force:
+        raise UsageError("--ignore-duplicate-limit goes with --force (only a forced renewal can hit the limit)")
     backend = _backend(args)
     try:
         progress = _progress if (args.wait or sys.stderr.isatty()) else None
         reason = args.reason or ("forced by operator" if args.force else "")
         outcomes = backend.renew(args.names, args.all, args.force, reason, args.wait or isinstance(backend, _Local),
-                                 progress)
+                                 progress, ignore_duplicate_limit=args.ignore_duplicate_limit)
     finally:
         backend.close()
     for o in outcomes:
@@ -294,6 +302,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     _print_table(rows, [("NAME", "name"), ("STATE", "state"), ("VER", "version"), ("SERIAL", "serial"),
                         ("NOT AFTER", "not_after"), ("NEXT RENEWAL", "next_renewal"), ("LAST RESULT", "last_result"),
                         ("DOMAINS", "domains")])
+    for row in rows:  # a renewal waiting for the CA: when the next try is, and how to try now
+        if row.get("state") in ("held", "rate_limited"):
+            print(f"{row['name']}: {row.get('renewal_reason')}")
     return EXIT_OK
 
 

@@ -419,6 +419,8 @@ class Daemon:
         flights = []
         for cert in certs:
             args = {"force": force, "reason": reason, "initiator": initiator}
+            if force and body.get("ignore_duplicate_limit"):
+                args["ignore_duplicate_limit"] = True
             try:
                 flight, started = self.flights.begin(cert.name, "forced" if force else "requested",
                                                      forced=args if force else None)

@@ -65,17 +65,19 @@ class AcmeError(OperationFailed):
     """The CA said no, or could not be reached.
 
     ``problem_type`` is the RFC 8555 problem type URN (e.g.
-    ``urn:ietf:params:acme:error:rateLimited``) when the CA sent one.
+    ``urn:ietf:params:acme:error:rateLimited``) when the CA sent one; ``where`` the step of the
+    order it answered (``newOrder``, ``challenge``, ``finalize``, ``replaces``: see certd.retry).
     """
 
     def __init__(self, message: str, *, problem_type: str | None = None,
                  detail: str | None = None, transient: bool = False,
-                 retry_after: float | None = None) -> None:
+                 retry_after: float | None = None, where: str | None = None) -> None:
         super().__init__(message)
         self.problem_type = problem_type
         self.detail = detail
         self.transient = transient
         self.retry_after = retry_after
+        self.where = where
 
 
 class CANotReachable(AcmeError):

@@ -32,7 +32,7 @@ import threading
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Protocol
@@ -40,6 +40,7 @@ from typing import Any, Protocol
 import josepy as jose
 import requests
 from acme import client as acme_client
+from acme import errors as acme_errors
 from acme import messages
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -52,6 +53,7 @@ from certd.clock import Clock, utc
 from certd.config import AcmeConfig, CertificateConfig
 from certd.errors import AcmeError, CANotReachable, ChallengeFailed, ConfigError
 from certd.keys import make_csr
+from certd.retry import CHALLENGE, FINALIZE, NEW_ORDER, REPLACES
 from certd.model import split_pem_chain
 from certd.solvers import Solver, solver_for
 
@@ -66,8 +68,6 @@ ISSUE_WAIT = 0.002           # after finalize, before the first poll
 POLL_GROWTH = 2.0
 MAX_POLL = 2.0
 MAX_RETRY_AFTER = 15.0       # never wait longer than this for one poll, whatever the CA says
-ARI_DEFAULT_RETRY = timedelta(hours=6)                          # RFC 9773 §4.3.3
-ARI_RETRY_BOUNDS = (timedelta(minutes=1), timedelta(days=1))    # sane limits on Retry-After
 
 _FINAL_CHALLENGE_PROBLEMS = {"caa", "rejectedIdentifier", "unsupportedIdentifier"}
 
@@ -78,7 +78,8 @@ class RenewalInfo:
 
     window_start: datetime      # aware UTC
     window_end: datetime        # aware UTC
-    retry_after: datetime       # aware UTC: when to ask again
+    retry_after: datetime | None  # aware UTC: when the CA asks to be asked again (None: it did not
+    #                               say); clamped in one place, certd.scheduler.ari_poll_interval
     explanation_url: str | None
 
 
@@ -219,16 +220,14 @@ class Issuer:
             response = self._network().get(url, content_type=acme_client.ClientNetwork.JSON_CONTENT_TYPE)
             body = response.json()
             window = messages.RenewalInfo.from_json(body).suggested_window
-            if window.start is None or window.end is None or window.end < window.start:
+            if window.start is None or window.end is None or window.end <= window.start:
                 raise AcmeError("fetching renewal information: the CA sent no valid suggestedWindow "
                                 "(RFC 9773 §4.2); will retry", transient=True)
             now = self._clock.now()
             wait = retry_after_seconds(response.headers.get("Retry-After"), now)
-            delay = ARI_DEFAULT_RETRY if wait is None else timedelta(seconds=wait)
-            delay = min(max(delay, ARI_RETRY_BOUNDS[0]), ARI_RETRY_BOUNDS[1])
             explanation = body.get("explanationURL") if isinstance(body, dict) else None
             return RenewalInfo(window_start=utc(window.start), window_end=utc(window.end),
-                               retry_after=now + delay,
+                               retry_after=None if wait is None else now + timedelta(seconds=wait),
                                explanation_url=explanation if isinstance(explanation, str) else None)
 
     def revoke(self, cert_pem: bytes, reason: int) -> None:
@@ -304,17 +303,32 @@ class Issuer:
             client.net.key, client.net.alg, client.net.account = self._key, self._alg, self._regr
         return client
 
+    def _account_lock(self) -> AbstractContextManager[None]:
+        """Registration is serialized across processes when the store can (FileStore.account_lock)."""
+        lock = getattr(self._accounts, "account_lock", None)
+        return lock(self._acme.directory) if lock is not None else nullcontext()
+
     def _load_or_register(self, directory: messages.Directory) -> None:
+        with self._account_lock():
+            if self._load_stored():
+                return
+            key = ec.generate_private_key(ec.SECP256R1())
+            self._set_key(key)
+            self._register(directory, key)
+
+    def _load_stored(self, unless_uri: str | None = None) -> bool:
+        """Use the stored account, if there is one (and it is not ``unless_uri``)."""
         stored = self._accounts.load_account(self._acme.directory)
-        if stored is not None:
-            key_pem, regr_json = stored
-            self._set_key(serialization.load_pem_private_key(key_pem, password=None))
-            self._regr = messages.RegistrationResource.json_loads(regr_json)
-            log.debug("account_loaded directory=%s account=%s", self._acme.directory, self._regr.uri)
-            return
-        key = ec.generate_private_key(ec.SECP256R1())
-        self._set_key(key)
-        self._register(directory, key)
+        if stored is None:
+            return False
+        key_pem, regr_json = stored
+        regr = messages.RegistrationResource.json_loads(regr_json)
+        if unless_uri is not None and regr.uri == unless_uri:
+            return False
+        self._set_key(serialization.load_pem_private_key(key_pem, password=None))
+        self._regr = regr
+        log.debug("account_loaded directory=%s account=%s", self._acme.directory, regr.uri)
+        return True
 
     def _set_key(self, key: Any) -> None:
         if isinstance(key, ec.EllipticCurvePrivateKey):
@@ -351,8 +365,15 @@ class Issuer:
             email=acme.email, terms_of_service_agreed=True if acme.agree_tos else None,
             external_account_binding=eab)
         net = self._new_network(self._key)
+        net.time_left = self._network().time_left  # the order's deadline bounds badNonce retries too
         try:
             regr = acme_client.ClientV2(directory, net).new_account(registration)
+        except acme_errors.ConflictError as e:
+            # 200 + Location (RFC 8555 §7.3.1): the CA already has this key — a registration whose
+            # answer was lost (disk full, SIGKILL before save_account). Adopt and save that account.
+            regr = messages.RegistrationResource(uri=e.location, body=messages.Registration())
+            log.warning("account_adopted directory=%s account=%s: the CA already knew this key", acme.directory,
+                        e.location)
         except messages.Error as e:
             if not acme.agree_tos and (tos or problem_code(e) == "userActionRequired"
                                        or "terms" in (e.detail or "").lower()):
@@ -376,8 +397,12 @@ class Issuer:
         with self._lock:
             if self._regr is not stale:
                 return
-            assert self._raw_key is not None  # set with the account that went stale
-            self._register(directory, self._raw_key)
+            with self._account_lock():
+                # Another process may have registered again meanwhile: use what it saved.
+                if self._load_stored(unless_uri=stale.uri if stale is not None else None):
+                    return
+                assert self._raw_key is not None  # set with the account that went stale
+                self._register(directory, self._raw_key)
 
 
 # --- one order ---------------------------------------------------------------------------------
@@ -403,14 +428,16 @@ class _Order:
         self.doing = f"issuing {cert.name}"
 
     def run(self, csr_pem: bytes, replaces: str | None) -> bytes:
-        uri, order = self.create(replaces)
+        with _where(NEW_ORDER):
+            uri, order = self.create(replaces)
         self.say(f"order {uri} created ({order.status.name})")
         if order.status.name == "pending":
             order = self.validate(uri, order)
         if order.status.name == "ready":
             csr = x509.load_pem_x509_csr(csr_pem)
-            order = messages.Order.from_json(
-                _post(self.client, order.finalize, messages.CertificateRequest(csr=csr)).json())
+            with _where(FINALIZE):
+                order = messages.Order.from_json(
+                    _post(self.client, order.finalize, messages.CertificateRequest(csr=csr)).json())
             self.say("finalizing")
             if order.status.name in ("ready", "processing"):
                 # Issuing takes a CA a moment (Pebble: ~3 ms); asking at once is a wasted request.
@@ -457,8 +484,7 @@ class _Order:
             if challb is None:
                 offered = ", ".join(sorted({c.typ for c in authz.challenges})) or "none"
                 raise AcmeError(f"{self.doing}: the CA offers no {self.solver.challenge_type} challenge for "
-                                f"{_authz_name(authz)} (offers {offered}); choose another challenge; "
-                                "not retrying")
+                                f"{_authz_name(authz)} (offers {offered}); choose another challenge")
             work.append((authz.identifier.value, challb))
         if not work:
             return self.poll(uri, "the order to become ready")
@@ -543,14 +569,27 @@ class _Order:
         final = code in _FINAL_CHALLENGE_PROBLEMS
         return ChallengeFailed(
             f"{self.doing}: the CA could not validate {failed.chall.typ} for {name} ({code}): "
-            f"{problem_detail(problem)}; {NEXT_STEP.get(code, 'not retrying') if final else 'will retry'}",
-            problem_type=problem.typ, detail=problem.detail, transient=not final)
+            f"{problem_detail(problem)}; {NEXT_STEP.get(code, 'fix what the CA names') if final else 'will retry'}",
+            problem_type=problem.typ, detail=problem.detail, transient=not final, where=CHALLENGE)
 
     def order_failed(self, order: messages.Order) -> AcmeError:
         if order.error is not None:
-            return self.issuer._fail.problem(order.error, f"{self.doing}: the order is {order.status.name}")
+            error = self.issuer._fail.problem(order.error, f"{self.doing}: the order is {order.status.name}")
+            error.where = FINALIZE
+            return error
         return AcmeError(f"{self.doing}: the order ended {order.status.name} without a certificate; will retry",
                          transient=True)
+
+
+@contextmanager
+def _where(step: str) -> Iterator[None]:
+    """Mark a CA problem raised inside with the order ``step`` it answered (certd.retry's table)."""
+    try:
+        yield
+    except messages.Error as e:
+        if getattr(e, "certd_where", None) is None:
+            e.certd_where = step  # type: ignore[attr-defined]
+        raise
 
 
 def _authz_name(authz: messages.Authorization) -> str:

@@ -15,10 +15,10 @@ import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Callable, Iterable
 
-from certd import certcheck, deploy, keys, revocation, rotation, verify
+from certd import attempts, certcheck, deploy, keys, revocation, rotation, verify
 from certd.clock import Clock, SystemClock, isoformat
 from certd.config import CertificateConfig, Config
 from certd.effects import STEP_TEXT, RotationEffects, failed_step, idle_actions
@@ -69,6 +69,9 @@ class Manager:
         self._issuer = issuer
         self.lock_timeout = lock_timeout
         self.planner = Planner(self.store, self.clock, lambda: self.issuer)
+        #: True in the daemon, which retries failed renewals by itself; the one-shot CLI does not,
+        #: so its messages must not say "will retry" (see attempts.next_step).
+        self.retries = False
 
     @property
     def issuer(self) -> Issuer:
@@ -120,7 +123,7 @@ class Manager:
 
     def renew(self, certs: Iterable[CertificateConfig], *, force: bool = False, reason: str = "",
               initiator: str = "scheduler", progress: Progress | None = None,
-              workers: int | None = None) -> list[Outcome]:
+              workers: int | None = None, ignore_duplicate_limit: bool = False) -> list[Outcome]:
         """Renew each certificate that is due (all of them with ``force``), up to ``workers``
         (default ``[daemon] workers``) at a time, each under its own lock; one failure does not
         stop the others. Outcomes come back in the order of ``certs``, whatever order they
@@ -132,7 +135,8 @@ class Manager:
 
         def one(cert: CertificateConfig) -> Outcome:
             try:
-                return self.renew_one(cert, force=force, reason=reason, initiator=initiator, progress=progress)
+                return self.renew_one(cert, force=force, reason=reason, initiator=initiator, progress=progress,
+                                      ignore_duplicate_limit=ignore_duplicate_limit)
             except Exception as e:  # a bug in one renewal must not lose the others' outcomes
                 log.exception("renewal of %s crashed", cert.name)
                 return Outcome(cert.name, "failed", f"internal error: {type(e).__name__}: {e}")
@@ -145,21 +149,25 @@ class Manager:
 
     def renew_one(self, cert: CertificateConfig, *, force: bool = False, reason: str = "",
                   initiator: str = "scheduler", progress: Progress | None = None,
-                  skip_backoff: bool = False) -> Outcome:
+                  skip_backoff: bool = False, ignore_duplicate_limit: bool = False) -> Outcome:
         """Renew ``cert`` if due (now with ``force``). ``skip_backoff``: the CA is known to be
-        back, so a certificate waiting out a failure backoff is retried now if otherwise due."""
+        back, so a certificate waiting out a failure backoff is retried now if otherwise due.
+        A forced renewal that would exceed the CA's duplicate-certificate limit is refused
+        unless ``ignore_duplicate_limit``."""
         say = _sayer(cert.name, progress)
         try:
             with self.store.lock(cert.name, timeout=self.lock_timeout):
                 resumed = self._recover(cert, say)
-                outcome = self._renew_locked(cert, force, reason, initiator, say, skip_backoff)
+                outcome = self._renew_locked(cert, force, reason, initiator, say, skip_backoff,
+                                             ignore_duplicate_limit)
                 return outcome if resumed is None else _with_resumed(outcome, resumed)
         except CertdError as e:
             event(log, "renewal_failed", logging.ERROR, name=cert.name, error=str(e))
             return Outcome(cert.name, "failed", str(e))
 
     def _renew_locked(self, cert: CertificateConfig, force: bool, reason: str, initiator: str,
-                      say: Callable[[str], None], skip_backoff: bool = False) -> Outcome:
+                      say: Callable[[str], None], skip_backoff: bool = False,
+                      ignore_duplicate_limit: bool = False) -> Outcome:
         current = self.store.current(cert.name)
         stored = self.store.load(cert.name, current) if current is not None else None
         state = self.load_state(cert.name)
@@ -174,13 +182,24 @@ class Manager:
             if decision.ca_requested and initiator == "scheduler":
                 initiator = "ari"  # the CA asked (ARI window in the past), not our own schedule
         else:
+            now = self.clock.now()
+            refusal = None if ignore_duplicate_limit else attempts.duplicate_refusal(state, cert.domains, now)
+            if refusal is not None:
+                return Outcome(cert.name, "refused", f"not renewing {cert.name}: {refusal}", current,
+                               stored.bundle.info.serial if stored else None)
+            detail: dict[str, Any] = {}
+            until = attempts.blocked_until(state, now)
+            if until is not None:  # the operator says "fixed, try now": bypass the hold once, on record
+                detail["bypassed"] = {"failure_kind": state.failure_kind, "problem": state.problem,
+                                      "retry_after": isoformat(until)}
+                say(f"trying now although {state.failure_kind} until {isoformat(until)} (forced)")
             self.emit("forced", cert.name, initiator=initiator, reason=reason, outcome="requested",
-                      old_serial=stored.bundle.info.serial if stored else None, version=current)
+                      old_serial=stored.bundle.info.serial if stored else None, version=current, detail=detail)
         started = self.clock.monotonic()
         state.last_attempt = isoformat(self.clock.now())
         try:
             key_pem = self._key_for(cert, stored)
-            replaces = self._replaces(stored)
+            replaces = self._replaces(stored, cert)
             say("ordering from the CA" + (f" (replaces {replaces})" if replaces else ""))
             fullchain = self.issuer.issue(cert, key_pem, replaces=replaces, progress=say)
             bundle = certcheck.check_issued(fullchain, key_pem, cert.domains, self.clock.now())
@@ -192,9 +211,13 @@ class Manager:
                 "fingerprint_sha256": info.fingerprint_sha256, "replaces": replaces,
             })
         except OperationFailed as e:
+            if force:  # the operator asked for a new certificate: retried on the backoff until one comes
+                state.forced_retry = reason or "forced"
             self._record_failure(cert, state, str(e), ca_unreachable=isinstance(e, CANotReachable),
-                                 initiator=initiator, reason=reason)
-            return Outcome(cert.name, "failed", str(e), current)
+                                 initiator=initiator, reason=reason, exc=e)
+            return Outcome(cert.name, "failed",
+                           attempts.next_step(str(e), cert.name, state, self.clock.now(), self.retries), current)
+        attempts.note_issued(state, cert.domains, self.clock.now())
         event(log, "cert_issued", name=cert.name, version=version, serial=info.serial,
               not_after=isoformat(info.not_after), initiator=initiator)
         self.emit("issued", cert.name, initiator=initiator, reason=reason, version=version, new_serial=info.serial,
@@ -213,8 +236,10 @@ class Manager:
             return stored.bundle.key_pem
         return keys.generate_private_key(cert.key_type)
 
-    def _replaces(self, stored: StoredVersion | None) -> str | None:
-        if stored is None:
+    def _replaces(self, stored: StoredVersion | None, cert: CertificateConfig) -> str | None:
+        """The ARI id the new order replaces (RFC 9773 §5); none when the configured names
+        differ from the stored certificate's (a CA refuses replaces for other identifiers)."""
+        if stored is None or set(stored.bundle.info.domains) != set(cert.domains):
             return None
         try:
             return ari_cert_id(stored.bundle.cert_pem)
@@ -351,6 +376,7 @@ class Manager:
                                       "not_after": info.not_after if info else None, "duration": seconds}
             if j.kind == "renew":
                 state.failures, state.last_error, state.ari, state.ca_unreachable = 0, None, None, False
+                attempts.clear(state)
                 state.last_success = isoformat(self.clock.now())
                 result, msg = "renewed", f"renewed: version {version}, serial {serial} ({seconds:.2f}s)"
                 self.emit("renewed", cert.name, **fields)
@@ -376,7 +402,7 @@ class Manager:
 
     def _record_failure(self, cert: CertificateConfig, state: CertState, error: str, result: str = "failed",
                         ca_unreachable: bool = False, failed_step: str | None = None,
-                        initiator: str = "scheduler", reason: str = "") -> None:
+                        initiator: str = "scheduler", reason: str = "", exc: BaseException | None = None) -> None:
         event(log, "renewal_failed", logging.ERROR, name=cert.name, failures=state.failures + 1, error=error)
         detail: dict[str, Any] = {"failures": state.failures + 1, "error": error}
         if failed_step is not None:
@@ -388,6 +414,11 @@ class Manager:
         state.last_failure = isoformat(self.clock.now())
         state.last_error = error
         state.last_result = result
+        rule = attempts.note_failure(state, exc, self.clock.now(), timedelta(0))
+        state.last_error = attempts.next_step(error, cert.name, state, self.clock.now(), self.retries)
+        if rule.kind != "transient":
+            event(log, "renewal_blocked", logging.WARNING, name=cert.name, kind=rule.kind, problem=state.problem,
+                  retry_after=state.retry_after, cite=rule.cite)
         try:
             self.save_state(cert.name, state)
         except StoreError as e:

@@ -277,6 +277,8 @@ class _StoreCollector(Collector):
             "last_success": family("last_success_timestamp_seconds", "When the last renewal committed."),
             "failures": family("certificate_consecutive_failures", "Failed renewal attempts since the last success."),
         }
+        blocked = GaugeMetricFamily("certd_renewal_blocked", "1 while a certificate's renewal waits for the CA: "
+                                    "reason held (a permanent refusal) or rate_limited.", labels=["name", "reason"])
         source = self.source
         if source is not None:
             now = self.clock.monotonic()
@@ -292,9 +294,13 @@ class _StoreCollector(Collector):
                         continue
                     self._cache[cert.name] = (now, values)
                 for key, value in values.items():
-                    if value is not None:
+                    if key == "blocked":
+                        if value is not None:
+                            blocked.add_metric([cert.name, str(value)], 1.0)
+                    elif value is not None:
                         fams[key].add_metric([cert.name], value)
         yield from fams.values()
+        yield blocked
 
     def _values(self, source: StatusSource, cert: CertificateConfig) -> dict[str, float | None]:
         row = source.status(cert)
@@ -305,7 +311,8 @@ class _StoreCollector(Collector):
                 "next_renewal": _ts(row.get("next_renewal")) if version is not None else None,
                 "version": float(version) if version is not None else None,
                 "last_success": _ts(getattr(state, "last_success", None)),
-                "failures": float(getattr(state, "failures", 0) or 0)}
+                "failures": float(getattr(state, "failures", 0) or 0),
+                "blocked": row["state"] if row.get("state") in ("held", "rate_limited") else None}
 
     def _issued_at(self, source: StatusSource, name: str) -> float | None:
         store = getattr(source, "store", None)

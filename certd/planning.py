@@ -14,11 +14,11 @@ from functools import cached_property
 from datetime import datetime
 from typing import Any, Callable
 
-from certd import policy, revocation
+from certd import attempts, policy, retry, revocation
 from certd.clock import Clock, isoformat
 from certd.config import CertificateConfig
 from certd.effects import unfinished_step
-from certd.errors import OperationFailed
+from certd.errors import OperationFailed, StoreError
 from certd.issuer import Issuer
 from certd.log import event
 from certd.model import CertInfo
@@ -42,6 +42,14 @@ class CertState:
     last_success: str | None = None
     ca_unreachable: bool = False               # the last failure was "CA not reachable"
     ari: dict[str, Any] | None = None          # {"serial", "start", "end", "retry_after"}
+    # the last failure's kind (see certd.retry and certd.attempts) and the earliest next try
+    failure_kind: str | None = None
+    kind_failures: int = 0                     # failures of that kind in a row
+    problem: str | None = None                 # the CA's problem type (short form), if any
+    retry_after: str | None = None             # ISO 8601: no attempt before (held, rate_limited)
+    fix: str | None = None                     # what an operator does about a hold
+    issued: list[dict[str, Any]] | None = None  # [{"at", "names"}] this rolling week (duplicate limit)
+    forced_retry: str | None = None            # a forced renewal failed: the daemon retries it (backoff)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -70,6 +78,7 @@ class _Facts:
     held: bool = False              # revoked for cessationOfOperation: not renewed
     ari_cached: bool = False        # state.json holds an ARI answer for this serial
     ari_poll: datetime | None = None
+    blocked_until: datetime | None = None  # a hold or rate limit (row["failure_kind"]) lasts until
 
     @cached_property
     def row_json(self) -> str:
@@ -83,12 +92,15 @@ class _Facts:
 
     def state(self, now: datetime) -> str:
         """The row's ``state`` at ``now``."""
+        blocked = self.blocked_until is not None and now < self.blocked_until
         if self.info is None:
-            return "missing"
+            return self.row["failure_kind"] if blocked else "missing"
         if self.info.not_after <= now:
             return "expired"
         if self.revoked:
             return "revoked"  # still served until an operator acts
+        if blocked:
+            return self.row["failure_kind"]  # held | rate_limited: waiting for retry_after
         if self.expiring_at is not None and now >= self.expiring_at:
             return "expiring"
         return "failing" if self.row["failures"] else "ok"
@@ -101,6 +113,7 @@ class Planner:
     def __init__(self, store: Store, clock: Clock, issuer: Callable[[], Issuer]) -> None:
         self.store, self.clock, self._issuer = store, clock, issuer
         self._cache: dict[str, _Facts] = {}   # see _facts()
+        self._unsaved: dict[str, CertState] = {}  # states whose write failed (see load_state)
 
     def plan(self, cert: CertificateConfig) -> tuple[datetime, str]:
         """When the daemon should next look at ``cert``: its renewal time, or earlier to poll ARI."""
@@ -150,12 +163,15 @@ class Planner:
                                "next_renewal": None, "last_result": state.last_result,
                                "last_error": state.last_error, "failures": state.failures,
                                "rotation": unfinished}
+        until = attempts.blocked_until(state, self.clock.now())
+        row.update(failure_kind=state.failure_kind if state.failures else None, problem=state.problem,
+                   retry_after=isoformat(until) if until else None)
         stored = self.store.load_info(cert.name, current) if current is not None else None
         decision = self.decide(cert, stored, state, refresh_ari=False)
         row["next_renewal"] = isoformat(decision.renew_at)
         row["renewal_reason"] = decision.reason
         if stored is None:
-            return _Facts(token, cert, decision, row)
+            return _Facts(token, cert, decision, row, blocked_until=until)
         info = stored.info
         row.update(serial=info.serial, not_before=isoformat(info.not_before), not_after=isoformat(info.not_after),
                    fingerprint_sha256=info.fingerprint_sha256, key_type=info.key_type)
@@ -164,10 +180,40 @@ class Planner:
             row["next_renewal"] = None  # the operator ended it; nothing is planned
         ari = state.ari if state.ari and state.ari.get("serial") == info.serial else None
         return _Facts(token, cert, decision, row, info, bool(stored.meta.get("revoked")), held,
-                      ari is not None, parse_time(ari.get("next_poll")) if ari else None)
+                      ari is not None, parse_time(ari.get("next_poll")) if ari else None, until)
 
     def decide(self, cert: CertificateConfig, stored: StoredVersion | VersionInfo | None, state: CertState,
                refresh_ari: bool, ignore_failures: bool = False) -> policy.Decision:
+        """The policy's decision, held back while the CA's refusal or rate limit lasts (see
+        certd.retry: not even the emergency point comes sooner; ``renew --force`` does)."""
+        decision = self._decide(cert, stored, state, refresh_ari, ignore_failures)
+        decision = self._forced_retry(stored, state, decision)
+        until = None if ignore_failures else attempts.blocked_until(state, self.clock.now())
+        if until is not None and until > decision.renew_at:
+            decision = policy.Decision(until, blocked_reason(cert.name, state, until), decision.emergency)
+        return decision
+
+    def _forced_retry(self, stored: StoredVersion | VersionInfo | None, state: CertState,
+                      decision: policy.Decision) -> policy.Decision:
+        """A forced renewal that failed is retried on the failure backoff, not left until the
+        next scheduled renewal (the operator asked for a new certificate)."""
+        last_failure = parse_time(state.last_failure)
+        if not state.forced_retry or not state.failures or last_failure is None:
+            return decision
+        if stored is None:
+            wait = policy.first_issue_backoff(state.failures, random.Random(state.failures))
+        else:
+            info = stored.info
+            wait = policy.backoff(state.failures, info.not_before, info.not_after, last_failure,
+                                  random.Random(info.serial))
+        retry_at = last_failure + wait
+        if retry_at >= decision.renew_at:
+            return decision
+        return policy.Decision(retry_at, f"retry {state.failures} of a forced renewal ({state.forced_retry}) after "
+                                         f"failure, backoff until {isoformat(retry_at)}", decision.emergency)
+
+    def _decide(self, cert: CertificateConfig, stored: StoredVersion | VersionInfo | None, state: CertState,
+                refresh_ari: bool, ignore_failures: bool = False) -> policy.Decision:
         now = self.clock.now()
         failures = 0 if ignore_failures else state.failures
         if stored is None:
@@ -216,17 +262,51 @@ class Planner:
                               "next_poll": isoformat(now + ari_poll_interval(ri.retry_after, now, lifetime))}
                     event(log, "ari_fetched", logging.DEBUG, name=stored.name, start=cached["start"], end=cached["end"])
             state.ari = cached
-            self.save_state(stored.name, state)
+            try:
+                self.save_state(stored.name, state)
+            except StoreError as e:  # kept in memory (load_state): the decision goes on
+                event(log, "state_not_saved", logging.WARNING, name=stored.name, error=str(e))
         if not cached:
             return None
         start, end = parse_time(cached.get("start")), parse_time(cached.get("end"))
         return policy.AriWindow(start, end) if start and end else None
 
     def load_state(self, name: str) -> CertState:
-        return CertState.from_json(self.store.load_state(name))
+        """The stored state, unless this process holds a later one it could not write (disk
+        full): a lost write can only make certd wait longer, never retry sooner."""
+        state = CertState.from_json(self.store.load_state(name))
+        kept = self._unsaved.get(name)
+        if kept is None:
+            return state
+        if _later(state, kept):  # the store caught up, or another process wrote since
+            self._unsaved.pop(name, None)
+            return state
+        return CertState.from_json(kept.to_json())
 
     def save_state(self, name: str, state: CertState) -> None:
-        self.store.save_state(name, state.to_json())
+        self._cache.pop(name, None)
+        try:
+            self.store.save_state(name, state.to_json())
+        except StoreError:
+            self._unsaved[name] = CertState.from_json(state.to_json())
+            raise
+        self._unsaved.pop(name, None)
+
+
+def _later(stored: CertState, kept: CertState) -> bool:
+    """Whether ``stored`` records something that happened after what ``kept`` knows."""
+    return any((getattr(stored, f) or "") > (getattr(kept, f) or "")
+               for f in ("last_attempt", "last_success", "last_failure"))
+
+
+def blocked_reason(name: str, state: CertState, until: datetime) -> str:
+    """Why ``name`` waits until ``until`` after a refusal or rate limit, and how to try now."""
+    problem = f" ({state.problem})" if state.problem else ""
+    if state.failure_kind == retry.RATE_LIMITED:
+        why = f"rate limited by the CA{problem}"
+    else:
+        why = f"held after the CA refused{problem}" + (f": {state.fix}" if state.fix else "")
+    return f"{why}; next try at {isoformat(until)}, or now with: certd renew --force {name}"
 
 
 def cert_pem(store: Store, stored: StoredVersion | VersionInfo) -> bytes:

@@ -85,6 +85,8 @@ def _scheduled(facts: Facts, now: datetime, rng: random.Random) -> Decision:
     assert facts.not_before is not None and facts.not_after is not None
     lifetime = facts.not_after - facts.not_before
     emergency_at = expiring_at(facts.not_before, facts.not_after)
+    if facts.not_after <= now:
+        return Decision(now, f"the certificate expired at {isoformat(facts.not_after)}", True)
     ari = facts.ari
     note = ""
     if ari is not None:

@@ -410,6 +410,33 @@ class FileStore:
             raise StoreError(f"{adir}: belongs to {stored_url!r}, not {directory_url!r}; move the directory aside")
         return key_pem, registration
 
+    @contextmanager
+    def account_lock(self, directory_url: str, timeout: float = 60.0) -> Iterator[None]:
+        """Serialize ACME account registration for ``directory_url`` across processes (the CLI
+        and the daemon never register twice): an flock on ``accounts/<id>.lock``."""
+        adir = self._account_dir(directory_url)
+        for p in (self.root, adir.parent):
+            fsutil.ensure_dir(p, 0o700 if p != self.root else self._dir_mode, gid=self._gid if p == self.root else -1)
+        path = adir.parent / (adir.name + ".lock")
+        with fsutil.os_errors(path, "open lock file"):
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        try:
+            deadline = self._clock.monotonic() + timeout
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if self._clock.monotonic() >= deadline:
+                        raise LockBusy(f"another certd process has been registering the ACME account for "
+                                       f"{directory_url} for {timeout:g}s (lock {path}); try again later") from None
+                    self._clock.sleep(_LOCK_POLL)
+                except OSError as e:
+                    raise fsutil.store_error(e, path, "lock") from e
+            yield
+        finally:
+            os.close(fd)
+
     def save_account(self, directory_url: str, key_pem: bytes, registration_json: str) -> None:
         """Key (0600) first, registration last: a saved registration always has its key."""
         adir = self._account_dir(directory_url)

@@ -68,6 +68,7 @@ def build_manager(config: Config, *, clock: Clock | None = None, daemon: bool = 
     if loose_mode is not None:
         manager.emit("state_dir_tightened", "", initiator=whoami(), reason=f"state_dir had mode {loose_mode:04o}",
                      detail={"path": str(config.daemon.state_dir), "old_mode": f"{loose_mode:04o}", "mode": "0700"})
+    manager.retries = daemon  # only the daemon retries by itself (and may say so)
     if sinks is not None and sinks.metrics is not None:
         sinks.metrics.bind(manager)  # the store-backed gauges read the manager's status
     return manager

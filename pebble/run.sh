@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Start Pebble 2.6 + pebble-challtestsrv on 127.0.0.1 in the background, for a developer or
+# Start Pebble 2.10 + pebble-challtestsrv on 127.0.0.1 in the background, for a developer or
 # the demo, and print the ACME directory URL and the CA bundle that signs Pebble's HTTPS.
 # (Tests do not use this: tests/support/pebble_fixtures.py starts private instances.)
 #
@@ -87,7 +87,8 @@ section.update(
     tlsPort=int("$PEBBLE_TLS_PORT"),
 )
 if "$PEBBLE_VALIDITY":
-    section["certificateValidityPeriod"] = int("$PEBBLE_VALIDITY")
+    # Pebble 2.10 takes lifetimes from profiles only (certificateValidityPeriod is ignored).
+    section.setdefault("profiles", {}).setdefault("default", {"description": "run.sh"})["validityPeriod"] = int("$PEBBLE_VALIDITY")
 with open(sys.argv[2], "w") as f:
     json.dump({"pebble": section}, f, indent=2)
 EOF
@@ -97,7 +98,7 @@ EOF
 say "starting pebble-challtestsrv (DNS 127.0.0.1:$CHALLTESTSRV_DNS_PORT, API 127.0.0.1:$CHALLTESTSRV_MGMT_PORT)"
 setsid "$BIN/pebble-challtestsrv" \
     -management "127.0.0.1:$CHALLTESTSRV_MGMT_PORT" \
-    -dns01 "127.0.0.1:$CHALLTESTSRV_DNS_PORT" \
+    -dnsserver "127.0.0.1:$CHALLTESTSRV_DNS_PORT" \
     -defaultIPv4 127.0.0.1 -defaultIPv6 "" \
     -http01 "" -https01 "" -tlsalpn01 "" -doh "" \
     </dev/null >>"$RUN_DIR/challtestsrv.log" 2>&1 &

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # certd's main job against a local Pebble, from a fresh Debian 12 machine (as root):
-#   1. set up (apt packages, .venv, Pebble 2.6)            -> scripts/setup.sh
+#   1. set up (apt packages, .venv, Pebble 2.10)            -> scripts/setup.sh
 #   2. start Pebble + pebble-challtestsrv on 127.0.0.1      -> pebble/run.sh
 #   3. issue example certificates: "www" (http-01, two names) and "wild" (dns-01 wildcard)
 #   4. start nginx on the issued certificate, then rotate "www" behind it: issue, deploy,
@@ -31,7 +31,7 @@ cleanup() {
     bash "$ROOT/pebble/stop.sh" "$RUN" >/dev/null 2>&1 || true
 }
 
-say "Setting up (apt packages, virtualenv, Pebble 2.6)"
+say "Setting up (apt packages, virtualenv, Pebble 2.10)"
 bash scripts/setup.sh
 
 rm -rf "$DEMO"

@@ -8,7 +8,7 @@
 #      disabled again: tests run their own nginx/haproxy on high loopback ports.
 #   2. .venv in the repo with `pip install -e '.[test]'` (skipped while pyproject.toml is
 #      unchanged since the last successful install and the imports work).
-#   3. Pebble 2.6 + pebble-challtestsrv via pebble/install.sh.
+#   3. Pebble 2.10 + pebble-challtestsrv via pebble/install.sh.
 #
 # Fast (well under a second) when everything is already there. Safe to run concurrently:
 # a lock serialises runs. Usage: bash scripts/setup.sh

@@ -32,6 +32,7 @@ from certd.model import spki_sha256
 from certd.store import FileStore
 from tests.support.certd_env import CertdEnv, key_matches
 from tests.support.delay_proxy import DelayProxy
+from tests.support.hostile_ca import HostileCA
 from tests.support.procs import wait_until
 from tests.support.prober import Prober, Target, TrustAnchors, probe_once, verified_leaf
 from tests.support.tmpfs import fill, remount_ro, remount_rw, small_tmpfs
@@ -89,9 +90,12 @@ def add_root(roots: Path, pebble: Any) -> None:
 
 
 def make_site(tmp_path: Path, pebble: Any, nginx_factory: Any, *, state_dir: Path | None = None,
-              live: Path | None = None, **cert_extra: Any) -> FaultSite:
-    """Issue a first certificate with the CLI, start nginx on it, configure reload + verify."""
+              live: Path | None = None, directory: str | None = None, **cert_extra: Any) -> FaultSite:
+    """Issue a first certificate with the CLI, start nginx on it, configure reload + verify.
+    ``directory``: talk to the CA there (a tests.support.hostile_ca proxy) instead of Pebble."""
     env = CertdEnv(tmp_path, pebble)
+    if directory is not None:
+        env.acme_extra["directory"] = directory
     if state_dir is not None:
         env.state_dir = state_dir
     live = live or tmp_path / "live" / "www"
@@ -340,26 +344,44 @@ def test_full_state_disk_fails_issuance_cleanly_and_the_next_renewal_works(
 
 def test_full_state_disk_under_the_daemon_recovers_without_help(
         tmp_path: Path, pebble_factory: Any, nginx_factory: Any, sites: list[FaultSite]) -> None:
-    """certd run on a full state disk backs off, keeps the served certificate, and renews once space is free."""
+    """certd run on a full state disk backs off, keeps the served certificate, and renews once space is free.
+
+    The failures cannot be saved, yet each waits out the backoff (3.6 s, 7.2 s ... for a one-hour
+    certificate): the daemon keeps it in memory. Before, every lost write meant "due now" again:
+    an ACME order every round."""
     peb = pebble_factory(validity=3600)
+    ca = HostileCA(peb, tmp_path).start()       # counts the orders
+    ca.hide_ari = True                          # Pebble 2.10's ARI window would beat renew_before
     with small_tmpfs(tmp_path / "statefs", size="2m") as mnt:
-        site = start(sites, make_site(tmp_path, peb, nginx_factory, state_dir=mnt / "state"))
-        before = site.served()
-        fill(mnt)
-        site.configure(renew_before="59m58s")        # due one second after issuance, always
-        daemon = site.env.start_daemon()
-        wait_until(lambda: daemon.log_text().count("No space left on device") >= 2, timeout=30,
-                   what="two attempts failing on the full disk")
-        assert site.versions() == [1]
-        assert site.served().fingerprint_sha256 == before.fingerprint_sha256
-        (mnt / ".filler").unlink()
-        wait_until(lambda: (site.versions() or [0])[-1] >= 2 and site.stored()["last_result"] == "success",
-                   timeout=60, what="a renewal once space is free")
-        daemon.stop(timeout=30)
-        assert daemon.returncode == 0
-        assert site.served().fingerprint_sha256 == site.stored()["fingerprint_sha256"]
-        site.assert_invariants()
-        site.prober.stop()
+        try:
+            site = start(sites, make_site(tmp_path, peb, nginx_factory, state_dir=mnt / "state",
+                                          directory=ca.directory_url))
+            _full_disk_backs_off_then_renews(site, ca, mnt)
+        finally:
+            ca.stop()
+
+
+def _full_disk_backs_off_then_renews(site: FaultSite, ca: HostileCA, mnt: Path) -> None:
+    before = site.served()
+    fill(mnt)
+    site.configure(renew_before="59m58s")        # due one second after issuance, always
+    first = len(ca.orders_created)
+    daemon = site.env.start_daemon()
+    wait_until(lambda: len(ca.orders_created) >= first + 3, timeout=40, what="three orders failing on the full disk")
+    orders = ca.orders_created[first:first + 3]
+    gaps = [b - a for a, b in zip(orders, orders[1:])]
+    assert gaps[0] >= 3.0 and gaps[1] >= gaps[0] + 2.5, gaps   # 3.6 s, then 7.2 s: the backoff grows
+    assert "No space left on device" in daemon.log_text()
+    assert site.versions() == [1]
+    assert site.served().fingerprint_sha256 == before.fingerprint_sha256
+    (mnt / ".filler").unlink()
+    wait_until(lambda: (site.versions() or [0])[-1] >= 2 and site.stored()["last_result"] == "success",
+               timeout=60, what="a renewal once space is free")
+    daemon.stop(timeout=30)
+    assert daemon.returncode == 0
+    assert site.served().fingerprint_sha256 == site.stored()["fingerprint_sha256"]
+    site.assert_invariants()
+    site.prober.stop()
 
 
 def test_read_only_deploy_directory_fails_before_the_switch_and_recovers(

@@ -1,4 +1,4 @@
-"""The test environment is real: Pebble 2.6 with ARI, challtestsrv DNS, private instances."""
+"""The test environment is real: Pebble 2.10 with ARI, challtestsrv DNS, private instances."""
 
 from __future__ import annotations
 

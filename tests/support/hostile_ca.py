@@ -31,6 +31,19 @@ JWS payload), so it can forge certificates that are right in every way but one. 
                     anchors can catch it
 ``oversized``       50 MB of PEM-looking text, streamed without Content-Length
 ``oversized_declared``  the same, announced with Content-Length
+
+CA rules (each may be set at any time; they apply to the next request):
+
+``hide_ari = True``          the directory has no ``renewalInfo`` (a CA without ARI: Pebble 2.10's
+                             ARI window spans a test certificate's whole lifetime, which would
+                             move a renewal the test wants "due now" to a random point)
+``rate_limited = 30``        newOrder is answered 429 ``rateLimited`` with ``Retry-After: 30``
+                             (``rate_limited_name``: only orders naming it; ``rate_limited_count``:
+                             only that many times)
+``refuse_replaces = True``   a newOrder carrying ``replaces`` is answered 403 ``unauthorized``
+``new_orders``               (monotonic time, JWS payload) of each newOrder request (answered or not)
+``orders_created``           monotonic times of the newOrders Pebble accepted (201): one per
+                             attempt even when a refused ``replaces`` made the client ask twice
 """
 
 from __future__ import annotations
@@ -41,6 +54,7 @@ import http.client
 import json
 import ssl
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -55,12 +69,21 @@ from tests.support.server_fixtures import TestCA
 MODES = ("other_key", "other_names", "expired", "not_yet_valid", "garbage_pem", "not_pem", "empty",
          "truncated", "unlinked_chain", "untrusted", "oversized", "oversized_declared")
 OVERSIZED_BYTES = 50 * 1024 * 1024
-CERT_PATH = "/certZ/"          # where Pebble 2.6 serves issued certificates
+CERT_PATH = "/certZ/"          # where Pebble (2.6, 2.10) serves issued certificates
 FINALIZE_PATH = "/finalize-order/"
+NEW_ORDER_PATH = "/order-plz"
 
 
 def _b64url_decode(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def _payload(body: bytes) -> bytes:
+    """The decoded payload of a flattened JWS request body (b"" if it is not one)."""
+    try:
+        return _b64url_decode(json.loads(body)["payload"])
+    except (ValueError, KeyError, TypeError):
+        return b""
 
 
 def _pem(cert: x509.Certificate) -> bytes:
@@ -76,6 +99,13 @@ class HostileCA:
         self.forged = 0                       # certificate downloads replaced so far
         self.oversized_sent = 0               # bytes of the last oversized body written
         self.last_csr: x509.CertificateSigningRequest | None = None
+        self.hide_ari = False
+        self.rate_limited: int | None = None   # seconds of Retry-After on every newOrder
+        self.refuse_replaces = False
+        self.rate_limited_name: str | None = None
+        self.rate_limited_count: int | None = None
+        self.new_orders: list[tuple[float, bytes]] = []
+        self.orders_created: list[float] = []
         self.fake_ca = TestCA(Path(workdir) / "hostile-ca", "hostile")
         self._upstream_ctx = ssl.create_default_context(cafile=str(pebble.ca_bundle))
         server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -148,6 +178,15 @@ class HostileCA:
                 .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
                 .sign(self.fake_ca.int_key, hashes.SHA256()))
 
+    def _rate_limits(self, payload: bytes) -> bool:
+        if self.rate_limited is None or (self.rate_limited_name and self.rate_limited_name.encode() not in payload):
+            return False
+        if self.rate_limited_count is not None:
+            if self.rate_limited_count <= 0:
+                return False
+            self.rate_limited_count -= 1
+        return True
+
     def _remember_csr(self, body: bytes) -> None:
         try:
             payload = json.loads(_b64url_decode(json.loads(body)["payload"]))
@@ -180,6 +219,15 @@ class HostileCA:
                 body = self.rfile.read(length) if length else None
                 if body and self.path.startswith(FINALIZE_PATH):
                     ca._remember_csr(body)
+                if self.command == "POST" and self.path.startswith(NEW_ORDER_PATH):
+                    payload = _payload(body or b"")
+                    ca.new_orders.append((time.monotonic(), payload))
+                    if ca._rate_limits(payload):
+                        return self._problem(429, "rateLimited", "too many new orders (hostile_ca)",
+                                             {"Retry-After": str(ca.rate_limited)})
+                    if ca.refuse_replaces and b"\"replaces\"" in payload:
+                        return self._problem(403, "unauthorized", "account did not request the certificate "
+                                             "being replaced (hostile_ca)")
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection", "keep-alive")}
                 upstream = http.client.HTTPSConnection("127.0.0.1", ca.pebble.ports.acme,
                                                        context=ca._upstream_ctx, timeout=30)
@@ -190,6 +238,8 @@ class HostileCA:
                     status, reason, resp_headers = resp.status, resp.reason, resp.getheaders()
                 finally:
                     upstream.close()
+                if self.command == "POST" and self.path.startswith(NEW_ORDER_PATH) and status == 201:
+                    ca.orders_created.append(time.monotonic())
                 mode = ca.mode
                 if self.path.startswith(CERT_PATH) and status == 200 and mode is not None:
                     ca.forged += 1
@@ -197,6 +247,10 @@ class HostileCA:
                         self._send_oversized(resp_headers, declared=mode == "oversized_declared")
                         return
                     data = ca.forge(data)
+                if ca.hide_ari and self.path == "/dir" and status == 200:
+                    directory = json.loads(data)
+                    directory.pop("renewalInfo", None)
+                    data = json.dumps(directory).encode()
                 self.send_response(status, reason)
                 for name, value in resp_headers:
                     if name.lower() not in ("content-length", "transfer-encoding", "connection"):
@@ -205,6 +259,17 @@ class HostileCA:
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(data)
+
+            def _problem(self, status: int, code: str, detail: str, headers: dict[str, str] | None = None) -> None:
+                data = json.dumps({"type": f"urn:ietf:params:acme:error:{code}", "detail": detail,
+                                   "status": status}).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/problem+json")
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
 
             def _send_oversized(self, resp_headers: list[tuple[str, str]], declared: bool) -> None:
                 self.close_connection = True

@@ -1,4 +1,4 @@
-"""pytest fixtures: a real Pebble 2.6 ACME server and its pebble-challtestsrv, on loopback.
+"""pytest fixtures: a real Pebble 2.10 ACME server and its pebble-challtestsrv, on loopback.
 
 ``pebble``
     One shared instance for the whole session: deterministic settings (no validation sleeps,
@@ -126,7 +126,7 @@ class PebbleEnv:
         """Prepare (not start) an environment in ``workdir``.
 
         ``env`` overrides :data:`DETERMINISTIC_ENV` (e.g. ``{"PEBBLE_WFE_NONCEREJECT": "50"}``);
-        ``validity`` is ``certificateValidityPeriod`` in seconds; ``retry_after`` sets
+        ``validity`` is the ``default`` profile's ``validityPeriod`` in seconds; ``retry_after`` sets
         Pebble's ``retryAfter`` for pending authzs/orders (an int sets both, or a
         ``{"authz": n, "order": n}`` dict): 0 (the template's default) sends no
         ``Retry-After`` header, n >= 1 sends an HTTP-date up to n s ahead. ``config`` is
@@ -239,7 +239,7 @@ class PebbleEnv:
             [
                 _binary("pebble-challtestsrv"),
                 "-management", f"127.0.0.1:{self.ports.challtestsrv}",
-                "-dns01", f"127.0.0.1:{self.ports.dns}",
+                "-dnsserver", f"127.0.0.1:{self.ports.dns}",  # 2.10: was -dns01
                 "-defaultIPv4", "127.0.0.1",
                 # The default "::1" makes Pebble dial [::1] and miss a 127.0.0.1 responder.
                 "-defaultIPv6", "",
@@ -323,7 +323,10 @@ class PebbleEnv:
             tlsPort=self.ports.tls,
         )
         if self.validity is not None:
-            section["certificateValidityPeriod"] = int(self.validity)
+            # Pebble 2.10 takes lifetimes from profiles only (certificateValidityPeriod is ignored).
+            profiles = {name: dict(p) for name, p in section.get("profiles", {}).items()}
+            profiles.setdefault("default", {"description": "certd tests"})["validityPeriod"] = int(self.validity)
+            section["profiles"] = profiles
         if self.retry_after is not None:
             if isinstance(self.retry_after, int):
                 section["retryAfter"] = {"authz": self.retry_after, "order": self.retry_after}

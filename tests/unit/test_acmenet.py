@@ -31,11 +31,11 @@ def _problem(code: str, detail: str = "no", retry_after: str | None = None, **kw
     ("rateLimited", True, "will retry after 13:00 UTC"),
     ("serverInternal", True, "will retry"),
     ("badNonce", True, "will retry"),
-    ("unauthorized", False, "not retrying"),
-    ("rejectedIdentifier", False, "change the domains; not retrying"),
-    ("caa", False, "fix the CAA records; not retrying"),
+    ("unauthorized", False, "the CA does not allow this account to do that"),
+    ("rejectedIdentifier", False, "change the domains"),
+    ("caa", False, "fix the CAA records"),
     ("externalAccountRequired", False, "set eab_kid and eab_hmac_key"),
-    ("somethingNew", False, "not retrying automatically"),
+    ("somethingNew", False, "see the CA's documentation of this problem"),
 ])
 def test_problem_types_map_to_transience_and_next_step(fail: Failure, code: str, transient: bool,
                                                        next_step: str) -> None:
@@ -130,3 +130,20 @@ def test_a_server_rejecting_every_nonce_fails_after_a_bounded_number_of_tries() 
     with pytest.raises(messages.Error):
         net.post("https://acme.example.test/x", None)
     assert net.sent == BAD_NONCE_ATTEMPTS
+
+
+def test_inside_an_order_bad_nonces_are_retried_until_its_deadline_not_a_count() -> None:
+    """At 90 % rejection a request needs ~10 tries and 24 were not always enough: inside an
+    order (time_left set) the deadline bounds the retries, not a count."""
+    from certd.acmenet import BAD_NONCE_ATTEMPTS
+    net = _NonceRejecting(BAD_NONCE_ATTEMPTS * 3)
+    net.time_left = lambda: 5.0
+    net.post("https://acme.example.test/x", None)
+    assert net.sent == BAD_NONCE_ATTEMPTS * 3 + 1
+
+    budget = iter([1.0] * 40 + [0.0] * 10)
+    stuck = _NonceRejecting(10**6)
+    stuck.time_left = lambda: next(budget)
+    with pytest.raises(messages.Error):
+        stuck.post("https://acme.example.test/x", None)
+    assert stuck.sent == 41  # stops once the order's time is up

@@ -95,3 +95,48 @@ def test_deadline_ends_polling_with_a_transient_error() -> None:
         order.poll("https://ca.test/order/1", "validation")
     assert info.value.transient
     assert sum(clock.sleeps) == pytest.approx(5.0)
+
+
+class _AriNet:
+    """Answers the renewalInfo GET with a canned window and Retry-After."""
+
+    def __init__(self, start: str, end: str, retry_after: str | None) -> None:
+        self.body = {"suggestedWindow": {"start": start, "end": end}}
+        self.retry_after = retry_after
+
+    def get(self, url: str, **_: Any) -> requests.Response:
+        response = requests.Response()
+        response.status_code = 200
+        response._content = json.dumps(self.body).encode()
+        if self.retry_after is not None:
+            response.headers["Retry-After"] = self.retry_after
+        return response
+
+
+def _renewal_info(start: str, end: str, retry_after: str | None) -> Any:
+    from tests.support.certs import make_bundle
+    clock = FakeClock()
+    issuer = Issuer(AcmeConfig(directory="https://ca.test/dir"), accounts=None, clock=clock)  # type: ignore[arg-type]
+    issuer._directory = {"renewalInfo": "https://ca.test/ari"}  # type: ignore[assignment]
+    issuer._local.net = _AriNet(start, end, retry_after)
+    return issuer.renewal_info(make_bundle(("www.example.test",), not_before=clock.now(), days=1).cert_pem), clock
+
+
+def test_an_ari_window_ending_at_or_before_its_start_is_a_failed_fetch() -> None:
+    """RFC 9773 §4.2: end must be after start; an empty window is not "renew at that instant"."""
+    with pytest.raises(AcmeError, match="no valid suggestedWindow"):
+        _renewal_info("2026-01-02T00:00:00Z", "2026-01-02T00:00:00Z", None)
+
+
+def test_ari_retry_after_is_passed_on_unclamped_for_the_one_clamp_in_the_scheduler() -> None:
+    """A 10-second Retry-After reaches the scheduler as 10 s (issuer.py's flat [1 min, 1 day]
+    copy is gone): scheduler.ari_poll_interval alone bounds it by the lifetime."""
+    from datetime import timedelta
+
+    from certd.scheduler import ari_poll_interval
+    info, clock = _renewal_info("2026-01-02T00:00:00Z", "2026-01-02T06:00:00Z", "10")
+    assert info.retry_after == clock.now() + timedelta(seconds=10)
+    lifetime = timedelta(minutes=2)  # a 2-minute certificate: polled every 12 s at most
+    assert ari_poll_interval(info.retry_after, clock.now(), lifetime) == timedelta(seconds=12)
+    none, clock = _renewal_info("2026-01-02T00:00:00Z", "2026-01-02T06:00:00Z", None)
+    assert none.retry_after is None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import yaml
@@ -31,7 +31,10 @@ def exported(tmp_path: Path) -> set[str]:
     metrics.bind(manager)
     manager.store.set_current("www", manager.store.add_version(
         "www", make_bundle(("www.example.test",)), {"created": datetime.now(timezone.utc).isoformat()}))
-    manager.save_state("www", manager.load_state("www"))
+    held = manager.load_state("www")  # held after a CA refusal: certd_renewal_blocked{reason="held"}
+    held.failures, held.failure_kind = 1, "held"
+    held.retry_after = (datetime.now(timezone.utc) + timedelta(hours=1)).isoformat()
+    manager.save_state("www", held)
     bus.measure("hook", 0.1, hook="nginx")
     metrics.set_drift("www", {})
     text = metrics.exposition().decode()
@@ -62,7 +65,7 @@ def test_alert_rules_parse_and_use_only_exported_metrics(tmp_path):
         assert rule["annotations"]["summary"]
     covered = " ".join(r["expr"] for r in rules)
     for needed in ("certd_certificate_expiration_timestamp_seconds", "certd_renewals_total",
-                   "certd_rollbacks_total", "certd_drift"):
+                   "certd_rollbacks_total", "certd_drift", "certd_renewal_blocked"):
         assert needed in covered  # expiring, renewals failing, a rollback, drift
 
 

@@ -158,3 +158,11 @@ def test_expiring_soon_past_the_emergency_point():
     f = cert(90)
     assert not is_expiring_soon(f.not_before, f.not_after, f.not_after - timedelta(days=10))
     assert is_expiring_soon(f.not_before, f.not_after, f.not_after - timedelta(days=8))
+
+
+def test_an_expired_certificate_says_it_expired():
+    """Issue 13 item 12: the reason for renewing an expired certificate is that it expired,
+    not "1/2 of lifetime left"."""
+    f = cert(1)
+    d = decide(f, T0 + 2 * DAY, rng())
+    assert d.renew_at == T0 + 2 * DAY and d.reason == "the certificate expired at 2026-11-02T00:00:00Z"

@@ -359,3 +359,36 @@ def test_lock_is_per_certificate(store):
     with store.lock("www"):
         with store.lock("api", timeout=0):
             pass
+
+
+def test_account_registration_is_serialized_across_processes(tmp_path: Path) -> None:
+    """FileStore.account_lock: while one process registers (holds the lock), another waits
+    and then gives up with one line naming the lock; other CAs are not blocked."""
+    import multiprocessing
+
+    from certd.errors import LockBusy
+    url = "https://127.0.0.1:14000/dir"
+    store = FileStore(tmp_path / "state")
+    held, release = multiprocessing.Event(), multiprocessing.Event()
+
+    def hold() -> None:
+        with FileStore(tmp_path / "state").account_lock(url):
+            held.set()
+            release.wait(10)
+
+    proc = multiprocessing.get_context("fork").Process(target=hold)
+    proc.start()
+    try:
+        assert held.wait(10)
+        with pytest.raises(LockBusy, match=r"registering the ACME account .*\.lock"):
+            with store.account_lock(url, timeout=0.2):
+                pass
+        with store.account_lock("https://other.example.test/dir", timeout=0.2):
+            pass
+        lock = next((tmp_path / "state" / "accounts").glob("*.lock"))
+        assert lock.stat().st_mode & 0o777 == 0o600
+    finally:
+        release.set()
+        proc.join(10)
+    with store.account_lock(url, timeout=2):  # free again once the holder is done
+        pass
