@@ -115,6 +115,14 @@ def load_config(args: argparse.Namespace, *, check_runtime: bool = False) -> Con
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     cfg = load_config(args, check_runtime=True)
+    from certd import strictmodes
+    errors, warnings = strictmodes.config_report(cfg)
+    for w in warnings:
+        print(f"certd: WARNING: {w}", file=sys.stderr)
+    if errors:
+        for e in errors:
+            print(f"certd: {cfg.path}: {e}", file=sys.stderr)
+        return EXIT_USAGE
     n = len(cfg.certificates)
     print(f"{cfg.path}: OK ({n} certificate{'s' if n != 1 else ''}: {cfg.names_summary()})")
     return EXIT_OK

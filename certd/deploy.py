@@ -33,6 +33,7 @@ import pwd
 from collections.abc import Collection
 from pathlib import Path
 
+from certd import strictmodes
 from certd.config import CertificateConfig
 from certd.deploy_files import KEY_CONTENTS, LiveDir, PlainFile, Target
 from certd.errors import ConfigError, StoreError
@@ -45,12 +46,14 @@ def stage(cert: CertificateConfig, version: int, bundle: Bundle, *, repair: bool
     A live ``version`` whose files were edited out of band is refused (StoreError), unless
     ``repair``: then the edited files are rewritten (drift repair; each file atomically, and all
     of them belong to ``version``, so a reader never pairs a certificate with another key)."""
+    strictmodes.require_safe(cert)
     for target in _targets(cert):
         target.stage(version, bundle, repair)
 
 
 def switch(cert: CertificateConfig, version: int) -> None:
     """Make ``version`` live on every target, one rename() each; StoreError if not staged."""
+    strictmodes.require_safe(cert)
     targets = _targets(cert)
     missing = [t.describe() for t in targets if not t.is_staged(version)]
     if missing:
