@@ -278,6 +278,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     _print_table(rows, [("NAME", "name"), ("STATE", "state"), ("VER", "version"), ("SERIAL", "serial"),
                         ("NOT AFTER", "not_after"), ("NEXT RENEWAL", "next_renewal"), ("LAST RESULT", "last_result"),
                         ("DOMAINS", "domains")])
+    for r in rows:  # a broken certificate says why, whatever the table shows
+        if r.get("state") == "broken":
+            print(f"{r['name']}: broken: {r.get('broken_reason')}")
     return EXIT_OK
 
 

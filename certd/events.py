@@ -38,6 +38,7 @@ KINDS = frozenset({
     "drift_found",       # configured / stored / deployed / served disagree
     "drift_repaired",
     "expiring_soon",     # past the emergency point without a successful renewal
+    "cert_broken",       # certd cannot plan or deploy this certificate (state "broken"); the rest go on
 })
 
 

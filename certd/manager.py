@@ -68,6 +68,7 @@ class Manager:
         self._issuer = issuer
         self.lock_timeout = lock_timeout
         self.planner = Planner(self.store, self.clock, lambda: self.issuer)
+        self.planner.on_broken = lambda name, why: self.emit("cert_broken", name, outcome="broken", reason=why)
 
     @property
     def issuer(self) -> Issuer:
