@@ -17,6 +17,7 @@ See :mod:`certd.deploy` for what stage/switch/prune mean.
 
 from __future__ import annotations
 
+import errno
 import grp
 import os
 import pwd
@@ -401,13 +402,17 @@ class PlainFile:
                     raise StoreError(f"{self.staged(version)} is not a regular file certd staged; stage version {version} again")
                 if _inode_at(d, name) == _inode_at(d, self.path.name):
                     return
-                if fsutil.lstat_at(d, self.path.name) is not None:
+                live = fsutil.lstat_at(d, self.path.name)
+                if live is not None and stat.S_ISREG(live.st_mode):  # keep it as .certd-prev
                     prev = fsutil.lstat_at(d, self.prev_name)
                     if self.is_key and prev is not None and prev.st_nlink == 1:
                         # its last name: zero the old key, don't just drop it
                         fsutil.delete_at(d, self.prev_name, expected=(prev.st_dev, prev.st_ino), shown=self.prev)
-                    _link_over_at(d, self.path.name, self.prev_name)
-                _link_over_at(d, name, self.path.name)
+                    try:
+                        _link_over_at(d, self.path.name, self.prev_name, self.path)
+                    except StoreError:
+                        pass  # swapped meanwhile: nothing of ours to keep
+                _link_over_at(d, name, self.path.name, self.staged(version))
             fsutil.fsync_fd(d, self.dir)
 
     def prune(self, keep: set[int]) -> None:
@@ -467,11 +472,29 @@ class PlainFile:
             return [self.dir / n for n in victims]
 
 
-def _link_over_at(d: int, src: str, dst: str) -> None:
-    """Give ``src``'s inode the name ``dst`` atomically: hard link to a temp name (``linkat``
-    without following a symlink), rename over."""
-    tmp = fsutil.temp_name(dst)
-    os.link(src, tmp, src_dir_fd=d, dst_dir_fd=d, follow_symlinks=False)
+def _link_over_at(d: int, src: str, dst: str, shown: Path) -> bool:
+    """Give ``src``'s inode the name ``dst`` atomically: hard link to a temp name, rename over.
+
+    The link is made from a descriptor opened with ``O_NOFOLLOW`` (``linkat`` of
+    ``/proc/self/fd/N``), so what gets linked is the regular file that was checked, even if the
+    name is swapped for a symlink a microsecond later (F4). False (nothing done) if ``src`` is
+    missing; StoreError if it is not a regular file."""
+    try:
+        fd = fsutil.open_nofollow(d, src)
+    except FileNotFoundError:
+        return False
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENXIO, errno.EISDIR):
+            raise StoreError(f"{shown} is not a regular file certd staged (a symlink or something else); "
+                             f"certd does not link it: remove it") from e
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise StoreError(f"{shown} is not a regular file certd staged; certd does not link it: remove it")
+        tmp = fsutil.temp_name(dst)
+        os.link(f"/proc/self/fd/{fd}", tmp, dst_dir_fd=d, follow_symlinks=True)
+    finally:
+        os.close(fd)
     try:
         os.rename(tmp, dst, src_dir_fd=d, dst_dir_fd=d)
     except OSError:
@@ -480,6 +503,7 @@ def _link_over_at(d: int, src: str, dst: str) -> None:
         except OSError:
             pass
         raise
+    return True
 
 
 def user_name(uid: int) -> str:

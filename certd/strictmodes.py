@@ -35,6 +35,7 @@ from certd.config import CertificateConfig, Config
 from certd.errors import StoreError
 
 log = logging.getLogger("certd.strictmodes")
+_warned: set[str] = set()   # one warning per unsafe directory per process, not one per file operation
 
 
 def _user(uid: int) -> str:
@@ -168,7 +169,9 @@ def require_safe(cert: CertificateConfig) -> None:
         return
     if cert.insecure_shared_deploy_dir:
         for p in problems:
-            log.warning("INSECURE (insecure_shared_deploy_dir = true): %s", p)
+            if p not in _warned:
+                _warned.add(p)
+                log.warning("INSECURE (insecure_shared_deploy_dir = true): %s", p)
         return
     raise StoreError(f"refusing to deploy: {problems[0]}")
 

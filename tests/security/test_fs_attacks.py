@@ -79,7 +79,7 @@ class Scene:
 
     def attack(self, name: str, deadline: float) -> Any:
         proc = self.attacker.spawn([PYTHON, str(SCRIPT), name, str(self.deploy), str(self.victim), str(deadline)],
-                                   log_path=self.work.parent / f"{self.work.name}-{name}.log")
+                                   log_path=self.work / f"attacker-{name}.log")
         wait_until(lambda: "ready" in proc.log_text() or not proc.alive, timeout=10, what="attacker ready")
         assert "ready" in proc.log_text(), proc.log_text()
         return proc
@@ -112,9 +112,9 @@ def test_f1_versions_dir_swapped_for_a_symlink(certd_env: Any, pebble: Any, atta
     r = scene.env.run("renew", "--force", "www", "--reason", "attack f1")
     log = scene.finish(proc, 10)
     assert "f1: .www.versions -> victim" in log
+    scene.assert_victim_untouched()
     assert r.returncode == 1, r.stdout + r.stderr
     scene.assert_refused(r.stdout + r.stderr, "is not a real directory")
-    scene.assert_victim_untouched()
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -140,17 +140,20 @@ def test_f3_leftover_subdir_swapped_for_a_symlink_mid_walk(certd_env: Any, pebbl
 @pytest.mark.parametrize("mode", MODES)
 def test_f4_staged_file_swapped_for_a_symlink_before_the_switch(certd_env: Any, pebble: Any, attacker: Any,
                                                                 mode: str) -> None:
-    """F4: the owner replaces the freshly staged file with a symlink to a root-only key before
-    the switch; certd never hard-links the victim into the deploy directory (link count stays
-    1) and reports the failed rotation."""
+    """F4: the owner keeps replacing the name version 2 is staged under with a symlink to a
+    root-only key; the switch never makes www.pem that symlink (HAProxy would load the root-only
+    file) nor a hard link of the victim, and certd reports the failed rotation."""
     scene = Scene(certd_env, pebble, attacker, mode, {"combined": "www.pem"})
     proc = scene.attack("f4", 20)
     r = scene.env.run("renew", "--force", "www", "--reason", "attack f4")
     scene.finish(proc, 20)
-    assert r.returncode == 1, r.stdout + r.stderr
-    scene.assert_refused(r.stdout + r.stderr, "not staged")
     scene.assert_victim_untouched()
     victim_key = os.lstat(scene.victim / "0001" / "privkey.pem")
     for n in os.listdir(scene.deploy):
         st = os.lstat(scene.deploy / n)
         assert (st.st_dev, st.st_ino) != (victim_key.st_dev, victim_key.st_ino), n
+    live = scene.deploy / "www.pem"
+    assert not live.is_symlink() and live.read_bytes().startswith(b"-----BEGIN CERTIFICATE-----")
+    assert r.returncode == 1, r.stdout + r.stderr
+    out = r.stdout + r.stderr
+    scene.assert_refused(out, "not staged" if "not staged" in out else "not a regular file certd staged")
