@@ -176,10 +176,11 @@ class Planner:
         return _Facts(token, cert, decision, row, broken=reason)
 
     def _gather(self, cert: CertificateConfig, token: Hashable) -> _Facts:
+        unsafe = strictmodes.hook_problems(cert)
         if not cert.insecure_shared_deploy_dir:
-            unsafe = strictmodes.certificate_problems(cert)
-            if unsafe:
-                raise StoreError(f"refusing to deploy: {unsafe[0]}")
+            unsafe += strictmodes.certificate_problems(cert)
+        if unsafe:
+            raise StoreError(f"refusing to deploy: {unsafe[0]}")
         current = self.store.current(cert.name)
         state = self.load_state(cert.name)
         unfinished = unfinished_step(self.store.load_journal(cert.name))

@@ -17,7 +17,8 @@ are checked. POSIX ACLs are not looked at (docs/SECURITY.md).
 An unsafe deploy directory is a ``check-config`` error and a refusal to deploy (the certificate
 shows ``broken``), unless the certificate sets ``insecure_shared_deploy_dir = true``: then it
 is a loud warning. When certd runs as root, the same rule applies to each hook's program and
-its directories: a program another user can replace would run as root.
+its directories (a program another user can replace would run as root): a ``check-config``
+error, a refusal to deploy (so the hooks never run) and state ``broken``.
 """
 
 from __future__ import annotations
@@ -163,7 +164,11 @@ def config_report(cfg: Config) -> tuple[list[str], list[str]]:
 
 def require_safe(cert: CertificateConfig) -> None:
     """Refuse (StoreError, one line) to deploy ``cert`` into a directory others can write, or
-    log a loud warning when the certificate sets insecure_shared_deploy_dir."""
+    log a loud warning when the certificate sets insecure_shared_deploy_dir. As root, a hook
+    program another user could replace is always refused: the switch would run it as root."""
+    hooks = hook_problems(cert)
+    if hooks:
+        raise StoreError(f"refusing to deploy: {hooks[0]}")
     problems = certificate_problems(cert)
     if not problems:
         return

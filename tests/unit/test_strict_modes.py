@@ -146,3 +146,15 @@ def test_check_config_unsafe_deploy_dir_exits_2_and_insecure_flag_warns(tmp_path
     r = _check_config(_config(tmp_path, d, "insecure_shared_deploy_dir = true"))
     assert r.returncode == 0, r.stderr
     assert "WARNING" in r.stderr and str(d) in r.stderr
+
+
+def test_deploy_with_a_replaceable_hook_is_refused_as_root(tmp_path):
+    """As root, stage() refuses while a hook program is owned by another user: the hook would
+    run as root after the switch. insecure_shared_deploy_dir does not waive it."""
+    hook = _dir(tmp_path / "bin") / "reload"
+    hook.write_text("#!/bin/sh\n")
+    os.chown(hook, NOBODY, 0)
+    cert = _cert(tmp_path / "ssl" / "www", insecure=True, hooks=(ReloadHook("command", command=(str(hook),)),))
+    with pytest.raises(StoreError, match=rf"refusing to deploy: certificate www: hook program {hook} is owned by nobody"):
+        deploy.stage(cert, 1, make_bundle())
+    assert not (tmp_path / "ssl" / "www").exists()
