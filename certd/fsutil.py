@@ -127,22 +127,15 @@ def open_own_dir(dirfd: int, name: str, shown: Path | str, *, create_mode: int |
     effective user (created with ``create_mode`` if absent and a mode is given). Anything else —
     a symlink, a file, someone else's directory — is refused with one line: certd would
     otherwise delete and zero what that thing leads to."""
+    created = False
     if create_mode is not None:
         try:
             os.mkdir(name, create_mode & 0o700, dir_fd=dirfd)
+            created = True
         except FileExistsError:
             pass
         except OSError as e:
             raise store_error(e, shown, "create directory") from e
-        else:
-            fd = open_dir_at(dirfd, name, shown)
-            try:
-                os.fchmod(fd, create_mode)
-                os.fsync(dirfd)
-            except OSError as e:
-                os.close(fd)
-                raise store_error(e, shown, "create directory") from e
-            return fd
     try:
         fd = os.open(name, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=dirfd)
     except OSError as e:
@@ -150,11 +143,18 @@ def open_own_dir(dirfd: int, name: str, shown: Path | str, *, create_mode: int |
             raise StoreError(f"{shown} is not a real directory (a symlink or a file); certd refuses to use it: "
                              f"remove it and certd recreates it") from e
         raise store_error(e, shown, "open directory") from e
-    st = os.fstat(fd)
+    st = os.fstat(fd)  # the directory we hold, whatever the name points at by now
     if st.st_uid != os.geteuid():
         os.close(fd)
         raise StoreError(f"{shown} is owned by {_user(st.st_uid)}, not by certd's user {_user(os.geteuid())}; "
                          f"certd refuses to use it: remove it and certd recreates it")
+    if created:
+        try:
+            os.fchmod(fd, create_mode)  # type: ignore[arg-type]
+            os.fsync(dirfd)
+        except OSError as e:
+            os.close(fd)
+            raise store_error(e, shown, "create directory") from e
     return fd
 
 
