@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Callable, Iterable
 
-from certd import certcheck, deploy, keys, revocation, rotation, verify
+from certd import certcheck, deploy, keys, revocation, rotation, strictmodes, verify
 from certd.clock import Clock, SystemClock, isoformat
 from certd.config import CertificateConfig, Config
 from certd.effects import STEP_TEXT, RotationEffects, failed_step, idle_actions
@@ -159,6 +159,7 @@ class Manager:
 
     def _renew_locked(self, cert: CertificateConfig, force: bool, reason: str, initiator: str,
                       say: Callable[[str], None], skip_backoff: bool = False) -> Outcome:
+        strictmodes.require_safe(cert)  # before any order: no hook of others, no wasted issuance
         current = self.store.current(cert.name)
         stored = self.store.load(cert.name, current) if current is not None else None
         state = self.load_state(cert.name)

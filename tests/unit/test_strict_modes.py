@@ -158,3 +158,21 @@ def test_deploy_with_a_replaceable_hook_is_refused_as_root(tmp_path):
     with pytest.raises(StoreError, match=rf"refusing to deploy: certificate www: hook program {hook} is owned by nobody"):
         deploy.stage(cert, 1, make_bundle())
     assert not (tmp_path / "ssl" / "www").exists()
+
+
+def test_renewal_into_an_unsafe_deploy_dir_is_refused_before_any_order(tmp_path):
+    """A renewal for a certificate whose deploy dir others can write fails at once, naming the
+    directory: no order is placed at the CA (none is reachable here), nothing is stored."""
+    from certd.clock import FakeClock
+    from certd.config import AcmeConfig, Config, DaemonConfig
+    from certd.manager import Manager
+    from certd.store import FileStore
+    from datetime import datetime, timezone
+    d = _dir(tmp_path / "ssl", 0o755, NOBODY, 0)
+    cfg = Config(tmp_path / "certd.toml", DaemonConfig(state_dir=tmp_path / "state"),
+                 AcmeConfig("https://127.0.0.1:9/dir"), (_cert(d / "www"),))
+    mgr = Manager(cfg, store=FileStore(cfg.daemon.state_dir), clock=FakeClock(datetime(2026, 3, 1, tzinfo=timezone.utc)))
+    (outcome,) = mgr.renew(list(cfg.certificates), force=True, reason="test", initiator="test")
+    assert outcome.result == "failed"
+    assert f"refusing to deploy: certificate www: deploy directory {d} is owned by nobody" in outcome.message
+    assert mgr.store.current("www") is None
