@@ -131,6 +131,14 @@ def load_config(args: argparse.Namespace, *, check_runtime: bool = False) -> Con
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     cfg = load_config(args, check_runtime=True)
+    from certd import strictmodes
+    errors, warnings = strictmodes.config_report(cfg)
+    for w in warnings:
+        print(f"certd: WARNING: {w}", file=sys.stderr)
+    if errors:
+        for e in errors:
+            print(f"certd: {cfg.path}: {e}", file=sys.stderr)
+        return EXIT_USAGE
     n = len(cfg.certificates)
     print(f"{cfg.path}: OK ({n} certificate{'s' if n != 1 else ''}: {cfg.names_summary()})")
     return EXIT_OK
@@ -305,6 +313,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     for row in rows:  # a renewal waiting for the CA: when the next try is, and how to try now
         if row.get("state") in ("held", "rate_limited"):
             print(f"{row['name']}: {row.get('renewal_reason')}")
+    for r in rows:  # a broken certificate says why, whatever the table shows
+        if r.get("state") == "broken":
+            print(f"{r['name']}: broken: {r.get('broken_reason')}")
     return EXIT_OK
 
 

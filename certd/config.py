@@ -147,6 +147,7 @@ class CertificateConfig:
     deploy: DeployConfig = field(default_factory=DeployConfig)
     reload: tuple[ReloadHook, ...] = ()
     verify: tuple[VerifyEndpoint, ...] = ()
+    insecure_shared_deploy_dir: bool = False   # unsafe deploy dirs: warn instead of refusing
 
 
 @dataclass(frozen=True)

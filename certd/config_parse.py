@@ -185,6 +185,7 @@ class Parser:
         if not 2 <= keep <= 100:
             self.problem(t.key("keep_versions"), f"{keep} is out of range; expected 2..100 (the previous version is the rollback backup)")
         verify_timeout = self.duration(t, "verify_timeout", 10.0)
+        insecure_shared = t.get("insecure_shared_deploy_dir", bool, False)
         deploy = self.deploy(Table(self, t.key("deploy"), t.get("deploy", dict, {})))
         hooks = tuple(h for j, raw_h in enumerate(t.get("reload", list, []))
                       if (h := self.reload(Table(self, t.key(f"reload[{j}]"), raw_h), deploy)) is not None)
@@ -196,7 +197,7 @@ class Parser:
             return None
         return CertificateConfig(name, tuple(domains), key_type, reuse_key, challenge, http_listen,
                                  webroot, dns_hook, alpn_listen, renew_before, keep, verify_timeout,
-                                 deploy, hooks, verify)
+                                 deploy, hooks, verify, insecure_shared)
 
     def domains(self, t: Table) -> list[str]:
         raw = t.get("domains", list, required=True)

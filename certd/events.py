@@ -39,6 +39,7 @@ KINDS = frozenset({
     "drift_repaired",
     "expiring_soon",     # past the emergency point without a successful renewal
     "state_dir_tightened",  # the state dir was group/world accessible and certd made it 0700
+    "cert_broken",       # certd cannot plan or deploy this certificate (state "broken"); the rest go on
 })
 
 

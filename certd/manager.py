@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any, Callable, Iterable
 
-from certd import attempts, certcheck, deploy, keys, revocation, rotation, verify
+from certd import attempts, certcheck, deploy, keys, revocation, rotation, strictmodes, verify
 from certd.clock import Clock, SystemClock, isoformat
 from certd.config import CertificateConfig, Config
 from certd.effects import STEP_TEXT, RotationEffects, failed_step, idle_actions
@@ -72,6 +72,7 @@ class Manager:
         #: True in the daemon, which retries failed renewals by itself; the one-shot CLI does not,
         #: so its messages must not say "will retry" (see attempts.next_step).
         self.retries = False
+        self.planner.on_broken = lambda name, why: self.emit("cert_broken", name, outcome="broken", reason=why)
 
     @property
     def issuer(self) -> Issuer:
@@ -168,6 +169,7 @@ class Manager:
     def _renew_locked(self, cert: CertificateConfig, force: bool, reason: str, initiator: str,
                       say: Callable[[str], None], skip_backoff: bool = False,
                       ignore_duplicate_limit: bool = False) -> Outcome:
+        strictmodes.require_safe(cert)  # before any order: no hook of others, no wasted issuance
         current = self.store.current(cert.name)
         stored = self.store.load(cert.name, current) if current is not None else None
         state = self.load_state(cert.name)

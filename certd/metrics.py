@@ -276,6 +276,7 @@ class _StoreCollector(Collector):
             "version": family("certificate_version", "The store's current version number."),
             "last_success": family("last_success_timestamp_seconds", "When the last renewal committed."),
             "failures": family("certificate_consecutive_failures", "Failed renewal attempts since the last success."),
+            "broken": family("certificate_broken", "1 while certd cannot plan or deploy the certificate (state broken)."),
         }
         blocked = GaugeMetricFamily("certd_renewal_blocked", "1 while a certificate's renewal waits for the CA: "
                                     "reason held (a permanent refusal) or rate_limited.", labels=["name", "reason"])
@@ -304,6 +305,8 @@ class _StoreCollector(Collector):
 
     def _values(self, source: StatusSource, cert: CertificateConfig) -> dict[str, float | None]:
         row = source.status(cert)
+        if row.get("state") == "broken":  # its store may be unreadable: only what is known
+            return {"broken": 1.0, "failures": float(row.get("failures") or 0)}
         state = source.load_state(cert.name)
         version = row.get("version")
         return {"not_after": _ts(row.get("not_after")), "not_before": _ts(row.get("not_before")),
@@ -311,7 +314,7 @@ class _StoreCollector(Collector):
                 "next_renewal": _ts(row.get("next_renewal")) if version is not None else None,
                 "version": float(version) if version is not None else None,
                 "last_success": _ts(getattr(state, "last_success", None)),
-                "failures": float(getattr(state, "failures", 0) or 0),
+                "failures": float(getattr(state, "failures", 0) or 0), "broken": 0.0,
                 "blocked": row["state"] if row.get("state") in ("held", "rate_limited") else None}
 
     def _issued_at(self, source: StatusSource, name: str) -> float | None:

@@ -11,10 +11,10 @@ import random
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 from functools import cached_property
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Callable
 
-from certd import attempts, policy, retry, revocation
+from certd import attempts, policy, retry, revocation, strictmodes
 from certd.clock import Clock, isoformat
 from certd.config import CertificateConfig
 from certd.effects import unfinished_step
@@ -28,6 +28,7 @@ from certd.store import Store, StoredVersion, VersionInfo
 log = logging.getLogger("certd")
 
 ARI_POLL = "poll ACME Renewal Information"  # plan()'s reason when the next look is only an ARI poll
+BROKEN_RECHECK = timedelta(minutes=10)  # how soon a broken certificate is looked at again
 
 
 @dataclass
@@ -79,6 +80,7 @@ class _Facts:
     ari_cached: bool = False        # state.json holds an ARI answer for this serial
     ari_poll: datetime | None = None
     blocked_until: datetime | None = None  # a hold or rate limit (row["failure_kind"]) lasts until
+    broken: str | None = None       # why this certificate cannot be planned or deployed (state "broken")
 
     @cached_property
     def row_json(self) -> str:
@@ -92,6 +94,8 @@ class _Facts:
 
     def state(self, now: datetime) -> str:
         """The row's ``state`` at ``now``."""
+        if self.broken is not None:
+            return "broken"
         blocked = self.blocked_until is not None and now < self.blocked_until
         if self.info is None:
             return self.row["failure_kind"] if blocked else "missing"
@@ -114,6 +118,7 @@ class Planner:
         self.store, self.clock, self._issuer = store, clock, issuer
         self._cache: dict[str, _Facts] = {}   # see _facts()
         self._unsaved: dict[str, CertState] = {}  # states whose write failed (see load_state)
+        self.on_broken: Callable[[str, str], None] | None = None  # the manager emits cert_broken
 
     def plan(self, cert: CertificateConfig) -> tuple[datetime, str]:
         """When the daemon should next look at ``cert``: its renewal time, or earlier to poll ARI."""
@@ -145,15 +150,50 @@ class Planner:
         return f'{facts.row_json}, "state": "{facts.state(now)}"{tail}}}'
 
     def _facts(self, cert: CertificateConfig, now: datetime) -> _Facts:
-        token = self.store.change_token(cert.name)
+        try:
+            token: Hashable = self.store.change_token(cert.name)
+        except StoreError:
+            token = None
         hit = self._cache.get(cert.name)
         if hit is None or hit.token != token or (hit.cert is not cert and hit.cert != cert) \
                 or now >= hit.decision.renew_at:
-            hit = self._gather(cert, token)
+            try:
+                hit = self._gather(cert, token)
+            except StoreError as e:  # one broken certificate never stops the rest (issue 12, F8)
+                hit = self._broken(cert, token, str(e), now)
+            if hit.broken is not None and (prev := self._cache.get(cert.name)) is not None \
+                    and prev.broken == hit.broken:
+                pass  # already reported
+            elif hit.broken is not None:
+                event(log, "cert_broken", logging.ERROR, name=cert.name, error=hit.broken)
+                if self.on_broken is not None:
+                    self.on_broken(cert.name, hit.broken)
             self._cache[cert.name] = hit
         return hit
 
+    def _broken(self, cert: CertificateConfig, token: Hashable, reason: str, now: datetime) -> _Facts:
+        """Facts for a certificate certd cannot plan or deploy: state ``broken``, the reason in
+        ``broken_reason``, looked at again after BROKEN_RECHECK (the operator may fix it)."""
+        decision = policy.Decision(now + BROKEN_RECHECK, f"broken: {reason}")
+        row: dict[str, Any] = {"name": cert.name, "domains": list(cert.domains), "version": None,
+                               "serial": None, "not_before": None, "not_after": None,
+                               "fingerprint_sha256": None, "key_type": cert.key_type,
+                               "next_renewal": isoformat(decision.renew_at), "last_result": None,
+                               "last_error": None, "failures": 0, "rotation": None,
+                               "renewal_reason": decision.reason, "broken_reason": reason}
+        try:
+            state = self.load_state(cert.name)
+            row.update(last_result=state.last_result, last_error=state.last_error, failures=state.failures)
+        except StoreError:
+            pass
+        return _Facts(token, cert, decision, row, broken=reason)
+
     def _gather(self, cert: CertificateConfig, token: Hashable) -> _Facts:
+        unsafe = strictmodes.hook_problems(cert)
+        if not cert.insecure_shared_deploy_dir:
+            unsafe += strictmodes.certificate_problems(cert)
+        if unsafe:
+            raise StoreError(f"refusing to deploy: {unsafe[0]}")
         current = self.store.current(cert.name)
         state = self.load_state(cert.name)
         unfinished = unfinished_step(self.store.load_journal(cert.name))

@@ -419,3 +419,78 @@ def test_stage_cleans_leftovers_of_a_killed_switch(tmp_path, bundles):
     assert not os.path.lexists(tmp_path / "ssl" / ".www.tmp-dead")
     assert not os.path.lexists(tmp_path / "haproxy" / ".www.pem.tmp-dead")
     assert (tmp_path / "haproxy" / "www.pem").read_bytes() == bundles[0].combined_pem
+
+
+# --- a deploy directory someone else can write (issue 12: F1, F2, F4) ----------------------------
+
+def _victim_versions(tmp_path: Path, bundle: Bundle) -> Path:
+    """Another certificate's stored versions: what F1 pointed .www.versions at."""
+    victim = tmp_path / "victim"
+    for v in ("0001", "0002"):
+        (victim / v).mkdir(parents=True)
+        (victim / v / "privkey.pem").write_bytes(bundle.key_pem)
+        os.chmod(victim / v / "privkey.pem", 0o600)
+    return victim
+
+
+def test_versions_symlink_is_refused_and_its_target_untouched(tmp_path, bundles):
+    """.www.versions replaced by a symlink (F1): stage, prune and destroy_keys refuse with one
+    line naming it; the directory it points at keeps every file, bytes and modes."""
+    cert = _cert(tmp_path, combined=False)
+    _deploy(cert, 1, bundles[0])
+    victim = _victim_versions(tmp_path, bundles[1])
+    before = _snapshot(victim)
+    root = tmp_path / "ssl" / ".www.versions"
+    os.rename(root, tmp_path / "ssl" / "moved")
+    os.symlink(victim, root)
+    for action in (lambda: deploy.stage(cert, 2, bundles[1]), lambda: deploy.prune(cert, [2]),
+                   lambda: deploy.destroy_keys(cert, [bundles[1].key_pem])):
+        with pytest.raises(StoreError, match=rf"{root} is not a real directory") as e:
+            action()
+        assert "\n" not in str(e.value)
+    assert _snapshot(victim) == before
+    assert _mode(victim / "0001" / "privkey.pem") == 0o600
+
+
+def test_versions_dir_owned_by_someone_else_is_refused(tmp_path, bundles):
+    """A .www.versions directory the deploy dir's owner made (not certd's user) is refused."""
+    cert = _cert(tmp_path, combined=False)
+    root = tmp_path / "ssl" / ".www.versions"
+    root.mkdir(parents=True)
+    os.chown(root, NOBODY, -1)
+    with pytest.raises(StoreError, match=r"owned by nobody .* refuses to use it"):
+        deploy.stage(cert, 1, bundles[0])
+
+
+def test_staged_symlink_is_not_followed_by_attribute_fix(tmp_path, bundles):
+    """A staged name replaced by a symlink to a 0600 file (F2) does not make that file 0644:
+    staging replaces the symlink and the target keeps its mode and bytes."""
+    cert = _cert(tmp_path, live=False)
+    deploy.stage(cert, 1, bundles[0])
+    secret = tmp_path / "shadow"
+    secret.write_bytes(b"root secret\n")
+    os.chmod(secret, 0o600)
+    staged = tmp_path / "haproxy" / ".www.pem.certd-0001"
+    os.unlink(staged)
+    os.symlink(secret, staged)
+    deploy.stage(cert, 1, bundles[0])
+    deploy.switch(cert, 1)
+    assert _mode(secret) == 0o600 and secret.read_bytes() == b"root secret\n"
+    assert not staged.is_symlink() and (tmp_path / "haproxy" / "www.pem").read_bytes() == bundles[0].combined_pem
+
+
+def test_switch_does_not_link_through_a_symlink(tmp_path, bundles):
+    """A staged name swapped for a symlink just before switch (F4) is refused: the live file
+    never becomes a hard link of the symlink's target."""
+    cert = _cert(tmp_path, live=False)
+    deploy.stage(cert, 1, bundles[0])
+    secret = tmp_path / "shadow"
+    secret.write_bytes(b"root secret\n")
+    os.chmod(secret, 0o600)
+    staged = tmp_path / "haproxy" / ".www.pem.certd-0001"
+    os.unlink(staged)
+    os.symlink(secret, staged)
+    with pytest.raises(StoreError, match="not staged|not a regular file certd staged"):
+        deploy.switch(cert, 1)
+    assert os.lstat(secret).st_nlink == 1
+    assert not os.path.lexists(tmp_path / "haproxy" / "www.pem")

@@ -230,3 +230,83 @@ def test_temp_dir_write_on_a_full_disk_names_the_final_path(tmp_path):
         assert msg.startswith(f"cannot write {mnt / '0002' / 'cert.pem'}: No space left on device"), msg
         assert fsutil.TMP_INFIX not in msg
         assert [n for n in os.listdir(mnt) if n != ".filler"] == []
+
+
+# --- descriptor-based operations (issue 12: F3, F5) ---------------------------------------------
+
+def _victim(tmp_path):
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    for i in range(5):
+        (victim / f"{i}.pem").write_bytes(SECRET)
+    return victim
+
+
+def test_secure_rmtree_swapped_subdir_is_unlinked_not_followed(tmp_path, monkeypatch):
+    """A subdirectory replaced by a symlink between listing and removal (F3) is only unlinked:
+    the files it points at keep their bytes."""
+    victim = _victim(tmp_path)
+    tree = tmp_path / "tree"
+    (tree / "sub").mkdir(parents=True)
+    (tree / "sub" / "f").write_bytes(SECRET)
+    real_lstat = fsutil.lstat_at
+    swapped = []
+
+    def swap_then_lstat(dirfd, name):
+        st = real_lstat(dirfd, name)
+        if name == "sub" and not swapped:
+            swapped.append(1)
+            os.rename(tree / "sub", tmp_path / "moved")
+            os.symlink(victim, tree / "sub")
+        return st
+
+    monkeypatch.setattr(fsutil, "lstat_at", swap_then_lstat)
+    fsutil.secure_rmtree(tree)
+    assert sorted(os.listdir(victim)) == [f"{i}.pem" for i in range(5)]
+    assert all((victim / f"{i}.pem").read_bytes() == SECRET for i in range(5))
+    assert not os.path.lexists(tree)
+
+
+def test_secure_delete_never_chmods_through_a_symlink(tmp_path):
+    """secure_delete of a symlink to a read-only file (F5) leaves the target's mode and bytes."""
+    target = tmp_path / "root-only"
+    target.write_bytes(SECRET)
+    os.chmod(target, 0o400)
+    os.symlink(target, tmp_path / "key")
+    fsutil.secure_delete(tmp_path / "key")
+    assert _mode(target) == 0o400 and target.read_bytes() == SECRET
+    assert not os.path.lexists(tmp_path / "key")
+
+
+def test_delete_at_leaves_a_replaced_entry(tmp_path):
+    """delete_at with the inode it expected leaves a file that was replaced meanwhile."""
+    (tmp_path / "a").write_bytes(SECRET)
+    st = os.lstat(tmp_path / "a")
+    os.rename(tmp_path / "a", tmp_path / "kept")  # still alive: its inode cannot be reused
+    (tmp_path / "a").write_bytes(b"other")
+    with fsutil.dir_fd(tmp_path) as d:
+        assert not fsutil.delete_at(d, "a", expected=(st.st_dev, st.st_ino))
+    assert (tmp_path / "a").read_bytes() == b"other"
+
+
+def test_open_own_dir_refuses_symlink_and_foreign_owner(tmp_path):
+    """A symlink, or a directory owned by another user, is refused with one line."""
+    (tmp_path / "real").mkdir()
+    os.symlink(tmp_path / "real", tmp_path / "link")
+    (tmp_path / "theirs").mkdir()
+    os.chown(tmp_path / "theirs", 65534, 65534)
+    with fsutil.dir_fd(tmp_path) as d:
+        with pytest.raises(StoreError, match="not a real directory"):
+            fsutil.open_own_dir(d, "link", tmp_path / "link")
+        with pytest.raises(StoreError, match=r"owned by .*65534.*refuses"):
+            fsutil.open_own_dir(d, "theirs", tmp_path / "theirs")
+        os.close(fsutil.open_own_dir(d, "real", tmp_path / "real"))
+
+
+def test_remove_stale_temps_leaves_other_users_lookalikes(tmp_path):
+    """A temp-looking file certd's user does not own is not certd's leftover: it stays."""
+    theirs = tmp_path / ".f.tmp-aaaa"
+    theirs.write_bytes(SECRET)
+    os.chown(theirs, 65534, 65534)
+    assert fsutil.remove_stale_temps(tmp_path) == []
+    assert theirs.read_bytes() == SECRET

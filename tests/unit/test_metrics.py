@@ -157,3 +157,23 @@ def test_events_without_a_failed_step_are_still_counted(tmp_path):
     m = samples(metrics)
     assert get(m, "certd_rollbacks_total", name="www", result="success") == 1
     assert get(m, "certd_verification_failures_total", name="www") == 0
+
+
+def test_a_broken_certificate_is_flagged_and_the_others_still_exported(tmp_path):
+    """www's stored version vanished: certd_certificate_broken{www} is 1, its status row says
+    broken with the reason, a cert_broken event is emitted once, and api's gauges are intact."""
+    import shutil
+    metrics, manager = setup(tmp_path)
+    seen: list[LifecycleEvent] = []
+    manager.events.subscribe(seen.append)
+    store_version(manager, "www")
+    store_version(manager, "api")
+    shutil.rmtree(manager.store.root / "certs" / "www" / "versions" / "0001")
+    m = samples(metrics)
+    assert get(m, "certd_certificate_broken", name="www") == 1
+    assert get(m, "certd_certificate_broken", name="api") == 0
+    assert get(m, "certd_certificate_version", name="api") == 1
+    row = manager.status(manager.config.certificate("www"))
+    assert row["state"] == "broken" and row["broken_reason"]
+    manager.status(manager.config.certificate("www"))
+    assert [e.kind for e in seen if e.name == "www"] == ["cert_broken"]
