@@ -125,6 +125,7 @@ class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
 
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 128  # listen() backlog: a burst of clients is accepted (and told "busy"), not refused
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
