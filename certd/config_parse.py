@@ -13,6 +13,7 @@ from datetime import timedelta
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from certd.config import (CHALLENGES, DEFAULT_EXEC_PATH, FILE_CONTENTS, HOOK_KINDS, KEY_TYPES, AcmeConfig,
                           AlertsConfig, CertificateConfig, Config, DaemonConfig, DeployConfig, FileTarget, Listen,
@@ -126,6 +127,10 @@ class Parser:
         directory = t.get("directory", str, required=True)
         if directory is not None and not re.match(r"^https?://[^/\s]+(/\S*)?$", directory):
             self.problem(t.key("directory"), f"{directory!r} is not an http(s) URL; expected e.g. \"https://127.0.0.1:14000/dir\"")
+        elif directory is not None and directory.lower().startswith("http://") and not is_loopback(
+                (urlsplit(directory).hostname or "")):
+            self.problem(t.key("directory"), f"{directory!r}: plain http:// is for a loopback test CA only; the "
+                                             "account's requests would cross the network in clear text; use https://")
         email = t.get("email", str)
         if email is not None and not _EMAIL_RE.match(email):
             self.problem(t.key("email"), f"{email!r} is not an e-mail address")

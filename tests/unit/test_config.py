@@ -54,6 +54,7 @@ CORPUS: list[tuple[str, str, tuple[str, ...]]] = [
     ("acme-not-table", 'acme = "https://x"\n', ("acme", "expected a table")),
     ("missing-directory", '[acme]\nemail = "a@b.test"\n', ("acme.directory", "required key is missing")),
     ("directory-not-url", '[acme]\ndirectory = "127.0.0.1:14000"\n', ("acme.directory", "not an http(s) URL")),
+    ("directory-http-remote", '[acme]\ndirectory = "http://ca.example.test/dir"\n', ("acme.directory", "loopback test CA only", "https://")),
     ("directory-ftp", '[acme]\ndirectory = "ftp://ca.test/dir"\n', ("acme.directory", "not an http(s) URL")),
     ("directory-int", '[acme]\ndirectory = 14000\n', ("acme.directory", "expected a string, got an integer")),
     ("bad-email", ACME + 'email = "ops-at-example"\n', ("acme.email", "not an e-mail address")),
