@@ -110,6 +110,7 @@ class ReloadHook:
     binary: str = "nginx"               # nginx: executable name or path
     socket: Path | None = None          # haproxy: admin socket
     crt: str | None = None              # haproxy: cert path as HAProxy knows it
+    capabilities: tuple[str, ...] = ()  # command: the Linux capabilities it keeps (default none)
 
 
 @dataclass(frozen=True)

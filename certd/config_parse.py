@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 from certd.config import (CHALLENGES, DEFAULT_EXEC_PATH, FILE_CONTENTS, HOOK_KINDS, KEY_TYPES, AcmeConfig,
                           AlertsConfig, CertificateConfig, Config, DaemonConfig, DeployConfig, FileTarget, Listen,
                           ReloadHook, RenewBefore, VerifyEndpoint)
+from certd import capabilities
 from certd.config_values import Table, is_loopback, normalize_domain, parse_duration, parse_listen, type_name
 from certd.errors import one_line
 
@@ -320,8 +321,15 @@ class Parser:
                     crt = str(deploy.combined)
             t.done()
             return ReloadHook("haproxy", timeout, socket=sock, crt=crt)
+        caps = t.get("capabilities", list, [])
+        bad = [c for c in caps if not isinstance(c, str)] or capabilities.unknown(caps)
+        if bad:
+            self.problem(t.key("capabilities"), f"{', '.join(map(str, bad))}: not a capability; expected names such "
+                                                "as \"CAP_KILL\" (see capabilities(7)), or leave it out for none")
+            caps = []
         t.done()
-        return ReloadHook("command", timeout, command=command) if command else None
+        return ReloadHook("command", timeout, command=command,
+                          capabilities=tuple(c.upper() for c in caps)) if command else None
 
     def verify(self, t: Table, default_sni: str) -> VerifyEndpoint | None:
         raw = t.get("endpoint", str, required=True)

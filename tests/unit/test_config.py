@@ -404,3 +404,12 @@ def test_a_certificate_name_with_a_trailing_newline_is_refused(tmp_path):
     """'www\\n' passed the old pattern ("$" matches before a final newline) and named a directory."""
     (line,) = problems_for(tmp_path, cert('domains = ["www.example.test"]\nhttp01_listen = "127.0.0.1:5002"\n').replace('name = "www"', 'name = "www\\n"'))
     assert "certificate[0].name" in line and "1-64 characters" in line
+
+
+def test_a_command_hook_names_the_capabilities_it_keeps(tmp_path):
+    """capabilities = ["CAP_KILL"] is kept (upper-cased); an unknown name is one actionable line."""
+    base = GOOD.replace('command = ["/bin/true"]', 'command = ["/bin/true"]\ncapabilities = ["cap_kill"]')
+    assert config.load(_write(tmp_path, base)).certificate("www").reload[0].capabilities == ("CAP_KILL",)
+    assert config.load(_write(tmp_path, GOOD)).certificate("www").reload[0].capabilities == ()
+    (line,) = problems_for(tmp_path, GOOD.replace('command = ["/bin/true"]', 'command = ["/bin/true"]\ncapabilities = ["CAP_ROOT"]'))
+    assert "certificate[0] (www).reload[0].capabilities" in line and "CAP_ROOT: not a capability" in line

@@ -40,3 +40,4 @@ def test_a_reason_that_is_not_text_is_refused() -> None:
     """A client sending JSON numbers or lists as the reason gets a usage error, not a crash."""
     with pytest.raises(UsageError, match="expected text"):
         check_reason(["a"], "reason")  # type: ignore[arg-type]
+
