@@ -115,6 +115,10 @@ class _Watchdog:
                             pass
                 nxt = min((w for w, _ in self._deadlines.values()), default=None)
                 self._cond.wait(None if nxt is None else max(0.01, nxt - now))
+            for sock, (_, close) in self._deadlines.items():
+                if close:  # busy answers still lingering: the server is going away
+                    sock.close()
+            self._deadlines.clear()
 
 
 class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
