@@ -25,6 +25,7 @@ import pwd
 import socket
 import socketserver
 import struct
+import sys
 import tempfile
 import threading
 import time
@@ -68,6 +69,8 @@ MAX_BODY = 64 * 1024   # bytes: the largest request body (a renewal naming ~2,00
 MAX_CLIENTS = 64       # clients served at once; beyond that "certd is busy" (503)
 MAX_CLIENTS_PER_UID = 16  # for a caller other than root and certd's user: the rest stays free for them
 BUSY_LINGER = 1.0      # seconds a busy answer's socket stays open, so the client can send and read
+MAX_LINGERING = 256    # busy answers lingering at once; beyond that they are closed at once (a flood
+                       # must not use up the daemon's file descriptors)
 
 
 class _Watchdog:
@@ -88,6 +91,10 @@ class _Watchdog:
         with self._cond:
             self._deadlines[sock] = (time.monotonic() + seconds, close)
             self._cond.notify()
+
+    def lingering(self) -> int:
+        with self._cond:
+            return sum(close for _, close in self._deadlines.values())
 
     def done(self, sock: socket.socket) -> None:
         """The request is in (or the client is gone): its deadline no longer applies."""
@@ -177,6 +184,9 @@ class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         except OSError:
             request.close()
             return
+        if self.watchdog.lingering() >= MAX_LINGERING:
+            request.close()
+            return
         self.watchdog.watch(request, BUSY_LINGER, close=True)
 
     def shutdown_request(self, request: Any) -> None:
@@ -185,7 +195,6 @@ class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """A client that went away (or was cut off at its deadline) is not news; a bug is."""
-        import sys
         if isinstance(sys.exc_info()[1], OSError):
             log.debug("control client gone", exc_info=True)
         else:
