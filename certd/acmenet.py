@@ -247,6 +247,36 @@ def proxied(url: str) -> bool:
     return bool(requests.utils.get_environ_proxies(url))
 
 
+def url_origin(url: str) -> tuple[str, str, int]:
+    """(scheme, host, port) of an http(s) URL, the port made explicit; ValueError otherwise."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"not an http(s) URL: {url[:200]!r}")
+    return scheme, parts.hostname.lower(), parts.port or (443 if scheme == "https" else 80)
+
+
+def check_origin(url: str, directory_url: str) -> None:
+    """Refuse a URL the CA handed out (order, authorization, challenge, finalize, certificate,
+    renewalInfo, a Location) unless it has the directory's scheme, host and port: a CA, or
+    whoever speaks for it, must not send certd to another server (a local service, an
+    ``http://`` URL where the account's requests would cross the network in clear text).
+    ``http://`` is allowed only for a loopback directory (a test CA such as Pebble)."""
+    from certd.config_values import is_loopback
+    try:
+        want = url_origin(directory_url)
+        got = url_origin(url)
+    except ValueError as e:
+        raise AcmeError(f"the CA handed out a URL certd will not fetch ({e}); not retrying") from None
+    if want[0] == "http" and not is_loopback(want[1]):
+        raise AcmeError(f"ACME directory {directory_url} is plain http:// on a non-loopback host; use https://; "
+                        "not retrying")
+    if got != want:
+        raise AcmeError(f"the CA handed out {one_line(url)[:200]}, outside its directory's origin "
+                        f"{want[0]}://{want[1]}:{want[2]}; not fetched (a misconfigured or compromised CA?); "
+                        "not retrying")
+
+
 class AcmeNetwork(acme_client.ClientNetwork):
     """``ClientNetwork`` on a :class:`LeanSession` (unless proxied), with badNonce retries."""
 
@@ -262,6 +292,9 @@ class AcmeNetwork(acme_client.ClientNetwork):
 
     #: Seconds left until the caller's deadline (an order's), or None; set per order by the issuer.
     time_left: Callable[[], float] | None = None
+
+    #: The ACME directory's URL: every URL fetched must share its origin (check_origin). Set by the issuer.
+    directory_url: str | None = None
 
     def _timeout_now(self, asked: float | None) -> float:
         """The whole-request timeout: the network timeout, but never past the caller's deadline."""
@@ -309,6 +342,8 @@ class AcmeNetwork(acme_client.ClientNetwork):
 
     def _send_request(self, method: str, url: str, *args: Any, **kwargs: Any) -> requests.Response:
         # The library's version formats every header for a debug line even when nobody logs it.
+        if self.directory_url is not None:
+            check_origin(url, self.directory_url)
         kwargs["verify"] = self.verify_ssl
         headers = kwargs.setdefault("headers", {})
         headers.setdefault("User-Agent", self.user_agent)

@@ -19,6 +19,7 @@ from certd import __version__, cli_output, config as config_mod
 from certd import log as logmod
 from certd.config import Config
 from certd.errors import CertdError, ConfigError, OperationFailed, UsageError
+from certd.textsafe import check_reason, escape
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -286,6 +287,7 @@ def cmd_renew(args: argparse.Namespace) -> int:
         raise UsageError("name the certificates to renew, or pass --all")
     if args.ignore_duplicate_limit and not args.force:
         raise UsageError("--ignore-duplicate-limit goes with --force (only a forced renewal can hit the limit)")
+    check_reason(args.reason)
     backend = _backend(args)
     try:
         progress = _progress if (args.wait or sys.stderr.isatty()) else None
@@ -342,6 +344,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
+    check_reason(args.reason)
     o = _backend(args).rollback(args.name, args.to_version, args.reason or "rollback by operator", _progress)
     if o["result"] == "refused":  # through the daemon: the same one stderr line as in-process
         raise UsageError(o["message"])
@@ -430,14 +433,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     return Daemon(config_mod.resolve_path(args.config)).run()
 
 
+def _cell(v: Any) -> str:
+    """One table cell on one line: control characters (newline, ESC, ...) shown escaped, so a
+    reason or an error cannot hide, fake or recolour rows on the operator's terminal."""
+    if v is None:
+        return "-"
+    if isinstance(v, list):
+        return escape(",".join(map(str, v)))
+    return escape(str(v))
+
+
 def _print_table(rows: list[dict[str, Any]], cols: list[tuple[str, str]]) -> None:
-    def cell(v: Any) -> str:
-        if v is None:
-            return "-"
-        if isinstance(v, list):
-            return ",".join(map(str, v))
-        return str(v)
-    table = [[h for h, _ in cols]] + [[cell(r.get(k)) for _, k in cols] for r in rows]
+    table = [[h for h, _ in cols]] + [[_cell(r.get(k)) for _, k in cols] for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
     for row in table:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())

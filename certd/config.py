@@ -74,8 +74,9 @@ class AcmeConfig:
     agree_tos: bool = False
     ca_bundle: Path | None = None
     eab_kid: str | None = None
-    eab_hmac_key: str | None = None
+    eab_hmac_key: str | None = field(default=None, repr=False)  # a secret: never in a repr or a log
     order_timeout: float = 90.0     # seconds for one whole order, newOrder to the certificate
+    eab_hmac_key_file: Path | None = None  # where eab_hmac_key was read from, if a file
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,7 @@ class ReloadHook:
     binary: str = "nginx"               # nginx: executable name or path
     socket: Path | None = None          # haproxy: admin socket
     crt: str | None = None              # haproxy: cert path as HAProxy knows it
+    capabilities: tuple[str, ...] = ()  # command: the Linux capabilities it keeps (default none)
 
 
 @dataclass(frozen=True)

@@ -13,14 +13,16 @@ from datetime import timedelta
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from certd.config import (CHALLENGES, DEFAULT_EXEC_PATH, FILE_CONTENTS, HOOK_KINDS, KEY_TYPES, AcmeConfig,
                           AlertsConfig, CertificateConfig, Config, DaemonConfig, DeployConfig, FileTarget, Listen,
                           ReloadHook, RenewBefore, VerifyEndpoint)
+from certd import capabilities
 from certd.config_values import Table, is_loopback, normalize_domain, parse_duration, parse_listen, type_name
 from certd.errors import one_line
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # fullmatch: "$" would let "www\n" through
 _EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 
 
@@ -114,6 +116,8 @@ class Parser:
     def alerts(self, t: Table) -> AlertsConfig | None:
         url = t.get("webhook_url", str, required=True)
         token = t.get("bearer_token", str)
+        if token is not None:
+            self.inline_secret(t, "bearer_token", "bearer_token_file")
         token_file = self.path_value(t, "bearer_token_file", must_exist=True)
         timeout = self.duration(t, "timeout", AlertsConfig.timeout)
         t.done()
@@ -143,6 +147,10 @@ class Parser:
         directory = t.get("directory", str, required=True)
         if directory is not None and not re.match(r"^https?://[^/\s]+(/\S*)?$", directory):
             self.problem(t.key("directory"), f"{directory!r} is not an http(s) URL; expected e.g. \"https://127.0.0.1:14000/dir\"")
+        elif directory is not None and directory.lower().startswith("http://") and not is_loopback(
+                (urlsplit(directory).hostname or "")):
+            self.problem(t.key("directory"), f"{directory!r}: plain http:// is for a loopback test CA only; the "
+                                             "account's requests would cross the network in clear text; use https://")
         email = t.get("email", str)
         if email is not None and not _EMAIL_RE.match(email):
             self.problem(t.key("email"), f"{email!r} is not an e-mail address")
@@ -150,21 +158,28 @@ class Parser:
         ca_bundle = self.path_value(t, "ca_bundle", must_exist=True)
         kid = t.get("eab_kid", str)
         hmac = t.get("eab_hmac_key", str)
-        if (kid is None) != (hmac is None):
-            self.problem(t.key("eab_kid" if kid is None else "eab_hmac_key"), "External Account Binding needs both eab_kid and eab_hmac_key")
+        hmac_file = self.path_value(t, "eab_hmac_key_file", must_exist=True)
+        if hmac is not None:
+            self.inline_secret(t, "eab_hmac_key", "eab_hmac_key_file")
+            if hmac_file is not None:
+                self.problem(t.key("eab_hmac_key"), "set eab_hmac_key or eab_hmac_key_file, not both")
+        elif hmac_file is not None:
+            hmac = self.secret_file(t, "eab_hmac_key_file", hmac_file)
+        if (kid is None) != (hmac is None and hmac_file is None):
+            self.problem(t.key("eab_kid" if kid is None else "eab_hmac_key"), "External Account Binding needs both eab_kid and eab_hmac_key (or eab_hmac_key_file)")
         if hmac is not None and not re.match(r"^[A-Za-z0-9_=-]+$", hmac):
-            self.problem(t.key("eab_hmac_key"), "expected base64url text (as the CA handed it out)")
+            self.problem(t.key("eab_hmac_key_file" if hmac_file else "eab_hmac_key"), "expected base64url text (as the CA handed it out)")
         order_timeout = self.duration(t, "order_timeout", AcmeConfig.order_timeout)
         t.done()
         if directory is None:
             return None
-        return AcmeConfig(directory, email, agree, ca_bundle, kid, hmac, order_timeout)
+        return AcmeConfig(directory, email, agree, ca_bundle, kid, hmac, order_timeout, eab_hmac_key_file=hmac_file)
 
     def certificate(self, i: int, raw: Any) -> CertificateConfig | None:
         t = Table(self, f"certificate[{i}]", raw)
         name = t.get("name", str, required=True)
         if name is not None:
-            if not _NAME_RE.match(name):
+            if not _NAME_RE.fullmatch(name):
                 self.problem(t.key("name"), f"{name!r}: expected 1-64 characters of letters, digits, '.', '_', '-' (it names a directory)")
                 name = None
             else:
@@ -327,8 +342,15 @@ class Parser:
                     crt = str(deploy.combined)
             t.done()
             return ReloadHook("haproxy", timeout, socket=sock, crt=crt)
+        caps = t.get("capabilities", list, [])
+        bad = [c for c in caps if not isinstance(c, str)] or capabilities.unknown(caps)
+        if bad:
+            self.problem(t.key("capabilities"), f"{', '.join(map(str, bad))}: not a capability; expected names such "
+                                                "as \"CAP_KILL\" (see capabilities(7)), or leave it out for none")
+            caps = []
         t.done()
-        return ReloadHook("command", timeout, command=command) if command else None
+        return ReloadHook("command", timeout, command=command,
+                          capabilities=tuple(c.upper() for c in caps)) if command else None
 
     def verify(self, t: Table, default_sni: str) -> VerifyEndpoint | None:
         raw = t.get("endpoint", str, required=True)
@@ -349,6 +371,36 @@ class Parser:
         return VerifyEndpoint(listen.host, listen.port, sni, ca)
 
     # -- values --
+
+    def inline_secret(self, t: Table, key: str, file_key: str) -> None:
+        """A secret written into the config is only as private as the config file: refuse it
+        if group or others may read the file (they would learn the CA's or the webhook's
+        credential), and say both fixes."""
+        try:
+            mode = stat.S_IMODE(os.stat(self.path).st_mode)
+        except OSError:
+            return  # parsed from text with no file behind it
+        if mode & 0o077:
+            self.problem(t.key(key), f"a secret inline in a config file readable by group or others (mode "
+                                     f"{mode:04o}); chmod 600 {self.path}, or move it to {file_key} (mode 0600)")
+
+    def secret_file(self, t: Table, key: str, path: Path) -> str | None:
+        """The secret held in ``path`` (stripped), which others must not be able to read."""
+        try:
+            st = os.stat(path)
+            if st.st_mode & 0o007:
+                self.problem(t.key(key), f"{path} is accessible to other users; it holds a secret (chmod o-rwx)")
+                return None
+            with open(path, encoding="utf-8") as f:
+                text = f.read(64 * 1024).strip()
+        except (OSError, UnicodeDecodeError) as e:
+            if path.exists():
+                self.problem(t.key(key), f"cannot read {path}: {getattr(e, 'strerror', None) or e}")
+            return None  # else must_exist reported it
+        if not text:
+            self.problem(t.key(key), f"{path} is empty; put the key the CA handed out in it")
+            return None
+        return text
 
     def path_value(self, t: Table, name: str, must_exist: bool = False) -> Path | None:
         raw = t.get(name, str)

@@ -36,6 +36,7 @@ from certd.planning import ARI_POLL
 from certd.monitor import Monitor
 from certd.wiring import build_manager, build_sinks
 from certd.scheduler import UNFORCED, Flight, Flights, Scheduler, ShuttingDown
+from certd.textsafe import check_reason
 
 log = logging.getLogger("certd.daemon")
 _REQUESTED = {"rollback": "rollback_requested", "revoke": "revocation_requested"}  # log event per kind
@@ -414,7 +415,7 @@ class Daemon:
     def _api_renew(self, caller: Caller, body: dict[str, Any]) -> Iterator[dict[str, Any]] | dict[str, Any]:
         certs = list(self.config.certificates) if body.get("all") else self._select(body.get("names"))
         force = bool(body.get("force"))
-        reason = str(body.get("reason") or ("forced by operator" if force else "requested by operator"))
+        reason = check_reason(body.get("reason") or "", "reason") or ("forced by operator" if force else "requested by operator")
         initiator = str(caller)
         flights = []
         for cert in certs:
@@ -444,7 +445,7 @@ class Daemon:
         if to_version is not None and not isinstance(to_version, int):
             raise UsageError("to_version must be an integer")
         return self._start_alone(name, "rollback", caller, to_version=to_version,
-                                 reason=str(body.get("reason") or "rollback by operator"))
+                                 reason=check_reason(body.get("reason") or "", "reason") or "rollback by operator")
 
     def _api_revoke(self, caller: Caller, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
         from certd.revocation import parse_reason

@@ -105,7 +105,7 @@ def run_reload(hook: ReloadHook, ctx: HookContext) -> HookResult:
     elif hook.kind == "haproxy":
         result = hooks_haproxy.hotswap(hook, ctx.bundle)
     elif hook.kind == "command":
-        result = run_command(hook.command, env=hook_env(ctx), timeout=hook.timeout)
+        result = run_command(hook.command, env=hook_env(ctx), timeout=hook.timeout, caps=hook.capabilities)
     else:
         raise HookFailed(f"{ctx.name}: unknown reload hook kind {hook.kind!r}")
     label = hook_label(hook)

@@ -7,13 +7,17 @@ says why a command failed.
 
 from __future__ import annotations
 
+import errno
 import os
 import select
+import shutil
 import signal
 import subprocess
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+
+from certd import capabilities
 
 #: Output kept per hook run: the head and the tail (the tail says why it failed).
 OUTPUT_HEAD = 4 * 1024
@@ -36,16 +40,22 @@ class HookResult:
     timed_out: bool = False
 
 
-def run_command(argv: Sequence[str], *, env: Mapping[str, str], timeout: float) -> HookResult:
+def run_command(argv: Sequence[str], *, env: Mapping[str, str], timeout: float,
+                caps: Sequence[str] = ()) -> HookResult:
     """Run ``argv`` (no shell) with exactly ``env``; never raises for what the command does.
 
     ``ok`` is true only for exit status 0 within ``timeout``. On timeout the process group is
-    killed (SIGTERM, SIGKILL after :data:`KILL_GRACE`) and the command reaped.
+    killed (SIGTERM, SIGKILL after :data:`KILL_GRACE`) and the command reaped. The command
+    holds at most the capabilities in ``caps`` (see certd/capabilities.py).
     """
     label = argv[0] if argv else "<empty command>"
     start = time.monotonic()
     try:
-        proc = subprocess.Popen(list(argv), env=dict(env), stdin=subprocess.DEVNULL,
+        if not argv:
+            raise ValueError("empty command")
+        program = find_program(argv[0], env)
+        proc = subprocess.Popen(capabilities.limited([program, *argv[1:]], caps), env=dict(env),
+                                stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 start_new_session=True, close_fds=True)
     except (OSError, ValueError) as e:
@@ -64,6 +74,21 @@ def run_command(argv: Sequence[str], *, env: Mapping[str, str], timeout: float) 
     if timed_out:
         return HookResult(label, False, None, duration, out.text(), timed_out=True)
     return HookResult(label, returncode == 0, returncode, duration, out.text())
+
+
+def find_program(program: str, env: Mapping[str, str]) -> str:
+    """The executable ``program`` names (found on the hook's PATH if it has no slash); OSError
+    (ENOENT, EACCES) as exec would say, checked here because setpriv does the exec."""
+    if "/" not in program:
+        found = shutil.which(program, path=env.get("PATH", DEFAULT_PATH))
+        if found is None:
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT))
+        return found
+    if not os.path.exists(program):
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT))
+    if os.path.isdir(program) or not os.access(program, os.X_OK):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+    return program
 
 
 class _Output:

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from certd.config import ReloadHook
+from certd import capabilities
 from certd.hooks_command import DEFAULT_PATH, HookResult, run_command
 
 log = logging.getLogger("certd.hooks")
@@ -108,7 +109,8 @@ def reload(hook: ReloadHook, name: str) -> HookResult:
 def _reload_nginx_locked(hook: ReloadHook, deadline: float) -> HookResult:
     conf = ["-c", str(hook.config)] if hook.config else []
     env = {"PATH": os.environ.get("PATH") or DEFAULT_PATH, "LANG": "C"}
-    test = run_command([hook.binary, "-t", "-q", *conf], env=env, timeout=max(0.1, deadline - time.monotonic()))
+    test = run_command([hook.binary, "-t", "-q", *conf], env=env, timeout=max(0.1, deadline - time.monotonic()),
+                       caps=capabilities.NGINX)
     if not test.ok:
         why = "timed out" if test.timed_out else _nginx_error_line(test.output)
         return HookResult(test.hook, False, test.returncode, test.duration,
@@ -119,7 +121,7 @@ def _reload_nginx_locked(hook: ReloadHook, deadline: float) -> HookResult:
     reload = _hup_master(master, hook.binary) if master else None
     if reload is None:  # master unknown or not nginx's: let nginx find it (and say what is wrong)
         reload = run_command([hook.binary, "-s", "reload", *conf], env=env,
-                             timeout=max(0.1, deadline - time.monotonic()))
+                             timeout=max(0.1, deadline - time.monotonic()), caps=capabilities.NGINX)
     output = "\n".join(o for o in (test.output, reload.output) if o)
     duration = test.duration + reload.duration
     if not reload.ok and not reload.timed_out:

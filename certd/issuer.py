@@ -275,6 +275,7 @@ class Issuer:
         net = AcmeNetwork(key, alg=self._alg, verify_ssl=self._verify, user_agent=self._user_agent,
                           timeout=self._network_timeout, lean=self._lean,
                           on_request=self._on_request, clock=self._clock)
+        net.directory_url = self._acme.directory  # every URL the CA hands out must share its origin
         with self._networks_lock:
             self._networks.add(net)
         return net

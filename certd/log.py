@@ -2,6 +2,12 @@
 
 ``event(log, "cert_published", name="www", version=3)`` logs
 ``cert_published name=www version=3``; values with spaces are quoted. Never pass key material.
+
+Every record is one line: :class:`SafeFormatter` escapes control characters (newline, ESC, ...)
+in the message and all its fields, so text from outside (an operator's reason, a CA's error, a
+hook's output) cannot forge a line such as the ``audit_record seq=... hash=...`` anchor.
+Tracebacks keep their lines but each continuation line is indented, so none of them can pass
+for a record of its own.
 """
 
 from __future__ import annotations
@@ -11,7 +17,32 @@ import re
 import sys
 from typing import Any, Iterable
 
+from certd.textsafe import escape
+
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class SafeFormatter(logging.Formatter):
+    """A Formatter whose records stay one line each: the message (after %-formatting, so every
+    field) has its control characters escaped; traceback lines are escaped and indented."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        saved = record.message
+        record.message = escape(saved)
+        try:
+            return super().formatMessage(record)
+        finally:
+            record.message = saved
+
+    def formatException(self, ei: Any) -> str:
+        return _indent(super().formatException(ei))
+
+    def formatStack(self, stack_info: str) -> str:
+        return _indent(super().formatStack(stack_info))
+
+
+def _indent(text: str) -> str:
+    return "\n".join("  " + escape(line) for line in text.splitlines())
 
 
 def setup(level: int = logging.INFO, *, stream: Any = None) -> None:
@@ -20,7 +51,7 @@ def setup(level: int = logging.INFO, *, stream: Any = None) -> None:
     for h in list(root.handlers):
         root.removeHandler(h)
     handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.setFormatter(SafeFormatter(LOG_FORMAT))
     root.addHandler(handler)
     root.setLevel(level)
     # Libraries are chatty at INFO (every HTTP request); keep them at WARNING unless debugging.

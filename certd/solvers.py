@@ -47,6 +47,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID, ObjectIdentifier
 
+from certd import capabilities
+from certd.hooks_command import find_program
 from certd.config import CertificateConfig, Listen
 from certd.errors import ChallengeFailed
 
@@ -385,7 +387,8 @@ class DnsHookSolver:
         argv = [*self.hook, action, domain, value]
         what = f"{self.hook[0]} {action} {domain}"
         try:
-            done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True,
+            find_program(argv[0], os.environ)
+            done = subprocess.run(capabilities.limited(argv), stdin=subprocess.DEVNULL, capture_output=True,
                                   timeout=self.timeout, check=False)
         except subprocess.TimeoutExpired:
             return f"{what} did not finish within {self.timeout:g} s"

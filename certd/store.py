@@ -43,7 +43,7 @@ from certd.clock import SystemClock
 from certd.errors import LockBusy, StoreError
 from certd.model import Bundle, CertInfo
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # used with fullmatch: "$" lets "www\n" through
 _CURRENT_RE = re.compile(r"versions/(\d+)/?")
 _LOCK_POLL = 0.02  # seconds between flock attempts while waiting for a timeout
 INFO_KEY = "certinfo"  # meta.json: the leaf's CertInfo (recorded by add_version; not in StoredVersion.meta)
@@ -136,7 +136,7 @@ class FileStore:
     def _cert_path(self, name: str) -> str:
         """``_cert_dir`` as a string: the read paths run per certificate (``status`` over
         thousands), and building Path objects cost more than the reads themselves."""
-        if not _NAME_RE.match(name):
+        if not _NAME_RE.fullmatch(name):
             raise ValueError(f"invalid certificate name {name!r}")
         return f"{self._certs}/{name}"
 
@@ -168,7 +168,7 @@ class FileStore:
             return []
         except OSError as e:
             raise fsutil.store_error(e, certs, "list") from e
-        return sorted(n for n in entries if _NAME_RE.match(n) and (certs / n).is_dir())
+        return sorted(n for n in entries if _NAME_RE.fullmatch(n) and (certs / n).is_dir())
 
     def versions(self, name: str) -> list[int]:
         """Complete versions, ascending (hidden temporary directories are not versions)."""

@@ -13,10 +13,12 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import serialization
 
+from certd import capabilities
 from certd.clock import SystemClock
 from certd.config import ReloadHook, VerifyEndpoint
 from certd.errors import HookFailed
@@ -366,3 +368,45 @@ def test_haproxy_payload_beyond_cli_buffer(tmp_path: Path, test_ca: TestCA, hapr
     roomy = haproxy_factory(write_combined(tmp_path / "b.pem", old), extra_global="    tune.bufsize 65536")
     run_reload(haproxy_hook(roomy), context(big))
     assert roomy.served(DOMAIN) == fingerprint(new)
+
+
+CAP_DAC_READ_SEARCH, CAP_KILL = 1 << 2, 1 << 5
+
+
+def _caps_seen_by(tmp_path: Path, run: Any) -> dict[str, int]:
+    """What a hook script finds in /proc/self/status: CapEff, CapPrm, CapBnd, CapAmb as ints."""
+    script = tmp_path / "caps-hook"
+    out = tmp_path / "caps.txt"
+    script.write_text(f"#!/bin/sh\ngrep '^Cap' /proc/self/status > {out}\n")
+    script.chmod(0o755)
+    result = run(str(script))
+    assert result.ok, result.output
+    return {k: int(v, 16) for k, v in (line.split(":") for line in out.read_text().splitlines())}
+
+
+def test_a_command_hook_holds_no_capabilities_unless_configured(tmp_path: Path) -> None:
+    """certd may hold capabilities (root, or the unit's ambient set); a command hook gets none
+    of them: nothing effective, permitted or ambient, and (as root) an empty bounding set."""
+    caps = _caps_seen_by(tmp_path, lambda p: run_command([p], env={"PATH": os.environ["PATH"]}, timeout=10))
+    assert caps["CapEff"] == caps["CapPrm"] == caps["CapAmb"] == 0, caps
+    if os.geteuid() == 0:
+        assert caps["CapBnd"] == 0, caps
+
+
+def test_a_command_hook_keeps_exactly_the_capabilities_its_entry_names(tmp_path: Path) -> None:
+    """capabilities = ["CAP_KILL"] on the reload entry: the hook can signal, and nothing more."""
+    hook = ReloadHook("command", 10, command=(), capabilities=("CAP_KILL",))
+    caps = _caps_seen_by(tmp_path, lambda p: run_command([p], env={"PATH": os.environ["PATH"]}, timeout=10,
+                                                         caps=hook.capabilities))
+    if os.geteuid() == 0:
+        assert caps["CapEff"] == CAP_KILL and caps["CapBnd"] == CAP_KILL, caps
+    else:
+        assert caps["CapEff"] & ~CAP_KILL == 0, caps
+
+
+def test_the_nginx_hook_keeps_only_dac_read_search_and_kill(tmp_path: Path) -> None:
+    """nginx -t must read every key its config names; nginx -s reload signals the master."""
+    caps = _caps_seen_by(tmp_path, lambda p: run_command([p], env={"PATH": os.environ["PATH"]}, timeout=10,
+                                                         caps=capabilities.NGINX))
+    if os.geteuid() == 0:
+        assert caps["CapEff"] == CAP_DAC_READ_SEARCH | CAP_KILL == caps["CapBnd"], caps

@@ -69,3 +69,16 @@ def test_daemon_speaks_the_notify_protocol(tmp_path: Path, certd_env: Any, pebbl
     assert received("STOPPING=1")
     assert daemon.returncode == 0
     sock.close()
+
+
+def test_unit_forbids_core_dumps_and_bounds_memory_and_tasks() -> None:
+    """No core file can hold a private key; memory and tasks are capped at sizes that fit the
+    largest supported site (100,000 certificates in 1 GB), the knobs documented in the unit."""
+    settings = dict(line.split("=", 1) for line in UNIT.read_text().splitlines()
+                    if "=" in line and not line.startswith("#"))
+    assert settings["LimitCORE"] == "0"
+    memory = settings["MemoryMax"]
+    assert memory.endswith("M") and 1024 < int(memory[:-1]) <= 4096
+    assert 256 <= int(settings["TasksMax"]) <= 4096
+    r = subprocess.run(["systemd-analyze", "verify", str(UNIT)], capture_output=True, text=True, timeout=60)
+    assert "LimitCORE" not in r.stderr and "MemoryMax" not in r.stderr and "TasksMax" not in r.stderr, r.stderr

@@ -96,7 +96,10 @@ class CertdEnv:
         acme = {"directory": self.pebble.directory_url, "email": "ops@example.test", "agree_tos": True,
                 "ca_bundle": str(self.pebble.ca_bundle), **self.acme_extra}
         tmp = self.config_path.with_suffix(".tmp")
-        tmp.write_text(to_toml(daemon, acme, self.certificates, self.alerts))
+        # 0600 as an operator's config holding a secret must be (certd refuses inline secrets otherwise)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(to_toml(daemon, acme, self.certificates, self.alerts))
         os.replace(tmp, self.config_path)
         return self.config_path
 

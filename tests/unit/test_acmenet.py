@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from datetime import datetime, timezone
+from typing import Any
 
+import josepy as jose
 import pytest
 import requests
 from acme import messages
 
-from certd.acmenet import AcmeNetwork, Failure, problem_code, retry_after_seconds
+from certd.acmenet import AcmeNetwork, Failure, check_origin, problem_code, retry_after_seconds
 from certd.clock import FakeClock
 from certd.errors import AcmeError, CANotReachable
 
@@ -147,3 +149,53 @@ def test_inside_an_order_bad_nonces_are_retried_until_its_deadline_not_a_count()
     with pytest.raises(messages.Error):
         stuck.post("https://acme.example.test/x", None)
     assert stuck.sent == 41  # stops once the order's time is up
+
+
+@pytest.mark.parametrize("url", [
+    "https://127.0.0.1:14000/order/1", "https://127.0.0.1:14000/finalize/x?y=1", "HTTPS://127.0.0.1:14000/cert/1",
+])
+def test_urls_on_the_directorys_origin_are_fetched(url: str) -> None:
+    """Order, finalize, certificate ... URLs on the CA's own scheme, host and port pass."""
+    check_origin(url, "https://127.0.0.1:14000/dir")
+
+
+@pytest.mark.parametrize("url, said", [
+    ("http://127.0.0.1:14000/order/1", "outside its directory's origin https://127.0.0.1:14000"),
+    ("https://127.0.0.1:8080/chall/1", "outside its directory's origin"),
+    ("https://169.254.169.254/latest/meta-data", "outside its directory's origin"),
+    ("https://ca.example.test:14000/authz/1", "outside its directory's origin"),
+    ("file:///etc/shadow", "will not fetch"),
+])
+def test_a_url_off_the_directorys_origin_is_refused_and_not_retried(url: str, said: str) -> None:
+    """A CA (or whoever speaks for it) cannot send certd to another server or to plain http."""
+    with pytest.raises(AcmeError) as e:
+        check_origin(url, "https://127.0.0.1:14000/dir")
+    assert said in str(e.value) and not e.value.transient
+
+
+def test_plain_http_is_only_for_a_loopback_directory() -> None:
+    """http:// works with a local test CA; a remote one must use https://."""
+    check_origin("http://127.0.0.1:14000/order/1", "http://127.0.0.1:14000/dir")
+    check_origin("http://[::1]:14000/order/1", "http://[::1]:14000/dir")
+    with pytest.raises(AcmeError, match="plain http:// on a non-loopback host"):
+        check_origin("http://ca.example.test/order/1", "http://ca.example.test/dir")
+
+
+def test_the_network_refuses_a_foreign_url_before_sending_anything() -> None:
+    """The check sits where every request is sent, so no CA-supplied URL escapes it."""
+    sent: list[str] = []
+
+    class Session:
+        def request(self, method: str, url: str, *a: Any, **kw: Any) -> Any:
+            sent.append(url)
+            raise AssertionError("must not be reached")
+
+        def close(self) -> None:
+            pass
+
+    net = AcmeNetwork(None, alg=jose.ES256, verify_ssl=True, user_agent="t", timeout=5, lean=False)
+    net.session = Session()  # type: ignore[assignment]
+    net.directory_url = "https://127.0.0.1:14000/dir"
+    with pytest.raises(AcmeError, match="outside its directory's origin"):
+        net._send_request("GET", "https://127.0.0.1:9/elsewhere")
+    assert sent == []

@@ -121,6 +121,7 @@ def write_config(tmp_path: Path, text: str) -> Path:
         text = text + "\n[daemon]\n" + sock   # last: before, it would swallow top-level keys
     path = tmp_path / "certd.toml"
     path.write_bytes(text.encode("latin-1"))  # the corpus is ASCII (TOML escapes) but for one case
+    path.chmod(0o600)  # some cases hold an inline secret, which a readable config may not
     return path
 
 

@@ -54,6 +54,7 @@ CORPUS: list[tuple[str, str, tuple[str, ...]]] = [
     ("acme-not-table", 'acme = "https://x"\n', ("acme", "expected a table")),
     ("missing-directory", '[acme]\nemail = "a@b.test"\n', ("acme.directory", "required key is missing")),
     ("directory-not-url", '[acme]\ndirectory = "127.0.0.1:14000"\n', ("acme.directory", "not an http(s) URL")),
+    ("directory-http-remote", '[acme]\ndirectory = "http://ca.example.test/dir"\n', ("acme.directory", "loopback test CA only", "https://")),
     ("directory-ftp", '[acme]\ndirectory = "ftp://ca.test/dir"\n', ("acme.directory", "not an http(s) URL")),
     ("directory-int", '[acme]\ndirectory = 14000\n', ("acme.directory", "expected a string, got an integer")),
     ("bad-email", ACME + 'email = "ops-at-example"\n', ("acme.email", "not an e-mail address")),
@@ -156,6 +157,7 @@ CORPUS: list[tuple[str, str, tuple[str, ...]]] = [
 def problems_for(tmp_path: Path, text: str) -> list[str]:
     path = tmp_path / "certd.toml"
     path.write_text(text)
+    path.chmod(0o600)  # as a config holding a secret must be
     with pytest.raises(ConfigError) as exc:
         config.load(path)
     return exc.value.problems
@@ -246,6 +248,7 @@ def test_check_config_exits_2_with_one_line_and_no_traceback(tmp_path, text):
     sock = f'control_socket = "{tmp_path}/control.sock"\n'
     path.write_text(text.replace("[daemon]\n", "[daemon]\n" + sock, 1) if text.startswith("[daemon]")
                     else "[daemon]\n" + sock + text)
+    path.chmod(0o600)
     r = run_cli("--config", str(path), "check-config")
     assert r.returncode == 2
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
@@ -314,6 +317,7 @@ def test_monitoring_keys_parse_into_typed_values(tmp_path):
 def _write(tmp_path, text: str):
     path = tmp_path / "plain.toml"
     path.write_text(text)
+    path.chmod(0o600)
     return path
 
 
@@ -355,3 +359,57 @@ def test_peek_control_socket_finds_the_socket_in_a_broken_file_in_any_toml_form(
     assert config.peek_control_socket(p) == config.DaemonConfig.control_socket
     p.write_text("[daemon\n")
     assert config.peek_control_socket(p) == config.DaemonConfig.control_socket
+
+
+@pytest.mark.parametrize("section, key, file_key", [
+    ('[acme]\ndirectory = "https://127.0.0.1:14000/dir"\neab_kid = "kid-1"\neab_hmac_key = "c2VjcmV0LWtleQ"\n',
+     "acme.eab_hmac_key", "eab_hmac_key_file"),
+    (ACME + '[alerts]\nwebhook_url = "https://x.example.test/h"\nbearer_token = "s3cret"\n',
+     "alerts.bearer_token", "bearer_token_file"),
+])
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604])
+def test_an_inline_secret_in_a_config_others_can_read_is_refused(tmp_path, section, key, file_key, mode):
+    """One line naming the file, its mode and both fixes; the same config at 0600 loads."""
+    path = tmp_path / "certd.toml"
+    path.write_text(section)
+    path.chmod(mode)
+    with pytest.raises(ConfigError) as exc:
+        config.load(path)
+    (line,) = exc.value.problems
+    assert key in line and f"{mode:04o}" in line and f"chmod 600 {path}" in line and file_key in line
+    assert "s3cret" not in line and "c2VjcmV0LWtleQ" not in line
+    path.chmod(0o600)
+    config.load(path)
+
+
+def test_eab_hmac_key_file_is_read_and_the_key_is_in_no_repr(tmp_path):
+    """The key comes from its own file (others may not read it) and never shows in a repr."""
+    key = tmp_path / "eab.key"
+    key.write_text("c2VjcmV0LWtleQ\n")
+    key.chmod(0o640)
+    path = tmp_path / "certd.toml"
+    path.write_text(f'[acme]\ndirectory = "https://127.0.0.1:14000/dir"\neab_kid = "kid-1"\neab_hmac_key_file = "{key}"\n')
+    path.chmod(0o644)  # no secret inline: a readable config is fine
+    cfg = config.load(path)
+    assert cfg.acme.eab_hmac_key == "c2VjcmV0LWtleQ" and cfg.acme.eab_hmac_key_file == key
+    assert "c2VjcmV0LWtleQ" not in repr(cfg) and "c2VjcmV0LWtleQ" not in repr(cfg.acme)
+    key.chmod(0o644)
+    with pytest.raises(ConfigError) as exc:
+        config.load(path)
+    (line,) = exc.value.problems
+    assert "acme.eab_hmac_key_file" in line and "chmod o-rwx" in line
+
+
+def test_a_certificate_name_with_a_trailing_newline_is_refused(tmp_path):
+    """'www\\n' passed the old pattern ("$" matches before a final newline) and named a directory."""
+    (line,) = problems_for(tmp_path, cert('domains = ["www.example.test"]\nhttp01_listen = "127.0.0.1:5002"\n').replace('name = "www"', 'name = "www\\n"'))
+    assert "certificate[0].name" in line and "1-64 characters" in line
+
+
+def test_a_command_hook_names_the_capabilities_it_keeps(tmp_path):
+    """capabilities = ["CAP_KILL"] is kept (upper-cased); an unknown name is one actionable line."""
+    base = GOOD.replace('command = ["/bin/true"]', 'command = ["/bin/true"]\ncapabilities = ["cap_kill"]')
+    assert config.load(_write(tmp_path, base)).certificate("www").reload[0].capabilities == ("CAP_KILL",)
+    assert config.load(_write(tmp_path, GOOD)).certificate("www").reload[0].capabilities == ()
+    (line,) = problems_for(tmp_path, GOOD.replace('command = ["/bin/true"]', 'command = ["/bin/true"]\ncapabilities = ["CAP_ROOT"]'))
+    assert "certificate[0] (www).reload[0].capabilities" in line and "CAP_ROOT: not a capability" in line
