@@ -201,9 +201,16 @@ class FileStore:
         not acquired within ``timeout`` seconds."""
         return self._lock(name, timeout)
 
-    @contextmanager
-    def _lock(self, name: str, timeout: float) -> Iterator[None]:
+    def _lock(self, name: str, timeout: float) -> AbstractContextManager[None]:
         path = self._ensure_cert_dir(name) / "lock"
+        waited = f" after waiting {timeout:g}s" if timeout > 0 else ""
+        return self._flock(path, timeout, f"{name}: another certd process is working on this certificate "
+                                          f"(lock {path} is held){waited}; try again when it has finished")
+
+    @contextmanager
+    def _flock(self, path: Path, timeout: float, busy: str) -> Iterator[None]:
+        """An exclusive flock on ``path`` (made 0600), polled until ``timeout``; :class:`LockBusy`
+        saying ``busy`` when another process keeps it. Closing the descriptor releases it."""
         with fsutil.os_errors(path, "open lock file"):
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         try:
@@ -214,9 +221,7 @@ class FileStore:
                     break
                 except BlockingIOError:
                     if self._clock.monotonic() >= deadline:
-                        waited = f" after waiting {timeout:g}s" if timeout > 0 else ""
-                        raise LockBusy(f"{name}: another certd process is working on this certificate "
-                                       f"(lock {path} is held){waited}; try again when it has finished") from None
+                        raise LockBusy(busy) from None
                     self._clock.sleep(_LOCK_POLL)
                 except OSError as e:
                     raise fsutil.store_error(e, path, "lock") from e
@@ -410,32 +415,15 @@ class FileStore:
             raise StoreError(f"{adir}: belongs to {stored_url!r}, not {directory_url!r}; move the directory aside")
         return key_pem, registration
 
-    @contextmanager
-    def account_lock(self, directory_url: str, timeout: float = 60.0) -> Iterator[None]:
+    def account_lock(self, directory_url: str, timeout: float = 60.0) -> AbstractContextManager[None]:
         """Serialize ACME account registration for ``directory_url`` across processes (the CLI
         and the daemon never register twice): an flock on ``accounts/<id>.lock``."""
         adir = self._account_dir(directory_url)
         for p in (self.root, adir.parent):
             fsutil.ensure_dir(p, 0o700 if p != self.root else self._dir_mode, gid=self._gid if p == self.root else -1)
         path = adir.parent / (adir.name + ".lock")
-        with fsutil.os_errors(path, "open lock file"):
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-        try:
-            deadline = self._clock.monotonic() + timeout
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if self._clock.monotonic() >= deadline:
-                        raise LockBusy(f"another certd process has been registering the ACME account for "
-                                       f"{directory_url} for {timeout:g}s (lock {path}); try again later") from None
-                    self._clock.sleep(_LOCK_POLL)
-                except OSError as e:
-                    raise fsutil.store_error(e, path, "lock") from e
-            yield
-        finally:
-            os.close(fd)
+        return self._flock(path, timeout, f"another certd process has been registering the ACME account for "
+                                          f"{directory_url} for {timeout:g}s (lock {path}); try again later")
 
     def save_account(self, directory_url: str, key_pem: bytes, registration_json: str) -> None:
         """Key (0600) first, registration last: a saved registration always has its key."""
