@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import subprocess
-import sysconfig
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -35,9 +34,8 @@ def operator() -> Iterator[UnprivUser]:
 
 def run_as(user: UnprivUser, env: CertdEnv, *args: str) -> subprocess.CompletedProcess[str]:
     """``certd ARGS`` as ``user``, with the project's packages (same Python minor version)."""
-    path = f"{sysconfig.get_paths()['purelib']}:{ROOT}"
     return user.run([SYSTEM_PYTHON, "-m", "certd.cli", "--config", str(env.config_path), *args],
-                    env={"PYTHONPATH": path})
+                    env={"PYTHONPATH": user.python_path()})
 
 
 def one_error_line(r: subprocess.CompletedProcess[str], code: int = 2) -> str:

@@ -36,7 +36,7 @@ def _proc_status(pid: int, field: str) -> int:
 
 
 def _attack(attacker: UnprivUser, *args: str, timeout: float = 60) -> dict[str, Any]:
-    r = attacker.run([PYTHON, str(ATTACK), *args], timeout=timeout)
+    r = attacker.run([PYTHON, str(attacker.readable(ATTACK)), *args], timeout=timeout)
     assert r.returncode == 0, r.stdout + r.stderr
     return json.loads(r.stdout.strip().splitlines()[-1])
 
@@ -80,7 +80,7 @@ def test_f7_many_slow_clients_hold_bounded_threads_hear_busy_and_a_real_client_i
     wait_until(lambda: env.status()["www"].get("version"), timeout=60, interval=0.2,
                what="the start-up issuance to finish (a quiet daemon to count threads in)")
     baseline = _proc_status(proc.pid, "Threads")
-    attack = subprocess.Popen(attacker.argv([PYTHON, str(ATTACK), "f7", str(env.socket), "300", "13"]),
+    attack = subprocess.Popen(attacker.argv([PYTHON, str(attacker.readable(ATTACK)), "f7", str(env.socket), "300", "13"]),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/")
     try:
         peak = baseline

@@ -79,7 +79,8 @@ class Scene:
         self.env.write_config([self.cert])
 
     def attack(self, name: str, deadline: float) -> Any:
-        proc = self.attacker.spawn([PYTHON, str(SCRIPT), name, str(self.deploy), str(self.victim), str(deadline)],
+        script = self.attacker.readable(SCRIPT)
+        proc = self.attacker.spawn([PYTHON, str(script), name, str(self.deploy), str(self.victim), str(deadline)],
                                    log_path=self.work / f"attacker-{name}.log")
         wait_until(lambda: "ready" in proc.log_text() or not proc.alive, timeout=10, what="attacker ready")
         assert "ready" in proc.log_text(), proc.log_text()

@@ -8,7 +8,10 @@ and removes it with ``userdel`` at the end.
 
 A user can only reach what its path lets it traverse: pytest's ``tmp_path`` lives under a
 0700 directory, so :meth:`UnprivUser.workdir` makes a world-traversable directory
-(0711, root-owned) under ``/tmp`` for a test's deploy directories.
+(0711, root-owned) under ``/tmp`` for a test's deploy directories. The checkout itself may sit
+under a directory only root can enter (CI clones into ``mktemp -d``, 0700), so what the user
+runs is reached through :meth:`UnprivUser.readable` and :meth:`UnprivUser.python_path`: hard-linked
+(or copied) mirrors under such a directory.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import secrets
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -41,6 +45,8 @@ class UnprivUser:
         entry = pwd.getpwnam(self.name)
         self.uid, self.gid = entry.pw_uid, entry.pw_gid
         self._dirs: list[Path] = []
+        self._mirrors: dict[Path, Path] = {}
+        self._mirror_root: Path | None = None
 
     def argv(self, argv: Sequence[str]) -> list[str]:
         """``argv`` run as this user: no root ids, no supplementary groups, no capabilities."""
@@ -77,7 +83,39 @@ class UnprivUser:
         os.chmod(d, mode)
         return d
 
+    def readable(self, src: Path | str) -> Path:
+        """A mirror of ``src`` (a file or a tree) that this user can reach and read."""
+        src = Path(src).resolve()
+        if src not in self._mirrors:
+            if self._mirror_root is None:
+                self._mirror_root = self.workdir()
+                os.chmod(self._mirror_root, 0o755)
+            dst = self._mirror_root / f"{len(self._mirrors)}" / src.name
+            dst.parent.mkdir(mode=0o755)
+            if src.is_dir():
+                shutil.copytree(src, dst, copy_function=_link_or_copy,
+                                ignore=shutil.ignore_patterns("__pycache__"))
+            else:
+                _link_or_copy(str(src), str(dst))
+            self._mirrors[src] = dst
+        return self._mirrors[src]
+
+    def python_path(self) -> str:
+        """PYTHONPATH giving this user's ``/usr/bin/python3`` the project's packages: the
+        venv's site-packages and the ``certd`` package, mirrored where the user can read them."""
+        root = Path(__file__).resolve().parents[2]
+        return f"{self.readable(sysconfig.get_paths()['purelib'])}:{self.readable(root / 'certd').parent}"
+
     def remove(self) -> None:
         for d in self._dirs:
             shutil.rmtree(d, ignore_errors=True)
         subprocess.run(["userdel", self.name], capture_output=True, text=True)
+
+
+def _link_or_copy(src: str, dst: str) -> str:
+    """Hard-link ``src`` at ``dst`` (instant, same bytes and mode), or copy it across filesystems."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+    return dst
