@@ -54,6 +54,7 @@ def issued_env(certd_env: Any, pebble: Any, workdir: Path, **daemon: Any) -> Cer
     env.acme_extra = {"ca_bundle": str(workdir / "acme-ca.pem")}
     env.daemon_extra = dict(daemon)
     env.write_config([env.http_cert("www", [SNI], deploy={"live_dir": str(workdir / "live")})])
+    os.chmod(env.config_path, 0o644)  # an operator reads the config (it holds no secret)
     env.run("renew", "--all", check=0)
     return env
 
