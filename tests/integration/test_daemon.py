@@ -166,21 +166,22 @@ def test_renew_wait_through_the_socket_shows_the_steps(tmp_path: Path, certd_env
     daemon.stop(timeout=30)
 
 
-def test_certificate_revoked_behind_certds_back_is_renewed_promptly(tmp_path: Path, certd_env: Any, pebble: Any) -> None:
+def test_certificate_revoked_behind_certds_back_is_renewed_promptly(tmp_path: Path, certd_env: Any, short_pebble: Any) -> None:
     """When ARI says 'renew now' after a revocation, the daemon renews within seconds.
 
-    A long-lived certificate: Pebble 2.10's ARI window is the ideal point ± 24 h, which for a
-    two-minute certificate covers its whole life and may make it due at any moment."""
-    env = certd_env(pebble)
+    Revoked before the daemon starts: Pebble 2.10's ARI window for an unrevoked certificate is
+    its ideal point ± 24 h, the whole life of a two-minute certificate, so a daemon already
+    running could renew it at any moment before the revocation."""
+    env = certd_env(short_pebble)
     env.write_config([env.http_cert("www", [SNI], deploy={"live_dir": str(tmp_path / "live")})])
     env.run("renew", "--all", check=0)
-    daemon = env.start_daemon()
     store = FileStore(env.state_dir)
     old = store.load("www", 1).bundle
-    issuer = Issuer(AcmeConfig(pebble.directory_url, ca_bundle=pebble.ca_bundle), store, SystemClock())
+    issuer = Issuer(AcmeConfig(short_pebble.directory_url, ca_bundle=short_pebble.ca_bundle), store, SystemClock())
     issuer.revoke(old.cert_pem, 1)  # keyCompromise, by someone else
     issuer.close()
-    assert pebble.cert_status(old.info.serial)["Status"] == "Revoked"
+    assert short_pebble.cert_status(old.info.serial)["Status"] == "Revoked"
+    daemon = env.start_daemon()
     wait_until(lambda: version_of(env) == 2, timeout=40, what="renewal after revocation")
     assert "ARI window ended" in store.load("www", 2).meta["reason"]
     daemon.stop(timeout=30)
