@@ -6,9 +6,12 @@ The renewal time is layered, like certmagic's, and every decision carries its re
 2. an ARI window (RFC 9773 §4.2) that lies wholly in the past -> now (the CA asks for renewal,
    typically because the certificate was revoked);
 3. a plausible ARI window -> a uniformly random instant inside it (§4.2 asks clients to spread
-   load that way). A window that does not fit inside the certificate's lifetime is not
-   plausible (Pebble serves a fixed ±24 h window even for 2-minute certificates) and is
-   ignored, with the reason logged;
+   load that way), drawn from the part of the window that ends before the safety point (a
+   fifth of the lifetime left): a CA may offer its whole lifetime as the window (Pebble 2.10
+   does for short certificates), and a draw in its last tenth would only meet the emergency
+   point with no time left for the rotation itself. A window that does not fit inside the
+   certificate's lifetime is not plausible (Pebble 2.6 serves a fixed ±24 h window even for
+   2-minute certificates) and is ignored, with the reason logged;
 4. else the configured ``renew_before`` (fraction of lifetime or duration), defaulting to a
    third of the lifetime remaining (half for certificates shorter than 10 days), minus a small
    jitter so a fleet does not renew in lock-step;
@@ -32,6 +35,10 @@ from certd.config import RenewBefore
 
 SHORT_LIFETIME = timedelta(days=10)
 EMERGENCY_FRACTION = Fraction(1, 10)
+# The latest instant a draw in the CA's window may land on: twice the emergency margin, so a
+# rotation started there (issue, deploy, reload, verify — seconds, or minutes under load) is
+# done long before the emergency point. Let's Encrypt's windows end near a third left: untouched.
+SAFETY_FRACTION = Fraction(1, 5)
 
 
 @dataclass(frozen=True)
@@ -94,11 +101,15 @@ def _scheduled(facts: Facts, now: datetime, rng: random.Random) -> Decision:
             return Decision(now, f"ARI window ended {isoformat(ari.end)}: the CA asks for renewal now (revoked?)",
                             ca_requested=True)
         if ari.start >= facts.not_before and ari.end <= facts.not_after and ari.end > ari.start:
-            span = (ari.end - ari.start).total_seconds()
-            at = ari.start + timedelta(seconds=rng.uniform(0, span))
-            if at > emergency_at:
-                return Decision(emergency_at, f"ARI window {isoformat(ari.start)}..{isoformat(ari.end)} is too late; emergency renewal at 1/10 of lifetime left", True)
-            return Decision(at, f"random point in ARI window {isoformat(ari.start)}..{isoformat(ari.end)}")
+            window = f"ARI window {isoformat(ari.start)}..{isoformat(ari.end)}"
+            if ari.start > emergency_at:
+                return Decision(emergency_at, f"{window} is too late; emergency renewal at 1/10 of lifetime left", True)
+            safety_at = facts.not_after - lifetime * SAFETY_FRACTION.numerator / SAFETY_FRACTION.denominator
+            end = max(min(ari.end, safety_at), ari.start)
+            at = ari.start + timedelta(seconds=rng.uniform(0, (end - ari.start).total_seconds()))
+            if end < ari.end:
+                return Decision(at, f"random point in {window}, drawn before 1/5 of lifetime left")
+            return Decision(at, f"random point in {window}")
         note = f" (ARI window {isoformat(ari.start)}..{isoformat(ari.end)} ignored: outside the certificate's lifetime)"
     at, why = _lifetime_point(facts, lifetime)
     if at > emergency_at:

@@ -166,3 +166,22 @@ def test_an_expired_certificate_says_it_expired():
     f = cert(1)
     d = decide(f, T0 + 2 * DAY, rng())
     assert d.renew_at == T0 + 2 * DAY and d.reason == "the certificate expired at 2026-11-02T00:00:00Z"
+
+
+def test_a_window_spanning_the_whole_lifetime_is_drawn_before_the_safety_point():
+    """Pebble 2.10 offers a short certificate's whole lifetime as its ARI window. A draw in the
+    last tenth would start the rotation at the emergency point with no time left to finish it
+    (the 3-minute soak served 29 certificates past it): every draw lands before 1/5 left."""
+    nb, na = T0, T0 + timedelta(minutes=3)
+    f = Facts(not_before=nb, not_after=na, ari=AriWindow(nb, na))
+    r = random.Random(7)
+    draws = [decide(f, T0, r) for _ in range(2000)]
+    assert all(nb <= d.renew_at <= na - timedelta(seconds=36) and not d.emergency for d in draws)
+    assert max(d.renew_at for d in draws) > na - timedelta(seconds=40)   # still spread to the cut
+    assert "before 1/5 of lifetime left" in draws[0].reason
+
+
+def test_a_window_starting_between_the_safety_and_emergency_points_renews_at_its_start():
+    f = cert(90, ari=AriWindow(T0 + 75 * DAY, T0 + 89 * DAY))
+    d = decide(f, T0, rng())
+    assert d.renew_at == T0 + 75 * DAY and not d.emergency
