@@ -71,9 +71,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from certd import config as config_mod  # noqa: E402
 from certd import log as logmod  # noqa: E402
-from certd.control import ControlClient  # noqa: E402
-from certd.daemon import ARI_START_RATE  # noqa: E402
-from certd.wiring import build_manager  # noqa: E402
+from certd.daemon.control import ControlClient  # noqa: E402
+from certd.daemon.service import ARI_START_RATE  # noqa: E402
+from certd.daemon.wiring import build_manager  # noqa: E402
 from limit_client import LimitClient  # noqa: E402
 from tests.support.certd_env import CertdEnv  # noqa: E402
 from tests.support.pebble_fixtures import PebbleEnv  # noqa: E402

@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from certd import certcheck, config as config_mod, keys  # noqa: E402
 from certd import log as logmod  # noqa: E402
-from certd.manager import Manager  # noqa: E402
+from certd.engine.manager import Manager  # noqa: E402
 from tests.support.certd_env import CertdEnv  # noqa: E402
 from tests.support.pebble_fixtures import PebbleEnv  # noqa: E402
 from tests.support.procs import free_port  # noqa: E402

@@ -49,7 +49,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from certd.store import FileStore  # noqa: E402
+from certd.store.files import FileStore  # noqa: E402
 from tests.support.certd_env import CertdEnv  # noqa: E402
 from tests.support.pebble_fixtures import PebbleEnv  # noqa: E402
 from tests.support.procs import ManagedProcess, free_port, wait_until  # noqa: E402

@@ -16,10 +16,10 @@ import traceback
 from typing import Any, Callable, Sequence
 
 from certd import __version__, cli_output, config as config_mod
-from certd import log as logmod
+from certd.ops import log as logmod
 from certd.config import Config
-from certd.errors import CertdError, ConfigError, OperationFailed, UsageError
-from certd.textsafe import check_reason, escape
+from certd.core.errors import CertdError, ConfigError, OperationFailed, UsageError
+from certd.core.textsafe import check_reason, escape
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -132,7 +132,7 @@ def load_config(args: argparse.Namespace, *, check_runtime: bool = False) -> Con
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     cfg = load_config(args, check_runtime=True)
-    from certd import strictmodes
+    from certd.deploy import strictmodes
     errors, warnings = strictmodes.config_report(cfg)
     for w in warnings:
         print(f"certd: WARNING: {w}", file=sys.stderr)
@@ -149,7 +149,7 @@ class _Local:
     """Work in-process, taking the same per-certificate locks the daemon takes."""
 
     def __init__(self, cfg: Config) -> None:
-        from certd.wiring import build_manager
+        from certd.daemon.wiring import build_manager
         self.mgr = build_manager(cfg)
 
     def close(self) -> None:
@@ -157,8 +157,8 @@ class _Local:
 
     def renew(self, names: list[str], all_: bool, force: bool, reason: str, wait: bool,
               progress: Any, ignore_duplicate_limit: bool = False) -> list[dict[str, Any]]:
-        from certd.manager import whoami
-        from certd import housekeeping
+        from certd.engine.manager import whoami
+        from certd.store import housekeeping
         certs = self.mgr.select([] if all_ else names)
         outcomes = [_outcome(o) for o in self.mgr.renew(certs, force=force, reason=reason, initiator=whoami(),
                                                         progress=progress,
@@ -170,26 +170,26 @@ class _Local:
         return [self.mgr.status(c) for c in self.mgr.select(names)]
 
     def status_json(self, names: list[str]) -> str:
-        from certd.control import rows_document
+        from certd.daemon.control import rows_document
         return rows_document("certificates", [self.mgr.status_json(c) for c in self.mgr.select(names)])
 
     def verify(self, names: list[str]) -> list[dict[str, Any]]:
         return [_outcome(self.mgr.verify_now(c)) for c in self.mgr.select(names)]
 
     def drift(self, names: list[str]) -> dict[str, Any]:
-        from certd import drift
+        from certd.verify import drift
         self.mgr.select(names)  # unknown names are a usage error
         return drift.to_json(drift.check_all(self.mgr.config, self.mgr.store, names or None))
 
     def rollback(self, name: str, to_version: int | None, reason: str, progress: Any) -> dict[str, Any]:
-        from certd.manager import whoami
+        from certd.engine.manager import whoami
         cert = self.mgr.select([name])[0]
         return _outcome(self.mgr.rollback(cert, to_version=to_version, reason=reason, initiator=whoami(),
                                           progress=progress))
 
 
     def revoke(self, name: str, reason: str, progress: Any) -> dict[str, Any]:
-        from certd.manager import whoami
+        from certd.engine.manager import whoami
         cert = self.mgr.select([name])[0]
         return _outcome(self.mgr.revoke(cert, reason, initiator=whoami(), progress=progress))
 
@@ -252,7 +252,7 @@ class _Remote:
 
 def _daemon_client(args: argparse.Namespace) -> Any:
     """A client of the running daemon, or None when none runs."""
-    from certd.control import ControlClient, DaemonNotRunning
+    from certd.daemon.control import ControlClient, DaemonNotRunning
     path = config_mod.resolve_path(args.config)
     if path.is_file():  # else load_config says what is wrong with the path
         # The daemon validates names and runs on the config it loaded; the file is not parsed
@@ -331,7 +331,7 @@ def cmd_drift(args: argparse.Namespace) -> int:
         json.dump(report, sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
-        from certd.drift import lines
+        from certd.verify.drift import lines
         print("\n".join(lines(report)))
     return EXIT_FAILED if report["drift"] else EXIT_OK
 
@@ -353,7 +353,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 
 def cmd_revoke(args: argparse.Namespace) -> int:
-    from certd.revocation import parse_reason
+    from certd.engine.revocation import parse_reason
     reason = parse_reason(args.reason)
     backend = _backend(args)
     try:
@@ -367,8 +367,8 @@ def cmd_revoke(args: argparse.Namespace) -> int:
 
 
 def cmd_history(args: argparse.Namespace) -> int:
-    from certd import audit
-    from certd.control import rows_document
+    from certd.ops import audit
+    from certd.daemon.control import rows_document
     client = _daemon_client(args)  # the daemon reads the 0700 state dir for control_group members
     if client is not None:
         doc = client.get("/v1/history", params={"name": args.name} if args.name is not None else None)
@@ -389,7 +389,7 @@ def cmd_history(args: argparse.Namespace) -> int:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from certd import audit
+    from certd.ops import audit
     if args.audit_command != "verify":
         raise UsageError("audit: a SUBCOMMAND is required: verify (see --help)")
     cfg = load_config(args)
@@ -410,7 +410,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
-    from certd.control import ControlClient, DaemonNotRunning
+    from certd.daemon.control import ControlClient, DaemonNotRunning
     # The file may be broken: that is what the daemon reports. Only find its socket here.
     sock = config_mod.peek_control_socket(config_mod.resolve_path(args.config))
     client = ControlClient(sock)
@@ -429,7 +429,7 @@ def cmd_reload(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from certd.daemon import Daemon
+    from certd.daemon.service import Daemon
     return Daemon(config_mod.resolve_path(args.config)).run()
 
 

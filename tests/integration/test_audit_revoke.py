@@ -14,11 +14,11 @@ from typing import Any, Iterable
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from certd.clock import SystemClock
+from certd.core.clock import SystemClock
 from certd.config import AcmeConfig
-from certd.issuer import Issuer
-from certd.model import CertInfo
-from certd.store import FileStore
+from certd.acme.issuer import Issuer
+from certd.core.model import CertInfo
+from certd.store.files import FileStore
 from tests.support.certd_env import ROOT, CertdEnv
 from tests.support.procs import ManagedProcess, wait_until
 from tests.support.server_fixtures import served_leaf

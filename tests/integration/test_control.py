@@ -12,8 +12,8 @@ from typing import Any, Iterator
 
 import pytest
 
-from certd import control
-from certd.control import ControlClient, ControlServer
+from certd.daemon import control
+from certd.daemon.control import ControlClient, ControlServer
 from tests.support.procs import wait_until
 
 

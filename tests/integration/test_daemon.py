@@ -17,9 +17,9 @@ from typing import Any, Iterator
 import pytest
 
 from certd.config import AcmeConfig
-from certd.issuer import Issuer
-from certd.clock import SystemClock
-from certd.store import FileStore
+from certd.acme.issuer import Issuer
+from certd.core.clock import SystemClock
+from certd.store.files import FileStore
 from tests.support.certd_env import CertdEnv, key_matches
 from tests.support.delay_proxy import DelayProxy
 from tests.support.hostile_ca import HostileCA

@@ -27,9 +27,9 @@ import pytest
 
 from cryptography.hazmat.primitives import hashes
 
-from certd.keys import load_private_key
-from certd.model import spki_sha256
-from certd.store import FileStore
+from certd.crypto.keys import load_private_key
+from certd.core.model import spki_sha256
+from certd.store.files import FileStore
 from tests.support.certd_env import CertdEnv, key_matches
 from tests.support.delay_proxy import DelayProxy
 from tests.support.hostile_ca import HostileCA
@@ -245,7 +245,7 @@ def test_nginx_crashed_before_the_reload_fails_the_rotation_without_hanging(
     killer.chmod(0o755)
     pids_file.write_text(" ".join(map(str, [site.nginx.pid, *site.nginx.worker_pids()])))
     # nginx's workers run as another user: killing them takes CAP_KILL, which a command hook
-    # keeps only when its entry names it (certd/capabilities.py)
+    # keeps only when its entry names it (certd/core/capabilities.py)
     site.configure(reload=[{"command": [str(killer)], "capabilities": ["CAP_KILL"]}, {"hook": "nginx", "config": str(site.nginx.config)}])
     r, took = renew_forced(site, check=1)
     assert took < 30
@@ -506,7 +506,7 @@ def test_many_certificates_rotating_at_once_on_one_nginx_and_one_haproxy(
 def test_haproxy_transaction_left_open_by_a_dead_client_is_cleared(tmp_path: Path, test_ca: Any) -> None:
     """An HAProxy transaction left open by a dead client is aborted after 2 s and the hot swap goes through."""
     from certd.config import ReloadHook
-    from certd.hooks import HookContext, run_reload
+    from certd.reload.hooks import HookContext, run_reload
     from tests.support.procs import free_port
     from tests.support.server_fixtures import HaproxyServer, served_leaf
 

@@ -18,13 +18,13 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from certd import capabilities
-from certd.clock import SystemClock
+from certd.core import capabilities
+from certd.core.clock import SystemClock
 from certd.config import ReloadHook, VerifyEndpoint
-from certd.errors import HookFailed
-from certd.hooks import HookContext, hook_env, run_command, run_reload
-from certd.model import Bundle
-from certd.verify import await_served
+from certd.core.errors import HookFailed
+from certd.reload.hooks import HookContext, hook_env, run_command, run_reload
+from certd.core.model import Bundle
+from certd.verify.handshake import await_served
 from tests.support.procs import wait_until
 from tests.support.server_fixtures import (TestCA, fingerprint, switch_live, write_combined,
                                           write_version)
@@ -40,7 +40,7 @@ def context(bundle: Bundle, *, live_dir: Path | None = None, combined: Path | No
 
 
 class Live:
-    """A live_dir symlink over numbered version directories, as certd.deploy lays it out."""
+    """A live_dir symlink over numbered version directories, as certd.deploy.stage lays it out."""
 
     def __init__(self, root: Path) -> None:
         self.versions = root / ".www.versions"
@@ -286,7 +286,7 @@ def test_hanging_hook_and_its_process_group_are_killed_at_timeout(tmp_path: Path
         print("waiting for the load balancer", flush=True)
         time.sleep(60)
     """)
-    from certd import hooks_command
+    from certd.reload import command as hooks_command
     timeout = 0.5
     start = time.monotonic()
     with pytest.raises(HookFailed) as failed:
@@ -302,7 +302,7 @@ def test_hanging_hook_and_its_process_group_are_killed_at_timeout(tmp_path: Path
 
 def test_hook_stopped_by_sigterm_returns_without_waiting_for_grace(tmp_path: Path) -> None:
     """When SIGTERM suffices (shell + background sleep), control returns right after the timeout."""
-    from certd import hooks_command
+    from certd.reload import command as hooks_command
     pids = tmp_path / "pids"
     start = time.monotonic()
     result = run_command(["/bin/sh", "-c", f'sleep 60 & echo $$ $! > {pids}; sleep 60'],
@@ -330,7 +330,7 @@ def test_background_child_holding_output_does_not_block(tmp_path: Path) -> None:
 
 def test_output_is_truncated_keeping_the_tail(tmp_path: Path) -> None:
     """Huge output is cut in the middle; the last line survives for the error message."""
-    from certd import hooks_command
+    from certd.reload import command as hooks_command
     hook_script = script(tmp_path, "chatty", """
         import sys
         for i in range(20000):

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from certd.store import FileStore
+from certd.store.files import FileStore
 from tests.support.certd_env import ROOT, CertdEnv, key_matches
 from tests.support.hostile_ca import OVERSIZED_BYTES, HostileCA
 from tests.support.procs import wait_until

@@ -20,14 +20,14 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from certd.certcheck import check_issued
-from certd.clock import SystemClock
+from certd.crypto.certcheck import check_issued
+from certd.core.clock import SystemClock
 from certd.config import KEY_TYPES, AcmeConfig, CertificateConfig, Listen
-from certd.errors import AcmeError, CANotReachable, ChallengeFailed, ConfigError
-from certd.issuer import Issuer, RenewalInfo, ari_cert_id
-from certd.keys import generate_private_key
-from certd.model import Bundle, CertInfo, split_pem_chain
-from certd import solvers
+from certd.core.errors import AcmeError, CANotReachable, ChallengeFailed, ConfigError
+from certd.acme.issuer import Issuer, RenewalInfo, ari_cert_id
+from certd.crypto.keys import generate_private_key
+from certd.core.model import Bundle, CertInfo, split_pem_chain
+from certd.acme import solvers
 from tests.support.pebble_fixtures import PebbleEnv
 from tests.support.procs import ManagedProcess
 
@@ -364,7 +364,7 @@ def test_rejected_identifier_is_final(pebble_factory: Callable[..., PebbleEnv],
         make_issuer(ca).issue(cert, generate_private_key("ecdsa-p256"))
     assert info.value.problem_type == "urn:ietf:params:acme:error:rejectedIdentifier"
     assert not info.value.transient and "change the domains" in str(info.value)
-    assert "not retrying" not in str(info.value)  # how long certd waits is certd.retry's to say
+    assert "not retrying" not in str(info.value)  # how long certd waits is certd.core.retry's to say
 
 
 def test_retry_after_is_honoured(pebble_factory: Callable[..., PebbleEnv], make_issuer: Callable[..., Issuer],

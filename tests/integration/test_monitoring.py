@@ -18,7 +18,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from certd.store import FileStore
+from certd.store.files import FileStore
 from tests.support.certd_env import CertdEnv
 from tests.support.procs import free_port, wait_until
 from tests.support.server_fixtures import served_fingerprint

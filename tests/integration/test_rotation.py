@@ -13,7 +13,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from certd.model import CertInfo, split_pem_chain
+from certd.core.model import CertInfo, split_pem_chain
 from tests.support.certd_env import CertdEnv
 from tests.support.server_fixtures import served_fingerprint, served_leaf
 

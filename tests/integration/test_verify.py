@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from certd.clock import FakeClock, SystemClock, isoformat
+from certd.core.clock import FakeClock, SystemClock, isoformat
 from certd.config import VerifyEndpoint
-from certd.errors import VerificationFailed
-from certd.model import Bundle
-from certd.verify import await_served, probe
+from certd.core.errors import VerificationFailed
+from certd.core.model import Bundle
+from certd.verify.handshake import await_served, probe
 from tests.support.procs import free_port
 from tests.support.server_fixtures import TestCA, fingerprint, write_combined
 

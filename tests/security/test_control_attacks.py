@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
-from certd.audit import open_for
-from certd.events import LifecycleEvent
+from certd.ops.audit import open_for
+from certd.core.events import LifecycleEvent
 from tests.support.certd_env import CertdEnv
 from tests.support.procs import ManagedProcess, wait_until
 from tests.support.unpriv import UnprivUser

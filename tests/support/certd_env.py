@@ -16,7 +16,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from certd.model import split_pem_chain
+from certd.core.model import split_pem_chain
 
 from tests.support.procs import ManagedProcess, wait_until
 

@@ -2,7 +2,7 @@
 
     ca = make_ca()
     leaf = make_leaf(ca, ["www.example.test"])      # leaf.cert_pem, leaf.key_pem, leaf.chain_pem
-    bundle = make_bundle(["www.example.test"])      # a certd.model.Bundle from a shared CA
+    bundle = make_bundle(["www.example.test"])      # a certd.core.model.Bundle from a shared CA
 
 ECDSA P-256 by default: generating one takes well under a millisecond.
 """
@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from certd.model import Bundle
+from certd.core.model import Bundle
 
 PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 
@@ -154,5 +154,5 @@ def shared_ca() -> CA:
 
 def make_bundle(domains: Sequence[str] = ("www.example.test",), key_type: str = "ecdsa-p256",
                 days: float = 90, *, ca: CA | None = None, not_before: datetime | None = None) -> Bundle:
-    """A :class:`certd.model.Bundle` (leaf, intermediate, key) from ``ca`` or the shared CA."""
+    """A :class:`certd.core.model.Bundle` (leaf, intermediate, key) from ``ca`` or the shared CA."""
     return make_leaf(ca or shared_ca(), domains, key_type, days, not_before=not_before).bundle

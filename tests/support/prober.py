@@ -29,7 +29,7 @@ from pathlib import Path
 
 from cryptography import x509
 
-from certd.model import CertInfo
+from certd.core.model import CertInfo
 
 BAD = ("expired", "untrusted", "wrong_name", "handshake_failed")
 _EXPIRED, _NOT_YET_VALID = 10, 9

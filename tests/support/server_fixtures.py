@@ -14,7 +14,7 @@ Fixtures (registered as a pytest plugin by ``tests/conftest.py``):
 Every server listens on a free ``127.0.0.1`` port, is ready (accepts TLS handshakes) when the
 factory returns, runs in its own process group and is stopped by PID at teardown (the whole
 group, so nginx workers never outlive a test). Helpers :func:`write_version` and
-:func:`switch_live` lay out a ``live_dir`` the way ``certd.deploy`` does (a symlink to a
+:func:`switch_live` lay out a ``live_dir`` the way ``certd.deploy.stage`` does (a symlink to a
 version directory, switched by one ``rename()``), so tests can swap certificates atomically.
 """
 
@@ -39,7 +39,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from certd.model import Bundle
+from certd.core.model import Bundle
 from tests.support.procs import free_port
 
 NGINX = os.environ.get("CERTD_TEST_NGINX", "nginx")

@@ -10,9 +10,9 @@ import pytest
 import requests
 from acme import messages
 
-from certd.acmenet import AcmeNetwork, Failure, check_origin, problem_code, retry_after_seconds
-from certd.clock import FakeClock
-from certd.errors import AcmeError, CANotReachable
+from certd.acme.transport import AcmeNetwork, Failure, check_origin, problem_code, retry_after_seconds
+from certd.core.clock import FakeClock
+from certd.core.errors import AcmeError, CANotReachable
 
 NOW = datetime(2026, 5, 4, 12, 0, tzinfo=timezone.utc)
 DIRECTORY = "https://acme.example.test/dir"
@@ -127,7 +127,7 @@ def test_twenty_rejected_nonces_in_a_row_still_go_through() -> None:
 
 def test_a_server_rejecting_every_nonce_fails_after_a_bounded_number_of_tries() -> None:
     """A CA (or proxy) that rejects every nonce gives the badNonce problem after BAD_NONCE_ATTEMPTS tries."""
-    from certd.acmenet import BAD_NONCE_ATTEMPTS
+    from certd.acme.transport import BAD_NONCE_ATTEMPTS
     net = _NonceRejecting(10**6)
     with pytest.raises(messages.Error):
         net.post("https://acme.example.test/x", None)
@@ -137,7 +137,7 @@ def test_a_server_rejecting_every_nonce_fails_after_a_bounded_number_of_tries() 
 def test_inside_an_order_bad_nonces_are_retried_until_its_deadline_not_a_count() -> None:
     """At 90 % rejection a request needs ~10 tries and 24 were not always enough: inside an
     order (time_left set) the deadline bounds the retries, not a count."""
-    from certd.acmenet import BAD_NONCE_ATTEMPTS
+    from certd.acme.transport import BAD_NONCE_ATTEMPTS
     net = _NonceRejecting(BAD_NONCE_ATTEMPTS * 3)
     net.time_left = lambda: 5.0
     net.post("https://acme.example.test/x", None)

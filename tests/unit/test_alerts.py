@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-from certd.alerts import ATTEMPTS, Alerter, payload
-from certd.clock import FakeClock
+from certd.ops.alerts import ATTEMPTS, Alerter, payload
+from certd.core.clock import FakeClock
 from certd.config import AlertsConfig
-from certd.events import LifecycleEvent
+from certd.core.events import LifecycleEvent
 from tests.support.procs import free_port, wait_until
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)

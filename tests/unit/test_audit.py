@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from certd.audit import GENESIS, AuditLog, AuditRefused, line_hash, record_hash
-from certd.clock import FakeClock
-from certd.events import EventBus, LifecycleEvent
+from certd.ops.audit import GENESIS, AuditLog, AuditRefused, line_hash, record_hash
+from certd.core.clock import FakeClock
+from certd.core.events import EventBus, LifecycleEvent
 
 CLOCK = FakeClock()
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from certd import config
-from certd.errors import ConfigError
+from certd.core.errors import ConfigError
 from tests.unit.test_config import ACME, CORPUS, GOOD, cert
 
 HTTP = 'domains = ["a.example.test"]\nhttp01_listen = "127.0.0.1:5002"\n'

@@ -1,8 +1,8 @@
-"""Hooks keep only the capabilities they need (certd/capabilities.py)."""
+"""Hooks keep only the capabilities they need (certd/core/capabilities.py)."""
 
 from __future__ import annotations
 
-from certd import capabilities
+from certd.core import capabilities
 
 
 def test_hooks_run_through_setpriv_dropping_ambient_and_as_root_bounding_capabilities() -> None:

@@ -12,9 +12,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from certd.certcheck import MAX_CHAIN_BYTES, check_issued
-from certd.errors import CertificateRejected
-from certd.keys import generate_private_key, load_private_key
+from certd.crypto.certcheck import MAX_CHAIN_BYTES, check_issued
+from certd.core.errors import CertificateRejected
+from certd.crypto.keys import generate_private_key, load_private_key
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
 DOMAINS = ("www.example.test", "example.test")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from certd import config
-from certd.errors import ConfigError
+from certd.core.errors import ConfigError
 
 GOOD = """
 [daemon]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from certd import config
-from certd.errors import ConfigError
+from certd.core.errors import ConfigError
 
 ACME = '[acme]\ndirectory = "https://127.0.0.1:14000/dir"\n'
 DAEMON = '[daemon]\nstate_dir = "state"\ncontrol_socket = "control.sock"\n'

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from certd import deploy
+from certd.deploy import stage as deploy
 from certd.config import CertificateConfig, DeployConfig, FileTarget
-from certd.errors import StoreError
-from certd.model import Bundle
+from certd.core.errors import StoreError
+from certd.core.model import Bundle
 from tests.support.certs import make_bundle
 from tests.support.tmpfs import fill, remount_ro, small_tmpfs
 

@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from certd import deploy, drift
-from certd.clock import FakeClock
+from certd.deploy import stage as deploy
+from certd.verify import drift
+from certd.core.clock import FakeClock
 from certd.config import AcmeConfig, CertificateConfig, Config, DaemonConfig, DeployConfig, VerifyEndpoint
-from certd.errors import StoreError
-from certd.manager import Manager
-from certd.store import FileStore
+from certd.core.errors import StoreError
+from certd.engine.manager import Manager
+from certd.store.files import FileStore
 from tests.support.certs import make_bundle
 from tests.support.procs import free_port
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from certd.clock import FakeClock
-from certd.events import EventBus, LifecycleEvent
+from certd.core.clock import FakeClock
+from certd.core.events import EventBus, LifecycleEvent
 
 
 def test_every_sink_sees_every_event_even_after_one_fails():

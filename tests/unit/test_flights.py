@@ -1,11 +1,11 @@
-"""Single-flight per certificate (certd.scheduler.Flights): joining, and a forced renewal that
+"""Single-flight per certificate (certd.daemon.scheduler.Flights): joining, and a forced renewal that
 joins an unforced one which then renews nothing."""
 
 from __future__ import annotations
 
 import pytest
 
-from certd.scheduler import Flight, Flights, ShuttingDown
+from certd.daemon.scheduler import Flight, Flights, ShuttingDown
 
 FORCED = {"force": True, "reason": "incident 7", "initiator": "uid=0(root)"}
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from certd import fsutil
-from certd.errors import StoreError
+from certd.fs import ops as fsutil
+from certd.core.errors import StoreError
 from tests.support.tmpfs import fill, remount_ro, small_tmpfs
 
 WWW_DATA = grp.getgrnam("www-data").gr_gid

@@ -7,7 +7,8 @@ import fcntl
 import os
 from pathlib import Path
 
-from certd import config, housekeeping
+from certd import config
+from certd.store import housekeeping
 
 KEY = b"-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEI...\n-----END PRIVATE KEY-----\n"
 

@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 import requests
 
-from certd.clock import FakeClock
+from certd.core.clock import FakeClock
 from certd.config import AcmeConfig, CertificateConfig
-from certd.errors import AcmeError
-from certd.issuer import FIRST_POLL, MAX_POLL, MAX_RETRY_AFTER, Issuer, _Order
+from certd.core.errors import AcmeError
+from certd.acme.issuer import FIRST_POLL, MAX_POLL, MAX_RETRY_AFTER, Issuer, _Order
 
 
 class RecordingClock(FakeClock):
@@ -129,11 +129,11 @@ def test_an_ari_window_ending_at_or_before_its_start_is_a_failed_fetch() -> None
 
 
 def test_ari_retry_after_is_passed_on_unclamped_for_the_one_clamp_in_the_scheduler() -> None:
-    """A 10-second Retry-After reaches the scheduler as 10 s (issuer.py's flat [1 min, 1 day]
-    copy is gone): scheduler.ari_poll_interval alone bounds it by the lifetime."""
+    """A 10-second Retry-After reaches the scheduler as 10 s (certd/acme/issuer.py's flat [1 min, 1 day]
+    copy is gone): policy.ari_poll_interval alone bounds it by the lifetime."""
     from datetime import timedelta
 
-    from certd.scheduler import ari_poll_interval
+    from certd.core.policy import ari_poll_interval
     info, clock = _renewal_info("2026-01-02T00:00:00Z", "2026-01-02T06:00:00Z", "10")
     assert info.retry_after == clock.now() + timedelta(seconds=10)
     lifetime = timedelta(minutes=2)  # a 2-minute certificate: polled every 12 s at most

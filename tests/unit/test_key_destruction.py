@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from certd import deploy, keys
+from certd.deploy import stage as deploy
+from certd.crypto import keys
 from certd.config import CertificateConfig, DeployConfig, FileTarget
-from certd.log import redact
-from certd.model import Bundle
+from certd.ops.log import redact
+from certd.core.model import Bundle
 from tests.support.certs import make_bundle
 
 

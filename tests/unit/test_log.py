@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import logging
 
-from certd import log as logmod
+from certd.ops import log as logmod
 
 
 def _logged(fn) -> str:  # type: ignore[no-untyped-def]

@@ -9,15 +9,15 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from certd import rotation
-from certd.clock import FakeClock
+from certd.core import rotation
+from certd.core.clock import FakeClock
 from certd.config import AcmeConfig, CertificateConfig, Config, DaemonConfig, Listen
-from certd.events import EventBus, LifecycleEvent
-from certd.manager import Manager
-from certd.planning import CertState
-from certd.metrics import Metrics
-from certd.rotation import Step
-from certd.store import FileStore
+from certd.core.events import EventBus, LifecycleEvent
+from certd.engine.manager import Manager
+from certd.engine.planning import CertState
+from certd.ops.metrics import Metrics
+from certd.core.rotation import Step
+from certd.store.files import FileStore
 from tests.support.certs import make_bundle
 from tests.support.procs import free_port
 

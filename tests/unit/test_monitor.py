@@ -5,13 +5,13 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from certd.clock import FakeClock
+from certd.core.clock import FakeClock
 from certd.config import AcmeConfig, CertificateConfig, Config, DaemonConfig, DeployConfig, FileTarget
-from certd.events import EventBus, LifecycleEvent
-from certd.manager import Manager
-from certd.planning import CertState
-from certd.monitor import Monitor, _Owners
-from certd.store import FileStore
+from certd.core.events import EventBus, LifecycleEvent
+from certd.engine.manager import Manager
+from certd.engine.planning import CertState
+from certd.daemon.monitor import Monitor, _Owners
+from certd.store.files import FileStore
 from tests.support.certs import make_bundle
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)

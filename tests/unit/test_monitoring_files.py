@@ -11,10 +11,10 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from certd.config import AcmeConfig, CertificateConfig, Config, DaemonConfig
-from certd.events import EventBus
-from certd.manager import Manager
-from certd.metrics import Metrics
-from certd.store import FileStore
+from certd.core.events import EventBus
+from certd.engine.manager import Manager
+from certd.ops.metrics import Metrics
+from certd.store.files import FileStore
 from tests.support.certs import make_bundle
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -6,8 +6,8 @@ from __future__ import annotations
 import threading
 import time
 
-from certd.hooks_command import HookResult
-from certd.hooks_nginx import NginxGate
+from certd.reload.command import HookResult
+from certd.reload.nginx import NginxGate
 
 
 def ok_reload(log: list[str], what: str, seconds: float = 0.0):  # noqa: ANN201

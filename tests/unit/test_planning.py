@@ -7,12 +7,12 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from certd import policy
-from certd.clock import FakeClock
+from certd.core import policy
+from certd.core.clock import FakeClock
 from certd.config import AcmeConfig, CertificateConfig, Config, DaemonConfig
-from certd.manager import Manager
-from certd.planning import CertState
-from certd.store import FileStore
+from certd.engine.manager import Manager
+from certd.engine.planning import CertState
+from certd.store.files import FileStore
 from tests.support.certs import make_bundle
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=timezone.utc)

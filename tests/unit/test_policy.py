@@ -9,7 +9,7 @@ from fractions import Fraction
 import pytest
 
 from certd.config import RenewBefore
-from certd.policy import AriWindow, Facts, backoff, decide, is_expiring_soon
+from certd.core.policy import AriWindow, Facts, backoff, decide, is_expiring_soon
 
 T0 = datetime(2026, 11, 1, tzinfo=timezone.utc)
 DAY = timedelta(days=1)

@@ -11,14 +11,15 @@ from typing import Any
 
 import pytest
 
-from certd import attempts, retry
-from certd.clock import FakeClock, isoformat
+from certd.engine import attempts
+from certd.core import retry
+from certd.core.clock import FakeClock, isoformat
 from certd.config import AcmeConfig, CertificateConfig, Config, DaemonConfig
-from certd.errors import AcmeError, StoreError
-from certd.events import LifecycleEvent
-from certd.manager import Manager
-from certd.planning import CertState
-from certd.store import FileStore
+from certd.core.errors import AcmeError, StoreError
+from certd.core.events import LifecycleEvent
+from certd.engine.manager import Manager
+from certd.engine.planning import CertState
+from certd.store.files import FileStore
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=timezone.utc)
 URN = "urn:ietf:params:acme:error:"

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from certd import rotation
-from certd.clock import FakeClock
-from certd.errors import HookFailed, StoreError, VerificationFailed
-from certd.rotation import Action, Journal, Step
+from certd.core import rotation
+from certd.core.clock import FakeClock
+from certd.core.errors import HookFailed, StoreError, VerificationFailed
+from certd.core.rotation import Action, Journal, Step
 
 
 class FakeEffects:

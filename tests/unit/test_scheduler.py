@@ -1,4 +1,4 @@
-"""The certificate timer of certd.scheduler.Scheduler: order, reschedules, unschedules."""
+"""The certificate timer of certd.daemon.scheduler.Scheduler: order, reschedules, unschedules."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import threading
 import time
 from datetime import datetime, timedelta, timezone
 
-from certd.clock import SystemClock
-from certd.scheduler import Scheduler
+from certd.core.clock import SystemClock
+from certd.daemon.scheduler import Scheduler
 
 
 def make(expected: int) -> tuple[Scheduler, list[str], threading.Event]:

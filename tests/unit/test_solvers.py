@@ -18,8 +18,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from certd.config import Listen
-from certd.errors import ChallengeFailed
-from certd.solvers import (ACME_IDENTIFIER_OID, TLSALPN01, DnsHookSolver, StandaloneHttpSolver, TlsAlpnSolver,
+from certd.core.errors import ChallengeFailed
+from certd.acme.solvers import (ACME_IDENTIFIER_OID, TLSALPN01, DnsHookSolver, StandaloneHttpSolver, TlsAlpnSolver,
                            WebrootSolver, _LISTENERS)
 
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from certd.errors import LockBusy, StoreError
-from certd.store import FileStore
+from certd.core.errors import LockBusy, StoreError
+from certd.store.files import FileStore
 from tests.support.certs import make_bundle
 from tests.support.tmpfs import fill, small_tmpfs
 
@@ -256,7 +256,7 @@ def test_disk_full_add_version_leaves_store_as_it_was(tmp_path):
 _HOLD = """
 import sys, time
 from pathlib import Path
-from certd.store import FileStore
+from certd.store.files import FileStore
 with FileStore(Path(sys.argv[1])).lock("www"):
     print("locked", flush=True)
     time.sleep(120)
@@ -265,8 +265,8 @@ with FileStore(Path(sys.argv[1])).lock("www"):
 _TRY = """
 import sys
 from pathlib import Path
-from certd.errors import LockBusy
-from certd.store import FileStore
+from certd.core.errors import LockBusy
+from certd.store.files import FileStore
 try:
     with FileStore(Path(sys.argv[1])).lock("www", timeout=float(sys.argv[2])):
         print("acquired", flush=True)
@@ -366,7 +366,7 @@ def test_account_registration_is_serialized_across_processes(tmp_path: Path) -> 
     and then gives up with one line naming the lock; other CAs are not blocked."""
     import multiprocessing
 
-    from certd.errors import LockBusy
+    from certd.core.errors import LockBusy
     url = "https://127.0.0.1:14000/dir"
     store = FileStore(tmp_path / "state")
     held, release = multiprocessing.Event(), multiprocessing.Event()

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from certd import deploy, strictmodes
+from certd.deploy import stage as deploy
+from certd.deploy import strictmodes
 from certd.config import CertificateConfig, DeployConfig, ReloadHook
-from certd.errors import StoreError
+from certd.core.errors import StoreError
 from tests.support.certs import make_bundle
 
 NOBODY = pwd.getpwnam("nobody").pw_uid
@@ -163,10 +164,10 @@ def test_deploy_with_a_replaceable_hook_is_refused_as_root(tmp_path):
 def test_renewal_into_an_unsafe_deploy_dir_is_refused_before_any_order(tmp_path):
     """A renewal for a certificate whose deploy dir others can write fails at once, naming the
     directory: no order is placed at the CA (none is reachable here), nothing is stored."""
-    from certd.clock import FakeClock
+    from certd.core.clock import FakeClock
     from certd.config import AcmeConfig, Config, DaemonConfig
-    from certd.manager import Manager
-    from certd.store import FileStore
+    from certd.engine.manager import Manager
+    from certd.store.files import FileStore
     from datetime import datetime, timezone
     d = _dir(tmp_path / "ssl", 0o755, NOBODY, 0)
     cfg = Config(tmp_path / "certd.toml", DaemonConfig(state_dir=tmp_path / "state"),

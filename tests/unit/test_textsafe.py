@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from certd.errors import UsageError
-from certd.textsafe import MAX_REASON, check_reason, escape
+from certd.core.errors import UsageError
+from certd.core.textsafe import MAX_REASON, check_reason, escape
 
 
 def test_escape_shows_newlines_and_escape_codes_and_keeps_printable_text() -> None:

@@ -1,0 +1,511 @@
+"""Parsed TOML -> the validated Config: one method per section, every problem collected as
+``<file>: <key>: <what is wrong and what is expected>`` (see certd/config/schema.py)."""
+
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+import re
+import shutil
+import stat
+from datetime import timedelta
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from certd.config.schema import (CHALLENGES, DEFAULT_EXEC_PATH, FILE_CONTENTS, HOOK_KINDS, KEY_TYPES, AcmeConfig,
+                          AlertsConfig, CertificateConfig, Config, DaemonConfig, DeployConfig, FileTarget, Listen,
+                          ReloadHook, RenewBefore, VerifyEndpoint)
+from certd.core import capabilities
+from certd.config.values import Table, is_loopback, normalize_domain, parse_duration, parse_listen, type_name
+from certd.core.errors import one_line
+
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # fullmatch: "$" would let "www\n" through
+_EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+
+
+class Parser:
+    """Builds a Config from parsed TOML, collecting every problem instead of stopping at the first."""
+
+    def __init__(self, path: Path, check_runtime: bool) -> None:
+        self.path = path
+        self.base = path.resolve().parent
+        self.check_runtime = check_runtime
+        self.problems: list[str] = []
+
+    def problem(self, key: str, message: str) -> None:
+        # Keys and values come from the file: a newline or escape in one must not break the
+        # one-line-per-problem rule (or a terminal), so control characters are shown escaped.
+        self.problems.append(one_line(f"{self.path}: {key}: {message}"))
+
+    def config(self, data: dict[str, Any]) -> Config | None:
+        top = Table(self, "", data)
+        daemon = self.daemon(Table(self, "daemon", top.get("daemon", dict, {})))
+        acme_t = top.get("acme", dict, None, required=True)
+        acme = self.acme(Table(self, "acme", acme_t)) if acme_t is not None else None
+        certs_raw = top.get("certificate", list, [])
+        alerts_t = top.get("alerts", dict, None)
+        alerts = self.alerts(Table(self, "alerts", alerts_t)) if alerts_t is not None else None
+        top.done()
+        certs: list[CertificateConfig] = []
+        names: dict[str, int] = {}
+        targets: dict[Path, tuple[int, str, str]] = {}
+        for i, raw in enumerate(certs_raw):
+            cert = self.certificate(i, raw)
+            if cert is None:
+                continue
+            if cert.name in names:
+                self.problem(f"certificate[{i}].name", f"duplicate name {cert.name!r} (also certificate[{names[cert.name]}]); names must be unique")
+            names.setdefault(cert.name, i)
+            self.check_shared_targets(i, cert, targets)
+            certs.append(cert)
+        if acme is None:
+            return None
+        return Config(self.path, daemon, acme, tuple(certs), alerts)
+
+    def check_shared_targets(self, i: int, cert: CertificateConfig, seen: dict[Path, tuple[int, str, str]]) -> None:
+        """Two certificates deploying to one path would overwrite each other: the second one's
+        renewal then fails at staging. Refused here, naming both certificates."""
+        d = cert.deploy
+        mine = [("live_dir", d.live_dir), ("combined", d.combined),
+                *((f"files[{j}].path", f.path) for j, f in enumerate(d.files))]
+        for key, path in mine:
+            if path is None:
+                continue
+            other = seen.get(path)
+            if other is None:
+                seen[path] = (i, cert.name, key)
+            elif other[0] != i:
+                self.problem(f"certificate[{i}].deploy.{key}",
+                             f"{path} is also certificate[{other[0]}] ({other[1]})'s deploy.{other[2]}; two "
+                             f"certificates ({other[1]} and {cert.name}) cannot deploy to the same path: give each its own")
+
+    # -- sections --
+
+    def daemon(self, t: Table) -> DaemonConfig:
+        d = DaemonConfig()
+        state_dir = self.path_value(t, "state_dir") or d.state_dir
+        sock = self.path_value(t, "control_socket") or d.control_socket
+        group = t.get("control_group", str)
+        if group is not None:
+            self.check_group(t.key("control_group"), group)
+        metrics = self.listen(t, "metrics_listen")
+        workers = t.get("workers", int, d.workers)
+        if not 1 <= workers <= 64:
+            self.problem(t.key("workers"), f"{workers} is out of range; expected 1..64")
+        ca_probe = self.duration(t, "ca_probe_interval", DaemonConfig.ca_probe_interval)
+        allow_remote = t.get("metrics_allow_remote", bool, False)
+        if metrics is not None and not allow_remote and not is_loopback(metrics.host):
+            self.problem(t.key("metrics_listen"), f"{metrics.host} is not a loopback address; metrics name every certificate and its schedule: keep 127.0.0.1 (scrape through a proxy) or set metrics_allow_remote = true")
+        textfile = self.path_value(t, "metrics_textfile")
+        if textfile is not None and textfile.suffix != ".prom":
+            self.problem(t.key("metrics_textfile"), f"{textfile.name}: node_exporter's textfile collector reads only *.prom files; use e.g. \"/var/lib/node_exporter/certd.prom\"")
+        elif textfile is not None and self.check_runtime and not textfile.parent.is_dir():
+            self.problem(t.key("metrics_textfile"), f"directory {textfile.parent} does not exist; create it or choose another path")
+        drift_interval = self.duration(t, "drift_interval", DaemonConfig.drift_interval)
+        repair = t.get("repair_drift", bool, False)
+        t.done()
+        if self.check_runtime and not sock.parent.is_dir():
+            self.problem(t.key("control_socket"), f"directory {sock.parent} does not exist; create it (systemd's RuntimeDirectory=certd does) or choose another path")
+        return DaemonConfig(state_dir, sock, group, metrics, workers, ca_probe_interval=ca_probe,
+                            metrics_allow_remote=allow_remote, metrics_textfile=textfile,
+                            drift_interval=drift_interval, repair_drift=repair)
+
+    def alerts(self, t: Table) -> AlertsConfig | None:
+        url = t.get("webhook_url", str, required=True)
+        token = t.get("bearer_token", str)
+        if token is not None:
+            self.inline_secret(t, "bearer_token", "bearer_token_file")
+        token_file = self.path_value(t, "bearer_token_file", must_exist=True)
+        timeout = self.duration(t, "timeout", AlertsConfig.timeout)
+        t.done()
+        if timeout > 60:
+            self.problem(t.key("timeout"), f"{timeout:g}s is too long for one attempt; expected at most \"60s\" (failed attempts are retried)")
+        if token is not None and token_file is not None:
+            self.problem(t.key("bearer_token"), "set bearer_token or bearer_token_file, not both")
+        if token is not None and not token.strip():
+            self.problem(t.key("bearer_token"), "empty token; remove the key or set the token")
+        if token_file is not None:
+            try:
+                if token_file.stat().st_mode & 0o007:
+                    self.problem(t.key("bearer_token_file"), f"{token_file} is accessible to other users; it holds a secret (chmod o-rwx)")
+            except OSError:
+                pass  # must_exist reported it
+        if url is None:
+            return None
+        m = re.match(r"^(https?)://(\[[0-9A-Fa-f:.]+\]|[^/\s:?#]+)(:\d+)?([/?]\S*)?$", url)
+        if not m:
+            self.problem(t.key("webhook_url"), f"{url!r} is not an http(s) URL; expected e.g. \"https://hooks.example.test/certd\"")
+            return None
+        if m.group(1) == "http" and (token or token_file) and not is_loopback(m.group(2).strip("[]")):
+            self.problem(t.key("webhook_url"), f"{url!r}: the bearer token would cross the network in clear text; use https://")
+        return AlertsConfig(url, token, token_file, timeout)
+
+    def acme(self, t: Table) -> AcmeConfig | None:
+        directory = t.get("directory", str, required=True)
+        if directory is not None and not re.match(r"^https?://[^/\s]+(/\S*)?$", directory):
+            self.problem(t.key("directory"), f"{directory!r} is not an http(s) URL; expected e.g. \"https://127.0.0.1:14000/dir\"")
+        elif directory is not None and directory.lower().startswith("http://") and not is_loopback(
+                (urlsplit(directory).hostname or "")):
+            self.problem(t.key("directory"), f"{directory!r}: plain http:// is for a loopback test CA only; the "
+                                             "account's requests would cross the network in clear text; use https://")
+        email = t.get("email", str)
+        if email is not None and not _EMAIL_RE.match(email):
+            self.problem(t.key("email"), f"{email!r} is not an e-mail address")
+        agree = t.get("agree_tos", bool, False)
+        ca_bundle = self.path_value(t, "ca_bundle", must_exist=True)
+        kid = t.get("eab_kid", str)
+        hmac = t.get("eab_hmac_key", str)
+        hmac_file = self.path_value(t, "eab_hmac_key_file", must_exist=True)
+        if hmac is not None:
+            self.inline_secret(t, "eab_hmac_key", "eab_hmac_key_file")
+            if hmac_file is not None:
+                self.problem(t.key("eab_hmac_key"), "set eab_hmac_key or eab_hmac_key_file, not both")
+        elif hmac_file is not None:
+            hmac = self.secret_file(t, "eab_hmac_key_file", hmac_file)
+        if (kid is None) != (hmac is None and hmac_file is None):
+            self.problem(t.key("eab_kid" if kid is None else "eab_hmac_key"), "External Account Binding needs both eab_kid and eab_hmac_key (or eab_hmac_key_file)")
+        if hmac is not None and not re.match(r"^[A-Za-z0-9_=-]+$", hmac):
+            self.problem(t.key("eab_hmac_key_file" if hmac_file else "eab_hmac_key"), "expected base64url text (as the CA handed it out)")
+        order_timeout = self.duration(t, "order_timeout", AcmeConfig.order_timeout)
+        t.done()
+        if directory is None:
+            return None
+        return AcmeConfig(directory, email, agree, ca_bundle, kid, hmac, order_timeout, eab_hmac_key_file=hmac_file)
+
+    def certificate(self, i: int, raw: Any) -> CertificateConfig | None:
+        t = Table(self, f"certificate[{i}]", raw)
+        name = t.get("name", str, required=True)
+        if name is not None:
+            if not _NAME_RE.fullmatch(name):
+                self.problem(t.key("name"), f"{name!r}: expected 1-64 characters of letters, digits, '.', '_', '-' (it names a directory)")
+                name = None
+            else:
+                t.where = f"certificate[{i}] ({name})"
+        domains = self.domains(t)
+        key_type = t.get("key_type", str, "ecdsa-p256")
+        if key_type not in KEY_TYPES:
+            self.problem(t.key("key_type"), f"unknown key type {key_type!r}; expected one of {', '.join(KEY_TYPES)}")
+        reuse_key = t.get("reuse_key", bool, False)
+        challenge = t.get("challenge", str, "http-01")
+        http_listen = self.listen(t, "http01_listen")
+        webroot = self.path_value(t, "http01_webroot")
+        dns_hook = self.argv(t, "dns01_hook")
+        alpn_listen = self.listen(t, "tlsalpn01_listen")
+        self.check_challenge(t, challenge, domains)
+        renew_before = self.renew_before(t)
+        keep = t.get("keep_versions", int, 5)
+        if not 2 <= keep <= 100:
+            self.problem(t.key("keep_versions"), f"{keep} is out of range; expected 2..100 (the previous version is the rollback backup)")
+        verify_timeout = self.duration(t, "verify_timeout", 10.0)
+        insecure_shared = t.get("insecure_shared_deploy_dir", bool, False)
+        deploy = self.deploy(Table(self, t.key("deploy"), t.get("deploy", dict, {})))
+        hooks = tuple(h for j, raw_h in enumerate(t.get("reload", list, []))
+                      if (h := self.reload(Table(self, t.key(f"reload[{j}]"), raw_h), deploy)) is not None)
+        default_sni = next((d for d in domains if not d.startswith("*.")), domains[0][2:] if domains else "")
+        verify = tuple(v for j, raw_v in enumerate(t.get("verify", list, []))
+                       if (v := self.verify(Table(self, t.key(f"verify[{j}]"), raw_v), default_sni)) is not None)
+        t.done()
+        if name is None or not domains:
+            return None
+        return CertificateConfig(name, tuple(domains), key_type, reuse_key, challenge, http_listen,
+                                 webroot, dns_hook, alpn_listen, renew_before, keep, verify_timeout,
+                                 deploy, hooks, verify, insecure_shared)
+
+    def domains(self, t: Table) -> list[str]:
+        raw = t.get("domains", list, required=True)
+        if raw is None:
+            return []
+        if not raw:
+            self.problem(t.key("domains"), "empty; list at least one domain name")
+        out: list[str] = []
+        for j, d in enumerate(raw):
+            key = t.key(f"domains[{j}]")
+            if not isinstance(d, str):
+                self.problem(key, f"expected a string, got {type_name(d)}")
+                continue
+            norm, why = normalize_domain(d)
+            if why:
+                self.problem(key, why)
+            elif norm in out:
+                self.problem(key, f"{d!r} is listed twice")
+            else:
+                out.append(norm)
+        return out
+
+    def check_challenge(self, t: Table, challenge: str, domains: list[str]) -> None:
+        """Cross-key checks; a key that is present but invalid was reported already."""
+        has = t.data.__contains__
+        if challenge not in CHALLENGES:
+            self.problem(t.key("challenge"), f"unknown challenge {challenge!r}; expected one of {', '.join(CHALLENGES)}")
+            return
+        wild = [d for d in domains if d.startswith("*.")]
+        if wild and challenge != "dns-01":
+            self.problem(t.key("challenge"), f"{wild[0]!r} is a wildcard; wildcards can only be validated with challenge = \"dns-01\" (RFC 8555 §7.1.3)")
+        if challenge == "http-01":
+            if has("http01_listen") == has("http01_webroot"):
+                self.problem(t.key("http01_listen"), "http-01 needs exactly one of http01_listen (built-in responder) or http01_webroot")
+        elif challenge == "dns-01" and not has("dns01_hook"):
+            self.problem(t.key("dns01_hook"), "dns-01 needs dns01_hook = [\"/path/to/hook\", ...] to set and clear the TXT record")
+        elif challenge == "tls-alpn-01" and not has("tlsalpn01_listen"):
+            self.problem(t.key("tlsalpn01_listen"), "tls-alpn-01 needs tlsalpn01_listen = \"host:port\" for the built-in responder")
+
+    def renew_before(self, t: Table) -> RenewBefore | None:
+        raw = t.get("renew_before", str)
+        if raw is None:
+            return None
+        m = re.match(r"^\s*(\d+)\s*/\s*(\d+)\s*$", raw)
+        if m:
+            num, den = int(m.group(1)), int(m.group(2))
+            if den == 0 or not 0 < num < den:
+                self.problem(t.key("renew_before"), f"{raw!r}: a fraction must lie strictly between 0 and 1, e.g. \"1/3\"")
+                return None
+            return RenewBefore(fraction=Fraction(num, den))
+        seconds = parse_duration(raw)
+        if seconds is None or seconds <= 0:
+            self.problem(t.key("renew_before"), f"{raw!r}: expected a fraction such as \"1/3\" or a duration such as \"30d\", \"12h\", \"90m\"")
+            return None
+        return RenewBefore(duration=timedelta(seconds=seconds))
+
+    def deploy(self, t: Table) -> DeployConfig:
+        live_dir = self.path_value(t, "live_dir")
+        combined = self.path_value(t, "combined")
+        group = t.get("group", str)
+        if group is not None:
+            self.check_group(t.key("group"), group)
+        repair_drift = t.get("repair_drift", bool)
+        files: list[FileTarget] = []
+        for j, raw in enumerate(t.get("files", list, [])):
+            ft = Table(self, t.key(f"files[{j}]"), raw)
+            path = self.path_value(ft, "path")
+            if path is None and "path" not in ft.data:
+                self.problem(ft.key("path"), "required key is missing")
+            content = ft.get("content", str, required=True)
+            if content is not None and content not in FILE_CONTENTS:
+                self.problem(ft.key("content"), f"unknown content {content!r}; expected one of {', '.join(FILE_CONTENTS)}")
+            owner = ft.get("owner", str)
+            if owner is not None:
+                try:
+                    pwd.getpwnam(owner)
+                except KeyError:
+                    self.problem(ft.key("owner"), f"no such user {owner!r}")
+            fgroup = ft.get("group", str)
+            if fgroup is not None:
+                self.check_group(ft.key("group"), fgroup)
+            mode = ft.get("mode", str)
+            mode_int = None
+            if mode is not None:
+                if not re.match(r"^0?[0-7]{3}$", mode):
+                    self.problem(ft.key("mode"), f"{mode!r}: expected an octal mode such as \"0640\"")
+                else:
+                    mode_int = int(mode, 8)
+                    if content in ("privkey", "combined") and mode_int & 0o007:
+                        self.problem(ft.key("mode"), f"{mode}: a file holding a private key must not be readable by others")
+            ft.done()
+            if path is not None and content in FILE_CONTENTS:
+                files.append(FileTarget(path, content, owner, fgroup, mode_int))
+        t.done()
+        targets = [p for p in [live_dir, combined, *(f.path for f in files)] if p is not None]
+        if len(set(targets)) != len(targets):
+            self.problem(t.where, "two deploy targets name the same path")
+        return DeployConfig(live_dir, combined, group, tuple(files), repair_drift)
+
+    def reload(self, t: Table, deploy: DeployConfig) -> ReloadHook | None:
+        kind = t.get("hook", str)
+        command = self.argv(t, "command")
+        timeout = self.duration(t, "timeout", 30.0)
+        if ("hook" in t.data) == ("command" in t.data):
+            self.problem(t.where, "a reload entry needs exactly one of hook = \"nginx\"|\"haproxy\" or command = [\"/abs/path\", ...]")
+            t.done()
+            return None
+        if kind is not None and kind not in HOOK_KINDS:
+            self.problem(t.key("hook"), f"unknown built-in hook {kind!r}; expected one of {', '.join(HOOK_KINDS)}, or use command = [...]")
+            t.done()
+            return None
+        if kind == "nginx":
+            config = self.path_value(t, "config", must_exist=True)
+            binary = self.nginx_binary(t)
+            t.done()
+            return ReloadHook("nginx", timeout, config=config, binary=binary)
+        if kind == "haproxy":
+            sock = self.path_value(t, "socket")
+            if sock is None and "socket" not in t.data:
+                self.problem(t.key("socket"), "the haproxy hook needs socket = \"/run/haproxy/admin.sock\" (stats socket ... level admin)")
+            crt_path = self.path_value(t, "crt")  # relative: against the config's directory, like socket
+            crt = None if crt_path is None else str(crt_path)
+            if crt is None and "crt" not in t.data:
+                if deploy.combined is None:
+                    self.problem(t.key("crt"), "the haproxy hook needs crt = \"<path as in haproxy.cfg>\" or [certificate.deploy] combined = ...")
+                else:
+                    crt = str(deploy.combined)
+            t.done()
+            return ReloadHook("haproxy", timeout, socket=sock, crt=crt)
+        caps = t.get("capabilities", list, [])
+        bad = [c for c in caps if not isinstance(c, str)] or capabilities.unknown(caps)
+        if bad:
+            self.problem(t.key("capabilities"), f"{', '.join(map(str, bad))}: not a capability; expected names such "
+                                                "as \"CAP_KILL\" (see capabilities(7)), or leave it out for none")
+            caps = []
+        t.done()
+        return ReloadHook("command", timeout, command=command,
+                          capabilities=tuple(c.upper() for c in caps)) if command else None
+
+    def verify(self, t: Table, default_sni: str) -> VerifyEndpoint | None:
+        raw = t.get("endpoint", str, required=True)
+        sni = t.get("sni", str, default_sni)
+        if sni != default_sni:
+            norm, why = normalize_domain(sni)
+            if why or norm.startswith("*."):
+                self.problem(t.key("sni"), why or "SNI cannot be a wildcard; name one host the endpoint serves")
+            sni = norm
+        ca = self.path_value(t, "ca_bundle", must_exist=True)
+        t.done()
+        if raw is None:
+            return None
+        listen = parse_listen(raw)
+        if isinstance(listen, str):
+            self.problem(t.key("endpoint"), listen)
+            return None
+        return VerifyEndpoint(listen.host, listen.port, sni, ca)
+
+    # -- values --
+
+    def inline_secret(self, t: Table, key: str, file_key: str) -> None:
+        """A secret written into the config is only as private as the config file: refuse it
+        if group or others may read the file (they would learn the CA's or the webhook's
+        credential), and say both fixes."""
+        try:
+            mode = stat.S_IMODE(os.stat(self.path).st_mode)
+        except OSError:
+            return  # parsed from text with no file behind it
+        if mode & 0o077:
+            self.problem(t.key(key), f"a secret inline in a config file readable by group or others (mode "
+                                     f"{mode:04o}); chmod 600 {self.path}, or move it to {file_key} (mode 0600)")
+
+    def secret_file(self, t: Table, key: str, path: Path) -> str | None:
+        """The secret held in ``path`` (stripped), which others must not be able to read."""
+        try:
+            st = os.stat(path)
+            if st.st_mode & 0o007:
+                self.problem(t.key(key), f"{path} is accessible to other users; it holds a secret (chmod o-rwx)")
+                return None
+            with open(path, encoding="utf-8") as f:
+                text = f.read(64 * 1024).strip()
+        except (OSError, UnicodeDecodeError) as e:
+            if path.exists():
+                self.problem(t.key(key), f"cannot read {path}: {getattr(e, 'strerror', None) or e}")
+            return None  # else must_exist reported it
+        if not text:
+            self.problem(t.key(key), f"{path} is empty; put the key the CA handed out in it")
+            return None
+        return text
+
+    def path_value(self, t: Table, name: str, must_exist: bool = False) -> Path | None:
+        raw = t.get(name, str)
+        if raw is None:
+            return None
+        if not raw:
+            self.problem(t.key(name), "empty path")
+            return None
+        p = Path(raw).expanduser()
+        if not p.is_absolute():
+            p = self.base / p
+        if must_exist:
+            try:
+                if not p.exists():
+                    self.problem(t.key(name), f"{p} does not exist")
+            except OSError as e:
+                self.problem(t.key(name), f"cannot access {p}: {e.strerror}")
+        return p
+
+    def listen(self, t: Table, name: str) -> Listen | None:
+        raw = t.get(name, str)
+        if raw is None:
+            return None
+        listen = parse_listen(raw)
+        if isinstance(listen, str):
+            self.problem(t.key(name), listen)
+            return None
+        return listen
+
+    def argv(self, t: Table, name: str) -> tuple[str, ...]:
+        raw = t.get(name, list, [])
+        if not raw:
+            if t.data.get(name) == []:
+                self.problem(t.key(name), "empty command; expected [\"/absolute/path\", \"arg\", ...]")
+            return ()
+        if not all(isinstance(a, str) for a in raw):
+            self.problem(t.key(name), "every element of a command must be a string")
+            return ()
+        exe = Path(raw[0])
+        if not exe.is_absolute():
+            self.problem(t.key(name), f"{raw[0]!r} is not an absolute path; commands run without a shell or $PATH lookup")
+            return ()
+        return tuple(raw) if self.program(t.key(name), exe) else ()
+
+    def program(self, key: str, exe: Path) -> bool:
+        """Check a program certd will run: an executable file that nobody but its owners can
+        change or replace (neither it nor a directory on its way, symlinks followed, is
+        writable by everyone unless sticky, as /tmp is). Reports and returns False otherwise."""
+        try:
+            st = exe.stat()
+        except FileNotFoundError:
+            self.problem(key, f"{exe} does not exist")
+            return False
+        except OSError as e:
+            self.problem(key, f"cannot access {exe}: {e.strerror}")
+            return False
+        if not stat.S_ISREG(st.st_mode) or not os.access(exe, os.X_OK):
+            self.problem(key, f"{exe} is not an executable file")
+            return False
+        if st.st_mode & stat.S_IWOTH:
+            self.problem(key, f"{exe} is world-writable; anyone could change what certd runs (chmod o-w)")
+            return False
+        for directory in dict.fromkeys([*exe.parents, *Path(os.path.realpath(exe)).parents]):
+            try:
+                mode = directory.stat().st_mode
+            except OSError:
+                continue
+            if mode & stat.S_IWOTH and not mode & stat.S_ISVTX:
+                self.problem(key, f"{exe} is in {directory}, which is world-writable: anyone could replace "
+                                  f"what certd runs (chmod o-w {directory}, or move the program)")
+                return False
+        return True
+
+    def nginx_binary(self, t: Table) -> str:
+        """The nginx hook's ``binary``: an absolute path, or a bare name found on $PATH now
+        (the hook runs it with certd's PATH), checked like every program certd runs."""
+        raw = t.get("binary", str, "nginx")
+        if not raw:
+            self.problem(t.key("binary"), "empty; name the nginx executable, e.g. \"/usr/sbin/nginx\"")
+            return raw
+        if "/" not in raw:
+            found = shutil.which(raw, path=os.environ.get("PATH") or DEFAULT_EXEC_PATH)
+            if found is None:
+                self.problem(t.key("binary"), f"{raw!r} is not found on $PATH; set binary to the absolute path of nginx")
+            else:
+                self.program(t.key("binary"), Path(found))
+            return raw
+        if not Path(raw).is_absolute():
+            self.problem(t.key("binary"), f"{raw!r} is not an absolute path; name the program as \"/usr/sbin/nginx\"")
+            return raw
+        self.program(t.key("binary"), Path(raw))
+        return raw
+
+    def duration(self, t: Table, name: str, default: float) -> float:
+        raw = t.get(name, (str, int), None)
+        if raw is None:
+            return default
+        seconds = float(raw) if isinstance(raw, int) else parse_duration(raw)
+        if seconds is None or seconds <= 0:
+            self.problem(t.key(name), f"{raw!r}: expected a positive duration such as \"30s\", \"2m\"")
+            return default
+        return seconds
+
+    def check_group(self, key: str, group: str) -> None:
+        try:
+            grp.getgrnam(group)
+        except KeyError:
+            self.problem(key, f"no such group {group!r}")

@@ -1,0 +1,1 @@
+"""The use cases: plan a renewal, renew, roll back, revoke, recover; the effects a rotation drives."""

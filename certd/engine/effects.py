@@ -1,0 +1,112 @@
+"""The rotation's effects on the real edges (deploy, hooks, handshake verification, store),
+and what the manager reads off a journal: the progress text of each step, the actions that
+have nothing to do for a certificate, the step that failed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from certd.deploy import stage as deploy
+from certd.reload import hooks
+from certd.core import rotation
+from certd.verify import handshake as verify
+from certd.core.clock import Clock
+from certd.config import CertificateConfig
+from certd.core.errors import OperationFailed
+from certd.core.events import EventBus
+from certd.core.model import Bundle
+from certd.core.rotation import Journal, Step
+from certd.store.files import Store
+
+
+class RotationEffects:
+    """rotation.Effects for one certificate, on the real edges."""
+
+    def __init__(self, store: Store, clock: Clock, events: EventBus, cert: CertificateConfig, *,
+                 repair: bool = False) -> None:
+        self.store, self.clock, self.events, self.cert = store, clock, events, cert
+        self.repair = repair  # stage rewrites deployed files edited out of band (drift repair)
+        self._bundles: dict[int, Bundle] = {}
+
+    def _bundle(self, version: int) -> Bundle:
+        if version not in self._bundles:
+            self._bundles[version] = self.store.load(self.cert.name, version).bundle
+        return self._bundles[version]
+
+    def stage(self, version: int) -> None:
+        deploy.stage(self.cert, version, self._bundle(version), repair=self.repair)
+
+    def switch(self, version: int) -> None:
+        # Not while nginx reads its certificates for another rotation: it opens cert and key
+        # one after the other and would pair this switch's halves (see hooks.switching).
+        with hooks.switching(self.cert.reload, self.cert.name):
+            deploy.switch(self.cert, version)
+
+    def reload(self, version: int, *, keep_going: bool = False) -> list[str]:
+        ctx = hooks.HookContext(self.cert.name, self.cert.domains, version, self._bundle(version),
+                                self.cert.deploy.live_dir, self.cert.deploy.combined)
+        errors = []
+        for hook in self.cert.reload:
+            started = self.clock.monotonic()
+            try:
+                hooks.run_reload(hook, ctx)
+            except OperationFailed as e:
+                if not keep_going:
+                    raise
+                errors.append(str(e))
+            finally:
+                self.events.measure("hook", self.clock.monotonic() - started, hook=hooks.hook_label(hook))
+        return errors
+
+    def verify(self, version: int) -> bool:
+        if not self.cert.verify:
+            return False
+        verify.await_served(self.cert.verify, self._bundle(version).info.fingerprint_sha256,
+                            timeout=self.cert.verify_timeout, clock=self.clock)
+        return True
+
+    def commit(self, version: int) -> None:
+        self.store.set_current(self.cert.name, version)
+
+
+STEP_TEXT = {
+    Step.STAGED: "staged version {j.to_version} beside the live files",
+    Step.SWITCHED: "switched to version {j.to_version}",
+    Step.RELOADED: "reload hooks succeeded",
+    Step.VERIFIED: "verified: endpoints serve version {j.to_version}",
+    Step.COMMITTED: "committed version {j.to_version}",
+    Step.FAILED: "failed: {j.error}",
+    Step.ROLLING_BACK: "rolling back to version {j.from_version}: {j.error}",
+    Step.ROLLED_BACK: "rolled back: version {j.from_version} is served again (verified)",
+    Step.ROLLBACK_FAILED: "ROLLBACK FAILED: {j.rollback_error}",
+}
+
+
+def unfinished_step(raw: dict[str, Any] | None) -> str | None:
+    """The step of the unfinished rotation a journal records, else None: a status row needs
+    only that, and building the Journal costs ~10x more (status reads thousands of them)."""
+    if not raw:
+        return None
+    try:
+        step = Step(raw["step"])
+    except (KeyError, TypeError, ValueError):
+        step = Journal.from_json(raw).step  # raises the StoreError that names the problem
+    return None if step in rotation.TERMINAL else step.value
+
+
+def idle_actions(cert: CertificateConfig) -> frozenset[rotation.Action]:
+    """The rotation actions that have nothing to do for ``cert`` (see rotation.drive)."""
+    idle = set()
+    if cert.deploy.live_dir is None and cert.deploy.combined is None and not cert.deploy.files:
+        idle |= {rotation.Action.STAGE, rotation.Action.SWITCH}
+    if not cert.reload:
+        idle.add(rotation.Action.RELOAD)
+    if not cert.verify:
+        idle.add(rotation.Action.VERIFY)
+    return frozenset(idle)
+
+
+def failed_step(j: Journal) -> str | None:
+    action = rotation.failed_action(j)
+    return action.value if action is not None else None

@@ -1,0 +1,365 @@
+"""When each certificate is due, and how it stands: the facts the policy needs (the stored
+certificate, the CA's renewal window, past failures) gathered from the store and the CA, and
+the ``status --json`` row built from the same facts (so status and the scheduler never disagree).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+from functools import cached_property
+from datetime import datetime, timedelta
+from typing import Any, Callable
+
+from certd.engine import attempts
+from certd.core import policy
+from certd.core import retry
+from certd.engine import revocation
+from certd.deploy import strictmodes
+from certd.core.clock import Clock, isoformat
+from certd.config import CertificateConfig
+from certd.engine.effects import unfinished_step
+from certd.core.errors import OperationFailed, StoreError
+from certd.acme.issuer import Issuer
+from certd.ops.log import event
+from certd.core.model import CertInfo
+from certd.core.policy import ari_poll_interval
+from certd.store.files import Store, StoredVersion, VersionInfo
+
+log = logging.getLogger("certd")
+
+ARI_POLL = "poll ACME Renewal Information"  # plan()'s reason when the next look is only an ARI poll
+BROKEN_RECHECK = timedelta(minutes=10)  # how soon a broken certificate is looked at again
+
+
+@dataclass
+class CertState:
+    """Per-certificate scheduling facts kept between runs (no key material)."""
+
+    failures: int = 0
+    last_failure: str | None = None
+    last_error: str | None = None
+    last_result: str | None = None
+    last_attempt: str | None = None
+    last_success: str | None = None
+    ca_unreachable: bool = False               # the last failure was "CA not reachable"
+    ari: dict[str, Any] | None = None          # {"serial", "start", "end", "retry_after"}
+    # the last failure's kind (see certd.core.retry and certd.engine.attempts) and the earliest next try
+    failure_kind: str | None = None
+    kind_failures: int = 0                     # failures of that kind in a row
+    problem: str | None = None                 # the CA's problem type (short form), if any
+    retry_after: str | None = None             # ISO 8601: no attempt before (held, rate_limited)
+    fix: str | None = None                     # what an operator does about a hold
+    issued: list[dict[str, Any]] | None = None  # [{"at", "names"}] this rolling week (duplicate limit)
+    forced_retry: str | None = None            # a forced renewal failed: the daemon retries it (backoff)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any] | None) -> CertState:
+        if not d:
+            return cls()
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class _Facts:
+    """What plan() and status() know of one certificate, cached while it holds: the store's
+    change token is the same, the certificate's configuration is equal, and the planned
+    renewal time has not come (until then the decision stands)."""
+
+    token: Hashable
+    cert: CertificateConfig         # the configuration it was gathered for
+    decision: policy.Decision
+    row: dict[str, Any]             # the status row, but for its time-dependent "state"
+    info: CertInfo | None = None
+    revoked: bool = False
+    held: bool = False              # revoked for cessationOfOperation: not renewed
+    ari_cached: bool = False        # state.json holds an ARI answer for this serial
+    ari_poll: datetime | None = None
+    blocked_until: datetime | None = None  # a hold or rate limit (row["failure_kind"]) lasts until
+    broken: str | None = None       # why this certificate cannot be planned or deployed (state "broken")
+
+    @cached_property
+    def row_json(self) -> str:
+        """``json.dumps(row)`` without its closing brace (see Planner.status_json); built on
+        first use, not for every plan() after an ARI poll."""
+        return json.dumps(self.row)[:-1]
+
+    @cached_property
+    def expiring_at(self) -> datetime | None:
+        return policy.expiring_at(self.info.not_before, self.info.not_after) if self.info else None
+
+    def state(self, now: datetime) -> str:
+        """The row's ``state`` at ``now``."""
+        if self.broken is not None:
+            return "broken"
+        blocked = self.blocked_until is not None and now < self.blocked_until
+        if self.info is None:
+            return self.row["failure_kind"] if blocked else "missing"
+        if self.info.not_after <= now:
+            return "expired"
+        if self.revoked:
+            return "revoked"  # still served until an operator acts
+        if blocked:
+            return self.row["failure_kind"]  # held | rate_limited: waiting for retry_after
+        if self.expiring_at is not None and now >= self.expiring_at:
+            return "expiring"
+        return "failing" if self.row["failures"] else "ok"
+
+
+class Planner:
+    """The policy's facts for each certificate, read from ``store`` (and the CA's ARI through
+    ``issuer()``, built on first use); per-certificate bookkeeping kept as CertState."""
+
+    def __init__(self, store: Store, clock: Clock, issuer: Callable[[], Issuer]) -> None:
+        self.store, self.clock, self._issuer = store, clock, issuer
+        self._cache: dict[str, _Facts] = {}   # see _facts()
+        self._unsaved: dict[str, CertState] = {}  # states whose write failed (see load_state)
+        self.on_broken: Callable[[str, str], None] | None = None  # the manager emits cert_broken
+
+    def plan(self, cert: CertificateConfig) -> tuple[datetime, str]:
+        """When the daemon should next look at ``cert``: its renewal time, or earlier to poll ARI."""
+        now = self.clock.now()
+        facts = self._facts(cert, now)
+        when, why = facts.decision.renew_at, facts.decision.reason
+        if facts.info is not None and not facts.held:
+            poll_at = facts.ari_poll if facts.ari_cached else now
+            if poll_at is not None and poll_at < when:
+                when, why = poll_at, ARI_POLL
+        return when, why
+
+    def status(self, cert: CertificateConfig) -> dict[str, Any]:
+        """One ``status --json`` row (see CONTRACT.md); no network I/O.
+
+        Rows come from the facts cache (see _Facts: four syscalls per certificate instead of
+        three JSON files and a policy decision, so status over 10,000 certificates takes a
+        fraction of a second); the time-dependent ``state`` is worked out afresh each time."""
+        now = self.clock.now()
+        facts = self._facts(cert, now)
+        return {**facts.row, "state": facts.state(now)}
+
+    def status_json(self, cert: CertificateConfig, next_run: str | None = None) -> str:
+        """:meth:`status` as one line of JSON, plus the daemon's ``next_run`` (ISO 8601 text):
+        the row's text is cached with its facts (json.dumps of 10,000 rows cost ~0.1 s a request)."""
+        now = self.clock.now()
+        facts = self._facts(cert, now)
+        tail = f', "next_run": {json.dumps(next_run)}' if next_run is not None else ""
+        return f'{facts.row_json}, "state": "{facts.state(now)}"{tail}}}'
+
+    def _facts(self, cert: CertificateConfig, now: datetime) -> _Facts:
+        try:
+            token: Hashable = self.store.change_token(cert.name)
+        except StoreError:
+            token = None
+        hit = self._cache.get(cert.name)
+        if hit is None or hit.token != token or (hit.cert is not cert and hit.cert != cert) \
+                or now >= hit.decision.renew_at:
+            try:
+                hit = self._gather(cert, token)
+            except StoreError as e:  # one broken certificate never stops the rest (issue 12, F8)
+                hit = self._broken(cert, token, str(e), now)
+            if hit.broken is not None and (prev := self._cache.get(cert.name)) is not None \
+                    and prev.broken == hit.broken:
+                pass  # already reported
+            elif hit.broken is not None:
+                event(log, "cert_broken", logging.ERROR, name=cert.name, error=hit.broken)
+                if self.on_broken is not None:
+                    self.on_broken(cert.name, hit.broken)
+            self._cache[cert.name] = hit
+        return hit
+
+    def _broken(self, cert: CertificateConfig, token: Hashable, reason: str, now: datetime) -> _Facts:
+        """Facts for a certificate certd cannot plan or deploy: state ``broken``, the reason in
+        ``broken_reason``, looked at again after BROKEN_RECHECK (the operator may fix it)."""
+        decision = policy.Decision(now + BROKEN_RECHECK, f"broken: {reason}")
+        row: dict[str, Any] = {"name": cert.name, "domains": list(cert.domains), "version": None,
+                               "serial": None, "not_before": None, "not_after": None,
+                               "fingerprint_sha256": None, "key_type": cert.key_type,
+                               "next_renewal": isoformat(decision.renew_at), "last_result": None,
+                               "last_error": None, "failures": 0, "rotation": None,
+                               "renewal_reason": decision.reason, "broken_reason": reason}
+        try:
+            state = self.load_state(cert.name)
+            row.update(last_result=state.last_result, last_error=state.last_error, failures=state.failures)
+        except StoreError:
+            pass
+        return _Facts(token, cert, decision, row, broken=reason)
+
+    def _gather(self, cert: CertificateConfig, token: Hashable) -> _Facts:
+        unsafe = strictmodes.hook_problems(cert)
+        if not cert.insecure_shared_deploy_dir:
+            unsafe += strictmodes.certificate_problems(cert)
+        if unsafe:
+            raise StoreError(f"refusing to deploy: {unsafe[0]}")
+        current = self.store.current(cert.name)
+        state = self.load_state(cert.name)
+        unfinished = unfinished_step(self.store.load_journal(cert.name))
+        row: dict[str, Any] = {"name": cert.name, "domains": list(cert.domains), "version": current,
+                               "serial": None, "not_before": None, "not_after": None,
+                               "fingerprint_sha256": None, "key_type": cert.key_type,
+                               "next_renewal": None, "last_result": state.last_result,
+                               "last_error": state.last_error, "failures": state.failures,
+                               "rotation": unfinished}
+        until = attempts.blocked_until(state, self.clock.now())
+        row.update(failure_kind=state.failure_kind if state.failures else None, problem=state.problem,
+                   retry_after=isoformat(until) if until else None)
+        stored = self.store.load_info(cert.name, current) if current is not None else None
+        decision = self.decide(cert, stored, state, refresh_ari=False)
+        row["next_renewal"] = isoformat(decision.renew_at)
+        row["renewal_reason"] = decision.reason
+        if stored is None:
+            return _Facts(token, cert, decision, row, blocked_until=until)
+        info = stored.info
+        row.update(serial=info.serial, not_before=isoformat(info.not_before), not_after=isoformat(info.not_after),
+                   fingerprint_sha256=info.fingerprint_sha256, key_type=info.key_type)
+        held = revocation.is_held(stored.meta) is not None
+        if held:
+            row["next_renewal"] = None  # the operator ended it; nothing is planned
+        ari = state.ari if state.ari and state.ari.get("serial") == info.serial else None
+        return _Facts(token, cert, decision, row, info, bool(stored.meta.get("revoked")), held,
+                      ari is not None, parse_time(ari.get("next_poll")) if ari else None, until)
+
+    def decide(self, cert: CertificateConfig, stored: StoredVersion | VersionInfo | None, state: CertState,
+               refresh_ari: bool, ignore_failures: bool = False) -> policy.Decision:
+        """The policy's decision, held back while the CA's refusal or rate limit lasts (see
+        certd.retry: not even the emergency point comes sooner; ``renew --force`` does)."""
+        decision = self._decide(cert, stored, state, refresh_ari, ignore_failures)
+        decision = self._forced_retry(stored, state, decision)
+        until = None if ignore_failures else attempts.blocked_until(state, self.clock.now())
+        if until is not None and until > decision.renew_at:
+            decision = policy.Decision(until, blocked_reason(cert.name, state, until), decision.emergency)
+        return decision
+
+    def _forced_retry(self, stored: StoredVersion | VersionInfo | None, state: CertState,
+                      decision: policy.Decision) -> policy.Decision:
+        """A forced renewal that failed is retried on the failure backoff, not left until the
+        next scheduled renewal (the operator asked for a new certificate)."""
+        last_failure = parse_time(state.last_failure)
+        if not state.forced_retry or not state.failures or last_failure is None:
+            return decision
+        if stored is None:
+            wait = policy.first_issue_backoff(state.failures, random.Random(state.failures))
+        else:
+            info = stored.info
+            wait = policy.backoff(state.failures, info.not_before, info.not_after, last_failure,
+                                  random.Random(info.serial))
+        retry_at = last_failure + wait
+        if retry_at >= decision.renew_at:
+            return decision
+        return policy.Decision(retry_at, f"retry {state.failures} of a forced renewal ({state.forced_retry}) after "
+                                         f"failure, backoff until {isoformat(retry_at)}", decision.emergency)
+
+    def _decide(self, cert: CertificateConfig, stored: StoredVersion | VersionInfo | None, state: CertState,
+                refresh_ari: bool, ignore_failures: bool = False) -> policy.Decision:
+        now = self.clock.now()
+        failures = 0 if ignore_failures else state.failures
+        if stored is None:
+            return policy.decide(policy.Facts(failures=failures, last_failure=parse_time(state.last_failure)), now)
+        info = stored.info
+        held = revocation.is_held(stored.meta)
+        if held:  # revoked for cessationOfOperation: ARI asks for renewal, the operator said no
+            return policy.Decision(info.not_after + (info.not_after - info.not_before) * 100, held)
+        changed = None
+        if set(info.domains) != set(cert.domains):
+            changed = f"configured domains {sorted(cert.domains)} differ from the certificate's {sorted(info.domains)}"
+        elif info.key_type != cert.key_type:
+            changed = f"configured key_type {cert.key_type} differs from the certificate's {info.key_type}"
+        if changed:
+            last_failure = parse_time(state.last_failure)
+            if failures and last_failure is not None:  # due now, but a failing CA is not hammered
+                retry = last_failure + policy.backoff(failures, info.not_before, info.not_after, last_failure,
+                                                      random.Random(info.serial))
+                if retry > now:
+                    return policy.Decision(retry, f"{changed}; retry {failures} after failure, backoff until {isoformat(retry)}")
+            return policy.Decision(now, changed)
+        ari = self._ari(stored, state, refresh_ari)
+        facts = policy.Facts(info.not_before, info.not_after, cert.renew_before, ari,
+                             failures, parse_time(state.last_failure))
+        # Seed by serial so the random point in a window is stable between calls (status vs run).
+        return policy.decide(facts, now, random.Random(info.serial))
+
+    def _ari(self, stored: StoredVersion | VersionInfo, state: CertState, refresh: bool) -> policy.AriWindow | None:
+        info = stored.info
+        cached = state.ari if state.ari and state.ari.get("serial") == info.serial else None
+        now = self.clock.now()
+        stale = cached is None or (parse_time(cached.get("next_poll")) or now) <= now
+        if refresh and stale:
+            lifetime = info.not_after - info.not_before
+            try:
+                ri = self._issuer().renewal_info(cert_pem(self.store, stored))
+            except OperationFailed as e:
+                event(log, "ari_unavailable", logging.WARNING, name=stored.name, error=str(e))
+                # Keep the last window we had; ask again after a short while.
+                cached = dict(cached or {"serial": info.serial}, next_poll=isoformat(now + ari_poll_interval(None, now, lifetime) / 6))
+            else:
+                if ri is None:  # the CA has no ARI: look again in a day
+                    cached = {"serial": info.serial, "next_poll": isoformat(now + ari_poll_interval(None, now, lifetime) * 4)}
+                else:
+                    cached = {"serial": info.serial, "start": isoformat(ri.window_start), "end": isoformat(ri.window_end),
+                              "next_poll": isoformat(now + ari_poll_interval(ri.retry_after, now, lifetime))}
+                    event(log, "ari_fetched", logging.DEBUG, name=stored.name, start=cached["start"], end=cached["end"])
+            state.ari = cached
+            try:
+                self.save_state(stored.name, state)
+            except StoreError as e:  # kept in memory (load_state): the decision goes on
+                event(log, "state_not_saved", logging.WARNING, name=stored.name, error=str(e))
+        if not cached:
+            return None
+        start, end = parse_time(cached.get("start")), parse_time(cached.get("end"))
+        return policy.AriWindow(start, end) if start and end else None
+
+    def load_state(self, name: str) -> CertState:
+        """The stored state, unless this process holds a later one it could not write (disk
+        full): a lost write can only make certd wait longer, never retry sooner."""
+        state = CertState.from_json(self.store.load_state(name))
+        kept = self._unsaved.get(name)
+        if kept is None:
+            return state
+        if _later(state, kept):  # the store caught up, or another process wrote since
+            self._unsaved.pop(name, None)
+            return state
+        return CertState.from_json(kept.to_json())
+
+    def save_state(self, name: str, state: CertState) -> None:
+        self._cache.pop(name, None)
+        try:
+            self.store.save_state(name, state.to_json())
+        except StoreError:
+            self._unsaved[name] = CertState.from_json(state.to_json())
+            raise
+        self._unsaved.pop(name, None)
+
+
+def _later(stored: CertState, kept: CertState) -> bool:
+    """Whether ``stored`` records something that happened after what ``kept`` knows."""
+    return any((getattr(stored, f) or "") > (getattr(kept, f) or "")
+               for f in ("last_attempt", "last_success", "last_failure"))
+
+
+def blocked_reason(name: str, state: CertState, until: datetime) -> str:
+    """Why ``name`` waits until ``until`` after a refusal or rate limit, and how to try now."""
+    problem = f" ({state.problem})" if state.problem else ""
+    if state.failure_kind == retry.RATE_LIMITED:
+        why = f"rate limited by the CA{problem}"
+    else:
+        why = f"held after the CA refused{problem}" + (f": {state.fix}" if state.fix else "")
+    return f"{why}; next try at {isoformat(until)}, or now with: certd renew --force {name}"
+
+
+def cert_pem(store: Store, stored: StoredVersion | VersionInfo) -> bytes:
+    if isinstance(stored, StoredVersion):
+        return stored.bundle.cert_pem
+    return store.load(stored.name, stored.version).bundle.cert_pem
+
+
+def parse_time(value: str | None) -> datetime | None:
+    if not value:
+        return None
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))

@@ -1,0 +1,2 @@
+"""Descriptor-based file operations (O_NOFOLLOW, *at() calls, atomic rename, fsync): the only
+way certd touches a directory someone else might write."""

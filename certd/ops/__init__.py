@@ -1,0 +1,1 @@
+"""What operators read: the log, the tamper-evident audit log, metrics and alerts."""

@@ -1,0 +1,1 @@
+"""Reload hooks: nginx, HAProxy's runtime API, any command (argv, timeout, captured output)."""

@@ -1,0 +1,1 @@
+"""Where certd keeps what it knows: certificate versions, state, journals, locks (files today)."""

@@ -1,0 +1,191 @@
+"""Keep the state directory tidy and private: sweep what killed processes left behind
+(temporary files in the state directory, staging directories beside each live_dir), and
+tighten a state directory someone left group- or world-accessible.
+
+A process SIGKILLed between creating a temporary file and renaming it leaves
+``.journal.json.tmp-*`` / ``.state.json.tmp-*`` (``certs/NAME/``), ``.audit.head.tmp-*`` (the
+state dir) or a staging directory ``.NAME.versions/.NNNN.tmp-*`` that may hold a private key.
+Nothing else ever removes the state dir's leftovers, and a staging directory lingered until
+that certificate's next stage. :func:`sweep` runs when the daemon is ready and after each
+rotation.
+
+Every step works on directory descriptors (``O_NOFOLLOW``, ``dir_fd=``), so a symlink swapped
+in for a directory is never followed and a name is never looked up twice. A temporary file or
+directory is ``flock()``ed by its writer while it is filled (certd.fs.ops), so one that is
+locked is skipped: another process is writing it right now. Regular files are zeroed before
+they are unlinked (a staging directory's ``privkey.pem``) unless another hard link shares them.
+
+Note for the lead: the sec-fs branch adds descriptor-based ``fsutil.remove_stale_temps`` /
+``delete_at``; these small functions do the same job and can be replaced by those when both
+have landed.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import stat
+from collections.abc import Collection
+from pathlib import Path
+
+from certd.config import Config
+from certd.core.errors import UsageError
+from certd.ops.log import event
+
+log = logging.getLogger("certd.housekeeping")
+
+TMP_INFIX = ".tmp-"  # as certd.fs.ops.temp_name makes them
+STATE_DIR_TEMPS = (".audit.head.tmp-",)
+CERT_DIR_TEMPS = (".journal.json.tmp-", ".state.json.tmp-")
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_ZEROS = b"\0" * 65536
+
+
+def sweep(config: Config, names: Collection[str] | None = None) -> list[str]:
+    """Remove stale temporaries of every kind (of the certificates ``names`` only, after their
+    rotation); return their paths (also logged, one event each)."""
+    removed: list[str] = []
+    state_dir = config.daemon.state_dir
+    removed += sweep_dir(state_dir, STATE_DIR_TEMPS)
+    for name in (_subdirs(state_dir / "certs") if names is None else names):
+        removed += sweep_dir(state_dir / "certs" / name, CERT_DIR_TEMPS)
+    for cert in config.certificates:
+        if names is not None and cert.name not in names:
+            continue
+        live = cert.deploy.live_dir
+        if live is not None:
+            removed += sweep_dir(live.parent / f".{live.name}.versions", (".",))
+    for path in removed:
+        event(log, "stale_temp_removed", path=path)
+    return removed
+
+
+def sweep_dir(directory: Path, prefixes: tuple[str, ...]) -> list[str]:
+    """Remove unlocked entries of ``directory`` named ``<prefix>...tmp-...``; return their paths.
+    A missing directory (or a symlink where it should be) has nothing to sweep."""
+    try:
+        dfd = os.open(directory, _DIR_FLAGS)
+    except OSError as e:
+        if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+            return []
+        event(log, "sweep_failed", logging.WARNING, path=directory, error=e.strerror)
+        return []
+    removed: list[str] = []
+    try:
+        try:
+            names = os.listdir(dfd)
+        except OSError as e:
+            event(log, "sweep_failed", logging.WARNING, path=directory, error=e.strerror)
+            return []
+        for name in names:
+            if TMP_INFIX not in name or not name.startswith(prefixes):
+                continue
+            try:
+                if _remove_at(dfd, name, check_lock=True):
+                    removed.append(str(directory / name))
+            except OSError as e:  # one stubborn leftover does not stop the sweep
+                event(log, "sweep_failed", logging.WARNING, path=directory / name, error=e.strerror)
+        if removed:
+            try:
+                os.fsync(dfd)
+            except OSError:
+                pass  # the names are gone either way
+    finally:
+        os.close(dfd)
+    return removed
+
+
+def _subdirs(directory: Path) -> list[str]:
+    try:
+        dfd = os.open(directory, _DIR_FLAGS)
+    except OSError:
+        return []
+    found = []
+    try:
+        for n in os.listdir(dfd):
+            try:
+                if stat.S_ISDIR(os.stat(n, dir_fd=dfd, follow_symlinks=False).st_mode):
+                    found.append(n)
+            except OSError:
+                continue  # gone meanwhile
+    except OSError:
+        pass
+    finally:
+        os.close(dfd)
+    return found
+
+
+def _remove_at(dfd: int, name: str, *, check_lock: bool) -> bool:
+    """Remove ``name`` in the directory ``dfd`` (a tree, files zeroed); False if it is locked
+    (being written) or already gone."""
+    try:
+        fd = os.open(name, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd)
+    except FileNotFoundError:
+        return False
+    except IsADirectoryError:
+        fd = os.open(name, _DIR_FLAGS, dir_fd=dfd)
+    except OSError as e:
+        if e.errno not in (errno.ELOOP, errno.ENXIO, errno.EACCES, errno.EPERM):
+            raise
+        os.unlink(name, dir_fd=dfd)  # a symlink or special file: drop the name, follow nothing
+        return True
+    try:
+        if check_lock:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False  # its writer is alive
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            for child in os.listdir(fd):
+                _remove_at(fd, child, check_lock=False)
+            os.rmdir(name, dir_fd=dfd)
+        else:
+            if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
+                _zero(fd, st.st_size)
+            os.unlink(name, dir_fd=dfd)
+    finally:
+        os.close(fd)
+    return True
+
+
+def _zero(fd: int, size: int) -> None:
+    offset = 0
+    while offset < size:
+        offset += os.pwrite(fd, _ZEROS[:min(len(_ZEROS), size - offset)], offset)
+    os.fsync(fd)
+
+
+STATE_DIR_MODE = 0o700
+
+
+def secure_state_dir(state_dir: Path) -> int | None:
+    """Make an existing ``state_dir`` with a looser mode than 0700 (0755 from a packaging
+    default, 1777 on a fresh tmpfs) 0700, by descriptor. Returns the mode it had when it was
+    tightened, None when nothing was needed (absent: it is created 0700; a symlink is not
+    followed). UsageError (exit 2) when certd may not change it: running on a directory others
+    can read keys from is not an option."""
+    try:
+        fd = os.open(state_dir, _DIR_FLAGS)
+    except OSError as e:
+        if e.errno in (errno.ENOENT, errno.ELOOP):
+            return None
+        raise UsageError(f"state_dir {state_dir}: cannot open it: {e.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        old = stat.S_IMODE(st.st_mode)
+        if old & ~STATE_DIR_MODE == 0:
+            return None
+        try:
+            os.fchmod(fd, STATE_DIR_MODE)
+        except OSError as e:
+            raise UsageError(f"state_dir {state_dir} has mode {old:04o} (others may read private keys) and certd "
+                             f"cannot make it 0700 ({e.strerror}, owner uid {st.st_uid}); run "
+                             f"chmod 700 {state_dir} as its owner or root") from None
+    finally:
+        os.close(fd)
+    event(log, "state_dir_tightened", logging.WARNING, path=state_dir, old_mode=f"{old:04o}",
+          mode=f"{STATE_DIR_MODE:04o}")
+    return old
