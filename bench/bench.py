@@ -164,7 +164,8 @@ class PebbleStalled(RuntimeError):
 
 
 def run_certd(config: Path, *args: str, pebble: PebbleEnv | None = None,
-              stall: float = 60.0, ok_codes: tuple[int, ...] = (0,)) -> tuple[float, float, subprocess.CompletedProcess[str]]:
+              stall: float = 60.0,
+              ok_codes: tuple[int, ...] = (0,)) -> tuple[float, float, subprocess.CompletedProcess[str]]:
     """(wall seconds, CPU seconds of the process, result) of one certd command.
 
     With ``pebble``: PebbleStalled (certd stopped by PID) once Pebble has issued nothing for
@@ -198,7 +199,8 @@ def run_certd(config: Path, *args: str, pebble: PebbleEnv | None = None,
                 after = resource.getrusage(resource.RUSAGE_CHILDREN)
                 cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
                 raise PebbleStalled(f"Pebble (pid {pebble.pebble_pid}) issued nothing for {stall:g} s "  # type: ignore[union-attr]
-                                    f"(wedged: its Order handler read-locks an order twice)", changed - began, cpu)
+                                    f"(wedged: its Order handler read-locks an order twice)", changed - began,
+                                    cpu) from None
     wall = time.perf_counter() - started
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
@@ -371,7 +373,7 @@ class Notify:
         while not self._stop:
             try:
                 lines = self.sock.recv(65536).split(b"\n")
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 continue
             except OSError:
                 return
@@ -430,7 +432,8 @@ def bench_footprint(site: Site, n: int, idle: float, res: Results, issue_workers
     row: dict[str, float] = {"issue_s": wall, "issue_per_s": n / wall, "issue_cpu_ms_per_cert": cpu / n * 1000,
                              "issue_pebble_cpu_ms_per_cert": pebble_cpu / n * 1000, "issue_restarts": restarts}
     say(f"  issued in {wall:.1f} s ({n / wall:.1f}/s; CPU per certificate: certd {cpu / n * 1000:.1f} ms, "
-        f"Pebble {pebble_cpu / n * 1000:.1f} ms)" + (f"; not counting {restarts} Pebble restart(s)" if restarts else ""))
+        f"Pebble {pebble_cpu / n * 1000:.1f} ms)"
+        + (f"; not counting {restarts} Pebble restart(s)" if restarts else ""))
     site.configure(names(f"fp{n}", n), workers=workers)
 
     notify = Notify(site.env.dir / "notify.sock")
@@ -560,7 +563,8 @@ def report(res: Results, sizes: Sizes) -> str:
         if real_batches:
             big = max(real_batches, key=lambda b: b["n"])
             ratio = cb["median_s"] * big["n"] / big["seconds"]
-            line(f"certd vs certbot at N = {int(big['n'])}", f"{cb['median_s'] * big['n']:.0f} s vs {big['seconds']:.2f} s")
+            line(f"certd vs certbot at N = {int(big['n'])}",
+                 f"{cb['median_s'] * big['n']:.0f} s vs {big['seconds']:.2f} s")
             line("  throughput ratio certd/certbot", f"{ratio:.0f} x", ">= 30 x", check(ratio >= 30))
     if fp:
         out.append("")

@@ -100,7 +100,7 @@ def main() -> int:
         for _ in range(max(3, args.runs // 3)):
             marks: dict[str, float] = {}
 
-            def progress(_name: str, message: str) -> None:
+            def progress(_name: str, message: str, marks: dict[str, float] = marks) -> None:
                 if message.startswith("rolling back"):
                     marks["failed"] = time.perf_counter()
                 elif message.startswith("rolled back"):

@@ -173,7 +173,8 @@ def nginx_server_blocks(names: list[str], port: int, live: Path) -> str:
 def certificate(env: CertdEnv, name: str, live: Path, crt_dir: Path,
                 servers: tuple[NginxServer, HaproxyServer] | None) -> dict[str, Any]:
     domain = DOMAIN.format(name=name)
-    cert = env.http_cert(name, [domain], deploy={"live_dir": str(live / name), "combined": str(crt_dir / f"{name}.pem")})
+    cert = env.http_cert(name, [domain],
+                         deploy={"live_dir": str(live / name), "combined": str(crt_dir / f"{name}.pem")})
     if servers is not None:
         nginx, haproxy = servers
         cert["reload"] = [{"hook": "nginx", "config": str(nginx.config)},
@@ -255,7 +256,8 @@ def main() -> int:
             # 2. One nginx and one HAProxy serving every name; certd reloads and verifies both.
             port = free_port()
             (work / "nginx").mkdir(exist_ok=True)
-            nginx = NginxServer(work / "nginx", port, live / names[0] / "fullchain.pem", live / names[0] / "privkey.pem",
+            nginx = NginxServer(work / "nginx", port,
+                                live / names[0] / "fullchain.pem", live / names[0] / "privkey.pem",
                                 server_name=DOMAIN.format(name=names[0]), extra="",
                                 extra_http=nginx_server_blocks(names, port, live)).start()
             (work / "haproxy").mkdir(exist_ok=True)
@@ -336,9 +338,12 @@ def main() -> int:
             print(f"  probes made:                            {summary['probes']}  {dict(watch.counts)}")
             print(f"  probes seeing expired/invalid/mismatch: {len(bad)}  (target 0)")
             print(f"  missed rotations:                       {summary['missed_rotations']}  (target 0)")
-            print(f"  longest past a renewal point:           {watch.longest_overdue:.1f} s ({watch.longest_overdue_at})")
-            print(f"  certd log: {counts['rotation_committed']} committed, {counts['rotation_rolled_back']} rolled back, "
-                  f"{counts['renewal_failed']} failed attempts, {counts['rotation_resumed']} rotations resumed after a kill, "
+            print(f"  longest past a renewal point:           {watch.longest_overdue:.1f} s "
+                  f"({watch.longest_overdue_at})")
+            print(f"  certd log: {counts['rotation_committed']} committed, "
+                  f"{counts['rotation_rolled_back']} rolled back, "
+                  f"{counts['renewal_failed']} failed attempts, "
+                  f"{counts['rotation_resumed']} rotations resumed after a kill, "
                   f"{supervisor.unexpected_exits} unexpected exits, final exit status {status}")
             for r in bad[:10]:
                 print(f"  BAD {r.category} {r.target}: {r.detail}")

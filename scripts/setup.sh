@@ -6,8 +6,9 @@
 #      python3-venv when the python3 on PATH is older than 3.11 or cannot make a venv.
 #      apt runs only when something is missing. Services the packages start are stopped and
 #      disabled again: tests run their own nginx/haproxy on high loopback ports.
-#   2. .venv in the repo with `pip install -e '.[test]'` (skipped while pyproject.toml is
-#      unchanged since the last successful install and the imports work).
+#   2. .venv in the repo with `pip install -e '.[test,lint]'` (skipped while pyproject.toml and
+#      the extras are unchanged since the last successful install and the imports and the
+#      linters' entry points work).
 #   3. Pebble 2.10 + pebble-challtestsrv via pebble/install.sh.
 #
 # Fast (well under a second) when everything is already there. Safe to run concurrently:
@@ -101,16 +102,20 @@ if ! "$VENV/bin/python" -c 'import sys' >/dev/null 2>&1; then
     rm -rf "$VENV"
     "$PYTHON" -m venv "$VENV"
 fi
-want="$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)"
-if [[ "$(cat "$STAMP" 2>/dev/null)" == "$want" ]] \
-    && "$VENV/bin/python" -c 'import certd, pytest, acme, cryptography' >/dev/null 2>&1; then
+EXTRAS="test,lint"   # pyproject.toml's optional groups: pytest's and the linters scripts/test.sh runs
+# The stamp covers the extras too, so adding a group here reinstalls even with pyproject.toml as it was.
+want="$( (cat "$ROOT/pyproject.toml"; echo "extras=$EXTRAS") | sha256sum | cut -d' ' -f1)"
+venv_ok() {  # the imports and the linters' entry points work
+    "$VENV/bin/python" -c 'import certd, pytest, acme, cryptography' >/dev/null 2>&1 \
+        && [[ -x "$VENV/bin/ruff" && -x "$VENV/bin/mypy" && -x "$VENV/bin/lint-imports" ]]
+}
+if [[ "$(cat "$STAMP" 2>/dev/null)" == "$want" ]] && venv_ok; then
     say "ok: $VENV (pyproject.toml unchanged)"
 else
-    say "pip install -e '.[test]' into $VENV"
+    say "pip install -e '.[$EXTRAS]' into $VENV"
     rm -f "$STAMP"
-    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$ROOT[test]" >&2
-    "$VENV/bin/python" -c 'import certd, pytest, acme, cryptography' \
-        || die "the venv cannot import certd and its test dependencies after pip install"
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$ROOT[$EXTRAS]" >&2
+    venv_ok || die "the venv lacks certd, its test dependencies or the linters after pip install"
     echo "$want" >"$STAMP"
 fi
 

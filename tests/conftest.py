@@ -3,7 +3,6 @@
 Process fixtures live in tests/support/ and are registered here as plugins.
 """
 
-import os
 import sys
 from pathlib import Path
 

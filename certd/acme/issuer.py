@@ -53,7 +53,7 @@ from certd.core.clock import Clock, utc
 from certd.config import AcmeConfig, CertificateConfig
 from certd.core.errors import AcmeError, CANotReachable, ChallengeFailed, ConfigError
 from certd.crypto.keys import make_csr
-from certd.core.retry import CHALLENGE, FINALIZE, NEW_ORDER, REPLACES
+from certd.core.retry import CHALLENGE, FINALIZE, NEW_ORDER
 from certd.core.model import split_pem_chain
 from certd.acme.solvers import Solver, solver_for
 
@@ -476,7 +476,7 @@ class _Order:
         authzs = [(url, messages.Authorization.from_json(_get(self.client, url).json()))
                   for url in order.authorizations]
         work = []
-        for url, authz in authzs:
+        for _url, authz in authzs:
             if authz.status.name == "valid":
                 continue
             if authz.status.name != "pending":

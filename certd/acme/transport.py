@@ -113,7 +113,7 @@ class LeanSession:
             except ssl.SSLError as e:
                 self._drop(origin)
                 raise requests.exceptions.SSLError(str(e)) from None
-            except (socket.timeout, TimeoutError) as e:
+            except TimeoutError as e:
                 self._drop(origin)
                 raise requests.exceptions.Timeout(f"timed out: {e}") from None
             except (OSError, http.client.HTTPException) as e:

@@ -148,7 +148,7 @@ class Parser:
         if directory is not None and not re.match(r"^https?://[^/\s]+(/\S*)?$", directory):
             self.problem(t.key("directory"), f"{directory!r} is not an http(s) URL; expected e.g. \"https://127.0.0.1:14000/dir\"")
         elif directory is not None and directory.lower().startswith("http://") and not is_loopback(
-                (urlsplit(directory).hostname or "")):
+                urlsplit(directory).hostname or ""):
             self.problem(t.key("directory"), f"{directory!r}: plain http:// is for a loopback test CA only; the "
                                              "account's requests would cross the network in clear text; use https://")
         email = t.get("email", str)

@@ -11,17 +11,11 @@ parses the scalars (durations, addresses, domains). ``certd.config`` re-exports 
 
 from __future__ import annotations
 
-import os
-import re
-import tomllib
 from dataclasses import dataclass, field
 from functools import cached_property
-from datetime import timedelta
-from fractions import Fraction
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-from certd.core.errors import ConfigError
 from certd.core.policy import RenewBefore
 
 DEFAULT_PATH = Path("/etc/certd/certd.toml")

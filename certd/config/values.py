@@ -51,7 +51,8 @@ class Table:
     def done(self) -> None:
         for k in self.data:
             if k not in self.seen:
-                self.p.problem(self.key(k), "unknown key (check the spelling; see the README's configuration reference)")
+                self.p.problem(self.key(k),
+                               "unknown key (check the spelling; see the README's configuration reference)")
 
 
 def is_loopback(host: str) -> bool:
@@ -114,7 +115,8 @@ def normalize_domain(raw: str) -> tuple[str, str | None]:
     if len(labels) < 2:
         return raw, f"{raw!r}: a single-label name cannot get a public certificate; use a fully qualified name"
     if len(ascii_name) > 253 or not all(_LABEL_RE.match(lab) for lab in labels):
-        return raw, f"{raw!r} is not a valid domain name (labels of letters, digits and inner hyphens, 63 characters each)"
+        return raw, (f"{raw!r} is not a valid domain name "
+                     "(labels of letters, digits and inner hyphens, 63 characters each)")
     return ("*." if wildcard else "") + ascii_name, None
 
 
@@ -123,7 +125,8 @@ def _as_tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
 
 
 def _kind_name(kind: type | tuple[type, ...]) -> str:
-    names = {str: "a string", int: "an integer", bool: "true or false", list: "an array", dict: "a table", float: "a number"}
+    names = {str: "a string", int: "an integer", bool: "true or false", list: "an array", dict: "a table",
+             float: "a number"}
     return " or ".join(names.get(k, k.__name__) for k in _as_tuple(kind))
 
 

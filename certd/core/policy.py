@@ -84,7 +84,8 @@ def decide(facts: Facts, now: datetime, rng: random.Random | None = None) -> Dec
         if facts.failures > 0 and facts.last_failure is not None:
             retry = facts.last_failure + first_issue_backoff(facts.failures, rng)
             if retry > now:
-                return Decision(retry, f"no certificate yet; retry {facts.failures} after failure, backoff until {isoformat(retry)}")
+                return Decision(retry, f"no certificate yet; retry {facts.failures} after failure, "
+                                       f"backoff until {isoformat(retry)}")
         return Decision(now, "no certificate yet")
     base = _scheduled(facts, now, rng)
     if facts.failures > 0 and facts.last_failure is not None:
@@ -120,7 +121,8 @@ def _scheduled(facts: Facts, now: datetime, rng: random.Random) -> Decision:
         note = f" (ARI window {isoformat(ari.start)}..{isoformat(ari.end)} ignored: outside the certificate's lifetime)"
     at, why = _lifetime_point(facts, lifetime)
     if at > emergency_at:
-        return Decision(emergency_at, f"{why} is later than the emergency point; renewing at 1/10 of lifetime left{note}", True)
+        return Decision(emergency_at,
+                        f"{why} is later than the emergency point; renewing at 1/10 of lifetime left{note}", True)
     jitter = timedelta(seconds=rng.uniform(0, min(lifetime.total_seconds() / 50, 3600)))
     return Decision(max(at - jitter, facts.not_before), f"{why}{note}")
 
@@ -131,7 +133,8 @@ def _lifetime_point(facts: Facts, lifetime: timedelta) -> tuple[datetime, str]:
     if rb is not None and rb.duration is not None:
         if rb.duration < lifetime:
             return facts.not_after - rb.duration, f"renew_before {_fmt(rb.duration)} before expiry"
-        fraction, why = Fraction(1, 3), f"renew_before {_fmt(rb.duration)} exceeds the {_fmt(lifetime)} lifetime; using 1/3 of lifetime left"
+        fraction = Fraction(1, 3)
+        why = f"renew_before {_fmt(rb.duration)} exceeds the {_fmt(lifetime)} lifetime; using 1/3 of lifetime left"
     elif rb is not None and rb.fraction is not None:
         fraction, why = rb.fraction, f"renew_before {rb.fraction} of lifetime left"
     elif lifetime < SHORT_LIFETIME:

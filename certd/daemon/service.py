@@ -285,7 +285,8 @@ class Daemon:
                 self._update_status()
         final = flight.result if flight.done else outcome  # what its followers were told
         if final is not None and not final.ok:
-            event(log, "rotation_outcome", logging.WARNING, name=flight.name, result=final.result, message=final.message)
+            event(log, "rotation_outcome", logging.WARNING, name=flight.name, result=final.result,
+                  message=final.message)
 
     def _fly(self, flight: Flight, kind: str, kw: dict[str, Any]) -> Outcome:
         """Run one ``kind`` operation of ``flight``; every failure becomes its outcome."""
@@ -361,7 +362,8 @@ class Daemon:
                     event(log, "config_rejected", logging.ERROR, source=source, problem=problem)
                 self.manager.emit("config_rejected", "", initiator=source, outcome="rejected",
                                   reason="; ".join(e.problems))
-                event(log, "config_kept", logging.ERROR, reason="the new configuration is invalid; the running one stays")
+                event(log, "config_kept", logging.ERROR,
+                      reason="the new configuration is invalid; the running one stays")
                 return False, e.problems
             old = self.config
             if new == old:
@@ -416,7 +418,8 @@ class Daemon:
     def _api_renew(self, caller: Caller, body: dict[str, Any]) -> Iterator[dict[str, Any]] | dict[str, Any]:
         certs = list(self.config.certificates) if body.get("all") else self._select(body.get("names"))
         force = bool(body.get("force"))
-        reason = check_reason(body.get("reason") or "", "reason") or ("forced by operator" if force else "requested by operator")
+        reason = (check_reason(body.get("reason") or "", "reason")
+                  or ("forced by operator" if force else "requested by operator"))
         initiator = str(caller)
         flights = []
         for cert in certs:

@@ -201,7 +201,8 @@ class LiveDir:
             dfd, vfd = dirs
             self._refuse_foreign(dfd)
             fsutil.remove_stale_temps(self.root, dirfd=vfd)
-            fsutil.remove_stale_temps(self.link.parent, (f".{self.link.name}{fsutil.TMP_INFIX}",), dirfd=dfd)  # symlinks
+            # the live_dir link's own temporaries (symlinks)
+            fsutil.remove_stale_temps(self.link.parent, (f".{self.link.name}{fsutil.TMP_INFIX}",), dirfd=dfd)
             wants = self._wants(bundle)
             name = vname(version)
             final = self.root / name
@@ -399,7 +400,8 @@ class PlainFile:
             with fsutil.os_errors(self.path, "switch"):
                 st = fsutil.lstat_at(d, name)
                 if st is None or not stat.S_ISREG(st.st_mode):
-                    raise StoreError(f"{self.staged(version)} is not a regular file certd staged; stage version {version} again")
+                    raise StoreError(f"{self.staged(version)} is not a regular file certd staged; "
+                                     f"stage version {version} again")
                 if _inode_at(d, name) == _inode_at(d, self.path.name):
                     return
                 live = fsutil.lstat_at(d, self.path.name)
@@ -426,7 +428,8 @@ class PlainFile:
                 if not m or int(m.group(1)) in keep or int(m.group(1)) == live:
                     continue
                 staged = _inode_at(d, n)
-                if staged is not None and _inode_at(d, self.prev_name) == staged:  # the backup is this pruned version: it goes too
+                # the backup is this pruned version: it goes too
+                if staged is not None and _inode_at(d, self.prev_name) == staged:
                     with fsutil.os_errors(self.prev, "remove"):
                         os.unlink(self.prev_name, dir_fd=d)
                 if self.is_key:

@@ -119,7 +119,8 @@ def _gid(group: str | None, name: str, key: str) -> int:
     try:
         return grp.getgrnam(group).gr_gid
     except KeyError:
-        raise ConfigError(f"certificate {name}: {key}: no such group {group!r}; create it or change the configuration") from None
+        raise ConfigError(f"certificate {name}: {key}: no such group {group!r}; "
+                          "create it or change the configuration") from None
 
 
 def _uid(owner: str | None, name: str, index: int) -> int:
@@ -128,4 +129,5 @@ def _uid(owner: str | None, name: str, index: int) -> int:
     try:
         return pwd.getpwnam(owner).pw_uid
     except KeyError:
-        raise ConfigError(f"certificate {name}: deploy.files[{index}].owner: no such user {owner!r}; create it or change the configuration") from None
+        raise ConfigError(f"certificate {name}: deploy.files[{index}].owner: no such user {owner!r}; "
+                          "create it or change the configuration") from None

@@ -151,7 +151,7 @@ class Manager:
 
         if workers == 1:
             return [one(c) for c in certs]
-        self.issuer  # built once here, not raced for by the workers
+        _ = self.issuer  # built once here, not raced for by the workers
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="certd-renew") as pool:
             return list(pool.map(one, certs))
 
@@ -325,7 +325,8 @@ class Manager:
             raise UsageError(f"{name} version {target} was revoked ({sv.meta['revoked'].get('reason')}); "
                              f"it cannot be deployed again")
         if sv.bundle.info.not_after <= self.clock.now():
-            raise UsageError(f"{name} version {target} expired at {isoformat(sv.bundle.info.not_after)}; choose a newer one")
+            raise UsageError(f"{name} version {target} expired at {isoformat(sv.bundle.info.not_after)}; "
+                             "choose a newer one")
 
     def redeploy(self, cert: CertificateConfig, *, progress: Progress | None = None) -> Outcome:
         """Put the current version back where the servers read it (drift repair): stage it
@@ -537,11 +538,13 @@ class Manager:
                       old_serial=self._serial(cert.name, j.from_version), **common)
         elif j.step == Step.ROLLED_BACK:
             self.emit("rolled_back", cert.name, outcome="rolled_back", version=j.from_version,
-                      old_serial=self._serial(cert.name, j.to_version), new_serial=self._serial(cert.name, j.from_version),
+                      old_serial=self._serial(cert.name, j.to_version),
+                      new_serial=self._serial(cert.name, j.from_version),
                       detail={"error": j.error, "failed_step": failed_step(j)}, **common)
         elif j.step == Step.ROLLBACK_FAILED:  # serials as in rolled_back: from the new version back to the old
             self.emit("rollback_failed", cert.name, outcome="rollback_failed", version=j.from_version,
-                      old_serial=self._serial(cert.name, j.to_version), new_serial=self._serial(cert.name, j.from_version),
+                      old_serial=self._serial(cert.name, j.to_version),
+                      new_serial=self._serial(cert.name, j.from_version),
                       detail={"error": j.error, "rollback_error": j.rollback_error,
                               "failed_step": failed_step(j)}, **common)
 

@@ -277,7 +277,8 @@ class Planner:
                 retry = last_failure + policy.backoff(failures, info.not_before, info.not_after, last_failure,
                                                       random.Random(info.serial))
                 if retry > now:
-                    return policy.Decision(retry, f"{changed}; retry {failures} after failure, backoff until {isoformat(retry)}")
+                    return policy.Decision(retry, f"{changed}; retry {failures} after failure, "
+                                                  f"backoff until {isoformat(retry)}")
             return policy.Decision(now, changed)
         ari = self._ari(stored, state, refresh_ari)
         facts = policy.Facts(info.not_before, info.not_after, cert.renew_before, ari,
@@ -297,12 +298,15 @@ class Planner:
             except OperationFailed as e:
                 event(log, "ari_unavailable", logging.WARNING, name=stored.name, error=str(e))
                 # Keep the last window we had; ask again after a short while.
-                cached = dict(cached or {"serial": info.serial}, next_poll=isoformat(now + ari_poll_interval(None, now, lifetime) / 6))
+                cached = dict(cached or {"serial": info.serial},
+                              next_poll=isoformat(now + ari_poll_interval(None, now, lifetime) / 6))
             else:
                 if ri is None:  # the CA has no ARI: look again in a day
-                    cached = {"serial": info.serial, "next_poll": isoformat(now + ari_poll_interval(None, now, lifetime) * 4)}
+                    cached = {"serial": info.serial,
+                              "next_poll": isoformat(now + ari_poll_interval(None, now, lifetime) * 4)}
                 else:
-                    cached = {"serial": info.serial, "start": isoformat(ri.window_start), "end": isoformat(ri.window_end),
+                    cached = {"serial": info.serial, "start": isoformat(ri.window_start),
+                              "end": isoformat(ri.window_end),
                               "next_poll": isoformat(now + ari_poll_interval(ri.retry_after, now, lifetime))}
                     event(log, "ari_fetched", logging.DEBUG, name=stored.name, start=cached["start"], end=cached["end"])
             state.ari = cached

@@ -549,7 +549,8 @@ def ensure_dir(path: Path | str, mode: int, *, gid: int = -1) -> None:
             fsync_fd(pfd, path.parent)
     except FileExistsError:
         if not path.is_dir():
-            raise StoreError(f"{path} exists but is not a directory; move it away so certd can create the directory") from None
+            raise StoreError(f"{path} exists but is not a directory; "
+                             "move it away so certd can create the directory") from None
         return
     except OSError as e:
         raise store_error(e, path, "create directory") from e

@@ -165,7 +165,8 @@ class Alerter:
                 delay = max(delay, min(retry_after, MAX_RETRY_AFTER))
             event(log, "alert_retry", logging.WARNING, attempt=attempt, error=why, wait=f"{delay:.1f}s", **what)
             self.clock.sleep(delay)
-        event(log, "alert_failed", logging.ERROR, url=_safe_url(config.webhook_url), attempts=attempt, error=why, **what)
+        event(log, "alert_failed", logging.ERROR, url=_safe_url(config.webhook_url), attempts=attempt, error=why,
+              **what)
         return False
 
 
@@ -198,7 +199,8 @@ def _summary(ev: LifecycleEvent, error: str | None) -> str:
         more = f" (+{len(lines) - 1} more)" if len(lines) > 1 else ""
         return f"{lines[0] if lines else n + ': drift found'}{more}"
     if ev.kind == "expiring_soon":
-        return f"{n}: certificate {ev.old_serial} expires {isoformat(ev.not_after)} and has not been renewed: {ev.reason}"
+        return (f"{n}: certificate {ev.old_serial} expires {isoformat(ev.not_after)} "
+                f"and has not been renewed: {ev.reason}")
     return f"{n}: {ev.kind}"
 
 

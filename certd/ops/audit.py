@@ -26,7 +26,8 @@ Several processes append (the daemon and the in-process CLI). Each append opens 
 takes an exclusive ``flock`` on it, reads the tail to find ``seq`` and ``prev``, appends its
 line(s) with a single ``write``, fsyncs, updates the head and only then unlocks, so the chain
 never forks. Within a process, records that threads append at the same moment are written
-together (group commit: one write, one fsync, one head update for all of them). The file is created 0600 (0640 with a group). A record whose text holds a PEM private-key
+together (group commit: one write, one fsync, one head update for all of them). The file is
+created 0600 (0640 with a group). A record whose text holds a PEM private-key
 marker is refused (:class:`AuditRefused`): the audit log never stores key material.
 """
 

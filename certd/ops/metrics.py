@@ -277,7 +277,8 @@ class _StoreCollector(Collector):
             "version": family("certificate_version", "The store's current version number."),
             "last_success": family("last_success_timestamp_seconds", "When the last renewal committed."),
             "failures": family("certificate_consecutive_failures", "Failed renewal attempts since the last success."),
-            "broken": family("certificate_broken", "1 while certd cannot plan or deploy the certificate (state broken)."),
+            "broken": family("certificate_broken",
+                             "1 while certd cannot plan or deploy the certificate (state broken)."),
         }
         blocked = GaugeMetricFamily("certd_renewal_blocked", "1 while a certificate's renewal waits for the CA: "
                                     "reason held (a permanent refusal) or rate_limited.", labels=["name", "reason"])

@@ -65,10 +65,10 @@ def test_daemon_rotates_short_certificates_unattended_with_nginx_verified(
     daemon = env.start_daemon()
     seen = {served_fingerprint(nginx.port, SNI)}
     for expected in (2, 3, 4):
-        wait_until(lambda: (version_of(env) or 0) >= expected, timeout=75, what=f"version {expected}")
+        wait_until(lambda expected=expected: (version_of(env) or 0) >= expected, timeout=75, what=f"version {expected}")
         row = env.status("www")["www"]
         assert row["last_result"] == "success"
-        wait_until(lambda: served_fingerprint(nginx.port, SNI) == row["fingerprint_sha256"], timeout=5,
+        wait_until(lambda row=row: served_fingerprint(nginx.port, SNI) == row["fingerprint_sha256"], timeout=5,
                    what="nginx serving the committed certificate")
         seen.add(row["fingerprint_sha256"])
     assert len(seen) == 4

@@ -520,7 +520,7 @@ def test_haproxy_transaction_left_open_by_a_dead_client_is_cleared(tmp_path: Pat
     try:
         stray = test_ca.issue("stray.example.test").combined_pem
         reply = haproxy.command(f"set ssl cert {crt_dir / 'a.pem'} <<\n" +
-                                "\n".join(l for l in stray.decode().splitlines() if l.strip()) + "\n\n")
+                                "\n".join(line for line in stray.decode().splitlines() if line.strip()) + "\n\n")
         assert "Transaction created" in reply
         new_b = test_ca.issue("b.example.test")
         hook = ReloadHook("haproxy", timeout=10.0, socket=haproxy.socket, crt=str(crt_dir / "b.pem"))

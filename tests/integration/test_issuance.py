@@ -26,7 +26,7 @@ from certd.config import KEY_TYPES, AcmeConfig, CertificateConfig, Listen
 from certd.core.errors import AcmeError, CANotReachable, ChallengeFailed, ConfigError
 from certd.acme.issuer import Issuer, RenewalInfo, ari_cert_id
 from certd.crypto.keys import generate_private_key
-from certd.core.model import Bundle, CertInfo, split_pem_chain
+from certd.core.model import Bundle, CertInfo
 from certd.acme import solvers
 from tests.support.pebble_fixtures import PebbleEnv
 from tests.support.procs import ManagedProcess

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import re
 import socket
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-import pytest
 
 from tests.support.procs import wait_until
 

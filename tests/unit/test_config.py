@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
-import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -192,7 +192,7 @@ def test_good_config_parses_into_typed_values(tmp_path):
     assert www.http01_listen == config.Listen("127.0.0.1", 5002)
     assert www.verify[0].sni == "www.example.test"
     assert www.reload[0].kind == "command" and www.reload[0].timeout == 30.0
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         www.name = "other"  # type: ignore[misc]
 
 
