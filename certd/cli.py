@@ -13,7 +13,7 @@ import logging
 import re
 import sys
 import traceback
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NoReturn, Sequence
 
 from certd import __version__, cli_output, config as config_mod
 from certd.ops import log as logmod
@@ -25,7 +25,7 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # argparse exits 2 too, but prints usage; keep one line
+    def error(self, message: str) -> NoReturn:  # argparse exits 2 too, but prints usage; keep one line
         sub = self.prog.removeprefix("certd").strip()  # main() prints the "certd: " prefix once
         raise UsageError(f"{sub + ': ' if sub else ''}{message} (see --help)")
 

@@ -26,6 +26,7 @@ reason). Messages are one line ending with what happens next, and never hold key
 from __future__ import annotations
 
 import base64
+import functools
 import logging
 import math
 import threading
@@ -351,6 +352,7 @@ class Issuer:
         meta = directory.meta
         tos = getattr(meta, "terms_of_service", None)
         eab = None
+        assert self._key is not None  # _set_key ran before registering
         if acme.eab_kid and acme.eab_hmac_key:
             try:
                 eab = messages.ExternalAccountBinding.from_data(
@@ -490,6 +492,7 @@ class _Order:
         if not work:
             return self.poll(uri, "the order to become ready")
         key = self.client.net.key
+        assert key is not None  # the issuer sets the account key before any order
         presented: list[tuple[str, messages.ChallengeBody]] = []
         try:
             self.present_all(work, key, presented)
@@ -498,7 +501,7 @@ class _Order:
             self.say(f"answered {len(work)} {self.solver.challenge_type} challenge(s)")
             order = self.poll(uri, "validation")
         finally:
-            self.side_by_side([lambda d=d, c=c: self.solver.cleanup(d, c.chall, key) for d, c in presented])
+            self.side_by_side([functools.partial(self.solver.cleanup, d, c.chall, key) for d, c in presented])
         if order.status.name == "invalid":
             for url, _authz in authzs:
                 authz = messages.Authorization.from_json(_get(self.client, url).json())
@@ -513,7 +516,7 @@ class _Order:
             self.solver.present(domain, challb.chall, key)
             presented.append((domain, challb))
 
-        self.side_by_side([lambda d=d, c=c: one(d, c) for d, c in work])
+        self.side_by_side([functools.partial(one, d, c) for d, c in work])
 
     def side_by_side(self, calls: Sequence[Callable[[], None]]) -> None:
         """Run ``calls``; hooks (dns-01: a process each) run in parallel, the rest in turn.
@@ -566,6 +569,7 @@ class _Order:
             return AcmeError(f"{self.doing}: the authorization for {name} is {authz.status.name} "
                              "without a reason from the CA; will retry", transient=True)
         problem = failed.error
+        assert problem is not None  # chosen above for its error
         code = problem_code(problem)
         final = code in _FINAL_CHALLENGE_PROBLEMS
         return ChallengeFailed(
@@ -589,7 +593,7 @@ def _where(step: str) -> Iterator[None]:
         yield
     except messages.Error as e:
         if getattr(e, "certd_where", None) is None:
-            e.certd_where = step  # type: ignore[attr-defined]
+            e.certd_where = step
         raise
 
 

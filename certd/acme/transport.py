@@ -283,7 +283,9 @@ class AcmeNetwork(acme_client.ClientNetwork):
     def __init__(self, key: jose.JWK | None, *, alg: jose.JWASignature, verify_ssl: bool | str,
                  user_agent: str, timeout: int, lean: bool = True,
                  on_request: Callable[[float], None] | None = None, clock: Clock | None = None) -> None:
-        super().__init__(key, alg=alg, verify_ssl=verify_ssl, user_agent=user_agent, timeout=timeout)
+        # verify_ssl: a CA bundle's path too (requests takes either); acme annotates it bool.
+        super().__init__(key, alg=alg, verify_ssl=verify_ssl,  # type: ignore[arg-type]
+                         user_agent=user_agent, timeout=timeout)
         # Told the duration of every HTTP request (answered or not), for the metrics.
         self._on_request, self._clock = on_request, clock
         if lean:
@@ -322,7 +324,8 @@ class AcmeNetwork(acme_client.ClientNetwork):
                     raise
                 log.debug("badNonce (attempt %d); retrying with a fresh nonce", attempt)
 
-    def _wrap_in_jws(self, obj: jose.JSONDeSerializable | None, nonce: bytes, url: str) -> str:
+    def _wrap_in_jws(self, obj: jose.JSONDeSerializable | None, nonce: bytes,  # type: ignore[override]
+                     url: str) -> str:
         """RFC 8555 §6.2 flattened JWS, built directly: josepy's object model costs ~1 ms a request.
 
         Same result as the library's: protected header {alg, nonce, url, kid | jwk}, compact JSON.

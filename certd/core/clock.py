@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 import time
 from datetime import datetime, timedelta, timezone
-from typing import Protocol
+from typing import Protocol, overload
 
 
 class Clock(Protocol):
@@ -68,6 +68,12 @@ def utc(dt: datetime) -> datetime:
     return dt.replace(tzinfo=timezone.utc) if dt.tzinfo is None else dt.astimezone(timezone.utc)
 
 
+@overload
+def isoformat(dt: datetime) -> str: ...
+@overload
+def isoformat(dt: None) -> None: ...
+@overload
+def isoformat(dt: datetime | None) -> str | None: ...
 def isoformat(dt: datetime | None) -> str | None:
     """ISO 8601 UTC with a ``Z``, second precision; None stays None."""
     if dt is None:

@@ -402,7 +402,7 @@ class Daemon:
             raise UsageError("names must be a list of strings")
         return self.manager.select(names or [])
 
-    def _api_status(self, caller: Caller, query: dict[str, Any]) -> dict[str, Any]:
+    def _api_status(self, caller: Caller, query: dict[str, Any]) -> dict[str, Any] | Preformatted:
         certs, runs = self._select(query.get("name")), self.scheduler.next_runs()
         if query.get("format") == ["lines"]:  # the CLI prints it as it is (status --json)
             return Preformatted(rows_document("certificates", [

@@ -108,7 +108,7 @@ class _Facts:
         if self.revoked:
             return "revoked"  # still served until an operator acts
         if blocked:
-            return self.row["failure_kind"]  # held | rate_limited: waiting for retry_after
+            return str(self.row["failure_kind"])  # held | rate_limited: waiting for retry_after
         if self.expiring_at is not None and now >= self.expiring_at:
             return "expiring"
         return "failing" if self.row["failures"] else "ok"

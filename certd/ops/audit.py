@@ -147,8 +147,8 @@ class AuditLog:
                 with self._queue_lock:
                     batch, self._queue = self._queue, []
                 try:
-                    for pending, record in zip(batch, self._append_locked([p.fields for p in batch])):
-                        pending.record = record
+                    for pending, appended in zip(batch, self._append_locked([p.fields for p in batch])):
+                        pending.record = appended
                 except BaseException as e:  # noqa: BLE001 - every caller in the batch gets the failure
                     for pending in batch:
                         pending.error = e

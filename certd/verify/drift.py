@@ -116,9 +116,9 @@ def check(cert: CertificateConfig, store: Store, *, probe_timeout: float = PROBE
         found.append(Mismatch("deployed", name, f"{name}: cannot check the deployed files: {e}"))
     for ep in cert.verify:
         served = verify.probe(ep, timeout=probe_timeout)
-        line = _served_problem(name, served, info.fingerprint_sha256, info.serial, current)
-        if line:
-            found.append(Mismatch("served", f"{ep.host}:{ep.port}", line))
+        problem = _served_problem(name, served, info.fingerprint_sha256, info.serial, current)
+        if problem:
+            found.append(Mismatch("served", f"{ep.host}:{ep.port}", problem))
     return CertDrift(name, current, info.serial, tuple(found))
 
 
