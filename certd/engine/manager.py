@@ -33,7 +33,8 @@ from certd.core.errors import CANotReachable, CertdError, OperationFailed, Store
 from certd.core.events import EventBus, LifecycleEvent
 from certd.acme.issuer import Issuer, ari_cert_id
 from certd.ops.log import event
-from certd.engine.planning import CertState, Planner
+from certd.engine.attempts import CertState
+from certd.engine.planning import Planner
 from certd.core.rotation import Journal, Step
 from certd.store.files import FileStore, Store, StoredVersion
 

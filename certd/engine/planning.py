@@ -9,12 +9,13 @@ import json
 import logging
 import random
 from collections.abc import Hashable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from datetime import datetime, timedelta
 from typing import Any, Callable
 
 from certd.engine import attempts
+from certd.engine.attempts import CertState as CertState  # its home is attempts; importable here too
 from certd.core import policy
 from certd.core import retry
 from certd.engine import revocation
@@ -33,39 +34,6 @@ log = logging.getLogger("certd")
 
 ARI_POLL = "poll ACME Renewal Information"  # plan()'s reason when the next look is only an ARI poll
 BROKEN_RECHECK = timedelta(minutes=10)  # how soon a broken certificate is looked at again
-
-
-@dataclass
-class CertState:
-    """Per-certificate scheduling facts kept between runs (no key material)."""
-
-    failures: int = 0
-    last_failure: str | None = None
-    last_error: str | None = None
-    last_result: str | None = None
-    last_attempt: str | None = None
-    last_success: str | None = None
-    ca_unreachable: bool = False               # the last failure was "CA not reachable"
-    ari: dict[str, Any] | None = None          # {"serial", "start", "end", "retry_after"}
-    # the last failure's kind (see certd.core.retry and certd.engine.attempts) and the earliest next try
-    failure_kind: str | None = None
-    kind_failures: int = 0                     # failures of that kind in a row
-    problem: str | None = None                 # the CA's problem type (short form), if any
-    retry_after: str | None = None             # ISO 8601: no attempt before (held, rate_limited)
-    fix: str | None = None                     # what an operator does about a hold
-    issued: list[dict[str, Any]] | None = None  # [{"at", "names"}] this rolling week (duplicate limit)
-    forced_retry: str | None = None            # a forced renewal failed: the daemon retries it (backoff)
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any] | None) -> CertState:
-        if not d:
-            return cls()
-        known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in d.items() if k in known})
-
-    def to_json(self) -> dict[str, Any]:
-        return dict(self.__dict__)
 
 
 @dataclass(frozen=True)
