@@ -1,4 +1,4 @@
-"""The command line (CONTRACT.md): parse, run one command, map errors to exit codes.
+"""The command line (docs/CONTRACT.md): parse, run one command, map errors to exit codes.
 
 Exit codes: 0 success or nothing to do; 1 an operation failed (renewal, verification, rollback
 happened); 2 usage or configuration error. Errors are one line on stderr; ``--debug`` adds the

@@ -197,7 +197,8 @@ def advance(j: Journal, action: Action, error: str | None, now: datetime) -> Jou
 
 
 class Effects(Protocol):
-    """The edges a rotation drives; implemented for real in certd.engine.manager, by fakes in tests.
+    """The edges a rotation drives; implemented for real by certd.engine.effects.RotationEffects
+    (deploy, reload hooks, handshake, store), by fakes in tests.
 
     Every method must be idempotent: after a crash it may run again for the same version.
     Failures are raised as :class:`certd.core.errors.OperationFailed`.

@@ -2,7 +2,7 @@
 
 Anybody in the control group can type a ``--reason``; a CA or a hook can put anything in an
 error. Such text reaches the daemon's log (one line per record: the journal, and the
-``audit_record`` line the README calls the audit chain's external anchor) and the operator's
+``audit_record`` line docs/COMMANDS.md calls the audit chain's external anchor) and the operator's
 terminal (``status``, ``history``). A newline there forges a log line; an ESC sequence hides or
 fakes table rows. So every place that *shows* text escapes it (:func:`escape`), and a reason is
 refused at the door (:func:`check_reason`) if it is not a short line of printable text. The

@@ -21,7 +21,11 @@ from certd.store.files import Store
 
 
 class RotationEffects:
-    """rotation.Effects for one certificate, on the real edges."""
+    """:class:`certd.core.rotation.Effects` for one certificate, on the real edges: ``stage`` and
+    ``switch`` write the deploy targets (certd.deploy; the switch waits while nginx reads its
+    certificates), ``reload`` runs the configured hooks (certd.reload), ``verify`` handshakes
+    the endpoints (certd.verify), ``commit`` moves the store's current pointer. Pruning old
+    versions and destroying compromised keys after a commit are the manager's, not these."""
 
     def __init__(self, store: Store, clock: Clock, events: EventBus, cert: CertificateConfig, *,
                  repair: bool = False) -> None:

@@ -104,7 +104,7 @@ class Manager:
         return self.planner.plan(cert)
 
     def status(self, cert: CertificateConfig) -> dict[str, Any]:
-        """One ``status --json`` row (see CONTRACT.md); no network I/O."""
+        """One ``status --json`` row (see docs/CONTRACT.md); no network I/O."""
         return self.planner.status(cert)
 
     def status_json(self, cert: CertificateConfig, next_run: str | None = None) -> str:

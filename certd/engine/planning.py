@@ -104,7 +104,7 @@ class Planner:
         return when, why
 
     def status(self, cert: CertificateConfig) -> dict[str, Any]:
-        """One ``status --json`` row (see CONTRACT.md); no network I/O.
+        """One ``status --json`` row (see docs/CONTRACT.md); no network I/O.
 
         Rows come from the facts cache (see _Facts: four syscalls per certificate instead of
         three JSON files and a policy decision, so status over 10,000 certificates takes a

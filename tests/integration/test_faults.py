@@ -279,7 +279,7 @@ def test_nginx_crashing_and_restarted_by_its_supervisor_mid_rotation(
     def supervise() -> None:
         """Restart nginx whenever it is down, like systemd's Restart=always. A start that reads
         the live directory's fullchain.pem before a switch and its privkey.pem after it fails
-        ("key values mismatch"; only one combined file avoids that, see the README) and is
+        ("key values mismatch"; only one combined file avoids that, see docs/ROTATION.md) and is
         simply tried again, as systemd would."""
         while not stop.is_set():
             if not site.nginx.alive:
