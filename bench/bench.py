@@ -70,7 +70,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from certd import config as config_mod  # noqa: E402
-from certd import log as logmod  # noqa: E402
+from certd.ops import log as logmod  # noqa: E402
 from certd.daemon.control import ControlClient  # noqa: E402
 from certd.daemon.service import ARI_START_RATE  # noqa: E402
 from certd.daemon.wiring import build_manager  # noqa: E402
@@ -277,8 +277,8 @@ def bench_limit_parallel(fast: PebbleEnv, count: int, res: Results) -> None:
     lc = LimitClient(fast.directory_url, str(fast.ca_bundle))
     lc.run([f"{n}.example.test" for n in names("limit-warm", 3)], 1)
     par = lc.run([f"{n}.example.test" for n in names(f"limit-par{len(res.limit)}", count)], 8)
-    res.limit.setdefault("par_runs", []).append(par.per_second)  # type: ignore[union-attr]
-    res.limit["par_per_s"] = statistics.mean(res.limit["par_runs"])  # type: ignore[arg-type]
+    res.limit.setdefault("par_runs", []).append(par.per_second)
+    res.limit["par_per_s"] = statistics.mean(res.limit["par_runs"])
     say(f"  {par.per_second:.1f} certs/s")
 
 
@@ -545,8 +545,8 @@ def report(res: Results, sizes: Sizes) -> str:
         line("one certificate in-process, real", f"{single['real_ms']:.1f} ms/cert",
              f"(limit {lim['seq_real_ms']:.1f} ms)")
     for key, b in batch.items():
-        label, n = key.rsplit("_", 1)
-        line(f"renew --all --force, {n} certs, {label}", f"{b['seconds']:.2f} s = {b['per_s']:.1f}/s",
+        label, count = key.rsplit("_", 1)
+        line(f"renew --all --force, {count} certs, {label}", f"{b['seconds']:.2f} s = {b['per_s']:.1f}/s",
              f"CPU/cert certd {b['cpu_ms_per_cert']:.0f} ms, Pebble {b['pebble_cpu_ms_per_cert']:.0f} ms")
     fast_batches = [b for k, b in batch.items() if k.startswith("fast_")]
     if fast_batches and "par_per_s" in lim:

@@ -106,7 +106,9 @@ class LimitClient:
             thread.join()
 
     def _net(self, account: Any) -> client.ClientNetwork:
-        return client.ClientNetwork(self.key, account=account, alg=jose.ES256, verify_ssl=self.ca_bundle,
+        # verify_ssl: requests takes a CA bundle's path too; acme annotates it bool
+        return client.ClientNetwork(self.key, account=account, alg=jose.ES256,
+                                    verify_ssl=self.ca_bundle,  # type: ignore[arg-type]
                                     user_agent="certd-bench-limit")
 
     def _client(self) -> client.ClientV2:

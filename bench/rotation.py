@@ -28,8 +28,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from certd import certcheck, config as config_mod, keys  # noqa: E402
-from certd import log as logmod  # noqa: E402
+from certd import config as config_mod  # noqa: E402
+from certd.crypto import certcheck, keys  # noqa: E402
+from certd.ops import log as logmod  # noqa: E402
 from certd.engine.manager import Manager  # noqa: E402
 from tests.support.certd_env import CertdEnv  # noqa: E402
 from tests.support.pebble_fixtures import PebbleEnv  # noqa: E402

@@ -290,9 +290,9 @@ def main() -> int:
             supervisor.keep_running()
             if now >= next_report:
                 with watch.lock:
-                    probes, bad = sum(watch.counts.values()), len(watch.bad)
+                    probes, nbad = sum(watch.counts.values()), len(watch.bad)
                 rotations = sum((v or 0) - (before[n] or 0) for n, v in current_versions(env.state_dir, names).items())
-                say(f"{(now - t0) / 60:.1f} min: {rotations} rotations, {probes} probes, {bad} bad, "
+                say(f"{(now - t0) / 60:.1f} min: {rotations} rotations, {probes} probes, {nbad} bad, "
                     f"{len(watch.missed)} missed, longest past renewal point {watch.longest_overdue:.1f} s")
                 next_report = now + 30
             time.sleep(0.1)
@@ -307,7 +307,8 @@ def main() -> int:
         now_epoch = time.time()
         stale = []   # certificates whose current version is past its emergency point right now
         for n in names:
-            info = store.load(n, after[n]).bundle.info if after[n] is not None else None
+            version = after[n]
+            info = store.load(n, version).bundle.info if version is not None else None
             if info is None or now_epoch > info.not_after.timestamp() - (info.lifetime_seconds / 10):
                 stale.append(n)
         counts = log_counts(supervisor.proc.log_text())

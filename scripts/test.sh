@@ -5,7 +5,7 @@
 # The linters (configured in pyproject.toml) run first, each timed, and any finding fails the
 # run before pytest starts:
 #   ruff check   style and likely bugs (E, F, W, B, UP) in certd/, tests/, bench/, scripts/
-#   mypy         types: strict for certd.core and certd.engine, normal for the rest of certd/
+#   mypy         types: strict for certd.core and certd.engine, normal for the rest of certd/ and bench/
 #   lint-imports the layers core <- config <- edges <- engine <- daemon <- cli, and no cycles
 # CERTD_LINT=0 skips them (e.g. while iterating on one test file).
 #
