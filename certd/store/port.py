@@ -28,6 +28,15 @@ the newest. What an implementation must guarantee:
   finalize), which fencing cannot protect.
 - An implementation may free a lease early when it *knows* the holder died (FileStore: the
   kernel drops the holder's ``flock``), never because it merely looks idle.
+- Expiry is judged by **the store's clock** (a shared database's, not each node's: nodes'
+  clocks disagree); :attr:`Lease.expires` is on that clock, so a caller must not compare it
+  with its own. Tests inject the store's clock (a FakeClock; a database takes "now" as a query
+  parameter only then).
+- Atomic means atomic against a concurrent grant: checked by the PostgreSQL spike, a token
+  compared in a ``WHERE`` and then written, without locking the lease row (``SELECT ... FOR
+  SHARE`` in the write's transaction), lets the write commit after a takeover. FileStore does
+  the check and the write under one ``flock``; MemoryStore under one mutex.
+- Lease records are never deleted, only released: deleting one would restart its tokens.
 
 Compare-and-set state
 ---------------------
@@ -35,6 +44,9 @@ Compare-and-set state
 succeeds only if the state still has that etag (``None``: "there is no state yet") and raises
 :class:`Conflict` otherwise; the caller reads again and re-applies its change. No blind
 read-modify-write: two processes updating the ARI cache and the failure count cannot lose one.
+Etags are opaque strings: FileStore uses a hash of the file's bytes (so files written by older
+releases need no change), a database a generation counter (``UPDATE ... SET etag = etag + 1
+WHERE name = $1 AND etag = $2 RETURNING etag``).
 
 Desired and applied
 -------------------
@@ -50,8 +62,10 @@ Change feed
 :meth:`ChangeFeed.subscribe` yields "certificate X has desired version N", coalesced: a
 subscriber may miss intermediate versions but always sees the latest one of every certificate
 that changed since its previous call. Implementations may be polling-backed (files) or
-notification-backed (PostgreSQL LISTEN, paired with a periodic reconcile because a notification
-to a disconnected listener is lost); the contract is the same.
+notification-backed, but the answer always comes from reading the desired versions: a
+PostgreSQL LISTEN only wakes the subscriber early (a notification to a disconnected listener
+is lost, and it is delivered at commit only). A subscription may hold a connection of its
+own, hence :meth:`Subscription.close`.
 """
 
 from __future__ import annotations
