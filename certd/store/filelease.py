@@ -135,8 +135,9 @@ class FileLeases:
                             f"directory, then remove the file") from None
 
     @staticmethod
-    def _write(d: Path, rec: dict[str, Any]) -> None:
-        fsutil.atomic_write(d / LEASE_FILE, json.dumps(rec, sort_keys=True).encode() + b"\n", mode=0o600)
+    def _write(d: Path, rec: dict[str, Any], *, durable: bool = True) -> None:
+        fsutil.atomic_write(d / LEASE_FILE, json.dumps(rec, sort_keys=True).encode() + b"\n", mode=0o600,
+                            durable=durable)
 
     # -- the contract -------------------------------------------------------------------------
 
@@ -190,7 +191,9 @@ class FileLeases:
             with self._guard(lease.name) as d:
                 rec = self._read(d)
                 if rec["token"] == lease.token and rec.get("owner") is not None:
-                    self._write(d, {**rec, "owner": None, "expires": 0.0})
+                    # Not durable: a release lost to a crash leaves a record whose flock died with
+                    # its holder, which the next lease() treats as free anyway.
+                    self._write(d, {**rec, "owner": None, "expires": 0.0}, durable=False)
         finally:
             with self._mutex:
                 fd = self._holds.pop((lease.name, lease.token), None)

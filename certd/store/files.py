@@ -88,10 +88,12 @@ class FileStore(VersionFiles):
         self._audit: AuditLog | None = None
         self._bound: dict[str, Lease] = {}  # name -> lease taken by lock() (single-host adapter)
         self._mutex = threading.Lock()
-        migrate.on_open(self)
+        #: False once the directory is known to be format 2: no journal in the old place then.
+        self._old_journals = not migrate.on_open(self)
 
     def _created(self) -> None:
         migrate.mark_current(self.root)  # nothing to migrate in a directory this release made
+        self._old_journals = False
 
     # -- leases ------------------------------------------------------------------------------
 
@@ -141,9 +143,13 @@ class FileStore(VersionFiles):
         self.set_applied(self.node, name, version)
 
     def _node_dir(self, node: str, name: str) -> Path:
-        if not fileio.NAME_RE.fullmatch(node):
+        return Path(self._node_path(node, name))
+
+    def _node_path(self, node: str, name: str) -> str:
+        """``_node_dir`` as a string (the journal is read per certificate by ``status``)."""
+        if node != self.node and not fileio.NAME_RE.fullmatch(node):
             raise ValueError(f"invalid node name {node!r}")
-        return self._cert_dir(name) / "nodes" / node
+        return f"{self._cert_path(name)}/nodes/{node}"
 
     def _ensure_node_dir(self, node: str, name: str) -> Path:
         d = self._node_dir(node, name)
@@ -154,12 +160,13 @@ class FileStore(VersionFiles):
         return d
 
     def applied(self, node: str, name: str) -> int | None:
+        path = f"{self._node_path(node, name)}/applied"
         try:
-            raw = fileio.read(os.fspath(self._node_dir(node, name) / "applied"))
+            raw = fileio.read(path)
         except FileNotFoundError:
             return None
         except OSError as e:
-            raise fsutil.store_error(e, self._node_dir(node, name) / "applied", "read") from e
+            raise fsutil.store_error(e, path, "read") from e
         text = raw.decode("ascii", "replace").strip()
         return int(text) if text.isdigit() else None
 
@@ -175,8 +182,8 @@ class FileStore(VersionFiles):
     # -- journals ----------------------------------------------------------------------------
 
     def load_rotation(self, node: str, name: str) -> dict[str, Any] | None:
-        found = fileio.load_obj(os.fspath(self._node_dir(node, name) / "journal.json"), "rotation journal")
-        if found is None and node == self.node:  # not migrated yet (certd.store.migrate): the old place
+        found = fileio.load_obj(f"{self._node_path(node, name)}/journal.json", "rotation journal")
+        if found is None and node == self.node and self._old_journals:  # not migrated yet (certd.store.migrate): the old place
             found = fileio.load_obj(f"{self._cert_path(name)}/journal.json", "rotation journal")
         return found
 
@@ -187,7 +194,7 @@ class FileStore(VersionFiles):
         with self._fence(name, lease):
             if journal is None:
                 fileio.remove(path)
-                if node == self.node:
+                if node == self.node and self._old_journals:
                     fileio.remove(self._cert_dir(name) / "journal.json")  # format 1's, if any
             else:
                 fsutil.atomic_write(path, fileio.json_bytes(journal), mode=0o600)

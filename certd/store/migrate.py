@@ -61,19 +61,23 @@ def format_of(root: Path) -> int:
                          f"migrate again)") from None
 
 
-def on_open(store: FileStore) -> None:
+def on_open(store: FileStore) -> bool:
     """Migrate ``store``'s directory if it is older than :data:`FORMAT` and certd may write it
-    (a read-only open, e.g. by an operator, reads the old layout through the fallbacks)."""
+    (a read-only open, e.g. by an operator, reads the old layout through the fallbacks).
+    True when the directory is now in the current format."""
     root = store.root
     found = format_of(root)
     if found > FORMAT:
         raise StoreError(f"{root} was written by a newer certd (store format {found}); upgrade certd")
-    if found == FORMAT or not (root / "certs").is_dir() or not os.access(root, os.W_OK | os.X_OK):
-        return
+    if found == FORMAT:
+        return True
+    if not (root / "certs").is_dir() or not os.access(root, os.W_OK | os.X_OK):
+        return False
     with flocked(root / ".migrate.lock", store._clock, LOCK_WAIT,
                  f"another certd process has been migrating {root} for {LOCK_WAIT:g}s; try again"):
         if format_of(root) < FORMAT:  # the other process may have finished it meanwhile
-            run(store)
+            return run(store)
+    return True
 
 
 def run(store: FileStore) -> bool:
