@@ -50,8 +50,9 @@ class FileAccounts:
         for p in (self.root, adir.parent):
             fsutil.ensure_dir(p, 0o700 if p != self.root else self._dir_mode, gid=self._gid if p == self.root else -1)
         path = adir.parent / (adir.name + ".lock")
-        return flocked(path, self._clock, timeout, f"another certd process has been registering the ACME account "
-                                                   f"for {directory_url} for {timeout:g}s (lock {path}); try again later")
+        busy = (f"another certd process has been registering the ACME account for {directory_url} for "
+                f"{timeout:g}s (lock {path}); try again later")
+        return flocked(path, self._clock, timeout, busy)
 
     def save_account(self, directory_url: str, key_pem: bytes, registration_json: str) -> None:
         """Key (0600) first, registration last: a saved registration always has its key."""

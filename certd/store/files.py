@@ -183,7 +183,7 @@ class FileStore(VersionFiles):
 
     def load_rotation(self, node: str, name: str) -> dict[str, Any] | None:
         found = fileio.load_obj(f"{self._node_path(node, name)}/journal.json", "rotation journal")
-        if found is None and node == self.node and self._old_journals:  # not migrated yet (certd.store.migrate): the old place
+        if found is None and node == self.node and self._old_journals:  # not migrated yet: the old place
             found = fileio.load_obj(f"{self._cert_path(name)}/journal.json", "rotation journal")
         return found
 

@@ -109,7 +109,8 @@ class VersionFiles:
             raise fsutil.store_error(e, link, "read") from e
         m = _CURRENT_RE.fullmatch(target)
         if not m:
-            raise StoreError(f"{link} points at {target!r}, not versions/NNNN; point it at an existing version or remove it")
+            raise StoreError(f"{link} points at {target!r}, not versions/NNNN; point it at an existing version "
+                             f"or remove it")
         return int(m.group(1))
 
     current = desired  # the single-host name (certd.store.port.Store)

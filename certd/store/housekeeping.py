@@ -4,7 +4,8 @@ tighten a state directory someone left group- or world-accessible.
 
 A process SIGKILLed between creating a temporary file and renaming it leaves
 ``.journal.json.tmp-*`` / ``.state.json.tmp-*`` / ``.lease.json.tmp-*`` / ``.order.key.tmp-*``
-(``certs/NAME/``, and the journal in ``certs/NAME/nodes/NODE/``), ``.audit.head.tmp-*`` (the state dir) or a staging directory ``.NAME.versions/.NNNN.tmp-*`` that may hold a private key.
+(``certs/NAME/``, and the journal in ``certs/NAME/nodes/NODE/``), ``.audit.head.tmp-*`` (the
+state dir) or a staging directory ``.NAME.versions/.NNNN.tmp-*`` that may hold a private key.
 Nothing else ever removes the state dir's leftovers, and a staging directory lingered until
 that certificate's next stage. :func:`sweep` runs when the daemon is ready and after each
 rotation.

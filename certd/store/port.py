@@ -52,10 +52,11 @@ Desired and applied
 -------------------
 ``desired(name)`` is the version every node should serve (fleet-wide, written under the lease);
 ``applied(node, name)`` is what one node last switched to (written by that node alone, so not
-fenced by the certificate's lease). On one host they differ only while a rotation is in flight. The rotation journal (stage/switch/reload/verify) belongs to a
-(node, certificate); the **order journal** belongs to the certificate, so another process (in a
-fleet, another node) can resume an interrupted order: it holds the order URL and the new key,
-stored 0600 like every key, written before finalize.
+fenced by the certificate's lease). On one host they differ only while a rotation is in flight.
+The rotation journal (stage/switch/reload/verify) belongs to a (node, certificate); the
+**order journal** belongs to the certificate, so another process (in a fleet, another node) can
+resume an interrupted order: it holds the order URL and the new key, stored 0600 like every
+key, written before finalize.
 
 Change feed
 -----------

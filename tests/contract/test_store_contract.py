@@ -11,7 +11,7 @@ from certd.core.clock import FakeClock
 from certd.core.errors import LockBusy, StoreError
 from certd.core.events import LifecycleEvent
 from certd.store.files import LEGACY_TTL
-from certd.store.port import Conflict, DesiredChange, Fenced, LeaseLost, OrderJournal
+from certd.store.port import Conflict, DesiredChange, Fenced, LeaseLost, OrderJournal, StorePort
 from tests.contract.backends import BACKENDS
 from tests.support.certs import make_bundle
 
@@ -319,3 +319,8 @@ def test_accounts_round_trip_and_registration_lock(opener):
 def test_audit_sink_accepts_lifecycle_events(store, clock):
     """The audit sink reachable through the store takes a lifecycle event."""
     store.audit(LifecycleEvent("issued", "www", clock.now(), version=1))
+
+
+def test_the_store_has_every_member_of_the_port(store):
+    """Every backend offers the whole StorePort (a member missing fails here, not in the engine)."""
+    assert isinstance(store, StorePort)
