@@ -18,6 +18,11 @@ have today), and a certd of the previous release, which only knows ``lock``, sti
 and is excluded. A lease is therefore free when nobody holds ``lock`` (its holder released or
 died) *or* when its TTL ran out by the clock (its holder stalled: the new owner takes over
 without the flock, and the stalled one is fenced from then on).
+
+Known limits: a lease taken over from a stalled holder has no flock, so if its new owner dies
+the certificate stays busy until that lease's TTL; and a process stopped *inside* a fenced write
+(it holds ``lease.lock`` for that write's few syscalls) makes the others wait until it resumes
+or dies — the price of making the token check and the write one step on a plain filesystem.
 """
 
 from __future__ import annotations
