@@ -71,7 +71,7 @@ own, hence :meth:`Subscription.close`.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Hashable
+from collections.abc import Callable, Collection, Hashable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -226,6 +226,28 @@ class StorePort(Leases, Versions, Pointers, Journals, StateStore, ChangeFeed, Ac
 
     @property
     def audit(self) -> AuditSink: ...
+
+
+def update_state(store: StateStore, name: str, change: Callable[[dict[str, Any]], None], *,
+                 lease: Lease | None = None, attempts: int = 8) -> dict[str, Any]:
+    """Read the state, apply ``change`` (in place) and write it back by compare-and-set, again
+    from a fresh read on :class:`Conflict`; returns the state written. What a caller that writes
+    outside the certificate's lease (the ARI cache refreshed by ``status``) should use instead
+    of a blind save. :class:`Conflict` after ``attempts`` lost races."""
+    for _ in range(attempts - 1):
+        state, etag = store.read_state(name)
+        state = dict(state or {})
+        change(state)
+        try:
+            store.write_state(name, state, expected=etag, lease=lease)
+            return state
+        except Conflict:
+            continue
+    state, etag = store.read_state(name)
+    state = dict(state or {})
+    change(state)
+    store.write_state(name, state, expected=etag, lease=lease)
+    return state
 
 
 class Store(Protocol):

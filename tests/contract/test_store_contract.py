@@ -11,7 +11,7 @@ from certd.core.clock import FakeClock
 from certd.core.errors import LockBusy, StoreError
 from certd.core.events import LifecycleEvent
 from certd.store.files import LEGACY_TTL
-from certd.store.port import Conflict, DesiredChange, Fenced, LeaseLost, OrderJournal, StorePort
+from certd.store.port import Conflict, DesiredChange, Fenced, LeaseLost, OrderJournal, StorePort, update_state
 from tests.contract.backends import BACKENDS
 from tests.support.certs import make_bundle
 
@@ -229,6 +229,22 @@ def test_concurrent_cas_loses_no_update(opener):
     for t in threads:
         t.join(timeout=60)
     assert clients[0].read_state("www")[0] == {"n": 120}
+
+
+def test_update_state_merges_concurrent_changes(opener):
+    """update_state re-reads on Conflict, so two clients changing different keys both land."""
+    clients = [opener(f"node{i}") for i in range(4)]
+
+    def note(s, key: str) -> None:
+        for i in range(10):
+            update_state(s, "www", lambda st, i=i: st.update({key: i, "n": st.get("n", 0) + 1}), attempts=1000)
+    threads = [threading.Thread(target=note, args=(s, f"k{j}")) for j, s in enumerate(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    state = clients[0].read_state("www")[0]
+    assert state == {"k0": 9, "k1": 9, "k2": 9, "k3": 9, "n": 40}
 
 
 # --- desired and applied, journals -----------------------------------------------------------
