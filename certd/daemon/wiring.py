@@ -15,8 +15,9 @@ from certd.ops.alerts import Alerter
 from certd.ops.metrics import Metrics
 from certd.core.clock import Clock, SystemClock
 from certd.config import Config
-from certd.core.events import EventBus
+from certd.core.events import EventBus, Sink
 from certd.engine.manager import Manager, whoami
+from certd.store.files import FileStore
 
 
 @dataclass
@@ -46,9 +47,11 @@ def build_sinks(config: Config, clock: Clock, *, daemon: bool) -> Sinks:
     return Sinks(alerts, Metrics(config, clock) if daemon else None)
 
 
-def build_events(config: Config, clock: Clock, *, daemon: bool, sinks: Sinks | None = None) -> EventBus:
+def build_events(config: Config, clock: Clock, *, daemon: bool, sinks: Sinks | None = None,
+                 audit_sink: Sink | None = None) -> EventBus:
     """The event bus with every configured sink subscribed. ``daemon`` is True for ``certd run``
-    (long-lived sinks such as the metrics endpoint belong there only)."""
+    (long-lived sinks such as the metrics endpoint belong there only); ``audit_sink``: the
+    store's (the state directory's audit log when not given)."""
     bus = EventBus()
     sinks = sinks or build_sinks(config, clock, daemon=daemon)
     if sinks.alerts is not None:
@@ -56,7 +59,7 @@ def build_events(config: Config, clock: Clock, *, daemon: bool, sinks: Sinks | N
     if sinks.metrics is not None:
         bus.subscribe(sinks.metrics.on_event)
         bus.subscribe_measurements(sinks.metrics.on_measure)
-    bus.subscribe(audit.open_for(config.daemon.state_dir, config.daemon.control_group))
+    bus.subscribe(audit_sink or audit.open_for(config.daemon.state_dir, config.daemon.control_group))
     return bus
 
 
@@ -64,8 +67,10 @@ def build_manager(config: Config, *, clock: Clock | None = None, daemon: bool = 
                   lock_timeout: float = 0.0, sinks: Sinks | None = None) -> Manager:
     clock = clock or SystemClock()
     loose_mode = housekeeping.secure_state_dir(config.daemon.state_dir)  # before anything is read or written
-    manager = Manager(config, clock=clock, lock_timeout=lock_timeout,
-                      events=build_events(config, clock, daemon=daemon, sinks=sinks))
+    # The store's own clock stays the system's: lease expiry must not follow a test's fake clock.
+    store = FileStore(config.daemon.state_dir, audit_group=config.daemon.control_group)
+    manager = Manager(config, store=store, clock=clock, lock_timeout=lock_timeout,
+                      events=build_events(config, clock, daemon=daemon, sinks=sinks, audit_sink=store.audit))
     if loose_mode is not None:
         manager.emit("state_dir_tightened", "", initiator=whoami(), reason=f"state_dir had mode {loose_mode:04o}",
                      detail={"path": str(config.daemon.state_dir), "old_mode": f"{loose_mode:04o}", "mode": "0700"})

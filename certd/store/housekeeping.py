@@ -3,7 +3,8 @@
 tighten a state directory someone left group- or world-accessible.
 
 A process SIGKILLed between creating a temporary file and renaming it leaves
-``.journal.json.tmp-*`` / ``.state.json.tmp-*`` (``certs/NAME/``), ``.audit.head.tmp-*`` (the
+``.journal.json.tmp-*`` / ``.state.json.tmp-*`` / ``.lease.json.tmp-*`` / ``.order.key.tmp-*``
+(``certs/NAME/``, and the journal in ``certs/NAME/nodes/NODE/``), ``.audit.head.tmp-*`` (the
 state dir) or a staging directory ``.NAME.versions/.NNNN.tmp-*`` that may hold a private key.
 Nothing else ever removes the state dir's leftovers, and a staging directory lingered until
 that certificate's next stage. :func:`sweep` runs when the daemon is ready and after each
@@ -37,8 +38,10 @@ from certd.ops.log import event
 log = logging.getLogger("certd.housekeeping")
 
 TMP_INFIX = ".tmp-"  # as certd.fs.ops.temp_name makes them
-STATE_DIR_TEMPS = (".audit.head.tmp-",)
-CERT_DIR_TEMPS = (".journal.json.tmp-", ".state.json.tmp-")
+STATE_DIR_TEMPS = (".audit.head.tmp-", ".store.json.tmp-", ".migration.json.tmp-")
+CERT_DIR_TEMPS = (".journal.json.tmp-", ".state.json.tmp-", ".lease.json.tmp-", ".order.json.tmp-",
+                  ".order.key.tmp-")
+NODE_DIR_TEMPS = (".journal.json.tmp-", ".applied.tmp-")  # certs/NAME/nodes/NODE/ (store format 2)
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _ZEROS = b"\0" * 65536
 
@@ -51,6 +54,8 @@ def sweep(config: Config, names: Collection[str] | None = None) -> list[str]:
     removed += sweep_dir(state_dir, STATE_DIR_TEMPS)
     for name in (_subdirs(state_dir / "certs") if names is None else names):
         removed += sweep_dir(state_dir / "certs" / name, CERT_DIR_TEMPS)
+        for node in _subdirs(state_dir / "certs" / name / "nodes"):
+            removed += sweep_dir(state_dir / "certs" / name / "nodes" / node, NODE_DIR_TEMPS)
     for cert in config.certificates:
         if names is not None and cert.name not in names:
             continue

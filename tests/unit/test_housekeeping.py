@@ -24,15 +24,18 @@ def make_config(tmp_path: Path) -> config.Config:
 
 def leftovers(tmp_path: Path) -> dict[str, Path]:
     state, certdir, versions = tmp_path / "state", tmp_path / "state/certs/www", tmp_path / "live/.www.versions"
-    for d in (certdir, versions):
+    nodedir = certdir / "nodes/host1"
+    for d in (certdir, versions, nodedir):
         d.mkdir(parents=True)
     paths = {
         "journal": certdir / ".journal.json.tmp-a1b2c3",
         "state": certdir / ".state.json.tmp-d4e5f6",
         "head": state / ".audit.head.tmp-0718ab",
         "staging": versions / ".0011.tmp-9f8e7d",
+        "node_journal": nodedir / ".journal.json.tmp-112233",
+        "order_key": certdir / ".order.key.tmp-445566",
     }
-    for key in ("journal", "state", "head"):
+    for key in ("journal", "state", "head", "node_journal", "order_key"):
         paths[key].write_bytes(b"{}")
     paths["staging"].mkdir()
     (paths["staging"] / "privkey.pem").write_bytes(KEY)
@@ -41,7 +44,8 @@ def leftovers(tmp_path: Path) -> dict[str, Path]:
 
 
 def test_stale_temporaries_are_removed_and_what_else_is_there_stays(tmp_path: Path) -> None:
-    """Journal, state, audit-head temporaries and a staging dir go; live files stay."""
+    """Journal (old and per-node), state, order-key, audit-head temporaries and a staging dir go;
+    live files stay."""
     cfg = make_config(tmp_path)
     paths = leftovers(tmp_path)
     keep = [tmp_path / "state/certs/www/journal.json", tmp_path / "state/audit.jsonl",

@@ -196,7 +196,7 @@ def test_journal_round_trip_and_removal(store, tmp_path):
     """save_journal writes a 0600 JSON file, load_journal reads it back, None removes it."""
     assert store.load_journal("www") is None
     store.save_journal("www", {"step": "staged", "to_version": 2})
-    path = tmp_path / "state" / "certs" / "www" / "journal.json"
+    path = tmp_path / "state" / "certs" / "www" / "nodes" / store.node / "journal.json"
     assert _mode(path) == 0o600
     assert store.load_journal("www") == {"step": "staged", "to_version": 2}
     store.save_journal("www", None)
@@ -207,7 +207,7 @@ def test_journal_round_trip_and_removal(store, tmp_path):
 def test_corrupt_journal_is_store_error(store, tmp_path):
     """A journal that is not a JSON object is a StoreError naming the file."""
     store.save_journal("www", {"x": 1})
-    (tmp_path / "state" / "certs" / "www" / "journal.json").write_text("[1, 2")
+    (tmp_path / "state" / "certs" / "www" / "nodes" / store.node / "journal.json").write_text("[1, 2")
     with pytest.raises(StoreError, match="journal.json"):
         store.load_journal("www")
 

@@ -1,0 +1,238 @@
+"""Numbered versions and the desired pointer on a local directory (part of FileStore).
+
+A version is written into a hidden ``.NNNN.tmp-*`` directory, every file fsynced, then renamed
+to ``NNNN``: a version directory is complete or absent, never half-written. Leftovers of a
+killed writer are removed (keys zeroed) by the next :meth:`VersionFiles.add_version`. The
+desired version is the ``current`` symlink (``versions/NNNN``), replaced by one rename().
+Every write here is fenced (:meth:`certd.store.filelease.FileLeases.fenced`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+from collections.abc import Collection, Iterator
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any
+
+from certd.core.errors import StoreError
+from certd.core.model import Bundle, CertInfo
+from certd.fs import ops as fsutil
+from certd.store import fileio
+from certd.store.fileio import INFO_KEY, NAME_RE, version_dirname
+from certd.store.port import Lease, StoredVersion, VersionInfo
+
+_CURRENT_RE = re.compile(r"versions/(\d+)/?")
+
+
+class VersionFiles:
+    """Versions and ``current`` of the certificates under ``root/certs``."""
+
+    root: Path
+    _certs: str
+    _dir_mode: int
+    _key_mode: int
+    _gid: int
+
+    def _fence(self, name: str, lease: Lease | None) -> AbstractContextManager[None]:
+        raise NotImplementedError
+
+    # -- paths -------------------------------------------------------------------------------
+
+    def _cert_dir(self, name: str) -> Path:
+        return Path(self._cert_path(name))
+
+    def _cert_path(self, name: str) -> str:
+        """``_cert_dir`` as a string: the read paths run per certificate (``status`` over
+        thousands), and building Path objects cost more than the reads themselves."""
+        if not NAME_RE.fullmatch(name):
+            raise ValueError(f"invalid certificate name {name!r}")
+        return f"{self._certs}/{name}"
+
+    def _versions_dir(self, name: str) -> Path:
+        return self._cert_dir(name) / "versions"
+
+    def _version_dir(self, name: str, version: int) -> Path:
+        return self._versions_dir(name) / version_dirname(version)
+
+    def _ensure_cert_dir(self, name: str) -> Path:
+        d = self._cert_dir(name)
+        try:  # the common case, in one stat: versions/ exists, so everything above it does
+            if stat.S_ISDIR(os.stat(f"{self._cert_path(name)}/versions").st_mode):
+                return d
+        except OSError:
+            pass
+        fresh = not os.path.isdir(self._certs)
+        for p in (self.root, self.root / "certs", d, d / "versions"):
+            fsutil.ensure_dir(p, self._dir_mode, gid=self._gid)
+        if fresh:
+            self._created()
+        return d
+
+    def _created(self) -> None:
+        """Called once when this store created the ``certs`` directory (a new state directory)."""
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def names(self) -> list[str]:
+        """Certificates that have a directory in the store, sorted."""
+        certs = self.root / "certs"
+        try:
+            entries = os.listdir(certs)
+        except FileNotFoundError:
+            return []
+        except OSError as e:
+            raise fsutil.store_error(e, certs, "list") from e
+        return sorted(n for n in entries if NAME_RE.fullmatch(n) and (certs / n).is_dir())
+
+    def versions(self, name: str) -> list[int]:
+        """Complete versions, ascending (hidden temporary directories are not versions)."""
+        vdir = self._versions_dir(name)
+        try:
+            entries = os.listdir(vdir)
+        except FileNotFoundError:
+            return []
+        except OSError as e:
+            raise fsutil.store_error(e, vdir, "list") from e
+        return sorted(int(n) for n in entries if n.isdigit() and n.isascii())
+
+    def desired(self, name: str) -> int | None:
+        """The version every node should serve: where ``current`` points."""
+        link = f"{self._cert_path(name)}/current"
+        try:
+            target = os.readlink(link)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise fsutil.store_error(e, link, "read") from e
+        m = _CURRENT_RE.fullmatch(target)
+        if not m:
+            raise StoreError(f"{link} points at {target!r}, not versions/NNNN; point it at an existing version "
+                             f"or remove it")
+        return int(m.group(1))
+
+    current = desired  # the single-host name (certd.store.port.Store)
+
+    def load(self, name: str, version: int) -> StoredVersion:
+        vdir = f"{self._cert_path(name)}/versions/{version_dirname(version)}"
+        try:
+            meta = fileio.read_json(f"{vdir}/meta.json", what="version metadata")
+        except StoreError:
+            if not os.path.isdir(vdir):
+                raise StoreError(f"{name}: version {version} is not in the store ({vdir} is missing)") from None
+            raise
+        if not isinstance(meta, dict):
+            raise StoreError(f"{vdir}/meta.json: corrupt (not a JSON object); restore it or remove version {version}")
+        parts = {}
+        for f in ("cert.pem", "chain.pem", "privkey.pem"):
+            try:
+                parts[f] = fileio.read(f"{vdir}/{f}")
+            except FileNotFoundError:
+                if f == "privkey.pem" and meta.get("key_destroyed"):
+                    parts[f] = b""
+                    continue
+                raise StoreError(f"{name}: version {version} is corrupt: {vdir}/{f} is missing") from None
+            except OSError as e:
+                raise fsutil.store_error(e, f"{vdir}/{f}", "read") from e
+        if b"-----BEGIN CERTIFICATE-----" not in parts["cert.pem"]:
+            raise StoreError(f"{name}: version {version} is corrupt: {vdir}/cert.pem holds no PEM certificate")
+        if parts["privkey.pem"] and b"PRIVATE KEY-----" not in parts["privkey.pem"]:
+            raise StoreError(f"{name}: version {version} is corrupt: {vdir}/privkey.pem holds no PEM private key")
+        bundle = Bundle(parts["cert.pem"], parts["chain.pem"], parts["privkey.pem"])
+        info = fileio.stored_info(meta.pop(INFO_KEY, None), parts["cert.pem"])
+        return StoredVersion(name, version, bundle.with_info(info) if info is not None else bundle, meta)
+
+    def load_info(self, name: str, version: int) -> VersionInfo:
+        """A version's CertInfo and meta from meta.json alone (1 file instead of 4, no hashing:
+        ``status`` and the daemon's scheduling read this for every certificate). Versions
+        written before meta.json recorded the CertInfo are loaded in full."""
+        path = f"{self._cert_path(name)}/versions/{version_dirname(version)}/meta.json"
+        try:
+            meta = fileio.read_json(path, what="version metadata")
+        except StoreError:
+            sv = self.load(name, version)  # the usual error for a missing or broken version
+            return VersionInfo(name, version, sv.info, sv.meta)
+        raw = meta.pop(INFO_KEY, None) if isinstance(meta, dict) else None
+        try:
+            return VersionInfo(name, version, CertInfo.from_json(raw), meta)  # type: ignore[arg-type]
+        except (KeyError, TypeError, ValueError, AttributeError):
+            sv = self.load(name, version)
+            return VersionInfo(name, version, sv.info, sv.meta)
+
+    # -- writing (fenced) --------------------------------------------------------------------
+
+    def add_version(self, name: str, bundle: Bundle, meta: dict[str, Any], *, lease: Lease | None = None) -> int:
+        """Store ``bundle`` as the next version number (written and fsynced; not made desired).
+        The files are written before the fence is checked; only the publishing rename is fenced."""
+        if not bundle.cert_pem or not bundle.key_pem:
+            raise ValueError("a stored version needs a certificate and its private key")
+        meta_bytes = fileio.meta_bytes({**meta, INFO_KEY: {**bundle.info.to_json(),
+                                                           "pem_sha256": fileio.sha256(bundle.cert_pem)}})
+        self._ensure_cert_dir(name)
+        vroot = self._versions_dir(name)
+        fsutil.remove_stale_temps(vroot)
+        version = max(self.versions(name), default=0) + 1
+        with fsutil.TempDir(vroot, version_dirname(version), mode=self._dir_mode, gid=self._gid) as tmp:
+            for fname, data in (("cert.pem", bundle.cert_pem), ("chain.pem", bundle.chain_pem),
+                                ("fullchain.pem", bundle.fullchain_pem), ("meta.json", meta_bytes)):
+                tmp.write(fname, data, mode=0o644)
+            tmp.write("privkey.pem", bundle.key_pem, mode=self._key_mode, gid=self._gid)
+            with self._fence(name, lease):
+                while not tmp.publish(vroot / version_dirname(version)):
+                    version += 1  # someone published this number meanwhile (an unfenced writer)
+        return version
+
+    def update_meta(self, name: str, version: int, changes: dict[str, Any], *, lease: Lease | None = None) -> None:
+        """Merge ``changes`` into a version's meta.json (e.g. ``key_compromised``), atomically."""
+        path = self._version_dir(name, version) / "meta.json"
+        self.load(name, version)  # a complete version, or StoreError
+        with self._fence(name, lease):
+            meta = fileio.read_json(path, what="version metadata")  # with the recorded CertInfo
+            meta.update(changes)
+            fsutil.atomic_write(path, fileio.meta_bytes(meta), mode=0o644)
+
+    def set_desired(self, name: str, version: int, *, lease: Lease | None = None) -> None:
+        """Point ``current`` at ``version`` with one rename()."""
+        vdir = self._version_dir(name, version)
+        if not (vdir / "cert.pem").is_file():
+            raise StoreError(f"{name}: cannot make version {version} current: it is not in the store ({vdir})")
+        if not (vdir / "privkey.pem").is_file():
+            raise StoreError(f"{name}: cannot make version {version} current: its private key was destroyed")
+        with self._fence(name, lease):
+            fsutil.atomic_symlink(f"versions/{version_dirname(version)}", self._cert_dir(name) / "current")
+
+    def prune(self, name: str, keep: int, protect: Collection[int] = (), *, lease: Lease | None = None) -> list[int]:
+        """Remove the oldest versions until ``keep`` remain, never the desired or a protected
+        one (so more may remain). Keys are zeroed before unlinking. Returns the removed ones."""
+        if keep < 0:
+            raise ValueError("keep must be >= 0")
+        vroot = self._versions_dir(name)
+        fsutil.remove_stale_temps(vroot)
+        removed: list[int] = []
+        with self._fence(name, lease):
+            versions = self.versions(name)
+            spare = {self.desired(name), *protect}
+            excess = len(versions) - keep
+            for v in _oldest_first(versions, spare):
+                if excess <= 0:
+                    break
+                fsutil.hide_and_remove(vroot / version_dirname(v))
+                removed.append(v)
+                excess -= 1
+        return removed
+
+    def destroy_key(self, name: str, version: int, *, lease: Lease | None = None) -> None:
+        """Zero and remove one version's private key (after keyCompromise); the certificate and
+        meta stay for the record, with ``key_destroyed: true``."""
+        vdir = self._version_dir(name, version)
+        if not vdir.is_dir():
+            raise StoreError(f"{name}: version {version} is not in the store ({vdir} is missing)")
+        self.update_meta(name, version, {"key_destroyed": True}, lease=lease)
+        with self._fence(name, lease):
+            fsutil.secure_delete(vdir / "privkey.pem")
+
+
+def _oldest_first(versions: list[int], spare: Collection[int | None]) -> Iterator[int]:
+    return (v for v in versions if v not in spare)
