@@ -70,7 +70,7 @@ class Daemon:
         self.sinks = build_sinks(self.config, self.clock, daemon=True)
         self.manager = build_manager(self.config, clock=self.clock, daemon=True, lock_timeout=SHUTDOWN_GRACE,
                                      sinks=self.sinks)
-        self.flights = Flights()
+        self.flights = Flights(self.clock)
         self.scheduler = Scheduler(self.config.daemon.workers, self._scheduled_job, self.clock)
         self.monitor = Monitor(self.manager, lambda: self.config, clock=self.clock, metrics=self.sinks.metrics,
                                busy=lambda name: any(f.name == name for f in self.flights.in_progress()),
@@ -153,7 +153,7 @@ class Daemon:
         if self._observer is not None:
             self._observer.stop()
         self.monitor.stop()
-        idle = self.flights.wait_idle(SHUTDOWN_GRACE, self.clock)
+        idle = self.flights.wait_idle(SHUTDOWN_GRACE)
         self.sinks.close()
         event(log, "daemon_stopped", clean=idle)
         self.manager.close()
