@@ -19,7 +19,7 @@ import heapq
 import logging
 import threading
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any, Callable, Iterator
 
 from apscheduler.executors.pool import ThreadPoolExecutor

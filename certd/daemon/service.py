@@ -20,7 +20,6 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Iterator
 
-import httpx
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
@@ -314,7 +313,7 @@ class Daemon:
         with self._status_lock:
             names = set(self._ca_waiting)
         waiting = [c for c in self.config.certificates if c.name in names]
-        if not waiting or not _ca_answers(self.config.acme.directory, self.config.acme.ca_bundle):
+        if not waiting or not self.manager.issuer.reachable():
             return
         event(log, "ca_reachable_again", names=",".join(c.name for c in waiting))
         for cert in waiting:
@@ -512,14 +511,6 @@ class _Spread:
             return when
         when, self.next = max(self.next, now), max(self.next, now) + self.step
         return when
-
-
-def _ca_answers(directory: str, ca_bundle: Path | None) -> bool:
-    try:
-        r = httpx.get(directory, verify=str(ca_bundle) if ca_bundle else True, timeout=5.0)
-    except httpx.HTTPError:
-        return False
-    return r.status_code == 200
 
 
 def _not_run(outcome: Outcome) -> Outcome:
