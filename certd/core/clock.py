@@ -1,7 +1,11 @@
 """The only module that reads the time.
 
 Everything else takes a :class:`Clock`, so tests drive time with :class:`FakeClock` and
-assert exact instants without sleeping. All datetimes are timezone-aware UTC.
+assert exact instants without sleeping. All datetimes are timezone-aware UTC. The few
+exceptions read real time on purpose, each with its reason beside it: timeouts of real
+processes and sockets (certd/reload/command.py, the control socket's watchdog in
+certd/daemon/control.py), the tls-alpn-01 certificate's validity (certd/acme/responders.py),
+and APScheduler's own clock for housekeeping intervals (certd/daemon/scheduler.py).
 
 Threads that wait for each other *and* for time (the scheduler's timer, a flight's
 followers, the nginx gate) wait through :meth:`Clock.wait` on their
