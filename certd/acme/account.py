@@ -113,7 +113,7 @@ class Account:
                               "remove the account directory to register a new account")
         self._raw_key = key
 
-    def _eab(self, directory: messages.Directory) -> messages.ExternalAccountBinding | None:
+    def _eab(self, directory: messages.Directory) -> dict[str, Any] | None:
         acme = self._acme
         if acme.eab_kid and acme.eab_hmac_key:
             assert self.key is not None

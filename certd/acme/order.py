@@ -11,6 +11,7 @@ turns ``ready`` once every authorization is valid) on a short, growing schedule,
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -121,7 +122,7 @@ class OrderFlow:
         authzs = [(url, messages.Authorization.from_json(post_as_get(self.client, url).json()))
                   for url in order.authorizations]
         work = []
-        for url, authz in authzs:
+        for _url, authz in authzs:
             if authz.status.name == "valid":
                 continue
             if authz.status.name != "pending":
@@ -135,6 +136,7 @@ class OrderFlow:
         if not work:
             return self.poll(uri, "the order to become ready")
         key = self.client.net.key
+        assert key is not None  # the client signs with the account key (Issuer._client)
         presented: list[tuple[str, messages.ChallengeBody]] = []
         try:
             self.present_all(work, key, presented)
@@ -143,7 +145,7 @@ class OrderFlow:
             self.say(f"answered {len(work)} {self.solver.challenge_type} challenge(s)")
             order = self.poll(uri, "validation")
         finally:
-            self.side_by_side([lambda d=d, c=c: self.solver.cleanup(d, c.chall, key) for d, c in presented])
+            self.side_by_side([functools.partial(self.solver.cleanup, d, c.chall, key) for d, c in presented])
         if order.status.name == "invalid":
             for url, _authz in authzs:
                 authz = messages.Authorization.from_json(post_as_get(self.client, url).json())
@@ -158,7 +160,7 @@ class OrderFlow:
             self.solver.present(domain, challb.chall, key)
             presented.append((domain, challb))
 
-        self.side_by_side([lambda d=d, c=c: one(d, c) for d, c in work])
+        self.side_by_side([functools.partial(one, d, c) for d, c in work])
 
     def side_by_side(self, calls: Sequence[Callable[[], None]]) -> None:
         """Run ``calls``; hooks (dns-01: a process each) run in parallel, the rest in turn.
@@ -211,6 +213,7 @@ class OrderFlow:
             return AcmeError(f"{self.doing}: the authorization for {name} is {authz.status.name} "
                              "without a reason from the CA; will retry", transient=True)
         problem = failed.error
+        assert problem is not None  # chosen for having one
         code = problem_code(problem)
         final = code in _FINAL_CHALLENGE_PROBLEMS
         return ChallengeFailed(

@@ -34,8 +34,15 @@ from typing import Protocol
 import josepy as jose
 from acme import challenges
 
-from certd.acme.responders import (_LISTENERS, ACME_IDENTIFIER_OID, ACME_TLS_ALPN, CHALLENGE_PATH, TLSALPN01,
-                                   StandaloneHttpSolver, TlsAlpnSolver)
+from certd.acme.responders import (
+    _LISTENERS,
+    ACME_IDENTIFIER_OID,
+    ACME_TLS_ALPN,
+    CHALLENGE_PATH,
+    TLSALPN01,
+    StandaloneHttpSolver,
+    TlsAlpnSolver,
+)
 from certd.config import CertificateConfig
 from certd.core import capabilities
 from certd.core.errors import ChallengeFailed

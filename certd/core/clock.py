@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
-from typing import Protocol
+from typing import Protocol, overload
 
 #: Real seconds FakeClock.until_waiting gives threads to reach their wait (a test's safety net).
 SETTLE_TIMEOUT = 10.0
@@ -175,6 +175,14 @@ class FakeClock:
 def utc(dt: datetime) -> datetime:
     """Return ``dt`` as aware UTC; a naive value is taken to be UTC already."""
     return dt.replace(tzinfo=timezone.utc) if dt.tzinfo is None else dt.astimezone(timezone.utc)
+
+
+@overload
+def isoformat(dt: datetime) -> str: ...
+@overload
+def isoformat(dt: None) -> None: ...
+@overload
+def isoformat(dt: datetime | None) -> str | None: ...
 
 
 def isoformat(dt: datetime | None) -> str | None:

@@ -15,6 +15,7 @@ in the same flight; across processes the store's per-certificate lock does the s
 
 from __future__ import annotations
 
+import functools
 import heapq
 import logging
 import threading
@@ -59,13 +60,20 @@ class Flight:
             self.result, self.done = result, True
             self.cond.notify_all()
 
+    def finished(self) -> bool:
+        return self.done
+
+    def _news_after(self, seen: int) -> bool:
+        """More than ``seen`` events, or done (the caller holds ``cond``)."""
+        return seen < len(self.events) or self.done
+
     def follow(self, timeout: float | None = None) -> Iterator[dict[str, Any]]:
         """Yield progress events as they happen until the flight is done, or until nothing
         happened for ``timeout`` seconds (on the flight's clock)."""
         i = 0
         while True:
             with self.cond:
-                if not wait_for(self.clock, self.cond, lambda: i < len(self.events) or self.done, timeout):
+                if not wait_for(self.clock, self.cond, functools.partial(self._news_after, i), timeout):
                     return
                 batch, i = self.events[i:], len(self.events)
                 done = self.done
@@ -132,7 +140,7 @@ class Flights:
         for flight in self.in_progress():
             with flight.cond:
                 left = deadline - self.clock.monotonic()
-                if not wait_for(self.clock, flight.cond, lambda: flight.done, max(0.0, left)):
+                if not wait_for(self.clock, flight.cond, flight.finished, max(0.0, left)):
                     return False
         return True
 

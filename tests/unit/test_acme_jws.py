@@ -88,7 +88,7 @@ def _decoded(jws: dict[str, Any]) -> tuple[dict[str, Any], Any]:
 @pytest.mark.parametrize("alg_name", sorted(KEYS))
 @pytest.mark.parametrize("request_name", sorted(REQUESTS))
 def test_certd_signs_what_the_acme_library_signs(alg_name: str, request_name: str) -> None:
-    """Same protected header (alg, nonce, url, kid or jwk) and payload as stock ClientNetwork; both signatures verify."""
+    """Same protected header (alg, nonce, url, kid or jwk) and payload as stock ClientNetwork; both verify."""
     alg, key = KEYS[alg_name][1], _key(alg_name)
     account, url, obj = REQUESTS[request_name]
     stock = acme_client.ClientNetwork(key, account=account, alg=alg, user_agent="golden")

@@ -1,4 +1,4 @@
-"""Error mapping (with a rateLimited Retry-After), badNonce retries and the origin check of the ACME transport (no network)."""
+"""The ACME transport without a network: error mapping, badNonce retries, the origin check."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The order polling schedule and ARI, driven by a fake clock and canned CA answers over a fake transport (no network)."""
+"""The order polling schedule and ARI, on a fake clock with canned CA answers (no network)."""
 
 from __future__ import annotations
 
