@@ -1,14 +1,13 @@
-"""The HTTP side of ACME: a faster, sturdier ``ClientNetwork``, and the error mapping.
+"""The ACME transport: signed requests to one CA, and the object that makes them.
 
-``acme.client.ClientNetwork`` signs requests and keeps nonces; certd keeps that and changes
-three things:
+:class:`AcmeTransport` is what :class:`~certd.acme.issuer.Issuer` is given (tests give it a
+fake): it makes one :class:`AcmeNetwork` per thread, each with its own keep-alive connection
+and nonce pool, probes the CA's directory, and closes them all.
 
-- **Transport.** ``requests`` costs ~1.5 ms of CPU per request here (proxy environment scans,
-  runtime ``Protocol`` checks in requests 2.34, cookie handling); an order is 7 requests and
-  certd aims at ~85 orders/s on two cores. :class:`LeanSession` speaks HTTP/1.1 keep-alive
-  over ``http.client`` (~0.4 ms) and hands back real ``requests.Response`` objects, so the
-  library code is unchanged. When a proxy is configured in the environment for the CA's
-  host, plain ``requests`` is used instead, so proxies keep working.
+:class:`AcmeNetwork` is ``acme.client.ClientNetwork`` (JWS signing, nonces) with three changes:
+
+- **Transport.** HTTP over :class:`~certd.acme.http.LeanSession` (see there why), unless a
+  proxy is configured for the CA.
 - **badNonce.** The library retries once and drops the fresh nonce the error carried; at
   PEBBLE_WFE_NONCEREJECT=50 that fails one request in four. :class:`AcmeNetwork` keeps every
   nonce the server sends (RFC 8555 §6.5) and retries until the order's deadline (outside an
@@ -16,25 +15,16 @@ three things:
 - **409.** The library turns every 409 into a bare ``ConflictError``; with a problem document
   (RFC 9773 ``alreadyReplaced``) the problem is kept.
 
-:class:`Failure` turns whatever the transport or the CA threw into one certd error: the CA is
-not reachable (:class:`~certd.core.errors.CANotReachable`) or the CA said no
-(:class:`~certd.core.errors.AcmeError` carrying the RFC 8555 problem type).
+Every URL the CA hands out must share the directory's origin (:func:`check_origin`).
 """
 
 from __future__ import annotations
 
-import functools
-import http.client
-import io
 import json
 import logging
-import select
-import socket
-import ssl
-import time
-from datetime import datetime, timedelta
-from email.utils import parsedate_to_datetime
-from typing import Any, Callable
+import threading
+import weakref
+from typing import Any, Callable, Protocol
 from urllib.parse import urlsplit
 
 import josepy as jose
@@ -42,10 +32,14 @@ import requests
 from acme import client as acme_client
 from acme import errors as acme_errors
 from acme import messages
-from requests.structures import CaseInsensitiveDict
 
-from certd.core.clock import Clock, utc
-from certd.core.errors import AcmeError, CANotReachable, ConfigError
+from certd import __version__
+from certd.acme.http import LeanSession, proxied
+from certd.acme.problems import one_line
+from certd.config import AcmeConfig
+from certd.config.values import is_loopback
+from certd.core.clock import Clock
+from certd.core.errors import AcmeError
 
 log = logging.getLogger("certd.acmenet")  # a stable name: it is part of the log format
 
@@ -53,198 +47,89 @@ log = logging.getLogger("certd.acmenet")  # a stable name: it is part of the log
 # (8-10 POSTs each) failed on badNonce alone. 24 tries: p = 6e-8 per request; each retry is one
 # round trip, and a CA rejecting every nonce (a broken proxy) still fails within seconds.
 BAD_NONCE_ATTEMPTS = 24
-MAX_RESPONSE_BYTES = 4 << 20  # ACME answers are a few KiB; a certificate chain well under 1 MiB
-PROBLEM_PREFIX = "urn:ietf:params:acme:error:"
-TRANSIENT_PROBLEMS = {"rateLimited", "serverInternal", "badNonce", "orderNotReady"}
-NEXT_STEP = {
-    "unauthorized": "the CA does not allow this account to do that",
-    "rejectedIdentifier": "the CA will not issue for these names; change the domains",
-    "unsupportedIdentifier": "the CA will not issue for these names; change the domains",
-    "caa": "a CAA record forbids this CA; fix the CAA records",
-    "badCSR": "the CA refuses the request (key type or names); change key_type or domains",
-    "badPublicKey": "the CA refuses this key; change key_type",
-    "externalAccountRequired": "set eab_kid and eab_hmac_key in [acme]",
-    "invalidContact": "fix [acme] email",
-    "unsupportedContact": "fix [acme] email",
-}
+DEFAULT_USER_AGENT = f"certd/{__version__}"
+NETWORK_TIMEOUT = 30         # seconds for one HTTP request
+PROBE_TIMEOUT = 5.0          # seconds for the daemon's "is the CA back?" directory GET
 
 
-# --- transport ---------------------------------------------------------------------------------
+class Network(Protocol):
+    """What the issuer uses of one thread's network (``ClientNetwork``'s interface)."""
+
+    key: jose.JWK | None
+    alg: jose.JWASignature
+    account: messages.RegistrationResource | None
+    #: Seconds left until the caller's deadline (an order's), or None.
+    time_left: Callable[[], float] | None
+
+    def get(self, url: str, content_type: str = ..., **kwargs: Any) -> requests.Response: ...
+    def post(self, *args: Any, **kwargs: Any) -> requests.Response: ...
+    def close(self) -> None: ...
 
 
-class LeanSession:
-    """The part of ``requests.Session`` that ``ClientNetwork`` uses, over ``http.client``.
+class Transport(Protocol):
+    """How an :class:`~certd.acme.issuer.Issuer` reaches its CA."""
 
-    One keep-alive connection per origin; not thread-safe (certd uses one per thread).
-    Failures raise the ``requests`` exceptions the rest of certd maps. Unlike ``requests``,
-    ``timeout`` bounds the whole answer, not each read (a server trickling bytes cannot hold a
-    request open), and an answer over :data:`MAX_RESPONSE_BYTES` is refused unread
-    (:class:`ResponseTooLarge`) instead of filling memory.
-    """
+    def network(self) -> Network:
+        """A new network (own connection and nonce pool) for one thread; it signs once the
+        issuer sets its ``key``, ``alg`` and ``account``."""
 
-    def __init__(self) -> None:
-        self._conns: dict[tuple[str, str, int], http.client.HTTPConnection] = {}
-        self._contexts: dict[bool | str, ssl.SSLContext] = {}
+    def probe(self) -> bool:
+        """True when the CA's directory answers 200 now (one GET, no JWS)."""
 
-    def request(self, method: str, url: str, data: Any = None, headers: dict[str, str] | None = None,
-                verify: bool | str = True, timeout: float | None = None, **_: Any) -> requests.Response:
-        parts = urlsplit(url)
-        origin = (parts.scheme, parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80))
-        target = parts.path or "/"
-        if parts.query:
-            target += "?" + parts.query
-        body = data.encode() if isinstance(data, str) else data
-        deadline = None if timeout is None else time.monotonic() + timeout
-        for attempt in (1, 2):
-            conn, reused = self._connection(origin, verify, timeout)
-            conn.response_class = functools.partial(_BoundedResponse, deadline=deadline)  # type: ignore[assignment]
+    def close(self) -> None:
+        """Close every connection the networks made (they can still be used afterwards)."""
+
+
+class AcmeTransport:
+    """The real transport: :class:`AcmeNetwork` objects for the CA at ``directory_url``."""
+
+    def __init__(self, directory_url: str, clock: Clock, *, verify: bool | str = True,
+                 user_agent: str = DEFAULT_USER_AGENT, timeout: int = NETWORK_TIMEOUT,
+                 on_request: Callable[[float], None] | None = None) -> None:
+        """``on_request`` is told the duration (seconds) of every HTTP request to the CA."""
+        self.directory_url, self._clock = directory_url, clock
+        self._verify, self._user_agent, self._timeout = verify, user_agent, timeout
+        self._on_request = on_request
+        self._lean = not proxied(directory_url)   # with a proxy, plain requests does the work
+        self._networks: weakref.WeakSet[AcmeNetwork] = weakref.WeakSet()
+        self._lock = threading.Lock()
+
+    @classmethod
+    def for_config(cls, acme: AcmeConfig, clock: Clock, *,
+                   on_request: Callable[[float], None] | None = None) -> AcmeTransport:
+        """The transport ``[acme]`` describes (its directory, and ca_bundle to trust)."""
+        return cls(acme.directory, clock, verify=str(acme.ca_bundle) if acme.ca_bundle else True,
+                   on_request=on_request)
+
+    def network(self) -> AcmeNetwork:
+        net = AcmeNetwork(None, alg=jose.ES256, verify_ssl=self._verify, user_agent=self._user_agent,
+                          timeout=self._timeout, clock=self._clock, lean=self._lean, on_request=self._on_request)
+        net.directory_url = self.directory_url  # every URL the CA hands out must share its origin
+        with self._lock:
+            self._networks.add(net)
+        return net
+
+    def probe(self) -> bool:
+        """One unsigned GET of the directory within :data:`PROBE_TIMEOUT` (not measured as an
+        ACME request: it is the daemon asking whether the CA is back)."""
+        session: Any = LeanSession(self._clock) if self._lean else requests.Session()
+        try:
+            response = session.request("GET", self.directory_url, verify=self._verify, timeout=PROBE_TIMEOUT,
+                                       headers={"User-Agent": self._user_agent})
+        except (requests.exceptions.RequestException, OSError):
+            return False
+        finally:
+            session.close()
+        return bool(response.status_code == 200)
+
+    def close(self) -> None:
+        with self._lock:
+            networks = list(self._networks)
+        for net in networks:
             try:
-                conn.request(method, target, body=body, headers=headers or {})
-                raw = conn.getresponse()
-                content = _read_bounded(raw, method, url)
-            except ResponseTooLarge:
-                self._drop(origin)
-                raise
-            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as e:
-                self._drop(origin)
-                if reused and attempt == 1:
-                    continue  # the server closed an idle keep-alive connection: once more on a new one
-                raise requests.exceptions.ConnectionError(f"{type(e).__name__}: {e}") from None
-            except ssl.SSLError as e:
-                self._drop(origin)
-                raise requests.exceptions.SSLError(str(e)) from None
-            except TimeoutError as e:
-                self._drop(origin)
-                raise requests.exceptions.Timeout(f"timed out: {e}") from None
-            except (OSError, http.client.HTTPException) as e:
-                self._drop(origin)
-                raise requests.exceptions.ConnectionError(f"{type(e).__name__}: {e}") from None
-            if raw.will_close:
-                self._drop(origin)
-            return _response(url, raw, content)
-        raise AssertionError("unreachable")
-
-    def _connection(self, origin: tuple[str, str, int], verify: bool | str,
-                    timeout: float | None) -> tuple[http.client.HTTPConnection, bool]:
-        conn = self._conns.get(origin)
-        if conn is not None and conn.sock is not None and _closed_by_peer(conn.sock):
-            self._drop(origin)
-            conn = None
-        if conn is not None:
-            if conn.sock is not None:
-                conn.sock.settimeout(timeout)
-            return conn, True
-        scheme, host, port = origin
-        if scheme == "https":
-            conn = http.client.HTTPSConnection(host, port, timeout=timeout, context=self._context(verify))
-        else:
-            conn = http.client.HTTPConnection(host, port, timeout=timeout)
-        self._conns[origin] = conn
-        return conn, False
-
-    def _context(self, verify: bool | str) -> ssl.SSLContext:
-        ctx = self._contexts.get(verify)
-        if ctx is None:
-            if verify is False:
-                ctx = ssl.create_default_context()
-                ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
-            else:
-                ctx = ssl.create_default_context(cafile=verify if isinstance(verify, str) else None)
-            self._contexts[verify] = ctx
-        return ctx
-
-    def _drop(self, origin: tuple[str, str, int]) -> None:
-        conn = self._conns.pop(origin, None)
-        if conn is not None:
-            conn.close()
-
-    def close(self) -> None:
-        for origin in list(self._conns):
-            self._drop(origin)
-
-    # ClientNetwork.__init__ mounts adapters on its session; nothing to mount here.
-    def mount(self, prefix: str, adapter: Any) -> None:
-        pass
-
-
-class ResponseTooLarge(requests.exceptions.RequestException):
-    """The server's answer is larger than :data:`MAX_RESPONSE_BYTES`; it was not read."""
-
-
-class _DeadlineReader(io.RawIOBase):
-    """The socket's file, with every read ending by ``deadline`` (``time.monotonic()``).
-
-    A socket timeout bounds each ``recv`` alone: a server that sends one byte every few
-    seconds would keep a request alive for ever. Here every read gets only the time left.
-    """
-
-    def __init__(self, raw: Any, sock: socket.socket, deadline: float) -> None:
-        super().__init__()
-        self._raw, self._sock, self._deadline = raw, sock, deadline
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        left = self._deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError("no complete answer before the request's deadline")
-        self._sock.settimeout(left)
-        return int(self._raw.readinto(buffer))
-
-    def close(self) -> None:
-        if not self.closed:
-            self._raw.close()  # the socket file keeps the socket open until the answer is read
-        super().close()
-
-
-class _BoundedResponse(http.client.HTTPResponse):
-    """An ``HTTPResponse`` (status, headers, body) that must arrive whole before ``deadline``."""
-
-    def __init__(self, sock: socket.socket, *args: Any, deadline: float | None = None, **kwargs: Any) -> None:
-        super().__init__(sock, *args, **kwargs)
-        if deadline is not None:
-            self.fp = io.BufferedReader(_DeadlineReader(self.fp.detach(), sock, deadline))
-
-
-def _read_bounded(raw: http.client.HTTPResponse, method: str, url: str) -> bytes:
-    """The body, or :class:`ResponseTooLarge` before more than the limit is read."""
-    too_large = ResponseTooLarge(f"the answer to {method} {url} is larger than {MAX_RESPONSE_BYTES} bytes")
-    if raw.length is not None and raw.length > MAX_RESPONSE_BYTES:
-        raise too_large
-    content = raw.read(MAX_RESPONSE_BYTES + 1)
-    if len(content) > MAX_RESPONSE_BYTES:
-        raise too_large
-    return content
-
-
-def _closed_by_peer(sock: socket.socket) -> bool:
-    """An idle keep-alive socket that is readable has been closed (or spoke out of turn)."""
-    try:
-        readable, _, _ = select.select([sock], [], [], 0)
-    except (OSError, ValueError):
-        return True
-    return bool(readable)
-
-
-def _response(url: str, raw: http.client.HTTPResponse, content: bytes) -> requests.Response:
-    response = requests.Response()
-    response.status_code = raw.status
-    response.reason = raw.reason
-    headers: CaseInsensitiveDict[str] = CaseInsensitiveDict()
-    for name, value in raw.getheaders():
-        # repeated fields (Link) are joined as requests/urllib3 join them
-        headers[name] = f"{headers[name]}, {value}" if name in headers else value
-    response.headers = headers
-    response._content = content
-    response.url = url
-    response.encoding = "utf-8"
-    return response
-
-
-def proxied(url: str) -> bool:
-    """True when the environment configures a proxy for ``url``."""
-    return bool(requests.utils.get_environ_proxies(url))
+                net.close()
+            except Exception:  # noqa: BLE001 - closing is best effort
+                pass
 
 
 def url_origin(url: str) -> tuple[str, str, int]:
@@ -262,7 +147,6 @@ def check_origin(url: str, directory_url: str) -> None:
     whoever speaks for it, must not send certd to another server (a local service, an
     ``http://`` URL where the account's requests would cross the network in clear text).
     ``http://`` is allowed only for a loopback directory (a test CA such as Pebble)."""
-    from certd.config.values import is_loopback
     try:
         want = url_origin(directory_url)
         got = url_origin(url)
@@ -278,19 +162,29 @@ def check_origin(url: str, directory_url: str) -> None:
 
 
 class AcmeNetwork(acme_client.ClientNetwork):
-    """``ClientNetwork`` on a :class:`LeanSession` (unless proxied), with badNonce retries."""
+    """``ClientNetwork`` on a :class:`LeanSession` (unless proxied), with badNonce retries.
+
+    Built on acme's ``ClientNetwork`` internals (``_send_request``, ``_wrap_in_jws``,
+    ``_check_response``, ``_post_once``, ``_add_nonce``, ``REPLAY_NONCE_HEADER``), hence the pin
+    on ``acme`` in pyproject.toml. tests/unit/test_acme_jws.py sends the same requests through
+    this class and the installed library's own, over one fake HTTP layer, and compares the JWS:
+    run it before widening the pin.
+    """
 
     def __init__(self, key: jose.JWK | None, *, alg: jose.JWASignature, verify_ssl: bool | str,
-                 user_agent: str, timeout: int, lean: bool = True,
-                 on_request: Callable[[float], None] | None = None, clock: Clock | None = None) -> None:
-        # verify_ssl: a CA bundle's path too (requests takes either); acme annotates it bool.
-        super().__init__(key, alg=alg, verify_ssl=verify_ssl,  # type: ignore[arg-type]
-                         user_agent=user_agent, timeout=timeout)
+                 user_agent: str, timeout: int, clock: Clock, lean: bool = True,
+                 on_request: Callable[[float], None] | None = None) -> None:
+        super().__init__(key, alg=alg, verify_ssl=verify_ssl, user_agent=user_agent,  # type: ignore[arg-type]
+                         timeout=timeout)
         # Told the duration of every HTTP request (answered or not), for the metrics.
         self._on_request, self._clock = on_request, clock
         if lean:
             self.session.close()
-            self.session = LeanSession()  # type: ignore[assignment]
+            self.session = LeanSession(clock)  # type: ignore[assignment]
+
+    def close(self) -> None:
+        """Close this network's connections (it can still be used: it reconnects)."""
+        self.session.close()
 
     #: Seconds left until the caller's deadline (an order's), or None; set per order by the issuer.
     time_left: Callable[[], float] | None = None
@@ -324,6 +218,7 @@ class AcmeNetwork(acme_client.ClientNetwork):
                     raise
                 log.debug("badNonce (attempt %d); retrying with a fresh nonce", attempt)
 
+    # acme annotates ``nonce`` as str, but hands over the decoded bytes (its own Header encodes them).
     def _wrap_in_jws(self, obj: jose.JSONDeSerializable | None, nonce: bytes,  # type: ignore[override]
                      url: str) -> str:
         """RFC 8555 §6.2 flattened JWS, built directly: josepy's object model costs ~1 ms a request.
@@ -351,7 +246,7 @@ class AcmeNetwork(acme_client.ClientNetwork):
         headers = kwargs.setdefault("headers", {})
         headers.setdefault("User-Agent", self.user_agent)
         kwargs["timeout"] = self._timeout_now(kwargs.get("timeout"))
-        if self._on_request is None or self._clock is None:
+        if self._on_request is None:
             response = self.session.request(method, url, *args, **kwargs)
         else:
             started = self._clock.monotonic()
@@ -387,123 +282,3 @@ class AcmeNetwork(acme_client.ClientNetwork):
         except messages.Error as e:
             e.retry_after = response.headers.get("Retry-After")  # for rateLimited
             raise
-
-
-# --- errors ----------------------------------------------------------------------------------
-
-
-class Failure:
-    """Turns what the transport or the CA threw into a certd error (one line, next step)."""
-
-    def __init__(self, directory_url: str, clock: Clock) -> None:
-        self.directory_url = directory_url
-        self.clock = clock
-
-    def __call__(self, e: BaseException, doing: str) -> Exception:
-        if isinstance(e, (AcmeError, ConfigError)):
-            return e
-        if isinstance(e, ResponseTooLarge):
-            return AcmeError(f"{doing}: {e}; not read (a broken CA or proxy?); will retry", transient=True)
-        if isinstance(e, requests.exceptions.SSLError):
-            return self.unreachable(f"TLS error: {_tls_reason(e)}")
-        if isinstance(e, requests.exceptions.Timeout):
-            return self.unreachable("timed out")
-        if isinstance(e, requests.exceptions.ConnectionError):
-            return self.unreachable(_connection_reason(e))
-        if isinstance(e, messages.Error):
-            return self.problem(e, doing)
-        if isinstance(e, acme_errors.ClientError):
-            status = _status_of(e)
-            transient = status is None or status >= 500
-            return AcmeError(f"{doing}: the CA answered HTTP {status or '?'} without a problem document; "
-                             f"{'will retry' if transient else 'a broken CA or proxy?'}", transient=transient)
-        if isinstance(e, requests.exceptions.RequestException):
-            return self.unreachable(one_line(str(e)) or type(e).__name__)
-        if isinstance(e, (ValueError, jose.DeserializationError, KeyError)):
-            return AcmeError(f"{doing}: the CA sent an answer certd cannot read ({one_line(str(e))[:120]}); "
-                             "will retry", transient=True)
-        return AcmeError(f"{doing}: {type(e).__name__}: {one_line(str(e))[:200]}; will retry", transient=True)
-
-    def unreachable(self, why: str) -> CANotReachable:
-        return CANotReachable(f"ACME server {self.directory_url} is not reachable ({why}); will retry")
-
-    def problem(self, e: messages.Error, doing: str) -> AcmeError:
-        code = problem_code(e)
-        retry_after = retry_after_seconds(getattr(e, "retry_after", None), self.clock.now())
-        transient = code in TRANSIENT_PROBLEMS
-        if code == "rateLimited":
-            when = (self.clock.now() + timedelta(seconds=retry_after)).strftime("%H:%M UTC") \
-                if retry_after is not None else None
-            next_step = f"will retry after {when}" if when else "will retry later"
-        else:
-            next_step = "will retry" if transient else NEXT_STEP.get(code, "see the CA's documentation of this problem")
-        return AcmeError(f"{doing}: the CA refused ({code}): {problem_detail(e)}; {next_step}",
-                         problem_type=e.typ, detail=e.detail, transient=transient, retry_after=retry_after,
-                         where=getattr(e, "certd_where", None))
-
-
-def problem_code(e: messages.Error) -> str:
-    """``rateLimited`` for ``urn:ietf:params:acme:error:rateLimited``; the whole type otherwise."""
-    typ = str(e.typ or "about:blank")
-    return typ[len(PROBLEM_PREFIX):] if typ.startswith(PROBLEM_PREFIX) else typ
-
-
-def problem_detail(e: messages.Error) -> str:
-    """The problem's detail on one line, with the first subproblem (RFC 8555 §6.7.1)."""
-    text = one_line(e.detail or e.title or e.description or "no detail")
-    subs = list(e.subproblems or ())
-    if subs:
-        first = subs[0]
-        who = f"{first.identifier.value}: " if first.identifier else ""
-        text += f" [{who}{problem_code(first)}: {one_line(first.detail or '')}" \
-                f"{f'; {len(subs) - 1} more' if len(subs) > 1 else ''}]"
-    return text[:400]
-
-
-def retry_after_seconds(header: str | None, now: datetime) -> float | None:
-    """Seconds from ``now`` that a Retry-After header (seconds or HTTP-date) asks for."""
-    if not header:
-        return None
-    header = header.strip()
-    if header.isdigit():
-        return float(header)
-    try:
-        return max(0.0, (utc(parsedate_to_datetime(header)) - now).total_seconds())
-    except (TypeError, ValueError, IndexError):
-        return None
-
-
-def one_line(text: str) -> str:
-    return " ".join(str(text).split())
-
-
-def _status_of(e: acme_errors.ClientError) -> int | None:
-    for arg in e.args:
-        for candidate in (arg if isinstance(arg, tuple) else (arg,)):
-            if isinstance(candidate, requests.Response):
-                return candidate.status_code
-    return None
-
-
-def _connection_reason(e: BaseException) -> str:
-    text = str(e)
-    for needle, why in (("Connection refused", "connection refused"),
-                        ("Name or service not known", "its name does not resolve"),
-                        ("Temporary failure in name resolution", "its name does not resolve"),
-                        ("No route to host", "no route to host"),
-                        ("Network is unreachable", "network unreachable"),
-                        ("timed out", "timed out"),
-                        ("Connection reset", "connection reset"),
-                        ("RemoteDisconnected", "the server closed the connection")):
-        if needle in text:
-            return why
-    return "connection failed"
-
-
-def _tls_reason(e: BaseException) -> str:
-    text = str(e)
-    if "CERTIFICATE_VERIFY_FAILED" in text:
-        return "its certificate is not trusted; set [acme] ca_bundle"
-    if "hostname mismatch" in text or "doesn't match" in text:
-        return "its certificate does not match the host name"
-    return "handshake failed"

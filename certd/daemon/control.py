@@ -90,6 +90,8 @@ class _Watchdog:
 
     def watch(self, sock: socket.socket, seconds: float, *, close: bool = False) -> None:
         with self._cond:
+            # Real time, not the daemon's Clock (here and in _run): these deadlines cut off real
+            # sockets whose peers run in real time; on a test's fake clock nobody would be cut off.
             self._deadlines[sock] = (time.monotonic() + seconds, close)
             self._cond.notify()
 
@@ -202,6 +204,7 @@ class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
             log.exception("control client failed")
 
     def finish_answers(self, timeout: float) -> None:
+        # Real time: a bound on joining real threads that write to real sockets at shutdown.
         deadline = time.monotonic() + timeout
         with self._clients_lock:
             clients = list(self._clients)

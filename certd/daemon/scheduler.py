@@ -15,6 +15,7 @@ in the same flight; across processes the store's per-certificate lock does the s
 
 from __future__ import annotations
 
+import functools
 import heapq
 import logging
 import threading
@@ -27,7 +28,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.date import DateTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
-from certd.core.clock import Clock, isoformat
+from certd.core.clock import Clock, isoformat, wait_for
 from certd.ops.log import event
 
 log = logging.getLogger("certd.scheduler")
@@ -41,6 +42,7 @@ class Flight:
 
     name: str
     kind: str
+    clock: Clock   # what follow()'s timeout is measured on
     events: list[dict[str, Any]] = field(default_factory=list)
     result: Any = None
     done: bool = False
@@ -58,14 +60,21 @@ class Flight:
             self.result, self.done = result, True
             self.cond.notify_all()
 
+    def finished(self) -> bool:
+        return self.done
+
+    def _news_after(self, seen: int) -> bool:
+        """More than ``seen`` events, or done (the caller holds ``cond``)."""
+        return seen < len(self.events) or self.done
+
     def follow(self, timeout: float | None = None) -> Iterator[dict[str, Any]]:
-        """Yield progress events as they happen until the flight is done."""
+        """Yield progress events as they happen until the flight is done, or until nothing
+        happened for ``timeout`` seconds (on the flight's clock)."""
         i = 0
         while True:
             with self.cond:
-                while i >= len(self.events) and not self.done:
-                    if not self.cond.wait(timeout):
-                        return
+                if not wait_for(self.clock, self.cond, functools.partial(self._news_after, i), timeout):
+                    return
                 batch, i = self.events[i:], len(self.events)
                 done = self.done
             yield from batch
@@ -76,7 +85,8 @@ class Flight:
 class Flights:
     """At most one :class:`Flight` per certificate name."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
         self._lock = threading.Lock()
         self._flights: dict[str, Flight] = {}
         self.accepting = True
@@ -94,7 +104,7 @@ class Flights:
                 return current, False
             if not self.accepting:
                 raise ShuttingDown("certd is shutting down; no new work is accepted")
-            flight = Flight(name, kind)
+            flight = Flight(name, kind, self.clock)
             self._flights[name] = flight
             return flight, True
 
@@ -123,15 +133,15 @@ class Flights:
         with self._lock:
             return list(self._flights.values())
 
-    def wait_idle(self, timeout: float, clock: Clock) -> bool:
-        deadline = clock.monotonic() + timeout
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until every flight in progress now is done; False once ``timeout`` seconds
+        (on the clock) passed first."""
+        deadline = self.clock.monotonic() + timeout
         for flight in self.in_progress():
             with flight.cond:
-                while not flight.done:
-                    left = deadline - clock.monotonic()
-                    if left <= 0 or not flight.cond.wait(min(left, 0.5)):
-                        if deadline - clock.monotonic() <= 0:
-                            return False
+                left = deadline - self.clock.monotonic()
+                if not wait_for(self.clock, flight.cond, flight.finished, max(0.0, left)):
+                    return False
         return True
 
 
@@ -217,15 +227,19 @@ class Scheduler:
                 # Wake at least once a minute: the heap is in wall-clock time, and a clock that
                 # was set forward meanwhile must not delay what is due by the size of the step.
                 wait = (self._heap[0][0] - now).total_seconds() if self._heap else MAX_SLEEP
-                self._cond.wait(min(wait, MAX_SLEEP))
+                self.clock.wait(self._cond, min(wait, MAX_SLEEP))
 
     def submit(self, fn: Callable[..., Any], *args: Any, job_id: str, **kwargs: Any) -> None:
         """Run ``fn(*args, **kwargs)`` in the worker pool now (forced renewals, rollbacks)."""
-        self._aps.add_job(fn, DateTrigger(run_date=self.clock.now()), args=list(args), kwargs=kwargs,
-                          id=job_id, replace_existing=True)
+        # No run date: APScheduler runs the job at once by its own clock. A date from
+        # self.clock (a test's fake one, possibly ahead of real time) would make it wait.
+        self._aps.add_job(fn, DateTrigger(), args=list(args), kwargs=kwargs, id=job_id, replace_existing=True)
 
     def every(self, seconds: float, fn: Callable[[], None], *, job_id: str) -> None:
-        """Run ``fn`` every ``seconds`` in the worker pool (housekeeping jobs)."""
+        """Run ``fn`` every ``seconds`` in the worker pool (housekeeping jobs).
+
+        These intervals run on APScheduler's own (real) clock, not on ``self.clock``: they are
+        housekeeping at a fixed pace (the CA probe, state scans), never a certificate's time."""
         self._aps.add_job(fn, IntervalTrigger(seconds=seconds), id=job_id, replace_existing=True)
 
     def unschedule(self, name: str) -> None:

@@ -20,7 +20,6 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Iterator
 
-import httpx
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
@@ -70,7 +69,7 @@ class Daemon:
         self.sinks = build_sinks(self.config, self.clock, daemon=True)
         self.manager = build_manager(self.config, clock=self.clock, daemon=True, lock_timeout=SHUTDOWN_GRACE,
                                      sinks=self.sinks)
-        self.flights = Flights()
+        self.flights = Flights(self.clock)
         self.scheduler = Scheduler(self.config.daemon.workers, self._scheduled_job, self.clock)
         self.monitor = Monitor(self.manager, lambda: self.config, clock=self.clock, metrics=self.sinks.metrics,
                                busy=lambda name: any(f.name == name for f in self.flights.in_progress()),
@@ -153,7 +152,7 @@ class Daemon:
         if self._observer is not None:
             self._observer.stop()
         self.monitor.stop()
-        idle = self.flights.wait_idle(SHUTDOWN_GRACE, self.clock)
+        idle = self.flights.wait_idle(SHUTDOWN_GRACE)
         self.sinks.close()
         event(log, "daemon_stopped", clean=idle)
         self.manager.close()
@@ -315,7 +314,7 @@ class Daemon:
         with self._status_lock:
             names = set(self._ca_waiting)
         waiting = [c for c in self.config.certificates if c.name in names]
-        if not waiting or not _ca_answers(self.config.acme.directory, self.config.acme.ca_bundle):
+        if not waiting or not self.manager.issuer.reachable():
             return
         event(log, "ca_reachable_again", names=",".join(c.name for c in waiting))
         for cert in waiting:
@@ -515,14 +514,6 @@ class _Spread:
             return when
         when, self.next = max(self.next, now), max(self.next, now) + self.step
         return when
-
-
-def _ca_answers(directory: str, ca_bundle: Path | None) -> bool:
-    try:
-        r = httpx.get(directory, verify=str(ca_bundle) if ca_bundle else True, timeout=5.0)
-    except httpx.HTTPError:
-        return False
-    return r.status_code == 200
 
 
 def _not_run(outcome: Outcome) -> Outcome:

@@ -54,7 +54,7 @@ class RotationEffects:
         for hook in self.cert.reload:
             started = self.clock.monotonic()
             try:
-                hooks.run_reload(hook, ctx)
+                hooks.run_reload(hook, ctx, self.clock)
             except OperationFailed as e:
                 if not keep_going:
                     raise

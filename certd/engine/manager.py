@@ -31,7 +31,7 @@ from certd.config import CertificateConfig, Config
 from certd.engine.effects import STEP_TEXT, RotationEffects, failed_step, idle_actions
 from certd.core.errors import CANotReachable, CertdError, OperationFailed, StoreError, UsageError
 from certd.core.events import EventBus, LifecycleEvent
-from certd.acme.issuer import Issuer, ari_cert_id
+from certd.acme.issuer import Issuer, ari_cert_id, connect
 from certd.ops.log import event
 from certd.engine.attempts import CertState
 from certd.engine.planning import Planner
@@ -85,8 +85,8 @@ class Manager:
     @property
     def issuer(self) -> Issuer:
         if self._issuer is None:
-            self._issuer = Issuer(self.config.acme, self.store, self.clock,
-                                  on_request=lambda seconds: self.events.measure("acme_request", seconds))
+            self._issuer = connect(self.config.acme, self.store, self.clock,
+                                   on_request=lambda seconds: self.events.measure("acme_request", seconds))
         return self._issuer
 
     def close(self) -> None:

@@ -30,13 +30,13 @@ import queue
 import random
 import socket
 import threading
-from email.utils import parsedate_to_datetime
 from typing import Any
 
 import httpx
 
 from certd import __version__
 from certd.core.clock import Clock, isoformat
+from certd.core.retry_after import retry_after_seconds
 from certd.config import AlertsConfig
 from certd.core.events import LifecycleEvent
 from certd.ops.log import event
@@ -157,7 +157,7 @@ class Alerter:
                     return True
                 why = f"HTTP {r.status_code}{_hint(r.status_code)}"
                 retryable = r.status_code in (408, 429) or r.status_code >= 500
-                retry_after = _retry_after(r.headers.get("Retry-After"), self.clock)
+                retry_after = retry_after_seconds(r.headers.get("Retry-After"), self.clock.now())
             if not retryable or attempt == ATTEMPTS:
                 break
             delay = self.backoff_base * 2 ** (attempt - 1) * (1 + self._rng.uniform(0, 0.1))
@@ -225,17 +225,6 @@ def _hint(status: int) -> str:
     if status == 404:
         return " (check [alerts] webhook_url)"
     return ""
-
-
-def _retry_after(header: str | None, clock: Clock) -> float | None:
-    if not header:
-        return None
-    if header.strip().isdigit():
-        return float(header.strip())
-    try:
-        return (parsedate_to_datetime(header) - clock.now()).total_seconds()
-    except (TypeError, ValueError):
-        return None
 
 
 def _safe_url(url: str) -> str:

@@ -3,6 +3,10 @@ from /dev/null, in its own session. On timeout the whole process group gets SIGT
 SIGKILL after a short grace, so a hook's grandchildren cannot outlive it and certd gets
 control back promptly. The output (stdout+stderr) is kept as its head and its tail: the tail
 says why a command failed.
+
+This module reads ``time.monotonic()`` itself, not an injected Clock: every deadline here
+becomes a timeout handed to the kernel (``poll()`` on the pipe, ``waitpid``) while a real
+process runs in real time; a fake clock could neither hurry it nor bound it.
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ def run_command(argv: Sequence[str], *, env: Mapping[str, str], timeout: float,
     holds at most the capabilities in ``caps`` (see certd/core/capabilities.py).
     """
     label = argv[0] if argv else "<empty command>"
-    start = time.monotonic()
+    start = time.monotonic()  # real time: see the module docstring
     try:
         if not argv:
             raise ValueError("empty command")

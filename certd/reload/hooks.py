@@ -47,6 +47,7 @@ from pathlib import Path
 from certd.reload import haproxy as hooks_haproxy
 from certd.reload import nginx as hooks_nginx
 from certd.config import ReloadHook
+from certd.core.clock import Clock, SystemClock
 from certd.core.errors import HookFailed
 from certd.reload.command import DEFAULT_PATH, HookResult, run_command
 from certd.ops.log import redact
@@ -99,12 +100,17 @@ def hook_env(ctx: HookContext) -> dict[str, str]:
     return env
 
 
-def run_reload(hook: ReloadHook, ctx: HookContext) -> HookResult:
-    """Run one reload hook; raise :class:`HookFailed` unless the server took the change."""
+def run_reload(hook: ReloadHook, ctx: HookContext, clock: Clock | None = None) -> HookResult:
+    """Run one reload hook; raise :class:`HookFailed` unless the server took the change.
+
+    The nginx and HAProxy hooks wait (for their turn, for old workers, for HAProxy's
+    transaction) on ``clock`` (default: the system clock). A command hook's timeout is real
+    time (see :func:`certd.reload.command.run_command`)."""
+    clock = clock or SystemClock()
     if hook.kind == "nginx":
-        result = hooks_nginx.reload(hook, ctx.name)
+        result = hooks_nginx.reload(hook, ctx.name, clock)
     elif hook.kind == "haproxy":
-        result = hooks_haproxy.hotswap(hook, ctx.bundle)
+        result = hooks_haproxy.hotswap(hook, ctx.bundle, clock)
     elif hook.kind == "command":
         result = run_command(hook.command, env=hook_env(ctx), timeout=hook.timeout, caps=hook.capabilities)
     else:

@@ -10,12 +10,12 @@ import os
 import re
 import signal
 import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 from certd.config import ReloadHook
+from certd.core.clock import Clock, wait_for
 from certd.core import capabilities
 from certd.reload.command import DEFAULT_PATH, HookResult, run_command
 
@@ -52,6 +52,7 @@ class NginxGate:
     def switch(self, name: str) -> Iterator[None]:
         with self.cond:
             self.waiting += 1
+            self.cond.notify_all()  # for whoever watches the gate (tests); a reload waits for 0
             self.cond.wait_for(lambda: not self.reading)
             self.waiting -= 1
             self.switching += 1
@@ -64,12 +65,13 @@ class NginxGate:
                 self.last_switch[name] = self.switches
                 self.cond.notify_all()
 
-    def reload(self, name: str, deadline: float, run: Callable[[], HookResult]) -> HookResult:
+    def reload(self, name: str, deadline: float, run: Callable[[], HookResult], clock: Clock) -> HookResult:
         """Run ``run`` (nginx -t, reload, wait for the old workers) unless a good reload that
-        started after ``name``'s last switch already happened."""
+        started after ``name``'s last switch already happened; waiting for its turn ends at
+        ``deadline`` (on ``clock``'s monotonic time)."""
         with self.cond:
-            if not self.cond.wait_for(lambda: not self.reading and not self.switching and not self.waiting,
-                                      timeout=max(0.0, deadline - time.monotonic())):
+            if not wait_for(clock, self.cond, lambda: not self.reading and not self.switching and not self.waiting,
+                            max(0.0, deadline - clock.monotonic())):
                 return HookResult("nginx", False, None, 0.0, "another reload of this nginx did not finish "
                                   "before this hook's timeout", timed_out=True)
             # A switch made before this process started (a rotation resumed after a crash) is
@@ -100,16 +102,17 @@ def gate(config: Path | None) -> NginxGate:
         return _gates.setdefault(str(config), NginxGate())
 
 
-def reload(hook: ReloadHook, name: str) -> HookResult:
-    """Test, reload and wait for the old workers, unless a reload since ``name``'s last switch did."""
-    deadline = time.monotonic() + hook.timeout
-    return gate(hook.config).reload(name, deadline, lambda: _reload_nginx_locked(hook, deadline))
+def reload(hook: ReloadHook, name: str, clock: Clock) -> HookResult:
+    """Test, reload and wait for the old workers, unless a reload since ``name``'s last switch did;
+    ``hook.timeout`` is measured on ``clock``."""
+    deadline = clock.monotonic() + hook.timeout
+    return gate(hook.config).reload(name, deadline, lambda: _reload_nginx_locked(hook, deadline, clock), clock)
 
 
-def _reload_nginx_locked(hook: ReloadHook, deadline: float) -> HookResult:
+def _reload_nginx_locked(hook: ReloadHook, deadline: float, clock: Clock) -> HookResult:
     conf = ["-c", str(hook.config)] if hook.config else []
     env = {"PATH": os.environ.get("PATH") or DEFAULT_PATH, "LANG": "C"}
-    test = run_command([hook.binary, "-t", "-q", *conf], env=env, timeout=max(0.1, deadline - time.monotonic()),
+    test = run_command([hook.binary, "-t", "-q", *conf], env=env, timeout=max(0.1, deadline - clock.monotonic()),
                        caps=capabilities.NGINX)
     if not test.ok:
         why = "timed out" if test.timed_out else _nginx_error_line(test.output)
@@ -118,24 +121,24 @@ def _reload_nginx_locked(hook: ReloadHook, deadline: float) -> HookResult:
                           test.timed_out)
     master = _nginx_master(hook.config)
     old_workers = _children(master) if master else []
-    reload = _hup_master(master, hook.binary) if master else None
+    reload = _hup_master(master, hook.binary, clock) if master else None
     if reload is None:  # master unknown or not nginx's: let nginx find it (and say what is wrong)
         reload = run_command([hook.binary, "-s", "reload", *conf], env=env,
-                             timeout=max(0.1, deadline - time.monotonic()), caps=capabilities.NGINX)
+                             timeout=max(0.1, deadline - clock.monotonic()), caps=capabilities.NGINX)
     output = "\n".join(o for o in (test.output, reload.output) if o)
     duration = test.duration + reload.duration
     if not reload.ok and not reload.timed_out:
         output += f"\nreload failed: {_nginx_error_line(reload.output)}"
     elif reload.ok and old_workers:
-        started = time.monotonic()
-        if not _wait_retired(old_workers, min(deadline, started + NGINX_RETIRE_WAIT)):
+        started = clock.monotonic()
+        if not _wait_retired(old_workers, min(deadline, started + NGINX_RETIRE_WAIT), clock):
             output += f"\nold workers {old_workers} still accepting after {NGINX_RETIRE_WAIT:.0f}s"
             log.warning("nginx_workers_not_retired master=%s workers=%s", master, old_workers)
-        duration += time.monotonic() - started
+        duration += clock.monotonic() - started
     return HookResult(reload.hook, reload.ok, reload.returncode, duration, output, reload.timed_out)
 
 
-def _hup_master(pid: int, label: str) -> HookResult | None:
+def _hup_master(pid: int, label: str, clock: Clock) -> HookResult | None:
     """SIGHUP the master ourselves: ``nginx -s reload`` would first parse the whole configuration
     again (just tested) only to read the same pid file (~1 s for 200 server blocks). None when
     ``pid`` is not a running nginx master (a stale pid file), so the caller asks nginx instead."""
@@ -145,12 +148,12 @@ def _hup_master(pid: int, label: str) -> HookResult | None:
         return None
     if not title.startswith(b"nginx: master process"):
         return None
-    started = time.monotonic()
+    started = clock.monotonic()
     try:
         os.kill(pid, signal.SIGHUP)
     except OSError:
         return None
-    return HookResult(label, True, 0, time.monotonic() - started, f"sent SIGHUP to the nginx master (pid {pid})")
+    return HookResult(label, True, 0, clock.monotonic() - started, f"sent SIGHUP to the nginx master (pid {pid})")
 
 
 NGINX_RETIRE_WAIT = 3.0
@@ -181,8 +184,9 @@ def _children(pid: int) -> list[int]:
         return []
 
 
-def _wait_retired(pids: Sequence[int], deadline: float) -> bool:
-    """Poll until every pid has exited or is an nginx worker "shutting down"."""
+def _wait_retired(pids: Sequence[int], deadline: float, clock: Clock) -> bool:
+    """Poll until every pid has exited or is an nginx worker "shutting down" (or ``deadline``
+    on ``clock``). Polling: the kernel tells nobody when a process changes its title."""
     def retired(pid: int) -> bool:
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
@@ -192,9 +196,9 @@ def _wait_retired(pids: Sequence[int], deadline: float) -> bool:
     while True:
         if all(retired(p) for p in pids):
             return True
-        if time.monotonic() >= deadline:
+        if clock.monotonic() >= deadline:
             return False
-        time.sleep(0.005)
+        clock.sleep(0.005)
 
 
 _NGINX_LOG_PREFIX = re.compile(r"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d (\[\w+\]) \d+#\d+: ")

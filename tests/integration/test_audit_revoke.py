@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import serialization
 
 from certd.core.clock import SystemClock
 from certd.config import AcmeConfig
-from certd.acme.issuer import Issuer
+from certd.acme.issuer import connect
 from certd.core.model import CertInfo
 from certd.store.files import FileStore
 from tests.support.certd_env import ROOT, CertdEnv
@@ -203,7 +203,7 @@ def test_operator_actions_through_the_daemon_are_audited_with_uid_and_reason(sit
 def test_renewal_after_a_revocation_by_someone_else_is_initiated_by_ari(site: Site, pebble: Any) -> None:
     """A certificate revoked behind certd's back is renewed by the daemon, and the audit names ARI as initiator."""
     old = site.store.load("www", 1).bundle
-    issuer = Issuer(AcmeConfig(pebble.directory_url, ca_bundle=pebble.ca_bundle), site.store, SystemClock())
+    issuer = connect(AcmeConfig(pebble.directory_url, ca_bundle=pebble.ca_bundle), site.store, SystemClock())
     issuer.revoke(old.cert_pem, 4)
     issuer.close()
     site.env.start_daemon()

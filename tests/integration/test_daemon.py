@@ -17,7 +17,7 @@ from typing import Any, Iterator
 import pytest
 
 from certd.config import AcmeConfig
-from certd.acme.issuer import Issuer
+from certd.acme.issuer import connect
 from certd.core.clock import SystemClock
 from certd.store.files import FileStore
 from tests.support.certd_env import CertdEnv, key_matches
@@ -177,7 +177,7 @@ def test_certificate_revoked_behind_certds_back_is_renewed_promptly(tmp_path: Pa
     env.run("renew", "--all", check=0)
     store = FileStore(env.state_dir)
     old = store.load("www", 1).bundle
-    issuer = Issuer(AcmeConfig(short_pebble.directory_url, ca_bundle=short_pebble.ca_bundle), store, SystemClock())
+    issuer = connect(AcmeConfig(short_pebble.directory_url, ca_bundle=short_pebble.ca_bundle), store, SystemClock())
     issuer.revoke(old.cert_pem, 1)  # keyCompromise, by someone else
     issuer.close()
     assert short_pebble.cert_status(old.info.serial)["Status"] == "Revoked"

@@ -24,7 +24,7 @@ from certd.crypto.certcheck import check_issued
 from certd.core.clock import SystemClock
 from certd.config import KEY_TYPES, AcmeConfig, CertificateConfig, Listen
 from certd.core.errors import AcmeError, CANotReachable, ChallengeFailed, ConfigError
-from certd.acme.issuer import Issuer, RenewalInfo, ari_cert_id
+from certd.acme.issuer import Issuer, RenewalInfo, ari_cert_id, connect
 from certd.crypto.keys import generate_private_key
 from certd.core.model import Bundle, CertInfo
 from certd.acme import solvers
@@ -75,7 +75,7 @@ def make_issuer(accounts: MemoryAccounts) -> Iterator[Callable[..., Issuer]]:
     made: list[Issuer] = []
 
     def make(pebble: PebbleEnv, store: MemoryAccounts | None = None, **kw: object) -> Issuer:
-        issuer = Issuer(acme_for(pebble), store or accounts, SystemClock(), **kw)  # type: ignore[arg-type]
+        issuer = connect(acme_for(pebble), store or accounts, SystemClock(), **kw)  # type: ignore[arg-type]
         made.append(issuer)
         return issuer
 
@@ -222,7 +222,7 @@ def test_forgotten_account_is_registered_again(pebble_factory: Callable[..., Peb
 
 def test_terms_of_service_must_be_agreed(pebble: PebbleEnv, accounts: MemoryAccounts) -> None:
     """Without agree_tos the operator is told to read the CA's terms and set it."""
-    issuer = Issuer(AcmeConfig(directory=pebble.directory_url, agree_tos=False, ca_bundle=pebble.ca_bundle),
+    issuer = connect(AcmeConfig(directory=pebble.directory_url, agree_tos=False, ca_bundle=pebble.ca_bundle),
                     accounts, SystemClock())
     with pytest.raises(ConfigError, match="agree_tos = true") as info:
         issuer.issue(http_cert(pebble, "tos.example.test"), generate_private_key("ecdsa-p256"))
@@ -237,10 +237,10 @@ def test_external_account_binding(pebble_factory: Callable[..., PebbleEnv], acco
     ca = pebble_factory(config={"externalAccountBindingRequired": True,
                                 "externalAccountMACKeys": {"kid-1": hmac_key}})
     cert = http_cert(ca, "eab.example.test")
-    without = Issuer(acme_for(ca), accounts, SystemClock())
+    without = connect(acme_for(ca), accounts, SystemClock())
     with pytest.raises(ConfigError, match="eab_kid"):
         without.issue(cert, generate_private_key("ecdsa-p256"))
-    with_eab = Issuer(acme_for(ca, eab_kid="kid-1", eab_hmac_key=hmac_key), accounts, SystemClock())
+    with_eab = connect(acme_for(ca, eab_kid="kid-1", eab_hmac_key=hmac_key), accounts, SystemClock())
     try:
         issue_checked(with_eab, ca, cert, tmp_path)
     finally:
@@ -276,7 +276,7 @@ def test_untrusted_ca_certificate(pebble: PebbleEnv, accounts: MemoryAccounts, t
     """An ACME server whose TLS certificate the ca_bundle does not vouch for is reported as a TLS problem."""
     other = tmp_path / "other-ca.pem"
     other.write_bytes(_cert_with_aki())
-    issuer = Issuer(AcmeConfig(directory=pebble.directory_url, agree_tos=True, ca_bundle=other), accounts,
+    issuer = connect(AcmeConfig(directory=pebble.directory_url, agree_tos=True, ca_bundle=other), accounts,
                     SystemClock())
     with pytest.raises(CANotReachable) as info:
         issuer.issue(http_cert(pebble, "tls.example.test"), generate_private_key("ecdsa-p256"))

@@ -1,4 +1,4 @@
-"""Error mapping and Retry-After parsing for the ACME transport (no network)."""
+"""The ACME transport without a network: error mapping, badNonce retries, the origin check."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import pytest
 import requests
 from acme import messages
 
-from certd.acme.transport import AcmeNetwork, Failure, check_origin, problem_code, retry_after_seconds
+from certd.acme.problems import Failure, problem_code
+from certd.acme.transport import AcmeNetwork, check_origin
 from certd.core.clock import FakeClock
 from certd.core.errors import AcmeError, CANotReachable
 
@@ -94,15 +95,6 @@ def test_conflict_keeps_its_problem_document() -> None:
     with pytest.raises(messages.Error) as info:
         AcmeNetwork._check_response(response)
     assert problem_code(info.value) == "alreadyReplaced"
-
-
-@pytest.mark.parametrize("header, seconds", [
-    (None, None), ("", None), ("120", 120.0), ("soon", None),
-    ("Mon, 04 May 2026 12:00:30 GMT", 30.0), ("Mon, 04 May 2026 11:00:00 GMT", 0.0),
-])
-def test_retry_after_parsing(header: str | None, seconds: float | None) -> None:
-    """Retry-After as delta-seconds or HTTP-date; past dates mean now; junk means absent."""
-    assert retry_after_seconds(header, NOW) == seconds
 
 
 class _NonceRejecting(AcmeNetwork):
@@ -193,7 +185,7 @@ def test_the_network_refuses_a_foreign_url_before_sending_anything() -> None:
         def close(self) -> None:
             pass
 
-    net = AcmeNetwork(None, alg=jose.ES256, verify_ssl=True, user_agent="t", timeout=5, lean=False)
+    net = AcmeNetwork(None, alg=jose.ES256, verify_ssl=True, user_agent="t", timeout=5, clock=FakeClock(), lean=False)
     net.session = Session()  # type: ignore[assignment]
     net.directory_url = "https://127.0.0.1:14000/dir"
     with pytest.raises(AcmeError, match="outside its directory's origin"):

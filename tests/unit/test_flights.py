@@ -3,8 +3,11 @@ joins an unforced one which then renews nothing."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
+from certd.core.clock import FakeClock
 from certd.daemon.scheduler import Flight, Flights, ShuttingDown
 
 FORCED = {"force": True, "reason": "incident 7", "initiator": "uid=0(root)"}
@@ -12,7 +15,7 @@ FORCED = {"force": True, "reason": "incident 7", "initiator": "uid=0(root)"}
 
 def forced_joining(running: str = "scheduled") -> tuple[Flights, Flight]:
     """A ``running`` flight on 'www' that a forced renewal has joined."""
-    flights = Flights()
+    flights = Flights(FakeClock())
     flight, _ = flights.begin("www", running)
     flights.begin("www", "forced", forced=FORCED)
     return flights, flight
@@ -20,7 +23,7 @@ def forced_joining(running: str = "scheduled") -> tuple[Flights, Flight]:
 
 def test_a_second_request_joins_the_flight_in_progress():
     """One flight per name: whoever comes second gets the running one, and its result."""
-    flights = Flights()
+    flights = Flights(FakeClock())
     first, started = flights.begin("www", "scheduled")
     joined, started_again = flights.begin("www", "requested")
     assert started and not started_again and joined is first
@@ -61,3 +64,54 @@ def test_no_forced_renewal_is_started_once_shutting_down():
     assert flight.done and flight.result == "not_due; forced renewal not run" and flights.in_progress() == []
     with pytest.raises(ShuttingDown):
         flights.begin("other", "forced")
+
+
+def test_a_follower_gets_every_event_then_the_end() -> None:
+    """follow() yields the progress said so far and as it comes, and stops when the flight is done."""
+    flights = Flights(FakeClock())
+    flight, _ = flights.begin("www", "forced")
+    flight.say("order created")
+    seen = flight.follow()
+    assert next(seen)["message"] == "order created"
+    flight.say("finalizing")
+    flights.end(flight, "renewed")
+    assert [e["message"] for e in seen] == ["finalizing"]
+
+
+def test_a_quiet_flight_ends_following_after_the_timeout_on_the_clock() -> None:
+    """A follower with a timeout gives up once that much fake time passes without news."""
+    clock = FakeClock()
+    flights = Flights(clock)
+    flight, _ = flights.begin("www", "forced")
+    got: list[list[dict[str, str]]] = []
+    follower = threading.Thread(target=lambda: got.append(list(flight.follow(timeout=30))))
+    follower.start()
+    clock.until_waiting()
+    clock.advance(29.999)
+    clock.until_waiting()
+    assert got == []
+    clock.advance(0.001)
+    follower.join(10)
+    assert got == [[]] and not flight.done
+
+
+def test_wait_idle_waits_for_running_flights_up_to_its_timeout() -> None:
+    """Shutting down waits for flights in progress: True once they end, False at the timeout."""
+    clock = FakeClock()
+    flights = Flights(clock)
+    assert flights.wait_idle(5)                     # nothing in progress
+    flight, _ = flights.begin("www", "scheduled")
+    answers: list[bool] = []
+    waiter = threading.Thread(target=lambda: answers.append(flights.wait_idle(5)))
+    waiter.start()
+    clock.until_waiting()
+    flights.end(flight, "renewed")
+    waiter.join(10)
+    assert answers == [True]
+    stuck, _ = flights.begin("api", "scheduled")
+    waiter = threading.Thread(target=lambda: answers.append(flights.wait_idle(5)))
+    waiter.start()
+    clock.until_waiting()
+    clock.advance(5)
+    waiter.join(10)
+    assert answers == [True, False] and not stuck.done

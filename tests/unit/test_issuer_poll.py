@@ -1,4 +1,4 @@
-"""The order polling schedule, driven by a fake clock and canned CA answers (no network)."""
+"""The order polling schedule and ARI, on a fake clock with canned CA answers (no network)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,12 @@ from typing import Any
 import pytest
 import requests
 
-from certd.core.clock import FakeClock
+from certd.acme.issuer import Issuer
+from certd.acme.order import FIRST_POLL, MAX_POLL, MAX_RETRY_AFTER, OrderFlow
+from certd.acme.problems import Failure
 from certd.config import AcmeConfig, CertificateConfig
+from certd.core.clock import FakeClock
 from certd.core.errors import AcmeError
-from certd.acme.issuer import FIRST_POLL, MAX_POLL, MAX_RETRY_AFTER, Issuer, _Order
 
 
 class RecordingClock(FakeClock):
@@ -45,15 +47,14 @@ class CannedNet:
         return response
 
 
-def _order(answers: list[tuple[str, str | None]], timeout: float = 90.0) -> tuple[_Order, RecordingClock, CannedNet]:
+def _order(answers: list[tuple[str, str | None]], timeout: float = 90.0) -> tuple[OrderFlow, RecordingClock, CannedNet]:
     clock = RecordingClock()
-    issuer = Issuer(AcmeConfig(directory="https://ca.test/dir"), accounts=None, clock=clock,  # type: ignore[arg-type]
-                    order_timeout=timeout)
     net = CannedNet(answers)
     client = SimpleNamespace(net=net, directory={"newNonce": "https://ca.test/nonce"})
     cert = CertificateConfig(name="www", domains=("www.example.test",), http01_webroot=Path("/tmp"))
-    order = _Order(issuer, client, cert, solver=None, say=lambda _m: None,  # type: ignore[arg-type]
-                   deadline=clock.monotonic() + timeout)
+    order = OrderFlow(client, cert, solver=None, say=lambda _m: None,  # type: ignore[arg-type]
+                      deadline=clock.monotonic() + timeout, order_timeout=timeout, clock=clock,
+                      fail=Failure("https://ca.test/dir", clock))
     return order, clock, net
 
 
@@ -98,28 +99,55 @@ def test_deadline_ends_polling_with_a_transient_error() -> None:
 
 
 class _AriNet:
-    """Answers the renewalInfo GET with a canned window and Retry-After."""
+    """A CA with a directory naming renewalInfo, which answers with a canned window and Retry-After."""
 
     def __init__(self, start: str, end: str, retry_after: str | None) -> None:
         self.body = {"suggestedWindow": {"start": start, "end": end}}
         self.retry_after = retry_after
+        self.asked: list[str] = []
 
     def get(self, url: str, **_: Any) -> requests.Response:
+        self.asked.append(url)
         response = requests.Response()
         response.status_code = 200
+        if url == "https://ca.test/dir":
+            response._content = json.dumps({"renewalInfo": "https://ca.test/ari/"}).encode()
+            return response
         response._content = json.dumps(self.body).encode()
         if self.retry_after is not None:
             response.headers["Retry-After"] = self.retry_after
         return response
 
+    def close(self) -> None:
+        pass
+
+
+class _OneNetTransport:
+    """A Transport whose every network is ``net`` (the issuer asks one per thread)."""
+
+    def __init__(self, net: Any) -> None:
+        self.net = net
+
+    def network(self) -> Any:
+        return self.net
+
+    def probe(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        pass
+
 
 def _renewal_info(start: str, end: str, retry_after: str | None) -> Any:
     from tests.support.certs import make_bundle
     clock = FakeClock()
-    issuer = Issuer(AcmeConfig(directory="https://ca.test/dir"), accounts=None, clock=clock)  # type: ignore[arg-type]
-    issuer._directory = {"renewalInfo": "https://ca.test/ari"}  # type: ignore[assignment]
-    issuer._local.net = _AriNet(start, end, retry_after)
-    return issuer.renewal_info(make_bundle(("www.example.test",), not_before=clock.now(), days=1).cert_pem), clock
+    net = _AriNet(start, end, retry_after)
+    issuer = Issuer(AcmeConfig(directory="https://ca.test/dir"), accounts=None, clock=clock,  # type: ignore[arg-type]
+                    transport=_OneNetTransport(net))
+    bundle = make_bundle(("www.example.test",), not_before=clock.now(), days=1)
+    info = issuer.renewal_info(bundle.cert_pem)
+    assert net.asked[0] == "https://ca.test/dir" and net.asked[1].startswith("https://ca.test/ari/")
+    return info, clock
 
 
 def test_an_ari_window_ending_at_or_before_its_start_is_a_failed_fetch() -> None:

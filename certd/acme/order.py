@@ -1,0 +1,246 @@
+"""One ACME order (RFC 8555 §7.4), from newOrder to the downloaded certificate.
+
+Not the ``acme`` library's order flow, because of speed: ``ClientV2.poll_and_finalize`` sleeps
+a fixed second between polls, while a local Pebble needs ~15 ms for a whole order.
+:class:`OrderFlow` polls the *order* (one request whatever the number of names: its status
+turns ``ready`` once every authorization is valid) on a short, growing schedule, honours
+``Retry-After`` (capped), and gives up at an overall deadline measured on the injected
+:class:`~certd.core.clock.Clock`. Validation failures raise
+:class:`~certd.core.errors.ChallengeFailed`, naming domain, challenge and the CA's reason.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import Any
+
+import josepy as jose
+import requests
+from acme import client as acme_client
+from acme import messages
+from cryptography import x509
+
+from certd.acme.problems import NEXT_STEP, Failure, one_line, problem_code, problem_detail
+from certd.acme.solvers import Solver
+from certd.config import CertificateConfig
+from certd.core.clock import Clock
+from certd.core.errors import AcmeError, ChallengeFailed
+from certd.core.retry import CHALLENGE, FINALIZE, NEW_ORDER
+from certd.core.retry_after import retry_after_seconds
+
+log = logging.getLogger("certd.issuer")  # a stable name: it is part of the log format
+
+# Poll schedule: first poll soon (a local CA validates in milliseconds), then back off.
+FIRST_POLL = 0.004
+ISSUE_WAIT = 0.002           # after finalize, before the first poll
+POLL_GROWTH = 2.0
+MAX_POLL = 2.0
+MAX_RETRY_AFTER = 15.0       # never wait longer than this for one poll, whatever the CA says
+
+_FINAL_CHALLENGE_PROBLEMS = {"caa", "rejectedIdentifier", "unsupportedIdentifier"}
+
+
+class ReplacingOrder(messages.NewOrder):
+    """newOrder with RFC 9773 §5 ``replaces`` (acme 5.9 has no such field)."""
+
+    replaces: str | None = jose.field("replaces", omitempty=True)
+
+
+def signed_post(client: acme_client.ClientV2, url: str, obj: Any) -> requests.Response:
+    return client.net.post(url, obj, new_nonce_url=client.directory["newNonce"])
+
+
+def post_as_get(client: acme_client.ClientV2, url: str) -> requests.Response:
+    """POST-as-GET (RFC 8555 §6.3)."""
+    return client.net.post(url, None, new_nonce_url=client.directory["newNonce"])
+
+
+class OrderFlow:
+    """newOrder -> challenges -> poll -> finalize -> poll -> download, for one certificate.
+
+    ``deadline`` (on ``clock``) ends the whole order; ``order_timeout`` is how long that was,
+    for messages. ``fail`` maps a problem in the finished order to a certd error.
+    """
+
+    def __init__(self, client: acme_client.ClientV2, cert: CertificateConfig, solver: Solver,
+                 say: Callable[[str], None], *, deadline: float, order_timeout: float, clock: Clock,
+                 fail: Failure) -> None:
+        self.client, self.cert, self.solver = client, cert, solver
+        self.say, self.deadline, self.order_timeout = say, deadline, order_timeout
+        self.clock, self.fail = clock, fail
+        self.doing = f"issuing {cert.name}"
+
+    def run(self, csr_pem: bytes, replaces: str | None) -> bytes:
+        with _where(NEW_ORDER):
+            uri, order = self.create(replaces)
+        self.say(f"order {uri} created ({order.status.name})")
+        if order.status.name == "pending":
+            order = self.validate(uri, order)
+        if order.status.name == "ready":
+            csr = x509.load_pem_x509_csr(csr_pem)
+            with _where(FINALIZE):
+                order = messages.Order.from_json(
+                    signed_post(self.client, order.finalize, messages.CertificateRequest(csr=csr)).json())
+            self.say("finalizing")
+            if order.status.name in ("ready", "processing"):
+                # Issuing takes a CA a moment (Pebble: ~3 ms); asking at once is a wasted request.
+                order = self.poll(uri, "the CA to issue the certificate", first_wait=ISSUE_WAIT)
+        if order.status.name != "valid" or not order.certificate:
+            raise self.order_failed(order)
+        fullchain = post_as_get(self.client, order.certificate).content
+        self.say("certificate downloaded")
+        return fullchain
+
+    def create(self, replaces: str | None) -> tuple[str, messages.Order]:
+        identifiers = [messages.Identifier(typ=messages.IDENTIFIER_FQDN, value=d) for d in self.cert.domains]
+        url = self.client.directory["newOrder"]
+        if replaces:
+            try:
+                response = signed_post(self.client, url, ReplacingOrder(identifiers=identifiers, replaces=replaces))
+            except messages.Error as e:
+                # replaces is advisory (RFC 9773 §5): a CA that cannot use it (already replaced,
+                # a certificate it does not know, Pebble 2.6 failing every serial whose DER
+                # encoding needs a leading zero byte with serverInternal) must not block the
+                # renewal for ever. Only problems that would hit any order are raised as they are.
+                code = problem_code(e)
+                if code in ("rateLimited", "accountDoesNotExist", "badNonce"):
+                    raise
+                log.warning("replaces_refused certificate=%s replaces=%s problem=%s detail=%s; "
+                            "ordering without replaces", self.cert.name, replaces, code, one_line(e.detail or ""))
+                self.say(f"the CA refused replaces ({code}); ordering without it")
+                response = signed_post(self.client, url, messages.NewOrder(identifiers=identifiers))
+        else:
+            response = signed_post(self.client, url, messages.NewOrder(identifiers=identifiers))
+        return response.headers["Location"], messages.Order.from_json(response.json())
+
+    def validate(self, uri: str, order: messages.Order) -> messages.Order:
+        """Present and answer every pending authorization's challenge, then wait for the order."""
+        authzs = [(url, messages.Authorization.from_json(post_as_get(self.client, url).json()))
+                  for url in order.authorizations]
+        work = []
+        for _url, authz in authzs:
+            if authz.status.name == "valid":
+                continue
+            if authz.status.name != "pending":
+                raise self.authz_failed(authz)
+            challb = next((c for c in authz.challenges if c.chall.typ == self.solver.challenge_type), None)
+            if challb is None:
+                offered = ", ".join(sorted({c.typ for c in authz.challenges})) or "none"
+                raise AcmeError(f"{self.doing}: the CA offers no {self.solver.challenge_type} challenge for "
+                                f"{_authz_name(authz)} (offers {offered}); choose another challenge")
+            work.append((authz.identifier.value, challb))
+        if not work:
+            return self.poll(uri, "the order to become ready")
+        key = self.client.net.key
+        assert key is not None  # the client signs with the account key (Issuer._client)
+        presented: list[tuple[str, messages.ChallengeBody]] = []
+        try:
+            self.present_all(work, key, presented)
+            for _domain, challb in work:
+                signed_post(self.client, challb.uri, challb.chall.response(key))
+            self.say(f"answered {len(work)} {self.solver.challenge_type} challenge(s)")
+            order = self.poll(uri, "validation")
+        finally:
+            self.side_by_side([functools.partial(self.solver.cleanup, d, c.chall, key) for d, c in presented])
+        if order.status.name == "invalid":
+            for url, _authz in authzs:
+                authz = messages.Authorization.from_json(post_as_get(self.client, url).json())
+                if authz.status.name == "invalid":
+                    raise self.authz_failed(authz)
+        return order
+
+    def present_all(self, work: Sequence[tuple[str, messages.ChallengeBody]], key: jose.JWK,
+                    presented: list[tuple[str, messages.ChallengeBody]]) -> None:
+        """Present every challenge, recording in ``presented`` what needs a cleanup."""
+        def one(domain: str, challb: messages.ChallengeBody) -> None:
+            self.solver.present(domain, challb.chall, key)
+            presented.append((domain, challb))
+
+        self.side_by_side([functools.partial(one, d, c) for d, c in work])
+
+    def side_by_side(self, calls: Sequence[Callable[[], None]]) -> None:
+        """Run ``calls``; hooks (dns-01: a process each) run in parallel, the rest in turn.
+
+        Raises the first failure once every call has finished.
+        """
+        if len(calls) <= 1 or self.solver.challenge_type != "dns-01":
+            for call in calls:
+                call()
+            return
+        with ThreadPoolExecutor(max_workers=min(8, len(calls)), thread_name_prefix="certd-solver") as pool:
+            futures = [pool.submit(call) for call in calls]
+        for future in futures:
+            future.result()
+
+    def poll(self, uri: str, waiting_for: str, first_wait: float = 0.0) -> messages.Order:
+        """Poll the order until it leaves pending/processing, within the deadline.
+
+        Waits grow from :data:`FIRST_POLL` by :data:`POLL_GROWTH` up to :data:`MAX_POLL`, but are
+        never shorter than two round trips of the last poll: milliseconds against a local CA,
+        a polite pace against a distant one. A Retry-After from the CA wins (up to
+        :data:`MAX_RETRY_AFTER`).
+        """
+        delay = FIRST_POLL
+        if first_wait > 0:
+            self.clock.sleep(min(first_wait, max(0.0, self.deadline - self.clock.monotonic())))
+        while True:
+            sent = self.clock.monotonic()
+            response = post_as_get(self.client, uri)
+            order = messages.Order.from_json(response.json())
+            if order.status.name not in ("pending", "processing"):
+                return order
+            now = self.clock.monotonic()
+            wait = max(delay, 2 * (now - sent))
+            asked = retry_after_seconds(response.headers.get("Retry-After"), self.clock.now())
+            if asked is not None:
+                wait = max(wait, min(asked, MAX_RETRY_AFTER))
+            wait = min(wait, self.deadline - now)
+            if wait <= 0:
+                raise AcmeError(f"{self.doing}: still waiting for {waiting_for} after "
+                                f"{self.order_timeout:g} s (order {order.status.name}); will retry",
+                                transient=True)
+            self.clock.sleep(wait)
+            delay = min(delay * POLL_GROWTH, MAX_POLL)
+
+    def authz_failed(self, authz: messages.Authorization) -> AcmeError:
+        name = _authz_name(authz)
+        failed = next((c for c in authz.challenges if c.error is not None), None)
+        if failed is None:
+            return AcmeError(f"{self.doing}: the authorization for {name} is {authz.status.name} "
+                             "without a reason from the CA; will retry", transient=True)
+        problem = failed.error
+        assert problem is not None  # chosen for having one
+        code = problem_code(problem)
+        final = code in _FINAL_CHALLENGE_PROBLEMS
+        return ChallengeFailed(
+            f"{self.doing}: the CA could not validate {failed.chall.typ} for {name} ({code}): "
+            f"{problem_detail(problem)}; {NEXT_STEP.get(code, 'fix what the CA names') if final else 'will retry'}",
+            problem_type=problem.typ, detail=problem.detail, transient=not final, where=CHALLENGE)
+
+    def order_failed(self, order: messages.Order) -> AcmeError:
+        if order.error is not None:
+            error = self.fail.problem(order.error, f"{self.doing}: the order is {order.status.name}")
+            error.where = FINALIZE
+            return error
+        return AcmeError(f"{self.doing}: the order ended {order.status.name} without a certificate; will retry",
+                         transient=True)
+
+
+@contextmanager
+def _where(step: str) -> Iterator[None]:
+    """Mark a CA problem raised inside with the order ``step`` it answered (certd.core.retry's table)."""
+    try:
+        yield
+    except messages.Error as e:
+        if getattr(e, "certd_where", None) is None:
+            e.certd_where = step
+        raise
+
+
+def _authz_name(authz: messages.Authorization) -> str:
+    value = authz.identifier.value if authz.identifier else "?"
+    return f"*.{value}" if authz.wildcard else value
