@@ -307,7 +307,13 @@ def run_cli_as_nobody(argv: list[str]) -> tuple[int, str]:
     import gettext  # noqa: F401  imported lazily by argparse; nobody cannot read /root later
     import locale  # noqa: F401
 
-    from certd import cli, control, manager  # noqa: F401
+    import importlib
+    import pkgutil
+
+    import certd
+    for mod in pkgutil.walk_packages(certd.__path__, "certd."):  # every module the CLI may import lazily
+        importlib.import_module(mod.name)
+    from certd import cli
     cli.build_parser().parse_args(argv)  # warm every lazy import the CLI path takes
     read_fd, write_fd = os.pipe()
     pid = os.fork()
