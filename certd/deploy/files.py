@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from certd.fs import ops as fsutil
+from certd import fs as fsutil
 from certd.core.errors import StoreError
 from certd.core.model import Bundle
 

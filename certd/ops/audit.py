@@ -46,7 +46,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterator
 
-from certd.fs import ops as fsutil
+from certd import fs as fsutil
 from certd.core.clock import utc
 from certd.core.errors import StoreError, UsageError
 from certd.core.events import LifecycleEvent

@@ -38,7 +38,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from certd import __version__
-from certd.fs import ops as fsutil
+from certd import fs as fsutil
 from certd.core.clock import Clock, SystemClock
 from certd.config import CertificateConfig, Config
 from certd.core.errors import CertdError

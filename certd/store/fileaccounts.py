@@ -12,7 +12,7 @@ from pathlib import Path
 
 from certd.core.clock import Clock
 from certd.core.errors import StoreError
-from certd.fs import ops as fsutil
+from certd import fs as fsutil
 from certd.store.filelease import flocked
 
 

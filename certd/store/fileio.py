@@ -11,7 +11,7 @@ from typing import Any
 
 from certd.core.errors import StoreError
 from certd.core.model import CertInfo
-from certd.fs import ops as fsutil
+from certd import fs as fsutil
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # used with fullmatch: "$" lets "www\n" through
 INFO_KEY = "certinfo"  # meta.json: the leaf's CertInfo (recorded by add_version; not in StoredVersion.meta)

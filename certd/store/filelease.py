@@ -39,7 +39,7 @@ from typing import Any
 
 from certd.core.clock import Clock
 from certd.core.errors import LockBusy
-from certd.fs import ops as fsutil
+from certd import fs as fsutil
 from certd.store.port import Fenced, Lease, LeaseLost
 
 _POLL = 0.02  # seconds between attempts while waiting for a busy lease

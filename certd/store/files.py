@@ -37,7 +37,7 @@ from typing import Any
 
 from certd.core.clock import Clock, SystemClock
 from certd.core.errors import StoreError
-from certd.fs import ops as fsutil
+from certd import fs as fsutil
 from certd.ops.audit import AuditLog, open_for
 from certd.store import fileio, migrate
 from certd.store.feed import PollingSubscription

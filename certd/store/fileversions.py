@@ -19,7 +19,7 @@ from typing import Any
 
 from certd.core.errors import StoreError
 from certd.core.model import Bundle, CertInfo
-from certd.fs import ops as fsutil
+from certd import fs as fsutil
 from certd.store import fileio
 from certd.store.fileio import INFO_KEY, NAME_RE, version_dirname
 from certd.store.port import Lease, StoredVersion, VersionInfo

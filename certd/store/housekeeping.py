@@ -12,19 +12,16 @@ rotation.
 
 Every step works on directory descriptors (``O_NOFOLLOW``, ``dir_fd=``), so a symlink swapped
 in for a directory is never followed and a name is never looked up twice. A temporary file or
-directory is ``flock()``ed by its writer while it is filled (certd.fs.ops), so one that is
+directory is ``flock()``ed by its writer while it is filled (certd.fs), so one that is
 locked is skipped: another process is writing it right now. Regular files are zeroed before
 they are unlinked (a staging directory's ``privkey.pem``) unless another hard link shares them.
-
-Note for the lead: the sec-fs branch adds descriptor-based ``fsutil.remove_stale_temps`` /
-``delete_at``; these small functions do the same job and can be replaced by those when both
-have landed.
+The removal itself is :func:`certd.fs.remove_stale_temps`, the same one deploy uses (it also
+leaves alone a look-alike another user owns).
 """
 
 from __future__ import annotations
 
 import errno
-import fcntl
 import logging
 import os
 import stat
@@ -32,18 +29,17 @@ from collections.abc import Collection
 from pathlib import Path
 
 from certd.config import Config
-from certd.core.errors import UsageError
+from certd import fs as fsutil
+from certd.core.errors import StoreError, UsageError
 from certd.ops.log import event
 
 log = logging.getLogger("certd.housekeeping")
 
-TMP_INFIX = ".tmp-"  # as certd.fs.ops.temp_name makes them
 STATE_DIR_TEMPS = (".audit.head.tmp-", ".store.json.tmp-", ".migration.json.tmp-")
 CERT_DIR_TEMPS = (".journal.json.tmp-", ".state.json.tmp-", ".lease.json.tmp-", ".order.json.tmp-",
                   ".order.key.tmp-")
 NODE_DIR_TEMPS = (".journal.json.tmp-", ".applied.tmp-")  # certs/NAME/nodes/NODE/ (store format 2)
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_ZEROS = b"\0" * 65536
 
 
 def sweep(config: Config, names: Collection[str] | None = None) -> list[str]:
@@ -69,37 +65,21 @@ def sweep(config: Config, names: Collection[str] | None = None) -> list[str]:
 
 def sweep_dir(directory: Path, prefixes: tuple[str, ...]) -> list[str]:
     """Remove unlocked entries of ``directory`` named ``<prefix>...tmp-...``; return their paths.
-    A missing directory (or a symlink where it should be) has nothing to sweep."""
+    A missing directory (or a symlink where it should be) has nothing to sweep; a directory or
+    leftover that cannot be removed is logged and the sweep goes on."""
     try:
         dfd = os.open(directory, _DIR_FLAGS)
     except OSError as e:
-        if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
-            return []
-        event(log, "sweep_failed", logging.WARNING, path=directory, error=e.strerror)
-        return []
-    removed: list[str] = []
-    try:
-        try:
-            names = os.listdir(dfd)
-        except OSError as e:
+        if e.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
             event(log, "sweep_failed", logging.WARNING, path=directory, error=e.strerror)
-            return []
-        for name in names:
-            if TMP_INFIX not in name or not name.startswith(prefixes):
-                continue
-            try:
-                if _remove_at(dfd, name, check_lock=True):
-                    removed.append(str(directory / name))
-            except OSError as e:  # one stubborn leftover does not stop the sweep
-                event(log, "sweep_failed", logging.WARNING, path=directory / name, error=e.strerror)
-        if removed:
-            try:
-                os.fsync(dfd)
-            except OSError:
-                pass  # the names are gone either way
+        return []
+    try:
+        return [str(directory / n) for n in fsutil.remove_stale_temps(directory, prefixes, dirfd=dfd)]
+    except StoreError as e:
+        event(log, "sweep_failed", logging.WARNING, path=directory, error=str(e))
+        return []
     finally:
         os.close(dfd)
-    return removed
 
 
 def _subdirs(directory: Path) -> list[str]:
@@ -120,47 +100,6 @@ def _subdirs(directory: Path) -> list[str]:
     finally:
         os.close(dfd)
     return found
-
-
-def _remove_at(dfd: int, name: str, *, check_lock: bool) -> bool:
-    """Remove ``name`` in the directory ``dfd`` (a tree, files zeroed); False if it is locked
-    (being written) or already gone."""
-    try:
-        fd = os.open(name, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd)
-    except FileNotFoundError:
-        return False
-    except IsADirectoryError:
-        fd = os.open(name, _DIR_FLAGS, dir_fd=dfd)
-    except OSError as e:
-        if e.errno not in (errno.ELOOP, errno.ENXIO, errno.EACCES, errno.EPERM):
-            raise
-        os.unlink(name, dir_fd=dfd)  # a symlink or special file: drop the name, follow nothing
-        return True
-    try:
-        if check_lock:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return False  # its writer is alive
-        st = os.fstat(fd)
-        if stat.S_ISDIR(st.st_mode):
-            for child in os.listdir(fd):
-                _remove_at(fd, child, check_lock=False)
-            os.rmdir(name, dir_fd=dfd)
-        else:
-            if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
-                _zero(fd, st.st_size)
-            os.unlink(name, dir_fd=dfd)
-    finally:
-        os.close(fd)
-    return True
-
-
-def _zero(fd: int, size: int) -> None:
-    offset = 0
-    while offset < size:
-        offset += os.pwrite(fd, _ZEROS[:min(len(_ZEROS), size - offset)], offset)
-    os.fsync(fd)
 
 
 STATE_DIR_MODE = 0o700

@@ -31,7 +31,7 @@ from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
 from certd.core.errors import LockBusy, StoreError
-from certd.fs import ops as fsutil
+from certd import fs as fsutil
 from certd.ops.log import event
 from certd.store.filelease import flocked
 

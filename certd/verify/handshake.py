@@ -31,7 +31,7 @@ from pathlib import Path
 
 from cryptography import x509
 
-from certd.fs import ops as fsutil
+from certd import fs as fsutil
 from certd.core.clock import Clock, isoformat
 from certd.config import VerifyEndpoint
 from certd.core.errors import VerificationFailed

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from certd.fs import ops as fsutil
+from certd import fs as fsutil
 from certd.core.errors import StoreError
 from tests.support.tmpfs import fill, remount_ro, small_tmpfs
 
