@@ -3,42 +3,25 @@
 
 from __future__ import annotations
 
-import grp
-import os
-import pwd
 import re
-import shutil
-import stat
 from datetime import timedelta
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from certd.config.schema import (CHALLENGES, DEFAULT_EXEC_PATH, FILE_CONTENTS, HOOK_KINDS, KEY_TYPES, AcmeConfig,
-                          AlertsConfig, CertificateConfig, Config, DaemonConfig, DeployConfig, FileTarget, Listen,
-                          ReloadHook, RenewBefore, VerifyEndpoint)
-from certd.core import capabilities
-from certd.config.values import Table, is_loopback, normalize_domain, parse_duration, parse_listen, type_name
-from certd.core.errors import one_line
+from certd.config.schema import (CHALLENGES, KEY_TYPES, AcmeConfig,
+                          AlertsConfig, CertificateConfig, Config, DaemonConfig, RenewBefore)
+from certd.config.values import Table, is_loopback, normalize_domain, parse_duration, type_name
+
+from certd.config.targets import TargetSections
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # fullmatch: "$" would let "www\n" through
 _EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 
 
-class Parser:
+class Parser(TargetSections):
     """Builds a Config from parsed TOML, collecting every problem instead of stopping at the first."""
-
-    def __init__(self, path: Path, check_runtime: bool) -> None:
-        self.path = path
-        self.base = path.resolve().parent
-        self.check_runtime = check_runtime
-        self.problems: list[str] = []
-
-    def problem(self, key: str, message: str) -> None:
-        # Keys and values come from the file: a newline or escape in one must not break the
-        # one-line-per-problem rule (or a terminal), so control characters are shown escaped.
-        self.problems.append(one_line(f"{self.path}: {key}: {message}"))
 
     def config(self, data: dict[str, Any]) -> Config | None:
         top = Table(self, "", data)
@@ -81,8 +64,6 @@ class Parser:
                 self.problem(f"certificate[{i}].deploy.{key}",
                              f"{path} is also certificate[{other[0]}] ({other[1]})'s deploy.{other[2]}; two "
                              f"certificates ({other[1]} and {cert.name}) cannot deploy to the same path: give each its own")
-
-    # -- sections --
 
     def daemon(self, t: Table) -> DaemonConfig:
         d = DaemonConfig()
@@ -268,244 +249,3 @@ class Parser:
             self.problem(t.key("renew_before"), f"{raw!r}: expected a fraction such as \"1/3\" or a duration such as \"30d\", \"12h\", \"90m\"")
             return None
         return RenewBefore(duration=timedelta(seconds=seconds))
-
-    def deploy(self, t: Table) -> DeployConfig:
-        live_dir = self.path_value(t, "live_dir")
-        combined = self.path_value(t, "combined")
-        group = t.get("group", str)
-        if group is not None:
-            self.check_group(t.key("group"), group)
-        repair_drift = t.get("repair_drift", bool)
-        files: list[FileTarget] = []
-        for j, raw in enumerate(t.get("files", list, [])):
-            ft = Table(self, t.key(f"files[{j}]"), raw)
-            path = self.path_value(ft, "path")
-            if path is None and "path" not in ft.data:
-                self.problem(ft.key("path"), "required key is missing")
-            content = ft.get("content", str, required=True)
-            if content is not None and content not in FILE_CONTENTS:
-                self.problem(ft.key("content"), f"unknown content {content!r}; expected one of {', '.join(FILE_CONTENTS)}")
-            owner = ft.get("owner", str)
-            if owner is not None:
-                try:
-                    pwd.getpwnam(owner)
-                except KeyError:
-                    self.problem(ft.key("owner"), f"no such user {owner!r}")
-            fgroup = ft.get("group", str)
-            if fgroup is not None:
-                self.check_group(ft.key("group"), fgroup)
-            mode = ft.get("mode", str)
-            mode_int = None
-            if mode is not None:
-                if not re.match(r"^0?[0-7]{3}$", mode):
-                    self.problem(ft.key("mode"), f"{mode!r}: expected an octal mode such as \"0640\"")
-                else:
-                    mode_int = int(mode, 8)
-                    if content in ("privkey", "combined") and mode_int & 0o007:
-                        self.problem(ft.key("mode"), f"{mode}: a file holding a private key must not be readable by others")
-            ft.done()
-            if path is not None and content in FILE_CONTENTS:
-                files.append(FileTarget(path, content, owner, fgroup, mode_int))
-        t.done()
-        targets = [p for p in [live_dir, combined, *(f.path for f in files)] if p is not None]
-        if len(set(targets)) != len(targets):
-            self.problem(t.where, "two deploy targets name the same path")
-        return DeployConfig(live_dir, combined, group, tuple(files), repair_drift)
-
-    def reload(self, t: Table, deploy: DeployConfig) -> ReloadHook | None:
-        kind = t.get("hook", str)
-        command = self.argv(t, "command")
-        timeout = self.duration(t, "timeout", 30.0)
-        if ("hook" in t.data) == ("command" in t.data):
-            self.problem(t.where, "a reload entry needs exactly one of hook = \"nginx\"|\"haproxy\" or command = [\"/abs/path\", ...]")
-            t.done()
-            return None
-        if kind is not None and kind not in HOOK_KINDS:
-            self.problem(t.key("hook"), f"unknown built-in hook {kind!r}; expected one of {', '.join(HOOK_KINDS)}, or use command = [...]")
-            t.done()
-            return None
-        if kind == "nginx":
-            config = self.path_value(t, "config", must_exist=True)
-            binary = self.nginx_binary(t)
-            t.done()
-            return ReloadHook("nginx", timeout, config=config, binary=binary)
-        if kind == "haproxy":
-            sock = self.path_value(t, "socket")
-            if sock is None and "socket" not in t.data:
-                self.problem(t.key("socket"), "the haproxy hook needs socket = \"/run/haproxy/admin.sock\" (stats socket ... level admin)")
-            crt_path = self.path_value(t, "crt")  # relative: against the config's directory, like socket
-            crt = None if crt_path is None else str(crt_path)
-            if crt is None and "crt" not in t.data:
-                if deploy.combined is None:
-                    self.problem(t.key("crt"), "the haproxy hook needs crt = \"<path as in haproxy.cfg>\" or [certificate.deploy] combined = ...")
-                else:
-                    crt = str(deploy.combined)
-            t.done()
-            return ReloadHook("haproxy", timeout, socket=sock, crt=crt)
-        caps = t.get("capabilities", list, [])
-        bad = [c for c in caps if not isinstance(c, str)] or capabilities.unknown(caps)
-        if bad:
-            self.problem(t.key("capabilities"), f"{', '.join(map(str, bad))}: not a capability; expected names such "
-                                                "as \"CAP_KILL\" (see capabilities(7)), or leave it out for none")
-            caps = []
-        t.done()
-        return ReloadHook("command", timeout, command=command,
-                          capabilities=tuple(c.upper() for c in caps)) if command else None
-
-    def verify(self, t: Table, default_sni: str) -> VerifyEndpoint | None:
-        raw = t.get("endpoint", str, required=True)
-        sni = t.get("sni", str, default_sni)
-        if sni != default_sni:
-            norm, why = normalize_domain(sni)
-            if why or norm.startswith("*."):
-                self.problem(t.key("sni"), why or "SNI cannot be a wildcard; name one host the endpoint serves")
-            sni = norm
-        ca = self.path_value(t, "ca_bundle", must_exist=True)
-        t.done()
-        if raw is None:
-            return None
-        listen = parse_listen(raw)
-        if isinstance(listen, str):
-            self.problem(t.key("endpoint"), listen)
-            return None
-        return VerifyEndpoint(listen.host, listen.port, sni, ca)
-
-    # -- values --
-
-    def inline_secret(self, t: Table, key: str, file_key: str) -> None:
-        """A secret written into the config is only as private as the config file: refuse it
-        if group or others may read the file (they would learn the CA's or the webhook's
-        credential), and say both fixes."""
-        try:
-            mode = stat.S_IMODE(os.stat(self.path).st_mode)
-        except OSError:
-            return  # parsed from text with no file behind it
-        if mode & 0o077:
-            self.problem(t.key(key), f"a secret inline in a config file readable by group or others (mode "
-                                     f"{mode:04o}); chmod 600 {self.path}, or move it to {file_key} (mode 0600)")
-
-    def secret_file(self, t: Table, key: str, path: Path) -> str | None:
-        """The secret held in ``path`` (stripped), which others must not be able to read."""
-        try:
-            st = os.stat(path)
-            if st.st_mode & 0o007:
-                self.problem(t.key(key), f"{path} is accessible to other users; it holds a secret (chmod o-rwx)")
-                return None
-            with open(path, encoding="utf-8") as f:
-                text = f.read(64 * 1024).strip()
-        except (OSError, UnicodeDecodeError) as e:
-            if path.exists():
-                self.problem(t.key(key), f"cannot read {path}: {getattr(e, 'strerror', None) or e}")
-            return None  # else must_exist reported it
-        if not text:
-            self.problem(t.key(key), f"{path} is empty; put the key the CA handed out in it")
-            return None
-        return text
-
-    def path_value(self, t: Table, name: str, must_exist: bool = False) -> Path | None:
-        raw = t.get(name, str)
-        if raw is None:
-            return None
-        if not raw:
-            self.problem(t.key(name), "empty path")
-            return None
-        p = Path(raw).expanduser()
-        if not p.is_absolute():
-            p = self.base / p
-        if must_exist:
-            try:
-                if not p.exists():
-                    self.problem(t.key(name), f"{p} does not exist")
-            except OSError as e:
-                self.problem(t.key(name), f"cannot access {p}: {e.strerror}")
-        return p
-
-    def listen(self, t: Table, name: str) -> Listen | None:
-        raw = t.get(name, str)
-        if raw is None:
-            return None
-        listen = parse_listen(raw)
-        if isinstance(listen, str):
-            self.problem(t.key(name), listen)
-            return None
-        return listen
-
-    def argv(self, t: Table, name: str) -> tuple[str, ...]:
-        raw = t.get(name, list, [])
-        if not raw:
-            if t.data.get(name) == []:
-                self.problem(t.key(name), "empty command; expected [\"/absolute/path\", \"arg\", ...]")
-            return ()
-        if not all(isinstance(a, str) for a in raw):
-            self.problem(t.key(name), "every element of a command must be a string")
-            return ()
-        exe = Path(raw[0])
-        if not exe.is_absolute():
-            self.problem(t.key(name), f"{raw[0]!r} is not an absolute path; commands run without a shell or $PATH lookup")
-            return ()
-        return tuple(raw) if self.program(t.key(name), exe) else ()
-
-    def program(self, key: str, exe: Path) -> bool:
-        """Check a program certd will run: an executable file that nobody but its owners can
-        change or replace (neither it nor a directory on its way, symlinks followed, is
-        writable by everyone unless sticky, as /tmp is). Reports and returns False otherwise."""
-        try:
-            st = exe.stat()
-        except FileNotFoundError:
-            self.problem(key, f"{exe} does not exist")
-            return False
-        except OSError as e:
-            self.problem(key, f"cannot access {exe}: {e.strerror}")
-            return False
-        if not stat.S_ISREG(st.st_mode) or not os.access(exe, os.X_OK):
-            self.problem(key, f"{exe} is not an executable file")
-            return False
-        if st.st_mode & stat.S_IWOTH:
-            self.problem(key, f"{exe} is world-writable; anyone could change what certd runs (chmod o-w)")
-            return False
-        for directory in dict.fromkeys([*exe.parents, *Path(os.path.realpath(exe)).parents]):
-            try:
-                mode = directory.stat().st_mode
-            except OSError:
-                continue
-            if mode & stat.S_IWOTH and not mode & stat.S_ISVTX:
-                self.problem(key, f"{exe} is in {directory}, which is world-writable: anyone could replace "
-                                  f"what certd runs (chmod o-w {directory}, or move the program)")
-                return False
-        return True
-
-    def nginx_binary(self, t: Table) -> str:
-        """The nginx hook's ``binary``: an absolute path, or a bare name found on $PATH now
-        (the hook runs it with certd's PATH), checked like every program certd runs."""
-        raw = t.get("binary", str, "nginx")
-        if not raw:
-            self.problem(t.key("binary"), "empty; name the nginx executable, e.g. \"/usr/sbin/nginx\"")
-            return raw
-        if "/" not in raw:
-            found = shutil.which(raw, path=os.environ.get("PATH") or DEFAULT_EXEC_PATH)
-            if found is None:
-                self.problem(t.key("binary"), f"{raw!r} is not found on $PATH; set binary to the absolute path of nginx")
-            else:
-                self.program(t.key("binary"), Path(found))
-            return raw
-        if not Path(raw).is_absolute():
-            self.problem(t.key("binary"), f"{raw!r} is not an absolute path; name the program as \"/usr/sbin/nginx\"")
-            return raw
-        self.program(t.key("binary"), Path(raw))
-        return raw
-
-    def duration(self, t: Table, name: str, default: float) -> float:
-        raw = t.get(name, (str, int), None)
-        if raw is None:
-            return default
-        seconds = float(raw) if isinstance(raw, int) else parse_duration(raw)
-        if seconds is None or seconds <= 0:
-            self.problem(t.key(name), f"{raw!r}: expected a positive duration such as \"30s\", \"2m\"")
-            return default
-        return seconds
-
-    def check_group(self, key: str, group: str) -> None:
-        try:
-            grp.getgrnam(group)
-        except KeyError:
-            self.problem(key, f"no such group {group!r}")
