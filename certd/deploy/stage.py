@@ -35,7 +35,9 @@ from pathlib import Path
 
 from certd.deploy import strictmodes
 from certd.config import CertificateConfig
-from certd.deploy.files import KEY_CONTENTS, LiveDir, PlainFile, Target
+from certd.deploy.files import KEY_CONTENTS, Target
+from certd.deploy.livedir import LiveDir
+from certd.deploy.plainfile import PlainFile
 from certd.core.errors import ConfigError, StoreError
 from certd.core.model import Bundle
 
