@@ -1,20 +1,18 @@
 """A certificate's failed attempts as kept in its state: what kind of failure (see
 :mod:`certd.core.retry`), how many of that kind in a row, the CA's problem, and the earliest next
 try — persisted so a restart keeps a hold — plus the certificates issued per rolling week
-(the CA's duplicate-certificate limit). Pure functions over :class:`~certd.engine.planning.CertState`.
+(the CA's duplicate-certificate limit). Pure functions over :class:`~certd.engine.state.CertState`.
 """
 
 from __future__ import annotations
 
 import re
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from certd.core import retry
 from certd.core.clock import isoformat
-
-if TYPE_CHECKING:
-    from certd.engine.planning import CertState
+from certd.engine.state import CertState
 
 #: Let's Encrypt's duplicate-certificate limit: 5 per exact set of names per rolling week.
 DUPLICATE_LIMIT = 5

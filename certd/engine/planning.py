@@ -9,7 +9,7 @@ import json
 import logging
 import random
 from collections.abc import Hashable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from datetime import datetime, timedelta
 from typing import Any, Callable
@@ -17,13 +17,14 @@ from typing import Any, Callable
 from certd.engine import attempts
 from certd.core import policy
 from certd.core import retry
-from certd.engine import revocation
 from certd.deploy import strictmodes
 from certd.core.clock import Clock, isoformat
 from certd.config import CertificateConfig
 from certd.engine.effects import unfinished_step
+from certd.engine.lifecycle import VersionStatus
+from certd.engine.ports import IssuerPort
+from certd.engine.state import CertState
 from certd.core.errors import OperationFailed, StoreError
-from certd.acme.issuer import Issuer
 from certd.ops.log import event
 from certd.core.model import CertInfo
 from certd.core.policy import ari_poll_interval
@@ -33,39 +34,6 @@ log = logging.getLogger("certd")
 
 ARI_POLL = "poll ACME Renewal Information"  # plan()'s reason when the next look is only an ARI poll
 BROKEN_RECHECK = timedelta(minutes=10)  # how soon a broken certificate is looked at again
-
-
-@dataclass
-class CertState:
-    """Per-certificate scheduling facts kept between runs (no key material)."""
-
-    failures: int = 0
-    last_failure: str | None = None
-    last_error: str | None = None
-    last_result: str | None = None
-    last_attempt: str | None = None
-    last_success: str | None = None
-    ca_unreachable: bool = False               # the last failure was "CA not reachable"
-    ari: dict[str, Any] | None = None          # {"serial", "start", "end", "retry_after"}
-    # the last failure's kind (see certd.core.retry and certd.engine.attempts) and the earliest next try
-    failure_kind: str | None = None
-    kind_failures: int = 0                     # failures of that kind in a row
-    problem: str | None = None                 # the CA's problem type (short form), if any
-    retry_after: str | None = None             # ISO 8601: no attempt before (held, rate_limited)
-    fix: str | None = None                     # what an operator does about a hold
-    issued: list[dict[str, Any]] | None = None  # [{"at", "names"}] this rolling week (duplicate limit)
-    forced_retry: str | None = None            # a forced renewal failed: the daemon retries it (backoff)
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any] | None) -> CertState:
-        if not d:
-            return cls()
-        known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in d.items() if k in known})
-
-    def to_json(self) -> dict[str, Any]:
-        return dict(self.__dict__)
 
 
 @dataclass(frozen=True)
@@ -118,7 +86,7 @@ class Planner:
     """The policy's facts for each certificate, read from ``store`` (and the CA's ARI through
     ``issuer()``, built on first use); per-certificate bookkeeping kept as CertState."""
 
-    def __init__(self, store: Store, clock: Clock, issuer: Callable[[], Issuer]) -> None:
+    def __init__(self, store: Store, clock: Clock, issuer: Callable[[], IssuerPort]) -> None:
         self.store, self.clock, self._issuer = store, clock, issuer
         self._cache: dict[str, _Facts] = {}   # see _facts()
         self._unsaved: dict[str, CertState] = {}  # states whose write failed (see load_state)
@@ -219,11 +187,12 @@ class Planner:
         info = stored.info
         row.update(serial=info.serial, not_before=isoformat(info.not_before), not_after=isoformat(info.not_after),
                    fingerprint_sha256=info.fingerprint_sha256, key_type=info.key_type)
-        held = revocation.is_held(stored.meta) is not None
+        status = VersionStatus.from_meta(stored.meta)
+        held = status.held is not None
         if held:
             row["next_renewal"] = None  # the operator ended it; nothing is planned
         ari = state.ari if state.ari and state.ari.get("serial") == info.serial else None
-        return _Facts(token, cert, decision, row, info, bool(stored.meta.get("revoked")), held,
+        return _Facts(token, cert, decision, row, info, status.revoked is not None, held,
                       ari is not None, parse_time(ari.get("next_poll")) if ari else None, until)
 
     def decide(self, cert: CertificateConfig, stored: StoredVersion | VersionInfo | None, state: CertState,
@@ -263,7 +232,7 @@ class Planner:
         if stored is None:
             return policy.decide(policy.Facts(failures=failures, last_failure=parse_time(state.last_failure)), now)
         info = stored.info
-        held = revocation.is_held(stored.meta)
+        held = VersionStatus.from_meta(stored.meta).held
         if held:  # revoked for cessationOfOperation: ARI asks for renewal, the operator said no
             return policy.Decision(info.not_after + (info.not_after - info.not_before) * 100, held)
         changed = None
