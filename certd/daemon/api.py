@@ -73,7 +73,8 @@ class ControlAPI:
     def renew(self, caller: Caller, body: dict[str, Any]) -> Iterator[dict[str, Any]] | dict[str, Any]:
         certs = list(self._config().certificates) if body.get("all") else self._select(body.get("names"))
         force = bool(body.get("force"))
-        reason = check_reason(body.get("reason") or "", "reason") or ("forced by operator" if force else "requested by operator")
+        default = "forced by operator" if force else "requested by operator"
+        reason = check_reason(body.get("reason") or "", "reason") or default
         initiator = str(caller)
         flights = []
         for cert in certs:

@@ -157,7 +157,8 @@ class Daemon:
                     event(log, "config_rejected", logging.ERROR, source=source, problem=problem)
                 self.manager.emit("config_rejected", "", initiator=source, outcome="rejected",
                                   reason="; ".join(e.problems))
-                event(log, "config_kept", logging.ERROR, reason="the new configuration is invalid; the running one stays")
+                event(log, "config_kept", logging.ERROR,
+                      reason="the new configuration is invalid; the running one stays")
                 return False, e.problems
             old = self.config
             if new == old:

@@ -73,6 +73,10 @@ class Manager:
     def config(self) -> Config:
         return self.ports.config
 
+    @config.setter
+    def config(self, config: Config) -> None:
+        self.reconfigure(config)
+
     @property
     def store(self) -> Store:
         return self.ports.store

@@ -75,8 +75,8 @@ class Renew:
             event(log, "renewal_decision", name=cert.name, renew_at=isoformat(decision.renew_at),
                   reason=decision.reason, due=due)
             if not due:
-                return Outcome(cert.name, Result.NOT_DUE, f"renews at {isoformat(decision.renew_at)}: {decision.reason}",
-                               current, old_serial)
+                return Outcome(cert.name, Result.NOT_DUE,
+                               f"renews at {isoformat(decision.renew_at)}: {decision.reason}", current, old_serial)
             reason = reason or decision.reason
             if decision.ca_requested and initiator == "scheduler":
                 initiator = "ari"  # the CA asked (ARI window in the past), not our own schedule

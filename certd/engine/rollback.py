@@ -72,4 +72,5 @@ class Rollback:
         if refusal is not None:
             raise UsageError(refusal)
         if sv.bundle.info.not_after <= self.ports.clock.now():
-            raise UsageError(f"{name} version {target} expired at {isoformat(sv.bundle.info.not_after)}; choose a newer one")
+            raise UsageError(f"{name} version {target} expired at {isoformat(sv.bundle.info.not_after)}; "
+                             f"choose a newer one")

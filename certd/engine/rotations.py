@@ -80,7 +80,8 @@ class Rotations:
             return self._committed(cert, j, state, version, serial, seconds)
         error = j.error or "unknown error"
         if j.step == Step.ROLLED_BACK:
-            result, msg = Result.ROLLED_BACK, f"rolled back to version {j.from_version} (serial {serial}, verified): {error}"
+            result = Result.ROLLED_BACK
+            msg = f"rolled back to version {j.from_version} (serial {serial}, verified): {error}"
         elif j.step == Step.ROLLBACK_FAILED:
             result, msg = Result.ROLLBACK_FAILED, rollback_failed_message(j)
         elif j.unverified:
