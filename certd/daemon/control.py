@@ -33,12 +33,22 @@ from urllib.parse import parse_qs, urlparse
 import httpx
 
 from certd.core.errors import CertdError, OperationFailed, UsageError
-from certd.daemon.control_conn import (  # noqa: F401 (re-exported: the control API's vocabulary)
-    BUSY_LINGER, CLIENT_TIMEOUT, MAX_BODY, MAX_CLIENTS, MAX_CLIENTS_PER_UID, MAX_LINGERING, STOP_GRACE, Caller,
-    Handler, Server, peer_credentials)
+from certd.daemon.control_conn import Caller, Handler, Limits, Server, peer_credentials
 from certd.ops.log import event
 
 log = logging.getLogger("certd.control")
+
+__all__ = ["Caller", "ControlClient", "ControlServer", "DaemonNotRunning", "Handler", "Preformatted",
+           "peer_credentials", "rows_document"]
+
+CLIENT_TIMEOUT = 10.0  # seconds a client has for its whole request (headers and body), not per read
+STOP_GRACE = 5.0       # seconds stop() gives answers still being written (a renewal's result)
+MAX_BODY = 64 * 1024   # bytes: the largest request body (a renewal naming ~2,000 certificates)
+MAX_CLIENTS = 64       # clients served at once; beyond that "certd is busy" (503)
+MAX_CLIENTS_PER_UID = 16  # for a caller other than root and certd's user: the rest stays free for them
+BUSY_LINGER = 1.0      # seconds a busy answer's socket stays open, so the client can send and read
+MAX_LINGERING = 256    # busy answers lingering at once; beyond that they are closed at once (a flood
+                       # must not use up the daemon's file descriptors)
 
 
 class ControlServer:
@@ -76,7 +86,7 @@ class ControlServer:
         private = Path(tempfile.mkdtemp(prefix=".certd-sock-", dir=self.path.parent))
         try:
             staged = private / "s"
-            self._server = Server(str(staged), _make_handler(outer))
+            self._server = Server(str(staged), _make_handler(outer), _limits())
             if self.group is not None:
                 os.chown(staged, -1, grp.getgrnam(self.group).gr_gid, follow_symlinks=False)
             os.chmod(staged, 0o660)
@@ -194,6 +204,11 @@ def _make_handler(server: ControlServer) -> type[BaseHTTPRequestHandler]:
                 pass  # the engineer pressed ^C (or the daemon is stopping); the work goes on
 
     return H
+
+
+def _limits() -> Limits:
+    """The limits as this module sets them now (read at each start, so a test may lower them)."""
+    return Limits(CLIENT_TIMEOUT, MAX_CLIENTS, MAX_CLIENTS_PER_UID, BUSY_LINGER, MAX_LINGERING)
 
 
 class Preformatted(str):

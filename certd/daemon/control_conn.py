@@ -1,8 +1,8 @@
 """The control socket's connections: who is calling (``SO_PEERCRED``), and the limits that keep
-a flood or a slow client from taking the daemon's threads or file descriptors (a deadline per
-request, enforced by one watchdog thread; at most MAX_CLIENTS at once, MAX_CLIENTS_PER_UID per
-unprivileged caller; "busy" answers beyond that). What the requests mean is
-:mod:`certd.daemon.control`'s.
+a flood or a slow client from taking the daemon's threads or file descriptors: a deadline per
+request, enforced by one watchdog thread; a bounded number of clients at once, fewer per
+unprivileged caller; "busy" answers beyond that (:class:`Limits`, whose values
+:mod:`certd.daemon.control` sets). What the requests mean is that module's business.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import struct
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from certd.ops.log import event
@@ -45,14 +46,15 @@ def peer_credentials(sock: socket.socket) -> Caller:
 Handler = Callable[[Caller, dict[str, Any]], Any]
 
 
-CLIENT_TIMEOUT = 10.0  # seconds a client has for its whole request (headers and body), not per read
-STOP_GRACE = 5.0       # seconds stop() gives answers still being written (a renewal's result)
-MAX_BODY = 64 * 1024   # bytes: the largest request body (a renewal naming ~2,000 certificates)
-MAX_CLIENTS = 64       # clients served at once; beyond that "certd is busy" (503)
-MAX_CLIENTS_PER_UID = 16  # for a caller other than root and certd's user: the rest stays free for them
-BUSY_LINGER = 1.0      # seconds a busy answer's socket stays open, so the client can send and read
-MAX_LINGERING = 256    # busy answers lingering at once; beyond that they are closed at once (a flood
-                       # must not use up the daemon's file descriptors)
+@dataclass(frozen=True)
+class Limits:
+    """What one client may take (see certd.daemon.control for the values and why)."""
+
+    client_timeout: float      # seconds for a whole request (headers and body), not per read
+    max_clients: int           # clients served at once; beyond that "certd is busy" (503)
+    max_clients_per_uid: int   # for a caller other than root and certd's user
+    busy_linger: float         # seconds a busy answer's socket stays open
+    max_lingering: int         # busy answers lingering at once; beyond that closed at once
 
 
 class Watchdog:
@@ -60,7 +62,7 @@ class Watchdog:
     socket is shut down, which ends the handler's blocked read. (A timeout per read would let
     a client that sends one byte every 9 s keep its thread for ever; a thread per client to
     watch it would double the threads an attacker can make us hold.) Also closes the sockets
-    of busy answers after BUSY_LINGER."""
+    of busy answers after their linger time."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
@@ -111,7 +113,7 @@ class Watchdog:
 
 
 class Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
-    """One thread per client, at most MAX_CLIENTS of them. The threads are daemon threads (a
+    """One thread per client, at most ``limits.max_clients`` of them. The threads are daemon threads (a
     stuck client never keeps the process alive), so the server keeps its own list to let a
     stopping daemon finish its answers: the result of a renewal that ended during shutdown
     must reach whoever waits on it."""
@@ -120,8 +122,9 @@ class Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     allow_reuse_address = True
     request_queue_size = 128  # listen() backlog: a burst of clients is accepted (and told "busy"), not refused
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, path: str, handler: Any, limits: Limits) -> None:
+        super().__init__(path, handler)
+        self.limits = limits
         self._clients: dict[threading.Thread, int] = {}  # thread -> caller's uid
         self._clients_lock = threading.Lock()
         self.watchdog = Watchdog()
@@ -135,27 +138,29 @@ class Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
             return
         with self._clients_lock:
             self._clients = {c: u for c, u in self._clients.items() if c.is_alive()}
-            busy = len(self._clients) >= MAX_CLIENTS or (
-                uid not in (0, os.getuid()) and sum(u == uid for u in self._clients.values()) >= MAX_CLIENTS_PER_UID)
+            busy = len(self._clients) >= self.limits.max_clients or (
+                uid not in (0, os.getuid())
+                and sum(u == uid for u in self._clients.values()) >= self.limits.max_clients_per_uid)
             if not busy:
                 t = threading.Thread(target=self.process_request_thread, args=(request, client_address),
                                      name="control-client", daemon=True)
                 self._clients[t] = uid
         if busy:
             return self._busy(request, uid)
-        self.watchdog.watch(request, CLIENT_TIMEOUT)
+        self.watchdog.watch(request, self.limits.client_timeout)
         t.start()
 
     def _busy(self, request: socket.socket, uid: int) -> None:
         """Answer 503 without reading the request, from the accepting thread: a fresh socket's
-        send buffer takes these bytes at once. The socket stays open BUSY_LINGER seconds so the
+        send buffer takes these bytes at once. The socket stays open ``busy_linger`` seconds so the
         client can finish sending its request and read the answer (closing it at once would
         fail the client's write instead)."""
         self.busy_answers += 1
         if self.busy_answers == 1 or self.busy_answers % 1000 == 0:
-            event(log, "control_busy", logging.WARNING, clients=MAX_CLIENTS, uid=uid, refused=self.busy_answers)
-        body = json.dumps({"error": f"certd is busy ({MAX_CLIENTS} control clients at once, or "
-                                    f"{MAX_CLIENTS_PER_UID} from uid {uid}); try again in a few seconds",
+            event(log, "control_busy", logging.WARNING, clients=self.limits.max_clients, uid=uid,
+                  refused=self.busy_answers)
+        body = json.dumps({"error": f"certd is busy ({self.limits.max_clients} control clients at once, or "
+                                    f"{self.limits.max_clients_per_uid} from uid {uid}); try again in a few seconds",
                            "exit_code": 1}).encode() + b"\n"
         head = (f"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\n"
                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
@@ -166,10 +171,10 @@ class Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         except OSError:
             request.close()
             return
-        if self.watchdog.lingering() >= MAX_LINGERING:
+        if self.watchdog.lingering() >= self.limits.max_lingering:
             request.close()
             return
-        self.watchdog.watch(request, BUSY_LINGER, close=True)
+        self.watchdog.watch(request, self.limits.busy_linger, close=True)
 
     def shutdown_request(self, request: Any) -> None:
         self.watchdog.done(request)
