@@ -3,7 +3,7 @@
 A use case (renew, roll back, revoke, recover, redeploy, status) is given a :class:`Ports`
 and nothing else from the outside world, so a test hands it fakes (an issuer that signs
 locally, edges that record what they were asked) and a real process hands it the real ones
-(:func:`certd.engine.manager.Manager` wires them). The store is called only through the
+(:class:`certd.engine.manager.Manager` wires them). The store is called only through the
 methods of :class:`certd.store.files.Store`.
 """
 
