@@ -18,7 +18,7 @@ from certd.config import Config
 from certd.core.clock import Clock, isoformat
 from certd.core.errors import CertdError
 from certd.daemon.scheduler import Scheduler
-from certd.engine.state import CertState
+from certd.engine.attempts import CertState
 
 log = logging.getLogger("certd.daemon")
 

@@ -35,7 +35,7 @@ from certd.engine.redeploy import redeploy
 from certd.engine.renew import Renew, renew_all
 from certd.engine.revoke import Revoke
 from certd.engine.rollback import Rollback
-from certd.engine.state import CertState
+from certd.engine.attempts import CertState
 from certd.engine.status import Status
 from certd.store.files import FileStore, Store
 

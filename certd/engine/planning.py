@@ -15,6 +15,7 @@ from datetime import datetime, timedelta
 from typing import Any, Callable
 
 from certd.engine import attempts
+from certd.engine.attempts import CertState as CertState  # its home is attempts; importable here too
 from certd.core import policy
 from certd.core import retry
 from certd.deploy import strictmodes
@@ -23,7 +24,6 @@ from certd.config import CertificateConfig
 from certd.engine.effects import unfinished_step
 from certd.engine.lifecycle import VersionStatus
 from certd.engine.ports import IssuerPort
-from certd.engine.state import CertState
 from certd.core.errors import OperationFailed, StoreError
 from certd.ops.log import event
 from certd.core.model import CertInfo

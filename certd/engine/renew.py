@@ -34,7 +34,7 @@ from certd.engine.outcome import Outcome, RenewRequest, Result, with_resumed
 from certd.engine.planning import Planner
 from certd.engine.ports import Ports, Progress, Say, sayer
 from certd.engine.rotations import Rotations
-from certd.engine.state import CertState
+from certd.engine.attempts import CertState
 from certd.ops.log import event
 from certd.store.files import StoredVersion
 

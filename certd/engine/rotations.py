@@ -27,7 +27,7 @@ from certd.engine.effects import STEP_TEXT, failed_step, idle_actions
 from certd.engine.outcome import Outcome, Result, rollback_failed_message
 from certd.engine.planning import Planner
 from certd.engine.ports import Ports, Say
-from certd.engine.state import CertState
+from certd.engine.attempts import CertState
 from certd.ops.log import event
 
 log = logging.getLogger("certd")
