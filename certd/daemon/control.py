@@ -143,7 +143,8 @@ def _make_handler(server: ControlServer) -> type[BaseHTTPRequestHandler]:
             caller = peer_credentials(self.connection)
             if url.path in server.mutating and not server.allowed(caller):
                 event(log, "control_refused", logging.WARNING, caller=caller, path=url.path)
-                return self._send(403, {"error": f"{caller} may not call {url.path}; ask for membership of the control group"})
+                return self._send(403, {"error": f"{caller} may not call {url.path}; "
+                                                 "ask for membership of the control group"})
             try:
                 body = self._body() if method == "POST" else {k: v for k, v in parse_qs(url.query).items()}
                 self.server.watchdog.done(self.connection)  # type: ignore[attr-defined]

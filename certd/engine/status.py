@@ -26,7 +26,7 @@ class Status:
         return self.planner.plan(cert)
 
     def row(self, cert: CertificateConfig) -> dict[str, Any]:
-        """One ``status --json`` row (see CONTRACT.md); no network I/O."""
+        """One ``status --json`` row (see docs/CONTRACT.md); no network I/O."""
         return self.planner.status(cert)
 
     def row_json(self, cert: CertificateConfig, next_run: str | None = None) -> str:
