@@ -353,7 +353,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 
 def cmd_revoke(args: argparse.Namespace) -> int:
-    from certd.engine.revocation import parse_reason
+    from certd.engine.lifecycle import parse_reason
     reason = parse_reason(args.reason)
     backend = _backend(args)
     try:

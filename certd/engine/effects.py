@@ -1,13 +1,16 @@
 """The rotation's effects on the real edges (deploy, hooks, handshake verification, store),
-and what the manager reads off a journal: the progress text of each step, the actions that
-have nothing to do for a certificate, the step that failed.
+the real :class:`~certd.engine.ports.Edges` port (:class:`LocalEdges`), and what the use cases
+read off a journal: the progress text of each step, the actions that have nothing to do for a
+certificate, the step that failed.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import Any, Collection
 
 from certd.deploy import stage as deploy
+from certd.deploy import strictmodes
 from certd.reload import hooks
 from certd.core import rotation
 from certd.verify import handshake as verify
@@ -72,6 +75,29 @@ class RotationEffects:
 
     def commit(self, version: int) -> None:
         self.store.set_current(self.cert.name, version)
+
+
+class LocalEdges:
+    """The Edges port on this host: deploy targets, reload hooks and handshakes as configured."""
+
+    def __init__(self, store: Store, clock: Clock, events: EventBus) -> None:
+        self.store, self.clock, self.events = store, clock, events
+
+    def check_safe(self, cert: CertificateConfig) -> None:
+        strictmodes.require_safe(cert)
+
+    def effects(self, cert: CertificateConfig, *, repair: bool = False) -> RotationEffects:
+        return RotationEffects(self.store, self.clock, self.events, cert, repair=repair)
+
+    def prune(self, cert: CertificateConfig, keep: Collection[int]) -> None:
+        deploy.prune(cert, keep)
+
+    def destroy_keys(self, cert: CertificateConfig, keys: Collection[bytes]) -> list[Path]:
+        return deploy.destroy_keys(cert, keys)
+
+    def served(self, cert: CertificateConfig, fingerprint_sha256: str, timeout: float) -> list[str]:
+        served = verify.await_served(cert.verify, fingerprint_sha256, timeout=timeout, clock=self.clock)
+        return [str(s.endpoint) for s in served]
 
 
 STEP_TEXT = {

@@ -18,13 +18,13 @@ from certd.engine import attempts
 from certd.engine.attempts import CertState as CertState  # its home is attempts; importable here too
 from certd.core import policy
 from certd.core import retry
-from certd.engine import revocation
 from certd.deploy import strictmodes
 from certd.core.clock import Clock, isoformat
 from certd.config import CertificateConfig
 from certd.engine.effects import unfinished_step
+from certd.engine.lifecycle import VersionStatus
+from certd.engine.ports import IssuerPort
 from certd.core.errors import OperationFailed, StoreError
-from certd.acme.issuer import Issuer
 from certd.ops.log import event
 from certd.core.model import CertInfo
 from certd.core.policy import ari_poll_interval
@@ -86,7 +86,7 @@ class Planner:
     """The policy's facts for each certificate, read from ``store`` (and the CA's ARI through
     ``issuer()``, built on first use); per-certificate bookkeeping kept as CertState."""
 
-    def __init__(self, store: Store, clock: Clock, issuer: Callable[[], Issuer]) -> None:
+    def __init__(self, store: Store, clock: Clock, issuer: Callable[[], IssuerPort]) -> None:
         self.store, self.clock, self._issuer = store, clock, issuer
         self._cache: dict[str, _Facts] = {}   # see _facts()
         self._unsaved: dict[str, CertState] = {}  # states whose write failed (see load_state)
@@ -187,11 +187,12 @@ class Planner:
         info = stored.info
         row.update(serial=info.serial, not_before=isoformat(info.not_before), not_after=isoformat(info.not_after),
                    fingerprint_sha256=info.fingerprint_sha256, key_type=info.key_type)
-        held = revocation.is_held(stored.meta) is not None
+        status = VersionStatus.from_meta(stored.meta)
+        held = status.held is not None
         if held:
             row["next_renewal"] = None  # the operator ended it; nothing is planned
         ari = state.ari if state.ari and state.ari.get("serial") == info.serial else None
-        return _Facts(token, cert, decision, row, info, bool(stored.meta.get("revoked")), held,
+        return _Facts(token, cert, decision, row, info, status.revoked is not None, held,
                       ari is not None, parse_time(ari.get("next_poll")) if ari else None, until)
 
     def decide(self, cert: CertificateConfig, stored: StoredVersion | VersionInfo | None, state: CertState,
@@ -231,7 +232,7 @@ class Planner:
         if stored is None:
             return policy.decide(policy.Facts(failures=failures, last_failure=parse_time(state.last_failure)), now)
         info = stored.info
-        held = revocation.is_held(stored.meta)
+        held = VersionStatus.from_meta(stored.meta).held
         if held:  # revoked for cessationOfOperation: ARI asks for renewal, the operator said no
             return policy.Decision(info.not_after + (info.not_after - info.not_before) * 100, held)
         changed = None

@@ -1,0 +1,103 @@
+"""The ports the use cases run over: everything outside the engine they touch, in one value.
+
+A use case (renew, roll back, revoke, recover, redeploy, status) is given a :class:`Ports`
+and nothing else from the outside world, so a test hands it fakes (an issuer that signs
+locally, edges that record what they were asked) and a real process hands it the real ones
+(:class:`certd.engine.manager.Manager` wires them). The store is called only through the
+methods of :class:`certd.store.files.Store`.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Collection, Protocol
+
+from certd.acme.issuer import RenewalInfo
+from certd.config import CertificateConfig, Config
+from certd.core import rotation
+from certd.core.clock import Clock
+from certd.core.events import EventBus, LifecycleEvent
+from certd.store.files import Store
+
+Say = Callable[[str], None]                 # one progress line about the certificate at hand
+Progress = Callable[[str, str], None]       # (certificate name, message)
+
+
+class IssuerPort(Protocol):
+    """The CA, as the use cases use it (:class:`certd.acme.issuer.Issuer` for real)."""
+
+    def issue(self, cert: CertificateConfig, key_pem: bytes, *, replaces: str | None = None,
+              progress: Say | None = None) -> bytes:
+        """Order, prove control, finalize; the full chain (leaf first) as PEM. OperationFailed."""
+
+    def renewal_info(self, cert_pem: bytes) -> RenewalInfo | None:
+        """The CA's ARI window for ``cert_pem``; None when the CA has no ARI. OperationFailed."""
+
+    def revoke(self, cert_pem: bytes, reason: int) -> None:
+        """Revoke at the CA with RFC 5280 reason code ``reason``. OperationFailed."""
+
+    def reachable(self) -> bool:
+        """One cheap GET of the CA's directory through the transport: does it answer 200?"""
+
+    def close(self) -> None: ...
+
+
+class Locks(Protocol):
+    """Per-certificate mutual exclusion across processes (today the store's own locks)."""
+
+    def lock(self, name: str, *, timeout: float = 0.0) -> AbstractContextManager[None]: ...
+
+
+class Edges(Protocol):
+    """The deploy, reload and verify side: what touches the servers' files and processes
+    (:class:`certd.engine.effects.LocalEdges` for real)."""
+
+    def check_safe(self, cert: CertificateConfig) -> None:
+        """StoreError when deploying ``cert`` would write where others can (before any order)."""
+
+    def effects(self, cert: CertificateConfig, *, repair: bool = False) -> rotation.Effects:
+        """The rotation's stage/switch/reload/verify/commit for ``cert``."""
+
+    def prune(self, cert: CertificateConfig, keep: Collection[int]) -> None:
+        """Remove deployed versions not in ``keep`` (never the live one)."""
+
+    def destroy_keys(self, cert: CertificateConfig, keys: Collection[bytes]) -> list[Path]:
+        """Zero and remove every non-live deployed copy of these keys; the paths removed."""
+
+    def served(self, cert: CertificateConfig, fingerprint_sha256: str, timeout: float) -> list[str]:
+        """The verify endpoints, once every one serves that leaf; OperationFailed otherwise."""
+
+
+@dataclass(frozen=True)
+class Ports:
+    """What one use case may touch. ``issuer`` is a factory: the CA client is built on first
+    use (status never needs one) and rebuilt after the CA settings change. ``retries``: this
+    process retries failed renewals by itself (the daemon), so its messages may say so."""
+
+    config: Config
+    store: Store
+    locks: Locks
+    issuer: Callable[[], IssuerPort]
+    events: EventBus
+    clock: Clock
+    edges: Edges
+    lock_timeout: float = 0.0
+    retries: bool = False
+
+    def lock(self, name: str) -> AbstractContextManager[None]:
+        """The certificate's lock, waiting at most ``lock_timeout`` seconds (StoreError)."""
+        return self.locks.lock(name, timeout=self.lock_timeout)
+
+    def emit(self, kind: str, name: str, **fields: Any) -> None:
+        """A lifecycle event (audit log, metrics, alerts) stamped with the clock's time."""
+        self.events.emit(LifecycleEvent(kind, name, self.clock.now(), **fields))
+
+
+def sayer(name: str, progress: Progress | None) -> Say:
+    """``progress`` bound to the certificate ``name`` (a no-op without one)."""
+    def say(message: str) -> None:
+        if progress is not None:
+            progress(name, message)
+    return say

@@ -1,0 +1,192 @@
+"""Renew: decide whether a certificate is due, order a new one from the CA, store it, and roll
+it out through stage, switch, reload and verify (or back, if it fails there).
+
+Every path ends in one :class:`~certd.engine.outcome.Outcome`:
+
+- ``not_due``: not forced and the policy's time has not come (or a hold lasts);
+- ``refused``: forced, but another certificate for these names would exceed the CA's
+  duplicate-certificate limit (unless ``ignore_duplicate_limit``);
+- ``failed``: the order, the check of what the CA sent, or a step before the switch failed;
+- ``renewed``: the new version is committed;
+- ``rolled_back`` / ``rollback_failed`` / ``deployed_unverified``: how a failed rollout ended.
+
+The certificate's lock is held from the first look at the store to the end, and a rotation a
+crash left unfinished is finished first (its end is prefixed to the outcome's message).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Iterable
+
+from certd.acme.issuer import ari_cert_id
+from certd.config import CertificateConfig
+from certd.core import rotation
+from certd.core.clock import isoformat
+from certd.core.errors import CANotReachable, CertdError, OperationFailed
+from certd.core.rotation import Step
+from certd.crypto import certcheck, keys
+from certd.engine import attempts
+from certd.engine.lifecycle import VersionStatus
+from certd.engine.outcome import Outcome, RenewRequest, Result, with_resumed
+from certd.engine.planning import Planner
+from certd.engine.ports import Ports, Progress, Say, sayer
+from certd.engine.rotations import Rotations
+from certd.engine.attempts import CertState
+from certd.ops.log import event
+from certd.store.files import StoredVersion
+
+log = logging.getLogger("certd")
+
+
+class Renew:
+    """The renew use case over ``ports`` (state and decisions through ``planner``)."""
+
+    def __init__(self, ports: Ports, planner: Planner) -> None:
+        self.ports, self.planner = ports, planner
+        self.rotations = Rotations(ports, planner)
+
+    def __call__(self, req: RenewRequest, progress: Progress | None = None) -> Outcome:
+        """Renew ``req.cert`` if due (now, if forced); never raises for a CertdError."""
+        say = sayer(req.name, progress)
+        try:
+            with self.ports.lock(req.name):
+                resumed = self.rotations.resume(req.cert, say)
+                outcome = self.locked(req, say)
+                return outcome if resumed is None else with_resumed(outcome, resumed)
+        except CertdError as e:
+            event(log, "renewal_failed", logging.ERROR, name=req.name, error=str(e))
+            return Outcome(req.name, Result.FAILED, str(e))
+
+    def locked(self, req: RenewRequest, say: Say) -> Outcome:
+        """The renewal, for a caller that holds the certificate's lock (revoke renews under it)."""
+        cert, store = req.cert, self.ports.store
+        self.ports.edges.check_safe(cert)  # before any order: no hook of others, no wasted issuance
+        current = store.current(cert.name)
+        stored = store.load(cert.name, current) if current is not None else None
+        state = self.planner.load_state(cert.name)
+        old_serial = stored.bundle.info.serial if stored else None
+        reason, initiator = req.reason, req.initiator
+        if not req.force:
+            decision = self.planner.decide(cert, stored, state, refresh_ari=True, ignore_failures=req.skip_backoff)
+            due = decision.is_due(self.ports.clock.now())
+            event(log, "renewal_decision", name=cert.name, renew_at=isoformat(decision.renew_at),
+                  reason=decision.reason, due=due)
+            if not due:
+                return Outcome(cert.name, Result.NOT_DUE,
+                               f"renews at {isoformat(decision.renew_at)}: {decision.reason}", current, old_serial)
+            reason = reason or decision.reason
+            if decision.ca_requested and initiator == "scheduler":
+                initiator = "ari"  # the CA asked (ARI window in the past), not our own schedule
+        else:
+            refusal = self._forced(req, state, current, old_serial, say)
+            if refusal is not None:
+                return refusal
+        return self._issue_and_roll_out(cert, stored, state, reason, initiator, req.force, say)
+
+    def _forced(self, req: RenewRequest, state: CertState, current: int | None, old_serial: str | None,
+                say: Say) -> Outcome | None:
+        """A forced renewal's checks and its ``forced`` event; the refusal, if refused."""
+        now = self.ports.clock.now()
+        refusal = None if req.ignore_duplicate_limit else attempts.duplicate_refusal(state, req.cert.domains, now)
+        if refusal is not None:
+            return Outcome(req.name, Result.REFUSED, f"not renewing {req.name}: {refusal}", current, old_serial)
+        detail: dict[str, Any] = {}
+        until = attempts.blocked_until(state, now)
+        if until is not None:  # the operator says "fixed, try now": bypass the hold once, on record
+            detail["bypassed"] = {"failure_kind": state.failure_kind, "problem": state.problem,
+                                  "retry_after": isoformat(until)}
+            say(f"trying now although {state.failure_kind} until {isoformat(until)} (forced)")
+        self.ports.emit("forced", req.name, initiator=req.initiator, reason=req.reason, outcome="requested",
+                        old_serial=old_serial, version=current, detail=detail)
+        return None
+
+    def _issue_and_roll_out(self, cert: CertificateConfig, stored: StoredVersion | None, state: CertState,
+                            reason: str, initiator: str, force: bool, say: Say) -> Outcome:
+        ports, clock = self.ports, self.ports.clock
+        current = stored.version if stored is not None else None
+        started = clock.monotonic()
+        state.last_attempt = isoformat(clock.now())
+        try:
+            key_pem = self._key_for(cert, stored)
+            replaces = _replaces(stored, cert)
+            say("ordering from the CA" + (f" (replaces {replaces})" if replaces else ""))
+            fullchain = ports.issuer().issue(cert, key_pem, replaces=replaces, progress=say)
+            bundle = certcheck.check_issued(fullchain, key_pem, cert.domains, clock.now())
+            info = bundle.info
+            say(f"issued serial {info.serial}, not after {isoformat(info.not_after)}")
+            version = ports.store.add_version(cert.name, bundle, {
+                "created": isoformat(clock.now()), "initiator": initiator, "reason": reason,
+                "serial": info.serial, "not_after": isoformat(info.not_after),
+                "fingerprint_sha256": info.fingerprint_sha256, "replaces": replaces,
+            })
+        except OperationFailed as e:
+            if force:  # the operator asked for a new certificate: retried on the backoff until one comes
+                state.forced_retry = reason or "forced"
+            self.rotations.record_failure(cert, state, str(e), ca_unreachable=isinstance(e, CANotReachable),
+                                          initiator=initiator, reason=reason, exc=e)
+            return Outcome(cert.name, Result.FAILED,
+                           attempts.next_step(str(e), cert.name, state, clock.now(), ports.retries), current)
+        attempts.note_issued(state, cert.domains, clock.now())
+        event(log, "cert_issued", name=cert.name, version=version, serial=info.serial,
+              not_after=isoformat(info.not_after), initiator=initiator)
+        ports.emit("issued", cert.name, initiator=initiator, reason=reason, version=version, new_serial=info.serial,
+                   old_serial=stored.bundle.info.serial if stored else None, spki_sha256=info.spki_sha256,
+                   not_after=info.not_after, duration=clock.monotonic() - started)
+        j = self.rotations.start(cert, "renew", current, version, initiator, reason)
+        rotation.crash_point(Step.ISSUED)
+        j = self.rotations.drive(cert, j, say)
+        return self.rotations.finish(cert, j, state, clock.monotonic() - started)
+
+    def _key_for(self, cert: CertificateConfig, stored: StoredVersion | None) -> bytes:
+        """The stored key again (``reuse_key``, same type, not compromised), else a fresh one."""
+        if cert.reuse_key and stored is not None and stored.bundle.info.key_type == cert.key_type \
+                and not VersionStatus.from_meta(stored.meta).key_compromised:
+            return stored.bundle.key_pem
+        return keys.generate_private_key(cert.key_type)
+
+
+def _replaces(stored: StoredVersion | None, cert: CertificateConfig) -> str | None:
+    """The ARI id the new order replaces (RFC 9773 §5); none when the configured names
+    differ from the stored certificate's (a CA refuses replaces for other identifiers)."""
+    if stored is None or set(stored.bundle.info.domains) != set(cert.domains):
+        return None
+    try:
+        return ari_cert_id(stored.bundle.cert_pem)
+    except (ValueError, TypeError):  # no AKI: the CA cannot have ARI for it
+        return None
+
+
+def renew_all(renew: Renew, requests: Iterable[RenewRequest], workers: int,
+              progress: Progress | None = None) -> list[Outcome]:
+    """Run ``renew`` for each request, up to ``workers`` at a time; one failure (even a bug)
+    does not stop the others. Outcomes come back in the order of ``requests``."""
+    requests = list(requests)
+    workers = max(1, min(workers, len(requests)))
+    if workers > 1 and progress is not None:
+        progress = _serialized(progress)
+
+    def one(req: RenewRequest) -> Outcome:
+        try:
+            return renew(req, progress)
+        except Exception as e:  # a bug in one renewal must not lose the others' outcomes
+            log.exception("renewal of %s crashed", req.name)
+            return Outcome(req.name, Result.FAILED, f"internal error: {type(e).__name__}: {e}")
+
+    if workers == 1:
+        return [one(r) for r in requests]
+    renew.ports.issuer()  # built once here, not raced for by the workers
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="certd-renew") as pool:
+        return list(pool.map(one, requests))
+
+
+def _serialized(progress: Progress) -> Progress:
+    """``progress`` for several threads: one message at a time (lines never interleave)."""
+    lock = threading.Lock()
+
+    def say(name: str, message: str) -> None:
+        with lock:
+            progress(name, message)
+    return say

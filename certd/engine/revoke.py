@@ -1,0 +1,151 @@
+"""Revoke: revoke a certificate at the CA (RFC 8555 §7.6), and do what the reason demands.
+
+``certd revoke NAME --reason R`` revokes the current certificate with the account key, then:
+
+- ``keyCompromise`` (RFC 5280 code 1): every stored version with that key (several, with
+  ``reuse_key``) is marked ``key_compromised`` and revoked; a renewal through the whole pipeline
+  (issue, stage, switch, reload, verify) follows at once with a fresh key (:class:`Renew` never
+  reuses a compromised one, and rollback refuses such versions); once the new certificate is
+  committed, every copy of the old key is zeroed and removed: the store's versions and every
+  deploy target's old, staged and ``.certd-prev`` copies. If the renewal fails (and rolled
+  back), the servers still use the old key, so nothing is destroyed yet: the next successful
+  renewal does it (:mod:`certd.engine.compromise` runs after every commit).
+- ``superseded`` (4) and ``affiliationChanged`` (3): renewed first (the usual key rules), then
+  the old certificate is revoked, so no moment serves a revoked certificate; if the renewal
+  fails, the old one is not revoked (it is still in service) and the command fails.
+- ``cessationOfOperation`` (5): revoked only. The version is marked, and the scheduler holds
+  off (after a revocation ARI asks for renewal at once) until ``renew --force`` or until the
+  certificate is removed from the configuration.
+
+A revoked version is never deployed again (rollback refuses it). Each revocation emits a
+``revoked`` event, each key destruction a ``key_destroyed`` event (the audit log keeps them).
+The outcome is ``revoked`` only if every step succeeded, else ``failed``; UsageError when there
+is nothing to revoke.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from certd.config import CertificateConfig
+from certd.core.clock import isoformat
+from certd.core.errors import CertdError, OperationFailed, UsageError
+from certd.engine.compromise import key_destroyed
+from certd.engine.lifecycle import CEASED, KEY_COMPROMISE, REASONS, Revocation, compromised_meta
+from certd.engine.outcome import Outcome, RenewRequest, Result
+from certd.engine.planning import Planner
+from certd.engine.ports import Ports, Progress, Say, sayer
+from certd.engine.renew import Renew
+from certd.ops.log import event
+from certd.store.files import StoredVersion
+
+log = logging.getLogger("certd.revocation")
+
+
+class Revoke:
+    """The revoke use case over ``ports``; renews through :class:`Renew` under the same lock."""
+
+    def __init__(self, ports: Ports, planner: Planner) -> None:
+        self.ports = ports
+        self.renew = Renew(ports, planner)
+
+    def __call__(self, cert: CertificateConfig, reason: str, *, initiator: str = "operator",
+                 progress: Progress | None = None) -> Outcome:
+        """Revoke ``cert``'s current certificate for ``reason`` (a name in REASONS)."""
+        say = sayer(cert.name, progress)
+        try:
+            with self.ports.lock(cert.name):
+                self.renew.rotations.resume(cert, say)
+                return self._locked(cert, reason, initiator, say)
+        except UsageError:
+            raise
+        except CertdError as e:
+            event(log, "revocation_failed", logging.ERROR, name=cert.name, error=str(e))
+            return Outcome(cert.name, Result.FAILED, str(e))
+
+    def _rotate(self, cert: CertificateConfig, why: str, initiator: str, say: Say) -> Outcome:
+        """A forced renewal under the lock already held."""
+        return self.renew.locked(RenewRequest(cert, force=True, reason=why, initiator=initiator), say)
+
+    def _locked(self, cert: CertificateConfig, reason: str, initiator: str, say: Say) -> Outcome:
+        store = self.ports.store
+        current = store.current(cert.name)
+        if current is None:
+            raise UsageError(f"{cert.name} has no certificate yet; nothing to revoke")
+        stored = store.load(cert.name, current)
+        info = stored.bundle.info
+        if info.not_after <= self.ports.clock.now():
+            raise UsageError(f"{cert.name}: serial {info.serial} expired at {isoformat(info.not_after)}; "
+                             f"an expired certificate cannot be revoked")
+        if reason == KEY_COMPROMISE:
+            return self._compromised(cert, stored, initiator, say)
+        if reason == CEASED:
+            error = self._revoke_one(cert, stored, reason, initiator, say)
+            if error:
+                return Outcome(cert.name, Result.FAILED, f"REVOCATION FAILED: {error}", current, info.serial)
+            return Outcome(cert.name, Result.REVOKED, f"revoked serial {info.serial} ({reason}); not renewed: remove "
+                           f"it from the configuration, or renew --force to issue a new one", current, info.serial)
+        # superseded, affiliationChanged: the replacement first, so no moment serves a revoked certificate.
+        say(f"renewing first, then revoking serial {info.serial} ({reason})")
+        renewed = self._rotate(cert, f"{reason}: replacing serial {info.serial} before revoking it", initiator, say)
+        if renewed.result != Result.RENEWED:
+            return Outcome(cert.name, Result.FAILED, f"{renewed.message}; serial {info.serial} NOT revoked: it is "
+                           f"still in service (fix the renewal, then revoke again)", renewed.version, renewed.serial)
+        error = self._revoke_one(cert, stored, reason, initiator, say)
+        if error:
+            return Outcome(cert.name, Result.FAILED, f"{renewed.message}; REVOCATION FAILED: {error}",
+                           renewed.version, renewed.serial)
+        return Outcome(cert.name, Result.REVOKED, f"{renewed.message}; revoked the old serial {info.serial} ({reason})",
+                       renewed.version, renewed.serial)
+
+    def _compromised(self, cert: CertificateConfig, stored: StoredVersion, initiator: str, say: Say) -> Outcome:
+        """keyCompromise: mark, revoke at once (every unexpired certificate with the key), re-key
+        and rotate, destroy the key."""
+        reason, info, now = KEY_COMPROMISE, stored.bundle.info, self.ports.clock.now()
+        victims = self._same_key(cert.name, stored)
+        for sv in victims:
+            self.ports.store.update_meta(cert.name, sv.version, compromised_meta())
+        plural = "s" if len(victims) > 1 else ""
+        say(f"marked the key of version{plural} {', '.join(str(sv.version) for sv in victims)} compromised")
+        errors = [e for sv in victims if sv.bundle.info.not_after > now   # expired ones need no revocation
+                  and (e := self._revoke_one(cert, sv, reason, initiator, say))]
+        say("renewing now with a fresh key")
+        renewed = self._rotate(cert, f"{reason}: serial {info.serial} revoked by {initiator}", initiator, say)
+        parts = [f"REVOCATION FAILED: {'; '.join(errors)}" if errors else f"revoked serial {info.serial} ({reason})",
+                 renewed.message]
+        left = [sv.version for sv in victims if not key_destroyed(self.ports, cert.name, sv.version)]
+        if left:
+            parts.append(f"the compromised key is still kept (version{'s' if len(left) > 1 else ''} "
+                         f"{', '.join(map(str, left))}): it is destroyed after the next successful renewal")
+        else:
+            parts.append("the compromised key was destroyed in the store and every deploy target")
+        ok = not errors and not left and renewed.result == Result.RENEWED
+        return Outcome(cert.name, Result.REVOKED if ok else Result.FAILED, "; ".join(parts),
+                       renewed.version, renewed.serial)
+
+    def _revoke_one(self, cert: CertificateConfig, sv: StoredVersion, reason: str, initiator: str,
+                    say: Say) -> str | None:
+        """Revoke one version at the CA and mark it; the error text if the CA refused."""
+        info = sv.bundle.info
+        say(f"revoking serial {info.serial} of version {sv.version} ({reason})")
+        fields: dict[str, Any] = {"initiator": initiator, "reason": reason, "old_serial": info.serial,
+                                  "version": sv.version, "spki_sha256": info.spki_sha256,
+                                  "not_after": info.not_after, "detail": {"reason_code": REASONS[reason]}}
+        try:
+            self.ports.issuer().revoke(sv.bundle.cert_pem, REASONS[reason])
+        except OperationFailed as e:
+            self.ports.emit("revoked", cert.name, outcome="failed",
+                            **{**fields, "detail": {**fields["detail"], "error": str(e)}})
+            return f"serial {info.serial}: {e}"
+        mark = Revocation.of(reason, isoformat(self.ports.clock.now()), initiator)
+        self.ports.store.update_meta(cert.name, sv.version, mark.to_meta())
+        self.ports.emit("revoked", cert.name, **fields)
+        return None
+
+    def _same_key(self, name: str, stored: StoredVersion) -> list[StoredVersion]:
+        """Every stored version whose certificate has ``stored``'s public key (``stored`` first)."""
+        store = self.ports.store
+        spki = stored.bundle.info.spki_sha256
+        others = [store.load(name, v) for v in store.versions(name) if v != stored.version]
+        return [stored] + [sv for sv in others if sv.bundle.info.spki_sha256 == spki]
