@@ -18,8 +18,9 @@ from typing import Any, Callable, NoReturn, Sequence
 from certd import __version__, cli_output, config as config_mod
 from certd.ops import log as logmod
 from certd.config import Config
-from certd.core.errors import CertdError, ConfigError, OperationFailed, UsageError
-from certd.core.textsafe import check_reason, escape
+from certd.core.errors import CertdError, ConfigError, UsageError
+from certd.cli_backends import Local, Remote, daemon_client
+from certd.core.textsafe import check_reason
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -145,137 +146,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-class _Local:
-    """Work in-process, taking the same per-certificate locks the daemon takes."""
-
-    def __init__(self, cfg: Config) -> None:
-        from certd.daemon.wiring import build_manager
-        self.mgr = build_manager(cfg)
-
-    def close(self) -> None:
-        self.mgr.close()
-
-    def renew(self, names: list[str], all_: bool, force: bool, reason: str, wait: bool,
-              progress: Any, ignore_duplicate_limit: bool = False) -> list[dict[str, Any]]:
-        from certd.engine.manager import whoami
-        from certd.store import housekeeping
-        certs = self.mgr.select([] if all_ else names)
-        outcomes = [_outcome(o) for o in self.mgr.renew(certs, force=force, reason=reason, initiator=whoami(),
-                                                        progress=progress,
-                                                        ignore_duplicate_limit=ignore_duplicate_limit)]
-        housekeeping.sweep(self.mgr.config, [c.name for c in certs])  # what killed runs left
-        return outcomes
-
-    def status(self, names: list[str]) -> list[dict[str, Any]]:
-        return [self.mgr.status(c) for c in self.mgr.select(names)]
-
-    def status_json(self, names: list[str]) -> str:
-        from certd.daemon.control import rows_document
-        return rows_document("certificates", [self.mgr.status_json(c) for c in self.mgr.select(names)])
-
-    def verify(self, names: list[str]) -> list[dict[str, Any]]:
-        return [_outcome(self.mgr.verify_now(c)) for c in self.mgr.select(names)]
-
-    def drift(self, names: list[str]) -> dict[str, Any]:
-        from certd.verify import drift
-        self.mgr.select(names)  # unknown names are a usage error
-        return drift.to_json(drift.check_all(self.mgr.config, self.mgr.store, names or None))
-
-    def rollback(self, name: str, to_version: int | None, reason: str, progress: Any) -> dict[str, Any]:
-        from certd.engine.manager import whoami
-        cert = self.mgr.select([name])[0]
-        return _outcome(self.mgr.rollback(cert, to_version=to_version, reason=reason, initiator=whoami(),
-                                          progress=progress))
-
-
-    def revoke(self, name: str, reason: str, progress: Any) -> dict[str, Any]:
-        from certd.engine.manager import whoami
-        cert = self.mgr.select([name])[0]
-        return _outcome(self.mgr.revoke(cert, reason, initiator=whoami(), progress=progress))
-
-
-class _Remote:
-    """Ask the running daemon over its control socket (it records our uid from SO_PEERCRED)."""
-
-    def __init__(self, client: Any) -> None:
-        self.client = client
-
-    def close(self) -> None:
-        pass
-
-    def _stream(self, path: str, body: dict[str, Any], progress: Any) -> list[dict[str, Any]]:
-        outcomes: list[dict[str, Any]] = []
-        for ev in self.client.stream(path, body):
-            if ev.get("event") == "progress" and progress is not None:
-                progress(ev["name"], ev["message"])
-            elif ev.get("event") == "result":
-                outcomes = ev["outcomes"]
-        return outcomes
-
-    def renew(self, names: list[str], all_: bool, force: bool, reason: str, wait: bool,
-              progress: Any, ignore_duplicate_limit: bool = False) -> list[dict[str, Any]]:
-        body = {"names": names, "all": all_, "force": force, "reason": reason, "wait": wait}
-        if ignore_duplicate_limit:
-            body["ignore_duplicate_limit"] = True
-        if not wait:
-            accepted = self.client.call("/v1/renew", body)["accepted"]
-            return [{"name": n, "ok": True, "result": "accepted",
-                     "message": "accepted by the daemon (follow with --wait, or certd status)"} for n in accepted]
-        return self._stream("/v1/renew", body, progress)
-
-    def status(self, names: list[str]) -> list[dict[str, Any]]:
-        return self.client.get("/v1/status", params={"name": names} if names else None)["certificates"]
-
-    def status_json(self, names: list[str]) -> str:
-        """The daemon's own document, printed as it is (decoding and encoding 10,000 rows again
-        here cost a quarter of a second)."""
-        return self.client.get_text("/v1/status", params={"format": "lines", **({"name": names} if names else {})})
-
-    def verify(self, names: list[str]) -> list[dict[str, Any]]:
-        return self.client.call("/v1/verify", {"names": names})["outcomes"]
-
-    def drift(self, names: list[str]) -> dict[str, Any]:
-        return self.client.get("/v1/drift", params={"name": names} if names else None)
-
-    def rollback(self, name: str, to_version: int | None, reason: str, progress: Any) -> dict[str, Any]:
-        outcomes = self._stream("/v1/rollback", {"name": name, "to_version": to_version, "reason": reason}, progress)
-        if not outcomes:
-            raise OperationFailed("the daemon ended the rollback without a result; see certd status")
-        return outcomes[0]
-
-    def revoke(self, name: str, reason: str, progress: Any) -> dict[str, Any]:
-        outcomes = self._stream("/v1/revoke", {"name": name, "reason": reason}, progress)
-        if not outcomes:
-            raise OperationFailed("the daemon ended the revocation without a result; see certd history")
-        return outcomes[0]
-
-
-def _daemon_client(args: argparse.Namespace) -> Any:
-    """A client of the running daemon, or None when none runs."""
-    from certd.daemon.control import ControlClient, DaemonNotRunning
-    path = config_mod.resolve_path(args.config)
-    if path.is_file():  # else load_config says what is wrong with the path
-        # The daemon validates names and runs on the config it loaded; the file is not parsed
-        # here (at 10,000 certificates that alone takes a second), so a broken edit does not
-        # keep status or a renewal from working while the daemon runs its last good config.
-        client = ControlClient(config_mod.peek_control_socket(path))
-        try:
-            client.probe()
-            return client
-        except DaemonNotRunning:
-            pass
-    return None
-
-
 def _backend(args: argparse.Namespace) -> Any:
     """The daemon when it runs (so one process owns the schedule), else in-process."""
-    client = _daemon_client(args)
-    return _Remote(client) if client is not None else _Local(load_config(args))
-
-
-def _outcome(o: Any) -> dict[str, Any]:
-    return {"name": o.name, "result": o.result, "message": o.message, "ok": o.ok, "version": o.version,
-            "serial": o.serial}
+    client = daemon_client(args.config)
+    return Remote(client) if client is not None else Local(load_config(args))
 
 
 def _progress(name: str, message: str) -> None:
@@ -292,7 +166,7 @@ def cmd_renew(args: argparse.Namespace) -> int:
     try:
         progress = _progress if (args.wait or sys.stderr.isatty()) else None
         reason = args.reason or ("forced by operator" if args.force else "")
-        outcomes = backend.renew(args.names, args.all, args.force, reason, args.wait or isinstance(backend, _Local),
+        outcomes = backend.renew(args.names, args.all, args.force, reason, args.wait or isinstance(backend, Local),
                                  progress, ignore_duplicate_limit=args.ignore_duplicate_limit)
     finally:
         backend.close()
@@ -309,7 +183,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     rows = backend.status(args.names)
     for r in rows:
         r["domains"] = cli_output.status_domains(r.get("domains"), args.wide)
-    _print_table(rows, [("NAME", "name"), ("STATE", "state"), ("VER", "version"), ("SERIAL", "serial"),
+    cli_output.print_table(rows, [("NAME", "name"), ("STATE", "state"), ("VER", "version"), ("SERIAL", "serial"),
                         ("NOT AFTER", "not_after"), ("NEXT RENEWAL", "next_renewal"), ("LAST RESULT", "last_result"),
                         ("DOMAINS", "domains")])
     for row in rows:  # a renewal waiting for the CA: when the next try is, and how to try now
@@ -369,7 +243,7 @@ def cmd_revoke(args: argparse.Namespace) -> int:
 def cmd_history(args: argparse.Namespace) -> int:
     from certd.ops import audit
     from certd.daemon.control import rows_document
-    client = _daemon_client(args)  # the daemon reads the 0700 state dir for control_group members
+    client = daemon_client(args.config)  # the daemon reads the 0700 state dir for control_group members
     if client is not None:
         doc = client.get("/v1/history", params={"name": args.name} if args.name is not None else None)
     else:
@@ -383,7 +257,7 @@ def cmd_history(args: argparse.Namespace) -> int:
         return EXIT_OK
     for r in rows:
         r["serials"] = " -> ".join(x for x in (r.get("old_serial"), r.get("new_serial")) if x) or None
-    _print_table(rows, [("TIME", "time"), ("EVENT", "event"), ("NAME", "name"), ("INITIATOR", "initiator"),
+    cli_output.print_table(rows, [("TIME", "time"), ("EVENT", "event"), ("NAME", "name"), ("INITIATOR", "initiator"),
                         ("OUTCOME", "outcome"), ("SERIALS", "serials"), ("REASON", "reason")])
     return EXIT_OK
 
@@ -431,23 +305,6 @@ def cmd_reload(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from certd.daemon.service import Daemon
     return Daemon(config_mod.resolve_path(args.config)).run()
-
-
-def _cell(v: Any) -> str:
-    """One table cell on one line: control characters (newline, ESC, ...) shown escaped, so a
-    reason or an error cannot hide, fake or recolour rows on the operator's terminal."""
-    if v is None:
-        return "-"
-    if isinstance(v, list):
-        return escape(",".join(map(str, v)))
-    return escape(str(v))
-
-
-def _print_table(rows: list[dict[str, Any]], cols: list[tuple[str, str]]) -> None:
-    table = [[h for h, _ in cols]] + [[_cell(r.get(k)) for _, k in cols] for r in rows]
-    widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
-    for row in table:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {

@@ -13,6 +13,8 @@ import select
 import sys
 from typing import Any
 
+from certd.core.textsafe import escape
+
 _gone = False
 
 
@@ -60,3 +62,20 @@ def status_domains(domains: Any, wide: bool, limit: int = 3) -> Any:
     if wide or not isinstance(domains, list) or len(domains) <= limit:
         return domains
     return ",".join(map(str, domains[:limit])) + f" (+{len(domains) - limit} more)"
+
+
+def cell(v: Any) -> str:
+    """One table cell on one line: control characters (newline, ESC, ...) shown escaped, so a
+    reason or an error cannot hide, fake or recolour rows on the operator's terminal."""
+    if v is None:
+        return "-"
+    if isinstance(v, list):
+        return escape(",".join(map(str, v)))
+    return escape(str(v))
+
+
+def print_table(rows: list[dict[str, Any]], cols: list[tuple[str, str]]) -> None:
+    table = [[h for h, _ in cols]] + [[cell(r.get(k)) for _, k in cols] for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
+    for row in table:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
