@@ -249,9 +249,9 @@ class Monitor:
             with self.manager.store.lock(cert.name, timeout=0):
                 state = self.manager.load_state(cert.name)
                 seen = state.extra.get("expiring_soon_serial") == info.serial
-                if not seen:
-                    state.extra["expiring_soon_serial"] = info.serial
-                    self.manager.save_state(cert.name, state)
+                if not seen:  # that one field only (compare-and-set): nothing else is touched
+                    state = self.manager.update_state(
+                        cert.name, lambda s: s.extra.__setitem__("expiring_soon_serial", info.serial))
         except LockBusy:
             return False
         self._expiry_noted[cert.name] = info.serial

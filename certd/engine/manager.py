@@ -36,6 +36,7 @@ from certd.engine.renew import Renew, renew_all
 from certd.engine.revoke import Revoke
 from certd.engine.rollback import Rollback
 from certd.engine.attempts import CertState
+from certd.engine.statebook import Change
 from certd.engine.status import Status
 from certd.store.files import FileStore, Store
 
@@ -141,7 +142,12 @@ class Manager:
         return self.planner.load_state(name)
 
     def save_state(self, name: str, state: CertState) -> None:
+        """Replace the whole state (tests, tools); the engine's writes are :meth:`update_state`."""
         self.planner.save_state(name, state)
+
+    def update_state(self, name: str, change: Change) -> CertState:
+        """Apply ``change`` to the state by compare-and-set (certd.engine.statebook)."""
+        return self.planner.update_state(name, change)
 
     # -- the use cases --------------------------------------------------------------------
 

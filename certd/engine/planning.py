@@ -24,6 +24,7 @@ from certd.config import CertificateConfig
 from certd.engine.effects import unfinished_step
 from certd.engine.lifecycle import VersionStatus
 from certd.engine.ports import IssuerPort
+from certd.engine.statebook import Change, StateBook, adopt
 from certd.core.errors import OperationFailed, StoreError
 from certd.ops.log import event
 from certd.core.model import CertInfo
@@ -89,7 +90,7 @@ class Planner:
     def __init__(self, store: Store, clock: Clock, issuer: Callable[[], IssuerPort]) -> None:
         self.store, self.clock, self._issuer = store, clock, issuer
         self._cache: dict[str, _Facts] = {}   # see _facts()
-        self._unsaved: dict[str, CertState] = {}  # states whose write failed (see load_state)
+        self.states = StateBook(store)  # compare-and-set writes, the in-memory floor
         self.on_broken: Callable[[str, str], None] | None = None  # the manager emits cert_broken
 
     def plan(self, cert: CertificateConfig) -> tuple[datetime, str]:
@@ -279,8 +280,9 @@ class Planner:
                               "next_poll": isoformat(now + ari_poll_interval(ri.retry_after, now, lifetime))}
                     event(log, "ari_fetched", logging.DEBUG, name=stored.name, start=cached["start"], end=cached["end"])
             state.ari = cached
-            try:
-                self.save_state(stored.name, state)
+            ari = dict(cached)
+            try:  # the ARI fields only: a failure or hold written meanwhile stays
+                adopt(state, self.update_state(stored.name, lambda s: setattr(s, "ari", dict(ari))))
             except StoreError as e:  # kept in memory (load_state): the decision goes on
                 event(log, "state_not_saved", logging.WARNING, name=stored.name, error=str(e))
         if not cached:
@@ -290,30 +292,25 @@ class Planner:
 
     def load_state(self, name: str) -> CertState:
         """The stored state, unless this process holds a later one it could not write (disk
-        full): a lost write can only make certd wait longer, never retry sooner."""
-        state = CertState.from_json(self.store.load_state(name))
-        kept = self._unsaved.get(name)
-        if kept is None:
-            return state
-        if _later(state, kept):  # the store caught up, or another process wrote since
-            self._unsaved.pop(name, None)
-            return state
-        return CertState.from_json(kept.to_json())
+        full): a lost write can only make certd wait longer, never retry sooner (statebook)."""
+        return self.states.load(name)
 
-    def save_state(self, name: str, state: CertState) -> None:
+    def update_state(self, name: str, change: Change) -> CertState:
+        """Apply ``change`` to ``name``'s state by compare-and-set (see certd.engine.statebook):
+        the state written. StoreError (the changed state is kept in memory)."""
         self._cache.pop(name, None)
         try:
-            self.store.save_state(name, state.to_json())
-        except StoreError:
-            self._unsaved[name] = CertState.from_json(state.to_json())
-            raise
-        self._unsaved.pop(name, None)
+            return self.states.update(name, change)
+        finally:
+            self._cache.pop(name, None)
 
-
-def _later(stored: CertState, kept: CertState) -> bool:
-    """Whether ``stored`` records something that happened after what ``kept`` knows."""
-    return any((getattr(stored, f) or "") > (getattr(kept, f) or "")
-               for f in ("last_attempt", "last_success", "last_failure"))
+    def save_state(self, name: str, state: CertState) -> None:
+        """Replace the whole state (tests, tools): the engine writes changes (update_state)."""
+        self._cache.pop(name, None)
+        try:
+            self.states.replace(name, state)
+        finally:
+            self._cache.pop(name, None)
 
 
 def blocked_reason(name: str, state: CertState, until: datetime) -> str:

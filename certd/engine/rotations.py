@@ -27,6 +27,7 @@ from certd.engine.effects import STEP_TEXT, failed_step, idle_actions
 from certd.engine.outcome import Outcome, Result, rollback_failed_message
 from certd.engine.planning import Planner
 from certd.engine.ports import Ports, Say
+from certd.engine.statebook import adopt, carry_notes
 from certd.engine.attempts import CertState
 from certd.ops.log import event
 
@@ -102,17 +103,23 @@ class Rotations:
                                   "new_serial": serial, "old_serial": self.serial(cert.name, j.from_version),
                                   "spki_sha256": info.spki_sha256 if info else None,
                                   "not_after": info.not_after if info else None, "duration": seconds}
-        if j.kind == "renew":
-            state.failures, state.last_error, state.ari, state.ca_unreachable = 0, None, None, False
-            attempts.clear(state)
-            state.last_success = isoformat(self.ports.clock.now())
+        renewed = j.kind == "renew"
+        if renewed:
             result, msg = Result.RENEWED, f"renewed: version {version}, serial {serial} ({seconds:.2f}s)"
             self.ports.emit("renewed", cert.name, **fields)
         else:
             result, msg = Result.SWITCHED, f"rolled back to version {version}, serial {serial}; verified"
             self.ports.emit("operator_rollback", cert.name, **fields)
-        state.last_result = j.result
-        self.planner.save_state(cert.name, state)
+        now, notes = self.ports.clock.now(), carry_notes(state)
+
+        def change(s: CertState) -> None:  # a renewal's success fields; a rollback's last_result
+            if renewed:
+                notes(s)
+                s.failures, s.last_error, s.ari, s.ca_unreachable = 0, None, None, False
+                attempts.clear(s)
+                s.last_success = isoformat(now)
+            s.last_result = j.result
+        adopt(state, self.planner.update_state(cert.name, change))
         return Outcome(cert.name, result, msg, version, serial)
 
     def record_failure(self, cert: CertificateConfig, state: CertState, error: str, result: str = "failed",
@@ -127,20 +134,24 @@ class Rotations:
             detail["failed_step"] = failed_step
         # reason: why the renewal was asked for (the operator's --reason); the error goes in detail
         self.ports.emit("renewal_failed", cert.name, outcome=result, reason=reason, detail=detail, initiator=initiator)
-        state.ca_unreachable = ca_unreachable
-        state.failures += 1
-        state.last_failure = isoformat(now)
-        state.last_error = error
-        state.last_result = result
-        rule = attempts.note_failure(state, exc, now, timedelta(0))
-        state.last_error = attempts.next_step(error, cert.name, state, now, self.ports.retries)
+        notes = carry_notes(state)
+
+        def change(s: CertState) -> None:  # the failure fields (and the renewal's notes) only
+            notes(s)
+            s.ca_unreachable = ca_unreachable
+            s.failures += 1
+            s.last_failure, s.last_error, s.last_result = isoformat(now), error, result
+            attempts.note_failure(s, exc, now, timedelta(0))
+            s.last_error = attempts.next_step(error, cert.name, s, now, self.ports.retries)
+        try:
+            adopt(state, self.planner.update_state(cert.name, change))
+        except StoreError as e:
+            event(log, "state_not_saved", logging.WARNING, name=cert.name, error=str(e))
+            change(state)  # the caller's state says it anyway; the planner keeps it as the floor
+        rule = attempts.classify(exc)
         if rule.kind != "transient":
             event(log, "renewal_blocked", logging.WARNING, name=cert.name, kind=rule.kind, problem=state.problem,
                   retry_after=state.retry_after, cite=rule.cite)
-        try:
-            self.planner.save_state(cert.name, state)
-        except StoreError as e:
-            event(log, "state_not_saved", logging.WARNING, name=cert.name, error=str(e))
 
     def prune(self, cert: CertificateConfig, initiator: str = "scheduler") -> None:
         """Keep ``keep_versions`` versions (and the current one) in the store and deploy targets."""

@@ -20,6 +20,7 @@ from certd.core.events import LifecycleEvent
 from certd.engine.manager import Manager
 from certd.engine.planning import CertState
 from certd.store.files import FileStore
+from certd.store.port import Lease
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=timezone.utc)
 URN = "urn:ietf:params:acme:error:"
@@ -178,10 +179,11 @@ class FullDisk(FileStore):
 
     full = False
 
-    def save_state(self, name: str, state: dict[str, Any]) -> None:
+    def write_state(self, name: str, state: dict[str, Any], *, expected: str | None,
+                    lease: Lease | None = None) -> str:
         if self.full:
             raise StoreError(f"writing the state of {name}: [Errno 28] No space left on device")
-        super().save_state(name, state)
+        return super().write_state(name, state, expected=expected, lease=lease)
 
 
 def test_a_lost_state_write_never_makes_the_next_try_sooner(tmp_path: Path) -> None:
