@@ -15,6 +15,7 @@ import pytest
 from certd.acme.ari import RenewalInfo
 from certd.config import AcmeConfig, CertificateConfig, Config, DaemonConfig
 from certd.core.clock import FakeClock
+from certd.core.errors import StoreError
 from certd.core.events import EventBus
 from certd.engine.attempts import CertState
 from certd.engine.outcome import RenewRequest, Result
@@ -22,8 +23,10 @@ from certd.engine.planning import Planner
 from certd.engine.ports import Ports
 from certd.engine.renew import Renew
 from certd.engine.rotations import Rotations
+from certd.engine.statebook import StateBook
 from certd.store.files import FileStore
 from certd.store.memory import MemoryStore
+from certd.store.port import Lease
 from tests.support.certs import CA, make_ca
 from tests.unit.test_usecases import FakeCA, FakeEdges
 
@@ -151,3 +154,28 @@ def test_writers_hammering_one_state_lose_no_update(how: str, ca: CA, tmp_path: 
     state = CertState.from_json(store.read_state("www")[0])
     assert state.failures == 2 * ROUNDS
     assert state.ari is not None and state.ari.get("start")
+
+
+class FullMemory(MemoryStore):
+    """A MemoryStore whose state writes fail while ``full`` (a full disk)."""
+
+    full = False
+
+    def write_state(self, name: str, state: dict[str, object], *, expected: str | None,
+                    lease: Lease | None = None) -> str:
+        if self.full:
+            raise StoreError(f"writing the state of {name}: [Errno 28] No space left on device")
+        return super().write_state(name, state, expected=expected, lease=lease)
+
+
+def test_a_change_that_could_not_be_written_is_kept_and_the_next_change_builds_on_it() -> None:
+    """Issue 11's floor under compare-and-set: a lost write is read back, and later changes add to it."""
+    store = FullMemory()
+    book = StateBook(store)
+    store.full = True
+    with pytest.raises(StoreError):
+        book.update("www", lambda s: setattr(s, "failures", s.failures + 1))
+    assert store.read_state("www")[0] is None and book.load("www").failures == 1
+    store.full = False
+    book.update("www", lambda s: setattr(s, "failures", s.failures + 1))
+    assert CertState.from_json(store.read_state("www")[0]).failures == 2 == book.load("www").failures
