@@ -99,7 +99,10 @@ class Planner:
         facts = self._facts(cert, now)
         when, why = facts.decision.renew_at, facts.decision.reason
         if facts.info is not None and not facts.held:
-            poll_at = facts.ari_poll if facts.ari_cached else now
+            # No ARI answer cached: ask now, unless attempts are failing. Then the retry at the
+            # end of the backoff asks ARI itself; a poll sooner would only be another attempt
+            # (a state disk too full for the lease failed every one of them at once, for ever).
+            poll_at = facts.ari_poll if facts.ari_cached else (None if facts.row["failures"] else now)
             if poll_at is not None and poll_at < when:
                 when, why = poll_at, ARI_POLL
         return when, why

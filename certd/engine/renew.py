@@ -25,7 +25,7 @@ from certd.acme.issuer import ari_cert_id
 from certd.config import CertificateConfig
 from certd.core import rotation
 from certd.core.clock import isoformat
-from certd.core.errors import CANotReachable, CertdError, OperationFailed
+from certd.core.errors import CANotReachable, CertdError, OperationFailed, StoreError
 from certd.core.rotation import Step
 from certd.crypto import certcheck, keys
 from certd.engine import attempts
@@ -51,11 +51,28 @@ class Renew:
     def __call__(self, req: RenewRequest, progress: Progress | None = None) -> Outcome:
         """Renew ``req.cert`` if due (now, if forced); never raises for a CertdError."""
         say = sayer(req.name, progress)
+        locked = False
         try:
             with self.ports.lock(req.name):
+                locked = True
                 resumed = self.rotations.resume(req.cert, say)
                 outcome = self.locked(req, say)
                 return outcome if resumed is None else with_resumed(outcome, resumed)
+        except StoreError as e:
+            if locked:
+                event(log, "renewal_failed", logging.ERROR, name=req.name, error=str(e))
+                return Outcome(req.name, Result.FAILED, str(e))
+            # The lease itself could not be written (a full or read-only state disk): a failed
+            # attempt like any other, so it is backed off (kept in memory if the state cannot be
+            # saved either), not retried at once for ever. Nothing was ordered.
+            try:
+                state = self.planner.load_state(req.name)
+                self.rotations.record_failure(req.cert, state, str(e), initiator=req.initiator, reason=req.reason,
+                                              exc=e)
+            except CertdError:
+                event(log, "renewal_failed", logging.ERROR, name=req.name, error=str(e))
+                return Outcome(req.name, Result.FAILED, str(e))
+            return Outcome(req.name, Result.FAILED, state.last_error or str(e))
         except CertdError as e:
             event(log, "renewal_failed", logging.ERROR, name=req.name, error=str(e))
             return Outcome(req.name, Result.FAILED, str(e))
