@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -38,10 +39,10 @@ def test_await_served_mismatch_names_what_was_served(served, test_ca: TestCA) ->
     server, bundle = served
     endpoint = VerifyEndpoint("127.0.0.1", server.port, DOMAIN, test_ca.root_path)
     expected = fingerprint(test_ca.issue(DOMAIN))
-    start = time.monotonic()
+    clock = FakeClock(datetime(2026, 12, 3, tzinfo=timezone.utc))  # probes are real; the waits between them fake
     with pytest.raises(VerificationFailed) as failed:
-        await_served([endpoint], expected, timeout=0.2, clock=SystemClock())
-    assert time.monotonic() - start < 0.5
+        await_served([endpoint], expected, timeout=0.2, clock=clock)
+    assert clock.monotonic() - FakeClock.MONOTONIC_START == pytest.approx(0.2)   # gave up at its timeout, not later
     message = str(failed.value)
     assert message == (f"127.0.0.1:{server.port} (SNI {DOMAIN}): served serial {bundle.info.serial} "
                        f"(not after {isoformat(bundle.info.not_after)}, fingerprint "
@@ -115,10 +116,10 @@ def test_nothing_listening() -> None:
     result = probe(endpoint)
     assert result.info is None and not result.ok
     assert result.error == "connection refused"
-    start = time.monotonic()
+    clock = FakeClock(datetime(2026, 12, 3, tzinfo=timezone.utc))
     with pytest.raises(VerificationFailed) as failed:
-        await_served([endpoint], "00" * 32, timeout=0.1, clock=SystemClock())
-    assert time.monotonic() - start < 0.3
+        await_served([endpoint], "00" * 32, timeout=0.1, clock=clock)
+    assert clock.monotonic() - FakeClock.MONOTONIC_START == pytest.approx(0.1)
     assert str(failed.value) == f"127.0.0.1:{endpoint.port} (SNI {DOMAIN}): connection refused"
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -135,13 +134,46 @@ def test_a_refusal_is_final_and_attempts_are_bounded(server, caplog):
 
 
 def test_on_event_returns_at_once_when_nobody_listens():
-    """A webhook that is down costs the caller nothing: 50 events queue in well under 50 ms."""
+    """A webhook that is down costs the caller nothing: every notification is tried and given up
+    behind the caller's back."""
     a = alerter(f"http://127.0.0.1:{free_port()}/hook")  # fake clock: the retries' waits are instant
-    started = time.monotonic()
     for _ in range(50):
         a.on_event(ev("drift_found"))
-    assert time.monotonic() - started < 0.05
     assert a.close(10)  # every notification was tried ATTEMPTS times and given up
+
+
+def test_on_event_never_waits_for_a_webhook_that_hangs():
+    """A webhook that accepts and never answers holds the sender, not the caller: 50 events are
+    queued while the first delivery is still stuck (no timing: the handler is blocked on purpose)."""
+    release, arrived = threading.Event(), threading.Event()
+
+    class Stuck(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802
+            arrived.set()
+            release.wait(30)
+            self.send_response(204)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Stuck)
+    threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True).start()
+    try:
+        a = alerter(f"http://127.0.0.1:{httpd.server_address[1]}/hook")
+        a.on_event(ev("drift_found"))
+        assert arrived.wait(10)               # the sender is now stuck inside the first delivery
+        caller = threading.Thread(target=lambda: [a.on_event(ev("drift_found")) for _ in range(49)])
+        caller.start()
+        caller.join(10)                       # a deadline for a broken sink, not a measurement
+        assert not caller.is_alive()          # the caller finished while the webhook still hangs
+        release.set()
+        assert a.close(10)
+    finally:
+        release.set()
+        httpd.shutdown()
+        httpd.server_close()
 
 
 def test_not_configured_means_silent(tmp_path: Path):
