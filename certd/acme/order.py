@@ -24,6 +24,7 @@ from acme import client as acme_client
 from acme import messages
 from cryptography import x509
 
+from certd.acme import resume
 from certd.acme.problems import NEXT_STEP, Failure, one_line, problem_code, problem_detail
 from certd.acme.solvers import Solver
 from certd.config import CertificateConfig
@@ -74,10 +75,39 @@ class OrderFlow:
         self.clock, self.fail = clock, fail
         self.doing = f"issuing {cert.name}"
 
-    def run(self, csr_pem: bytes, replaces: str | None) -> bytes:
+    def run(self, csr_pem: bytes, replaces: str | None,
+            on_order: Callable[[str], None] | None = None) -> bytes:
+        """A new order. ``on_order`` is told its URL right after newOrder, before any challenge
+        is answered or the order finalized (the renewal journals it there, to resume it)."""
         with _where(NEW_ORDER):
             uri, order = self.create(replaces)
         self.say(f"order {uri} created ({order.status.name})")
+        if on_order is not None:
+            on_order(uri)
+        return self.complete(uri, order, csr_pem)
+
+    def resume(self, uri: str, csr_pem: bytes) -> bytes | None:
+        """Continue the order at ``uri`` from where the CA has it (:func:`certd.acme.resume.next_step`);
+        None, with the reason logged, when it cannot be continued (unknown to the CA, invalid,
+        expired): the caller orders afresh."""
+        try:
+            order = messages.Order.from_json(post_as_get(self.client, uri).json())
+        except messages.Error as e:  # 404 and the like: the CA no longer knows it (or not for us)
+            return self.discarded(uri, f"the CA answered {problem_code(e)}: {one_line(e.detail or '')}")
+        step, why = resume.next_step(order.status.name, order.expires, self.clock.now())
+        if step is resume.Step.DISCARD:
+            return self.discarded(uri, why)
+        log.info("order_resumed certificate=%s order=%s status=%s", self.cert.name, uri, order.status.name)
+        self.say(f"resuming order {uri} ({order.status.name})")
+        return self.complete(uri, order, csr_pem)
+
+    def discarded(self, uri: str, why: str) -> None:
+        log.warning("order_discarded certificate=%s order=%s reason=%s; ordering afresh", self.cert.name, uri, why)
+        self.say(f"not resuming order {uri}: {why}")
+        return None
+
+    def complete(self, uri: str, order: messages.Order, csr_pem: bytes) -> bytes:
+        """From ``order`` as it is now to the downloaded chain: validate, finalize, wait, download."""
         if order.status.name == "pending":
             order = self.validate(uri, order)
         if order.status.name == "ready":
@@ -86,9 +116,9 @@ class OrderFlow:
                 order = messages.Order.from_json(
                     signed_post(self.client, order.finalize, messages.CertificateRequest(csr=csr)).json())
             self.say("finalizing")
-            if order.status.name in ("ready", "processing"):
-                # Issuing takes a CA a moment (Pebble: ~3 ms); asking at once is a wasted request.
-                order = self.poll(uri, "the CA to issue the certificate", first_wait=ISSUE_WAIT)
+        if order.status.name in ("ready", "processing"):
+            # Issuing takes a CA a moment (Pebble: ~3 ms); asking at once is a wasted request.
+            order = self.poll(uri, "the CA to issue the certificate", first_wait=ISSUE_WAIT)
         if order.status.name != "valid" or not order.certificate:
             raise self.order_failed(order)
         fullchain = post_as_get(self.client, order.certificate).content
