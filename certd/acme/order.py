@@ -21,11 +21,12 @@ from typing import Any
 import josepy as jose
 import requests
 from acme import client as acme_client
+from acme import errors as acme_errors
 from acme import messages
 from cryptography import x509
 
 from certd.acme import resume
-from certd.acme.problems import NEXT_STEP, Failure, one_line, problem_code, problem_detail
+from certd.acme.problems import NEXT_STEP, Failure, http_status, one_line, problem_code, problem_detail
 from certd.acme.solvers import Solver
 from certd.config import CertificateConfig
 from certd.core.clock import Clock
@@ -92,11 +93,16 @@ class OrderFlow:
         expired): the caller orders afresh."""
         try:
             order = messages.Order.from_json(post_as_get(self.client, uri).json())
-        except messages.Error as e:  # 404 and the like: the CA no longer knows it (or not for us)
-            return self.discarded(uri, f"the CA answered {problem_code(e)}: {one_line(e.detail or '')}")
+        except (messages.Error, acme_errors.ClientError) as e:
+            why = _gone(e)
+            if why is None:
+                raise  # the CA is in trouble, not the order: keep the journal for the next attempt
+            self.discarded(uri, why)
+            return None
         step, why = resume.next_step(order.status.name, order.expires, self.clock.now())
         if step is resume.Step.DISCARD:
-            return self.discarded(uri, why)
+            self.discarded(uri, why)
+            return None
         log.info("order_resumed certificate=%s order=%s status=%s", self.cert.name, uri, order.status.name)
         self.say(f"resuming order {uri} ({order.status.name})")
         return self.complete(uri, order, csr_pem)
@@ -104,7 +110,6 @@ class OrderFlow:
     def discarded(self, uri: str, why: str) -> None:
         log.warning("order_discarded certificate=%s order=%s reason=%s; ordering afresh", self.cert.name, uri, why)
         self.say(f"not resuming order {uri}: {why}")
-        return None
 
     def complete(self, uri: str, order: messages.Order, csr_pem: bytes) -> bytes:
         """From ``order`` as it is now to the downloaded chain: validate, finalize, wait, download."""
@@ -269,6 +274,15 @@ def _where(step: str) -> Iterator[None]:
         if getattr(e, "certd_where", None) is None:
             e.certd_where = step
         raise
+
+
+def _gone(e: messages.Error | acme_errors.ClientError) -> str | None:
+    """Why the CA's answer ``e`` to fetching an order means the order is gone; None if it does not."""
+    if isinstance(e, messages.Error):
+        code = problem_code(e)
+        return f"the CA answered {code}: {one_line(e.detail or '')}" if resume.order_gone(code, None) else None
+    status = http_status(e)
+    return f"the CA answered HTTP {status}" if resume.order_gone(None, status) else None
 
 
 def _authz_name(authz: messages.Authorization) -> str:

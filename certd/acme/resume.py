@@ -43,6 +43,14 @@ class Step(str, enum.Enum):
     DISCARD = "discard"      # invalid, expired, or a status certd does not know: order afresh
 
 
+#: problems answering the POST-as-GET of a journaled order that mean "no such order for you":
+#: unknown to the CA (Pebble: 404 ``malformed``; RFC 7807 ``about:blank`` 404s), or placed by an
+#: account the CA no longer knows. Any other problem (``serverInternal``, ``rateLimited``) says
+#: nothing about the order: the attempt fails and the journal stays.
+GONE_PROBLEMS = frozenset({"malformed", "unauthorized", "accountDoesNotExist", "about:blank"})
+#: the same for an answer without a problem document (Pebble 2.10: a bare 404 for an unknown order)
+GONE_STATUSES = frozenset({404, 410})
+
 _BY_STATUS = {"valid": Step.DOWNLOAD, "processing": Step.WAIT, "ready": Step.FINALIZE, "pending": Step.VALIDATE}
 
 
@@ -74,6 +82,12 @@ def next_step(status: str, expires: datetime | None, now: datetime) -> tuple[Ste
     if step is not Step.DOWNLOAD and expires is not None and expires <= now:
         return Step.DISCARD, f"the order expired at {expires.isoformat()} ({status})"
     return step, f"the order is {status}"
+
+
+def order_gone(problem: str | None, status: int | None) -> bool:
+    """Whether the CA answering a journaled order's URL with ``problem`` (a problem document's
+    type) or, without one, HTTP ``status`` means the order is gone."""
+    return problem in GONE_PROBLEMS if problem is not None else status in GONE_STATUSES
 
 
 def order_may_live(error: Exception) -> bool:

@@ -86,6 +86,17 @@ def test_a_failure_keeps_the_journal_only_while_the_order_may_still_complete(err
     assert order_may_live(error) is lives
 
 
+@pytest.mark.parametrize("problem,status,gone", [
+    ("malformed", None, True), ("unauthorized", None, True), ("accountDoesNotExist", None, True),
+    ("about:blank", None, True), (None, 404, True), (None, 410, True),
+    ("serverInternal", None, False), ("rateLimited", None, False), ("badNonce", None, False),
+    (None, 500, False), (None, 502, False), (None, None, False),
+])
+def test_only_answers_that_deny_the_order_discard_it(problem: str | None, status: int | None, gone: bool) -> None:
+    """Unknown order or account (problem, or a bare 404/410): gone; a CA in trouble says nothing about the order."""
+    assert resume.order_gone(problem, status) is gone
+
+
 # -- the renewal's issue step ----------------------------------------------------------------
 
 class OrderingCA:
