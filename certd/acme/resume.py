@@ -31,6 +31,7 @@ from certd.core.errors import AcmeError, ChallengeFailed, StoreError
 META_DIRECTORY = "directory"
 META_DOMAINS = "domains"
 META_REPLACES = "replaces"
+META_KEY_TYPE = "key_type"
 
 
 class Step(str, enum.Enum):
@@ -54,21 +55,28 @@ GONE_STATUSES = frozenset({404, 410})
 _BY_STATUS = {"valid": Step.DOWNLOAD, "processing": Step.WAIT, "ready": Step.FINALIZE, "pending": Step.VALIDATE}
 
 
-def journal_meta(directory: str, domains: Collection[str], replaces: str | None) -> dict[str, Any]:
+def journal_meta(directory: str, domains: Collection[str], replaces: str | None,
+                 key_type: str | None = None) -> dict[str, Any]:
     """The ``meta`` a renewal stores with its order journal (what :func:`journal_mismatch` reads)."""
-    return {META_DIRECTORY: directory, META_DOMAINS: sorted(domains), META_REPLACES: replaces}
+    return {META_DIRECTORY: directory, META_DOMAINS: sorted(domains), META_REPLACES: replaces,
+            META_KEY_TYPE: key_type}
 
 
-def journal_mismatch(meta: Mapping[str, Any], directory: str, domains: Collection[str]) -> str | None:
+def journal_mismatch(meta: Mapping[str, Any], directory: str, domains: Collection[str],
+                     key_type: str | None = None) -> str | None:
     """Why a journal with ``meta`` cannot be resumed by a renewal for ``domains`` at the CA
-    ``directory`` (None: it can). An order belongs to one CA and one set of identifiers:
-    resuming it after the configuration changed would issue what is no longer asked for."""
+    ``directory`` with keys of ``key_type`` (None: it can). An order belongs to one CA and one
+    set of identifiers: resuming it after the configuration changed would issue what is no
+    longer asked for (a journal without a key type is judged on CA and names alone)."""
     was = meta.get(META_DIRECTORY)
     if was != directory:
         return f"the order was placed with another CA ({was or 'unknown'})"
     names = meta.get(META_DOMAINS)
     if not isinstance(names, list) or sorted(str(n) for n in names) != sorted(domains):
         return f"the order is for other names ({', '.join(map(str, names or [])) or 'unknown'})"
+    journaled_type = meta.get(META_KEY_TYPE)
+    if key_type is not None and journaled_type is not None and journaled_type != key_type:
+        return f"its key is {journaled_type}, the certificate now wants {key_type}"
     return None
 
 

@@ -26,7 +26,10 @@ from certd.acme import resume
 from certd.config import CertificateConfig
 from certd.core.clock import isoformat
 from certd.core.errors import StoreError
+from certd.core.model import spki_sha256
 from certd.core.rotation import CRASH_ENV
+from certd.crypto import keys
+from certd.engine.lifecycle import VersionStatus
 from certd.engine.ports import Ports, Say
 from certd.ops.log import event
 from certd.store.port import LeaseLost, OrderJournal
@@ -94,7 +97,9 @@ class Orders:
             return None
         if journal is None:
             return None
-        why = resume.journal_mismatch(journal.meta, self.ports.config.acme.directory, cert.domains)
+        why = resume.journal_mismatch(journal.meta, self.ports.config.acme.directory, cert.domains, cert.key_type)
+        if why is None and self._compromised(cert.name, journal.key_pem):
+            why = "its key (reused) was marked compromised since"
         if why is None:
             fullchain = self.ports.issuer().resume(cert, journal.order_url, journal.key_pem, progress=say)
             if fullchain is not None:
@@ -108,8 +113,20 @@ class Orders:
         self._clear(cert.name)
         return None
 
+    def _compromised(self, name: str, key_pem: bytes) -> bool:
+        """Whether ``key_pem`` is the key of a stored version marked compromised: with
+        ``reuse_key`` the journaled key is the stored one, and a revocation for keyCompromise
+        between the crash and this attempt must not see it certified again."""
+        store = self.ports.store
+        try:
+            spki = spki_sha256(keys.load_private_key(key_pem).public_key())
+        except ValueError:
+            return True  # unreadable: never certify it
+        return any(VersionStatus.from_meta(v.meta).key_compromised and v.info.spki_sha256 == spki
+                   for v in (store.load_info(name, n) for n in store.versions(name)))
+
     def _save(self, cert: CertificateConfig, order_url: str, key_pem: bytes, replaces: str | None) -> None:
-        meta = resume.journal_meta(self.ports.config.acme.directory, cert.domains, replaces)
+        meta = resume.journal_meta(self.ports.config.acme.directory, cert.domains, replaces, cert.key_type)
         journal = OrderJournal(order_url, key_pem, isoformat(self.ports.clock.now()), meta)
         try:
             self.ports.store.save_order(cert.name, journal)

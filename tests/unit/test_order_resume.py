@@ -19,6 +19,7 @@ from certd.core.errors import (AcmeError, CANotReachable, CertificateRejected, C
                                StoreError)
 from certd.core.events import EventBus
 from certd.crypto import keys
+from certd.engine.lifecycle import compromised_meta
 from certd.engine.outcome import RenewRequest, Result
 from certd.engine.planning import Planner
 from certd.engine.ports import Ports
@@ -36,9 +37,10 @@ CERT = CertificateConfig("www", ("www.example.test", "example.test"))
 # -- the decision table ----------------------------------------------------------------------
 
 def test_a_journal_for_the_same_ca_and_names_may_be_resumed_whatever_their_order() -> None:
-    """Same directory, same names in another order: resumable (no reason)."""
-    meta = journal_meta(DIRECTORY, ["example.test", "www.example.test"], None)
-    assert journal_mismatch(meta, DIRECTORY, CERT.domains) is None
+    """Same directory, same names in another order, same (or unrecorded) key type: resumable."""
+    meta = journal_meta(DIRECTORY, ["example.test", "www.example.test"], None, "ecdsa-p256")
+    assert journal_mismatch(meta, DIRECTORY, CERT.domains, "ecdsa-p256") is None
+    assert journal_mismatch(journal_meta(DIRECTORY, CERT.domains, None), DIRECTORY, CERT.domains, "rsa-2048") is None
 
 
 @pytest.mark.parametrize("meta,words", [
@@ -47,10 +49,11 @@ def test_a_journal_for_the_same_ca_and_names_may_be_resumed_whatever_their_order
     (journal_meta(DIRECTORY, [*CERT.domains, "extra.test"], None), "other names"),
     ({}, "another CA (unknown)"),
     ({resume.META_DIRECTORY: DIRECTORY}, "other names (unknown)"),
+    (journal_meta(DIRECTORY, CERT.domains, None, "rsa-2048"), "its key is rsa-2048"),
 ])
-def test_a_journal_for_another_ca_or_other_names_is_not_resumed(meta: dict[str, Any], words: str) -> None:
-    """Another CA, other names, or no record of either: not resumable, and the reason says which."""
-    why = journal_mismatch(meta, DIRECTORY, CERT.domains)
+def test_a_journal_for_another_ca_names_or_key_type_is_not_resumed(meta: dict[str, Any], words: str) -> None:
+    """Another CA, other names, another key type, or no record of CA/names: not resumable, and the reason says which."""
+    why = journal_mismatch(meta, DIRECTORY, CERT.domains, "ecdsa-p256")
     assert why is not None and words in why
 
 
@@ -229,3 +232,17 @@ def test_an_unreachable_ca_keeps_the_journal_and_a_failed_validation_clears_it(w
     assert renew(RenewRequest(CERT, force=True)).result is Result.FAILED
     assert issuer.resumed == ["https://ca.test/order/1"] and len(issuer.new_orders) == 1
     assert store.load_order("www") is None
+
+
+def test_a_journaled_reused_key_marked_compromised_since_is_not_certified_again(world: Any) -> None:
+    """reuse_key, killed mid-order, then the key is marked compromised: the journal is discarded and a fresh key ordered."""
+    renew, issuer, store = world
+    assert renew(RenewRequest(CERT)).result is Result.RENEWED
+    old_key = store.load("www", 1).bundle.key_pem
+    journal(store, "https://ca.test/order/7", old_key)
+    issuer.status["https://ca.test/order/7"] = "valid"
+    with store.lock("www"):
+        store.update_meta("www", 1, compromised_meta())
+    assert renew(RenewRequest(CERT, force=True)).result is Result.RENEWED
+    assert issuer.resumed == [] and len(issuer.new_orders) == 2
+    assert store.load("www", 2).bundle.key_pem != old_key
