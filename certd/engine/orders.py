@@ -48,7 +48,7 @@ class Issued:
     fullchain: bytes
     key_pem: bytes
     replaces: str | None
-    resumed: bool = False
+    journaled: bool = False    # a journal is stored for it (written now, or resumed from)
 
 
 class Orders:
@@ -68,17 +68,22 @@ class Orders:
         key_pem = new_key()
         say("ordering from the CA" + (f" (replaces {replaces})" if replaces else ""))
 
+        journaled = False
+
         def journal(order_url: str) -> None:
-            self._save(cert, order_url, key_pem, replaces)
+            nonlocal journaled
+            journaled = self._save(cert, order_url, key_pem, replaces)
             crash_at(CRASH_JOURNALED)
 
         fullchain = self.ports.issuer().issue(cert, key_pem, replaces=replaces, progress=say, on_order=journal)
         crash_at(CRASH_FINALIZED)
-        return Issued(fullchain, key_pem, replaces)
+        return Issued(fullchain, key_pem, replaces, journaled)
 
-    def stored(self, name: str) -> None:
-        """The issued certificate is stored as a version: the order is done."""
-        self._clear(name)
+    def stored(self, name: str, issued: Issued) -> None:
+        """``issued`` is stored as a version: the order is done (no store write when it had
+        no journal: the common renewal pays nothing for clearing)."""
+        if issued.journaled:
+            self._clear(name)
 
     def failed(self, name: str, error: Exception) -> None:
         """The attempt failed with ``error``: discard the journal if the order is over."""
@@ -125,15 +130,18 @@ class Orders:
         return any(VersionStatus.from_meta(v.meta).key_compromised and v.info.spki_sha256 == spki
                    for v in (store.load_info(name, n) for n in store.versions(name)))
 
-    def _save(self, cert: CertificateConfig, order_url: str, key_pem: bytes, replaces: str | None) -> None:
+    def _save(self, cert: CertificateConfig, order_url: str, key_pem: bytes, replaces: str | None) -> bool:
+        """Store the journal; False (logged) when the store could not (best effort)."""
         meta = resume.journal_meta(self.ports.config.acme.directory, cert.domains, replaces, cert.key_type)
         journal = OrderJournal(order_url, key_pem, isoformat(self.ports.clock.now()), meta)
         try:
             self.ports.store.save_order(cert.name, journal)
+            return True
         except LeaseLost:
             raise  # another process owns the certificate now: stop before finalizing
         except StoreError as e:
             event(log, "order_journal_unwritten", logging.WARNING, name=cert.name, order=order_url, error=str(e))
+            return False
 
     def _clear(self, name: str) -> None:
         try:

@@ -122,7 +122,7 @@ class Renew:
                 "serial": info.serial, "not_after": isoformat(info.not_after),
                 "fingerprint_sha256": info.fingerprint_sha256, "replaces": replaces,
             })
-            self.orders.stored(cert.name)
+            self.orders.stored(cert.name, issued)
         except OperationFailed as e:
             self.orders.failed(cert.name, e)
             if force:  # the operator asked for a new certificate: retried on the backoff until one comes
