@@ -128,7 +128,8 @@ class OrderingCA:
             on_order(url)
         assert self.store is not None
         self.journal_at_order = self.store.load_order(cert.name)  # what a crash before finalize leaves
-        self.key_mode = stat.S_IMODE((self.store.root / "certs" / cert.name / "order.key").stat().st_mode)
+        key_file = self.store.root / "certs" / cert.name / "order.key"
+        self.key_mode = stat.S_IMODE(key_file.stat().st_mode) if key_file.exists() else 0
         if self.failure is not None:
             raise self.failure
         return self._sign(cert, key_pem)
@@ -246,3 +247,23 @@ def test_a_journaled_reused_key_marked_compromised_since_is_not_certified_again(
     assert renew(RenewRequest(CERT, force=True)).result is Result.RENEWED
     assert issuer.resumed == [] and len(issuer.new_orders) == 2
     assert store.load("www", 2).bundle.key_pem != old_key
+
+
+class FullDiskStore(FileStore):
+    """A FileStore whose order journal cannot be written (ENOSPC), the rest as usual."""
+
+    def save_order(self, name: str, order: OrderJournal | None, *, lease: Any = None) -> None:
+        if order is not None:
+            raise StoreError(f"cannot write {self.root}/certs/{name}/order.key: No space left on device")
+        super().save_order(name, order, lease=lease)
+
+
+def test_a_journal_that_cannot_be_written_does_not_stop_the_order(tmp_path: Path, test_ca: CA) -> None:
+    """Writing the order journal is best effort: the store refusing it (full disk) still renews, with one order."""
+    clock, store = FakeClock(NOW), FullDiskStore(tmp_path / "state")
+    issuer = OrderingCA(test_ca)
+    issuer.store = store
+    config = Config(tmp_path / "certd.toml", DaemonConfig(state_dir=tmp_path / "state"), AcmeConfig(DIRECTORY), (CERT,))
+    ports = Ports(config, store, store, lambda: issuer, EventBus(), clock, FakeEdges(store))
+    o = Renew(ports, Planner(store, clock, lambda: issuer))(RenewRequest(CERT))
+    assert o.result is Result.RENEWED and len(issuer.new_orders) == 1 and issuer.journal_at_order is None
