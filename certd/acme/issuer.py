@@ -37,7 +37,7 @@ from certd.acme.solvers import solver_for
 from certd.acme.transport import AcmeTransport, Network, Transport
 from certd.config import AcmeConfig, CertificateConfig
 from certd.core.clock import Clock
-from certd.core.errors import AcmeError, CANotReachable, ConfigError
+from certd.core.errors import AcmeError, CANotReachable, ConfigError, StoreError
 from certd.core.model import split_pem_chain
 from certd.crypto.keys import make_csr
 
@@ -74,18 +74,38 @@ class Issuer:
     # -- public API --
 
     def issue(self, cert: CertificateConfig, key_pem: bytes, *, replaces: str | None = None,
-              progress: Callable[[str], None] | None = None) -> bytes:
+              progress: Callable[[str], None] | None = None,
+              on_order: Callable[[str], None] | None = None) -> bytes:
         """Order, validate, finalize and download a certificate for ``cert.domains``.
 
         Returns the full chain PEM exactly as the CA sent it (check it with
         :func:`certd.crypto.certcheck.check_issued`). ``replaces`` is the ARI identifier of the
         certificate this one renews (RFC 9773 §5); if the CA refuses it, the order is placed
-        again without it.
+        again without it. ``on_order`` is told the new order's URL before any challenge is
+        answered or the order finalized (journal it there; :meth:`resume` continues it).
         """
+        csr_pem = make_csr(key_pem, cert.domains)
+        chain = self._ordering(cert, progress, lambda flow: flow.run(csr_pem, replaces, on_order))
+        assert chain is not None  # a new order either ends in a chain or raises
+        return chain
+
+    def resume(self, cert: CertificateConfig, order_url: str, key_pem: bytes, *,
+               progress: Callable[[str], None] | None = None) -> bytes | None:
+        """Continue the order at ``order_url`` (placed by :meth:`issue` for ``cert.domains``,
+        ``key_pem`` being the key it was for) without a new order: download it if issued,
+        finalize it if ready, prove control if pending. The full chain PEM as :meth:`issue`;
+        None when the order cannot be continued (the CA does not know it, it is invalid or
+        expired; the reason is logged): order afresh. Failures as :meth:`issue`."""
+        csr_pem = make_csr(key_pem, cert.domains)
+        return self._ordering(cert, progress, lambda flow: flow.resume(order_url, csr_pem))
+
+    def _ordering(self, cert: CertificateConfig, progress: Callable[[str], None] | None,
+                  body: Callable[[OrderFlow], bytes | None]) -> bytes | None:
+        """Run ``body`` on an :class:`OrderFlow` within the order deadline, every failure
+        mapped to one certd error; once more after registering again if the CA forgot the account."""
         say = progress or (lambda _msg: None)
         doing = f"issuing {cert.name}"
         deadline = self._clock.monotonic() + self._order_timeout
-        csr_pem = make_csr(key_pem, cert.domains)
         solver = solver_for(cert)
         try:
             for attempt in (1, 2):
@@ -99,7 +119,7 @@ class Issuer:
                         used_account = client.net.account
                         flow = OrderFlow(client, cert, solver, say, deadline=deadline,
                                          order_timeout=self._order_timeout, clock=self._clock, fail=self._fail)
-                        return flow.run(csr_pem, replaces)
+                        return body(flow)
                     except messages.Error as e:
                         if problem_code(e) != "accountDoesNotExist" or attempt == 2:
                             raise
@@ -161,7 +181,7 @@ class Issuer:
     def _mapped(self, doing: str) -> Iterator[None]:
         try:
             yield
-        except (AcmeError, ConfigError):
+        except (AcmeError, ConfigError, StoreError):  # StoreError: the order journal (on_order)
             raise
         except Exception as e:  # noqa: BLE001 - every failure becomes one certd error
             raise self._fail(e, doing) from e

@@ -21,10 +21,12 @@ from typing import Any
 import josepy as jose
 import requests
 from acme import client as acme_client
+from acme import errors as acme_errors
 from acme import messages
 from cryptography import x509
 
-from certd.acme.problems import NEXT_STEP, Failure, one_line, problem_code, problem_detail
+from certd.acme import resume
+from certd.acme.problems import NEXT_STEP, Failure, http_status, one_line, problem_code, problem_detail
 from certd.acme.solvers import Solver
 from certd.config import CertificateConfig
 from certd.core.clock import Clock
@@ -74,10 +76,43 @@ class OrderFlow:
         self.clock, self.fail = clock, fail
         self.doing = f"issuing {cert.name}"
 
-    def run(self, csr_pem: bytes, replaces: str | None) -> bytes:
+    def run(self, csr_pem: bytes, replaces: str | None,
+            on_order: Callable[[str], None] | None = None) -> bytes:
+        """A new order. ``on_order`` is told its URL right after newOrder, before any challenge
+        is answered or the order finalized (the renewal journals it there, to resume it)."""
         with _where(NEW_ORDER):
             uri, order = self.create(replaces)
         self.say(f"order {uri} created ({order.status.name})")
+        if on_order is not None:
+            on_order(uri)
+        return self.complete(uri, order, csr_pem)
+
+    def resume(self, uri: str, csr_pem: bytes) -> bytes | None:
+        """Continue the order at ``uri`` from where the CA has it (:func:`certd.acme.resume.next_step`);
+        None, with the reason logged, when it cannot be continued (unknown to the CA, invalid,
+        expired): the caller orders afresh."""
+        try:
+            order = messages.Order.from_json(post_as_get(self.client, uri).json())
+        except (messages.Error, acme_errors.ClientError) as e:
+            why = _gone(e)
+            if why is None:
+                raise  # the CA is in trouble, not the order: keep the journal for the next attempt
+            self.discarded(uri, why)
+            return None
+        step, why = resume.next_step(order.status.name, order.expires, self.clock.now())
+        if step is resume.Step.DISCARD:
+            self.discarded(uri, why)
+            return None
+        log.info("order_resumed certificate=%s order=%s status=%s", self.cert.name, uri, order.status.name)
+        self.say(f"resuming order {uri} ({order.status.name})")
+        return self.complete(uri, order, csr_pem)
+
+    def discarded(self, uri: str, why: str) -> None:
+        log.warning("order_discarded certificate=%s order=%s reason=%s; ordering afresh", self.cert.name, uri, why)
+        self.say(f"not resuming order {uri}: {why}")
+
+    def complete(self, uri: str, order: messages.Order, csr_pem: bytes) -> bytes:
+        """From ``order`` as it is now to the downloaded chain: validate, finalize, wait, download."""
         if order.status.name == "pending":
             order = self.validate(uri, order)
         if order.status.name == "ready":
@@ -86,9 +121,9 @@ class OrderFlow:
                 order = messages.Order.from_json(
                     signed_post(self.client, order.finalize, messages.CertificateRequest(csr=csr)).json())
             self.say("finalizing")
-            if order.status.name in ("ready", "processing"):
-                # Issuing takes a CA a moment (Pebble: ~3 ms); asking at once is a wasted request.
-                order = self.poll(uri, "the CA to issue the certificate", first_wait=ISSUE_WAIT)
+        if order.status.name in ("ready", "processing"):
+            # Issuing takes a CA a moment (Pebble: ~3 ms); asking at once is a wasted request.
+            order = self.poll(uri, "the CA to issue the certificate", first_wait=ISSUE_WAIT)
         if order.status.name != "valid" or not order.certificate:
             raise self.order_failed(order)
         fullchain = post_as_get(self.client, order.certificate).content
@@ -239,6 +274,15 @@ def _where(step: str) -> Iterator[None]:
         if getattr(e, "certd_where", None) is None:
             e.certd_where = step
         raise
+
+
+def _gone(e: messages.Error | acme_errors.ClientError) -> str | None:
+    """Why the CA's answer ``e`` to fetching an order means the order is gone; None if it does not."""
+    if isinstance(e, messages.Error):
+        code = problem_code(e)
+        return f"the CA answered {code}: {one_line(e.detail or '')}" if resume.order_gone(code, None) else None
+    status = http_status(e)
+    return f"the CA answered HTTP {status}" if resume.order_gone(None, status) else None
 
 
 def _authz_name(authz: messages.Authorization) -> str:

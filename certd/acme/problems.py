@@ -56,7 +56,7 @@ class Failure:
         if isinstance(e, messages.Error):
             return self.problem(e, doing)
         if isinstance(e, acme_errors.ClientError):
-            status = _status_of(e)
+            status = http_status(e)
             transient = status is None or status >= 500
             return AcmeError(f"{doing}: the CA answered HTTP {status or '?'} without a problem document; "
                              f"{'will retry' if transient else 'a broken CA or proxy?'}", transient=transient)
@@ -107,7 +107,8 @@ def one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
-def _status_of(e: acme_errors.ClientError) -> int | None:
+def http_status(e: acme_errors.ClientError) -> int | None:
+    """The HTTP status of a CA answer without a problem document (None if unknown)."""
     for arg in e.args:
         for candidate in (arg if isinstance(arg, tuple) else (arg,)):
             if isinstance(candidate, requests.Response):

@@ -29,8 +29,14 @@ class IssuerPort(Protocol):
     """The CA, as the use cases use it (:class:`certd.acme.issuer.Issuer` for real)."""
 
     def issue(self, cert: CertificateConfig, key_pem: bytes, *, replaces: str | None = None,
-              progress: Say | None = None) -> bytes:
-        """Order, prove control, finalize; the full chain (leaf first) as PEM. OperationFailed."""
+              progress: Say | None = None, on_order: Callable[[str], None] | None = None) -> bytes:
+        """Order, prove control, finalize; the full chain (leaf first) as PEM. OperationFailed.
+        ``on_order`` is told the order's URL after newOrder, before finalize (the order journal)."""
+
+    def resume(self, cert: CertificateConfig, order_url: str, key_pem: bytes, *,
+               progress: Say | None = None) -> bytes | None:
+        """Continue the order at ``order_url`` (no new order): the full chain as :meth:`issue`,
+        or None when the CA cannot continue it (gone, invalid, expired). OperationFailed."""
 
     def renewal_info(self, cert_pem: bytes) -> RenewalInfo | None:
         """The CA's ARI window for ``cert_pem``; None when the CA has no ARI. OperationFailed."""

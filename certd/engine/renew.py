@@ -30,6 +30,7 @@ from certd.core.rotation import Step
 from certd.crypto import certcheck, keys
 from certd.engine import attempts
 from certd.engine.lifecycle import VersionStatus
+from certd.engine.orders import Orders
 from certd.engine.outcome import Outcome, RenewRequest, Result, with_resumed
 from certd.engine.planning import Planner
 from certd.engine.ports import Ports, Progress, Say, sayer
@@ -47,6 +48,7 @@ class Renew:
     def __init__(self, ports: Ports, planner: Planner) -> None:
         self.ports, self.planner = ports, planner
         self.rotations = Rotations(ports, planner)
+        self.orders = Orders(ports)
 
     def __call__(self, req: RenewRequest, progress: Progress | None = None) -> Outcome:
         """Renew ``req.cert`` if due (now, if forced); never raises for a CertdError."""
@@ -126,12 +128,10 @@ class Renew:
         current = stored.version if stored is not None else None
         started = clock.monotonic()
         state.last_attempt = isoformat(clock.now())
-        try:
-            key_pem = self._key_for(cert, stored)
-            replaces = _replaces(stored, cert)
-            say("ordering from the CA" + (f" (replaces {replaces})" if replaces else ""))
-            fullchain = ports.issuer().issue(cert, key_pem, replaces=replaces, progress=say)
-            bundle = certcheck.check_issued(fullchain, key_pem, cert.domains, clock.now())
+        try:  # the order journal: an order a crash interrupted is resumed, not placed again
+            issued = self.orders.obtain(cert, lambda: self._key_for(cert, stored), _replaces(stored, cert), say)
+            key_pem, replaces = issued.key_pem, issued.replaces
+            bundle = certcheck.check_issued(issued.fullchain, key_pem, cert.domains, clock.now())
             info = bundle.info
             say(f"issued serial {info.serial}, not after {isoformat(info.not_after)}")
             version = ports.store.add_version(cert.name, bundle, {
@@ -139,7 +139,9 @@ class Renew:
                 "serial": info.serial, "not_after": isoformat(info.not_after),
                 "fingerprint_sha256": info.fingerprint_sha256, "replaces": replaces,
             })
+            self.orders.stored(cert.name, issued)
         except OperationFailed as e:
+            self.orders.failed(cert.name, e)
             if force:  # the operator asked for a new certificate: retried on the backoff until one comes
                 state.forced_retry = reason or "forced"
             self.rotations.record_failure(cert, state, str(e), ca_unreachable=isinstance(e, CANotReachable),

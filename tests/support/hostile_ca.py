@@ -44,6 +44,8 @@ CA rules (each may be set at any time; they apply to the next request):
 ``new_orders``               (monotonic time, JWS payload) of each newOrder request (answered or not)
 ``orders_created``           monotonic times of the newOrders Pebble accepted (201): one per
                              attempt even when a refused ``replaces`` made the client ask twice
+``finalized``                monotonic times of the finalize requests Pebble accepted (200): one
+                             per certificate the CA issued
 """
 
 from __future__ import annotations
@@ -106,6 +108,7 @@ class HostileCA:
         self.rate_limited_count: int | None = None
         self.new_orders: list[tuple[float, bytes]] = []
         self.orders_created: list[float] = []
+        self.finalized: list[float] = []
         self.fake_ca = TestCA(Path(workdir) / "hostile-ca", "hostile")
         self._upstream_ctx = ssl.create_default_context(cafile=str(pebble.ca_bundle))
         server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -240,6 +243,8 @@ class HostileCA:
                     upstream.close()
                 if self.command == "POST" and self.path.startswith(NEW_ORDER_PATH) and status == 201:
                     ca.orders_created.append(time.monotonic())
+                if self.command == "POST" and self.path.startswith(FINALIZE_PATH) and status == 200:
+                    ca.finalized.append(time.monotonic())
                 mode = ca.mode
                 if self.path.startswith(CERT_PATH) and status == 200 and mode is not None:
                     ca.forged += 1

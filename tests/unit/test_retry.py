@@ -88,7 +88,8 @@ class RefusingCA:
     def __init__(self, error: Exception) -> None:
         self.error, self.orders = error, 0
 
-    def issue(self, cert: Any, key_pem: bytes, *, replaces: str | None = None, progress: Any = None) -> bytes:
+    def issue(self, cert: Any, key_pem: bytes, *, replaces: str | None = None, progress: Any = None,
+              on_order: Any = None) -> bytes:
         self.orders += 1
         raise self.error
 

@@ -1,0 +1,116 @@
+"""Resuming an interrupted ACME order: the decision table, pure.
+
+A renewal stores an order journal (order URL, the new key, the names, the CA directory) right
+after newOrder and before finalize (:class:`certd.store.port.OrderJournal`). If the process dies
+before the issued certificate is stored, the next attempt — this process, another one, in a
+fleet another node — continues that order instead of placing a second one: the CA sees one
+order, and a certificate it already issued is not issued twice.
+
+Two questions, answered here without I/O:
+
+- :func:`journal_mismatch`: may this journal be resumed at all by this renewal (same CA, same
+  names)? Asked before talking to the CA.
+- :func:`next_step`: given the order as the CA shows it now, what to do: download it
+  (``valid``), wait for it (``processing``), finalize it (``ready``), prove control
+  (``pending``), or discard it and order afresh (``invalid``, expired, unknown).
+
+And one about failures, :func:`order_may_live`: after a failed attempt, may the journaled order
+still complete (keep the journal), or is it over (discard it)?
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Collection, Mapping
+from datetime import datetime
+from typing import Any
+
+from certd.core.errors import AcmeError, ChallengeFailed, StoreError
+
+#: keys of :attr:`OrderJournal.meta` written by the renewal (never key material)
+META_DIRECTORY = "directory"
+META_DOMAINS = "domains"
+META_REPLACES = "replaces"
+META_KEY_TYPE = "key_type"
+
+
+class Step(str, enum.Enum):
+    """What to do with a journaled order, by its status at the CA."""
+
+    DOWNLOAD = "download"    # valid: the certificate is issued, fetch it
+    WAIT = "wait"            # processing: finalized, the CA is issuing
+    FINALIZE = "finalize"    # ready: every authorization is valid, send the CSR
+    VALIDATE = "validate"    # pending: answer the authorizations' challenges, then finalize
+    DISCARD = "discard"      # invalid, expired, or a status certd does not know: order afresh
+
+
+#: problems answering the POST-as-GET of a journaled order that mean "no such order for you":
+#: unknown to the CA (Pebble: 404 ``malformed``; RFC 7807 ``about:blank`` 404s), or placed by an
+#: account the CA no longer knows. Any other problem (``serverInternal``, ``rateLimited``) says
+#: nothing about the order: the attempt fails and the journal stays.
+GONE_PROBLEMS = frozenset({"malformed", "unauthorized", "accountDoesNotExist", "about:blank"})
+#: the same for an answer without a problem document (Pebble 2.10: a bare 404 for an unknown order)
+GONE_STATUSES = frozenset({404, 410})
+
+_BY_STATUS = {"valid": Step.DOWNLOAD, "processing": Step.WAIT, "ready": Step.FINALIZE, "pending": Step.VALIDATE}
+
+
+def journal_meta(directory: str, domains: Collection[str], replaces: str | None,
+                 key_type: str | None = None) -> dict[str, Any]:
+    """The ``meta`` a renewal stores with its order journal (what :func:`journal_mismatch` reads)."""
+    return {META_DIRECTORY: directory, META_DOMAINS: sorted(domains), META_REPLACES: replaces,
+            META_KEY_TYPE: key_type}
+
+
+def journal_mismatch(meta: Mapping[str, Any], directory: str, domains: Collection[str],
+                     key_type: str | None = None) -> str | None:
+    """Why a journal with ``meta`` cannot be resumed by a renewal for ``domains`` at the CA
+    ``directory`` with keys of ``key_type`` (None: it can). An order belongs to one CA and one
+    set of identifiers: resuming it after the configuration changed would issue what is no
+    longer asked for (a journal without a key type is judged on CA and names alone)."""
+    was = meta.get(META_DIRECTORY)
+    if was != directory:
+        return f"the order was placed with another CA ({was or 'unknown'})"
+    names = meta.get(META_DOMAINS)
+    if not isinstance(names, list) or sorted(str(n) for n in names) != sorted(domains):
+        return f"the order is for other names ({', '.join(map(str, names or [])) or 'unknown'})"
+    journaled_type = meta.get(META_KEY_TYPE)
+    if key_type is not None and journaled_type is not None and journaled_type != key_type:
+        return f"its key is {journaled_type}, the certificate now wants {key_type}"
+    return None
+
+
+def next_step(status: str, expires: datetime | None, now: datetime) -> tuple[Step, str]:
+    """What to do with an order the CA shows as ``status`` (expiring at ``expires``) at ``now``,
+    and why, for the log. An order past its expiry cannot be finalized (RFC 8555 §7.1.3) unless
+    it is already ``valid``: its certificate stays downloadable."""
+    step = _BY_STATUS.get(status, Step.DISCARD)
+    if step is Step.DISCARD:
+        return step, f"the order is {status}"
+    if step is not Step.DOWNLOAD and expires is not None and expires <= now:
+        return Step.DISCARD, f"the order expired at {expires.isoformat()} ({status})"
+    return step, f"the order is {status}"
+
+
+def order_gone(problem: str | None, status: int | None) -> bool:
+    """Whether the CA answering a journaled order's URL with ``problem`` (a problem document's
+    type) or, without one, HTTP ``status`` means the order is gone."""
+    return problem in GONE_PROBLEMS if problem is not None else status in GONE_STATUSES
+
+
+def order_may_live(error: Exception) -> bool:
+    """After an attempt failed with ``error``: may the journaled order still complete (keep the
+    journal, resume it next time), or is it over (discard it)?
+
+    It may live when the CA was not heard to end it: the CA was unreachable or slow (a
+    transient :class:`AcmeError`), or the certificate could not be stored (:class:`StoreError`:
+    a full disk; the CA has issued, resuming downloads it again). It is over when validation
+    failed (the order is ``invalid``), the CA refused for good, or the certificate it sent
+    failed certd's checks (resuming would fetch the same rejected certificate). A lost lease
+    (a StoreError) keeps it too: the journal is the new holder's to judge.
+    """
+    if isinstance(error, ChallengeFailed):
+        return False
+    if isinstance(error, AcmeError):
+        return error.transient
+    return isinstance(error, StoreError)

@@ -1,0 +1,159 @@
+"""The renewal's issue step around the order journal: resume an interrupted order, else order
+afresh and journal the new order before it is finalized.
+
+Why: a process killed between newOrder and storing the issued certificate (SIGKILL, power,
+OOM, a node lost in a fleet) used to leave an order at the CA that nobody would finish; the
+next attempt placed a second one, and if the first had been finalized the CA issued twice
+for one renewal (the duplicate-certificate limit counts both). Now the order URL and the new
+key (0600, like every key; never logged) are stored through the store, under the
+certificate's lease, as soon as the order exists; the next attempt — any process that takes
+the lease — continues that order (:meth:`certd.acme.issuer.Issuer.resume`), and the journal
+is cleared once the certificate is stored as a version, or once the order is known to be over.
+
+The journal is best effort on the way in: if it cannot be written (a full disk), the order
+goes on, as before this journal existed; only a lost lease stops it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from dataclasses import dataclass
+from typing import Callable
+
+from certd.acme import resume
+from certd.config import CertificateConfig
+from certd.core.clock import isoformat
+from certd.core.errors import StoreError
+from certd.core.model import spki_sha256
+from certd.core.rotation import CRASH_ENV
+from certd.crypto import keys
+from certd.engine.lifecycle import VersionStatus
+from certd.engine.ports import Ports, Say
+from certd.ops.log import event
+from certd.store.port import LeaseLost, OrderJournal
+
+log = logging.getLogger("certd")
+
+#: fault-injection points (``CERTD_CRASH_AT``) for the crash tests
+CRASH_JOURNALED = "order_journaled"    # the journal is stored; no challenge answered, not finalized
+CRASH_FINALIZED = "order_finalized"    # the CA issued and certd downloaded; no version stored yet
+
+
+@dataclass(frozen=True)
+class Issued:
+    """What the CA issued, and for which key (the journaled one, when the order was resumed)."""
+
+    fullchain: bytes
+    key_pem: bytes
+    replaces: str | None
+    journaled: bool = False    # a journal is stored for it (written now, or resumed from)
+
+
+class Orders:
+    """The order journal of the certificates this process renews, over ``ports``. Every
+    method is called under the certificate's lease (the renewal holds it)."""
+
+    def __init__(self, ports: Ports) -> None:
+        self.ports = ports
+
+    def obtain(self, cert: CertificateConfig, new_key: Callable[[], bytes], replaces: str | None,
+               say: Say) -> Issued:
+        """The certificate for ``cert``: from the journaled order if it can be continued, else
+        from a new order for ``new_key()`` (journaled before finalize). OperationFailed."""
+        issued = self._resumed(cert, say)
+        if issued is not None:
+            return issued
+        key_pem = new_key()
+        say("ordering from the CA" + (f" (replaces {replaces})" if replaces else ""))
+
+        journaled = False
+
+        def journal(order_url: str) -> None:
+            nonlocal journaled
+            journaled = self._save(cert, order_url, key_pem, replaces)
+            crash_at(CRASH_JOURNALED)
+
+        fullchain = self.ports.issuer().issue(cert, key_pem, replaces=replaces, progress=say, on_order=journal)
+        crash_at(CRASH_FINALIZED)
+        return Issued(fullchain, key_pem, replaces, journaled)
+
+    def stored(self, name: str, issued: Issued) -> None:
+        """``issued`` is stored as a version: the order is done (no store write when it had
+        no journal: the common renewal pays nothing for clearing)."""
+        if issued.journaled:
+            self._clear(name)
+
+    def failed(self, name: str, error: Exception) -> None:
+        """The attempt failed with ``error``: discard the journal if the order is over."""
+        if not resume.order_may_live(error):
+            self._clear(name)
+
+    def _resumed(self, cert: CertificateConfig, say: Say) -> Issued | None:
+        store = self.ports.store
+        try:
+            journal = store.load_order(cert.name)
+        except LeaseLost:
+            raise
+        except StoreError as e:  # unreadable: it cannot be resumed, and must not block renewals
+            event(log, "order_discarded", logging.WARNING, name=cert.name, reason=f"unreadable: {e}")
+            self._clear(cert.name)
+            return None
+        if journal is None:
+            return None
+        why = resume.journal_mismatch(journal.meta, self.ports.config.acme.directory, cert.domains, cert.key_type)
+        if why is None and self._compromised(cert.name, journal.key_pem):
+            why = "its key (reused) was marked compromised since"
+        if why is None:
+            fullchain = self.ports.issuer().resume(cert, journal.order_url, journal.key_pem, progress=say)
+            if fullchain is not None:
+                crash_at(CRASH_FINALIZED)
+                replaces = journal.meta.get(resume.META_REPLACES)
+                return Issued(fullchain, journal.key_pem, replaces if isinstance(replaces, str) else None, True)
+            # the issuer logged why the CA cannot continue it
+        else:
+            event(log, "order_discarded", logging.WARNING, name=cert.name, order=journal.order_url, reason=why)
+            say(f"not resuming order {journal.order_url}: {why}")
+        self._clear(cert.name)
+        return None
+
+    def _compromised(self, name: str, key_pem: bytes) -> bool:
+        """Whether ``key_pem`` is the key of a stored version marked compromised: with
+        ``reuse_key`` the journaled key is the stored one, and a revocation for keyCompromise
+        between the crash and this attempt must not see it certified again."""
+        store = self.ports.store
+        try:
+            spki = spki_sha256(keys.load_private_key(key_pem).public_key())
+        except ValueError:
+            return True  # unreadable: never certify it
+        return any(VersionStatus.from_meta(v.meta).key_compromised and v.info.spki_sha256 == spki
+                   for v in (store.load_info(name, n) for n in store.versions(name)))
+
+    def _save(self, cert: CertificateConfig, order_url: str, key_pem: bytes, replaces: str | None) -> bool:
+        """Store the journal; False (logged) when the store could not (best effort)."""
+        meta = resume.journal_meta(self.ports.config.acme.directory, cert.domains, replaces, cert.key_type)
+        journal = OrderJournal(order_url, key_pem, isoformat(self.ports.clock.now()), meta)
+        try:
+            self.ports.store.save_order(cert.name, journal)
+            return True
+        except LeaseLost:
+            raise  # another process owns the certificate now: stop before finalizing
+        except StoreError as e:
+            event(log, "order_journal_unwritten", logging.WARNING, name=cert.name, order=order_url, error=str(e))
+            return False
+
+    def _clear(self, name: str) -> None:
+        try:
+            self.ports.store.save_order(name, None)
+        except LeaseLost:
+            raise
+        except StoreError as e:  # left behind, it is judged (and discarded) by the next attempt
+            event(log, "order_journal_not_cleared", logging.WARNING, name=name, error=str(e))
+
+
+def crash_at(point: str) -> None:
+    """Fault injection for the crash tests: ``CERTD_CRASH_AT=<point>`` makes the process
+    SIGKILL itself here (as :func:`certd.core.rotation.crash_point` does for rotation steps)."""
+    if os.environ.get(CRASH_ENV) == point:
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,269 @@
+"""The order journal: the resume decision table (certd.acme.resume) and the renewal's issue step
+around it (certd.engine.orders) over a FileStore and a fake CA that keeps its orders."""
+
+from __future__ import annotations
+
+import stat
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+
+from certd.acme import resume
+from certd.acme.resume import Step, journal_meta, journal_mismatch, next_step, order_may_live
+from certd.config import AcmeConfig, CertificateConfig, Config, DaemonConfig
+from certd.core.clock import FakeClock
+from certd.core.errors import (AcmeError, CANotReachable, CertificateRejected, ChallengeFailed, OperationFailed,
+                               StoreError)
+from certd.core.events import EventBus
+from certd.crypto import keys
+from certd.engine.lifecycle import compromised_meta
+from certd.engine.outcome import RenewRequest, Result
+from certd.engine.planning import Planner
+from certd.engine.ports import Ports
+from certd.engine.renew import Renew
+from certd.store.files import FileStore
+from certd.store.port import OrderJournal
+from tests.support.certs import CA, make_ca, make_leaf
+from tests.unit.test_usecases import FakeEdges
+
+NOW = datetime(2026, 11, 22, 12, 0, tzinfo=timezone.utc)
+DIRECTORY = "https://127.0.0.1:14000/dir"
+CERT = CertificateConfig("www", ("www.example.test", "example.test"))
+
+
+# -- the decision table ----------------------------------------------------------------------
+
+def test_a_journal_for_the_same_ca_and_names_may_be_resumed_whatever_their_order() -> None:
+    """Same directory, same names in another order, same (or unrecorded) key type: resumable."""
+    meta = journal_meta(DIRECTORY, ["example.test", "www.example.test"], None, "ecdsa-p256")
+    assert journal_mismatch(meta, DIRECTORY, CERT.domains, "ecdsa-p256") is None
+    assert journal_mismatch(journal_meta(DIRECTORY, CERT.domains, None), DIRECTORY, CERT.domains, "rsa-2048") is None
+
+
+@pytest.mark.parametrize("meta,words", [
+    (journal_meta("https://other.test/dir", CERT.domains, None), "another CA (https://other.test/dir)"),
+    (journal_meta(DIRECTORY, ["www.example.test"], None), "other names (www.example.test)"),
+    (journal_meta(DIRECTORY, [*CERT.domains, "extra.test"], None), "other names"),
+    ({}, "another CA (unknown)"),
+    ({resume.META_DIRECTORY: DIRECTORY}, "other names (unknown)"),
+    (journal_meta(DIRECTORY, CERT.domains, None, "rsa-2048"), "its key is rsa-2048"),
+])
+def test_a_journal_for_another_ca_names_or_key_type_is_not_resumed(meta: dict[str, Any], words: str) -> None:
+    """Another CA, other names, another key type, or no record of CA/names: not resumable, and the reason says which."""
+    why = journal_mismatch(meta, DIRECTORY, CERT.domains, "ecdsa-p256")
+    assert why is not None and words in why
+
+
+@pytest.mark.parametrize("status,step", [
+    ("valid", Step.DOWNLOAD), ("processing", Step.WAIT), ("ready", Step.FINALIZE), ("pending", Step.VALIDATE),
+    ("invalid", Step.DISCARD), ("deactivated", Step.DISCARD), ("unheard-of", Step.DISCARD),
+])
+def test_each_order_status_maps_to_one_step(status: str, step: Step) -> None:
+    """valid: download; processing: wait; ready: finalize; pending: validate; anything else: discard."""
+    got, why = next_step(status, NOW + timedelta(days=1), NOW)
+    assert got is step and status in why
+
+
+@pytest.mark.parametrize("status", ["pending", "ready", "processing"])
+def test_an_expired_order_is_discarded_unless_already_valid(status: str) -> None:
+    """Past its expiry an unfinished order is discarded (it cannot be finalized); a valid one is still downloaded."""
+    got, why = next_step(status, NOW - timedelta(seconds=1), NOW)
+    assert got is Step.DISCARD and "expired" in why
+    assert next_step("valid", NOW - timedelta(days=1), NOW)[0] is Step.DOWNLOAD
+
+
+@pytest.mark.parametrize("error,lives", [
+    (CANotReachable("the CA did not answer"), True),
+    (AcmeError("still waiting for validation; will retry", transient=True), True),
+    (StoreError("cannot write versions/0002: No space left on device"), True),
+    (AcmeError("the CA said no", transient=False), False),
+    (ChallengeFailed("the CA could not validate http-01", transient=True), False),
+    (CertificateRejected("the leaf is for another public key"), False),
+    (OperationFailed("stage failed"), False),
+])
+def test_a_failure_keeps_the_journal_only_while_the_order_may_still_complete(error: Exception, lives: bool) -> None:
+    """Unreachable/slow CA or a store failure keep the order; a failed validation, a refusal or a rejected certificate end it."""
+    assert order_may_live(error) is lives
+
+
+@pytest.mark.parametrize("problem,status,gone", [
+    ("malformed", None, True), ("unauthorized", None, True), ("accountDoesNotExist", None, True),
+    ("about:blank", None, True), (None, 404, True), (None, 410, True),
+    ("serverInternal", None, False), ("rateLimited", None, False), ("badNonce", None, False),
+    (None, 500, False), (None, 502, False), (None, None, False),
+])
+def test_only_answers_that_deny_the_order_discard_it(problem: str | None, status: int | None, gone: bool) -> None:
+    """Unknown order or account (problem, or a bare 404/410): gone; a CA in trouble says nothing about the order."""
+    assert resume.order_gone(problem, status) is gone
+
+
+# -- the renewal's issue step ----------------------------------------------------------------
+
+class OrderingCA:
+    """An IssuerPort whose orders persist like a CA's: ``issue`` journals through ``on_order``
+    then signs; ``resume`` answers from ``status`` (None: the CA does not know the order)."""
+
+    def __init__(self, ca: CA) -> None:
+        self.ca = ca
+        self.new_orders: list[str] = []
+        self.resumed: list[str] = []
+        self.status: dict[str, str] = {}
+        self.failure: Exception | None = None
+        self.journal_at_order: OrderJournal | None = None
+        self.store: FileStore | None = None
+        self.key_mode = 0
+
+    def _sign(self, cert: CertificateConfig, key_pem: bytes) -> bytes:
+        key = serialization.load_pem_private_key(key_pem, None)
+        return make_leaf(self.ca, cert.domains, key=key, not_before=NOW - timedelta(hours=1)).fullchain_pem  # type: ignore[arg-type]
+
+    def issue(self, cert: CertificateConfig, key_pem: bytes, *, replaces: str | None = None, progress: Any = None,
+              on_order: Any = None) -> bytes:
+        url = f"https://ca.test/order/{len(self.new_orders) + 1}"
+        self.new_orders.append(url)
+        if on_order is not None:
+            on_order(url)
+        assert self.store is not None
+        self.journal_at_order = self.store.load_order(cert.name)  # what a crash before finalize leaves
+        key_file = self.store.root / "certs" / cert.name / "order.key"
+        self.key_mode = stat.S_IMODE(key_file.stat().st_mode) if key_file.exists() else 0
+        if self.failure is not None:
+            raise self.failure
+        return self._sign(cert, key_pem)
+
+    def resume(self, cert: CertificateConfig, order_url: str, key_pem: bytes, *, progress: Any = None) -> bytes | None:
+        self.resumed.append(order_url)
+        if self.status.get(order_url) in (None, "invalid"):
+            return None
+        if self.failure is not None:
+            raise self.failure
+        return self._sign(cert, key_pem)
+
+    def renewal_info(self, cert_pem: bytes) -> None:
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def test_ca() -> CA:
+    return make_ca(now=NOW)
+
+
+@pytest.fixture
+def world(tmp_path: Path, test_ca: CA) -> tuple[Renew, OrderingCA, FileStore]:
+    clock = FakeClock(NOW)
+    store = FileStore(tmp_path / "state")
+    issuer = OrderingCA(test_ca)
+    issuer.store = store
+    config = Config(tmp_path / "certd.toml", DaemonConfig(state_dir=tmp_path / "state"), AcmeConfig(DIRECTORY), (CERT,))
+    ports = Ports(config, store, store, lambda: issuer, EventBus(), clock, FakeEdges(store))
+    return Renew(ports, Planner(store, clock, lambda: issuer)), issuer, store
+
+
+def journal(store: FileStore, url: str, key_pem: bytes, meta: dict[str, Any] | None = None) -> None:
+    with store.lock("www"):
+        store.save_order("www", OrderJournal(url, key_pem, "2026-11-22T11:00:00Z",
+                                             meta if meta is not None else journal_meta(DIRECTORY, CERT.domains, None)))
+
+
+def test_a_new_order_is_journaled_before_finalize_and_cleared_once_stored(world: Any) -> None:
+    """The order URL, the new key (0600), the names and the CA are stored when the order exists; gone once the version is."""
+    renew, issuer, store = world
+    o = renew(RenewRequest(CERT))
+    assert o.result is Result.RENEWED and issuer.new_orders == ["https://ca.test/order/1"]
+    at_order = issuer.journal_at_order
+    assert at_order is not None and at_order.order_url == "https://ca.test/order/1"
+    assert at_order.key_pem == store.load("www", 1).bundle.key_pem
+    assert journal_mismatch(at_order.meta, DIRECTORY, CERT.domains) is None
+    assert "PRIVATE KEY" not in str(at_order.meta)
+    assert issuer.key_mode == 0o600
+    assert store.load_order("www") is None
+
+
+@pytest.mark.parametrize("status", ["valid", "ready", "pending", "processing"])
+def test_a_journaled_order_the_ca_can_continue_is_resumed_with_its_key(world: Any, status: str) -> None:
+    """A journal for this CA and these names: the order is continued (no new order) and the version holds the journaled key."""
+    renew, issuer, store = world
+    key_pem = keys.generate_private_key(CERT.key_type)
+    journal(store, "https://ca.test/order/7", key_pem)
+    issuer.status["https://ca.test/order/7"] = status
+    o = renew(RenewRequest(CERT))
+    assert o.result is Result.RENEWED
+    assert issuer.resumed == ["https://ca.test/order/7"] and issuer.new_orders == []
+    assert store.load("www", 1).bundle.key_pem == key_pem
+    assert store.load_order("www") is None
+
+
+def test_an_order_the_ca_cannot_continue_is_discarded_for_a_new_one(world: Any) -> None:
+    """The CA no longer knows (or invalidated) the journaled order: one new order, with a new key."""
+    renew, issuer, store = world
+    old_key = keys.generate_private_key(CERT.key_type)
+    journal(store, "https://ca.test/order/7", old_key)
+    o = renew(RenewRequest(CERT))
+    assert o.result is Result.RENEWED
+    assert issuer.resumed == ["https://ca.test/order/7"] and issuer.new_orders == ["https://ca.test/order/1"]
+    assert store.load("www", 1).bundle.key_pem != old_key and store.load_order("www") is None
+
+
+@pytest.mark.parametrize("meta", [journal_meta("https://other.test/dir", CERT.domains, None),
+                                  journal_meta(DIRECTORY, ["www.example.test"], None)])
+def test_a_journal_for_another_ca_or_names_is_not_sent_to_the_ca(world: Any, meta: dict[str, Any]) -> None:
+    """Another CA or other names: the journal is discarded without asking the CA, and a new order placed."""
+    renew, issuer, store = world
+    journal(store, "https://ca.test/order/7", keys.generate_private_key(CERT.key_type), meta)
+    issuer.status["https://ca.test/order/7"] = "valid"
+    assert renew(RenewRequest(CERT)).result is Result.RENEWED
+    assert issuer.resumed == [] and issuer.new_orders == ["https://ca.test/order/1"]
+
+
+def test_an_unreachable_ca_keeps_the_journal_and_a_failed_validation_clears_it(world: Any) -> None:
+    """CA unreachable after newOrder: the journal stays for the next attempt, which resumes; a failed validation ends it."""
+    renew, issuer, store = world
+    issuer.failure = CANotReachable("the CA did not answer")
+    assert renew(RenewRequest(CERT)).result is Result.FAILED
+    kept = store.load_order("www")
+    assert kept is not None and kept.order_url == "https://ca.test/order/1"
+    issuer.status[kept.order_url] = "pending"
+    issuer.failure = ChallengeFailed("the CA could not validate http-01 for www.example.test", transient=True)
+    assert renew(RenewRequest(CERT, force=True)).result is Result.FAILED
+    assert issuer.resumed == ["https://ca.test/order/1"] and len(issuer.new_orders) == 1
+    assert store.load_order("www") is None
+
+
+def test_a_journaled_reused_key_marked_compromised_since_is_not_certified_again(world: Any) -> None:
+    """reuse_key, killed mid-order, then the key is marked compromised: the journal is discarded and a fresh key ordered."""
+    renew, issuer, store = world
+    assert renew(RenewRequest(CERT)).result is Result.RENEWED
+    old_key = store.load("www", 1).bundle.key_pem
+    journal(store, "https://ca.test/order/7", old_key)
+    issuer.status["https://ca.test/order/7"] = "valid"
+    with store.lock("www"):
+        store.update_meta("www", 1, compromised_meta())
+    assert renew(RenewRequest(CERT, force=True)).result is Result.RENEWED
+    assert issuer.resumed == [] and len(issuer.new_orders) == 2
+    assert store.load("www", 2).bundle.key_pem != old_key
+
+
+class FullDiskStore(FileStore):
+    """A FileStore whose order journal cannot be written (ENOSPC), the rest as usual."""
+
+    def save_order(self, name: str, order: OrderJournal | None, *, lease: Any = None) -> None:
+        if order is not None:
+            raise StoreError(f"cannot write {self.root}/certs/{name}/order.key: No space left on device")
+        super().save_order(name, order, lease=lease)
+
+
+def test_a_journal_that_cannot_be_written_does_not_stop_the_order(tmp_path: Path, test_ca: CA) -> None:
+    """Writing the order journal is best effort: the store refusing it (full disk) still renews, with one order."""
+    clock, store = FakeClock(NOW), FullDiskStore(tmp_path / "state")
+    issuer = OrderingCA(test_ca)
+    issuer.store = store
+    config = Config(tmp_path / "certd.toml", DaemonConfig(state_dir=tmp_path / "state"), AcmeConfig(DIRECTORY), (CERT,))
+    ports = Ports(config, store, store, lambda: issuer, EventBus(), clock, FakeEdges(store))
+    o = Renew(ports, Planner(store, clock, lambda: issuer))(RenewRequest(CERT))
+    assert o.result is Result.RENEWED and len(issuer.new_orders) == 1 and issuer.journal_at_order is None
