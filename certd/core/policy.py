@@ -7,8 +7,9 @@ The renewal time is layered, like certmagic's, and every decision carries its re
    typically because the certificate was revoked);
 3. a plausible ARI window -> a uniformly random instant inside it (§4.2 asks clients to spread
    load that way), drawn from the part of the window that ends before the safety point (a
-   fifth of the lifetime left): a CA may offer its whole lifetime as the window (Pebble 2.10
-   does for short certificates), and a draw in its last tenth would only meet the emergency
+   fifth of the lifetime left; a third for certificates shorter than 10 days): a CA may offer
+   its whole lifetime as the window (Pebble 2.10 does for short certificates), and a draw
+   in its last tenth would only meet the emergency
    point with no time left for the rotation itself. A window that does not fit inside the
    certificate's lifetime is not plausible (Pebble 2.6 serves a fixed ±24 h window even for
    2-minute certificates) and is ignored, with the reason logged;
@@ -38,6 +39,10 @@ EMERGENCY_FRACTION = Fraction(1, 10)
 # rotation started there (issue, deploy, reload, verify — seconds, or minutes under load) is
 # done long before the emergency point. Let's Encrypt's windows end near a third left: untouched.
 SAFETY_FRACTION = Fraction(1, 5)
+# Short certificates (Let's Encrypt's 6-day ones, test CAs' minutes) keep a third: a restart or
+# a renewal herd costs the same seconds whatever the lifetime (CI's soak, 3-minute certificates
+# SIGKILLed mid-herd, missed 7 emergency points with a fifth).
+SHORT_SAFETY_FRACTION = Fraction(1, 3)
 
 
 @dataclass(frozen=True)
@@ -112,11 +117,12 @@ def _scheduled(facts: Facts, now: datetime, rng: random.Random) -> Decision:
             window = f"ARI window {isoformat(ari.start)}..{isoformat(ari.end)}"
             if ari.start > emergency_at:
                 return Decision(emergency_at, f"{window} is too late; emergency renewal at 1/10 of lifetime left", True)
-            safety_at = facts.not_after - lifetime * SAFETY_FRACTION.numerator / SAFETY_FRACTION.denominator
+            safety = SHORT_SAFETY_FRACTION if lifetime < SHORT_LIFETIME else SAFETY_FRACTION
+            safety_at = facts.not_after - lifetime * safety.numerator / safety.denominator
             end = max(min(ari.end, safety_at), ari.start)
             at = ari.start + timedelta(seconds=rng.uniform(0, (end - ari.start).total_seconds()))
             if end < ari.end:
-                return Decision(at, f"random point in {window}, drawn before 1/5 of lifetime left")
+                return Decision(at, f"random point in {window}, drawn before {safety} of lifetime left")
             return Decision(at, f"random point in {window}")
         note = f" (ARI window {isoformat(ari.start)}..{isoformat(ari.end)} ignored: outside the certificate's lifetime)"
     at, why = _lifetime_point(facts, lifetime)

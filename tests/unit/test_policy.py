@@ -171,13 +171,18 @@ def test_an_expired_certificate_says_it_expired():
 def test_a_window_spanning_the_whole_lifetime_is_drawn_before_the_safety_point():
     """Pebble 2.10 offers a short certificate's whole lifetime as its ARI window. A draw in the
     last tenth would start the rotation at the emergency point with no time left to finish it
-    (the 3-minute soak served 29 certificates past it): every draw lands before 1/5 left."""
+    (the 3-minute soak served 29 certificates past it): every draw of a short certificate lands
+    before 1/3 of its lifetime is left, a long one's before 1/5."""
     nb, na = T0, T0 + timedelta(minutes=3)
     f = Facts(not_before=nb, not_after=na, ari=AriWindow(nb, na))
     r = random.Random(7)
     draws = [decide(f, T0, r) for _ in range(2000)]
-    assert all(nb <= d.renew_at <= na - timedelta(seconds=36) and not d.emergency for d in draws)
-    assert max(d.renew_at for d in draws) > na - timedelta(seconds=40)   # still spread to the cut
+    assert all(nb <= d.renew_at <= na - timedelta(seconds=60) and not d.emergency for d in draws)
+    assert max(d.renew_at for d in draws) > na - timedelta(seconds=64)   # still spread to the cut
+    assert "before 1/3 of lifetime left" in draws[0].reason
+    long = cert(90, ari=AriWindow(T0, T0 + 90 * DAY))
+    draws = [decide(long, T0, r) for _ in range(2000)]
+    assert all(d.renew_at <= T0 + 72 * DAY for d in draws) and max(d.renew_at for d in draws) > T0 + 71 * DAY
     assert "before 1/5 of lifetime left" in draws[0].reason
 
 
