@@ -11,7 +11,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from certd.config.schema import (CHALLENGES, KEY_TYPES, AcmeConfig,
-                          AlertsConfig, CertificateConfig, Config, DaemonConfig, RenewBefore)
+                          AlertsConfig, CertificateConfig, Config, DaemonConfig, KeysConfig, RenewBefore)
 from certd.config.values import Table, is_loopback, normalize_domain, parse_duration, type_name
 
 from certd.config.targets import TargetSections
@@ -31,6 +31,8 @@ class Parser(TargetSections):
         certs_raw = top.get("certificate", list, [])
         alerts_t = top.get("alerts", dict, None)
         alerts = self.alerts(Table(self, "alerts", alerts_t)) if alerts_t is not None else None
+        keys_t = top.get("keys", dict, None)
+        keys = self.keys(Table(self, "keys", keys_t)) if keys_t is not None else None
         top.done()
         certs: list[CertificateConfig] = []
         names: dict[str, int] = {}
@@ -46,7 +48,47 @@ class Parser(TargetSections):
             certs.append(cert)
         if acme is None:
             return None
-        return Config(self.path, daemon, acme, tuple(certs), alerts)
+        return Config(self.path, daemon, acme, tuple(certs), alerts, keys)
+
+    def keys(self, t: Table) -> KeysConfig | None:
+        kek_file = self.path_value(t, "kek_file")
+        credential = t.get("kek_credential", str)
+        uri = t.get("kek", str)
+        module = self.path_value(t, "pkcs11_module", must_exist=uri is not None)
+        pin_file = self.path_value(t, "pkcs11_pin_file", must_exist=uri is not None)
+        old_raw = t.get("old_kek_files", list, [])
+        recipient = t.get("backup_recipient", str)
+        t.done()
+        sources = [k for k, v in (("kek_file", kek_file), ("kek_credential", credential), ("kek", uri)) if v is not None]
+        if len(sources) != 1:
+            self.problem(t.key("kek_file"), "set exactly one KEK source: kek_file = \"/etc/certd/kek\" (create it with "
+                                           "`certd kek init`), kek_credential = \"NAME\" (systemd LoadCredential=), "
+                                           f"or kek = \"pkcs11:token=...;object=...\"; found {', '.join(sources) or 'none'}")
+        if credential is not None and not _NAME_RE.fullmatch(credential):
+            self.problem(t.key("kek_credential"), f"{credential!r} is not a credential name (the first field of "
+                                                  "LoadCredential=, e.g. \"certd-kek\")")
+        if uri is not None:
+            if not re.fullmatch(r"pkcs11:(?=.*\btoken=[^;]+)(?=.*\bobject=[^;]+)[^\s]*", uri):
+                self.problem(t.key("kek"), f"{uri!r}: expected a PKCS#11 URI naming token and object, e.g. "
+                                           "\"pkcs11:token=certd;object=kek\"")
+            for k, v in (("pkcs11_module", module), ("pkcs11_pin_file", pin_file)):
+                if v is None and not t.data.get(k):
+                    self.problem(t.key(k), f"kek = \"pkcs11:...\" needs {k}")
+        elif module is not None or pin_file is not None:
+            self.problem(t.key("pkcs11_module"), "pkcs11_module and pkcs11_pin_file go with kek = \"pkcs11:...\"")
+        old: list[Path] = []
+        for j, raw in enumerate(old_raw):
+            if not isinstance(raw, str) or not raw:
+                self.problem(t.key(f"old_kek_files[{j}]"), f"expected a file path, got {type_name(raw)}")
+                continue
+            p = Path(raw)
+            old.append(p if p.is_absolute() else self.base / p)
+        if recipient is not None and not re.fullmatch(r"age1[02-9ac-hj-np-z]{58}", recipient):
+            self.problem(t.key("backup_recipient"), f"{recipient!r} is not an age recipient (age1 followed by 58 "
+                                                    "bech32 characters; `age-keygen -y IDENTITY` prints it)")
+        if len(sources) != 1:
+            return None
+        return KeysConfig(kek_file, credential, uri, module, pin_file, tuple(old), recipient)
 
     def check_shared_targets(self, i: int, cert: CertificateConfig, seen: dict[Path, tuple[int, str, str]]) -> None:
         """Two certificates deploying to one path would overwrite each other: the second one's

@@ -141,12 +141,38 @@ class CertificateConfig:
 
 
 @dataclass(frozen=True)
+class KeysConfig:
+    """``[keys]``: stored private keys sealed under a key-encryption key (certd/crypto/custody.py).
+
+    Exactly one KEK source: ``kek_file`` (32 bytes, ``certd kek init``), ``kek_credential`` (the
+    name of a systemd credential, read from ``$CREDENTIALS_DIRECTORY``), or ``kek`` (a
+    ``pkcs11:token=...;object=...`` URI with ``pkcs11_module`` and ``pkcs11_pin_file``)."""
+
+    kek_file: Path | None = None
+    kek_credential: str | None = None
+    kek: str | None = None
+    pkcs11_module: Path | None = None
+    pkcs11_pin_file: Path | None = None
+    old_kek_files: tuple[Path, ...] = ()
+    backup_recipient: str | None = None
+
+    @property
+    def kek_source(self) -> str:
+        if self.kek is not None:
+            return self.kek
+        if self.kek_credential is not None:
+            return f"credential {self.kek_credential}"
+        return str(self.kek_file)
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     daemon: DaemonConfig
     acme: AcmeConfig
     certificates: tuple[CertificateConfig, ...]
     alerts: AlertsConfig | None = None
+    keys: KeysConfig | None = None   # None: keys stored unencrypted (as before [keys] existed)
 
     def certificate(self, name: str) -> CertificateConfig:
         return self._by_name[name]  # KeyError for an unknown name
