@@ -75,6 +75,7 @@ def seal_existing_keys(manager: Manager, store: FileStore) -> None:
     if not os.access(store.root, os.W_OK):
         return
     sealed = store.keys.seal_existing()  # without [keys]: drops the "all sealed" mark, if any
+    store.keys.settle_rotation()  # a finished KEK rotation the configuration now names: done
     if sealed:
         ring = store.keys.ring
         manager.emit("keys_sealed", "", initiator=whoami(), reason="[keys] configured: plain keys sealed",
