@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
@@ -46,6 +46,27 @@ MAX_RETRY_AFTER = 15.0       # never wait longer than this for one poll, whateve
 _FINAL_CHALLENGE_PROBLEMS = {"caa", "rejectedIdentifier", "unsupportedIdentifier"}
 
 
+def choose_profile(cert: CertificateConfig, offered: Mapping[str, str] | None) -> tuple[str | None, str]:
+    """The profile to put in newOrder (None: the CA's default) and why, from the directory's
+    ``meta.profiles`` (draft-ietf-acme-profiles §3). A required ``profile`` the CA does not
+    offer is a held refusal naming what it offers; a ``preferred_profile`` it does not offer
+    falls back to the default."""
+    names = sorted(offered or {})
+    if cert.profile is not None:
+        if cert.profile not in names:
+            raise AcmeError(f"issuing {cert.name}: the CA offers no profile {cert.profile!r} (it offers "
+                            f"{', '.join(names) or 'no profiles at all'}); set profile to one of them, or use "
+                            f"preferred_profile to fall back to the CA's default",
+                            problem_type="urn:ietf:params:acme:error:invalidProfile", where=NEW_ORDER)
+        return cert.profile, "required by the configuration"
+    if cert.preferred_profile is not None:
+        if cert.preferred_profile in names:
+            return cert.preferred_profile, "preferred, and offered by the CA"
+        return None, (f"preferred profile {cert.preferred_profile!r} not offered (the CA offers "
+                      f"{', '.join(names) or 'none'}); the CA's default")
+    return None, "the CA's default"
+
+
 class ReplacingOrder(messages.NewOrder):
     """newOrder with RFC 9773 §5 ``replaces`` (acme 5.9 has no such field)."""
 
@@ -75,16 +96,19 @@ class OrderFlow:
         self.say, self.deadline, self.order_timeout = say, deadline, order_timeout
         self.clock, self.fail = clock, fail
         self.doing = f"issuing {cert.name}"
+        self.profile: str | None = None   # asked for in newOrder (None: the CA's default)
 
     def run(self, csr_pem: bytes, replaces: str | None,
-            on_order: Callable[[str], None] | None = None) -> bytes:
-        """A new order. ``on_order`` is told its URL right after newOrder, before any challenge
-        is answered or the order finalized (the renewal journals it there, to resume it)."""
+            on_order: Callable[..., None] | None = None) -> bytes:
+        """A new order. ``on_order(url, profile)`` is told its URL and the profile asked for
+        (None: the CA's default) right after newOrder, before any challenge is answered or the
+        order finalized (the renewal journals it there, to resume it)."""
         with _where(NEW_ORDER):
             uri, order = self.create(replaces)
-        self.say(f"order {uri} created ({order.status.name})")
+        self.say(f"order {uri} created ({order.status.name})"
+                 + (f", profile {self.profile}" if self.profile else ""))
         if on_order is not None:
-            on_order(uri)
+            on_order(uri, self.profile)
         return self.complete(uri, order, csr_pem)
 
     def resume(self, uri: str, csr_pem: bytes) -> bytes | None:
@@ -133,9 +157,15 @@ class OrderFlow:
     def create(self, replaces: str | None) -> tuple[str, messages.Order]:
         identifiers = [messages.Identifier(typ=messages.IDENTIFIER_FQDN, value=d) for d in self.cert.domains]
         url = self.client.directory["newOrder"]
+        meta = getattr(self.client.directory, "meta", None)
+        self.profile, why = choose_profile(self.cert, getattr(meta, "profiles", None))
+        if self.cert.profile is not None or self.cert.preferred_profile is not None:
+            log.info("profile_chosen certificate=%s profile=%s reason=%s", self.cert.name, self.profile or "-", why)
+        extra = {"profile": self.profile} if self.profile else {}
         if replaces:
             try:
-                response = signed_post(self.client, url, ReplacingOrder(identifiers=identifiers, replaces=replaces))
+                response = signed_post(self.client, url, ReplacingOrder(identifiers=identifiers, replaces=replaces,
+                                                                        **extra))
             except messages.Error as e:
                 # replaces is advisory (RFC 9773 §5): a CA that cannot use it (already replaced,
                 # a certificate it does not know, Pebble 2.6 failing every serial whose DER
@@ -147,9 +177,9 @@ class OrderFlow:
                 log.warning("replaces_refused certificate=%s replaces=%s problem=%s detail=%s; "
                             "ordering without replaces", self.cert.name, replaces, code, one_line(e.detail or ""))
                 self.say(f"the CA refused replaces ({code}); ordering without it")
-                response = signed_post(self.client, url, messages.NewOrder(identifiers=identifiers))
+                response = signed_post(self.client, url, messages.NewOrder(identifiers=identifiers, **extra))
         else:
-            response = signed_post(self.client, url, messages.NewOrder(identifiers=identifiers))
+            response = signed_post(self.client, url, messages.NewOrder(identifiers=identifiers, **extra))
         return response.headers["Location"], messages.Order.from_json(response.json())
 
     def validate(self, uri: str, order: messages.Order) -> messages.Order:

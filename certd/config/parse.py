@@ -17,6 +17,7 @@ from certd.config.values import Table, is_loopback, normalize_domain, parse_dura
 from certd.config.targets import TargetSections
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # fullmatch: "$" would let "www\n" through
+_PROFILE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 
 
@@ -224,6 +225,7 @@ class Parser(TargetSections):
             self.problem(t.key("keep_versions"), f"{keep} is out of range; expected 2..100 (the previous version is the rollback backup)")
         verify_timeout = self.duration(t, "verify_timeout", 10.0)
         insecure_shared = t.get("insecure_shared_deploy_dir", bool, False)
+        profile, preferred = self.profiles(t)
         deploy = self.deploy(Table(self, t.key("deploy"), t.get("deploy", dict, {})))
         hooks = tuple(h for j, raw_h in enumerate(t.get("reload", list, []))
                       if (h := self.reload(Table(self, t.key(f"reload[{j}]"), raw_h), deploy)) is not None)
@@ -235,7 +237,23 @@ class Parser(TargetSections):
             return None
         return CertificateConfig(name, tuple(domains), key_type, reuse_key, challenge, http_listen,
                                  webroot, dns_hook, alpn_listen, renew_before, keep, verify_timeout,
-                                 deploy, hooks, verify, insecure_shared)
+                                 deploy, hooks, verify, insecure_shared, profile=profile,
+                                 preferred_profile=preferred)
+
+    def profiles(self, t: Table) -> tuple[str | None, str | None]:
+        """``profile`` (required of the CA) or ``preferred_profile`` (used when offered)."""
+        found = []
+        for key in ("profile", "preferred_profile"):
+            value = t.get(key, str)
+            if value is not None and not _PROFILE_RE.fullmatch(value):
+                self.problem(t.key(key), f"{value!r}: expected a profile name as the CA's directory lists it "
+                                         "(letters, digits, '.', '_', '-'), e.g. \"tlsserver\"")
+                value = None
+            found.append(value)
+        if found[0] is not None and found[1] is not None:
+            self.problem(t.key("preferred_profile"), "set profile (the CA must offer it) or preferred_profile "
+                                                     "(used when offered), not both")
+        return found[0], found[1]
 
     def domains(self, t: Table) -> list[str]:
         raw = t.get("domains", list, required=True)

@@ -138,6 +138,8 @@ class CertificateConfig:
     reload: tuple[ReloadHook, ...] = ()
     verify: tuple[VerifyEndpoint, ...] = ()
     insecure_shared_deploy_dir: bool = False   # unsafe deploy dirs: warn instead of refusing
+    profile: str | None = None            # ACME profile the order must get (draft-ietf-acme-profiles)
+    preferred_profile: str | None = None  # ... or one used only when the CA offers it
 
 
 @dataclass(frozen=True)
