@@ -167,14 +167,22 @@ class Parser(TargetSections):
             self.problem(t.key("webhook_url"), f"{url!r}: the bearer token would cross the network in clear text; use https://")
         return AlertsConfig(url, token, token_file, timeout)
 
-    def acme(self, t: Table) -> AcmeConfig | None:
-        directory = t.get("directory", str, required=True)
+    def directory_url(self, t: Table, key: str, required: bool = False) -> str | None:
+        directory = t.get(key, str, required=required)
         if directory is not None and not re.match(r"^https?://[^/\s]+(/\S*)?$", directory):
-            self.problem(t.key("directory"), f"{directory!r} is not an http(s) URL; expected e.g. \"https://127.0.0.1:14000/dir\"")
+            self.problem(t.key(key), f"{directory!r} is not an http(s) URL; expected e.g. \"https://127.0.0.1:14000/dir\"")
         elif directory is not None and directory.lower().startswith("http://") and not is_loopback(
                 urlsplit(directory).hostname or ""):
-            self.problem(t.key("directory"), f"{directory!r}: plain http:// is for a loopback test CA only; the "
-                                             "account's requests would cross the network in clear text; use https://")
+            self.problem(t.key(key), f"{directory!r}: plain http:// is for a loopback test CA only; the "
+                                     "account's requests would cross the network in clear text; use https://")
+        return directory
+
+    def acme(self, t: Table) -> AcmeConfig | None:
+        directory = self.directory_url(t, "directory", required=True)
+        staging = self.directory_url(t, "staging_directory")
+        if staging is not None and staging == directory:
+            self.problem(t.key("staging_directory"), "is the production directory; a dry run there counts toward "
+                                                     "its rate limits: name the CA's staging directory")
         email = t.get("email", str)
         if email is not None and not _EMAIL_RE.match(email):
             self.problem(t.key("email"), f"{email!r} is not an e-mail address")
@@ -197,7 +205,8 @@ class Parser(TargetSections):
         t.done()
         if directory is None:
             return None
-        return AcmeConfig(directory, email, agree, ca_bundle, kid, hmac, order_timeout, eab_hmac_key_file=hmac_file)
+        return AcmeConfig(directory, email, agree, ca_bundle, kid, hmac, order_timeout, eab_hmac_key_file=hmac_file,
+                          staging_directory=staging)
 
     def certificate(self, i: int, raw: Any) -> CertificateConfig | None:
         t = Table(self, f"certificate[{i}]", raw)

@@ -73,6 +73,7 @@ class AcmeConfig:
     eab_hmac_key: str | None = field(default=None, repr=False)  # a secret: never in a repr or a log
     order_timeout: float = 90.0     # seconds for one whole order, newOrder to the certificate
     eab_hmac_key_file: Path | None = None  # where eab_hmac_key was read from, if a file
+    staging_directory: str | None = None   # what `certd renew --dry-run` orders from
 
 
 @dataclass(frozen=True)
