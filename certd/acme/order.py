@@ -31,6 +31,7 @@ from certd.acme.solvers import Solver
 from certd.config import CertificateConfig
 from certd.core.clock import Clock
 from certd.core.errors import AcmeError, ChallengeFailed
+from certd.core.model import split_pem_chain
 from certd.core.retry import CHALLENGE, FINALIZE, NEW_ORDER
 from certd.core.retry_after import retry_after_seconds
 
@@ -65,6 +66,19 @@ def choose_profile(cert: CertificateConfig, offered: Mapping[str, str] | None) -
         return None, (f"preferred profile {cert.preferred_profile!r} not offered (the CA offers "
                       f"{', '.join(names) or 'none'}); the CA's default")
     return None, "the CA's default"
+
+
+def topmost_issuer(fullchain: bytes) -> str | None:
+    """The issuer common name of the last certificate of a PEM chain (None if it has none)."""
+    blocks = split_pem_chain(fullchain)
+    if not blocks:
+        return None
+    try:
+        top = x509.load_pem_x509_certificate(blocks[-1])
+    except ValueError:
+        return None
+    names = top.issuer.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+    return str(names[0].value) if names else None
 
 
 class ReplacingOrder(messages.NewOrder):
@@ -150,9 +164,31 @@ class OrderFlow:
             order = self.poll(uri, "the CA to issue the certificate", first_wait=ISSUE_WAIT)
         if order.status.name != "valid" or not order.certificate:
             raise self.order_failed(order)
-        fullchain = post_as_get(self.client, order.certificate).content
+        response = post_as_get(self.client, order.certificate)
         self.say("certificate downloaded")
-        return fullchain
+        if self.cert.preferred_chain is None:
+            return response.content
+        return self.preferred(response)
+
+    def preferred(self, response: requests.Response) -> bytes:
+        """The chain whose topmost certificate is issued by ``preferred_chain``: the default one
+        or an alternate the CA links (RFC 8555 §7.4.2, ``Link: rel="alternate"``); the default,
+        with the reason logged, when none matches."""
+        want = self.cert.preferred_chain
+        seen = [topmost_issuer(response.content)]
+        if seen[0] == want:
+            return response.content
+        links = requests.utils.parse_header_links(response.headers.get("Link", ""))
+        for url in [link["url"] for link in links if link.get("rel") == "alternate"]:
+            alternate = post_as_get(self.client, url).content
+            seen.append(topmost_issuer(alternate))
+            if seen[-1] == want:
+                self.say(f"using the alternate chain to {want!r}")
+                return alternate
+        log.warning("preferred_chain_unavailable certificate=%s preferred=%r offered=%s; using the default chain",
+                    self.cert.name, want, ",".join(repr(s) for s in seen))
+        self.say(f"no chain to {want!r} (the CA offers {', '.join(repr(s) for s in seen)}); the default chain")
+        return response.content
 
     def create(self, replaces: str | None) -> tuple[str, messages.Order]:
         identifiers = [messages.Identifier(typ=messages.IDENTIFIER_FQDN, value=d) for d in self.cert.domains]

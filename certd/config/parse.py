@@ -235,6 +235,11 @@ class Parser(TargetSections):
         verify_timeout = self.duration(t, "verify_timeout", 10.0)
         insecure_shared = t.get("insecure_shared_deploy_dir", bool, False)
         profile, preferred = self.profiles(t)
+        chain = t.get("preferred_chain", str)
+        if chain is not None and not chain.strip():
+            self.problem(t.key("preferred_chain"), "empty; name the issuer CN of the chain's topmost certificate, "
+                                                   "e.g. \"ISRG Root X1\", or remove the key")
+            chain = None
         deploy = self.deploy(Table(self, t.key("deploy"), t.get("deploy", dict, {})))
         hooks = tuple(h for j, raw_h in enumerate(t.get("reload", list, []))
                       if (h := self.reload(Table(self, t.key(f"reload[{j}]"), raw_h), deploy)) is not None)
@@ -247,7 +252,7 @@ class Parser(TargetSections):
         return CertificateConfig(name, tuple(domains), key_type, reuse_key, challenge, http_listen,
                                  webroot, dns_hook, alpn_listen, renew_before, keep, verify_timeout,
                                  deploy, hooks, verify, insecure_shared, profile=profile,
-                                 preferred_profile=preferred)
+                                 preferred_profile=preferred, preferred_chain=chain)
 
     def profiles(self, t: Table) -> tuple[str | None, str | None]:
         """``profile`` (required of the CA) or ``preferred_profile`` (used when offered)."""

@@ -141,6 +141,7 @@ class CertificateConfig:
     insecure_shared_deploy_dir: bool = False   # unsafe deploy dirs: warn instead of refusing
     profile: str | None = None            # ACME profile the order must get (draft-ietf-acme-profiles)
     preferred_profile: str | None = None  # ... or one used only when the CA offers it
+    preferred_chain: str | None = None    # issuer CN of the chain's topmost certificate (RFC 8555 §7.4.2)
 
 
 @dataclass(frozen=True)
