@@ -87,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     av.add_argument("--head", metavar="HASH", help="also require this record hash, kept elsewhere, to be in the chain")
 
     sub.add_parser("reload", help="tell the running daemon to re-read its configuration")
+    dp = sub.add_parser("dns-persist-record", help="print the persistent TXT record dns-persist-01 needs")
+    dp.add_argument("name", metavar="NAME")
     cli_keys.add_parsers(sub, _Parser)
     return p
 
@@ -205,6 +207,28 @@ def _dry_run(args: argparse.Namespace) -> int:
     for o in outcomes:
         print(f"{o.name}: {o.message}")
     return EXIT_OK if all(o.ok for o in outcomes) else EXIT_FAILED
+
+
+def cmd_dns_persist_record(args: argparse.Namespace) -> int:
+    """The zone-file lines for the certificate's names on the configured CA and account
+    (registering the account if needed: the record names it)."""
+    from certd.acme.issuer import Issuer
+    from certd.daemon.wiring import build_manager
+    mgr = build_manager(load_config(args))
+    try:
+        cert = mgr.select([args.name])[0]
+        issuer = mgr.ports.issuer()
+        assert isinstance(issuer, Issuer)
+        lines = issuer.persist_records(cert)
+    finally:
+        mgr.close()
+    if cert.challenge != "dns-persist-01":
+        print(f"certd: note: {cert.name} uses {cert.challenge}; set challenge = \"dns-persist-01\" to use these",
+              file=sys.stderr)
+    print(f"; publish once for {cert.name}; certd changes no DNS record per order afterwards")
+    for line in lines:
+        print(line)
+    return EXIT_OK
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -354,6 +378,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "history": cmd_history,
     "audit": cmd_audit,
     "kek": lambda args: cli_keys.cmd_kek(args, load_config),
+    "dns-persist-record": cmd_dns_persist_record,
 }
 
 

@@ -227,6 +227,7 @@ class Parser(TargetSections):
         http_listen = self.listen(t, "http01_listen")
         webroot = self.path_value(t, "http01_webroot")
         dns_hook = self.argv(t, "dns01_hook")
+        persist_hook = self.argv(t, "dns_persist_hook")
         alpn_listen = self.listen(t, "tlsalpn01_listen")
         self.check_challenge(t, challenge, domains)
         ips = self.ip_addresses(t, challenge)
@@ -255,7 +256,8 @@ class Parser(TargetSections):
         return CertificateConfig(name, tuple(domains), key_type, reuse_key, challenge, http_listen,
                                  webroot, dns_hook, alpn_listen, renew_before, keep, verify_timeout,
                                  deploy, hooks, verify, insecure_shared, profile=profile,
-                                 preferred_profile=preferred, preferred_chain=chain, ip_addresses=tuple(ips))
+                                 preferred_profile=preferred, preferred_chain=chain, ip_addresses=tuple(ips),
+                                 dns_persist_hook=persist_hook)
 
     def profiles(self, t: Table) -> tuple[str | None, str | None]:
         """``profile`` (required of the CA) or ``preferred_profile`` (used when offered)."""
@@ -322,14 +324,16 @@ class Parser(TargetSections):
             self.problem(t.key("challenge"), f"unknown challenge {challenge!r}; expected one of {', '.join(CHALLENGES)}")
             return
         wild = [d for d in domains if d.startswith("*.")]
-        if wild and challenge != "dns-01":
-            self.problem(t.key("challenge"), f"{wild[0]!r} is a wildcard; wildcards can only be validated with challenge = \"dns-01\" (RFC 8555 §7.1.3)")
+        if wild and challenge not in ("dns-01", "dns-persist-01"):
+            self.problem(t.key("challenge"), f"{wild[0]!r} is a wildcard; wildcards can only be validated with challenge = \"dns-01\" or \"dns-persist-01\" (RFC 8555 §7.1.3)")
         if challenge == "http-01":
             if has("http01_listen") == has("http01_webroot"):
                 self.problem(t.key("http01_listen"), "http-01 needs exactly one of http01_listen (built-in responder) or http01_webroot")
         elif challenge == "dns-01" and not has("dns01_hook"):
             self.problem(t.key("dns01_hook"), "dns-01 needs dns01_hook = [\"/path/to/hook\", ...] to set and clear the TXT record")
-        elif challenge == "tls-alpn-01" and not has("tlsalpn01_listen"):
+        if has("dns_persist_hook") and challenge != "dns-persist-01":
+            self.problem(t.key("dns_persist_hook"), f"goes with challenge = \"dns-persist-01\", not {challenge!r}")
+        if challenge == "tls-alpn-01" and not has("tlsalpn01_listen"):
             self.problem(t.key("tlsalpn01_listen"), "tls-alpn-01 needs tlsalpn01_listen = \"host:port\" for the built-in responder")
 
     def renew_before(self, t: Table) -> RenewBefore | None:

@@ -22,12 +22,12 @@ DEFAULT_PATH = Path("/etc/certd/certd.toml")
 DEFAULT_EXEC_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"  # hooks' PATH when unset
 
 KEY_TYPES = ("ecdsa-p256", "ecdsa-p384", "rsa-2048", "rsa-3072", "rsa-4096")
-CHALLENGES = ("http-01", "dns-01", "tls-alpn-01")
+CHALLENGES = ("http-01", "dns-01", "tls-alpn-01", "dns-persist-01")
 FILE_CONTENTS = ("cert", "chain", "fullchain", "privkey", "combined")
 HOOK_KINDS = ("nginx", "haproxy")
 
 KeyType = Literal["ecdsa-p256", "ecdsa-p384", "rsa-2048", "rsa-3072", "rsa-4096"]
-Challenge = Literal["http-01", "dns-01", "tls-alpn-01"]
+Challenge = Literal["http-01", "dns-01", "tls-alpn-01", "dns-persist-01"]
 
 
 @dataclass(frozen=True)
@@ -143,6 +143,7 @@ class CertificateConfig:
     preferred_profile: str | None = None  # ... or one used only when the CA offers it
     preferred_chain: str | None = None    # issuer CN of the chain's topmost certificate (RFC 8555 §7.4.2)
     ip_addresses: tuple[str, ...] = ()    # RFC 8738 identifiers beside domains (compressed text form)
+    dns_persist_hook: tuple[str, ...] = ()  # dns-persist-01: publishes the one persistent TXT record
 
     @property
     def identifiers(self) -> tuple[str, ...]:
