@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from certd.config.keyclass import KeyClassSections
 from certd.config.schema import (CHALLENGES, KEY_TYPES, AcmeConfig,
                           AlertsConfig, CertificateConfig, Config, DaemonConfig, KeysConfig, RenewBefore)
 from certd.config.values import Table, is_loopback, normalize_domain, parse_duration, type_name
@@ -20,7 +21,7 @@ _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # fullmatch: "$" woul
 _EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 
 
-class Parser(TargetSections):
+class Parser(TargetSections, KeyClassSections):
     """Builds a Config from parsed TOML, collecting every problem instead of stopping at the first."""
 
     def config(self, data: dict[str, Any]) -> Config | None:
@@ -33,6 +34,7 @@ class Parser(TargetSections):
         alerts = self.alerts(Table(self, "alerts", alerts_t)) if alerts_t is not None else None
         keys_t = top.get("keys", dict, None)
         keys = self.keys(Table(self, "keys", keys_t)) if keys_t is not None else None
+        classes = self.key_classes(top.get("key_class", list, []))  # before the certificates naming them
         top.done()
         certs: list[CertificateConfig] = []
         names: dict[str, int] = {}
@@ -48,7 +50,7 @@ class Parser(TargetSections):
             certs.append(cert)
         if acme is None:
             return None
-        return Config(self.path, daemon, acme, tuple(certs), alerts, keys)
+        return Config(self.path, daemon, acme, tuple(certs), alerts, keys, classes)
 
     def keys(self, t: Table) -> KeysConfig | None:
         kek_file = self.path_value(t, "kek_file")
@@ -224,6 +226,7 @@ class Parser(TargetSections):
             self.problem(t.key("keep_versions"), f"{keep} is out of range; expected 2..100 (the previous version is the rollback backup)")
         verify_timeout = self.duration(t, "verify_timeout", 10.0)
         insecure_shared = t.get("insecure_shared_deploy_dir", bool, False)
+        ref = self.class_ref(t)
         deploy = self.deploy(Table(self, t.key("deploy"), t.get("deploy", dict, {})))
         hooks = tuple(h for j, raw_h in enumerate(t.get("reload", list, []))
                       if (h := self.reload(Table(self, t.key(f"reload[{j}]"), raw_h), deploy)) is not None)
@@ -233,9 +236,9 @@ class Parser(TargetSections):
         t.done()
         if name is None or not domains:
             return None
-        return CertificateConfig(name, tuple(domains), key_type, reuse_key, challenge, http_listen,
-                                 webroot, dns_hook, alpn_listen, renew_before, keep, verify_timeout,
-                                 deploy, hooks, verify, insecure_shared)
+        return self.apply_key_class(CertificateConfig(name, tuple(domains), key_type, reuse_key, challenge,
+                                                      http_listen, webroot, dns_hook, alpn_listen, renew_before, keep,
+                                                      verify_timeout, deploy, hooks, verify, insecure_shared), ref)
 
     def domains(self, t: Table) -> list[str]:
         raw = t.get("domains", list, required=True)
