@@ -235,6 +235,11 @@ def expiring_at(not_before: datetime, not_after: datetime) -> datetime:
     return not_after - lifetime * EMERGENCY_FRACTION.numerator / EMERGENCY_FRACTION.denominator
 
 
+def format_duration(d: timedelta) -> str:
+    """``30d``, ``12h``, ``90m`` or ``45s``: a duration as the configuration writes it."""
+    return _fmt(d)
+
+
 def _fmt(d: timedelta) -> str:
     s = int(d.total_seconds())
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
