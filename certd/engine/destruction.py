@@ -3,7 +3,8 @@ that proves which key went.
 
 A version's key is *retired* when no rollback can need it: the version is neither the current
 one, nor the newest one older than it, nor the one the last successful rotation replaced (what
-``certd rollback`` picks without ``--to``). Those are never touched. A retired version is first
+``certd rollback`` picks without ``--to``), nor an end of a rotation a crash left unfinished.
+Those are never touched. A retired version is first
 marked ``retired_at`` (in its meta) by the pass that finds it retired, which runs after every
 commit, so the mark is the time it was retired to within a pass; a version that becomes current
 or previous again (a rollback ``--to`` it) loses the mark. Once ``now - retired_at`` reaches
@@ -43,8 +44,8 @@ RETIRED_AT = "retired_at"
 
 
 def kept_for_rollback(ports: Ports, name: str) -> set[int]:
-    """The versions whose keys must stay: current, the newest older one, and the one the last
-    successful rotation replaced."""
+    """The versions whose keys must stay: current, the newest older one, the one the last
+    successful rotation replaced, and both ends of a rotation a crash left unfinished."""
     store = ports.store
     current = store.current(name)
     if current is None:
@@ -57,6 +58,8 @@ def kept_for_rollback(ports: Ports, name: str) -> set[int]:
     j = Journal.from_json(raw) if raw else None
     if j is not None and j.succeeded and j.to_version == current and j.from_version is not None:
         keep.add(j.from_version)
+    if j is not None and not j.finished:  # a crash left it: resuming it needs both ends
+        keep |= {v for v in (j.from_version, j.to_version) if v is not None}
     return keep
 
 

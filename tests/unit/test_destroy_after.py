@@ -157,3 +157,17 @@ def test_the_daemon_pass_interval_follows_the_shortest_destroy_after(tmp_path: P
     assert pass_interval(cfg()) == pass_interval(cfg(None)) == 3600.0
     assert pass_interval(cfg(7 * 86400.0, 600.0)) == 150.0
     assert pass_interval(cfg(1.0)) == 1.0
+
+
+def test_an_unfinished_rotation_keeps_both_its_versions(world: World) -> None:
+    """A rotation a crash left half-done still needs its new version's key when it is resumed."""
+    from certd.core import rotation
+    for _ in range(3):
+        world.renew()
+    j = rotation.start("www", "rollback", 3, 1, world.clock.now(), initiator="test", reason="crash")
+    world.store.save_journal("www", j.to_json())
+    assert kept_for_rollback(world.ports, "www") == {1, 2, 3}
+    world.clock.advance(timedelta(hours=1))
+    with world.store.lock("www"):
+        assert destroy_retired_keys(world.ports, CERT) == []
+    assert world.key_file(1).exists()
