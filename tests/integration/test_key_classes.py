@@ -9,6 +9,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from certd.core.model import CertInfo
 from tests.support.certd_env import CertdEnv
 from tests.support.procs import wait_until
@@ -21,8 +23,9 @@ MAX_KEY_AGE = 20  # seconds: the first forced renewal (~3 s after issuance) is w
 class Site:
     """certd managing 'www' (of the key class whose settings are ``key_class``) for one nginx."""
 
-    def __init__(self, env: CertdEnv, key_class: str) -> None:
-        self.env, self.key_class = env, key_class
+    def __init__(self, env: CertdEnv, key_class: dict[str, Any]) -> None:
+        self.env = env
+        env.arrays = {"key_class": [{"name": "critical", **key_class}]}
         self.live = env.dir / "live" / "www"
         self.nginx: Any = None
 
@@ -32,8 +35,6 @@ class Site:
         reload = [{"hook": "nginx", "config": str(self.nginx.config)}] if self.nginx is not None else []
         self.env.write_config([self.env.http_cert("www", [SNI], key_class="critical", verify_timeout="3s",
                                                   deploy={"live_dir": str(self.live)}, reload=reload, verify=verify)])
-        path = self.env.config_path  # the env writes no [[key_class]]: appended as an operator would
-        path.write_text(path.read_text() + "\n[[key_class]]\nname = \"critical\"\n" + self.key_class)
 
     def status(self) -> dict[str, Any]:
         return self.env.status("www")["www"]
@@ -41,19 +42,28 @@ class Site:
     def served_spki(self) -> str:
         return CertInfo.from_cert(served_leaf(self.nginx.port, SNI)).spki_sha256
 
-    def key_file(self, version: int) -> Path:
-        return self.env.state_dir / "certs" / "www" / "versions" / f"{version:04d}" / "privkey.pem"
+    def key_files(self, version: int) -> list[Path]:
+        """The version's stored key: privkey.pem, or privkey.sealed under [keys]."""
+        vdir = self.env.state_dir / "certs" / "www" / "versions" / f"{version:04d}"
+        return [p for p in (vdir / "privkey.pem", vdir / "privkey.sealed") if p.exists()]
 
     def history(self) -> list[dict[str, Any]]:
         return json.loads(self.env.run("history", "www", "--json", check=0).stdout)["records"]
 
 
-def _site(tmp_path: Path, pebble: Any, nginx_factory: Any, key_class: str) -> Site:
-    """The first certificate issued by certd, then nginx started on it and wired in."""
+def _site(tmp_path: Path, pebble: Any, nginx_factory: Any, key_class: dict[str, Any], sealed: bool = False) -> Site:
+    """The first certificate issued by certd (keys sealed under a KEK if ``sealed``), then nginx
+    started on it and wired in."""
     env = CertdEnv(tmp_path, pebble)
     env.refresh_root()
     site = Site(env, key_class)
+    if sealed:
+        kek = tmp_path / "keys" / "kek"
+        kek.parent.mkdir(mode=0o700)
+        env.tables = {"keys": {"kek_file": str(kek)}}
     site.configure()
+    if sealed:
+        env.run("kek", "init", check=0)
     env.run("renew", "--all", check=0)
     site.nginx = nginx_factory(site.live / "fullchain.pem", site.live / "privkey.pem", server_name=SNI)
     site.configure()
@@ -63,7 +73,7 @@ def _site(tmp_path: Path, pebble: Any, nginx_factory: Any, key_class: str) -> Si
 def test_max_key_age_gives_a_valid_certificate_a_new_key_despite_reuse_key(tmp_path: Path, pebble: Any,
                                                                            nginx_factory: Any) -> None:
     """reuse_key keeps the key while it is young; past max_key_age certd renews by itself with a new key."""
-    site = _site(tmp_path, pebble, nginx_factory, f'reuse_key = true\nmax_key_age = "{MAX_KEY_AGE}s"\n')
+    site = _site(tmp_path, pebble, nginx_factory, {"reuse_key": True, "max_key_age": f"{MAX_KEY_AGE}s"})
     first = site.status()
     assert first["key_class"] == "critical" and isinstance(first["key_age_days"], float)
     assert first["renewal_reason"] == f"key older than max_key_age {MAX_KEY_AGE}s (key_class critical)"
@@ -86,19 +96,22 @@ def test_max_key_age_gives_a_valid_certificate_a_new_key_despite_reuse_key(tmp_p
     assert reasons[-1] == f"key older than max_key_age {MAX_KEY_AGE}s (key_class critical)"
 
 
+@pytest.mark.parametrize("sealed", [False, True], ids=["plain", "sealed"])
 def test_destroy_after_destroys_a_retired_key_and_rollback_still_works(tmp_path: Path, pebble: Any,
-                                                                      nginx_factory: Any) -> None:
-    """The retired version's key file and deployed copies go, history shows its SPKI, rollback to the previous works."""
-    site = _site(tmp_path, pebble, nginx_factory, 'destroy_after = "1s"\n')
-    key1 = site.key_file(1).read_bytes()
+                                                                      nginx_factory: Any, sealed: bool) -> None:
+    """The retired version's key file (sealed: its only wrapped data key) and deployed copies go,
+    history shows its SPKI, rollback to the previous version works."""
+    site = _site(tmp_path, pebble, nginx_factory, {"destroy_after": "1s"}, sealed)
+    key1 = (site.live / "privkey.pem").read_bytes()  # version 1's, as deployed
     spki1 = site.served_spki()
+    assert site.key_files(1) and site.key_files(1)[0].name == ("privkey.sealed" if sealed else "privkey.pem")
     for version in (2, 3):
         r = site.env.run("renew", "www", "--force", check=0)
         assert f"renewed: version {version}" in r.stdout, r.stdout
     # v1 retired when v3 committed; any later pass past 1 s destroys it (`certd renew` runs one).
-    wait_until(lambda: site.env.run("renew", "www", check=0) and not site.key_file(1).exists(),
+    wait_until(lambda: site.env.run("renew", "www", check=0) and not site.key_files(1),
                timeout=30, interval=0.5, what="version 1's key destroyed")
-    assert site.key_file(2).exists() and site.key_file(3).exists()
+    assert site.key_files(2) and site.key_files(3)
     holders = [p for p in tmp_path.rglob("*") if p.is_file() and not p.is_symlink() and key1 in p.read_bytes()]
     assert holders == []  # neither the store nor a deploy target keeps a copy
     [destroyed] = [r for r in site.history() if r["event"] == "key_destroyed"]
