@@ -44,6 +44,7 @@ KINDS = frozenset({
     "keys_seal_failed",  # ... and that failed part way (resumed at the next start or reload)
     "kek_rotation_started",  # certd kek rotate: every key's data key is being re-wrapped under a new KEK
     "kek_rotated",       # ... and all were
+    "dry_run",           # certd renew --dry-run: an order against the staging directory, nothing stored
 })
 
 

@@ -140,6 +140,7 @@ class Renew:
                 "serial": info.serial, "not_after": isoformat(info.not_after),
                 "fingerprint_sha256": info.fingerprint_sha256, "replaces": replaces,
                 keyage.KEY_CREATED: self._key_created(stored, info.spki_sha256),
+                **({"profile": issued.profile} if issued.profile else {}),
             })
             self.orders.stored(cert.name, issued)
         except OperationFailed as e:
@@ -155,7 +156,8 @@ class Renew:
               not_after=isoformat(info.not_after), initiator=initiator)
         ports.emit("issued", cert.name, initiator=initiator, reason=reason, version=version, new_serial=info.serial,
                    old_serial=stored.bundle.info.serial if stored else None, spki_sha256=info.spki_sha256,
-                   not_after=info.not_after, duration=clock.monotonic() - started)
+                   not_after=info.not_after, duration=clock.monotonic() - started,
+                   **({"detail": {"profile": issued.profile}} if issued.profile else {}))
         j = self.rotations.start(cert, "renew", current, version, initiator, reason)
         rotation.crash_point(Step.ISSUED)
         j = self.rotations.drive(cert, j, say)
