@@ -239,9 +239,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     rows = backend.status(args.names)
     for r in rows:
         r["domains"] = cli_output.status_domains([*(r.get("domains") or []), *(r.get("ip_addresses") or [])], args.wide)
-    cli_output.print_table(rows, [("NAME", "name"), ("STATE", "state"), ("VER", "version"), ("SERIAL", "serial"),
-                        ("NOT AFTER", "not_after"), ("NEXT RENEWAL", "next_renewal"), ("LAST RESULT", "last_result"),
-                        ("DOMAINS", "domains")])
+    cli_output.print_table(rows, cli_output.status_columns(rows))
     for row in rows:  # a renewal waiting for the CA: when the next try is, and how to try now
         if row.get("state") in ("held", "rate_limited"):
             print(f"{row['name']}: {row.get('renewal_reason')}")
@@ -314,7 +312,7 @@ def cmd_history(args: argparse.Namespace) -> int:
         sys.stdout.write(rows_document("records", rows))
         return EXIT_OK
     for r in rows:
-        r["serials"] = " -> ".join(x for x in (r.get("old_serial"), r.get("new_serial")) if x) or None
+        r["serials"] = cli_output.history_serials(r)
     cli_output.print_table(rows, [("TIME", "time"), ("EVENT", "event"), ("NAME", "name"), ("INITIATOR", "initiator"),
                         ("OUTCOME", "outcome"), ("SERIALS", "serials"), ("REASON", "reason")])
     return EXIT_OK

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from certd.config.keyclass import KeyClassSections
 from certd.config.schema import (CHALLENGES, KEY_TYPES, AcmeConfig,
                           AlertsConfig, CertificateConfig, Config, DaemonConfig, KeysConfig, RenewBefore)
 from certd.config.values import Table, is_loopback, normalize_domain, parse_duration, type_name
@@ -22,7 +23,7 @@ _PROFILE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 
 
-class Parser(TargetSections):
+class Parser(TargetSections, KeyClassSections):
     """Builds a Config from parsed TOML, collecting every problem instead of stopping at the first."""
 
     def config(self, data: dict[str, Any]) -> Config | None:
@@ -35,6 +36,7 @@ class Parser(TargetSections):
         alerts = self.alerts(Table(self, "alerts", alerts_t)) if alerts_t is not None else None
         keys_t = top.get("keys", dict, None)
         keys = self.keys(Table(self, "keys", keys_t)) if keys_t is not None else None
+        classes = self.key_classes(top.get("key_class", list, []))  # before the certificates naming them
         top.done()
         certs: list[CertificateConfig] = []
         names: dict[str, int] = {}
@@ -50,7 +52,7 @@ class Parser(TargetSections):
             certs.append(cert)
         if acme is None:
             return None
-        return Config(self.path, daemon, acme, tuple(certs), alerts, keys)
+        return Config(self.path, daemon, acme, tuple(certs), alerts, keys, classes)
 
     def keys(self, t: Table) -> KeysConfig | None:
         kek_file = self.path_value(t, "kek_file")
@@ -237,6 +239,7 @@ class Parser(TargetSections):
             self.problem(t.key("keep_versions"), f"{keep} is out of range; expected 2..100 (the previous version is the rollback backup)")
         verify_timeout = self.duration(t, "verify_timeout", 10.0)
         insecure_shared = t.get("insecure_shared_deploy_dir", bool, False)
+        ref = self.class_ref(t)
         profile, preferred = self.profiles(t)
         chain = t.get("preferred_chain", str)
         if chain is not None and not chain.strip():
@@ -253,11 +256,12 @@ class Parser(TargetSections):
         t.done()
         if name is None or not (domains or ips):
             return None
-        return CertificateConfig(name, tuple(domains), key_type, reuse_key, challenge, http_listen,
+        cert = CertificateConfig(name, tuple(domains), key_type, reuse_key, challenge, http_listen,
                                  webroot, dns_hook, alpn_listen, renew_before, keep, verify_timeout,
                                  deploy, hooks, verify, insecure_shared, profile=profile,
                                  preferred_profile=preferred, preferred_chain=chain, ip_addresses=tuple(ips),
                                  dns_persist_hook=persist_hook)
+        return self.apply_key_class(cert, ref)
 
     def profiles(self, t: Table) -> tuple[str | None, str | None]:
         """``profile`` (required of the CA) or ``preferred_profile`` (used when offered)."""
