@@ -15,7 +15,7 @@ import sys
 import traceback
 from typing import Any, Callable, NoReturn, Sequence
 
-from certd import __version__, cli_output, config as config_mod
+from certd import __version__, cli_keys, cli_output, config as config_mod
 from certd.ops import log as logmod
 from certd.config import Config
 from certd.core.errors import CertdError, ConfigError, UsageError
@@ -84,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     av.add_argument("--head", metavar="HASH", help="also require this record hash, kept elsewhere, to be in the chain")
 
     sub.add_parser("reload", help="tell the running daemon to re-read its configuration")
+    cli_keys.add_parsers(sub, _Parser)
     return p
 
 
@@ -143,6 +144,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     n = len(cfg.certificates)
     print(f"{cfg.path}: OK ({n} certificate{'s' if n != 1 else ''}: {cfg.names_summary()})")
+    print(cli_keys.check_line(cfg))
     return EXIT_OK
 
 
@@ -192,6 +194,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     for r in rows:  # a broken certificate says why, whatever the table shows
         if r.get("state") == "broken":
             print(f"{r['name']}: broken: {r.get('broken_reason')}")
+    for line in backend.custody():
+        print(line)
     return EXIT_OK
 
 
@@ -319,6 +323,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "revoke": cmd_revoke,
     "history": cmd_history,
     "audit": cmd_audit,
+    "kek": lambda args: cli_keys.cmd_kek(args, load_config),
 }
 
 

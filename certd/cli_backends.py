@@ -56,6 +56,11 @@ class Local:
                                           progress=progress))
 
 
+    def custody(self) -> list[str]:
+        from certd.engine.keycustody import custody_lines
+        keys = getattr(self.mgr.store, "keys", None)
+        return custody_lines(keys) if keys is not None else []
+
     def revoke(self, name: str, reason: str, progress: Any) -> dict[str, Any]:
         from certd.engine.manager import whoami
         cert = self.mgr.select([name])[0]
@@ -101,6 +106,10 @@ class Remote:
 
     def verify(self, names: list[str]) -> list[dict[str, Any]]:
         return self.client.call("/v1/verify", {"names": names})["outcomes"]
+
+    def custody(self) -> list[str]:
+        lines: list[str] = self.client.get("/v1/keys")["lines"]
+        return lines
 
     def drift(self, names: list[str]) -> dict[str, Any]:
         return self.client.get("/v1/drift", params={"name": names} if names else None)

@@ -136,8 +136,8 @@ class Sealed:
             if doc.get("format") != FORMAT:
                 raise CustodyError(f"{where}: format {doc.get('format')!r} is not {FORMAT!r}; a newer certd wrote "
                                    f"it, or it is not a sealed key")
-            return cls(str(doc["kek"]), str(doc["slot"]), base64.b64decode(doc["wrapped_dek"], validate=True),
-                       base64.b64decode(doc["nonce"], validate=True), base64.b64decode(doc["ciphertext"], validate=True))
+            b64 = (lambda k: base64.b64decode(doc[k], validate=True))  # noqa: E731
+            return cls(str(doc["kek"]), str(doc["slot"]), b64("wrapped_dek"), b64("nonce"), b64("ciphertext"))
         except CustodyError:
             raise
         except (ValueError, KeyError, TypeError, AttributeError, binascii.Error):
@@ -190,7 +190,8 @@ class KeyRing:
         try:
             return AESGCM(dek).decrypt(sealed.nonce, sealed.ciphertext, _aad(slot))
         except (InvalidTag, ValueError):
-            raise CustodyError(f"{where}: the key does not decrypt (altered ciphertext); restore it from a backup") from None
+            raise CustodyError(f"{where}: the key does not decrypt (altered ciphertext); restore it from a "
+                               f"backup") from None
 
     def rewrap(self, data: bytes, slot: str, where: str = "sealed key") -> bytes | None:
         """The same sealed key with its DEK wrapped under :attr:`current`; None if it already is.

@@ -16,8 +16,10 @@ from certd.core.errors import UsageError
 from certd.core.textsafe import check_reason
 from certd.daemon.control import Caller, Handler, Preformatted, rows_document
 from certd.daemon.jobs import Jobs
+from certd.daemon.wiring import rotate_kek_with
 from certd.daemon.monitor import Monitor
 from certd.daemon.scheduler import UNFORCED, Flight, ShuttingDown
+from certd.engine.keycustody import custody_lines
 from certd.engine.lifecycle import parse_reason
 from certd.engine.outcome import Outcome
 from certd.ops import audit
@@ -28,7 +30,7 @@ log = logging.getLogger("certd.daemon")
 _REQUESTED = {"rollback": "rollback_requested", "revoke": "revocation_requested"}  # log event per kind
 
 #: The endpoints that change something: root, certd's user and control_group members only.
-MUTATING = frozenset({"/v1/renew", "/v1/rollback", "/v1/reload", "/v1/verify", "/v1/revoke"})
+MUTATING = frozenset({"/v1/renew", "/v1/rollback", "/v1/reload", "/v1/verify", "/v1/revoke", "/v1/kek/rotate"})
 
 
 class ControlAPI:
@@ -50,6 +52,8 @@ class ControlAPI:
             ("POST", "/v1/reload"): self.reload,
             ("GET", "/v1/drift"): self.drift,
             ("GET", "/v1/history"): self.history,
+            ("POST", "/v1/kek/rotate"): self.kek_rotate,
+            ("GET", "/v1/keys"): self.keys,
         }
 
     def _select(self, names: Any) -> list[CertificateConfig]:
@@ -147,6 +151,21 @@ class ControlAPI:
             raise UsageError("history takes at most one certificate name")
         config = self._config()
         return audit.history(config.daemon.state_dir, names[0], set(config.names), config.names_summary())
+
+    def keys(self, caller: Caller, query: dict[str, Any]) -> dict[str, Any]:
+        """How keys are kept at rest (``certd status``'s last lines)."""
+        keys = getattr(self.manager.store, "keys", None)
+        return {"lines": custody_lines(keys) if keys is not None else []}
+
+    def kek_rotate(self, caller: Caller, body: dict[str, Any]) -> dict[str, Any]:
+        """Re-wrap every stored key under the KEK ``new`` names (a file or a pkcs11: URI), here in
+        the daemon: its files stay its user's, and its own ring learns the new KEK at once."""
+        source = body.get("new")
+        if not isinstance(source, str) or not source:
+            raise UsageError("kek rotate needs new: the new KEK's file or pkcs11: URI")
+        if not source.startswith("pkcs11:") and not source.startswith("/"):
+            raise UsageError(f"{source!r}: give the new KEK file as an absolute path")
+        return rotate_kek_with(self.manager, source, str(caller))
 
     def reload(self, caller: Caller, body: dict[str, Any]) -> dict[str, Any]:
         ok, problems = self._reload_config(f"control socket ({caller})")

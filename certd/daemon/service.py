@@ -25,7 +25,7 @@ from pathlib import Path
 from certd import config as config_mod
 from certd.config import Config
 from certd.core.clock import Clock, SystemClock
-from certd.core.errors import ConfigError
+from certd.core.errors import CertdError, ConfigError
 from certd.daemon.api import MUTATING, ControlAPI
 from certd.daemon.config_watch import CONFIG_DEBOUNCE, ConfigWatcher
 from certd.daemon.control import ControlServer
@@ -33,7 +33,7 @@ from certd.daemon.jobs import ARI_START_RATE, Jobs, Spread
 from certd.daemon.monitor import Monitor
 from certd.daemon.scheduler import Flights, Scheduler
 from certd.daemon.systemd import STATUS_INTERVAL, StateTracker, sd_notify, start_watchdog
-from certd.daemon.wiring import build_manager, build_sinks
+from certd.daemon.wiring import build_manager, build_sinks, reconfigure_keys
 from certd.engine.outcome import Outcome, Result
 from certd.ops.log import event
 
@@ -167,6 +167,14 @@ class Daemon:
                 event(log, "config_restart_needed", logging.WARNING,
                       detail="[daemon] changes (state_dir, control_socket, workers, ...) take effect after a restart")
                 new = dataclasses.replace(new, daemon=old.daemon)
+            if new.keys != old.keys:
+                try:
+                    reconfigure_keys(self.manager, new)
+                except CertdError as e:
+                    problem = f"{self.config_path}: [keys]: {e}"
+                    event(log, "config_rejected", logging.ERROR, source=source, problem=problem)
+                    self.manager.emit("config_rejected", "", initiator=source, outcome="rejected", reason=problem)
+                    return False, [problem]
             self._apply(old, new, source)
             return True, []
 

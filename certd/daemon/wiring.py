@@ -7,7 +7,9 @@ alerts see the same events whichever process did the work.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from typing import Any
 
 from certd.ops import audit
 from certd.store import housekeeping
@@ -15,9 +17,12 @@ from certd.ops.alerts import Alerter
 from certd.ops.metrics import Metrics
 from certd.core.clock import Clock, SystemClock
 from certd.config import Config
+from certd.core.errors import StoreError, UsageError
+from certd.crypto.kekload import load_source
+from certd.engine.keycustody import rotate_kek
 from certd.core.events import EventBus, Sink
 from certd.engine.manager import Manager, whoami
-from certd.store.files import FileStore
+from certd.store.files import FileStore, keyring_of, open_store
 
 
 @dataclass
@@ -63,14 +68,41 @@ def build_events(config: Config, clock: Clock, *, daemon: bool, sinks: Sinks | N
     return bus
 
 
+def seal_existing_keys(manager: Manager, store: FileStore) -> None:
+    """``[keys]`` added to a state directory holding plain keys: seal them now (resumable), and
+    say so in the audit log. Only by a process that may write the store (the daemon, or root's CLI)."""
+    if not os.access(store.root, os.W_OK):
+        return
+    sealed = store.keys.seal_existing()  # without [keys]: drops the "all sealed" mark, if any
+    if sealed:
+        ring = store.keys.ring
+        manager.emit("keys_sealed", "", initiator=whoami(), reason="[keys] configured: plain keys sealed",
+                     detail={"count": len(sealed), "kek": ring.current.kek_id if ring else "",
+                             "slots": ",".join(sealed[:50])})
+
+
+def reconfigure_keys(manager: Manager, config: Config) -> None:
+    """``[keys]`` changed in a reload: seal with the new ring from now on (and seal what is still
+    plain). :class:`~certd.crypto.custody.CustodyError` leaves the running ring as it was."""
+    store = manager.store
+    if isinstance(store, FileStore):
+        ring, loader = keyring_of(config)
+        store.keys.reconfigure(ring, loader)
+        try:
+            seal_existing_keys(manager, store)
+        except StoreError as e:  # resumable: the next start (or reload) seals the rest
+            manager.emit("keys_seal_failed", "", initiator=whoami(), outcome="failed", reason=str(e))
+
+
 def build_manager(config: Config, *, clock: Clock | None = None, daemon: bool = False,
                   lock_timeout: float = 0.0, sinks: Sinks | None = None) -> Manager:
     clock = clock or SystemClock()
     loose_mode = housekeeping.secure_state_dir(config.daemon.state_dir)  # before anything is read or written
     # The store's own clock stays the system's: lease expiry must not follow a test's fake clock.
-    store = FileStore(config.daemon.state_dir, audit_group=config.daemon.control_group)
+    store = open_store(config, audit_group=config.daemon.control_group)
     manager = Manager(config, store=store, clock=clock, lock_timeout=lock_timeout,
                       events=build_events(config, clock, daemon=daemon, sinks=sinks, audit_sink=store.audit))
+    seal_existing_keys(manager, store)
     if loose_mode is not None:
         manager.emit("state_dir_tightened", "", initiator=whoami(), reason=f"state_dir had mode {loose_mode:04o}",
                      detail={"path": str(config.daemon.state_dir), "old_mode": f"{loose_mode:04o}", "mode": "0700"})
@@ -78,3 +110,14 @@ def build_manager(config: Config, *, clock: Clock | None = None, daemon: bool = 
     if sinks is not None and sinks.metrics is not None:
         sinks.metrics.bind(manager)  # the store-backed gauges read the manager's status
     return manager
+
+
+def rotate_kek_with(manager: Manager, source: str, initiator: str) -> dict[str, Any]:
+    """``certd kek rotate --new SOURCE`` in this process (the CLI's, or the daemon's for
+    ``/v1/kek/rotate``, so the files stay its user's and its ring learns the new KEK at once)."""
+    keys = manager.config.keys
+    store = manager.store
+    if keys is None or not isinstance(store, FileStore):
+        raise UsageError("kek rotate: no [keys] section in the running configuration: keys are stored unencrypted; "
+                         "add [keys] with kek_file (see `certd kek init`) first")
+    return rotate_kek(store.keys, load_source(keys, source), source, manager.ports.clock, manager.emit, initiator)

@@ -38,7 +38,7 @@ from certd.engine.rollback import Rollback
 from certd.engine.attempts import CertState
 from certd.engine.statebook import Change
 from certd.engine.status import Status
-from certd.store.files import FileStore, Store
+from certd.store.files import Store, open_store
 
 __all__ = ["Manager", "Outcome", "RenewRequest", "Result", "whoami"]
 
@@ -60,7 +60,7 @@ class Manager:
                  clock: Clock | None = None, lock_timeout: float = 0.0, events: EventBus | None = None) -> None:
         events = events or EventBus()
         clock = clock or SystemClock()
-        store = store or FileStore(config.daemon.state_dir)
+        store = store or open_store(config)
         self._issuer = issuer
         self._issuer_lock = threading.Lock()
         self.ports = Ports(config, store, store, self._get_issuer, events, clock, LocalEdges(store, clock, events),

@@ -160,12 +160,22 @@ class Rotations:
         versions = store.versions(cert.name)
         serials = {v: self.serial(cert.name, v) for v in versions} if len(versions) > cert.keep_versions else {}
         removed = store.prune(cert.name, cert.keep_versions, protect={current} if current else ())
-        self.ports.edges.prune(cert, set(store.versions(cert.name)))
+        self.ports.edges.prune(cert, self._deployed_keep(store.versions(cert.name), current))
         if removed:
             event(log, "versions_pruned", name=cert.name, versions=",".join(map(str, removed)))
         for v in removed:
             self.ports.emit("version_pruned", cert.name, version=v, reason=f"keep_versions = {cert.keep_versions}",
                             initiator=initiator, old_serial=serials.get(v))
+
+    def _deployed_keep(self, stored: list[int], current: int | None) -> set[int]:
+        """The versions the deploy targets keep: every stored one, or with ``[keys]`` (keys
+        sealed at rest) only the current one and the previous one (what a rollback needs at
+        once), so plain copies of older keys do not outlive their sealed originals. An older
+        version rolled back to is staged again from the store."""
+        if self.ports.config.keys is None or current is None:
+            return set(stored)
+        previous = max((v for v in stored if v < current), default=None)
+        return {current} | ({previous} if previous is not None else set())
 
     def _emit_step(self, cert: CertificateConfig, j: Journal) -> None:
         """Lifecycle events for the journal steps an operator cares about."""

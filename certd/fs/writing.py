@@ -15,7 +15,7 @@ from types import TracebackType
 from certd.core.errors import StoreError
 from certd.fs.oserrors import os_errors, store_error, temp_name
 from certd.fs.descriptors import DIR_FLAGS, inode_key, dir_fd, fsync_fd, lstat_at, open_dir
-from certd.fs.removal import is_empty_dir_at, rmtree_at, zero_fd
+from certd.fs.removal import delete_at, is_empty_dir_at, rmtree_at, zero_fd
 
 def _create(path: Path | str, mode: int, uid: int, gid: int, dirfd: int | None = None) -> int:
     """Create ``path`` exclusively, owner-only, then set owner and final mode; return the fd."""
@@ -255,6 +255,10 @@ class TempDir:
 
     def write(self, name: str, data: bytes, *, mode: int = 0o644, uid: int = -1, gid: int = -1) -> None:
         write_new(name, data, mode=mode, uid=uid, gid=gid, report_as=self.final / name, dirfd=self._fd)
+
+    def remove(self, name: str) -> None:
+        """Zero and remove a file written into this directory (before it is published)."""
+        delete_at(self._fd, name, shown=self.final / name)
 
     def publish(self, final: Path) -> bool:
         """fsync, then rename to ``final`` (a name in the same parent); False (nothing changed)

@@ -1,6 +1,6 @@
 """ACME account registrations on a local directory (part of FileStore)::
 
-    accounts/<sha256(directory URL)[:16]>/key.pem (0600) account.json directory.txt
+    accounts/<sha256(directory URL)[:16]>/key.pem (0600) or key.sealed, account.json directory.txt
     accounts/<id>.lock     flock()ed while registering (the CLI and the daemon never register twice)
 """
 
@@ -13,14 +13,16 @@ from pathlib import Path
 from certd.core.clock import Clock
 from certd.core.errors import StoreError
 from certd import fs as fsutil
+from certd.store.filekeys import KeyFiles, account_place
 from certd.store.filelease import flocked
 
 
 class FileAccounts:
     """The :class:`~certd.store.port.Accounts` contract under ``root``."""
 
-    def __init__(self, root: Path, clock: Clock, dir_mode: int, gid: int) -> None:
+    def __init__(self, root: Path, clock: Clock, dir_mode: int, gid: int, keys: KeyFiles) -> None:
         self.root = root
+        self._keys = keys
         self._clock = clock
         self._dir_mode = dir_mode
         self._gid = gid
@@ -33,12 +35,14 @@ class FileAccounts:
         adir = self._account_dir(directory_url)
         try:
             stored_url = (adir / "directory.txt").read_text().strip()
-            key_pem = (adir / "key.pem").read_bytes()
             registration = (adir / "account.json").read_text()
         except FileNotFoundError:
             return None  # a key without a saved registration was never completed
         except OSError as e:
             raise fsutil.store_error(e, adir, "read account in") from e
+        key_pem = self._keys.read(account_place(str(adir)), f"ACME account for {directory_url}")
+        if key_pem is None:
+            return None
         if stored_url != directory_url:
             raise StoreError(f"{adir}: belongs to {stored_url!r}, not {directory_url!r}; move the directory aside")
         return key_pem, registration
@@ -61,5 +65,5 @@ class FileAccounts:
             fsutil.ensure_dir(p, 0o700 if p != self.root else self._dir_mode,
                               gid=self._gid if p == self.root else -1)
         fsutil.atomic_write(adir / "directory.txt", directory_url.encode() + b"\n", mode=0o644)
-        fsutil.atomic_write(adir / "key.pem", key_pem, mode=0o600)
+        self._keys.write(account_place(str(adir)), key_pem)
         fsutil.atomic_write(adir / "account.json", registration_json.encode(), mode=0o600)

@@ -11,7 +11,7 @@ state directory (format 2; docs/STORE.md draws it whole, with the migration from
     certs/<name>/current -> versions/NNNN      the desired version
     certs/<name>/state.json                    renewal bookkeeping; etag = SHA-256 of its bytes
     certs/<name>/lease.json lease.lock lock    certd.store.filelease
-    certs/<name>/order.json order.key (0600)   the order journal
+    certs/<name>/order.json order.key (0600)   the order journal (order.sealed with [keys])
     certs/<name>/nodes/<node>/journal.json     that node's rotation journal, absent when idle
     certs/<name>/nodes/<node>/applied          the version that node last switched to
 
@@ -30,27 +30,48 @@ import os
 import re
 import socket
 import threading
-from collections.abc import Collection, Hashable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Callable, Collection, Hashable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
 from certd.core.clock import Clock, SystemClock
 from certd.core.errors import StoreError
+from certd.config import Config
+from certd.crypto.custody import Kek, KeyRing
+from certd.crypto.kekload import load_keyring, load_source
 from certd import fs as fsutil
 from certd.ops.audit import AuditLog, open_for
 from certd.store import fileio, migrate
 from certd.store.feed import PollingSubscription
 from certd.store.fileaccounts import FileAccounts
+from certd.store.filekeys import KeyFiles, order_place
 from certd.store.filelease import FileLeases
 from certd.store.fileversions import VersionFiles
 from certd.store.port import Conflict, Lease, OrderJournal, Store, StoredVersion, VersionInfo
 
-__all__ = ["FileStore", "Store", "StoredVersion", "VersionInfo", "LEGACY_TTL", "node_name"]
+__all__ = ["FileStore", "open_store", "Store", "StoredVersion", "VersionInfo", "LEGACY_TTL", "node_name"]
 
 #: TTL of the lease :meth:`FileStore.lock` takes. The ``lock`` flock frees it when the holder
 #: dies; the TTL only matters for a holder that stalls, and must outlast any rotation.
 LEGACY_TTL = 24 * 3600.0
+#: How long sealing or re-wrapping a certificate's keys waits for a rotation of it in flight.
+KEY_GUARD_WAIT = 900.0
+
+
+def open_store(config: Config, *, audit_group: str | None = None, clock: Clock | None = None) -> FileStore:
+    """The configured state directory, sealing keys under ``[keys]``'s KEK when it is set
+    (:class:`~certd.crypto.custody.CustodyError` when the KEK cannot be loaded)."""
+    ring, loader = keyring_of(config)
+    return FileStore(config.daemon.state_dir, audit_group=audit_group, clock=clock, keyring=ring, kek_loader=loader)
+
+
+def keyring_of(config: Config) -> tuple[KeyRing | None, Callable[[str], Kek] | None]:
+    """``[keys]``'s ring and KEK loader (both None without it)."""
+    keys = config.keys
+    if keys is None:
+        return None, None
+    return load_keyring(keys), (lambda source: load_source(keys, source))
 
 
 def node_name(raw: str | None = None) -> str:
@@ -64,12 +85,14 @@ class FileStore(VersionFiles):
 
     Directories are 0700 and key files 0600; with ``key_group`` the version key files are 0640
     and the directories on the way to them 0750, both owned by that group. Account keys and
-    the order journal's key stay 0600. Opening a directory written by an older release
+    the order journal's key stay 0600. With ``keyring`` (``[keys]``) every key is sealed at
+    rest instead (certd.store.filekeys). Opening a directory written by an older release
     migrates it (certd.store.migrate) when certd may write it.
     """
 
     def __init__(self, state_dir: Path, *, key_group: str | None = None, node: str | None = None,
-                 clock: Clock | None = None, audit_group: str | None = None) -> None:
+                 clock: Clock | None = None, audit_group: str | None = None, keyring: KeyRing | None = None,
+                 kek_loader: Callable[[str], Kek] | None = None) -> None:
         self.root = Path(state_dir)
         self._gid = -1
         if key_group is not None:
@@ -83,7 +106,8 @@ class FileStore(VersionFiles):
         self._certs = os.fspath(self.root / "certs")
         self.node = node_name(node)
         self._leases = FileLeases(self._ensure_cert_dir, self._clock)
-        self._accounts = FileAccounts(self.root, self._clock, self._dir_mode, self._gid)
+        self._keys = KeyFiles(self.root, keyring, kek_loader, self._key_guard)
+        self._accounts = FileAccounts(self.root, self._clock, self._dir_mode, self._gid, self._keys)
         self._audit_group = audit_group
         self._audit: AuditLog | None = None
         self._bound: dict[str, Lease] = {}  # name -> lease taken by lock() (single-host adapter)
@@ -206,29 +230,42 @@ class FileStore(VersionFiles):
         self.save_rotation(self.node, name, journal)
 
     def load_order(self, name: str) -> OrderJournal | None:
-        d = self._cert_dir(name)
-        rec = fileio.load_obj(os.fspath(d / "order.json"), "order journal")
+        d = self._cert_path(name)
+        rec = fileio.load_obj(f"{d}/order.json", "order journal")
         if rec is None:
             return None
-        try:
-            key_pem = fileio.read(os.fspath(d / "order.key"))
-        except OSError as e:
-            raise fsutil.store_error(e, d / "order.key", "read") from e
+        key_pem = self._keys.read(order_place(d, name), f"{name}: the order journal")
+        if key_pem is None:
+            raise StoreError(f"{name}: the order journal {d}/order.json has no key beside it; remove order.json "
+                             f"(the next renewal orders afresh)")
         return OrderJournal(str(rec["order_url"]), key_pem, str(rec["created"]), dict(rec.get("meta") or {}))
 
     def save_order(self, name: str, order: OrderJournal | None, *, lease: Lease | None = None) -> None:
-        """The key (0600) first, the record last: a recorded order always has its key. None:
-        the record first, then the key, zeroed."""
+        """The key (0600, or sealed) first, the record last: a recorded order always has its key.
+        None: the record first, then the key, zeroed."""
         d = self._ensure_cert_dir(name)
+        place = order_place(os.fspath(d), name)
         with self._fence(name, lease):
             if order is None:
                 fileio.remove(d / "order.json")
-                if (d / "order.key").exists():
-                    fsutil.secure_delete(d / "order.key")
+                self._keys.destroy(place)
                 return
-            fsutil.atomic_write(d / "order.key", order.key_pem, mode=0o600)
+            self._keys.write(place, order.key_pem)
             fsutil.atomic_write(d / "order.json", fileio.meta_bytes(
                 {"order_url": order.order_url, "created": order.created, "meta": order.meta}), mode=0o600)
+
+    # -- key custody -------------------------------------------------------------------------
+
+    def _key_guard(self, name: str | None) -> AbstractContextManager[None]:
+        """Sealing or re-wrapping a certificate's keys waits for its lock (a rotation in flight
+        may prune or destroy a key meanwhile); the accounts need none (written once, at
+        registration, already sealed under the newest KEK)."""
+        return self.lock(name, timeout=KEY_GUARD_WAIT) if name is not None else nullcontext()
+
+    @property
+    def keys(self) -> KeyFiles:
+        """How keys are kept at rest here (sealing an existing directory, KEK rotation, census)."""
+        return self._keys
 
     # -- state (compare-and-set) -------------------------------------------------------------
 

@@ -22,6 +22,7 @@ from certd.core.model import Bundle, CertInfo
 from certd import fs as fsutil
 from certd.store import fileio
 from certd.store.fileio import INFO_KEY, NAME_RE, version_dirname
+from certd.store.filekeys import KeyFiles, version_place
 from certd.store.port import Lease, StoredVersion, VersionInfo
 
 _CURRENT_RE = re.compile(r"versions/(\d+)/?")
@@ -35,6 +36,7 @@ class VersionFiles:
     _dir_mode: int
     _key_mode: int
     _gid: int
+    _keys: KeyFiles
 
     def _fence(self, name: str, lease: Lease | None) -> AbstractContextManager[None]:
         raise NotImplementedError
@@ -126,16 +128,17 @@ class VersionFiles:
         if not isinstance(meta, dict):
             raise StoreError(f"{vdir}/meta.json: corrupt (not a JSON object); restore it or remove version {version}")
         parts = {}
-        for f in ("cert.pem", "chain.pem", "privkey.pem"):
+        for f in ("cert.pem", "chain.pem"):
             try:
                 parts[f] = fileio.read(f"{vdir}/{f}")
             except FileNotFoundError:
-                if f == "privkey.pem" and meta.get("key_destroyed"):
-                    parts[f] = b""
-                    continue
                 raise StoreError(f"{name}: version {version} is corrupt: {vdir}/{f} is missing") from None
             except OSError as e:
                 raise fsutil.store_error(e, f"{vdir}/{f}", "read") from e
+        key = self._keys.read(version_place(self._cert_path(name), name, version), f"{name}: version {version}")
+        if key is None and not meta.get("key_destroyed"):
+            raise StoreError(f"{name}: version {version} is corrupt: {vdir}/privkey.pem is missing")
+        parts["privkey.pem"] = key or b""
         if b"-----BEGIN CERTIFICATE-----" not in parts["cert.pem"]:
             raise StoreError(f"{name}: version {version} is corrupt: {vdir}/cert.pem holds no PEM certificate")
         if parts["privkey.pem"] and b"PRIVATE KEY-----" not in parts["privkey.pem"]:
@@ -178,11 +181,22 @@ class VersionFiles:
             for fname, data in (("cert.pem", bundle.cert_pem), ("chain.pem", bundle.chain_pem),
                                 ("fullchain.pem", bundle.fullchain_pem), ("meta.json", meta_bytes)):
                 tmp.write(fname, data, mode=0o644)
-            tmp.write("privkey.pem", bundle.key_pem, mode=self._key_mode, gid=self._gid)
+            key_name = self._write_key(tmp, name, version, bundle.key_pem)
             with self._fence(name, lease):
                 while not tmp.publish(vroot / version_dirname(version)):
                     version += 1  # someone published this number meanwhile (an unfenced writer)
+                    if self._keys.sealing:  # sealed for the number it was going to have: seal again
+                        tmp.remove(key_name)
+                        self._write_key(tmp, name, version, bundle.key_pem)
         return version
+
+    def _write_key(self, tmp: fsutil.TempDir, name: str, version: int, key_pem: bytes) -> str:
+        fname, data, sealed = self._keys.encode(version_place(self._cert_path(name), name, version), key_pem)
+        if sealed:
+            tmp.write(fname, data, mode=0o600)
+        else:
+            tmp.write(fname, data, mode=self._key_mode, gid=self._gid)
+        return fname
 
     def update_meta(self, name: str, version: int, changes: dict[str, Any], *, lease: Lease | None = None) -> None:
         """Merge ``changes`` into a version's meta.json (e.g. ``key_compromised``), atomically."""
@@ -198,7 +212,7 @@ class VersionFiles:
         vdir = self._version_dir(name, version)
         if not (vdir / "cert.pem").is_file():
             raise StoreError(f"{name}: cannot make version {version} current: it is not in the store ({vdir})")
-        if not (vdir / "privkey.pem").is_file():
+        if not self._keys.exists(version_place(self._cert_path(name), name, version)):
             raise StoreError(f"{name}: cannot make version {version} current: its private key was destroyed")
         with self._fence(name, lease):
             fsutil.atomic_symlink(f"versions/{version_dirname(version)}", self._cert_dir(name) / "current")
@@ -231,7 +245,7 @@ class VersionFiles:
             raise StoreError(f"{name}: version {version} is not in the store ({vdir} is missing)")
         self.update_meta(name, version, {"key_destroyed": True}, lease=lease)
         with self._fence(name, lease):
-            fsutil.secure_delete(vdir / "privkey.pem")
+            self._keys.destroy(version_place(self._cert_path(name), name, version))
 
 
 def _oldest_first(versions: list[int], spare: Collection[int | None]) -> Iterator[int]:

@@ -35,9 +35,10 @@ from certd.ops.log import event
 
 log = logging.getLogger("certd.housekeeping")
 
-STATE_DIR_TEMPS = (".audit.head.tmp-", ".store.json.tmp-", ".migration.json.tmp-")
+STATE_DIR_TEMPS = (".audit.head.tmp-", ".store.json.tmp-", ".migration.json.tmp-", ".keys.sealed.tmp-",
+                   ".kek-rotation.json.tmp-")
 CERT_DIR_TEMPS = (".journal.json.tmp-", ".state.json.tmp-", ".lease.json.tmp-", ".order.json.tmp-",
-                  ".order.key.tmp-")
+                  ".order.key.tmp-", ".order.sealed.tmp-")
 NODE_DIR_TEMPS = (".journal.json.tmp-", ".applied.tmp-")  # certs/NAME/nodes/NODE/ (store format 2)
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from certd.core.clock import FakeClock
+from certd.crypto.custody import FileKek, KeyRing
 from certd.store.files import FileStore
 from certd.store.memory import MemoryStore
 
@@ -23,6 +24,14 @@ def files(tmp_path: Path, clock: FakeClock) -> Iterator[Opener]:
 
 
 @contextmanager
+def sealed_files(tmp_path: Path, clock: FakeClock) -> Iterator[Opener]:
+    """FileStore with [keys]: every key sealed at rest under one KEK (each opener a process that
+    read the same KEK file)."""
+    secret = bytes(range(32))
+    yield lambda node: FileStore(tmp_path / "state", node=node, clock=clock, keyring=KeyRing(FileKek(secret, "kek")))
+
+
+@contextmanager
 def memory(tmp_path: Path, clock: FakeClock) -> Iterator[Opener]:
     first = MemoryStore(clock=clock, node="node1")
     yield first.handle
@@ -30,6 +39,7 @@ def memory(tmp_path: Path, clock: FakeClock) -> Iterator[Opener]:
 
 BACKENDS: dict[str, Callable[[Path, FakeClock], Any]] = {
     "files": files,
+    "sealed_files": sealed_files,
     "memory": memory,
     # "postgres": postgres,   # the fleet issue: a private cluster per session (see TESTENV.md)
 }

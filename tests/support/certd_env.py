@@ -37,13 +37,21 @@ def toml_value(v: Any) -> str:
 
 
 def to_toml(daemon: Mapping[str, Any], acme: Mapping[str, Any], certificates: Sequence[Mapping[str, Any]],
-            alerts: Mapping[str, Any] | None = None) -> str:
-    """The subset of TOML certd's config uses: two tables (three with ``alerts``) and an array of
-    certificate tables, each with an optional deploy table and arrays of reload / verify tables."""
+            alerts: Mapping[str, Any] | None = None, tables: Mapping[str, Mapping[str, Any]] | None = None,
+            arrays: Mapping[str, Sequence[Mapping[str, Any]]] | None = None) -> str:
+    """The subset of TOML certd's config uses: two tables (more with ``alerts`` and ``tables``,
+    e.g. ``{"keys": {...}}``), arrays of flat tables (``arrays``, e.g. ``{"key_class": [...]}``)
+    and an array of certificate tables, each with an optional deploy table and arrays of
+    reload / verify tables."""
     out = ["[daemon]"] + [f"{k} = {toml_value(v)}" for k, v in daemon.items()]
     out += ["", "[acme]"] + [f"{k} = {toml_value(v)}" for k, v in acme.items()]
     if alerts:
         out += ["", "[alerts]"] + [f"{k} = {toml_value(v)}" for k, v in alerts.items()]
+    for table, values in (tables or {}).items():
+        out += ["", f"[{table}]"] + [f"{k} = {toml_value(v)}" for k, v in values.items()]
+    for table, entries in (arrays or {}).items():
+        for entry in entries:
+            out += ["", f"[[{table}]]"] + [f"{k} = {toml_value(v)}" for k, v in entry.items()]
     for cert in certificates:
         out += ["", "[[certificate]]"]
         out += [f"{k} = {toml_value(v)}" for k, v in cert.items() if k not in ("deploy", "reload", "verify")]
@@ -74,6 +82,8 @@ class CertdEnv:
         self.acme_extra: dict[str, Any] = {}
         self.alerts: dict[str, Any] | None = None   # the [alerts] table, when set
         self.extra_env: dict[str, str] = {}   # for every certd process (e.g. SOFTHSM2_CONF of a test token)
+        self.tables: dict[str, dict[str, Any]] = {}  # more top-level tables, e.g. {"keys": {...}}
+        self.arrays: dict[str, list[dict[str, Any]]] = {}  # arrays of tables, e.g. {"key_class": [...]}
         self.daemons: list[ManagedProcess] = []
 
     def refresh_root(self) -> Path:
@@ -100,7 +110,7 @@ class CertdEnv:
         # 0600 as an operator's config holding a secret must be (certd refuses inline secrets otherwise)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
-            f.write(to_toml(daemon, acme, self.certificates, self.alerts))
+            f.write(to_toml(daemon, acme, self.certificates, self.alerts, self.tables, self.arrays))
         os.replace(tmp, self.config_path)
         return self.config_path
 
