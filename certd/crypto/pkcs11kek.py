@@ -32,7 +32,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from certd.config.schema import KeysConfig
 from certd.crypto.custody import CustodyError
 from certd.crypto.pkcs11uri import Pkcs11Uri
 
@@ -415,12 +414,3 @@ class _GcmParam:
         self.raw = bytes(self._Struct(ctypes.addressof(self._iv), len(iv), len(iv) * 8,
                                       ctypes.addressof(self._aad), len(aad), TAG_BITS))
 
-
-def init_hsm_kek(keys: KeysConfig) -> Pkcs11Kek:
-    """``certd kek init`` for ``kek = "pkcs11:..."``: generate the KEK on the token (refused when
-    the label is taken). The key never leaves the token, so there is nothing to write or back up
-    here: the token's own backup or replication is the KEK's backup."""
-    if keys.kek is None or keys.pkcs11_module is None or keys.pkcs11_pin_file is None:
-        raise CustodyError("[keys] kek = \"pkcs11:...\" with pkcs11_module and pkcs11_pin_file is needed to "
-                           "create a KEK on a token")
-    return Pkcs11Kek.generate(keys.kek, keys.pkcs11_module, keys.pkcs11_pin_file)
