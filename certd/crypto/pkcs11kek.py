@@ -8,19 +8,22 @@ object: no certd process, backup or core dump ever holds it, only the data keys 
 
 The token is a device that can go away. Every failure is a :class:`CustodyError` with one
 actionable line, raised before anything is written, so what is deployed and served stays as it
-was. An open session is kept (logging in per call costs more than the wrap itself); a call that
-fails because the session or the key's handle died (token removed or re-plugged) re-opens once —
-re-initialising the library, which is how SoftHSM and most USB tokens notice a re-plugged device
-— and then either works or reports the token unavailable (:class:`TokenUnavailable`, transient:
-a later attempt may find it back). If the re-plugged token holds a different key under the
-label, certd refuses it rather than sealing new keys under a KEK the old ones do not open.
+was. One session is kept open (a login per call would cost more than the wrap); a call that
+fails because the session or the key's handle died re-opens the session once, and then works
+or reports the token unavailable (:class:`TokenUnavailable`, transient). A re-opened session
+must find the same key (same CKA_ID and check value): a token re-plugged with another key under
+the label is refused, not used to seal new keys the old ones do not open.
 
-python-pkcs11 drives one PKCS#11 library per process, and one session must not run two
-operations at once: every token call here holds one process-wide lock (the daemon's workers
-wrap and unwrap concurrently; a wrap takes ~0.1 ms on SoftHSM, so the lock is not a bottleneck).
+certd never re-initialises the module in a running process (C_Finalize + C_Initialize): with
+SoftHSM2 that breaks the process's OpenSSL (it releases the RDRAND engine it made OpenSSL's
+default; the next TLS handshake fails with ``ENGINE: NO_SUCH_ENGINE``, observed on Debian 12).
+A module that lists its tokens only at initialisation (SoftHSM2) therefore needs a certd restart
+to see a token plugged back; one whose slots report a re-inserted token gets a new session.
 
-python-pkcs11 is an optional dependency (the ``hsm`` extra): importing this module needs nothing,
-using a PKCS#11 KEK without it fails with the ``pip install`` line.
+python-pkcs11 drives one PKCS#11 library per process, and a session must not run two operations
+at once: every token call here holds one process-wide lock (the daemon's workers wrap and unwrap
+concurrently; a wrap takes well under a millisecond on SoftHSM2, so the lock costs nothing).
+python-pkcs11 is the ``hsm`` extra: without it, using a PKCS#11 KEK fails naming the extra.
 """
 
 from __future__ import annotations
@@ -86,53 +89,25 @@ def read_pin(pin_file: Path) -> str:
 
 
 class _Library:
-    """The process's one PKCS#11 library (python-pkcs11 keeps a single function table).
-
-    ``generation`` counts initialisations: a session opened under an older one is dead. A failed
-    C_Initialize (SoftHSM's token directory gone) leaves python-pkcs11's ``reinitialize`` unable
-    to start again (its C_Finalize then fails), so :meth:`reinitialize` then loads a fresh
-    library object, keeping the old ones alive: their destructor would call C_Finalize."""
+    """The process's one PKCS#11 library (python-pkcs11 keeps a single function table)."""
 
     def __init__(self, module: Path, lib: Any) -> None:
         self.module = module
         self.lib = lib
-        self.generation = 1
-        self.initialized = True
-        self._retired: list[Any] = []
-
-    def reinitialize(self, token: str) -> None:
-        p11 = _import_pkcs11()
-        self.generation += 1
-        if self.initialized:
-            try:
-                self.lib.reinitialize()
-                return
-            except (p11.PKCS11Error, RuntimeError) as e:
-                self.initialized = False
-                raise TokenUnavailable(f"PKCS#11 token {token!r} is unavailable: its module {self.module} did not "
-                                       f"start again ({_name(e)}); will retry") from None
-        from pkcs11 import _pkcs11
-        try:
-            fresh = _pkcs11.lib(str(self.module))
-        except (p11.PKCS11Error, RuntimeError) as e:
-            raise TokenUnavailable(f"PKCS#11 token {token!r} is unavailable: its module {self.module} does not "
-                                   f"initialise ({_name(e)}); will retry") from None
-        self._retired.append(self.lib)
-        self.lib, self.initialized = fresh, True
 
 
 _library: _Library | None = None
 
 
-def _load(module: Path) -> tuple[_Library, bool]:
-    """The process's library for ``module``, and whether this call loaded it."""
+def _load(module: Path) -> _Library:
+    """The process's library for ``module``, loaded (and initialised) on first use."""
     global _library
     p11 = _import_pkcs11()
     if _library is not None:
         if _library.module != module:
             raise CustodyError(f"pkcs11_module {module}: this process already uses {_library.module}, and a "
                                f"process can load one PKCS#11 module; configure the same module everywhere")
-        return _library, False
+        return _library
     if not module.is_file():
         raise CustodyError(f"pkcs11_module {module} does not exist; install the token's PKCS#11 module (for "
                            f"SoftHSM2: apt-get install softhsm2 -> /usr/lib/softhsm/libsofthsm2.so)")
@@ -145,7 +120,7 @@ def _load(module: Path) -> tuple[_Library, bool]:
         raise CustodyError(f"pkcs11_module {module} loads but does not initialise ({_name(e)}); check its "
                            f"configuration (SoftHSM2: SOFTHSM2_CONF and its token directory)") from None
     _library = _Library(module, lib)
-    return _library, True
+    return _library
 
 
 def _name(e: BaseException) -> str:
@@ -169,7 +144,6 @@ class Pkcs11Kek:
         self._library = library
         self._session: Any = None
         self._key: Any = None
-        self._generation = 0
         self._id = ""
 
     def __repr__(self) -> str:   # never the PIN
@@ -187,9 +161,8 @@ class Pkcs11Kek:
         parsed = Pkcs11Uri.parse(uri)
         pin = read_pin(pin_file)
         with _LOCK:
-            library, fresh = _load(module)
-            kek = cls(parsed, module, pin, library)
-            kek._adopt_key(kek._first_session(fresh))
+            kek = cls(parsed, module, pin, _load(module))
+            kek._adopt_key(kek._login())
             return kek
 
     @classmethod
@@ -201,9 +174,8 @@ class Pkcs11Kek:
         parsed = Pkcs11Uri.parse(uri)
         pin = read_pin(pin_file)
         with _LOCK:
-            library, fresh = _load(module)
-            kek = cls(parsed, module, pin, library)
-            session = kek._first_session(fresh)
+            kek = cls(parsed, module, pin, _load(module))
+            session = kek._login()
             label = parsed.object
             try:
                 if next(iter(session.get_objects({p11.Attribute.LABEL: label})), None) is not None:
@@ -236,38 +208,29 @@ class Pkcs11Kek:
                                                       mechanism_param=param.raw), refused)
 
     def close(self) -> None:
-        """Log out and close the session (the key stays on the token)."""
+        """Close the session (the key stays on the token)."""
         with _LOCK:
-            session, self._session, self._key = self._session, None, None
-            if session is not None and self._generation == self._library.generation:
-                try:
-                    session.close()
-                except Exception:   # noqa: BLE001 - a dead session is closed enough
-                    pass
+            self._drop()
 
     # -- the session ------------------------------------------------------------------------
 
     def _run(self, op: Callable[[Any, Any], T], refused: str) -> T:
         """``op(key, pkcs11)`` in the token, re-opening the session once if it or the key's handle
-        died (re-initialising the library unless another KEK object already has since this one
-        last connected). A failure while the token still answers is the input's fault: ``refused``."""
+        died. A failure while the token still answers is the input's fault: ``refused``."""
         p11 = _import_pkcs11()
         with _LOCK:
-            for attempt in (1, 2):
+            for _attempt in (1, 2):
+                if self._key is None:
+                    self._adopt_key(self._login())
                 try:
-                    if self._key is None or self._generation != self._library.generation:
-                        self._connect(reinitialize=attempt == 2 and self._generation == self._library.generation)
                     return op(self._key, p11)
-                except TokenUnavailable:
-                    if attempt == 2:
-                        raise
-                    self._key = None
                 except (p11.PKCS11Error, RuntimeError) as e:
                     if self._alive(p11):   # the token answers: it refused this input
                         raise CustodyError(f"{refused} ({_name(e)})") from None
-                    self._key = None
+                    self._drop()
             raise TokenUnavailable(f"PKCS#11 token {self.uri.token!r} is unavailable: its session fails even after "
-                                   f"re-opening it; put the token back, will retry")
+                                   f"re-opening it; put the token back (then restart certd if the module lists "
+                                   f"tokens only at start, as SoftHSM2 does)")
 
     def _alive(self, p11: Any) -> bool:
         try:
@@ -276,25 +239,13 @@ class Pkcs11Kek:
         except (p11.PKCS11Error, RuntimeError):
             return False
 
-    def _connect(self, reinitialize: bool) -> None:
-        self._session = self._key = None
-        if reinitialize:
-            self._library.reinitialize(self.uri.token)
-        self._generation = self._library.generation   # what this attempt saw, failed or not
-        self._adopt_key(self._login())
-
-    def _first_session(self, fresh: bool) -> Any:
-        """A session for :meth:`open`/:meth:`generate`. A module loaded earlier in this process
-        lists the tokens it saw then: look again once for a token plugged in since."""
-        self._generation = self._library.generation
-        try:
-            return self._login()
-        except TokenUnavailable:
-            if fresh:
-                raise
-            self._library.reinitialize(self.uri.token)
-            self._generation = self._library.generation
-            return self._login()
+    def _drop(self) -> None:
+        session, self._session, self._key = self._session, None, None
+        if session is not None:
+            try:
+                session.close()
+            except Exception:   # noqa: BLE001 - a dead session is closed enough
+                pass
 
     def _adopt_key(self, session: Any) -> None:
         """Find the key in ``session`` and keep both; it must be the key first opened."""

@@ -5,14 +5,14 @@ Fixture (registered as a pytest plugin by ``tests/conftest.py``):
 - ``softhsm`` -> :class:`SoftHsmToken`: a token initialised for this test only, in a token
   directory under ``tmp_path`` named by a ``SOFTHSM2_CONF`` of its own. Unpacks as
   ``uri, module, pin_file = softhsm`` (what ``[keys]`` needs); ``.env`` is the environment a
-  certd process needs to find the token (CertdEnv's ``extra_env``), ``.remove()`` /
+  process needs to find the token (give it to CertdEnv's ``extra_env``); ``.remove()`` /
   ``.replug()`` take the token away and bring it back (its directory moved out and in).
 
-SoftHSM2 reads ``SOFTHSM2_CONF`` when the library initialises: the fixture sets it in this
-process too (monkeypatch, undone at teardown), so python-pkcs11 in the test itself sees the
-token; certd's PKCS#11 KEK re-initialises the library when a token is missing, which is how a
-process that loaded the module in an earlier test finds this test's token (so every token has
-a label of its own).
+SoftHSM2 reads ``SOFTHSM2_CONF`` when a process initialises the module, once: a process can
+never switch to another test's token, and must not finalise and re-initialise the module either
+(that breaks its OpenSSL, see certd/crypto/pkcs11kek.py). So token work runs in processes of
+its own (certd's, or a short ``python -c``), never in pytest's; each token still gets a label of
+its own, so one process can never mistake an earlier test's token for this one.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ class SoftHsmToken:
         self.module = MODULE
         self.label = f"{TOKEN_LABEL} {os.getpid()}-{next(_serial)}"
         self.uri = f"pkcs11:token={self.label.replace(' ', '%20')};object={KEY_LABEL}"
-        self._away = base / "removed-token"
+        self.away = base / "removed-token"
 
     @property
     def env(self) -> dict[str, str]:
@@ -74,21 +74,20 @@ class SoftHsmToken:
 
     def remove(self) -> None:
         """Unplug: the token's directory moves out of SoftHSM2's sight."""
-        self.token_dir().rename(self._away)
+        self.token_dir().rename(self.away)
 
     def replug(self) -> None:
-        self._away.rename(self.tokendir / "replugged")
+        self.away.rename(self.tokendir / "replugged")
 
     def _util_env(self) -> dict[str, str]:
         return {**os.environ, **self.env}
 
 
 @pytest.fixture
-def softhsm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> SoftHsmToken:
-    """A SoftHSM2 token private to this test; SOFTHSM2_CONF points at it while the test runs."""
+def softhsm(tmp_path: Path) -> SoftHsmToken:
+    """A SoftHSM2 token private to this test (its ``.env`` names its SOFTHSM2_CONF)."""
     if not MODULE.is_file():
         pytest.fail(f"{MODULE} is missing: run scripts/setup.sh (it installs Debian's softhsm2)")
     token = SoftHsmToken(tmp_path / "softhsm")
     token.init()
-    monkeypatch.setenv("SOFTHSM2_CONF", str(token.conf))
     return token
