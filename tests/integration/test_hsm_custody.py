@@ -1,0 +1,141 @@
+"""Keys at rest sealed under a KEK on a real PKCS#11 token (SoftHSM2), end to end: real Pebble,
+nginx serving what certd deploys, the certd CLI and daemon as processes.
+
+The token's key never leaves it: ``certd kek init`` creates it there, every stored key's data key
+is wrapped and unwrapped inside it, and a removed token stops certd with one clear line while
+nginx goes on serving the last deployed (matching) certificate and key.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+from certd.crypto.custody import is_sealed, sealed_kek
+from tests.support.certd_env import CertdEnv, key_matches
+from tests.support.procs import wait_until
+from tests.support.server_fixtures import served_fingerprint
+from tests.support.softhsm import SoftHsmToken
+
+SNI = "www.example.test"
+DOMAINS = ["www.example.test"]
+
+
+def grep_private_keys(state_dir: Path) -> str:
+    """``grep -r "PRIVATE KEY"`` over the state dir: what it prints (empty: nothing found)."""
+    r = subprocess.run(["grep", "-rl", "PRIVATE KEY", str(state_dir)], capture_output=True, text=True)
+    assert r.returncode in (0, 1), r.stderr
+    return r.stdout
+
+
+class TokenSite:
+    """certd keeping 'www' for one nginx, its keys sealed under the token's KEK."""
+
+    def __init__(self, env: CertdEnv, token: SoftHsmToken, nginx_factory: Callable[..., Any]) -> None:
+        self.env, self.token = env, token
+        self.live = env.dir / "live" / "www"
+        env.extra_env.update(token.env)
+        env.tables["keys"] = {"kek": token.uri, "pkcs11_module": str(token.module),
+                              "pkcs11_pin_file": str(token.pin_file)}
+        env.refresh_root()
+        env.write_config([self.cert(reload=[])])
+        r = env.run("kek", "init", check=0)
+        assert "on the token" in r.stdout and "never leaves it" in r.stdout
+        self.kek_id = r.stdout.split("created KEK ", 1)[1].split()[0]
+        env.run("renew", "--all", check=0)
+        self.nginx = nginx_factory(self.live / "fullchain.pem", self.live / "privkey.pem", server_name=SNI)
+        env.write_config([self.cert()])
+
+    def cert(self, reload: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        verify = [] if reload == [] else [{"endpoint": f"127.0.0.1:{self.nginx.port}", "sni": SNI,
+                                           "ca_bundle": str(self.env.root_path)}]
+        return self.env.http_cert("www", DOMAINS, keep_versions=4, verify_timeout="3s",
+                                  deploy={"live_dir": str(self.live)}, verify=verify,
+                                  reload=[{"hook": "nginx", "config": str(self.nginx.config)}] if reload is None
+                                  else reload)
+
+    def stored(self) -> dict[str, Any]:
+        return self.env.status("www")["www"]
+
+    def served(self) -> str:
+        return served_fingerprint(self.nginx.port, SNI)
+
+    def assert_serving(self, version: int) -> None:
+        """nginx serves the stored version ``version``, and the deployed key matches it."""
+        row = self.stored()
+        assert row["version"] == version, row
+        assert self.served() == row["fingerprint_sha256"]
+        assert key_matches(self.live / "fullchain.pem", self.live / "privkey.pem")
+
+
+@pytest.fixture
+def token_site(pebble: Any, certd_env: Callable[..., CertdEnv], softhsm: SoftHsmToken,
+               nginx_factory: Callable[..., Any]) -> TokenSite:
+    """A token KEK made by `certd kek init`, a first certificate sealed under it, nginx serving it."""
+    return TokenSite(certd_env(pebble), softhsm, nginx_factory)
+
+
+def test_issue_renew_roll_back_and_restart_with_the_kek_on_a_token(token_site: TokenSite) -> None:
+    """Every stored key sealed under the token KEK; renew, rollback and a daemon restart all work."""
+    site, env = token_site, token_site.env
+    site.assert_serving(1)
+    assert grep_private_keys(env.state_dir) == ""
+    sealed = [p for p in env.state_dir.rglob("*.sealed") if is_sealed(p.read_bytes())]
+    assert len(sealed) == 2   # the version's key and the ACME account key
+    assert all(sealed_kek(p.read_bytes()) == site.kek_id for p in sealed)
+    assert f"keys: sealed under KEK {site.kek_id}" in env.run("status", check=0).stdout
+
+    assert "renewed: version 2" in env.run("renew", "www", "--force", check=0).stdout
+    site.assert_serving(2)
+    assert "rolled back to version 1" in env.run("rollback", "www", check=0).stdout
+    site.assert_serving(1)
+
+    daemon = env.start_daemon()
+    env.run("renew", "www", "--force", "--wait", check=0)
+    site.assert_serving(3)
+    daemon.stop(timeout=30)
+    env.start_daemon()   # a new process: a new session on the token, the same KEK id
+    env.run("rollback", "www", "--to", "2", check=0)
+    site.assert_serving(2)
+    assert grep_private_keys(env.state_dir) == ""
+
+
+def test_a_removed_token_fails_the_renewal_in_one_line_and_nginx_keeps_serving(token_site: TokenSite) -> None:
+    """Token pulled under a running daemon: `renew --force` fails naming it, nginx serves the old key;
+    plugged back and certd restarted (SoftHSM2 lists tokens only at start), renewals work again."""
+    site, env = token_site, token_site.env
+    daemon = env.start_daemon()
+    # its first look at the certificate (an ARI poll) done, so what fails below is the forced renewal
+    wait_until(lambda: "renewal_decision name=www" in daemon.log_text(), timeout=30, what="the daemon's ARI poll")
+    before = site.stored()
+    site.token.remove()
+    r = env.run("renew", "www", "--force", "--wait", check=1)
+    assert f"www: PKCS#11 token '{site.token.label}' is unavailable" in r.stdout, r.stdout + r.stderr
+    assert "PRIVATE KEY" not in r.stdout + r.stderr
+    assert site.served() == before["fingerprint_sha256"]
+    site.assert_serving(before["version"])
+
+    site.token.replug()
+    daemon.stop(timeout=30)
+    env.start_daemon()
+    env.run("renew", "www", "--force", "--wait", check=0)
+    site.assert_serving(before["version"] + 1)
+    assert grep_private_keys(env.state_dir) == ""
+
+
+def test_a_cli_without_the_token_refuses_at_start_and_changes_nothing(token_site: TokenSite) -> None:
+    """No daemon, token removed: `certd renew --force` exits 1 in one line saying the token is unavailable."""
+    site, env = token_site, token_site.env
+    before = site.stored()
+    site.token.remove()
+    r = env.run("renew", "www", "--force", check=1)
+    assert f"PKCS#11 token '{site.token.label}' is unavailable" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert site.served() == before["fingerprint_sha256"]
+    assert key_matches(site.live / "fullchain.pem", site.live / "privkey.pem")
+    site.token.replug()
+    assert site.stored()["version"] == before["version"]
+
