@@ -83,8 +83,9 @@ def check_line(cfg: Config) -> str:
     if cfg.keys is None:
         return (f"keys: stored unencrypted in {cfg.daemon.state_dir} (no [keys] section; see docs/KEYS.md to seal "
                 f"them under a key-encryption key)")
-    from certd.crypto import kekload
-    ring = kekload.load_keyring(cfg.keys)
+    from certd.store.files import keyring_of
+    ring, _ = keyring_of(cfg)  # ConfigError (exit 2) when the KEK cannot be loaded
+    assert ring is not None
     old = len(ring.kek_ids) - 1
     return (f"keys: sealed under KEK {ring.current.kek_id} ({cfg.keys.kek_source})"
             + (f"; {old} older KEK{'s' if old != 1 else ''} accepted for opening" if old else ""))

@@ -40,6 +40,11 @@ KINDS = frozenset({
     "expiring_soon",     # past the emergency point without a successful renewal
     "state_dir_tightened",  # the state dir was group/world accessible and certd made it 0700
     "cert_broken",       # certd cannot plan or deploy this certificate (state "broken"); the rest go on
+    "keys_sealed",       # [keys] added: the plain keys in the state dir were sealed under the KEK
+    "keys_seal_failed",  # ... and that failed part way (resumed at the next start or reload)
+    "kek_rotation_started",  # certd kek rotate: every key's data key is being re-wrapped under a new KEK
+    "kek_rotated",       # ... and all were
+    "dry_run",           # certd renew --dry-run: an order against the staging directory, nothing stored
 })
 
 

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from certd.config.schema import KeysConfig
+from certd.core.errors import UsageError
 from certd.crypto.custody import CustodyError, FileKek, Kek, KeyRing, new_kek_secret
 from certd import fs as fsutil
 
@@ -75,10 +76,10 @@ def create_kek_file(path: Path, *, owner_like: Path | None = None) -> str:
     to the owner of ``owner_like`` (the state directory: certd's user). Returns the KEK id."""
     secret = new_kek_secret()
     if os.path.lexists(path):
-        raise CustodyError(f"{path} already exists; a KEK is never overwritten (every key sealed under it would be "
+        raise UsageError(f"{path} already exists; a KEK is never overwritten (every key sealed under it would be "
                            f"lost): choose another file, e.g. {path}.new, and rotate with `certd kek rotate --new`")
     if not path.parent.is_dir():
-        raise CustodyError(f"directory {path.parent} does not exist; create it (root-owned, 0755) first")
+        raise UsageError(f"directory {path.parent} does not exist; create it (root-owned, 0755) first")
     uid = gid = -1
     if owner_like is not None and os.geteuid() == 0:
         try:

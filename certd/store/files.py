@@ -36,9 +36,9 @@ from pathlib import Path
 from typing import Any
 
 from certd.core.clock import Clock, SystemClock
-from certd.core.errors import StoreError
+from certd.core.errors import ConfigError, StoreError
 from certd.config import Config
-from certd.crypto.custody import Kek, KeyRing
+from certd.crypto.custody import CustodyError, Kek, KeyRing
 from certd.crypto.kekload import load_keyring, load_source
 from certd import fs as fsutil
 from certd.ops.audit import AuditLog, open_for
@@ -67,11 +67,16 @@ def open_store(config: Config, *, audit_group: str | None = None, clock: Clock |
 
 
 def keyring_of(config: Config) -> tuple[KeyRing | None, Callable[[str], Kek] | None]:
-    """``[keys]``'s ring and KEK loader (both None without it)."""
+    """``[keys]``'s ring and KEK loader (both None without it); :class:`ConfigError` when the
+    KEK cannot be loaded."""
     keys = config.keys
     if keys is None:
         return None, None
-    return load_keyring(keys), (lambda source: load_source(keys, source))
+    try:
+        ring = load_keyring(keys)
+    except CustodyError as e:  # the KEK is configuration: exit 2, like any other config problem
+        raise ConfigError(f"{config.path}: [keys]: {e}") from None
+    return ring, (lambda source: load_source(keys, source))
 
 
 def node_name(raw: str | None = None) -> str:
