@@ -130,3 +130,49 @@ def test_a_removed_token_fails_renewals_in_one_line_and_nginx_keeps_serving(toke
     env.run("renew", "www", "--force", "--wait", check=0)
     site.assert_serving(before["version"] + 1)
     assert grep_private_keys(env.state_dir) == ""
+
+
+def test_kek_rotation_from_a_kek_file_to_the_token(pebble: Any, certd_env: Callable[..., CertdEnv],
+                                                  softhsm: SoftHsmToken, nginx_factory: Callable[..., Any],
+                                                  tmp_path: Path) -> None:
+    """Keys sealed under a KEK file move to the token with `certd kek rotate --new pkcs11:...`; once the
+    file is destroyed, a rollback to the oldest version still opens its key (unwrapped inside the token)."""
+    env = certd_env(pebble)
+    kek_file = tmp_path / "file.kek"
+    env.tables["keys"] = {"kek_file": str(kek_file)}
+    live = env.dir / "live" / "www"
+    env.refresh_root()
+    env.write_config([env.http_cert("www", DOMAINS, keep_versions=4, deploy={"live_dir": str(live)})])
+    env.run("kek", "init", check=0)
+    env.run("renew", "--all", check=0)
+    nginx = nginx_factory(live / "fullchain.pem", live / "privkey.pem", server_name=SNI)
+    env.write_config([env.http_cert("www", DOMAINS, keep_versions=4, verify_timeout="3s",
+                                    deploy={"live_dir": str(live)},
+                                    reload=[{"hook": "nginx", "config": str(nginx.config)}],
+                                    verify=[{"endpoint": f"127.0.0.1:{nginx.port}", "sni": SNI,
+                                             "ca_bundle": str(env.root_path)}])])
+    env.run("renew", "www", "--force", check=0)
+    v1 = env.status("www")["www"]
+    assert v1["version"] == 2
+
+    # the token KEK becomes the current one; the file is still accepted for opening
+    env.extra_env.update(softhsm.env)
+    env.tables["keys"] = {"kek": softhsm.uri, "pkcs11_module": str(softhsm.module),
+                          "pkcs11_pin_file": str(softhsm.pin_file), "old_kek_files": [str(kek_file)]}
+    env.write_config()
+    token_id = env.run("kek", "init", check=0).stdout.split("created KEK ", 1)[1].split()[0]
+    r = env.run("kek", "rotate", "--new", softhsm.uri, check=0)
+    assert f"under KEK {token_id}" in r.stdout, r.stdout + r.stderr
+    sealed = [p for p in env.state_dir.rglob("*.sealed") if is_sealed(p.read_bytes())]
+    assert len(sealed) == 3 and {sealed_kek(p.read_bytes()) for p in sealed} == {token_id}
+
+    # the file destroyed and dropped: everything opens through the token alone
+    kek_file.unlink()
+    env.tables["keys"].pop("old_kek_files")
+    env.write_config()
+    env.run("renew", "www", "--force", check=0)
+    env.run("rollback", "www", "--to", "1", check=0)
+    row = env.status("www")["www"]
+    assert row["version"] == 1 and served_fingerprint(nginx.port, SNI) == row["fingerprint_sha256"]
+    assert key_matches(live / "fullchain.pem", live / "privkey.pem")
+    assert grep_private_keys(env.state_dir) == ""
