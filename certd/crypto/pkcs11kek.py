@@ -257,8 +257,7 @@ class Pkcs11Kek:
                 attrs[p11.Attribute.ID] = self.uri.id
             keys = list(session.get_objects(attrs))
         except (p11.PKCS11Error, RuntimeError) as e:
-            raise TokenUnavailable(f"PKCS#11 token {self.uri.token!r} is unavailable: searching it failed "
-                                   f"({_name(e)}); will retry") from None
+            raise self._unavailable("searching it", e) from None
         if not keys:
             raise CustodyError(f"PKCS#11 token {self.uri.token!r} has no AES key labelled {self.uri.object!r}"
                                f"{' with that id' if self.uri.id else ''}; create it with `certd kek init`")
@@ -289,20 +288,22 @@ class Pkcs11Kek:
                                f"file before retrying (the token locks the PIN after a few wrong tries)") from None
         except p11.PinLocked:
             raise CustodyError(f"PKCS#11 token {self.uri.token!r}: the user PIN is locked; the token's security "
-                               f"officer must unlock it (softhsm2/pkcs11-tool --init-pin)") from None
+                               f"officer must set a new one (pkcs11-tool --login --login-type so --init-pin)") from None
         except p11.PinExpired:
             raise CustodyError(f"PKCS#11 token {self.uri.token!r}: the user PIN has expired; set a new one and "
                                f"write it to pkcs11_pin_file") from None
         except (p11.PKCS11Error, RuntimeError) as e:
-            raise TokenUnavailable(f"PKCS#11 token {self.uri.token!r} is unavailable: opening a session failed "
-                                   f"({_name(e)}); will retry") from None
+            raise self._unavailable("opening a session", e) from None
 
     def _open_logged_in(self, token: Any, p11: Any) -> Any:
         try:
             return token.open(rw=True)
         except (p11.PKCS11Error, RuntimeError) as e:
-            raise TokenUnavailable(f"PKCS#11 token {self.uri.token!r} is unavailable: opening a session failed "
-                                   f"({_name(e)}); will retry") from None
+            raise self._unavailable("opening a session", e) from None
+
+    def _unavailable(self, doing: str, e: BaseException) -> TokenUnavailable:
+        return TokenUnavailable(f"PKCS#11 token {self.uri.token!r} is unavailable: {doing} failed ({_name(e)}); "
+                                f"check that it is plugged in and that {self.module} works with it")
 
     def _token(self, p11: Any) -> Any:
         lib = self._library.lib
@@ -310,8 +311,7 @@ class Pkcs11Kek:
             found = [t for t in lib.get_tokens(token_label=self.uri.token)
                      if self.uri.serial is None or t.serial.decode(errors="replace") == self.uri.serial]
         except (p11.PKCS11Error, RuntimeError) as e:
-            raise TokenUnavailable(f"PKCS#11 token {self.uri.token!r} is unavailable: {self.module} cannot list "
-                                   f"its tokens ({_name(e)}); will retry") from None
+            raise self._unavailable("listing the tokens", e) from None
         if len(found) == 1:
             return found[0]
         if found:

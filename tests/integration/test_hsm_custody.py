@@ -31,6 +31,20 @@ def grep_private_keys(state_dir: Path) -> str:
     return r.stdout
 
 
+def www_cert(env: CertdEnv, live: Path, nginx: Any | None = None) -> dict[str, Any]:
+    """'www' deployed to ``live``; with ``nginx``, reloaded and verified there too."""
+    served: dict[str, Any] = {} if nginx is None else {
+        "reload": [{"hook": "nginx", "config": str(nginx.config)}],
+        "verify": [{"endpoint": f"127.0.0.1:{nginx.port}", "sni": SNI, "ca_bundle": str(env.root_path)}]}
+    return env.http_cert("www", DOMAINS, keep_versions=4, verify_timeout="3s", deploy={"live_dir": str(live)},
+                         **served)
+
+
+def sealed_keks(state_dir: Path) -> list[str | None]:
+    """The KEK id each sealed key in the state dir names."""
+    return [sealed_kek(p.read_bytes()) for p in sorted(state_dir.rglob("*.sealed")) if is_sealed(p.read_bytes())]
+
+
 class TokenSite:
     """certd keeping 'www' for one nginx, its keys sealed under the token's KEK."""
 
@@ -41,21 +55,13 @@ class TokenSite:
         env.tables["keys"] = {"kek": token.uri, "pkcs11_module": str(token.module),
                               "pkcs11_pin_file": str(token.pin_file)}
         env.refresh_root()
-        env.write_config([self.cert(reload=[])])
+        env.write_config([www_cert(env, self.live)])
         r = env.run("kek", "init", check=0)
         assert "on the token" in r.stdout and "never leaves it" in r.stdout
         self.kek_id = r.stdout.split("created KEK ", 1)[1].split()[0]
         env.run("renew", "--all", check=0)
         self.nginx = nginx_factory(self.live / "fullchain.pem", self.live / "privkey.pem", server_name=SNI)
-        env.write_config([self.cert()])
-
-    def cert(self, reload: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-        verify = [] if reload == [] else [{"endpoint": f"127.0.0.1:{self.nginx.port}", "sni": SNI,
-                                           "ca_bundle": str(self.env.root_path)}]
-        return self.env.http_cert("www", DOMAINS, keep_versions=4, verify_timeout="3s",
-                                  deploy={"live_dir": str(self.live)}, verify=verify,
-                                  reload=[{"hook": "nginx", "config": str(self.nginx.config)}] if reload is None
-                                  else reload)
+        env.write_config([www_cert(env, self.live, self.nginx)])
 
     def stored(self) -> dict[str, Any]:
         return self.env.status("www")["www"]
@@ -83,9 +89,7 @@ def test_issue_renew_roll_back_and_restart_with_the_kek_on_a_token(token_site: T
     site, env = token_site, token_site.env
     site.assert_serving(1)
     assert grep_private_keys(env.state_dir) == ""
-    sealed = [p for p in env.state_dir.rglob("*.sealed") if is_sealed(p.read_bytes())]
-    assert len(sealed) == 2   # the version's key and the ACME account key
-    assert all(sealed_kek(p.read_bytes()) == site.kek_id for p in sealed)
+    assert sealed_keks(env.state_dir) == [site.kek_id] * 2   # the version's key and the ACME account key
     assert f"keys: sealed under KEK {site.kek_id}" in env.run("status", check=0).stdout
 
     assert "renewed: version 2" in env.run("renew", "www", "--force", check=0).stdout
@@ -118,9 +122,10 @@ def test_a_removed_token_fails_renewals_in_one_line_and_nginx_keeps_serving(toke
     assert site.served() == before["fingerprint_sha256"]
     assert key_matches(site.live / "fullchain.pem", site.live / "privkey.pem")
 
-    daemon.stop(timeout=30)   # without a daemon, the CLI itself cannot open the stored keys
-    r = env.run("renew", "www", "--force", check=1)
-    assert r.stderr.startswith(f"certd: PKCS#11 token '{site.token.label}' is unavailable: not found in ")
+    daemon.stop(timeout=30)   # without a daemon, the CLI cannot load the KEK: a [keys] problem (exit 2)
+    r = env.run("renew", "www", "--force", check=2)
+    assert r.stderr.startswith(f"certd: {env.config_path}: [keys]: PKCS#11 token '{site.token.label}' is "
+                               f"unavailable: not found in "), r.stderr
     assert len(r.stderr.splitlines()) == 1, r.stderr
     assert site.served() == before["fingerprint_sha256"]
 
@@ -142,18 +147,14 @@ def test_kek_rotation_from_a_kek_file_to_the_token(pebble: Any, certd_env: Calla
     env.tables["keys"] = {"kek_file": str(kek_file)}
     live = env.dir / "live" / "www"
     env.refresh_root()
-    env.write_config([env.http_cert("www", DOMAINS, keep_versions=4, deploy={"live_dir": str(live)})])
-    env.run("kek", "init", check=0)
+    env.write_config([www_cert(env, live)])
+    file_id = env.run("kek", "init", check=0).stdout.split("created KEK ", 1)[1].split()[0]
     env.run("renew", "--all", check=0)
     nginx = nginx_factory(live / "fullchain.pem", live / "privkey.pem", server_name=SNI)
-    env.write_config([env.http_cert("www", DOMAINS, keep_versions=4, verify_timeout="3s",
-                                    deploy={"live_dir": str(live)},
-                                    reload=[{"hook": "nginx", "config": str(nginx.config)}],
-                                    verify=[{"endpoint": f"127.0.0.1:{nginx.port}", "sni": SNI,
-                                             "ca_bundle": str(env.root_path)}])])
+    env.write_config([www_cert(env, live, nginx)])
     env.run("renew", "www", "--force", check=0)
-    v1 = env.status("www")["www"]
-    assert v1["version"] == 2
+    assert env.status("www")["www"]["version"] == 2
+    assert sealed_keks(env.state_dir) == [file_id] * 3   # two versions' keys and the account key
 
     # the token KEK becomes the current one; the file is still accepted for opening
     env.extra_env.update(softhsm.env)
@@ -163,8 +164,7 @@ def test_kek_rotation_from_a_kek_file_to_the_token(pebble: Any, certd_env: Calla
     token_id = env.run("kek", "init", check=0).stdout.split("created KEK ", 1)[1].split()[0]
     r = env.run("kek", "rotate", "--new", softhsm.uri, check=0)
     assert f"under KEK {token_id}" in r.stdout, r.stdout + r.stderr
-    sealed = [p for p in env.state_dir.rglob("*.sealed") if is_sealed(p.read_bytes())]
-    assert len(sealed) == 3 and {sealed_kek(p.read_bytes()) for p in sealed} == {token_id}
+    assert sealed_keks(env.state_dir) == [token_id] * 3
 
     # the file destroyed and dropped: everything opens through the token alone
     kek_file.unlink()
