@@ -53,10 +53,8 @@ class Renew:
     def __call__(self, req: RenewRequest, progress: Progress | None = None) -> Outcome:
         """Renew ``req.cert`` if due (now, if forced); never raises for a CertdError."""
         say = sayer(req.name, progress)
-        locked = False
         try:
             with self.ports.lock(req.name):
-                locked = True
                 resumed = self.rotations.resume(req.cert, say)
                 outcome = self.locked(req, say)
                 return outcome if resumed is None else with_resumed(outcome, resumed)
