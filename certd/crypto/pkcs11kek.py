@@ -97,6 +97,7 @@ class _Library:
 
 
 _library: _Library | None = None
+_opened: dict[tuple[str, Path, str], Pkcs11Kek] = {}   # what open() handed out, by URI, module and PIN
 
 
 def _load(module: Path) -> _Library:
@@ -157,12 +158,17 @@ class Pkcs11Kek:
 
     @classmethod
     def open(cls, uri: str, module: Path, pin_file: Path) -> Pkcs11Kek:
-        """Log in to the token and find the key; :class:`CustodyError` says what is missing."""
+        """Log in to the token and find the key; :class:`CustodyError` says what is missing.
+        Opened again in the same process (the daemon re-reads ``[keys]`` at every reload), the
+        KEK already open is checked and handed back instead of opening one more session."""
         parsed = Pkcs11Uri.parse(uri)
         pin = read_pin(pin_file)
         with _LOCK:
-            kek = cls(parsed, module, pin, _load(module))
-            kek._adopt_key(kek._login())
+            kek = _opened.get((str(parsed), module, pin))
+            if kek is None:
+                kek = cls(parsed, module, pin, _load(module))
+            kek._run(lambda key, p11: key[p11.Attribute.KEY_TYPE], "the token does not answer for the KEK")
+            _opened[(str(parsed), module, pin)] = kek
             return kek
 
     @classmethod

@@ -220,6 +220,13 @@ def test_concurrent_wraps_and_unwraps_from_many_threads(softhsm: SoftHsmToken, k
     assert out == ["0"]
 
 
+def test_opening_the_kek_again_in_one_process_reuses_it(softhsm: SoftHsmToken, kek_id: str) -> None:
+    """A daemon reload opens [keys] again: the same KEK object and session, not one more session each time."""
+    ok(in_process(softhsm, "k1 = Pkcs11Kek.open(uri, module, pin_file)\n"
+                           "k2 = Pkcs11Kek.open(uri, module, pin_file)\n"
+                           "assert k1 is k2 and k1.unwrap(k2.wrap(b'r' * 32, AAD), AAD) == b'r' * 32"))
+
+
 def test_without_python_pkcs11_the_error_names_the_extra(softhsm: SoftHsmToken) -> None:
     """python-pkcs11 not installed: the error says which extra to install."""
     r = in_process(softhsm, "sys.modules['pkcs11'] = None   # how an absent package looks to import\n"
