@@ -254,7 +254,18 @@ class Pkcs11Kek:
                 pass
 
     def _adopt_key(self, session: Any) -> None:
-        """Find the key in ``session`` and keep both; it must be the key first opened."""
+        """Find the key in ``session`` and keep both; it must be the key first opened. The
+        session is closed again when it is not kept."""
+        try:
+            self._find_key(session)
+        except CustodyError:
+            try:
+                session.close()
+            except Exception:   # noqa: BLE001 - the error being raised says more
+                pass
+            raise
+
+    def _find_key(self, session: Any) -> None:
         p11 = _import_pkcs11()
         try:
             attrs = {p11.Attribute.CLASS: p11.ObjectClass.SECRET_KEY, p11.Attribute.KEY_TYPE: p11.KeyType.AES,
