@@ -334,8 +334,9 @@ class Pkcs11Kek:
         if found:
             raise CustodyError(f"{len(found)} PKCS#11 tokens are labelled {self.uri.token!r}; add serial=... to the "
                                f"URI (softhsm2-util --show-slots or pkcs11-tool -L shows the serials)")
+        which = "token= and serial=" if self.uri.serial else "token= label"
         raise TokenUnavailable(f"PKCS#11 token {self.uri.token!r} is unavailable: not found in {self.module} (tokens "
-                               f"present: {_labels(p11, lib)}); plug it in, or fix the token= label in kek")
+                               f"present: {_labels(p11, lib)}); plug it in, or fix the {which} in kek")
 
 
 def _labels(p11: Any, lib: Any) -> str:

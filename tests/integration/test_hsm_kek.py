@@ -164,7 +164,9 @@ def test_pin_file_readable_by_others_is_refused(softhsm: SoftHsmToken, kek_id: s
 
 @pytest.mark.parametrize("uri, kind, expected", [
     ("pkcs11:token=elsewhere;object=kek", "TokenUnavailable", "PKCS#11 token 'elsewhere' is unavailable: not found in /usr/lib/softhsm/libsofthsm2.so (tokens present: 'LABEL'); plug it in, or fix the token= label in kek"),
+    ("URI;serial=0000;object=kek", "TokenUnavailable", "PKCS#11 token 'LABEL' is unavailable: not found in /usr/lib/softhsm/libsofthsm2.so (tokens present: 'LABEL'); plug it in, or fix the token= and serial= in kek"),
     ("URI;object=nokek", "CustodyError", "PKCS#11 token 'LABEL' has no AES key labelled 'nokek'; create it with `certd kek init`"),
+    ("URI;object=kek;id=%00", "CustodyError", "PKCS#11 token 'LABEL' has no AES key labelled 'kek' with that id; create it with `certd kek init`"),
 ])
 def test_missing_token_or_key_is_one_line_saying_what_to_do(softhsm: SoftHsmToken, kek_id: str, uri: str,
                                                            kind: str, expected: str) -> None:
