@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # One-shot, idempotent setup of a development/CI machine (Debian 12, as root):
 #
-#   1. Debian packages: nginx, haproxy (real servers for the integration tests), openssl,
-#      ca-certificates, debian-archive-keyring (verifies the Pebble download), and python3 +
-#      python3-venv when the python3 on PATH is older than 3.11 or cannot make a venv.
-#      apt runs only when something is missing. Services the packages start are stopped and
-#      disabled again: tests run their own nginx/haproxy on high loopback ports.
-#   2. .venv in the repo with `pip install -e '.[test,lint]'` (skipped while pyproject.toml and
-#      the extras are unchanged since the last successful install and the imports and the
-#      linters' entry points work).
+#   1. Debian packages: nginx, haproxy (real servers for the integration tests), softhsm2 (a
+#      real PKCS#11 token for the HSM-held KEK's tests), openssl, ca-certificates,
+#      debian-archive-keyring (verifies the Pebble download), and python3 + python3-venv when
+#      the python3 on PATH is older than 3.11 or cannot make a venv. apt runs only when
+#      something is missing. Services the packages start are stopped and disabled again:
+#      tests run their own nginx/haproxy on high loopback ports.
+#   2. .venv in the repo with `pip install -e '.[test,lint,hsm,keys]'` (skipped while
+#      pyproject.toml and the extras are unchanged since the last successful install and the
+#      imports and the linters' entry points work).
 #   3. Pebble 2.10 + pebble-challtestsrv via pebble/install.sh.
 #
 # Fast (well under a second) when everything is already there. Safe to run concurrently:
@@ -44,6 +45,8 @@ for cmd_pkg in nginx:nginx haproxy:haproxy openssl:openssl dpkg-deb:dpkg flock:u
     fi
 done
 [[ -r /usr/share/keyrings/debian-archive-keyring.gpg ]] || missing+=(debian-archive-keyring)
+# tests/support/softhsm.py runs softhsm2-util and loads the module from this path
+[[ -x /usr/bin/softhsm2-util && -r /usr/lib/softhsm/libsofthsm2.so ]] || missing+=(softhsm2)
 [[ -r /etc/ssl/certs/ca-certificates.crt ]] || missing+=(ca-certificates)
 if [[ -z "$PYTHON" ]] || ! python_ok "$PYTHON"; then
     say "python3 on PATH (${PYTHON:-none}) is missing, older than $MIN_PYTHON or lacks venv/ensurepip: using Debian's"
@@ -93,7 +96,7 @@ if ((${#missing[@]})); then
     done
 fi
 python_ok "$PYTHON" || die "$PYTHON cannot create a venv or is older than $MIN_PYTHON"
-say "ok: nginx, haproxy, openssl, $("$PYTHON" --version 2>&1) ($PYTHON)"
+say "ok: nginx, haproxy, softhsm2, openssl, $("$PYTHON" --version 2>&1) ($PYTHON)"
 
 # --- 2. the virtualenv --------------------------------------------------------------------
 
@@ -102,11 +105,13 @@ if ! "$VENV/bin/python" -c 'import sys' >/dev/null 2>&1; then
     rm -rf "$VENV"
     "$PYTHON" -m venv "$VENV"
 fi
-EXTRAS="test,lint"   # pyproject.toml's optional groups: pytest's and the linters scripts/test.sh runs
+# pyproject.toml's optional groups: pytest's, the linters scripts/test.sh runs, and the key
+# custody extras the tests exercise (hsm: python-pkcs11 for SoftHSM; keys: pyrage for backups)
+EXTRAS="test,lint,hsm,keys"
 # The stamp covers the extras too, so adding a group here reinstalls even with pyproject.toml as it was.
 want="$( (cat "$ROOT/pyproject.toml"; echo "extras=$EXTRAS") | sha256sum | cut -d' ' -f1)"
 venv_ok() {  # the imports and the linters' entry points work
-    "$VENV/bin/python" -c 'import certd, pytest, acme, cryptography' >/dev/null 2>&1 \
+    "$VENV/bin/python" -c 'import certd, pytest, acme, cryptography, pkcs11, pyrage' >/dev/null 2>&1 \
         && [[ -x "$VENV/bin/ruff" && -x "$VENV/bin/mypy" && -x "$VENV/bin/lint-imports" ]]
 }
 if [[ "$(cat "$STAMP" 2>/dev/null)" == "$want" ]] && venv_ok; then
@@ -115,7 +120,7 @@ else
     say "pip install -e '.[$EXTRAS]' into $VENV"
     rm -f "$STAMP"
     "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$ROOT[$EXTRAS]" >&2
-    venv_ok || die "the venv lacks certd, its test dependencies or the linters after pip install"
+    venv_ok || die "the venv lacks certd, its test or custody dependencies or the linters after pip install"
     echo "$want" >"$STAMP"
 fi
 

@@ -1,4 +1,4 @@
-"""Shared fixtures: real Pebble + challtestsrv, nginx, HAProxy, a webroot HTTP server.
+"""Shared fixtures: real Pebble + challtestsrv, nginx, HAProxy, a webroot HTTP server, SoftHSM2 tokens.
 
 Process fixtures live in tests/support/ and are registered here as plugins.
 """
@@ -14,4 +14,5 @@ pytest_plugins = [
     "tests.support.pebble_fixtures",
     "tests.support.server_fixtures",
     "tests.support.certd_env",
+    "tests.support.softhsm",
 ]

@@ -54,20 +54,17 @@ class Renew:
     def __call__(self, req: RenewRequest, progress: Progress | None = None) -> Outcome:
         """Renew ``req.cert`` if due (now, if forced); never raises for a CertdError."""
         say = sayer(req.name, progress)
-        locked = False
         try:
             with self.ports.lock(req.name):
-                locked = True
                 resumed = self.rotations.resume(req.cert, say)
                 outcome = self.locked(req, say)
                 return outcome if resumed is None else with_resumed(outcome, resumed)
         except StoreError as e:
-            if locked:
-                event(log, "renewal_failed", logging.ERROR, name=req.name, error=str(e))
-                return Outcome(req.name, Result.FAILED, str(e))
-            # The lease itself could not be written (a full or read-only state disk): a failed
-            # attempt like any other, so it is backed off (kept in memory if the state cannot be
-            # saved either), not retried at once for ever. Nothing was ordered.
+            # The lease itself could not be written (a full or read-only state disk), or the
+            # stored certificate's key cannot be opened (its KEK's token pulled): a failed attempt
+            # like any other, so it is backed off (kept in memory if the state cannot be saved
+            # either), not retried at once for ever (a plan() with no failure counted polls ARI
+            # "now" again). Nothing was ordered: issuance records its own failures.
             try:
                 state = self.planner.load_state(req.name)
                 self.rotations.record_failure(req.cert, state, str(e), initiator=req.initiator, reason=req.reason,

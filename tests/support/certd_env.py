@@ -81,6 +81,7 @@ class CertdEnv:
         self.daemon_extra: dict[str, Any] = {}
         self.acme_extra: dict[str, Any] = {}
         self.alerts: dict[str, Any] | None = None   # the [alerts] table, when set
+        self.extra_env: dict[str, str] = {}   # for every certd process (e.g. SOFTHSM2_CONF of a test token)
         self.tables: dict[str, dict[str, Any]] = {}  # more top-level tables, e.g. {"keys": {...}}
         self.arrays: dict[str, list[dict[str, Any]]] = {}  # arrays of tables, e.g. {"key_class": [...]}
         self.daemons: list[ManagedProcess] = []
@@ -119,7 +120,7 @@ class CertdEnv:
     def run(self, *args: str, env: Mapping[str, str] | None = None, timeout: float = 120,
             check: int | None = None) -> subprocess.CompletedProcess[str]:
         r = subprocess.run(self.argv(*args), capture_output=True, text=True, timeout=timeout,
-                           env={**os.environ, **(env or {})}, cwd=ROOT)
+                           env={**os.environ, **self.extra_env, **(env or {})}, cwd=ROOT)
         if check is not None and r.returncode != check:
             pytest.fail(f"certd {' '.join(args)} exited {r.returncode}, expected {check}\n"
                         f"stdout:\n{r.stdout}\nstderr:\n{r.stderr}")
@@ -130,7 +131,7 @@ class CertdEnv:
         return {c["name"]: c for c in json.loads(r.stdout)["certificates"]}
 
     def start_daemon(self, env: Mapping[str, str] | None = None) -> ManagedProcess:
-        proc = ManagedProcess(self.argv("run"), env={**os.environ, **(env or {})},
+        proc = ManagedProcess(self.argv("run"), env={**os.environ, **self.extra_env, **(env or {})},
                               log_path=self.dir / "daemon.log", cwd=ROOT)
         proc.start()
         self.daemons.append(proc)

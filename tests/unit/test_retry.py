@@ -16,6 +16,7 @@ from certd.core import retry
 from certd.core.clock import FakeClock, isoformat
 from certd.config import AcmeConfig, CertificateConfig, Config, DaemonConfig
 from certd.core.errors import AcmeError, StoreError
+from certd.crypto.custody import CustodyError
 from certd.core.events import LifecycleEvent
 from certd.engine.manager import Manager
 from certd.engine.planning import CertState
@@ -272,3 +273,35 @@ def test_a_forced_renewal_that_failed_transiently_is_retried_on_the_backoff(tmp_
     assert when - NOW <= timedelta(seconds=66) and "forced renewal (rotate now)" in why, (when, why)
     clock.advance(when - NOW + timedelta(seconds=1))
     assert m.renew_one(CERT).result == "failed" and ca.orders == 2   # retried without being asked again
+
+
+class SealedOutOfReach(FileStore):
+    """A state directory whose stored keys cannot be opened: the KEK's token was pulled."""
+
+    pulled = False
+
+    def load(self, name: str, version: int) -> Any:
+        if self.pulled:
+            raise CustodyError("PKCS#11 token 'certd' is unavailable: not found in libsofthsm2.so (tokens present: "
+                               "none); plug it in, or fix the token= label in kek")
+        return super().load(name, version)
+
+
+def test_a_stored_key_that_cannot_be_opened_is_a_failed_attempt_backed_off(tmp_path: Path) -> None:
+    """A KEK token pulled under the daemon: each look fails before ordering, is counted, and the next
+    look waits for the backoff instead of polling ARI again at once (a loop of ~15 attempts a second)."""
+    from tests.support.certs import make_bundle
+    clock, ca = FakeClock(NOW), RefusingCA(AcmeError("should not be asked"))
+    store = SealedOutOfReach(tmp_path / "state")
+    m, _ = make(tmp_path, clock, ca, store)
+    bundle = make_bundle(("blocked.example.test",), not_before=NOW - timedelta(days=1), days=90)
+    store.set_current("www", store.add_version("www", bundle, {}))
+    store.pulled = True
+    for _ in range(60):  # the daemon looks again whenever plan() says so; a minute of it
+        when, _why = m.plan(CERT)
+        if when <= clock.now():
+            assert m.renew_one(CERT).result == "failed"
+        clock.advance(1)
+    state = m.load_state("www")
+    assert 1 <= state.failures <= 6 and ca.orders == 0, state.failures
+    assert "PKCS#11 token 'certd' is unavailable" in (state.last_error or "")
