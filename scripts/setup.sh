@@ -6,7 +6,7 @@
 #      python3-venv when the python3 on PATH is older than 3.11 or cannot make a venv.
 #      apt runs only when something is missing. Services the packages start are stopped and
 #      disabled again: tests run their own nginx/haproxy on high loopback ports.
-#   2. .venv in the repo with `pip install -e '.[test,lint]'` (skipped while pyproject.toml and
+#   2. .venv in the repo with `pip install -e '.[test,lint,keys]'` (skipped while pyproject.toml and
 #      the extras are unchanged since the last successful install and the imports and the
 #      linters' entry points work).
 #   3. Pebble 2.10 + pebble-challtestsrv via pebble/install.sh.
@@ -102,11 +102,11 @@ if ! "$VENV/bin/python" -c 'import sys' >/dev/null 2>&1; then
     rm -rf "$VENV"
     "$PYTHON" -m venv "$VENV"
 fi
-EXTRAS="test,lint"   # pyproject.toml's optional groups: pytest's and the linters scripts/test.sh runs
+EXTRAS="test,lint,keys"   # pyproject.toml's optional groups: pytest's, the linters scripts/test.sh runs, key custody's (pyrage)
 # The stamp covers the extras too, so adding a group here reinstalls even with pyproject.toml as it was.
 want="$( (cat "$ROOT/pyproject.toml"; echo "extras=$EXTRAS") | sha256sum | cut -d' ' -f1)"
 venv_ok() {  # the imports and the linters' entry points work
-    "$VENV/bin/python" -c 'import certd, pytest, acme, cryptography' >/dev/null 2>&1 \
+    "$VENV/bin/python" -c 'import certd, pytest, acme, cryptography, pyrage' >/dev/null 2>&1 \
         && [[ -x "$VENV/bin/ruff" && -x "$VENV/bin/mypy" && -x "$VENV/bin/lint-imports" ]]
 }
 if [[ "$(cat "$STAMP" 2>/dev/null)" == "$want" ]] && venv_ok; then
