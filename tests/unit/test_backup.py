@@ -284,6 +284,14 @@ def test_a_key_that_is_not_the_certificates_is_refused() -> None:
         unpack(pack(snapshot(Bundle(b.cert_pem, b.chain_pem, other.key_pem)), {}), "b.age")
 
 
+def test_a_manifest_over_the_member_limit_is_read() -> None:
+    """The manifest grows with the store (~500 bytes a version, over 1 MiB past ~2,000 versions):
+    the 1 MiB limit for one certificate or key does not apply to it."""
+    data = pack(snapshot(), {"source_node": "n" * (1 << 20)})
+    assert len(members_of(data)["manifest.json"]) > 1 << 20
+    assert unpack(data, "b.age").version_count == 1
+
+
 def test_not_an_archive_is_refused() -> None:
     """Bytes that are not a gzip'd tar: one line, no traceback."""
     with pytest.raises(BackupError, match="unreadable"):
