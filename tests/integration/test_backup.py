@@ -4,6 +4,7 @@ another KEK, an empty state dir), and a rollback there is served by nginx with t
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 from pathlib import Path
@@ -11,8 +12,13 @@ from typing import Any
 
 import pyrage
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from certd.core.model import split_pem_chain
 
 from tests.support.certd_env import CertdEnv, key_matches
+from tests.support.procs import wait_until
 from tests.support.server_fixtures import served_fingerprint
 
 SNI = "www.example.test"
@@ -21,6 +27,12 @@ SNI = "www.example.test"
 def plain_keys_in(directory: Path) -> list[Path]:
     """Every file under ``directory`` holding a PEM private key (what `grep -r "PRIVATE KEY"` finds)."""
     return [p for p in directory.rglob("*") if p.is_file() and not p.is_symlink() and b"PRIVATE KEY" in p.read_bytes()]
+
+
+def served_leaf_of(live: Path) -> str:
+    """Hex SHA-256 of the leaf in ``live``/fullchain.pem (what nginx would serve from it)."""
+    leaf = x509.load_pem_x509_certificate(split_pem_chain((live / "fullchain.pem").read_bytes())[0])
+    return hashlib.sha256(leaf.public_bytes(serialization.Encoding.DER)).hexdigest()
 
 
 def tree(directory: Path) -> dict[str, bytes | str]:
@@ -48,6 +60,7 @@ class Host:
         self.env.run("kek", "init", check=0)
 
     def configure(self, nginx: Any = None) -> None:
+        """[keys] with this host's KEK and the backup recipient; nginx's reload and verify when given."""
         self.env.tables = {"keys": {"kek_file": str(self.kek), "backup_recipient": self.recipient}}
         verify = [{"endpoint": f"127.0.0.1:{nginx.port}", "sni": SNI, "ca_bundle": str(self.env.root_path)}] \
             if nginx else []
@@ -80,8 +93,8 @@ def age_identity(tmp_path: Path) -> tuple[Path, str]:
 def test_restore_on_another_machine_then_rollback_behind_nginx(tmp_path: Path, pebble: Any, nginx_factory: Any,
                                                                age_identity: tuple[Path, str]) -> None:
     """Three versions sealed under KEK A are exported (0600, no readable key), restored under KEK B
-    into an empty state dir with their numbers and fingerprints, and a rollback there is served by
-    nginx with the matching key."""
+    into an empty state dir with their numbers and fingerprints; the daemon deploys the restored
+    version, nginx serves it, and a rollback there is served with the matching key."""
     identity, recipient = age_identity
     a = Host(tmp_path / "a", pebble, recipient)
     a.env.run("renew", "--force", "www", "--reason", "first", check=0)
@@ -113,16 +126,22 @@ def test_restore_on_another_machine_then_rollback_behind_nginx(tmp_path: Path, p
         (3, v3["fingerprint_sha256"], v3["serial"])
     assert "backup_restored" in b.env.run("history", check=0).stdout
 
-    # Nothing is deployed on b yet: roll back to version 2 (deployed to b's own live_dir), serve it.
+    # Nothing is deployed on b yet: the daemon's first drift check (repair_drift on) redeploys
+    # the desired version into b's own live_dir, as docs/KEYS.md's restore procedure says.
+    b.env.daemon_extra = {"repair_drift": True}
+    b.configure()
+    daemon = b.env.start_daemon()
+    wait_until(lambda: (b.live / "fullchain.pem").exists() and served_leaf_of(b.live) == v3["fingerprint_sha256"],
+               timeout=60, what="the daemon to redeploy the restored version")
+    daemon.stop(timeout=30)
+    nginx_b = nginx_factory(b.live / "fullchain.pem", b.live / "privkey.pem", server_name=SNI)
+    b.serves(nginx_b, v3["fingerprint_sha256"])
+    # Then a rollback behind nginx: reload, verifying handshake, version 2's key served.
+    b.configure(nginx_b)
     b.env.run("rollback", "www", "--reason", "restored from backup", check=0)
     v2 = b.env.status("www")["www"]
     assert v2["version"] == 2 and v2["fingerprint_sha256"] != v3["fingerprint_sha256"]
-    nginx_b = nginx_factory(b.live / "fullchain.pem", b.live / "privkey.pem", server_name=SNI)
     b.serves(nginx_b, v2["fingerprint_sha256"])
-    # And a rollback through nginx's reload and a verifying handshake, back to version 3.
-    b.configure(nginx_b)
-    b.env.run("rollback", "www", "--to", "3", "--reason", "forward again", check=0)
-    b.serves(nginx_b, v3["fingerprint_sha256"])
     assert plain_keys_in(b.env.state_dir) == []
 
 
