@@ -70,6 +70,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from certd import config as config_mod  # noqa: E402
+from certd.crypto.kekload import create_kek_file  # noqa: E402
 from certd.ops import log as logmod  # noqa: E402
 from certd.daemon.control import ControlClient  # noqa: E402
 from certd.daemon.service import ARI_START_RATE  # noqa: E402
@@ -211,13 +212,21 @@ def run_certd(config: Path, *args: str, pebble: PebbleEnv | None = None,
 
 
 class Site:
-    """One certd state directory + config against one Pebble."""
+    """One certd state directory + config against one Pebble (keys sealed under a KEK when
+    ``Site.sealed``: ``--keys``)."""
+
+    sealed = False
 
     def __init__(self, work: Path, pebble: PebbleEnv, workers: int) -> None:
         work.mkdir(parents=True, exist_ok=True)
         self.env = CertdEnv(work, pebble)
         self.env.daemon_extra = {"workers": workers}
         self.pebble = pebble
+        if self.sealed:
+            kek = work / "kek"
+            if not kek.exists():
+                create_kek_file(kek)
+            self.env.tables = {"keys": {"kek_file": str(kek)}}
 
     def configure(self, names: list[str], workers: int | None = None) -> Path:
         if workers is not None:
@@ -613,12 +622,14 @@ def main() -> int:
                     help="run only these parts (repeatable)")
     ap.add_argument("--json", type=Path, help="also write the figures as JSON here")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    ap.add_argument("--keys", action="store_true", help="certd with [keys]: every stored key sealed under a KEK")
     ap.add_argument("--status-probe", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.status_probe:
         print(json.dumps(status_probe(args.status_probe)))
         return 0
     sizes = QUICK if args.quick else FULL
+    Site.sealed = args.keys
     if args.footprint is not None:
         sizes.footprint = tuple(args.footprint)
     parts = set(args.only or ["single", "batch", "certbot", "footprint"])

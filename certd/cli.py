@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --force: renew even past the CA's 5 certificates per name set per week")
     r.add_argument("--reason", default="", help="why (recorded with your identity)")
     r.add_argument("--wait", action="store_true", help="show the steps as they happen and exit with the outcome")
+    r.add_argument("--dry-run", action="store_true", help="a full order against [acme] staging_directory (or "
+                   "--server) and the pre-store checks; nothing stored, deployed or reloaded")
+    r.add_argument("--server", metavar="URL", help="with --dry-run: the ACME directory to order from")
 
     s = sub.add_parser("status", help="one row per certificate")
     s.add_argument("names", nargs="*", metavar="NAME")
@@ -160,6 +163,10 @@ def _progress(name: str, message: str) -> None:
 
 
 def cmd_renew(args: argparse.Namespace) -> int:
+    if args.dry_run:
+        return _dry_run(args)
+    if args.server is not None:
+        raise UsageError("--server goes with --dry-run (renewals order from [acme] directory)")
     if args.force and not args.names and not args.all:
         raise UsageError("name the certificates to renew, or pass --all")
     if args.ignore_duplicate_limit and not args.force:
@@ -176,6 +183,29 @@ def cmd_renew(args: argparse.Namespace) -> int:
     for o in outcomes:
         print(f"{o['name']}: {o['message']}")
     return EXIT_OK if all(o["ok"] for o in outcomes) else EXIT_FAILED
+
+
+def _dry_run(args: argparse.Namespace) -> int:
+    """In-process always: nothing it does touches the daemon's schedule or files but the staging
+    account (and a daemon renewal using the same http-01 port at that moment would clash)."""
+    if args.force or args.ignore_duplicate_limit:
+        raise UsageError("--dry-run orders every named certificate (or --all) whether due or not; drop --force")
+    if args.server is not None and not re.match(r"^https?://[^/\s]+(/\S*)?$", args.server):
+        raise UsageError(f"--server {args.server!r}: expected the ACME directory URL, e.g. https://ca.example/dir")
+    from certd.daemon.wiring import build_manager
+    from certd.engine.manager import whoami
+    mgr = build_manager(load_config(args))
+    try:
+        certs = mgr.select([] if args.all or not args.names else args.names)
+        outcomes = mgr.dry_run(certs, server=args.server, initiator=whoami(), progress=_progress)
+        for o in outcomes:
+            mgr.emit("dry_run", o.name, initiator=whoami(), outcome="success" if o.ok else "failed",
+                     reason=args.reason or "dry run", new_serial=o.serial, detail={"message": o.message})
+    finally:
+        mgr.close()
+    for o in outcomes:
+        print(f"{o.name}: {o.message}")
+    return EXIT_OK if all(o.ok for o in outcomes) else EXIT_FAILED
 
 
 def cmd_status(args: argparse.Namespace) -> int:

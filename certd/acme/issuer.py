@@ -75,13 +75,14 @@ class Issuer:
 
     def issue(self, cert: CertificateConfig, key_pem: bytes, *, replaces: str | None = None,
               progress: Callable[[str], None] | None = None,
-              on_order: Callable[[str], None] | None = None) -> bytes:
+              on_order: Callable[..., None] | None = None) -> bytes:
         """Order, validate, finalize and download a certificate for ``cert.domains``.
 
         Returns the full chain PEM exactly as the CA sent it (check it with
         :func:`certd.crypto.certcheck.check_issued`). ``replaces`` is the ARI identifier of the
         certificate this one renews (RFC 9773 §5); if the CA refuses it, the order is placed
-        again without it. ``on_order`` is told the new order's URL before any challenge is
+        again without it. ``on_order(url, profile)`` is told the new order's URL and the profile
+        asked for before any challenge is
         answered or the order finalized (journal it there; :meth:`resume` continues it).
         """
         csr_pem = make_csr(key_pem, cert.domains)

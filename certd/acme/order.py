@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
@@ -31,6 +31,7 @@ from certd.acme.solvers import Solver
 from certd.config import CertificateConfig
 from certd.core.clock import Clock
 from certd.core.errors import AcmeError, ChallengeFailed
+from certd.core.model import split_pem_chain
 from certd.core.retry import CHALLENGE, FINALIZE, NEW_ORDER
 from certd.core.retry_after import retry_after_seconds
 
@@ -44,6 +45,40 @@ MAX_POLL = 2.0
 MAX_RETRY_AFTER = 15.0       # never wait longer than this for one poll, whatever the CA says
 
 _FINAL_CHALLENGE_PROBLEMS = {"caa", "rejectedIdentifier", "unsupportedIdentifier"}
+
+
+def choose_profile(cert: CertificateConfig, offered: Mapping[str, str] | None) -> tuple[str | None, str]:
+    """The profile to put in newOrder (None: the CA's default) and why, from the directory's
+    ``meta.profiles`` (draft-ietf-acme-profiles §3). A required ``profile`` the CA does not
+    offer is a held refusal naming what it offers; a ``preferred_profile`` it does not offer
+    falls back to the default."""
+    names = sorted(offered or {})
+    if cert.profile is not None:
+        if cert.profile not in names:
+            raise AcmeError(f"issuing {cert.name}: the CA offers no profile {cert.profile!r} (it offers "
+                            f"{', '.join(names) or 'no profiles at all'}); set profile to one of them, or use "
+                            f"preferred_profile to fall back to the CA's default",
+                            problem_type="urn:ietf:params:acme:error:invalidProfile", where=NEW_ORDER)
+        return cert.profile, "required by the configuration"
+    if cert.preferred_profile is not None:
+        if cert.preferred_profile in names:
+            return cert.preferred_profile, "preferred, and offered by the CA"
+        return None, (f"preferred profile {cert.preferred_profile!r} not offered (the CA offers "
+                      f"{', '.join(names) or 'none'}); the CA's default")
+    return None, "the CA's default"
+
+
+def topmost_issuer(fullchain: bytes) -> str | None:
+    """The issuer common name of the last certificate of a PEM chain (None if it has none)."""
+    blocks = split_pem_chain(fullchain)
+    if not blocks:
+        return None
+    try:
+        top = x509.load_pem_x509_certificate(blocks[-1])
+    except ValueError:
+        return None
+    names = top.issuer.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+    return str(names[0].value) if names else None
 
 
 class ReplacingOrder(messages.NewOrder):
@@ -75,16 +110,19 @@ class OrderFlow:
         self.say, self.deadline, self.order_timeout = say, deadline, order_timeout
         self.clock, self.fail = clock, fail
         self.doing = f"issuing {cert.name}"
+        self.profile: str | None = None   # asked for in newOrder (None: the CA's default)
 
     def run(self, csr_pem: bytes, replaces: str | None,
-            on_order: Callable[[str], None] | None = None) -> bytes:
-        """A new order. ``on_order`` is told its URL right after newOrder, before any challenge
-        is answered or the order finalized (the renewal journals it there, to resume it)."""
+            on_order: Callable[..., None] | None = None) -> bytes:
+        """A new order. ``on_order(url, profile)`` is told its URL and the profile asked for
+        (None: the CA's default) right after newOrder, before any challenge is answered or the
+        order finalized (the renewal journals it there, to resume it)."""
         with _where(NEW_ORDER):
             uri, order = self.create(replaces)
-        self.say(f"order {uri} created ({order.status.name})")
+        self.say(f"order {uri} created ({order.status.name})"
+                 + (f", profile {self.profile}" if self.profile else ""))
         if on_order is not None:
-            on_order(uri)
+            on_order(uri, self.profile)
         return self.complete(uri, order, csr_pem)
 
     def resume(self, uri: str, csr_pem: bytes) -> bytes | None:
@@ -126,16 +164,44 @@ class OrderFlow:
             order = self.poll(uri, "the CA to issue the certificate", first_wait=ISSUE_WAIT)
         if order.status.name != "valid" or not order.certificate:
             raise self.order_failed(order)
-        fullchain = post_as_get(self.client, order.certificate).content
+        response = post_as_get(self.client, order.certificate)
         self.say("certificate downloaded")
-        return fullchain
+        if self.cert.preferred_chain is None:
+            return response.content
+        return self.preferred(response)
+
+    def preferred(self, response: requests.Response) -> bytes:
+        """The chain whose topmost certificate is issued by ``preferred_chain``: the default one
+        or an alternate the CA links (RFC 8555 §7.4.2, ``Link: rel="alternate"``); the default,
+        with the reason logged, when none matches."""
+        want = self.cert.preferred_chain
+        seen = [topmost_issuer(response.content)]
+        if seen[0] == want:
+            return response.content
+        links = requests.utils.parse_header_links(response.headers.get("Link", ""))
+        for url in [link["url"] for link in links if link.get("rel") == "alternate"]:
+            alternate = post_as_get(self.client, url).content
+            seen.append(topmost_issuer(alternate))
+            if seen[-1] == want:
+                self.say(f"using the alternate chain to {want!r}")
+                return alternate
+        log.warning("preferred_chain_unavailable certificate=%s preferred=%r offered=%s; using the default chain",
+                    self.cert.name, want, ",".join(repr(s) for s in seen))
+        self.say(f"no chain to {want!r} (the CA offers {', '.join(repr(s) for s in seen)}); the default chain")
+        return response.content
 
     def create(self, replaces: str | None) -> tuple[str, messages.Order]:
         identifiers = [messages.Identifier(typ=messages.IDENTIFIER_FQDN, value=d) for d in self.cert.domains]
         url = self.client.directory["newOrder"]
+        meta = getattr(self.client.directory, "meta", None)
+        self.profile, why = choose_profile(self.cert, getattr(meta, "profiles", None))
+        if self.cert.profile is not None or self.cert.preferred_profile is not None:
+            log.info("profile_chosen certificate=%s profile=%s reason=%s", self.cert.name, self.profile or "-", why)
+        extra = {"profile": self.profile} if self.profile else {}
         if replaces:
             try:
-                response = signed_post(self.client, url, ReplacingOrder(identifiers=identifiers, replaces=replaces))
+                response = signed_post(self.client, url, ReplacingOrder(identifiers=identifiers, replaces=replaces,
+                                                                        **extra))
             except messages.Error as e:
                 # replaces is advisory (RFC 9773 §5): a CA that cannot use it (already replaced,
                 # a certificate it does not know, Pebble 2.6 failing every serial whose DER
@@ -147,9 +213,9 @@ class OrderFlow:
                 log.warning("replaces_refused certificate=%s replaces=%s problem=%s detail=%s; "
                             "ordering without replaces", self.cert.name, replaces, code, one_line(e.detail or ""))
                 self.say(f"the CA refused replaces ({code}); ordering without it")
-                response = signed_post(self.client, url, messages.NewOrder(identifiers=identifiers))
+                response = signed_post(self.client, url, messages.NewOrder(identifiers=identifiers, **extra))
         else:
-            response = signed_post(self.client, url, messages.NewOrder(identifiers=identifiers))
+            response = signed_post(self.client, url, messages.NewOrder(identifiers=identifiers, **extra))
         return response.headers["Location"], messages.Order.from_json(response.json())
 
     def validate(self, uri: str, order: messages.Order) -> messages.Order:

@@ -17,6 +17,7 @@ from certd.config.values import Table, is_loopback, normalize_domain, parse_dura
 from certd.config.targets import TargetSections
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # fullmatch: "$" would let "www\n" through
+_PROFILE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 
 
@@ -166,14 +167,22 @@ class Parser(TargetSections):
             self.problem(t.key("webhook_url"), f"{url!r}: the bearer token would cross the network in clear text; use https://")
         return AlertsConfig(url, token, token_file, timeout)
 
-    def acme(self, t: Table) -> AcmeConfig | None:
-        directory = t.get("directory", str, required=True)
+    def directory_url(self, t: Table, key: str, required: bool = False) -> str | None:
+        directory = t.get(key, str, required=required)
         if directory is not None and not re.match(r"^https?://[^/\s]+(/\S*)?$", directory):
-            self.problem(t.key("directory"), f"{directory!r} is not an http(s) URL; expected e.g. \"https://127.0.0.1:14000/dir\"")
+            self.problem(t.key(key), f"{directory!r} is not an http(s) URL; expected e.g. \"https://127.0.0.1:14000/dir\"")
         elif directory is not None and directory.lower().startswith("http://") and not is_loopback(
                 urlsplit(directory).hostname or ""):
-            self.problem(t.key("directory"), f"{directory!r}: plain http:// is for a loopback test CA only; the "
-                                             "account's requests would cross the network in clear text; use https://")
+            self.problem(t.key(key), f"{directory!r}: plain http:// is for a loopback test CA only; the "
+                                     "account's requests would cross the network in clear text; use https://")
+        return directory
+
+    def acme(self, t: Table) -> AcmeConfig | None:
+        directory = self.directory_url(t, "directory", required=True)
+        staging = self.directory_url(t, "staging_directory")
+        if staging is not None and staging == directory:
+            self.problem(t.key("staging_directory"), "is the production directory; a dry run there counts toward "
+                                                     "its rate limits: name the CA's staging directory")
         email = t.get("email", str)
         if email is not None and not _EMAIL_RE.match(email):
             self.problem(t.key("email"), f"{email!r} is not an e-mail address")
@@ -196,7 +205,8 @@ class Parser(TargetSections):
         t.done()
         if directory is None:
             return None
-        return AcmeConfig(directory, email, agree, ca_bundle, kid, hmac, order_timeout, eab_hmac_key_file=hmac_file)
+        return AcmeConfig(directory, email, agree, ca_bundle, kid, hmac, order_timeout, eab_hmac_key_file=hmac_file,
+                          staging_directory=staging)
 
     def certificate(self, i: int, raw: Any) -> CertificateConfig | None:
         t = Table(self, f"certificate[{i}]", raw)
@@ -224,6 +234,12 @@ class Parser(TargetSections):
             self.problem(t.key("keep_versions"), f"{keep} is out of range; expected 2..100 (the previous version is the rollback backup)")
         verify_timeout = self.duration(t, "verify_timeout", 10.0)
         insecure_shared = t.get("insecure_shared_deploy_dir", bool, False)
+        profile, preferred = self.profiles(t)
+        chain = t.get("preferred_chain", str)
+        if chain is not None and not chain.strip():
+            self.problem(t.key("preferred_chain"), "empty; name the issuer CN of the chain's topmost certificate, "
+                                                   "e.g. \"ISRG Root X1\", or remove the key")
+            chain = None
         deploy = self.deploy(Table(self, t.key("deploy"), t.get("deploy", dict, {})))
         hooks = tuple(h for j, raw_h in enumerate(t.get("reload", list, []))
                       if (h := self.reload(Table(self, t.key(f"reload[{j}]"), raw_h), deploy)) is not None)
@@ -235,7 +251,23 @@ class Parser(TargetSections):
             return None
         return CertificateConfig(name, tuple(domains), key_type, reuse_key, challenge, http_listen,
                                  webroot, dns_hook, alpn_listen, renew_before, keep, verify_timeout,
-                                 deploy, hooks, verify, insecure_shared)
+                                 deploy, hooks, verify, insecure_shared, profile=profile,
+                                 preferred_profile=preferred, preferred_chain=chain)
+
+    def profiles(self, t: Table) -> tuple[str | None, str | None]:
+        """``profile`` (required of the CA) or ``preferred_profile`` (used when offered)."""
+        found = []
+        for key in ("profile", "preferred_profile"):
+            value = t.get(key, str)
+            if value is not None and not _PROFILE_RE.fullmatch(value):
+                self.problem(t.key(key), f"{value!r}: expected a profile name as the CA's directory lists it "
+                                         "(letters, digits, '.', '_', '-'), e.g. \"tlsserver\"")
+                value = None
+            found.append(value)
+        if found[0] is not None and found[1] is not None:
+            self.problem(t.key("preferred_profile"), "set profile (the CA must offer it) or preferred_profile "
+                                                     "(used when offered), not both")
+        return found[0], found[1]
 
     def domains(self, t: Table) -> list[str]:
         raw = t.get("domains", list, required=True)

@@ -73,6 +73,7 @@ class AcmeConfig:
     eab_hmac_key: str | None = field(default=None, repr=False)  # a secret: never in a repr or a log
     order_timeout: float = 90.0     # seconds for one whole order, newOrder to the certificate
     eab_hmac_key_file: Path | None = None  # where eab_hmac_key was read from, if a file
+    staging_directory: str | None = None   # what `certd renew --dry-run` orders from
 
 
 @dataclass(frozen=True)
@@ -138,6 +139,9 @@ class CertificateConfig:
     reload: tuple[ReloadHook, ...] = ()
     verify: tuple[VerifyEndpoint, ...] = ()
     insecure_shared_deploy_dir: bool = False   # unsafe deploy dirs: warn instead of refusing
+    profile: str | None = None            # ACME profile the order must get (draft-ietf-acme-profiles)
+    preferred_profile: str | None = None  # ... or one used only when the CA offers it
+    preferred_chain: str | None = None    # issuer CN of the chain's topmost certificate (RFC 8555 §7.4.2)
 
 
 @dataclass(frozen=True)

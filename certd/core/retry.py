@@ -76,6 +76,8 @@ RULES: dict[tuple[str, str | None], Rule] = {
                                        "visit the CA's instructions URL (terms of service?)"),
     ("externalAccountRequired", None): Rule(HELD, "RFC 8555 §6.7 externalAccountRequired",
                                             "set eab_kid and eab_hmac_key_file in [acme]"),
+    ("invalidProfile", None): Rule(HELD, "draft-ietf-acme-profiles §4 invalidProfile",
+                                   "set profile to one the CA offers, or use preferred_profile"),
     # held: failed validations (each counts against the CA's failed-validation limit)
     ("dns", CHALLENGE): Rule(HELD, "RFC 8555 §6.7 dns", _VALIDATION_FIX),
     ("connection", CHALLENGE): Rule(HELD, "RFC 8555 §6.7 connection", _VALIDATION_FIX),

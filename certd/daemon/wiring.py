@@ -17,7 +17,8 @@ from certd.ops.alerts import Alerter
 from certd.ops.metrics import Metrics
 from certd.core.clock import Clock, SystemClock
 from certd.config import Config
-from certd.core.errors import StoreError, UsageError
+from certd.core.errors import ConfigError, StoreError, UsageError
+from certd.deploy import strictmodes
 from certd.crypto.kekload import load_source
 from certd.engine.keycustody import rotate_kek
 from certd.core.events import EventBus, Sink
@@ -74,6 +75,7 @@ def seal_existing_keys(manager: Manager, store: FileStore) -> None:
     if not os.access(store.root, os.W_OK):
         return
     sealed = store.keys.seal_existing()  # without [keys]: drops the "all sealed" mark, if any
+    store.keys.settle_rotation()  # a finished KEK rotation the configuration now names: done
     if sealed:
         ring = store.keys.ring
         manager.emit("keys_sealed", "", initiator=whoami(), reason="[keys] configured: plain keys sealed",
@@ -85,6 +87,9 @@ def reconfigure_keys(manager: Manager, config: Config) -> None:
     """``[keys]`` changed in a reload: seal with the new ring from now on (and seal what is still
     plain). :class:`~certd.crypto.custody.CustodyError` leaves the running ring as it was."""
     store = manager.store
+    unsafe = strictmodes.keys_problems(config)
+    if unsafe:
+        raise ConfigError(f"{config.path}: [keys]: {unsafe[0]}")
     if isinstance(store, FileStore):
         ring, loader = keyring_of(config)
         store.keys.reconfigure(ring, loader)
@@ -99,6 +104,9 @@ def build_manager(config: Config, *, clock: Clock | None = None, daemon: bool = 
     clock = clock or SystemClock()
     loose_mode = housekeeping.secure_state_dir(config.daemon.state_dir)  # before anything is read or written
     # The store's own clock stays the system's: lease expiry must not follow a test's fake clock.
+    unsafe = strictmodes.keys_problems(config)
+    if unsafe:
+        raise ConfigError(f"{config.path}: [keys]: {unsafe[0]}")
     store = open_store(config, audit_group=config.daemon.control_group)
     manager = Manager(config, store=store, clock=clock, lock_timeout=lock_timeout,
                       events=build_events(config, clock, daemon=daemon, sinks=sinks, audit_sink=store.audit))

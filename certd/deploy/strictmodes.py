@@ -159,7 +159,19 @@ def config_report(cfg: Config) -> tuple[list[str], list[str]]:
         dirs = certificate_problems(cert)
         (warnings if cert.insecure_shared_deploy_dir else errors).extend(dirs)
         errors.extend(hook_problems(cert))
+    errors.extend(keys_problems(cfg))
     return errors, warnings
+
+
+def keys_problems(cfg: Config) -> list[str]:
+    """KEK files (and the PKCS#11 module and PIN file) another user could swap: a swapped KEK
+    would seal the next keys under a key that user holds. Always an error."""
+    keys = cfg.keys
+    if keys is None:
+        return []
+    files = [(keys.kek_file, "KEK file"), (keys.pkcs11_module, "PKCS#11 module"),
+             (keys.pkcs11_pin_file, "PKCS#11 PIN file"), *((p, "old KEK file") for p in keys.old_kek_files)]
+    return [w for path, what in files if path is not None and (w := unsafe_path(path, what=what)) is not None]
 
 
 def require_safe(cert: CertificateConfig) -> None:

@@ -27,6 +27,7 @@ from certd.core.errors import UsageError
 from certd.core.events import EventBus
 from certd.core.rotation import Journal
 from certd.engine.effects import LocalEdges
+from certd.engine.dryrun import dry_run
 from certd.engine.outcome import Outcome, RenewRequest, Result
 from certd.engine.planning import Planner
 from certd.engine.ports import IssuerPort, Ports, Progress
@@ -168,6 +169,11 @@ class Manager:
         req = RenewRequest(cert, force=force, reason=reason, initiator=initiator, skip_backoff=skip_backoff,
                            ignore_duplicate_limit=ignore_duplicate_limit)
         return Renew(self.ports, self.planner)(req, progress)
+
+    def dry_run(self, certs: list[CertificateConfig], *, server: str | None = None, initiator: str = "operator",
+                progress: Progress | None = None) -> list[Outcome]:
+        """See :mod:`certd.engine.dryrun`."""
+        return dry_run(self.ports, certs, server, initiator, progress)
 
     def rollback(self, cert: CertificateConfig, *, to_version: int | None = None, reason: str = "",
                  initiator: str = "operator", progress: Progress | None = None) -> Outcome:

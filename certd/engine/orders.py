@@ -49,6 +49,7 @@ class Issued:
     key_pem: bytes
     replaces: str | None
     journaled: bool = False    # a journal is stored for it (written now, or resumed from)
+    profile: str | None = None  # the ACME profile asked for (None: the CA's default)
 
 
 class Orders:
@@ -69,15 +70,17 @@ class Orders:
         say("ordering from the CA" + (f" (replaces {replaces})" if replaces else ""))
 
         journaled = False
+        profile: str | None = None
 
-        def journal(order_url: str) -> None:
-            nonlocal journaled
-            journaled = self._save(cert, order_url, key_pem, replaces)
+        def journal(order_url: str, asked: str | None = None) -> None:
+            nonlocal journaled, profile
+            profile = asked
+            journaled = self._save(cert, order_url, key_pem, replaces, asked)
             crash_at(CRASH_JOURNALED)
 
         fullchain = self.ports.issuer().issue(cert, key_pem, replaces=replaces, progress=say, on_order=journal)
         crash_at(CRASH_FINALIZED)
-        return Issued(fullchain, key_pem, replaces, journaled)
+        return Issued(fullchain, key_pem, replaces, journaled, profile)
 
     def stored(self, name: str, issued: Issued) -> None:
         """``issued`` is stored as a version: the order is done (no store write when it had
@@ -110,7 +113,9 @@ class Orders:
             if fullchain is not None:
                 crash_at(CRASH_FINALIZED)
                 replaces = journal.meta.get(resume.META_REPLACES)
-                return Issued(fullchain, journal.key_pem, replaces if isinstance(replaces, str) else None, True)
+                profile = journal.meta.get("profile")
+                return Issued(fullchain, journal.key_pem, replaces if isinstance(replaces, str) else None, True,
+                              profile if isinstance(profile, str) else None)
             # the issuer logged why the CA cannot continue it
         else:
             event(log, "order_discarded", logging.WARNING, name=cert.name, order=journal.order_url, reason=why)
@@ -130,9 +135,12 @@ class Orders:
         return any(VersionStatus.from_meta(v.meta).key_compromised and v.info.spki_sha256 == spki
                    for v in (store.load_info(name, n) for n in store.versions(name)))
 
-    def _save(self, cert: CertificateConfig, order_url: str, key_pem: bytes, replaces: str | None) -> bool:
+    def _save(self, cert: CertificateConfig, order_url: str, key_pem: bytes, replaces: str | None,
+              profile: str | None = None) -> bool:
         """Store the journal; False (logged) when the store could not (best effort)."""
         meta = resume.journal_meta(self.ports.config.acme.directory, cert.domains, replaces, cert.key_type)
+        if profile is not None:
+            meta["profile"] = profile
         journal = OrderJournal(order_url, key_pem, isoformat(self.ports.clock.now()), meta)
         try:
             self.ports.store.save_order(cert.name, journal)

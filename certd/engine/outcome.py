@@ -29,13 +29,14 @@ class Result(StrEnum):
     ROLLED_BACK = "rolled_back"                  # the new version failed; the old one is served again
     ROLLBACK_FAILED = "rollback_failed"          # ... and returning to the old one failed too
     DEPLOYED_UNVERIFIED = "deployed_unverified"  # deployed, but the handshake check never passed
+    CHECKED = "checked"                          # a dry run: issued by the staging CA and checked; nothing stored
 
     @property
     def ok(self) -> bool:
         return self in _OK
 
 
-_OK = frozenset({Result.RENEWED, Result.NOT_DUE, Result.SWITCHED, Result.VERIFIED, Result.REVOKED})
+_OK = frozenset({Result.RENEWED, Result.NOT_DUE, Result.SWITCHED, Result.VERIFIED, Result.REVOKED, Result.CHECKED})
 
 
 @dataclass(frozen=True)

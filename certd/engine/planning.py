@@ -178,7 +178,7 @@ class Planner:
                                "fingerprint_sha256": None, "key_type": cert.key_type,
                                "next_renewal": None, "last_result": state.last_result,
                                "last_error": state.last_error, "failures": state.failures,
-                               "rotation": unfinished}
+                               "rotation": unfinished, "profile": None}
         until = attempts.blocked_until(state, self.clock.now())
         row.update(failure_kind=state.failure_kind if state.failures else None, problem=state.problem,
                    retry_after=isoformat(until) if until else None)
@@ -189,6 +189,7 @@ class Planner:
         if stored is None:
             return _Facts(token, cert, decision, row, blocked_until=until)
         info = stored.info
+        row["profile"] = stored.meta.get("profile")
         row.update(serial=info.serial, not_before=isoformat(info.not_before), not_after=isoformat(info.not_after),
                    fingerprint_sha256=info.fingerprint_sha256, key_type=info.key_type)
         status = VersionStatus.from_meta(stored.meta)

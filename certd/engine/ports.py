@@ -29,9 +29,10 @@ class IssuerPort(Protocol):
     """The CA, as the use cases use it (:class:`certd.acme.issuer.Issuer` for real)."""
 
     def issue(self, cert: CertificateConfig, key_pem: bytes, *, replaces: str | None = None,
-              progress: Say | None = None, on_order: Callable[[str], None] | None = None) -> bytes:
+              progress: Say | None = None, on_order: Callable[..., None] | None = None) -> bytes:
         """Order, prove control, finalize; the full chain (leaf first) as PEM. OperationFailed.
-        ``on_order`` is told the order's URL after newOrder, before finalize (the order journal)."""
+        ``on_order(url, profile)`` is told the order's URL and the profile asked for (None: the
+        CA's default) after newOrder, before finalize (the order journal)."""
 
     def resume(self, cert: CertificateConfig, order_url: str, key_pem: bytes, *,
                progress: Say | None = None) -> bytes | None:

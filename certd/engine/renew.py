@@ -138,6 +138,7 @@ class Renew:
                 "created": isoformat(clock.now()), "initiator": initiator, "reason": reason,
                 "serial": info.serial, "not_after": isoformat(info.not_after),
                 "fingerprint_sha256": info.fingerprint_sha256, "replaces": replaces,
+                **({"profile": issued.profile} if issued.profile else {}),
             })
             self.orders.stored(cert.name, issued)
         except OperationFailed as e:
@@ -153,7 +154,8 @@ class Renew:
               not_after=isoformat(info.not_after), initiator=initiator)
         ports.emit("issued", cert.name, initiator=initiator, reason=reason, version=version, new_serial=info.serial,
                    old_serial=stored.bundle.info.serial if stored else None, spki_sha256=info.spki_sha256,
-                   not_after=info.not_after, duration=clock.monotonic() - started)
+                   not_after=info.not_after, duration=clock.monotonic() - started,
+                   **({"detail": {"profile": issued.profile}} if issued.profile else {}))
         j = self.rotations.start(cert, "renew", current, version, initiator, reason)
         rotation.crash_point(Step.ISSUED)
         j = self.rotations.drive(cert, j, say)
