@@ -52,8 +52,8 @@ def _export(args: argparse.Namespace, cfg: Config) -> int:
                          f"\"age1...\" (`age-keygen -y` of an identity kept offline) to [keys]")
     backup.age()  # the missing extra is reported before the store is touched
     result = backup.export(open_store(cfg), _path(args.file), recipient, initiator=whoami(), clock=SystemClock())
-    print(f"exported {result.certificates} certificates ({result.versions} versions) and {result.accounts} ACME "
-          f"account{'s' if result.accounts != 1 else ''} to {result.path} ({result.size} bytes, sha256 "
+    print(f"exported {_n(result.certificates, 'certificate')} ({_n(result.versions, 'version')}) and "
+          f"{_n(result.accounts, 'ACME account')} to {result.path} ({result.size} bytes, sha256 "
           f"{result.sha256[:16]}...), sealed to {recipient}; only its identity opens it: keep that offline")
     for w in result.warnings:
         print(f"certd: warning: {w}", file=sys.stderr)
@@ -73,14 +73,18 @@ def _restore(args: argparse.Namespace, load_config: Callable[[argparse.Namespace
     result = backup.restore(open_store(cfg), _path(args.file), _path(args.identity), initiator=whoami(),
                             clock=SystemClock())
     o = result.origin
-    print(f"restored {result.certificates} certificates ({result.versions} versions, desired versions as backed up) "
-          f"and {result.accounts} ACME account{'s' if result.accounts != 1 else ''} into {cfg.daemon.state_dir} "
+    print(f"restored {_n(result.certificates, 'certificate')} ({_n(result.versions, 'version')}, desired versions "
+          f"as backed up) and {_n(result.accounts, 'ACME account')} into {cfg.daemon.state_dir} "
           f"from a backup of {o.get('source_node')} made {o.get('created')}; keys {result.custody}")
     print("next: `certd status`; `certd run` redeploys the desired versions (drift repair), or "
           "`certd rollback NAME --to N` deploys one now")
     for w in result.warnings:
         print(f"certd: warning: {w}", file=sys.stderr)
     return EXIT_OK
+
+
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def _path(raw: str) -> Path:

@@ -110,7 +110,7 @@ def test_restore_on_another_machine_then_rollback_behind_nginx(tmp_path: Path, p
     archive = tmp_path / "offsite" / "certd-backup.age"
     archive.parent.mkdir()
     r = a.env.run("backup", "export", str(archive), check=0)
-    assert "exported 1 certificates (3 versions) and 1 ACME account" in r.stdout
+    assert "exported 1 certificate (3 versions) and 1 ACME account to" in r.stdout
     assert stat.S_IMODE(archive.stat().st_mode) == 0o600
     assert b"PRIVATE KEY" not in archive.read_bytes() and b"BEGIN CERTIFICATE" not in archive.read_bytes()
     assert "backup_exported" in a.env.run("history", check=0).stdout
@@ -118,7 +118,7 @@ def test_restore_on_another_machine_then_rollback_behind_nginx(tmp_path: Path, p
     b = Host(tmp_path / "b", pebble, recipient)  # another machine: another config, another KEK
     assert b.kek.read_bytes() != a.kek.read_bytes()
     r = b.env.run("backup", "restore", str(archive), "--identity", str(identity), check=0)
-    assert "restored 1 certificates (3 versions" in r.stdout and "keys sealed under KEK file:" in r.stdout
+    assert "restored 1 certificate (3 versions" in r.stdout and "keys sealed under KEK file:" in r.stdout
     assert plain_keys_in(b.env.state_dir) == []
     assert b.kek_line() != a.kek_line()  # every key re-sealed under b's own KEK
     row = b.env.status("www")["www"]
