@@ -215,7 +215,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         return EXIT_OK
     rows = backend.status(args.names)
     for r in rows:
-        r["domains"] = cli_output.status_domains(r.get("domains"), args.wide)
+        r["domains"] = cli_output.status_domains([*(r.get("domains") or []), *(r.get("ip_addresses") or [])], args.wide)
     cli_output.print_table(rows, [("NAME", "name"), ("STATE", "state"), ("VER", "version"), ("SERIAL", "serial"),
                         ("NOT AFTER", "not_after"), ("NEXT RENEWAL", "next_renewal"), ("LAST RESULT", "last_result"),
                         ("DOMAINS", "domains")])

@@ -85,7 +85,7 @@ class Issuer:
         asked for before any challenge is
         answered or the order finalized (journal it there; :meth:`resume` continues it).
         """
-        csr_pem = make_csr(key_pem, cert.domains)
+        csr_pem = make_csr(key_pem, cert.identifiers)
         chain = self._ordering(cert, progress, lambda flow: flow.run(csr_pem, replaces, on_order))
         assert chain is not None  # a new order either ends in a chain or raises
         return chain
@@ -97,7 +97,7 @@ class Issuer:
         finalize it if ready, prove control if pending. The full chain PEM as :meth:`issue`;
         None when the order cannot be continued (the CA does not know it, it is invalid or
         expired; the reason is logged): order afresh. Failures as :meth:`issue`."""
-        csr_pem = make_csr(key_pem, cert.domains)
+        csr_pem = make_csr(key_pem, cert.identifiers)
         return self._ordering(cert, progress, lambda flow: flow.resume(order_url, csr_pem))
 
     def _ordering(self, cert: CertificateConfig, progress: Callable[[str], None] | None,

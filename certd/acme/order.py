@@ -192,6 +192,7 @@ class OrderFlow:
 
     def create(self, replaces: str | None) -> tuple[str, messages.Order]:
         identifiers = [messages.Identifier(typ=messages.IDENTIFIER_FQDN, value=d) for d in self.cert.domains]
+        identifiers += [messages.Identifier(typ=messages.IDENTIFIER_IP, value=ip) for ip in self.cert.ip_addresses]
         url = self.client.directory["newOrder"]
         meta = getattr(self.client.directory, "meta", None)
         self.profile, why = choose_profile(self.cert, getattr(meta, "profiles", None))

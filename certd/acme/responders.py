@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import ipaddress
 import logging
 import os
 import selectors
@@ -270,6 +271,23 @@ class StandaloneHttpSolver(_ResponderSolver):
 # --- tls-alpn-01 -----------------------------------------------------------------------------
 
 
+def _san(name: str) -> x509.GeneralName:
+    """An iPAddress SAN for an IP identifier (RFC 8738 §6), else a DNS SAN."""
+    try:
+        return x509.IPAddress(ipaddress.ip_address(name))
+    except ValueError:
+        return x509.DNSName(name)
+
+
+def _sni_of(name: str) -> str:
+    """The SNI a CA sends to validate ``name``: an IP identifier's reverse-DNS name (RFC 8738 §6,
+    e.g. ``1.0.0.127.in-addr.arpa``), else the name itself."""
+    try:
+        return ipaddress.ip_address(name).reverse_pointer
+    except ValueError:
+        return name.lower()
+
+
 def _alpn_context(domain: str, digest: bytes) -> ssl.SSLContext:
     """A server context presenting the RFC 8737 §3 validation certificate for ``domain``."""
     key = ec.generate_private_key(ec.SECP256R1())
@@ -280,7 +298,7 @@ def _alpn_context(domain: str, digest: bytes) -> ssl.SSLContext:
     cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - timedelta(days=1)).not_valid_after(now + timedelta(days=7))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(domain)]), critical=False)
+            .add_extension(x509.SubjectAlternativeName([_san(domain)]), critical=False)
             # extnValue is the DER OCTET STRING holding the SHA-256 digest
             .add_extension(x509.UnrecognizedExtension(ACME_IDENTIFIER_OID, b"\x04\x20" + digest), critical=True)
             .sign(key, hashes.SHA256()))
@@ -347,7 +365,7 @@ class TlsAlpnSolver(_ResponderSolver):
 
     def _entry(self, domain: str, challenge: challenges.KeyAuthorizationChallenge,
                account_key: jose.JWK) -> tuple[str, Any]:
-        return domain.lower(), _alpn_context(domain, challenge.validation(account_key))
+        return _sni_of(domain), _alpn_context(domain, challenge.validation(account_key))
 
     def _name(self, domain: str, challenge: challenges.KeyAuthorizationChallenge) -> str:
-        return domain.lower()
+        return _sni_of(domain)

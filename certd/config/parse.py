@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from datetime import timedelta
 from fractions import Fraction
@@ -228,6 +229,7 @@ class Parser(TargetSections):
         dns_hook = self.argv(t, "dns01_hook")
         alpn_listen = self.listen(t, "tlsalpn01_listen")
         self.check_challenge(t, challenge, domains)
+        ips = self.ip_addresses(t, challenge)
         renew_before = self.renew_before(t)
         keep = t.get("keep_versions", int, 5)
         if not 2 <= keep <= 100:
@@ -243,16 +245,17 @@ class Parser(TargetSections):
         deploy = self.deploy(Table(self, t.key("deploy"), t.get("deploy", dict, {})))
         hooks = tuple(h for j, raw_h in enumerate(t.get("reload", list, []))
                       if (h := self.reload(Table(self, t.key(f"reload[{j}]"), raw_h), deploy)) is not None)
-        default_sni = next((d for d in domains if not d.startswith("*.")), domains[0][2:] if domains else "")
+        default_sni = next((d for d in domains if not d.startswith("*.")),
+                           domains[0][2:] if domains else (ips[0] if ips else ""))
         verify = tuple(v for j, raw_v in enumerate(t.get("verify", list, []))
                        if (v := self.verify(Table(self, t.key(f"verify[{j}]"), raw_v), default_sni)) is not None)
         t.done()
-        if name is None or not domains:
+        if name is None or not (domains or ips):
             return None
         return CertificateConfig(name, tuple(domains), key_type, reuse_key, challenge, http_listen,
                                  webroot, dns_hook, alpn_listen, renew_before, keep, verify_timeout,
                                  deploy, hooks, verify, insecure_shared, profile=profile,
-                                 preferred_profile=preferred, preferred_chain=chain)
+                                 preferred_profile=preferred, preferred_chain=chain, ip_addresses=tuple(ips))
 
     def profiles(self, t: Table) -> tuple[str | None, str | None]:
         """``profile`` (required of the CA) or ``preferred_profile`` (used when offered)."""
@@ -270,11 +273,12 @@ class Parser(TargetSections):
         return found[0], found[1]
 
     def domains(self, t: Table) -> list[str]:
-        raw = t.get("domains", list, required=True)
+        with_ips = bool(t.data.get("ip_addresses")) if isinstance(t.data, dict) else False
+        raw = t.get("domains", list, [] if with_ips else None, required=not with_ips)
         if raw is None:
             return []
-        if not raw:
-            self.problem(t.key("domains"), "empty; list at least one domain name")
+        if not raw and not with_ips:
+            self.problem(t.key("domains"), "empty; list at least one domain name (or ip_addresses)")
         out: list[str] = []
         for j, d in enumerate(raw):
             key = t.key(f"domains[{j}]")
@@ -288,6 +292,27 @@ class Parser(TargetSections):
                 self.problem(key, f"{d!r} is listed twice")
             else:
                 out.append(norm)
+        return out
+
+    def ip_addresses(self, t: Table, challenge: str) -> list[str]:
+        """RFC 8738 identifiers, in compressed text form; not for dns-01 (no DNS name to put a
+        TXT record under), and only addresses a CA can reach (not loopback, except for a test CA)."""
+        out: list[str] = []
+        for j, raw in enumerate(t.get("ip_addresses", list, [])):
+            key = t.key(f"ip_addresses[{j}]")
+            try:
+                ip = str(ipaddress.ip_address(raw)) if isinstance(raw, str) else None
+            except ValueError:
+                ip = None
+            if ip is None:
+                self.problem(key, f"{raw!r} is not an IP address; expected e.g. \"192.0.2.10\" or \"2001:db8::10\"")
+            elif ip in out:
+                self.problem(key, f"{raw!r} is listed twice")
+            else:
+                out.append(ip)
+        if out and challenge not in ("http-01", "tls-alpn-01"):
+            self.problem(t.key("ip_addresses"), f"IP addresses can only be validated with http-01 or tls-alpn-01 "
+                                                f"(RFC 8738 §7), not {challenge}")
         return out
 
     def check_challenge(self, t: Table, challenge: str, domains: list[str]) -> None:

@@ -142,6 +142,12 @@ class CertificateConfig:
     profile: str | None = None            # ACME profile the order must get (draft-ietf-acme-profiles)
     preferred_profile: str | None = None  # ... or one used only when the CA offers it
     preferred_chain: str | None = None    # issuer CN of the chain's topmost certificate (RFC 8555 §7.4.2)
+    ip_addresses: tuple[str, ...] = ()    # RFC 8738 identifiers beside domains (compressed text form)
+
+    @property
+    def identifiers(self) -> tuple[str, ...]:
+        """Every name ordered for: the domains, then the IP addresses."""
+        return self.domains + self.ip_addresses
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+
 import pwd
 import re
 
@@ -104,7 +106,7 @@ class TargetSections(FieldParser):
     def verify(self, t: Table, default_sni: str) -> VerifyEndpoint | None:
         raw = t.get("endpoint", str, required=True)
         sni = t.get("sni", str, default_sni)
-        if sni != default_sni:
+        if sni != default_sni and not _is_ip(sni):
             norm, why = normalize_domain(sni)
             if why or norm.startswith("*."):
                 self.problem(t.key("sni"), why or "SNI cannot be a wildcard; name one host the endpoint serves")
@@ -118,3 +120,13 @@ class TargetSections(FieldParser):
             self.problem(t.key("endpoint"), listen)
             return None
         return VerifyEndpoint(listen.host, listen.port, sni, ca)
+
+
+def _is_ip(name: str) -> bool:
+    """An IP address as the name to check: the handshake then sends no SNI (RFC 6066 §3) and
+    the certificate must hold it as an iPAddress SAN."""
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True

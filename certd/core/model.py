@@ -53,6 +53,12 @@ class CertInfo:
     domains: tuple[str, ...]    # DNS SANs in certificate order
     key_type: str
     issuer: str                 # RFC 4514 string
+    ip_addresses: tuple[str, ...] = ()  # IP address SANs (RFC 8738), compressed text form
+
+    @property
+    def identifiers(self) -> tuple[str, ...]:
+        """Every name the certificate is for: DNS names, then IP addresses."""
+        return self.domains + self.ip_addresses
 
     @property
     def lifetime_seconds(self) -> float:
@@ -63,8 +69,9 @@ class CertInfo:
         try:
             san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
             domains = tuple(san.get_values_for_type(x509.DNSName))
+            ips = tuple(str(ip) for ip in san.get_values_for_type(x509.IPAddress))
         except x509.ExtensionNotFound:
-            domains = ()
+            domains, ips = (), ()
         pub = cert.public_key()
         return cls(
             serial=format(cert.serial_number, "x"),
@@ -75,6 +82,7 @@ class CertInfo:
             domains=domains,
             key_type=key_type_of(pub),
             issuer=cert.issuer.rfc4514_string(),
+            ip_addresses=ips,
         )
 
     @classmethod
@@ -86,7 +94,7 @@ class CertInfo:
         return {"serial": self.serial, "not_before": self.not_before.isoformat(),
                 "not_after": self.not_after.isoformat(), "fingerprint_sha256": self.fingerprint_sha256,
                 "spki_sha256": self.spki_sha256, "domains": list(self.domains), "key_type": self.key_type,
-                "issuer": self.issuer}
+                "issuer": self.issuer, **({"ip_addresses": list(self.ip_addresses)} if self.ip_addresses else {})}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> CertInfo:
@@ -95,7 +103,8 @@ class CertInfo:
         if not_before.tzinfo is None or not_after.tzinfo is None:
             raise ValueError("naive datetime")
         return cls(str(d["serial"]), not_before, not_after, str(d["fingerprint_sha256"]), str(d["spki_sha256"]),
-                   tuple(str(x) for x in d["domains"]), str(d["key_type"]), str(d["issuer"]))
+                   tuple(str(x) for x in d["domains"]), str(d["key_type"]), str(d["issuer"]),
+                   tuple(str(x) for x in d.get("ip_addresses", ())))
 
 
 @dataclass(frozen=True)

@@ -89,6 +89,7 @@ def _check_names(leaf: x509.Certificate, domains: Sequence[str], label: str) -> 
     try:
         san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         got = [n.lower() for n in san.get_values_for_type(x509.DNSName)]
+        got += [str(ip) for ip in san.get_values_for_type(x509.IPAddress)]
     except x509.ExtensionNotFound:
         got = []
     except ValueError:

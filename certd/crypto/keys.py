@@ -6,6 +6,7 @@ Nothing here logs or formats key material; errors name the key type, never the k
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Sequence
 
 from cryptography import x509
@@ -47,19 +48,32 @@ def load_private_key(pem: bytes) -> PrivateKey:
     return key
 
 
-def make_csr(key_pem: bytes, domains: Sequence[str]) -> bytes:
-    """A PEM CSR for ``domains`` signed by ``key_pem``.
+def ip_or_none(name: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """``name`` as an IP address, or None when it is a DNS name."""
+    try:
+        return ipaddress.ip_address(name)
+    except ValueError:
+        return None
 
-    Every domain is a DNS SAN (in order); the first one is also the subject CN when it fits
-    the 64-character limit, as some servers still log the CN. The CA takes names from the SANs.
+
+def make_csr(key_pem: bytes, domains: Sequence[str]) -> bytes:
+    """A PEM CSR for ``domains`` (DNS names and IP addresses) signed by ``key_pem``.
+
+    Every name is a SAN in order: an IP address (RFC 8738) as an iPAddress SAN, anything else
+    as a DNS SAN. The first DNS name is also the subject CN when it fits the 64-character
+    limit, as some servers still log the CN; an IP-only CSR has an empty subject. The CA takes
+    names from the SANs.
     """
     if not domains:
-        raise ValueError("a CSR needs at least one domain")
+        raise ValueError("a CSR needs at least one domain or IP address")
     key = load_private_key(key_pem)
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, domains[0])]
-                        if len(domains[0]) <= _CN_MAX else [])
+    dns = [d for d in domains if ip_or_none(d) is None]
+    sans: list[x509.GeneralName] = [x509.IPAddress(ip) if (ip := ip_or_none(d)) is not None else x509.DNSName(d)
+                                    for d in domains]
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, dns[0])]
+                        if dns and len(dns[0]) <= _CN_MAX else [])
     csr = (x509.CertificateSigningRequestBuilder()
            .subject_name(subject)
-           .add_extension(x509.SubjectAlternativeName([x509.DNSName(d) for d in domains]), critical=False)
+           .add_extension(x509.SubjectAlternativeName(sans), critical=False)
            .sign(key, hashes.SHA256()))
     return csr.public_bytes(serialization.Encoding.PEM)

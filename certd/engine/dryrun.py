@@ -60,7 +60,7 @@ def _one(ports: Ports, issuer: IssuerPort, cert: CertificateConfig, url: str, in
     key_pem = keys.generate_private_key(cert.key_type)
     try:
         fullchain = issuer.issue(cert, key_pem, progress=say)
-        bundle = certcheck.check_issued(fullchain, key_pem, cert.domains, ports.clock.now())
+        bundle = certcheck.check_issued(fullchain, key_pem, cert.identifiers, ports.clock.now())
     except OperationFailed as e:
         event(log, "dry_run_failed", logging.WARNING, name=cert.name, server=url, error=str(e), initiator=initiator)
         return Outcome(cert.name, Result.FAILED, f"dry run failed: {e}")

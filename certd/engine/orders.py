@@ -105,7 +105,8 @@ class Orders:
             return None
         if journal is None:
             return None
-        why = resume.journal_mismatch(journal.meta, self.ports.config.acme.directory, cert.domains, cert.key_type)
+        why = resume.journal_mismatch(journal.meta, self.ports.config.acme.directory, cert.identifiers,
+                                     cert.key_type)
         if why is None and self._compromised(cert.name, journal.key_pem):
             why = "its key (reused) was marked compromised since"
         if why is None:
@@ -138,7 +139,7 @@ class Orders:
     def _save(self, cert: CertificateConfig, order_url: str, key_pem: bytes, replaces: str | None,
               profile: str | None = None) -> bool:
         """Store the journal; False (logged) when the store could not (best effort)."""
-        meta = resume.journal_meta(self.ports.config.acme.directory, cert.domains, replaces, cert.key_type)
+        meta = resume.journal_meta(self.ports.config.acme.directory, cert.identifiers, replaces, cert.key_type)
         if profile is not None:
             meta["profile"] = profile
         journal = OrderJournal(order_url, key_pem, isoformat(self.ports.clock.now()), meta)

@@ -151,7 +151,8 @@ class Planner:
         """Facts for a certificate certd cannot plan or deploy: state ``broken``, the reason in
         ``broken_reason``, looked at again after BROKEN_RECHECK (the operator may fix it)."""
         decision = policy.Decision(now + BROKEN_RECHECK, f"broken: {reason}")
-        row: dict[str, Any] = {"name": cert.name, "domains": list(cert.domains), "version": None,
+        row: dict[str, Any] = {"name": cert.name, "domains": list(cert.domains),
+                               "ip_addresses": list(cert.ip_addresses), "version": None,
                                "serial": None, "not_before": None, "not_after": None,
                                "fingerprint_sha256": None, "key_type": cert.key_type,
                                "next_renewal": isoformat(decision.renew_at), "last_result": None,
@@ -173,7 +174,8 @@ class Planner:
         current = self.store.current(cert.name)
         state = self.load_state(cert.name)
         unfinished = unfinished_step(self.store.load_journal(cert.name))
-        row: dict[str, Any] = {"name": cert.name, "domains": list(cert.domains), "version": current,
+        row: dict[str, Any] = {"name": cert.name, "domains": list(cert.domains),
+                               "ip_addresses": list(cert.ip_addresses), "version": current,
                                "serial": None, "not_before": None, "not_after": None,
                                "fingerprint_sha256": None, "key_type": cert.key_type,
                                "next_renewal": None, "last_result": state.last_result,
@@ -241,8 +243,9 @@ class Planner:
         if held:  # revoked for cessationOfOperation: ARI asks for renewal, the operator said no
             return policy.Decision(info.not_after + (info.not_after - info.not_before) * 100, held)
         changed = None
-        if set(info.domains) != set(cert.domains):
-            changed = f"configured domains {sorted(cert.domains)} differ from the certificate's {sorted(info.domains)}"
+        if set(info.identifiers) != set(cert.identifiers):
+            changed = (f"configured names {sorted(cert.identifiers)} differ from the certificate's "
+                       f"{sorted(info.identifiers)}")
         elif info.key_type != cert.key_type:
             changed = f"configured key_type {cert.key_type} differs from the certificate's {info.key_type}"
         if changed:

@@ -109,7 +109,7 @@ class Renew:
                 say: Say) -> Outcome | None:
         """A forced renewal's checks and its ``forced`` event; the refusal, if refused."""
         now = self.ports.clock.now()
-        refusal = None if req.ignore_duplicate_limit else attempts.duplicate_refusal(state, req.cert.domains, now)
+        refusal = None if req.ignore_duplicate_limit else attempts.duplicate_refusal(state, req.cert.identifiers, now)
         if refusal is not None:
             return Outcome(req.name, Result.REFUSED, f"not renewing {req.name}: {refusal}", current, old_serial)
         detail: dict[str, Any] = {}
@@ -131,7 +131,7 @@ class Renew:
         try:  # the order journal: an order a crash interrupted is resumed, not placed again
             issued = self.orders.obtain(cert, lambda: self._key_for(cert, stored), _replaces(stored, cert), say)
             key_pem, replaces = issued.key_pem, issued.replaces
-            bundle = certcheck.check_issued(issued.fullchain, key_pem, cert.domains, clock.now())
+            bundle = certcheck.check_issued(issued.fullchain, key_pem, cert.identifiers, clock.now())
             info = bundle.info
             say(f"issued serial {info.serial}, not after {isoformat(info.not_after)}")
             version = ports.store.add_version(cert.name, bundle, {
@@ -149,7 +149,7 @@ class Renew:
                                           initiator=initiator, reason=reason, exc=e)
             return Outcome(cert.name, Result.FAILED,
                            attempts.next_step(str(e), cert.name, state, clock.now(), ports.retries), current)
-        attempts.note_issued(state, cert.domains, clock.now())
+        attempts.note_issued(state, cert.identifiers, clock.now())
         event(log, "cert_issued", name=cert.name, version=version, serial=info.serial,
               not_after=isoformat(info.not_after), initiator=initiator)
         ports.emit("issued", cert.name, initiator=initiator, reason=reason, version=version, new_serial=info.serial,
@@ -172,7 +172,7 @@ class Renew:
 def _replaces(stored: StoredVersion | None, cert: CertificateConfig) -> str | None:
     """The ARI id the new order replaces (RFC 9773 §5); none when the configured names
     differ from the stored certificate's (a CA refuses replaces for other identifiers)."""
-    if stored is None or set(stored.bundle.info.domains) != set(cert.domains):
+    if stored is None or set(stored.bundle.info.identifiers) != set(cert.identifiers):
         return None
     try:
         return ari_cert_id(stored.bundle.cert_pem)

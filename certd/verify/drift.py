@@ -103,9 +103,9 @@ def check(cert: CertificateConfig, store: Store, *, probe_timeout: float = PROBE
             Mismatch("store", f"version {current}", f"{name}: the current version {current} cannot be read: {e}"),))
     info = stored.bundle.info
     found: list[Mismatch] = []
-    if set(info.domains) != set(cert.domains):
-        found.append(Mismatch("config", "domains", f"{name}: configured domains {sorted(cert.domains)}, the stored "
-                              f"current certificate has {sorted(info.domains)} (a renewal is due)"))
+    if set(info.identifiers) != set(cert.identifiers):
+        found.append(Mismatch("config", "domains", f"{name}: configured names {sorted(cert.identifiers)}, the stored "
+                              f"current certificate has {sorted(info.identifiers)} (a renewal is due)"))
     if info.key_type != cert.key_type:
         found.append(Mismatch("config", "key_type", f"{name}: configured key_type {cert.key_type}, the stored "
                               f"current certificate has {info.key_type} (a renewal is due)"))

@@ -343,9 +343,10 @@ def test_recover_all_finishes_unfinished_rotations(world: World) -> None:
 def test_result_values_are_the_strings_users_see() -> None:
     """Each Result is its old string (CLI, JSON, audit); ok as before; a plain string is checked."""
     assert [r.value for r in Result] == ["renewed", "not_due", "switched", "verified", "revoked", "refused",
-                                         "failed", "rolled_back", "rollback_failed", "deployed_unverified"]
+                                         "failed", "rolled_back", "rollback_failed", "deployed_unverified",
+                                         "checked"]
     assert {r for r in Result if r.ok} == {Result.RENEWED, Result.NOT_DUE, Result.SWITCHED, Result.VERIFIED,
-                                           Result.REVOKED}
+                                           Result.REVOKED, Result.CHECKED}
     assert Outcome("www", "failed", "x").result is Result.FAILED  # type: ignore[arg-type]
     assert Outcome("www", Result.RENEWED, "m", 2, "ab").to_json() == {
         "name": "www", "result": "renewed", "message": "m", "version": 2, "serial": "ab", "ok": True}
