@@ -8,6 +8,8 @@ import io
 import json
 import os
 import stat
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ from certd.store.files import FileStore
 from tests.support.certs import make_bundle
 
 ACME = "https://127.0.0.1:14000/dir"
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def ring() -> KeyRing:
@@ -309,3 +312,23 @@ def test_a_sealed_bad_member_writes_nothing(tmp_path: Path, keys: Keys, clock: F
     with pytest.raises(BackupError, match="does not belong"):
         restore(dst, keys, tmp_path / "b.age", clock)
     assert dst.names() == []
+
+
+# --- the command line ------------------------------------------------------------------------------
+
+
+def test_without_pyrage_the_command_names_the_extra(tmp_path: Path, keys: Keys) -> None:
+    """Where pyrage is not installed (an import of it fails), `certd backup export` exits 2 with
+    one line naming the extra to install, and writes nothing."""
+    from tests.unit.test_config import GOOD
+    shadow = tmp_path / "no-pyrage" / "pyrage"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text('raise ImportError("No module named \'pyrage\'")\n')
+    config = tmp_path / "certd.toml"
+    config.write_text(GOOD + f'\n[keys]\nkek_file = "kek"\nbackup_recipient = "{keys.recipient}"\n')
+    (tmp_path / "run").mkdir()
+    r = subprocess.run([sys.executable, "-m", "certd.cli", "--config", str(config), "backup", "export",
+                        str(tmp_path / "b.age")], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "PYTHONPATH": os.pathsep.join([str(shadow.parent), str(ROOT)])})
+    assert (r.returncode, r.stderr) == (2, "certd: certd backup needs pyrage: pip install 'certd[keys]'\n")
+    assert not (tmp_path / "b.age").exists() and not (tmp_path / "state").exists()
