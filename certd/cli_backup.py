@@ -10,11 +10,14 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from certd.cli_backends import daemon_client
 from certd.config import Config
 from certd.core.errors import UsageError
+
+if TYPE_CHECKING:
+    from certd.store.files import FileStore
 
 EXIT_OK = 0
 
@@ -45,13 +48,12 @@ def _export(args: argparse.Namespace, cfg: Config) -> int:
     from certd.core.clock import SystemClock
     from certd.engine.manager import whoami
     from certd.store import backup
-    from certd.store.files import open_store
     recipient = cfg.keys.backup_recipient if cfg.keys is not None else None
     if recipient is None:
         raise UsageError(f"backup export: {cfg.path} sets no [keys] backup_recipient; add backup_recipient = "
                          f"\"age1...\" (`age-keygen -y` of an identity kept offline) to [keys]")
     backup.age()  # the missing extra is reported before the store is touched
-    result = backup.export(open_store(cfg), _path(args.file), recipient, initiator=whoami(), clock=SystemClock())
+    result = backup.export(_store(cfg), _path(args.file), recipient, initiator=whoami(), clock=SystemClock())
     print(f"exported {_n(result.certificates, 'certificate')} ({_n(result.versions, 'version')}) and "
           f"{_n(result.accounts, 'ACME account')} to {result.path} ({result.size} bytes, sha256 "
           f"{result.sha256[:16]}...), sealed to {recipient}; only its identity opens it: keep that offline")
@@ -64,13 +66,12 @@ def _restore(args: argparse.Namespace, load_config: Callable[[argparse.Namespace
     from certd.core.clock import SystemClock
     from certd.engine.manager import whoami
     from certd.store import backup
-    from certd.store.files import open_store
     cfg = load_config(args)
     backup.age()
     if daemon_client(args.config) is not None:
         raise UsageError(f"backup restore: a certd daemon runs with {cfg.path}; stop it first (a restore writes "
                          f"into a state dir nobody else is using)")
-    result = backup.restore(open_store(cfg), _path(args.file), _path(args.identity), initiator=whoami(),
+    result = backup.restore(_store(cfg), _path(args.file), _path(args.identity), initiator=whoami(),
                             clock=SystemClock())
     o = result.origin
     print(f"restored {_n(result.certificates, 'certificate')} ({_n(result.versions, 'version')}, desired versions "
@@ -81,6 +82,12 @@ def _restore(args: argparse.Namespace, load_config: Callable[[argparse.Namespace
     for w in result.warnings:
         print(f"certd: warning: {w}", file=sys.stderr)
     return EXIT_OK
+
+
+def _store(cfg: Config) -> FileStore:
+    """The configured state dir as the daemon opens it (its audit log group-readable by control_group)."""
+    from certd.store.files import open_store
+    return open_store(cfg, audit_group=cfg.daemon.control_group)
 
 
 def _n(count: int, noun: str) -> str:
