@@ -77,8 +77,8 @@ def _restore(args: argparse.Namespace, load_config: Callable[[argparse.Namespace
     print(f"restored {_n(result.certificates, 'certificate')} ({_n(result.versions, 'version')}, desired versions "
           f"as backed up) and {_n(result.accounts, 'ACME account')} into {cfg.daemon.state_dir} "
           f"from a backup of {o.get('source_node')} made {o.get('created')}; keys {result.custody}")
-    print("next: `certd status`; `certd run` redeploys the desired versions (drift repair), or "
-          "`certd rollback NAME --to N` deploys one now")
+    print("next: `certd status`; then `certd run` with [daemon] repair_drift = true deploys the desired versions "
+          "at start, or `certd rollback NAME [--to N]` deploys an earlier one now (docs/KEYS.md)")
     for w in result.warnings:
         print(f"certd: warning: {w}", file=sys.stderr)
     return EXIT_OK

@@ -221,8 +221,8 @@ def ensure_empty(store: FileStore) -> None:
     """:class:`UsageError` unless ``store`` holds no certificate and no ACME account."""
     names, accounts = store.names(), _account_dirs(store.root)
     if names or accounts:
-        raise UsageError(f"backup restore: {store.root} is not empty ({len(names)} certificates, {len(accounts)} "
-                         f"ACME accounts); restore into an empty or absent state dir ([daemon] state_dir); nothing "
+        raise UsageError(f"backup restore: {store.root} is not empty ({len(names)} certificate(s), {len(accounts)} "
+                         f"ACME account(s)); restore into an empty or absent state dir ([daemon] state_dir); nothing "
                          f"was changed")
 
 
