@@ -332,3 +332,15 @@ def test_without_pyrage_the_command_names_the_extra(tmp_path: Path, keys: Keys) 
                        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(shadow.parent), str(ROOT)])})
     assert (r.returncode, r.stderr) == (2, "certd: certd backup needs pyrage: pip install 'certd[keys]'\n")
     assert not (tmp_path / "b.age").exists() and not (tmp_path / "state").exists()
+
+
+def test_a_write_failing_part_way_removes_what_the_restore_wrote(tmp_path: Path) -> None:
+    """The store refuses a write after one certificate was restored (here: a desired version whose
+    key was destroyed, which unpack would have refused first): everything written is removed."""
+    b = make_bundle()
+    good = CertRecord("api", 1, {"x": 1}, [VersionRecord(1, make_bundle(("api.example.test",)), {})])
+    bad = CertRecord("www", 1, None, [VersionRecord(1, Bundle(b.cert_pem, b.chain_pem, b""), {"key_destroyed": True})])
+    dst = FileStore(tmp_path / "dst", keyring=ring())
+    with pytest.raises(BackupError, match="stopped at www: .*key was destroyed.*is as before"):
+        backup._write(dst, Snapshot([good, bad], []))
+    assert dst.names() == [] and plain_keys_in(dst.root) == [] and list(dst.root.rglob("*.sealed")) == []
