@@ -87,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     av.add_argument("--head", metavar="HASH", help="also require this record hash, kept elsewhere, to be in the chain")
 
     sub.add_parser("reload", help="tell the running daemon to re-read its configuration")
+    dp = sub.add_parser("dns-persist-record", help="print the persistent TXT record dns-persist-01 needs")
+    dp.add_argument("name", metavar="NAME")
     cli_keys.add_parsers(sub, _Parser)
     cli_backup.add_parsers(sub, _Parser)
     return p
@@ -208,6 +210,28 @@ def _dry_run(args: argparse.Namespace) -> int:
     return EXIT_OK if all(o.ok for o in outcomes) else EXIT_FAILED
 
 
+def cmd_dns_persist_record(args: argparse.Namespace) -> int:
+    """The zone-file lines for the certificate's names on the configured CA and account
+    (registering the account if needed: the record names it)."""
+    from certd.acme.issuer import Issuer
+    from certd.daemon.wiring import build_manager
+    mgr = build_manager(load_config(args))
+    try:
+        cert = mgr.select([args.name])[0]
+        issuer = mgr.ports.issuer()
+        assert isinstance(issuer, Issuer)
+        lines = issuer.persist_records(cert)
+    finally:
+        mgr.close()
+    if cert.challenge != "dns-persist-01":
+        print(f"certd: note: {cert.name} uses {cert.challenge}; set challenge = \"dns-persist-01\" to use these",
+              file=sys.stderr)
+    print(f"; publish once for {cert.name}; certd changes no DNS record per order afterwards")
+    for line in lines:
+        print(line)
+    return EXIT_OK
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     backend = _backend(args)
     if args.json:
@@ -216,9 +240,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     rows = backend.status(args.names)
     for r in rows:
         r["domains"] = cli_output.status_domains([*(r.get("domains") or []), *(r.get("ip_addresses") or [])], args.wide)
-    cli_output.print_table(rows, [("NAME", "name"), ("STATE", "state"), ("VER", "version"), ("SERIAL", "serial"),
-                        ("NOT AFTER", "not_after"), ("NEXT RENEWAL", "next_renewal"), ("LAST RESULT", "last_result"),
-                        ("DOMAINS", "domains")])
+    cli_output.print_table(rows, cli_output.status_columns(rows))
     for row in rows:  # a renewal waiting for the CA: when the next try is, and how to try now
         if row.get("state") in ("held", "rate_limited"):
             print(f"{row['name']}: {row.get('renewal_reason')}")
@@ -291,7 +313,7 @@ def cmd_history(args: argparse.Namespace) -> int:
         sys.stdout.write(rows_document("records", rows))
         return EXIT_OK
     for r in rows:
-        r["serials"] = " -> ".join(x for x in (r.get("old_serial"), r.get("new_serial")) if x) or None
+        r["serials"] = cli_output.history_serials(r)
     cli_output.print_table(rows, [("TIME", "time"), ("EVENT", "event"), ("NAME", "name"), ("INITIATOR", "initiator"),
                         ("OUTCOME", "outcome"), ("SERIALS", "serials"), ("REASON", "reason")])
     return EXIT_OK
@@ -356,6 +378,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "audit": cmd_audit,
     "kek": lambda args: cli_keys.cmd_kek(args, load_config),
     "backup": lambda args: cli_backup.cmd_backup(args, load_config),
+    "dns-persist-record": cmd_dns_persist_record,
 }
 
 

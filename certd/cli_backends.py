@@ -32,6 +32,7 @@ class Local:
                                                         progress=progress,
                                                         ignore_duplicate_limit=ignore_duplicate_limit)]
         housekeeping.sweep(self.mgr.config, [c.name for c in certs])  # what killed runs left
+        self.mgr.destroy_retired(certs)  # keys retired for longer than destroy_after
         return outcomes
 
     def status(self, names: list[str]) -> list[dict[str, Any]]:

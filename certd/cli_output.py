@@ -64,6 +64,31 @@ def status_domains(domains: Any, wide: bool, limit: int = 3) -> Any:
     return ",".join(map(str, domains[:limit])) + f" (+{len(domains) - limit} more)"
 
 
+STATUS_COLUMNS = [("NAME", "name"), ("STATE", "state"), ("VER", "version"), ("SERIAL", "serial"),
+                  ("NOT AFTER", "not_after"), ("NEXT RENEWAL", "next_renewal"), ("LAST RESULT", "last_result"),
+                  ("DOMAINS", "domains")]
+
+
+def status_columns(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """The ``status`` table's columns: with KEY CLASS and KEY AGE (days) before DOMAINS when
+    some certificate names a key class (the table is unchanged for everyone else)."""
+    if not any(r.get("key_class") for r in rows):
+        return STATUS_COLUMNS
+    for r in rows:
+        age = r.get("key_age_days")
+        r["key_age"] = f"{age}d" if isinstance(age, (int, float)) else None
+    return STATUS_COLUMNS[:-1] + [("KEY CLASS", "key_class"), ("KEY AGE", "key_age"), STATUS_COLUMNS[-1]]
+
+
+def history_serials(r: dict[str, Any]) -> str | None:
+    """The SERIALS cell of ``history``: old -> new serial; a key's destruction or a pruned
+    version also names the key by its SPKI SHA-256 (what proves which key went)."""
+    text = " -> ".join(x for x in (r.get("old_serial"), r.get("new_serial")) if x)
+    if r.get("event") in ("key_destroyed", "version_pruned") and r.get("spki_sha256"):
+        text = f"{text} spki_sha256:{r['spki_sha256']}".strip()
+    return text or None
+
+
 def cell(v: Any) -> str:
     """One table cell on one line: control characters (newline, ESC, ...) shown escaped, so a
     reason or an error cannot hide, fake or recolour rows on the operator's terminal."""

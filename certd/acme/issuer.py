@@ -31,6 +31,7 @@ from cryptography import x509
 
 from certd.acme.account import Account, AccountStore
 from certd.acme.ari import RenewalInfo, ari_cert_id, askable_cert_id, fetch_renewal_info
+from certd.acme import persist
 from certd.acme.order import OrderFlow, signed_post
 from certd.acme.problems import Failure, problem_code
 from certd.acme.solvers import solver_for
@@ -166,6 +167,20 @@ class Issuer:
                 if problem_code(e) != "alreadyRevoked":
                     raise
                 log.info("certificate %x was already revoked", cert.serial_number)
+
+    def persist_records(self, cert: CertificateConfig) -> list[str]:
+        """The dns-persist-01 TXT records ``cert`` needs on this CA for this account (registered
+        first if it is not yet), as zone-file lines: what ``certd dns-persist-record`` prints."""
+        with self._mapped(f"looking up the dns-persist-01 record for {cert.name}"):
+            client = self._client()
+            meta = getattr(self._get_directory(), "meta", None)
+            issuers = list(getattr(meta, "caa_identities", None) or [])
+            if not issuers:
+                raise AcmeError(f"the CA at {self._acme.directory} lists no caaIdentities in its directory: it names "
+                                f"no issuer-domain-name for a dns-persist-01 record; this CA cannot use dns-persist-01")
+            account = client.net.account
+            assert account is not None  # _client() registered or loaded it
+            return persist.record_lines(cert.domains, issuers[0], account.uri)
 
     def reachable(self) -> bool:
         """True when the CA's directory answers now (the daemon's probe while certificates

@@ -20,6 +20,7 @@ from typing import Any
 
 import josepy as jose
 import requests
+from acme import challenges
 from acme import client as acme_client
 from acme import errors as acme_errors
 from acme import messages
@@ -66,6 +67,14 @@ def choose_profile(cert: CertificateConfig, offered: Mapping[str, str] | None) -
         return None, (f"preferred profile {cert.preferred_profile!r} not offered (the CA offers "
                       f"{', '.join(names) or 'none'}); the CA's default")
     return None, "the CA's default"
+
+
+def challenge_type(challb: messages.ChallengeBody) -> str:
+    """The challenge's type, also for one the ``acme`` library does not know (dns-persist-01)."""
+    chall = challb.chall
+    if isinstance(chall, challenges.UnrecognizedChallenge):
+        return str(chall.jobj.get("type", ""))
+    return str(chall.typ)
 
 
 def topmost_issuer(fullchain: bytes) -> str | None:
@@ -229,9 +238,9 @@ class OrderFlow:
                 continue
             if authz.status.name != "pending":
                 raise self.authz_failed(authz)
-            challb = next((c for c in authz.challenges if c.chall.typ == self.solver.challenge_type), None)
+            challb = next((c for c in authz.challenges if challenge_type(c) == self.solver.challenge_type), None)
             if challb is None:
-                offered = ", ".join(sorted({c.typ for c in authz.challenges})) or "none"
+                offered = ", ".join(sorted({challenge_type(c) for c in authz.challenges})) or "none"
                 raise AcmeError(f"{self.doing}: the CA offers no {self.solver.challenge_type} challenge for "
                                 f"{_authz_name(authz)} (offers {offered}); choose another challenge")
             work.append((authz.identifier.value, challb))
@@ -239,11 +248,16 @@ class OrderFlow:
             return self.poll(uri, "the order to become ready")
         key = self.client.net.key
         assert key is not None  # the client signs with the account key (Issuer._client)
+        bind = getattr(self.solver, "bind", None)
+        if bind is not None and self.client.net.account is not None:
+            bind(self.client.net.account.uri)  # dns-persist-01 names the account in its record
+        answer = getattr(self.solver, "response", None)
         presented: list[tuple[str, messages.ChallengeBody]] = []
         try:
             self.present_all(work, key, presented)
             for _domain, challb in work:
-                signed_post(self.client, challb.uri, challb.chall.response(key))
+                body = answer(challb.chall, key) if answer is not None else challb.chall.response(key)
+                signed_post(self.client, challb.uri, body)
             self.say(f"answered {len(work)} {self.solver.challenge_type} challenge(s)")
             order = self.poll(uri, "validation")
         finally:
@@ -318,9 +332,13 @@ class OrderFlow:
         assert problem is not None  # chosen for having one
         code = problem_code(problem)
         final = code in _FINAL_CHALLENGE_PROBLEMS
+        typ = challenge_type(failed)
+        hint = (f" (the record `certd dns-persist-record {self.cert.name}` prints must be published)"
+                if typ == "dns-persist-01" else "")
         return ChallengeFailed(
-            f"{self.doing}: the CA could not validate {failed.chall.typ} for {name} ({code}): "
-            f"{problem_detail(problem)}; {NEXT_STEP.get(code, 'fix what the CA names') if final else 'will retry'}",
+            f"{self.doing}: the CA could not validate {typ} for {name} ({code}): "
+            f"{problem_detail(problem)}{hint}; "
+            f"{NEXT_STEP.get(code, 'fix what the CA names') if final else 'will retry'}",
             problem_type=problem.typ, detail=problem.detail, transient=not final, where=CHALLENGE)
 
     def order_failed(self, order: messages.Order) -> AcmeError:

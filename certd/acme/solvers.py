@@ -15,6 +15,8 @@ solver here supports.
 - dns-01: an operator-supplied hook, ``hook... set|clear <domain> <TXT value>``.
 - tls-alpn-01 (RFC 8737): a built-in TLS responder answering ALPN ``acme-tls/1`` with a
   self-signed certificate carrying the critical acmeIdentifier extension.
+- dns-persist-01: one persistent TXT record (certd.acme.persist), published by an optional
+  hook, ``hook... persist <domain> <TXT value>``, once per process.
 
 Setup failures raise :class:`~certd.core.errors.ChallengeFailed` (transient: the port may be free
 and the hook fixed next time); cleanup failures are logged, never raised, so they cannot hide
@@ -28,12 +30,15 @@ import os
 import re
 import subprocess
 import tempfile
+import threading
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import josepy as jose
 from acme import challenges
 
+from certd.acme import persist
 from certd.acme.responders import (
     _LISTENERS,
     ACME_IDENTIFIER_OID,
@@ -49,6 +54,7 @@ from certd.core.errors import ChallengeFailed
 from certd.reload.command import find_program
 
 __all__ = ["ACME_IDENTIFIER_OID", "ACME_TLS_ALPN", "CHALLENGE_PATH", "TLSALPN01", "_LISTENERS", "DnsHookSolver",
+           "DnsPersistSolver",
            "Solver", "StandaloneHttpSolver", "TlsAlpnSolver", "WebrootSolver", "solver_for"]
 
 log = logging.getLogger("certd.solvers")  # a stable name: it is part of the log format
@@ -83,6 +89,8 @@ def solver_for(cert: CertificateConfig) -> Solver:
     if cert.challenge == "tls-alpn-01":
         assert cert.tlsalpn01_listen is not None
         return TlsAlpnSolver(cert.tlsalpn01_listen)
+    if cert.challenge == "dns-persist-01":
+        return DnsPersistSolver(cert.dns_persist_hook, cert.domains)
     raise ValueError(f"unknown challenge type {cert.challenge!r}")
 
 
@@ -182,3 +190,50 @@ class DnsHookSolver:
 def _one_line(data: bytes, limit: int = 300) -> str | None:
     text = " | ".join(line.strip() for line in data.decode("utf-8", "replace").splitlines() if line.strip())
     return text[:limit] + ("…" if len(text) > limit else "") if text else None
+
+
+# --- dns-persist-01 -----------------------------------------------------------------------
+
+_published: set[tuple[str, str]] = set()   # (name, value) published by this process's hook runs
+_published_lock = threading.Lock()
+
+
+class DnsPersistSolver:
+    """Makes sure the persistent record exists (through the hook, once per process) and answers
+    the challenge with ``{}``. :meth:`bind` gives it the account URL before the first present."""
+
+    challenge_type = persist.CHALLENGE
+
+    def __init__(self, hook: Sequence[str], domains: Sequence[str]) -> None:
+        self.hook = DnsHookSolver(tuple(hook)) if hook else None
+        self.wildcards = {d[2:] for d in domains if d.startswith("*.")}
+        self.account_uri: str | None = None
+
+    def bind(self, account_uri: str) -> None:
+        self.account_uri = account_uri
+
+    def present(self, domain: str, challenge: Any, account_key: jose.JWK) -> None:
+        issuers = challenge.jobj.get("issuer-domain-names") if hasattr(challenge, "jobj") else None
+        if not isinstance(issuers, list) or not issuers or not isinstance(issuers[0], str):
+            raise ChallengeFailed(f"dns-persist-01 for {domain}: the CA's challenge names no issuer-domain-names; "
+                                  f"will retry", transient=True)
+        if self.account_uri is None:
+            raise ChallengeFailed(f"dns-persist-01 for {domain}: no account URL yet; will retry", transient=True)
+        value = persist.record_value(issuers[0], self.account_uri, domain in self.wildcards)
+        if self.hook is None:
+            return  # published by hand (certd dns-persist-record)
+        with _published_lock:
+            if (domain, value) in _published:
+                return
+        problem = self.hook._run("persist", domain, value)
+        if problem:
+            raise ChallengeFailed(f"dns-persist-01 hook {problem}; will retry", transient=True)
+        with _published_lock:
+            _published.add((domain, value))
+        log.info("dns-persist-01 record published for %s", domain)
+
+    def cleanup(self, domain: str, challenge: Any, account_key: jose.JWK) -> None:
+        """Nothing: the record stays for the next order (that is the point of it)."""
+
+    def response(self, challenge: Any, account_key: jose.JWK) -> persist.EmptyResponse:
+        return persist.EmptyResponse()

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from certd.config.keyclass import KeyClassSections
 from certd.config.schema import (CHALLENGES, KEY_TYPES, AcmeConfig,
                           AlertsConfig, CertificateConfig, Config, DaemonConfig, KeysConfig, RenewBefore)
 from certd.config.values import Table, is_loopback, normalize_domain, parse_duration, type_name
@@ -22,7 +23,7 @@ _PROFILE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 
 
-class Parser(TargetSections):
+class Parser(TargetSections, KeyClassSections):
     """Builds a Config from parsed TOML, collecting every problem instead of stopping at the first."""
 
     def config(self, data: dict[str, Any]) -> Config | None:
@@ -35,6 +36,7 @@ class Parser(TargetSections):
         alerts = self.alerts(Table(self, "alerts", alerts_t)) if alerts_t is not None else None
         keys_t = top.get("keys", dict, None)
         keys = self.keys(Table(self, "keys", keys_t)) if keys_t is not None else None
+        classes = self.key_classes(top.get("key_class", list, []))  # before the certificates naming them
         top.done()
         certs: list[CertificateConfig] = []
         names: dict[str, int] = {}
@@ -50,7 +52,7 @@ class Parser(TargetSections):
             certs.append(cert)
         if acme is None:
             return None
-        return Config(self.path, daemon, acme, tuple(certs), alerts, keys)
+        return Config(self.path, daemon, acme, tuple(certs), alerts, keys, classes)
 
     def keys(self, t: Table) -> KeysConfig | None:
         kek_file = self.path_value(t, "kek_file")
@@ -227,6 +229,7 @@ class Parser(TargetSections):
         http_listen = self.listen(t, "http01_listen")
         webroot = self.path_value(t, "http01_webroot")
         dns_hook = self.argv(t, "dns01_hook")
+        persist_hook = self.argv(t, "dns_persist_hook")
         alpn_listen = self.listen(t, "tlsalpn01_listen")
         self.check_challenge(t, challenge, domains)
         ips = self.ip_addresses(t, challenge)
@@ -236,6 +239,7 @@ class Parser(TargetSections):
             self.problem(t.key("keep_versions"), f"{keep} is out of range; expected 2..100 (the previous version is the rollback backup)")
         verify_timeout = self.duration(t, "verify_timeout", 10.0)
         insecure_shared = t.get("insecure_shared_deploy_dir", bool, False)
+        ref = self.class_ref(t)
         profile, preferred = self.profiles(t)
         chain = t.get("preferred_chain", str)
         if chain is not None and not chain.strip():
@@ -252,10 +256,12 @@ class Parser(TargetSections):
         t.done()
         if name is None or not (domains or ips):
             return None
-        return CertificateConfig(name, tuple(domains), key_type, reuse_key, challenge, http_listen,
+        cert = CertificateConfig(name, tuple(domains), key_type, reuse_key, challenge, http_listen,
                                  webroot, dns_hook, alpn_listen, renew_before, keep, verify_timeout,
                                  deploy, hooks, verify, insecure_shared, profile=profile,
-                                 preferred_profile=preferred, preferred_chain=chain, ip_addresses=tuple(ips))
+                                 preferred_profile=preferred, preferred_chain=chain, ip_addresses=tuple(ips),
+                                 dns_persist_hook=persist_hook)
+        return self.apply_key_class(cert, ref)
 
     def profiles(self, t: Table) -> tuple[str | None, str | None]:
         """``profile`` (required of the CA) or ``preferred_profile`` (used when offered)."""
@@ -322,14 +328,16 @@ class Parser(TargetSections):
             self.problem(t.key("challenge"), f"unknown challenge {challenge!r}; expected one of {', '.join(CHALLENGES)}")
             return
         wild = [d for d in domains if d.startswith("*.")]
-        if wild and challenge != "dns-01":
-            self.problem(t.key("challenge"), f"{wild[0]!r} is a wildcard; wildcards can only be validated with challenge = \"dns-01\" (RFC 8555 §7.1.3)")
+        if wild and challenge not in ("dns-01", "dns-persist-01"):
+            self.problem(t.key("challenge"), f"{wild[0]!r} is a wildcard; wildcards can only be validated with challenge = \"dns-01\" or \"dns-persist-01\" (RFC 8555 §7.1.3)")
         if challenge == "http-01":
             if has("http01_listen") == has("http01_webroot"):
                 self.problem(t.key("http01_listen"), "http-01 needs exactly one of http01_listen (built-in responder) or http01_webroot")
         elif challenge == "dns-01" and not has("dns01_hook"):
             self.problem(t.key("dns01_hook"), "dns-01 needs dns01_hook = [\"/path/to/hook\", ...] to set and clear the TXT record")
-        elif challenge == "tls-alpn-01" and not has("tlsalpn01_listen"):
+        if has("dns_persist_hook") and challenge != "dns-persist-01":
+            self.problem(t.key("dns_persist_hook"), f"goes with challenge = \"dns-persist-01\", not {challenge!r}")
+        if challenge == "tls-alpn-01" and not has("tlsalpn01_listen"):
             self.problem(t.key("tlsalpn01_listen"), "tls-alpn-01 needs tlsalpn01_listen = \"host:port\" for the built-in responder")
 
     def renew_before(self, t: Table) -> RenewBefore | None:

@@ -22,12 +22,12 @@ DEFAULT_PATH = Path("/etc/certd/certd.toml")
 DEFAULT_EXEC_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"  # hooks' PATH when unset
 
 KEY_TYPES = ("ecdsa-p256", "ecdsa-p384", "rsa-2048", "rsa-3072", "rsa-4096")
-CHALLENGES = ("http-01", "dns-01", "tls-alpn-01")
+CHALLENGES = ("http-01", "dns-01", "tls-alpn-01", "dns-persist-01")
 FILE_CONTENTS = ("cert", "chain", "fullchain", "privkey", "combined")
 HOOK_KINDS = ("nginx", "haproxy")
 
 KeyType = Literal["ecdsa-p256", "ecdsa-p384", "rsa-2048", "rsa-3072", "rsa-4096"]
-Challenge = Literal["http-01", "dns-01", "tls-alpn-01"]
+Challenge = Literal["http-01", "dns-01", "tls-alpn-01", "dns-persist-01"]
 
 
 @dataclass(frozen=True)
@@ -143,11 +143,37 @@ class CertificateConfig:
     preferred_profile: str | None = None  # ... or one used only when the CA offers it
     preferred_chain: str | None = None    # issuer CN of the chain's topmost certificate (RFC 8555 §7.4.2)
     ip_addresses: tuple[str, ...] = ()    # RFC 8738 identifiers beside domains (compressed text form)
+    dns_persist_hook: tuple[str, ...] = ()  # dns-persist-01: publishes the one persistent TXT record
+    # Key classes (certd/config/keyclass.py): the settings above are already the effective ones
+    # (the certificate's own, else its class's, else the default); ``origins`` says which rule
+    # set each class-able setting ("certificate", "key_class NAME" or "default").
+    key_class: str | None = None
+    max_key_age: float | None = None   # seconds: re-key once the key is this old, even if valid
+    destroy_after: float | None = None  # seconds: destroy a retired version's key after this long
+    origins: tuple[tuple[str, str], ...] = ()
 
     @property
     def identifiers(self) -> tuple[str, ...]:
         """Every name ordered for: the domains, then the IP addresses."""
         return self.domains + self.ip_addresses
+
+    def origin(self, setting: str) -> str:
+        """Which rule decided ``setting``: "certificate", "key_class NAME" or "default"."""
+        return dict(self.origins).get(setting, "default")
+
+
+@dataclass(frozen=True)
+class KeyClassConfig:
+    """``[[key_class]]``: settings certificates inherit with ``key_class = "NAME"``; None means
+    the class leaves that setting to the default. Durations in seconds."""
+
+    name: str
+    key_type: str | None = None
+    reuse_key: bool | None = None
+    max_key_age: float | None = None
+    renew_before: RenewBefore | None = None
+    keep_versions: int | None = None
+    destroy_after: float | None = None
 
 
 @dataclass(frozen=True)
@@ -183,6 +209,7 @@ class Config:
     certificates: tuple[CertificateConfig, ...]
     alerts: AlertsConfig | None = None
     keys: KeysConfig | None = None   # None: keys stored unencrypted (as before [keys] existed)
+    key_classes: tuple[KeyClassConfig, ...] = ()
 
     def certificate(self, name: str) -> CertificateConfig:
         return self._by_name[name]  # KeyError for an unknown name

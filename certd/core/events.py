@@ -31,7 +31,7 @@ KINDS = frozenset({
     "rollback_failed",   # even the rollback could not be proven: page someone
     "operator_rollback", # an operator switched to an earlier version
     "revoked",           # revoked at the CA
-    "key_destroyed",     # a compromised key was destroyed
+    "key_destroyed",     # a key was destroyed: compromised, or retired past destroy_after
     "version_pruned",    # an old version was removed (its key overwritten)
     "config_changed",    # the daemon applied a new configuration
     "config_rejected",   # the daemon refused an invalid configuration

@@ -17,7 +17,10 @@ The renewal time is layered, like certmagic's, and every decision carries its re
    third of the lifetime remaining (half for certificates shorter than 10 days), minus a small
    jitter so a fleet does not renew in lock-step;
 5. whatever was chosen, an emergency point (a tenth of the lifetime before expiry) wins if it
-   comes earlier: an ARI window that is too late never lets a certificate expire.
+   comes earlier: an ARI window that is too late never lets a certificate expire;
+6. a key with a ``max_key_age`` (key classes) is due for a new key when it reaches that age,
+   if that comes earlier still: the certificate is renewed while valid, and that renewal makes
+   a new key even with ``reuse_key`` (:func:`needs_new_key`).
 
 A failed attempt is retried after an exponential backoff whose base and cap scale with the
 certificate's lifetime and with the time left, so a 2-minute certificate retries within
@@ -69,6 +72,10 @@ class Facts:
     ari: AriWindow | None = None
     failures: int = 0                        # consecutive failed attempts
     last_failure: datetime | None = None
+    key_created: datetime | None = None      # when the certificate's key was generated
+    max_key_age: timedelta | None = None
+    key_rule: str = "certificate"            # which rule set max_key_age ("key_class NAME", ...)
+    renew_before_rule: str | None = None     # named in the reason when a key class is involved
 
 
 @dataclass(frozen=True)
@@ -92,7 +99,7 @@ def decide(facts: Facts, now: datetime, rng: random.Random | None = None) -> Dec
                 return Decision(retry, f"no certificate yet; retry {facts.failures} after failure, "
                                        f"backoff until {isoformat(retry)}")
         return Decision(now, "no certificate yet")
-    base = _scheduled(facts, now, rng)
+    base = _key_age(facts, _scheduled(facts, now, rng))
     if facts.failures > 0 and facts.last_failure is not None:
         retry = facts.last_failure + backoff(facts.failures, facts.not_before, facts.not_after, facts.last_failure, rng)
         if retry > base.renew_at:
@@ -133,7 +140,45 @@ def _scheduled(facts: Facts, now: datetime, rng: random.Random) -> Decision:
     return Decision(max(at - jitter, facts.not_before), f"{why}{note}")
 
 
+def _key_age(facts: Facts, base: Decision) -> Decision:
+    """``base``, unless the key reaches its max_key_age before it: then that point, and why."""
+    due = key_due_at(facts.key_created, facts.max_key_age)
+    if due is None or due >= base.renew_at or facts.max_key_age is None:
+        return base
+    return Decision(due, f"key older than max_key_age {_fmt(facts.max_key_age)} ({facts.key_rule})")
+
+
+def key_due_at(key_created: datetime | None, max_key_age: timedelta | None) -> datetime | None:
+    """When a key created at ``key_created`` reaches ``max_key_age`` (None: no limit or unknown)."""
+    if key_created is None or max_key_age is None:
+        return None
+    return key_created + max_key_age
+
+
+def needs_new_key(key_created: datetime | None, max_key_age: timedelta | None, now: datetime,
+                  cycle: timedelta) -> str | None:
+    """Why a renewal at ``now`` must make a new key although ``reuse_key`` is on, or None.
+
+    The key is replaced once it is older than ``max_key_age``, and also when it would pass that
+    age before the certificate issued now is renewed again, estimated as one more ``cycle`` like
+    the current certificate's (now - its notBefore): reusing it then would only buy a second
+    renewal soon after, for the key alone."""
+    due = key_due_at(key_created, max_key_age)
+    if due is None or max_key_age is None:
+        return None
+    if due <= now:
+        return f"the key is older than max_key_age {_fmt(max_key_age)}"
+    if due <= now + max(cycle, timedelta(0)):
+        return f"the key would pass max_key_age {_fmt(max_key_age)} before the next renewal"
+    return None
+
+
 def _lifetime_point(facts: Facts, lifetime: timedelta) -> tuple[datetime, str]:
+    at, why = _renew_before_point(facts, lifetime)
+    return at, (f"{why} ({facts.renew_before_rule})" if facts.renew_before_rule else why)
+
+
+def _renew_before_point(facts: Facts, lifetime: timedelta) -> tuple[datetime, str]:
     assert facts.not_after is not None
     rb = facts.renew_before
     if rb is not None and rb.duration is not None:
@@ -188,6 +233,11 @@ def expiring_at(not_before: datetime, not_after: datetime) -> datetime:
     """The emergency point: the last :data:`EMERGENCY_FRACTION` of the lifetime."""
     lifetime = not_after - not_before
     return not_after - lifetime * EMERGENCY_FRACTION.numerator / EMERGENCY_FRACTION.denominator
+
+
+def format_duration(d: timedelta) -> str:
+    """``30d``, ``12h``, ``90m`` or ``45s``: a duration as the configuration writes it."""
+    return _fmt(d)
 
 
 def _fmt(d: timedelta) -> str:

@@ -45,6 +45,16 @@ class Jobs:
             housekeeping.sweep(self._config(), names)
         except Exception:  # tidying up must never stop the daemon
             log.exception("housekeeping failed")
+        if names is None:
+            self.destroy_retired()
+
+    def destroy_retired(self) -> None:
+        """Destroy keys retired for longer than their ``destroy_after`` (certd.engine.destruction):
+        at start and every :func:`~certd.engine.destruction.pass_interval`; each commit runs it too."""
+        try:
+            self.manager.destroy_retired()
+        except Exception:  # never stop the daemon; the next pass tries again
+            log.exception("key destruction pass failed")
 
     def reschedule(self, name: str, spread: Spread | None = None) -> None:
         """Schedule ``name``'s next look from the store (nothing if it is no longer configured)."""

@@ -34,6 +34,7 @@ from certd.daemon.monitor import Monitor
 from certd.daemon.scheduler import Flights, Scheduler
 from certd.daemon.systemd import STATUS_INTERVAL, StateTracker, sd_notify, start_watchdog
 from certd.daemon.wiring import build_manager, build_sinks, reconfigure_keys
+from certd.engine.destruction import pass_interval
 from certd.engine.outcome import Outcome, Result
 from certd.ops.log import event
 
@@ -95,6 +96,7 @@ class Daemon:
             self.jobs.reschedule(cert.name, spread)
         self.scheduler.start()
         self.scheduler.every(self.config.daemon.ca_probe_interval, self.jobs.probe_ca, job_id="ca-probe")
+        self.scheduler.every(pass_interval(self.config), self.jobs.destroy_retired, job_id="key-destruction")
         self.watcher.start()
         if self.sinks.metrics is not None:
             self.sinks.metrics.start()
@@ -187,6 +189,8 @@ class Daemon:
         self.sinks.reconfigure(new)
         self.monitor.reconfigure()
         self.tracker.forget_scan()  # names came or went: the next CA probe looks again
+        if pass_interval(new) != pass_interval(old):
+            self.scheduler.every(pass_interval(new), self.jobs.destroy_retired, job_id="key-destruction")
         for name in old_by_name.keys() - new_by_name.keys():
             self.scheduler.unschedule(name)
         changed = [n for n, c in new_by_name.items() if old_by_name.get(n) != c]

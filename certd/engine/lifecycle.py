@@ -90,6 +90,9 @@ class VersionStatus:
         """Why this version must never be deployed again, or None."""
         if self.key_compromised:
             return f"{name} version {version} has a compromised key; it cannot be deployed again"
+        if self.key_destroyed:
+            return (f"{name} version {version}'s private key was destroyed (destroy_after); it cannot be deployed "
+                    f"again: choose a newer version")
         if self.revoked is not None:
             return f"{name} version {version} was revoked ({self.revoked.reason}); it cannot be deployed again"
         return None

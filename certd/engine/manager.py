@@ -23,9 +23,10 @@ from typing import Any, Iterable
 from certd.acme.issuer import connect
 from certd.config import CertificateConfig, Config
 from certd.core.clock import Clock, SystemClock
-from certd.core.errors import UsageError
+from certd.core.errors import LockBusy, StoreError, UsageError
 from certd.core.events import EventBus
 from certd.core.rotation import Journal
+from certd.engine.destruction import destroy_retired_keys
 from certd.engine.effects import LocalEdges
 from certd.engine.dryrun import dry_run
 from certd.engine.outcome import Outcome, RenewRequest, Result
@@ -189,6 +190,23 @@ class Manager:
     def redeploy(self, cert: CertificateConfig, *, progress: Progress | None = None) -> Outcome:
         """See :mod:`certd.engine.redeploy`."""
         return redeploy(self.ports, self.planner, cert, progress)
+
+    def destroy_retired(self, certs: Iterable[CertificateConfig] | None = None) -> dict[str, list[int]]:
+        """Destroy the keys retired for ``destroy_after`` (see :mod:`certd.engine.destruction`)
+        of ``certs`` (default: all); one whose lock is busy is left to the next pass (its
+        rotation runs the pass itself when it commits). The versions destroyed, by name."""
+        done: dict[str, list[int]] = {}
+        for cert in self.ports.config.certificates if certs is None else certs:
+            if cert.destroy_after is None:
+                continue
+            try:
+                with self.ports.locks.lock(cert.name, timeout=0.0):
+                    versions = destroy_retired_keys(self.ports, cert)
+            except (LockBusy, StoreError):
+                continue  # busy (or its lease cannot be written): the next pass
+            if versions:
+                done[cert.name] = versions
+        return done
 
     def recover_all(self, workers: int = 1, stop: threading.Event | None = None) -> list[Journal]:
         """See :mod:`certd.engine.recover`."""

@@ -14,7 +14,7 @@ from functools import cached_property
 from datetime import datetime, timedelta
 from typing import Any, Callable
 
-from certd.engine import attempts
+from certd.engine import attempts, keyage
 from certd.engine.attempts import CertState as CertState  # its home is attempts; importable here too
 from certd.core import policy
 from certd.core import retry
@@ -54,6 +54,7 @@ class _Facts:
     ari_poll: datetime | None = None
     blocked_until: datetime | None = None  # a hold or rate limit (row["failure_kind"]) lasts until
     broken: str | None = None       # why this certificate cannot be planned or deployed (state "broken")
+    key_created: datetime | None = None  # for the row's time-dependent key_age_days
 
     @cached_property
     def row_json(self) -> str:
@@ -115,7 +116,7 @@ class Planner:
         fraction of a second); the time-dependent ``state`` is worked out afresh each time."""
         now = self.clock.now()
         facts = self._facts(cert, now)
-        return {**facts.row, "state": facts.state(now)}
+        return {**facts.row, "state": facts.state(now), "key_age_days": keyage.key_age_days(facts.key_created, now)}
 
     def status_json(self, cert: CertificateConfig, next_run: str | None = None) -> str:
         """:meth:`status` as one line of JSON, plus the daemon's ``next_run`` (ISO 8601 text):
@@ -123,7 +124,8 @@ class Planner:
         now = self.clock.now()
         facts = self._facts(cert, now)
         tail = f', "next_run": {json.dumps(next_run)}' if next_run is not None else ""
-        return f'{facts.row_json}, "state": "{facts.state(now)}"{tail}}}'
+        age = json.dumps(keyage.key_age_days(facts.key_created, now))
+        return f'{facts.row_json}, "state": "{facts.state(now)}", "key_age_days": {age}{tail}}}'
 
     def _facts(self, cert: CertificateConfig, now: datetime) -> _Facts:
         try:
@@ -157,7 +159,8 @@ class Planner:
                                "fingerprint_sha256": None, "key_type": cert.key_type,
                                "next_renewal": isoformat(decision.renew_at), "last_result": None,
                                "last_error": None, "failures": 0, "rotation": None,
-                               "renewal_reason": decision.reason, "broken_reason": reason}
+                               "renewal_reason": decision.reason, "broken_reason": reason,
+                               "key_class": cert.key_class}
         try:
             state = self.load_state(cert.name)
             row.update(last_result=state.last_result, last_error=state.last_error, failures=state.failures)
@@ -180,7 +183,8 @@ class Planner:
                                "fingerprint_sha256": None, "key_type": cert.key_type,
                                "next_renewal": None, "last_result": state.last_result,
                                "last_error": state.last_error, "failures": state.failures,
-                               "rotation": unfinished, "profile": None}
+                               "rotation": unfinished, "profile": None,
+                               "key_class": cert.key_class}
         until = attempts.blocked_until(state, self.clock.now())
         row.update(failure_kind=state.failure_kind if state.failures else None, problem=state.problem,
                    retry_after=isoformat(until) if until else None)
@@ -200,7 +204,8 @@ class Planner:
             row["next_renewal"] = None  # the operator ended it; nothing is planned
         ari = state.ari if state.ari and state.ari.get("serial") == info.serial else None
         return _Facts(token, cert, decision, row, info, status.revoked is not None, held,
-                      ari is not None, parse_time(ari.get("next_poll")) if ari else None, until)
+                      ari is not None, parse_time(ari.get("next_poll")) if ari else None, until,
+                      key_created=keyage.key_created(stored.meta, info))
 
     def decide(self, cert: CertificateConfig, stored: StoredVersion | VersionInfo | None, state: CertState,
                refresh_ari: bool, ignore_failures: bool = False) -> policy.Decision:
@@ -247,7 +252,8 @@ class Planner:
             changed = (f"configured names {sorted(cert.identifiers)} differ from the certificate's "
                        f"{sorted(info.identifiers)}")
         elif info.key_type != cert.key_type:
-            changed = f"configured key_type {cert.key_type} differs from the certificate's {info.key_type}"
+            changed = (f"configured key_type {cert.key_type}{keyage.class_note(cert, 'key_type')} differs from the "
+                       f"certificate's {info.key_type}")
         if changed:
             last_failure = parse_time(state.last_failure)
             if failures and last_failure is not None:  # due now, but a failing CA is not hammered
@@ -259,7 +265,9 @@ class Planner:
             return policy.Decision(now, changed)
         ari = self._ari(stored, state, refresh_ari)
         facts = policy.Facts(info.not_before, info.not_after, cert.renew_before, ari,
-                             failures, parse_time(state.last_failure))
+                             failures, parse_time(state.last_failure), keyage.key_created(stored.meta, info),
+                             timedelta(seconds=cert.max_key_age) if cert.max_key_age else None,
+                             keyage.rule(cert, "max_key_age"), keyage.class_rule(cert, "renew_before"))
         # Seed by serial so the random point in a window is stable between calls (status vs run).
         return policy.decide(facts, now, random.Random(info.serial))
 

@@ -19,16 +19,17 @@ from __future__ import annotations
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 from typing import Any, Iterable
 
 from certd.acme.issuer import ari_cert_id
 from certd.config import CertificateConfig
-from certd.core import rotation
+from certd.core import policy, rotation
 from certd.core.clock import isoformat
 from certd.core.errors import CANotReachable, CertdError, OperationFailed, StoreError
 from certd.core.rotation import Step
 from certd.crypto import certcheck, keys
-from certd.engine import attempts
+from certd.engine import attempts, keyage
 from certd.engine.lifecycle import VersionStatus
 from certd.engine.orders import Orders
 from certd.engine.outcome import Outcome, RenewRequest, Result, with_resumed
@@ -129,7 +130,7 @@ class Renew:
         started = clock.monotonic()
         state.last_attempt = isoformat(clock.now())
         try:  # the order journal: an order a crash interrupted is resumed, not placed again
-            issued = self.orders.obtain(cert, lambda: self._key_for(cert, stored), _replaces(stored, cert), say)
+            issued = self.orders.obtain(cert, lambda: self._key_for(cert, stored, say), _replaces(stored, cert), say)
             key_pem, replaces = issued.key_pem, issued.replaces
             bundle = certcheck.check_issued(issued.fullchain, key_pem, cert.identifiers, clock.now())
             info = bundle.info
@@ -138,6 +139,7 @@ class Renew:
                 "created": isoformat(clock.now()), "initiator": initiator, "reason": reason,
                 "serial": info.serial, "not_after": isoformat(info.not_after),
                 "fingerprint_sha256": info.fingerprint_sha256, "replaces": replaces,
+                keyage.KEY_CREATED: self._key_created(stored, info.spki_sha256),
                 **({"profile": issued.profile} if issued.profile else {}),
             })
             self.orders.stored(cert.name, issued)
@@ -161,12 +163,34 @@ class Renew:
         j = self.rotations.drive(cert, j, say)
         return self.rotations.finish(cert, j, state, clock.monotonic() - started)
 
-    def _key_for(self, cert: CertificateConfig, stored: StoredVersion | None) -> bytes:
-        """The stored key again (``reuse_key``, same type, not compromised), else a fresh one."""
+    def _key_for(self, cert: CertificateConfig, stored: StoredVersion | None, say: Say) -> bytes:
+        """The stored key again (``reuse_key``, same type, not compromised, not too old for
+        ``max_key_age``), else a fresh one."""
         if cert.reuse_key and stored is not None and stored.bundle.info.key_type == cert.key_type \
-                and not VersionStatus.from_meta(stored.meta).key_compromised:
+                and not VersionStatus.from_meta(stored.meta).key_compromised \
+                and not self._key_too_old(cert, stored, say):
             return stored.bundle.key_pem
         return keys.generate_private_key(cert.key_type)
+
+    def _key_too_old(self, cert: CertificateConfig, stored: StoredVersion, say: Say) -> bool:
+        """Whether ``max_key_age`` forbids reusing ``stored``'s key now (said and logged if so)."""
+        if cert.max_key_age is None:
+            return False
+        now, info = self.ports.clock.now(), stored.bundle.info
+        why = policy.needs_new_key(keyage.key_created(stored.meta, info), timedelta(seconds=cert.max_key_age),
+                                   now, now - info.not_before)
+        if why is None:
+            return False
+        why = f"{why} ({keyage.rule(cert, 'max_key_age')})"
+        say(f"new key although reuse_key is on: {why}")
+        event(log, "key_replaced", name=cert.name, version=stored.version, reason=why)
+        return True
+
+    def _key_created(self, stored: StoredVersion | None, spki_sha256: str) -> str:
+        """The new version's ``key_created``: the previous one's when it reuses that key, else now."""
+        if stored is not None and stored.bundle.info.spki_sha256 == spki_sha256:
+            return isoformat(keyage.key_created(stored.meta, stored.bundle.info))
+        return isoformat(self.ports.clock.now())
 
 
 def _replaces(stored: StoredVersion | None, cert: CertificateConfig) -> str | None:

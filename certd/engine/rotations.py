@@ -23,6 +23,7 @@ from certd.core.model import CertInfo
 from certd.core.rotation import Journal, Step
 from certd.engine import attempts
 from certd.engine.compromise import destroy_compromised_keys
+from certd.engine.destruction import destroy_retired_keys
 from certd.engine.effects import STEP_TEXT, failed_step, idle_actions
 from certd.engine.outcome import Outcome, Result, rollback_failed_message
 from certd.engine.planning import Planner
@@ -98,6 +99,7 @@ class Rotations:
                    serial: str | None, seconds: float) -> Outcome:
         self.prune(cert, j.initiator)
         destroy_compromised_keys(self.ports, cert, j.initiator)
+        destroy_retired_keys(self.ports, cert, j.initiator)  # destroy_after (key classes)
         info = self.info(cert.name, version)
         fields: dict[str, Any] = {"initiator": j.initiator, "reason": j.reason, "version": version,
                                   "new_serial": serial, "old_serial": self.serial(cert.name, j.from_version),
@@ -158,14 +160,16 @@ class Rotations:
         store = self.ports.store
         current = store.current(cert.name)
         versions = store.versions(cert.name)
-        serials = {v: self.serial(cert.name, v) for v in versions} if len(versions) > cert.keep_versions else {}
+        infos = {v: self.info(cert.name, v) for v in versions} if len(versions) > cert.keep_versions else {}
         removed = store.prune(cert.name, cert.keep_versions, protect={current} if current else ())
         self.ports.edges.prune(cert, self._deployed_keep(store.versions(cert.name), current))
         if removed:
             event(log, "versions_pruned", name=cert.name, versions=",".join(map(str, removed)))
-        for v in removed:
+        for v in removed:  # the SPKI hash says which key went with it (zeroed)
+            info = infos.get(v)
             self.ports.emit("version_pruned", cert.name, version=v, reason=f"keep_versions = {cert.keep_versions}",
-                            initiator=initiator, old_serial=serials.get(v))
+                            initiator=initiator, old_serial=info.serial if info else None,
+                            spki_sha256=info.spki_sha256 if info else None)
 
     def _deployed_keep(self, stored: list[int], current: int | None) -> set[int]:
         """The versions the deploy targets keep: every stored one, or with ``[keys]`` (keys
