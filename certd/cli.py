@@ -15,7 +15,7 @@ import sys
 import traceback
 from typing import Any, Callable, NoReturn, Sequence
 
-from certd import __version__, cli_keys, cli_output, config as config_mod
+from certd import __version__, cli_backup, cli_keys, cli_output, config as config_mod
 from certd.ops import log as logmod
 from certd.config import Config
 from certd.core.errors import CertdError, ConfigError, UsageError
@@ -90,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     dp = sub.add_parser("dns-persist-record", help="print the persistent TXT record dns-persist-01 needs")
     dp.add_argument("name", metavar="NAME")
     cli_keys.add_parsers(sub, _Parser)
+    cli_backup.add_parsers(sub, _Parser)
     return p
 
 
@@ -376,6 +377,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "history": cmd_history,
     "audit": cmd_audit,
     "kek": lambda args: cli_keys.cmd_kek(args, load_config),
+    "backup": lambda args: cli_backup.cmd_backup(args, load_config),
     "dns-persist-record": cmd_dns_persist_record,
 }
 

@@ -171,16 +171,13 @@ class VersionFiles:
         The files are written before the fence is checked; only the publishing rename is fenced."""
         if not bundle.cert_pem or not bundle.key_pem:
             raise ValueError("a stored version needs a certificate and its private key")
-        meta_bytes = fileio.meta_bytes({**meta, INFO_KEY: {**bundle.info.to_json(),
-                                                           "pem_sha256": fileio.sha256(bundle.cert_pem)}})
+        meta_bytes = _meta_bytes(bundle, meta)
         self._ensure_cert_dir(name)
         vroot = self._versions_dir(name)
         fsutil.remove_stale_temps(vroot)
         version = max(self.versions(name), default=0) + 1
         with fsutil.TempDir(vroot, version_dirname(version), mode=self._dir_mode, gid=self._gid) as tmp:
-            for fname, data in (("cert.pem", bundle.cert_pem), ("chain.pem", bundle.chain_pem),
-                                ("fullchain.pem", bundle.fullchain_pem), ("meta.json", meta_bytes)):
-                tmp.write(fname, data, mode=0o644)
+            self._write_public(tmp, bundle, meta_bytes)
             key_name = self._write_key(tmp, name, version, bundle.key_pem)
             with self._fence(name, lease):
                 while not tmp.publish(vroot / version_dirname(version)):
@@ -189,6 +186,35 @@ class VersionFiles:
                         tmp.remove(key_name)
                         self._write_key(tmp, name, version, bundle.key_pem)
         return version
+
+    def restore_version(self, name: str, version: int, bundle: Bundle, meta: dict[str, Any], *,
+                        lease: Lease | None = None) -> None:
+        """Store ``bundle`` as version number ``version`` exactly (a backup being restored keeps
+        its numbers, so rollback targets and the audit trail still agree); written, sealed and
+        published like :meth:`add_version`. :class:`StoreError` if that number is already taken.
+        A version recorded ``key_destroyed`` comes without its key, as it was."""
+        if version < 1:
+            raise ValueError(f"version numbers start at 1, not {version}")
+        if not bundle.cert_pem or (not bundle.key_pem and not meta.get("key_destroyed")):
+            raise ValueError("a stored version needs a certificate and its private key")
+        meta_bytes = _meta_bytes(bundle, meta)
+        self._ensure_cert_dir(name)
+        vroot = self._versions_dir(name)
+        fsutil.remove_stale_temps(vroot)
+        final = vroot / version_dirname(version)
+        with fsutil.TempDir(vroot, final.name, mode=self._dir_mode, gid=self._gid) as tmp:
+            self._write_public(tmp, bundle, meta_bytes)
+            if bundle.key_pem:
+                self._write_key(tmp, name, version, bundle.key_pem)
+            with self._fence(name, lease):
+                if not tmp.publish(final):
+                    raise StoreError(f"{name}: version {version} is already in the store ({final}); not overwritten")
+
+    @staticmethod
+    def _write_public(tmp: fsutil.TempDir, bundle: Bundle, meta_bytes: bytes) -> None:
+        for fname, data in (("cert.pem", bundle.cert_pem), ("chain.pem", bundle.chain_pem),
+                            ("fullchain.pem", bundle.fullchain_pem), ("meta.json", meta_bytes)):
+            tmp.write(fname, data, mode=0o644)
 
     def _write_key(self, tmp: fsutil.TempDir, name: str, version: int, key_pem: bytes) -> str:
         fname, data, sealed = self._keys.encode(version_place(self._cert_path(name), name, version), key_pem)
@@ -246,6 +272,12 @@ class VersionFiles:
         self.update_meta(name, version, {"key_destroyed": True}, lease=lease)
         with self._fence(name, lease):
             self._keys.destroy(version_place(self._cert_path(name), name, version))
+
+
+def _meta_bytes(bundle: Bundle, meta: dict[str, Any]) -> bytes:
+    """meta.json: ``meta`` with the leaf's CertInfo recorded (see :func:`fileio.stored_info`)."""
+    info = {**bundle.info.to_json(), "pem_sha256": fileio.sha256(bundle.cert_pem)}
+    return fileio.meta_bytes({**meta, INFO_KEY: info})
 
 
 def _oldest_first(versions: list[int], spare: Collection[int | None]) -> Iterator[int]:

@@ -221,6 +221,11 @@ BAD_CLI: list[tuple[str, list[str], str]] = [
     ("run-extra-argument", ["run", "now"], "unrecognized arguments"),
     ("reload-without-daemon", ["reload"], "no daemon listens"),
     ("reload-extra-argument", ["reload", "now"], "unrecognized arguments"),
+    ("backup-without-subcommand", ["backup"], "SUBCOMMAND is required"),
+    ("backup-export-without-file", ["backup", "export"], "required: FILE"),
+    ("backup-export-without-recipient", ["backup", "export", "/nonexistent/b.age"], "sets no [keys] backup_recipient"),
+    ("backup-restore-without-identity", ["backup", "restore", "b.age"], "required: --identity"),
+    ("backup-restore-missing-identity", ["backup", "restore", "b.age", "--identity", "/nonexistent/id"], "no such file"),
 ]
 
 # Commands that read the configuration, each against a missing, a broken and an unreadable file.
