@@ -78,8 +78,9 @@ class Parser(TargetSections, KeyClassSections):
             for k, v in (("pkcs11_module", module), ("pkcs11_pin_file", pin_file)):
                 if v is None and not t.data.get(k):
                     self.problem(t.key(k), f"kek = \"pkcs11:...\" needs {k}")
-        elif module is not None or pin_file is not None:
-            self.problem(t.key("pkcs11_module"), "pkcs11_module and pkcs11_pin_file go with kek = \"pkcs11:...\"")
+        elif (module is None) != (pin_file is None):
+            # beside kek_file they serve `certd kek rotate --new pkcs11:...` (moving onto a token)
+            self.problem(t.key("pkcs11_module"), "pkcs11_module and pkcs11_pin_file go together")
         old: list[Path] = []
         for j, raw in enumerate(old_raw):
             if not isinstance(raw, str) or not raw:

@@ -74,8 +74,10 @@ def keyring_of(config: Config) -> tuple[KeyRing | None, Callable[[str], Kek] | N
         return None, None
     try:
         ring = load_keyring(keys)
-    except CustodyError as e:  # the KEK is configuration: exit 2, like any other config problem
-        raise ConfigError(f"{config.path}: [keys]: {e}") from None
+    except CustodyError as e:
+        if e.transient:  # a token pulled out: an operation that failed (exit 1), not the configuration
+            raise
+        raise ConfigError(f"{config.path}: [keys]: {e}") from None  # exit 2, like any config problem
     return ring, (lambda source: load_source(keys, source))
 
 

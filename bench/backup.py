@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """How long `certd backup export` and `certd backup restore` take, and how large the archive is.
 
-    .venv/bin/python scripts/bench_backup.py                      # 1,000 certificates x 3 versions, [keys]
-    .venv/bin/python scripts/bench_backup.py --certs 100 --plain  # smaller, keys stored unencrypted
+    .venv/bin/python bench/backup.py                      # 1,000 certificates x 3 versions, [keys]
+    .venv/bin/python bench/backup.py --certs 100 --plain  # smaller, keys stored unencrypted
 
 Builds a synthetic state dir with :class:`certd.store.files.FileStore` (keys sealed under a
 fresh KEK unless ``--plain``): leaves signed by a throwaway root -> intermediate, ECDSA P-256,
