@@ -196,7 +196,7 @@ def _dry_run(args: argparse.Namespace) -> int:
         raise UsageError(f"--server {args.server!r}: expected the ACME directory URL, e.g. https://ca.example/dir")
     from certd.daemon.wiring import build_manager
     from certd.engine.manager import whoami
-    mgr = build_manager(load_config(args))
+    mgr = build_manager(load_config(args), maintenance=False)
     try:
         certs = mgr.select([] if args.all or not args.names else args.names)
         outcomes = mgr.dry_run(certs, server=args.server, initiator=whoami(), progress=_progress)
@@ -215,7 +215,7 @@ def cmd_dns_persist_record(args: argparse.Namespace) -> int:
     (registering the account if needed: the record names it)."""
     from certd.acme.issuer import Issuer
     from certd.daemon.wiring import build_manager
-    mgr = build_manager(load_config(args))
+    mgr = build_manager(load_config(args), maintenance=False)
     try:
         cert = mgr.select([args.name])[0]
         issuer = mgr.ports.issuer()

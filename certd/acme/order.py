@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
+from urllib.parse import urljoin
 
 import josepy as jose
 import requests
@@ -188,8 +189,13 @@ class OrderFlow:
         if seen[0] == want:
             return response.content
         links = requests.utils.parse_header_links(response.headers.get("Link", ""))
-        for url in [link["url"] for link in links if link.get("rel") == "alternate"]:
-            alternate = post_as_get(self.client, url).content
+        for url in [urljoin(response.url, link["url"]) for link in links if link.get("rel") == "alternate"]:
+            try:  # the certificate is issued: an alternate that cannot be fetched must not fail it
+                alternate = post_as_get(self.client, url).content
+            except Exception as e:  # noqa: BLE001 - whatever the CA or the network did, the default chain stands
+                log.warning("alternate_chain_unavailable certificate=%s url=%s error=%s", self.cert.name, url,
+                            one_line(str(e)))
+                continue
             seen.append(topmost_issuer(alternate))
             if seen[-1] == want:
                 self.say(f"using the alternate chain to {want!r}")

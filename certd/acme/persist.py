@@ -11,10 +11,11 @@ lets the record authorize ``*.<name>`` too. The challenge has no token and is an
 empty JSON object.
 
 With ``dns_persist_hook``, certd publishes the record itself (``hook... persist <name> <value>``)
-the first time a process needs it for that name and value; the hook must replace any earlier
-value it published (the record is the same for every order, so calling it again changes
-nothing). Without a hook the operator publishes it once, as ``certd dns-persist-record NAME``
-prints it.
+the first time a process needs it for that name and value (and again after an hour); the hook
+must make sure that value is among the TXT records of the name, *adding* it beside others — a
+wildcard and a plain certificate of one name, or two CAs, each need their own — and be
+idempotent (the value is the same for every order). Without a hook the operator publishes it
+once, as ``certd dns-persist-record NAME`` prints it.
 """
 
 from __future__ import annotations

@@ -31,6 +31,7 @@ import re
 import subprocess
 import tempfile
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -194,8 +195,11 @@ def _one_line(data: bytes, limit: int = 300) -> str | None:
 
 # --- dns-persist-01 -----------------------------------------------------------------------
 
-_published: set[tuple[str, str]] = set()   # (name, value) published by this process's hook runs
+#: (name, value) -> when this process's hook last published it. Asked again after an hour, so a
+#: record removed by hand (or by another tool) comes back without a restart.
+_published: dict[tuple[str, str], float] = {}
 _published_lock = threading.Lock()
+REPUBLISH_AFTER = 3600.0
 
 
 class DnsPersistSolver:
@@ -223,13 +227,14 @@ class DnsPersistSolver:
         if self.hook is None:
             return  # published by hand (certd dns-persist-record)
         with _published_lock:
-            if (domain, value) in _published:
+            at = _published.get((domain, value))
+            if at is not None and time.monotonic() - at < REPUBLISH_AFTER:
                 return
         problem = self.hook._run("persist", domain, value)
         if problem:
             raise ChallengeFailed(f"dns-persist-01 hook {problem}; will retry", transient=True)
         with _published_lock:
-            _published.add((domain, value))
+            _published[(domain, value)] = time.monotonic()
         log.info("dns-persist-01 record published for %s", domain)
 
     def cleanup(self, domain: str, challenge: Any, account_key: jose.JWK) -> None:

@@ -303,7 +303,7 @@ class Parser(TargetSections, KeyClassSections):
 
     def ip_addresses(self, t: Table, challenge: str) -> list[str]:
         """RFC 8738 identifiers, in compressed text form; not for dns-01 (no DNS name to put a
-        TXT record under), and only addresses a CA can reach (not loopback, except for a test CA)."""
+        TXT record under); no unspecified, multicast or zoned (``fe80::1%eth0``) address."""
         out: list[str] = []
         for j, raw in enumerate(t.get("ip_addresses", list, [])):
             key = t.key(f"ip_addresses[{j}]")
@@ -311,8 +311,12 @@ class Parser(TargetSections, KeyClassSections):
                 ip = str(ipaddress.ip_address(raw)) if isinstance(raw, str) else None
             except ValueError:
                 ip = None
-            if ip is None:
-                self.problem(key, f"{raw!r} is not an IP address; expected e.g. \"192.0.2.10\" or \"2001:db8::10\"")
+            addr = ipaddress.ip_address(ip) if ip is not None and "%" not in ip else None
+            if ip is None or addr is None:
+                self.problem(key, f"{raw!r} is not an IP address a certificate can name; expected e.g. \"192.0.2.10\" "
+                                  "or \"2001:db8::10\" (no %zone)")
+            elif addr.is_unspecified or addr.is_multicast:
+                self.problem(key, f"{raw!r} is an unspecified or multicast address; no CA can validate it")
             elif ip in out:
                 self.problem(key, f"{raw!r} is listed twice")
             else:

@@ -170,6 +170,10 @@ class KeyRing:
     def kek_ids(self) -> list[str]:
         return list(self._by_id)
 
+    def kek(self, kek_id: str) -> Kek:
+        """The KEK with this id (KeyError if it is not in the ring)."""
+        return self._by_id[kek_id]
+
     def with_current(self, kek: Kek) -> KeyRing:
         """This ring sealing under ``kek`` from now on, still opening everything it could."""
         return KeyRing(kek, [k for k in self._by_id.values() if k.kek_id != kek.kek_id])

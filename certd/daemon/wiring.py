@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from certd.ops import audit
@@ -69,13 +70,23 @@ def build_events(config: Config, clock: Clock, *, daemon: bool, sinks: Sinks | N
     return bus
 
 
-def seal_existing_keys(manager: Manager, store: FileStore) -> None:
+def owns_state_dir(store: FileStore) -> bool:
+    """Whether this process runs as the state directory's owner: only then may it write key
+    files there (as root it would leave root-owned files the daemon's user cannot read)."""
+    try:
+        return os.stat(store.root).st_uid == os.geteuid()
+    except FileNotFoundError:
+        return True  # created by this process, as its own
+
+
+def seal_existing_keys(manager: Manager, store: FileStore, *, full_scan: bool = False) -> None:
     """``[keys]`` added to a state directory holding plain keys: seal them now (resumable), and
-    say so in the audit log. Only by a process that may write the store (the daemon, or root's CLI)."""
-    if not os.access(store.root, os.W_OK):
+    say so in the audit log. Only by the state directory's owner (the daemon, or the CLI run as
+    certd's user); ``full_scan`` (the daemon's start) looks again even where the directory is
+    marked all sealed, for keys a process without ``[keys]`` wrote since."""
+    if not owns_state_dir(store) or not os.access(store.root, os.W_OK):
         return
-    sealed = store.keys.seal_existing()  # without [keys]: drops the "all sealed" mark, if any
-    store.keys.settle_rotation()  # a finished KEK rotation the configuration now names: done
+    sealed = store.keys.seal_existing(full_scan=full_scan)  # without [keys]: drops the "all sealed" mark
     if sealed:
         ring = store.keys.ring
         manager.emit("keys_sealed", "", initiator=whoami(), reason="[keys] configured: plain keys sealed",
@@ -94,13 +105,13 @@ def reconfigure_keys(manager: Manager, config: Config) -> None:
         ring, loader = keyring_of(config)
         store.keys.reconfigure(ring, loader)
         try:
-            seal_existing_keys(manager, store)
+            seal_existing_keys(manager, store, full_scan=True)
         except StoreError as e:  # resumable: the next start (or reload) seals the rest
             manager.emit("keys_seal_failed", "", initiator=whoami(), outcome="failed", reason=str(e))
 
 
 def build_manager(config: Config, *, clock: Clock | None = None, daemon: bool = False,
-                  lock_timeout: float = 0.0, sinks: Sinks | None = None) -> Manager:
+                  lock_timeout: float = 0.0, sinks: Sinks | None = None, maintenance: bool = True) -> Manager:
     clock = clock or SystemClock()
     loose_mode = housekeeping.secure_state_dir(config.daemon.state_dir)  # before anything is read or written
     # The store's own clock stays the system's: lease expiry must not follow a test's fake clock.
@@ -110,7 +121,8 @@ def build_manager(config: Config, *, clock: Clock | None = None, daemon: bool = 
     store = open_store(config, audit_group=config.daemon.control_group)
     manager = Manager(config, store=store, clock=clock, lock_timeout=lock_timeout,
                       events=build_events(config, clock, daemon=daemon, sinks=sinks, audit_sink=store.audit))
-    seal_existing_keys(manager, store)
+    if maintenance:  # not for commands that promise to change nothing (renew --dry-run)
+        seal_existing_keys(manager, store, full_scan=daemon)
     if loose_mode is not None:
         manager.emit("state_dir_tightened", "", initiator=whoami(), reason=f"state_dir had mode {loose_mode:04o}",
                      detail={"path": str(config.daemon.state_dir), "old_mode": f"{loose_mode:04o}", "mode": "0700"})
@@ -128,4 +140,11 @@ def rotate_kek_with(manager: Manager, source: str, initiator: str) -> dict[str, 
     if keys is None or not isinstance(store, FileStore):
         raise UsageError("kek rotate: no [keys] section in the running configuration: keys are stored unencrypted; "
                          "add [keys] with kek_file (see `certd kek init`) first")
+    if not owns_state_dir(store):
+        raise UsageError(f"kek rotate: run it as the owner of {store.root} (e.g. `runuser -u certd -- certd kek rotate "
+                         f"...`), or with the daemon running: files written as another user would be unreadable to it")
+    if not source.startswith("pkcs11:"):
+        unsafe = strictmodes.unsafe_path(Path(source), what="new KEK file")
+        if unsafe is not None:
+            raise UsageError(f"kek rotate: {unsafe}")
     return rotate_kek(store.keys, load_source(keys, source), source, manager.ports.clock, manager.emit, initiator)

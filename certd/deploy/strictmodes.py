@@ -130,8 +130,9 @@ def hook_programs(cert: CertificateConfig) -> list[str]:
             progs.append(h.command[0])
         elif h.kind == "nginx":
             progs.append(h.binary)
-    if cert.dns01_hook:
-        progs.append(cert.dns01_hook[0])
+    for hook in (cert.dns01_hook, cert.dns_persist_hook):
+        if hook:
+            progs.append(hook[0])
     return progs
 
 

@@ -46,7 +46,11 @@ def dry_run(ports: Ports, certs: list[CertificateConfig], server: str | None, in
             progress: Callable[[str, str], None] | None = None) -> list[Outcome]:
     """Order each certificate from the staging directory and check what comes back."""
     url = staging_url(ports, server)
-    issuer = connect(dataclasses.replace(ports.config.acme, directory=url), ports.store, ports.clock)
+    # Not the production account's External Account Binding: EAB keys are often single-use, and
+    # a staging CA that needs one says so (externalAccountRequired) in one line.
+    acme = dataclasses.replace(ports.config.acme, directory=url, eab_kid=None, eab_hmac_key=None,
+                               eab_hmac_key_file=None)
+    issuer = connect(acme, ports.store, ports.clock)
     try:
         return [_one(ports, issuer, cert, url, initiator, progress) for cert in certs]
     finally:

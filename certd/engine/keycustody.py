@@ -68,9 +68,9 @@ def custody_lines(keys: KeyCustody) -> list[str]:
     lines = [f"keys: sealed under KEK {ring.current.kek_id}"]
     record = keys.rotation()
     if record is not None and not record.get("finished"):
-        lines.append(f"keys: KEK rotation to {record['to']} started {record.get('started')} has not finished; run "
-                     f"`certd kek rotate --new {record['to_source']}` again")
-    elif record is not None and keys.configured is not None and keys.configured.current.kek_id != record["to"]:
-        lines.append(f"keys: KEK rotation to {record['to']} finished {record.get('finished')}; point [keys] at "
-                     f"{record['to_source']} and keep the old KEK in old_kek_files until no backup needs it")
+        lines.append(f"keys: KEK rotation to {record['kek']} started {record.get('started')} has not finished; run "
+                     f"`certd kek rotate --new {record['source']}` again")
+    elif record is not None and keys.configured is not None and keys.configured.current.kek_id != record["kek"]:
+        lines.append(f"keys: KEK rotation to {record['kek']} finished {record.get('finished')}; point [keys] at "
+                     f"{record['source']} and keep the old KEK in old_kek_files until no backup needs it")
     return lines

@@ -107,6 +107,9 @@ class Orders:
             return None
         why = resume.journal_mismatch(journal.meta, self.ports.config.acme.directory, cert.identifiers,
                                      cert.key_type)
+        if why is None and cert.profile is not None and journal.meta.get("profile") != cert.profile:
+            why = (f"it was ordered with profile {journal.meta.get('profile')!r}; the configuration now requires "
+                   f"{cert.profile!r}")
         if why is None and self._compromised(cert.name, journal.key_pem):
             why = "its key (reused) was marked compromised since"
         if why is None:

@@ -158,7 +158,7 @@ class Planner:
                                "serial": None, "not_before": None, "not_after": None,
                                "fingerprint_sha256": None, "key_type": cert.key_type,
                                "next_renewal": isoformat(decision.renew_at), "last_result": None,
-                               "last_error": None, "failures": 0, "rotation": None,
+                               "last_error": None, "failures": 0, "rotation": None, "profile": None,
                                "renewal_reason": decision.reason, "broken_reason": reason,
                                "key_class": cert.key_class}
         try:

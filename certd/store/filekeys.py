@@ -10,13 +10,15 @@ exist, and when both do (a crash while sealing) the sealed one wins::
 Adding ``[keys]`` to a state directory seals what is there (:meth:`KeyFiles.seal_existing`,
 resumable: every key is sealed, fsynced, then its plain file zeroed and removed), marked done
 by ``keys.sealed``. A KEK rotation (:meth:`KeyFiles.rewrap_all`) records itself first in
-``kek-rotation.json``; every process using the store picks the record up (one ``stat`` per
-key operation) and from then on seals under the new KEK and opens keys wrapped under it, so a
-running daemon needs no restart and no key is wrapped under the old KEK behind the rotation's back.
+``kek-rotation.json`` (certd.store.kekrecord); every process using the store picks the record
+up (one ``stat`` per key operation) and from then on seals under the new KEK and opens keys
+wrapped under it, so a running daemon needs no restart and no key is wrapped under the old KEK
+behind the rotation's back.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from contextlib import AbstractContextManager, nullcontext
@@ -25,10 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from certd.core.errors import StoreError
+from certd.core.errors import LockBusy
 from certd.crypto.custody import CustodyError, FileKek, Kek, KeyRing, sealed_kek
 from certd import fs as fsutil
-from certd.store import fileio
+from certd.store import fileio, kekrecord
 
 Guard = Callable[[str | None], AbstractContextManager[None]]
 
@@ -37,8 +39,9 @@ def _unguarded(name: str | None) -> AbstractContextManager[None]:
     return nullcontext()
 
 
+log = logging.getLogger("certd.store")
+
 MARKER = "keys.sealed"
-ROTATION = "kek-rotation.json"
 SEALED_MODE = 0o600  # a sealed key is useless without the KEK; still nobody else's business
 
 
@@ -82,7 +85,20 @@ class KeyFiles:
         self._lock = threading.Lock()
 
     def reconfigure(self, ring: KeyRing | None, loader: Callable[[str], Kek] | None = None) -> None:
-        """Seal and open with ``ring`` from now on (``[keys]`` changed by a config reload)."""
+        """Seal and open with ``ring`` from now on (``[keys]`` changed by a config reload).
+        :class:`CustodyError`, nothing changed, when ``ring`` could not open keys sealed under
+        the KEK in use now (``[keys]`` removed, or ``kek_file`` changed without a rotation)."""
+        current = self.ring
+        if current is not None:
+            if ring is None:
+                raise CustodyError(f"removing [keys] would leave the stored keys sealed under KEK "
+                                   f"{current.current.kek_id} unopenable; keep [keys] (keys cannot be unsealed in "
+                                   f"place)")
+            candidate = kekrecord.extend(ring, kekrecord.load(self.root), loader or self._loader, self.root)
+            if current.current.kek_id not in candidate.kek_ids:
+                raise CustodyError(f"the new [keys] does not accept KEK {current.current.kek_id}, under which stored "
+                                   f"keys are sealed: keep its file in old_kek_files, or move the keys first with "
+                                   f"`certd kek rotate --new ...`")
         with self._lock:
             self._base, self._ring, self._seen = ring, ring, None
             if loader is not None:
@@ -94,67 +110,42 @@ class KeyFiles:
 
     @property
     def configured(self) -> KeyRing | None:
-        """The ring as configured, without a rotation's new KEK."""
+        """The ring as configured, without the rotations recorded in the state directory."""
         return self._base
 
     @property
     def ring(self) -> KeyRing | None:
-        """The configured ring, sealing under a rotation's new KEK once ``kek-rotation.json`` names one."""
+        """The configured ring extended by ``kek-rotation.json`` (certd.store.kekrecord): it
+        opens keys under every KEK a rotation moved them to and seals under the newest."""
         if self._base is None:
             return None
-        seen = fileio.identity(f"{self.root}/{ROTATION}")
+        seen = fileio.identity(f"{self.root}/{kekrecord.ROTATION}")
         with self._lock:
             if seen != self._seen:
-                self._ring = self._with_rotation(self._base, seen)
+                targets = kekrecord.load(self.root) if seen is not None else []
+                self._ring = kekrecord.extend(self._base, targets, self._loader, self.root / kekrecord.ROTATION)
                 self._seen = seen
             return self._ring
 
-    def _with_rotation(self, base: KeyRing, seen: tuple[int, int, int] | None) -> KeyRing:
-        record = self.rotation() if seen is not None else None
-        if record is None or record["to"] == base.current.kek_id:
-            return base
-        kek = self._loader(record["to_source"])
-        if kek.kek_id != record["to"]:
-            raise CustodyError(f"{self.root / ROTATION}: names KEK {record['to']} at {record['to_source']}, but that "
-                               f"now holds {kek.kek_id}; put the rotation's KEK back")
-        return base.with_current(kek)
-
     def rotation(self) -> dict[str, Any] | None:
-        """The KEK rotation record (``to``, ``to_source``, ``from``, ``started``, ``finished``), if any."""
-        rec = fileio.load_obj(f"{self.root}/{ROTATION}", "KEK rotation record")
-        if rec is not None and not {"to", "to_source"} <= rec.keys():
-            raise StoreError(f"{self.root / ROTATION}: corrupt KEK rotation record; run `certd kek rotate` again")
-        return rec
+        """The newest KEK rotation (``kek``, ``source``, ``from``, ``started``, ``finished``), if any."""
+        targets = kekrecord.load(self.root)
+        return targets[-1] if targets else None
 
     def begin_rotation(self, kek: Kek, source: str, started: str) -> KeyRing:
         """Record the rotation to ``kek`` (before any key is re-wrapped, so every process seals
         under it from now on); returns the ring sealing under it."""
-        if self._base is None:
+        ring = self.ring
+        if ring is None:
             raise CustodyError("no [keys] section: keys are stored unencrypted, there is no KEK to rotate; add [keys] "
                                "with kek_file (see `certd kek init`) first")
-        record = {"from": self._base.current.kek_id, "to": kek.kek_id, "to_source": source, "started": started,
-                  "finished": None}
-        fsutil.atomic_write(self.root / ROTATION, fileio.json_bytes(record), mode=0o600)
+        kekrecord.begin(self.root, kek, source, ring.current.kek_id, started)
         ring = self.ring
         assert ring is not None and ring.current.kek_id == kek.kek_id
         return ring
 
     def finish_rotation(self, rewrapped: int, finished: str) -> dict[str, Any]:
-        record = self.rotation() or {}
-        record.update(finished=finished, rewrapped=rewrapped)
-        fsutil.atomic_write(self.root / ROTATION, fileio.json_bytes(record), mode=0o600)
-        return record
-
-    def settle_rotation(self) -> dict[str, Any] | None:
-        """Forget a finished rotation once the configuration names its KEK (``kek_file`` points
-        at the new one); returns the record dropped."""
-        if self._base is None:
-            return None
-        record = self.rotation()
-        if record and record.get("finished") and record["to"] == self._base.current.kek_id:
-            fileio.remove(self.root / ROTATION)
-            return record
-        return None
+        return kekrecord.finish(self.root, rewrapped, finished)
 
     # -- one key -----------------------------------------------------------------------------
 
@@ -200,9 +191,18 @@ class KeyFiles:
             fsutil.secure_delete(other)
 
     def destroy(self, place: KeyPlace) -> None:
-        """Zero and remove both forms: for a sealed key this wipes its only wrapped data key."""
+        """Zero and remove both forms, and any temporary copy a killed writer left (for a sealed
+        key this wipes its only wrapped data key)."""
         for sealed in (True, False):
             fsutil.secure_delete(place.path(sealed))
+        leftovers = (f".{place.sealed}{fsutil.TMP_INFIX}", f".{place.plain}{fsutil.TMP_INFIX}")
+        try:
+            names = os.listdir(place.directory)
+        except FileNotFoundError:
+            return
+        for name in names:
+            if name.startswith(leftovers):
+                fsutil.secure_delete(f"{place.directory}/{name}")
 
     # -- every key ---------------------------------------------------------------------------
 
@@ -222,25 +222,31 @@ class KeyFiles:
         accounts = self.root / "accounts"
         yield None, [account_place(f"{accounts}/{a}") for a in _listdir(accounts) if os.path.isdir(accounts / a)]
 
-    def seal_existing(self) -> list[str]:
+    def seal_existing(self, *, full_scan: bool = False) -> list[str]:
         """Seal every plain key (each fsynced before its plain file is zeroed and removed), each
-        certificate under its ``guard`` (its lock), and mark the directory done; resumable.
-        Returns the slots sealed now. Without ``[keys]``, drops the mark instead (keys written
-        from now on are plain, and a later ``[keys]`` must look again)."""
+        certificate under its ``guard`` (its lock; one busy past the guard's wait is left for
+        the next pass), and mark the directory done; resumable. ``full_scan`` looks again even
+        when marked done. Returns the slots sealed now. Without ``[keys]``, drops the mark
+        instead (keys written from now on are plain, and a later ``[keys]`` must look again)."""
         marker = self.root / MARKER
         if not self.sealing:
             if os.path.lexists(marker):
                 fileio.remove(marker)
             return []
-        if os.path.lexists(marker):
+        if os.path.lexists(marker) and not full_scan:
             return []
         sealed: list[str] = []
+        busy = False
         for name, places in self.groups():
             todo = [p for p in places if os.path.isfile(p.path(False))]
             if todo:
-                with self._guard(name):
-                    sealed += [p.slot for p in todo if self._seal_one(p)]
-        if self.root.is_dir():
+                try:
+                    with self._guard(name):
+                        sealed += [p.slot for p in todo if self._seal_one(p)]
+                except LockBusy:
+                    busy = True
+                    log.warning("keys of %s not sealed yet: a rotation holds its lock; the next pass seals them", name)
+        if self.root.is_dir() and not busy:
             fsutil.atomic_write(marker, fileio.json_bytes({"sealed": len(sealed)}), mode=0o600)
         return sealed
 
@@ -250,27 +256,41 @@ class KeyFiles:
             key_pem = fileio.read(plain)
         except FileNotFoundError:
             return False  # pruned meanwhile
-        if not os.path.isfile(place.path(True)):  # else a crash came between sealing and removing
+        if not self._sealed_holds(place, key_pem):  # else a crash came between sealing and removing
             fname, data, _ = self.encode(place, key_pem)
             fsutil.atomic_write(f"{place.directory}/{fname}", data, mode=SEALED_MODE)
         fsutil.secure_delete(plain)
         return True
 
+    def _sealed_holds(self, place: KeyPlace, key_pem: bytes) -> bool:
+        """Whether the sealed file beside a plain key opens (under the ring in use) to that very key."""
+        try:
+            data = fileio.read(place.path(True))
+        except FileNotFoundError:
+            return False
+        try:
+            return self.open(data, place, place.path(True)) == key_pem
+        except CustodyError:
+            return False
+
     def rewrap_all(self) -> int:
         """Re-wrap every sealed key's data key under the current KEK (the ciphertext is kept),
         each file replaced atomically under the certificate's ``guard`` (so a key destroyed
-        meanwhile is not brought back); passes repeat until one finds nothing left (a key sealed by another
-        process before it saw the rotation). Returns how many keys were re-wrapped."""
+        meanwhile is not brought back); passes repeat until one finds nothing left (a key sealed
+        by another process before it saw the rotation). A key that cannot be opened (corrupt, or
+        under a KEK nobody has) is logged and left where it is: ``census`` reports it. Returns
+        how many keys were re-wrapped."""
         total = 0
+        failed: set[str] = set()
         for _ in range(5):
             ring = self.ring
             assert ring is not None
             done = 0
             for name, places in self.groups():
-                stale = [p for p in places if self._stale(p, ring)]
+                stale = [p for p in places if p.path(True) not in failed and self._stale(p, ring)]
                 if stale:
                     with self._guard(name):
-                        done += sum(self._rewrap_one(p, ring) for p in stale)
+                        done += sum(self._rewrap_one(p, ring, failed) for p in stale)
             total += done
             if done == 0:
                 return total
@@ -285,13 +305,18 @@ class KeyFiles:
         return sealed_kek(data) != ring.current.kek_id
 
     @staticmethod
-    def _rewrap_one(place: KeyPlace, ring: KeyRing) -> bool:
+    def _rewrap_one(place: KeyPlace, ring: KeyRing, failed: set[str]) -> bool:
         path = place.path(True)
         try:
             data = fileio.read(path)
         except FileNotFoundError:
             return False  # destroyed or pruned before we got the lock
-        fresh = ring.rewrap(data, place.slot, where=path)
+        try:
+            fresh = ring.rewrap(data, place.slot, where=path)
+        except CustodyError as e:
+            failed.add(path)
+            log.warning("not re-wrapped: %s", e)
+            return False
         if fresh is None:
             return False
         fsutil.atomic_write(path, fresh, mode=SEALED_MODE)

@@ -179,9 +179,98 @@ def test_a_rotation_is_seen_by_a_process_still_on_the_old_kek(tmp_path: Path) ->
         v2 = daemon.add_version("www", bundle, {})
     assert daemon.load("www", 1).bundle.key_pem and daemon.load("www", v2).bundle.key_pem == bundle.key_pem
     assert daemon.keys.census() == {new.kek_id: 2}
-    assert daemon.keys.settle_rotation() is None  # still configured with the old KEK: the record stays
-    after = FileStore(tmp_path / "state", keyring=KeyRing(new, [FileKek.load(old_path)]))
-    assert after.keys.settle_rotation() is not None and after.keys.rotation() is None
+    after = FileStore(tmp_path / "state", keyring=KeyRing(new))  # the config updated, the old KEK dropped
+    assert after.load("www", 1).bundle.key_pem and after.keys.rotation() is not None  # the record is kept
+    with daemon.lock("www"):  # ... so the daemon still on the old config keeps working meanwhile
+        v3 = daemon.add_version("www", make_bundle(), {})
+    assert after.load("www", v3).bundle.key_pem
+
+
+def test_a_second_rotation_before_the_config_changed_loses_nothing(tmp_path: Path) -> None:
+    """old -> k2 -> k3 with every process still configured with the old KEK: each key opens in
+    an old-config process and in one configured with k3 alone, even once k2's file is gone."""
+    paths = [tmp_path / n for n in ("old", "k2", "k3")]
+    for p in paths:
+        create_kek_file(p)
+    old = FileStore(tmp_path / "state", keyring=KeyRing(FileKek.load(paths[0])))
+    with old.lock("www"):
+        old.add_version("www", make_bundle(), {})
+    for p in paths[1:]:
+        old.keys.begin_rotation(FileKek.load(p), str(p), "2026-12-03T00:00:00Z")
+        with old.lock("www"):
+            old.add_version("www", make_bundle(), {})  # sealed under the newest KEK meanwhile
+        old.keys.rewrap_all()
+        old.keys.finish_rotation(1, "2026-12-03T00:00:01Z")
+    k3 = FileKek.load(paths[2])
+    assert old.keys.census() == {k3.kek_id: 3}
+    paths[1].unlink()
+    fresh = FileStore(tmp_path / "state", keyring=KeyRing(k3))
+    assert all(fresh.load("www", v).bundle.key_pem for v in (1, 2, 3))
+    assert all(FileStore(tmp_path / "state", keyring=KeyRing(FileKek.load(paths[0]))).load("www", v).bundle.key_pem
+               for v in (1, 2, 3))
+
+
+def test_a_reload_that_would_lose_the_keys_is_refused(tmp_path: Path) -> None:
+    """Dropping [keys], or a KEK that cannot open what is stored, is refused; nothing changes."""
+    a, b = kek(), kek()
+    store = FileStore(tmp_path / "state", keyring=KeyRing(a))
+    with store.lock("www"):
+        store.add_version("www", make_bundle(), {})
+    with pytest.raises(CustodyError, match="removing \\[keys\\]"):
+        store.keys.reconfigure(None)
+    with pytest.raises(CustodyError, match=f"does not accept KEK {a.kek_id}.*old_kek_files"):
+        store.keys.reconfigure(KeyRing(b))
+    store.keys.reconfigure(KeyRing(b, [a]))  # the old KEK kept for opening: fine
+    assert store.load("www", 1).bundle.key_pem
+
+
+def test_plain_keys_written_after_sealing_are_sealed_by_the_next_full_scan(tmp_path: Path) -> None:
+    """A process without [keys] writing after the directory was marked sealed: the daemon's
+    start (a full scan) seals that key too."""
+    ring = KeyRing(kek())
+    sealed = FileStore(tmp_path / "state", keyring=ring)
+    with sealed.lock("www"):
+        sealed.add_version("www", make_bundle(), {})
+    sealed.keys.seal_existing()
+    (tmp_path / "state" / "keys.sealed").write_text("{}")  # as if marked, then an old-config writer came
+    plain = FileStore(tmp_path / "state")  # a writer on the old config (it does not drop the mark itself)
+    with plain.lock("www"):
+        plain.add_version("www", make_bundle(), {})
+    assert sealed.keys.census().get("plain") == 1 and sealed.keys.seal_existing() == []
+    assert sealed.keys.seal_existing(full_scan=True) == ["version/www/2"]
+    assert sealed.keys.census() == {ring.current.kek_id: 2}
+
+
+def test_a_sealed_leftover_that_does_not_open_is_replaced_not_trusted(tmp_path: Path) -> None:
+    """Sealing finds a plain key beside a sealed file it cannot open (sealed under a KEK that was
+    re-created since): the plain key is sealed again rather than destroyed."""
+    plain = FileStore(tmp_path / "state")
+    bundle = make_bundle()
+    with plain.lock("www"):
+        plain.add_version("www", bundle, {})
+    v1 = tmp_path / "state" / "certs" / "www" / "versions" / "0001"
+    (v1 / "privkey.sealed").write_bytes(KeyRing(kek()).seal(bundle.key_pem, "version/www/1"))  # a lost KEK's
+    ring = KeyRing(kek())
+    store = FileStore(tmp_path / "state", keyring=ring)
+    assert store.keys.seal_existing() == ["version/www/1"]
+    assert store.load("www", 1).bundle.key_pem == bundle.key_pem
+
+
+def test_a_key_that_cannot_be_rewrapped_does_not_block_the_rotation(tmp_path: Path) -> None:
+    """One corrupt sealed key: the others are re-wrapped, the corrupt one is left and counted."""
+    old_path, new_path = tmp_path / "old", tmp_path / "new"
+    create_kek_file(old_path)
+    create_kek_file(new_path)
+    store = FileStore(tmp_path / "state", keyring=KeyRing(FileKek.load(old_path)))
+    with store.lock("a"):
+        store.add_version("a", make_bundle(), {})
+    with store.lock("b"):
+        store.add_version("b", make_bundle(), {})
+    (tmp_path / "state" / "certs" / "a" / "versions" / "0001" / "privkey.sealed").write_text("{garbage")
+    new = FileKek.load(new_path)
+    store.keys.begin_rotation(new, str(new_path), "2026-12-03T00:00:00Z")
+    assert store.keys.rewrap_all() == 1
+    assert store.keys.census() == {new.kek_id: 1, "corrupt": 1}
 
 
 def test_keys_config_needs_exactly_one_kek_source(tmp_path: Path) -> None:
