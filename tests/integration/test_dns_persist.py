@@ -32,19 +32,21 @@ def calls(log: Path) -> list[str]:
 
 
 def test_a_hook_publishes_the_record_once_and_orders_change_nothing(tmp_path: Path, pebble: Any) -> None:
-    """With dns_persist_hook, the running daemon publishes the record once (policy=wildcard
-    covers the wildcard name), and three orders are validated with no further DNS change."""
+    """With dns_persist_hook, the running daemon publishes each record once — the wildcard
+    certificate's (policy=wildcard) beside the plain one's for the same name, neither removing
+    the other — and further orders of both are validated with no DNS change."""
     hook, log = counting_hook(tmp_path, pebble)
     env = CertdEnv(tmp_path, pebble)
-    domains = ["hooked.persist.test", "*.hooked.persist.test"]
-    env.write_config([{"name": "p", "domains": domains, "challenge": "dns-persist-01", "dns_persist_hook": hook,
-                       "deploy": {"live_dir": str(tmp_path / "live")}}])
+    base = "hooked.persist.test"
+    env.write_config([{"name": name, "domains": domains, "challenge": "dns-persist-01", "dns_persist_hook": hook,
+                       "deploy": {"live_dir": str(tmp_path / "live" / name)}}
+                      for name, domains in (("p", [base, f"*.{base}"]), ("q", [base]))])
     daemon = env.start_daemon()
-    wait_until(lambda: env.status("p")["p"]["version"] == 1, timeout=60, what="first issuance")
+    wait_until(lambda: all(r["version"] == 1 for r in env.status().values()), timeout=60, what="first issuance")
     for _ in range(2):
-        env.run("renew", "--force", "p", "--wait", check=0)
-    assert env.status("p")["p"]["version"] == 3
-    assert calls(log) == ["persist hooked.persist.test"]
+        env.run("renew", "--force", "p", "q", "--wait", check=0)
+    assert {n: r["version"] for n, r in env.status().items()} == {"p": 3, "q": 3}
+    assert calls(log) == [f"persist {base}", f"persist {base}"]  # two values (with and without policy=wildcard)
     daemon.stop(timeout=30)
 
 
