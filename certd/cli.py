@@ -15,7 +15,7 @@ import sys
 import traceback
 from typing import Any, Callable, NoReturn, Sequence
 
-from certd import __version__, cli_backup, cli_keys, cli_output, config as config_mod
+from certd import __version__, cli_backup, cli_import, cli_keys, cli_output, config as config_mod
 from certd.ops import log as logmod
 from certd.config import Config
 from certd.core.errors import CertdError, ConfigError, UsageError
@@ -91,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("name", metavar="NAME")
     cli_keys.add_parsers(sub, _Parser)
     cli_backup.add_parsers(sub, _Parser)
+    cli_import.add_parsers(sub, _Parser)
     return p
 
 
@@ -378,6 +379,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "audit": cmd_audit,
     "kek": lambda args: cli_keys.cmd_kek(args, load_config),
     "backup": lambda args: cli_backup.cmd_backup(args, load_config),
+    "import": lambda args: cli_import.cmd_import(args, load_config),
     "dns-persist-record": cmd_dns_persist_record,
 }
 

@@ -46,6 +46,7 @@ KINDS = frozenset({
     "kek_rotated",       # ... and all were
     "backup_exported",   # certd backup export: every version sealed to the age backup_recipient (no key material here)
     "backup_restored",   # certd backup restore: a sealed backup written into an empty state dir
+    "imported",          # certd import certbot: a lineage's current certificate stored as this version
     "dry_run",           # certd renew --dry-run: an order against the staging directory, nothing stored
 })
 
