@@ -25,7 +25,7 @@ from certd.engine.certbot_read import (CertbotAccount, RenewalConf, current_file
                                        renewal_confs, webroot_paths)
 
 #: A hook needing any of these is shell code, not a command: refused, never guessed at.
-SHELL_CHARS = frozenset("|;&><$`()*?~{}[]\\\n'\"#")
+SHELL_CHARS = frozenset("|;&><$`()*?~{}[]\\\n#")  # quotes are fine: shlex splits them as sh would
 DNS_HOOK_PLACEHOLDER = "/path/to/your-dns-hook"
 LIVE_FILES = (("cert", "cert.pem"), ("chain", "chain.pem"), ("fullchain", "fullchain.pem"), ("privkey", "privkey.pem"))
 
