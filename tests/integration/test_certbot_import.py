@@ -72,12 +72,13 @@ def test_a_certbot_lineage_is_imported_as_version_1_and_renewed_with_certbots_ac
     (regr,) = le.glob("accounts/*/*/*/regr.json")
     certbot_uri = json.loads(regr.read_text())["uri"]
     env = CertdEnv(tmp_path, pebble)
-    env.write_config([])
+    before = env.write_config([]).read_text()
 
     review = env.run("import", "certbot", str(le), check=0)
     assert f'name = "{NAME}"' in review.stdout and '[[certificate.reload]]\ncommand = ["/usr/bin/true"]' in review.stdout
     assert "post_hook = 'echo renewed | cat' needs a shell" in review.stderr
     assert not (env.state_dir / "certs").exists(), "without --write nothing is imported"
+    assert env.config_path.read_text() == before and (live / "cert.pem").is_symlink()
 
     done = env.run("import", "certbot", str(le), "--write", check=0)
     assert "steps left" in done.stdout and "certbot.timer" in done.stdout
