@@ -29,6 +29,7 @@ from datetime import datetime
 from typing import Any
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
@@ -44,6 +45,10 @@ from certd.store.port import (Conflict, Fenced, Lease, LeaseLost, OrderJournal, 
 _POLL = 0.05  # seconds between tries of a busy lease
 ACCOUNT_LOCK_TTL = 600.0  # a registration lock outlives a dead holder by at most this
 NOW = "COALESCE(%(now)s::timestamptz, clock_timestamp())"
+#: libpq settings a DSN does not set itself: a node cut off from the database notices within
+#: seconds (keepalives, tcp_user_timeout), instead of writing into a dead connection for minutes.
+CONNECT_DEFAULTS = {"connect_timeout": "10", "keepalives": "1", "keepalives_idle": "10",
+                    "keepalives_interval": "3", "keepalives_count": "3", "tcp_user_timeout": "15000"}
 
 _GRANT = """
     INSERT INTO {table} AS l (name, token, owner, expires)
@@ -58,6 +63,16 @@ def account_id(directory_url: str) -> str:
     return hashlib.sha256(directory_url.encode()).hexdigest()[:16]
 
 
+def conninfo(dsn: str, node: str) -> str:
+    """``dsn`` with :data:`CONNECT_DEFAULTS` and an application name naming the node, where it
+    does not set them itself."""
+    given = conninfo_to_dict(dsn)
+    extra: dict[str, Any] = {k: v for k, v in CONNECT_DEFAULTS.items() if k not in given}
+    if "application_name" not in given:
+        extra["application_name"] = f"certd {node}"[:63]
+    return make_conninfo(dsn, **extra)
+
+
 def _no_key_material(obj: Any, what: str) -> None:
     if b"PRIVATE KEY" in json.dumps(obj, default=str).encode():
         raise ValueError(f"{what} must not contain key material")
@@ -69,15 +84,15 @@ class PgStore:
     def __init__(self, dsn: str, *, node: str, clock: Clock | None = None, keyring: KeyRing | None = None,
                  pool_size: int = 4) -> None:
         self.node = node
-        self.dsn = dsn
         self._clock: Clock = clock or SystemClock()
         self._fake_now = clock is not None and not isinstance(clock, SystemClock)
         self._ring = keyring
         self._bound: dict[str, Lease] = {}
         self._lock = threading.Lock()
         try:
-            self._pool = ConnectionPool(dsn, min_size=1, max_size=pool_size, open=True, configure=_configure,
-                                        kwargs={"autocommit": False, "application_name": f"certd {node}"[:63]},
+            self.dsn = conninfo(dsn, node)
+            self._pool = ConnectionPool(self.dsn, min_size=1, max_size=pool_size, open=True, configure=_configure,
+                                        kwargs={"autocommit": False},
                                         check=ConnectionPool.check_connection, name=f"certd-{node}")
             with self._pool.connection() as conn:
                 ensure_schema(conn)
