@@ -29,7 +29,6 @@ from datetime import datetime
 from typing import Any
 
 import psycopg
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
@@ -39,17 +38,12 @@ from certd.core.model import Bundle, CertInfo
 from certd.crypto.custody import KeyRing
 from certd.store.files import LEGACY_TTL
 from certd.store.pgfeed import PgAudit, PgSubscription
-from certd.store.pgschema import ensure_schema
+from certd.store.pgschema import configure, conninfo, ensure_schema
 from certd.store.port import (Conflict, Fenced, Lease, LeaseLost, OrderJournal, StoredVersion, VersionInfo)
 
 _POLL = 0.05  # seconds between tries of a busy lease
 ACCOUNT_LOCK_TTL = 600.0  # a registration lock outlives a dead holder by at most this
 NOW = "COALESCE(%(now)s::timestamptz, clock_timestamp())"
-#: libpq settings a DSN does not set itself: a node cut off from the database notices within
-#: seconds (keepalives, tcp_user_timeout), instead of writing into a dead connection for minutes.
-CONNECT_DEFAULTS = {"connect_timeout": "10", "keepalives": "1", "keepalives_idle": "10",
-                    "keepalives_interval": "3", "keepalives_count": "3", "tcp_user_timeout": "15000"}
-
 _GRANT = """
     INSERT INTO {table} AS l (name, token, owner, expires)
     VALUES (%(name)s, 1, %(owner)s, {now} + make_interval(secs => %(ttl)s))
@@ -61,16 +55,6 @@ _GRANT = """
 def account_id(directory_url: str) -> str:
     """The account's id, as FileStore names its directory (the sealing slot ``account/<id>``)."""
     return hashlib.sha256(directory_url.encode()).hexdigest()[:16]
-
-
-def conninfo(dsn: str, node: str) -> str:
-    """``dsn`` with :data:`CONNECT_DEFAULTS` and an application name naming the node, where it
-    does not set them itself."""
-    given = conninfo_to_dict(dsn)
-    extra: dict[str, Any] = {k: v for k, v in CONNECT_DEFAULTS.items() if k not in given}
-    if "application_name" not in given:
-        extra["application_name"] = f"certd {node}"[:63]
-    return make_conninfo(dsn, **extra)
 
 
 def _no_key_material(obj: Any, what: str) -> None:
@@ -91,7 +75,7 @@ class PgStore:
         self._lock = threading.Lock()
         try:
             self.dsn = conninfo(dsn, node)
-            self._pool = ConnectionPool(self.dsn, min_size=1, max_size=pool_size, open=True, configure=_configure,
+            self._pool = ConnectionPool(self.dsn, min_size=1, max_size=pool_size, open=True, configure=configure,
                                         kwargs={"autocommit": False},
                                         check=ConnectionPool.check_connection, name=f"certd-{node}")
             with self._pool.connection() as conn:
@@ -436,8 +420,3 @@ class PgStore:
             self._one("UPDATE certd_account_leases SET owner = NULL WHERE name = %s AND token = %s RETURNING token",
                       (directory_url, lease.token))
 
-
-def _configure(conn: psycopg.Connection[Any]) -> None:
-    """Every pooled connection reads timestamps in UTC."""
-    conn.execute("SET TIME ZONE 'UTC'")
-    conn.commit()

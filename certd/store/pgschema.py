@@ -1,4 +1,4 @@
-"""The PostgreSQL store's schema (:mod:`certd.store.pg`), versioned.
+"""The PostgreSQL store's schema (:mod:`certd.store.pg`), versioned, and how it connects.
 
 ``certd_schema`` holds one row, the schema version. :func:`ensure_schema` creates the tables
 when the row is missing, under a transaction-scoped advisory lock, so nodes starting at the
@@ -13,11 +13,19 @@ from __future__ import annotations
 
 from typing import Any
 
+import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
 from certd.core.errors import StoreError
 
 VERSION = 1
 #: pg_advisory_xact_lock key for schema creation and upgrades ("certd" in ASCII).
 SCHEMA_LOCK = 0x6365727464
+
+#: libpq settings a DSN does not set itself: a node cut off from the database notices within
+#: seconds (keepalives, tcp_user_timeout), instead of writing into a dead connection for minutes.
+CONNECT_DEFAULTS = {"connect_timeout": "10", "keepalives": "1", "keepalives_idle": "10",
+                    "keepalives_interval": "3", "keepalives_count": "3", "tcp_user_timeout": "15000"}
 
 DDL = """
 CREATE TABLE IF NOT EXISTS certd_schema (
@@ -123,3 +131,19 @@ def ensure_schema(conn: Any) -> None:
                              f"({VERSION}): upgrade certd on this node")
         elif found[0] < VERSION:  # pragma: no cover - the first version has nothing to upgrade from
             raise StoreError(f"the database's certd schema is version {found[0]}: no upgrade to {VERSION} known")
+
+
+def conninfo(dsn: str, node: str) -> str:
+    """``dsn`` with :data:`CONNECT_DEFAULTS` and an application name naming the node, where it
+    does not set them itself."""
+    given = conninfo_to_dict(dsn)
+    extra: dict[str, Any] = {k: v for k, v in CONNECT_DEFAULTS.items() if k not in given}
+    if "application_name" not in given:
+        extra["application_name"] = f"certd {node}"[:63]
+    return make_conninfo(dsn, **extra)
+
+
+def configure(conn: psycopg.Connection[Any]) -> None:
+    """Every pooled connection reads timestamps in UTC."""
+    conn.execute("SET TIME ZONE 'UTC'")
+    conn.commit()
