@@ -76,8 +76,7 @@ class PgStore:
         try:
             self.dsn = conninfo(dsn, node)
             self._pool = ConnectionPool(self.dsn, min_size=1, max_size=pool_size, open=True, configure=configure,
-                                        kwargs={"autocommit": False},
-                                        check=ConnectionPool.check_connection, name=f"certd-{node}")
+                                        kwargs={"autocommit": False}, name=f"certd-{node}")
             with self._pool.connection() as conn:
                 ensure_schema(conn)
         except psycopg.Error as e:

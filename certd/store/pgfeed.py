@@ -33,7 +33,8 @@ from certd.store.port import DesiredChange
 
 log = logging.getLogger("certd.audit")
 _POLL = 0.05
-_WAKE = 1.0  # without notifications, look again at least this often (real clock)
+_WAKE = 1.0  # look again at least this often (real clock), notification or not
+_RELISTEN = 10.0  # seconds between attempts to reconnect a lost LISTEN connection
 
 
 class _Db(Protocol):
@@ -52,14 +53,25 @@ class PgSubscription:
         self._store = store
         self._names = None if names is None else set(names)
         self._closed = False
+        self._fake = store.now_param() is not None  # a test's clock: poll through it, no LISTEN
         self._conn: psycopg.Connection[Any] | None = None
+        self._listen_after = 0.0
+        self._listen()
+        self._seen = self._look()
+
+    def _listen(self) -> None:
+        """(Re)connect the LISTEN connection, at most every :data:`_RELISTEN` seconds; a failure
+        loses only the early wake-up (the SELECT still answers, every :data:`_WAKE` seconds)."""
+        clock = self._store.clock
+        if self._fake or self._conn is not None or clock.monotonic() < self._listen_after:
+            return
+        self._listen_after = clock.monotonic() + _RELISTEN
         try:
-            self._conn = psycopg.connect(store.dsn, autocommit=True)
+            self._conn = psycopg.connect(self._store.dsn, autocommit=True)
             self._conn.execute("LISTEN certd_desired")
-        except psycopg.Error as e:  # the SELECT below still answers; only the early wake-up is lost
+        except psycopg.Error as e:
             log_event(log, "store_listen_failed", logging.WARNING, error=str(e))
             self._drop()
-        self._seen = self._look()
 
     def _look(self) -> dict[str, int | None]:
         with self._store.tx() as cur:
@@ -84,15 +96,14 @@ class PgSubscription:
             for _ in self._conn.notifies(timeout=0, stop_after=1000):
                 pass
         except psycopg.Error:
-            self._drop()  # polling from now on
+            self._drop()  # polling until _listen() reconnects
 
     def changes(self, timeout: float = 0.0) -> list[DesiredChange]:
         clock = self._store.clock
-        fake = self._store.now_param() is not None
         deadline = clock.monotonic() + timeout
         while not self._closed:
-            if not fake:
-                self._drain(0)
+            self._listen()
+            self._drain(0)
             now = self._look()
             found = [DesiredChange(n, v) for n, v in sorted(now.items()) if self._seen.get(n) != v]
             found += [DesiredChange(n, None) for n in sorted(set(self._seen) - set(now))]
@@ -100,8 +111,8 @@ class PgSubscription:
             left = deadline - clock.monotonic()
             if found or left <= 0:
                 return found
-            if fake or self._conn is None:
-                clock.sleep(min(_POLL if fake else _WAKE, left))
+            if self._conn is None:
+                clock.sleep(min(_POLL if self._fake else _WAKE, left))
             else:
                 self._drain(min(_WAKE, left))
         return []
