@@ -193,3 +193,22 @@ def test_audit_rows_are_a_verifiable_hash_chain(opened, clock, postgres):
         conn.execute("UPDATE certd_audit SET line = replace(line, '\"version\": 2', '\"version\": 9') WHERE seq = 2")
     problems = b.audit.verify().problems
     assert problems and "line 2" in problems[0]
+
+
+def test_a_killed_connection_costs_one_operation(opened, postgres):
+    """A pooled connection the server dropped fails the operation on it with a (transient)
+    StoreError and is discarded; the next operation gets a fresh connection."""
+    s = opened()
+    s.write_state("www", {"n": 1}, expected=None)
+    _raw(postgres, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'certd node1'")
+    failures = 0
+    for _ in range(6):
+        try:
+            assert s.read_state("www")[0] == {"n": 1}
+            break
+        except StoreError as e:
+            assert e.transient
+            failures += 1
+    else:
+        pytest.fail("the store did not recover from a killed connection")
+    assert failures <= 4  # at most one per pooled connection
