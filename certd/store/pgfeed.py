@@ -14,7 +14,6 @@ line's hash) in the appending transaction: the chain never forks across nodes.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Collection
 from contextlib import AbstractContextManager
@@ -26,7 +25,7 @@ import psycopg
 from certd.core.clock import Clock
 from certd.core.errors import StoreError
 from certd.core.events import LifecycleEvent
-from certd.ops.audit import _KEY_MARKER, FIELDS, AuditRefused, _fields
+from certd.ops.audit import record_fields, record_line
 from certd.ops.auditchain import Verification, line_hash, parse_line, record_hash, verify_lines
 from certd.ops.log import event as log_event
 from certd.store.port import DesiredChange
@@ -132,22 +131,17 @@ class PgAudit:
         self.append(ev)
 
     def append(self, ev: LifecycleEvent) -> dict[str, Any]:
-        fields = _fields(ev)
-        if _KEY_MARKER.search(json.dumps(fields, ensure_ascii=True, default=str).encode()):
-            log_event(log, "audit_refused", logging.ERROR, event=ev.kind, name=ev.name,
-                      why="the record held a private-key marker; it was not written")
-            raise AuditRefused(f"audit record for {ev.kind} {ev.name or '-'} refused: it held private key material")
+        fields = record_fields(ev)  # AuditRefused if it would hold key material
         with self._store.tx() as cur:
             head = cur.execute("SELECT seq, prev FROM certd_audit_head WHERE id = 1 FOR UPDATE").fetchone()
             if head is None:
                 raise StoreError("certd_audit_head has no row: the audit table was tampered with")
             record = {"seq": head[0] + 1, **fields, "prev": head[1]}
             record["hash"] = record_hash(record)
-            line = json.dumps({k: record[k] for k in (*FIELDS, "hash")}, ensure_ascii=True, default=str,
-                              separators=(", ", ": "))
-            cur.execute("INSERT INTO certd_audit VALUES (%s, %s)", (record["seq"], line))
+            line = record_line(record)
+            cur.execute("INSERT INTO certd_audit VALUES (%s, %s)", (record["seq"], line.decode()))
             cur.execute("UPDATE certd_audit_head SET seq = %s, prev = %s WHERE id = 1",
-                        (record["seq"], line_hash(line.encode())))
+                        (record["seq"], line_hash(line)))
         log_event(log, "audit_record", seq=record["seq"], hash=record["hash"])
         return record
 
