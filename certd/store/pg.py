@@ -72,23 +72,23 @@ class PgStore:
         self._fake_now = clock is not None and not isinstance(clock, SystemClock)
         self._ring = keyring
         self._bound: dict[str, Lease] = {}
-        self._lock = threading.Lock()
+        self._pool: ConnectionPool | None = None
         try:
             self.dsn = conninfo(dsn, node)
             self._pool = ConnectionPool(self.dsn, min_size=1, max_size=pool_size, open=True, configure=configure,
                                         kwargs={"autocommit": False}, name=f"certd-{node}")
             with self._pool.connection() as conn:
                 ensure_schema(conn)
-        except psycopg.Error as e:
-            raise StoreError(f"PostgreSQL store: {e}") from e
-        except Exception:
-            self.close()
+        except BaseException as e:
+            self.close()  # no pool threads left behind
+            if isinstance(e, psycopg.Error):
+                raise StoreError(f"PostgreSQL store: {e}") from e
             raise
 
     def close(self) -> None:
-        pool = getattr(self, "_pool", None)
-        if pool is not None:
-            pool.close()
+        """Close the pooled connections (a subscription closes its own)."""
+        if self._pool is not None:
+            self._pool.close()
 
     def __enter__(self) -> PgStore:
         return self
@@ -111,10 +111,15 @@ class PgStore:
         """One transaction on a pooled connection: committed when the block ends, rolled back
         when it raises. Database errors become :class:`StoreError`."""
         try:
-            with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+            with self._connection() as conn, conn.transaction(), conn.cursor() as cur:
                 yield cur
         except psycopg.Error as e:
             raise StoreError(f"PostgreSQL store: {e}") from e
+
+    def _connection(self) -> AbstractContextManager[psycopg.Connection[Any]]:
+        if self._pool is None:
+            raise StoreError("PostgreSQL store: closed")
+        return self._pool.connection()
 
     def _one(self, sql: str, args: Any = ()) -> tuple[Any, ...] | None:
         with self.tx() as cur:
