@@ -2,12 +2,13 @@
 # One-shot, idempotent setup of a development/CI machine (Debian 12, as root):
 #
 #   1. Debian packages: nginx, haproxy (real servers for the integration tests), softhsm2 (a
-#      real PKCS#11 token for the HSM-held KEK's tests), openssl, ca-certificates,
+#      real PKCS#11 token for the HSM-held KEK's tests), postgresql (private clusters for the
+#      PostgreSQL store's tests, tests/support/postgres.py), openssl, ca-certificates,
 #      debian-archive-keyring (verifies the Pebble download), and python3 + python3-venv when
 #      the python3 on PATH is older than 3.11 or cannot make a venv. apt runs only when
 #      something is missing. Services the packages start are stopped and disabled again:
-#      tests run their own nginx/haproxy on high loopback ports.
-#   2. .venv in the repo with `pip install -e '.[test,lint,hsm,keys]'` (skipped while
+#      tests run their own nginx/haproxy/PostgreSQL on high loopback ports.
+#   2. .venv in the repo with `pip install -e '.[test,lint,hsm,keys,cluster]'` (skipped while
 #      pyproject.toml and the extras are unchanged since the last successful install and the
 #      imports and the linters' entry points work).
 #   3. Pebble 2.10 + pebble-challtestsrv via pebble/install.sh.
@@ -48,6 +49,8 @@ done
 # tests/support/softhsm.py runs softhsm2-util and loads the module from this path
 [[ -x /usr/bin/softhsm2-util && -r /usr/lib/softhsm/libsofthsm2.so ]] || missing+=(softhsm2)
 [[ -r /etc/ssl/certs/ca-certificates.crt ]] || missing+=(ca-certificates)
+# tests/support/postgres.py runs initdb and pg_ctl from here (Debian 12: PostgreSQL 15)
+[[ -x /usr/lib/postgresql/15/bin/initdb && -x /usr/lib/postgresql/15/bin/pg_ctl ]] || missing+=(postgresql)
 if [[ -z "$PYTHON" ]] || ! python_ok "$PYTHON"; then
     say "python3 on PATH (${PYTHON:-none}) is missing, older than $MIN_PYTHON or lacks venv/ensurepip: using Debian's"
     PYTHON=/usr/bin/python3
@@ -88,15 +91,25 @@ if ((${#missing[@]})); then
     apt-get -q install -y --no-install-recommends "${missing[@]}" >&2 \
         || { ((own_policy)) && rm -f "$policy"; die "apt-get install failed"; }
     ((own_policy)) && rm -f "$policy"
-    for name in nginx haproxy; do
+    for name in nginx haproxy postgresql; do
         if [[ " ${missing[*]} " == *" $name "* ]]; then
             say "disabling the $name system service (tests run their own, on loopback)"
             disable_service "$name"
         fi
     done
+    if [[ " ${missing[*]} " == *" postgresql "* ]] && command -v pg_ctlcluster >/dev/null; then
+        # Without systemd (or with policy-rc.d in place) the package may still have created and
+        # started its main cluster: stop it, and keep it from starting at boot.
+        for conf in /etc/postgresql/*/main/start.conf; do
+            [[ -e "$conf" ]] || continue
+            ver="$(basename "$(dirname "$(dirname "$conf")")")"
+            pg_ctlcluster "$ver" main stop >/dev/null 2>&1 || true
+            echo manual >"$conf"
+        done
+    fi
 fi
 python_ok "$PYTHON" || die "$PYTHON cannot create a venv or is older than $MIN_PYTHON"
-say "ok: nginx, haproxy, softhsm2, openssl, $("$PYTHON" --version 2>&1) ($PYTHON)"
+say "ok: nginx, haproxy, softhsm2, postgresql, openssl, $("$PYTHON" --version 2>&1) ($PYTHON)"
 
 # --- 2. the virtualenv --------------------------------------------------------------------
 
@@ -106,12 +119,13 @@ if ! "$VENV/bin/python" -c 'import sys' >/dev/null 2>&1; then
     "$PYTHON" -m venv "$VENV"
 fi
 # pyproject.toml's optional groups: pytest's, the linters scripts/test.sh runs, and the key
-# custody extras the tests exercise (hsm: python-pkcs11 for SoftHSM; keys: pyrage for backups)
-EXTRAS="test,lint,hsm,keys"
+# custody extras the tests exercise (hsm: python-pkcs11 for SoftHSM; keys: pyrage for backups),
+# and cluster (psycopg, psycopg-pool) for the PostgreSQL store's contract tests
+EXTRAS="test,lint,hsm,keys,cluster"
 # The stamp covers the extras too, so adding a group here reinstalls even with pyproject.toml as it was.
 want="$( (cat "$ROOT/pyproject.toml"; echo "extras=$EXTRAS") | sha256sum | cut -d' ' -f1)"
 venv_ok() {  # the imports and the linters' entry points work
-    "$VENV/bin/python" -c 'import certd, pytest, acme, cryptography, pkcs11, pyrage' >/dev/null 2>&1 \
+    "$VENV/bin/python" -c 'import certd, pytest, acme, cryptography, pkcs11, pyrage, psycopg, psycopg_pool' >/dev/null 2>&1 \
         && [[ -x "$VENV/bin/ruff" && -x "$VENV/bin/mypy" && -x "$VENV/bin/lint-imports" ]]
 }
 if [[ "$(cat "$STAMP" 2>/dev/null)" == "$want" ]] && venv_ok; then

@@ -1,4 +1,4 @@
-"""Shared fixtures: real Pebble + challtestsrv, nginx, HAProxy, a webroot HTTP server, SoftHSM2 tokens.
+"""Shared fixtures: real Pebble + challtestsrv, nginx, HAProxy, a webroot HTTP server, SoftHSM2 tokens, a private PostgreSQL cluster.
 
 Process fixtures live in tests/support/ and are registered here as plugins.
 """
@@ -15,4 +15,5 @@ pytest_plugins = [
     "tests.support.server_fixtures",
     "tests.support.certd_env",
     "tests.support.softhsm",
+    "tests.support.postgres",
 ]

@@ -56,7 +56,8 @@ from certd.ops.log import event as log_event
 log = logging.getLogger("certd.audit")
 
 __all__ = ["FILENAME", "HEAD_FILENAME", "GENESIS", "MAX_PROBLEMS", "AuditLog", "AuditRefused", "Verification",
-           "canonical", "history", "line_hash", "open_for", "record_hash", "verify_lines"]
+           "canonical", "history", "line_hash", "open_for", "record_fields", "record_hash", "record_line",
+           "verify_lines"]
 
 # The order records are written in (readable); hashing uses sorted keys, so order never matters.
 FIELDS = ("seq", "time", "event", "name", "initiator", "reason", "old_serial", "new_serial", "spki_sha256",
@@ -81,6 +82,25 @@ def _fields(ev: LifecycleEvent) -> dict[str, Any]:
             "spki_sha256": ev.spki_sha256, "not_after": _iso(ev.not_after), "outcome": ev.outcome,
             "duration": round(ev.duration, 3) if ev.duration is not None else None,
             "version": ev.version, "detail": ev.detail}
+
+
+def record_fields(ev: LifecycleEvent) -> dict[str, Any]:
+    """The fields of ``ev``'s record, without ``seq``, ``prev`` and ``hash`` (every audit log,
+    this file's or a database's, writes the same record); :class:`AuditRefused` if they would
+    hold key material."""
+    fields = _fields(ev)
+    probe = json.dumps(fields, ensure_ascii=True, default=str).encode()
+    if _KEY_MARKER.search(probe):
+        log_event(log, "audit_refused", logging.ERROR, event=ev.kind, name=ev.name,
+                  why="the record held a private-key marker; it was not written")
+        raise AuditRefused(f"audit record for {ev.kind} {ev.name or '-'} refused: it held private key material")
+    return fields
+
+
+def record_line(record: dict[str, Any]) -> bytes:
+    """A complete record (with ``seq``, ``prev``, ``hash``) as one line of the log, without its newline."""
+    return json.dumps({k: record[k] for k in (*FIELDS, "hash")}, ensure_ascii=True, default=str,
+                      separators=(", ", ": ")).encode()
 
 
 @dataclass
@@ -114,12 +134,7 @@ class AuditLog:
     def append(self, ev: LifecycleEvent) -> dict[str, Any]:
         """Append one record for ``ev`` (fsynced) and return it. :class:`AuditRefused` if it would
         hold key material; :class:`~certd.core.errors.StoreError` if the disk refuses."""
-        fields = _fields(ev)
-        probe = json.dumps(fields, ensure_ascii=True, default=str).encode()
-        if _KEY_MARKER.search(probe):
-            log_event(log, "audit_refused", logging.ERROR, event=ev.kind, name=ev.name,
-                      why="the record held a private-key marker; it was not written")
-            raise AuditRefused(f"audit record for {ev.kind} {ev.name or '-'} refused: it held private key material")
+        fields = record_fields(ev)
         # Group commit: the thread that gets the writer's lock writes every record queued by then
         # (its own included) with one write and one fsync; the others find theirs done. Each
         # caller still returns only once its record is durable, but eight renewal workers no
@@ -184,8 +199,7 @@ class AuditLog:
                 seq += 1
                 record = {"seq": seq, **fields, "prev": line_hash(last) if last is not None else GENESIS}
                 record["hash"] = record_hash(record)
-                last = json.dumps({k: record[k] for k in (*FIELDS, "hash")}, ensure_ascii=True, default=str,
-                                  separators=(", ", ": ")).encode()
+                last = record_line(record)
                 records.append(record)
                 lines.append(last + b"\n")
             data = (b"" if complete else b"\n") + b"".join(lines)  # a torn last line stays a line of its own

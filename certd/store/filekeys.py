@@ -32,10 +32,16 @@ from certd.crypto.custody import CustodyError, FileKek, Kek, KeyRing, sealed_kek
 from certd import fs as fsutil
 from certd.store import fileio, kekrecord
 
-Guard = Callable[[str | None], AbstractContextManager[None]]
+Guard = Callable[[str | None, float], AbstractContextManager[None]]  # (certificate, seconds to wait)
+
+#: Sealing at start-up waits this long for a certificate's lock (a rotation in flight): a daemon
+#: must become ready well within systemd's start timeout; a busy certificate waits for the next pass.
+SEAL_WAIT = 5.0
+#: A KEK rotation (an operator waiting for it) waits this long per certificate.
+REWRAP_WAIT = 900.0
 
 
-def _unguarded(name: str | None) -> AbstractContextManager[None]:
+def _unguarded(name: str | None, wait: float) -> AbstractContextManager[None]:
     return nullcontext()
 
 
@@ -241,7 +247,7 @@ class KeyFiles:
             todo = [p for p in places if os.path.isfile(p.path(False))]
             if todo:
                 try:
-                    with self._guard(name):
+                    with self._guard(name, SEAL_WAIT):
                         sealed += [p.slot for p in todo if self._seal_one(p)]
                 except LockBusy:
                     busy = True
@@ -289,7 +295,7 @@ class KeyFiles:
             for name, places in self.groups():
                 stale = [p for p in places if p.path(True) not in failed and self._stale(p, ring)]
                 if stale:
-                    with self._guard(name):
+                    with self._guard(name, REWRAP_WAIT):
                         done += sum(self._rewrap_one(p, ring, failed) for p in stale)
             total += done
             if done == 0:

@@ -55,8 +55,6 @@ __all__ = ["FileStore", "open_store", "Store", "StoredVersion", "VersionInfo", "
 #: TTL of the lease :meth:`FileStore.lock` takes. The ``lock`` flock frees it when the holder
 #: dies; the TTL only matters for a holder that stalls, and must outlast any rotation.
 LEGACY_TTL = 24 * 3600.0
-#: How long sealing or re-wrapping a certificate's keys waits for a rotation of it in flight.
-KEY_GUARD_WAIT = 900.0
 
 
 def open_store(config: Config, *, audit_group: str | None = None, clock: Clock | None = None) -> FileStore:
@@ -263,11 +261,11 @@ class FileStore(VersionFiles):
 
     # -- key custody -------------------------------------------------------------------------
 
-    def _key_guard(self, name: str | None) -> AbstractContextManager[None]:
+    def _key_guard(self, name: str | None, wait: float) -> AbstractContextManager[None]:
         """Sealing or re-wrapping a certificate's keys waits for its lock (a rotation in flight
         may prune or destroy a key meanwhile); the accounts need none (written once, at
         registration, already sealed under the newest KEK)."""
-        return self.lock(name, timeout=KEY_GUARD_WAIT) if name is not None else nullcontext()
+        return self.lock(name, timeout=wait) if name is not None else nullcontext()
 
     @property
     def keys(self) -> KeyFiles:

@@ -1,8 +1,9 @@
 """The store seam: what certd needs from wherever it keeps certificates, as contracts.
 
-Two implementations today (:class:`certd.store.files.FileStore` on a local directory,
-:class:`certd.store.memory.MemoryStore` for tests); a shared database (the fleet issue) is the
-third. ``tests/contract/test_store_contract.py`` holds every one of them to the contracts below.
+Three implementations (:class:`certd.store.files.FileStore` on a local directory,
+:class:`certd.store.memory.MemoryStore` for tests, :class:`certd.store.pg.PgStore` on a
+PostgreSQL database a fleet shares). ``tests/contract/test_store_contract.py`` holds every
+one of them to the contracts below.
 
 Leases and fencing (the part a shared store gets wrong most often)
 ------------------------------------------------------------------

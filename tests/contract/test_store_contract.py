@@ -25,7 +25,9 @@ def clock() -> FakeClock:
 
 @pytest.fixture(params=sorted(BACKENDS))
 def opener(request, tmp_path, clock):
-    with BACKENDS[request.param](tmp_path, clock) as open_node:
+    backend = BACKENDS[request.param]
+    needs = {f: request.getfixturevalue(f) for f in getattr(backend, "fixtures", ())}
+    with backend(tmp_path, clock, **needs) as open_node:
         yield open_node
 
 

@@ -87,9 +87,19 @@ def make_issuer(accounts: MemoryAccounts) -> Iterator[Callable[..., Issuer]]:
 
 def issue_checked(issuer: Issuer, pebble: PebbleEnv, cert: CertificateConfig, tmp_path: Path,
                   **kw: object) -> Bundle:
-    """Issue, then check with certd and with openssl against the instance's root."""
+    """Issue, then check with certd and with openssl against the instance's root.
+
+    Once more on a timed-out request: Pebble wedges an order now and then (its order handler
+    takes the order's read lock twice; an issuance finishing in between deadlocks that order,
+    docs/PERFORMANCE.md), and then never answers a poll of it — seen once in a loaded CI run.
+    A new order works; a CA that is really unreachable fails the second time too."""
     key = generate_private_key(cert.key_type)
-    fullchain = issuer.issue(cert, key, **kw)  # type: ignore[arg-type]
+    try:
+        fullchain = issuer.issue(cert, key, **kw)  # type: ignore[arg-type]
+    except CANotReachable as e:
+        if "timed out" not in str(e):
+            raise
+        fullchain = issuer.issue(cert, key, **kw)  # type: ignore[arg-type]
     bundle = check_issued(fullchain, key, cert.domains, datetime.now(timezone.utc))
     assert_verifies(pebble, bundle, tmp_path)
     return bundle

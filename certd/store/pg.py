@@ -1,0 +1,426 @@
+"""The store seam on PostgreSQL (:class:`PgStore`): what a fleet of certd nodes shares.
+
+Tables: :mod:`certd.store.pgschema`. How each contract of :mod:`certd.store.port` is kept:
+
+- Lease grant: one ``INSERT ... ON CONFLICT (name) DO UPDATE SET token = token + 1 ... WHERE
+  owner IS NULL OR expires <= now RETURNING``; two concurrent grants cannot both win. Lease rows
+  are never deleted, so a token never repeats.
+- Fenced write: the lease row is locked ``FOR SHARE`` in the write's own transaction and its
+  token compared there; a concurrent grant (an UPDATE of that row) waits for the write to commit.
+- Expiry: by the database's clock (``clock_timestamp()``); a test's fake clock is passed as the
+  "now" parameter instead (any clock but :class:`~certd.core.clock.SystemClock`).
+- State: compare-and-set on a generation counter (``etag``).
+- Private keys are stored sealed by the ``[keys]`` KeyRing (slots as FileStore's:
+  ``version/<name>/<n>``, ``order/<name>``, ``account/<id>``), never in plain text: without a
+  keyring a key is refused.
+
+Connections come from a small pool (autocommit off, one explicit transaction per operation);
+a subscription holds one more of its own for LISTEN (:mod:`certd.store.pgfeed`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from collections.abc import Collection, Hashable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from datetime import datetime
+from typing import Any
+
+import psycopg
+from psycopg.types.json import Jsonb
+from psycopg_pool import ConnectionPool
+
+from certd.core.clock import Clock, SystemClock
+from certd.core.errors import LockBusy, StoreError
+from certd.core.model import Bundle, CertInfo
+from certd.crypto.custody import KeyRing
+from certd.store.files import LEGACY_TTL
+from certd.store.pgfeed import PgAudit, PgSubscription
+from certd.store.pgschema import configure, conninfo, ensure_schema
+from certd.store.port import (Conflict, Fenced, Lease, LeaseLost, OrderJournal, StoredVersion, VersionInfo)
+
+_POLL = 0.05  # seconds between tries of a busy lease
+ACCOUNT_LOCK_TTL = 600.0  # a registration lock outlives a dead holder by at most this
+NOW = "COALESCE(%(now)s::timestamptz, clock_timestamp())"
+_GRANT = """
+    INSERT INTO {table} AS l (name, token, owner, expires)
+    VALUES (%(name)s, 1, %(owner)s, {now} + make_interval(secs => %(ttl)s))
+    ON CONFLICT (name) DO UPDATE SET token = l.token + 1, owner = EXCLUDED.owner, expires = EXCLUDED.expires
+    WHERE l.owner IS NULL OR l.expires <= {now}
+    RETURNING token, expires"""
+
+
+def account_id(directory_url: str) -> str:
+    """The account's id, as FileStore names its directory (the sealing slot ``account/<id>``)."""
+    return hashlib.sha256(directory_url.encode()).hexdigest()[:16]
+
+
+def _no_key_material(obj: Any, what: str) -> None:
+    if b"PRIVATE KEY" in json.dumps(obj, default=str).encode():
+        raise ValueError(f"{what} must not contain key material")
+
+
+class PgStore:
+    """:class:`~certd.store.port.StorePort` (and the single-host Store) on a PostgreSQL database."""
+
+    def __init__(self, dsn: str, *, node: str, clock: Clock | None = None, keyring: KeyRing | None = None,
+                 pool_size: int = 4) -> None:
+        self.node = node
+        self._clock: Clock = clock or SystemClock()
+        self._fake_now = clock is not None and not isinstance(clock, SystemClock)
+        self._ring = keyring
+        self._bound: dict[str, Lease] = {}
+        self._pool: ConnectionPool | None = None
+        try:
+            self.dsn = conninfo(dsn, node)
+            self._pool = ConnectionPool(self.dsn, min_size=1, max_size=pool_size, open=True, configure=configure,
+                                        kwargs={"autocommit": False}, name=f"certd-{node}")
+            with self._pool.connection() as conn:
+                ensure_schema(conn)
+        except BaseException as e:
+            self.close()  # no pool threads left behind
+            if isinstance(e, psycopg.Error):
+                raise StoreError(f"PostgreSQL store: {e}") from e
+            raise
+
+    def close(self) -> None:
+        """Close the pooled connections (a subscription closes its own)."""
+        if self._pool is not None:
+            self._pool.close()
+
+    def __enter__(self) -> PgStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- plumbing ----------------------------------------------------------------------------
+
+    def now_param(self) -> datetime | None:
+        """The injected clock's "now" for a query, or None: the database's clock."""
+        return self._clock.now() if self._fake_now else None
+
+    @property
+    def clock(self) -> Clock:
+        return self._clock
+
+    @contextmanager
+    def tx(self) -> Iterator[psycopg.Cursor[Any]]:
+        """One transaction on a pooled connection: committed when the block ends, rolled back
+        when it raises. Database errors become :class:`StoreError`."""
+        try:
+            with self._connection() as conn, conn.transaction(), conn.cursor() as cur:
+                yield cur
+        except psycopg.Error as e:
+            raise StoreError(f"PostgreSQL store: {e}") from e
+
+    def _connection(self) -> AbstractContextManager[psycopg.Connection[Any]]:
+        if self._pool is None:
+            raise StoreError("PostgreSQL store: closed")
+        return self._pool.connection()
+
+    def _one(self, sql: str, args: Any = ()) -> tuple[Any, ...] | None:
+        with self.tx() as cur:
+            return cur.execute(sql, args).fetchone()
+
+    def _all(self, sql: str, args: Any = ()) -> list[tuple[Any, ...]]:
+        with self.tx() as cur:
+            return cur.execute(sql, args).fetchall()
+
+    def _fence(self, cur: psycopg.Cursor[Any], name: str, lease: Lease | None) -> None:
+        """Lock the lease row for the rest of this transaction and refuse a stale token; then
+        count the certificate as changed (:meth:`change_token`)."""
+        lease = lease or self._bound.get(name)
+        if lease is not None:
+            row = cur.execute("SELECT token FROM certd_leases WHERE name = %s FOR SHARE", (name,)).fetchone()
+            if row is None or row[0] != lease.token:
+                raise Fenced(f"{name}: write refused: lease token {lease.token} is stale "
+                             f"(token {row[0] if row else None})")
+        cur.execute("INSERT INTO certd_changes VALUES (%s, 1) ON CONFLICT (name) DO UPDATE "
+                    "SET changed = certd_changes.changed + 1", (name,))
+
+    def _seal(self, key_pem: bytes, slot: str) -> bytes:
+        if self._ring is None:
+            raise StoreError(f"{slot}: refusing to store a private key in plain text: a shared database needs "
+                             f"[keys] (a KEK every node has)")
+        return self._ring.seal(key_pem, slot)
+
+    def _open(self, data: bytes, slot: str) -> bytes:
+        if not data:
+            return b""
+        if self._ring is None:
+            raise StoreError(f"{slot}: the key is sealed; configure [keys] with the KEK the fleet uses")
+        return self._ring.open(data, slot, where=f"sealed key {slot} in the database")
+
+    # -- leases ------------------------------------------------------------------------------
+
+    def _grant(self, table: str, name: str, owner: str, ttl: float, wait: float, busy: str) -> Lease:
+        deadline = self._clock.monotonic() + wait
+        sql = _GRANT.format(table=table, now=NOW)
+        while True:
+            row = self._one(sql, {"name": name, "owner": owner, "ttl": ttl, "now": self.now_param()})
+            if row is not None:
+                return Lease(name, owner, int(row[0]), row[1])
+            left = deadline - self._clock.monotonic()
+            if left <= 0:
+                raise LockBusy(busy)
+            self._clock.sleep(min(_POLL, left))
+
+    def lease(self, name: str, owner: str, ttl: float, *, wait: float = 0.0) -> Lease:
+        return self._grant("certd_leases", name, owner, ttl, wait,
+                           f"{name}: another owner holds the lease; try again when it has finished")
+
+    def renew(self, lease: Lease, ttl: float | None = None) -> Lease:
+        row = self._one(f"UPDATE certd_leases SET expires = {NOW} + make_interval(secs => %(ttl)s) "
+                        "WHERE name = %(name)s AND token = %(token)s AND owner IS NOT NULL RETURNING expires",
+                        {"ttl": LEGACY_TTL if ttl is None else ttl, "name": lease.name, "token": lease.token,
+                         "now": self.now_param()})
+        if row is None:
+            raise LeaseLost(f"{lease.name}: lease {lease.token} was lost (released or taken over)")
+        return Lease(lease.name, lease.owner, lease.token, row[0])
+
+    def release(self, lease: Lease) -> None:
+        self._one("UPDATE certd_leases SET owner = NULL WHERE name = %s AND token = %s RETURNING token",
+                  (lease.name, lease.token))
+
+    def check(self, lease: Lease) -> None:
+        row = self._one(f"SELECT token, owner IS NOT NULL, expires > {NOW} FROM certd_leases WHERE name = %(name)s",
+                        {"name": lease.name, "now": self.now_param()})
+        if row is None or row[0] != lease.token or not row[1]:
+            raise LeaseLost(f"{lease.name}: lease {lease.token} was taken over or released")
+        if not row[2]:
+            raise LeaseLost(f"{lease.name}: lease {lease.token} expired")
+
+    def lock(self, name: str, *, timeout: float = 0.0) -> AbstractContextManager[None]:
+        return self._locked(name, timeout)
+
+    @contextmanager
+    def _locked(self, name: str, timeout: float) -> Iterator[None]:
+        lease = self.lease(name, f"{self.node}:{threading.get_ident()}", LEGACY_TTL, wait=timeout)
+        self._bound[name] = lease
+        try:
+            yield
+        finally:
+            self._bound.pop(name, None)
+            self.release(lease)
+
+    # -- versions ----------------------------------------------------------------------------
+
+    def names(self) -> list[str]:
+        return [r[0] for r in self._all("SELECT name FROM certd_versions UNION SELECT name FROM certd_state "
+                                        "UNION SELECT name FROM certd_desired ORDER BY 1")]
+
+    def versions(self, name: str) -> list[int]:
+        return [r[0] for r in self._all("SELECT version FROM certd_versions WHERE name = %s ORDER BY 1", (name,))]
+
+    def load(self, name: str, version: int) -> StoredVersion:
+        row = self._one("SELECT cert, chain, key, info, meta FROM certd_versions WHERE name = %s AND version = %s",
+                        (name, version))
+        if row is None:
+            raise StoreError(f"{name}: version {version} is not in the store")
+        cert, chain, key, info, meta = row
+        bundle = Bundle(bytes(cert), bytes(chain), self._open(bytes(key), f"version/{name}/{version}"))
+        return StoredVersion(name, version, bundle.with_info(CertInfo.from_json(info)), meta)
+
+    def load_info(self, name: str, version: int) -> VersionInfo:
+        row = self._one("SELECT info, meta FROM certd_versions WHERE name = %s AND version = %s", (name, version))
+        if row is None:
+            raise StoreError(f"{name}: version {version} is not in the store")
+        return VersionInfo(name, version, CertInfo.from_json(row[0]), row[1])
+
+    def add_version(self, name: str, bundle: Bundle, meta: dict[str, Any], *, lease: Lease | None = None) -> int:
+        if not bundle.cert_pem or not bundle.key_pem:
+            raise ValueError("a stored version needs a certificate and its private key")
+        _no_key_material(meta, "version metadata")
+        info = Jsonb(bundle.info.to_json())
+        with self.tx() as cur:
+            self._fence(cur, name, lease)
+            row = cur.execute("SELECT COALESCE(max(version), 0) + 1 FROM certd_versions WHERE name = %s",
+                              (name,)).fetchone()
+            version = int(row[0]) if row else 1
+            key = self._seal(bundle.key_pem, f"version/{name}/{version}")
+            cur.execute("INSERT INTO certd_versions (name, version, cert, chain, key, info, meta) "
+                        "VALUES (%s, %s, %s, %s, %s, %s, %s)",
+                        (name, version, bundle.cert_pem, bundle.chain_pem, key, info, Jsonb(meta)))
+            return version
+
+    def update_meta(self, name: str, version: int, changes: dict[str, Any], *, lease: Lease | None = None) -> None:
+        _no_key_material(changes, "version metadata")
+        with self.tx() as cur:
+            self._fence(cur, name, lease)
+            cur.execute("UPDATE certd_versions SET meta = meta || %s WHERE name = %s AND version = %s",
+                        (Jsonb(changes), name, version))
+            if cur.rowcount == 0:
+                raise StoreError(f"{name}: version {version} is not in the store")
+
+    def prune(self, name: str, keep: int, protect: Collection[int] = (), *, lease: Lease | None = None) -> list[int]:
+        if keep < 0:
+            raise ValueError("keep must be >= 0")
+        with self.tx() as cur:
+            self._fence(cur, name, lease)
+            versions = [r[0] for r in cur.execute("SELECT version FROM certd_versions WHERE name = %s ORDER BY 1",
+                                                  (name,)).fetchall()]
+            desired = cur.execute("SELECT version FROM certd_desired WHERE name = %s", (name,)).fetchone()
+            spare = {desired[0] if desired else None, *protect}
+            removed = [v for v in versions if v not in spare][:max(0, len(versions) - keep)]
+            cur.execute("DELETE FROM certd_versions WHERE name = %s AND version = ANY(%s)", (name, removed))
+            return removed
+
+    def destroy_key(self, name: str, version: int, *, lease: Lease | None = None) -> None:
+        with self.tx() as cur:
+            self._fence(cur, name, lease)
+            cur.execute("UPDATE certd_versions SET key = '', meta = meta || '{\"key_destroyed\": true}' "
+                        "WHERE name = %s AND version = %s", (name, version))
+            if cur.rowcount == 0:
+                raise StoreError(f"{name}: version {version} is not in the store")
+
+    # -- desired and applied -----------------------------------------------------------------
+
+    def desired(self, name: str) -> int | None:
+        row = self._one("SELECT version FROM certd_desired WHERE name = %s", (name,))
+        return row[0] if row else None
+
+    current = desired
+
+    def set_desired(self, name: str, version: int, *, lease: Lease | None = None) -> None:
+        with self.tx() as cur:
+            self._fence(cur, name, lease)
+            row = cur.execute("SELECT length(key) FROM certd_versions WHERE name = %s AND version = %s",
+                              (name, version)).fetchone()
+            if row is None:
+                raise StoreError(f"{name}: cannot make version {version} current: it is not in the store")
+            if row[0] == 0:
+                raise StoreError(f"{name}: cannot make version {version} current: its private key was destroyed")
+            cur.execute("INSERT INTO certd_desired VALUES (%s, %s) ON CONFLICT (name) DO UPDATE "
+                        "SET version = EXCLUDED.version", (name, version))
+            cur.execute("SELECT pg_notify('certd_desired', %s)", (name,))  # a wake-up, delivered at commit
+
+    def applied(self, node: str, name: str) -> int | None:
+        row = self._one("SELECT version FROM certd_applied WHERE node = %s AND name = %s", (node, name))
+        return row[0] if row else None
+
+    def set_applied(self, node: str, name: str, version: int | None) -> None:
+        if version is None:
+            self._one("DELETE FROM certd_applied WHERE node = %s AND name = %s RETURNING version", (node, name))
+        else:
+            self._one("INSERT INTO certd_applied VALUES (%s, %s, %s) ON CONFLICT (node, name) DO UPDATE "
+                      "SET version = EXCLUDED.version RETURNING version", (node, name, version))
+
+    def set_current(self, name: str, version: int) -> None:
+        self.set_desired(name, version)
+        self.set_applied(self.node, name, version)
+
+    # -- journals ----------------------------------------------------------------------------
+
+    def load_rotation(self, node: str, name: str) -> dict[str, Any] | None:
+        row = self._one("SELECT journal FROM certd_rotations WHERE node = %s AND name = %s", (node, name))
+        return row[0] if row else None
+
+    def save_rotation(self, node: str, name: str, journal: dict[str, Any] | None, *,
+                      lease: Lease | None = None) -> None:
+        with self.tx() as cur:
+            self._fence(cur, name, lease)
+            if journal is None:
+                cur.execute("DELETE FROM certd_rotations WHERE node = %s AND name = %s", (node, name))
+            else:
+                cur.execute("INSERT INTO certd_rotations VALUES (%s, %s, %s) ON CONFLICT (node, name) DO UPDATE "
+                            "SET journal = EXCLUDED.journal", (node, name, Jsonb(journal)))
+
+    def load_journal(self, name: str) -> dict[str, Any] | None:
+        return self.load_rotation(self.node, name)
+
+    def save_journal(self, name: str, journal: dict[str, Any] | None) -> None:
+        self.save_rotation(self.node, name, journal)
+
+    def load_order(self, name: str) -> OrderJournal | None:
+        row = self._one("SELECT url, key, created, meta FROM certd_orders WHERE name = %s", (name,))
+        if row is None:
+            return None
+        return OrderJournal(row[0], self._open(bytes(row[1]), f"order/{name}"), row[2], dict(row[3]))
+
+    def save_order(self, name: str, order: OrderJournal | None, *, lease: Lease | None = None) -> None:
+        if order is not None:
+            _no_key_material(order.meta, "order metadata")
+        with self.tx() as cur:
+            self._fence(cur, name, lease)
+            if order is None:
+                cur.execute("DELETE FROM certd_orders WHERE name = %s", (name,))
+                return
+            key = self._seal(order.key_pem, f"order/{name}")
+            cur.execute("INSERT INTO certd_orders VALUES (%s, %s, %s, %s, %s) ON CONFLICT (name) DO UPDATE "
+                        "SET url = EXCLUDED.url, key = EXCLUDED.key, created = EXCLUDED.created, meta = EXCLUDED.meta",
+                        (name, order.order_url, key, order.created, Jsonb(order.meta)))
+
+    # -- state (compare-and-set) -------------------------------------------------------------
+
+    def read_state(self, name: str) -> tuple[dict[str, Any] | None, str | None]:
+        row = self._one("SELECT body, etag FROM certd_state WHERE name = %s", (name,))
+        return (row[0], str(row[1])) if row else (None, None)
+
+    def write_state(self, name: str, state: dict[str, Any], *, expected: str | None,
+                    lease: Lease | None = None) -> str:
+        with self.tx() as cur:
+            self._fence(cur, name, lease)
+            if expected is None:
+                row = cur.execute("INSERT INTO certd_state VALUES (%s, %s, 1) ON CONFLICT DO NOTHING RETURNING etag",
+                                  (name, Jsonb(state))).fetchone()
+            else:
+                try:
+                    etag = int(expected)
+                except ValueError:
+                    raise Conflict(f"{name}: etag {expected!r} is not this store's") from None
+                row = cur.execute("UPDATE certd_state SET body = %s, etag = etag + 1 WHERE name = %s AND etag = %s "
+                                  "RETURNING etag", (Jsonb(state), name, etag)).fetchone()
+            if row is None:
+                raise Conflict(f"{name}: state changed since it was read (expected etag {expected})")
+            return str(row[0])
+
+    def load_state(self, name: str) -> dict[str, Any] | None:
+        return self.read_state(name)[0]
+
+    def save_state(self, name: str, state: dict[str, Any]) -> None:
+        with self.tx() as cur:
+            self._fence(cur, name, None)
+            cur.execute("INSERT INTO certd_state VALUES (%s, %s, 1) ON CONFLICT (name) DO UPDATE "
+                        "SET body = EXCLUDED.body, etag = certd_state.etag + 1", (name, Jsonb(state)))
+
+    def change_token(self, name: str) -> Hashable:
+        row = self._one("SELECT changed FROM certd_changes WHERE name = %s", (name,))
+        return row[0] if row else 0
+
+    # -- change feed, audit, accounts --------------------------------------------------------
+
+    def subscribe(self, names: Collection[str] | None = None) -> PgSubscription:
+        return PgSubscription(self, names)
+
+    @property
+    def audit(self) -> PgAudit:
+        return PgAudit(self)
+
+    def load_account(self, directory_url: str) -> tuple[bytes, str] | None:
+        row = self._one("SELECT key, registration FROM certd_accounts WHERE directory = %s", (directory_url,))
+        if row is None:
+            return None
+        return self._open(bytes(row[0]), f"account/{account_id(directory_url)}"), row[1]
+
+    def save_account(self, directory_url: str, key_pem: bytes, registration_json: str) -> None:
+        key = self._seal(key_pem, f"account/{account_id(directory_url)}")
+        self._one("INSERT INTO certd_accounts VALUES (%s, %s, %s) ON CONFLICT (directory) DO UPDATE "
+                  "SET key = EXCLUDED.key, registration = EXCLUDED.registration RETURNING directory",
+                  (directory_url, key, registration_json))
+
+    @contextmanager
+    def account_lock(self, directory_url: str, timeout: float = 60.0) -> Iterator[None]:
+        """Registration for ``directory_url`` by one client at a time: a lease row of its own
+        (freed by a dead holder's expiry after :data:`ACCOUNT_LOCK_TTL`)."""
+        lease = self._grant("certd_account_leases", directory_url, f"{self.node}:{threading.get_ident()}",
+                            ACCOUNT_LOCK_TTL, timeout,
+                            f"another client has been registering the ACME account for {directory_url}")
+        try:
+            yield
+        finally:
+            self._one("UPDATE certd_account_leases SET owner = NULL WHERE name = %s AND token = %s RETURNING token",
+                      (directory_url, lease.token))
+

@@ -1,0 +1,161 @@
+"""The PostgreSQL store's change feed and audit log (used by :class:`certd.store.pg.PgStore`).
+
+A subscription answers from a ``SELECT`` of the desired versions every time; ``LISTEN
+certd_desired`` on a connection of its own only wakes it early (a notification is delivered at
+commit, and lost while the listener is disconnected). With a fake clock it polls through the
+clock, so a test never waits in real time.
+
+The audit log is ``certd_audit``: one row per record, each ``line`` exactly what
+:class:`certd.ops.audit.AuditLog` would append to ``audit.jsonl`` (same fields, same ``seq``,
+``prev`` and ``hash``), so :func:`certd.ops.auditchain.verify_lines` checks it. Appenders are
+serialised by locking the one row of ``certd_audit_head`` (which also keeps ``seq`` and the last
+line's hash) in the appending transaction: the chain never forks across nodes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Collection
+from contextlib import AbstractContextManager
+from datetime import datetime
+from typing import Any, Protocol
+
+import psycopg
+
+from certd.core.clock import Clock
+from certd.core.errors import StoreError
+from certd.core.events import LifecycleEvent
+from certd.ops.audit import record_fields, record_line
+from certd.ops.auditchain import Verification, line_hash, parse_line, record_hash, verify_lines
+from certd.ops.log import event as log_event
+from certd.store.port import DesiredChange
+
+log = logging.getLogger("certd.audit")
+_POLL = 0.05
+_WAKE = 1.0  # look again at least this often (real clock), notification or not
+_RELISTEN = 10.0  # seconds between attempts to reconnect a lost LISTEN connection
+
+
+class _Db(Protocol):
+    dsn: str
+
+    @property
+    def clock(self) -> Clock: ...
+    def now_param(self) -> datetime | None: ...
+    def tx(self) -> AbstractContextManager[psycopg.Cursor[Any]]: ...
+
+
+class PgSubscription:
+    """:class:`~certd.store.port.Subscription` on ``certd_desired``."""
+
+    def __init__(self, store: _Db, names: Collection[str] | None) -> None:
+        self._store = store
+        self._names = None if names is None else set(names)
+        self._closed = False
+        self._fake = store.now_param() is not None  # a test's clock: poll through it, no LISTEN
+        self._conn: psycopg.Connection[Any] | None = None
+        self._listen_after = 0.0
+        self._listen()
+        self._seen = self._look()
+
+    def _listen(self) -> None:
+        """(Re)connect the LISTEN connection, at most every :data:`_RELISTEN` seconds; a failure
+        loses only the early wake-up (the SELECT still answers, every :data:`_WAKE` seconds)."""
+        clock = self._store.clock
+        if self._fake or self._conn is not None or clock.monotonic() < self._listen_after:
+            return
+        self._listen_after = clock.monotonic() + _RELISTEN
+        try:
+            self._conn = psycopg.connect(self._store.dsn, autocommit=True)
+            self._conn.execute("LISTEN certd_desired")
+        except psycopg.Error as e:
+            log_event(log, "store_listen_failed", logging.WARNING, error=str(e))
+            self._drop()
+
+    def _look(self) -> dict[str, int | None]:
+        with self._store.tx() as cur:
+            rows = cur.execute("SELECT name, version FROM certd_desired").fetchall()
+        return {n: v for n, v in rows if self._names is None or n in self._names}
+
+    def _drop(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except psycopg.Error:
+                pass
+            self._conn = None
+
+    def _drain(self, timeout: float) -> None:
+        """Wait up to ``timeout`` real seconds for a notification (its content does not matter)."""
+        if self._conn is None:
+            return
+        try:
+            for _ in self._conn.notifies(timeout=timeout, stop_after=1):
+                break
+            for _ in self._conn.notifies(timeout=0, stop_after=1000):
+                pass
+        except psycopg.Error:
+            self._drop()  # polling until _listen() reconnects
+
+    def changes(self, timeout: float = 0.0) -> list[DesiredChange]:
+        clock = self._store.clock
+        deadline = clock.monotonic() + timeout
+        while not self._closed:
+            self._listen()
+            self._drain(0)
+            now = self._look()
+            found = [DesiredChange(n, v) for n, v in sorted(now.items()) if self._seen.get(n) != v]
+            found += [DesiredChange(n, None) for n in sorted(set(self._seen) - set(now))]
+            self._seen = now
+            left = deadline - clock.monotonic()
+            if found or left <= 0:
+                return found
+            if self._conn is None:
+                clock.sleep(min(_POLL if self._fake else _WAKE, left))
+            else:
+                self._drain(min(_WAKE, left))
+        return []
+
+    def close(self) -> None:
+        self._closed = True
+        self._drop()
+
+
+class PgAudit:
+    """:class:`~certd.store.port.AuditSink` appending to ``certd_audit``, hash-chained."""
+
+    def __init__(self, store: _Db) -> None:
+        self._store = store
+
+    def __call__(self, ev: LifecycleEvent) -> None:
+        self.append(ev)
+
+    def append(self, ev: LifecycleEvent) -> dict[str, Any]:
+        fields = record_fields(ev)  # AuditRefused if it would hold key material
+        with self._store.tx() as cur:
+            head = cur.execute("SELECT seq, prev FROM certd_audit_head WHERE id = 1 FOR UPDATE").fetchone()
+            if head is None:
+                raise StoreError("certd_audit_head has no row: the audit table was tampered with")
+            record = {"seq": head[0] + 1, **fields, "prev": head[1]}
+            record["hash"] = record_hash(record)
+            line = record_line(record)
+            cur.execute("INSERT INTO certd_audit VALUES (%s, %s)", (record["seq"], line.decode()))
+            cur.execute("UPDATE certd_audit_head SET seq = %s, prev = %s WHERE id = 1",
+                        (record["seq"], line_hash(line)))
+        log_event(log, "audit_record", seq=record["seq"], hash=record["hash"])
+        return record
+
+    def lines(self) -> list[bytes]:
+        with self._store.tx() as cur:
+            return [r[0].encode() for r in cur.execute("SELECT line FROM certd_audit ORDER BY seq")]
+
+    @property
+    def records(self) -> list[dict[str, Any]]:
+        return [r for r in (parse_line(line) for line in self.lines()) if r is not None]
+
+    def verify(self, expect_head: str | None = None) -> Verification:
+        """The chain checked as ``certd audit verify`` checks audit.jsonl (``expect_head``: a
+        record hash exported earlier, from the ``audit_record`` log lines)."""
+        lines = self.lines()
+        raw = b"".join(line + b"\n" for line in lines) if lines else None
+        return verify_lines("certd_audit", raw, None, False, expect_head)

@@ -1,0 +1,149 @@
+"""The PostgreSQL store's schema (:mod:`certd.store.pg`), versioned, and how it connects.
+
+``certd_schema`` holds one row, the schema version. :func:`ensure_schema` creates the tables
+when the row is missing, under a transaction-scoped advisory lock, so nodes starting at the
+same moment create them once; a database of a newer version is refused (a newer certd wrote
+it). Every table is prefixed ``certd_`` so the database may be shared with other programs.
+
+Private keys (``certd_versions.key``, ``certd_orders.key``, ``certd_accounts.key``) hold sealed
+keys only (:class:`certd.crypto.custody.KeyRing`); an empty ``key`` is a destroyed one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from certd.core.errors import StoreError
+
+VERSION = 1
+#: pg_advisory_xact_lock key for schema creation and upgrades ("certd" in ASCII).
+SCHEMA_LOCK = 0x6365727464
+
+#: libpq settings a DSN does not set itself: a node cut off from the database notices within
+#: seconds (keepalives, tcp_user_timeout), instead of writing into a dead connection for minutes.
+CONNECT_DEFAULTS = {"connect_timeout": "10", "keepalives": "1", "keepalives_idle": "10",
+                    "keepalives_interval": "3", "keepalives_count": "3", "tcp_user_timeout": "15000"}
+
+DDL = """
+CREATE TABLE IF NOT EXISTS certd_schema (
+    id int PRIMARY KEY CHECK (id = 1),
+    version int NOT NULL
+);
+-- One row per certificate, never deleted (a deleted row would restart its fencing tokens).
+-- owner NULL: released. A row may be made with token 0 and no owner, never granted.
+CREATE TABLE certd_leases (
+    name text PRIMARY KEY,
+    token bigint NOT NULL,
+    owner text,
+    expires timestamptz NOT NULL
+);
+CREATE TABLE certd_versions (
+    name text NOT NULL,
+    version int NOT NULL,
+    cert bytea NOT NULL,
+    chain bytea NOT NULL,
+    key bytea NOT NULL,              -- sealed; '' once destroyed
+    info jsonb NOT NULL,             -- the leaf's CertInfo (load_info reads no PEM)
+    meta jsonb NOT NULL,
+    PRIMARY KEY (name, version)
+);
+CREATE TABLE certd_desired (
+    name text PRIMARY KEY,
+    version int NOT NULL
+);
+CREATE TABLE certd_applied (
+    node text NOT NULL,
+    name text NOT NULL,
+    version int NOT NULL,
+    PRIMARY KEY (node, name)
+);
+CREATE TABLE certd_rotations (
+    node text NOT NULL,
+    name text NOT NULL,
+    journal jsonb NOT NULL,
+    PRIMARY KEY (node, name)
+);
+CREATE TABLE certd_orders (
+    name text PRIMARY KEY,
+    url text NOT NULL,
+    key bytea NOT NULL,              -- sealed
+    created text NOT NULL,
+    meta jsonb NOT NULL
+);
+CREATE TABLE certd_state (
+    name text PRIMARY KEY,
+    body jsonb NOT NULL,
+    etag bigint NOT NULL             -- generation counter: the compare-and-set etag
+);
+-- changed: bumped by every fenced write of the certificate (change_token)
+CREATE TABLE certd_changes (
+    name text PRIMARY KEY,
+    changed bigint NOT NULL
+);
+CREATE TABLE certd_accounts (
+    directory text PRIMARY KEY,
+    key bytea NOT NULL,              -- sealed
+    registration text NOT NULL
+);
+-- account registration locks: leases too (a session advisory lock breaks behind a pooler)
+CREATE TABLE certd_account_leases (
+    name text PRIMARY KEY,
+    token bigint NOT NULL,
+    owner text,
+    expires timestamptz NOT NULL
+);
+-- The audit log: one row per record, ``line`` exactly as certd.ops.audit writes a line of
+-- audit.jsonl, chained the same way; certd_audit_head (one row) serialises appenders.
+CREATE TABLE certd_audit (
+    seq bigint PRIMARY KEY,
+    line text NOT NULL
+);
+CREATE TABLE certd_audit_head (
+    id int PRIMARY KEY CHECK (id = 1),
+    seq bigint NOT NULL,
+    prev text NOT NULL               -- line_hash of the last line; 64 zeros before the first
+);
+INSERT INTO certd_audit_head VALUES (1, 0, repeat('0', 64));
+"""
+
+
+def ensure_schema(conn: Any) -> None:
+    """Create the schema if this database has none; refuse one newer than this certd's.
+    ``conn``: a psycopg connection outside a transaction; commits."""
+    with conn.transaction():
+        row = conn.execute("SELECT to_regclass('certd_schema') IS NOT NULL").fetchone()
+        if row[0]:
+            found = conn.execute("SELECT version FROM certd_schema WHERE id = 1").fetchone()
+            if found is not None and found[0] == VERSION:
+                return
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
+        conn.execute("CREATE TABLE IF NOT EXISTS certd_schema (id int PRIMARY KEY CHECK (id = 1), "
+                     "version int NOT NULL)")
+        found = conn.execute("SELECT version FROM certd_schema WHERE id = 1").fetchone()
+        if found is None:
+            conn.execute(DDL)
+            conn.execute("INSERT INTO certd_schema VALUES (1, %s)", (VERSION,))
+        elif found[0] > VERSION:
+            raise StoreError(f"the database's certd schema is version {found[0]}, newer than this certd's "
+                             f"({VERSION}): upgrade certd on this node")
+        elif found[0] < VERSION:  # pragma: no cover - the first version has nothing to upgrade from
+            raise StoreError(f"the database's certd schema is version {found[0]}: no upgrade to {VERSION} known")
+
+
+def conninfo(dsn: str, node: str) -> str:
+    """``dsn`` with :data:`CONNECT_DEFAULTS` and an application name naming the node, where it
+    does not set them itself."""
+    given = conninfo_to_dict(dsn)
+    extra: dict[str, Any] = {k: v for k, v in CONNECT_DEFAULTS.items() if k not in given}
+    if "application_name" not in given:
+        extra["application_name"] = f"certd {node}"[:63]
+    return make_conninfo(dsn, **extra)
+
+
+def configure(conn: psycopg.Connection[Any]) -> None:
+    """Every pooled connection reads timestamps in UTC."""
+    conn.execute("SET TIME ZONE 'UTC'")
+    conn.commit()
