@@ -65,7 +65,13 @@ def renewal_confs(certbot_dir: Path) -> list[RenewalConf]:
     if not renewal.is_dir():
         raise UsageError(f"{certbot_dir}: no renewal/ directory; is this certbot's config dir "
                          "(default /etc/letsencrypt, or its --config-dir)?")
-    return [read_conf(p) for p in sorted(renewal.glob("*.conf"))]
+    try:
+        paths = sorted(p for p in renewal.iterdir() if p.name.endswith(".conf"))
+    except OSError as e:
+        raise UsageError(f"{renewal}: cannot list it ({e.strerror}); run as the user certbot ran as") from None
+    if not paths:
+        raise UsageError(f"{renewal}: no *.conf: certbot has no lineages here")
+    return [read_conf(p) for p in paths]
 
 
 def webroot_paths(conf: RenewalConf) -> list[str]:

@@ -160,6 +160,9 @@ def test_a_directory_without_renewal_configs_is_one_clear_error(tmp_path: Path) 
     """Pointing at something that is not certbot's config dir says what was expected."""
     with pytest.raises(UsageError, match="no renewal/ directory"):
         ci.plan(tmp_path)
+    (tmp_path / "renewal").mkdir()
+    with pytest.raises(UsageError, match="no \\*.conf"):
+        ci.plan(tmp_path)
 
 
 @pytest.mark.parametrize("raw,name", [("b site", "b-site"), ("..x", "x"), ("ü.example", "example"), ("", "certbot")])
