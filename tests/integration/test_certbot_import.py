@@ -30,7 +30,11 @@ def certbot() -> Path:
     """certbot from PyPI in its own venv, installed once and kept (like bench/bench.py)."""
     exe = VENV / "bin" / "certbot"
     if exe.exists():
-        return exe
+        try:  # a venv moved or built elsewhere names an interpreter that is gone: build it again
+            subprocess.run([str(exe), "--version"], check=True, capture_output=True, timeout=60)
+            return exe
+        except (OSError, subprocess.CalledProcessError, subprocess.TimeoutExpired):
+            shutil.rmtree(VENV, ignore_errors=True)
     try:  # a venv's scripts name their interpreter by absolute path: built where it stays
         subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True, capture_output=True)
         subprocess.run([str(VENV / "bin" / "pip"), "install", "-q", f"certbot=={CERTBOT_VERSION}"], check=True,
