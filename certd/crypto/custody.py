@@ -82,19 +82,9 @@ class FileKek:
 
     @classmethod
     def load(cls, path: Path) -> FileKek:
-        try:
-            st = os.stat(path)
-            with open(path, "rb") as f:
-                secret = f.read(KEK_BYTES + 1)
-        except FileNotFoundError:
-            raise CustodyError(f"KEK file {path} does not exist; create it with `certd kek init` (or restore it "
-                               f"from where you keep it)") from None
-        except OSError as e:
-            raise CustodyError(f"KEK file {path}: cannot read it ({e.strerror}); it must be readable by certd's "
-                               f"user only") from None
-        if st.st_mode & 0o077:
-            raise CustodyError(f"KEK file {path} is accessible to other users (mode {st.st_mode & 0o777:04o}); it "
-                               f"unlocks every stored key: chmod 600 {path}")
+        secret = read_secret_file(path, "KEK file", "every stored key",
+                                  "create it with `certd kek init` (or restore it from where you keep it)",
+                                  limit=KEK_BYTES + 1)
         return cls(secret, str(path))
 
     def wrap(self, dek: bytes, aad: bytes) -> bytes:
@@ -107,6 +97,24 @@ class FileKek:
         except (InvalidTag, ValueError):
             raise CustodyError(f"the data key does not unwrap under KEK {self._id} ({self.source}): the KEK file "
                                f"was replaced or the sealed key was altered") from None
+
+
+def read_secret_file(path: Path, what: str, unlocks: str, if_missing: str, limit: int = 4096) -> bytes:
+    """The bytes of a secret file (a KEK, a PIN), refused with one actionable line when it is
+    missing, unreadable, or accessible to other users (it unlocks ``unlocks``)."""
+    try:
+        st = os.stat(path)
+        with open(path, "rb") as f:
+            data = f.read(limit)
+    except FileNotFoundError:
+        raise CustodyError(f"{what} {path} does not exist; {if_missing}") from None
+    except OSError as e:
+        raise CustodyError(f"{what} {path}: cannot read it ({e.strerror}); it must be readable by certd's "
+                           f"user only") from None
+    if st.st_mode & 0o077:
+        raise CustodyError(f"{what} {path} is accessible to other users (mode {st.st_mode & 0o777:04o}); it "
+                           f"unlocks {unlocks}: chmod 600 {path}")
+    return data
 
 
 def new_kek_secret() -> bytes:

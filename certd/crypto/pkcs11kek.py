@@ -35,7 +35,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from certd.crypto.custody import CustodyError
+from certd.crypto.custody import CustodyError, read_secret_file
 from certd.crypto.pkcs11uri import Pkcs11Uri
 
 NEEDS_EXTRA = "kek = \"pkcs11:...\" needs python-pkcs11: pip install 'certd[hsm]'"
@@ -69,18 +69,8 @@ def _import_pkcs11() -> Any:
 def read_pin(pin_file: Path) -> str:
     """The user PIN from ``pin_file`` (one line; a trailing newline is not part of it). Like a
     KEK file, it must not be readable by other users: it unlocks the KEK."""
-    try:
-        st = os.stat(pin_file)
-        raw = pin_file.read_bytes()
-    except FileNotFoundError:
-        raise CustodyError(f"pkcs11_pin_file {pin_file} does not exist; write the token's user PIN into it "
-                           f"(mode 600, owned by certd's user)") from None
-    except OSError as e:
-        raise CustodyError(f"pkcs11_pin_file {pin_file}: cannot read it ({e.strerror}); it must be readable by "
-                           f"certd's user only") from None
-    if st.st_mode & 0o077:
-        raise CustodyError(f"pkcs11_pin_file {pin_file} is accessible to other users (mode "
-                           f"{st.st_mode & 0o777:04o}); it unlocks the KEK: chmod 600 {pin_file}")
+    raw = read_secret_file(pin_file, "pkcs11_pin_file", "the KEK",
+                           "write the token's user PIN into it (mode 600, owned by certd's user)")
     pin = raw.decode(errors="replace").rstrip("\r\n")
     if not pin or "\n" in pin:
         raise CustodyError(f"pkcs11_pin_file {pin_file}: expected the PIN on one line, found "
