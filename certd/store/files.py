@@ -48,13 +48,10 @@ from certd.store.fileaccounts import FileAccounts
 from certd.store.filekeys import KeyFiles, order_place
 from certd.store.filelease import FileLeases
 from certd.store.fileversions import VersionFiles
-from certd.store.port import Conflict, Lease, OrderJournal, Store, StoredVersion, VersionInfo
+from certd.store.port import LEGACY_TTL, Conflict, Lease, OrderJournal, Store, StoredVersion, VersionInfo
 
 __all__ = ["FileStore", "open_store", "Store", "StoredVersion", "VersionInfo", "LEGACY_TTL", "node_name"]
 
-#: TTL of the lease :meth:`FileStore.lock` takes. The ``lock`` flock frees it when the holder
-#: dies; the TTL only matters for a holder that stalls, and must outlast any rotation.
-LEGACY_TTL = 24 * 3600.0
 
 
 def open_store(config: Config, *, audit_group: str | None = None, clock: Clock | None = None) -> FileStore:

@@ -23,7 +23,7 @@ from certd.core.errors import LockBusy, StoreError
 from certd.core.events import LifecycleEvent
 from certd.core.model import Bundle
 from certd.store.port import (Conflict, DesiredChange, Fenced, Lease, LeaseLost, OrderJournal, StoredVersion,
-                              VersionInfo)
+                              VersionInfo, bound_lease)
 
 _POLL = 0.02
 
@@ -120,15 +120,8 @@ class MemoryStore:
     def lock(self, name: str, *, timeout: float = 0.0) -> AbstractContextManager[None]:
         return self._locked(name, timeout)
 
-    @contextmanager
-    def _locked(self, name: str, timeout: float) -> Iterator[None]:
-        lease = self.lease(name, f"{self.node}:{threading.get_ident()}", 24 * 3600.0, wait=timeout)
-        self._bound[name] = lease
-        try:
-            yield
-        finally:
-            self._bound.pop(name, None)
-            self.release(lease)
+    def _locked(self, name: str, timeout: float) -> AbstractContextManager[None]:
+        return bound_lease(self, self._bound, name, f"{self.node}:{threading.get_ident()}", timeout)
 
     # -- versions ----------------------------------------------------------------------------
 

@@ -36,10 +36,10 @@ from certd.core.clock import Clock, SystemClock
 from certd.core.errors import LockBusy, StoreError
 from certd.core.model import Bundle, CertInfo
 from certd.crypto.custody import KeyRing
-from certd.store.files import LEGACY_TTL
 from certd.store.pgfeed import PgAudit, PgSubscription
 from certd.store.pgschema import configure, conninfo, ensure_schema
-from certd.store.port import (Conflict, Fenced, Lease, LeaseLost, OrderJournal, StoredVersion, VersionInfo)
+from certd.store.port import (LEGACY_TTL, Conflict, Fenced, Lease, LeaseLost, OrderJournal, StoredVersion, VersionInfo,
+                              bound_lease)
 
 _POLL = 0.05  # seconds between tries of a busy lease
 ACCOUNT_LOCK_TTL = 600.0  # a registration lock outlives a dead holder by at most this
@@ -196,15 +196,8 @@ class PgStore:
     def lock(self, name: str, *, timeout: float = 0.0) -> AbstractContextManager[None]:
         return self._locked(name, timeout)
 
-    @contextmanager
-    def _locked(self, name: str, timeout: float) -> Iterator[None]:
-        lease = self.lease(name, f"{self.node}:{threading.get_ident()}", LEGACY_TTL, wait=timeout)
-        self._bound[name] = lease
-        try:
-            yield
-        finally:
-            self._bound.pop(name, None)
-            self.release(lease)
+    def _locked(self, name: str, timeout: float) -> AbstractContextManager[None]:
+        return bound_lease(self, self._bound, name, f"{self.node}:{threading.get_ident()}", timeout)
 
     # -- versions ----------------------------------------------------------------------------
 

@@ -72,8 +72,8 @@ own, hence :meth:`Subscription.close`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Hashable
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Collection, Hashable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol, runtime_checkable
@@ -249,6 +249,25 @@ def update_state(store: StateStore, name: str, change: Callable[[dict[str, Any]]
     change(state)
     store.write_state(name, state, expected=etag, lease=lease)
     return state
+
+
+#: TTL of the lease the single-host ``lock()`` takes: the holder releases it (or, on files, the
+#: kernel drops its flock when it dies); the TTL only matters for a holder that stalls, and must
+#: outlast any rotation.
+LEGACY_TTL = 24 * 3600.0
+
+
+@contextmanager
+def bound_lease(leases: Leases, bound: dict[str, Lease], name: str, owner: str, timeout: float) -> Iterator[None]:
+    """The single-host ``lock()``: take ``name``'s lease for the block and record it in
+    ``bound`` (the store fences the adapter's writes with it), released at the end."""
+    lease = leases.lease(name, owner, LEGACY_TTL, wait=timeout)
+    bound[name] = lease
+    try:
+        yield
+    finally:
+        bound.pop(name, None)
+        leases.release(lease)
 
 
 class Store(Protocol):
