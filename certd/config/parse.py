@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from certd.config.cluster import ClusterSection
 from certd.config.keyclass import KeyClassSections
 from certd.config.schema import (CHALLENGES, KEY_TYPES, AcmeConfig,
                           AlertsConfig, CertificateConfig, Config, DaemonConfig, KeysConfig, RenewBefore)
@@ -23,7 +24,7 @@ _PROFILE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 
 
-class Parser(TargetSections, KeyClassSections):
+class Parser(TargetSections, KeyClassSections, ClusterSection):
     """Builds a Config from parsed TOML, collecting every problem instead of stopping at the first."""
 
     def config(self, data: dict[str, Any]) -> Config | None:
@@ -37,6 +38,9 @@ class Parser(TargetSections, KeyClassSections):
         keys_t = top.get("keys", dict, None)
         keys = self.keys(Table(self, "keys", keys_t)) if keys_t is not None else None
         classes = self.key_classes(top.get("key_class", list, []))  # before the certificates naming them
+        cluster_t = top.get("cluster", dict, None)
+        cluster = self.cluster(Table(self, "cluster", cluster_t), has_keys=keys_t is not None) \
+            if cluster_t is not None else None
         top.done()
         certs: list[CertificateConfig] = []
         names: dict[str, int] = {}
@@ -52,7 +56,7 @@ class Parser(TargetSections, KeyClassSections):
             certs.append(cert)
         if acme is None:
             return None
-        return Config(self.path, daemon, acme, tuple(certs), alerts, keys, classes)
+        return Config(self.path, daemon, acme, tuple(certs), alerts, keys, classes, cluster)
 
     def keys(self, t: Table) -> KeysConfig | None:
         kek_file = self.path_value(t, "kek_file")
