@@ -15,7 +15,7 @@ import sys
 import traceback
 from typing import Any, Callable, NoReturn, Sequence
 
-from certd import __version__, cli_backup, cli_import, cli_keys, cli_output, config as config_mod
+from certd import __version__, cli_backup, cli_fleet, cli_import, cli_keys, cli_output, config as config_mod
 from certd.ops import log as logmod
 from certd.config import Config
 from certd.core.errors import CertdError, ConfigError, UsageError
@@ -59,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("names", nargs="*", metavar="NAME")
     s.add_argument("--json", action="store_true")
     s.add_argument("--wide", action="store_true", help="every domain (default: the first 3 and a count)")
+    s.add_argument("--fleet", action="store_true", help="[cluster]: per node, the version applied and served")
 
     v = sub.add_parser("verify", help="handshake-check the live endpoints now")
     v.add_argument("names", nargs="*", metavar="NAME")
@@ -92,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_keys.add_parsers(sub, _Parser)
     cli_backup.add_parsers(sub, _Parser)
     cli_import.add_parsers(sub, _Parser)
+    cli_fleet.add_parsers(sub, _Parser)
     return p
 
 
@@ -234,6 +236,8 @@ def cmd_dns_persist_record(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    if args.fleet:
+        return cli_fleet.cmd_status_fleet(args, load_config(args))
     backend = _backend(args)
     if args.json:
         sys.stdout.write(backend.status_json(args.names))
@@ -380,6 +384,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "kek": lambda args: cli_keys.cmd_kek(args, load_config),
     "backup": lambda args: cli_backup.cmd_backup(args, load_config),
     "import": lambda args: cli_import.cmd_import(args, load_config),
+    "nodes": lambda args: cli_fleet.cmd_nodes(args, load_config),
     "dns-persist-record": cmd_dns_persist_record,
 }
 

@@ -78,7 +78,8 @@ class Orders:
             journaled = self._save(cert, order_url, key_pem, replaces, asked)
             crash_at(CRASH_JOURNALED)
 
-        fullchain = self.ports.issuer().issue(cert, key_pem, replaces=replaces, progress=say, on_order=journal)
+        fullchain = self.ports.issuer().issue(cert, key_pem, replaces=replaces, progress=say, on_order=journal,
+                                              before=self._proving(cert.name))
         crash_at(CRASH_FINALIZED)
         return Issued(fullchain, key_pem, replaces, journaled, profile)
 
@@ -113,7 +114,8 @@ class Orders:
         if why is None and self._compromised(cert.name, journal.key_pem):
             why = "its key (reused) was marked compromised since"
         if why is None:
-            fullchain = self.ports.issuer().resume(cert, journal.order_url, journal.key_pem, progress=say)
+            fullchain = self.ports.issuer().resume(cert, journal.order_url, journal.key_pem, progress=say,
+                                                   before=self._proving(cert.name))
             if fullchain is not None:
                 crash_at(CRASH_FINALIZED)
                 replaces = journal.meta.get(resume.META_REPLACES)
@@ -126,6 +128,18 @@ class Orders:
             say(f"not resuming order {journal.order_url}: {why}")
         self._clear(cert.name)
         return None
+
+    def _proving(self, name: str) -> Callable[[str], None]:
+        """The issuer's ``before`` hook: prove the certificate's lease right before newOrder and
+        finalize (S1: a node that lost it to another must not make the CA act; fencing guards
+        only the store's writes)."""
+        def before(step: str) -> None:
+            try:
+                self.ports.store.check_lock(name)
+            except LeaseLost as e:
+                event(log, "order_stopped", logging.ERROR, name=name, step=step, error=str(e))
+                raise
+        return before
 
     def _compromised(self, name: str, key_pem: bytes) -> bool:
         """Whether ``key_pem`` is the key of a stored version marked compromised: with

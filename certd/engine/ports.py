@@ -29,13 +29,15 @@ class IssuerPort(Protocol):
     """The CA, as the use cases use it (:class:`certd.acme.issuer.Issuer` for real)."""
 
     def issue(self, cert: CertificateConfig, key_pem: bytes, *, replaces: str | None = None,
-              progress: Say | None = None, on_order: Callable[..., None] | None = None) -> bytes:
+              progress: Say | None = None, on_order: Callable[..., None] | None = None,
+              before: Callable[[str], None] | None = None) -> bytes:
         """Order, prove control, finalize; the full chain (leaf first) as PEM. OperationFailed.
         ``on_order(url, profile)`` is told the order's URL and the profile asked for (None: the
-        CA's default) after newOrder, before finalize (the order journal)."""
+        CA's default) after newOrder, before finalize (the order journal). ``before(step)`` runs
+        right before newOrder and before finalize; what it raises ends the order there."""
 
     def resume(self, cert: CertificateConfig, order_url: str, key_pem: bytes, *,
-               progress: Say | None = None) -> bytes | None:
+               progress: Say | None = None, before: Callable[[str], None] | None = None) -> bytes | None:
         """Continue the order at ``order_url`` (no new order): the full chain as :meth:`issue`,
         or None when the CA cannot continue it (gone, invalid, expired). OperationFailed."""
 
