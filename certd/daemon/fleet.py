@@ -27,7 +27,7 @@ from typing import Any
 from certd import __version__
 from certd.acme import responders
 from certd.config import CertificateConfig, Config, Listen
-from certd.core.errors import CertdError
+from certd.core.errors import CertdError, LockBusy
 from certd.engine.manager import Manager
 from certd.ops.log import event
 from certd.store.pg import PgStore
@@ -150,6 +150,8 @@ class FleetNode:
         try:
             with self.store.locks.local(cert.name, timeout=0):
                 verified = self._deploy(cert, version, previous)
+        except LockBusy:
+            return  # this node's own rotation of it is running: it applies (or rolls back) itself
         except CertdError as e:
             self._failed.add(cert.name)
             self.store.fleet.report(self.node, cert.name, fingerprint=None, verified_at=None,

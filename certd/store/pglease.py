@@ -79,25 +79,30 @@ class FleetLock:
 
     @contextmanager
     def held(self, name: str, timeout: float) -> Iterator[None]:
-        """The fleet-wide lock of ``name`` for the block (the engine's ``lock()``)."""
+        """The fleet-wide lock of ``name`` for the block (the engine's ``lock()``). The lease is
+        taken first, then this process's mutex: the apply loop (mutex only) never waits for a
+        lease, so the two cannot deadlock, and the mutex is never held while waiting for one."""
         started = self._clock.monotonic()
-        with self.local(name, timeout):
+        lease = self._leases.lease(name, f"{self._node}:{threading.get_ident()}", self.ttl, wait=timeout)
+        stop = threading.Event()
+        try:
             left = max(0.0, timeout - (self._clock.monotonic() - started))
-            lease = self._leases.lease(name, f"{self._node}:{threading.get_ident()}", self.ttl, wait=left)
-            self._bound[name] = lease
-            stop = threading.Event()
-            keeper = threading.Thread(target=self._keep, args=(name, stop), name=f"certd-lease-{name}", daemon=True)
-            keeper.start()
-            try:
-                yield
-            finally:
-                stop.set()
-                keeper.join()
-                lease = self._bound.pop(name, lease)
+            with self.local(name, left):
+                self._bound[name] = lease
+                keeper = threading.Thread(target=self._keep, args=(name, stop), name=f"certd-lease-{name}",
+                                          daemon=True)
+                keeper.start()
                 try:
-                    self._leases.release(lease)
-                except StoreError as e:  # the database is gone: the lease lapses after its TTL
-                    event(log, "lease_release_failed", logging.WARNING, name=name, error=str(e))
+                    yield
+                finally:
+                    stop.set()
+                    keeper.join()
+                    lease = self._bound.pop(name, lease)
+        finally:
+            try:
+                self._leases.release(lease)
+            except StoreError as e:  # the database is gone: the lease lapses after its TTL
+                event(log, "lease_release_failed", logging.WARNING, name=name, error=str(e))
 
     def check(self, name: str) -> None:
         """Prove the held lease of ``name`` (one round trip with its token) and extend it by
