@@ -118,8 +118,14 @@ class FleetNode:
                 return
 
     def reconcile(self) -> None:
-        """One pass: apply every configured certificate's desired version where it differs."""
-        for cert in self._config().certificates:
+        """One pass: finish orders whose node stopped; apply every configured certificate's
+        desired version where it differs."""
+        config = self._config()
+        for name in self.store.fleet.orphaned_orders(config.names):
+            outcome = self.manager.resume_order(config.certificate(name), initiator=f"node={self.node}")
+            event(log, "orphaned_order", name=name, node=self.node, result=outcome.result.value,
+                  message=outcome.message)
+        for cert in config.certificates:
             if self._stop.is_set():
                 return
             desired = self.store.desired(cert.name)

@@ -172,6 +172,15 @@ class Manager:
                            ignore_duplicate_limit=ignore_duplicate_limit)
         return Renew(self.ports, self.planner)(req, progress)
 
+    def resume_order(self, cert: CertificateConfig, *, initiator: str, timeout: float = 0.0) -> Outcome:
+        """Finish the order another process journaled for ``cert`` and then stopped (a fleet
+        node that died mid-order), waiting at most ``timeout`` seconds for the lease; nothing is
+        ordered afresh: ``not_due`` when no order is journaled once the lease is held."""
+        req = RenewRequest(cert, force=True, reason="resuming an order a stopped node journaled", initiator=initiator,
+                           ignore_duplicate_limit=True, resume_only=True)
+        ports = replace(self.ports, lock_timeout=timeout)
+        return Renew(ports, self.planner)(req)
+
     def dry_run(self, certs: list[CertificateConfig], *, server: str | None = None, initiator: str = "operator",
                 progress: Progress | None = None) -> list[Outcome]:
         """See :mod:`certd.engine.dryrun`."""

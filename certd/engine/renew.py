@@ -86,6 +86,8 @@ class Renew:
         state = self.planner.load_state(cert.name)
         old_serial = stored.bundle.info.serial if stored else None
         reason, initiator = req.reason, req.initiator
+        if req.resume_only and store.load_order(cert.name) is None:  # finished (or discarded) meanwhile
+            return Outcome(cert.name, Result.NOT_DUE, "no journaled order to resume", current, old_serial)
         if not req.force:
             decision = self.planner.decide(cert, stored, state, refresh_ari=True, ignore_failures=req.skip_backoff)
             due = decision.is_due(self.ports.clock.now())

@@ -69,6 +69,14 @@ class FleetBook:
         row = self._db._one("UPDATE certd_nodes SET removed = true WHERE node = %s RETURNING node", (node,))
         return row is not None
 
+    def orphaned_orders(self, names: Sequence[str]) -> list[str]:
+        """Those of ``names`` with a journaled order and a free (released or expired) lease: an
+        order whose node stopped mid-way, for another node to finish."""
+        rows = self._db._all(f"SELECT o.name FROM certd_orders o LEFT JOIN certd_leases l ON l.name = o.name "
+                             f"WHERE o.name = ANY(%(names)s) AND (l.owner IS NULL OR l.expires <= {NOW})",
+                             self._args(names=list(names)))
+        return [r[0] for r in rows]
+
     # -- reports -----------------------------------------------------------------------------
 
     def report(self, node: str, name: str, *, fingerprint: str | None, verified_at: datetime | None,

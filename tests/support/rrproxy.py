@@ -18,6 +18,7 @@ class RoundRobinProxy:
     def __init__(self, listen: tuple[str, int], backends: Sequence[tuple[str, int]]) -> None:
         self.backends = list(backends)
         self.counts = [0] * len(self.backends)
+        self.events: list[str] = []  # connection failures, for a failing test's message
         self._next = itertools.cycle(range(len(self.backends)))
         self._lock = threading.Lock()
         self._sock = socket.create_server(listen, reuse_port=False, backlog=128)
@@ -47,7 +48,8 @@ class RoundRobinProxy:
                 i = next(self._next)
             try:
                 upstream = socket.create_connection(self.backends[i], timeout=5)
-            except OSError:
+            except OSError as e:
+                self.events.append(f"{i}: {e}")
                 continue  # that node is down: the load balancer's health check would skip it too
             with self._lock:
                 self.counts[i] += 1
@@ -57,6 +59,7 @@ class RoundRobinProxy:
     def _serve(self, client: socket.socket) -> None:
         upstream = self._connect()
         if upstream is None:
+            self.events.append("no backend")
             client.close()
             return
         upstream.settimeout(None)
@@ -66,8 +69,8 @@ class RoundRobinProxy:
             try:
                 while data := src.recv(65536):
                     dst.sendall(data)
-            except OSError:
-                pass
+            except OSError as e:
+                self.events.append(f"pipe: {e}")
             finally:
                 for s in (src, dst):
                     try:
