@@ -43,9 +43,10 @@ class RoundRobinProxy:
             threading.Thread(target=self._serve, args=(client,), daemon=True).start()
 
     def _connect(self) -> socket.socket | None:
-        for _ in range(len(self.backends)):
-            with self._lock:
-                i = next(self._next)
+        with self._lock:
+            start = next(self._next)
+        for k in range(len(self.backends)):  # each backend once, from this connection's turn
+            i = (start + k) % len(self.backends)
             try:
                 upstream = socket.create_connection(self.backends[i], timeout=5)
             except OSError as e:
