@@ -18,6 +18,7 @@ import pwd
 import threading
 from dataclasses import replace
 from datetime import datetime
+from pathlib import Path
 from typing import Any, Iterable
 
 from certd.acme.issuer import connect
@@ -69,7 +70,8 @@ class Manager:
         self._fixed = issuer
         self._issuers: dict[str, IssuerPort] = dict(issuers or {})
         self._issuer_lock = threading.Lock()
-        self.ports = Ports(config, store, store, self._get_issuer, events, clock, LocalEdges(store, clock, events),
+        edges = LocalEdges(store, clock, events, trust=self._trust_anchors)
+        self.ports = Ports(config, store, store, self._get_issuer, events, clock, edges,
                            lock_timeout=lock_timeout, ca_issuer=self._issuer_for)
         self.planner = Planner(store, clock, self._get_issuer, issuer_at=self.ports.issuer_at)
         self.planner.on_broken = lambda name, why: self.emit("cert_broken", name, outcome="broken", reason=why)
@@ -130,6 +132,11 @@ class Manager:
                     ca, self.ports.store, self.ports.clock,
                     on_request=lambda seconds: events.measure("acme_request", seconds))
             return issuer
+
+    def _trust_anchors(self, name: str) -> Path | None:
+        """The ``trust_anchors`` of the CA ``name`` (verify checks that CA's chains against them)."""
+        ca = self.ports.config.ca_config(name)
+        return ca.trust_anchors if ca is not None else None
 
     def close(self) -> None:
         for issuer in [self._fixed, *self._issuers.values()]:
