@@ -12,6 +12,7 @@ block trying the next, and the first CA is asked again at the next renewal once 
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Callable
@@ -27,6 +28,7 @@ from certd.ops.log import event
 from certd.store.files import StoredVersion
 
 log = logging.getLogger("certd")
+_NEXT_STEP = re.compile(r";\s*(will retry|not retrying)\b.*$")  # the error's own next step: the next CA is it
 
 
 @dataclass
@@ -104,7 +106,7 @@ class Failover:
                                       "count": count}
                 if last or step.action == failover.STOP:
                     raise
-                tried.skip(cert.name, ca.name, f"{step.reason}: {e}", say)
+                tried.skip(cert.name, ca.name, f"{step.reason}: {_NEXT_STEP.sub('', str(e))}", say)
                 return None
 
 
