@@ -223,3 +223,26 @@ def test_one_ca_alone_keeps_todays_behaviour(tmp_path: Path, test_ca: CA) -> Non
     w.cas["primary"].failure = CANotReachable("refused")
     assert w.renew().result == Result.FAILED
     assert len(w.cas["primary"].orders) == 1 and not w.planner.load_state("www").ca_waits
+
+
+class CountingCA(FakeCA):
+    """A FakeCA that counts the ARI requests it is asked."""
+
+    ari_asked = 0
+
+    def renewal_info(self, cert_pem: bytes) -> None:
+        self.ari_asked += 1
+        return None
+
+
+def test_ari_is_asked_of_the_ca_that_issued_the_current_certificate(tmp_path: Path, test_ca: CA) -> None:
+    """After backup issued the current certificate, the scheduler's ARI request goes to backup, not primary."""
+    w = World(tmp_path, test_ca)
+    w.cas.update({name: CountingCA(test_ca, w.clock) for name in w.cas})
+    w.cas["primary"].failure = AcmeError("no", problem_type=P + "caa")
+    assert w.renew().result == Result.RENEWED and w.row()["ca"] == "backup"
+    out = Renew(w.ports, w.planner)(RenewRequest(CERT))
+    assert out.result == Result.NOT_DUE
+    primary, backup = w.cas["primary"], w.cas["backup"]
+    assert isinstance(primary, CountingCA) and isinstance(backup, CountingCA)
+    assert backup.ari_asked == 1 and primary.ari_asked == 0
