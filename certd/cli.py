@@ -219,9 +219,11 @@ def cmd_dns_persist_record(args: argparse.Namespace) -> int:
     mgr = build_manager(load_config(args), maintenance=False)
     try:
         cert = mgr.select([args.name])[0]
-        issuer = mgr.ports.issuer()
-        assert isinstance(issuer, Issuer)
-        lines = issuer.persist_records(cert)
+        lines = []
+        for ca in mgr.config.cas_for(cert):  # several CAs: each names its own issuer and account
+            issuer = mgr.ports.issuer_at(ca.name)
+            assert isinstance(issuer, Issuer)
+            lines += issuer.persist_records(cert)
     finally:
         mgr.close()
     if cert.challenge != "dns-persist-01":
