@@ -21,6 +21,7 @@ from certd.engine.outcome import RenewRequest, Result
 from certd.engine.planning import Planner
 from certd.engine.ports import Ports
 from certd.engine.renew import Renew
+from certd.engine.revoke import Revoke
 from certd.store.files import FileStore
 from tests.support.certs import CA, make_ca
 from tests.unit.test_usecases import FakeCA, FakeEdges
@@ -246,3 +247,13 @@ def test_ari_is_asked_of_the_ca_that_issued_the_current_certificate(tmp_path: Pa
     primary, backup = w.cas["primary"], w.cas["backup"]
     assert isinstance(primary, CountingCA) and isinstance(backup, CountingCA)
     assert backup.ari_asked == 1 and primary.ari_asked == 0
+
+
+def test_a_version_is_revoked_at_the_ca_that_issued_it(tmp_path: Path, test_ca: CA) -> None:
+    """backup issued the current version: `revoke` asks backup, never primary."""
+    w = World(tmp_path, test_ca)
+    w.cas["primary"].failure = CANotReachable("refused")
+    assert w.renew().result == Result.RENEWED
+    w.cas["primary"].failure = None
+    Revoke(w.ports, w.planner)(CERT, "superseded")
+    assert w.cas["backup"].revoked == [4] and w.cas["primary"].revoked == []
