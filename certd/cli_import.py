@@ -50,8 +50,8 @@ def cmd_import(args: argparse.Namespace, load_config: Callable[[argparse.Namespa
 
 def _write(cfg: Config, lineages: list[Any], certbot_dir: Path) -> int:
     from certd.engine import certbot_apply
-    from certd.store.files import open_store
-    store = open_store(cfg, audit_group=cfg.daemon.control_group)
+    from certd.store.files import open_file_store
+    store = open_file_store(cfg, audit_group=cfg.daemon.control_group)
     lineages = certbot_apply.refuse_taken(cfg, store, lineages, _note)
     if not lineages:
         _note("nothing to import")

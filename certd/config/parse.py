@@ -12,6 +12,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from certd.config.cas import CASections
+from certd.config.cluster import ClusterSection
 from certd.config.keyclass import KeyClassSections
 from certd.config.schema import (CHALLENGES, KEY_TYPES, AcmeConfig,
                           AlertsConfig, CertificateConfig, Config, DaemonConfig, KeysConfig, RenewBefore)
@@ -24,7 +25,7 @@ _PROFILE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 
 
-class Parser(TargetSections, KeyClassSections, CASections):
+class Parser(TargetSections, KeyClassSections, ClusterSection, CASections):
     """Builds a Config from parsed TOML, collecting every problem instead of stopping at the first."""
 
     def config(self, data: dict[str, Any]) -> Config | None:
@@ -38,6 +39,9 @@ class Parser(TargetSections, KeyClassSections, CASections):
         keys_t = top.get("keys", dict, None)
         keys = self.keys(Table(self, "keys", keys_t)) if keys_t is not None else None
         classes = self.key_classes(top.get("key_class", list, []))  # before the certificates naming them
+        cluster_t = top.get("cluster", dict, None)
+        cluster = self.cluster(Table(self, "cluster", cluster_t), has_keys=keys_t is not None) \
+            if cluster_t is not None else None
         top.done()
         certs: list[CertificateConfig] = []
         names: dict[str, int] = {}
@@ -53,7 +57,7 @@ class Parser(TargetSections, KeyClassSections, CASections):
             certs.append(cert)
         if not cas:
             return None
-        return Config(self.path, daemon, cas[0], tuple(certs), alerts, keys, classes, cas=cas)
+        return Config(self.path, daemon, cas[0], tuple(certs), alerts, keys, classes, cluster, cas=cas)
 
     def keys(self, t: Table) -> KeysConfig | None:
         kek_file = self.path_value(t, "kek_file")

@@ -207,6 +207,22 @@ class KeysConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    """``[cluster]``: this node is one of a fleet sharing a PostgreSQL database (certd/store/pg.py).
+
+    ``database`` is a libpq URI or key=value string without a password; the password comes from
+    ``password_file`` (read when connecting) or libpq's own passfile. ``node`` names this node
+    in the database (default: the host name)."""
+
+    database: str
+    node: str
+    password_file: Path | None = None
+    sslmode: str | None = None
+    sslrootcert: Path | None = None
+    reconcile_interval: float = 30.0
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     daemon: DaemonConfig
@@ -215,6 +231,7 @@ class Config:
     alerts: AlertsConfig | None = None
     keys: KeysConfig | None = None   # None: keys stored unencrypted (as before [keys] existed)
     key_classes: tuple[KeyClassConfig, ...] = ()
+    cluster: ClusterConfig | None = None  # None: a single host, its state in daemon.state_dir
     cas: tuple[AcmeConfig, ...] = ()   # every CA in file order; () = just ``acme``
 
     def __post_init__(self) -> None:

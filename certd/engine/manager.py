@@ -41,7 +41,8 @@ from certd.engine.rollback import Rollback
 from certd.engine.attempts import CertState
 from certd.engine.statebook import Change
 from certd.engine.status import Status
-from certd.store.files import Store, open_store
+from certd.store.files import Store
+from certd.store.opening import open_store
 
 __all__ = ["Manager", "Outcome", "RenewRequest", "Result", "whoami"]
 
