@@ -6,6 +6,7 @@ the tests.support.hostile_ca proxy, which counts the orders each CA accepted and
   goes to the first again;
 - the first CA refusing the name for good (Pebble's ``domainBlocklist``: ``rejectedIdentifier``):
   issued by the second;
+- a required profile only the second CA offers: the first is skipped, the reason logged;
 - the first CA rate-limiting beyond the certificate's emergency point: the second; within it:
   certd waits (no order at the second) and then renews at the first once it answers.
 
@@ -27,6 +28,7 @@ from tests.support.procs import free_port, free_tcp_udp_port
 
 REFUSED = "refused.example.test"
 VALIDITY = 3600   # one-hour certificates: the emergency point is 6 minutes before expiry
+PROFILE = "backuponly"
 
 
 class TwoCAs:
@@ -48,7 +50,9 @@ def cas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwoCAs]:
         started.append(first.start())
         ports = PebblePorts(acme=free_port(), mgmt=free_port(), http=first.ports.http, tls=first.ports.tls,
                             dns=free_tcp_udp_port(), challtestsrv=free_port())
-        second = PebbleEnv(tmp_path_factory.mktemp("pebble-backup"), validity=VALIDITY, ports=ports)
+        profiles = {"default": {"description": "certd tests", "validityPeriod": VALIDITY},
+                    PROFILE: {"description": "only the backup offers it", "validityPeriod": VALIDITY}}
+        second = PebbleEnv(tmp_path_factory.mktemp("pebble-backup"), ports=ports, config={"profiles": profiles})
         started.append(second.start())
         work = tmp_path_factory.mktemp("proxies")
         proxies = (HostileCA(first, work / "a").start(), HostileCA(second, work / "b").start())
@@ -59,7 +63,7 @@ def cas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwoCAs]:
             thing.stop()
 
 
-def env_for(tmp_path: Path, cas: TwoCAs, domains: list[str]) -> CertdEnv:
+def env_for(tmp_path: Path, cas: TwoCAs, domains: list[str], **cert: Any) -> CertdEnv:
     env = CertdEnv(tmp_path, cas.first)
     env.arrays["ca"] = [
         {"name": "primary", "directory": cas.primary.directory_url, "email": "ops@example.test", "agree_tos": True,
@@ -67,7 +71,7 @@ def env_for(tmp_path: Path, cas: TwoCAs, domains: list[str]) -> CertdEnv:
         {"name": "backup", "directory": cas.backup.directory_url, "email": "ops@example.test", "agree_tos": True,
          "ca_bundle": str(cas.second.ca_bundle)},
     ]
-    env.write_config([env.http_cert("www", domains, ca=["primary", "backup"])])
+    env.write_config([env.http_cert("www", domains, ca=["primary", "backup"], **cert)])
     return env
 
 
@@ -111,6 +115,17 @@ def test_a_first_ca_refusing_the_name_for_good_falls_to_the_second(tmp_path: Pat
     assert sum(REFUSED.encode() in p for _, p in cas.primary.new_orders) >= 1
     (detail,) = renewed_details(env)
     assert "rejectedIdentifier" in detail["ca_skipped"][0]["reason"]
+
+
+def test_a_required_profile_the_first_ca_does_not_offer_skips_it(tmp_path: Path, cas: TwoCAs) -> None:
+    """profile offered only by backup: primary is skipped without an order, the reason names the profile."""
+    env = env_for(tmp_path, cas, ["profiled.example.test"], profile=PROFILE)
+    before = cas.orders()
+    r = env.run("renew", "--all", check=0)
+    row = env.status()["www"]
+    assert row["ca"] == "backup" and row["profile"] == PROFILE, (row, r.stdout)
+    assert cas.orders() == (before[0], before[1] + 1)
+    assert "ca_skipped name=www ca=primary" in r.stderr and f"no profile '{PROFILE}'" in r.stderr
 
 
 def test_a_rate_limit_beyond_the_emergency_point_falls_over_one_within_it_waits(
