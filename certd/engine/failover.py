@@ -65,18 +65,23 @@ class Failover:
             if stored is not None else None
         issuing = _issuing_ca(stored, self.ports.config.acme.name)
         waits = dict(state.ca_waits or {})
+        order: list[AcmeConfig] = []   # the CAs asked this time: those not waiting (one CA: always)
+        for ca in cas:
+            why = None if ignore_waits or len(cas) == 1 else failover.waiting(waits, ca.name, now)
+            if why is None:
+                order.append(ca)
+            else:
+                tried.skip(cert.name, ca.name, why, say)
         try:
-            for i, ca in enumerate(cas):
-                why = None if ignore_waits or len(cas) == 1 else failover.waiting(waits, ca.name, now)
-                if why is not None:
-                    tried.skip(cert.name, ca.name, why, say)
-                    continue
-                issued_here = self._at(cert, ca, new_key, replaces if ca.name == issuing else None, say,
-                                       emergency, waits if len(cas) > 1 else {}, last=i == len(cas) - 1, tried=tried)
-                if issued_here is not None:
+            if not order:
+                raise _all_waiting(cert, waits, now)
+            for i, ca in enumerate(order):
+                got = self._at(cert, ca, new_key, replaces if ca.name == issuing else None, say, emergency,
+                               waits if len(cas) > 1 else {}, last=i == len(order) - 1, tried=tried)
+                if got is not None:
                     waits.pop(ca.name, None)  # it answered: its next refusal starts a fresh schedule
-                    return issued_here, tried
-            raise _all_waiting(cert, waits, now)
+                    return got, tried
+            raise AssertionError("the last CA asked either issues or raises")
         finally:
             state.ca_waits = waits or None
 

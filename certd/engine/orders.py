@@ -60,11 +60,6 @@ class Orders:
     def __init__(self, ports: Ports) -> None:
         self.ports = ports
 
-    def resumed(self, cert: CertificateConfig, say: Say) -> Issued | None:
-        """The certificate of the journaled order, if there is one and its CA (one of ``cert``'s)
-        can continue it; else None (a journal that cannot be resumed is discarded). OperationFailed."""
-        return self._resumed(cert, say)
-
     def order(self, cert: CertificateConfig, ca: AcmeConfig, new_key: Callable[[], bytes], replaces: str | None,
               say: Say) -> Issued:
         """A new order at ``ca`` for ``new_key()`` (journaled before finalize). OperationFailed."""
@@ -96,7 +91,9 @@ class Orders:
         if not resume.order_may_live(error):
             self._clear(name)
 
-    def _resumed(self, cert: CertificateConfig, say: Say) -> Issued | None:
+    def resumed(self, cert: CertificateConfig, say: Say) -> Issued | None:
+        """The certificate of the journaled order, if there is one and its CA (one of ``cert``'s)
+        can continue it; else None (a journal that cannot be resumed is discarded). OperationFailed."""
         store = self.ports.store
         try:
             journal = store.load_order(cert.name)

@@ -257,3 +257,17 @@ def test_a_version_is_revoked_at_the_ca_that_issued_it(tmp_path: Path, test_ca: 
     w.cas["primary"].failure = None
     Revoke(w.ports, w.planner)(CERT, "superseded")
     assert w.cas["backup"].revoked == [4] and w.cas["primary"].revoked == []
+
+
+def test_a_waiting_second_ca_does_not_hide_why_the_first_failed(tmp_path: Path, test_ca: CA) -> None:
+    """backup waits out a hold, primary is unreachable: the failure recorded is primary's (transient, retried soon), not a wait."""
+    w = World(tmp_path, test_ca)
+    state = w.planner.load_state("www")
+    state.ca_waits = {"backup": {"until": isoformat(NOW + timedelta(hours=2)), "kind": "held", "problem": "caa"}}
+    w.planner.save_state("www", state)
+    w.cas["primary"].failure = CANotReachable("ACME server https://p.test/dir is not reachable (refused)")
+    out = Renew(w.ports, w.planner)(RenewRequest(CERT, skip_backoff=True))
+    assert out.result == Result.FAILED and "not reachable" in out.message, out.message
+    assert len(w.cas["primary"].orders) == 1 and not w.cas["backup"].orders   # the last CA asked: no retry
+    after = w.planner.load_state("www")
+    assert after.failure_kind == "transient" and after.ca_waits and "backup" in after.ca_waits
