@@ -77,7 +77,7 @@ class Failover:
                 raise _all_waiting(cert, waits, now)
             for i, ca in enumerate(order):
                 got = self._at(cert, ca, new_key, replaces if ca.name == issuing else None, say, emergency,
-                               waits if len(cas) > 1 else {}, last=i == len(order) - 1, tried=tried)
+                               waits, several=len(cas) > 1, last=i == len(order) - 1, tried=tried)
                 if got is not None:
                     waits.pop(ca.name, None)  # it answered: its next refusal starts a fresh schedule
                     return got, tried
@@ -86,11 +86,12 @@ class Failover:
             state.ca_waits = waits or None
 
     def _at(self, cert: CertificateConfig, ca: AcmeConfig, new_key: Callable[[], bytes], replaces: str | None,
-            say: Say, emergency: datetime | None, waits: dict[str, dict[str, Any]], *, last: bool,
+            say: Say, emergency: datetime | None, waits: dict[str, dict[str, Any]], *, several: bool, last: bool,
             tried: Tried) -> Issued | None:
         """The certificate from ``ca``, or None to go on with the next CA; raises when the
-        attempt stops here (``last``, or a failure no other CA would help with). A wait is
-        noted in ``waits`` (one CA alone: the certificate's own hold says it, as ever)."""
+        attempt stops here (``last``, or a failure no other CA would help with). With
+        ``several`` CAs a wait is noted in ``waits`` and the error names the CA (one CA alone:
+        the certificate's own hold says it, and messages are as they always were)."""
         tries = 0
         while True:
             tries += 1
@@ -105,11 +106,13 @@ class Failover:
                     say(f"CA {ca.name} {step.reason}; asking it again")
                     self.ports.clock.sleep(failover.TRANSIENT_PAUSE)
                     continue
-                if step.wait_until is not None:
+                if step.wait_until is not None and several:
                     waits[ca.name] = {"until": isoformat(step.wait_until), "kind": step.kind or "",
                                       "problem": retry.short(getattr(e, "problem_type", None)) or "",
                                       "count": count}
                 if last or step.action == failover.STOP:
+                    if several and e.args and isinstance(e.args[0], str):
+                        e.args = (f"CA {ca.name}: {e.args[0]}", *e.args[1:])  # several CAs: say whose answer
                     raise
                 tried.skip(cert.name, ca.name, f"{step.reason}: {_NEXT_STEP.sub('', str(e))}", say)
                 return None

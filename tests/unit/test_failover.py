@@ -201,7 +201,7 @@ def test_a_rate_limit_within_the_emergency_point_waits_for_the_first_ca(tmp_path
     assert w.renew().result == Result.RENEWED
     w.cas["primary"].failure = limited(3600)
     out = w.renew()
-    assert out.result == Result.FAILED and "rate limited" in out.message
+    assert out.result == Result.FAILED and out.message.startswith("CA primary: rate limited"), out.message
     assert len(w.cas["backup"].orders) == 0 and w.row()["state"] == "rate_limited"
 
 
