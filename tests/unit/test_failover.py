@@ -10,13 +10,14 @@ from typing import Any
 
 import pytest
 
-from certd.config import AcmeConfig, CertificateConfig, Config, DaemonConfig
+from certd.config import AcmeConfig, CertificateConfig, Config, DaemonConfig, VerifyEndpoint
 from certd.config.loading import load as load_config
 from certd.core import failover
 from certd.core.clock import FakeClock, isoformat
 from certd.core.policy import RenewBefore
 from certd.core.errors import AcmeError, CANotReachable, ChallengeFailed, ConfigError, HookFailed
 from certd.core.events import EventBus, LifecycleEvent
+from certd.engine.effects import anchored
 from certd.engine.outcome import RenewRequest, Result
 from certd.engine.planning import Planner
 from certd.engine.ports import Ports
@@ -128,6 +129,17 @@ def test_bad_ca_configuration_is_one_actionable_line(text: str, words: str, tmp_
     """[acme] beside [[ca]], unknown or repeated CA names, an empty list, a nameless table: one line naming the fix."""
     found = problems(text, tmp_path)
     assert len(found) == 1 and words in found[0], found
+
+
+def test_verify_trusts_the_issuing_cas_trust_anchors(tmp_path: Path) -> None:
+    """A chain from a CA with trust_anchors is checked against them; other CAs' chains against the endpoint's own ca_bundle."""
+    own, backup_roots = tmp_path / "own.pem", tmp_path / "backup-roots.pem"
+    cert = replace(CertificateConfig("www", ("www.example.test",)),
+                   verify=(VerifyEndpoint("127.0.0.1", 443, "www.example.test", own),))
+    trust = {"backup": backup_roots}.get
+    assert [e.ca_bundle for e in anchored(cert, {"ca": "backup"}, trust)] == [backup_roots]
+    assert [e.ca_bundle for e in anchored(cert, {"ca": "primary"}, trust)] == [own]
+    assert [e.ca_bundle for e in anchored(cert, {}, trust)] == [own]
 
 
 # -- the renewal across two fake CAs -----------------------------------------------------------------
