@@ -94,7 +94,9 @@ def _missing(what: str) -> None:
     pytest.skip(f"{what}: run scripts/setup.sh")
 
 
-def start_cluster() -> PgCluster:
+def start_cluster(*, durable: bool = False) -> PgCluster:
+    """Start a private cluster; ``durable`` keeps PostgreSQL's fsync and synchronous commit (a
+    benchmark's figures; tests run without them)."""
     if not (PGBIN / "initdb").exists():
         _missing(f"PostgreSQL 15 is not installed ({PGBIN}/initdb)")
     try:
@@ -112,8 +114,8 @@ def start_cluster() -> PgCluster:
     last = ""
     for _ in range(5):  # the free port may be taken before the postmaster binds it
         port = free_port()
-        opts = (f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off "
-                f"-c full_page_writes=off -c max_connections=200")
+        fast = "" if durable else "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
+        opts = f"-p {port} -k {base} -c listen_addresses=127.0.0.1 {fast}-c max_connections=200"
         r = subprocess.run(_as_owner([str(PGBIN / "pg_ctl"), "-D", str(base / "data"), "-l", str(base / "log"),
                                       "-w", "-t", "60", "-o", opts, "start"]), capture_output=True, text=True,
                            timeout=90)
