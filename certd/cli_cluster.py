@@ -141,12 +141,8 @@ def _seams(cfg: Config, records: list[dict[str, Any]]) -> list[str]:
 
 def history_document(cfg: Config, name: str | None) -> dict[str, Any]:
     """``certd history`` from the fleet's chain: ``{"records": [...], "chain_intact": bool}``."""
-    from certd.ops.audit import iter_matching
+    from certd.ops.audit import history_of
     from certd.store.opening import open_cluster
     with open_cluster(cfg) as store:
         pg = store.audit
-        records = pg.records
-        intact = pg.verify().ok
-    if name is not None and name not in cfg.names and not any(r.get("name") == name for r in records):
-        raise UsageError(f"unknown certificate {name}; configured: {cfg.names_summary()}")
-    return {"records": list(iter_matching(records, name)), "chain_intact": intact}
+        return history_of(pg.records, pg.verify().ok, name, set(cfg.names), cfg.names_summary())

@@ -158,6 +158,10 @@ class ControlAPI:
         if len(names) != 1:
             raise UsageError("history takes at most one certificate name")
         config = self._config()
+        chain = self.manager.store.audit
+        if config.cluster is not None and hasattr(chain, "verify") and hasattr(chain, "records"):  # the fleet's
+            return audit.history_of(chain.records, chain.verify().ok, names[0], set(config.names),
+                                    config.names_summary())
         return audit.history(config.daemon.state_dir, names[0], set(config.names), config.names_summary())
 
     def keys(self, caller: Caller, query: dict[str, Any]) -> dict[str, Any]:

@@ -5,6 +5,7 @@ when the database is back."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,8 @@ def outage(env: CertdEnv, pg: PgCluster, port: int, before: dict[str, Any], live
     wait_until(lambda: store_up(port) == 1.0, timeout=30,
                what="certd_store_up 1")
     deployed = tree(live)
+    events = {r["event"] for r in json.loads(env.run("history", "--json", check=0).stdout)["records"]}
+    assert "imported" in events  # the daemon reads the fleet's chain, where the import wrote
 
     pg.stop()
     wait_until(lambda: store_up(port) == 0.0, timeout=90,
