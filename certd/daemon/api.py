@@ -84,6 +84,8 @@ class ControlAPI:
 
     def renew(self, caller: Caller, body: dict[str, Any]) -> Iterator[dict[str, Any]] | dict[str, Any]:
         certs = list(self._config().certificates) if body.get("all") else self._select(body.get("names"))
+        if self.store_health is not None:
+            self.store_health.refuse_order()  # no order without the fleet's database (docs/FLEET.md)
         force = bool(body.get("force"))
         default = "forced by operator" if force else "requested by operator"
         reason = check_reason(body.get("reason") or "", "reason") or default

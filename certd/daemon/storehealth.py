@@ -35,6 +35,7 @@ from typing import Any
 from certd.config import CertificateConfig, Config
 from certd.core import policy
 from certd.core.clock import Clock, isoformat
+from certd.core.errors import OperationFailed
 from certd.core.model import CertInfo
 from certd.deploy import stage
 from certd.ops.log import event
@@ -140,6 +141,14 @@ class StoreHealth:
                            f"renewed: a node cut off from the database never orders alone; restore the database "
                            f"(docs/FLEET.md)")
         return out
+
+    def refuse_order(self) -> None:
+        """:class:`~certd.core.errors.OperationFailed` (exit 1) while the database is down: an
+        operator's renewal is refused at once, instead of failing after the store's pool timeout."""
+        if not self.up:
+            raise OperationFailed(f"the fleet database is unreachable from node {self.node} since "
+                                  f"{isoformat(self.since)} ({self.error}); no order is placed without it "
+                                  f"(one certificate per renewal); see docs/FLEET.md")
 
     def rows(self, certs: list[CertificateConfig]) -> list[dict[str, Any]]:
         """One status row per certificate from the deployed files alone (no store read)."""

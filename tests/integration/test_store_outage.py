@@ -80,6 +80,10 @@ def outage(env: CertdEnv, pg: PgCluster, port: int, before: dict[str, Any], live
                    "certd_certificate_expiration_timestamp_seconds", name="www")
     assert expiry is not None  # the last value, kept while the database is down
     assert tree(live) == deployed and daemon.alive
+    forced = env.run("renew", "--force", "www", "--wait", timeout=60)  # no order without the database
+    assert forced.returncode == 1 and forced.stderr.count("\n") == 1, forced
+    assert "the fleet database is unreachable from node web1" in forced.stderr
+    assert tree(live) == deployed and daemon.alive
 
     pg.start()
     wait_until(lambda: store_up(port) == 1.0, timeout=30,

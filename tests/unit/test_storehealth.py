@@ -7,11 +7,13 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+import pytest
 from prometheus_client import CollectorRegistry
 
 from certd.config import AcmeConfig, CertificateConfig, Config, DaemonConfig
 from certd.config.schema import DeployConfig
 from certd.core.clock import FakeClock
+from certd.core.errors import OperationFailed
 from certd.daemon.storehealth import StoreHealth, degraded_row
 from tests.support.certs import make_bundle
 
@@ -88,6 +90,8 @@ def test_status_while_down_reads_the_deployed_files_only(tmp_path: Path) -> None
         ("store_unreachable", info.serial, info.fingerprint_sha256)
     lines = health.lines()
     assert len(lines) == 1 and lines[0].startswith("database: UNREACHABLE from node web1 since 2027-01-01")
+    with pytest.raises(OperationFailed, match="no order is placed without it"):
+        health.refuse_order()
 
 
 def test_past_the_emergency_point_while_down_says_it_will_not_order_alone(tmp_path: Path) -> None:
