@@ -188,10 +188,12 @@ class Importer:
         return log.lines()
 
     def _existing(self, names: list[str]) -> tuple[set[str], set[str]]:
-        """The names the database holds already: (from elsewhere, from this very import)."""
+        """The names the database holds already: (from elsewhere, from this very import). A
+        name is this import's when any of its versions came from this state dir (the fleet may
+        have renewed it since)."""
         with self.target.tx() as cur:
             rows = cur.execute(
-                "SELECT n.name, bool_and(v.meta->>'imported_from' IS NOT DISTINCT FROM %s) AND count(v.version) > 0 "
+                "SELECT n.name, COALESCE(bool_or(v.meta->>'imported_from' = %s), false) "
                 "FROM unnest(%s::text[]) AS n(name) LEFT JOIN certd_versions v ON v.name = n.name "
                 "WHERE EXISTS (SELECT 1 FROM certd_versions x WHERE x.name = n.name) "
                 "OR EXISTS (SELECT 1 FROM certd_desired d WHERE d.name = n.name) "

@@ -80,10 +80,16 @@ def test_cluster_import_moves_a_state_dir_and_status_and_audit_follow(tmp_path: 
     assert {h["name"] for h in imported} == {"www", "api", ""}
     assert all(h["initiator"].startswith("uid=") for h in imported)
 
+    env.run("renew", "--force", "www", "--reason", "first in the fleet", check=0)  # the imported account orders
+    assert rows(postgres, "SELECT version, meta->>'replaces' IS NOT NULL FROM certd_versions "
+                          "WHERE name = 'www' ORDER BY version DESC LIMIT 1") == [(4, True)]  # ARI replaces accepted
+    assert len(rows(postgres, "SELECT directory FROM certd_accounts")) == 1  # no new registration
+    assert tree(env.state_dir) == files
+
     again = env.run("cluster", "import", check=0)
     assert "www: already imported from this state dir" in again.stdout
     assert "imported 0 certificates (0 versions), 0 ACME accounts (and 1 the database had already)" in again.stdout
-    assert len(rows(postgres, "SELECT * FROM certd_versions")) == 4
+    assert len(rows(postgres, "SELECT * FROM certd_versions")) == 5  # 4 imported, 1 renewed, none twice
     assert tree(env.state_dir) == files
 
 
