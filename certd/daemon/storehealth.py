@@ -44,6 +44,7 @@ log = logging.getLogger("certd.daemon")
 
 PROBE_INTERVAL = 5.0   # seconds between probes
 PROBE_TIMEOUT = 3      # libpq connect_timeout (whole seconds; libpq's minimum is 2)
+EMERGENCY_LOOK = 60.0  # seconds between looks at the deployed files for emergencies while down
 STATE = "store_unreachable"
 
 
@@ -52,7 +53,8 @@ class StoreHealth:
     connection that ``execute``s and closes (psycopg's by default)."""
 
     def __init__(self, dsn: str, node: str, clock: Clock, *, interval: float = PROBE_INTERVAL,
-                 config: Callable[[], Config] | None = None, connect: Callable[[str, int], Any] | None = None) -> None:
+                 config: Callable[[], Config] | None = None, connect: Callable[[str, int], Any] | None = None,
+                 on_change: Callable[[], None] | None = None) -> None:
         self.dsn, self.node, self.clock, self.interval = dsn, node, clock, interval
         self._config = config
         self._connect = connect or _psycopg_connect
@@ -63,6 +65,8 @@ class StoreHealth:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._warned: set[str] = set()  # serials already logged as past their emergency point
+        self._looked: float | None = None  # monotonic time of the last look at the deployed files
+        self._on_change = on_change
 
     def is_up(self) -> bool:
         return self.up
@@ -88,6 +92,9 @@ class StoreHealth:
             self.up, self.since = ok, self.clock.now()
             event(log, "store_up" if ok else "store_down", logging.INFO if ok else logging.ERROR, node=self.node,
                   error=error, detail=None if ok else "serving what is deployed; no order until the database is back")
+            self._looked = None
+            if self._on_change is not None:
+                self._on_change()
         self.error = error
         if self._gauge is not None:
             self._gauge.labels(self.node).set(1 if ok else 0)
@@ -114,8 +121,12 @@ class StoreHealth:
     # -- what the daemon says while down ---------------------------------------------------
 
     def _check_emergencies(self) -> None:
-        if self._config is None:
+        """Log each deployed certificate past its emergency point once; reads the deployed files
+        at most every :data:`EMERGENCY_LOOK` seconds (every probe would be too often at 10,000)."""
+        now_m = self.clock.monotonic()
+        if self._config is None or (self._looked is not None and now_m - self._looked < EMERGENCY_LOOK):
             return
+        self._looked = now_m
         now = self.clock.now()
         for cert in self._config().certificates:
             info = deployed_info(cert)
@@ -201,7 +212,8 @@ def for_daemon(config: Config, store: Any, clock: Clock, metrics: Any,
     dsn = getattr(store, "dsn", None)
     if config.cluster is None or not isinstance(dsn, str):
         return None
-    health = StoreHealth(dsn, config.cluster.node, clock, config=current)
+    health = StoreHealth(dsn, config.cluster.node, clock, config=current,
+                         on_change=metrics.changed if metrics is not None else None)
     if metrics is not None:
         health.register(metrics.registry)
         metrics.collector.store_up = health.is_up

@@ -154,6 +154,11 @@ class Metrics:
             self.drift.labels(name, kind).set(counts.get(kind, 0))
         self._dirty.set()
 
+    def changed(self) -> None:
+        """A gauge set outside the event bus changed (the fleet database probe): rewrite the
+        textfile soon instead of at the next interval."""
+        self._dirty.set()
+
     # -- outputs --------------------------------------------------------------------------------
 
     def exposition(self) -> bytes:

@@ -106,3 +106,21 @@ def test_past_the_emergency_point_while_down_says_it_will_not_order_alone(tmp_pa
     lines = health.lines()
     assert len(lines) == 2 and lines[1].startswith("www: past its emergency point")
     assert "never orders alone" in lines[1]
+
+
+def test_emergency_while_down_is_logged_once_per_serial(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """store_down_at_emergency is logged once for a deployed certificate past its emergency point,
+    however many probes fail, and the textfile is asked to be rewritten on each flip."""
+    live = tmp_path / "live" / "www"
+    deploy(live, T0 - timedelta(days=85), 90)
+    cfg = config(tmp_path, live)
+    clock, db, flips = FakeClock(T0), FakeDatabase(), []
+    health = StoreHealth("host=db", "web1", clock, connect=db, config=lambda: cfg, on_change=lambda: flips.append(1))
+    db.up = False
+    for _ in range(30):
+        health.probe()
+        clock.advance(5)
+    assert sum("store_down_at_emergency" in r.getMessage() for r in caplog.records) == 1
+    db.up = True
+    health.probe()
+    assert flips == [1, 1]
