@@ -149,6 +149,11 @@ class Importer:
         lines = self._audit_lines(log)
         report = Report(self.origin)
         foreign, ours = self._existing([c.name for c in certs])
+        for cert in certs:  # no version to carry a mark: the state alone, as this import wrote it
+            if cert.name in foreign and not cert.versions and not self.target.versions(cert.name) \
+                    and self.target.read_state(cert.name)[0] == cert.state:
+                foreign.discard(cert.name)
+                ours.add(cert.name)
         if foreign and not skip_existing:
             raise UsageError(f"cluster import: the fleet database already holds {', '.join(sorted(foreign))} (not "
                              f"from this state dir); nothing was imported; --skip-existing keeps the database's "

@@ -110,3 +110,13 @@ def test_a_rotation_in_flight_is_refused(tmp_path: Path, target: PgStore) -> Non
     with pytest.raises(UsageError, match="www has a rotation in progress"):
         run(source, target)
     assert target.names() == []
+
+
+def test_a_certificate_with_state_only_moves_once(tmp_path: Path, target: PgStore) -> None:
+    """A certificate never issued but held by the CA (state, no version) moves, and a rerun knows it."""
+    source = FileStore(tmp_path, keyring=ring())
+    with source.lock("new"):
+        source.save_state("new", {"failures": 1, "failure_kind": "held"})
+    assert [c.name for c in run(source, target).moved] == ["new"]
+    assert target.load_state("new") == {"failures": 1, "failure_kind": "held"}
+    assert run(source, target).resumed == ["new"]
