@@ -55,6 +55,7 @@ def test_cluster_import_moves_a_state_dir_and_status_and_audit_follow(tmp_path: 
     before = env.status()
     files = tree(env.state_dir)
     file_records = len(env.run("history", "--json", check=0).stdout.splitlines())
+    exported_head = json.loads((env.state_dir / "audit.head").read_text())["hash"]  # as journald kept it
     join_fleet(env, postgres, "web1")
 
     r = env.run("cluster", "import", check=0)
@@ -74,6 +75,7 @@ def test_cluster_import_moves_a_state_dir_and_status_and_audit_follow(tmp_path: 
 
     v = env.run("audit", "verify", check=0)
     assert "chain intact" in v.stdout
+    assert "chain intact" in env.run("audit", "verify", "--head", exported_head, check=0).stdout  # across the seam
     history = json.loads(env.run("history", "--json", check=0).stdout)["records"]
     assert len(history) > file_records  # the host's records, then the import's
     imported = [h for h in history if h["event"] == "imported"]
