@@ -48,9 +48,7 @@ def rows(dsn: str, sql: str) -> list[tuple[Any, ...]]:
 
 def test_cluster_import_moves_a_state_dir_and_status_and_audit_follow(tmp_path: Path, pebble: Any,
                                                                       postgres: str) -> None:
-    """Every version, the desired and applied pointers, the account and the audit chain move into
-    the database (keys sealed), the state dir is unchanged, status shows the same versions, the
-    chain verifies across the seam, and a rerun moves nothing twice."""
+    """The state dir moves whole (keys sealed), stays unchanged; status, audit verify, a renewal follow; reruns are no-ops."""
     env = single_host(tmp_path, pebble)
     before = env.status()
     files = tree(env.state_dir)
@@ -97,9 +95,7 @@ def test_cluster_import_moves_a_state_dir_and_status_and_audit_follow(tmp_path: 
 
 def test_cluster_import_into_a_running_fleet_pins_the_log_and_refuses_taken_names(tmp_path: Path, pebble: Any,
                                                                                   postgres: str) -> None:
-    """Into a database that already has an audit chain, the import's record pins the host's log
-    (audit verify then fails when that log is cut); a second host importing names the database
-    holds is refused in one line with nothing written; --skip-existing keeps the fleet's."""
+    """Into a fleet with a chain the host log is pinned (cutting it fails audit verify); taken names are refused."""
     env = single_host(tmp_path, pebble)
     with PgStore(postgres, node="web0") as fleet:  # the fleet ran before this host joined
         fleet.audit.append(LifecycleEvent("config_changed", "", datetime.now(timezone.utc), initiator="web0"))

@@ -43,8 +43,7 @@ def own_postgres() -> Iterator[PgCluster]:
 
 def test_database_outage_keeps_serving_and_status_and_metric_say_so(tmp_path: Path, pebble: Any,
                                                                    own_postgres: PgCluster) -> None:
-    """With the database stopped, certd_store_up{node} goes 0, certd status says UNREACHABLE and
-    shows the deployed version, the live files stay byte for byte; all recover when it is back."""
+    """Database stopped: store_up 0, status UNREACHABLE with the deployed version, renew refused, files kept; recovers."""
     env = single_host(tmp_path, pebble)
     live = env.dir / "live"
     join_fleet(env, own_postgres.database(), "web1")

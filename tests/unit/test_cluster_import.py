@@ -55,8 +55,7 @@ def target(postgres: str) -> Any:
 
 @pytest.mark.parametrize("sealed", [False, True], ids=["plain-host", "sealed-host"])
 def test_everything_moves_with_its_numbers_and_keys_sealed(tmp_path: Path, target: PgStore, sealed: bool) -> None:
-    """Versions 2 and 3 keep their numbers (2 without its key), 3 is desired and applied here,
-    state, order and account move, every key in the database is sealed."""
+    """Versions keep their numbers (a destroyed key stays so); pointers, state, order, account move; keys sealed."""
     source = FileStore(tmp_path, keyring=ring())
     host(tmp_path, ring() if sealed else None)
     original = source.load("www", 3).bundle

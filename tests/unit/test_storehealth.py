@@ -109,8 +109,7 @@ def test_past_the_emergency_point_while_down_says_it_will_not_order_alone(tmp_pa
 
 
 def test_emergency_while_down_is_logged_once_per_serial(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """store_down_at_emergency is logged once for a deployed certificate past its emergency point,
-    however many probes fail, and the textfile is asked to be rewritten on each flip."""
+    """store_down_at_emergency is logged once per serial however many probes fail; each flip rewrites metrics."""
     live = tmp_path / "live" / "www"
     deploy(live, T0 - timedelta(days=85), 90)
     cfg = config(tmp_path, live)
