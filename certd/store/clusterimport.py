@@ -103,8 +103,10 @@ def read_certs(source: FileStore) -> list[SourceCert]:
                              f"run `certd run` once on the single-host config to finish it, stop it, then import; "
                              f"nothing was imported")
         versions = [source.load(name, v) for v in source.versions(name)]
-        certs.append(SourceCert(name, versions, source.desired(name), source.read_state(name)[0],
-                                source.load_order(name), journal))
+        cert = SourceCert(name, versions, source.desired(name), source.read_state(name)[0], source.load_order(name),
+                          journal)
+        if versions or cert.state is not None or cert.order is not None:  # not a directory left empty
+            certs.append(cert)
     return certs
 
 
