@@ -61,7 +61,7 @@ def rotation(store: Any, name: str, bundle: Bundle, times: dict[str, list[float]
             if i == 0:
                 version = timed("add_version", lambda: store.add_version(name, bundle, {"reason": "bench"}))
             if step == "switched":
-                timed("set_current", lambda: store.set_current(name, version))
+                timed("set_current", lambda v=version: store.set_current(name, v))
         times.setdefault("journal x6", []).append(time.perf_counter() - t - times["add_version"][-1]
                                                    - times["set_current"][-1])
 
