@@ -58,12 +58,15 @@ def _write(cfg: Config, lineages: list[Any], certbot_dir: Path) -> int:
         return EXIT_OK
     text = certbot_apply.appended_config(cfg, lineages, certbot_dir)  # checked before anything is imported
     for lin in lineages:
-        version = certbot_apply.import_lineage(store, lin, certbot_dir)
+        issuing = next((c.name for c in cfg.cas if c.directory.rstrip("/") == str(lin.server).rstrip("/")), None)
+        version = certbot_apply.import_lineage(store, lin, certbot_dir, issuing)
         state = " (commented out: finish it)" if lin.commented else ""
         print(f"{lin.name}: serial {lin.bundle.info.serial} imported as version {version}{state}")
         for line in lin.notes:
             _note(line)
-    certbot_apply.import_accounts(store, lineages, certbot_dir, cfg.acme.directory, print)
+    servers = {str(lin.server).rstrip("/") for lin in lineages}  # several CAs: the one that is certbot's
+    directory = next((c.directory for c in cfg.cas if c.directory.rstrip("/") in servers), cfg.acme.directory)
+    certbot_apply.import_accounts(store, lineages, certbot_dir, directory, print)
     certbot_apply.write_config(cfg, text)
     print(f"appended {len(lineages)} [[certificate]] table(s) to {cfg.path}")
     print("steps left:\n"
