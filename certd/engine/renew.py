@@ -57,8 +57,15 @@ class Renew:
         """Renew ``req.cert`` if due (now, if forced); never raises for a CertdError."""
         say = sayer(req.name, progress)
         try:
+            asked_at = self.ports.store.current(req.name) if req.force else None
             with self.ports.lock(req.name):
                 resumed = self.rotations.resume(req.cert, say)
+                now = self.ports.store.current(req.name)
+                if req.force and not req.resume_only and resumed is None and now != asked_at:
+                    # Another process (in a fleet, another node) renewed it while this one waited
+                    # for the lease: that was the new certificate asked for; no second order.
+                    return Outcome(req.name, Result.NOT_DUE, f"renewed meanwhile by another process or node: "
+                                   f"version {now} is current", now)
                 outcome = self.locked(req, say)
                 return outcome if resumed is None else with_resumed(outcome, resumed)
         except StoreError as e:

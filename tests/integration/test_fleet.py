@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import time
 from collections.abc import Iterator
 from datetime import datetime
@@ -21,7 +22,7 @@ import pytest
 from certd.config import load
 from certd.store.opening import open_cluster
 from tests.integration.test_faults import add_root
-from tests.support.certd_env import CertdEnv
+from tests.support.certd_env import ROOT, CertdEnv
 from tests.support.hostile_ca import HostileCA
 from tests.support.procs import free_port, wait_until
 from tests.support.rrproxy import RoundRobinProxy
@@ -158,8 +159,15 @@ def test_three_nodes_order_once_and_all_serve_each_version(fleet: Fleet) -> None
     took.sort()
     print(f"\nfleet: committed renewal -> every node serving it: p50 {took[1]:.2f} s, max {took[2]:.2f} s "
           f"(3 renewals); orders per renewal: 1")
+    # renew --force on all three nodes at once: one order (the lease; under it, the others see the new version)
+    procs = [subprocess.Popen(n.env.argv("renew", "www", "--force", "--wait"), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, cwd=ROOT) for n in fleet.nodes]
+    said = [p.communicate(timeout=120)[0] for p in procs]
+    assert len(fleet.ca.orders_created) == 5, said
+    assert sum("renewed meanwhile" in text for text in said) == 2, said
+    wait_until(lambda: fleet.converged(5), timeout=30, interval=0.1, what="every node serving version 5")
     cert = fleet.status_cli()
-    assert {n["applied_version"] for n in cert["nodes"]} == {4} and cert["desired_version"] == 4
+    assert {n["applied_version"] for n in cert["nodes"]} == {5} and cert["desired_version"] == 5
     assert cert["release"] is None and sorted(n["node"] for n in cert["nodes"]) == ["node1", "node2", "node3"]
     assert all(n["verified_at"] and n["last_error"] is None for n in cert["nodes"])
     r = fleet.nodes[0].env.run("nodes", check=0)
