@@ -36,6 +36,7 @@ from certd.store.port import Subscription
 log = logging.getLogger("certd.fleet")
 
 _RETRY = 5.0  # seconds between attempts while the database cannot be reached
+_BUSY_RETRY = 0.25  # seconds before looking again at a certificate this process was rotating
 
 
 class FleetNode:
@@ -47,6 +48,8 @@ class FleetNode:
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="certd-fleet", daemon=True)
         self._failed: set[str] = set()  # names whose last apply failed: tried again every pass
+        self._busy = False  # a certificate was busy in this process: the next pass comes soon
+        self._said_removed = False
 
         self._listening: set[Listen] = set()
 
@@ -91,9 +94,11 @@ class FleetNode:
         sub: Subscription | None = None
         while not self._stop.is_set():
             try:
-                if self.store.fleet.heartbeat(self.node, __version__) is False:
+                removed = not self.store.fleet.heartbeat(self.node, __version__)
+                if removed and not self._said_removed:  # once, not every pass
                     event(log, "node_removed_still_running", logging.WARNING, node=self.node,
                           hint="this node was removed with `certd nodes remove`; its reports do not count")
+                self._said_removed = removed
                 if sub is None:
                     sub = self.store.subscribe([c.name for c in self._config().certificates])
                 self.reconcile()
@@ -111,7 +116,8 @@ class FleetNode:
     def _wait(self, sub: Subscription) -> None:
         """Until the desired versions change, a poke, the daemon stops, or the interval ends."""
         clock = self.manager.clock
-        deadline = clock.monotonic() + self._interval()
+        deadline = clock.monotonic() + (_BUSY_RETRY if self._busy else self._interval())
+        self._busy = False
         while not (self._stop.is_set() or self._wake.is_set()):
             left = deadline - clock.monotonic()
             if left <= 0 or sub.changes(timeout=min(1.0, left)):
@@ -157,7 +163,10 @@ class FleetNode:
             with self.store.locks.local(cert.name, timeout=0):
                 verified = self._deploy(cert, version, previous)
         except LockBusy:
-            return  # this node's own rotation of it is running: it applies (or rolls back) itself
+            # this node's own rotation of it is running (it applies or rolls back itself): look
+            # again shortly, to report what it ended with
+            self._busy = True
+            return
         except CertdError as e:
             self._failed.add(cert.name)
             self.store.fleet.report(self.node, cert.name, fingerprint=None, verified_at=None,

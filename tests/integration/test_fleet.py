@@ -172,6 +172,11 @@ def test_three_nodes_order_once_and_all_serve_each_version(fleet: Fleet) -> None
     assert all(n["verified_at"] and n["last_error"] is None for n in cert["nodes"])
     r = fleet.nodes[0].env.run("nodes", check=0)
     assert all(n.name in r.stdout for n in fleet.nodes), r.stdout
+    fleet.nodes[0].env.run("nodes", "remove", "node3", "--reason", "decommissioned", check=0)
+    assert [n["node"] for n in fleet.status_cli()["nodes"]] == ["node1", "node2"]
+    removed = [r for r in fleet.store.audit.records if r["event"] == "node_removed"]
+    assert removed[-1]["detail"] == {"node": "node1", "removed_node": "node3"} and removed[-1]["initiator"]
+    assert "no node 'node9'" in fleet.nodes[0].env.run("nodes", "remove", "node9", check=2).stderr
 
 
 def test_a_node_stopped_during_a_renewal_catches_up_when_started(fleet: Fleet) -> None:
