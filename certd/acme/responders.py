@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID, ObjectIdentifier
 
+from certd.acme import answers
 from certd.config import Listen
 from certd.core.errors import ChallengeFailed
 
@@ -113,26 +114,6 @@ class _SharedListeners:
 
 
 _LISTENERS = _SharedListeners()
-
-
-class AnswerBoard(Protocol):
-    """http-01 answers shared by a fleet (:class:`certd.store.pgfleet.FleetBook`): whichever node
-    the load balancer sends the CA's request to can answer it."""
-
-    def publish(self, token: str, key_authorization: str, name: str) -> None: ...
-    def lookup(self, token: str) -> str | None: ...
-    def withdraw(self, token: str) -> None: ...
-
-
-_BOARD: AnswerBoard | None = None
-
-
-def share_answers(board: AnswerBoard | None) -> None:
-    """From now on (None: no longer) publish every http-01 answer this process presents to
-    ``board`` before the challenge is answered, and answer a token this process does not know
-    from ``board``: a fleet's daemon calls it at start."""
-    global _BOARD
-    _BOARD = board
 
 
 def keep_listening(listen: Listen) -> None:
@@ -255,8 +236,8 @@ class _ChallengeHandler(BaseHTTPRequestHandler):
     def _answer(self, body: bool) -> None:
         token = self.path[len(CHALLENGE_PATH):] if self.path.startswith(CHALLENGE_PATH) else None
         value = self.server.entries.get(token) if token else None
-        if value is None and token and _BOARD is not None:
-            value = _shared_answer(_BOARD, token)
+        if value is None and token:
+            value = answers.lookup(token)
         data = value.encode("ascii") if value is not None else b"not found\n"
         self.send_response(200 if value is not None else 404)
         self.send_header("Content-Type", "text/plain" if value is not None else "text/plain; charset=utf-8")
@@ -267,15 +248,6 @@ class _ChallengeHandler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
         log.debug("http-01 responder: %s %s", self.address_string(), format % args)
-
-
-def _shared_answer(board: AnswerBoard, token: str) -> str | None:
-    """Another node's answer for ``token``; None (logged) when the database cannot say."""
-    try:
-        return board.lookup(token)
-    except Exception as e:  # noqa: BLE001 - a database error must answer 404, not kill the handler
-        log.warning("http-01 responder: cannot look up token in the fleet's database: %s", e)
-        return None
 
 
 class _HttpResponder(_ResponderMixin, ThreadingHTTPServer):
@@ -311,37 +283,13 @@ class StandaloneHttpSolver(_ResponderSolver):
 
     def present(self, domain: str, challenge: challenges.KeyAuthorizationChallenge,
                 account_key: jose.JWK) -> None:
-        publish(domain, *self._entry(domain, challenge, account_key))
+        answers.publish(domain, *self._entry(domain, challenge, account_key))
         super().present(domain, challenge, account_key)
 
     def cleanup(self, domain: str, challenge: challenges.KeyAuthorizationChallenge,
                 account_key: jose.JWK) -> None:
         super().cleanup(domain, challenge, account_key)
-        withdraw(self._name(domain, challenge))
-
-
-def publish(domain: str, token: str, key_authorization: str) -> None:
-    """Publish an http-01 answer to the fleet's board (when sharing): before the challenge is
-    answered, so any node can serve it. ChallengeFailed when the database cannot take it."""
-    board = _BOARD
-    if board is None:
-        return
-    try:
-        board.publish(token, key_authorization, domain)
-    except Exception as e:  # noqa: BLE001 - any database failure: this challenge cannot be answered
-        raise ChallengeFailed(f"http-01 for {domain}: cannot share the answer with the fleet's other nodes: {e}; "
-                              "will retry", transient=True) from None
-
-
-def withdraw(token: str) -> None:
-    """Delete a published answer (and any expired one); never raises (they expire anyway)."""
-    board = _BOARD
-    if board is None:
-        return
-    try:
-        board.withdraw(token)
-    except Exception as e:  # noqa: BLE001 - cleanup must not mask the order's outcome
-        log.warning("http-01: cannot delete a shared answer from the fleet's database: %s", e)
+        answers.withdraw(self._name(domain, challenge))
 
 
 # --- tls-alpn-01 -----------------------------------------------------------------------------

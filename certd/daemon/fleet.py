@@ -25,7 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 from certd import __version__
-from certd.acme import responders
+from certd.acme import answers, responders
 from certd.config import CertificateConfig, Config, Listen
 from certd.core.errors import CertdError, LockBusy
 from certd.engine.manager import Manager
@@ -54,7 +54,7 @@ class FleetNode:
         self._listening: set[Listen] = set()
 
     def start(self) -> None:
-        responders.share_answers(self.store.fleet)
+        answers.share_answers(self.store.fleet)
         self.reconfigure()
         self._thread.start()
 
@@ -64,7 +64,7 @@ class FleetNode:
         for listen in self._listening:
             responders.stop_listening(listen)
         self._listening.clear()
-        responders.share_answers(None)
+        answers.share_answers(None)
 
     def reconfigure(self) -> None:
         """Keep an http-01 responder up on every ``http01_listen`` of the configuration: the

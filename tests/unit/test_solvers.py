@@ -18,7 +18,8 @@ from acme import challenges
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from certd.acme.responders import keep_listening, share_answers, stop_listening
+from certd.acme.answers import share_answers
+from certd.acme.responders import keep_listening, stop_listening
 from certd.config import Listen
 from certd.core.errors import ChallengeFailed
 from certd.acme.solvers import (ACME_IDENTIFIER_OID, TLSALPN01, DnsHookSolver, StandaloneHttpSolver, TlsAlpnSolver,
