@@ -188,6 +188,10 @@ def test_a_node_stopped_during_a_renewal_catches_up_when_started(fleet: Fleet) -
     wait_until(lambda: fleet.converged(2, fleet.nodes[:2]), timeout=30, interval=0.2, what="nodes 1-2 on version 2")
     rows = {n["node"]: n for n in fleet.status()["nodes"]}
     assert fleet.nodes[1].env.status("www")["www"]["version"] == 2  # the daemon's own status reads the database
+    table = fleet.nodes[0].env.run("status", "--fleet", check=0).stdout.splitlines()
+    assert table[0].split()[:5] == ["NAME", "DESIRED", "NODE", "APPLIED", "IN_SYNC"]
+    assert [line.split()[2:5] for line in table[1:]] == [["node1", "2", "yes"], ["node2", "2", "yes"],
+                                                        ["node3", "1", "NO"]]
     assert rows["node3"]["applied_version"] == 1 and fleet.nodes[2].served() == fleet.fingerprint(1)
     fleet.nodes[2].env.daemons.clear()
     fleet.nodes[2].env.start_daemon()
