@@ -14,6 +14,7 @@ from pathlib import Path
 
 from certd.core.errors import StoreError
 from certd.fs.oserrors import TMP_INFIX, store_error, temp_name
+from certd.fs.sync import fsync
 from certd.fs.descriptors import DIR_FLAGS, inode_key, dir_fd, fsync_fd, lstat_at, open_dir, open_nofollow
 
 ZEROS = bytes(64 * 1024)
@@ -25,7 +26,7 @@ def zero_fd(fd: int) -> None:
     offset = 0
     while offset < size:
         offset += os.pwrite(fd, ZEROS[: min(len(ZEROS), size - offset)], offset)
-    os.fsync(fd)
+    fsync(fd)
 
 
 def _wipe_fd(fd: int) -> None:

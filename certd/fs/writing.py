@@ -14,6 +14,7 @@ from types import TracebackType
 
 from certd.core.errors import StoreError
 from certd.fs.oserrors import os_errors, store_error, temp_name
+from certd.fs.sync import fsync
 from certd.fs.descriptors import DIR_FLAGS, inode_key, dir_fd, fsync_fd, lstat_at, open_dir
 from certd.fs.removal import delete_at, is_empty_dir_at, rmtree_at, zero_fd
 
@@ -60,7 +61,7 @@ def write_new(path: Path | str, data: bytes, *, mode: int = 0o644, uid: int = -1
         raise store_error(e, shown) from e
     try:
         _write_all(fd, data)
-        os.fsync(fd)
+        fsync(fd)
     except OSError as e:
         _discard(fd, path, dirfd)
         raise store_error(e, shown) from e
@@ -121,7 +122,7 @@ def atomic_write_at(dirfd: int, name: str, data: bytes, *, mode: int = 0o644, ui
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # "in use": stale-temp cleanup skips it
             _write_all(fd, data)
-            os.fsync(fd)
+            fsync(fd)
             os.rename(tmp, name, src_dir_fd=dirfd, dst_dir_fd=dirfd)
         except OSError as e:
             _discard(fd, tmp, dirfd)
@@ -264,7 +265,7 @@ class TempDir:
         """fsync, then rename to ``final`` (a name in the same parent); False (nothing changed)
         if ``final`` already exists."""
         with os_errors(final, "publish"):
-            os.fsync(self._fd)
+            fsync(self._fd)
             st = lstat_at(self._pfd, final.name)
             if st is not None and not is_empty_dir_at(self._pfd, final.name, st):
                 return False

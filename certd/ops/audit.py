@@ -207,7 +207,7 @@ class AuditLog:
                 view = memoryview(data)
                 while view:
                     view = view[os.write(fd, view):]
-                os.fsync(fd)
+                fsutil.fsync(fd)
             except OSError as e:
                 try:
                     os.ftruncate(fd, size)  # never leave half a record behind
