@@ -110,6 +110,8 @@ class Orders:
         if why is None and cert.profile is not None and journal.meta.get("profile") != cert.profile:
             why = (f"it was ordered with profile {journal.meta.get('profile')!r}; the configuration now requires "
                    f"{cert.profile!r}")
+        if why is None:
+            why = self._stored_already(cert.name, journal)
         if why is None and self._compromised(cert.name, journal.key_pem):
             why = "its key (reused) was marked compromised since"
         if why is None:
@@ -125,6 +127,26 @@ class Orders:
             event(log, "order_discarded", logging.WARNING, name=cert.name, order=journal.order_url, reason=why)
             say(f"not resuming order {journal.order_url}: {why}")
         self._clear(cert.name)
+        return None
+
+    def _stored_already(self, name: str, journal: OrderJournal) -> str | None:
+        """Why ``journal`` is done, if the newest stored version has its key and was stored
+        after it was written: its certificate is that version. The journal is cleared right
+        after the version is stored, but without an fsync of its own (it rides on the commit's),
+        so a power loss in between can bring a done journal back; resuming it would store the
+        same certificate again."""
+        store = self.ports.store
+        versions = store.versions(name)
+        if not versions:
+            return None
+        newest = store.load_info(name, versions[-1])
+        created = newest.meta.get("created")
+        try:
+            spki = spki_sha256(keys.load_private_key(journal.key_pem).public_key())
+        except ValueError:
+            return None  # judged by _compromised
+        if newest.info.spki_sha256 == spki and isinstance(created, str) and created >= journal.created:
+            return f"its certificate is stored already (version {newest.version})"
         return None
 
     def _compromised(self, name: str, key_pem: bytes) -> bool:

@@ -38,8 +38,9 @@ from certd.fs.writing import (write_new, atomic_write, atomic_write_at, fsync_di
                               ensure_dir, TempDir)
 
 __all__ = [
-    'FsyncCount', 'TMP_INFIX', 'TempDir', 'atomic_symlink', 'atomic_symlink_at', 'atomic_write', 'atomic_write_at', 'delete_at',
-    'counting_fsyncs', 'dir_fd', 'ensure_dir', 'fsync', 'fsync_dir', 'fsync_fd', 'hide_and_remove', 'hide_and_remove_at', 'identity', 'lstat_at',
-    'open_dir', 'open_dir_at', 'open_nofollow', 'open_own_dir', 'os_errors', 'read_at', 'remove_stale_temps',
-    'rmtree_at', 'secure_delete', 'secure_rmtree', 'store_error', 'temp_name', 'write_new',
+    'FsyncCount', 'TMP_INFIX', 'TempDir', 'atomic_symlink', 'atomic_symlink_at', 'atomic_write', 'atomic_write_at',
+    'counting_fsyncs', 'delete_at', 'dir_fd', 'ensure_dir', 'fsync', 'fsync_dir', 'fsync_fd', 'hide_and_remove',
+    'hide_and_remove_at', 'identity', 'lstat_at', 'open_dir', 'open_dir_at', 'open_nofollow', 'open_own_dir',
+    'os_errors', 'read_at', 'remove_stale_temps', 'rmtree_at', 'secure_delete', 'secure_rmtree', 'store_error',
+    'temp_name', 'write_new',
 ]

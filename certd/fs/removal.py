@@ -143,8 +143,9 @@ def rmtree_at(dirfd: int, name: str, expected: tuple[int, int] | None = None, *,
     return True
 
 
-def secure_delete(path: Path | str) -> None:
+def secure_delete(path: Path | str, *, durable: bool = True) -> None:
     """Overwrite a private key's bytes with zeros, fsync, unlink; missing is fine.
+    ``durable=False`` leaves out the directory fsync (the caller makes the unlink durable).
 
     A file with other hard links (a deployed copy sharing the inode) is only unlinked: zeroing
     it would destroy the file still in use under its other name. A symlink is unlinked, never
@@ -159,7 +160,7 @@ def secure_delete(path: Path | str) -> None:
             return
         raise
     try:
-        if delete_at(d, path.name, shown=path):
+        if delete_at(d, path.name, shown=path) and durable:
             fsync_fd(d, path.parent)
     finally:
         os.close(d)
