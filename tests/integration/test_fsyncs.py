@@ -4,14 +4,12 @@ must find") cannot creep up unnoticed."""
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
 from certd import config as config_mod
 from certd import fs as fsutil
 from certd.daemon.wiring import build_manager
-from certd.ops import log as logmod
 from tests.support.certd_env import CertdEnv
 
 #: fsyncs of one forced renewal of a certificate with one live_dir, no hooks, no verify
@@ -22,7 +20,6 @@ ROTATION_BUDGET = 23
 
 def test_a_renewal_with_one_live_dir_stays_within_its_fsync_budget(tmp_path: Path, pebble: Any) -> None:
     """A forced renewal (order, store, stage, switch, commit, audit) makes at most 23 fsyncs."""
-    logmod.setup(logging.CRITICAL)
     env = CertdEnv(tmp_path, pebble)
     live = tmp_path / "live" / "www"
     env.write_config([env.http_cert("www", ["fsync.example.test"], deploy={"live_dir": str(live)})])
