@@ -86,8 +86,8 @@ def _restore(args: argparse.Namespace, load_config: Callable[[argparse.Namespace
 
 def _store(cfg: Config) -> FileStore:
     """The configured state dir as the daemon opens it (its audit log group-readable by control_group)."""
-    from certd.store.files import open_store
-    return open_store(cfg, audit_group=cfg.daemon.control_group)
+    from certd.store.files import open_file_store
+    return open_file_store(cfg, audit_group=cfg.daemon.control_group)
 
 
 def _n(count: int, noun: str) -> str:

@@ -50,20 +50,23 @@ def cmd_import(args: argparse.Namespace, load_config: Callable[[argparse.Namespa
 
 def _write(cfg: Config, lineages: list[Any], certbot_dir: Path) -> int:
     from certd.engine import certbot_apply
-    from certd.store.files import open_store
-    store = open_store(cfg, audit_group=cfg.daemon.control_group)
+    from certd.store.files import open_file_store
+    store = open_file_store(cfg, audit_group=cfg.daemon.control_group)
     lineages = certbot_apply.refuse_taken(cfg, store, lineages, _note)
     if not lineages:
         _note("nothing to import")
         return EXIT_OK
     text = certbot_apply.appended_config(cfg, lineages, certbot_dir)  # checked before anything is imported
     for lin in lineages:
-        version = certbot_apply.import_lineage(store, lin, certbot_dir)
+        issuing = next((c.name for c in cfg.cas if c.directory.rstrip("/") == str(lin.server).rstrip("/")), None)
+        version = certbot_apply.import_lineage(store, lin, certbot_dir, issuing)
         state = " (commented out: finish it)" if lin.commented else ""
         print(f"{lin.name}: serial {lin.bundle.info.serial} imported as version {version}{state}")
         for line in lin.notes:
             _note(line)
-    certbot_apply.import_accounts(store, lineages, certbot_dir, cfg.acme.directory, print)
+    servers = {str(lin.server).rstrip("/") for lin in lineages}  # several CAs: the one that is certbot's
+    directory = next((c.directory for c in cfg.cas if c.directory.rstrip("/") in servers), cfg.acme.directory)
+    certbot_apply.import_accounts(store, lineages, certbot_dir, directory, print)
     certbot_apply.write_config(cfg, text)
     print(f"appended {len(lineages)} [[certificate]] table(s) to {cfg.path}")
     print("steps left:\n"

@@ -7,11 +7,11 @@ package; inside it, modules import :mod:`~certd.config.schema` directly.
 from certd.config.loading import load, parse, peek_control_socket, resolve_path
 from certd.config.schema import (CHALLENGES, DEFAULT_EXEC_PATH, DEFAULT_PATH, FILE_CONTENTS, HOOK_KINDS, KEY_TYPES,
                                  AcmeConfig, AlertsConfig, CertificateConfig, Challenge, Config, DaemonConfig,
-                                 DeployConfig, FileTarget, KeyClassConfig, KeysConfig, KeyType, Listen, ReloadHook,
-                                 RenewBefore, VerifyEndpoint)
+                                 ClusterConfig, DeployConfig, FileTarget, KeyClassConfig, KeysConfig, KeyType, Listen,
+                                 ReloadHook, RenewBefore, VerifyEndpoint)
 
 __all__ = ["CHALLENGES", "DEFAULT_EXEC_PATH", "DEFAULT_PATH", "FILE_CONTENTS", "HOOK_KINDS", "KEY_TYPES",
            "AcmeConfig", "AlertsConfig", "CertificateConfig", "Challenge", "Config", "DaemonConfig", "DeployConfig",
-           "FileTarget", "KeyClassConfig", "KeysConfig", "KeyType", "Listen", "ReloadHook", "RenewBefore",
-           "VerifyEndpoint",
+           "ClusterConfig", "FileTarget", "KeyClassConfig", "KeysConfig", "KeyType", "Listen", "ReloadHook",
+           "RenewBefore", "VerifyEndpoint",
            "load", "parse", "peek_control_socket", "resolve_path"]

@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from certd.config.cas import CASections
+from certd.config.cluster import ClusterSection
 from certd.config.keyclass import KeyClassSections
 from certd.config.schema import (CHALLENGES, KEY_TYPES, AcmeConfig,
                           AlertsConfig, CertificateConfig, Config, DaemonConfig, KeysConfig, RenewBefore)
@@ -23,20 +25,23 @@ _PROFILE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 
 
-class Parser(TargetSections, KeyClassSections):
+class Parser(TargetSections, KeyClassSections, ClusterSection, CASections):
     """Builds a Config from parsed TOML, collecting every problem instead of stopping at the first."""
 
     def config(self, data: dict[str, Any]) -> Config | None:
         top = Table(self, "", data)
         daemon = self.daemon(Table(self, "daemon", top.get("daemon", dict, {})))
-        acme_t = top.get("acme", dict, None, required=True)
-        acme = self.acme(Table(self, "acme", acme_t)) if acme_t is not None else None
+        self.acme_was_there = "acme" in data
+        cas = self.cas(top.get("acme", dict, None), top.get("ca", list, []))  # before the certificates naming them
         certs_raw = top.get("certificate", list, [])
         alerts_t = top.get("alerts", dict, None)
         alerts = self.alerts(Table(self, "alerts", alerts_t)) if alerts_t is not None else None
         keys_t = top.get("keys", dict, None)
         keys = self.keys(Table(self, "keys", keys_t)) if keys_t is not None else None
         classes = self.key_classes(top.get("key_class", list, []))  # before the certificates naming them
+        cluster_t = top.get("cluster", dict, None)
+        cluster = self.cluster(Table(self, "cluster", cluster_t), has_keys=keys_t is not None) \
+            if cluster_t is not None else None
         top.done()
         certs: list[CertificateConfig] = []
         names: dict[str, int] = {}
@@ -50,9 +55,9 @@ class Parser(TargetSections, KeyClassSections):
             names.setdefault(cert.name, i)
             self.check_shared_targets(i, cert, targets)
             certs.append(cert)
-        if acme is None:
+        if not cas:
             return None
-        return Config(self.path, daemon, acme, tuple(certs), alerts, keys, classes)
+        return Config(self.path, daemon, cas[0], tuple(certs), alerts, keys, classes, cluster, cas=cas)
 
     def keys(self, t: Table) -> KeysConfig | None:
         kek_file = self.path_value(t, "kek_file")
@@ -192,6 +197,7 @@ class Parser(TargetSections, KeyClassSections):
             self.problem(t.key("email"), f"{email!r} is not an e-mail address")
         agree = t.get("agree_tos", bool, False)
         ca_bundle = self.path_value(t, "ca_bundle", must_exist=True)
+        anchors = self.path_value(t, "trust_anchors", must_exist=True)
         kid = t.get("eab_kid", str)
         hmac = t.get("eab_hmac_key", str)
         hmac_file = self.path_value(t, "eab_hmac_key_file", must_exist=True)
@@ -210,7 +216,7 @@ class Parser(TargetSections, KeyClassSections):
         if directory is None:
             return None
         return AcmeConfig(directory, email, agree, ca_bundle, kid, hmac, order_timeout, eab_hmac_key_file=hmac_file,
-                          staging_directory=staging)
+                          staging_directory=staging, trust_anchors=anchors)
 
     def certificate(self, i: int, raw: Any) -> CertificateConfig | None:
         t = Table(self, f"certificate[{i}]", raw)
@@ -241,6 +247,7 @@ class Parser(TargetSections, KeyClassSections):
         verify_timeout = self.duration(t, "verify_timeout", 10.0)
         insecure_shared = t.get("insecure_shared_deploy_dir", bool, False)
         ref = self.class_ref(t)
+        ca_refs = self.ca_refs(t)
         profile, preferred = self.profiles(t)
         chain = t.get("preferred_chain", str)
         if chain is not None and not chain.strip():
@@ -261,7 +268,7 @@ class Parser(TargetSections, KeyClassSections):
                                  webroot, dns_hook, alpn_listen, renew_before, keep, verify_timeout,
                                  deploy, hooks, verify, insecure_shared, profile=profile,
                                  preferred_profile=preferred, preferred_chain=chain, ip_addresses=tuple(ips),
-                                 dns_persist_hook=persist_hook)
+                                 dns_persist_hook=persist_hook, ca=ca_refs)
         return self.apply_key_class(cert, ref)
 
     def profiles(self, t: Table) -> tuple[str | None, str | None]:

@@ -65,6 +65,8 @@ class AlertsConfig:
 
 @dataclass(frozen=True)
 class AcmeConfig:
+    """One CA: ``[acme]`` (named "default") or one ``[[ca]]`` table."""
+
     directory: str
     email: str | None = None
     agree_tos: bool = False
@@ -74,6 +76,8 @@ class AcmeConfig:
     order_timeout: float = 90.0     # seconds for one whole order, newOrder to the certificate
     eab_hmac_key_file: Path | None = None  # where eab_hmac_key was read from, if a file
     staging_directory: str | None = None   # what `certd renew --dry-run` orders from
+    name: str = "default"                  # [[ca]] name; [acme] is the one CA "default"
+    trust_anchors: Path | None = None      # roots verify trusts for this CA's chains (beside the endpoint's)
 
 
 @dataclass(frozen=True)
@@ -151,6 +155,7 @@ class CertificateConfig:
     max_key_age: float | None = None   # seconds: re-key once the key is this old, even if valid
     destroy_after: float | None = None  # seconds: destroy a retired version's key after this long
     origins: tuple[tuple[str, str], ...] = ()
+    ca: tuple[str, ...] = ()             # [[ca]] names in the order tried; () = every CA in file order
 
     @property
     def identifiers(self) -> tuple[str, ...]:
@@ -202,6 +207,22 @@ class KeysConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    """``[cluster]``: this node is one of a fleet sharing a PostgreSQL database (certd/store/pg.py).
+
+    ``database`` is a libpq URI or key=value string without a password; the password comes from
+    ``password_file`` (read when connecting) or libpq's own passfile. ``node`` names this node
+    in the database (default: the host name)."""
+
+    database: str
+    node: str
+    password_file: Path | None = None
+    sslmode: str | None = None
+    sslrootcert: Path | None = None
+    reconcile_interval: float = 30.0
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     daemon: DaemonConfig
@@ -210,6 +231,25 @@ class Config:
     alerts: AlertsConfig | None = None
     keys: KeysConfig | None = None   # None: keys stored unencrypted (as before [keys] existed)
     key_classes: tuple[KeyClassConfig, ...] = ()
+    cluster: ClusterConfig | None = None  # None: a single host, its state in daemon.state_dir
+    cas: tuple[AcmeConfig, ...] = ()   # every CA in file order; () = just ``acme``
+
+    def __post_init__(self) -> None:
+        # ``acme`` is the first CA: what code reading one CA (the daemon's probe, imports) uses
+        if not self.cas:
+            object.__setattr__(self, "cas", (self.acme,))
+
+    def ca_config(self, name: str | None) -> AcmeConfig | None:
+        """The CA named ``name`` (None: the first), or None when none is configured by that name."""
+        if name is None:
+            return self.acme
+        return next((ca for ca in self.cas if ca.name == name), None)
+
+    def cas_for(self, cert: CertificateConfig) -> tuple[AcmeConfig, ...]:
+        """The CAs ``cert`` is ordered from, in order (its ``ca`` list, else every CA)."""
+        if not cert.ca:
+            return self.cas
+        return tuple(ca for name in cert.ca if (ca := self.ca_config(name)) is not None)
 
     def certificate(self, name: str) -> CertificateConfig:
         return self._by_name[name]  # KeyError for an unknown name

@@ -128,7 +128,10 @@ class Jobs:
         names = self.tracker.ca_waiting()
         config = self._config()
         waiting = [c for c in config.certificates if c.name in names]
-        if not waiting or not self.manager.issuer.reachable():
+        # several CAs: any of theirs answering is worth a retry (the renewal starts at the first)
+        wanted = {ca.name for c in waiting for ca in config.cas_for(c)}
+        if not waiting or not any(self.manager.ports.issuer_at(ca.name).reachable()
+                                  for ca in config.cas if ca.name in wanted):
             return
         event(log, "ca_reachable_again", names=",".join(c.name for c in waiting))
         for cert in waiting:

@@ -24,7 +24,8 @@ from certd.crypto.kekload import load_source
 from certd.engine.keycustody import rotate_kek
 from certd.core.events import EventBus, Sink
 from certd.engine.manager import Manager, whoami
-from certd.store.files import FileStore, keyring_of, open_store
+from certd.store.files import FileStore, keyring_of
+from certd.store.opening import open_store
 
 
 @dataclass
@@ -121,7 +122,7 @@ def build_manager(config: Config, *, clock: Clock | None = None, daemon: bool = 
     store = open_store(config, audit_group=config.daemon.control_group)
     manager = Manager(config, store=store, clock=clock, lock_timeout=lock_timeout,
                       events=build_events(config, clock, daemon=daemon, sinks=sinks, audit_sink=store.audit))
-    if maintenance:  # not for commands that promise to change nothing (renew --dry-run)
+    if maintenance and isinstance(store, FileStore):  # not for commands that promise to change nothing
         seal_existing_keys(manager, store, full_scan=daemon)
     if loose_mode is not None:
         manager.emit("state_dir_tightened", "", initiator=whoami(), reason=f"state_dir had mode {loose_mode:04o}",

@@ -35,6 +35,8 @@ class CertState:
     fix: str | None = None                     # what an operator does about a hold
     issued: list[dict[str, Any]] | None = None  # [{"at", "names"}] this rolling week (duplicate limit)
     forced_retry: str | None = None            # a forced renewal failed: the daemon retries it (backoff)
+    # several CAs: {ca name: {"until", "kind", "problem", "count"}} while one is skipped (certd.core.failover)
+    ca_waits: dict[str, dict[str, Any]] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod

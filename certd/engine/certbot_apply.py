@@ -61,8 +61,10 @@ def write_config(cfg: Config, text: str) -> None:
     fsutil.atomic_write(cfg.path, text.encode("utf-8"), mode=cfg.path.stat().st_mode & 0o7777)
 
 
-def import_lineage(store: FileStore, lin: Lineage, certbot_dir: Path) -> int:
-    """Store the lineage's current certificate as the current version (1 in a fresh name)."""
+def import_lineage(store: FileStore, lin: Lineage, certbot_dir: Path, ca: str | None = None) -> int:
+    """Store the lineage's current certificate as the current version (1 in a fresh name);
+    ``ca`` names the configured CA whose directory is certbot's server (ARI and ``replaces``
+    go to it; None: the first CA)."""
     info, now = lin.bundle.info, datetime.now(timezone.utc)
     source = str(certbot_dir / "live" / lin.conf.name)
     with store.lock(lin.name):
@@ -71,6 +73,7 @@ def import_lineage(store: FileStore, lin: Lineage, certbot_dir: Path) -> int:
             "serial": info.serial, "not_after": _isoformat(info.not_after),
             "fingerprint_sha256": info.fingerprint_sha256, "replaces": None,
             keyage.KEY_CREATED: _isoformat(info.not_before), "imported_from": source,
+            **({"ca": ca} if ca else {}),
         })
         store.set_current(lin.name, version)
     store.audit.append(LifecycleEvent(

@@ -6,8 +6,9 @@ certificate, the step that failed.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
-from typing import Any, Collection
+from typing import Any, Callable, Collection, Mapping
 
 from certd.deploy import stage as deploy
 from certd.deploy import strictmodes
@@ -15,12 +16,15 @@ from certd.reload import hooks
 from certd.core import rotation
 from certd.verify import handshake as verify
 from certd.core.clock import Clock
-from certd.config import CertificateConfig
+from certd.config import CertificateConfig, VerifyEndpoint
 from certd.core.errors import OperationFailed
 from certd.core.events import EventBus
 from certd.core.model import Bundle
 from certd.core.rotation import Journal, Step
 from certd.store.files import Store
+
+
+Trust = Callable[[str], "Path | None"]   # a CA's name -> its trust_anchors (None: the endpoint's own)
 
 
 class RotationEffects:
@@ -31,8 +35,9 @@ class RotationEffects:
     versions and destroying compromised keys after a commit are the manager's, not these."""
 
     def __init__(self, store: Store, clock: Clock, events: EventBus, cert: CertificateConfig, *,
-                 repair: bool = False) -> None:
+                 repair: bool = False, trust: Trust | None = None) -> None:
         self.store, self.clock, self.events, self.cert = store, clock, events, cert
+        self.trust = trust  # the issuing CA's trust_anchors, by CA name
         self.repair = repair  # stage rewrites deployed files edited out of band (drift repair)
         self._bundles: dict[int, Bundle] = {}
 
@@ -69,7 +74,8 @@ class RotationEffects:
     def verify(self, version: int) -> bool:
         if not self.cert.verify:
             return False
-        verify.await_served(self.cert.verify, self._bundle(version).info.fingerprint_sha256,
+        endpoints = anchored(self.cert, self.store.load_info(self.cert.name, version).meta, self.trust)
+        verify.await_served(endpoints, self._bundle(version).info.fingerprint_sha256,
                             timeout=self.cert.verify_timeout, clock=self.clock)
         return True
 
@@ -80,14 +86,14 @@ class RotationEffects:
 class LocalEdges:
     """The Edges port on this host: deploy targets, reload hooks and handshakes as configured."""
 
-    def __init__(self, store: Store, clock: Clock, events: EventBus) -> None:
-        self.store, self.clock, self.events = store, clock, events
+    def __init__(self, store: Store, clock: Clock, events: EventBus, trust: Trust | None = None) -> None:
+        self.store, self.clock, self.events, self.trust = store, clock, events, trust
 
     def check_safe(self, cert: CertificateConfig) -> None:
         strictmodes.require_safe(cert)
 
     def effects(self, cert: CertificateConfig, *, repair: bool = False) -> RotationEffects:
-        return RotationEffects(self.store, self.clock, self.events, cert, repair=repair)
+        return RotationEffects(self.store, self.clock, self.events, cert, repair=repair, trust=self.trust)
 
     def prune(self, cert: CertificateConfig, keep: Collection[int]) -> None:
         deploy.prune(cert, keep)
@@ -96,8 +102,25 @@ class LocalEdges:
         return deploy.destroy_keys(cert, keys)
 
     def served(self, cert: CertificateConfig, fingerprint_sha256: str, timeout: float) -> list[str]:
-        served = verify.await_served(cert.verify, fingerprint_sha256, timeout=timeout, clock=self.clock)
+        endpoints = cert.verify
+        current = self.store.current(cert.name) if self.trust is not None else None
+        if current is not None:  # the current version's CA anchors the chain it serves
+            stored = self.store.load_info(cert.name, current)
+            if stored.info.fingerprint_sha256 == fingerprint_sha256:
+                endpoints = anchored(cert, stored.meta, self.trust)
+        served = verify.await_served(endpoints, fingerprint_sha256, timeout=timeout, clock=self.clock)
         return [str(s.endpoint) for s in served]
+
+
+def anchored(cert: CertificateConfig, meta: Mapping[str, Any], trust: Trust | None) -> tuple[VerifyEndpoint, ...]:
+    """``cert``'s verify endpoints, trusting the anchors of the CA that issued the version with
+    ``meta`` when that CA has ``trust_anchors`` (several CAs: each chain ends at its own CA's
+    root); otherwise each endpoint's ``ca_bundle`` (or the system store) as configured."""
+    ca = meta.get("ca")
+    anchors = trust(ca) if trust is not None and isinstance(ca, str) else None
+    if anchors is None:
+        return cert.verify
+    return tuple(dataclasses.replace(e, ca_bundle=anchors) for e in cert.verify)
 
 
 STEP_TEXT = {

@@ -18,12 +18,13 @@ import pwd
 import threading
 from dataclasses import replace
 from datetime import datetime
+from pathlib import Path
 from typing import Any, Iterable
 
 from certd.acme.issuer import connect
 from certd.config import CertificateConfig, Config
 from certd.core.clock import Clock, SystemClock
-from certd.core.errors import LockBusy, StoreError, UsageError
+from certd.core.errors import AcmeError, LockBusy, StoreError, UsageError
 from certd.core.events import EventBus
 from certd.core.rotation import Journal
 from certd.engine.destruction import destroy_retired_keys
@@ -40,7 +41,8 @@ from certd.engine.rollback import Rollback
 from certd.engine.attempts import CertState
 from certd.engine.statebook import Change
 from certd.engine.status import Status
-from certd.store.files import Store, open_store
+from certd.store.files import Store
+from certd.store.opening import open_store
 
 __all__ = ["Manager", "Outcome", "RenewRequest", "Result", "whoami"]
 
@@ -59,15 +61,20 @@ class Manager:
     issuer and clock)."""
 
     def __init__(self, config: Config, *, store: Store | None = None, issuer: IssuerPort | None = None,
-                 clock: Clock | None = None, lock_timeout: float = 0.0, events: EventBus | None = None) -> None:
+                 clock: Clock | None = None, lock_timeout: float = 0.0, events: EventBus | None = None,
+                 issuers: dict[str, IssuerPort] | None = None) -> None:
         events = events or EventBus()
         clock = clock or SystemClock()
         store = store or open_store(config)
-        self._issuer = issuer
+        # one client (and so one account: accounts are keyed by directory URL) per CA name;
+        # a test's ``issuer`` stands for every CA, its ``issuers`` for the ones it names
+        self._fixed = issuer
+        self._issuers: dict[str, IssuerPort] = dict(issuers or {})
         self._issuer_lock = threading.Lock()
-        self.ports = Ports(config, store, store, self._get_issuer, events, clock, LocalEdges(store, clock, events),
-                           lock_timeout=lock_timeout)
-        self.planner = Planner(store, clock, self._get_issuer)
+        edges = LocalEdges(store, clock, events, trust=self._trust_anchors)
+        self.ports = Ports(config, store, store, self._get_issuer, events, clock, edges,
+                           lock_timeout=lock_timeout, ca_issuer=self._issuer_for)
+        self.planner = Planner(store, clock, self._get_issuer, issuer_at=self.ports.issuer_at)
         self.planner.on_broken = lambda name, why: self.emit("cert_broken", name, outcome="broken", reason=why)
 
     # -- what outlives one operation ------------------------------------------------------
@@ -107,23 +114,43 @@ class Manager:
         return self._get_issuer()
 
     def _get_issuer(self) -> IssuerPort:
+        """The first CA's client."""
+        return self._issuer_for(self.ports.config.acme.name)
+
+    def _issuer_for(self, name: str) -> IssuerPort:
+        """The client of the CA ``name``, built on first use; AcmeError if none is configured."""
+        if self._fixed is not None:
+            return self._fixed
         with self._issuer_lock:
-            if self._issuer is None:
+            issuer = self._issuers.get(name)
+            if issuer is None:
+                ca = self.ports.config.ca_config(name)
+                if ca is None:
+                    raise AcmeError(f"no CA named {name!r} is configured (any more); configured: "
+                                    f"{', '.join(c.name for c in self.ports.config.cas)}")
                 events = self.ports.events
-                self._issuer = connect(self.ports.config.acme, self.ports.store, self.ports.clock,
-                                       on_request=lambda seconds: events.measure("acme_request", seconds))
-            return self._issuer
+                issuer = self._issuers[name] = connect(
+                    ca, self.ports.store, self.ports.clock,
+                    on_request=lambda seconds: events.measure("acme_request", seconds))
+            return issuer
+
+    def _trust_anchors(self, name: str) -> Path | None:
+        """The ``trust_anchors`` of the CA ``name`` (verify checks that CA's chains against them)."""
+        ca = self.ports.config.ca_config(name)
+        return ca.trust_anchors if ca is not None else None
 
     def close(self) -> None:
-        if self._issuer is not None:
-            self._issuer.close()
+        for issuer in [self._fixed, *self._issuers.values()]:
+            if issuer is not None:
+                issuer.close()
 
     def reconfigure(self, config: Config) -> None:
         """Use a new (validated) config from now on; rotations in flight keep theirs."""
         old = self.ports.config
         self.ports = replace(self.ports, config=config)
-        if config.acme != old.acme and self._issuer is not None:
-            self._issuer = None  # the next operation builds one for the new CA settings
+        if config.cas != old.cas:
+            with self._issuer_lock:  # the next operation builds clients for the new CA settings
+                self._issuers = {n: i for n, i in self._issuers.items() if config.ca_config(n) == old.ca_config(n)}
 
     def select(self, names: Iterable[str]) -> list[CertificateConfig]:
         """The configured certificates named (all when none named); UsageError for unknown names."""

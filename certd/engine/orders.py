@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from certd.acme import resume
-from certd.config import CertificateConfig
+from certd.config import AcmeConfig, CertificateConfig
 from certd.core.clock import isoformat
 from certd.core.errors import StoreError
 from certd.core.model import spki_sha256
@@ -50,6 +50,7 @@ class Issued:
     replaces: str | None
     journaled: bool = False    # a journal is stored for it (written now, or resumed from)
     profile: str | None = None  # the ACME profile asked for (None: the CA's default)
+    ca: str | None = None       # the name of the CA that issued it
 
 
 class Orders:
@@ -59,15 +60,11 @@ class Orders:
     def __init__(self, ports: Ports) -> None:
         self.ports = ports
 
-    def obtain(self, cert: CertificateConfig, new_key: Callable[[], bytes], replaces: str | None,
-               say: Say) -> Issued:
-        """The certificate for ``cert``: from the journaled order if it can be continued, else
-        from a new order for ``new_key()`` (journaled before finalize). OperationFailed."""
-        issued = self._resumed(cert, say)
-        if issued is not None:
-            return issued
+    def order(self, cert: CertificateConfig, ca: AcmeConfig, new_key: Callable[[], bytes], replaces: str | None,
+              say: Say) -> Issued:
+        """A new order at ``ca`` for ``new_key()`` (journaled before finalize). OperationFailed."""
         key_pem = new_key()
-        say("ordering from the CA" + (f" (replaces {replaces})" if replaces else ""))
+        say(f"ordering from CA {ca.name}" + (f" (replaces {replaces})" if replaces else ""))
 
         journaled = False
         profile: str | None = None
@@ -75,12 +72,13 @@ class Orders:
         def journal(order_url: str, asked: str | None = None) -> None:
             nonlocal journaled, profile
             profile = asked
-            journaled = self._save(cert, order_url, key_pem, replaces, asked)
+            journaled = self._save(cert, ca, order_url, key_pem, replaces, asked)
             crash_at(CRASH_JOURNALED)
 
-        fullchain = self.ports.issuer().issue(cert, key_pem, replaces=replaces, progress=say, on_order=journal)
+        fullchain = self.ports.issuer_at(ca.name).issue(cert, key_pem, replaces=replaces, progress=say,
+                                                        on_order=journal)
         crash_at(CRASH_FINALIZED)
-        return Issued(fullchain, key_pem, replaces, journaled, profile)
+        return Issued(fullchain, key_pem, replaces, journaled, profile, ca.name)
 
     def stored(self, name: str, issued: Issued) -> None:
         """``issued`` is stored as a version: the order is done (no store write when it had
@@ -93,7 +91,9 @@ class Orders:
         if not resume.order_may_live(error):
             self._clear(name)
 
-    def _resumed(self, cert: CertificateConfig, say: Say) -> Issued | None:
+    def resumed(self, cert: CertificateConfig, say: Say) -> Issued | None:
+        """The certificate of the journaled order, if there is one and its CA (one of ``cert``'s)
+        can continue it; else None (a journal that cannot be resumed is discarded). OperationFailed."""
         store = self.ports.store
         try:
             journal = store.load_order(cert.name)
@@ -105,8 +105,10 @@ class Orders:
             return None
         if journal is None:
             return None
-        why = resume.journal_mismatch(journal.meta, self.ports.config.acme.directory, cert.identifiers,
-                                     cert.key_type)
+        cas = self.ports.config.cas_for(cert)
+        # the order belongs to the CA it was placed with: resumed there, if that is still one of cert's
+        ca = next((c for c in cas if c.directory == journal.meta.get(resume.META_DIRECTORY)), cas[0])
+        why = resume.journal_mismatch(journal.meta, ca.directory, cert.identifiers, cert.key_type)
         if why is None and cert.profile is not None and journal.meta.get("profile") != cert.profile:
             why = (f"it was ordered with profile {journal.meta.get('profile')!r}; the configuration now requires "
                    f"{cert.profile!r}")
@@ -115,13 +117,13 @@ class Orders:
         if why is None and self._compromised(cert.name, journal.key_pem):
             why = "its key (reused) was marked compromised since"
         if why is None:
-            fullchain = self.ports.issuer().resume(cert, journal.order_url, journal.key_pem, progress=say)
+            fullchain = self.ports.issuer_at(ca.name).resume(cert, journal.order_url, journal.key_pem, progress=say)
             if fullchain is not None:
                 crash_at(CRASH_FINALIZED)
                 replaces = journal.meta.get(resume.META_REPLACES)
                 profile = journal.meta.get("profile")
                 return Issued(fullchain, journal.key_pem, replaces if isinstance(replaces, str) else None, True,
-                              profile if isinstance(profile, str) else None)
+                              profile if isinstance(profile, str) else None, ca.name)
             # the issuer logged why the CA cannot continue it
         else:
             event(log, "order_discarded", logging.WARNING, name=cert.name, order=journal.order_url, reason=why)
@@ -161,10 +163,10 @@ class Orders:
         return any(VersionStatus.from_meta(v.meta).key_compromised and v.info.spki_sha256 == spki
                    for v in (store.load_info(name, n) for n in store.versions(name)))
 
-    def _save(self, cert: CertificateConfig, order_url: str, key_pem: bytes, replaces: str | None,
+    def _save(self, cert: CertificateConfig, ca: AcmeConfig, order_url: str, key_pem: bytes, replaces: str | None,
               profile: str | None = None) -> bool:
         """Store the journal; False (logged) when the store could not (best effort)."""
-        meta = resume.journal_meta(self.ports.config.acme.directory, cert.identifiers, replaces, cert.key_type)
+        meta = resume.journal_meta(ca.directory, cert.identifiers, replaces, cert.key_type)
         if profile is not None:
             meta["profile"] = profile
         journal = OrderJournal(order_url, key_pem, isoformat(self.ports.clock.now()), meta)

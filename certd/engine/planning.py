@@ -88,8 +88,10 @@ class Planner:
     """The policy's facts for each certificate, read from ``store`` (and the CA's ARI through
     ``issuer()``, built on first use); per-certificate bookkeeping kept as CertState."""
 
-    def __init__(self, store: Store, clock: Clock, issuer: Callable[[], IssuerPort]) -> None:
+    def __init__(self, store: Store, clock: Clock, issuer: Callable[[], IssuerPort],
+                 issuer_at: Callable[[str | None], IssuerPort] | None = None) -> None:
         self.store, self.clock, self._issuer = store, clock, issuer
+        self._issuer_at = issuer_at  # ARI is asked of the CA that issued the certificate
         self._cache: dict[str, _Facts] = {}   # see _facts()
         self.states = StateBook(store)  # compare-and-set writes, the in-memory floor
         self.on_broken: Callable[[str, str], None] | None = None  # the manager emits cert_broken
@@ -160,7 +162,7 @@ class Planner:
                                "next_renewal": isoformat(decision.renew_at), "last_result": None,
                                "last_error": None, "failures": 0, "rotation": None, "profile": None,
                                "renewal_reason": decision.reason, "broken_reason": reason,
-                               "key_class": cert.key_class}
+                               "key_class": cert.key_class, "ca": None}
         try:
             state = self.load_state(cert.name)
             row.update(last_result=state.last_result, last_error=state.last_error, failures=state.failures)
@@ -184,7 +186,7 @@ class Planner:
                                "next_renewal": None, "last_result": state.last_result,
                                "last_error": state.last_error, "failures": state.failures,
                                "rotation": unfinished, "profile": None,
-                               "key_class": cert.key_class}
+                               "key_class": cert.key_class, "ca": None}
         until = attempts.blocked_until(state, self.clock.now())
         row.update(failure_kind=state.failure_kind if state.failures else None, problem=state.problem,
                    retry_after=isoformat(until) if until else None)
@@ -196,6 +198,7 @@ class Planner:
             return _Facts(token, cert, decision, row, blocked_until=until)
         info = stored.info
         row["profile"] = stored.meta.get("profile")
+        row["ca"] = stored.meta.get("ca")  # the CA that issued the current version
         row.update(serial=info.serial, not_before=isoformat(info.not_before), not_after=isoformat(info.not_after),
                    fingerprint_sha256=info.fingerprint_sha256, key_type=info.key_type)
         status = VersionStatus.from_meta(stored.meta)
@@ -279,7 +282,10 @@ class Planner:
         if refresh and stale:
             lifetime = info.not_after - info.not_before
             try:
-                ri = self._issuer().renewal_info(cert_pem(self.store, stored))
+                issuing = stored.meta.get("ca")  # none: issued before [[ca]] (the first CA)
+                at = self._issuer_at(issuing if isinstance(issuing, str) else None) if self._issuer_at \
+                    else self._issuer()
+                ri = at.renewal_info(cert_pem(self.store, stored))
             except OperationFailed as e:
                 event(log, "ari_unavailable", logging.WARNING, name=stored.name, error=str(e))
                 # Keep the last window we had; ask again after a short while.

@@ -80,8 +80,10 @@ class Edges(Protocol):
 @dataclass(frozen=True)
 class Ports:
     """What one use case may touch. ``issuer`` is a factory: the CA client is built on first
-    use (status never needs one) and rebuilt after the CA settings change. ``retries``: this
-    process retries failed renewals by itself (the daemon), so its messages may say so."""
+    use (status never needs one) and rebuilt after the CA settings change; it is the first
+    CA's, ``ca_issuer(name)`` any configured CA's (one client and one account per CA; without
+    it every CA is ``issuer()``). ``retries``: this process retries failed renewals by itself
+    (the daemon), so its messages may say so."""
 
     config: Config
     store: Store
@@ -92,6 +94,14 @@ class Ports:
     edges: Edges
     lock_timeout: float = 0.0
     retries: bool = False
+    ca_issuer: Callable[[str], IssuerPort] | None = None
+
+    def issuer_at(self, ca: str | None) -> IssuerPort:
+        """The client of the CA named ``ca`` (None: the first CA); OperationFailed when no CA
+        of that name is configured (any more)."""
+        if ca is None or self.ca_issuer is None:
+            return self.issuer()
+        return self.ca_issuer(ca)
 
     def lock(self, name: str) -> AbstractContextManager[None]:
         """The certificate's lock, waiting at most ``lock_timeout`` seconds (StoreError)."""

@@ -31,6 +31,7 @@ from certd.core.rotation import Step
 from certd.crypto import certcheck, keys
 from certd.engine import attempts, keyage
 from certd.engine.lifecycle import VersionStatus
+from certd.engine.failover import Failover
 from certd.engine.orders import Orders
 from certd.engine.outcome import Outcome, RenewRequest, Result, with_resumed
 from certd.engine.planning import Planner
@@ -50,6 +51,7 @@ class Renew:
         self.ports, self.planner = ports, planner
         self.rotations = Rotations(ports, planner)
         self.orders = Orders(ports)
+        self.failover = Failover(ports, self.orders)
 
     def __call__(self, req: RenewRequest, progress: Progress | None = None) -> Outcome:
         """Renew ``req.cert`` if due (now, if forced); never raises for a CertdError."""
@@ -127,7 +129,8 @@ class Renew:
         started = clock.monotonic()
         state.last_attempt = isoformat(clock.now())
         try:  # the order journal: an order a crash interrupted is resumed, not placed again
-            issued = self.orders.obtain(cert, lambda: self._key_for(cert, stored, say), _replaces(stored, cert), say)
+            issued, tried = self.failover.obtain(cert, stored, state, lambda: self._key_for(cert, stored, say),
+                                                 _replaces(stored, cert), say, ignore_waits=force)
             key_pem, replaces = issued.key_pem, issued.replaces
             bundle = certcheck.check_issued(issued.fullchain, key_pem, cert.identifiers, clock.now())
             info = bundle.info
@@ -138,6 +141,8 @@ class Renew:
                 "fingerprint_sha256": info.fingerprint_sha256, "replaces": replaces,
                 keyage.KEY_CREATED: self._key_created(stored, info.spki_sha256),
                 **({"profile": issued.profile} if issued.profile else {}),
+                **({"ca": issued.ca} if issued.ca else {}),
+                **({"ca_skipped": tried.skipped} if tried.skipped else {}),
             })
             self.orders.stored(cert.name, issued)
         except OperationFailed as e:
@@ -154,7 +159,7 @@ class Renew:
         ports.emit("issued", cert.name, initiator=initiator, reason=reason, version=version, new_serial=info.serial,
                    old_serial=stored.bundle.info.serial if stored else None, spki_sha256=info.spki_sha256,
                    not_after=info.not_after, duration=clock.monotonic() - started,
-                   **({"detail": {"profile": issued.profile}} if issued.profile else {}))
+                   detail=_issued_detail(issued.profile, issued.ca, tried.skipped))
         j = self.rotations.start(cert, "renew", current, version, initiator, reason)
         rotation.crash_point(Step.ISSUED)
         j = self.rotations.drive(cert, j, say)
@@ -188,6 +193,12 @@ class Renew:
         if stored is not None and stored.bundle.info.spki_sha256 == spki_sha256:
             return isoformat(keyage.key_created(stored.meta, stored.bundle.info))
         return isoformat(self.ports.clock.now())
+
+
+def _issued_detail(profile: str | None, ca: str | None, skipped: list[dict[str, str]]) -> dict[str, Any]:
+    """The ``issued`` event's detail: the profile asked for, the issuing CA, the CAs skipped."""
+    return {**({"profile": profile} if profile else {}), **({"ca": ca} if ca else {}),
+            **({"ca_skipped": skipped} if skipped else {})}
 
 
 def _replaces(stored: StoredVersion | None, cert: CertificateConfig) -> str | None:

@@ -133,7 +133,9 @@ class Revoke:
                                   "version": sv.version, "spki_sha256": info.spki_sha256,
                                   "not_after": info.not_after, "detail": {"reason_code": REASONS[reason]}}
         try:
-            self.ports.issuer().revoke(sv.bundle.cert_pem, REASONS[reason])
+            issuing = sv.meta.get("ca")  # revoked at the CA that issued it
+            self.ports.issuer_at(issuing if isinstance(issuing, str) else None).revoke(sv.bundle.cert_pem,
+                                                                                       REASONS[reason])
         except OperationFailed as e:
             self.ports.emit("revoked", cert.name, outcome="failed",
                             **{**fields, "detail": {**fields["detail"], "error": str(e)}})

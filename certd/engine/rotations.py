@@ -108,7 +108,7 @@ class Rotations:
         renewed = j.kind == "renew"
         if renewed:
             result, msg = Result.RENEWED, f"renewed: version {version}, serial {serial} ({seconds:.2f}s)"
-            self.ports.emit("renewed", cert.name, **fields)
+            self.ports.emit("renewed", cert.name, detail=self._ca_detail(cert.name, version), **fields)
         else:
             result, msg = Result.SWITCHED, f"rolled back to version {version}, serial {serial}; verified"
             self.ports.emit("operator_rollback", cert.name, **fields)
@@ -210,6 +210,14 @@ class Rotations:
             return self.ports.store.load_info(name, version).info
         except CertdError:
             return None
+
+    def _ca_detail(self, name: str, version: int | None) -> dict[str, Any]:
+        """Which CA issued ``version`` and which CAs were skipped on the way, and why (its meta)."""
+        try:
+            meta = self.ports.store.load_info(name, version).meta if version is not None else {}
+        except CertdError:
+            return {}
+        return {k: meta[k] for k in ("ca", "ca_skipped") if meta.get(k)}
 
     def serial(self, name: str, version: int | None) -> str | None:
         info = self.info(name, version)

@@ -35,7 +35,7 @@ ATTEMPTS = 64
 
 #: What a renewal notes in the state before it knows how it ends (when it tried, what the CA
 #: issued this week, that a forced renewal is pending); written with its success or failure.
-RENEWAL_NOTES = ("last_attempt", "issued", "forced_retry")
+RENEWAL_NOTES = ("last_attempt", "issued", "forced_retry", "ca_waits")
 
 
 class StateBook:

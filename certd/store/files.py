@@ -50,11 +50,11 @@ from certd.store.filelease import FileLeases
 from certd.store.fileversions import VersionFiles
 from certd.store.port import LEGACY_TTL, Conflict, Lease, OrderJournal, Store, StoredVersion, VersionInfo
 
-__all__ = ["FileStore", "open_store", "Store", "StoredVersion", "VersionInfo", "LEGACY_TTL", "node_name"]
+__all__ = ["FileStore", "open_file_store", "Store", "StoredVersion", "VersionInfo", "LEGACY_TTL", "node_name"]
 
 
 
-def open_store(config: Config, *, audit_group: str | None = None, clock: Clock | None = None) -> FileStore:
+def open_file_store(config: Config, *, audit_group: str | None = None, clock: Clock | None = None) -> FileStore:
     """The configured state directory, sealing keys under ``[keys]``'s KEK when it is set
     (:class:`~certd.crypto.custody.CustodyError` when the KEK cannot be loaded)."""
     ring, loader = keyring_of(config)

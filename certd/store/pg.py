@@ -75,10 +75,15 @@ class PgStore:
         self._pool: ConnectionPool | None = None
         try:
             self.dsn = conninfo(dsn, node)
-            self._pool = ConnectionPool(self.dsn, min_size=1, max_size=pool_size, open=True, configure=configure,
-                                        kwargs={"autocommit": False}, name=f"certd-{node}")
-            with self._pool.connection() as conn:
+            # One direct connection first: a wrong password or an unreachable host fails now with
+            # the server's own words, where the pool would retry for 30 s and say only "timeout".
+            with psycopg.connect(self.dsn, autocommit=True) as conn:
                 ensure_schema(conn)
+            # check: a connection the server dropped (a restart, an outage) is replaced before it is
+            # handed out, instead of failing the first operation after the database is back.
+            self._pool = ConnectionPool(self.dsn, min_size=1, max_size=pool_size, open=True, configure=configure,
+                                        check=ConnectionPool.check_connection,
+                                        kwargs={"autocommit": False}, name=f"certd-{node}")
         except BaseException as e:
             self.close()  # no pool threads left behind
             if isinstance(e, psycopg.Error):

@@ -18,7 +18,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from certd.core.errors import StoreError
 
-VERSION = 1
+VERSION = 2
 #: pg_advisory_xact_lock key for schema creation and upgrades ("certd" in ASCII).
 SCHEMA_LOCK = 0x6365727464
 
@@ -109,6 +109,39 @@ CREATE TABLE certd_audit_head (
 INSERT INTO certd_audit_head VALUES (1, 0, repeat('0', 64));
 """
 
+#: Upgrades, by the version they lead to: each runs in the transaction that records it, under
+#: the schema lock, so nodes upgraded one by one and started at once apply it once.
+UPGRADES: dict[int, str] = {
+    2: """
+-- The fleet's nodes: who is there and when each was last heard from (certd nodes).
+CREATE TABLE certd_nodes (
+    node text PRIMARY KEY,
+    first_seen timestamptz NOT NULL,
+    last_seen timestamptz NOT NULL,
+    software text NOT NULL,          -- certd's version on that node
+    removed boolean NOT NULL DEFAULT false
+);
+-- What each node's endpoints were last seen serving, per certificate (status --fleet).
+CREATE TABLE certd_node_reports (
+    node text NOT NULL,
+    name text NOT NULL,
+    fingerprint_sha256 text,
+    verified_at timestamptz,
+    last_error text,
+    updated timestamptz NOT NULL,
+    PRIMARY KEY (node, name)
+);
+-- http-01 answers every node serves, whichever node ordered (no private data: a key
+-- authorization is public by design, RFC 8555 §8.1).
+CREATE TABLE certd_challenges (
+    token text PRIMARY KEY,
+    key_authorization text NOT NULL,
+    name text NOT NULL,
+    expires timestamptz NOT NULL
+);
+""",
+}
+
 
 def ensure_schema(conn: Any) -> None:
     """Create the schema if this database has none; refuse one newer than this certd's.
@@ -125,12 +158,14 @@ def ensure_schema(conn: Any) -> None:
         found = conn.execute("SELECT version FROM certd_schema WHERE id = 1").fetchone()
         if found is None:
             conn.execute(DDL)
-            conn.execute("INSERT INTO certd_schema VALUES (1, %s)", (VERSION,))
-        elif found[0] > VERSION:
+            conn.execute("INSERT INTO certd_schema VALUES (1, 1)")
+            found = (1,)
+        if found[0] > VERSION:
             raise StoreError(f"the database's certd schema is version {found[0]}, newer than this certd's "
-                             f"({VERSION}): upgrade certd on this node")
-        elif found[0] < VERSION:  # pragma: no cover - the first version has nothing to upgrade from
-            raise StoreError(f"the database's certd schema is version {found[0]}: no upgrade to {VERSION} known")
+                             f"({VERSION}): this node refuses to write to it; upgrade certd on this node")
+        for version in range(found[0] + 1, VERSION + 1):
+            conn.execute(UPGRADES[version])
+            conn.execute("UPDATE certd_schema SET version = %s WHERE id = 1", (version,))
 
 
 def conninfo(dsn: str, node: str) -> str:

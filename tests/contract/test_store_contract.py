@@ -57,6 +57,15 @@ def test_versions_are_numbered_and_load_back(store):
         store.load("www", 9)
 
 
+def test_the_issuing_ca_and_the_cas_skipped_come_back_from_meta(store):
+    """A version's meta keeps the issuing CA's name and the CAs skipped with their reasons (status and audit read them)."""
+    lease = store.lease("www", "a", TTL)
+    skipped = [{"ca": "primary", "reason": "refused the order (caa)"}]
+    store.add_version("www", make_bundle(), {"ca": "backup", "ca_skipped": skipped}, lease=lease)
+    for meta in (store.load("www", 1).meta, store.load_info("www", 1).meta):
+        assert meta["ca"] == "backup" and meta["ca_skipped"] == skipped
+
+
 def test_update_meta_destroy_key_and_prune(store):
     """update_meta merges; destroy_key empties the key and marks it; prune spares desired and protected."""
     lease = store.lease("www", "a", TTL)

@@ -44,7 +44,8 @@ def to_toml(daemon: Mapping[str, Any], acme: Mapping[str, Any], certificates: Se
     and an array of certificate tables, each with an optional deploy table and arrays of
     reload / verify tables."""
     out = ["[daemon]"] + [f"{k} = {toml_value(v)}" for k, v in daemon.items()]
-    out += ["", "[acme]"] + [f"{k} = {toml_value(v)}" for k, v in acme.items()]
+    if acme:  # none: the CAs are [[ca]] tables (``arrays={"ca": [...]}``)
+        out += ["", "[acme]"] + [f"{k} = {toml_value(v)}" for k, v in acme.items()]
     if alerts:
         out += ["", "[alerts]"] + [f"{k} = {toml_value(v)}" for k, v in alerts.items()]
     for table, values in (tables or {}).items():
@@ -104,8 +105,9 @@ class CertdEnv:
         if certificates is not None:
             self.certificates = [dict(c) for c in certificates]
         daemon = {"state_dir": str(self.state_dir), "control_socket": str(self.socket), **self.daemon_extra}
-        acme = {"directory": self.pebble.directory_url, "email": "ops@example.test", "agree_tos": True,
-                "ca_bundle": str(self.pebble.ca_bundle), **self.acme_extra}
+        acme = {} if self.arrays.get("ca") else {
+            "directory": self.pebble.directory_url, "email": "ops@example.test", "agree_tos": True,
+            "ca_bundle": str(self.pebble.ca_bundle), **self.acme_extra}
         tmp = self.config_path.with_suffix(".tmp")
         # 0600 as an operator's config holding a secret must be (certd refuses inline secrets otherwise)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

@@ -10,7 +10,7 @@ import pytest
 from certd import config as config_mod
 from certd.core.errors import ConfigError
 from certd.engine import certbot_apply, certbot_import
-from certd.store.files import open_store
+from certd.store.files import open_file_store
 
 from tests.unit.test_certbot_import import le  # noqa: F401  (the fixture: a certbot dir with fresh keys)
 
@@ -27,7 +27,7 @@ def config(tmp_path: Path, extra: str = "") -> config_mod.Config:
 def test_write_imports_version_1_and_the_account_and_appends_a_config_that_loads(tmp_path: Path, le: Path) -> None:  # noqa: F811
     """Every lineage becomes version 1 (audited), the account is stored under certbot's server, the config loads."""
     cfg = config(tmp_path)
-    store = open_store(cfg)
+    store = open_file_store(cfg)
     lineages, _ = certbot_import.plan(le)
     lineages = certbot_apply.refuse_taken(cfg, store, lineages, print)
     text = certbot_apply.appended_config(cfg, lineages, le)
@@ -49,7 +49,7 @@ def test_a_name_already_configured_or_stored_is_refused_with_one_line(tmp_path: 
     """A configured name and a name holding versions are each refused once; the rest go on."""
     cfg = config(tmp_path, '\n[[certificate]]\nname = "b-site"\ndomains = ["b.example.test"]\nchallenge = "http-01"\n'
                            'http01_listen = "127.0.0.1:5002"\n')
-    store = open_store(cfg)
+    store = open_file_store(cfg)
     lineages, _ = certbot_import.plan(le)
     certbot_apply.import_lineage(store, [lin for lin in lineages if lin.name == "c.example.test"][0], le)
     said: list[str] = []

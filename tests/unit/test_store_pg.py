@@ -113,6 +113,21 @@ def test_a_newer_schema_is_refused(opened, postgres):
         opened("node2")
 
 
+def test_a_version_1_database_is_upgraded_in_place_keeping_its_rows(opened, postgres, clock):
+    """A database made by the first fleet release gains the fleet tables when a newer node starts;
+    the certificates already in it are untouched."""
+    from certd.store.pgschema import DDL
+    with psycopg.connect(postgres) as conn:  # what a version-1 node made
+        conn.execute("CREATE TABLE certd_schema (id int PRIMARY KEY CHECK (id = 1), version int NOT NULL)")
+        conn.execute(DDL)
+        conn.execute("INSERT INTO certd_schema VALUES (1, 1)")
+        conn.execute("INSERT INTO certd_desired VALUES ('www', 3)")
+    s = opened(clock=clock)
+    assert s.desired("www") == 3
+    assert _raw(postgres, "SELECT version FROM certd_schema") == [(VERSION,)]
+    assert _raw(postgres, "SELECT to_regclass('certd_nodes') IS NOT NULL") == [(True,)]
+
+
 def test_racing_grants_have_one_winner(opened, clock):
     """Clients asking for a free lease at the same moment: exactly one is granted."""
     clients = [opened(f"node{i}", clock=clock) for i in range(6)]

@@ -1,0 +1,137 @@
+"""The renewal's order across the certificate's CAs, in order: each failure judged by
+:func:`certd.core.failover.after_failure` (try again, the next CA, or stop and wait), CAs still
+waiting out a hold or rate limit from an earlier attempt skipped (:func:`certd.core.failover.waiting`),
+and every skip said, logged and returned so the version's meta and the audit name them.
+
+ARI's ``replaces`` (RFC 9773 §5) goes only to the CA that issued the current certificate: it
+names that CA's certificate, and another CA would refuse it (or hold it against the account).
+The waits live in the certificate's state (``ca_waits``), per CA: a hold at one CA does not
+block trying the next, and the first CA is asked again at the next renewal once its wait ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Callable
+
+from certd.config import AcmeConfig, CertificateConfig
+from certd.core import failover, policy, retry
+from certd.core.clock import isoformat
+from certd.core.errors import AcmeError, OperationFailed
+from certd.engine.attempts import CertState
+from certd.engine.orders import Issued, Orders
+from certd.engine.ports import Ports, Say
+from certd.ops.log import event
+from certd.store.files import StoredVersion
+
+log = logging.getLogger("certd")
+_NEXT_STEP = re.compile(r";\s*(will retry|not retrying)\b.*$")  # the error's own next step: the next CA is it
+
+
+@dataclass
+class Tried:
+    """What one renewal's order did across the CAs: the ones skipped, and why."""
+
+    skipped: list[dict[str, str]] = field(default_factory=list)
+
+    def skip(self, cert: str, ca: str, why: str, say: Say) -> None:
+        self.skipped.append({"ca": ca, "reason": why})
+        say(f"CA {ca} skipped: {why}")
+        event(log, "ca_skipped", logging.WARNING, name=cert, ca=ca, reason=why)
+
+
+class Failover:
+    """Orders over ``ports`` through ``orders``, trying the certificate's CAs in order."""
+
+    def __init__(self, ports: Ports, orders: Orders) -> None:
+        self.ports, self.orders = ports, orders
+
+    def obtain(self, cert: CertificateConfig, stored: StoredVersion | None, state: CertState,
+               new_key: Callable[[], bytes], replaces: str | None, say: Say, *,
+               ignore_waits: bool = False) -> tuple[Issued, Tried]:
+        """The certificate from the journaled order, else from the first CA that issues it.
+        ``state.ca_waits`` is updated in memory (the caller saves the state). The last error
+        (OperationFailed) when no CA issued; ``ignore_waits`` (a forced renewal) tries every CA."""
+        tried = Tried()
+        issued = self.orders.resumed(cert, say)
+        if issued is not None:
+            return issued, tried
+        cas = self.ports.config.cas_for(cert)
+        now = self.ports.clock.now()
+        emergency = policy.expiring_at(stored.bundle.info.not_before, stored.bundle.info.not_after) \
+            if stored is not None else None
+        issuing = _issuing_ca(stored, self.ports.config.acme.name)
+        waits = dict(state.ca_waits or {})
+        order: list[AcmeConfig] = []   # the CAs asked this time: those not waiting (one CA: always)
+        for ca in cas:
+            why = None if ignore_waits or len(cas) == 1 else failover.waiting(waits, ca.name, now)
+            if why is None:
+                order.append(ca)
+            else:
+                tried.skip(cert.name, ca.name, why, say)
+        try:
+            if not order:
+                raise _all_waiting(cert, waits, now)
+            for i, ca in enumerate(order):
+                got = self._at(cert, ca, new_key, replaces if ca.name == issuing else None, say, emergency,
+                               waits, several=len(cas) > 1, last=i == len(order) - 1, tried=tried)
+                if got is not None:
+                    waits.pop(ca.name, None)  # it answered: its next refusal starts a fresh schedule
+                    return got, tried
+            raise AssertionError("the last CA asked either issues or raises")
+        finally:
+            state.ca_waits = waits or None
+
+    def _at(self, cert: CertificateConfig, ca: AcmeConfig, new_key: Callable[[], bytes], replaces: str | None,
+            say: Say, emergency: datetime | None, waits: dict[str, dict[str, Any]], *, several: bool, last: bool,
+            tried: Tried) -> Issued | None:
+        """The certificate from ``ca``, or None to go on with the next CA; raises when the
+        attempt stops here (``last``, or a failure no other CA would help with). With
+        ``several`` CAs a wait is noted in ``waits`` and the error names the CA (one CA alone:
+        the certificate's own hold says it, and messages are as they always were)."""
+        tries = 0
+        while True:
+            tries += 1
+            try:
+                return self.orders.order(cert, ca, new_key, replaces, say)
+            except OperationFailed as e:
+                self.orders.failed(cert.name, e)
+                before = waits.get(ca.name) or {}
+                count = int(before.get("count", 0)) + 1 if before.get("kind") == retry.HELD else 1
+                step = failover.after_failure(e, tries, self.ports.clock.now(), emergency, held_failures=count)
+                if step.action == failover.RETRY and not last:
+                    say(f"CA {ca.name} {step.reason}; asking it again")
+                    self.ports.clock.sleep(failover.TRANSIENT_PAUSE)
+                    continue
+                if step.wait_until is not None and several:
+                    waits[ca.name] = {"until": isoformat(step.wait_until), "kind": step.kind or "",
+                                      "problem": retry.short(getattr(e, "problem_type", None)) or "",
+                                      "count": count}
+                if last or step.action == failover.STOP:
+                    if several and e.args and isinstance(e.args[0], str):
+                        e.args = (f"CA {ca.name}: {e.args[0]}", *e.args[1:])  # several CAs: say whose answer
+                    raise
+                tried.skip(cert.name, ca.name, f"{step.reason}: {_NEXT_STEP.sub('', str(e))}", say)
+                return None
+
+
+def _issuing_ca(stored: StoredVersion | None, first: str) -> str | None:
+    """The name of the CA that issued ``stored`` (a version from before ``[[ca]]``: the first)."""
+    if stored is None:
+        return None
+    ca = stored.meta.get("ca")
+    return ca if isinstance(ca, str) else first
+
+
+def _all_waiting(cert: CertificateConfig, waits: dict[str, dict[str, Any]], now: datetime) -> AcmeError:
+    """Every CA of ``cert`` is waiting out an earlier refusal or rate limit: a failure that lasts
+    until the first of them may be asked again."""
+    ends = sorted((str(w.get("until")), name) for name, w in waits.items() if failover.waiting(waits, name, now))
+    said = "; ".join(f"{name}: {failover.waiting(waits, name, now)}" for _, name in ends)
+    first_until = datetime.fromisoformat(ends[0][0].replace("Z", "+00:00")) if ends else now
+    seconds = max(1.0, (first_until - now).total_seconds())
+    return AcmeError(f"issuing {cert.name}: every CA is waiting ({said}); next try when the first one may be asked",
+                     problem_type=retry.PREFIX + "rateLimited", retry_after=seconds)
