@@ -24,6 +24,7 @@ import argparse
 import statistics
 import sys
 import tempfile
+import functools
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -61,7 +62,7 @@ def rotation(store: Any, name: str, bundle: Bundle, times: dict[str, list[float]
             if i == 0:
                 version = timed("add_version", lambda: store.add_version(name, bundle, {"reason": "bench"}))
             if step == "switched":
-                timed("set_current", lambda v=version: store.set_current(name, v))
+                timed("set_current", functools.partial(store.set_current, name, version))
         times.setdefault("journal x6", []).append(time.perf_counter() - t - times["add_version"][-1]
                                                    - times["set_current"][-1])
 
