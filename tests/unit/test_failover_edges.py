@@ -1,0 +1,86 @@
+"""Several CAs, the edges a review found: an order journaled at a CA that is down, a failure at the
+last CA whose wait must not lock out the others, dry runs with [[ca]] tables."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from certd.acme import resume
+from certd.config import CertificateConfig
+from certd.core.errors import AcmeError, CANotReachable
+from certd.engine.outcome import RenewRequest, Result
+from certd.engine.renew import Renew
+from certd.store.port import OrderJournal
+from certd.crypto import keys
+from tests.support.certs import CA, make_ca
+from tests.unit.test_failover import CERT, NOW, P, World, limited
+from tests.unit.test_usecases import FakeCA
+
+
+@pytest.fixture(scope="module")
+def test_ca() -> CA:
+    return make_ca(now=NOW)
+
+
+class ResumingCA(FakeCA):
+    """A FakeCA that also answers ``resume`` (failing while ``failure`` is set)."""
+
+    resumed = 0
+
+    def resume(self, cert: CertificateConfig, order_url: str, key_pem: bytes, *, progress: Any = None) -> bytes | None:
+        self.resumed += 1
+        if self.failure is not None:
+            raise self.failure
+        return None
+
+
+def test_an_order_journaled_at_a_ca_that_is_down_does_not_stop_the_fallback(tmp_path: Path, test_ca: CA) -> None:
+    """A crash left an order at primary, then primary went down: the renewal falls to backup instead of failing on the resume every time."""
+    w = World(tmp_path, test_ca)
+    w.cas.update({name: ResumingCA(test_ca, w.clock) for name in w.cas})
+    key = keys.generate_private_key(CERT.key_type)
+    w.store.save_order("www", OrderJournal("https://p.test/order/1", key, "2026-11-22T11:00:00Z",
+                                           resume.journal_meta("https://p.test/dir", CERT.identifiers, None,
+                                                               CERT.key_type)))
+    w.cas["primary"].failure = CANotReachable("ACME server https://p.test/dir is not reachable (refused)")
+    out = w.renew()
+    assert out.result == Result.RENEWED, out.message
+    assert w.row()["ca"] == "backup" and len(w.cas["backup"].orders) == 1
+    assert w.store.load_order("www") is None, "the abandoned order is not resumed after backup issued"
+
+
+def test_a_long_wait_at_the_last_ca_does_not_lock_out_a_first_ca_that_was_only_down(tmp_path: Path,
+                                                                                      test_ca: CA) -> None:
+    """First issuance: primary down, backup rate-limits for 30 days: the certificate retries on the short backoff, not in 30 days."""
+    w = World(tmp_path, test_ca)
+    w.cas["primary"].failure = CANotReachable("ACME server https://p.test/dir is not reachable (refused)")
+    w.cas["backup"].failure = limited(30 * 86400)
+    assert w.renew().result == Result.FAILED
+    row = w.row()
+    assert row["retry_after"] is None or row["retry_after"] < "2026-11-23", row
+    w.cas["primary"].failure = None
+    w.clock.advance(timedelta(hours=1, minutes=10))
+    out = Renew(w.ports, w.planner)(RenewRequest(CERT))
+    assert out.result == Result.RENEWED, out.message
+    assert w.row()["ca"] == "primary" and len(w.cas["backup"].orders) == 1
+
+
+def test_when_every_ca_waits_after_an_attempt_the_certificate_waits_for_the_first_of_them(tmp_path: Path,
+                                                                                          test_ca: CA) -> None:
+    """primary refuses (held 20 min), backup rate-limits for 30 days: the certificate may try again after 20 min, not 30 days."""
+    w = World(tmp_path, test_ca)
+    w.cas["primary"].failure = AcmeError("no", problem_type=P + "caa")
+    w.cas["backup"].failure = limited(30 * 86400)
+    out = w.renew()
+    assert out.result == Result.FAILED
+    state = w.planner.load_state("www")
+    assert state.retry_after is not None and state.retry_after <= "2026-11-22T12:20:01Z", state.retry_after
+    w.cas["primary"].failure = None
+    w.clock.advance(timedelta(minutes=21))
+    out = Renew(w.ports, w.planner)(RenewRequest(CERT))
+    assert out.result == Result.RENEWED, out.message
+    assert w.row()["ca"] == "primary"
