@@ -11,14 +11,20 @@ import pytest
 
 from certd.acme import resume
 from certd.config import CertificateConfig
-from certd.core.errors import AcmeError, CANotReachable
+from certd.config.loading import load as load_config
+from certd.core.clock import FakeClock
+from certd.core.errors import AcmeError, CANotReachable, UsageError
+from certd.core.events import EventBus
+from certd.engine.dryrun import dry_run
+from certd.engine.ports import Ports
+from certd.store.files import FileStore
 from certd.engine.outcome import RenewRequest, Result
 from certd.engine.renew import Renew
 from certd.store.port import OrderJournal
 from certd.crypto import keys
 from tests.support.certs import CA, make_ca
 from tests.unit.test_failover import CERT, NOW, P, World, limited
-from tests.unit.test_usecases import FakeCA
+from tests.unit.test_usecases import FakeCA, FakeEdges
 
 
 @pytest.fixture(scope="module")
@@ -84,3 +90,40 @@ def test_when_every_ca_waits_after_an_attempt_the_certificate_waits_for_the_firs
     out = Renew(w.ports, w.planner)(RenewRequest(CERT))
     assert out.result == Result.RENEWED, out.message
     assert w.row()["ca"] == "primary"
+
+
+# -- dry runs with [[ca]] tables ------------------------------------------------------------------
+
+def _dry_config(tmp_path: Path, primary_staging: str, backup_staging: str | None, cert_ca: str) -> Any:
+    backup = f'staging_directory = "{backup_staging}"\n' if backup_staging else ""
+    text = (f'[daemon]\nstate_dir = "{tmp_path}/state"\ncontrol_socket = "{tmp_path}/s.sock"\n'
+            '[[ca]]\nname = "primary"\ndirectory = "https://127.0.0.1:9/dir"\n'
+            f'staging_directory = "{primary_staging}"\n'
+            f'[[ca]]\nname = "backup"\ndirectory = "https://127.0.0.1:9/backup"\n{backup}'
+            '[[certificate]]\nname = "www"\ndomains = ["www.example.test"]\nhttp01_listen = "127.0.0.1:5002"\n'
+            f'{cert_ca}\n')
+    path = tmp_path / "certd.toml"
+    path.write_text(text)
+    return load_config(path)
+
+
+def test_a_dry_run_orders_from_the_staging_directory_of_the_certificates_own_first_ca(tmp_path: Path) -> None:
+    """ca = ["backup"]: the dry run goes to backup's staging directory, not the first [[ca]] table's."""
+    cfg = _dry_config(tmp_path, "https://127.0.0.1:9/primary-staging", "https://127.0.0.1:9/backup-staging",
+                      'ca = ["backup"]')
+    store = FileStore(tmp_path / "state")
+    ports = Ports(cfg, store, store, lambda: FakeCA(make_ca(now=NOW), FakeClock(NOW)), EventBus(), FakeClock(NOW),
+                  FakeEdges(store))
+    out = dry_run(ports, list(cfg.certificates), None, "operator")
+    assert "backup-staging" in out[0].message and "primary-staging" not in out[0].message, out[0].message
+
+
+def test_a_dry_run_whose_first_ca_has_no_staging_directory_names_that_ca(tmp_path: Path) -> None:
+    """ca = ["backup"] without a staging directory there: refused in one line naming [[ca]] 'backup', not [acme]."""
+    cfg = _dry_config(tmp_path, "https://127.0.0.1:9/primary-staging", None, 'ca = ["backup"]')
+    store = FileStore(tmp_path / "state")
+    ports = Ports(cfg, store, store, lambda: FakeCA(make_ca(now=NOW), FakeClock(NOW)), EventBus(), FakeClock(NOW),
+                  FakeEdges(store))
+    with pytest.raises(UsageError) as e:
+        dry_run(ports, list(cfg.certificates), None, "operator")
+    assert "no [[ca]] 'backup' staging_directory (www's first CA)" in str(e.value) and "\n" not in str(e.value)
