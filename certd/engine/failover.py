@@ -71,7 +71,8 @@ class Failover:
         else:
             if issued is not None:
                 return issued, tried
-        issuing = _issuing_ca(stored, self.ports.config.acme.name)
+        issuer = self.ports.config.issuing_ca(stored.meta) if stored is not None else None
+        issuing = issuer.name if issuer is not None else None  # replaces goes there only
         order: list[AcmeConfig] = []   # the CAs asked this time: those not waiting (one CA: always)
         for ca in cas:
             why = None if ignore_waits or len(cas) == 1 else failover.waiting(waits, ca.name, now)
@@ -150,14 +151,6 @@ class Failover:
                     raise
                 tried.skip(cert.name, ca.name, f"{step.reason}: {_NEXT_STEP.sub('', str(e))}", say)
                 return None
-
-
-def _issuing_ca(stored: StoredVersion | None, first: str) -> str | None:
-    """The name of the CA that issued ``stored`` (a version from before ``[[ca]]``: the first)."""
-    if stored is None:
-        return None
-    ca = stored.meta.get("ca")
-    return ca if isinstance(ca, str) else first
 
 
 def _all_waiting(cert: CertificateConfig, cas: tuple[AcmeConfig, ...], waits: dict[str, dict[str, Any]],

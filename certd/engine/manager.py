@@ -74,7 +74,7 @@ class Manager:
         edges = LocalEdges(store, clock, events, trust=self._trust_anchors)
         self.ports = Ports(config, store, store, self._get_issuer, events, clock, edges,
                            lock_timeout=lock_timeout, ca_issuer=self._issuer_for)
-        self.planner = Planner(store, clock, self._get_issuer, issuer_at=self.ports.issuer_at)
+        self.planner = Planner(store, clock, self._get_issuer, issuer_at=lambda meta: self.ports.issuer_of(meta))
         self.planner.on_broken = lambda name, why: self.emit("cert_broken", name, outcome="broken", reason=why)
 
     # -- what outlives one operation ------------------------------------------------------

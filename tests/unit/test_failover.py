@@ -160,7 +160,8 @@ class World:
                         cas=(primary, backup))
         self.ports = Ports(config, self.store, self.store, lambda: self.cas["primary"], bus, self.clock,
                            FakeEdges(self.store), ca_issuer=self.cas.__getitem__)
-        self.planner = Planner(self.store, self.clock, lambda: self.cas["primary"], issuer_at=self.ports.issuer_at)
+        self.planner = Planner(self.store, self.clock, lambda: self.cas["primary"],
+                               issuer_at=lambda meta: self.ports.issuer_of(meta))
 
     def renew(self, **kw: Any) -> Any:
         return Renew(self.ports, self.planner)(RenewRequest(CERT, force=True, **kw))

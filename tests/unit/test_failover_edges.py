@@ -3,6 +3,7 @@ last CA whose wait must not lock out the others, dry runs with [[ca]] tables."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,7 @@ from typing import Any
 import pytest
 
 from certd.acme import resume
-from certd.config import CertificateConfig
+from certd.config import AcmeConfig, CertificateConfig
 from certd.config.loading import load as load_config
 from certd.core.clock import FakeClock
 from certd.core.errors import AcmeError, CANotReachable, UsageError
@@ -19,7 +20,9 @@ from certd.engine.dryrun import dry_run
 from certd.engine.ports import Ports
 from certd.store.files import FileStore
 from certd.engine.outcome import RenewRequest, Result
+from certd.engine.planning import Planner
 from certd.engine.renew import Renew
+from certd.engine.revoke import Revoke
 from certd.store.port import OrderJournal
 from certd.crypto import keys
 from tests.support.certs import CA, make_ca
@@ -127,3 +130,81 @@ def test_a_dry_run_whose_first_ca_has_no_staging_directory_names_that_ca(tmp_pat
     with pytest.raises(UsageError) as e:
         dry_run(ports, list(cfg.certificates), None, "operator")
     assert "no [[ca]] 'backup' staging_directory (www's first CA)" in str(e.value) and "\n" not in str(e.value)
+
+
+# -- the issuing CA after the [[ca]] tables changed -------------------------------------------------
+
+class AriCA(ResumingCA):
+    """A FakeCA counting the ARI requests it is asked."""
+
+    ari_asked = 0
+
+    def renewal_info(self, cert_pem: bytes) -> None:
+        self.ari_asked += 1
+        return None
+
+
+def _renamed(w: World, old: str, new: str) -> None:
+    """The [[ca]] table ``old`` renamed ``new`` (same directory); the CA client is the same one."""
+    cfg = w.ports.config
+    cas = tuple(replace(c, name=new) if c.name == old else c for c in cfg.cas)
+    w.cas[new] = w.cas.pop(old)
+
+    def issuer(name: str) -> Any:
+        if name not in w.cas:
+            raise AcmeError(f"no CA named {name!r} is configured (any more)")
+        return w.cas[name]
+    w.ports = replace(w.ports, config=replace(cfg, acme=cas[0], cas=cas), ca_issuer=issuer)
+
+
+def test_a_renamed_ca_table_still_revokes_asks_ari_and_replaces_at_the_ca_that_issued(tmp_path: Path,
+                                                                                       test_ca: CA) -> None:
+    """backup issued the current version, then its [[ca]] table was renamed zerossl (same directory): revoke, ARI and replaces still go there."""
+    w = World(tmp_path, test_ca)
+    w.cas.update({name: AriCA(test_ca, w.clock) for name in w.cas})
+    w.cas["primary"].failure = CANotReachable("refused")
+    assert w.renew().result == Result.RENEWED and w.row()["ca"] == "backup"
+    w.cas["primary"].failure = AcmeError("no", problem_type=P + "caa")
+    _renamed(w, "backup", "zerossl")
+    w.planner = Planner(w.store, w.clock, lambda: w.cas["primary"], issuer_at=lambda m: w.ports.issuer_of(m))
+    assert Renew(w.ports, w.planner)(RenewRequest(CERT)).result == Result.NOT_DUE
+    zerossl = w.cas["zerossl"]
+    assert isinstance(zerossl, AriCA) and zerossl.ari_asked == 1
+    assert w.renew().result == Result.RENEWED
+    assert zerossl.orders[-1] is not None, "replaces goes to the CA that issued the current certificate"
+    w.cas["primary"].failure = None
+    Revoke(w.ports, w.planner)(CERT, "superseded")
+    assert zerossl.revoked == [4] and w.cas["primary"].revoked == []
+
+
+def test_a_version_from_before_several_cas_belongs_to_the_ca_named_default(tmp_path: Path, test_ca: CA) -> None:
+    """A version without "ca" in its meta (issued by [acme], now [[ca]] name = "default" second): ARI and replaces go to default."""
+    w = World(tmp_path, test_ca)
+    w.cas.update({name: AriCA(test_ca, w.clock) for name in w.cas})
+    w.ports = replace(w.ports, config=replace(w.ports.config, cas=(w.ports.config.cas[0],)))  # [acme] alone
+    assert w.renew().result == Result.RENEWED
+    w.store.update_meta("www", 1, {"ca": None, "ca_directory": None})  # as before [[ca]]
+    _renamed(w, "primary", "default")
+    cfg = w.ports.config
+    backup = AcmeConfig("https://b.test/dir", name="backup")
+    w.ports = replace(w.ports, config=replace(cfg, acme=backup, cas=(backup, cfg.cas[0])))
+    w.cas["backup"] = AriCA(test_ca, w.clock)
+    w.planner = Planner(w.store, w.clock, lambda: w.cas["backup"], issuer_at=lambda m: w.ports.issuer_of(m))
+    assert Renew(w.ports, w.planner)(RenewRequest(CERT)).result == Result.NOT_DUE
+    default, backup_ca = w.cas["default"], w.cas["backup"]
+    assert isinstance(default, AriCA) and isinstance(backup_ca, AriCA)
+    assert default.ari_asked == 1 and backup_ca.ari_asked == 0
+
+
+def test_revoking_a_version_whose_ca_is_gone_says_how_to_revoke_it(tmp_path: Path, test_ca: CA) -> None:
+    """backup issued the current version and its [[ca]] table was removed: revoke fails in one line saying to add it back, and asks no other CA."""
+    w = World(tmp_path, test_ca)
+    w.cas["primary"].failure = CANotReachable("refused")
+    assert w.renew().result == Result.RENEWED and w.row()["ca"] == "backup"
+    w.cas["primary"].failure = None
+    cfg = w.ports.config
+    w.ports = replace(w.ports, config=replace(cfg, cas=(cfg.cas[0],)))
+    out = Revoke(w.ports, w.planner)(CERT, "superseded")
+    assert out.result == Result.FAILED and "CA 'backup' (https://b.test/dir)" in out.message
+    assert "add its [[ca]] table back" in out.message and "\n" not in out.message
+    assert w.cas["primary"].revoked == [] and w.cas["backup"].revoked == []
