@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from certd.core import retry
 from certd.core.errors import AcmeError, CANotReachable, ChallengeFailed
@@ -110,6 +110,16 @@ def waiting(waits: Mapping[str, Any] | None, ca: str, now: datetime) -> str | No
     kind = "held" if entry.get("kind") == retry.HELD else "rate limited"
     problem = f" ({entry['problem']})" if entry.get("problem") else ""
     return f"{kind}{problem} until {_iso(until)}"
+
+
+def worth_probing(cas: Sequence[str], waits: Mapping[str, Any] | None, now: datetime) -> list[str]:
+    """The CAs (names, in order) of a certificate waiting for an unreachable CA whose answering
+    is worth retrying it at once: those the renewal would order from. A CA waiting out a hold or
+    rate limit answers the probe too, but it is skipped: retrying would only ask the CA that is
+    still down, at every probe, past the backoff. One CA alone: always (no per-CA waits)."""
+    if len(cas) == 1:
+        return list(cas)
+    return [ca for ca in cas if waiting(waits, ca, now) is None]
 
 
 def _iso(dt: datetime) -> str:

@@ -13,7 +13,8 @@ import pytest
 from certd.acme import resume
 from certd.config import AcmeConfig, CertificateConfig
 from certd.config.loading import load as load_config
-from certd.core.clock import FakeClock
+from certd.core import failover
+from certd.core.clock import FakeClock, isoformat
 from certd.core.errors import AcmeError, CANotReachable, UsageError
 from certd.core.events import EventBus
 from certd.engine.dryrun import dry_run
@@ -208,3 +209,14 @@ def test_revoking_a_version_whose_ca_is_gone_says_how_to_revoke_it(tmp_path: Pat
     assert out.result == Result.FAILED and "CA 'backup' (https://b.test/dir)" in out.message
     assert "add its [[ca]] table back" in out.message and "\n" not in out.message
     assert w.cas["primary"].revoked == [] and w.cas["backup"].revoked == []
+
+
+# -- the daemon's CA probe --------------------------------------------------------------------------
+
+def test_the_ca_probe_asks_only_cas_that_would_be_ordered_from() -> None:
+    """A CA waiting out a hold answers the probe but would be skipped: only the CAs not waiting are worth probing (no retry loop against the CA still down)."""
+    until = isoformat(NOW + timedelta(hours=2))
+    waits = {"backup": {"until": until, "kind": "held", "problem": "caa"}}
+    assert failover.worth_probing(("primary", "backup"), waits, NOW) == ["primary"]
+    assert failover.worth_probing(("primary", "backup"), waits, NOW + timedelta(hours=3)) == ["primary", "backup"]
+    assert failover.worth_probing(("backup",), waits, NOW) == ["backup"], "one CA alone: always probed"
