@@ -255,7 +255,8 @@ class Config:
             return self.ca_config("default") or self.acme
         if not isinstance(directory, str):
             return self.ca_config(name) if isinstance(name, str) else None
-        same = [ca for ca in self.cas if ca.directory == directory]  # two tables may share a CA: the name decides
+        # two tables may share a CA (the name decides); certbot's server may differ by a trailing "/"
+        same = [ca for ca in self.cas if ca.directory.rstrip("/") == directory.rstrip("/")]
         return next((ca for ca in same if ca.name == name), same[0] if same else None)
 
     def cas_for(self, cert: CertificateConfig) -> tuple[AcmeConfig, ...]:
