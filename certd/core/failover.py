@@ -87,7 +87,9 @@ def after_failure(error: BaseException, tries: int, now: datetime, emergency: da
         if until > limit:
             what = "its emergency point" if emergency is not None else "now (no certificate yet)"
             return Step(NEXT, f"rate limited until {_iso(until)}, beyond {what}", until, retry.RATE_LIMITED)
-        return Step(STOP, f"rate limited until {_iso(until)}, before the emergency point: waiting for it")
+        # the wait is this CA's too: when an earlier CA was only down, it is asked again sooner
+        return Step(STOP, f"rate limited until {_iso(until)}, before the emergency point: waiting for it", until,
+                    retry.RATE_LIMITED)
     if is_ca_trouble(error):
         if tries < budget:
             return Step(RETRY, f"not answering (try {tries} of {budget})")

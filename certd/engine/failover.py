@@ -93,7 +93,9 @@ class Failover:
                 except OperationFailed as e:
                     if waits.get(ca.name) is prior:  # no new wait of its own: the certificate's failure as it is
                         raise
-                    raise _lasting(cert, cas, ca.name, waits, e, self.ports.clock.now()) from e
+                    # a CA that stopped the attempt before the last: the CAs after it do not count
+                    relevant = cas if i == len(order) - 1 else cas[:[c.name for c in cas].index(ca.name) + 1]
+                    raise _lasting(cert, relevant, ca.name, waits, e, self.ports.clock.now()) from e
                 if got is not None:
                     waits.pop(ca.name, None)  # it answered: its next refusal starts a fresh schedule
                     # an abandoned order's journal is still stored: cleared with this one's
@@ -170,20 +172,23 @@ def _all_waiting(cert: CertificateConfig, cas: tuple[AcmeConfig, ...], waits: di
 
 def _lasting(cert: CertificateConfig, cas: tuple[AcmeConfig, ...], failed: str, waits: dict[str, dict[str, Any]],
              error: OperationFailed, now: datetime) -> OperationFailed:
-    """What the certificate itself records when CA ``failed`` ended the attempt with ``error``.
+    """What the certificate itself records when CA ``failed`` ended the attempt with ``error``
+    (``cas``: the CAs a next attempt would consider, ``failed`` among them).
 
-    When that failure left ``failed`` waiting anew (a refusal, a rate limit past the emergency point),
-    its hold or ``Retry-After`` is that CA's alone (kept in ``waits``): the certificate may try
-    again as soon as any of its CAs may be asked — at the next try on the short backoff when one
-    is not waiting (it was only down), else when the first wait ends. Otherwise ``error`` as it is."""
-    if len(cas) == 1 or failover.waiting(waits, failed, now) is None:
+    When that failure left ``failed`` waiting anew (a refusal, a rate limit), the wait is that
+    CA's (kept in ``waits``): the certificate may try again as soon as any of ``cas`` may be
+    asked — at the next try on the short backoff when one is not waiting (it was only down),
+    else when the first wait ends. ``error`` as it is when that is ``failed``'s own wait."""
+    if len(cas) <= 1 or failover.waiting(waits, failed, now) is None:
         return error
     said = _NEXT_STEP.sub("", str(error))
     free = [ca.name for ca in cas if failover.waiting(waits, ca.name, now) is None]
-    if not free:
-        lasting = _all_waiting(cert, cas, waits, now, said)
-    else:
+    if free:
         lasting = AcmeError(f"{said}; CA {failed} skipped until {waits[failed]['until']}, {', '.join(free)} asked "
                             "at the next try", transient=True)
+    elif min(str(waits[ca.name].get("until")) for ca in cas) >= str(waits[failed].get("until")):
+        return error  # its own wait ends first: the certificate waits for it, as the error says
+    else:
+        lasting = _all_waiting(cert, cas, waits, now, said)
     lasting.transient = resume.order_may_live(error)  # the journal of this CA's order: judged as before
     return lasting

@@ -220,3 +220,23 @@ def test_the_ca_probe_asks_only_cas_that_would_be_ordered_from() -> None:
     assert failover.worth_probing(("primary", "backup"), waits, NOW) == ["primary"]
     assert failover.worth_probing(("primary", "backup"), waits, NOW + timedelta(hours=3)) == ["primary", "backup"]
     assert failover.worth_probing(("backup",), waits, NOW) == ["backup"], "one CA alone: always probed"
+
+
+def test_a_short_rate_limit_at_the_backup_does_not_hold_back_a_first_ca_that_was_only_down(tmp_path: Path,
+                                                                                           test_ca: CA) -> None:
+    """primary down, backup rate-limits for 3 days (within the emergency point): the certificate retries primary on the short backoff, not in 3 days."""
+    w = World(tmp_path, test_ca)
+    assert w.renew().result == Result.RENEWED
+    w.cas["primary"].failure = CANotReachable("ACME server https://p.test/dir is not reachable (refused)")
+    w.cas["backup"].failure = limited(3 * 86400)
+    assert w.renew().result == Result.FAILED
+    assert w.row()["retry_after"] is None, w.row()
+    state = w.planner.load_state("www")
+    assert state.ca_waits and "backup" in state.ca_waits, "backup is skipped until its Retry-After"
+    stored = w.store.load("www", w.store.current("www"))
+    due = w.planner.decide(CERT, stored, state, refresh_ari=False)
+    assert due.renew_at <= w.clock.now() + timedelta(hours=1, minutes=10), due  # the forced renewal's retry
+    w.cas["primary"].failure = None
+    w.clock.advance(due.renew_at - w.clock.now())
+    assert w.renew().result == Result.RENEWED and w.row()["ca"] == "primary"
+    assert len(w.cas["backup"].orders) == 1, "primary issued: backup not asked again"
