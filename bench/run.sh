@@ -5,5 +5,7 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 [[ -x "$ROOT/.venv/bin/python" ]] || { echo "bench/run.sh: no .venv; run bash scripts/setup.sh first" >&2; exit 2; }
+# --only fleetstore: the PostgreSQL store against the file store per rotation (no CA needed)
+if [[ "${1:-}" == "--only" && "${2:-}" == "fleetstore" ]]; then shift 2; exec "$ROOT/.venv/bin/python" "$ROOT/bench/fleet_store.py" "$@"; fi
 [[ -x "$ROOT/.cache/pebble/bin/pebble" ]] || bash "$ROOT/pebble/install.sh"
 exec "$ROOT/.venv/bin/python" "$ROOT/bench/bench.py" "$@"

@@ -15,7 +15,7 @@ import sys
 import traceback
 from typing import Any, Callable, NoReturn, Sequence
 
-from certd import __version__, cli_backup, cli_import, cli_keys, cli_output, config as config_mod
+from certd import __version__, cli_backup, cli_cluster, cli_import, cli_keys, cli_output, config as config_mod
 from certd.ops import log as logmod
 from certd.config import Config
 from certd.core.errors import CertdError, ConfigError, UsageError
@@ -93,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_keys.add_parsers(sub, _Parser)
     cli_backup.add_parsers(sub, _Parser)
     cli_import.add_parsers(sub, _Parser)
+    cli_cluster.add_parsers(sub, _Parser)
     return p
 
 
@@ -309,7 +310,8 @@ def cmd_history(args: argparse.Namespace) -> int:
         doc = client.get("/v1/history", params={"name": args.name} if args.name is not None else None)
     else:
         cfg = load_config(args)
-        doc = audit.history(cfg.daemon.state_dir, args.name, set(cfg.names), cfg.names_summary())
+        doc = cli_cluster.history_document(cfg, args.name) if cfg.cluster is not None else \
+            audit.history(cfg.daemon.state_dir, args.name, set(cfg.names), cfg.names_summary())
     rows = doc["records"]
     if not doc["chain_intact"]:
         print("certd: warning: the audit log's hash chain is broken; run certd audit verify", file=sys.stderr)
@@ -330,6 +332,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
     cfg = load_config(args)
     if args.head is not None and not re.fullmatch(r"[0-9a-f]{64}", args.head):
         raise UsageError(f"--head {args.head!r}: expected a record hash, 64 lower-case hex digits")
+    if cfg.cluster is not None:  # the fleet's chain, in the database
+        return cli_cluster.audit_verify(cfg, args.head)
     v = audit.open_for(cfg.daemon.state_dir).verify(expect_head=args.head)
     if v.ok:
         head = f" (head: seq {v.last_seq}, hash {v.last_hash})" if v.last_hash else ""
@@ -383,6 +387,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "kek": lambda args: cli_keys.cmd_kek(args, load_config),
     "backup": lambda args: cli_backup.cmd_backup(args, load_config),
     "import": lambda args: cli_import.cmd_import(args, load_config),
+    "cluster": lambda args: cli_cluster.cmd_cluster(args, load_config),
     "dns-persist-record": cmd_dns_persist_record,
 }
 

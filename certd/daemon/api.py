@@ -16,6 +16,7 @@ from certd.core.errors import UsageError
 from certd.core.textsafe import check_reason
 from certd.daemon.control import Caller, Handler, Preformatted, rows_document
 from certd.daemon.jobs import Jobs
+from certd.daemon.storehealth import StoreHealth
 from certd.daemon.wiring import rotate_kek_with
 from certd.daemon.monitor import Monitor
 from certd.daemon.scheduler import UNFORCED, Flight, ShuttingDown
@@ -38,8 +39,10 @@ class ControlAPI:
     ``reload_config(source)`` is the daemon's."""
 
     def __init__(self, config: Callable[[], Config], jobs: Jobs, monitor: Monitor,
-                 reload_config: Callable[[str], tuple[bool, list[str]]]) -> None:
+                 reload_config: Callable[[str], tuple[bool, list[str]]], *,
+                 store_health: StoreHealth | None = None) -> None:
         self._config, self.jobs, self.monitor, self._reload_config = config, jobs, monitor, reload_config
+        self.store_health = store_health  # [cluster]: while the database is down, status reads no store
         self.manager, self.flights, self.scheduler = jobs.manager, jobs.flights, jobs.scheduler
 
     def routes(self) -> dict[tuple[str, str], Handler]:
@@ -63,6 +66,11 @@ class ControlAPI:
 
     def status(self, caller: Caller, query: dict[str, Any]) -> dict[str, Any]:
         certs, runs = self._select(query.get("name")), self.scheduler.next_runs()
+        if self.store_health is not None and not self.store_health.up:  # what this node deploys
+            rows = self.store_health.rows(certs)
+            if query.get("format") == ["lines"]:
+                return Preformatted(rows_document("certificates", rows))  # type: ignore[return-value]
+            return {"certificates": rows}
         if query.get("format") == ["lines"]:  # the CLI prints it as it is (status --json)
             return Preformatted(rows_document("certificates", [  # type: ignore[return-value]
                 self.manager.status_json(c, next_run=runs.get(c.name)) for c in certs]))
@@ -76,6 +84,8 @@ class ControlAPI:
 
     def renew(self, caller: Caller, body: dict[str, Any]) -> Iterator[dict[str, Any]] | dict[str, Any]:
         certs = list(self._config().certificates) if body.get("all") else self._select(body.get("names"))
+        if self.store_health is not None:
+            self.store_health.refuse_order()  # no order without the fleet's database (docs/FLEET.md)
         force = bool(body.get("force"))
         default = "forced by operator" if force else "requested by operator"
         reason = check_reason(body.get("reason") or "", "reason") or default
@@ -150,12 +160,17 @@ class ControlAPI:
         if len(names) != 1:
             raise UsageError("history takes at most one certificate name")
         config = self._config()
+        chain = self.manager.store.audit
+        if config.cluster is not None and hasattr(chain, "verify") and hasattr(chain, "records"):  # the fleet's
+            return audit.history_of(chain.records, chain.verify().ok, names[0], set(config.names),
+                                    config.names_summary())
         return audit.history(config.daemon.state_dir, names[0], set(config.names), config.names_summary())
 
     def keys(self, caller: Caller, query: dict[str, Any]) -> dict[str, Any]:
         """How keys are kept at rest (``certd status``'s last lines)."""
         keys = getattr(self.manager.store, "keys", None)
-        return {"lines": custody_lines(keys) if keys is not None else []}
+        lines = custody_lines(keys) if keys is not None else []
+        return {"lines": lines + (self.store_health.lines() if self.store_health is not None else [])}
 
     def kek_rotate(self, caller: Caller, body: dict[str, Any]) -> dict[str, Any]:
         """Re-wrap every stored key under the KEK ``new`` names (a file or a pkcs11: URI), here in

@@ -26,6 +26,7 @@ from certd import config as config_mod
 from certd.config import Config
 from certd.core.clock import Clock, SystemClock
 from certd.core.errors import CertdError, ConfigError
+from certd.daemon import storehealth
 from certd.daemon.api import MUTATING, ControlAPI
 from certd.daemon.config_watch import CONFIG_DEBOUNCE, ConfigWatcher
 from certd.daemon.control import ControlServer
@@ -62,7 +63,10 @@ class Daemon:
         self.monitor = Monitor(self.manager, lambda: self.config, clock=self.clock, metrics=self.sinks.metrics,
                                busy=lambda name: any(f.name == name for f in self.flights.in_progress()),
                                submit=self.scheduler.submit)
-        api = ControlAPI(lambda: self.config, self.jobs, self.monitor, self.reload_config)
+        self.store_health = storehealth.for_daemon(self.config, self.manager.store, self.clock, self.sinks.metrics,
+                                                   lambda: self.config)  # [cluster] only
+        api = ControlAPI(lambda: self.config, self.jobs, self.monitor, self.reload_config,
+                         store_health=self.store_health)
         self.control = ControlServer(self.config.daemon.control_socket, api.routes(),
                                      group=self.config.daemon.control_group, mutating=set(MUTATING))
         self.watcher = ConfigWatcher(config_path, self.reload_config)
@@ -101,6 +105,8 @@ class Daemon:
         if self.sinks.metrics is not None:
             self.sinks.metrics.start()
         self.monitor.start()
+        if self.store_health is not None:
+            self.store_health.start()
         start_watchdog(self.scheduler, self._stop)
         self._serving = True
         if self._reload_asked:
@@ -125,6 +131,8 @@ class Daemon:
         self.scheduler.shutdown()
         self.watcher.stop()
         self.monitor.stop()
+        if self.store_health is not None:
+            self.store_health.stop()
         idle = self.flights.wait_idle(SHUTDOWN_GRACE)
         self.sinks.close()
         event(log, "daemon_stopped", clean=idle)

@@ -353,6 +353,14 @@ def history(state_dir: Path, name: str | None, configured: Any, names_summary: s
     return {"records": list(iter_matching(records, name)), "chain_intact": intact}
 
 
+def history_of(records: list[dict[str, Any]], intact: bool, name: str | None, configured: Any,
+               names_summary: str) -> dict[str, Any]:
+    """:func:`history`'s document from records read elsewhere (a fleet's database)."""
+    if name is not None and name not in configured and not any(r.get("name") == name for r in records):
+        raise UsageError(f"unknown certificate {name}; configured: {names_summary}")
+    return {"records": list(iter_matching(records, name)), "chain_intact": intact}
+
+
 def open_for(state_dir: Path, group: str | None = None) -> AuditLog:
     """The audit log of a state directory."""
     return AuditLog(Path(state_dir) / FILENAME, group=group)

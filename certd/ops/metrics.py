@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import platform
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -154,6 +154,11 @@ class Metrics:
             self.drift.labels(name, kind).set(counts.get(kind, 0))
         self._dirty.set()
 
+    def changed(self) -> None:
+        """A gauge set outside the event bus changed (the fleet database probe): rewrite the
+        textfile soon instead of at the next interval."""
+        self._dirty.set()
+
     # -- outputs --------------------------------------------------------------------------------
 
     def exposition(self) -> bytes:
@@ -255,6 +260,10 @@ class _StoreCollector(Collector):
     def __init__(self, clock: Clock) -> None:
         self.source: StatusSource | None = None
         self.clock = clock
+        #: False while the store is known unreachable (a fleet's database): the last values are
+        #: served as they are, and a certificate never read is left out, instead of a scrape
+        #: waiting on a database that is not there (certd.daemon.storehealth).
+        self.store_up: Callable[[], bool] = lambda: True
         self._issued: dict[tuple[str, int], float | None] = {}
         self._cache: dict[str, tuple[float, dict[str, float | None]]] = {}   # name -> (read at, values)
 
@@ -287,8 +296,10 @@ class _StoreCollector(Collector):
             now = self.clock.monotonic()
             for cert in source.config.certificates:
                 cached = self._cache.get(cert.name)
-                if cached is not None and now - cached[0] < STORE_TTL:
+                if cached is not None and (now - cached[0] < STORE_TTL or not self.store_up()):
                     values = cached[1]
+                elif not self.store_up():
+                    continue
                 else:
                     try:
                         values = self._values(source, cert)

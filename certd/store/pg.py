@@ -79,7 +79,10 @@ class PgStore:
             # the server's own words, where the pool would retry for 30 s and say only "timeout".
             with psycopg.connect(self.dsn, autocommit=True) as conn:
                 ensure_schema(conn)
+            # check: a connection the server dropped (a restart, an outage) is replaced before it is
+            # handed out, instead of failing the first operation after the database is back.
             self._pool = ConnectionPool(self.dsn, min_size=1, max_size=pool_size, open=True, configure=configure,
+                                        check=ConnectionPool.check_connection,
                                         kwargs={"autocommit": False}, name=f"certd-{node}")
         except BaseException as e:
             self.close()  # no pool threads left behind

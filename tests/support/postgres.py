@@ -37,10 +37,11 @@ _serial = itertools.count(1)
 class PgCluster:
     """One running private cluster; :meth:`database` makes a fresh database and returns its DSN."""
 
-    def __init__(self, base: Path, port: int, pid: int) -> None:
+    def __init__(self, base: Path, port: int, pid: int, opts: str = "") -> None:
         self.base = base
         self.port = port
         self.pid = pid
+        self.opts = opts  # pg_ctl -o, so start() brings it back on the same port
 
     def dsn(self, dbname: str = "postgres") -> str:
         return f"host=127.0.0.1 port={self.port} user=postgres dbname={dbname} connect_timeout=10"
@@ -68,6 +69,21 @@ class PgCluster:
                 time.sleep(0.05)
 
 
+    def start(self) -> None:
+        """Start this (stopped) cluster again on its port, as it was (an outage ending)."""
+        r = subprocess.run(_as_owner([str(PGBIN / "pg_ctl"), "-D", str(self.base / "data"), "-l",
+                                      str(self.base / "log"), "-w", "-t", "60", "-o", self.opts, "start"]),
+                           capture_output=True, text=True, timeout=90)
+        if r.returncode != 0:
+            raise RuntimeError(f"the private PostgreSQL cluster did not start again: {r.stdout}{r.stderr}")
+        self.pid = int((self.base / "data" / "postmaster.pid").read_text().split()[0])
+
+    def destroy(self) -> None:
+        """Stop it and remove its files (a cluster a test started for itself)."""
+        self.stop()
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
 def _as_owner(argv: list[str]) -> list[str]:
     return ["runuser", "-u", "postgres", "--", *argv] if os.geteuid() == 0 else argv
 
@@ -78,7 +94,9 @@ def _missing(what: str) -> None:
     pytest.skip(f"{what}: run scripts/setup.sh")
 
 
-def start_cluster() -> PgCluster:
+def start_cluster(*, durable: bool = False) -> PgCluster:
+    """Start a private cluster; ``durable`` keeps PostgreSQL's fsync and synchronous commit (a
+    benchmark's figures; tests run without them)."""
     if not (PGBIN / "initdb").exists():
         _missing(f"PostgreSQL 15 is not installed ({PGBIN}/initdb)")
     try:
@@ -96,14 +114,14 @@ def start_cluster() -> PgCluster:
     last = ""
     for _ in range(5):  # the free port may be taken before the postmaster binds it
         port = free_port()
-        opts = (f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off "
-                f"-c full_page_writes=off -c max_connections=200")
+        fast = "" if durable else "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
+        opts = f"-p {port} -k {base} -c listen_addresses=127.0.0.1 {fast}-c max_connections=200"
         r = subprocess.run(_as_owner([str(PGBIN / "pg_ctl"), "-D", str(base / "data"), "-l", str(base / "log"),
                                       "-w", "-t", "60", "-o", opts, "start"]), capture_output=True, text=True,
                            timeout=90)
         pidfile = base / "data" / "postmaster.pid"
         if r.returncode == 0 and pidfile.exists():
-            return PgCluster(base, port, int(pidfile.read_text().split()[0]))
+            return PgCluster(base, port, int(pidfile.read_text().split()[0]), opts)
         last = r.stdout + r.stderr + ((base / "log").read_text() if (base / "log").exists() else "")
     shutil.rmtree(base, ignore_errors=True)
     raise RuntimeError(f"the private PostgreSQL cluster did not start:\n{last[-2000:]}")

@@ -11,7 +11,9 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from certd.config import AcmeConfig, CertificateConfig, Config, DaemonConfig
+from certd.core.clock import SystemClock
 from certd.core.events import EventBus
+from certd.daemon.storehealth import StoreHealth
 from certd.engine.manager import Manager
 from certd.ops.metrics import Metrics
 from certd.store.files import FileStore
@@ -36,6 +38,7 @@ def exported(tmp_path: Path) -> set[str]:
     held.retry_after = (datetime.now(timezone.utc) + timedelta(hours=1)).isoformat()
     manager.save_state("www", held)
     bus.measure("hook", 0.1, hook="nginx")
+    StoreHealth("host=db", "web1", SystemClock()).register(metrics.registry)  # a [cluster] node's gauge
     metrics.set_drift("www", {})
     text = metrics.exposition().decode()
     names = {s.name for fam in text_string_to_metric_families(text) for s in fam.samples}
@@ -65,7 +68,7 @@ def test_alert_rules_parse_and_use_only_exported_metrics(tmp_path):
         assert rule["annotations"]["summary"]
     covered = " ".join(r["expr"] for r in rules)
     for needed in ("certd_certificate_expiration_timestamp_seconds", "certd_renewals_total",
-                   "certd_rollbacks_total", "certd_drift", "certd_renewal_blocked"):
+                   "certd_rollbacks_total", "certd_drift", "certd_renewal_blocked", "certd_store_up"):
         assert needed in covered  # expiring, renewals failing, a rollback, drift
 
 

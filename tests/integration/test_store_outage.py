@@ -1,0 +1,93 @@
+"""A fleet node while its database is down: PostgreSQL (a private cluster of this test's own)
+is stopped under a running ``certd run``; the node keeps its deployed files untouched, its
+``certd_store_up`` gauge and ``certd status`` say the database is unreachable, and both recover
+when the database is back."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.integration.test_backup import tree
+from tests.integration.test_cluster_import import join_fleet, single_host
+from tests.integration.test_monitoring import samples, value
+from tests.support.certd_env import CertdEnv
+from tests.support.postgres import PgCluster, start_cluster
+from tests.support.procs import free_port, wait_until
+
+
+def store_up(port: int) -> float | None:
+    """certd_store_up{node="web1"}; None when a scrape fails (one may wait on the database in the
+    seconds before the probe notices it is gone)."""
+    try:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=40).text
+    except httpx.HTTPError:
+        return None
+    return value(samples(text), "certd_store_up", node="web1")
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[PgCluster]:
+    """A private cluster for this test alone (it is stopped and started: others share the session's)."""
+    cluster = start_cluster()
+    try:
+        yield cluster
+    finally:
+        cluster.destroy()
+
+
+def test_database_outage_keeps_serving_and_status_and_metric_say_so(tmp_path: Path, pebble: Any,
+                                                                   own_postgres: PgCluster) -> None:
+    """Database stopped: store_up 0, status UNREACHABLE with the deployed version, renew refused, files kept; recovers."""
+    env = single_host(tmp_path, pebble)
+    live = env.dir / "live"
+    join_fleet(env, own_postgres.database(), "web1")
+    env.run("cluster", "import", check=0)
+    port = free_port()
+    env.daemon_extra = {"metrics_listen": f"127.0.0.1:{port}"}
+    env.write_config()
+    before = env.status()
+    daemon = env.start_daemon()
+    try:
+        outage(env, own_postgres, port, before, live, daemon)
+    finally:
+        env.close()
+
+
+def outage(env: CertdEnv, pg: PgCluster, port: int, before: dict[str, Any], live: Path, daemon: Any) -> None:
+    """Stop the database under the running daemon, check what it says, start it again."""
+    wait_until(lambda: store_up(port) == 1.0, timeout=30,
+               what="certd_store_up 1")
+    deployed = tree(live)
+    events = {r["event"] for r in json.loads(env.run("history", "--json", check=0).stdout)["records"]}
+    assert "imported" in events  # the daemon reads the fleet's chain, where the import wrote
+
+    pg.stop()
+    wait_until(lambda: store_up(port) == 0.0, timeout=90,
+               what="certd_store_up 0 with the database stopped")
+    out = env.run("status", check=0).stdout
+    assert "database: UNREACHABLE from node web1 since" in out, out
+    rows = env.status()
+    assert rows["www"]["state"] == "store_unreachable"
+    assert (rows["www"]["version"], rows["www"]["serial"]) == (before["www"]["version"], before["www"]["serial"])
+    expiry = value(samples(httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text),
+                   "certd_certificate_expiration_timestamp_seconds", name="www")
+    assert expiry is not None  # the last value, kept while the database is down
+    assert tree(live) == deployed and daemon.alive
+    forced = env.run("renew", "--force", "www", "--wait", timeout=60)  # no order without the database
+    assert forced.returncode == 1 and forced.stderr.count("\n") == 1, forced
+    assert "the fleet database is unreachable from node web1" in forced.stderr
+    assert tree(live) == deployed and daemon.alive
+
+    pg.start()
+    wait_until(lambda: store_up(port) == 1.0, timeout=30,
+               what="certd_store_up 1 once the database is back")
+    wait_until(lambda: "UNREACHABLE" not in env.run("status", check=0).stdout, timeout=30,
+               what="status without the unreachable line")
+    assert env.status()["www"]["state"] != "store_unreachable"
+    assert tree(live) == deployed and daemon.alive
