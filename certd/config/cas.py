@@ -63,7 +63,7 @@ class CASections(FieldParser):
                 self.ca_names.append(name)
             ca = self.acme(t)
             if ca is not None and name is not None:
-                out.append(replace(ca, name=name))
+                out.append(replace(ca, name=name, table=f'[[ca]] "{name}"'))
         return tuple(out) if len(out) == len(ca_raw) else ()
 
     def ca_refs(self, t: Table) -> tuple[str, ...]:

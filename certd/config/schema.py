@@ -78,6 +78,7 @@ class AcmeConfig:
     staging_directory: str | None = None   # what `certd renew --dry-run` orders from
     name: str = "default"                  # [[ca]] name; [acme] is the one CA "default"
     trust_anchors: Path | None = None      # roots verify trusts for this CA's chains (beside the endpoint's)
+    table: str = "[acme]"                  # where its keys are, for messages: [acme] or [[ca]] "name"
 
 
 @dataclass(frozen=True)

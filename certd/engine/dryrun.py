@@ -33,7 +33,7 @@ def staging_url(ports: Ports, server: str | None, cert: CertificateConfig | None
     no ``cert``: the first configured) and the directory it orders from; :class:`UsageError`
     without one."""
     acme = ports.config.cas_for(cert)[0] if cert is not None else ports.config.acme
-    table = "[acme]" if len(ports.config.cas) == 1 and acme.name == "default" else f"[[ca]] {acme.name!r}"
+    table = acme.table
     url = server or acme.staging_directory
     if url is None:
         whose = f" ({cert.name}'s first CA)" if cert is not None and table != "[acme]" else ""

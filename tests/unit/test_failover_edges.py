@@ -10,12 +10,15 @@ from typing import Any
 
 import pytest
 
+from acme import messages
+
 from certd.acme import resume
+from certd.acme.account import Account
 from certd.config import AcmeConfig, CertificateConfig
 from certd.config.loading import load as load_config
 from certd.core import failover
 from certd.core.clock import FakeClock, isoformat
-from certd.core.errors import AcmeError, CANotReachable, UsageError
+from certd.core.errors import AcmeError, CANotReachable, ConfigError, UsageError
 from certd.core.events import EventBus
 from certd.engine.dryrun import dry_run
 from certd.engine.ports import Ports
@@ -123,14 +126,14 @@ def test_a_dry_run_orders_from_the_staging_directory_of_the_certificates_own_fir
 
 
 def test_a_dry_run_whose_first_ca_has_no_staging_directory_names_that_ca(tmp_path: Path) -> None:
-    """ca = ["backup"] without a staging directory there: refused in one line naming [[ca]] 'backup', not [acme]."""
+    """ca = ["backup"] without a staging directory there: refused in one line naming [[ca]] "backup", not [acme]."""
     cfg = _dry_config(tmp_path, "https://127.0.0.1:9/primary-staging", None, 'ca = ["backup"]')
     store = FileStore(tmp_path / "state")
     ports = Ports(cfg, store, store, lambda: FakeCA(make_ca(now=NOW), FakeClock(NOW)), EventBus(), FakeClock(NOW),
                   FakeEdges(store))
     with pytest.raises(UsageError) as e:
         dry_run(ports, list(cfg.certificates), None, "operator")
-    assert "no [[ca]] 'backup' staging_directory (www's first CA)" in str(e.value) and "\n" not in str(e.value)
+    assert 'no [[ca]] "backup" staging_directory (www\'s first CA)' in str(e.value) and "\n" not in str(e.value)
 
 
 # -- the issuing CA after the [[ca]] tables changed -------------------------------------------------
@@ -240,3 +243,17 @@ def test_a_short_rate_limit_at_the_backup_does_not_hold_back_a_first_ca_that_was
     w.clock.advance(due.renew_at - w.clock.now())
     assert w.renew().result == Result.RENEWED and w.row()["ca"] == "primary"
     assert len(w.cas["backup"].orders) == 1, "primary issued: backup not asked again"
+
+
+# -- messages name the [[ca]] table to fix ------------------------------------------------------------
+
+def test_a_ca_configuration_problem_names_the_ca_table_not_acme(tmp_path: Path) -> None:
+    """The backup CA requires External Account Binding: the error names [[ca]] "backup", where the keys go, not an [acme] table the file does not have."""
+    cfg = _dry_config(tmp_path, "https://127.0.0.1:9/primary-staging", None, "")
+    backup = cfg.ca_config("backup")
+    assert backup is not None
+    directory = messages.Directory({"meta": messages.Directory.Meta(external_account_required=True)})
+    with pytest.raises(ConfigError) as e:
+        Account(backup, None, None, None)._eab(directory)  # type: ignore[arg-type]
+    assert str(e.value).startswith('[[ca]] "backup" eab_kid: the CA at https://127.0.0.1:9/backup'), str(e.value)
+    assert cfg.acme.table == '[[ca]] "primary"'
