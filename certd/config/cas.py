@@ -30,6 +30,7 @@ class CASections(FieldParser):
         super().__init__(path, check_runtime)
         self.ca_names: list[str] = []
         self.acme_was_there = False   # the file has an "acme" key (of whatever type)
+        self.ca_unreadable = False    # a "ca" key that is not [[ca]] tables (reported): names unknown
 
     def acme(self, t: Table) -> AcmeConfig | None:  # Parser's: the keys one CA takes
         raise NotImplementedError
@@ -44,7 +45,7 @@ class CASections(FieldParser):
             one = self.acme(Table(self, "acme", acme_raw))
             return (one,) if one is not None else ()
         if not ca_raw:
-            if acme_raw is None and self.acme_was_there:
+            if (acme_raw is None and self.acme_was_there) or self.ca_unreadable:
                 return ()  # present but not a table: reported already
             self.problem("acme", "required key is missing (an [acme] table, or [[ca]] tables for several CAs)")
             return ()
@@ -79,7 +80,7 @@ class CASections(FieldParser):
             key = t.key(f"ca[{j}]")
             if not isinstance(name, str):
                 self.problem(key, f"expected a CA name, got {type_name(name)}")
-            elif name not in known:
+            elif name not in known and not self.ca_unreadable:
                 self.problem(key, f"unknown CA {name!r}; configured: {', '.join(known)} (the names of the [[ca]] "
                                   "tables; [acme] is \"default\")")
             elif name in out:
