@@ -37,6 +37,7 @@ class Tried:
     """What one renewal's order did across the CAs: the ones skipped, and why."""
 
     skipped: list[dict[str, str]] = field(default_factory=list)
+    stopped: bool = False   # the attempt ended at a CA that said to wait for it (not the last CA's failure)
 
     def skip(self, cert: str, ca: str, why: str, say: Say) -> None:
         self.skipped.append({"ca": ca, "reason": why})
@@ -93,8 +94,8 @@ class Failover:
                 except OperationFailed as e:
                     if waits.get(ca.name) is prior:  # no new wait of its own: the certificate's failure as it is
                         raise
-                    # a CA that stopped the attempt before the last: the CAs after it do not count
-                    relevant = cas if i == len(order) - 1 else cas[:[c.name for c in cas].index(ca.name) + 1]
+                    # a CA that said to wait for it: the CAs after it do not count
+                    relevant = cas[:[c.name for c in cas].index(ca.name) + 1] if tried.stopped else cas
                     raise _lasting(cert, relevant, ca.name, waits, e, self.ports.clock.now()) from e
                 if got is not None:
                     waits.pop(ca.name, None)  # it answered: its next refusal starts a fresh schedule
@@ -148,6 +149,7 @@ class Failover:
                                       "problem": retry.short(getattr(e, "problem_type", None)) or "",
                                       "count": count}
                 if last or step.action == failover.STOP:
+                    tried.stopped = step.action == failover.STOP
                     if several and e.args and isinstance(e.args[0], str):
                         e.args = (f"CA {ca.name}: {e.args[0]}", *e.args[1:])  # several CAs: say whose answer
                     raise

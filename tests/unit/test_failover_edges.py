@@ -18,6 +18,7 @@ from certd.config import AcmeConfig, CertificateConfig
 from certd.config.loading import load as load_config
 from certd.core import failover
 from certd.core.clock import FakeClock, isoformat
+from certd.core.policy import RenewBefore
 from certd.core.errors import AcmeError, CANotReachable, ConfigError, UsageError
 from certd.core.events import EventBus
 from certd.engine.dryrun import dry_run
@@ -257,3 +258,19 @@ def test_a_ca_configuration_problem_names_the_ca_table_not_acme(tmp_path: Path) 
         Account(backup, None, None, None)._eab(directory)  # type: ignore[arg-type]
     assert str(e.value).startswith('[[ca]] "backup" eab_kid: the CA at https://127.0.0.1:9/backup'), str(e.value)
     assert cfg.acme.table == '[[ca]] "primary"'
+
+
+def test_a_first_ca_rate_limiting_within_the_emergency_point_is_waited_for_though_the_backup_wait_ends_sooner(
+        tmp_path: Path, test_ca: CA) -> None:
+    """backup held for 20 min, primary rate-limits for 2 h (within the emergency point): the certificate waits the 2 h for primary, not 20 min to order from backup."""
+    w = World(tmp_path, test_ca)
+    assert w.renew().result == Result.RENEWED
+    state = w.planner.load_state("www")
+    state.ca_waits = {"backup": {"until": isoformat(w.clock.now() + timedelta(minutes=20)), "kind": "held",
+                                 "problem": "caa", "count": 1}}
+    w.planner.save_state("www", state)
+    w.cas["primary"].failure = limited(7200)
+    due_now = replace(CERT, renew_before=RenewBefore(duration=timedelta(days=89, hours=23)))
+    out = Renew(w.ports, w.planner)(RenewRequest(due_now))
+    assert out.result == Result.FAILED
+    assert w.planner.load_state("www").retry_after >= isoformat(w.clock.now() + timedelta(hours=2))
