@@ -19,7 +19,7 @@ import threading
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 from certd.acme.issuer import connect
 from certd.config import CertificateConfig, Config
@@ -134,9 +134,10 @@ class Manager:
                     on_request=lambda seconds: events.measure("acme_request", seconds))
             return issuer
 
-    def _trust_anchors(self, name: str) -> Path | None:
-        """The ``trust_anchors`` of the CA ``name`` (verify checks that CA's chains against them)."""
-        ca = self.ports.config.ca_config(name)
+    def _trust_anchors(self, meta: Mapping[str, Any]) -> Path | None:
+        """The ``trust_anchors`` of the CA that issued the version with ``meta`` (verify checks
+        that CA's chains against them; found as :meth:`certd.config.Config.issuing_ca`)."""
+        ca = self.ports.config.issuing_ca(meta)
         return ca.trust_anchors if ca is not None else None
 
     def close(self) -> None:

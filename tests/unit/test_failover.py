@@ -140,7 +140,8 @@ def test_verify_trusts_the_issuing_cas_trust_anchors(tmp_path: Path) -> None:
     own, backup_roots = tmp_path / "own.pem", tmp_path / "backup-roots.pem"
     cert = replace(CertificateConfig("www", ("www.example.test",)),
                    verify=(VerifyEndpoint("127.0.0.1", 443, "www.example.test", own),))
-    trust = {"backup": backup_roots}.get
+    def trust(meta: Any) -> Path | None:
+        return {"backup": backup_roots}.get(meta.get("ca"))
     assert [e.ca_bundle for e in anchored(cert, {"ca": "backup"}, trust)] == [backup_roots]
     assert [e.ca_bundle for e in anchored(cert, {"ca": "primary"}, trust)] == [own]
     assert [e.ca_bundle for e in anchored(cert, {}, trust)] == [own]

@@ -14,7 +14,7 @@ from acme import messages
 
 from certd.acme import resume
 from certd.acme.account import Account
-from certd.config import AcmeConfig, CertificateConfig
+from certd.config import AcmeConfig, CertificateConfig, Config, DaemonConfig, VerifyEndpoint
 from certd.config.loading import load as load_config
 from certd.core import failover
 from certd.core.clock import FakeClock, isoformat
@@ -22,6 +22,8 @@ from certd.core.policy import RenewBefore
 from certd.core.errors import AcmeError, CANotReachable, ConfigError, UsageError
 from certd.core.events import EventBus
 from certd.engine.dryrun import dry_run
+from certd.engine.effects import LocalEdges, anchored
+from certd.engine.manager import Manager
 from certd.engine.ports import Ports
 from certd.store.files import FileStore
 from certd.engine.outcome import RenewRequest, Result
@@ -274,3 +276,20 @@ def test_a_first_ca_rate_limiting_within_the_emergency_point_is_waited_for_thoug
     out = Renew(w.ports, w.planner)(RenewRequest(due_now))
     assert out.result == Result.FAILED
     assert w.planner.load_state("www").retry_after >= isoformat(w.clock.now() + timedelta(hours=2))
+
+
+def test_verify_keeps_trusting_the_issuing_cas_anchors_after_its_table_is_renamed(tmp_path: Path,
+                                                                                   test_ca: CA) -> None:
+    """backup (with trust_anchors) issued the version, its [[ca]] table was renamed zerossl: verify still trusts those anchors."""
+    roots = tmp_path / "roots.pem"
+    roots.write_bytes(b"")
+    primary = AcmeConfig("https://p.test/dir", name="primary", table='[[ca]] "primary"')
+    zerossl = AcmeConfig("https://b.test/dir", name="zerossl", table='[[ca]] "zerossl"', trust_anchors=roots)
+    cert = replace(CERT, verify=(VerifyEndpoint("127.0.0.1", 443, "www.example.test", tmp_path / "own.pem"),))
+    config = Config(tmp_path / "certd.toml", DaemonConfig(state_dir=tmp_path / "state"), primary, (cert,),
+                    cas=(primary, zerossl))
+    mgr = Manager(config, store=FileStore(tmp_path / "state"), issuer=FakeCA(test_ca, FakeClock(NOW)))
+    meta = {"ca": "backup", "ca_directory": "https://b.test/dir"}
+    edges = mgr.ports.edges
+    assert isinstance(edges, LocalEdges)
+    assert [e.ca_bundle for e in anchored(cert, meta, edges.trust)] == [roots]
