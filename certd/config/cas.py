@@ -30,7 +30,8 @@ class CASections(FieldParser):
         super().__init__(path, check_runtime)
         self.ca_names: list[str] = []
         self.acme_was_there = False   # the file has an "acme" key (of whatever type)
-        self.ca_unreadable = False    # a "ca" key that is not [[ca]] tables (reported): names unknown
+        self.ca_unreadable = False    # a "ca" key that is not [[ca]] tables, or a nameless one (reported)
+        self.ca_bad_names: set[str] = set()  # names reported invalid: a certificate naming one is not told again
 
     def acme(self, t: Table) -> AcmeConfig | None:  # Parser's: the keys one CA takes
         raise NotImplementedError
@@ -53,8 +54,11 @@ class CASections(FieldParser):
         for i, raw in enumerate(ca_raw):
             t = Table(self, f"ca[{i}]", raw)
             name = t.get("name", str, required=True)
-            if name is not None and not _NAME_RE.fullmatch(name):
+            if name is None:
+                self.ca_unreadable = True  # which name it meant is unknown: certificates' names are not judged
+            elif not _NAME_RE.fullmatch(name):
                 self.problem(t.key("name"), f"{name!r}: expected 1-64 characters of letters, digits, '.', '_', '-'")
+                self.ca_bad_names.add(name)
                 name = None
             elif name is not None and name in self.ca_names:
                 self.problem(t.key("name"), f"duplicate CA name {name!r}; names must be unique")
@@ -80,7 +84,7 @@ class CASections(FieldParser):
             key = t.key(f"ca[{j}]")
             if not isinstance(name, str):
                 self.problem(key, f"expected a CA name, got {type_name(name)}")
-            elif name not in known and not self.ca_unreadable:
+            elif name not in known and not self.ca_unreadable and name not in self.ca_bad_names:
                 self.problem(key, f"unknown CA {name!r}; configured: {', '.join(known)} (the names of the [[ca]] "
                                   "tables; [acme] is \"default\")")
             elif name in out:

@@ -124,6 +124,8 @@ def test_acme_alone_is_one_ca_named_default(tmp_path: Path) -> None:
     (BASE + CAS.replace('"backup"', '"primary"'), "duplicate CA name 'primary'"),
     (BASE + '[[ca]]\ndirectory = "https://127.0.0.1:14000/dir"\n', "ca[0].name: required key is missing"),
     (BASE + CAS + '[[ca]]\nname = "x"\ndirectory = "https://a.test/dir"\nbogus = 1\n', "ca[2] (x).bogus"),
+    (BASE + CAS.replace('"backup"', '"back up"') + CERTS.format(extra='ca = ["back up"]'),
+     "'back up': expected 1-64 characters"),
     (BASE + '[ca]\nname = "primary"\ndirectory = "https://127.0.0.1:14000/dir"\n' + CERTS.format(extra='ca = ["primary"]'),
      "[[ca]] (two brackets)"),
     (BASE + CAS + '[[ca]]\nname = "x"\ndirectory = "https://a.test/dir"\nbogus = 1\n' + CERTS.format(extra='ca = ["x"]'),
