@@ -105,9 +105,7 @@ class Orders:
             return None
         if journal is None:
             return None
-        cas = self.ports.config.cas_for(cert)
-        # the order belongs to the CA it was placed with: resumed there, if that is still one of cert's
-        ca = next((c for c in cas if c.directory == journal.meta.get(resume.META_DIRECTORY)), cas[0])
+        ca = self._journal_ca(cert, journal)
         why = resume.journal_mismatch(journal.meta, ca.directory, cert.identifiers, cert.key_type)
         if why is None and cert.profile is not None and journal.meta.get("profile") != cert.profile:
             why = (f"it was ordered with profile {journal.meta.get('profile')!r}; the configuration now requires "
@@ -150,6 +148,20 @@ class Orders:
         if newest.info.spki_sha256 == spki and isinstance(created, str) and created >= journal.created:
             return f"its certificate is stored already (version {newest.version})"
         return None
+
+    def journal_ca(self, cert: CertificateConfig) -> str | None:
+        """The name of the CA ``cert``'s journaled order would be resumed at (None: no journal)."""
+        try:
+            journal = self.ports.store.load_order(cert.name)
+        except StoreError:
+            return None
+        return self._journal_ca(cert, journal).name if journal is not None else None
+
+    def _journal_ca(self, cert: CertificateConfig, journal: OrderJournal) -> AcmeConfig:
+        """The order belongs to the CA it was placed with: resumed there, if that is still one of
+        ``cert``'s (else the first, where :func:`certd.acme.resume.journal_mismatch` discards it)."""
+        cas = self.ports.config.cas_for(cert)
+        return next((c for c in cas if c.directory == journal.meta.get(resume.META_DIRECTORY)), cas[0])
 
     def _compromised(self, name: str, key_pem: bytes) -> bool:
         """Whether ``key_pem`` is the key of a stored version marked compromised: with
