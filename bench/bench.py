@@ -24,7 +24,8 @@ and measures, printing one table at the end:
    it (``wiring.build_manager``: audit log and every other configured sink), timed per
    certificate — no interpreter start-up in the figure. The limit client and certd take turns,
    one certificate each, so both medians come from the same minutes of a machine whose disk
-   and CPUs other work may share.
+   and CPUs other work may share. Then the fsyncs of one rotation of a certificate with one
+   ``live_dir``, counted through certd.fs's seam (target <= 12, issue 20).
 3. **certd, batches**: ``certd renew --all --force`` as a process over a config with N
    certificates (http-01 standalone; ``[daemon] workers`` = ``--workers``), wall time
    including start-up.
@@ -39,6 +40,10 @@ and measures, printing one table at the end:
    over a window while the start-up ARI polls run (one per certificate, paced at 10 a
    second) and, where they end within a few minutes, over a window with nothing due;
    ``status --json`` in-process and through the daemon.
+
+6. **Status without a daemon**: ``certd status --json`` as a process over N certificates
+   (default 10,000) in a state directory built without a CA (bench/statusbench.py); target
+   <= 1 s.
 
 Timing figures depend on what else runs on the machine: the load average before and after is
 printed with the results. Nothing here is a pass/fail test; the table shows each target.
@@ -70,12 +75,14 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from certd import config as config_mod  # noqa: E402
+from certd import fs as fsutil  # noqa: E402
 from certd.crypto.kekload import create_kek_file  # noqa: E402
 from certd.ops import log as logmod  # noqa: E402
 from certd.daemon.control import ControlClient  # noqa: E402
 from certd.daemon.service import ARI_START_RATE  # noqa: E402
 from certd.daemon.wiring import build_manager  # noqa: E402
 from limit_client import LimitClient  # noqa: E402
+import statusbench  # noqa: E402
 from tests.support.certd_env import CertdEnv  # noqa: E402
 from tests.support.pebble_fixtures import PebbleEnv  # noqa: E402
 from tests.support.procs import ManagedProcess, wait_until  # noqa: E402
@@ -95,12 +102,15 @@ class Sizes:
     certbot: int
     footprint: tuple[int, ...]
     idle: float
+    status: int = 10000
 
 
 FULL = Sizes(limit_par=400, single_fast=50, single_real=20, batch_real=(1, 100),
              batch_fast=(1, 100, 1000), certbot=5, footprint=(1000, 10000), idle=30.0)
 QUICK = Sizes(limit_par=80, single_fast=10, single_real=5, batch_real=(1, 20),
-              batch_fast=(1, 20, 100), certbot=2, footprint=(100,), idle=5.0)
+              batch_fast=(1, 20, 100), certbot=2, footprint=(100,), idle=5.0, status=1000)
+FSYNC_TARGET = 12         # per rotation with one live_dir (issue 20)
+STATUS_TARGET = 1.0       # seconds, certd status --json without a daemon
 
 
 @dataclass
@@ -111,6 +121,7 @@ class Results:
     batch: dict[str, dict[str, float]] = field(default_factory=dict)
     certbot: dict[str, Any] = field(default_factory=dict)
     footprint: dict[str, dict[str, float]] = field(default_factory=dict)
+    status: dict[str, float] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)
 
 
@@ -279,6 +290,40 @@ def bench_sequential(site: Site, pebble: PebbleEnv, count: int, label: str, real
     res.limit[f"seq{key}_ms"] = statistics.median(limit_times) * 1000
     res.single[f"{label}_ms"] = statistics.median(certd_times) * 1000
     say(f"  limit {res.limit[f'seq{key}_ms']:.1f} ms/cert, certd {res.single[f'{label}_ms']:.1f} ms/cert (medians)")
+    if label == "fast":
+        bench_fsyncs(site, res)
+
+
+def bench_fsyncs(site: Site, res: Results, rotations: int = 5) -> None:
+    """fsyncs of one forced renewal of a certificate with one live_dir (median over
+    ``rotations``; the first, which issues version 1, not counted), through certd.fs's seam."""
+    site.env.write_config([site.env.http_cert("fsyncs", ["fsyncs.example.test"],
+                                              deploy={"live_dir": str(site.env.dir / "live" / "fsyncs")})])
+    cfg = config_mod.load(site.config)
+    mgr = build_manager(cfg)
+    counts = []
+    try:
+        for i in range(rotations + 1):
+            with fsutil.counting_fsyncs() as count:
+                outcome = mgr.renew_one(cfg.certificates[0], force=True, initiator="bench",
+                                        ignore_duplicate_limit=True)
+            if not outcome.ok:
+                raise RuntimeError(f"fsyncs: {outcome.message}")
+            if i:
+                counts.append(count.total)
+    finally:
+        mgr.close()
+    res.single["fsyncs"] = statistics.median(counts)
+    say(f"  fsyncs per rotation with one live_dir: {res.single['fsyncs']:g}")
+
+
+def bench_status(work: Path, n: int, res: Results) -> None:
+    """``certd status --json`` without a daemon over ``n`` certificates (bench/statusbench.py)."""
+    say(f"status without a daemon: building {n} certificates (no CA)")
+    config = statusbench.build(work, n)
+    res.status = {"n": n, **statusbench.measure(config)}
+    say(f"  certd status --json {res.status['cli_s']:.2f} s (config load {res.status['config_s']:.2f} s, "
+        f"rows {res.status['rows_s']:.2f} s in-process)")
 
 
 def bench_limit_parallel(fast: PebbleEnv, count: int, res: Results) -> None:
@@ -550,6 +595,9 @@ def report(res: Results, sizes: Sizes) -> str:
         line("one certificate in-process, fast (median)", f"{single['fast_ms']:.1f} ms/cert",
              f"<= 1.5 x limit = {limit_single:.1f} ms", check(single["fast_ms"] <= limit_single))
         line("  ratio to the limit", f"{single['fast_ms'] / lim['seq_ms']:.2f}")
+    if "fsyncs" in single:
+        line("fsyncs per rotation, one live_dir (median)", f"{single['fsyncs']:g}", f"<= {FSYNC_TARGET}",
+             check(single["fsyncs"] <= FSYNC_TARGET))
     if "real_ms" in single and "seq_real_ms" in lim:
         line("one certificate in-process, real", f"{single['real_ms']:.1f} ms/cert",
              f"(limit {lim['seq_real_ms']:.1f} ms)")
@@ -575,6 +623,13 @@ def report(res: Results, sizes: Sizes) -> str:
             line(f"certd vs certbot at N = {int(big['n'])}",
                  f"{cb['median_s'] * big['n']:.0f} s vs {big['seconds']:.2f} s")
             line("  throughput ratio certd/certbot", f"{ratio:.0f} x", ">= 30 x", check(ratio >= 30))
+    if res.status:
+        st = res.status
+        out.append("")
+        out.append(f"status without a daemon ({int(st['n'])} certificates, no CA; the CLI reads the store itself)")
+        line("certd status --json, whole process", f"{st['cli_s']:.2f} s", f"<= {STATUS_TARGET:g} s",
+             check(st["cli_s"] <= STATUS_TARGET))
+        line("  in-process: config load / status rows", f"{st['config_s']:.2f} s / {st['rows_s']:.2f} s")
     if fp:
         out.append("")
         out.append("daemon footprint (certd run; 6-hour certificates, nothing due)")
@@ -618,7 +673,9 @@ def main() -> int:
                          "often under more concurrent orders)")
     ap.add_argument("--no-certbot", action="store_true", help="skip the certbot comparison")
     ap.add_argument("--footprint", type=int, nargs="*", help="footprint sizes (default 1000 10000; --quick: 100)")
-    ap.add_argument("--only", choices=["single", "batch", "certbot", "footprint"], action="append",
+    ap.add_argument("--status-count", type=int, help="certificates for status without a daemon (default 10000; "
+                    "--quick: 1000)")
+    ap.add_argument("--only", choices=["single", "batch", "certbot", "footprint", "status"], action="append",
                     help="run only these parts (repeatable)")
     ap.add_argument("--json", type=Path, help="also write the figures as JSON here")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
@@ -632,7 +689,9 @@ def main() -> int:
     Site.sealed = args.keys
     if args.footprint is not None:
         sizes.footprint = tuple(args.footprint)
-    parts = set(args.only or ["single", "batch", "certbot", "footprint"])
+    if args.status_count is not None:
+        sizes.status = args.status_count
+    parts = set(args.only or ["single", "batch", "certbot", "footprint", "status"])
     if args.no_certbot:
         parts.discard("certbot")
     logmod.setup(logging.CRITICAL)
@@ -694,6 +753,8 @@ def main() -> int:
             part("batches, fast", lambda: retried("batch", fast_batches))
         if "certbot" in parts:
             part("certbot", lambda: bench_certbot(real, work / "certbot", sizes.certbot, res))
+        if "status" in parts:
+            part("status without a daemon", lambda: bench_status(work / "status", sizes.status, res))
         if "footprint" in parts:
             for n in sizes.footprint:
                 part(f"footprint {n}", lambda n=n: retried(f"footprint-{n}", lambda p, n=n: bench_footprint(  # type: ignore[misc]

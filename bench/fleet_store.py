@@ -21,10 +21,10 @@ Usage: .venv/bin/python bench/fleet_store.py [--rotations N]   (or: bash bench/r
 from __future__ import annotations
 
 import argparse
-import functools
 import statistics
 import sys
 import tempfile
+import functools
 import time
 from collections.abc import Callable
 from pathlib import Path

@@ -52,8 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --force: renew even past the CA's 5 certificates per name set per week")
     r.add_argument("--reason", default="", help="why (recorded with your identity)")
     r.add_argument("--wait", action="store_true", help="show the steps as they happen and exit with the outcome")
-    r.add_argument("--dry-run", action="store_true", help="a full order against [acme] staging_directory (or "
-                   "--server) and the pre-store checks; nothing stored, deployed or reloaded")
+    r.add_argument("--dry-run", action="store_true", help="a full order against the staging_directory of each "
+                   "certificate's first CA (or --server) and the pre-store checks; nothing stored, deployed or "
+                   "reloaded")
     r.add_argument("--server", metavar="URL", help="with --dry-run: the ACME directory to order from")
 
     s = sub.add_parser("status", help="one row per certificate")

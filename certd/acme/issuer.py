@@ -66,7 +66,7 @@ class Issuer:
         self._clock = clock
         self._transport = transport
         self._order_timeout = acme.order_timeout if order_timeout is None else order_timeout
-        self._fail = Failure(acme.directory, clock)
+        self._fail = Failure(acme.directory, clock, acme.table)
         self._account = Account(acme, accounts, transport, self._fail)
         self._lock = threading.Lock()          # the directory, fetched once
         self._local = threading.local()
@@ -142,7 +142,7 @@ class Issuer:
             if self._clock.monotonic() < deadline:
                 raise
             raise AcmeError(f"{doing}: no certificate within the {self._order_timeout:g} s order deadline "
-                            f"([acme] order_timeout): the CA at {self._acme.directory} answers too slowly; "
+                            f"({self._acme.table} order_timeout): the CA at {self._acme.directory} answers too slowly; "
                             "will retry", transient=True) from e
         raise AssertionError("unreachable")
 

@@ -39,9 +39,11 @@ from certd.core.retry_after import retry_after_seconds
 
 log = logging.getLogger("certd.issuer")  # a stable name: it is part of the log format
 
-# Poll schedule: first poll soon (a local CA validates in milliseconds), then back off.
+# Poll schedule (RFC 8555 §7.5.1, §7.4): the first poll right after the challenge answer or the
+# finalize request (a local CA is done in milliseconds; no fixed wait is paid per certificate),
+# unless the CA said Retry-After; then waits grow from FIRST_POLL, never shorter than what
+# the CA asks (capped).
 FIRST_POLL = 0.004
-ISSUE_WAIT = 0.002           # after finalize, before the first poll
 POLL_GROWTH = 2.0
 MAX_POLL = 2.0
 MAX_RETRY_AFTER = 15.0       # never wait longer than this for one poll, whatever the CA says
@@ -167,16 +169,20 @@ class OrderFlow:
         """From ``order`` as it is now to the downloaded chain: validate, finalize, wait, download."""
         if order.status.name == "pending":
             order = self.validate(uri, order)
+        told: float | None = None
         if order.status.name == "ready":
             csr = x509.load_pem_x509_csr(csr_pem)
             self.before("finalize")
             with _where(FINALIZE):
-                order = messages.Order.from_json(
-                    signed_post(self.client, order.finalize, messages.CertificateRequest(csr=csr)).json())
+                response = signed_post(self.client, order.finalize, messages.CertificateRequest(csr=csr))
+                order = messages.Order.from_json(response.json())
+            told = retry_after_seconds(response.headers.get("Retry-After"), self.clock.now())
             self.say("finalizing")
         if order.status.name in ("ready", "processing"):
-            # Issuing takes a CA a moment (Pebble: ~3 ms); asking at once is a wasted request.
-            order = self.poll(uri, "the CA to issue the certificate", first_wait=ISSUE_WAIT)
+            # At once, unless the finalize answer said when to ask (RFC 8555 §7.4: "processing"
+            # with Retry-After): a fixed guess here was a wait every certificate paid.
+            order = self.poll(uri, "the CA to issue the certificate",
+                              first_wait=min(told, MAX_RETRY_AFTER) if told is not None else 0.0)
         if order.status.name != "valid" or not order.certificate:
             raise self.order_failed(order)
         response = post_as_get(self.client, order.certificate)
@@ -306,7 +312,8 @@ class OrderFlow:
     def poll(self, uri: str, waiting_for: str, first_wait: float = 0.0) -> messages.Order:
         """Poll the order until it leaves pending/processing, within the deadline.
 
-        Waits grow from :data:`FIRST_POLL` by :data:`POLL_GROWTH` up to :data:`MAX_POLL`, but are
+        The first poll is sent at once, or after ``first_wait`` (what the CA's previous answer
+        asked for). Waits then grow from :data:`FIRST_POLL` by :data:`POLL_GROWTH` up to :data:`MAX_POLL`, but are
         never shorter than two round trips of the last poll: milliseconds against a local CA,
         a polite pace against a distant one. A Retry-After from the CA wins (up to
         :data:`MAX_RETRY_AFTER`).

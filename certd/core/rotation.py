@@ -3,7 +3,8 @@
 A rotation moves one certificate from the version that is served now (``from_version``) to
 another (``to_version``): a freshly issued one (kind ``renew``) or an older one (kind
 ``rollback``, asked for by an operator). It goes through these steps, and the journal is
-written and fsynced as each is reached::
+written as each is reached (the store fsyncs the steps that decide recovery, and every
+effect is durable before its step is written: docs/PERFORMANCE.md)::
 
     issued -> staged -> switched -> reloaded -> verified -> committed
                  |          |           |           |

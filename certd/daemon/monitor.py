@@ -310,13 +310,36 @@ class _Handler(FileSystemEventHandler):
 
 
 def _watch_dirs(cert: CertificateConfig) -> list[tuple[Path, bool]]:
-    """(directory, recursive) to watch for ``cert``'s deploy targets (see certd/deploy/stage.py)."""
+    """(directory, recursive) to watch for ``cert``'s deploy targets (see certd/deploy/stage.py):
+    one inotify watch per directory whose entries or files a server reads, never a recursive
+    one. For a live_dir: its parent (the link), ``.NAME.versions`` (a version directory
+    replaced or removed) and the live version's directory (its files edited); a staged or
+    older version is not served, so an edit there is no drift. A recursive watch of
+    ``.NAME.versions`` cost one watch per kept version (~6 per certificate: 600,000 at 100,000
+    certificates against a default ``fs.inotify.max_user_watches`` of 8,192 to ~500,000); the
+    live version's watch moves after a switch, since the link's change requests a round,
+    and every round syncs the watches (docs/PERFORMANCE.md)."""
     d = cert.deploy
     dirs: list[tuple[Path, bool]] = []
     if d.live_dir is not None:
-        dirs += [(d.live_dir.parent, False), (d.live_dir.parent / f".{d.live_dir.name}.versions", True)]
+        root = d.live_dir.parent / f".{d.live_dir.name}.versions"
+        dirs += [(d.live_dir.parent, False), (root, False)]
+        live = _live_version_dir(d.live_dir, root)
+        if live is not None:
+            dirs.append((live, False))
     dirs += [(p.parent, False) for p in [d.combined, *(f.path for f in d.files)] if p is not None]
     return dirs
+
+
+def _live_version_dir(link: Path, root: Path) -> Path | None:
+    """The version directory under ``root`` the live_dir ``link`` points at, None if it points
+    nowhere there (missing, not a link, elsewhere)."""
+    try:
+        target = os.readlink(link)
+    except OSError:
+        return None
+    path = Path(os.path.normpath(link.parent / target))
+    return path if path.parent == root else None
 
 
 class _Owners:

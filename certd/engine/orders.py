@@ -105,13 +105,13 @@ class Orders:
             return None
         if journal is None:
             return None
-        cas = self.ports.config.cas_for(cert)
-        # the order belongs to the CA it was placed with: resumed there, if that is still one of cert's
-        ca = next((c for c in cas if c.directory == journal.meta.get(resume.META_DIRECTORY)), cas[0])
+        ca = self._journal_ca(cert, journal)
         why = resume.journal_mismatch(journal.meta, ca.directory, cert.identifiers, cert.key_type)
         if why is None and cert.profile is not None and journal.meta.get("profile") != cert.profile:
             why = (f"it was ordered with profile {journal.meta.get('profile')!r}; the configuration now requires "
                    f"{cert.profile!r}")
+        if why is None:
+            why = self._stored_already(cert.name, journal)
         if why is None and self._compromised(cert.name, journal.key_pem):
             why = "its key (reused) was marked compromised since"
         if why is None:
@@ -141,6 +141,40 @@ class Orders:
                 event(log, "order_stopped", logging.ERROR, name=name, step=step, error=str(e))
                 raise
         return before
+
+    def _stored_already(self, name: str, journal: OrderJournal) -> str | None:
+        """Why ``journal`` is done, if the newest stored version has its key and was stored
+        after it was written: its certificate is that version. The journal is cleared right
+        after the version is stored, but without an fsync of its own (it rides on the commit's),
+        so a power loss in between can bring a done journal back; resuming it would store the
+        same certificate again."""
+        store = self.ports.store
+        versions = store.versions(name)
+        if not versions:
+            return None
+        newest = store.load_info(name, versions[-1])
+        created = newest.meta.get("created")
+        try:
+            spki = spki_sha256(keys.load_private_key(journal.key_pem).public_key())
+        except ValueError:
+            return None  # judged by _compromised
+        if newest.info.spki_sha256 == spki and isinstance(created, str) and created >= journal.created:
+            return f"its certificate is stored already (version {newest.version})"
+        return None
+
+    def journal_ca(self, cert: CertificateConfig) -> str | None:
+        """The name of the CA ``cert``'s journaled order would be resumed at (None: no journal)."""
+        try:
+            journal = self.ports.store.load_order(cert.name)
+        except StoreError:
+            return None
+        return self._journal_ca(cert, journal).name if journal is not None else None
+
+    def _journal_ca(self, cert: CertificateConfig, journal: OrderJournal) -> AcmeConfig:
+        """The order belongs to the CA it was placed with: resumed there, if that is still one of
+        ``cert``'s (else the first, where :func:`certd.acme.resume.journal_mismatch` discards it)."""
+        cas = self.ports.config.cas_for(cert)
+        return next((c for c in cas if c.directory == journal.meta.get(resume.META_DIRECTORY)), cas[0])
 
     def _compromised(self, name: str, key_pem: bytes) -> bool:
         """Whether ``key_pem`` is the key of a stored version marked compromised: with

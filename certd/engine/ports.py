@@ -12,7 +12,7 @@ from __future__ import annotations
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Collection, Protocol
+from typing import Any, Callable, Collection, Mapping, Protocol
 
 from certd.acme.issuer import RenewalInfo
 from certd.config import CertificateConfig, Config
@@ -104,6 +104,12 @@ class Ports:
         if ca is None or self.ca_issuer is None:
             return self.issuer()
         return self.ca_issuer(ca)
+
+    def issuer_of(self, meta: Mapping[str, Any]) -> IssuerPort | None:
+        """The client of the CA that issued the version with ``meta`` (see
+        :meth:`certd.config.Config.issuing_ca`); None when that CA is no longer configured."""
+        ca = self.config.issuing_ca(meta)
+        return self.issuer_at(ca.name) if ca is not None else None
 
     def lock(self, name: str) -> AbstractContextManager[None]:
         """The certificate's lock, waiting at most ``lock_timeout`` seconds (StoreError)."""

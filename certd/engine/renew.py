@@ -150,7 +150,7 @@ class Renew:
                 "fingerprint_sha256": info.fingerprint_sha256, "replaces": replaces,
                 keyage.KEY_CREATED: self._key_created(stored, info.spki_sha256),
                 **({"profile": issued.profile} if issued.profile else {}),
-                **({"ca": issued.ca} if issued.ca else {}),
+                **({"ca": issued.ca, "ca_directory": _directory(ports, issued.ca)} if issued.ca else {}),
                 **({"ca_skipped": tried.skipped} if tried.skipped else {}),
             })
             self.orders.stored(cert.name, issued)
@@ -202,6 +202,13 @@ class Renew:
         if stored is not None and stored.bundle.info.spki_sha256 == spki_sha256:
             return isoformat(keyage.key_created(stored.meta, stored.bundle.info))
         return isoformat(self.ports.clock.now())
+
+
+def _directory(ports: Ports, ca: str) -> str | None:
+    """The directory URL of CA ``ca``: recorded beside its name, so the version still finds its
+    CA (ARI, replaces, revoke) after the [[ca]] table is renamed."""
+    found = ports.config.ca_config(ca)
+    return found.directory if found is not None else None
 
 
 def _issued_detail(profile: str | None, ca: str | None, skipped: list[dict[str, str]]) -> dict[str, Any]:

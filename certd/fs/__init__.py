@@ -29,6 +29,7 @@ killed process left behind without touching one that another process is still wr
 """
 
 from certd.fs.oserrors import (TMP_INFIX, temp_name, store_error, os_errors)
+from certd.fs.sync import FsyncCount, counting as counting_fsyncs, fsync
 from certd.fs.descriptors import (open_dir, dir_fd, open_dir_at, open_own_dir, open_nofollow, read_at, lstat_at,
                                   fsync_fd, identity)
 from certd.fs.removal import (delete_at, rmtree_at, secure_delete, secure_rmtree, hide_and_remove,
@@ -37,8 +38,9 @@ from certd.fs.writing import (write_new, atomic_write, atomic_write_at, fsync_di
                               ensure_dir, TempDir)
 
 __all__ = [
-    'TMP_INFIX', 'TempDir', 'atomic_symlink', 'atomic_symlink_at', 'atomic_write', 'atomic_write_at', 'delete_at',
-    'dir_fd', 'ensure_dir', 'fsync_dir', 'fsync_fd', 'hide_and_remove', 'hide_and_remove_at', 'identity', 'lstat_at',
-    'open_dir', 'open_dir_at', 'open_nofollow', 'open_own_dir', 'os_errors', 'read_at', 'remove_stale_temps',
-    'rmtree_at', 'secure_delete', 'secure_rmtree', 'store_error', 'temp_name', 'write_new',
+    'FsyncCount', 'TMP_INFIX', 'TempDir', 'atomic_symlink', 'atomic_symlink_at', 'atomic_write', 'atomic_write_at',
+    'counting_fsyncs', 'delete_at', 'dir_fd', 'ensure_dir', 'fsync', 'fsync_dir', 'fsync_fd', 'hide_and_remove',
+    'hide_and_remove_at', 'identity', 'lstat_at', 'open_dir', 'open_dir_at', 'open_nofollow', 'open_own_dir',
+    'os_errors', 'read_at', 'remove_stale_temps', 'rmtree_at', 'secure_delete', 'secure_rmtree', 'store_error',
+    'temp_name', 'write_new',
 ]

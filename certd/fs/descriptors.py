@@ -13,6 +13,7 @@ from pathlib import Path
 
 from certd.core.errors import StoreError
 from certd.fs.oserrors import store_error
+from certd.fs.sync import fsync
 
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
@@ -91,7 +92,7 @@ def open_own_dir(dirfd: int, name: str, shown: Path | str, *, create_mode: int |
     if created:
         try:
             os.fchmod(fd, create_mode)  # type: ignore[arg-type]
-            os.fsync(dirfd)
+            fsync(dirfd)
         except OSError as e:
             os.close(fd)
             raise store_error(e, shown, "create directory") from e
@@ -136,7 +137,7 @@ def inode_key(st: os.stat_result) -> tuple[int, int]:
 
 def fsync_fd(dirfd: int, shown: Path | str) -> None:
     try:
-        os.fsync(dirfd)
+        fsync(dirfd)
     except OSError as e:
         if e.errno not in (errno.EINVAL, errno.ENOTSUP):
             raise store_error(e, shown, "fsync directory") from e

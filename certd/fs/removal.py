@@ -14,6 +14,7 @@ from pathlib import Path
 
 from certd.core.errors import StoreError
 from certd.fs.oserrors import TMP_INFIX, store_error, temp_name
+from certd.fs.sync import fsync
 from certd.fs.descriptors import DIR_FLAGS, inode_key, dir_fd, fsync_fd, lstat_at, open_dir, open_nofollow
 
 ZEROS = bytes(64 * 1024)
@@ -25,7 +26,7 @@ def zero_fd(fd: int) -> None:
     offset = 0
     while offset < size:
         offset += os.pwrite(fd, ZEROS[: min(len(ZEROS), size - offset)], offset)
-    os.fsync(fd)
+    fsync(fd)
 
 
 def _wipe_fd(fd: int) -> None:
@@ -142,8 +143,9 @@ def rmtree_at(dirfd: int, name: str, expected: tuple[int, int] | None = None, *,
     return True
 
 
-def secure_delete(path: Path | str) -> None:
+def secure_delete(path: Path | str, *, durable: bool = True) -> None:
     """Overwrite a private key's bytes with zeros, fsync, unlink; missing is fine.
+    ``durable=False`` leaves out the directory fsync (the caller makes the unlink durable).
 
     A file with other hard links (a deployed copy sharing the inode) is only unlinked: zeroing
     it would destroy the file still in use under its other name. A symlink is unlinked, never
@@ -158,7 +160,7 @@ def secure_delete(path: Path | str) -> None:
             return
         raise
     try:
-        if delete_at(d, path.name, shown=path):
+        if delete_at(d, path.name, shown=path) and durable:
             fsync_fd(d, path.parent)
     finally:
         os.close(d)

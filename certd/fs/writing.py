@@ -14,6 +14,7 @@ from types import TracebackType
 
 from certd.core.errors import StoreError
 from certd.fs.oserrors import os_errors, store_error, temp_name
+from certd.fs.sync import fsync
 from certd.fs.descriptors import DIR_FLAGS, inode_key, dir_fd, fsync_fd, lstat_at, open_dir
 from certd.fs.removal import delete_at, is_empty_dir_at, rmtree_at, zero_fd
 
@@ -60,7 +61,7 @@ def write_new(path: Path | str, data: bytes, *, mode: int = 0o644, uid: int = -1
         raise store_error(e, shown) from e
     try:
         _write_all(fd, data)
-        os.fsync(fd)
+        fsync(fd)
     except OSError as e:
         _discard(fd, path, dirfd)
         raise store_error(e, shown) from e
@@ -81,13 +82,16 @@ _SWEPT_RETRIES = 8  # a sweep takes a temporary file at most once: a few tries a
 
 
 def atomic_write(path: Path | str, data: bytes, *, mode: int = 0o644, uid: int = -1, gid: int = -1,
-                 durable: bool = True) -> None:
+                 durable: bool = True, lazy: bool = False) -> None:
     """Replace ``path`` with a file holding ``data``: readers see the old file or the new one.
 
     The new file has ``mode`` (and ``uid``/``gid`` when not -1) from its creation on. On any
     error ``path`` is untouched, the temporary file is gone, and :class:`StoreError` is raised.
     ``durable=False`` skips the directory fsync: still atomic, and never a torn or empty file,
-    but a crash may bring the previous content back (for files where that is harmless).
+    but a power loss may bring the previous content back (for files where that is harmless).
+    ``lazy=True`` skips every fsync: atomic for every process (a SIGKILL included), but after a
+    power loss the file may hold the old bytes, the new ones, or be empty or torn: only for a
+    file whose reader takes a damaged one for "not written" (docs/PERFORMANCE.md says which).
     """
     path = Path(path)
     try:
@@ -95,13 +99,13 @@ def atomic_write(path: Path | str, data: bytes, *, mode: int = 0o644, uid: int =
     except OSError as e:
         raise store_error(e, path) from e
     try:
-        atomic_write_at(d, path.name, data, mode=mode, uid=uid, gid=gid, durable=durable, shown=path)
+        atomic_write_at(d, path.name, data, mode=mode, uid=uid, gid=gid, durable=durable, lazy=lazy, shown=path)
     finally:
         os.close(d)
 
 
 def atomic_write_at(dirfd: int, name: str, data: bytes, *, mode: int = 0o644, uid: int = -1,
-                    gid: int = -1, durable: bool = True, shown: Path | str | None = None) -> None:
+                    gid: int = -1, durable: bool = True, lazy: bool = False, shown: Path | str | None = None) -> None:
     """:func:`atomic_write` of ``name`` in the directory ``dirfd``.
 
     Between creating the temporary file and flocking it, a stale-temp sweep
@@ -121,7 +125,8 @@ def atomic_write_at(dirfd: int, name: str, data: bytes, *, mode: int = 0o644, ui
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # "in use": stale-temp cleanup skips it
             _write_all(fd, data)
-            os.fsync(fd)
+            if not lazy:
+                fsync(fd)
             os.rename(tmp, name, src_dir_fd=dirfd, dst_dir_fd=dirfd)
         except OSError as e:
             _discard(fd, tmp, dirfd)
@@ -130,7 +135,7 @@ def atomic_write_at(dirfd: int, name: str, data: bytes, *, mode: int = 0o644, ui
             raise store_error(e, shown) from e
         os.close(fd)
         break
-    if durable:
+    if durable and not lazy:
         fsync_fd(dirfd, Path(shown).parent if isinstance(shown, Path) else shown)
 
 
@@ -256,6 +261,13 @@ class TempDir:
     def write(self, name: str, data: bytes, *, mode: int = 0o644, uid: int = -1, gid: int = -1) -> None:
         write_new(name, data, mode=mode, uid=uid, gid=gid, report_as=self.final / name, dirfd=self._fd)
 
+    def link(self, name: str, source: Path | str) -> None:
+        """Put the regular file ``source`` into this directory as ``name`` by a hard link (never
+        following a symlink): for bytes that are already on disk and fsynced, which then need no
+        second write and no second fsync. OSError if it cannot be linked (gone, another
+        filesystem)."""
+        os.link(source, name, dst_dir_fd=self._fd, follow_symlinks=False)
+
     def remove(self, name: str) -> None:
         """Zero and remove a file written into this directory (before it is published)."""
         delete_at(self._fd, name, shown=self.final / name)
@@ -264,7 +276,7 @@ class TempDir:
         """fsync, then rename to ``final`` (a name in the same parent); False (nothing changed)
         if ``final`` already exists."""
         with os_errors(final, "publish"):
-            os.fsync(self._fd)
+            fsync(self._fd)
             st = lstat_at(self._pfd, final.name)
             if st is not None and not is_empty_dir_at(self._pfd, final.name, st):
                 return False

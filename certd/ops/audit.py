@@ -26,7 +26,9 @@ Several processes append (the daemon and the in-process CLI). Each append opens 
 takes an exclusive ``flock`` on it, reads the tail to find ``seq`` and ``prev``, appends its
 line(s) with a single ``write``, fsyncs, updates the head and only then unlocks, so the chain
 never forks. Within a process, records that threads append at the same moment are written
-together (group commit: one write, one fsync, one head update for all of them). The file is
+together (group commit: one write, one fsync, one head update for all of them); the records of
+steps inside an operation (:data:`LAZY_EVENTS`) are not fsynced on their own but by the
+operation's last record, appended to the same file later. The file is
 created 0600 (0640 with a group). A record whose text holds a PEM private-key
 marker is refused (:class:`AuditRefused`): the audit log never stores key material.
 """
@@ -62,6 +64,12 @@ __all__ = ["FILENAME", "HEAD_FILENAME", "GENESIS", "MAX_PROBLEMS", "AuditLog", "
 # The order records are written in (readable); hashing uses sorted keys, so order never matters.
 FIELDS = ("seq", "time", "event", "name", "initiator", "reason", "old_serial", "new_serial", "spki_sha256",
           "not_after", "outcome", "duration", "version", "detail", "prev")
+#: Records of steps inside a renewal or rollback, appended without an fsync of their own: the
+#: operation's last record (``renewed``, ``renewal_failed``, ``rolled_back``, ...) is fsynced,
+#: and an fsync of the file makes every line written before it durable. A power loss before
+#: that end can lose these lines (never a line in the middle: they are the file's tail), and
+#: the rotation journal, not the audit log, is what recovery finishes from.
+LAZY_EVENTS = frozenset({"forced", "issued", "deployed", "verified", "version_pruned"})
 _KEY_MARKER = re.compile(rb"-----(?:BEGIN|END) (?:[A-Z0-9]+ )*PRIVATE KEY-----")
 _TAIL_CHUNK = 8192
 
@@ -132,8 +140,9 @@ class AuditLog:
         self.append(ev)
 
     def append(self, ev: LifecycleEvent) -> dict[str, Any]:
-        """Append one record for ``ev`` (fsynced) and return it. :class:`AuditRefused` if it would
-        hold key material; :class:`~certd.core.errors.StoreError` if the disk refuses."""
+        """Append one record for ``ev`` (fsynced, unless a :data:`LAZY_EVENTS` record) and return
+        it. :class:`AuditRefused` if it would hold key material;
+        :class:`~certd.core.errors.StoreError` if the disk refuses."""
         fields = record_fields(ev)
         # Group commit: the thread that gets the writer's lock writes every record queued by then
         # (its own included) with one write and one fsync; the others find theirs done. Each
@@ -185,7 +194,11 @@ class AuditLog:
             return -1
 
     def _append_locked(self, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Append one record per fields dict, chained in order, with one write and one fsync."""
+        """Append one record per fields dict, chained in order, with one write and, unless every
+        one is a :data:`LAZY_EVENTS` record, one fsync and a new head. After lazy records alone
+        the head stays behind until the next durable append (a head ahead of what a power loss
+        kept would look like records cut off the end)."""
+        durable = any(f.get("event") not in LAZY_EVENTS for f in batch)
         fd = self._open()
         try:
             with fsutil.os_errors(self.path, "lock"):
@@ -207,13 +220,16 @@ class AuditLog:
                 view = memoryview(data)
                 while view:
                     view = view[os.write(fd, view):]
-                os.fsync(fd)
+                if durable:
+                    fsutil.fsync(fd)
             except OSError as e:
                 try:
                     os.ftruncate(fd, size)  # never leave half a record behind
                 except OSError:
                     pass
                 raise fsutil.store_error(e, self.path, "append to") from e
+            if not durable:
+                return records
             try:
                 # Not durable (no directory fsync): a crash can only leave an older head behind,
                 # and a lagging head is no tamper sign; a torn one cannot happen.

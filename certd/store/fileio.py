@@ -101,11 +101,12 @@ def load_obj(path: str, what: str) -> dict[str, Any] | None:
     return obj
 
 
-def remove(path: Path) -> None:
-    """Remove ``path`` (absent is fine) and make that durable."""
+def remove(path: Path, *, durable: bool = True) -> None:
+    """Remove ``path`` (absent is fine) and, unless ``durable=False``, make that durable."""
     with fsutil.os_errors(path, "remove"):
         try:
             os.unlink(path)
         except FileNotFoundError:
             return
-    fsutil.fsync_dir(path.parent)
+    if durable:
+        fsutil.fsync_dir(path.parent)

@@ -187,20 +187,23 @@ class KeyFiles:
     def exists(self, place: KeyPlace) -> bool:
         return any(os.path.isfile(place.path(s)) for s in (True, False))
 
-    def write(self, place: KeyPlace, key_pem: bytes, *, mode: int = 0o600, gid: int = -1) -> None:
-        """Atomically replace the key at ``place`` (the other form, if any, is zeroed and removed)."""
+    def write(self, place: KeyPlace, key_pem: bytes, *, mode: int = 0o600, gid: int = -1,
+              durable: bool = True) -> None:
+        """Atomically replace the key at ``place`` (the other form, if any, is zeroed and removed).
+        ``durable=False``: the file is fsynced, its directory is left to the caller."""
         fname, data, sealed = self.encode(place, key_pem)
         fsutil.atomic_write(f"{place.directory}/{fname}", data, mode=SEALED_MODE if sealed else mode,
-                            gid=-1 if sealed else gid)
+                            gid=-1 if sealed else gid, durable=durable)
         other = place.path(not sealed)
         if os.path.lexists(other):
             fsutil.secure_delete(other)
 
-    def destroy(self, place: KeyPlace) -> None:
+    def destroy(self, place: KeyPlace, *, durable: bool = True) -> None:
         """Zero and remove both forms, and any temporary copy a killed writer left (for a sealed
-        key this wipes its only wrapped data key)."""
+        key this wipes its only wrapped data key). ``durable=False``: the zeroing is fsynced,
+        the removals are left for the caller's directory fsync."""
         for sealed in (True, False):
-            fsutil.secure_delete(place.path(sealed))
+            fsutil.secure_delete(place.path(sealed), durable=durable)
         leftovers = (f".{place.sealed}{fsutil.TMP_INFIX}", f".{place.plain}{fsutil.TMP_INFIX}")
         try:
             names = os.listdir(place.directory)

@@ -170,7 +170,12 @@ class FileLeases:
                     return None
                 token = int(rec["token"]) + 1
                 expires = now + ttl
-                self._write(d, {"token": token, "owner": owner, "expires": expires, "flock": got_flock})
+                # Not durable (the file is fsynced, its rename is not): a power loss may bring
+                # the previous record back, and a token granted again after it fences nobody
+                # wrongly, since every holder of this host's leases died with the power. The
+                # rename becomes durable with the next fsync of this directory (the commit's).
+                self._write(d, {"token": token, "owner": owner, "expires": expires, "flock": got_flock},
+                            durable=False)
         except BaseException:
             os.close(hold)
             raise
@@ -192,18 +197,20 @@ class FileLeases:
         return Lease(lease.name, lease.owner, lease.token, _dt(rec["expires"]))
 
     def release(self, lease: Lease) -> None:
-        try:
-            with self._guard(lease.name) as d:
-                rec = self._read(d)
-                if rec["token"] == lease.token and rec.get("owner") is not None:
-                    # Not durable: a release lost to a crash leaves a record whose flock died with
-                    # its holder, which the next lease() treats as free anyway.
-                    self._write(d, {**rec, "owner": None, "expires": 0.0}, durable=False)
-        finally:
-            with self._mutex:
-                fd = self._holds.pop((lease.name, lease.token), None)
-            if fd is not None:
-                os.close(fd)  # drops the flock on ``lock``
+        with self._mutex:
+            fd = self._holds.pop((lease.name, lease.token), None)
+        if fd is not None:
+            # Held by flock: dropping it is the release. The record keeps naming this owner,
+            # and lease() takes a record "flock": true whose ``lock`` nobody holds as free, as
+            # it does after a crash; so no write and no fsync (every rotation ends here).
+            os.close(fd)
+            return
+        with self._guard(lease.name) as d:  # taken over from a stalled holder: no flock to drop
+            rec = self._read(d)
+            if rec["token"] == lease.token and rec.get("owner") is not None:
+                # Not durable: a release lost to a crash leaves an expiring record; fencing
+                # holds meanwhile.
+                self._write(d, {**rec, "owner": None, "expires": 0.0}, durable=False)
 
     def check(self, lease: Lease) -> None:
         with self._guard(lease.name) as d:

@@ -204,33 +204,40 @@ class FileStore(VersionFiles):
         return int(text) if text.isdigit() else None
 
     def set_applied(self, node: str, name: str, version: int | None) -> None:
-        """Written by ``node`` alone (not fenced); ``durable=False``: after a crash the journal,
-        not this report, says what to finish."""
+        """Written by ``node`` alone (not fenced), lazily (no fsync): after a crash the journal,
+        not this report, says what to finish, and a report a power loss tore reads as None."""
         path = self._ensure_node_dir(node, name) / "applied"
         if version is None:
             fileio.remove(path)
         else:
-            fsutil.atomic_write(path, f"{version}\n".encode(), mode=0o600, durable=False)
+            fsutil.atomic_write(path, f"{version}\n".encode(), mode=0o600, lazy=True)
 
     # -- journals ----------------------------------------------------------------------------
 
     def load_rotation(self, node: str, name: str) -> dict[str, Any] | None:
-        found = fileio.load_obj(f"{self._node_path(node, name)}/journal.json", "rotation journal")
+        base = self._node_path(node, name)
+        found = fileio.load_obj(f"{base}/journal.json", "rotation journal")
         if found is None and node == self.node and self._old_journals:  # not migrated yet: the old place
             found = fileio.load_obj(f"{self._cert_path(name)}/journal.json", "rotation journal")
-        return found
+        return _newer_step(found, base)
 
     def save_rotation(self, node: str, name: str, journal: dict[str, Any] | None, *,
                       lease: Lease | None = None) -> None:
-        """Write (atomic, fsynced) or, with None, remove ``node``'s rotation journal."""
-        path = self._ensure_node_dir(node, name) / "journal.json"
+        """Write or, with None, remove ``node``'s rotation journal. A step that decides recovery
+        (the start, the turn to a rollback, a failure's end), and the first step saved for a
+        rotation whatever it is, replaces ``journal.json``, fsynced with its directory; a later
+        step of :data:`LAZY_STEPS` only replaces ``journal.next``, without an fsync."""
+        d = self._ensure_node_dir(node, name)
         with self._fence(name, lease):
             if journal is None:
-                fileio.remove(path)
+                fileio.remove(d / NEXT_STEP_FILE)
+                fileio.remove(d / "journal.json")
                 if node == self.node and self._old_journals:
                     fileio.remove(self._cert_dir(name) / "journal.json")  # format 1's, if any
+            elif journal.get("step") in LAZY_STEPS and _same_rotation(d / "journal.json", journal):
+                fsutil.atomic_write(d / NEXT_STEP_FILE, fileio.json_bytes(journal), mode=0o600, lazy=True)
             else:
-                fsutil.atomic_write(path, fileio.json_bytes(journal), mode=0o600)
+                fsutil.atomic_write(d / "journal.json", fileio.json_bytes(journal), mode=0o600)
 
     def load_journal(self, name: str) -> dict[str, Any] | None:
         return self.load_rotation(self.node, name)
@@ -250,18 +257,24 @@ class FileStore(VersionFiles):
         return OrderJournal(str(rec["order_url"]), key_pem, str(rec["created"]), dict(rec.get("meta") or {}))
 
     def save_order(self, name: str, order: OrderJournal | None, *, lease: Lease | None = None) -> None:
-        """The key (0600, or sealed) first, the record last: a recorded order always has its key.
-        None: the record first, then the key, zeroed."""
+        """The key (0600, or sealed) first, the record last, both fsynced, then one fsync of
+        the directory: a recorded order always has its key, and is durable before finalize.
+        None: the record first, then the key, zeroed (only unlinked when the stored version
+        shares it: see ``_linked_order_key``), without a directory fsync: the next one of this
+        directory (the commit's ``current``) makes it durable, and a journal a power loss brings
+        back is recognised as done (certd.engine.orders: its certificate is stored)."""
         d = self._ensure_cert_dir(name)
         place = order_place(os.fspath(d), name)
         with self._fence(name, lease):
             if order is None:
-                fileio.remove(d / "order.json")
-                self._keys.destroy(place)
+                fileio.remove(d / "order.json", durable=False)
+                self._keys.destroy(place, durable=False)
                 return
-            self._keys.write(place, order.key_pem)
+            self._keys.write(place, order.key_pem, durable=False)
             fsutil.atomic_write(d / "order.json", fileio.meta_bytes(
-                {"order_url": order.order_url, "created": order.created, "meta": order.meta}), mode=0o600)
+                {"order_url": order.order_url, "created": order.created, "meta": order.meta}), mode=0o600,
+                durable=False)
+            fsutil.fsync_dir(d)
 
     # -- key custody -------------------------------------------------------------------------
 
@@ -295,7 +308,9 @@ class FileStore(VersionFiles):
             _, now = self.read_state(name)
             if now != expected:
                 raise Conflict(f"{name}: state changed since it was read (etag {now}, expected {expected})")
-            fsutil.atomic_write(self._cert_dir(name) / "state.json", data, mode=0o600)
+            # Not durable: a power loss may bring the previous bookkeeping back (never a torn
+            # file); the version, the journal and the audit record say what happened.
+            fsutil.atomic_write(self._cert_dir(name) / "state.json", data, mode=0o600, durable=False)
         return _etag(data)
 
     def load_state(self, name: str) -> dict[str, Any] | None:
@@ -305,7 +320,8 @@ class FileStore(VersionFiles):
         """Single-host adapter: last writer wins (the engine's own in-memory floor covers a
         lost write); fenced by the lease ``lock()`` bound, when there is one."""
         with self._fence(name, None):
-            fsutil.atomic_write(self._cert_dir(name) / "state.json", fileio.json_bytes(state), mode=0o600)
+            fsutil.atomic_write(self._cert_dir(name) / "state.json", fileio.json_bytes(state), mode=0o600,
+                                durable=False)
 
     def change_token(self, name: str) -> Hashable:
         """A cheap value that differs whenever anything desired(), load_info() of the desired
@@ -319,7 +335,8 @@ class FileStore(VersionFiles):
             target = None
         meta = fileio.identity(f"{base}/{target}/meta.json") if target else None
         return (target, meta, fileio.identity(f"{base}/state.json"),
-                fileio.identity(f"{base}/nodes/{self.node}/journal.json"))
+                fileio.identity(f"{base}/nodes/{self.node}/journal.json"),
+                fileio.identity(f"{base}/nodes/{self.node}/{NEXT_STEP_FILE}"))
 
     # -- change feed, audit, accounts --------------------------------------------------------
 
@@ -340,6 +357,46 @@ class FileStore(VersionFiles):
 
     def account_lock(self, directory_url: str, timeout: float = 60.0) -> AbstractContextManager[None]:
         return self._accounts.account_lock(directory_url, timeout)
+
+
+#: The rotation steps written lazily (``journal.next``, no fsync): each is reached by an
+#: effect that was itself made durable first (staged files and the switch are fsynced, the
+#: commit's ``current`` link too), and every effect is idempotent, so a power loss that takes
+#: the step back only makes recovery redo an effect that is already done. The steps that
+#: decide what recovery does (``issued``: a rotation to this version is in flight, whose
+#: switch must never be found orphaned; ``rolling_back``: go backwards; the failures' ends)
+#: are written to ``journal.json`` and fsynced. docs/PERFORMANCE.md has the whole table.
+LAZY_STEPS = frozenset({"staged", "switched", "reloaded", "verified", "committed"})
+NEXT_STEP_FILE = "journal.next"
+
+
+def _same_rotation(path: Path, journal: dict[str, Any]) -> bool:
+    """Whether ``path`` durably records an earlier step of ``journal``'s rotation (same id)."""
+    try:
+        durable = json.loads(fileio.read(os.fspath(path)).decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(durable, dict) and journal.get("id") is not None and durable.get("id") == journal.get("id")
+
+
+def _newer_step(journal: dict[str, Any] | None, node_dir: str) -> dict[str, Any] | None:
+    """``journal`` or, when ``journal.next`` carries a later step of the same rotation (same
+    id, longer history), that one; ``journal.next`` alone when there is no ``journal.json``
+    (a caller that only ever saved lazy steps). A ``journal.next`` a power loss left empty or
+    torn, or one of an earlier rotation, is ignored: it was never the only record of anything
+    recovery needs."""
+    try:
+        nxt = json.loads(fileio.read(f"{node_dir}/{NEXT_STEP_FILE}").decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return journal
+    if not isinstance(nxt, dict):
+        return journal
+    if journal is None:
+        return nxt
+    if (nxt.get("id") == journal.get("id") and isinstance(nxt.get("history"), list)
+            and len(nxt["history"]) > len(journal.get("history") or ())):
+        return nxt
+    return journal
 
 
 def _etag(raw: bytes) -> str:

@@ -22,7 +22,7 @@ from certd.core.model import Bundle, CertInfo
 from certd import fs as fsutil
 from certd.store import fileio
 from certd.store.fileio import INFO_KEY, NAME_RE, version_dirname
-from certd.store.filekeys import KeyFiles, version_place
+from certd.store.filekeys import KeyFiles, order_place, version_place
 from certd.store.port import Lease, StoredVersion, VersionInfo
 
 _CURRENT_RE = re.compile(r"versions/(\d+)/?")
@@ -220,9 +220,26 @@ class VersionFiles:
         fname, data, sealed = self._keys.encode(version_place(self._cert_path(name), name, version), key_pem)
         if sealed:
             tmp.write(fname, data, mode=0o600)
-        else:
+        elif not self._linked_order_key(tmp, name, fname, key_pem):
             tmp.write(fname, data, mode=self._key_mode, gid=self._gid)
         return fname
+
+    def _linked_order_key(self, tmp: fsutil.TempDir, name: str, fname: str, key_pem: bytes) -> bool:
+        """Link the order journal's key into the version when it is this very key, plain, and
+        already has the version key's mode and owner (no ``key_group``): those bytes were
+        fsynced before the order was finalized, so the version's key costs no second write,
+        no second fsync, and no copy to zero when the journal is cleared (its name is only
+        unlinked). False: write the key as usual."""
+        if self._key_mode != 0o600 or self._gid != -1:
+            return False
+        path = order_place(self._cert_path(name), name).path(False)
+        try:
+            if fileio.read(path) != key_pem:
+                return False
+            tmp.link(fname, path)
+        except OSError:
+            return False
+        return True
 
     def update_meta(self, name: str, version: int, changes: dict[str, Any], *, lease: Lease | None = None) -> None:
         """Merge ``changes`` into a version's meta.json (e.g. ``key_compromised``), atomically."""

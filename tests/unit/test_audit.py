@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from certd import fs as fsutil
 from certd.ops.audit import GENESIS, AuditLog, AuditRefused, line_hash, record_hash
 from certd.core.clock import FakeClock
 from certd.core.events import EventBus, LifecycleEvent
@@ -249,3 +250,18 @@ def test_verify_during_appends_never_reports_a_false_tamper(tmp_path: Path) -> N
         checks += 1
     writer.join(60)
     assert writer.exitcode == 0 and log.verify().records == 151
+
+
+def test_records_inside_an_operation_leave_the_head_until_its_end_is_recorded(tmp_path: Path) -> None:
+    """issued/deployed ride on the operation's last record: no fsync, no head, until renewed."""
+    log = AuditLog(tmp_path / "audit.jsonl")
+    log.append(ev("renewed"))
+    with fsutil.counting_fsyncs() as count:
+        log.append(ev("issued"))
+        log.append(ev("deployed"))
+    assert count.total == 0 and log.head() is not None and log.head()[0] == 1  # type: ignore[index]
+    assert log.verify().ok  # a head behind the file is no tamper sign
+    with fsutil.counting_fsyncs() as count:
+        last = log.append(ev("renewed"))
+    assert count.total == 2  # the log (every line before it too) and the head
+    assert log.head() == (4, last["hash"]) and log.verify().ok

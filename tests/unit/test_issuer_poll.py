@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import requests
+from acme import messages
 
 from certd.acme.issuer import Issuer
 from certd.acme.order import FIRST_POLL, MAX_POLL, MAX_RETRY_AFTER, OrderFlow
@@ -16,6 +17,7 @@ from certd.acme.problems import Failure
 from certd.config import AcmeConfig, CertificateConfig
 from certd.core.clock import FakeClock
 from certd.core.errors import AcmeError
+from certd.crypto import keys
 
 
 class RecordingClock(FakeClock):
@@ -40,8 +42,11 @@ class CannedNet:
         status, retry_after = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
         response = requests.Response()
         response.status_code = 200
-        response._content = json.dumps({"status": status, "identifiers": [], "authorizations": [],
-                                        "finalize": "https://ca.test/finalize"}).encode()
+        body: dict[str, Any] = {"status": status, "identifiers": [], "authorizations": [],
+                                "finalize": "https://ca.test/finalize"}
+        if status == "valid":
+            body["certificate"] = "https://ca.test/cert/1"
+        response._content = json.dumps(body).encode()
         if retry_after is not None:
             response.headers["Retry-After"] = retry_after
         return response
@@ -70,10 +75,26 @@ def test_polls_at_once_then_backs_off_exponentially() -> None:
 
 
 def test_first_wait_delays_the_first_poll() -> None:
-    """After finalize, the first poll comes after first_wait (no wasted request)."""
+    """A first_wait (what the CA's previous answer asked for) delays the first poll."""
     order, clock, net = _order([("valid", None)])
     order.poll("https://ca.test/order/1", "issuance", first_wait=0.002)
     assert clock.sleeps == [0.002] and net.calls == 1
+
+
+@pytest.mark.parametrize("finalize_retry_after, sleeps", [
+    (None, []),            # no fixed wait per certificate: the CA said nothing, so ask at once
+    ("1", [1.0]),          # the finalize answer's Retry-After sets the first poll
+    ("600", [MAX_RETRY_AFTER]),
+])
+def test_after_finalize_the_first_poll_waits_only_for_what_the_ca_asked(
+        finalize_retry_after: str | None, sleeps: list[float]) -> None:
+    """After finalize answers "processing", the first poll is at once, or after its Retry-After."""
+    key = keys.generate_private_key("ecdsa-p256")
+    order, clock, net = _order([("processing", finalize_retry_after), ("valid", None), ("valid", None)])
+    ready = messages.Order.from_json({"status": "ready", "identifiers": [], "authorizations": [],
+                                      "finalize": "https://ca.test/finalize"})
+    order.complete("https://ca.test/order/1", ready, keys.make_csr(key, ["www.example.test"]))
+    assert clock.sleeps == sleeps and net.calls == 3  # finalize, one poll, the download
 
 
 @pytest.mark.parametrize("header, waited", [

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+
+from watchdog.observers import Observer
 
 from certd.core.clock import FakeClock
 from certd.config import AcmeConfig, CertificateConfig, Config, DaemonConfig, DeployConfig, FileTarget
@@ -81,3 +84,51 @@ def test_only_the_certificates_own_files_trigger_a_check(tmp_path: Path):
     assert all(owners.of(str(p)) == {"www"} for p in yes)
     assert not any(owners.of(str(p)) for p in no)
     assert owners.of(str(tmp_path / "ssl" / ".www.versions") + "/") == {"www"}  # however it is spelled
+
+
+def _inotify_watches() -> int:
+    """inotify watches this process holds now (every instance), from /proc/self/fdinfo."""
+    total = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") != "anon_inode:inotify":
+                continue
+            with open(f"/proc/self/fdinfo/{fd}") as f:
+                total += sum(1 for line in f if line.startswith("inotify wd:"))
+        except OSError:
+            continue
+    return total
+
+
+def test_a_live_dir_costs_three_inotify_watches_whatever_the_versions_kept(tmp_path: Path):
+    """Its directory, .NAME.versions and the live version: no watch per kept version, moved on a switch."""
+    live = tmp_path / "ssl" / "www"
+    root = live.parent / ".www.versions"
+    for v in range(1, 7):
+        (root / f"{v:04d}").mkdir(parents=True)
+        (root / f"{v:04d}" / "cert.pem").write_text("x")
+    live.symlink_to(".www.versions/0006")
+    cert = CertificateConfig("www", ("www.example.test",), deploy=DeployConfig(live_dir=live))
+    cfg = Config(tmp_path / "certd.toml", DaemonConfig(state_dir=tmp_path / "state"),
+                 AcmeConfig("https://127.0.0.1:14000/dir"), (cert,))
+    monitor, _, _, _ = make(tmp_path, FakeClock(NOW))
+    monitor._observer = Observer()
+    monitor._observer.daemon = True
+    monitor._observer.start()
+    try:
+        before = _inotify_watches()
+        monitor._sync_watches(cfg)
+        assert _inotify_watches() - before == 3
+        assert {p for p, _ in monitor._watches} == {str(live.parent), str(root), str(root / "0006")}
+        os.replace(_relink(live, ".www.versions/0005"), live)  # a switch back
+        monitor._sync_watches(cfg)
+        assert _inotify_watches() - before == 3
+        assert str(root / "0005") in {p for p, _ in monitor._watches}
+    finally:
+        monitor._observer.stop()
+
+
+def _relink(link: Path, target: str) -> Path:
+    tmp = link.with_name(f".{link.name}.tmp")
+    tmp.symlink_to(target)
+    return tmp

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import grp
+import json
 import os
 import signal
 import stat
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from certd import fs as fsutil
 from certd.core.errors import LockBusy, StoreError
 from certd.store.files import FileStore
 from tests.support.certs import make_bundle
@@ -392,3 +394,27 @@ def test_account_registration_is_serialized_across_processes(tmp_path: Path) -> 
         proc.join(10)
     with store.account_lock(url, timeout=2):  # free again once the holder is done
         pass
+
+
+def _journal(step: str, steps: int, rid: str = "r1") -> dict[str, object]:
+    return {"id": rid, "name": "www", "kind": "renew", "from_version": 1, "to_version": 2, "step": step,
+            "started": "2026-01-01T00:00:00Z", "history": [[s, "t"] for s in ["issued", "staged", "switched"][:steps]]}
+
+
+def test_later_journal_steps_are_not_fsynced_and_a_torn_one_falls_back(store, tmp_path):
+    """issued is fsynced; staged/switched are not, and a torn or foreign journal.next is ignored."""
+    store.save_journal("www", _journal("issued", 1, rid="r0"))  # the directories exist from now on
+    with fsutil.counting_fsyncs() as first:
+        store.save_journal("www", _journal("issued", 1))
+    with fsutil.counting_fsyncs() as later:
+        store.save_journal("www", _journal("staged", 2))
+        store.save_journal("www", _journal("switched", 3))
+    assert first.total == 2 and later.total == 0
+    assert store.load_journal("www")["step"] == "switched"
+    nxt = tmp_path / "state" / "certs" / "www" / "nodes" / store.node / "journal.next"
+    nxt.write_bytes(b"\0" * 40)  # what a power loss can leave of a file never fsynced
+    assert store.load_journal("www")["step"] == "issued"  # recovery redoes the (idempotent) steps
+    nxt.write_text(json.dumps(_journal("switched", 3, rid="older")))  # an earlier rotation's
+    assert store.load_journal("www")["step"] == "issued"
+    store.save_journal("www", None)
+    assert store.load_journal("www") is None and not nxt.exists()
