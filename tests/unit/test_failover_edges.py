@@ -47,7 +47,8 @@ class ResumingCA(FakeCA):
 
     resumed = 0
 
-    def resume(self, cert: CertificateConfig, order_url: str, key_pem: bytes, *, progress: Any = None) -> bytes | None:
+    def resume(self, cert: CertificateConfig, order_url: str, key_pem: bytes, *, progress: Any = None,
+               before: Any = None) -> bytes | None:
         self.resumed += 1
         if self.failure is not None:
             raise self.failure
