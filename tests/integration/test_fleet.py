@@ -1,144 +1,30 @@
 """Three ``certd run`` nodes on one private PostgreSQL behave as one certd (issue 16, part 1).
 
-Each node has its own nginx, deploy files, reload hook and verify endpoint, and its http-01
-responder on a port of its own; Pebble's validation requests reach them through a round-robin
-TCP proxy on Pebble's http port (the load balancer), so a challenge is often answered by a node
-that did not order. Orders are counted at the CA by the tests.support.hostile_ca proxy.
+The fleet (three nodes with their own nginx, the round-robin proxy standing in for the load
+balancer, the order-counting CA proxy) is tests.support.fleet's; the faults are in
+test_fleet_faults.py.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
 import time
 from collections.abc import Iterator
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from certd.config import load
-from certd.store.opening import open_cluster
-from tests.integration.test_faults import add_root
-from tests.support.certd_env import ROOT, CertdEnv
-from tests.support.hostile_ca import HostileCA
-from tests.support.procs import free_port, wait_until
-from tests.support.rrproxy import RoundRobinProxy
-from tests.support.server_fixtures import served_fingerprint
-
-SNI = "www.example.test"
-DOMAINS = [SNI, "example.test"]
-
-
-class Node:
-    """One fleet node: a certd config, its own nginx and deploy files, its http-01 port."""
-
-    def __init__(self, name: str, base: Path, pebble: Any, directory: str, dsn: str, kek: Path, roots: Path,
-                 nginx_factory: Any, test_ca: Any) -> None:
-        self.name = name
-        self.env = CertdEnv(base / name, pebble)
-        self.env.dir.mkdir(parents=True)
-        files = self.env.dir / "tls"
-        files.mkdir(mode=0o700)
-        self.fullchain, self.key = files / "fullchain.pem", files / "privkey.pem"
-        placeholder = test_ca.issue(SNI)  # nginx needs something to serve before the first issuance
-        self.fullchain.write_bytes(placeholder.fullchain_pem)
-        fd = os.open(self.key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(placeholder.key_pem)
-        self.nginx = nginx_factory(self.fullchain, self.key, server_name=SNI)
-        self.directory, self.dsn, self.kek, self.roots = directory, dsn, kek, roots
-        self.http_port = 0
-
-    def configure(self, http_port: int) -> None:
-        """Write the node's certd.toml, its http-01 responder on ``http_port``."""
-        self.http_port = http_port
-        directory, dsn, kek, roots = self.directory, self.dsn, self.kek, self.roots
-        name = self.name
-        self.env.acme_extra = {"directory": directory, "order_timeout": "10s"}
-        self.env.tables = {"keys": {"kek_file": str(kek)},
-                           "cluster": {"database": dsn, "node": name, "reconcile_interval": "3s"}}
-        self.env.write_config([{
-            "name": "www", "domains": DOMAINS, "challenge": "http-01", "http01_listen": f"127.0.0.1:{self.http_port}",
-            "deploy": {"files": [{"path": str(self.fullchain), "content": "fullchain"},
-                                 {"path": str(self.key), "content": "privkey"}]},
-            "reload": [{"hook": "nginx", "config": str(self.nginx.config)}],
-            "verify": [{"endpoint": f"127.0.0.1:{self.nginx.port}", "sni": SNI, "ca_bundle": str(roots)}],
-            "verify_timeout": "5s"}])
-
-    def served(self) -> str:
-        return served_fingerprint(self.nginx.port, SNI)
-
-
-class Fleet:
-    def __init__(self, nodes: list[Node], ca: HostileCA, proxy: RoundRobinProxy) -> None:
-        self.nodes, self.ca, self.proxy = nodes, ca, proxy
-        self.store = open_cluster(load(nodes[0].env.config_path))  # polled: no CLI start-up per look
-
-    def status_cli(self) -> dict[str, Any]:
-        """``certd status --fleet --json``'s one certificate, run on node 1."""
-        r = self.nodes[0].env.run("status", "--fleet", "--json", check=0)
-        (cert,) = json.loads(r.stdout)["certificates"]
-        return dict(cert)
-
-    def status(self) -> dict[str, Any]:
-        return dict(self.store.fleet.status(["www"])["certificates"][0])
-
-    def committed_at(self, version: int) -> float:
-        """When the renewal to ``version`` committed (its ``renewed`` audit record), as a Unix time."""
-        (record,) = [r for r in self.store.audit.records if r["event"] == "renewed" and r["version"] == version]
-        return datetime.fromisoformat(str(record["time"]).replace("Z", "+00:00")).timestamp()
-
-    def fingerprint(self, version: int) -> str:
-        return str(self.store.load_info("www", version).info.fingerprint_sha256)
-
-    def renew(self, node: Node, **env: str) -> None:
-        """``certd renew www --force --wait`` on ``node`` (through its daemon): returns once committed."""
-        node.env.run("renew", "www", "--force", "--wait", "--reason", "fleet test", check=0, env=env)
-
-    def converged(self, version: int, nodes: list[Node] | None = None) -> bool:
-        """Every node (of ``nodes``) applied ``version``, reports it and its nginx serves it."""
-        cert = self.status()
-        if cert["desired_version"] != version:
-            return False
-        want = self.fingerprint(version)
-        rows = {n["node"]: n for n in cert["nodes"]}
-        return all(rows.get(n.name, {}).get("applied_version") == version
-                   and rows[n.name]["fingerprint_sha256"] == want and n.served() == want
-                   for n in nodes or self.nodes)
+from tests.support.certd_env import ROOT
+from tests.support.fleet import Fleet, start_fleet
+from tests.support.procs import wait_until
 
 
 @pytest.fixture
 def fleet(tmp_path: Path, pebble_factory: Any, postgres: str, nginx_factory: Any, test_ca: Any) -> Iterator[Fleet]:
     """Three nodes (daemons not started), one Pebble behind an order-counting proxy, one database."""
-    peb = pebble_factory()
-    ca = HostileCA(peb, tmp_path).start()
-    roots = tmp_path / "roots.pem"
-    add_root(roots, peb)
-    kek = tmp_path / "kek"
-    fd = os.open(kek, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # the fleet's shared KEK (`certd kek init`)
-    os.write(fd, os.urandom(32))
-    os.close(fd)
-    nodes = [Node(f"node{i}", tmp_path, peb, ca.directory_url, postgres, kek, roots, nginx_factory, test_ca)
-             for i in (1, 2, 3)]
-    ports: set[int] = set()
-    while len(ports) < 3:  # after every nginx is up (a port picked earlier could have gone to one); not Pebble's
-        ports.add(free_port())
-        ports -= {peb.http_port, peb.tls_port}
-    for node, port in zip(nodes, sorted(ports)):
-        node.configure(port)
-    proxy = RoundRobinProxy(("127.0.0.1", peb.http_port), [("127.0.0.1", n.http_port) for n in nodes]).start()
-    fleet = Fleet(nodes, ca, proxy)
-    try:
+    with start_fleet(tmp_path, pebble_factory(), postgres, {"nginx": nginx_factory}, test_ca) as fleet:
         yield fleet
-    finally:
-        for n in nodes:
-            n.env.close()
-        fleet.store.close()
-        proxy.stop()
-        ca.stop()
 
 
 def test_three_nodes_order_once_and_all_serve_each_version(fleet: Fleet) -> None:

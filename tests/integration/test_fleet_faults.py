@@ -1,0 +1,127 @@
+"""A fleet under faults (issue 16, part 1): a node cut off from the database while it holds the
+lease, and the database itself stopped under three running nodes. One node serves through
+HAProxy, the others through nginx. The fleet is tests.support.fleet's (as in test_fleet.py).
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.fleet import Fleet, start_fleet
+from tests.support.partition_proxy import PartitionProxy
+from tests.support.postgres import PgCluster, start_cluster
+from tests.support.procs import wait_until
+
+SERVERS = ("nginx", "haproxy", "nginx")  # node2 is the HAProxy node
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[PgCluster]:
+    """A private cluster for this test alone (it is stopped and started: others share the session's)."""
+    cluster = start_cluster()
+    try:
+        yield cluster
+    finally:
+        cluster.destroy()
+
+
+def one_version(fleet: Fleet, version: int) -> None:
+    """``certd status --fleet --json`` shows every node on ``version``, verified, no error."""
+    cert = fleet.status_cli()
+    assert cert["desired_version"] == version, cert
+    assert sorted(n["node"] for n in cert["nodes"]) == ["node1", "node2", "node3"], cert
+    assert {n["applied_version"] for n in cert["nodes"]} == {version}, cert
+    assert all(n["verified_at"] and n["last_error"] is None for n in cert["nodes"]), cert
+
+
+def test_node_partitioned_from_the_database_while_holding_the_lease_issues_no_second_certificate(
+        tmp_path: Path, pebble_factory: Any, postgres: str, nginx_factory: Any, haproxy_factory: Any,
+        test_ca: Any) -> None:
+    """Node 3 cut off from the database mid-order: the CA issues one certificate, node 1 or 2 finishes that
+    order after the lease's TTL, and once the partition heals every node (HAProxy too) serves it."""
+    port = int(re.search(r"port=(\d+)", postgres).group(1))  # type: ignore[union-attr]
+    cut = PartitionProxy(("127.0.0.1", port)).start()
+    factories = {"nginx": nginx_factory, "haproxy": haproxy_factory}
+    try:
+        with start_fleet(tmp_path, pebble_factory(), postgres, factories, test_ca, servers=SERVERS,
+                         dsns=[None, None, re.sub(r"port=\d+", f"port={cut.port}", postgres)]) as fleet:
+            partitioned_mid_order(fleet, cut)
+    finally:
+        cut.stop()
+
+
+def partitioned_mid_order(fleet: Fleet, cut: PartitionProxy) -> None:
+    for node in fleet.nodes:
+        node.env.start_daemon()
+    wait_until(lambda: fleet.converged(1), timeout=60, interval=0.5, what="every node serving version 1")
+    v1 = fleet.fingerprint(1)
+    node3 = fleet.nodes[2]
+    # node 3 orders; the CA keeps its finalize request, which node 3 sent right after proving its lease
+    fleet.ca.hold_finalize()
+    node3.env.run("renew", "www", "--force", "--reason", "partition test", check=0)
+    wait_until(lambda: fleet.ca.finalize_held == 1, timeout=30, interval=0.1, what="node 3's finalize at the CA")
+    assert len(fleet.ca.orders_created) == 2
+    cut.partition()
+    proven_by = time.monotonic()  # node 3's last lease proof was before this: the TTL runs from there
+    fleet.ca.release_finalize()  # the CA issues the certificate; node 3 cannot store it
+    wait_until(lambda: len(fleet.ca.finalized) == 2, timeout=30, interval=0.1, what="the CA finalizing node 3's order")
+    # the lease (order_timeout 10 s + 35 s) expires, a reachable node resumes the journaled order
+    wait_until(lambda: fleet.converged(2, fleet.nodes[:2]), timeout=120, interval=0.5, what="nodes 1-2 on version 2")
+    took = time.monotonic() - proven_by
+    assert took > 45 - 1, f"another node took the lease {took:.0f} s after node 3's proof, before its TTL"
+    assert len(fleet.ca.orders_created) == 2 and len(fleet.ca.finalized) == 2, "a second certificate was issued"
+    assert node3.served_valid() == v1  # cut off, it keeps serving what it had
+    resumed = [r for r in fleet.store.audit.records if r["event"] == "renewed" and r["version"] == 2]
+    assert resumed and resumed[0]["detail"].get("node") in ("node1", "node2"), resumed
+
+    cut.heal()
+    wait_until(lambda: fleet.converged(2), timeout=60, interval=0.5, what="node 3 back on version 2 after the heal")
+    assert all(node.served_valid() == fleet.fingerprint(2) for node in fleet.nodes)
+    one_version(fleet, 2)
+    # node 3's own renewal, answered by the database at last, is fenced: it stores and orders nothing
+    wait_until(lambda: "renewal_failed" in node3.env.daemons[0].log_text() or fleet.status()["desired_version"] != 2,
+               timeout=60, interval=0.5, what="node 3's held renewal ending")
+    assert fleet.status()["desired_version"] == 2 and fleet.store.current("www") == 2
+    assert len(fleet.ca.orders_created) == 2 and len(fleet.ca.finalized) == 2, "node 3 ordered again after the heal"
+
+
+def test_database_stopped_for_30_s_nodes_keep_serving_order_nothing_and_converge_after(
+        tmp_path: Path, pebble_factory: Any, own_postgres: PgCluster, nginx_factory: Any, haproxy_factory: Any,
+        test_ca: Any) -> None:
+    """PostgreSQL stopped 30 s under three nodes: each keeps serving a valid certificate, none orders; after
+    the restart a forced renewal reaches every node (HAProxy too)."""
+    factories = {"nginx": nginx_factory, "haproxy": haproxy_factory}
+    with start_fleet(tmp_path, pebble_factory(), own_postgres.database(), factories, test_ca,
+                     servers=SERVERS) as fleet:
+        daemons = [node.env.start_daemon() for node in fleet.nodes]
+        wait_until(lambda: fleet.converged(1), timeout=60, interval=0.5, what="every node serving version 1")
+        v1 = fleet.fingerprint(1)
+
+        own_postgres.stop()
+        outage_ends = time.monotonic() + 30
+        handshakes = 0
+        while time.monotonic() < outage_ends:  # the outage's length, not a synchronisation
+            assert [node.served_valid() for node in fleet.nodes] == [v1] * 3
+            assert all(d.alive for d in daemons)
+            handshakes += 3
+            threading.Event().wait(1)
+        forced = fleet.nodes[0].env.run("renew", "www", "--force", "--wait", timeout=60)
+        assert forced.returncode == 1 and "the fleet database is unreachable" in forced.stderr, forced
+        assert len(fleet.ca.new_orders) == 1 and len(fleet.ca.finalized) == 1, "an order during the outage"
+
+        own_postgres.start()
+        wait_until(lambda: all("UNREACHABLE" not in node.env.run("status", check=0).stdout for node in fleet.nodes),
+                   timeout=30, interval=1, what="every node seeing the database again")
+        fleet.renew(fleet.nodes[1])
+        wait_until(lambda: fleet.converged(2), timeout=30, interval=0.2, what="every node serving version 2")
+        assert all(node.served_valid() == fleet.fingerprint(2) for node in fleet.nodes)
+        assert len(fleet.ca.orders_created) == 2 and len(fleet.ca.finalized) == 2
+        one_version(fleet, 2)
+        print(f"\nfleet outage: {handshakes} verified handshakes during 30 s without the database, 0 orders")
