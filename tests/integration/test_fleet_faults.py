@@ -89,7 +89,7 @@ def partitioned_mid_order(fleet: Fleet, cut: PartitionProxy) -> None:
     wait_until(lambda: "renewal_failed" in node3.env.daemons[0].log_text() or fleet.status()["desired_version"] != 2,
                timeout=60, interval=0.5, what="node 3's held renewal ending")
     assert fleet.status()["desired_version"] == 2 and fleet.store.current("www") == 2
-    assert len(fleet.ca.orders_created) == 2 and len(fleet.ca.finalized) == 2, "node 3 ordered again after the heal"
+    assert len(fleet.ca.new_orders) == 2 and len(fleet.ca.finalized) == 2, "node 3 ordered again after the heal"
 
 
 def test_database_stopped_for_30_s_nodes_keep_serving_order_nothing_and_converge_after(
