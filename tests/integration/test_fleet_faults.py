@@ -15,11 +15,13 @@ from typing import Any
 import pytest
 
 from tests.support.fleet import Fleet, start_fleet
+from tests.support.hostile_ca import FINALIZE_PATH
 from tests.support.partition_proxy import PartitionProxy
 from tests.support.postgres import PgCluster, start_cluster
 from tests.support.procs import wait_until
 
 SERVERS = ("nginx", "haproxy", "nginx")  # node2 is the HAProxy node
+CHALLENGE_PATH = "/chalZ/"  # Pebble's challenge URLs: node 3 answers its challenge there
 
 
 @pytest.fixture
@@ -41,40 +43,45 @@ def one_version(fleet: Fleet, version: int) -> None:
     assert all(n["verified_at"] and n["last_error"] is None for n in cert["nodes"]), cert
 
 
-def test_node_partitioned_from_the_database_while_holding_the_lease_issues_no_second_certificate(
-        tmp_path: Path, pebble_factory: Any, postgres: str, nginx_factory: Any, haproxy_factory: Any,
-        test_ca: Any) -> None:
-    """Node 3 cut off from the database mid-order: the CA issues one certificate, node 1 or 2 finishes that
-    order after the lease's TTL, and once the partition heals every node (HAProxy too) serves it."""
+@pytest.fixture
+def cut_fleet(tmp_path: Path, pebble_factory: Any, postgres: str, nginx_factory: Any, haproxy_factory: Any,
+              test_ca: Any) -> Iterator[tuple[Fleet, PartitionProxy]]:
+    """The fleet with node 3 reaching PostgreSQL through a partition proxy; every node serving version 1."""
     port = int(re.search(r"port=(\d+)", postgres).group(1))  # type: ignore[union-attr]
     cut = PartitionProxy(("127.0.0.1", port)).start()
     factories = {"nginx": nginx_factory, "haproxy": haproxy_factory}
     try:
         with start_fleet(tmp_path, pebble_factory(), postgres, factories, test_ca, servers=SERVERS,
                          dsns=[None, None, re.sub(r"port=\d+", f"port={cut.port}", postgres)]) as fleet:
-            partitioned_mid_order(fleet, cut)
+            for node in fleet.nodes:
+                node.env.start_daemon()
+            wait_until(lambda: fleet.converged(1), timeout=60, interval=0.5, what="every node serving version 1")
+            yield fleet, cut
     finally:
         cut.stop()
 
 
-def partitioned_mid_order(fleet: Fleet, cut: PartitionProxy) -> None:
-    for node in fleet.nodes:
-        node.env.start_daemon()
-    wait_until(lambda: fleet.converged(1), timeout=60, interval=0.5, what="every node serving version 1")
-    v1 = fleet.fingerprint(1)
-    node3 = fleet.nodes[2]
-    # node 3 orders; the CA keeps its finalize request, which node 3 sent right after proving its lease
-    fleet.ca.hold_finalize()
-    node3.env.run("renew", "www", "--force", "--reason", "partition test", check=0)
-    wait_until(lambda: fleet.ca.finalize_held == 1, timeout=30, interval=0.1, what="node 3's finalize at the CA")
-    assert len(fleet.ca.orders_created) == 2
+def cut_mid_order(fleet: Fleet, cut: PartitionProxy, step: str) -> float:
+    """Node 3 orders; the CA holds its request to ``step``; node 3 is cut off from the database, then
+    the CA answers. Returns when the cut began (node 3's last lease proof was before it)."""
+    fleet.ca.hold(step)
+    fleet.nodes[2].env.run("renew", "www", "--force", "--reason", "partition test", check=0)
+    wait_until(lambda: fleet.ca.held == 1, timeout=30, interval=0.1, what=f"node 3's {step} request at the CA")
+    assert len(fleet.ca.orders_created) == 2 and fleet.store.load_order("www") is not None  # journaled
     cut.partition()
-    proven_by = time.monotonic()  # node 3's last lease proof was before this: the TTL runs from there
-    fleet.ca.release_finalize()  # the CA issues the certificate; node 3 cannot store it
-    wait_until(lambda: len(fleet.ca.finalized) == 2, timeout=30, interval=0.1, what="the CA finalizing node 3's order")
+    began = time.monotonic()
+    fleet.ca.release()
+    return began
+
+
+def taken_over_and_healed(fleet: Fleet, cut: PartitionProxy, began: float) -> None:
+    """Nodes 1-2 finish node 3's order after the lease's TTL (one certificate); after the heal node 3
+    is fenced, orders nothing and serves that version too."""
+    node3 = fleet.nodes[2]
+    v1 = fleet.fingerprint(1)
     # the lease (order_timeout 10 s + 35 s) expires, a reachable node resumes the journaled order
     wait_until(lambda: fleet.converged(2, fleet.nodes[:2]), timeout=120, interval=0.5, what="nodes 1-2 on version 2")
-    took = time.monotonic() - proven_by
+    took = time.monotonic() - began
     assert took > 45 - 1, f"another node took the lease {took:.0f} s after node 3's proof, before its TTL"
     assert len(fleet.ca.orders_created) == 2 and len(fleet.ca.finalized) == 2, "a second certificate was issued"
     assert node3.served_valid() == v1  # cut off, it keeps serving what it had
@@ -86,10 +93,28 @@ def partitioned_mid_order(fleet: Fleet, cut: PartitionProxy) -> None:
     assert all(node.served_valid() == fleet.fingerprint(2) for node in fleet.nodes)
     one_version(fleet, 2)
     # node 3's own renewal, answered by the database at last, is fenced: it stores and orders nothing
-    wait_until(lambda: "renewal_failed" in node3.env.daemons[0].log_text() or fleet.status()["desired_version"] != 2,
-               timeout=60, interval=0.5, what="node 3's held renewal ending")
+    wait_until(lambda: "renewal_failed" in node3.env.daemons[0].log_text(), timeout=60, interval=0.5,
+               what="node 3's held renewal ending")
     assert fleet.status()["desired_version"] == 2 and fleet.store.current("www") == 2
     assert len(fleet.ca.new_orders) == 2 and len(fleet.ca.finalized) == 2, "node 3 ordered again after the heal"
+
+
+def test_node_cut_off_after_finalize_issues_no_second_certificate(cut_fleet: tuple[Fleet, PartitionProxy]) -> None:
+    """Node 3 cut off from the database while the CA finalizes its order: one certificate, which node 1 or 2
+    downloads after the lease's TTL; once the partition heals every node (HAProxy too) serves it."""
+    fleet, cut = cut_fleet
+    began = cut_mid_order(fleet, cut, FINALIZE_PATH)
+    wait_until(lambda: len(fleet.ca.finalized) == 2, timeout=30, interval=0.1, what="the CA finalizing node 3's order")
+    taken_over_and_healed(fleet, cut, began)
+
+
+def test_node_cut_off_before_finalize_never_finalizes(cut_fleet: tuple[Fleet, PartitionProxy]) -> None:
+    """Node 3 cut off from the database after answering its challenge: its proof before finalize cannot reach the
+    database, node 1 or 2 finalizes that order after the lease's TTL, and node 3 never finalizes it (one certificate)."""
+    fleet, cut = cut_fleet
+    began = cut_mid_order(fleet, cut, CHALLENGE_PATH)
+    taken_over_and_healed(fleet, cut, began)
+    assert "order_stopped name=www step=finalize" in fleet.nodes[2].env.daemons[0].log_text()  # the proof refused
 
 
 def test_database_stopped_for_30_s_nodes_keep_serving_order_nothing_and_converge_after(

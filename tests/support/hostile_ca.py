@@ -46,9 +46,10 @@ CA rules (each may be set at any time; they apply to the next request):
                              attempt even when a refused ``replaces`` made the client ask twice
 ``finalized``                monotonic times of the finalize requests Pebble accepted (200): one
                              per certificate the CA issued
-``hold_finalize()``          from now on a finalize request waits here (``finalize_held`` counts
-                             them) until ``release_finalize()``: a test acts while the client is
-                             between its lease proof and the CA's answer
+``hold(prefix)``             from now on a request whose path starts with ``prefix`` waits here
+                             (``held`` counts them) until ``release()``: a test acts while the
+                             client is at that step (``hold_finalize()``: between its lease proof
+                             and the CA's answer to finalize)
 """
 
 from __future__ import annotations
@@ -112,9 +113,10 @@ class HostileCA:
         self.new_orders: list[tuple[float, bytes]] = []
         self.orders_created: list[float] = []
         self.finalized: list[float] = []
-        self.finalize_held = 0                # finalize requests that reached the hold so far
-        self._finalize_gate = threading.Event()
-        self._finalize_gate.set()
+        self.held = 0                         # requests that reached the hold so far
+        self._held_prefix = ""
+        self._gate = threading.Event()
+        self._gate.set()
         self.fake_ca = TestCA(Path(workdir) / "hostile-ca", "hostile")
         self._upstream_ctx = ssl.create_default_context(cafile=str(pebble.ca_bundle))
         server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -134,15 +136,19 @@ class HostileCA:
         self._thread.start()
         return self
 
-    def hold_finalize(self) -> None:
-        """Keep every finalize request from Pebble until :meth:`release_finalize`."""
-        self._finalize_gate.clear()
+    def hold(self, prefix: str) -> None:
+        """Keep every request whose path starts with ``prefix`` from Pebble until :meth:`release`."""
+        self._held_prefix = prefix
+        self._gate.clear()
 
-    def release_finalize(self) -> None:
-        self._finalize_gate.set()
+    def hold_finalize(self) -> None:
+        self.hold(FINALIZE_PATH)
+
+    def release(self) -> None:
+        self._gate.set()
 
     def stop(self) -> None:
-        self._finalize_gate.set()
+        self._gate.set()
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=5)
@@ -236,9 +242,9 @@ class HostileCA:
                 body = self.rfile.read(length) if length else None
                 if body and self.path.startswith(FINALIZE_PATH):
                     ca._remember_csr(body)
-                    if not ca._finalize_gate.is_set():
-                        ca.finalize_held += 1
-                        ca._finalize_gate.wait(120)
+                if not ca._gate.is_set() and self.path.startswith(ca._held_prefix):
+                    ca.held += 1
+                    ca._gate.wait(120)
                 if self.command == "POST" and self.path.startswith(NEW_ORDER_PATH):
                     payload = _payload(body or b"")
                     ca.new_orders.append((time.monotonic(), payload))
