@@ -25,7 +25,7 @@ from certd.engine.effects import unfinished_step
 from certd.engine.lifecycle import VersionStatus
 from certd.engine.ports import IssuerPort
 from certd.engine.statebook import Change, StateBook, adopt
-from certd.engine.statusindex import Entry, StatusIndex
+from certd.engine.statusindex import Entry, StatusIndex, row_state
 from certd.core.errors import OperationFailed, StoreError
 from certd.ops.log import event
 from certd.core.model import CertInfo
@@ -70,7 +70,7 @@ class _Facts:
     def state(self, now: datetime) -> str:
         """The row's ``state`` at ``now``."""
         return row_state(now, self.broken is not None, self.blocked_until, self.info.not_after if self.info else None,
-                         self.expiring_at, self.revoked, self.row["failure_kind"], self.row["failures"])
+                         self.expiring_at, self.revoked, self.row.get("failure_kind"), self.row["failures"])
 
     def index_entry(self) -> Entry:
         """What the status index keeps of these facts (see certd.engine.statusindex): the row,
@@ -80,25 +80,6 @@ class _Facts:
         shown = (_iso(self.blocked_until), _iso(self.info.not_after if self.info else None), _iso(self.expiring_at),
                  self.revoked, self.row["failure_kind"], self.row["failures"], _iso(self.key_created))
         return self.token, until.isoformat(), self.row_json, shown
-
-
-def row_state(now: datetime, broken: bool, blocked_until: datetime | None, not_after: datetime | None,
-              expiring_at: datetime | None, revoked: bool, failure_kind: str | None, failures: int) -> str:
-    """A status row's ``state`` at ``now`` (not_after None: no certificate yet)."""
-    if broken:
-        return "broken"
-    blocked = blocked_until is not None and now < blocked_until
-    if not_after is None:
-        return str(failure_kind) if blocked else "missing"
-    if not_after <= now:
-        return "expired"
-    if revoked:
-        return "revoked"  # still served until an operator acts
-    if blocked:
-        return str(failure_kind)  # held | rate_limited: waiting for retry_after
-    if expiring_at is not None and now >= expiring_at:
-        return "expiring"
-    return "failing" if failures else "ok"
 
 
 def _iso(value: datetime | None) -> str | None:

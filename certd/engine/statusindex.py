@@ -29,7 +29,7 @@ INDEX_NAME = "status.index"
 _FORMAT = "certd-status-index-1"
 
 # An entry: (token, valid_until, row_json, shown), valid_until an ISO 8601 text and shown the
-# tuple planning.row_state() takes (datetimes as ISO 8601 text).
+# tuple row_state() below takes (datetimes as ISO 8601 text).
 Entry = tuple[Any, str, str, tuple[Any, ...]]
 
 
@@ -95,3 +95,21 @@ class StatusIndex:
         self.dirty = False
         return write_private(self.path, seal(data))
 
+
+def row_state(now: datetime, broken: bool, blocked_until: datetime | None, not_after: datetime | None,
+              expiring_at: datetime | None, revoked: bool, failure_kind: str | None, failures: int) -> str:
+    """A status row's ``state`` at ``now`` (not_after None: no certificate yet)."""
+    if broken:
+        return "broken"
+    blocked = blocked_until is not None and now < blocked_until
+    if not_after is None:
+        return str(failure_kind) if blocked else "missing"
+    if not_after <= now:
+        return "expired"
+    if revoked:
+        return "revoked"  # still served until an operator acts
+    if blocked:
+        return str(failure_kind)  # held | rate_limited: waiting for retry_after
+    if expiring_at is not None and now >= expiring_at:
+        return "expiring"
+    return "failing" if failures else "ok"
