@@ -73,9 +73,10 @@ def load(path: Path, *, check_runtime: bool = False) -> Config:
 
 
 def file_identity(path: Path, st: os.stat_result) -> tuple[Any, ...]:
-    """What tells one version of a config file from another without reading it: its path and
-    (device, inode, size, mtime, ctime); an editor's save (rename or rewrite) changes it."""
-    return (str(path.absolute()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    """What tells one version of a config file from another without reading it: its path (as
+    given, which Config.path keeps, and absolute) and (device, inode, size, mtime, ctime); an
+    editor's save (rename or rewrite) changes it."""
+    return (str(path), str(path.absolute()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def parse(data: dict[str, Any], path: Path, *, check_runtime: bool = False) -> Config:
