@@ -15,7 +15,8 @@ import sys
 import traceback
 from typing import Any, Callable, NoReturn, Sequence
 
-from certd import __version__, cli_backup, cli_cluster, cli_import, cli_keys, cli_output, config as config_mod
+from certd import __version__, cli_backup, cli_cluster, cli_fleet, cli_import, cli_keys, cli_output
+from certd import config as config_mod
 from certd.ops import log as logmod
 from certd.config import Config
 from certd.config import cache as config_cache
@@ -52,14 +53,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --force: renew even past the CA's 5 certificates per name set per week")
     r.add_argument("--reason", default="", help="why (recorded with your identity)")
     r.add_argument("--wait", action="store_true", help="show the steps as they happen and exit with the outcome")
-    r.add_argument("--dry-run", action="store_true", help="a full order against [acme] staging_directory (or "
-                   "--server) and the pre-store checks; nothing stored, deployed or reloaded")
+    r.add_argument("--dry-run", action="store_true", help="a full order against the staging_directory of each "
+                   "certificate's first CA (or --server) and the pre-store checks; nothing stored, deployed or "
+                   "reloaded")
     r.add_argument("--server", metavar="URL", help="with --dry-run: the ACME directory to order from")
 
     s = sub.add_parser("status", help="one row per certificate")
     s.add_argument("names", nargs="*", metavar="NAME")
     s.add_argument("--json", action="store_true")
     s.add_argument("--wide", action="store_true", help="every domain (default: the first 3 and a count)")
+    s.add_argument("--fleet", action="store_true", help="[cluster]: per node, the version applied and served")
 
     v = sub.add_parser("verify", help="handshake-check the live endpoints now")
     v.add_argument("names", nargs="*", metavar="NAME")
@@ -94,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_backup.add_parsers(sub, _Parser)
     cli_import.add_parsers(sub, _Parser)
     cli_cluster.add_parsers(sub, _Parser)
+    cli_fleet.add_parsers(sub, _Parser)
     return p
 
 
@@ -238,6 +242,8 @@ def cmd_dns_persist_record(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    if args.fleet:
+        return cli_fleet.cmd_status_fleet(args, load_config(args))
     client = daemon_client(args.config)
     # Without a daemon: the config as last validated when the file is unchanged (a changes-nothing
     # command; check-config and run validate afresh): see certd.config.cache
@@ -392,6 +398,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "backup": lambda args: cli_backup.cmd_backup(args, load_config),
     "import": lambda args: cli_import.cmd_import(args, load_config),
     "cluster": lambda args: cli_cluster.cmd_cluster(args, load_config),
+    "nodes": lambda args: cli_fleet.cmd_nodes(args, load_config),
     "dns-persist-record": cmd_dns_persist_record,
 }
 

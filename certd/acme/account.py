@@ -122,10 +122,10 @@ class Account:
                     account_public_key=self.key.public_key(), kid=acme.eab_kid,
                     hmac_key=acme.eab_hmac_key, directory=directory)
             except (ValueError, TypeError, jose.DeserializationError):
-                raise ConfigError("[acme] eab_hmac_key: not valid base64url; copy the HMAC key exactly "
+                raise ConfigError(f"{acme.table} eab_hmac_key: not valid base64url; copy the HMAC key exactly "
                                   "as the CA shows it") from None
         if getattr(directory.meta, "external_account_required", False):
-            raise ConfigError(f"[acme] eab_kid: the CA at {acme.directory} requires External Account "
+            raise ConfigError(f"{acme.table} eab_kid: the CA at {acme.directory} requires External Account "
                               "Binding; set eab_kid and eab_hmac_key from your CA account")
         return None
 
@@ -150,7 +150,7 @@ class Account:
         except messages.Error as e:
             if not acme.agree_tos and (tos or problem_code(e) == "userActionRequired"
                                        or "terms" in (e.detail or "").lower()):
-                raise ConfigError(f"[acme] agree_tos: the CA at {acme.directory} requires agreeing to its "
+                raise ConfigError(f"{acme.table} agree_tos: the CA at {acme.directory} requires agreeing to its "
                                   f"terms of service{f' ({tos})' if tos else ''}; read them and set "
                                   "agree_tos = true") from None
             raise self._fail(e, f"registering an ACME account at {acme.directory}") from e

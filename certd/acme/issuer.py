@@ -66,7 +66,7 @@ class Issuer:
         self._clock = clock
         self._transport = transport
         self._order_timeout = acme.order_timeout if order_timeout is None else order_timeout
-        self._fail = Failure(acme.directory, clock)
+        self._fail = Failure(acme.directory, clock, acme.table)
         self._account = Account(acme, accounts, transport, self._fail)
         self._lock = threading.Lock()          # the directory, fetched once
         self._local = threading.local()
@@ -76,7 +76,8 @@ class Issuer:
 
     def issue(self, cert: CertificateConfig, key_pem: bytes, *, replaces: str | None = None,
               progress: Callable[[str], None] | None = None,
-              on_order: Callable[..., None] | None = None) -> bytes:
+              on_order: Callable[..., None] | None = None,
+              before: Callable[[str], None] | None = None) -> bytes:
         """Order, validate, finalize and download a certificate for ``cert.domains``.
 
         Returns the full chain PEM exactly as the CA sent it (check it with
@@ -85,24 +86,28 @@ class Issuer:
         again without it. ``on_order(url, profile)`` is told the new order's URL and the profile
         asked for before any challenge is
         answered or the order finalized (journal it there; :meth:`resume` continues it).
+        ``before(step)`` is called right before newOrder and before finalize (``"newOrder"``,
+        ``"finalize"``); what it raises ends the order there (a fleet's lease check).
         """
         csr_pem = make_csr(key_pem, cert.identifiers)
-        chain = self._ordering(cert, progress, lambda flow: flow.run(csr_pem, replaces, on_order))
+        chain = self._ordering(cert, progress, lambda flow: flow.run(csr_pem, replaces, on_order), before)
         assert chain is not None  # a new order either ends in a chain or raises
         return chain
 
     def resume(self, cert: CertificateConfig, order_url: str, key_pem: bytes, *,
-               progress: Callable[[str], None] | None = None) -> bytes | None:
+               progress: Callable[[str], None] | None = None,
+               before: Callable[[str], None] | None = None) -> bytes | None:
         """Continue the order at ``order_url`` (placed by :meth:`issue` for ``cert.domains``,
         ``key_pem`` being the key it was for) without a new order: download it if issued,
         finalize it if ready, prove control if pending. The full chain PEM as :meth:`issue`;
         None when the order cannot be continued (the CA does not know it, it is invalid or
         expired; the reason is logged): order afresh. Failures as :meth:`issue`."""
         csr_pem = make_csr(key_pem, cert.identifiers)
-        return self._ordering(cert, progress, lambda flow: flow.resume(order_url, csr_pem))
+        return self._ordering(cert, progress, lambda flow: flow.resume(order_url, csr_pem), before)
 
     def _ordering(self, cert: CertificateConfig, progress: Callable[[str], None] | None,
-                  body: Callable[[OrderFlow], bytes | None]) -> bytes | None:
+                  body: Callable[[OrderFlow], bytes | None],
+                  before: Callable[[str], None] | None = None) -> bytes | None:
         """Run ``body`` on an :class:`OrderFlow` within the order deadline, every failure
         mapped to one certd error; once more after registering again if the CA forgot the account."""
         say = progress or (lambda _msg: None)
@@ -121,6 +126,8 @@ class Issuer:
                         used_account = client.net.account
                         flow = OrderFlow(client, cert, solver, say, deadline=deadline,
                                          order_timeout=self._order_timeout, clock=self._clock, fail=self._fail)
+                        if before is not None:
+                            flow.before = before
                         return body(flow)
                     except messages.Error as e:
                         if problem_code(e) != "accountDoesNotExist" or attempt == 2:
@@ -135,7 +142,7 @@ class Issuer:
             if self._clock.monotonic() < deadline:
                 raise
             raise AcmeError(f"{doing}: no certificate within the {self._order_timeout:g} s order deadline "
-                            f"([acme] order_timeout): the CA at {self._acme.directory} answers too slowly; "
+                            f"({self._acme.table} order_timeout): the CA at {self._acme.directory} answers too slowly; "
                             "will retry", transient=True) from e
         raise AssertionError("unreachable")
 

@@ -123,12 +123,16 @@ class OrderFlow:
         self.clock, self.fail = clock, fail
         self.doing = f"issuing {cert.name}"
         self.profile: str | None = None   # asked for in newOrder (None: the CA's default)
+        #: called with "newOrder" / "finalize" right before that request (a fleet proves its
+        #: lease there: raising stops the order before the CA acts)
+        self.before: Callable[[str], None] = lambda _step: None
 
     def run(self, csr_pem: bytes, replaces: str | None,
             on_order: Callable[..., None] | None = None) -> bytes:
         """A new order. ``on_order(url, profile)`` is told its URL and the profile asked for
         (None: the CA's default) right after newOrder, before any challenge is answered or the
         order finalized (the renewal journals it there, to resume it)."""
+        self.before("newOrder")
         with _where(NEW_ORDER):
             uri, order = self.create(replaces)
         self.say(f"order {uri} created ({order.status.name})"
@@ -168,6 +172,7 @@ class OrderFlow:
         told: float | None = None
         if order.status.name == "ready":
             csr = x509.load_pem_x509_csr(csr_pem)
+            self.before("finalize")
             with _where(FINALIZE):
                 response = signed_post(self.client, order.finalize, messages.CertificateRequest(csr=csr))
                 order = messages.Order.from_json(response.json())

@@ -29,18 +29,19 @@ NEXT_STEP = {
     "caa": "a CAA record forbids this CA; fix the CAA records",
     "badCSR": "the CA refuses the request (key type or names); change key_type or domains",
     "badPublicKey": "the CA refuses this key; change key_type",
-    "externalAccountRequired": "set eab_kid and eab_hmac_key in [acme]",
-    "invalidContact": "fix [acme] email",
-    "unsupportedContact": "fix [acme] email",
+    "externalAccountRequired": "set eab_kid and eab_hmac_key in {table}",
+    "invalidContact": "fix {table} email",
+    "unsupportedContact": "fix {table} email",
 }
 
 
 class Failure:
     """Turns what the transport or the CA threw into a certd error (one line, next step)."""
 
-    def __init__(self, directory_url: str, clock: Clock) -> None:
+    def __init__(self, directory_url: str, clock: Clock, table: str = "[acme]") -> None:
         self.directory_url = directory_url
         self.clock = clock
+        self.table = table  # where that CA's keys are, for the next step: [acme] or [[ca]] "name"
 
     def __call__(self, e: BaseException, doing: str) -> Exception:
         if isinstance(e, (AcmeError, ConfigError)):
@@ -48,7 +49,7 @@ class Failure:
         if isinstance(e, ResponseTooLarge):
             return AcmeError(f"{doing}: {e}; not read (a broken CA or proxy?); will retry", transient=True)
         if isinstance(e, requests.exceptions.SSLError):
-            return self.unreachable(f"TLS error: {_tls_reason(e)}")
+            return self.unreachable(f"TLS error: {_tls_reason(e, self.table)}")
         if isinstance(e, requests.exceptions.Timeout):
             return self.unreachable("timed out")
         if isinstance(e, requests.exceptions.ConnectionError):
@@ -79,7 +80,8 @@ class Failure:
                 if retry_after is not None else None
             next_step = f"will retry after {when}" if when else "will retry later"
         else:
-            next_step = "will retry" if transient else NEXT_STEP.get(code, "see the CA's documentation of this problem")
+            fix = NEXT_STEP.get(code, "see the CA's documentation of this problem")
+            next_step = "will retry" if transient else fix.format(table=self.table)
         return AcmeError(f"{doing}: the CA refused ({code}): {problem_detail(e)}; {next_step}",
                          problem_type=e.typ, detail=e.detail, transient=transient, retry_after=retry_after,
                          where=getattr(e, "certd_where", None))
@@ -131,10 +133,10 @@ def _connection_reason(e: BaseException) -> str:
     return "connection failed"
 
 
-def _tls_reason(e: BaseException) -> str:
+def _tls_reason(e: BaseException, table: str = "[acme]") -> str:
     text = str(e)
     if "CERTIFICATE_VERIFY_FAILED" in text:
-        return "its certificate is not trusted; set [acme] ca_bundle"
+        return f"its certificate is not trusted; set {table} ca_bundle"
     if "hostname mismatch" in text or "doesn't match" in text:
         return "its certificate does not match the host name"
     return "handshake failed"

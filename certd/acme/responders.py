@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID, ObjectIdentifier
 
+from certd.acme import answers
 from certd.config import Listen
 from certd.core.errors import ChallengeFailed
 
@@ -113,6 +114,17 @@ class _SharedListeners:
 
 
 _LISTENERS = _SharedListeners()
+
+
+def keep_listening(listen: Listen) -> None:
+    """Start the http-01 responder on ``listen`` and keep it up (a fleet node answers other
+    nodes' challenges at any time). ChallengeFailed when it cannot listen there."""
+    _LISTENERS.acquire("http-01", listen, _HttpResponder.start, "", None)
+
+
+def stop_listening(listen: Listen) -> None:
+    """Undo :func:`keep_listening`."""
+    _LISTENERS.release("http-01", listen, "")
 
 
 def _bind_problem(what: str, listen: Listen, e: OSError) -> ChallengeFailed:
@@ -224,6 +236,8 @@ class _ChallengeHandler(BaseHTTPRequestHandler):
     def _answer(self, body: bool) -> None:
         token = self.path[len(CHALLENGE_PATH):] if self.path.startswith(CHALLENGE_PATH) else None
         value = self.server.entries.get(token) if token else None
+        if value is None and token:
+            value = answers.lookup(token)
         data = value.encode("ascii") if value is not None else b"not found\n"
         self.send_response(200 if value is not None else 404)
         self.send_header("Content-Type", "text/plain" if value is not None else "text/plain; charset=utf-8")
@@ -266,6 +280,16 @@ class StandaloneHttpSolver(_ResponderSolver):
 
     def _name(self, domain: str, challenge: challenges.KeyAuthorizationChallenge) -> str:
         return challenge.encode("token")
+
+    def present(self, domain: str, challenge: challenges.KeyAuthorizationChallenge,
+                account_key: jose.JWK) -> None:
+        answers.publish(domain, *self._entry(domain, challenge, account_key))
+        super().present(domain, challenge, account_key)
+
+    def cleanup(self, domain: str, challenge: challenges.KeyAuthorizationChallenge,
+                account_key: jose.JWK) -> None:
+        super().cleanup(domain, challenge, account_key)
+        answers.withdraw(self._name(domain, challenge))
 
 
 # --- tls-alpn-01 -----------------------------------------------------------------------------

@@ -39,7 +39,7 @@ from typing import Any, Protocol
 import josepy as jose
 from acme import challenges
 
-from certd.acme import persist
+from certd.acme import answers, persist
 from certd.acme.responders import (
     _LISTENERS,
     ACME_IDENTIFIER_OID,
@@ -118,6 +118,7 @@ class WebrootSolver:
     def present(self, domain: str, challenge: challenges.KeyAuthorizationChallenge,
                 account_key: jose.JWK) -> None:
         path = self._path(challenge)
+        answers.publish(domain, challenge.encode("token"), challenge.validation(account_key))
         try:
             path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".certd-")
@@ -134,6 +135,7 @@ class WebrootSolver:
 
     def cleanup(self, domain: str, challenge: challenges.KeyAuthorizationChallenge,
                 account_key: jose.JWK) -> None:
+        answers.withdraw(challenge.encode("token"))
         try:
             self._path(challenge).unlink(missing_ok=True)
         except (OSError, ChallengeFailed) as e:

@@ -30,6 +30,8 @@ class CASections(FieldParser):
         super().__init__(path, check_runtime)
         self.ca_names: list[str] = []
         self.acme_was_there = False   # the file has an "acme" key (of whatever type)
+        self.ca_unreadable = False    # a "ca" key that is not [[ca]] tables, or a nameless one (reported)
+        self.ca_bad_names: set[str] = set()  # names reported invalid: a certificate naming one is not told again
 
     def acme(self, t: Table) -> AcmeConfig | None:  # Parser's: the keys one CA takes
         raise NotImplementedError
@@ -44,7 +46,7 @@ class CASections(FieldParser):
             one = self.acme(Table(self, "acme", acme_raw))
             return (one,) if one is not None else ()
         if not ca_raw:
-            if acme_raw is None and self.acme_was_there:
+            if (acme_raw is None and self.acme_was_there) or self.ca_unreadable:
                 return ()  # present but not a table: reported already
             self.problem("acme", "required key is missing (an [acme] table, or [[ca]] tables for several CAs)")
             return ()
@@ -52,8 +54,11 @@ class CASections(FieldParser):
         for i, raw in enumerate(ca_raw):
             t = Table(self, f"ca[{i}]", raw)
             name = t.get("name", str, required=True)
-            if name is not None and not _NAME_RE.fullmatch(name):
+            if name is None:
+                self.ca_unreadable = True  # which name it meant is unknown: certificates' names are not judged
+            elif not _NAME_RE.fullmatch(name):
                 self.problem(t.key("name"), f"{name!r}: expected 1-64 characters of letters, digits, '.', '_', '-'")
+                self.ca_bad_names.add(name)
                 name = None
             elif name is not None and name in self.ca_names:
                 self.problem(t.key("name"), f"duplicate CA name {name!r}; names must be unique")
@@ -63,7 +68,7 @@ class CASections(FieldParser):
                 self.ca_names.append(name)
             ca = self.acme(t)
             if ca is not None and name is not None:
-                out.append(replace(ca, name=name))
+                out.append(replace(ca, name=name, table=f'[[ca]] "{name}"'))
         return tuple(out) if len(out) == len(ca_raw) else ()
 
     def ca_refs(self, t: Table) -> tuple[str, ...]:
@@ -79,7 +84,7 @@ class CASections(FieldParser):
             key = t.key(f"ca[{j}]")
             if not isinstance(name, str):
                 self.problem(key, f"expected a CA name, got {type_name(name)}")
-            elif name not in known:
+            elif name not in known and not self.ca_unreadable and name not in self.ca_bad_names:
                 self.problem(key, f"unknown CA {name!r}; configured: {', '.join(known)} (the names of the [[ca]] "
                                   "tables; [acme] is \"default\")")
             elif name in out:

@@ -32,7 +32,12 @@ class Parser(TargetSections, KeyClassSections, ClusterSection, CASections):
         top = Table(self, "", data)
         daemon = self.daemon(Table(self, "daemon", top.get("daemon", dict, {})))
         self.acme_was_there = "acme" in data
-        cas = self.cas(top.get("acme", dict, None), top.get("ca", list, []))  # before the certificates naming them
+        if isinstance(data.get("ca"), dict):  # [ca] for [[ca]]: one line, not three (type, no CA, unknown names)
+            self.problem("ca", "a single [ca] table; CA tables are written [[ca]] (two brackets), one per CA")
+            self.ca_unreadable = True
+            top.get("ca", dict, None)  # read (so not also "unknown key")
+        ca_raw = [] if self.ca_unreadable else top.get("ca", list, [])
+        cas = self.cas(top.get("acme", dict, None), ca_raw)  # before the certificates naming them
         certs_raw = top.get("certificate", list, [])
         alerts_t = top.get("alerts", dict, None)
         alerts = self.alerts(Table(self, "alerts", alerts_t)) if alerts_t is not None else None

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
 
 from certd.core.policy import RenewBefore
 
@@ -78,6 +78,7 @@ class AcmeConfig:
     staging_directory: str | None = None   # what `certd renew --dry-run` orders from
     name: str = "default"                  # [[ca]] name; [acme] is the one CA "default"
     trust_anchors: Path | None = None      # roots verify trusts for this CA's chains (beside the endpoint's)
+    table: str = "[acme]"                  # where its keys are, for messages: [acme] or [[ca]] "name"
 
 
 @dataclass(frozen=True)
@@ -247,6 +248,23 @@ class Config:
         if name is None:
             return self.acme
         return next((ca for ca in self.cas if ca.name == name), None)
+
+    def issuing_ca(self, meta: Mapping[str, Any]) -> AcmeConfig | None:
+        """The configured CA that issued the version with ``meta``: the table with its recorded
+        ``ca`` name and ``ca_directory``, else one with that directory (the [[ca]] table was
+        renamed), else the one with that name (its directory URL changed); a version from
+        before several CAs (neither recorded) was issued by [acme], the CA named "default"
+        (else the first). None when that CA is no longer configured."""
+        name, directory = meta.get("ca"), meta.get("ca_directory")
+        if not isinstance(name, str) and not isinstance(directory, str):
+            return self.ca_config("default") or self.acme
+        if not isinstance(directory, str):
+            return self.ca_config(name) if isinstance(name, str) else None
+        # two tables may share a CA (the name decides); certbot's server may differ by a trailing "/";
+        # a table whose directory URL changed (a proxy in front, a new URL) is still the same CA
+        same = [ca for ca in self.cas if ca.directory.rstrip("/") == directory.rstrip("/")]
+        named = self.ca_config(name) if isinstance(name, str) else None
+        return next((ca for ca in same if ca.name == name), same[0] if same else named)
 
     def cas_for(self, cert: CertificateConfig) -> tuple[AcmeConfig, ...]:
         """The CAs ``cert`` is ordered from, in order (its ``ca`` list, else every CA)."""

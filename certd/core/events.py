@@ -48,6 +48,8 @@ KINDS = frozenset({
     "backup_restored",   # certd backup restore: a sealed backup written into an empty state dir
     "imported",          # certd import certbot: a lineage's current certificate stored as this version
     "dry_run",           # certd renew --dry-run: an order against the staging directory, nothing stored
+    "node_applied",      # a fleet node deployed the desired version (outcome "failed": it could not; desired stays)
+    "node_removed",      # certd nodes remove: the node no longer counts in the fleet's status
 })
 
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from certd.core import retry
 from certd.core.errors import AcmeError, CANotReachable, ChallengeFailed
@@ -87,7 +87,9 @@ def after_failure(error: BaseException, tries: int, now: datetime, emergency: da
         if until > limit:
             what = "its emergency point" if emergency is not None else "now (no certificate yet)"
             return Step(NEXT, f"rate limited until {_iso(until)}, beyond {what}", until, retry.RATE_LIMITED)
-        return Step(STOP, f"rate limited until {_iso(until)}, before the emergency point: waiting for it")
+        # the wait is this CA's too: when an earlier CA was only down, it is asked again sooner
+        return Step(STOP, f"rate limited until {_iso(until)}, before the emergency point: waiting for it", until,
+                    retry.RATE_LIMITED)
     if is_ca_trouble(error):
         if tries < budget:
             return Step(RETRY, f"not answering (try {tries} of {budget})")
@@ -110,6 +112,16 @@ def waiting(waits: Mapping[str, Any] | None, ca: str, now: datetime) -> str | No
     kind = "held" if entry.get("kind") == retry.HELD else "rate limited"
     problem = f" ({entry['problem']})" if entry.get("problem") else ""
     return f"{kind}{problem} until {_iso(until)}"
+
+
+def worth_probing(cas: Sequence[str], waits: Mapping[str, Any] | None, now: datetime) -> list[str]:
+    """The CAs (names, in order) of a certificate waiting for an unreachable CA whose answering
+    is worth retrying it at once: those the renewal would order from. A CA waiting out a hold or
+    rate limit answers the probe too, but it is skipped: retrying would only ask the CA that is
+    still down, at every probe, past the backoff. One CA alone: always (no per-CA waits)."""
+    if len(cas) == 1:
+        return list(cas)
+    return [ca for ca in cas if waiting(waits, ca, now) is None]
 
 
 def _iso(dt: datetime) -> str:

@@ -75,7 +75,7 @@ RULES: dict[tuple[str, str | None], Rule] = {
     ("userActionRequired", None): Rule(HELD, "RFC 8555 §6.7 userActionRequired",
                                        "visit the CA's instructions URL (terms of service?)"),
     ("externalAccountRequired", None): Rule(HELD, "RFC 8555 §6.7 externalAccountRequired",
-                                            "set eab_kid and eab_hmac_key_file in [acme]"),
+                                            "set eab_kid and eab_hmac_key_file in the CA's [acme] or [[ca]] table"),
     ("invalidProfile", None): Rule(HELD, "draft-ietf-acme-profiles §4 invalidProfile",
                                    "set profile to one the CA offers, or use preferred_profile"),
     # held: failed validations (each counts against the CA's failed-validation limit)

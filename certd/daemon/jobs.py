@@ -17,7 +17,8 @@ from typing import Any, Callable
 
 from certd.config import Config
 from certd.core.clock import Clock
-from certd.core.errors import UsageError
+from certd.core import failover
+from certd.core.errors import CertdError, UsageError
 from certd.daemon.scheduler import Flight, Flights, Scheduler, ShuttingDown
 from certd.daemon.systemd import StateTracker
 from certd.engine.manager import Manager
@@ -128,8 +129,10 @@ class Jobs:
         names = self.tracker.ca_waiting()
         config = self._config()
         waiting = [c for c in config.certificates if c.name in names]
-        # several CAs: any of theirs answering is worth a retry (the renewal starts at the first)
-        wanted = {ca.name for c in waiting for ca in config.cas_for(c)}
+        # several CAs: any of theirs the renewal would order from answering is worth a retry
+        now = self.manager.ports.clock.now()
+        wanted = {name for c in waiting
+                  for name in failover.worth_probing([ca.name for ca in config.cas_for(c)], self._waits(c.name), now)}
         if not waiting or not any(self.manager.ports.issuer_at(ca.name).reachable()
                                   for ca in config.cas if ca.name in wanted):
             return
@@ -142,6 +145,13 @@ class Jobs:
             if started:
                 self.scheduler.submit(self.run_flight, flight, "renew", job_id=f"run:{cert.name}", force=False,
                                       reason="", initiator="scheduler", skip_backoff=True)
+
+    def _waits(self, name: str) -> dict[str, Any] | None:
+        """The certificate's per-CA waits (none when its state cannot be read: every CA probed)."""
+        try:
+            return self.manager.load_state(name).ca_waits
+        except CertdError:
+            return None
 
 
 class Spread:

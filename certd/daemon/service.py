@@ -30,6 +30,7 @@ from certd.daemon import storehealth
 from certd.daemon.api import MUTATING, ControlAPI
 from certd.daemon.config_watch import CONFIG_DEBOUNCE, ConfigWatcher
 from certd.daemon.control import ControlServer
+from certd.daemon.fleet import start_fleet
 from certd.daemon.jobs import ARI_START_RATE, Jobs, Spread
 from certd.daemon.monitor import Monitor
 from certd.daemon.scheduler import Flights, Scheduler
@@ -70,6 +71,7 @@ class Daemon:
         self.control = ControlServer(self.config.daemon.control_socket, api.routes(),
                                      group=self.config.daemon.control_group, mutating=set(MUTATING))
         self.watcher = ConfigWatcher(config_path, self.reload_config)
+        self.fleet = start_fleet(self.manager, lambda: self.config, self._stop)
         self._reload_lock = threading.Lock()
         self._serving = False                # start-up done: the scheduler runs submitted work
         self._reload_asked = False           # a SIGHUP came during start-up: reload once serving
@@ -107,6 +109,8 @@ class Daemon:
         self.monitor.start()
         if self.store_health is not None:
             self.store_health.start()
+        if self.fleet is not None:
+            self.fleet.start()
         start_watchdog(self.scheduler, self._stop)
         self._serving = True
         if self._reload_asked:
@@ -133,6 +137,8 @@ class Daemon:
         self.monitor.stop()
         if self.store_health is not None:
             self.store_health.stop()
+        if self.fleet is not None:
+            self.fleet.stop()
         idle = self.flights.wait_idle(SHUTDOWN_GRACE)
         self.sinks.close()
         event(log, "daemon_stopped", clean=idle)
@@ -209,6 +215,8 @@ class Daemon:
         modified = sorted(n for n in changed if n in old_by_name)
         self.manager.emit("config_changed", "", initiator=source,
                           detail={"added": added, "removed": removed, "changed": modified})
+        if self.fleet is not None:
+            self.fleet.reconfigure()
         event(log, "config_reloaded", source=source, added=",".join(added) or None,
               removed=",".join(removed) or None, changed=",".join(modified) or None)
         self.tracker.update()

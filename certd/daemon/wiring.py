@@ -7,6 +7,7 @@ alerts see the same events whichever process did the work.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from certd.core.errors import ConfigError, StoreError, UsageError
 from certd.deploy import strictmodes
 from certd.crypto.kekload import load_source
 from certd.engine.keycustody import rotate_kek
-from certd.core.events import EventBus, Sink
+from certd.core.events import EventBus, LifecycleEvent, Sink
 from certd.engine.manager import Manager, whoami
 from certd.store.files import FileStore, keyring_of
 from certd.store.opening import open_store
@@ -111,6 +112,14 @@ def reconfigure_keys(manager: Manager, config: Config) -> None:
             manager.emit("keys_seal_failed", "", initiator=whoami(), outcome="failed", reason=str(e))
 
 
+def node_stamped(sink: Sink, node: str) -> Sink:
+    """``sink`` with every record naming the fleet node it happened on (``detail.node``):
+    a fleet's audit log is one chain written by every node."""
+    def stamped(ev: LifecycleEvent) -> None:
+        sink(ev if "node" in ev.detail else dataclasses.replace(ev, detail={**ev.detail, "node": node}))
+    return stamped
+
+
 def build_manager(config: Config, *, clock: Clock | None = None, daemon: bool = False,
                   lock_timeout: float = 0.0, sinks: Sinks | None = None, maintenance: bool = True) -> Manager:
     clock = clock or SystemClock()
@@ -120,8 +129,9 @@ def build_manager(config: Config, *, clock: Clock | None = None, daemon: bool = 
     if unsafe:
         raise ConfigError(f"{config.path}: [keys]: {unsafe[0]}")
     store = open_store(config, audit_group=config.daemon.control_group)
+    audit_sink = store.audit if config.cluster is None else node_stamped(store.audit, config.cluster.node)
     manager = Manager(config, store=store, clock=clock, lock_timeout=lock_timeout,
-                      events=build_events(config, clock, daemon=daemon, sinks=sinks, audit_sink=store.audit))
+                      events=build_events(config, clock, daemon=daemon, sinks=sinks, audit_sink=audit_sink))
     if maintenance and isinstance(store, FileStore):  # not for commands that promise to change nothing
         seal_existing_keys(manager, store, full_scan=daemon)
     if loose_mode is not None:

@@ -64,7 +64,7 @@ def write_config(cfg: Config, text: str) -> None:
 def import_lineage(store: FileStore, lin: Lineage, certbot_dir: Path, ca: str | None = None) -> int:
     """Store the lineage's current certificate as the current version (1 in a fresh name);
     ``ca`` names the configured CA whose directory is certbot's server (ARI and ``replaces``
-    go to it; None: the first CA)."""
+    go to it; None: the configured CA whose directory is certbot's server, if any)."""
     info, now = lin.bundle.info, datetime.now(timezone.utc)
     source = str(certbot_dir / "live" / lin.conf.name)
     with store.lock(lin.name):
@@ -74,6 +74,9 @@ def import_lineage(store: FileStore, lin: Lineage, certbot_dir: Path, ca: str | 
             "fingerprint_sha256": info.fingerprint_sha256, "replaces": None,
             keyage.KEY_CREATED: _isoformat(info.not_before), "imported_from": source,
             **({"ca": ca} if ca else {}),
+            # certbot's server: the issuing CA even when no configured CA has that directory
+            # (then none is asked for ARI or sent replaces: no other CA knows the certificate)
+            **({"ca_directory": str(lin.server)} if lin.server else {}),
         })
         store.set_current(lin.name, version)
     store.audit.append(LifecycleEvent(

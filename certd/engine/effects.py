@@ -24,7 +24,8 @@ from certd.core.rotation import Journal, Step
 from certd.store.files import Store
 
 
-Trust = Callable[[str], "Path | None"]   # a CA's name -> its trust_anchors (None: the endpoint's own)
+# a version's meta -> the trust_anchors of the CA that issued it (None: the endpoint's own)
+Trust = Callable[[Mapping[str, Any]], "Path | None"]
 
 
 class RotationEffects:
@@ -37,7 +38,7 @@ class RotationEffects:
     def __init__(self, store: Store, clock: Clock, events: EventBus, cert: CertificateConfig, *,
                  repair: bool = False, trust: Trust | None = None) -> None:
         self.store, self.clock, self.events, self.cert = store, clock, events, cert
-        self.trust = trust  # the issuing CA's trust_anchors, by CA name
+        self.trust = trust  # the issuing CA's trust_anchors, by the version's meta
         self.repair = repair  # stage rewrites deployed files edited out of band (drift repair)
         self._bundles: dict[int, Bundle] = {}
 
@@ -116,8 +117,7 @@ def anchored(cert: CertificateConfig, meta: Mapping[str, Any], trust: Trust | No
     """``cert``'s verify endpoints, trusting the anchors of the CA that issued the version with
     ``meta`` when that CA has ``trust_anchors`` (several CAs: each chain ends at its own CA's
     root); otherwise each endpoint's ``ca_bundle`` (or the system store) as configured."""
-    ca = meta.get("ca")
-    anchors = trust(ca) if trust is not None and isinstance(ca, str) else None
+    anchors = trust(meta) if trust is not None else None
     if anchors is None:
         return cert.verify
     return tuple(dataclasses.replace(e, ca_bundle=anchors) for e in cert.verify)

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, Callable
 
+from certd.acme import resume
 from certd.config import AcmeConfig, CertificateConfig
 from certd.core import failover, policy, retry
 from certd.core.clock import isoformat
@@ -36,6 +37,7 @@ class Tried:
     """What one renewal's order did across the CAs: the ones skipped, and why."""
 
     skipped: list[dict[str, str]] = field(default_factory=list)
+    stopped: bool = False   # the attempt ended at a CA that said to wait for it (not the last CA's failure)
 
     def skip(self, cert: str, ca: str, why: str, say: Say) -> None:
         self.skipped.append({"ca": ca, "reason": why})
@@ -56,34 +58,70 @@ class Failover:
         ``state.ca_waits`` is updated in memory (the caller saves the state). The last error
         (OperationFailed) when no CA issued; ``ignore_waits`` (a forced renewal) tries every CA."""
         tried = Tried()
-        issued = self.orders.resumed(cert, say)
-        if issued is not None:
-            return issued, tried
         cas = self.ports.config.cas_for(cert)
         now = self.ports.clock.now()
         emergency = policy.expiring_at(stored.bundle.info.not_before, stored.bundle.info.not_after) \
             if stored is not None else None
-        issuing = _issuing_ca(stored, self.ports.config.acme.name)
         waits = dict(state.ca_waits or {})
+        abandoned: str | None = None   # the CA that could not continue the journaled order
+        resume_error: OperationFailed | None = None
+        try:
+            issued = self.orders.resumed(cert, say)
+        except OperationFailed as e:  # its CA failed: with several CAs, as if it had failed a new order
+            abandoned, resume_error = self._resume_failed(cert, cas, e, emergency, waits, tried, say), e
+        else:
+            if issued is not None:
+                return issued, tried
+        issuer = self.ports.config.issuing_ca(stored.meta) if stored is not None else None
+        issuing = issuer.name if issuer is not None else None  # replaces goes there only
         order: list[AcmeConfig] = []   # the CAs asked this time: those not waiting (one CA: always)
         for ca in cas:
             why = None if ignore_waits or len(cas) == 1 else failover.waiting(waits, ca.name, now)
+            if ca.name == abandoned:
+                continue  # it just failed to continue its own order: said already
             if why is None:
                 order.append(ca)
             else:
                 tried.skip(cert.name, ca.name, why, say)
         try:
             if not order:
-                raise _all_waiting(cert, waits, now)
+                raise resume_error or _all_waiting(cert, cas, waits, now)
             for i, ca in enumerate(order):
-                got = self._at(cert, ca, new_key, replaces if ca.name == issuing else None, say, emergency,
-                               waits, several=len(cas) > 1, last=i == len(order) - 1, tried=tried)
+                prior = waits.get(ca.name)
+                try:
+                    got = self._at(cert, ca, new_key, replaces if ca.name == issuing else None, say, emergency,
+                                   waits, several=len(cas) > 1, last=i == len(order) - 1, tried=tried)
+                except OperationFailed as e:
+                    if waits.get(ca.name) is prior:  # no new wait of its own: the certificate's failure as it is
+                        raise
+                    # a CA that said to wait for it: the CAs after it do not count
+                    relevant = cas[:[c.name for c in cas].index(ca.name) + 1] if tried.stopped else cas
+                    raise _lasting(cert, relevant, ca.name, waits, e, self.ports.clock.now()) from e
                 if got is not None:
                     waits.pop(ca.name, None)  # it answered: its next refusal starts a fresh schedule
-                    return got, tried
+                    # an abandoned order's journal is still stored: cleared with this one's
+                    return (replace(got, journaled=True) if abandoned else got), tried
             raise AssertionError("the last CA asked either issues or raises")
         finally:
             state.ca_waits = waits or None
+
+    def _resume_failed(self, cert: CertificateConfig, cas: tuple[AcmeConfig, ...], error: OperationFailed,
+                       emergency: datetime | None, waits: dict[str, dict[str, Any]], tried: Tried,
+                       say: Say) -> str:
+        """The name of the CA that could not continue the journaled order when another CA may
+        help (it is skipped this attempt; a refusal or long rate limit is noted in ``waits``);
+        else ``error`` is raised: one CA alone, or a failure no other CA would help with."""
+        name = self.orders.journal_ca(cert) or cas[0].name
+        self.orders.failed(cert.name, error)  # the journal stays while the order may still complete
+        step = failover.after_failure(error, failover.TRANSIENT_BUDGET, self.ports.clock.now(), emergency)
+        if len(cas) == 1 or step.action == failover.STOP:
+            raise error
+        if step.wait_until is not None:
+            waits[name] = {"until": isoformat(step.wait_until), "kind": step.kind or "",
+                           "problem": retry.short(getattr(error, "problem_type", None)) or "", "count": 1}
+        tried.skip(cert.name, name, f"could not continue its order: {step.reason}: {_NEXT_STEP.sub('', str(error))}",
+                   say)
+        return name
 
     def _at(self, cert: CertificateConfig, ca: AcmeConfig, new_key: Callable[[], bytes], replaces: str | None,
             say: Say, emergency: datetime | None, waits: dict[str, dict[str, Any]], *, several: bool, last: bool,
@@ -111,6 +149,7 @@ class Failover:
                                       "problem": retry.short(getattr(e, "problem_type", None)) or "",
                                       "count": count}
                 if last or step.action == failover.STOP:
+                    tried.stopped = step.action == failover.STOP
                     if several and e.args and isinstance(e.args[0], str):
                         e.args = (f"CA {ca.name}: {e.args[0]}", *e.args[1:])  # several CAs: say whose answer
                     raise
@@ -118,20 +157,40 @@ class Failover:
                 return None
 
 
-def _issuing_ca(stored: StoredVersion | None, first: str) -> str | None:
-    """The name of the CA that issued ``stored`` (a version from before ``[[ca]]``: the first)."""
-    if stored is None:
-        return None
-    ca = stored.meta.get("ca")
-    return ca if isinstance(ca, str) else first
-
-
-def _all_waiting(cert: CertificateConfig, waits: dict[str, dict[str, Any]], now: datetime) -> AcmeError:
+def _all_waiting(cert: CertificateConfig, cas: tuple[AcmeConfig, ...], waits: dict[str, dict[str, Any]],
+                 now: datetime, cause: str | None = None) -> AcmeError:
     """Every CA of ``cert`` is waiting out an earlier refusal or rate limit: a failure that lasts
-    until the first of them may be asked again."""
-    ends = sorted((str(w.get("until")), name) for name, w in waits.items() if failover.waiting(waits, name, now))
+    until the first of them may be asked again (a wait kept for a CA no longer in ``cas`` is
+    neither said nor waited for)."""
+    names = [ca.name for ca in cas]
+    ends = sorted((str(waits[name].get("until")), name) for name in names if failover.waiting(waits, name, now))
     said = "; ".join(f"{name}: {failover.waiting(waits, name, now)}" for _, name in ends)
     first_until = datetime.fromisoformat(ends[0][0].replace("Z", "+00:00")) if ends else now
     seconds = max(1.0, (first_until - now).total_seconds())
-    return AcmeError(f"issuing {cert.name}: every CA is waiting ({said}); next try when the first one may be asked",
+    head = f"{cause}; " if cause else f"issuing {cert.name}: "
+    return AcmeError(f"{head}every CA is waiting ({said}); next try when the first one may be asked",
                      problem_type=retry.PREFIX + "rateLimited", retry_after=seconds)
+
+
+def _lasting(cert: CertificateConfig, cas: tuple[AcmeConfig, ...], failed: str, waits: dict[str, dict[str, Any]],
+             error: OperationFailed, now: datetime) -> OperationFailed:
+    """What the certificate itself records when CA ``failed`` ended the attempt with ``error``
+    (``cas``: the CAs a next attempt would consider, ``failed`` among them).
+
+    When that failure left ``failed`` waiting anew (a refusal, a rate limit), the wait is that
+    CA's (kept in ``waits``): the certificate may try again as soon as any of ``cas`` may be
+    asked — at the next try on the short backoff when one is not waiting (it was only down),
+    else when the first wait ends. ``error`` as it is when that is ``failed``'s own wait."""
+    if len(cas) <= 1 or failover.waiting(waits, failed, now) is None:
+        return error
+    said = _NEXT_STEP.sub("", str(error))
+    free = [ca.name for ca in cas if failover.waiting(waits, ca.name, now) is None]
+    if free:
+        lasting = AcmeError(f"{said}; CA {failed} skipped until {waits[failed]['until']}, {', '.join(free)} asked "
+                            "at the next try", transient=True)
+    elif min(str(waits[ca.name].get("until")) for ca in cas) >= str(waits[failed].get("until")):
+        return error  # its own wait ends first: the certificate waits for it, as the error says
+    else:
+        lasting = _all_waiting(cert, cas, waits, now, said)
+    lasting.transient = resume.order_may_live(error)  # the journal of this CA's order: judged as before
+    return lasting

@@ -19,7 +19,7 @@ import threading
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 from certd.acme.issuer import connect
 from certd.config import CertificateConfig, Config
@@ -74,7 +74,7 @@ class Manager:
         edges = LocalEdges(store, clock, events, trust=self._trust_anchors)
         self.ports = Ports(config, store, store, self._get_issuer, events, clock, edges,
                            lock_timeout=lock_timeout, ca_issuer=self._issuer_for)
-        self.planner = Planner(store, clock, self._get_issuer, issuer_at=self.ports.issuer_at)
+        self.planner = Planner(store, clock, self._get_issuer, issuer_at=lambda meta: self.ports.issuer_of(meta))
         self.planner.on_broken = lambda name, why: self.emit("cert_broken", name, outcome="broken", reason=why)
 
     # -- what outlives one operation ------------------------------------------------------
@@ -134,9 +134,10 @@ class Manager:
                     on_request=lambda seconds: events.measure("acme_request", seconds))
             return issuer
 
-    def _trust_anchors(self, name: str) -> Path | None:
-        """The ``trust_anchors`` of the CA ``name`` (verify checks that CA's chains against them)."""
-        ca = self.ports.config.ca_config(name)
+    def _trust_anchors(self, meta: Mapping[str, Any]) -> Path | None:
+        """The ``trust_anchors`` of the CA that issued the version with ``meta`` (verify checks
+        that CA's chains against them; found as :meth:`certd.config.Config.issuing_ca`)."""
+        ca = self.ports.config.issuing_ca(meta)
         return ca.trust_anchors if ca is not None else None
 
     def close(self) -> None:
@@ -197,6 +198,15 @@ class Manager:
         req = RenewRequest(cert, force=force, reason=reason, initiator=initiator, skip_backoff=skip_backoff,
                            ignore_duplicate_limit=ignore_duplicate_limit)
         return Renew(self.ports, self.planner)(req, progress)
+
+    def resume_order(self, cert: CertificateConfig, *, initiator: str, timeout: float = 0.0) -> Outcome:
+        """Finish the order another process journaled for ``cert`` and then stopped (a fleet
+        node that died mid-order), waiting at most ``timeout`` seconds for the lease; nothing is
+        ordered afresh: ``not_due`` when no order is journaled once the lease is held."""
+        req = RenewRequest(cert, force=True, reason="resuming an order a stopped node journaled", initiator=initiator,
+                           ignore_duplicate_limit=True, resume_only=True)
+        ports = replace(self.ports, lock_timeout=timeout)
+        return Renew(ports, self.planner)(req)
 
     def dry_run(self, certs: list[CertificateConfig], *, server: str | None = None, initiator: str = "operator",
                 progress: Progress | None = None) -> list[Outcome]:

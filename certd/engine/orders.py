@@ -76,7 +76,7 @@ class Orders:
             crash_at(CRASH_JOURNALED)
 
         fullchain = self.ports.issuer_at(ca.name).issue(cert, key_pem, replaces=replaces, progress=say,
-                                                        on_order=journal)
+                                                        on_order=journal, before=self._proving(cert.name))
         crash_at(CRASH_FINALIZED)
         return Issued(fullchain, key_pem, replaces, journaled, profile, ca.name)
 
@@ -105,9 +105,7 @@ class Orders:
             return None
         if journal is None:
             return None
-        cas = self.ports.config.cas_for(cert)
-        # the order belongs to the CA it was placed with: resumed there, if that is still one of cert's
-        ca = next((c for c in cas if c.directory == journal.meta.get(resume.META_DIRECTORY)), cas[0])
+        ca = self._journal_ca(cert, journal)
         why = resume.journal_mismatch(journal.meta, ca.directory, cert.identifiers, cert.key_type)
         if why is None and cert.profile is not None and journal.meta.get("profile") != cert.profile:
             why = (f"it was ordered with profile {journal.meta.get('profile')!r}; the configuration now requires "
@@ -117,7 +115,8 @@ class Orders:
         if why is None and self._compromised(cert.name, journal.key_pem):
             why = "its key (reused) was marked compromised since"
         if why is None:
-            fullchain = self.ports.issuer_at(ca.name).resume(cert, journal.order_url, journal.key_pem, progress=say)
+            fullchain = self.ports.issuer_at(ca.name).resume(cert, journal.order_url, journal.key_pem, progress=say,
+                                                             before=self._proving(cert.name))
             if fullchain is not None:
                 crash_at(CRASH_FINALIZED)
                 replaces = journal.meta.get(resume.META_REPLACES)
@@ -130,6 +129,18 @@ class Orders:
             say(f"not resuming order {journal.order_url}: {why}")
         self._clear(cert.name)
         return None
+
+    def _proving(self, name: str) -> Callable[[str], None]:
+        """The issuer's ``before`` hook: prove the certificate's lease right before newOrder and
+        finalize (S1: a node that lost it to another must not make the CA act; fencing guards
+        only the store's writes)."""
+        def before(step: str) -> None:
+            try:
+                self.ports.store.check_lock(name)
+            except LeaseLost as e:
+                event(log, "order_stopped", logging.ERROR, name=name, step=step, error=str(e))
+                raise
+        return before
 
     def _stored_already(self, name: str, journal: OrderJournal) -> str | None:
         """Why ``journal`` is done, if the newest stored version has its key and was stored
@@ -150,6 +161,20 @@ class Orders:
         if newest.info.spki_sha256 == spki and isinstance(created, str) and created >= journal.created:
             return f"its certificate is stored already (version {newest.version})"
         return None
+
+    def journal_ca(self, cert: CertificateConfig) -> str | None:
+        """The name of the CA ``cert``'s journaled order would be resumed at (None: no journal)."""
+        try:
+            journal = self.ports.store.load_order(cert.name)
+        except StoreError:
+            return None
+        return self._journal_ca(cert, journal).name if journal is not None else None
+
+    def _journal_ca(self, cert: CertificateConfig, journal: OrderJournal) -> AcmeConfig:
+        """The order belongs to the CA it was placed with: resumed there, if that is still one of
+        ``cert``'s (else the first, where :func:`certd.acme.resume.journal_mismatch` discards it)."""
+        cas = self.ports.config.cas_for(cert)
+        return next((c for c in cas if c.directory == journal.meta.get(resume.META_DIRECTORY)), cas[0])
 
     def _compromised(self, name: str, key_pem: bytes) -> bool:
         """Whether ``key_pem`` is the key of a stored version marked compromised: with

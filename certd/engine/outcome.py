@@ -66,7 +66,9 @@ class Outcome:
 class RenewRequest:
     """One renewal of ``cert``. ``force``: renew whether due or not (an operator asked);
     ``skip_backoff``: the CA is known to be back, so a failure backoff no longer holds it;
-    ``ignore_duplicate_limit``: a forced renewal past the CA's duplicate-certificate limit."""
+    ``ignore_duplicate_limit``: a forced renewal past the CA's duplicate-certificate limit;
+    ``resume_only``: finish the order a stopped process journaled, if one is still journaled
+    once the lease is held, and order nothing new (a fleet node taking over a dead node's order)."""
 
     cert: CertificateConfig
     force: bool = False
@@ -74,6 +76,7 @@ class RenewRequest:
     initiator: str = "scheduler"   # who asked: "scheduler", "uid=0(root)", ...; "ari" when the CA did
     skip_backoff: bool = False
     ignore_duplicate_limit: bool = False
+    resume_only: bool = False
 
     @property
     def name(self) -> str:

@@ -12,7 +12,7 @@ from collections.abc import Hashable
 from dataclasses import dataclass
 from functools import cached_property
 from datetime import datetime, timedelta
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from certd.engine import attempts, keyage
 from certd.engine.attempts import CertState as CertState  # its home is attempts; importable here too
@@ -95,9 +95,11 @@ class Planner:
     ``issuer()``, built on first use); per-certificate bookkeeping kept as CertState."""
 
     def __init__(self, store: Store, clock: Clock, issuer: Callable[[], IssuerPort],
-                 issuer_at: Callable[[str | None], IssuerPort] | None = None) -> None:
+                 issuer_at: Callable[[Mapping[str, Any]], IssuerPort | None] | None = None) -> None:
         self.store, self.clock, self._issuer = store, clock, issuer
-        self._issuer_at = issuer_at  # ARI is asked of the CA that issued the certificate
+        # ARI is asked of the CA that issued the certificate (from the version's meta; None: that
+        # CA is no longer configured, and no other CA knows the certificate)
+        self._issuer_at = issuer_at
         self._cache: dict[str, _Facts] = {}   # see _facts()
         self.states = StateBook(store)  # compare-and-set writes, the in-memory floor
         self.on_broken: Callable[[str, str], None] | None = None  # the manager emits cert_broken
@@ -325,10 +327,8 @@ class Planner:
         if refresh and stale:
             lifetime = info.not_after - info.not_before
             try:
-                issuing = stored.meta.get("ca")  # none: issued before [[ca]] (the first CA)
-                at = self._issuer_at(issuing if isinstance(issuing, str) else None) if self._issuer_at \
-                    else self._issuer()
-                ri = at.renewal_info(cert_pem(self.store, stored))
+                at = self._issuer_at(stored.meta) if self._issuer_at else self._issuer()
+                ri = at.renewal_info(cert_pem(self.store, stored)) if at is not None else None
             except OperationFailed as e:
                 event(log, "ari_unavailable", logging.WARNING, name=stored.name, error=str(e))
                 # Keep the last window we had; ask again after a short while.

@@ -12,7 +12,7 @@ from __future__ import annotations
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Collection, Protocol
+from typing import Any, Callable, Collection, Mapping, Protocol
 
 from certd.acme.issuer import RenewalInfo
 from certd.config import CertificateConfig, Config
@@ -29,13 +29,15 @@ class IssuerPort(Protocol):
     """The CA, as the use cases use it (:class:`certd.acme.issuer.Issuer` for real)."""
 
     def issue(self, cert: CertificateConfig, key_pem: bytes, *, replaces: str | None = None,
-              progress: Say | None = None, on_order: Callable[..., None] | None = None) -> bytes:
+              progress: Say | None = None, on_order: Callable[..., None] | None = None,
+              before: Callable[[str], None] | None = None) -> bytes:
         """Order, prove control, finalize; the full chain (leaf first) as PEM. OperationFailed.
         ``on_order(url, profile)`` is told the order's URL and the profile asked for (None: the
-        CA's default) after newOrder, before finalize (the order journal)."""
+        CA's default) after newOrder, before finalize (the order journal). ``before(step)`` runs
+        right before newOrder and before finalize; what it raises ends the order there."""
 
     def resume(self, cert: CertificateConfig, order_url: str, key_pem: bytes, *,
-               progress: Say | None = None) -> bytes | None:
+               progress: Say | None = None, before: Callable[[str], None] | None = None) -> bytes | None:
         """Continue the order at ``order_url`` (no new order): the full chain as :meth:`issue`,
         or None when the CA cannot continue it (gone, invalid, expired). OperationFailed."""
 
@@ -102,6 +104,12 @@ class Ports:
         if ca is None or self.ca_issuer is None:
             return self.issuer()
         return self.ca_issuer(ca)
+
+    def issuer_of(self, meta: Mapping[str, Any]) -> IssuerPort | None:
+        """The client of the CA that issued the version with ``meta`` (see
+        :meth:`certd.config.Config.issuing_ca`); None when that CA is no longer configured."""
+        ca = self.config.issuing_ca(meta)
+        return self.issuer_at(ca.name) if ca is not None else None
 
     def lock(self, name: str) -> AbstractContextManager[None]:
         """The certificate's lock, waiting at most ``lock_timeout`` seconds (StoreError)."""

@@ -57,8 +57,15 @@ class Renew:
         """Renew ``req.cert`` if due (now, if forced); never raises for a CertdError."""
         say = sayer(req.name, progress)
         try:
+            asked_at = self.ports.store.current(req.name) if req.force else None
             with self.ports.lock(req.name):
                 resumed = self.rotations.resume(req.cert, say)
+                now = self.ports.store.current(req.name)
+                if req.force and not req.resume_only and resumed is None and now != asked_at:
+                    # Another process (in a fleet, another node) renewed it while this one waited
+                    # for the lease: that was the new certificate asked for; no second order.
+                    return Outcome(req.name, Result.NOT_DUE, f"renewed meanwhile by another process or node: "
+                                   f"version {now} is current", now)
                 outcome = self.locked(req, say)
                 return outcome if resumed is None else with_resumed(outcome, resumed)
         except StoreError as e:
@@ -88,6 +95,8 @@ class Renew:
         state = self.planner.load_state(cert.name)
         old_serial = stored.bundle.info.serial if stored else None
         reason, initiator = req.reason, req.initiator
+        if req.resume_only and store.load_order(cert.name) is None:  # finished (or discarded) meanwhile
+            return Outcome(cert.name, Result.NOT_DUE, "no journaled order to resume", current, old_serial)
         if not req.force:
             decision = self.planner.decide(cert, stored, state, refresh_ari=True, ignore_failures=req.skip_backoff)
             due = decision.is_due(self.ports.clock.now())
@@ -141,7 +150,7 @@ class Renew:
                 "fingerprint_sha256": info.fingerprint_sha256, "replaces": replaces,
                 keyage.KEY_CREATED: self._key_created(stored, info.spki_sha256),
                 **({"profile": issued.profile} if issued.profile else {}),
-                **({"ca": issued.ca} if issued.ca else {}),
+                **({"ca": issued.ca, "ca_directory": _directory(ports, issued.ca)} if issued.ca else {}),
                 **({"ca_skipped": tried.skipped} if tried.skipped else {}),
             })
             self.orders.stored(cert.name, issued)
@@ -193,6 +202,13 @@ class Renew:
         if stored is not None and stored.bundle.info.spki_sha256 == spki_sha256:
             return isoformat(keyage.key_created(stored.meta, stored.bundle.info))
         return isoformat(self.ports.clock.now())
+
+
+def _directory(ports: Ports, ca: str) -> str | None:
+    """The directory URL of CA ``ca``: recorded beside its name, so the version still finds its
+    CA (ARI, replaces, revoke) after the [[ca]] table is renamed."""
+    found = ports.config.ca_config(ca)
+    return found.directory if found is not None else None
 
 
 def _issued_detail(profile: str | None, ca: str | None, skipped: list[dict[str, str]]) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from typing import Any
 
 from certd.config import CertificateConfig
 from certd.core.clock import isoformat
-from certd.core.errors import CertdError, OperationFailed, UsageError
+from certd.core.errors import AcmeError, CertdError, OperationFailed, UsageError
 from certd.engine.compromise import key_destroyed
 from certd.engine.lifecycle import CEASED, KEY_COMPROMISE, REASONS, Revocation, compromised_meta
 from certd.engine.outcome import Outcome, RenewRequest, Result
@@ -133,9 +133,11 @@ class Revoke:
                                   "version": sv.version, "spki_sha256": info.spki_sha256,
                                   "not_after": info.not_after, "detail": {"reason_code": REASONS[reason]}}
         try:
-            issuing = sv.meta.get("ca")  # revoked at the CA that issued it
-            self.ports.issuer_at(issuing if isinstance(issuing, str) else None).revoke(sv.bundle.cert_pem,
-                                                                                       REASONS[reason])
+            issuer = self.ports.issuer_of(sv.meta)  # revoked at the CA that issued it
+            if issuer is None:
+                raise AcmeError(f"it was issued by CA {sv.meta.get('ca')!r} ({sv.meta.get('ca_directory') or '?'}), "
+                                "which is no longer configured: add its [[ca]] table back to revoke it there")
+            issuer.revoke(sv.bundle.cert_pem, REASONS[reason])
         except OperationFailed as e:
             self.ports.emit("revoked", cert.name, outcome="failed",
                             **{**fields, "detail": {**fields["detail"], "error": str(e)}})

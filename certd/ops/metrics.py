@@ -85,6 +85,10 @@ class Metrics:
         build = Gauge("certd_build_info", "certd's version and the Python running it.", ["version", "python"],
                       registry=r)
         build.labels(__version__, platform.python_version()).set(1)
+        if config.cluster is not None:  # one series: the other series stay per certificate, scraped per node
+            node = Gauge("certd_node_info", "This fleet node's name ([cluster] node) and certd's version.",
+                         ["node", "version"], registry=r)
+            node.labels(config.cluster.node, __version__).set(1)
         self.collector = _StoreCollector(clock or SystemClock())
         r.register(self.collector)
         self._lock = threading.Lock()

@@ -147,6 +147,13 @@ class FileStore(VersionFiles):
         the adapter's writes are fenced by it; :class:`LockBusy` after ``timeout`` seconds."""
         return self._locked(name, timeout)
 
+    def check_lock(self, name: str) -> None:
+        """Prove the lease ``lock()`` holds on ``name`` (LeaseLost if it does not)."""
+        with self._mutex:
+            lease = self._bound.get(name)
+        if lease is not None:
+            self._leases.check(lease)
+
     @contextmanager
     def _locked(self, name: str, timeout: float) -> Iterator[None]:
         owner = f"{self.node}:{os.getpid()}:{threading.get_ident()}"

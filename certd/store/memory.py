@@ -23,7 +23,7 @@ from certd.core.errors import LockBusy, StoreError
 from certd.core.events import LifecycleEvent
 from certd.core.model import Bundle
 from certd.store.port import (Conflict, DesiredChange, Fenced, Lease, LeaseLost, OrderJournal, StoredVersion,
-                              VersionInfo, bound_lease)
+                              VersionInfo, bound_lease, check_bound)
 
 _POLL = 0.02
 
@@ -119,6 +119,9 @@ class MemoryStore:
 
     def lock(self, name: str, *, timeout: float = 0.0) -> AbstractContextManager[None]:
         return self._locked(name, timeout)
+
+    def check_lock(self, name: str) -> None:
+        check_bound(self, self._bound, name)
 
     def _locked(self, name: str, timeout: float) -> AbstractContextManager[None]:
         return bound_lease(self, self._bound, name, f"{self.node}:{threading.get_ident()}", timeout)

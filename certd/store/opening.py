@@ -42,8 +42,11 @@ def open_cluster(config: Config, *, clock: Clock | None = None) -> PgStore:
     except ImportError:
         raise ConfigError(f"{config.path}: [cluster] needs psycopg: install certd with its 'cluster' extra "
                           f"(pip install 'certd[cluster]')") from None
+    from certd.store.pglease import fleet_ttl
+
     ring, _ = keyring_of(config)
-    return PgStore(cluster_dsn(cluster), node=cluster.node, clock=clock, keyring=ring)
+    return PgStore(cluster_dsn(cluster), node=cluster.node, clock=clock, keyring=ring,
+                   lease_ttl=fleet_ttl(config.acme.order_timeout))
 
 
 def cluster_dsn(cluster: ClusterConfig) -> str:

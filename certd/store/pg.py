@@ -37,9 +37,10 @@ from certd.core.errors import LockBusy, StoreError
 from certd.core.model import Bundle, CertInfo
 from certd.crypto.custody import KeyRing
 from certd.store.pgfeed import PgAudit, PgSubscription
+from certd.store.pgfleet import FleetBook
+from certd.store.pglease import FleetLock
 from certd.store.pgschema import configure, conninfo, ensure_schema
-from certd.store.port import (LEGACY_TTL, Conflict, Fenced, Lease, LeaseLost, OrderJournal, StoredVersion, VersionInfo,
-                              bound_lease)
+from certd.store.port import LEGACY_TTL, Conflict, Fenced, Lease, LeaseLost, OrderJournal, StoredVersion, VersionInfo
 
 _POLL = 0.05  # seconds between tries of a busy lease
 ACCOUNT_LOCK_TTL = 600.0  # a registration lock outlives a dead holder by at most this
@@ -66,12 +67,15 @@ class PgStore:
     """:class:`~certd.store.port.StorePort` (and the single-host Store) on a PostgreSQL database."""
 
     def __init__(self, dsn: str, *, node: str, clock: Clock | None = None, keyring: KeyRing | None = None,
-                 pool_size: int = 4) -> None:
+                 pool_size: int = 4, lease_ttl: float = LEGACY_TTL) -> None:
         self.node = node
         self._clock: Clock = clock or SystemClock()
         self._fake_now = clock is not None and not isinstance(clock, SystemClock)
         self._ring = keyring
         self._bound: dict[str, Lease] = {}
+        #: lock(): ``lease_ttl`` kept alive while held (a fleet passes pglease.fleet_ttl)
+        self.locks = FleetLock(self, self._bound, node, lease_ttl, self._clock)
+        self.fleet = FleetBook(self)  # nodes, their reports, the shared http-01 answers
         self._pool: ConnectionPool | None = None
         try:
             self.dsn = conninfo(dsn, node)
@@ -199,10 +203,12 @@ class PgStore:
             raise LeaseLost(f"{lease.name}: lease {lease.token} expired")
 
     def lock(self, name: str, *, timeout: float = 0.0) -> AbstractContextManager[None]:
-        return self._locked(name, timeout)
+        """The certificate's lease for the block, kept alive while held (:mod:`certd.store.pglease`)."""
+        return self.locks.held(name, timeout)
 
-    def _locked(self, name: str, timeout: float) -> AbstractContextManager[None]:
-        return bound_lease(self, self._bound, name, f"{self.node}:{threading.get_ident()}", timeout)
+    def check_lock(self, name: str) -> None:
+        """Prove (and extend) the lease ``lock()`` holds on ``name``: LeaseLost if taken over."""
+        self.locks.check(name)
 
     # -- versions ----------------------------------------------------------------------------
 

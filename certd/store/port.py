@@ -270,13 +270,24 @@ def bound_lease(leases: Leases, bound: dict[str, Lease], name: str, owner: str, 
         leases.release(lease)
 
 
+def check_bound(leases: Leases, bound: dict[str, Lease], name: str) -> None:
+    """The single-host ``check_lock()``: :meth:`Leases.check` of the lease ``lock()`` holds on
+    ``name`` (nothing when none is held)."""
+    lease = bound.get(name)
+    if lease is not None:
+        leases.check(lease)
+
+
 class Store(Protocol):
     """The single-host interface the engine calls today (kept while the engine moves to
     :class:`StorePort`). ``lock()`` takes the certificate's lease for the block and every write
-    below is fenced by it; ``current`` is the desired version; the journal is this node's."""
+    below is fenced by it; ``check_lock()`` proves that lease still holds (a round trip, right
+    before an irreversible step outside the store: newOrder, finalize); ``current`` is the
+    desired version; the journal is this node's."""
 
     def names(self) -> list[str]: ...
     def lock(self, name: str, *, timeout: float = 0.0) -> AbstractContextManager[None]: ...
+    def check_lock(self, name: str) -> None: ...
     def versions(self, name: str) -> list[int]: ...
     def current(self, name: str) -> int | None: ...
     def load(self, name: str, version: int) -> StoredVersion: ...

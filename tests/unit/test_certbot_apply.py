@@ -3,6 +3,7 @@ already taken are refused, and each lineage lands as version 1 with an ``importe
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -67,3 +68,16 @@ def test_a_table_that_would_break_the_config_changes_nothing(tmp_path: Path, le:
     with pytest.raises(ConfigError, match="nothing written"):
         certbot_apply.appended_config(cfg, lineages, le)
     assert cfg.path.read_text() == before
+
+
+def test_an_imported_version_belongs_to_certbots_server_not_whichever_ca_is_first(tmp_path: Path,
+                                                                                  le: Path) -> None:  # noqa: F811
+    """The version records certbot's server: with that CA configured it is the issuing CA (ARI, replaces); without it, none is (no ARI asked of a CA that never saw it)."""
+    cfg = config(tmp_path)
+    store = open_file_store(cfg)
+    lin = certbot_import.plan(le)[0][0]
+    certbot_apply.import_lineage(store, lin, le)
+    meta = store.load(lin.name, 1).meta
+    assert cfg.issuing_ca(meta) is cfg.acme
+    zerossl = replace(cfg.acme, directory="https://acme.zerossl.com/v2/DV90")
+    assert replace(cfg, acme=zerossl, cas=(zerossl,)).issuing_ca(meta) is None, meta

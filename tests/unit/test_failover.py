@@ -124,6 +124,12 @@ def test_acme_alone_is_one_ca_named_default(tmp_path: Path) -> None:
     (BASE + CAS.replace('"backup"', '"primary"'), "duplicate CA name 'primary'"),
     (BASE + '[[ca]]\ndirectory = "https://127.0.0.1:14000/dir"\n', "ca[0].name: required key is missing"),
     (BASE + CAS + '[[ca]]\nname = "x"\ndirectory = "https://a.test/dir"\nbogus = 1\n', "ca[2] (x).bogus"),
+    (BASE + CAS.replace('"backup"', '"back up"') + CERTS.format(extra='ca = ["back up"]'),
+     "'back up': expected 1-64 characters"),
+    (BASE + '[ca]\nname = "primary"\ndirectory = "https://127.0.0.1:14000/dir"\n' + CERTS.format(extra='ca = ["primary"]'),
+     "[[ca]] (two brackets)"),
+    (BASE + CAS + '[[ca]]\nname = "x"\ndirectory = "https://a.test/dir"\nbogus = 1\n' + CERTS.format(extra='ca = ["x"]'),
+     "ca[2] (x).bogus"),
 ])
 def test_bad_ca_configuration_is_one_actionable_line(text: str, words: str, tmp_path: Path) -> None:
     """[acme] beside [[ca]], unknown or repeated CA names, an empty list, a nameless table: one line naming the fix."""
@@ -136,7 +142,8 @@ def test_verify_trusts_the_issuing_cas_trust_anchors(tmp_path: Path) -> None:
     own, backup_roots = tmp_path / "own.pem", tmp_path / "backup-roots.pem"
     cert = replace(CertificateConfig("www", ("www.example.test",)),
                    verify=(VerifyEndpoint("127.0.0.1", 443, "www.example.test", own),))
-    trust = {"backup": backup_roots}.get
+    def trust(meta: Any) -> Path | None:
+        return {"backup": backup_roots}.get(meta.get("ca"))
     assert [e.ca_bundle for e in anchored(cert, {"ca": "backup"}, trust)] == [backup_roots]
     assert [e.ca_bundle for e in anchored(cert, {"ca": "primary"}, trust)] == [own]
     assert [e.ca_bundle for e in anchored(cert, {}, trust)] == [own]
@@ -160,7 +167,8 @@ class World:
                         cas=(primary, backup))
         self.ports = Ports(config, self.store, self.store, lambda: self.cas["primary"], bus, self.clock,
                            FakeEdges(self.store), ca_issuer=self.cas.__getitem__)
-        self.planner = Planner(self.store, self.clock, lambda: self.cas["primary"], issuer_at=self.ports.issuer_at)
+        self.planner = Planner(self.store, self.clock, lambda: self.cas["primary"],
+                               issuer_at=lambda meta: self.ports.issuer_of(meta))
 
     def renew(self, **kw: Any) -> Any:
         return Renew(self.ports, self.planner)(RenewRequest(CERT, force=True, **kw))

@@ -121,7 +121,7 @@ class OrderingCA:
         return make_leaf(self.ca, cert.domains, key=key, not_before=NOW - timedelta(hours=1)).fullchain_pem  # type: ignore[arg-type]
 
     def issue(self, cert: CertificateConfig, key_pem: bytes, *, replaces: str | None = None, progress: Any = None,
-              on_order: Any = None) -> bytes:
+              on_order: Any = None, before: Any = None) -> bytes:
         url = f"https://ca.test/order/{len(self.new_orders) + 1}"
         self.new_orders.append(url)
         if on_order is not None:
@@ -134,7 +134,8 @@ class OrderingCA:
             raise self.failure
         return self._sign(cert, key_pem)
 
-    def resume(self, cert: CertificateConfig, order_url: str, key_pem: bytes, *, progress: Any = None) -> bytes | None:
+    def resume(self, cert: CertificateConfig, order_url: str, key_pem: bytes, *, progress: Any = None,
+               before: Any = None) -> bytes | None:
         self.resumed.append(order_url)
         if self.status.get(order_url) in (None, "invalid"):
             return None

@@ -91,7 +91,7 @@ class RefusingCA:
         self.error, self.orders = error, 0
 
     def issue(self, cert: Any, key_pem: bytes, *, replaces: str | None = None, progress: Any = None,
-              on_order: Any = None) -> bytes:
+              on_order: Any = None, before: Any = None) -> bytes:
         self.orders += 1
         raise self.error
 

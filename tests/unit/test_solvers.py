@@ -9,6 +9,7 @@ import ssl
 import stat
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import josepy as jose
@@ -17,6 +18,8 @@ from acme import challenges
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from certd.acme.answers import share_answers
+from certd.acme.responders import keep_listening, stop_listening
 from certd.config import Listen
 from certd.core.errors import ChallengeFailed
 from certd.acme.solvers import (ACME_IDENTIFIER_OID, TLSALPN01, DnsHookSolver, StandaloneHttpSolver, TlsAlpnSolver,
@@ -164,3 +167,60 @@ def test_tls_alpn_serves_validation_certificate(account_key: jose.JWK) -> None:
     digest = hashlib.sha256(chall.key_authorization(account_key).encode()).digest()
     assert ext.critical and ext.value.value == b"\x04\x20" + digest
     assert ("tls-alpn-01", listen) not in _LISTENERS.active()
+
+
+class _Board:
+    """An in-memory AnswerBoard (what PgStore.fleet is in a fleet); ``down``: every call fails."""
+
+    def __init__(self) -> None:
+        self.answers: dict[str, str] = {}
+        self.down = False
+
+    def publish(self, token: str, key_authorization: str, name: str) -> None:
+        if self.down:
+            raise ConnectionError("database unreachable")
+        self.answers[token] = key_authorization
+
+    def lookup(self, token: str) -> str | None:
+        if self.down:
+            raise ConnectionError("database unreachable")
+        return self.answers.get(token)
+
+    def withdraw(self, token: str) -> None:
+        self.answers.pop(token, None)
+
+
+@pytest.fixture
+def board() -> Iterator[_Board]:
+    b = _Board()
+    share_answers(b)
+    yield b
+    share_answers(None)
+
+
+def test_a_fleet_responder_answers_another_nodes_token_from_the_board(board: _Board, account_key: jose.JWK) -> None:
+    """A node's always-on responder answers a token another node published, and 404s once it is withdrawn."""
+    mine, theirs = Listen("127.0.0.1", _free_port()), Listen("127.0.0.1", _free_port())
+    keep_listening(theirs)
+    chall = _http01()
+    solver = StandaloneHttpSolver(mine)
+    solver.present("www.example.test", chall, account_key)  # published before it is answered
+    try:
+        assert board.answers == {chall.encode("token"): chall.validation(account_key)}
+        assert _get(theirs.port, chall.path) == (200, chall.validation(account_key).encode())
+        board.down = True
+        assert _get(theirs.port, chall.path)[0] == 404  # the database cannot say: not found, no crash
+        board.down = False
+    finally:
+        solver.cleanup("www.example.test", chall, account_key)
+        assert _get(theirs.port, chall.path)[0] == 404 and board.answers == {}
+        stop_listening(theirs)
+
+
+def test_an_answer_the_fleet_cannot_share_fails_the_challenge(board: _Board, account_key: jose.JWK) -> None:
+    """With the database unreachable an http-01 challenge is not answered at all: one transient error."""
+    board.down = True
+    listen = Listen("127.0.0.1", _free_port())
+    with pytest.raises(ChallengeFailed, match="cannot share the answer with the fleet's other nodes"):
+        StandaloneHttpSolver(listen).present("www.example.test", _http01(), account_key)
+    assert ("http-01", listen) not in _LISTENERS.active()

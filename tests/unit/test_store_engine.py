@@ -24,7 +24,7 @@ class SigningCA:
         self.orders = 0
 
     def issue(self, cert: Any, key_pem: bytes, *, replaces: str | None = None, progress: Any = None,
-              on_order: Any = None) -> bytes:
+              on_order: Any = None, before: Any = None) -> bytes:
         self.orders += 1
         key = serialization.load_pem_private_key(key_pem, password=None)
         leaf = make_leaf(shared_ca(), cert.domains, key=key)  # type: ignore[arg-type]

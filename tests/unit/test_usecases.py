@@ -43,7 +43,7 @@ class FakeCA:
         self.revoked: list[int] = []           # reason codes
 
     def issue(self, cert: CertificateConfig, key_pem: bytes, *, replaces: str | None = None,
-              progress: Any = None, on_order: Any = None) -> bytes:
+              progress: Any = None, on_order: Any = None, before: Any = None) -> bytes:
         self.orders.append(replaces)
         if self.failure is not None:
             raise self.failure

@@ -1,0 +1,99 @@
+"""The fleet's operator commands (docs/FLEET.md, "Operating a fleet"), read straight from the
+shared database, so they answer on any node whether its daemon runs or not:
+
+- ``certd status --fleet [--json]``: per certificate the desired version; per node the version
+  it applied, the fingerprint its endpoints served, when that was verified, and its last error.
+- ``certd nodes``: every node that ever joined, when it was last heard from, its software.
+- ``certd nodes remove NODE``: the node no longer counts in the status (audited).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Callable
+
+from certd import cli_output
+from certd.config import Config
+from certd.core.clock import SystemClock
+from certd.core.errors import UsageError
+
+EXIT_OK, EXIT_FAILED = 0, 1
+
+
+def add_parsers(sub: Any, parser_class: type[argparse.ArgumentParser]) -> None:
+    n = sub.add_parser("nodes", help="the fleet's nodes ([cluster]): last seen, software, removed")
+    nsub = n.add_subparsers(dest="nodes_command", metavar="SUBCOMMAND", parser_class=parser_class)
+    n.add_argument("--json", action="store_true")
+    r = nsub.add_parser("remove", help="stop counting NODE in the fleet's status (its rows stay, for the record)")
+    r.add_argument("node", metavar="NODE")
+    r.add_argument("--reason", default="", help="why (recorded with your identity)")
+
+
+def _open(cfg: Config, what: str) -> Any:
+    if cfg.cluster is None:
+        raise UsageError(f"{what}: no [cluster] section in {cfg.path}: this certd is not part of a fleet")
+    from certd.store.opening import open_cluster
+    return open_cluster(cfg)
+
+
+def cmd_status_fleet(args: argparse.Namespace, cfg: Config) -> int:
+    with _open(cfg, "status --fleet") as store:
+        names = list(args.names) or cfg.names
+        unknown = [n for n in names if n not in cfg.names]
+        if unknown:
+            raise UsageError(f"unknown certificate {', '.join(unknown)}; configured: {cfg.names_summary()}")
+        doc = store.fleet.status(names)
+    if args.json:
+        sys.stdout.write(json.dumps(doc, sort_keys=True) + "\n")
+        return EXIT_OK
+    rows = []
+    for cert in doc["certificates"]:
+        for node in cert["nodes"] or [{"node": "-"}]:
+            rows.append({"name": cert["name"], "desired": _v(cert["desired_version"]), "node": node["node"],
+                         "applied": _v(node.get("applied_version")),
+                         "in_sync": "yes" if node.get("applied_version") == cert["desired_version"] else "NO",
+                         "verified_at": node.get("verified_at") or "-",
+                         "fingerprint": (node.get("fingerprint_sha256") or "-")[:16],
+                         "last_error": node.get("last_error") or ""})
+    cli_output.print_table(rows, _columns("name", "desired", "node", "applied", "in_sync", "verified_at",
+                                          "fingerprint", "last_error"))
+    return EXIT_OK
+
+
+def _columns(*keys: str) -> list[tuple[str, str]]:
+    return [(k.upper(), k) for k in keys]
+
+
+def _v(version: int | None) -> str:
+    return "-" if version is None else str(version)
+
+
+def cmd_nodes(args: argparse.Namespace, load_config: Callable[[argparse.Namespace], Config]) -> int:
+    cfg = load_config(args)
+    with _open(cfg, "nodes") as store:
+        if args.nodes_command == "remove":
+            return _remove(store, cfg, args.node, args.reason)
+        nodes = store.fleet.nodes()
+    if args.json:
+        sys.stdout.write(json.dumps({"nodes": [n.to_json() for n in nodes]}, sort_keys=True) + "\n")
+        return EXIT_OK
+    rows = [{"node": n.node, "last_seen": n.to_json()["last_seen"], "software": n.software,
+             "removed": "yes" if n.removed else "no"} for n in nodes]
+    cli_output.print_table(rows, _columns("node", "last_seen", "software", "removed"))
+    return EXIT_OK
+
+
+def _remove(store: Any, cfg: Config, node: str, reason: str) -> int:
+    from certd.core.events import LifecycleEvent
+    from certd.engine.manager import whoami
+    if not store.fleet.remove(node):
+        known = ", ".join(n.node for n in store.fleet.nodes()) or "none"
+        raise UsageError(f"nodes remove: no node {node!r} in the fleet's database; known: {known}")
+    assert cfg.cluster is not None
+    store.audit(LifecycleEvent("node_removed", "", SystemClock().now(), initiator=whoami(), reason=reason,
+                               detail={"node": cfg.cluster.node, "removed_node": node}))
+    print(f"node {node} removed: it no longer counts in `certd status --fleet` (a daemon still running there "
+          f"keeps serving; stop it, or it logs that it was removed)")
+    return EXIT_OK

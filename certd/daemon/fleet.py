@@ -1,0 +1,216 @@
+"""A fleet node's own loop: heartbeat, and converge on the desired versions (``[cluster]`` only).
+
+Ordering is the scheduler's (every node plans every certificate; the lease and the re-check of
+the desired version under it make one order per renewal, :mod:`certd.store.pglease`). What
+this loop adds is **convergence**: when the desired version of a certificate moves (a change
+feed wake-up, delivered by LISTEN/NOTIFY within milliseconds) or at the latest every
+``[cluster] reconcile_interval`` (notifications are lost while disconnected), every
+certificate whose version applied on this node differs from the desired one is deployed here
+through the rotation's own stage, switch, reload and verify, without the fleet-wide lease
+(deploying on this node concerns this node only; this process's own rotation of the same
+certificate is excluded by the store's local mutex). Then the node records ``applied`` and a
+report (served fingerprint, verified at, last error) that ``certd status --fleet`` shows.
+
+A failure is reported (``last_error``), audited (``node_applied``, outcome ``failed``), the
+previous version switched back where one was applied, and retried at the next reconcile; it
+never moves the desired version. With the database unreachable the loop keeps what is served,
+logs once per attempt and tries again every ``reconcile_interval``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from certd import __version__
+from certd.acme import answers, responders
+from certd.config import CertificateConfig, Config, Listen
+from certd.core.errors import CertdError, LockBusy
+from certd.engine.manager import Manager
+from certd.ops.log import event
+from certd.store.pg import PgStore
+from certd.store.port import Subscription
+
+log = logging.getLogger("certd.fleet")
+
+_RETRY = 5.0  # seconds between attempts while the database cannot be reached
+_BUSY_RETRY = 0.25  # seconds before looking again at a certificate this process was rotating
+
+
+class FleetNode:
+    """The heartbeat and apply loop of one node, on its own thread."""
+
+    def __init__(self, manager: Manager, store: PgStore, config: Callable[[], Config], stop: threading.Event) -> None:
+        self.manager, self.store, self._config, self._stop = manager, store, config, stop
+        self.node = store.node
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="certd-fleet", daemon=True)
+        self._failed: set[str] = set()  # names whose last apply failed: tried again every pass
+        self._busy = False  # a certificate was busy in this process: the next pass comes soon
+        self._said_removed = False
+
+        self._listening: set[Listen] = set()
+
+    def start(self) -> None:
+        answers.share_answers(self.store.fleet)
+        self.reconfigure()
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._wake.set()
+        self._thread.join(timeout=30)
+        for listen in self._listening:
+            responders.stop_listening(listen)
+        self._listening.clear()
+        answers.share_answers(None)
+
+    def reconfigure(self) -> None:
+        """Keep an http-01 responder up on every ``http01_listen`` of the configuration: the
+        CA's request for another node's order may come here at any time."""
+        wanted = {c.http01_listen for c in self._config().certificates
+                  if c.challenge == "http-01" and c.http01_webroot is None and c.http01_listen is not None}
+        for listen in self._listening - wanted:
+            responders.stop_listening(listen)
+            self._listening.discard(listen)
+        for listen in wanted - self._listening:
+            try:
+                responders.keep_listening(listen)
+                self._listening.add(listen)
+            except CertdError as e:
+                event(log, "fleet_responder_failed", logging.ERROR, listen=str(listen), error=str(e))
+        self.poke()
+
+    def poke(self) -> None:
+        """Reconcile now (a renewal on this node committed, a config reload)."""
+        self._wake.set()
+
+    def _interval(self) -> float:
+        cluster = self._config().cluster
+        return cluster.reconcile_interval if cluster is not None else 30.0
+
+    def _run(self) -> None:
+        sub: Subscription | None = None
+        while not self._stop.is_set():
+            try:
+                removed = not self.store.fleet.heartbeat(self.node, __version__)
+                if removed and not self._said_removed:  # once, not every pass
+                    event(log, "node_removed_still_running", logging.WARNING, node=self.node,
+                          hint="this node was removed with `certd nodes remove`; its reports do not count")
+                self._said_removed = removed
+                if sub is None:
+                    sub = self.store.subscribe([c.name for c in self._config().certificates])
+                self.reconcile()
+                self._wait(sub)
+            except CertdError as e:
+                event(log, "fleet_unreachable", logging.WARNING, node=self.node, error=str(e))
+                if sub is not None:
+                    sub.close()
+                    sub = None
+                self._wake.wait(min(_RETRY, self._interval()))
+            self._wake.clear()
+        if sub is not None:
+            sub.close()
+
+    def _wait(self, sub: Subscription) -> None:
+        """Until the desired versions change, a poke, the daemon stops, or the interval ends."""
+        clock = self.manager.clock
+        deadline = clock.monotonic() + (_BUSY_RETRY if self._busy else self._interval())
+        self._busy = False
+        while not (self._stop.is_set() or self._wake.is_set()):
+            left = deadline - clock.monotonic()
+            if left <= 0 or sub.changes(timeout=min(1.0, left)):
+                return
+
+    def reconcile(self) -> None:
+        """One pass: finish orders whose node stopped; apply every configured certificate's
+        desired version where it differs."""
+        config = self._config()
+        for name in self.store.fleet.orphaned_orders(config.names):
+            outcome = self.manager.resume_order(config.certificate(name), initiator=f"node={self.node}")
+            event(log, "orphaned_order", name=name, node=self.node, result=outcome.result.value,
+                  message=outcome.message)
+        for cert in config.certificates:
+            if self._stop.is_set():
+                return
+            desired = self.store.desired(cert.name)
+            if desired is None:
+                continue
+            applied = self.store.applied(self.node, cert.name)
+            if applied != desired or cert.name in self._failed:
+                self.apply(cert, desired, applied)
+            elif not self._reported(cert.name, desired):
+                self._report_served(cert, desired)
+
+    def _reported(self, name: str, version: int) -> bool:
+        want = self.store.load_info(name, version).info.fingerprint_sha256
+        return self.store.fleet.reported_fingerprint(self.node, name) == want
+
+    def _report_served(self, cert: CertificateConfig, version: int) -> None:
+        """Applied here (by this node's own rotation) but not reported yet: check by handshake."""
+        outcome = self.manager.verify_now(cert)
+        info = self.store.load_info(cert.name, version).info
+        ok = outcome.result.value in ("verified", "not_due")
+        self.store.fleet.report(self.node, cert.name, fingerprint=info.fingerprint_sha256 if ok else None,
+                                verified_at=self.manager.clock.now() if outcome.result.value == "verified" else None,
+                                error=None if ok else outcome.message)
+
+    def apply(self, cert: CertificateConfig, version: int, previous: int | None) -> None:
+        """Deploy ``version`` of ``cert`` on this node; record and report how it went."""
+        started = self.manager.clock.monotonic()
+        try:
+            with self.store.locks.local(cert.name, timeout=0):
+                verified = self._deploy(cert, version, previous)
+        except LockBusy:
+            # this node's own rotation of it is running (it applies or rolls back itself): look
+            # again shortly, to report what it ended with
+            self._busy = True
+            return
+        except CertdError as e:
+            self._failed.add(cert.name)
+            self.store.fleet.report(self.node, cert.name, fingerprint=None, verified_at=None,
+                                    error=f"applying version {version}: {e}")
+            self._emit(cert.name, version, previous, "failed", str(e), started)
+            return
+        self._failed.discard(cert.name)
+        info = self.store.load_info(cert.name, version).info
+        self.store.set_applied(self.node, cert.name, version)
+        self.store.fleet.report(self.node, cert.name, fingerprint=info.fingerprint_sha256,
+                                verified_at=self.manager.clock.now() if verified else None, error=None)
+        self._emit(cert.name, version, previous, "success", "desired version changed", started)
+
+    def _deploy(self, cert: CertificateConfig, version: int, previous: int | None) -> bool:
+        """Stage, switch, reload, verify; switched back to ``previous`` if reload or verify fail."""
+        effects = self.manager.ports.edges.effects(cert)
+        effects.stage(version)
+        effects.switch(version)
+        try:
+            effects.reload(version)
+            return effects.verify(version)
+        except CertdError:
+            if previous is not None and previous in self.store.versions(cert.name):
+                try:
+                    effects.stage(previous)
+                    effects.switch(previous)
+                    effects.reload(previous, keep_going=True)
+                except CertdError as e:
+                    event(log, "node_switch_back_failed", logging.ERROR, name=cert.name, version=previous,
+                          error=str(e))
+            raise
+
+    def _emit(self, name: str, version: int, previous: int | None, outcome: str, reason: str,
+              started: float) -> None:
+        detail: dict[str, Any] = {"node": self.node, "from_version": previous}
+        self.manager.emit("node_applied", name, initiator=f"node={self.node}", outcome=outcome, reason=reason,
+                          version=version, duration=self.manager.clock.monotonic() - started, detail=detail)
+        event(log, "node_applied", logging.INFO if outcome == "success" else logging.ERROR, name=name,
+              version=version, node=self.node, outcome=outcome, reason=reason)
+
+
+def start_fleet(manager: Manager, config: Callable[[], Config], stop: threading.Event) -> FleetNode | None:
+    """The node loop when the store is the fleet's database (``[cluster]``), else None."""
+    store = manager.store
+    if not isinstance(store, PgStore):
+        return None
+    return FleetNode(manager, store, config, stop)
