@@ -73,6 +73,9 @@ class Monitor:
         self._watches: dict[tuple[str, bool], Any] = {}
         self._owners: _Owners | None = None              # which certificate a deployed path is
         self._thread: threading.Thread | None = None
+        #: [cluster]: the store probe's verdict (storehealth); drift is not checked while False
+        self.store_up: Callable[[], bool] = lambda: True
+        self._skipping = False                            # "drift check skipped" said once per outage
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -149,6 +152,13 @@ class Monitor:
         return min(deadlines) - self.clock.monotonic()
 
     def _reconcile(self, cfg: Config, names: set[str], full: bool) -> None:
+        if not self.store_up():  # an unreachable store is not a drift: look again when it is back
+            if not self._skipping:
+                self._skipping = True
+                event(log, "drift_check_skipped", logging.WARNING, names=",".join(sorted(names)),
+                      why="the fleet database is unreachable; checked again when it is back")
+            return
+        self._skipping = False
         ready = []
         for name in sorted(names):
             with self._lock:
