@@ -69,6 +69,8 @@ class Daemon:
         if self.store_health is not None:  # [cluster]: what waits for the database while it is down
             self.jobs.store_up = self.monitor.store_up = self.store_health.is_up
             self.store_health.on_up += [self._replay_audit, self.monitor.reconfigure]
+            if self.sinks.audit_spool is not None:
+                self.sinks.audit_spool.store_up = self.store_health.is_up
         api = ControlAPI(lambda: self.config, self.jobs, self.monitor, self.reload_config,
                          store_health=self.store_health)
         self.control = ControlServer(self.config.daemon.control_socket, api.routes(),

@@ -11,7 +11,8 @@ record emitted while the database is unreachable must not be lost (docs/FLEET.md
   id unique to it (``<node>:<uuid>``).
 - While the spool holds records, new records go to its end too (the chain keeps their order),
   and the database is not tried again for :data:`RETRY` seconds after a failure, so an outage
-  costs one pool wait, not one per record.
+  costs one pool wait, not one per record; in the daemon, not at all while its store probe says
+  the database is down (``store_up``).
 - :meth:`SpoolingAudit.replay` (the daemon calls it when its store probe sees the database again;
   any later record tries it first) appends the spooled records to the chain in spool order, in
   **one** transaction under the chain's head lock, each record's ``detail.spool_id`` kept in the
@@ -29,7 +30,7 @@ import logging
 import os
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
@@ -62,10 +63,14 @@ class SpoolingAudit:
         self._lock = threading.Lock()
         self._retry_at: float | None = None  # monotonic: don't try the database before this
         self._said_down = False
+        #: the daemon's store probe (certd.daemon.storehealth): while it says down, records go
+        #: straight to the spool instead of waiting for the pool first
+        self.store_up: Callable[[], bool] = lambda: True
 
     def __call__(self, ev: LifecycleEvent) -> None:
         with self._lock:
-            if self._retry_at is None or self._clock.monotonic() >= self._retry_at:
+            due = self._retry_at is None or self._clock.monotonic() >= self._retry_at
+            if due and self.store_up():
                 try:
                     self._replay_locked()
                     self._chain.append(ev)

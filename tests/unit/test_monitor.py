@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -132,3 +133,21 @@ def _relink(link: Path, target: str) -> Path:
     tmp = link.with_name(f".{link.name}.tmp")
     tmp.symlink_to(target)
     return tmp
+
+
+def test_drift_is_not_checked_while_the_fleet_database_is_down(tmp_path, caplog):
+    """Store probe down: no drift_found (an unreachable store is no drift), one skip line; up: checked again."""
+    clock = FakeClock(NOW)
+    monitor, manager, cfg, seen = make(tmp_path, clock)
+    cfg = dataclasses.replace(cfg, certificates=(CertificateConfig("www", ("www.example.test",), deploy=DeployConfig(
+        live_dir=tmp_path / "ssl" / "www")),))
+    store(manager)  # stored, never deployed: a drift once the check runs
+    up = [False]
+    monitor.store_up = lambda: up[0]
+    monitor._reconcile(cfg, {"www"}, True)
+    monitor._reconcile(cfg, {"www"}, True)
+    assert not seen
+    assert caplog.text.count("drift_check_skipped") == 1
+    up[0] = True
+    monitor._reconcile(cfg, {"www"}, True)
+    assert [e.kind for e in seen] == ["drift_found"]
