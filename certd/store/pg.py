@@ -36,7 +36,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from certd.core.clock import Clock, SystemClock
-from certd.core.errors import LockBusy, StoreError
+from certd.core.errors import LockBusy, StoreError, StoreUnreachable
 from certd.core.model import Bundle, CertInfo
 from certd.crypto.custody import KeyRing
 from certd.store.pgfeed import PgAudit, PgSubscription
@@ -129,8 +129,12 @@ class PgStore:
             with self._connection() as conn, conn.transaction(), conn.cursor() as cur:
                 yield cur
         except PoolTimeout as e:
-            raise StoreError(f"PostgreSQL store: database unreachable: no connection within {POOL_WAIT:g} s "
-                             f"({e})") from e
+            raise StoreUnreachable(f"PostgreSQL store: database unreachable: no connection within {POOL_WAIT:g} s "
+                                   f"({e})") from e
+        except psycopg.OperationalError as e:
+            if e.sqlstate is None:  # no answer from the server: the connection failed or was lost
+                raise StoreUnreachable(f"PostgreSQL store: database unreachable: {' '.join(str(e).split())}") from e
+            raise StoreError(f"PostgreSQL store: {e}") from e
         except psycopg.Error as e:
             raise StoreError(f"PostgreSQL store: {e}") from e
 

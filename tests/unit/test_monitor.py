@@ -10,6 +10,7 @@ from pathlib import Path
 from watchdog.observers import Observer
 
 from certd.core.clock import FakeClock
+from certd.core.errors import StoreUnreachable
 from certd.config import AcmeConfig, CertificateConfig, Config, DaemonConfig, DeployConfig, FileTarget
 from certd.core.events import EventBus, LifecycleEvent
 from certd.engine.manager import Manager
@@ -151,3 +152,19 @@ def test_drift_is_not_checked_while_the_fleet_database_is_down(tmp_path, caplog)
     up[0] = True
     monitor._reconcile(cfg, {"www"}, True)
     assert [e.kind for e in seen] == ["drift_found"]
+
+
+class UnreachableStore:
+    """A fleet store whose database does not answer (every read: StoreUnreachable)."""
+
+    def __getattr__(self, name):
+        def fail(*args, **kwargs):
+            raise StoreUnreachable("PostgreSQL store: database unreachable: no connection within 5 s")
+        return fail
+
+
+def test_an_unreachable_store_is_not_a_drift(tmp_path):
+    """A drift check that cannot reach the fleet's database reports no mismatch, only why it did not check."""
+    from certd.verify import drift
+    result = drift.check(CertificateConfig("www", ("www.example.test",)), UnreachableStore())
+    assert result.clean and "database unreachable" in (result.note or "")
