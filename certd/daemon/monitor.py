@@ -37,7 +37,7 @@ from certd.verify import drift
 from certd.core import policy
 from certd.core.clock import Clock, isoformat
 from certd.config import CertificateConfig, Config
-from certd.core.errors import CertdError, LockBusy
+from certd.core.errors import CertdError, LockBusy, OperationFailed
 from certd.ops.log import event
 from certd.engine.manager import Manager
 from certd.ops.metrics import Metrics
@@ -107,7 +107,11 @@ class Monitor:
         self._wake.set()
 
     def check_now(self, names: Iterable[str] | None = None) -> list[drift.CertDrift]:
-        """A check on demand (``certd drift`` through the daemon): gauges and events follow it."""
+        """A check on demand (``certd drift`` through the daemon): gauges and events follow it.
+        While the fleet's database is down: OperationFailed (nothing can be compared)."""
+        if not self.store_up():
+            raise OperationFailed("drift not checked: the fleet database is unreachable from this node; "
+                                  "it is checked again when the database is back")
         results = drift.check_all(self._config(), self.manager.store, names)
         for r in results:
             if r.configured:

@@ -115,6 +115,9 @@ class Daemon:
         if self.store_health is not None:
             self.store_health.start()
             try:
+                if self.sinks.audit_spool is not None:
+                    self.sinks.audit_spool.pending()  # the spool exists as the daemon's user, 0600: a CLI run
+                    # as root appends to it (and leaves it readable to the daemon) instead of creating it
                 self._replay_audit()  # records a process of this node spooled while no daemon ran
             except CertdError as e:
                 event(log, "audit_spool_replay_failed", logging.WARNING, error=str(e))
