@@ -180,6 +180,11 @@ def main() -> int:
             fleet = build(Path(tmp), stack)
             print(f"fleet bench: 3 certd nodes (nginx each), one PostgreSQL, Pebble; {args.renewals} forced renewals")
             took, orders = measure(fleet, args.renewals)
+        except Exception:
+            for log in sorted(Path(tmp).glob("node*/daemon.log")):  # what the nodes said, before it is removed
+                print(f"--- {log.parent.name}: the end of its daemon log", file=sys.stderr)
+                print("\n".join(log.read_text(errors="replace").splitlines()[-25:]), file=sys.stderr)
+            raise
         finally:
             for stop in reversed(stack):
                 try:

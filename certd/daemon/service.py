@@ -119,7 +119,7 @@ class Daemon:
                     self.sinks.audit_spool.pending()  # the spool exists as the daemon's user, 0600: a CLI run
                     # as root appends to it (and leaves it readable to the daemon) instead of creating it
                 self._replay_audit()  # records a process of this node spooled while no daemon ran
-            except CertdError as e:
+            except (CertdError, OSError) as e:  # never fatal: the next record or the probe's "up" retries
                 event(log, "audit_spool_replay_failed", logging.WARNING, error=str(e))
         if self.fleet is not None:
             self.fleet.start()

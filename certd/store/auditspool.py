@@ -133,6 +133,8 @@ class SpoolingAudit:
 
     @contextmanager
     def _locked_file(self) -> Iterator[int]:
+        # a fleet node's state dir holds nothing else the database does not, and may not exist yet
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)  # the daemon and CLI processes of this node share the spool

@@ -53,7 +53,7 @@ def test_records_emitted_while_the_database_is_down_land_in_the_chain_once(tmp_p
                                                                            own_postgres: PgCluster) -> None:
     """Records emitted during an outage are spooled 0600, then chained in order exactly once, even after a cut replay."""
     with PgStore(own_postgres.database(), node="web1") as store:
-        spool = SpoolingAudit(store.audit, tmp_path, "web1", SystemClock())
+        spool = SpoolingAudit(store.audit, tmp_path / "state", "web1", SystemClock())
         spool(ev("renew_refused", 0))
         own_postgres.stop()
         started = time.monotonic()
@@ -61,13 +61,14 @@ def test_records_emitted_while_the_database_is_down_land_in_the_chain_once(tmp_p
             spool(ev("renew_refused", n))
         assert time.monotonic() - started < POOL_WAIT + 5  # one pool wait, then straight to the spool
         assert spool.pending() == 3
-        assert stat.S_IMODE(spool.path.stat().st_mode) == 0o600
+        assert stat.S_IMODE(spool.path.stat().st_mode) == 0o600  # in a state dir it created (0700)
+        assert stat.S_IMODE(spool.path.parent.stat().st_mode) == 0o700
         with pytest.raises(StoreError, match="database unreachable"):
             spool.replay()
         assert spool.pending() == 3
 
         own_postgres.start()
-        cut = SpoolingAudit(CutAfterCommit(store.audit), tmp_path, "web1", SystemClock())
+        cut = SpoolingAudit(CutAfterCommit(store.audit), tmp_path / "state", "web1", SystemClock())
         with pytest.raises(RuntimeError, match="power lost"):
             cut.replay()
         assert spool.pending() == 3  # committed, not truncated: the next replay must not duplicate
