@@ -78,6 +78,8 @@ class SpoolingAudit:
                     return
                 except StoreError as e:
                     self._failed(e)
+            elif due:
+                self._failed(StoreError("the store probe says the fleet database is unreachable"))
             self._spool(record_fields(ev))
 
     def pending(self) -> int:

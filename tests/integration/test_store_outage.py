@@ -84,6 +84,9 @@ def outage(env: CertdEnv, pg: PgCluster, port: int, before: dict[str, Any], live
     assert forced.returncode == 1 and forced.stderr.count("\n") == 1, forced
     assert "the fleet database is unreachable from node web1" in forced.stderr
     assert tree(live) == deployed and daemon.alive
+    after = value(samples(httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text),
+                  "certd_certificate_expiration_timestamp_seconds", name="www")
+    assert after == expiry  # the refusal's audit record does not blank the gauge the expiry alerts read
 
     spool = env.state_dir / "audit.spool.jsonl"
     wait_until(lambda: spool.exists() and b"renew_refused" in spool.read_bytes(), timeout=30,
