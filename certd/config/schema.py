@@ -247,8 +247,9 @@ class Config:
         return next((ca for ca in self.cas if ca.name == name), None)
 
     def issuing_ca(self, meta: Mapping[str, Any]) -> AcmeConfig | None:
-        """The configured CA that issued the version with ``meta``: by its recorded ``ca`` name,
-        else by its recorded ``ca_directory`` (the [[ca]] table was renamed); a version from
+        """The configured CA that issued the version with ``meta``: the table with its recorded
+        ``ca`` name and ``ca_directory``, else one with that directory (the [[ca]] table was
+        renamed), else the one with that name (its directory URL changed); a version from
         before several CAs (neither recorded) was issued by [acme], the CA named "default"
         (else the first). None when that CA is no longer configured."""
         name, directory = meta.get("ca"), meta.get("ca_directory")
@@ -256,9 +257,11 @@ class Config:
             return self.ca_config("default") or self.acme
         if not isinstance(directory, str):
             return self.ca_config(name) if isinstance(name, str) else None
-        # two tables may share a CA (the name decides); certbot's server may differ by a trailing "/"
+        # two tables may share a CA (the name decides); certbot's server may differ by a trailing "/";
+        # a table whose directory URL changed (a proxy in front, a new URL) is still the same CA
         same = [ca for ca in self.cas if ca.directory.rstrip("/") == directory.rstrip("/")]
-        return next((ca for ca in same if ca.name == name), same[0] if same else None)
+        named = self.ca_config(name) if isinstance(name, str) else None
+        return next((ca for ca in same if ca.name == name), same[0] if same else named)
 
     def cas_for(self, cert: CertificateConfig) -> tuple[AcmeConfig, ...]:
         """The CAs ``cert`` is ordered from, in order (its ``ca`` list, else every CA)."""

@@ -294,3 +294,15 @@ def test_verify_keeps_trusting_the_issuing_cas_anchors_after_its_table_is_rename
     edges = mgr.ports.edges
     assert isinstance(edges, LocalEdges)
     assert [e.ca_bundle for e in anchored(cert, meta, edges.trust)] == [roots]
+
+
+def test_a_ca_whose_directory_url_changed_still_issued_its_versions() -> None:
+    """The [acme] directory moved to a new URL (a proxy in front, a new endpoint): the version it issued still belongs to that CA, so ARI, replaces and revoke keep going to it."""
+    old = AcmeConfig(directory="https://ca.test/dir", name="default")
+    moved = replace(old, directory="https://proxy.test/dir")
+    cfg = Config(Path("/x/certd.toml"), DaemonConfig(), moved, (), cas=(moved,))
+    meta = {"ca": "default", "ca_directory": old.directory}
+    assert cfg.issuing_ca(meta) is moved
+    renamed_elsewhere = replace(old, name="backup")  # the directory decides over the name when both exist
+    two = Config(Path("/x/certd.toml"), DaemonConfig(), moved, (), cas=(moved, renamed_elsewhere))
+    assert two.issuing_ca(meta) is renamed_elsewhere
