@@ -19,6 +19,7 @@ from certd import __version__, cli_backup, cli_cluster, cli_fleet, cli_import, c
 from certd import config as config_mod
 from certd.ops import log as logmod
 from certd.config import Config
+from certd.config import cache as config_cache
 from certd.core.errors import CertdError, ConfigError, UsageError
 from certd.cli_backends import Local, Remote, daemon_client
 from certd.core.textsafe import check_reason
@@ -243,7 +244,11 @@ def cmd_dns_persist_record(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     if args.fleet:
         return cli_fleet.cmd_status_fleet(args, load_config(args))
-    backend = _backend(args)
+    client = daemon_client(args.config)
+    # Without a daemon: the config as last validated when the file is unchanged (a changes-nothing
+    # command; check-config and run validate afresh): see certd.config.cache
+    backend = Remote(client) if client is not None else \
+        Local(config_cache.load_for_reading(config_mod.resolve_path(args.config)))
     if args.json:
         sys.stdout.write(backend.status_json(args.names))
         return EXIT_OK

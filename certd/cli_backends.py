@@ -5,6 +5,8 @@ Both answer with the same plain dicts, so :mod:`certd.cli` prints them alike."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +38,34 @@ class Local:
         return outcomes
 
     def status(self, names: list[str]) -> list[dict[str, Any]]:
-        return [self.mgr.status(c) for c in self.mgr.select(names)]
+        certs = self.mgr.select(names)
+        with self._status_index():
+            return [self.mgr.status(c) for c in certs]
 
     def status_json(self, names: list[str]) -> str:
         from certd.daemon.control import rows_document
-        return rows_document("certificates", [self.mgr.status_json(c) for c in self.mgr.select(names)])
+        certs = self.mgr.select(names)
+        with self._status_index():
+            return rows_document("certificates", [self.mgr.status_json(c) for c in certs])
+
+    @contextmanager
+    def _status_index(self) -> Iterator[None]:
+        """Rows from the state directory's status index while it holds (see
+        certd.engine.statusindex), and the index refreshed after: a FileStore's, and only as
+        the state directory's owner (root would leave a file the daemon's user finds foreign)."""
+        from certd.daemon.wiring import owns_state_dir
+        from certd.engine.statusindex import StatusIndex
+        from certd.store.files import FileStore
+        store, planner = self.mgr.store, self.mgr.planner
+        index = StatusIndex.open(self.mgr.config, store.node) \
+            if isinstance(store, FileStore) and owns_state_dir(store) else None
+        planner.index = index
+        try:
+            yield
+        finally:
+            planner.index = None
+        if index is not None:
+            index.save()
 
     def verify(self, names: list[str]) -> list[dict[str, Any]]:
         return [outcome_dict(self.mgr.verify_now(c)) for c in self.mgr.select(names)]

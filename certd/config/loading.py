@@ -3,6 +3,7 @@ load/parse into :mod:`certd.config.schema`'s types (built by :mod:`certd.config.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import tomllib
@@ -54,7 +55,9 @@ def load(path: Path, *, check_runtime: bool = False) -> Config:
     """Read and validate ``path``. ``check_runtime`` also checks what only the daemon needs
     (the control socket's directory). Raises :class:`ConfigError` with every problem."""
     try:
-        raw = path.read_bytes()
+        with open(path, "rb") as f:
+            source = file_identity(path, os.fstat(f.fileno()))  # of the bytes read, not of a later edit
+            raw = f.read()
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file; pass --config PATH or set CERTD_CONFIG") from None
     except OSError as e:
@@ -65,7 +68,15 @@ def load(path: Path, *, check_runtime: bool = False) -> Config:
         raise ConfigError(f"{path}: not UTF-8 text") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: TOML syntax error: {e}") from None
-    return parse(data, path, check_runtime=check_runtime)
+    config = parse(data, path, check_runtime=check_runtime)
+    return dataclasses.replace(config, source=source)
+
+
+def file_identity(path: Path, st: os.stat_result) -> tuple[Any, ...]:
+    """What tells one version of a config file from another without reading it: its path (as
+    given, which Config.path keeps, and absolute) and (device, inode, size, mtime, ctime); an
+    editor's save (rename or rewrite) changes it."""
+    return (str(path), str(path.absolute()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def parse(data: dict[str, Any], path: Path, *, check_runtime: bool = False) -> Config:

@@ -234,6 +234,9 @@ class Config:
     key_classes: tuple[KeyClassConfig, ...] = ()
     cluster: ClusterConfig | None = None  # None: a single host, its state in daemon.state_dir
     cas: tuple[AcmeConfig, ...] = ()   # every CA in file order; () = just ``acme``
+    # The file's identity when it was read (see certd.config.cache.file_identity): what the
+    # read-only caches (parsed config, status index) are keyed by; None when parsed from text.
+    source: tuple[Any, ...] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         # ``acme`` is the first CA: what code reading one CA (the daemon's probe, imports) uses

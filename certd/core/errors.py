@@ -61,6 +61,11 @@ class StoreError(OperationFailed):
     transient = True
 
 
+class StoreUnreachable(StoreError):
+    """A fleet's database could not be reached at all (no connection, or the connection was lost):
+    nothing about the certificates is known, so nothing may be concluded from it (no drift)."""
+
+
 class AcmeError(OperationFailed):
     """The CA said no, or could not be reached.
 

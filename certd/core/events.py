@@ -50,6 +50,7 @@ KINDS = frozenset({
     "dry_run",           # certd renew --dry-run: an order against the staging directory, nothing stored
     "node_applied",      # a fleet node deployed the desired version (outcome "failed": it could not; desired stays)
     "node_removed",      # certd nodes remove: the node no longer counts in the fleet's status
+    "renew_refused",     # an operator's renewal refused: the fleet's database is unreachable from the node
 })
 
 

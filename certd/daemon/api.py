@@ -12,7 +12,7 @@ import logging
 from typing import Any, Callable, Iterator
 
 from certd.config import CertificateConfig, Config
-from certd.core.errors import UsageError
+from certd.core.errors import OperationFailed, UsageError
 from certd.core.textsafe import check_reason
 from certd.daemon.control import Caller, Handler, Preformatted, rows_document
 from certd.daemon.jobs import Jobs
@@ -84,9 +84,15 @@ class ControlAPI:
 
     def renew(self, caller: Caller, body: dict[str, Any]) -> Iterator[dict[str, Any]] | dict[str, Any]:
         certs = list(self._config().certificates) if body.get("all") else self._select(body.get("names"))
-        if self.store_health is not None:
-            self.store_health.refuse_order()  # no order without the fleet's database (docs/FLEET.md)
         force = bool(body.get("force"))
+        if self.store_health is not None:
+            try:
+                self.store_health.refuse_order()  # no order without the fleet's database (docs/FLEET.md)
+            except OperationFailed as e:  # an operator's action, refused: audited (spooled while down)
+                for cert in certs:
+                    self.manager.emit("renew_refused", cert.name, initiator=str(caller), outcome="refused",
+                                      reason=str(e), detail={"force": force})
+                raise
         default = "forced by operator" if force else "requested by operator"
         reason = check_reason(body.get("reason") or "", "reason") or default
         initiator = str(caller)

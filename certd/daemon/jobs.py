@@ -29,6 +29,7 @@ from certd.store import housekeeping
 
 log = logging.getLogger("certd.daemon")
 
+STORE_DOWN_RETRY = 30.0  # seconds: a scheduled look put off while the fleet's database is down
 ARI_START_RATE = 10.0    # ARI polls a second, at most, for those due when the daemon starts
 
 
@@ -39,6 +40,9 @@ class Jobs:
                  scheduler: Scheduler, tracker: StateTracker, stop: threading.Event) -> None:
         self._config, self.manager, self.flights = config, manager, flights
         self.scheduler, self.tracker, self._stop = scheduler, tracker, stop
+        #: [cluster]: the store probe's verdict (storehealth); a scheduled look is skipped while False
+        self.store_up: Callable[[], bool] = lambda: True
+        self._skipping = False  # "skipped: database unreachable" said once per outage
 
     def housekeep(self, names: list[str] | None = None) -> None:
         """Remove what killed processes left (certd/store/housekeeping.py): all at start, then per rotation."""
@@ -69,7 +73,21 @@ class Jobs:
         self.scheduler.schedule(name, when, reason)
 
     def scheduled(self, name: str) -> None:
-        """The scheduler's job for ``name``: renew if due, unless an operation already runs."""
+        """The scheduler's job for ``name``: renew if due, unless an operation already runs. While
+        the store probe says the fleet's database is down, the look is put off by
+        :data:`STORE_DOWN_RETRY` (no order is placed; the store would fail it after its pool wait)."""
+        if not self.store_up():
+            if not self._skipping:
+                self._skipping = True
+                event(log, "scheduled_renewals_skipped", logging.WARNING, name=name,
+                      why="the fleet database is unreachable: no order until it is back",
+                      retry_seconds=STORE_DOWN_RETRY)
+            self.scheduler.schedule(name, self.scheduler.clock.now() + timedelta(seconds=STORE_DOWN_RETRY),
+                                    "database unreachable")
+            return
+        if self._skipping:
+            self._skipping = False
+            event(log, "scheduled_renewals_resumed", name=name)
         try:
             flight, started = self.flights.begin(name, "scheduled")
         except ShuttingDown:

@@ -37,7 +37,7 @@ from certd.verify import drift
 from certd.core import policy
 from certd.core.clock import Clock, isoformat
 from certd.config import CertificateConfig, Config
-from certd.core.errors import CertdError, LockBusy
+from certd.core.errors import CertdError, LockBusy, OperationFailed
 from certd.ops.log import event
 from certd.engine.manager import Manager
 from certd.ops.metrics import Metrics
@@ -73,6 +73,9 @@ class Monitor:
         self._watches: dict[tuple[str, bool], Any] = {}
         self._owners: _Owners | None = None              # which certificate a deployed path is
         self._thread: threading.Thread | None = None
+        #: [cluster]: the store probe's verdict (storehealth); drift is not checked while False
+        self.store_up: Callable[[], bool] = lambda: True
+        self._skipping = False                            # "drift check skipped" said once per outage
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -104,7 +107,11 @@ class Monitor:
         self._wake.set()
 
     def check_now(self, names: Iterable[str] | None = None) -> list[drift.CertDrift]:
-        """A check on demand (``certd drift`` through the daemon): gauges and events follow it."""
+        """A check on demand (``certd drift`` through the daemon): gauges and events follow it.
+        While the fleet's database is down: OperationFailed (nothing can be compared)."""
+        if not self.store_up():
+            raise OperationFailed("drift not checked: the fleet database is unreachable from this node; "
+                                  "it is checked again when the database is back")
         results = drift.check_all(self._config(), self.manager.store, names)
         for r in results:
             if r.configured:
@@ -149,6 +156,13 @@ class Monitor:
         return min(deadlines) - self.clock.monotonic()
 
     def _reconcile(self, cfg: Config, names: set[str], full: bool) -> None:
+        if not self.store_up():  # an unreachable store is not a drift: look again when it is back
+            if not self._skipping:
+                self._skipping = True
+                event(log, "drift_check_skipped", logging.WARNING, names=",".join(sorted(names)),
+                      why="the fleet database is unreachable; checked again when it is back")
+            return
+        self._skipping = False
         ready = []
         for name in sorted(names):
             with self._lock:

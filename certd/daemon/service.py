@@ -66,6 +66,11 @@ class Daemon:
                                submit=self.scheduler.submit)
         self.store_health = storehealth.for_daemon(self.config, self.manager.store, self.clock, self.sinks.metrics,
                                                    lambda: self.config)  # [cluster] only
+        if self.store_health is not None:  # [cluster]: what waits for the database while it is down
+            self.jobs.store_up = self.monitor.store_up = self.store_health.is_up
+            self.store_health.on_up += [self._replay_audit, self.monitor.reconfigure]
+            if self.sinks.audit_spool is not None:
+                self.sinks.audit_spool.store_up = self.store_health.is_up
         api = ControlAPI(lambda: self.config, self.jobs, self.monitor, self.reload_config,
                          store_health=self.store_health)
         self.control = ControlServer(self.config.daemon.control_socket, api.routes(),
@@ -109,6 +114,13 @@ class Daemon:
         self.monitor.start()
         if self.store_health is not None:
             self.store_health.start()
+            try:
+                if self.sinks.audit_spool is not None:
+                    self.sinks.audit_spool.pending()  # the spool exists as the daemon's user, 0600: a CLI run
+                    # as root appends to it (and leaves it readable to the daemon) instead of creating it
+                self._replay_audit()  # records a process of this node spooled while no daemon ran
+            except (CertdError, OSError) as e:  # never fatal: the next record or the probe's "up" retries
+                event(log, "audit_spool_replay_failed", logging.WARNING, error=str(e))
         if self.fleet is not None:
             self.fleet.start()
         start_watchdog(self.scheduler, self._stop)
@@ -119,6 +131,11 @@ class Daemon:
         self.jobs.housekeep()
         self.tracker.update()
         event(log, "daemon_ready", certificates=len(self.config.certificates), pid=os.getpid())
+
+    def _replay_audit(self) -> None:
+        """Append the audit records spooled while the database was down (certd.store.auditspool)."""
+        if self.sinks.audit_spool is not None:
+            self.sinks.audit_spool.replay()
 
     def stop(self) -> None:
         self._stop.set()

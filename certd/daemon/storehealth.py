@@ -67,6 +67,8 @@ class StoreHealth:
         self._warned: set[str] = set()  # serials already logged as past their emergency point
         self._looked: float | None = None  # monotonic time of the last look at the deployed files
         self._on_change = on_change
+        #: called (in the probe's thread) when the database answers again after an outage
+        self.on_up: list[Callable[[], None]] = []
 
     def is_up(self) -> bool:
         return self.up
@@ -95,6 +97,12 @@ class StoreHealth:
             self._looked = None
             if self._on_change is not None:
                 self._on_change()
+            for hook in self.on_up if ok else ():
+                try:
+                    hook()
+                except Exception as e:  # noqa: BLE001 - a hook must not stop the probe; it is retried later
+                    event(log, "store_up_hook_failed", logging.WARNING, hook=getattr(hook, "__name__", str(hook)),
+                          error=_one_line(e))
         self.error = error
         if self._gauge is not None:
             self._gauge.labels(self.node).set(1 if ok else 0)

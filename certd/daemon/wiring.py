@@ -11,7 +11,7 @@ import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from certd.ops import audit
 from certd.store import housekeeping
@@ -26,6 +26,7 @@ from certd.engine.keycustody import rotate_kek
 from certd.core.events import EventBus, LifecycleEvent, Sink
 from certd.engine.manager import Manager, whoami
 from certd.store.files import FileStore, keyring_of
+from certd.store.auditspool import ChainAppender, SpoolingAudit
 from certd.store.opening import open_store
 
 
@@ -37,6 +38,8 @@ class Sinks:
 
     alerts: Alerter | None = None
     metrics: Metrics | None = None
+    #: [cluster]: the audit records the database did not take (replayed when the probe sees it again)
+    audit_spool: SpoolingAudit | None = None
 
     def reconfigure(self, config: Config) -> None:
         if self.alerts is not None:
@@ -129,7 +132,13 @@ def build_manager(config: Config, *, clock: Clock | None = None, daemon: bool = 
     if unsafe:
         raise ConfigError(f"{config.path}: [keys]: {unsafe[0]}")
     store = open_store(config, audit_group=config.daemon.control_group)
-    audit_sink = store.audit if config.cluster is None else node_stamped(store.audit, config.cluster.node)
+    audit_sink: Sink = store.audit
+    if config.cluster is not None:  # nothing lost while the database is down (certd.store.auditspool)
+        spool = SpoolingAudit(cast(ChainAppender, store.audit), config.daemon.state_dir, config.cluster.node,
+                              SystemClock())
+        audit_sink = node_stamped(spool, config.cluster.node)
+        if sinks is not None:
+            sinks.audit_spool = spool
     manager = Manager(config, store=store, clock=clock, lock_timeout=lock_timeout,
                       events=build_events(config, clock, daemon=daemon, sinks=sinks, audit_sink=audit_sink))
     if maintenance and isinstance(store, FileStore):  # not for commands that promise to change nothing

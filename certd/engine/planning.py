@@ -25,6 +25,7 @@ from certd.engine.effects import unfinished_step
 from certd.engine.lifecycle import VersionStatus
 from certd.engine.ports import IssuerPort
 from certd.engine.statebook import Change, StateBook, adopt
+from certd.engine.statusindex import Entry, StatusIndex, row_state
 from certd.core.errors import OperationFailed, StoreError
 from certd.ops.log import event
 from certd.core.model import CertInfo
@@ -68,20 +69,25 @@ class _Facts:
 
     def state(self, now: datetime) -> str:
         """The row's ``state`` at ``now``."""
-        if self.broken is not None:
-            return "broken"
-        blocked = self.blocked_until is not None and now < self.blocked_until
-        if self.info is None:
-            return self.row["failure_kind"] if blocked else "missing"
-        if self.info.not_after <= now:
-            return "expired"
-        if self.revoked:
-            return "revoked"  # still served until an operator acts
-        if blocked:
-            return str(self.row["failure_kind"])  # held | rate_limited: waiting for retry_after
-        if self.expiring_at is not None and now >= self.expiring_at:
-            return "expiring"
-        return "failing" if self.row["failures"] else "ok"
+        return row_state(now, self.broken is not None, self.blocked_until, self.info.not_after if self.info else None,
+                         self.expiring_at, self.revoked, self.row.get("failure_kind"), self.row["failures"])
+
+    def index_entry(self) -> Entry:
+        """What the status index keeps of these facts (see certd.engine.statusindex): the row,
+        what its state is worked out from, and until when they hold."""
+        until = self.decision.renew_at if self.blocked_until is None else min(self.decision.renew_at,
+                                                                               self.blocked_until)
+        shown = (_iso(self.blocked_until), _iso(self.info.not_after if self.info else None), _iso(self.expiring_at),
+                 self.revoked, self.row["failure_kind"], self.row["failures"], _iso(self.key_created))
+        return self.token, until.isoformat(), self.row_json, shown
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def _dt(value: str | None) -> datetime | None:
+    return datetime.fromisoformat(value) if value is not None else None
 
 
 class Planner:
@@ -97,6 +103,8 @@ class Planner:
         self._cache: dict[str, _Facts] = {}   # see _facts()
         self.states = StateBook(store)  # compare-and-set writes, the in-memory floor
         self.on_broken: Callable[[str, str], None] | None = None  # the manager emits cert_broken
+        # Read-only commands' status rows only (never plan(), never the daemon): see statusindex
+        self.index: StatusIndex | None = None
 
     def plan(self, cert: CertificateConfig) -> tuple[datetime, str]:
         """When the daemon should next look at ``cert``: its renewal time, or earlier to poll ARI."""
@@ -117,25 +125,54 @@ class Planner:
 
         Rows come from the facts cache (see _Facts: four syscalls per certificate instead of
         three JSON files and a policy decision, so status over 10,000 certificates takes a
-        fraction of a second); the time-dependent ``state`` is worked out afresh each time."""
+        fraction of a second), or the status index when a command set one (:attr:`index`);
+        the time-dependent ``state`` is worked out afresh each time."""
         now = self.clock.now()
-        facts = self._facts(cert, now)
-        return {**facts.row, "state": facts.state(now), "key_age_days": keyage.key_age_days(facts.key_created, now)}
+        shown = self._shown(cert, now)
+        if isinstance(shown, _Facts):
+            return {**shown.row, "state": shown.state(now), "key_age_days": keyage.key_age_days(shown.key_created, now)}
+        row_json, state, key_created = shown
+        return {**json.loads(row_json + "}"), "state": state, "key_age_days": keyage.key_age_days(key_created, now)}
 
     def status_json(self, cert: CertificateConfig, next_run: str | None = None) -> str:
         """:meth:`status` as one line of JSON, plus the daemon's ``next_run`` (ISO 8601 text):
         the row's text is cached with its facts (json.dumps of 10,000 rows cost ~0.1 s a request)."""
         now = self.clock.now()
-        facts = self._facts(cert, now)
+        shown = self._shown(cert, now)
+        if isinstance(shown, _Facts):
+            row_json, state, key_created = shown.row_json, shown.state(now), shown.key_created
+        else:
+            row_json, state, key_created = shown
         tail = f', "next_run": {json.dumps(next_run)}' if next_run is not None else ""
-        age = json.dumps(keyage.key_age_days(facts.key_created, now))
-        return f'{facts.row_json}, "state": "{facts.state(now)}", "key_age_days": {age}{tail}}}'
+        age = json.dumps(keyage.key_age_days(key_created, now))
+        return f'{row_json}, "state": "{state}", "key_age_days": {age}{tail}}}'
 
-    def _facts(self, cert: CertificateConfig, now: datetime) -> _Facts:
+    def _shown(self, cert: CertificateConfig, now: datetime) -> _Facts | tuple[str, str, datetime | None]:
+        """The facts of ``cert``, or from the status index (:attr:`index`) its row's text,
+        state and key creation time while its entry holds; the index learns fresh facts."""
+        index = self.index
+        if index is None or cert.name in self._cache:
+            return self._facts(cert, now)
+        token = self._token(cert.name)
+        entry = index.get(cert.name, token, now)
+        if entry is not None and not self._unsafe(cert):  # what is on disk beside the store: checked each time
+            blocked, not_after, expiring, revoked, kind, failures, key_created = entry[3]
+            state = row_state(now, False, _dt(blocked), _dt(not_after), _dt(expiring), revoked, kind, failures)
+            return entry[2], state, _dt(key_created)
+        facts = self._facts(cert, now, token)
+        if facts.broken is None:
+            index.put(cert.name, facts.index_entry())
+        return facts
+
+    def _token(self, name: str) -> Hashable:
         try:
-            token: Hashable = self.store.change_token(cert.name)
+            return self.store.change_token(name)
         except StoreError:
-            token = None
+            return None
+
+    def _facts(self, cert: CertificateConfig, now: datetime, token: Hashable = ...) -> _Facts:
+        if token is ...:
+            token = self._token(cert.name)
         hit = self._cache.get(cert.name)
         if hit is None or hit.token != token or (hit.cert is not cert and hit.cert != cert) \
                 or now >= hit.decision.renew_at:
@@ -172,10 +209,16 @@ class Planner:
             pass
         return _Facts(token, cert, decision, row, broken=reason)
 
-    def _gather(self, cert: CertificateConfig, token: Hashable) -> _Facts:
+    @staticmethod
+    def _unsafe(cert: CertificateConfig) -> list[str]:
+        """What makes ``cert``'s hooks or deploy targets unsafe to use (see strictmodes)."""
         unsafe = strictmodes.hook_problems(cert)
         if not cert.insecure_shared_deploy_dir:
             unsafe += strictmodes.certificate_problems(cert)
+        return unsafe
+
+    def _gather(self, cert: CertificateConfig, token: Hashable) -> _Facts:
+        unsafe = self._unsafe(cert)
         if unsafe:
             raise StoreError(f"refusing to deploy: {unsafe[0]}")
         current = self.store.current(cert.name)

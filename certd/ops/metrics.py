@@ -272,11 +272,12 @@ class _StoreCollector(Collector):
         self._cache: dict[str, tuple[float, dict[str, float | None]]] = {}   # name -> (read at, values)
 
     def forget(self, name: str | None = None) -> None:
-        """Read ``name`` (everything, with None) from the store at the next collection."""
-        if name is None:
-            self._cache.clear()
-        else:
-            self._cache.pop(name, None)
+        """Read ``name`` (everything, with None) from the store at the next collection. The old
+        values are kept as stale, not dropped: while the store is down they are still served (an
+        event during an outage, such as a refused renewal, must not blank the expiry gauge)."""
+        for key in list(self._cache) if name is None else [name]:
+            if key in self._cache:
+                self._cache[key] = (float("-inf"), self._cache[key][1])
 
     def collect(self) -> Iterator[Metric]:
         def family(suffix: str, doc: str) -> GaugeMetricFamily:

@@ -15,7 +15,10 @@ Tables: :mod:`certd.store.pgschema`. How each contract of :mod:`certd.store.port
   keyring a key is refused.
 
 Connections come from a small pool (autocommit off, one explicit transaction per operation);
-a subscription holds one more of its own for LISTEN (:mod:`certd.store.pgfeed`).
+a subscription holds one more of its own for LISTEN (:mod:`certd.store.pgfeed`). An operation
+waits at most :data:`POOL_WAIT` seconds for a connection (psycopg_pool's default is 30): while
+the database is down every operation fails that fast, with a :class:`StoreError` saying
+"database unreachable", instead of holding a worker (or an operator's command) for half a minute.
 """
 
 from __future__ import annotations
@@ -30,10 +33,10 @@ from typing import Any
 
 import psycopg
 from psycopg.types.json import Jsonb
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolTimeout
 
 from certd.core.clock import Clock, SystemClock
-from certd.core.errors import LockBusy, StoreError
+from certd.core.errors import LockBusy, StoreError, StoreUnreachable
 from certd.core.model import Bundle, CertInfo
 from certd.crypto.custody import KeyRing
 from certd.store.pgfeed import PgAudit, PgSubscription
@@ -43,6 +46,9 @@ from certd.store.pgschema import configure, conninfo, ensure_schema
 from certd.store.port import LEGACY_TTL, Conflict, Fenced, Lease, LeaseLost, OrderJournal, StoredVersion, VersionInfo
 
 _POLL = 0.05  # seconds between tries of a busy lease
+#: seconds an operation waits for a pooled connection: about libpq's ``connect_timeout`` (a new
+#: connection to a database that answers takes far less; operations are short transactions)
+POOL_WAIT = 5.0
 ACCOUNT_LOCK_TTL = 600.0  # a registration lock outlives a dead holder by at most this
 #: seconds psycopg_pool keeps retrying one lost connection before giving up; the next request
 #: starts a fresh attempt at once. Its backoff doubles from 1 s with no cap (1, 2, 4, ... 32, 64 s),
@@ -91,7 +97,7 @@ class PgStore:
             # check: a connection the server dropped (a restart, an outage) is replaced before it is
             # handed out, instead of failing the first operation after the database is back.
             self._pool = ConnectionPool(self.dsn, min_size=1, max_size=pool_size, open=True, configure=configure,
-                                        check=ConnectionPool.check_connection,
+                                        check=ConnectionPool.check_connection, timeout=POOL_WAIT,
                                         reconnect_timeout=RECONNECT_TIMEOUT,
                                         kwargs={"autocommit": False}, name=f"certd-{node}")
         except BaseException as e:
@@ -128,6 +134,13 @@ class PgStore:
         try:
             with self._connection() as conn, conn.transaction(), conn.cursor() as cur:
                 yield cur
+        except PoolTimeout as e:
+            raise StoreUnreachable(f"PostgreSQL store: database unreachable: no connection within {POOL_WAIT:g} s "
+                                   f"({e})") from e
+        except psycopg.OperationalError as e:
+            if e.sqlstate is None:  # no answer from the server: the connection failed or was lost
+                raise StoreUnreachable(f"PostgreSQL store: database unreachable: {' '.join(str(e).split())}") from e
+            raise StoreError(f"PostgreSQL store: {e}") from e
         except psycopg.Error as e:
             raise StoreError(f"PostgreSQL store: {e}") from e
 

@@ -133,17 +133,29 @@ class PgAudit:
     def append(self, ev: LifecycleEvent) -> dict[str, Any]:
         fields = record_fields(ev)  # AuditRefused if it would hold key material
         with self._store.tx() as cur:
-            head = cur.execute("SELECT seq, prev FROM certd_audit_head WHERE id = 1 FOR UPDATE").fetchone()
-            if head is None:
-                raise StoreError("certd_audit_head has no row: the audit table was tampered with")
-            record = {"seq": head[0] + 1, **fields, "prev": head[1]}
-            record["hash"] = record_hash(record)
-            line = record_line(record)
-            cur.execute("INSERT INTO certd_audit VALUES (%s, %s)", (record["seq"], line.decode()))
-            cur.execute("UPDATE certd_audit_head SET seq = %s, prev = %s WHERE id = 1",
-                        (record["seq"], line_hash(line)))
+            record = _chain(cur, fields)
         log_event(log, "audit_record", seq=record["seq"], hash=record["hash"])
         return record
+
+    def append_spooled(self, records: list[dict[str, Any]], marker: str) -> int:
+        """Chain ``records`` (complete fields, each with ``detail[marker]`` unique to it) in order,
+        in one transaction, skipping those whose marker a chained record already holds: a replay
+        repeated after a crash appends nothing twice (:mod:`certd.store.auditspool`). Returns how
+        many were appended."""
+        chained = []
+        with self._store.tx() as cur:
+            cur.execute("SELECT seq FROM certd_audit_head WHERE id = 1 FOR UPDATE")  # no append in between
+            seen = set()
+            for (line,) in cur.execute("SELECT line FROM certd_audit WHERE line LIKE %s", (f'%"{marker}": %',)):
+                rec = parse_line(line.encode())
+                if rec is not None and isinstance(rec.get("detail"), dict):
+                    seen.add(rec["detail"].get(marker))
+            for fields in records:
+                if fields["detail"][marker] not in seen:
+                    chained.append(_chain(cur, fields))
+        for record in chained:
+            log_event(log, "audit_record", seq=record["seq"], hash=record["hash"], spooled=True)
+        return len(chained)
 
     def lines(self) -> list[bytes]:
         with self._store.tx() as cur:
@@ -159,3 +171,16 @@ class PgAudit:
         lines = self.lines()
         raw = b"".join(line + b"\n" for line in lines) if lines else None
         return verify_lines("certd_audit", raw, None, False, expect_head)
+
+
+def _chain(cur: psycopg.Cursor[Any], fields: dict[str, Any]) -> dict[str, Any]:
+    """Append one record after the chain's head, in ``cur``'s transaction (the head row locked)."""
+    head = cur.execute("SELECT seq, prev FROM certd_audit_head WHERE id = 1 FOR UPDATE").fetchone()
+    if head is None:
+        raise StoreError("certd_audit_head has no row: the audit table was tampered with")
+    record = {"seq": head[0] + 1, **fields, "prev": head[1]}
+    record["hash"] = record_hash(record)
+    line = record_line(record)
+    cur.execute("INSERT INTO certd_audit VALUES (%s, %s)", (record["seq"], line.decode()))
+    cur.execute("UPDATE certd_audit_head SET seq = %s, prev = %s WHERE id = 1", (record["seq"], line_hash(line)))
+    return record

@@ -32,7 +32,7 @@ from typing import Any
 from certd.deploy import stage as deploy
 from certd.verify import handshake as verify
 from certd.config import CertificateConfig, Config
-from certd.core.errors import CertdError
+from certd.core.errors import CertdError, StoreUnreachable
 from certd.core.rotation import Journal
 from certd.store.files import Store
 
@@ -92,12 +92,16 @@ def check(cert: CertificateConfig, store: Store, *, probe_timeout: float = PROBE
         if j is not None and not j.finished:
             return CertDrift(name, note=f"a {j.kind} rotation is in progress at step {j.step.value}; not checked")
         current = store.current(name)
+    except StoreUnreachable as e:  # the fleet's database is down: nothing known, so no drift either
+        return CertDrift(name, note=f"not checked: {e}")
     except CertdError as e:
         return CertDrift(name, mismatches=(Mismatch("store", name, f"{name}: cannot read the store: {e}"),))
     if current is None:
         return CertDrift(name, note="no certificate issued yet")
     try:
         stored = store.load(name, current)
+    except StoreUnreachable as e:
+        return CertDrift(name, current, note=f"not checked: {e}")
     except CertdError as e:
         return CertDrift(name, current, mismatches=(
             Mismatch("store", f"version {current}", f"{name}: the current version {current} cannot be read: {e}"),))

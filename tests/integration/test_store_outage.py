@@ -1,7 +1,8 @@
 """A fleet node while its database is down: PostgreSQL (a private cluster of this test's own)
 is stopped under a running ``certd run``; the node keeps its deployed files untouched, its
 ``certd_store_up`` gauge and ``certd status`` say the database is unreachable, and both recover
-when the database is back."""
+when the database is back. The operator's renewal refused during the outage is audited: spooled
+on the node, it lands in the fleet's chain once the database is back, exactly once."""
 
 from __future__ import annotations
 
@@ -41,9 +42,9 @@ def own_postgres() -> Iterator[PgCluster]:
         cluster.destroy()
 
 
-def test_database_outage_keeps_serving_and_status_and_metric_say_so(tmp_path: Path, pebble: Any,
+def test_database_outage_keeps_serving_and_status_metric_and_audit_say_so(tmp_path: Path, pebble: Any,
                                                                    own_postgres: PgCluster) -> None:
-    """Database stopped: store_up 0, status UNREACHABLE with the deployed version, renew refused, files kept; recovers."""
+    """Database stopped: store_up 0, status UNREACHABLE, renew refused and audited after recovery once; files kept."""
     env = single_host(tmp_path, pebble)
     live = env.dir / "live"
     join_fleet(env, own_postgres.database(), "web1")
@@ -83,6 +84,13 @@ def outage(env: CertdEnv, pg: PgCluster, port: int, before: dict[str, Any], live
     assert forced.returncode == 1 and forced.stderr.count("\n") == 1, forced
     assert "the fleet database is unreachable from node web1" in forced.stderr
     assert tree(live) == deployed and daemon.alive
+    after = value(samples(httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text),
+                  "certd_certificate_expiration_timestamp_seconds", name="www")
+    assert after == expiry  # the refusal's audit record does not blank the gauge the expiry alerts read
+
+    spool = env.state_dir / "audit.spool.jsonl"
+    wait_until(lambda: spool.exists() and b"renew_refused" in spool.read_bytes(), timeout=30,
+               what="the refusal spooled on the node")
 
     pg.start()
     wait_until(lambda: store_up(port) == 1.0, timeout=30,
@@ -91,3 +99,10 @@ def outage(env: CertdEnv, pg: PgCluster, port: int, before: dict[str, Any], live
                what="status without the unreachable line")
     assert env.status()["www"]["state"] != "store_unreachable"
     assert tree(live) == deployed and daemon.alive
+    wait_until(lambda: spool.stat().st_size == 0, timeout=30, what="the spool replayed and emptied")
+    records = json.loads(env.run("history", "--json", check=0).stdout)["records"]
+    refused = [r for r in records if r["event"] == "renew_refused"]
+    assert len(refused) == 1, refused
+    assert refused[0]["name"] == "www" and refused[0]["detail"]["node"] == "web1"
+    assert refused[0]["initiator"] and "unreachable" in refused[0]["reason"]
+    env.run("audit", "verify", check=0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 from watchdog.observers import Observer
 
 from certd.core.clock import FakeClock
+from certd.core.errors import StoreUnreachable
 from certd.config import AcmeConfig, CertificateConfig, Config, DaemonConfig, DeployConfig, FileTarget
 from certd.core.events import EventBus, LifecycleEvent
 from certd.engine.manager import Manager
@@ -132,3 +134,37 @@ def _relink(link: Path, target: str) -> Path:
     tmp = link.with_name(f".{link.name}.tmp")
     tmp.symlink_to(target)
     return tmp
+
+
+def test_drift_is_not_checked_while_the_fleet_database_is_down(tmp_path, caplog):
+    """Store probe down: no drift_found (an unreachable store is no drift), one skip line; up: checked again."""
+    clock = FakeClock(NOW)
+    monitor, manager, cfg, seen = make(tmp_path, clock)
+    cfg = dataclasses.replace(cfg, certificates=(CertificateConfig("www", ("www.example.test",), deploy=DeployConfig(
+        live_dir=tmp_path / "ssl" / "www")),))
+    store(manager)  # stored, never deployed: a drift once the check runs
+    up = [False]
+    monitor.store_up = lambda: up[0]
+    monitor._reconcile(cfg, {"www"}, True)
+    monitor._reconcile(cfg, {"www"}, True)
+    assert not seen
+    assert caplog.text.count("drift_check_skipped") == 1
+    up[0] = True
+    monitor._reconcile(cfg, {"www"}, True)
+    assert [e.kind for e in seen] == ["drift_found"]
+
+
+class UnreachableStore:
+    """A fleet store whose database does not answer (every read: StoreUnreachable)."""
+
+    def __getattr__(self, name):
+        def fail(*args, **kwargs):
+            raise StoreUnreachable("PostgreSQL store: database unreachable: no connection within 5 s")
+        return fail
+
+
+def test_an_unreachable_store_is_not_a_drift(tmp_path):
+    """A drift check that cannot reach the fleet's database reports no mismatch, only why it did not check."""
+    from certd.verify import drift
+    result = drift.check(CertificateConfig("www", ("www.example.test",)), UnreachableStore())
+    assert result.clean and "database unreachable" in (result.note or "")
