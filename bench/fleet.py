@@ -46,9 +46,9 @@ from tests.support.procs import free_port, wait_until  # noqa: E402
 from tests.support.rrproxy import RoundRobinProxy  # noqa: E402
 from tests.support.server_fixtures import NginxServer, TestCA, _start_with_retries  # noqa: E402
 
-# The fleet test's Node and Fleet (not type-checked: mypy covers certd and bench, not the tests).
-_fleet_test: Any = importlib.import_module("tests.integration.test_fleet")
-Fleet, Node = _fleet_test.Fleet, _fleet_test.Node
+# The fleet tests' Node and Fleet (not type-checked: mypy covers certd and bench, not the tests).
+_fleet_support: Any = importlib.import_module("tests.support.fleet")
+Fleet, Node = _fleet_support.Fleet, _fleet_support.Node
 
 TARGET = 2.0  # seconds from a committed renewal to every node serving it (the issue's, on loopback)
 PROBE_EVERY = 0.01  # seconds between handshake rounds
