@@ -169,8 +169,10 @@ def load_for_reading(path: Path) -> Config:
     if found is not None and found[0] == code_identity() and found[1] == source and isinstance(found[2], Config):
         return found[2]
     config = loading.load(path)
+    # A fleet node's status reads the database, not the state dir, and its state dir is not its
+    # store: the cache is for a single host only (nothing is written there for [cluster]).
     if config.source == source and config.daemon.state_dir / CACHE_NAME == cache and not has_secret(config) \
-            and _owned(config.daemon.state_dir):
+            and config.cluster is None and _owned(config.daemon.state_dir):
         write_private(cache, seal(pickle.dumps((code_identity(), source, config), protocol=pickle.HIGHEST_PROTOCOL)))
     return config
 
