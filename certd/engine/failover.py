@@ -32,6 +32,10 @@ log = logging.getLogger("certd")
 _NEXT_STEP = re.compile(r";\s*(will retry|not retrying)\b.*$")  # the error's own next step: the next CA is it
 
 
+class NothingResumed(Exception):
+    """A resume-only renewal found nothing to finish (not a failure: the caller reports not_due)."""
+
+
 @dataclass
 class Tried:
     """What one renewal's order did across the CAs: the ones skipped, and why."""
@@ -53,7 +57,7 @@ class Failover:
 
     def obtain(self, cert: CertificateConfig, stored: StoredVersion | None, state: CertState,
                new_key: Callable[[], bytes], replaces: str | None, say: Say, *,
-               ignore_waits: bool = False) -> tuple[Issued, Tried]:
+               ignore_waits: bool = False, resume_only: bool = False) -> tuple[Issued, Tried]:
         """The certificate from the journaled order, else from the first CA that issues it.
         ``state.ca_waits`` is updated in memory (the caller saves the state). The last error
         (OperationFailed) when no CA issued; ``ignore_waits`` (a forced renewal) tries every CA."""
@@ -68,10 +72,15 @@ class Failover:
         try:
             issued = self.orders.resumed(cert, say)
         except OperationFailed as e:  # its CA failed: with several CAs, as if it had failed a new order
+            if resume_only:
+                raise  # finishing another node's order: its failure is that renewal's, nothing else is tried
             abandoned, resume_error = self._resume_failed(cert, cas, e, emergency, waits, tried, say), e
         else:
             if issued is not None:
                 return issued, tried
+            if resume_only:  # stored already, or discarded: a fresh order is the scheduler's call, not ours
+                raise NothingResumed(f"{cert.name}: the journaled order needs no finishing (its certificate is "
+                                     f"stored, or the CA could not continue it); nothing ordered")
         issuer = self.ports.config.issuing_ca(stored.meta) if stored is not None else None
         issuing = issuer.name if issuer is not None else None  # replaces goes there only
         order: list[AcmeConfig] = []   # the CAs asked this time: those not waiting (one CA: always)

@@ -203,8 +203,7 @@ class Manager:
         """Finish the order another process journaled for ``cert`` and then stopped (a fleet
         node that died mid-order), waiting at most ``timeout`` seconds for the lease; nothing is
         ordered afresh: ``not_due`` when no order is journaled once the lease is held."""
-        req = RenewRequest(cert, force=True, reason="resuming an order a stopped node journaled", initiator=initiator,
-                           ignore_duplicate_limit=True, resume_only=True)
+        req = RenewRequest.resuming(cert, initiator)
         ports = replace(self.ports, lock_timeout=timeout)
         return Renew(ports, self.planner)(req)
 

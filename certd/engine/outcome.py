@@ -82,6 +82,13 @@ class RenewRequest:
     def name(self) -> str:
         return self.cert.name
 
+    @classmethod
+    def resuming(cls, cert: CertificateConfig, initiator: str) -> RenewRequest:
+        """Finishing another process's journaled order: not forced (a failure's backoff and
+        Retry-After hold, no ``forced`` event each reconcile pass), and nothing ordered afresh."""
+        return cls(cert, reason="resuming an order a stopped node journaled", initiator=initiator,
+                   ignore_duplicate_limit=True, resume_only=True)
+
 
 def with_resumed(outcome: Outcome, j: Journal) -> Outcome:
     """``outcome`` whose message also says how the rotation a crash left unfinished ended: the

@@ -270,20 +270,22 @@ class Planner:
                       decision: policy.Decision) -> policy.Decision:
         """A forced renewal that failed is retried on the failure backoff, not left until the
         next scheduled renewal (the operator asked for a new certificate)."""
-        last_failure = parse_time(state.last_failure)
-        if not state.forced_retry or not state.failures or last_failure is None:
-            return decision
-        if stored is None:
-            wait = policy.first_issue_backoff(state.failures, random.Random(state.failures))
-        else:
-            info = stored.info
-            wait = policy.backoff(state.failures, info.not_before, info.not_after, last_failure,
-                                  random.Random(info.serial))
-        retry_at = last_failure + wait
-        if retry_at >= decision.renew_at:
+        retry_at = self.failure_retry_at(stored, state) if state.forced_retry else None
+        if retry_at is None or retry_at >= decision.renew_at:
             return decision
         return policy.Decision(retry_at, f"retry {state.failures} of a forced renewal ({state.forced_retry}) after "
                                          f"failure, backoff until {isoformat(retry_at)}", decision.emergency)
+
+    def failure_retry_at(self, stored: StoredVersion | VersionInfo | None, state: CertState) -> datetime | None:
+        """When the failure backoff after ``state``'s failed attempts ends (None: no failure)."""
+        last_failure = parse_time(state.last_failure)
+        if not state.failures or last_failure is None:
+            return None
+        if stored is None:
+            return last_failure + policy.first_issue_backoff(state.failures, random.Random(state.failures))
+        info = stored.info
+        return last_failure + policy.backoff(state.failures, info.not_before, info.not_after, last_failure,
+                                             random.Random(info.serial))
 
     def _decide(self, cert: CertificateConfig, stored: StoredVersion | VersionInfo | None, state: CertState,
                 refresh_ari: bool, ignore_failures: bool = False) -> policy.Decision:

@@ -31,7 +31,7 @@ from certd.core.rotation import Step
 from certd.crypto import certcheck, keys
 from certd.engine import attempts, keyage
 from certd.engine.lifecycle import VersionStatus
-from certd.engine.failover import Failover
+from certd.engine.failover import Failover, NothingResumed
 from certd.engine.orders import Orders
 from certd.engine.outcome import Outcome, RenewRequest, Result, with_resumed
 from certd.engine.planning import Planner
@@ -95,8 +95,8 @@ class Renew:
         state = self.planner.load_state(cert.name)
         old_serial = stored.bundle.info.serial if stored else None
         reason, initiator = req.reason, req.initiator
-        if req.resume_only and store.load_order(cert.name) is None:  # finished (or discarded) meanwhile
-            return Outcome(cert.name, Result.NOT_DUE, "no journaled order to resume", current, old_serial)
+        if req.resume_only:
+            return self._resume(req, stored, state, say)
         if not req.force:
             decision = self.planner.decide(cert, stored, state, refresh_ari=True, ignore_failures=req.skip_backoff)
             due = decision.is_due(self.ports.clock.now())
@@ -113,6 +113,22 @@ class Renew:
             if refusal is not None:
                 return refusal
         return self._issue_and_roll_out(cert, stored, state, reason, initiator, req.force, say)
+
+    def _resume(self, req: RenewRequest, stored: StoredVersion | None, state: CertState, say: Say) -> Outcome:
+        """Finish the order another process journaled, under the lease: never a fresh order, and
+        not before a failed attempt's backoff ends (the fleet's reconcile passes ask every 30 s)."""
+        cert = req.cert
+        current = stored.version if stored is not None else None
+        serial = stored.bundle.info.serial if stored is not None else None
+        if self.ports.store.load_order(cert.name) is None:  # finished (or discarded) meanwhile
+            return Outcome(cert.name, Result.NOT_DUE, "no journaled order to resume", current, serial)
+        now = self.ports.clock.now()
+        waits = [t for t in (attempts.blocked_until(state, now), self.planner.failure_retry_at(stored, state))
+                 if t is not None and t > now]
+        if waits:
+            return Outcome(cert.name, Result.NOT_DUE, f"the journaled order is tried again at {isoformat(max(waits))} "
+                                                      f"(after {state.failures} failed attempt(s))", current, serial)
+        return self._issue_and_roll_out(cert, stored, state, req.reason, req.initiator, False, say, resume_only=True)
 
     def _forced(self, req: RenewRequest, state: CertState, current: int | None, old_serial: str | None,
                 say: Say) -> Outcome | None:
@@ -132,14 +148,16 @@ class Renew:
         return None
 
     def _issue_and_roll_out(self, cert: CertificateConfig, stored: StoredVersion | None, state: CertState,
-                            reason: str, initiator: str, force: bool, say: Say) -> Outcome:
+                            reason: str, initiator: str, force: bool, say: Say, *,
+                            resume_only: bool = False) -> Outcome:
         ports, clock = self.ports, self.ports.clock
         current = stored.version if stored is not None else None
         started = clock.monotonic()
         state.last_attempt = isoformat(clock.now())
         try:  # the order journal: an order a crash interrupted is resumed, not placed again
             issued, tried = self.failover.obtain(cert, stored, state, lambda: self._key_for(cert, stored, say),
-                                                 _replaces(stored, cert), say, ignore_waits=force)
+                                                 _replaces(stored, cert), say, ignore_waits=force,
+                                                 resume_only=resume_only)
             key_pem, replaces = issued.key_pem, issued.replaces
             bundle = certcheck.check_issued(issued.fullchain, key_pem, cert.identifiers, clock.now())
             info = bundle.info
@@ -154,6 +172,8 @@ class Renew:
                 **({"ca_skipped": tried.skipped} if tried.skipped else {}),
             })
             self.orders.stored(cert.name, issued)
+        except NothingResumed as e:
+            return Outcome(cert.name, Result.NOT_DUE, str(e), current)
         except OperationFailed as e:
             self.orders.failed(cert.name, e)
             if force:  # the operator asked for a new certificate: retried on the backoff until one comes

@@ -306,3 +306,51 @@ def test_a_ca_whose_directory_url_changed_still_issued_its_versions() -> None:
     renamed_elsewhere = replace(old, name="backup")  # the directory decides over the name when both exist
     two = Config(Path("/x/certd.toml"), DaemonConfig(), moved, (), cas=(moved, renamed_elsewhere))
     assert two.issuing_ca(meta) is renamed_elsewhere
+
+
+# -- resuming another node's order (the fleet's reconcile pass) -------------------------------------
+
+def _resume_only(w: World) -> Any:
+    return Renew(w.ports, w.planner)(RenewRequest.resuming(CERT, "node2"))
+
+
+def _journal_with(w: World, key: bytes, created: str) -> None:
+    w.store.save_order("www", OrderJournal("https://p.test/order/9", key, created,
+                                           resume.journal_meta("https://p.test/dir", CERT.identifiers, None,
+                                                               CERT.key_type)))
+
+
+def test_resuming_an_order_whose_certificate_is_stored_orders_nothing(tmp_path: Path, test_ca: CA) -> None:
+    """A node stored the version and died before clearing the order journal: the node that resumes finds the certificate stored and orders nothing (one certificate per renewal)."""
+    w = World(tmp_path, test_ca)
+    w.cas.update({name: ResumingCA(test_ca, w.clock) for name in w.cas})
+    assert w.renew().result == Result.RENEWED
+    stored = w.store.load("www", w.store.current("www"))
+    _journal_with(w, stored.bundle.key_pem, "2026-11-22T11:00:00Z")  # written before that version was stored
+    orders = sum(len(ca.orders) for ca in w.cas.values())
+    out = _resume_only(w)
+    assert out.result == Result.NOT_DUE, out.message
+    assert sum(len(ca.orders) for ca in w.cas.values()) == orders, "no new order"
+    assert w.store.versions("www") == [1] and w.store.load_order("www") is None
+
+
+def test_resuming_an_order_whose_ca_failed_waits_out_the_backoff(tmp_path: Path, test_ca: CA) -> None:
+    """The journaled order's CA is down: the resume fails once, and the next reconcile passes neither ask the CA again before the backoff ends nor audit a forced renewal; no other CA gets a fresh order."""
+    w = World(tmp_path, test_ca)
+    w.cas.update({name: ResumingCA(test_ca, w.clock) for name in w.cas})
+    assert w.renew().result == Result.RENEWED  # version 1, from primary
+    orders = {name: len(ca.orders) for name, ca in w.cas.items()}
+    w.events.clear()
+    w.clock.advance(3600)
+    _journal_with(w, keys.generate_private_key(CERT.key_type), isoformat(w.clock.now()))
+    w.cas["primary"].failure = CANotReachable("ACME server https://p.test/dir is not reachable (refused)")
+    assert _resume_only(w).result == Result.FAILED
+    asked = w.cas["primary"].resumed
+    for _ in range(3):  # reconcile passes a poke or the interval brings, within the backoff
+        w.clock.advance(1)
+        assert _resume_only(w).result == Result.NOT_DUE
+    assert w.cas["primary"].resumed == asked, "not asked again within the backoff"
+    assert {name: len(ca.orders) for name, ca in w.cas.items()} == orders, "a resume never orders afresh"
+    assert not [e for e in w.events if e.kind == "forced"]
+    w.clock.advance(7200)  # past the backoff: tried again
+    assert _resume_only(w).result == Result.FAILED and w.cas["primary"].resumed == asked + 1
