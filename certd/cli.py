@@ -345,17 +345,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     if cfg.cluster is not None:  # the fleet's chain, in the database
         return cli_cluster.audit_verify(cfg, args.head)
     v = audit.open_for(cfg.daemon.state_dir).verify(expect_head=args.head)
-    if v.ok:
-        head = f" (head: seq {v.last_seq}, hash {v.last_hash})" if v.last_hash else ""
-        print(f"{v.records} records, chain intact{head}")
-        return EXIT_OK
-    for problem in v.problems[:audit.MAX_PROBLEMS]:
-        print(problem)
-    if len(v.problems) > audit.MAX_PROBLEMS:
-        print(f"... and {len(v.problems) - audit.MAX_PROBLEMS} more problems")
-    print(f"audit log TAMPERED or damaged: {len(v.problems)} problem{'s' if len(v.problems) != 1 else ''} "
-          f"in {v.records} records ({cfg.daemon.state_dir / audit.FILENAME})")
-    return EXIT_FAILED
+    return cli_output.report_verification(v, str(cfg.daemon.state_dir / audit.FILENAME))
 
 
 def cmd_reload(args: argparse.Namespace) -> int:

@@ -8,6 +8,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from certd import cli_output
 from certd.cli_backends import daemon_client
 from certd.config import Config
 from certd.core.errors import UsageError
@@ -98,26 +99,14 @@ def audit_verify(cfg: Config, head: str | None) -> int:
     """``certd audit verify`` on the fleet's chain (the same output and exit codes as on the
     file), plus the seam: a state dir imported into a database that already had a chain was
     pinned by its ``imported`` record, and the file on this host must still hold that head."""
-    from certd.ops import audit
     from certd.store.opening import open_cluster
     with open_cluster(cfg) as store:
         pg = store.audit
         v = pg.verify(expect_head=head)
         seams = [] if not v.ok else _seams(cfg, pg.records)
-    where = "certd_audit in the fleet database"
     for problem in seams:
         v.problems.append(problem)
-    if v.ok:
-        last = f" (head: seq {v.last_seq}, hash {v.last_hash})" if v.last_hash else ""
-        print(f"{v.records} records, chain intact{last}")
-        return EXIT_OK
-    for problem in v.problems[:audit.MAX_PROBLEMS]:
-        print(problem)
-    if len(v.problems) > audit.MAX_PROBLEMS:
-        print(f"... and {len(v.problems) - audit.MAX_PROBLEMS} more problems")
-    print(f"audit log TAMPERED or damaged: {len(v.problems)} problem{'s' if len(v.problems) != 1 else ''} "
-          f"in {v.records} records ({where})")
-    return EXIT_FAILED
+    return cli_output.report_verification(v, "certd_audit in the fleet database")
 
 
 def _seams(cfg: Config, records: list[dict[str, Any]]) -> list[str]:

@@ -14,6 +14,7 @@ import sys
 from typing import Any
 
 from certd.core.textsafe import escape
+from certd.ops.auditchain import MAX_PROBLEMS, Verification
 
 _gone = False
 
@@ -104,3 +105,18 @@ def print_table(rows: list[dict[str, Any]], cols: list[tuple[str, str]]) -> None
     widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
     for row in table:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+
+
+def report_verification(v: Verification, where: str) -> int:
+    """``certd audit verify``'s report of ``v`` (the chain in ``where``): the exit code."""
+    if v.ok:
+        head = f" (head: seq {v.last_seq}, hash {v.last_hash})" if v.last_hash else ""
+        print(f"{v.records} records, chain intact{head}")
+        return 0
+    for problem in v.problems[:MAX_PROBLEMS]:
+        print(problem)
+    if len(v.problems) > MAX_PROBLEMS:
+        print(f"... and {len(v.problems) - MAX_PROBLEMS} more problems")
+    print(f"audit log TAMPERED or damaged: {len(v.problems)} problem{'s' if len(v.problems) != 1 else ''} "
+          f"in {v.records} records ({where})")
+    return 1

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import stat
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ from certd.core.errors import StoreError
 from certd.core.events import LifecycleEvent
 from certd.store.auditspool import SpoolingAudit
 from certd.store.pg import POOL_WAIT, PgStore
-from tests.support.postgres import PgCluster, start_cluster
+from tests.support.postgres import PgCluster
 
 
 class CutAfterCommit:
@@ -33,15 +32,6 @@ class CutAfterCommit:
         self.chain.append_spooled(records, marker)
         raise RuntimeError("power lost before the spool was truncated")
 
-
-@pytest.fixture
-def own_postgres() -> Iterator[PgCluster]:
-    """A private cluster for this test alone (it is stopped and started)."""
-    cluster = start_cluster()
-    try:
-        yield cluster
-    finally:
-        cluster.destroy()
 
 
 def ev(kind: str, n: int) -> LifecycleEvent:

@@ -17,21 +17,12 @@ import pytest
 from tests.support.fleet import Fleet, start_fleet
 from tests.support.hostile_ca import FINALIZE_PATH
 from tests.support.partition_proxy import PartitionProxy
-from tests.support.postgres import PgCluster, start_cluster
+from tests.support.postgres import PgCluster
 from tests.support.procs import wait_until
 
 SERVERS = ("nginx", "haproxy", "nginx")  # node2 is the HAProxy node
 CHALLENGE_PATH = "/chalZ/"  # Pebble's challenge URLs: node 3 answers its challenge there
 
-
-@pytest.fixture
-def own_postgres() -> Iterator[PgCluster]:
-    """A private cluster for this test alone (it is stopped and started: others share the session's)."""
-    cluster = start_cluster()
-    try:
-        yield cluster
-    finally:
-        cluster.destroy()
 
 
 def one_version(fleet: Fleet, version: int) -> None:

@@ -7,18 +7,16 @@ on the node, it lands in the fleet's chain once the database is back, exactly on
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 
 from tests.integration.test_backup import tree
 from tests.integration.test_cluster_import import join_fleet, single_host
 from tests.integration.test_monitoring import samples, value
 from tests.support.certd_env import CertdEnv
-from tests.support.postgres import PgCluster, start_cluster
+from tests.support.postgres import PgCluster
 from tests.support.procs import free_port, wait_until
 
 
@@ -31,15 +29,6 @@ def store_up(port: int) -> float | None:
         return None
     return value(samples(text), "certd_store_up", node="web1")
 
-
-@pytest.fixture
-def own_postgres() -> Iterator[PgCluster]:
-    """A private cluster for this test alone (it is stopped and started: others share the session's)."""
-    cluster = start_cluster()
-    try:
-        yield cluster
-    finally:
-        cluster.destroy()
 
 
 def test_database_outage_keeps_serving_and_status_metric_and_audit_say_so(tmp_path: Path, pebble: Any,

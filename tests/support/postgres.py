@@ -138,6 +138,17 @@ def postgres_cluster() -> Iterator[PgCluster]:
 
 
 @pytest.fixture
+def own_postgres() -> Iterator[PgCluster]:
+    """A private cluster for one test alone, which may stop and start it (others share the
+    session's); destroyed after the test."""
+    cluster = start_cluster()
+    try:
+        yield cluster
+    finally:
+        cluster.destroy()
+
+
+@pytest.fixture
 def postgres(postgres_cluster: PgCluster) -> str:
     """The DSN of a database of this test's own on the session's private cluster."""
     return postgres_cluster.database()
