@@ -280,6 +280,7 @@ def soak(fleet: Fleet, rng: random.Random, watch: Watch) -> dict[str, Any]:
     next_kill = t0 + kill_every * rng.uniform(0.5, 1.5)
     next_report = t0 + 30
     kills: list[str] = []
+    orders0 = len(fleet.ca.orders_created) if fleet.ca else 0
     while (now := time.monotonic()) < end:
         if pg_down_for is None and now >= pg_at:
             say("stopping PostgreSQL")
@@ -299,7 +300,7 @@ def soak(fleet: Fleet, rng: random.Random, watch: Watch) -> dict[str, Any]:
             with watch.lock:
                 probes, nbad = sum(watch.counts.values()), len(watch.bad)
             say(f"{(now - t0) / 60:.1f} min: {probes} probes, {nbad} bad, {len(watch.missed)} missed, "
-                f"{len(fleet.ca.orders_created) if fleet.ca else 0} orders so far")
+                f"{(len(fleet.ca.orders_created) if fleet.ca else 0) - orders0} orders")
             next_report = now + 30
         time.sleep(0.1)
     return {"kills": kills, "pg_down_seconds": round(pg_down_for or 0.0, 1)}
@@ -377,6 +378,7 @@ def run(fleet: Fleet, rng: random.Random, seed: int) -> tuple[bool, dict[str, An
         "nodes_converged_at_end": all(a == desired for a in applied.values()),
         "failed_node_applies": len(failed_applies),
         "longest_past_renewal_point_seconds": round(watch.longest_overdue, 2),
+        "longest_past_renewal_point_where": watch.longest_overdue_at,
         "sigkills": events["kills"], "pg_down_seconds": events["pg_down_seconds"],
         "unexpected_exits": unexpected, "exit_statuses": statuses,
         "peak_rss_mb": {n.name: round(n.peak_rss_kb / 1024) for n in fleet.nodes},
@@ -402,7 +404,8 @@ def report(ok: bool, s: dict[str, Any]) -> None:
     print(f"  probes (TLS handshakes, every node, name):   {s['probes']}  {s['probe_categories']}")
     print(f"  bad probes (expired/untrusted/name/handshake): {s['bad_probes']}  (target 0)")
     print(f"  missed rotations (past emergency point):     {s['missed_rotations']}  (target 0)")
-    print(f"  longest a served cert was past renewal point: {s['longest_past_renewal_point_seconds']} s")
+    print(f"  longest a served cert was past renewal point: {s['longest_past_renewal_point_seconds']} s "
+          f"({s['longest_past_renewal_point_where']}; the emergency point is 40 % of the lifetime later)")
     print(f"  SIGKILLs {len(s['sigkills'])} ({', '.join(s['sigkills'])}); PostgreSQL down "
           f"{s['pg_down_seconds']} s; unexpected exits {s['unexpected_exits']}; exit statuses {s['exit_statuses']}")
     print(f"  every node on the desired version at the end: {s['nodes_converged_at_end']}; failed node applies "
