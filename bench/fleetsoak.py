@@ -59,6 +59,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -318,6 +319,26 @@ def stale_at(fleet: Fleet, applied: dict[str, dict[str, int | None]], at: float)
     return stale
 
 
+def _epoch(record: dict[str, Any]) -> float:
+    return datetime.fromisoformat(str(record["time"]).replace("Z", "+00:00")).timestamp()
+
+
+def convergence(records: list[dict[str, Any]], nodes: int) -> dict[str, Any]:
+    """Seconds from each renewal's commit (its ``renewed`` record) to the last of the other
+    nodes applying it (``node_applied`` success): p50, p95, max, and renewals some node never
+    applied before the end (a later version overtook it, or the soak ended first)."""
+    committed = {(r["name"], r["version"]): _epoch(r) for r in records if r["event"] == "renewed"}
+    applied: dict[tuple[str, int], list[float]] = {}
+    for r in records:
+        if r["event"] == "node_applied" and r.get("outcome") == "success":
+            applied.setdefault((r["name"], r["version"]), []).append(_epoch(r))
+    lags = sorted(max(applied[k]) - t for k, t in committed.items() if len(applied.get(k, [])) >= nodes - 1)
+    if not lags:
+        return {"p50": None, "p95": None, "max": None, "not_everywhere": len(committed)}
+    return {"p50": round(lags[len(lags) // 2], 1), "p95": round(lags[min(len(lags) - 1, int(len(lags) * 0.95))], 1),
+            "max": round(lags[-1], 1), "not_everywhere": len(committed) - len(lags)}
+
+
 def log_counts(text: str) -> dict[str, int]:
     keys = ("rotation_committed", "renewal_failed", "orphaned_order", "node_applied", "fleet_unreachable",
             "lease_lost", "rotation_resumed", "daemon_ready")
@@ -377,6 +398,7 @@ def run(fleet: Fleet, rng: random.Random, seed: int) -> tuple[bool, dict[str, An
         "missed_rotations": len(watch.missed) + len(stale),
         "nodes_converged_at_end": all(a == desired for a in applied.values()),
         "failed_node_applies": len(failed_applies),
+        "commit_to_every_node_seconds": convergence(records, len(fleet.nodes)),
         "longest_past_renewal_point_seconds": round(watch.longest_overdue, 2),
         "longest_past_renewal_point_where": watch.longest_overdue_at,
         "sigkills": events["kills"], "pg_down_seconds": events["pg_down_seconds"],
@@ -408,6 +430,9 @@ def report(ok: bool, s: dict[str, Any]) -> None:
           f"({s['longest_past_renewal_point_where']}; the emergency point is 40 % of the lifetime later)")
     print(f"  SIGKILLs {len(s['sigkills'])} ({', '.join(s['sigkills'])}); PostgreSQL down "
           f"{s['pg_down_seconds']} s; unexpected exits {s['unexpected_exits']}; exit statuses {s['exit_statuses']}")
+    c = s["commit_to_every_node_seconds"]
+    print(f"  commit -> every other node applied (audit):  p50 {c['p50']} s, p95 {c['p95']} s, max {c['max']} s "
+          f"({c['not_everywhere']} renewals not applied everywhere by the end)")
     print(f"  every node on the desired version at the end: {s['nodes_converged_at_end']}; failed node applies "
           f"{s['failed_node_applies']}; peak RSS MB {s['peak_rss_mb']}")
     for node, counts in s["log"].items():
