@@ -314,7 +314,7 @@ def cmd_revoke(args: argparse.Namespace) -> int:
 
 def cmd_history(args: argparse.Namespace) -> int:
     from certd.ops import audit
-    from certd.daemon.control import rows_document
+    from certd.daemon.control_client import rows_document
     client = daemon_client(args.config)  # the daemon reads the 0700 state dir for control_group members
     if client is not None:
         doc = client.get("/v1/history", params={"name": args.name} if args.name is not None else None)
@@ -349,7 +349,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
-    from certd.daemon.control import ControlClient, DaemonNotRunning
+    from certd.daemon.control_client import ControlClient, DaemonNotRunning
     # The file may be broken: that is what the daemon reports. Only find its socket here.
     sock = config_mod.peek_control_socket(config_mod.resolve_path(args.config))
     client = ControlClient(sock)
