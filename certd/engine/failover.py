@@ -122,7 +122,9 @@ class Failover:
         else ``error`` is raised: one CA alone, or a failure no other CA would help with."""
         name = self.orders.journal_ca(cert) or cas[0].name
         self.orders.failed(cert.name, error)  # the journal stays while the order may still complete
-        step = failover.after_failure(error, failover.TRANSIENT_BUDGET, self.ports.clock.now(), emergency)
+        # one try (the resume), and no second one: the CA's order may still complete, and the next
+        # CA helps sooner than asking a CA that is down again (a budget of 1 says so truthfully)
+        step = failover.after_failure(error, 1, self.ports.clock.now(), emergency, budget=1)
         if len(cas) == 1 or step.action == failover.STOP:
             raise error
         if step.wait_until is not None:
