@@ -259,6 +259,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     for row in rows:  # a renewal waiting for the CA: when the next try is, and how to try now
         if row.get("state") in ("held", "rate_limited"):
             print(f"{row['name']}: {row.get('renewal_reason')}")
+    for r in rows:  # a CA that does not answer: the table's LAST RESULT alone does not say whose trouble it is
+        if r.get("ca_unreachable"):
+            print(f"{r['name']}: CA unreachable: {r.get('last_error')}")
     for r in rows:  # a broken certificate says why, whatever the table shows
         if r.get("state") == "broken":
             print(f"{r['name']}: broken: {r.get('broken_reason')}")

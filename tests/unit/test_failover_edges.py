@@ -102,6 +102,25 @@ def test_a_long_wait_at_the_last_ca_does_not_lock_out_a_first_ca_that_was_only_d
     assert w.row()["ca"] == "primary" and len(w.cas["backup"].orders) == 1
 
 
+@pytest.mark.parametrize("backup_wait", [3 * 86400, 30 * 86400])  # within / beyond the emergency point
+def test_a_first_ca_that_is_down_while_the_backup_waits_is_flagged_ca_unreachable(tmp_path: Path, test_ca: CA,
+                                                                                   backup_wait: int) -> None:
+    """primary down, backup rate-limited: the failure is 'CA unreachable' (status says so; the CA probe retries once primary answers)."""
+    w = World(tmp_path, test_ca)
+    assert w.renew().result == Result.RENEWED
+    w.cas["primary"].failure = CANotReachable("ACME server https://p.test/dir is not reachable (refused)")
+    w.cas["backup"].failure = limited(backup_wait)
+    out = w.renew()
+    assert out.result == Result.FAILED
+    state = w.planner.load_state("www")
+    assert state.ca_unreachable, state
+    assert "primary not answering" in (state.last_error or ""), state.last_error
+    assert w.row()["ca_unreachable"] is True
+    w.cas["primary"].failure = None
+    assert w.renew().result == Result.RENEWED
+    assert w.planner.load_state("www").ca_unreachable is False and w.row()["ca_unreachable"] is False
+
+
 def test_when_every_ca_waits_after_an_attempt_the_certificate_waits_for_the_first_of_them(tmp_path: Path,
                                                                                           test_ca: CA) -> None:
     """primary refuses (held 20 min), backup rate-limits for 30 days: the certificate may try again after 20 min, not 30 days."""
