@@ -20,7 +20,7 @@ from certd import config as config_mod
 from certd.ops import log as logmod
 from certd.config import Config
 from certd.config import cache as config_cache
-from certd.core.errors import CertdError, ConfigError, UsageError
+from certd.core.errors import AcmeError, CertdError, ConfigError, UsageError
 from certd.cli_backends import Local, Remote, daemon_client
 from certd.core.textsafe import check_reason
 
@@ -225,20 +225,31 @@ def cmd_dns_persist_record(args: argparse.Namespace) -> int:
     mgr = build_manager(load_config(args), maintenance=False)
     try:
         cert = mgr.select([args.name])[0]
-        lines = []
-        for ca in mgr.config.cas_for(cert):  # several CAs: each names its own issuer and account
+        cas = mgr.config.cas_for(cert)
+        lines: list[str] = []
+        failed: list[str] = []   # one line per CA that did not answer: the others' records still print
+        for ca in cas:  # several CAs: each names its own issuer and account
             issuer = mgr.ports.issuer_at(ca.name)
             assert isinstance(issuer, Issuer)
-            lines += issuer.persist_records(cert)
+            try:
+                lines += issuer.persist_records(cert)
+            except AcmeError as e:
+                if len(cas) == 1:
+                    raise  # one CA: its error is the command's, as it always was
+                said = re.sub(r";\s*(will retry|not retrying)\b.*$", "", str(e))  # the daemon's next step: not ours
+                failed.append(f"CA {ca.name}: no record printed: {said}; run this again once it answers")
     finally:
         mgr.close()
     if cert.challenge != "dns-persist-01":
         print(f"certd: note: {cert.name} uses {cert.challenge}; set challenge = \"dns-persist-01\" to use these",
               file=sys.stderr)
-    print(f"; publish once for {cert.name}; certd changes no DNS record per order afterwards")
+    if lines:
+        print(f"; publish once for {cert.name}; certd changes no DNS record per order afterwards")
     for line in lines:
         print(line)
-    return EXIT_OK
+    for line in failed:
+        print(f"certd: {line}", file=sys.stderr)
+    return EXIT_FAILED if failed else EXIT_OK
 
 
 def cmd_status(args: argparse.Namespace) -> int:
