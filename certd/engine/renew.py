@@ -132,8 +132,11 @@ class Renew:
         cert = req.cert
         current = stored.version if stored is not None else None
         serial = stored.bundle.info.serial if stored is not None else None
-        if self.ports.store.load_order(cert.name) is None:  # finished (or discarded) meanwhile
-            return Outcome(cert.name, Result.NOT_DUE, "no journaled order to resume", current, serial)
+        if self.ports.store.load_order(cert.name) is None:  # no order left: a stored version, maybe
+            found = adopt.lapsed(self.ports, cert, current)
+            if found is not None:
+                return self._adopt(cert, state, *found, say)
+            return Outcome(cert.name, Result.NOT_DUE, "nothing a stopped node left to finish", current, serial)
         now = self.ports.clock.now()
         waits = [t for t in (attempts.blocked_until(state, now), self.planner.failure_retry_at(stored, state))
                  if t is not None and t > now]
