@@ -22,7 +22,6 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any, Iterable
 
-from certd.acme.issuer import ari_cert_id
 from certd.config import CertificateConfig
 from certd.core import policy, rotation
 from certd.core.clock import isoformat
@@ -133,8 +132,11 @@ class Renew:
         cert = req.cert
         current = stored.version if stored is not None else None
         serial = stored.bundle.info.serial if stored is not None else None
-        if self.ports.store.load_order(cert.name) is None:  # finished (or discarded) meanwhile
-            return Outcome(cert.name, Result.NOT_DUE, "no journaled order to resume", current, serial)
+        if self.ports.store.load_order(cert.name) is None:  # no order left: a stored version, maybe
+            found = adopt.lapsed(self.ports, cert, current)
+            if found is not None:
+                return self._adopt(cert, state, *found, say)
+            return Outcome(cert.name, Result.NOT_DUE, "nothing a stopped node left to finish", current, serial)
         now = self.ports.clock.now()
         waits = [t for t in (attempts.blocked_until(state, now), self.planner.failure_retry_at(stored, state))
                  if t is not None and t > now]
@@ -255,6 +257,7 @@ def _replaces(stored: StoredVersion | None, cert: CertificateConfig) -> str | No
     differ from the stored certificate's (a CA refuses replaces for other identifiers)."""
     if stored is None or set(stored.bundle.info.identifiers) != set(cert.identifiers):
         return None
+    from certd.acme.ari import ari_cert_id  # here: the ACME client loads only where an order happens
     try:
         return ari_cert_id(stored.bundle.cert_pem)
     except (ValueError, TypeError):  # no AKI: the CA cannot have ARI for it
