@@ -9,7 +9,10 @@ The audit log is ``certd_audit``: one row per record, each ``line`` exactly what
 :class:`certd.ops.audit.AuditLog` would append to ``audit.jsonl`` (same fields, same ``seq``,
 ``prev`` and ``hash``), so :func:`certd.ops.auditchain.verify_lines` checks it. Appenders are
 serialised by locking the one row of ``certd_audit_head`` (which also keeps ``seq`` and the last
-line's hash) in the appending transaction: the chain never forks across nodes.
+line's hash) in the appending transaction: the chain never forks across nodes. A record may
+carry a spool id (:mod:`certd.store.auditspool`), kept in ``certd_audit.spool_id`` under a
+unique index: a record with an id already chained is skipped (``ON CONFLICT DO NOTHING``), so a
+record whose first append committed unheard, spooled and replayed, is chained once.
 """
 
 from __future__ import annotations
@@ -130,29 +133,26 @@ class PgAudit:
     def __call__(self, ev: LifecycleEvent) -> None:
         self.append(ev)
 
-    def append(self, ev: LifecycleEvent) -> dict[str, Any]:
+    def append(self, ev: LifecycleEvent, spool_id: str | None = None) -> dict[str, Any] | None:
+        """Chain ``ev``; None when ``spool_id`` is already in the chain (nothing appended)."""
         fields = record_fields(ev)  # AuditRefused if it would hold key material
         with self._store.tx() as cur:
-            record = _chain(cur, fields)
-        log_event(log, "audit_record", seq=record["seq"], hash=record["hash"])
+            record = _chain(cur, fields, spool_id)
+        if record is not None:
+            log_event(log, "audit_record", seq=record["seq"], hash=record["hash"])
         return record
 
-    def append_spooled(self, records: list[dict[str, Any]], marker: str) -> int:
-        """Chain ``records`` (complete fields, each with ``detail[marker]`` unique to it) in order,
-        in one transaction, skipping those whose marker a chained record already holds: a replay
-        repeated after a crash appends nothing twice (:mod:`certd.store.auditspool`). Returns how
-        many were appended."""
+    def append_spooled(self, records: list[tuple[str, dict[str, Any]]]) -> int:
+        """Chain ``records`` (spool id, complete fields) in order, in one transaction, skipping
+        those whose spool id is already chained: a record whose first append committed unheard,
+        or a replay repeated after a crash, appends nothing twice (:mod:`certd.store.auditspool`).
+        Returns how many were appended."""
         chained = []
         with self._store.tx() as cur:
-            cur.execute("SELECT seq FROM certd_audit_head WHERE id = 1 FOR UPDATE")  # no append in between
-            seen = set()
-            for (line,) in cur.execute("SELECT line FROM certd_audit WHERE line LIKE %s", (f'%"{marker}": %',)):
-                rec = parse_line(line.encode())
-                if rec is not None and isinstance(rec.get("detail"), dict):
-                    seen.add(rec["detail"].get(marker))
-            for fields in records:
-                if fields["detail"][marker] not in seen:
-                    chained.append(_chain(cur, fields))
+            for spool_id, fields in records:
+                record = _chain(cur, fields, spool_id)
+                if record is not None:
+                    chained.append(record)
         for record in chained:
             log_event(log, "audit_record", seq=record["seq"], hash=record["hash"], spooled=True)
         return len(chained)
@@ -173,14 +173,18 @@ class PgAudit:
         return verify_lines("certd_audit", raw, None, False, expect_head)
 
 
-def _chain(cur: psycopg.Cursor[Any], fields: dict[str, Any]) -> dict[str, Any]:
-    """Append one record after the chain's head, in ``cur``'s transaction (the head row locked)."""
+def _chain(cur: psycopg.Cursor[Any], fields: dict[str, Any], spool_id: str | None) -> dict[str, Any] | None:
+    """Append one record after the chain's head, in ``cur``'s transaction (the head row locked);
+    None, and the head untouched, when ``spool_id`` is already chained."""
     head = cur.execute("SELECT seq, prev FROM certd_audit_head WHERE id = 1 FOR UPDATE").fetchone()
     if head is None:
         raise StoreError("certd_audit_head has no row: the audit table was tampered with")
     record = {"seq": head[0] + 1, **fields, "prev": head[1]}
     record["hash"] = record_hash(record)
     line = record_line(record)
-    cur.execute("INSERT INTO certd_audit VALUES (%s, %s)", (record["seq"], line.decode()))
+    if cur.execute("INSERT INTO certd_audit (seq, line, spool_id) VALUES (%s, %s, %s) "
+                   "ON CONFLICT (spool_id) DO NOTHING RETURNING seq",
+                   (record["seq"], line.decode(), spool_id)).fetchone() is None:
+        return None
     cur.execute("UPDATE certd_audit_head SET seq = %s, prev = %s WHERE id = 1", (record["seq"], line_hash(line)))
     return record

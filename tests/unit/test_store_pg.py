@@ -227,3 +227,29 @@ def test_a_killed_connection_costs_one_operation(opened, postgres):
     else:
         pytest.fail("the store did not recover from a killed connection")
     assert failures <= 4  # at most one per pooled connection
+
+
+def test_a_version_2_database_keeps_replayed_records_from_being_chained_again(opened, postgres, clock):
+    """After the upgrade to version 3, a spool id a version-2 node's replay chained (in the line only) is not chained again."""
+    from certd.ops.audit import record_fields, record_line
+    from certd.ops.auditchain import line_hash, record_hash
+    from certd.store.pgschema import DDL, UPGRADES
+    ev = LifecycleEvent("renew_refused", "www", clock.now(), initiator="ops", reason="#1", detail={"node": "web1"})
+    fields = record_fields(ev)
+    fields["detail"] = {**fields["detail"], "spool_id": "web1:replayed-by-v2"}
+    record = {"seq": 1, **fields, "prev": "0" * 64}
+    record["hash"] = record_hash(record)
+    line = record_line(record)
+    with psycopg.connect(postgres) as conn:  # what a version-2 node made, and its replay chained
+        conn.execute("CREATE TABLE certd_schema (id int PRIMARY KEY CHECK (id = 1), version int NOT NULL)")
+        conn.execute(DDL)
+        conn.execute(UPGRADES[2])
+        conn.execute("INSERT INTO certd_schema VALUES (1, 2)")
+        conn.execute("INSERT INTO certd_audit VALUES (1, %s)", (line.decode(),))
+        conn.execute("UPDATE certd_audit_head SET seq = 1, prev = %s", (line_hash(line),))
+    s = opened(clock=clock)
+    assert _raw(postgres, "SELECT seq, spool_id FROM certd_audit") == [(1, "web1:replayed-by-v2")]
+    assert s.audit.append_spooled([("web1:replayed-by-v2", fields)]) == 0
+    assert s.audit.append_spooled([("web1:new", {**fields, "detail": {"node": "web1", "spool_id": "web1:new"}})]) == 1
+    assert [r["detail"]["spool_id"] for r in s.audit.records] == ["web1:replayed-by-v2", "web1:new"]
+    assert s.audit.verify().ok
