@@ -194,6 +194,46 @@ def test_the_feed_wakes_on_a_notification(opened):
         sub.close()
 
 
+class ReadCounter:
+    """The store as a subscription sees it (pgfeed's _Db), counting its reads of the database."""
+
+    def __init__(self, store: PgStore) -> None:
+        self.store, self.dsn, self.reads = store, store.dsn, 0
+
+    @property
+    def clock(self):
+        return self.store.clock
+
+    def now_param(self):
+        return self.store.now_param()
+
+    def tx(self):
+        self.reads += 1
+        return self.store.tx()
+
+
+def test_an_idle_feed_does_not_read_the_desired_versions(opened):
+    """An idle subscriber reads nothing while nothing is notified; a notified change reads that name and is seen."""
+    from certd.store.pgfeed import PgSubscription
+    a, b = opened("node1"), opened("node2")
+    lease = a.lease("www", "a", TTL)
+    for n in ("www", "api"):
+        a.add_version(n, make_bundle(), {}, lease=a.lease(n, "a", TTL) if n == "api" else lease)
+    counter = ReadCounter(b)
+    sub = PgSubscription(counter, None)
+    try:
+        assert counter.reads == 1  # the first read, after LISTEN began
+        for _ in range(20):
+            assert sub.changes() == []
+        assert sub.changes(timeout=1.5) == []
+        assert counter.reads == 1
+        a.set_desired("www", 1, lease=lease)
+        assert sub.changes(timeout=20.0) == [DesiredChange("www", 1)]
+        assert counter.reads == 2
+    finally:
+        sub.close()
+
+
 def test_audit_rows_are_a_verifiable_hash_chain(opened, clock, postgres):
     """Records from two nodes form one chain (seq 1..n, each prev the hash of the line
     before); editing a row is found by verify()."""
