@@ -18,7 +18,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from certd.core.errors import StoreError
 
-VERSION = 2
+VERSION = 3
 #: pg_advisory_xact_lock key for schema creation and upgrades ("certd" in ASCII).
 SCHEMA_LOCK = 0x6365727464
 
@@ -139,6 +139,20 @@ CREATE TABLE certd_challenges (
     name text NOT NULL,
     expires timestamptz NOT NULL
 );
+""",
+    3: """
+-- The audit spool's id of each record (certd.store.auditspool), given before the record's first
+-- try: a record whose COMMIT reply was lost, spooled and replayed, is not chained twice. NULL for
+-- records that never had one (unique: NULLs are distinct).
+ALTER TABLE certd_audit ADD COLUMN spool_id text;
+-- Records replayed by version 2 kept their spool id in the line only (detail.spool_id).
+UPDATE certd_audit a SET spool_id = s.id FROM (
+    SELECT DISTINCT ON (id) seq, id FROM (
+        SELECT seq, substring(line FROM '"spool_id": "([^"]+)"') AS id FROM certd_audit
+        WHERE line LIKE '%"spool_id": %') x
+    WHERE id IS NOT NULL ORDER BY id, seq) s
+WHERE a.seq = s.seq;
+CREATE UNIQUE INDEX certd_audit_spool_id ON certd_audit (spool_id);
 """,
 }
 
