@@ -85,16 +85,22 @@ def test_a_node_stopped_during_a_renewal_catches_up_when_started(fleet: Fleet) -
     assert len(fleet.ca.orders_created) == 2
 
 
-def test_ordering_node_killed_between_new_order_and_finalize_another_completes_it(fleet: Fleet) -> None:
-    """The ordering node SIGKILLed after newOrder, before finalize: another node finishes that order; one certificate."""
+def kill_node1_renewing(fleet: Fleet, crash_at: str) -> None:
+    """Every node serving version 1; then node 1's daemon, started with ``CERTD_CRASH_AT=crash_at``,
+    is asked for a forced renewal and SIGKILLs itself at that point."""
     daemons = [node.env.start_daemon() for node in fleet.nodes]
     wait_until(lambda: fleet.converged(1), timeout=60, interval=0.5, what="every node serving version 1")
     daemons[0].stop(timeout=30)
     fleet.nodes[0].env.daemons.clear()
-    crashing = fleet.nodes[0].env.start_daemon(env={"CERTD_CRASH_AT": "order_journaled"})
+    crashing = fleet.nodes[0].env.start_daemon(env={"CERTD_CRASH_AT": crash_at})
     wait_until(lambda: "daemon_ready" in crashing.log_text(), timeout=30, what="node 1 ready")
-    fleet.nodes[0].env.run("renew", "www", "--force", "--wait")  # its daemon dies mid-order
-    wait_until(lambda: not crashing.alive, timeout=30, what="node 1 killed mid-order")
+    fleet.nodes[0].env.run("renew", "www", "--force", "--wait", check=None)
+    wait_until(lambda: not crashing.alive, timeout=30, what=f"node 1 killed at {crash_at}")
+
+
+def test_ordering_node_killed_between_new_order_and_finalize_another_completes_it(fleet: Fleet) -> None:
+    """The ordering node SIGKILLed after newOrder, before finalize: another node finishes that order; one certificate."""
+    kill_node1_renewing(fleet, "order_journaled")  # its daemon dies mid-order
     assert len(fleet.ca.orders_created) == 2 and len(fleet.ca.finalized) == 1
     # the lease outlives the dead holder by its TTL (order_timeout 10 s + 35 s), then node 2 or 3 resumes
     wait_until(lambda: fleet.converged(2, fleet.nodes[1:]), timeout=90, interval=0.5, what="nodes 2-3 on version 2")
@@ -107,14 +113,7 @@ def test_ordering_node_killed_between_new_order_and_finalize_another_completes_i
 
 def test_ordering_node_killed_after_storing_the_version_another_rolls_it_out(fleet: Fleet) -> None:
     """The ordering node SIGKILLed after storing the new version, before rolling it out: another node rolls that version out to the fleet; one certificate, and the node that died serves it once back."""
-    daemons = [node.env.start_daemon() for node in fleet.nodes]
-    wait_until(lambda: fleet.converged(1), timeout=60, interval=0.5, what="every node serving version 1")
-    daemons[0].stop(timeout=30)
-    fleet.nodes[0].env.daemons.clear()
-    crashing = fleet.nodes[0].env.start_daemon(env={"CERTD_CRASH_AT": "issued"})
-    wait_until(lambda: "daemon_ready" in crashing.log_text(), timeout=30, what="node 1 ready")
-    fleet.nodes[0].env.run("renew", "www", "--force", "--wait", check=None)  # its daemon dies after storing
-    wait_until(lambda: not crashing.alive, timeout=30, what="node 1 killed after storing version 2")
+    kill_node1_renewing(fleet, "issued")  # its daemon dies after storing version 2
     assert fleet.store.versions("www") == [1, 2] and fleet.store.desired("www") == 1
     # the lease outlives the dead holder by its TTL, then node 2 or 3 rolls version 2 out
     wait_until(lambda: fleet.converged(2, fleet.nodes[1:]), timeout=90, interval=0.5, what="nodes 2-3 on version 2")
