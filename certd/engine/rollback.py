@@ -12,6 +12,7 @@ from __future__ import annotations
 from certd.config import CertificateConfig
 from certd.core.clock import isoformat
 from certd.core.errors import CertdError, UsageError
+from certd.engine import releases
 from certd.engine.lifecycle import VersionStatus
 from certd.engine.outcome import Outcome, Result
 from certd.engine.planning import Planner
@@ -42,7 +43,11 @@ class Rollback:
                 say(f"rolling back from version {current} to {target}")
                 j = self.rotations.start(cert, "rollback", current, target, initiator, reason)
                 j = self.rotations.drive(cert, j, say)
-                return self.rotations.finish(cert, j, self.planner.load_state(cert.name), clock.monotonic() - started)
+                outcome = self.rotations.finish(cert, j, self.planner.load_state(cert.name),
+                                                clock.monotonic() - started)
+                if outcome.result == Result.SWITCHED:  # in a fleet: every node follows; the version left is bad
+                    releases.fleet_rollback_done(self.ports, cert, current, target, initiator, reason)
+                return outcome
         except UsageError:
             raise
         except CertdError as e:
@@ -67,6 +72,9 @@ class Rollback:
             raise UsageError(f"{name} has no version {target}; stored versions: {', '.join(map(str, versions))}")
         if target == current:
             raise UsageError(f"{name} version {target} is already current")
+        bad = releases.bad_refusal(self.ports, name, target)
+        if bad is not None:
+            raise UsageError(bad)
         sv = self.ports.store.load(name, target)
         refusal = VersionStatus.from_meta(sv.meta).deploy_refusal(name, target)
         if refusal is not None:
