@@ -199,6 +199,7 @@ class FleetNode:
                     effects.stage(previous)
                     effects.switch(previous)
                     effects.reload(previous, keep_going=True)
+                    effects.verify(previous)  # L3: the node proves it serves the previous one again
                 except CertdError as e:
                     event(log, "node_switch_back_failed", logging.ERROR, name=cert.name, version=previous,
                           error=str(e))
