@@ -58,9 +58,11 @@ class Rollback:
         store = self.ports.store
         j = self.rotations.load_journal(name)
         if j is not None and j.succeeded and j.to_version == current and j.from_version is not None \
-                and j.from_version in store.versions(name):
+                and j.from_version in store.versions(name) \
+                and releases.bad_refusal(self.ports, name, j.from_version) is None:
             return j.from_version
-        older = [v for v in store.versions(name) if v < current]
+        # a version a fleet release marked bad is never the default (S3: it is refused anyway)
+        older = [v for v in store.versions(name) if v < current and releases.bad_refusal(self.ports, name, v) is None]
         if not older:
             raise UsageError(f"{name} has no earlier version to roll back to (versions: {store.versions(name)})")
         return older[-1]

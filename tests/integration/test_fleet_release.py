@@ -102,16 +102,33 @@ def test_a_canary_that_fails_verification_aborts_and_its_version_never_spreads(f
              and a["version"] == 3]
     assert steps == ["canary", "promoted", "fleet", "done"], steps
 
+    # an operator's rollback in a fleet is the fleet's: past the bad version 2, every node follows
+    said = fleet.nodes[1].env.run("rollback", "www", "--reason", "clients reject the chain", check=0).stdout
+    assert "rolled back to version 1" in said, said
+    wait_until(lambda: fleet.converged(1), timeout=30, interval=0.2, what="every node back on version 1")
+    assert fleet.store.load_info("www", 3).meta["release_bad"]["state"] == "operator_rollback"
+    (record,) = [a for a in fleet.store.audit.records if a["event"] == "fleet_rollback"]
+    assert record["detail"]["from_version"] == 3 and record["initiator"].startswith("uid=")
+    refused = fleet.nodes[0].env.run("rollback", "www", "--to", "2", check=2).stderr
+    assert "marked bad" in refused and len(refused.strip().splitlines()) == 1, refused
+
 
 @pytest.mark.parametrize("rollout", [dict(canaries=1, max_failed_nodes=1, fleet_timeout="2m")])
 def test_a_node_failing_after_promotion_rolls_back_alone_within_the_threshold(fleet: Fleet, rollout: Any) -> None:
-    """max_failed_nodes = 1: the node whose reload fails after promotion goes back to version 1 alone; the rest serve 2."""
+    """max_failed_nodes = 1: the node whose reload fails after promotion goes back to version 1 alone; the rest serve 2.
+
+    The canary (node1, first by name) is down: another live node stands in for it, and node1
+    catches up when it starts again."""
     (fleet.nodes[2].env.dir / "failreload").touch()
-    fleet.renew(fleet.nodes[0])
+    fleet.nodes[0].env.daemons.pop().stop(timeout=30)
+    fleet.renew(fleet.nodes[1])
+    wait_until(lambda: _state(fleet) in ("promoted", "fleet"), timeout=60, interval=0.2, what="the release promoted")
+    assert _release(fleet).canaries == ("node2",) and fleet.nodes[0].served() == fleet.fingerprint(1)
+    fleet.nodes[0].env.start_daemon()
     wait_until(lambda: _state(fleet) == "done", timeout=60, interval=0.2, what="the release done")
     r = _release(fleet)
     assert r.failed == ("node3",) and "node3" in r.reason, r
-    assert fleet.converged(2, fleet.nodes[:2])
+    wait_until(lambda: fleet.converged(2, fleet.nodes[:2]), timeout=30, interval=0.2, what="nodes 1-2 on version 2")
     assert fleet.nodes[2].served_valid() == fleet.fingerprint(1)  # proven by a client's handshake
     rows = {n["node"]: n for n in fleet.status()["nodes"]}
     assert rows["node3"]["applied_version"] == 1 and "applying version 2" in rows["node3"]["last_error"]
