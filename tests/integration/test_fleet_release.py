@@ -122,10 +122,10 @@ def test_a_node_failing_after_promotion_rolls_back_alone_within_the_threshold(fl
     (fleet.nodes[2].env.dir / "failreload").touch()
     fleet.nodes[0].env.daemons.pop().stop(timeout=30)
     fleet.renew(fleet.nodes[1])
-    wait_until(lambda: _state(fleet) in ("promoted", "fleet"), timeout=60, interval=0.2, what="the release promoted")
+    # done without node1: a node that is not live does not hold a release up (it catches up later)
+    wait_until(lambda: _state(fleet) == "done", timeout=90, interval=0.2, what="the release done")
     assert _release(fleet).canaries == ("node2",) and fleet.nodes[0].served() == fleet.fingerprint(1)
     fleet.nodes[0].env.start_daemon()
-    wait_until(lambda: _state(fleet) == "done", timeout=60, interval=0.2, what="the release done")
     r = _release(fleet)
     assert r.failed == ("node3",) and "node3" in r.reason, r
     wait_until(lambda: fleet.converged(2, fleet.nodes[:2]), timeout=30, interval=0.2, what="nodes 1-2 on version 2")
