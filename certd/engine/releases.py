@@ -19,8 +19,13 @@ from typing import Protocol
 from certd.config import CertificateConfig
 from certd.core import release as core
 from certd.core.release import Release
+from certd.core.clock import isoformat
+from certd.engine import attempts
+from certd.engine.attempts import CertState
 from certd.engine.outcome import Outcome, Result
+from certd.engine.planning import Planner
 from certd.engine.ports import Ports
+from certd.engine.statebook import adopt, carry_notes
 from certd.ops.log import event
 
 log = logging.getLogger("certd.release")
@@ -52,15 +57,25 @@ def blocking_release(ports: Ports, cert: CertificateConfig) -> Outcome | None:
                                               f"no new order until the release ends", ports.store.current(cert.name))
 
 
-def open_release(ports: Ports, cert: CertificateConfig, current: int | None, version: int, serial: str,
-                 initiator: str, reason: str) -> Outcome | None:
+def open_release(ports: Ports, planner: Planner, cert: CertificateConfig, state: CertState, current: int | None,
+                 version: int, serial: str, initiator: str, reason: str) -> Outcome | None:
     """Open a release of the just-stored ``version`` (under the certificate's lease), or None
-    when this certificate is not released in steps here."""
+    when this certificate is not released in steps here. The renewal itself succeeded (one
+    certificate issued and stored): ``state`` says so, as a committed renewal's does."""
     releases = book(ports) if cert.rollout is not None and current is not None else None
     if releases is None:
         return None
-    r = core.open_release(cert.name, version, current, ports.clock.now())
+    now = ports.clock.now()
+    r = core.open_release(cert.name, version, current, now)
     releases.open(r)
+    notes = carry_notes(state)
+
+    def change(s: CertState) -> None:
+        notes(s)
+        s.failures, s.last_error, s.ari, s.ca_unreachable = 0, None, None, False
+        attempts.clear(s)
+        s.last_success, s.last_result = isoformat(now), "renewed"
+    adopt(state, planner.update_state(cert.name, change))
     event(log, "release_opened", name=cert.name, version=version, previous=current)
     ports.emit("release_opened", cert.name, initiator=initiator, reason=reason, version=version, new_serial=serial,
                detail={"previous": current, "canaries": _canaries(cert)})

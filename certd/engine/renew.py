@@ -192,7 +192,8 @@ class Renew:
                    old_serial=stored.bundle.info.serial if stored else None, spki_sha256=info.spki_sha256,
                    not_after=info.not_after, duration=clock.monotonic() - started,
                    detail=_issued_detail(issued.profile, issued.ca, tried.skipped))
-        released = releases.open_release(ports, cert, current, version, info.serial, initiator, reason)
+        released = releases.open_release(ports, self.planner, cert, state, current, version, info.serial, initiator,
+                                         reason)
         if released is not None:  # [certificate.rollout] in a fleet: the canaries deploy it first
             return released
         j = self.rotations.start(cert, "renew", current, version, initiator, reason)
