@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from certd import __version__
@@ -51,6 +52,12 @@ class FleetNode:
         self._failed: set[str] = set()  # names whose last apply failed: tried again every pass
         self._busy = False  # a certificate was busy in this process: the next pass comes soon
         self._said_removed = False
+        # finishing what a stopped node left (an order: up to order_timeout; a rotation: its
+        # reloads and verify) runs beside the apply loop, not in it: one slow CA must not hold
+        # every other certificate's convergence on this node
+        self._finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="certd-finish")
+        self._finishing: set[str] = set()
+        self._finishing_lock = threading.Lock()
 
         self._listening: set[Listen] = set()
         self.releases = ReleaseDriver(manager, store, self._interval)
@@ -63,6 +70,7 @@ class FleetNode:
     def stop(self) -> None:
         self._wake.set()
         self._thread.join(timeout=30)
+        self._finisher.shutdown(wait=True, cancel_futures=True)
         for listen in self._listening:
             responders.stop_listening(listen)
         self._listening.clear()
@@ -130,9 +138,11 @@ class FleetNode:
         desired version where it differs."""
         config = self._config()
         for name in self.store.fleet.orphaned_orders(config.names):
-            outcome = self.manager.resume_order(config.certificate(name), initiator=f"node={self.node}")
-            event(log, "orphaned_order", name=name, node=self.node, result=outcome.result.value,
-                  message=outcome.message)
+            with self._finishing_lock:
+                if name in self._finishing:
+                    continue
+                self._finishing.add(name)
+            self._finisher.submit(self._finish, config.certificate(name))
         for cert in config.certificates:
             if self._stop.is_set():
                 return
@@ -145,6 +155,19 @@ class FleetNode:
                 self.apply(cert, desired, applied)
             elif not self._reported(cert.name, desired):
                 self._report_served(cert, desired)
+
+    def _finish(self, cert: CertificateConfig) -> None:
+        """Finish the order or rotation a stopped node left for ``cert`` (on the finisher thread)."""
+        try:
+            outcome = self.manager.resume_order(cert, initiator=f"node={self.node}")
+            event(log, "orphaned_order", name=cert.name, node=self.node, result=outcome.result.value,
+                  message=outcome.message)
+        except Exception as e:  # noqa: BLE001 - a thread's last word: logged, retried at the next pass
+            event(log, "orphaned_order_failed", logging.ERROR, name=cert.name, node=self.node, error=str(e))
+        finally:
+            with self._finishing_lock:
+                self._finishing.discard(cert.name)
+            self.poke()  # apply what it committed here at once
 
     def _reported(self, name: str, version: int) -> bool:
         want = self.store.load_info(name, version).info.fingerprint_sha256

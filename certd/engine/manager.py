@@ -201,8 +201,9 @@ class Manager:
 
     def resume_order(self, cert: CertificateConfig, *, initiator: str, timeout: float = 0.0) -> Outcome:
         """Finish the order another process journaled for ``cert`` and then stopped (a fleet
-        node that died mid-order), waiting at most ``timeout`` seconds for the lease; nothing is
-        ordered afresh: ``not_due`` when no order is journaled once the lease is held."""
+        node that died mid-order), or roll out the version it stored and did not roll out
+        (:mod:`certd.engine.adopt`), waiting at most ``timeout`` seconds for the lease; nothing
+        is ordered afresh: ``not_due`` when nothing is left to finish once the lease is held."""
         req = RenewRequest.resuming(cert, initiator)
         ports = replace(self.ports, lock_timeout=timeout)
         return Renew(ports, self.planner)(req)

@@ -27,9 +27,9 @@ from certd.config import CertificateConfig
 from certd.core import policy, rotation
 from certd.core.clock import isoformat
 from certd.core.errors import CANotReachable, CertdError, OperationFailed, StoreError
-from certd.core.rotation import Step
+from certd.core.rotation import Journal, Step
 from certd.crypto import certcheck, keys
-from certd.engine import attempts, keyage, releases
+from certd.engine import adopt, attempts, keyage, releases
 from certd.engine.lifecycle import VersionStatus
 from certd.engine.failover import Failover, NothingResumed
 from certd.engine.orders import Orders
@@ -111,11 +111,24 @@ class Renew:
             reason = reason or decision.reason
             if decision.ca_requested and initiator == "scheduler":
                 initiator = "ari"  # the CA asked (ARI window in the past), not our own schedule
+            found = adopt.lapsed(self.ports, cert, current)
+            if found is not None:  # a node stored this renewal's certificate and died: no second order
+                return self._adopt(cert, state, *found, say)
         else:
             refusal = self._forced(req, state, current, old_serial, say)
             if refusal is not None:
                 return refusal
         return self._issue_and_roll_out(cert, stored, state, reason, initiator, req.force, say)
+
+    def _adopt(self, cert: CertificateConfig, state: CertState, node: str, lapsed: Journal, say: Say) -> Outcome:
+        """Roll out the version ``node`` stored for this renewal and left (see :mod:`certd.engine.adopt`)."""
+        started = self.ports.clock.monotonic()
+        adopt.take_over(self.ports, node, lapsed)
+        say(f"rolling out version {lapsed.to_version}, which node {node} stored and did not roll out")
+        j = self.rotations.start(cert, "renew", lapsed.from_version, lapsed.to_version, lapsed.initiator,
+                                 lapsed.reason)
+        j = self.rotations.drive(cert, j, say)
+        return self.rotations.finish(cert, j, state, self.ports.clock.monotonic() - started)
 
     def _resume(self, req: RenewRequest, stored: StoredVersion | None, state: CertState, say: Say) -> Outcome:
         """Finish the order another process journaled, under the lease: never a fresh order, and
@@ -123,8 +136,11 @@ class Renew:
         cert = req.cert
         current = stored.version if stored is not None else None
         serial = stored.bundle.info.serial if stored is not None else None
-        if self.ports.store.load_order(cert.name) is None:  # finished (or discarded) meanwhile
-            return Outcome(cert.name, Result.NOT_DUE, "no journaled order to resume", current, serial)
+        if self.ports.store.load_order(cert.name) is None:  # no order left: a stored version, maybe
+            found = adopt.lapsed(self.ports, cert, current)
+            if found is not None:
+                return self._adopt(cert, state, *found, say)
+            return Outcome(cert.name, Result.NOT_DUE, "nothing a stopped node left to finish", current, serial)
         now = self.ports.clock.now()
         waits = [t for t in (attempts.blocked_until(state, now), self.planner.failure_retry_at(stored, state))
                  if t is not None and t > now]

@@ -12,6 +12,7 @@ certificate's lock throughout.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from datetime import timedelta
 from typing import Any
 
@@ -66,6 +67,16 @@ class Rotations:
         """Finish a rotation that a crash left unfinished (see certd/core/rotation.py for the rule)."""
         j = self.load_journal(cert.name)
         if j is None or j.finished:
+            return None
+        current = self.ports.store.current(cert.name)
+        if current not in (j.from_version, j.to_version):
+            # The desired version moved on while this node was away (another node adopted or
+            # replaced this renewal, an operator rolled back): finishing it would move the
+            # desired version back. The fleet's reconciler deploys the desired one here.
+            event(log, "rotation_superseded", logging.WARNING, name=cert.name, step=j.step.value,
+                  version=j.to_version, current=current)
+            say(f"not resuming the {j.kind} to version {j.to_version}: version {current} is desired now")
+            self.save_journal(replace(j, step=Step.FAILED, error=f"superseded: version {current} is desired"))
             return None
         event(log, "rotation_resumed", logging.WARNING, name=cert.name, step=j.step.value, version=j.to_version)
         say(f"resuming an unfinished {j.kind} at step {j.step.value}")

@@ -239,6 +239,25 @@ class FileStore(VersionFiles):
             else:
                 fsutil.atomic_write(d / "journal.json", fileio.json_bytes(journal), mode=0o600)
 
+    def foreign_rotations(self, name: str) -> dict[str, dict[str, Any]]:
+        """Other nodes' rotation journals of ``name`` (on one host: none), by node."""
+        try:
+            nodes = sorted(p.name for p in Path(f"{self._cert_path(name)}/nodes").iterdir())
+        except FileNotFoundError:
+            return {}
+        except OSError as e:
+            raise fsutil.store_error(e, f"{self._cert_path(name)}/nodes", "list") from e
+        found = {node: self.load_rotation(node, name) for node in nodes
+                 if node != self.node and fileio.NAME_RE.fullmatch(node)}
+        return {node: j for node, j in found.items() if j is not None}
+
+    def drop_rotation(self, node: str, name: str) -> None:
+        """Remove ``node``'s rotation journal of ``name`` and its applied report (fenced)."""
+        d = self._node_dir(node, name)
+        with self._fence(name, None):
+            for f in (NEXT_STEP_FILE, "journal.json", "applied"):
+                fileio.remove(d / f)
+
     def load_journal(self, name: str) -> dict[str, Any] | None:
         return self.load_rotation(self.node, name)
 

@@ -230,6 +230,16 @@ class MemoryStore:
             else:
                 self._d.journals[(node, name)] = copy.deepcopy(journal)
 
+    def foreign_rotations(self, name: str) -> dict[str, dict[str, Any]]:
+        with self._d.cond:
+            return {node: copy.deepcopy(j) for (node, n), j in self._d.journals.items()
+                    if n == name and node != self.node}
+
+    def drop_rotation(self, node: str, name: str) -> None:
+        with self._fenced(name, None):
+            self._d.journals.pop((node, name), None)
+            self._d.applied.pop((node, name), None)
+
     def load_journal(self, name: str) -> dict[str, Any] | None:
         return self.load_rotation(self.node, name)
 

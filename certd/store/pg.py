@@ -356,6 +356,19 @@ class PgStore:
                 cur.execute("INSERT INTO certd_rotations VALUES (%s, %s, %s) ON CONFLICT (node, name) DO UPDATE "
                             "SET journal = EXCLUDED.journal", (node, name, Jsonb(journal)))
 
+    def foreign_rotations(self, name: str) -> dict[str, dict[str, Any]]:
+        """The rotation journals other nodes keep for ``name`` (finished or not), by node."""
+        rows = self._all("SELECT node, journal FROM certd_rotations WHERE name = %s AND node <> %s", (name, self.node))
+        return {r[0]: r[1] for r in rows}
+
+    def drop_rotation(self, node: str, name: str) -> None:
+        """Forget ``node``'s rotation of ``name`` and what it applied, in one fenced transaction:
+        its reconciler then re-applies the desired version, whatever the rotation left on disk."""
+        with self.tx() as cur:
+            self._fence(cur, name, None)
+            cur.execute("DELETE FROM certd_rotations WHERE node = %s AND name = %s", (node, name))
+            cur.execute("DELETE FROM certd_applied WHERE node = %s AND name = %s", (node, name))
+
     def load_journal(self, name: str) -> dict[str, Any] | None:
         return self.load_rotation(self.node, name)
 

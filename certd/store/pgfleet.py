@@ -21,9 +21,13 @@ from certd.core.clock import isoformat
 #: how long a published http-01 answer is served at most (the order deletes it before)
 CHALLENGE_TTL = 3600.0
 NOW = "COALESCE(%(now)s::timestamptz, clock_timestamp())"
+#: a rotation's steps on its way forward (certd.core.rotation): one left there can be adopted
+_FORWARD = ["issued", "staged", "switched", "reloaded", "verified"]
 
 
 class _Db(Protocol):
+    node: str
+
     def now_param(self) -> datetime | None: ...
     def _one(self, sql: str, args: Any = ()) -> tuple[Any, ...] | None: ...
     def _all(self, sql: str, args: Any = ()) -> list[tuple[Any, ...]]: ...
@@ -70,11 +74,15 @@ class FleetBook:
         return row is not None
 
     def orphaned_orders(self, names: Sequence[str]) -> list[str]:
-        """Those of ``names`` with a journaled order and a free (released or expired) lease: an
-        order whose node stopped mid-way, for another node to finish."""
-        rows = self._db._all(f"SELECT o.name FROM certd_orders o LEFT JOIN certd_leases l ON l.name = o.name "
-                             f"WHERE o.name = ANY(%(names)s) AND (l.owner IS NULL OR l.expires <= {NOW})",
-                             self._args(names=list(names)))
+        """Those of ``names`` with a free (released or expired) lease and either a journaled
+        order or another node's renewal rotation that had not finished: work a node stopped
+        mid-way, for another node to finish (:mod:`certd.engine.adopt`)."""
+        rows = self._db._all(
+            f"SELECT name FROM (SELECT name FROM certd_orders UNION SELECT name FROM certd_rotations "
+            f"WHERE node <> %(node)s AND journal->>'kind' = 'renew' AND journal->>'step' = ANY(%(forward)s)) w "
+            f"WHERE name = ANY(%(names)s) AND NOT EXISTS (SELECT 1 FROM certd_leases l WHERE l.name = w.name "
+            f"AND l.owner IS NOT NULL AND l.expires > {NOW}) ORDER BY name",
+            self._args(names=list(names), node=self._db.node, forward=_FORWARD))
         return [r[0] for r in rows]
 
     # -- reports -----------------------------------------------------------------------------

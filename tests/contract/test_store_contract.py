@@ -288,6 +288,27 @@ def test_rotation_journal_is_keyed_by_node(opener):
     assert a.load_rotation("node1", "www") is None and b.load_journal("www") is not None
 
 
+def test_another_nodes_rotation_is_listed_and_dropped_with_what_it_applied(opener):
+    """foreign_rotations lists the other nodes' journals of one certificate; drop_rotation removes
+    one node's journal and applied report, fenced by the holder's lease."""
+    a, b = opener("node1"), opener("node2")
+    lease = a.lease("www", "a", TTL)
+    a.save_rotation("node1", "www", {"step": "staged", "to_version": 2}, lease=lease)
+    a.save_rotation("node2", "www", {"step": "verified", "to_version": 2}, lease=lease)
+    a.save_rotation("node3", "other", {"step": "issued", "to_version": 1}, lease=a.lease("other", "a", TTL))
+    a.set_applied("node1", "www", 1)
+    assert b.foreign_rotations("www") == {"node1": {"step": "staged", "to_version": 2}}
+    assert a.foreign_rotations("www") == {"node2": {"step": "verified", "to_version": 2}}
+    a.release(lease)
+    with b.lock("www"):  # drop_rotation is fenced by the lease lock() binds
+        with pytest.raises(Fenced):
+            a.save_rotation("node1", "www", None, lease=lease)
+        b.drop_rotation("node1", "www")
+    assert b.foreign_rotations("www") == {} and a.applied("node1", "www") is None
+    assert a.load_rotation("node2", "www") is not None and a.foreign_rotations("other") == {"node3": {
+        "step": "issued", "to_version": 1}}
+
+
 def test_order_journal_lets_another_client_resume(opener):
     """An order journal saved by one client (URL, key, meta) is read whole by another, then removed."""
     a, b = opener("node1"), opener("node2")

@@ -103,3 +103,26 @@ def test_ordering_node_killed_between_new_order_and_finalize_another_completes_i
     fleet.nodes[0].env.daemons.clear()
     fleet.nodes[0].env.start_daemon()
     wait_until(lambda: fleet.converged(2), timeout=30, interval=0.2, what="node 1 back on version 2")
+
+
+def test_ordering_node_killed_after_storing_the_version_another_rolls_it_out(fleet: Fleet) -> None:
+    """The ordering node SIGKILLed after storing the new version, before rolling it out: another node rolls that version out to the fleet; one certificate, and the node that died serves it once back."""
+    daemons = [node.env.start_daemon() for node in fleet.nodes]
+    wait_until(lambda: fleet.converged(1), timeout=60, interval=0.5, what="every node serving version 1")
+    daemons[0].stop(timeout=30)
+    fleet.nodes[0].env.daemons.clear()
+    crashing = fleet.nodes[0].env.start_daemon(env={"CERTD_CRASH_AT": "issued"})
+    wait_until(lambda: "daemon_ready" in crashing.log_text(), timeout=30, what="node 1 ready")
+    fleet.nodes[0].env.run("renew", "www", "--force", "--wait", check=None)  # its daemon dies after storing
+    wait_until(lambda: not crashing.alive, timeout=30, what="node 1 killed after storing version 2")
+    assert fleet.store.versions("www") == [1, 2] and fleet.store.desired("www") == 1
+    # the lease outlives the dead holder by its TTL, then node 2 or 3 rolls version 2 out
+    wait_until(lambda: fleet.converged(2, fleet.nodes[1:]), timeout=90, interval=0.5, what="nodes 2-3 on version 2")
+    assert len(fleet.ca.orders_created) == 2, "a second certificate was ordered for one renewal"
+    assert fleet.store.versions("www") == [1, 2]
+    (adopted,) = [r for r in fleet.store.audit.records if r["event"] == "version_adopted"]
+    assert adopted["version"] == 2 and adopted["detail"]["stored_by"] == "node1"
+    fleet.nodes[0].env.daemons.clear()
+    fleet.nodes[0].env.start_daemon()
+    wait_until(lambda: fleet.converged(2), timeout=30, interval=0.2, what="node 1 back on version 2")
+    assert fleet.store.desired("www") == 2 and len(fleet.ca.orders_created) == 2
