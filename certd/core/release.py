@@ -49,6 +49,7 @@ class State(str, enum.Enum):
 
 
 TERMINAL = frozenset({State.DONE, State.ABORTED, State.FLEET_ROLLED_BACK})
+SUPERSEDED = "superseded"  # the reason's first word when desired moved outside the release
 
 
 class Effect(str, enum.Enum):
@@ -84,6 +85,7 @@ class Facts:
     live: Sequence[str]
     reports: Mapping[str, Report] = field(default_factory=dict)
     held: bool = False
+    desired: int | None = None   # the desired version now (None: not known, not checked)
 
 
 @dataclass(frozen=True)
@@ -143,11 +145,29 @@ def advance(r: Release, facts: Facts, rollout: Rollout, now: datetime) -> Transi
     if r.finished:
         return None
     timed_out = (now - r.since).total_seconds() >= rollout.fleet_timeout
+    superseded = _superseded(r, facts, now)
+    if superseded is not None:
+        return superseded
     if r.state == State.ISSUED:
         return _issued(r, facts, rollout, now, timed_out)
     if r.state == State.CANARY:
         return _canary(r, facts, now, timed_out)
     return _fleet(r, facts, rollout, now, timed_out)
+
+
+def _superseded(r: Release, facts: Facts, now: datetime) -> Transition | None:
+    """The desired version moved outside the release (a revocation's re-key, an operator's
+    rollback): before promotion the release aborts (its version must not come back later),
+    after it the release is over."""
+    if facts.desired is None:
+        return None
+    if r.state in (State.ISSUED, State.CANARY) and facts.desired != r.previous:
+        return Transition(_to(r, State.ABORTED, now, f"{SUPERSEDED}: version {facts.desired} was made desired "
+                                                     "outside the release"), Effect.ABORT)
+    if r.state in (State.PROMOTED, State.FLEET) and facts.desired != r.version:
+        return Transition(_to(r, State.DONE, now, f"{SUPERSEDED}: version {facts.desired} was made desired "
+                                                  "outside the release"))
+    return None
 
 
 def _issued(r: Release, facts: Facts, rollout: Rollout, now: datetime, timed_out: bool) -> Transition | None:

@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 from certd.config import CertificateConfig
 from certd.core.errors import CertdError, LockBusy
-from certd.core.release import Facts, Release, State, Transition, advance
+from certd.core.release import SUPERSEDED, Facts, Release, State, Transition, advance
 from certd.engine.manager import Manager
 from certd.engine.rotations import Rotations
 from certd.ops.log import event
@@ -65,7 +65,7 @@ class ReleaseDriver:
         if r is None or r.finished:
             return False
         facts = Facts(releases.live_nodes(self.live_within()), releases.reports(cert.name, r.version),
-                      releases.held(cert.name))
+                      releases.held(cert.name), self.store.desired(cert.name))
         t = advance(r, facts, cert.rollout, self.manager.clock.now())
         if t is None:
             return False
@@ -85,7 +85,8 @@ class ReleaseDriver:
                           detail={"node": self.node, "state": r.state.value, "from_state": before.state.value,
                                   "canaries": list(r.canaries), "failed": list(r.failed), "previous": r.previous,
                                   "effect": t.effect.value})
-        if bad:  # the renewal failed after all: the scheduler backs off instead of ordering again at once
+        if bad and not r.reason.startswith(SUPERSEDED):
+            # the renewal failed after all: the scheduler backs off instead of ordering again at once
             rotations = Rotations(self.manager.ports, self.manager.planner)
             try:
                 rotations.record_failure(cert, self.manager.planner.load_state(cert.name),

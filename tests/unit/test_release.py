@@ -130,3 +130,15 @@ def test_no_canaries_promotes_at_once_and_silent_nodes_end_at_the_timeout(clock:
     clock.advance(timedelta(seconds=30))
     r, _ = run(r, Facts(NODES, {"node1": OK, "node2": OK}), rollout, clock)
     assert r.state == State.DONE and "node3" in r.reason
+
+
+def test_a_release_is_superseded_when_desired_moves_outside_it(clock: FakeClock) -> None:
+    """A revocation's re-key or an operator's rollback moves desired: before promotion the release aborts, after it ends."""
+    r, _ = run(open_release("www", 2, 1, clock.now()), Facts(NODES, desired=1), Rollout(), clock)
+    aborted, effect = run(r, Facts(NODES, {"node1": OK}, desired=3), Rollout(), clock)
+    assert (aborted.state, effect) == (State.ABORTED, Effect.ABORT) and "superseded" in aborted.reason
+    promoted, _ = run(r, Facts(NODES, {"node1": OK}, desired=1), Rollout(), clock)
+    assert promoted.state == State.PROMOTED
+    ended, effect = run(promoted, Facts(NODES, desired=3), Rollout(), clock)
+    assert (ended.state, effect) == (State.DONE, Effect.NONE) and "superseded" in ended.reason
+    assert advance(promoted, Facts(NODES, {"node1": OK}, desired=2), Rollout(), clock.now()) is not None
