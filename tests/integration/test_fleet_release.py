@@ -10,7 +10,7 @@ handshake check fails), the second fails while ``failreload`` exists (the reload
 from __future__ import annotations
 
 import json
-from datetime import timedelta
+from datetime import datetime, timedelta
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -65,6 +65,16 @@ def _serving(fleet: Fleet, version: int, nodes: list[Node]) -> bool:
     return all(n.served() == want for n in nodes)
 
 
+def _took(fleet: Fleet, version: int, state: str) -> float:
+    """Seconds from the release of ``version`` opening to its step ``state`` (audit times)."""
+    def at(record: dict[str, Any]) -> float:
+        return datetime.fromisoformat(str(record["time"]).replace("Z", "+00:00")).timestamp()
+    records = [r for r in fleet.store.audit.records if r["version"] == version]
+    (opened,) = [r for r in records if r["event"] == "release_opened"]
+    (step,) = [r for r in records if r["event"] == "release_step" and r["detail"]["state"] == state]
+    return at(step) - at(opened)
+
+
 def _applied_ok(fleet: Fleet, version: int) -> set[str]:
     """Nodes the audit log says deployed ``version`` successfully."""
     return {r["detail"]["node"] for r in fleet.store.audit.records
@@ -101,6 +111,8 @@ def test_a_canary_that_fails_verification_aborts_and_its_version_never_spreads(f
     steps = [a["detail"]["state"] for a in fleet.store.audit.records if a["event"] == "release_step"
              and a["version"] == 3]
     assert steps == ["canary", "promoted", "fleet", "done"], steps
+    print(f"\nrelease of version 3: opened -> promoted {_took(fleet, 3, 'promoted'):.2f} s, "
+          f"-> done {_took(fleet, 3, 'done'):.2f} s")
 
     # an operator's rollback in a fleet is the fleet's: past the bad version 2, every node follows
     said = fleet.nodes[1].env.run("rollback", "www", "--reason", "clients reject the chain", check=0).stdout
