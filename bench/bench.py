@@ -111,6 +111,7 @@ FULL = Sizes(limit_par=400, single_fast=50, single_real=20, batch_real=(1, 100),
 QUICK = Sizes(limit_par=80, single_fast=10, single_real=5, batch_real=(1, 20),
               batch_fast=(1, 20, 100), certbot=2, footprint=(100,), idle=5.0, status=1000)
 FSYNC_TARGET = 12         # per rotation with one live_dir (issue 20)
+BATCH_TARGET = 0.9        # x the limit client's 8-thread throughput at 1,000 certificates (issue 20; issue 6: 0.7)
 STATUS_TARGET = 1.0       # seconds, certd status --json without a daemon
 
 
@@ -608,9 +609,9 @@ def report(res: Results, sizes: Sizes) -> str:
     fast_batches = [b for k, b in batch.items() if k.startswith("fast_")]
     if fast_batches and "par_per_s" in lim:
         big = max(fast_batches, key=lambda b: b["n"])
-        want = 0.7 * lim["par_per_s"]
+        want = BATCH_TARGET * lim["par_per_s"]
         line(f"batch throughput ({int(big['n'])}, fast)", f"{big['per_s']:.1f} certs/s",
-             f">= 0.7 x limit = {want:.1f}/s", check(big["per_s"] >= want))
+             f">= {BATCH_TARGET} x limit = {want:.1f}/s", check(big["per_s"] >= want))
         line("  ratio to the limit's 8 threads", f"{big['per_s'] / lim['par_per_s']:.2f}")
     real_batches = [b for k, b in batch.items() if k.startswith("real_")]
     if cb:

@@ -20,7 +20,7 @@ from certd import config as config_mod
 from certd.ops import log as logmod
 from certd.config import Config
 from certd.config import cache as config_cache
-from certd.core.errors import CertdError, ConfigError, UsageError
+from certd.core.errors import AcmeError, CertdError, ConfigError, UsageError
 from certd.cli_backends import Local, Remote, daemon_client
 from certd.core.textsafe import check_reason
 
@@ -225,20 +225,31 @@ def cmd_dns_persist_record(args: argparse.Namespace) -> int:
     mgr = build_manager(load_config(args), maintenance=False)
     try:
         cert = mgr.select([args.name])[0]
-        lines = []
-        for ca in mgr.config.cas_for(cert):  # several CAs: each names its own issuer and account
+        cas = mgr.config.cas_for(cert)
+        lines: list[str] = []
+        failed: list[str] = []   # one line per CA that did not answer: the others' records still print
+        for ca in cas:  # several CAs: each names its own issuer and account
             issuer = mgr.ports.issuer_at(ca.name)
             assert isinstance(issuer, Issuer)
-            lines += issuer.persist_records(cert)
+            try:
+                lines += issuer.persist_records(cert)
+            except AcmeError as e:
+                if len(cas) == 1:
+                    raise  # one CA: its error is the command's, as it always was
+                said = re.sub(r";\s*(will retry|not retrying)\b.*$", "", str(e))  # the daemon's next step: not ours
+                failed.append(f"CA {ca.name}: no record printed: {said}; run this again once it answers")
     finally:
         mgr.close()
     if cert.challenge != "dns-persist-01":
         print(f"certd: note: {cert.name} uses {cert.challenge}; set challenge = \"dns-persist-01\" to use these",
               file=sys.stderr)
-    print(f"; publish once for {cert.name}; certd changes no DNS record per order afterwards")
+    if lines:
+        print(f"; publish once for {cert.name}; certd changes no DNS record per order afterwards")
     for line in lines:
         print(line)
-    return EXIT_OK
+    for line in failed:
+        print(f"certd: {line}", file=sys.stderr)
+    return EXIT_FAILED if failed else EXIT_OK
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -259,6 +270,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     for row in rows:  # a renewal waiting for the CA: when the next try is, and how to try now
         if row.get("state") in ("held", "rate_limited"):
             print(f"{row['name']}: {row.get('renewal_reason')}")
+    for r in rows:  # a CA that does not answer: the table's LAST RESULT alone does not say whose trouble it is
+        if r.get("ca_unreachable"):
+            print(f"{r['name']}: CA unreachable: {r.get('last_error')}")
     for r in rows:  # a broken certificate says why, whatever the table shows
         if r.get("state") == "broken":
             print(f"{r['name']}: broken: {r.get('broken_reason')}")
@@ -314,7 +328,7 @@ def cmd_revoke(args: argparse.Namespace) -> int:
 
 def cmd_history(args: argparse.Namespace) -> int:
     from certd.ops import audit
-    from certd.daemon.control import rows_document
+    from certd.daemon.control_client import rows_document
     client = daemon_client(args.config)  # the daemon reads the 0700 state dir for control_group members
     if client is not None:
         doc = client.get("/v1/history", params={"name": args.name} if args.name is not None else None)
@@ -349,7 +363,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
-    from certd.daemon.control import ControlClient, DaemonNotRunning
+    from certd.daemon.control_client import ControlClient, DaemonNotRunning
     # The file may be broken: that is what the daemon reports. Only find its socket here.
     sock = config_mod.peek_control_socket(config_mod.resolve_path(args.config))
     client = ControlClient(sock)

@@ -43,7 +43,7 @@ class Local:
             return [self.mgr.status(c) for c in certs]
 
     def status_json(self, names: list[str]) -> str:
-        from certd.daemon.control import rows_document
+        from certd.daemon.control_client import rows_document
         certs = self.mgr.select(names)
         with self._status_index():
             return rows_document("certificates", [self.mgr.status_json(c) for c in certs])
@@ -155,7 +155,7 @@ class Remote:
 
 def daemon_client(config_arg: str | None) -> Any:
     """A client of the running daemon, or None when none runs."""
-    from certd.daemon.control import ControlClient, DaemonNotRunning
+    from certd.daemon.control_client import ControlClient, DaemonNotRunning
     path: Path = config_mod.resolve_path(config_arg)
     if path.is_file():  # else load_config says what is wrong with the path
         # The daemon validates names and runs on the config it loaded; the file is not parsed

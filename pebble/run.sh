@@ -57,7 +57,7 @@ CA_BUNDLE="$RUN_DIR/tls/ca.pem"
 running() {
     local pid
     pid="$(cat "$RUN_DIR/$1.pid" 2>/dev/null)" || return 1
-    [[ "$pid" =~ ^[0-9]+$ ]] && [[ "$(readlink "/proc/$pid/exe" 2>/dev/null)" == "$2" ]]
+    [[ "$pid" =~ ^[0-9]+$ ]] && [[ "$(readlink "/proc/$pid/exe" 2>/dev/null)" == "$(readlink -f "$2")" ]]
 }
 
 if running pebble "$BIN/pebble" || running challtestsrv "$BIN/pebble-challtestsrv"; then

@@ -21,11 +21,13 @@ gone() {
     [[ -z "$state" || "$state" == Z ]]
 }
 
+# /proc/PID/exe is the resolved path: compare with the resolved binary (.cache may be a symlink,
+# as in a git worktree sharing the download), else a running Pebble is taken for a reused PID.
 stop_one() {
     local name="$1" exe="$2" pidfile="$RUN_DIR/$1.pid" pid deadline
     [[ -f "$pidfile" ]] || { say "$name: not running (no $pidfile)"; return 0; }
     pid="$(cat "$pidfile")"
-    if ! [[ "$pid" =~ ^[0-9]+$ ]] || [[ "$(readlink "/proc/$pid/exe" 2>/dev/null)" != "$exe" ]]; then
+    if ! [[ "$pid" =~ ^[0-9]+$ ]] || [[ "$(readlink "/proc/$pid/exe" 2>/dev/null)" != "$(readlink -f "$exe")" ]]; then
         say "$name: pid '$pid' is not $exe any more; nothing to stop"
         rm -f "$pidfile"
         return 0

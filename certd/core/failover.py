@@ -93,7 +93,7 @@ def after_failure(error: BaseException, tries: int, now: datetime, emergency: da
     if is_ca_trouble(error):
         if tries < budget:
             return Step(RETRY, f"not answering (try {tries} of {budget})")
-        return Step(NEXT, f"not answering after {tries} tries")
+        return Step(NEXT, f"not answering after {tries} {'try' if tries == 1 else 'tries'}")
     return Step(STOP, "failed on our side (not the CA's doing): another CA would fail the same way")
 
 

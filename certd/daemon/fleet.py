@@ -69,12 +69,25 @@ class FleetNode:
 
     def stop(self) -> None:
         self._wake.set()
-        self._thread.join(timeout=30)
+        if self._thread.ident is not None:  # a SIGTERM during start-up recovery stops it before it started
+            self._thread.join(timeout=30)
         self._finisher.shutdown(wait=True, cancel_futures=True)
         for listen in self._listening:
             responders.stop_listening(listen)
         self._listening.clear()
         answers.share_answers(None)
+
+    def reclaim(self) -> None:
+        """Before start-up recovery: free the leases this node's previous process held when it
+        died, so its unfinished rotations are finished now rather than after the leases' TTL."""
+        try:
+            released = self.store.reclaim_dead_leases()
+        except CertdError as e:  # the database is not there yet: recovery waits as it would have
+            event(log, "lease_reclaim_failed", logging.WARNING, node=self.node, error=str(e))
+            return
+        if released:
+            event(log, "leases_reclaimed", logging.WARNING, node=self.node, count=len(released),
+                  names=",".join(released[:8]), reason="held by this node's previous process, which is gone")
 
     def reconfigure(self) -> None:
         """Keep an http-01 responder up on every ``http01_listen`` of the configuration: the

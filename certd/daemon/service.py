@@ -90,6 +90,8 @@ class Daemon:
         sd_notify("STATUS=starting: finishing interrupted rotations")
         self.control.start()
         try:
+            if self.fleet is not None:
+                self.fleet.reclaim()
             for j in self.manager.recover_all(workers=self.config.daemon.workers, stop=self._stop):
                 event(log, "rotation_recovered", name=j.name, step=j.step.value)
             if self._stop.is_set():  # asked to stop meanwhile: start nothing new

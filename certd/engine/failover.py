@@ -21,7 +21,7 @@ from certd.acme import resume
 from certd.config import AcmeConfig, CertificateConfig
 from certd.core import failover, policy, retry
 from certd.core.clock import isoformat
-from certd.core.errors import AcmeError, OperationFailed
+from certd.core.errors import AcmeError, CANotReachable, OperationFailed
 from certd.engine.attempts import CertState
 from certd.engine.orders import Issued, Orders
 from certd.engine.ports import Ports, Say
@@ -42,6 +42,7 @@ class Tried:
 
     skipped: list[dict[str, str]] = field(default_factory=list)
     stopped: bool = False   # the attempt ended at a CA that said to wait for it (not the last CA's failure)
+    unreachable: list[str] = field(default_factory=list)  # CAs that did not answer (CANotReachable)
 
     def skip(self, cert: str, ca: str, why: str, say: Say) -> None:
         self.skipped.append({"ca": ca, "reason": why})
@@ -105,7 +106,7 @@ class Failover:
                         raise
                     # a CA that said to wait for it: the CAs after it do not count
                     relevant = cas[:[c.name for c in cas].index(ca.name) + 1] if tried.stopped else cas
-                    raise _lasting(cert, relevant, ca.name, waits, e, self.ports.clock.now()) from e
+                    raise _lasting(cert, relevant, ca.name, waits, e, self.ports.clock.now(), tried.unreachable) from e
                 if got is not None:
                     waits.pop(ca.name, None)  # it answered: its next refusal starts a fresh schedule
                     # an abandoned order's journal is still stored: cleared with this one's
@@ -122,12 +123,16 @@ class Failover:
         else ``error`` is raised: one CA alone, or a failure no other CA would help with."""
         name = self.orders.journal_ca(cert) or cas[0].name
         self.orders.failed(cert.name, error)  # the journal stays while the order may still complete
-        step = failover.after_failure(error, failover.TRANSIENT_BUDGET, self.ports.clock.now(), emergency)
+        # one try (the resume), and no second one: the CA's order may still complete, and the next
+        # CA helps sooner than asking a CA that is down again (a budget of 1 says so truthfully)
+        step = failover.after_failure(error, 1, self.ports.clock.now(), emergency, budget=1)
         if len(cas) == 1 or step.action == failover.STOP:
             raise error
         if step.wait_until is not None:
             waits[name] = {"until": isoformat(step.wait_until), "kind": step.kind or "",
                            "problem": retry.short(getattr(error, "problem_type", None)) or "", "count": 1}
+        if isinstance(error, CANotReachable):
+            tried.unreachable.append(name)
         tried.skip(cert.name, name, f"could not continue its order: {step.reason}: {_NEXT_STEP.sub('', str(error))}",
                    say)
         return name
@@ -162,6 +167,8 @@ class Failover:
                     if several and e.args and isinstance(e.args[0], str):
                         e.args = (f"CA {ca.name}: {e.args[0]}", *e.args[1:])  # several CAs: say whose answer
                     raise
+                if isinstance(e, CANotReachable):
+                    tried.unreachable.append(ca.name)
                 tried.skip(cert.name, ca.name, f"{step.reason}: {_NEXT_STEP.sub('', str(e))}", say)
                 return None
 
@@ -182,21 +189,27 @@ def _all_waiting(cert: CertificateConfig, cas: tuple[AcmeConfig, ...], waits: di
 
 
 def _lasting(cert: CertificateConfig, cas: tuple[AcmeConfig, ...], failed: str, waits: dict[str, dict[str, Any]],
-             error: OperationFailed, now: datetime) -> OperationFailed:
+             error: OperationFailed, now: datetime, unreachable: list[str] | None = None) -> OperationFailed:
     """What the certificate itself records when CA ``failed`` ended the attempt with ``error``
     (``cas``: the CAs a next attempt would consider, ``failed`` among them).
 
     When that failure left ``failed`` waiting anew (a refusal, a rate limit), the wait is that
     CA's (kept in ``waits``): the certificate may try again as soon as any of ``cas`` may be
     asked — at the next try on the short backoff when one is not waiting (it was only down),
-    else when the first wait ends. ``error`` as it is when that is ``failed``'s own wait."""
+    else when the first wait ends. ``error`` as it is when that is ``failed``'s own wait.
+
+    When a CA the next try asks did not answer in this attempt (``unreachable``), the failure is
+    :class:`CANotReachable`: the certificate waits for that CA, so the state says "CA
+    unreachable" and the daemon's CA probe retries it as soon as that CA answers again."""
     if len(cas) <= 1 or failover.waiting(waits, failed, now) is None:
         return error
     said = _NEXT_STEP.sub("", str(error))
     free = [ca.name for ca in cas if failover.waiting(waits, ca.name, now) is None]
+    down = [name for name in free if name in (unreachable or ())]
     if free:
-        lasting = AcmeError(f"{said}; CA {failed} skipped until {waits[failed]['until']}, {', '.join(free)} asked "
-                            "at the next try", transient=True)
+        text = f"{said}; CA {failed} skipped until {waits[failed]['until']}, {', '.join(free)} asked at the next try"
+        lasting = CANotReachable(f"{text} (CA {', '.join(down)} not answering)") if down else \
+            AcmeError(text, transient=True)
     elif min(str(waits[ca.name].get("until")) for ca in cas) >= str(waits[failed].get("until")):
         return error  # its own wait ends first: the certificate waits for it, as the error says
     else:

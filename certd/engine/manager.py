@@ -21,7 +21,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from certd.acme.issuer import connect
 from certd.config import CertificateConfig, Config
 from certd.core.clock import Clock, SystemClock
 from certd.core.errors import AcmeError, LockBusy, StoreError, UsageError
@@ -29,7 +28,6 @@ from certd.core.events import EventBus
 from certd.core.rotation import Journal
 from certd.engine.destruction import destroy_retired_keys
 from certd.engine.effects import LocalEdges
-from certd.engine.dryrun import dry_run
 from certd.engine.outcome import Outcome, RenewRequest, Result
 from certd.engine.planning import Planner
 from certd.engine.ports import IssuerPort, Ports, Progress
@@ -128,6 +126,9 @@ class Manager:
                 if ca is None:
                     raise AcmeError(f"no CA named {name!r} is configured (any more); configured: "
                                     f"{', '.join(c.name for c in self.ports.config.cas)}")
+                # Imported here, not at the top: the ACME client (acme, josepy, requests: ~0.25 s)
+                # is needed only once an order or an ARI poll happens, never by `certd status`.
+                from certd.acme.issuer import connect
                 events = self.ports.events
                 issuer = self._issuers[name] = connect(
                     ca, self.ports.store, self.ports.clock,
@@ -211,6 +212,7 @@ class Manager:
     def dry_run(self, certs: list[CertificateConfig], *, server: str | None = None, initiator: str = "operator",
                 progress: Progress | None = None) -> list[Outcome]:
         """See :mod:`certd.engine.dryrun`."""
+        from certd.engine.dryrun import dry_run  # the ACME client: see _issuer_for
         return dry_run(self.ports, certs, server, initiator, progress)
 
     def rollback(self, cert: CertificateConfig, *, to_version: int | None = None, reason: str = "",

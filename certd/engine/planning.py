@@ -201,7 +201,7 @@ class Planner:
                                "next_renewal": isoformat(decision.renew_at), "last_result": None,
                                "last_error": None, "failures": 0, "rotation": None, "profile": None,
                                "renewal_reason": decision.reason, "broken_reason": reason,
-                               "key_class": cert.key_class, "ca": None}
+                               "key_class": cert.key_class, "ca": None, "ca_unreachable": False}
         try:
             state = self.load_state(cert.name)
             row.update(last_result=state.last_result, last_error=state.last_error, failures=state.failures)
@@ -234,7 +234,8 @@ class Planner:
                                "key_class": cert.key_class, "ca": None}
         until = attempts.blocked_until(state, self.clock.now())
         row.update(failure_kind=state.failure_kind if state.failures else None, problem=state.problem,
-                   retry_after=isoformat(until) if until else None)
+                   retry_after=isoformat(until) if until else None,
+                   ca_unreachable=bool(state.failures and state.ca_unreachable))
         stored = self.store.load_info(cert.name, current) if current is not None else None
         decision = self.decide(cert, stored, state, refresh_ari=False)
         row["next_renewal"] = isoformat(decision.renew_at)

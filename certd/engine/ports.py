@@ -12,14 +12,16 @@ from __future__ import annotations
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Collection, Mapping, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Collection, Mapping, Protocol
 
-from certd.acme.issuer import RenewalInfo
 from certd.config import CertificateConfig, Config
 from certd.core import rotation
 from certd.core.clock import Clock
 from certd.core.events import EventBus, LifecycleEvent
 from certd.store.files import Store
+
+if TYPE_CHECKING:  # the ACME client is imported only where an order happens (certd status never)
+    from certd.acme.ari import RenewalInfo
 
 Say = Callable[[str], None]                 # one progress line about the certificate at hand
 Progress = Callable[[str, str], None]       # (certificate name, message)

@@ -22,7 +22,6 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any, Iterable
 
-from certd.acme.issuer import ari_cert_id
 from certd.config import CertificateConfig
 from certd.core import policy, rotation
 from certd.core.clock import isoformat
@@ -265,6 +264,7 @@ def _replaces(stored: StoredVersion | None, cert: CertificateConfig) -> str | No
     differ from the stored certificate's (a CA refuses replaces for other identifiers)."""
     if stored is None or set(stored.bundle.info.identifiers) != set(cert.identifiers):
         return None
+    from certd.acme.ari import ari_cert_id  # here: the ACME client loads only where an order happens
     try:
         return ari_cert_id(stored.bundle.cert_pem)
     except (ValueError, TypeError):  # no AKI: the CA cannot have ARI for it

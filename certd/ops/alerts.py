@@ -30,9 +30,7 @@ import queue
 import random
 import socket
 import threading
-from typing import Any
-
-import httpx
+from typing import TYPE_CHECKING, Any
 
 from certd import __version__
 from certd.core.clock import Clock, isoformat
@@ -40,6 +38,9 @@ from certd.core.retry_after import retry_after_seconds
 from certd.config import AlertsConfig
 from certd.core.events import LifecycleEvent
 from certd.ops.log import event
+
+if TYPE_CHECKING:  # httpx is imported where a notification is sent: ~0.08 s that `certd status` never needs
+    import httpx
 
 log = logging.getLogger("certd.alerts")
 
@@ -121,6 +122,7 @@ class Alerter:
     # -- delivery ---------------------------------------------------------------------------
 
     def _run(self) -> None:
+        import httpx
         with httpx.Client(follow_redirects=False) as client:
             while True:
                 try:
@@ -138,6 +140,7 @@ class Alerter:
 
     def _deliver(self, client: httpx.Client, body: dict[str, Any]) -> bool:
         """POST ``body`` with retries; True once the webhook answered 2xx."""
+        import httpx
         config = self.config
         if config is None:
             return False
@@ -214,6 +217,7 @@ def _auth(config: AlertsConfig) -> dict[str, str]:
 
 
 def _transport_error(e: httpx.HTTPError, timeout: float) -> str:
+    import httpx
     if isinstance(e, httpx.TimeoutException):
         return f"no answer within {timeout:g}s"
     if isinstance(e, httpx.ConnectError):
@@ -231,6 +235,7 @@ def _hint(status: int) -> str:
 
 def _safe_url(url: str) -> str:
     """Scheme, host and port only: webhook paths and queries often hold a secret (Slack's do)."""
+    import httpx
     try:
         u = httpx.URL(url)
         return f"{u.scheme}://{u.host}" + (f":{u.port}" if u.port else "")

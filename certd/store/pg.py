@@ -41,6 +41,7 @@ from certd.core.model import Bundle, CertInfo
 from certd.crypto.custody import KeyRing
 from certd.store.pgfeed import PgAudit, PgSubscription
 from certd.store.pgfleet import FleetBook
+from certd.store import pglease
 from certd.store.pglease import FleetLock
 from certd.store.pgrelease import ReleaseBook, desired_refusal
 from certd.store.pgschema import configure, conninfo, ensure_schema
@@ -214,6 +215,22 @@ class PgStore:
     def release(self, lease: Lease) -> None:
         self._one("UPDATE certd_leases SET owner = NULL WHERE name = %s AND token = %s RETURNING token",
                   (lease.name, lease.token))
+
+    def reclaim_dead_leases(self) -> list[str]:
+        """Release the leases a previous process of this node on this host still holds: it died
+        (SIGKILL, a crash), so nothing it sent can still be on its way, and waiting out the TTL
+        would only keep this node's restart from its work. Leases of other hosts, of live
+        processes and of this process are kept. The names released."""
+        prefix = pglease.owner_prefix(self.node)
+        rows = self._all("SELECT name, token, owner FROM certd_leases WHERE owner IS NOT NULL "
+                         "AND left(owner, %s) = %s", (len(prefix), prefix))
+        released = []
+        for name, token, owner in rows:
+            if pglease.dead_owner(owner, prefix) and self._one(
+                    "UPDATE certd_leases SET owner = NULL WHERE name = %s AND token = %s AND owner = %s "
+                    "RETURNING token", (name, token, owner)) is not None:
+                released.append(name)
+        return released
 
     def check(self, lease: Lease) -> None:
         row = self._one(f"SELECT token, owner IS NOT NULL, expires > {NOW} FROM certd_leases WHERE name = %(name)s",

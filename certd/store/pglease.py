@@ -23,6 +23,8 @@ fleet-wide lease, only to not race this node's own rotation.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -39,6 +41,31 @@ log = logging.getLogger("certd.store")
 #: (pgschema.CONNECT_DEFAULTS: connect_timeout 10 s, tcp_user_timeout 15 s, keepalives 10+3x3 s)
 CONNECTION_BOUND = 25.0
 MARGIN = 10.0
+
+
+def owner_prefix(node: str) -> str:
+    """What every lease owner this node's processes on this host write begins with; the process
+    id and thread follow (``node@host:pid:thread``)."""
+    return f"{node}@{socket.gethostname()}:"
+
+
+def dead_owner(owner: str, prefix: str) -> bool:
+    """True when ``owner`` is a process of this node on this host that no longer runs."""
+    if not owner.startswith(prefix):
+        return False
+    try:
+        pid = int(owner[len(prefix):].split(":", 1)[0])
+    except ValueError:
+        return False
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
 
 
 def fleet_ttl(order_timeout: float) -> float:
@@ -83,7 +110,8 @@ class FleetLock:
         taken first, then this process's mutex: the apply loop (mutex only) never waits for a
         lease, so the two cannot deadlock, and the mutex is never held while waiting for one."""
         started = self._clock.monotonic()
-        lease = self._leases.lease(name, f"{self._node}:{threading.get_ident()}", self.ttl, wait=timeout)
+        owner = f"{owner_prefix(self._node)}{os.getpid()}:{threading.get_ident()}"
+        lease = self._leases.lease(name, owner, self.ttl, wait=timeout)
         stop = threading.Event()
         try:
             left = max(0.0, timeout - (self._clock.monotonic() - started))

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from certd.core.clock import FakeClock
+from certd.core.errors import LockBusy
 from certd.crypto.custody import FileKek, KeyRing
 from certd.store.port import OrderJournal
 from tests.contract.backends import KEK_SECRET
@@ -79,3 +80,23 @@ def test_an_order_is_orphaned_only_once_its_lease_is_free(store: Any, clock: Fak
     assert store.fleet.orphaned_orders(["www"]) == []
     clock.advance(61)
     assert store.fleet.orphaned_orders(["www", "other"]) == ["www"]
+
+
+def test_a_restarted_node_frees_the_leases_its_dead_process_held(store: Any) -> None:
+    """Leases held by a process of this node on this host that is gone are released at once; a live process's, another host's and another node's are kept."""
+    import os
+    import subprocess
+
+    from certd.store import pglease
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # reaped: its pid names no process
+    mine = pglease.owner_prefix("node1")
+    owners = {"dead": f"{mine}{gone.pid}:1", "live": f"{mine}{os.getppid()}:1",
+              "host": f"node1@another-host:{gone.pid}:1", "node": f"{pglease.owner_prefix('node2')}{gone.pid}:1"}
+    for name, owner in owners.items():
+        store.lease(name, owner, 600.0)
+    assert store.reclaim_dead_leases() == ["dead"]
+    assert store.lease("dead", "node1-again", 600.0).token == 2  # free at once, fenced by a new token
+    for name in ("live", "host", "node"):
+        with pytest.raises(LockBusy):
+            store.lease(name, "someone", 600.0)

@@ -12,6 +12,7 @@ from typing import Any, Iterator
 
 import pytest
 
+from certd.core.errors import OperationFailed
 from certd.daemon import control
 from certd.daemon.control import ControlClient, ControlServer
 from tests.support.procs import wait_until
@@ -149,7 +150,7 @@ def test_beyond_max_clients_the_answer_is_busy_and_the_cli_prints_one_line(
             held.append(s)
         assert server._server is not None
         wait_until(lambda: server._server.active_clients() == 4, timeout=10, what="4 clients held")
-        with pytest.raises(control.OperationFailed, match="certd is busy"):
+        with pytest.raises(OperationFailed, match="certd is busy"):
             ControlClient(path).get("/v1/status")
         assert server._server.active_clients() == 4
         for s in held:

@@ -153,3 +153,21 @@ def test_a_rate_limit_beyond_the_emergency_point_falls_over_one_within_it_waits(
     r = env.run("renew", "www", "--force", check=0)
     row = env.status()["www"]
     assert row["ca"] == "primary" and row["version"] == 3, (row, r.stdout)
+
+
+def test_the_dns_persist_record_of_the_ca_that_answers_prints_while_the_other_is_down(
+        tmp_path: Path, cas: TwoCAs) -> None:
+    """dns-persist-record with primary stopped: backup's record is printed, one stderr line names primary, exit 1."""
+    env = env_for(tmp_path, cas, ["persist.example.test"])
+    both = env.run("dns-persist-record", "www", check=0).stdout
+    assert both.count(" IN TXT ") == 2, both  # one per CA: each names its own account
+    cas.first.stop()
+    try:
+        r = env.run("dns-persist-record", "www", check=1)
+    finally:
+        cas.first.start()
+    records = [line for line in r.stdout.splitlines() if " IN TXT " in line]
+    assert len(records) == 1 and records[0] in both, r.stdout
+    complaints = [line for line in r.stderr.splitlines() if line.startswith("certd: CA ")]
+    assert len(complaints) == 1 and complaints[0].startswith("certd: CA primary: no record printed: "), r.stderr
+    assert "will retry" not in complaints[0] and "Traceback" not in r.stderr

@@ -70,6 +70,22 @@ def test_an_order_journaled_at_a_ca_that_is_down_does_not_stop_the_fallback(tmp_
     assert w.store.load_order("www") is None, "the abandoned order is not resumed after backup issued"
 
 
+def test_a_journaled_order_whose_ca_is_down_is_said_to_have_been_tried_once(tmp_path: Path, test_ca: CA) -> None:
+    """The CA of a journaled order is asked once to continue it: the skip names one try, not the budget of two."""
+    w = World(tmp_path, test_ca)
+    w.cas.update({name: ResumingCA(test_ca, w.clock) for name in w.cas})
+    w.store.save_order("www", OrderJournal("https://p.test/order/1", keys.generate_private_key(CERT.key_type),
+                                           "2026-11-22T11:00:00Z",
+                                           resume.journal_meta("https://p.test/dir", CERT.identifiers, None,
+                                                               CERT.key_type)))
+    w.cas["primary"].failure = CANotReachable("ACME server https://p.test/dir is not reachable (refused)")
+    assert w.renew().result == Result.RENEWED
+    renewed = next(e for e in w.events if e.kind == "renewed")
+    (skip,) = renewed.detail["ca_skipped"]
+    assert w.cas["primary"].resumed == 1 and len(w.cas["primary"].orders) == 0
+    assert skip["ca"] == "primary" and "not answering after 1 try" in skip["reason"], skip
+
+
 def test_a_long_wait_at_the_last_ca_does_not_lock_out_a_first_ca_that_was_only_down(tmp_path: Path,
                                                                                       test_ca: CA) -> None:
     """First issuance: primary down, backup rate-limits for 30 days: the certificate retries on the short backoff, not in 30 days."""
@@ -84,6 +100,25 @@ def test_a_long_wait_at_the_last_ca_does_not_lock_out_a_first_ca_that_was_only_d
     out = Renew(w.ports, w.planner)(RenewRequest(CERT))
     assert out.result == Result.RENEWED, out.message
     assert w.row()["ca"] == "primary" and len(w.cas["backup"].orders) == 1
+
+
+@pytest.mark.parametrize("backup_wait", [3 * 86400, 30 * 86400])  # within / beyond the emergency point
+def test_a_first_ca_that_is_down_while_the_backup_waits_is_flagged_ca_unreachable(tmp_path: Path, test_ca: CA,
+                                                                                   backup_wait: int) -> None:
+    """primary down, backup rate-limited: the failure is 'CA unreachable' (status says so; the CA probe retries once primary answers)."""
+    w = World(tmp_path, test_ca)
+    assert w.renew().result == Result.RENEWED
+    w.cas["primary"].failure = CANotReachable("ACME server https://p.test/dir is not reachable (refused)")
+    w.cas["backup"].failure = limited(backup_wait)
+    out = w.renew()
+    assert out.result == Result.FAILED
+    state = w.planner.load_state("www")
+    assert state.ca_unreachable, state
+    assert "primary not answering" in (state.last_error or ""), state.last_error
+    assert w.row()["ca_unreachable"] is True
+    w.cas["primary"].failure = None
+    assert w.renew().result == Result.RENEWED
+    assert w.planner.load_state("www").ca_unreachable is False and w.row()["ca_unreachable"] is False
 
 
 def test_when_every_ca_waits_after_an_attempt_the_certificate_waits_for_the_first_of_them(tmp_path: Path,

@@ -1,0 +1,96 @@
+"""The CLI's side of the daemon's control API (:mod:`certd.daemon.control`): a client over the
+Unix socket, and the one-row-per-line JSON document both sides print.
+
+Kept apart from the server so that a CLI command that only asks whether a daemon answers
+(``certd status`` without one) imports neither ``http.server`` nor ``httpx``: the latter is
+imported when a request is actually sent (~0.15 s of every such command otherwise).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
+
+from certd.core.errors import OperationFailed, UsageError
+
+if TYPE_CHECKING:
+    import httpx
+
+
+def rows_document(key: str, rows: Iterable[dict[str, Any] | str]) -> str:
+    """``{key: [rows]}`` with one row per line: readable, greppable, and fast at 10,000 rows
+    (json's indent= switches to its pure-Python encoder: 0.4 s for 10,000 status rows). A row
+    given as a string is JSON text already."""
+    lines = (r if isinstance(r, str) else json.dumps(r) for r in rows)
+    return f'{{"{key}": [\n' + ",\n".join(lines) + "\n]}\n"
+
+
+class DaemonNotRunning(Exception):
+    """No daemon listens on the socket: the CLI works in-process instead."""
+
+
+class ControlClient:
+    def __init__(self, path: Path, timeout: float = 600.0) -> None:
+        self.path = path
+        self.timeout = timeout
+
+    def probe(self) -> None:
+        """Raise DaemonNotRunning if nobody listens, UsageError if we may not connect."""
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(2.0)
+        try:
+            s.connect(str(self.path))
+        except (FileNotFoundError, ConnectionRefusedError):
+            raise DaemonNotRunning() from None
+        except PermissionError:
+            raise UsageError(f"permission denied on the control socket {self.path}: run as root or as a member of "
+                             f"the daemon's control_group") from None
+        except OSError as e:
+            raise DaemonNotRunning() from e
+        finally:
+            s.close()
+
+    def _client(self) -> httpx.Client:
+        # verify=False: plain HTTP over a Unix socket; the default would load the system's CA
+        # store into an SSL context that is never used (~70 ms of every CLI command).
+        import httpx  # here: see the module's docstring
+        return httpx.Client(transport=httpx.HTTPTransport(uds=str(self.path), verify=False), base_url="http://certd",
+                            timeout=httpx.Timeout(self.timeout, connect=5.0))
+
+    def get(self, path: str, params: dict[str, Any] | None = None) -> Any:
+        with self._client() as c:
+            r = c.get(path, params=params)
+            return _result(r.status_code, r.json())
+
+    def get_text(self, path: str, params: dict[str, Any] | None = None) -> str:
+        """A route's answer as the text it sent (a Preformatted document, printed as it is)."""
+        with self._client() as c:
+            r = c.get(path, params=params)
+            if r.status_code != 200:
+                _result(r.status_code, r.json())
+            return r.text
+
+    def call(self, path: str, body: dict[str, Any]) -> Any:
+        with self._client() as c:
+            r = c.post(path, json=body)
+            return _result(r.status_code, r.json())
+
+    def stream(self, path: str, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        with self._client() as c, c.stream("POST", path, json=body) as r:
+            if r.status_code != 200:
+                r.read()
+                _result(r.status_code, r.json())
+            for line in r.iter_lines():
+                if line.strip():
+                    yield json.loads(line)
+
+
+def _result(status: int, payload: Any) -> Any:
+    if status == 200:
+        return payload
+    message = payload.get("error", f"HTTP {status}") if isinstance(payload, dict) else f"HTTP {status}"
+    if status in (400, 403):
+        raise UsageError(message)
+    raise OperationFailed(message)
