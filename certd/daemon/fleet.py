@@ -156,6 +156,7 @@ class FleetNode:
                     continue
                 self._finishing.add(name)
             self._finisher.submit(self._finish, config.certificate(name))
+        todo: list[tuple[CertificateConfig, int, int | None]] = []
         for cert in config.certificates:
             if self._stop.is_set():
                 return
@@ -165,9 +166,27 @@ class FleetNode:
             if desired is None:
                 continue
             if applied != desired or cert.name in self._failed:
-                self.apply(cert, desired, applied)
+                todo.append((cert, desired, applied))
             elif not self._reported(cert.name, desired):
                 self._report_served(cert, desired)
+        self._apply_all(todo, config.daemon.workers)
+
+    def _apply_all(self, todo: list[tuple[CertificateConfig, int, int | None]], workers: int) -> None:
+        """Apply each of ``todo``, ``workers`` at a time. Certificates on one web server share
+        its reloads (:class:`certd.reload.nginx.NginxGate`: one reload serves every switch made
+        before it began), so a wave of renewals — every certificate issued together renews
+        together — costs a few reloads on this node, not one each in turn (the fleet soak saw
+        50 names take a node 50 s, one nginx reload after another)."""
+        def one(cert: CertificateConfig, desired: int, applied: int | None) -> None:
+            if not self._stop.is_set():
+                self.apply(cert, desired, applied)
+        if len(todo) <= 1 or workers <= 1:
+            for item in todo:
+                one(*item)
+            return
+        with ThreadPoolExecutor(max_workers=min(workers, len(todo)), thread_name_prefix="certd-apply") as pool:
+            for done in [pool.submit(one, *item) for item in todo]:
+                done.result()
 
     def _finish(self, cert: CertificateConfig) -> None:
         """Finish the order or rotation a stopped node left for ``cert`` (on the finisher thread)."""

@@ -4,20 +4,25 @@ The fleet's audit log is the database's hash chain (:class:`certd.store.pgfeed.P
 record emitted while the database is unreachable must not be lost (docs/FLEET.md S5), so
 :class:`SpoolingAudit` wraps that sink:
 
+- Every record gets a spool id unique to it (``<node>:<uuid>``) *before* its first try, and the
+  database keeps it with the chained row (``certd_audit.spool_id``, unique).
 - A record the database does not take (:class:`~certd.core.errors.StoreError`) is appended to
   ``<state_dir>/audit.spool.jsonl`` (created 0600; one ``write`` and an ``fsync`` per record, under
   an exclusive ``flock``, as :class:`certd.ops.audit.AuditLog` appends): the record's fields,
-  complete (node and initiator included: the node stamp is applied before this sink), and a spool
-  id unique to it (``<node>:<uuid>``).
+  complete (node and initiator included: the node stamp is applied before this sink), and its
+  spool id. The failure may have come after the server committed (the COMMIT's reply lost with
+  the connection): then the record is in the chain *and* in the spool, and the replay skips it.
 - While the spool holds records, new records go to its end too (the chain keeps their order),
   and the database is not tried again for :data:`RETRY` seconds after a failure, so an outage
   costs one pool wait, not one per record; in the daemon, not at all while its store probe says
   the database is down (``store_up``).
 - :meth:`SpoolingAudit.replay` (the daemon calls it when its store probe sees the database again;
   any later record tries it first) appends the spooled records to the chain in spool order, in
-  **one** transaction under the chain's head lock, each record's ``detail.spool_id`` kept in the
-  chained row. Records whose spool id is already in the chain are skipped: a crash after that
-  transaction committed and before the spool was truncated neither loses nor duplicates a record.
+  **one** transaction under the chain's head lock, each record's spool id also kept in its line
+  (``detail.spool_id``: this record was chained late). Records whose spool id is already in the
+  chain are skipped (``ON CONFLICT DO NOTHING`` on the unique index, no scan of the chain): an
+  unheard commit, or a crash after the replay committed and before the spool was truncated,
+  neither loses nor duplicates a record.
   Then the spool is truncated (fsynced). A torn last line (a crash mid-append) is skipped: its
   append never returned.
 """
@@ -50,8 +55,8 @@ RETRY = 10.0  # seconds after a failed database append before the next record tr
 class ChainAppender(Protocol):
     """What the spool needs of the database's audit sink (:class:`certd.store.pgfeed.PgAudit`)."""
 
-    def append(self, ev: LifecycleEvent) -> dict[str, Any]: ...
-    def append_spooled(self, records: list[dict[str, Any]], marker: str) -> int: ...
+    def append(self, ev: LifecycleEvent, spool_id: str | None = None) -> dict[str, Any] | None: ...
+    def append_spooled(self, records: list[tuple[str, dict[str, Any]]]) -> int: ...
 
 
 class SpoolingAudit:
@@ -68,19 +73,20 @@ class SpoolingAudit:
         self.store_up: Callable[[], bool] = lambda: True
 
     def __call__(self, ev: LifecycleEvent) -> None:
+        spool_id = f"{self._node}:{uuid.uuid4()}"  # before the first try: an unheard commit is known by it
         with self._lock:
             due = self._retry_at is None or self._clock.monotonic() >= self._retry_at
             if due and self.store_up():
                 try:
                     self._replay_locked()
-                    self._chain.append(ev)
+                    self._chain.append(ev, spool_id)
                     self._retry_at = None
                     return
                 except StoreError as e:
                     self._failed(e)
             elif due:
                 self._failed(StoreError("the store probe says the fleet database is unreachable"))
-            self._spool(record_fields(ev))
+            self._spool(spool_id, record_fields(ev))
 
     def pending(self) -> int:
         """The records waiting in the spool."""
@@ -109,8 +115,8 @@ class SpoolingAudit:
                       detail="the database is unreachable: audit records are kept locally and "
                              "appended to the chain when it is back")
 
-    def _spool(self, fields: dict[str, Any]) -> None:
-        line = json.dumps({"spool_id": f"{self._node}:{uuid.uuid4()}", "fields": fields}, ensure_ascii=True,
+    def _spool(self, spool_id: str, fields: dict[str, Any]) -> None:
+        line = json.dumps({"spool_id": spool_id, "fields": fields}, ensure_ascii=True,
                           default=str, separators=(",", ":")).encode() + b"\n"
         with self._locked_file() as fd:
             end = os.lseek(fd, 0, os.SEEK_END)
@@ -126,7 +132,7 @@ class SpoolingAudit:
             records = _read(fd)
             if not records:
                 return 0
-            appended = self._chain.append_spooled(records, "spool_id")
+            appended = self._chain.append_spooled(records)
             os.ftruncate(fd, 0)
             os.fsync(fd)
         self._said_down = False
@@ -145,8 +151,9 @@ class SpoolingAudit:
             os.close(fd)
 
 
-def _read(fd: int) -> list[dict[str, Any]]:
-    """The complete records of the spool, in order (a torn or unreadable line is skipped, logged)."""
+def _read(fd: int) -> list[tuple[str, dict[str, Any]]]:
+    """The complete records of the spool, in order, as (spool id, fields with ``detail.spool_id``);
+    a torn or unreadable line is skipped, logged."""
     os.lseek(fd, 0, os.SEEK_SET)
     chunks = []
     while chunk := os.read(fd, 1 << 16):
@@ -161,5 +168,5 @@ def _read(fd: int) -> list[dict[str, Any]]:
         except (ValueError, KeyError, TypeError):
             log_event(log, "audit_spool_line_skipped", logging.ERROR, line=raw[:80].decode(errors="replace"))
             continue
-        out.append({**fields, "detail": {**(fields.get("detail") or {}), "spool_id": sid}})
+        out.append((sid, {**fields, "detail": {**(fields.get("detail") or {}), "spool_id": sid}}))
     return out

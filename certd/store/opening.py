@@ -45,8 +45,11 @@ def open_cluster(config: Config, *, clock: Clock | None = None) -> PgStore:
     from certd.store.pglease import fleet_ttl
 
     ring, _ = keyring_of(config)
+    # renewals and the fleet's applies each run `workers` at a time, beside the fleet loop, the
+    # finisher and the control socket: a pool of 4 made them wait out POOL_WAIT under a wave of
+    # renewals and fail as "database unreachable" (the fleet soak)
     return PgStore(cluster_dsn(cluster), node=cluster.node, clock=clock, keyring=ring,
-                   lease_ttl=fleet_ttl(config.acme.order_timeout))
+                   lease_ttl=fleet_ttl(config.acme.order_timeout), pool_size=2 * config.daemon.workers + 4)
 
 
 def cluster_dsn(cluster: ClusterConfig) -> str:

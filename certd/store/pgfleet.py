@@ -11,15 +11,19 @@ a node that was removed on purpose and then starts again says so in its log, see
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
 from certd.core.clock import isoformat
+from certd.core.errors import StoreUnreachable
 
 #: how long a published http-01 answer is served at most (the order deletes it before)
 CHALLENGE_TTL = 3600.0
+#: seconds a lookup waits for the one lookup slot (see :meth:`FleetBook.lookup`) before giving up
+LOOKUP_WAIT = 1.0
 NOW = "COALESCE(%(now)s::timestamptz, clock_timestamp())"
 #: a rotation's steps on its way forward (certd.core.rotation): one left there can be adopted
 _FORWARD = ["issued", "staged", "switched", "reloaded", "verified"]
@@ -51,6 +55,7 @@ class FleetBook:
 
     def __init__(self, db: _Db) -> None:
         self._db = db
+        self._lookup_slot = threading.BoundedSemaphore(1)
 
     def _args(self, **kw: Any) -> dict[str, Any]:
         return {"now": self._db.now_param(), **kw}
@@ -130,6 +135,18 @@ class FleetBook:
                       self._args(t=token, k=key_authorization, n=name, ttl=CHALLENGE_TTL))
 
     def lookup(self, token: str) -> str | None:
+        """The answer published for ``token``, or None. One lookup at a time per store: the
+        http-01 responder calls this for requests anyone can send, and a flood of them must never
+        hold more than one of the pooled connections renewals need. StoreUnreachable when the
+        slot stays busy for :data:`LOOKUP_WAIT` seconds (the request is answered 404)."""
+        if not self._lookup_slot.acquire(timeout=LOOKUP_WAIT):
+            raise StoreUnreachable(f"http-01 answer lookups busy for {LOOKUP_WAIT:g} s (one at a time)")
+        try:
+            return self._lookup(token)
+        finally:
+            self._lookup_slot.release()
+
+    def _lookup(self, token: str) -> str | None:
         row = self._db._one(f"SELECT key_authorization FROM certd_challenges WHERE token = %(t)s AND expires > {NOW}",
                             self._args(t=token))
         return row[0] if row else None

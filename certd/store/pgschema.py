@@ -140,8 +140,20 @@ CREATE TABLE certd_challenges (
     expires timestamptz NOT NULL
 );
 """,
-    # 3: the audit spool's (issue 16's leftovers, another branch); a no-op here until it merges
-    3: "SELECT 1",
+    3: """
+-- The audit spool's id of each record (certd.store.auditspool), given before the record's first
+-- try: a record whose COMMIT reply was lost, spooled and replayed, is not chained twice. NULL for
+-- records that never had one (unique: NULLs are distinct).
+ALTER TABLE certd_audit ADD COLUMN spool_id text;
+-- Records replayed by version 2 kept their spool id in the line only (detail.spool_id).
+UPDATE certd_audit a SET spool_id = s.id FROM (
+    SELECT DISTINCT ON (id) seq, id FROM (
+        SELECT seq, substring(line FROM '"spool_id": "([^"]+)"') AS id FROM certd_audit
+        WHERE line LIKE '%"spool_id": %') x
+    WHERE id IS NOT NULL ORDER BY id, seq) s
+WHERE a.seq = s.seq;
+CREATE UNIQUE INDEX certd_audit_spool_id ON certd_audit (spool_id);
+""",
     4: """
 -- Fleet releases (certd/core/release.py, certd/store/pgrelease.py): the latest release of each
 -- certificate (body: Release.to_json), each node's outcome of deploying a release's version,

@@ -4,6 +4,7 @@ once it is back, exactly once even when a replay is cut short after its commit."
 
 from __future__ import annotations
 
+import re
 import stat
 import time
 from pathlib import Path
@@ -16,6 +17,7 @@ from certd.core.errors import StoreError
 from certd.core.events import LifecycleEvent
 from certd.store.auditspool import SpoolingAudit
 from certd.store.pg import POOL_WAIT, PgStore
+from tests.support.delay_proxy import DelayProxy
 from tests.support.postgres import PgCluster
 
 
@@ -25,11 +27,11 @@ class CutAfterCommit:
     def __init__(self, chain: Any) -> None:
         self.chain = chain
 
-    def append(self, ev: LifecycleEvent) -> dict[str, Any]:
-        return self.chain.append(ev)  # type: ignore[no-any-return]
+    def append(self, ev: LifecycleEvent, spool_id: str | None = None) -> dict[str, Any] | None:
+        return self.chain.append(ev, spool_id)  # type: ignore[no-any-return]
 
-    def append_spooled(self, records: list[dict[str, Any]], marker: str) -> int:
-        self.chain.append_spooled(records, marker)
+    def append_spooled(self, records: list[tuple[str, dict[str, Any]]]) -> int:
+        self.chain.append_spooled(records)
         raise RuntimeError("power lost before the spool was truncated")
 
 
@@ -72,4 +74,21 @@ def test_records_emitted_while_the_database_is_down_land_in_the_chain_once(tmp_p
             ("renew_refused", "#4")]
         assert all(r["detail"]["node"] == "web1" and r["initiator"] == "uid=0(root)" for r in records)
         assert len({r["detail"].get("spool_id") for r in records[1:4]}) == 3
+        assert store.audit.verify().ok
+
+
+def test_a_record_whose_commit_reply_was_lost_is_chained_once(tmp_path: Path, postgres: str) -> None:
+    """The connection drops after the server committed a record: it is spooled, and the replay does not chain it twice."""
+    port = int(re.search(r"port=(\d+)", postgres).group(1))  # type: ignore[union-attr]
+    with DelayProxy(port) as proxy, PgStore(re.sub(r"port=\d+", f"port={proxy.port}", postgres),
+                                             node="web1", pool_size=1) as store:
+        spool = SpoolingAudit(store.audit, tmp_path / "state", "web1", SystemClock())
+        spool(ev("renew_refused", 0))  # the pool's connection is up and configured
+        proxy.cut_after(b"COMMIT")
+        spool(ev("renew_refused", 1))  # committed by the server; certd hears nothing back
+        assert proxy.cuts == 1 and spool.pending() == 1
+        assert spool.replay() == 0
+        assert spool.pending() == 0
+        spool(ev("renew_refused", 2))
+        assert [r["reason"] for r in store.audit.records] == ["#0", "#1", "#2"]
         assert store.audit.verify().ok

@@ -5,14 +5,17 @@
         proxy.trickle = 0.5                            # or: dribble answers 1 byte per 0.5 s
         proxy.delay = 0.0; proxy.trickle = 0.0         # back to a fast server
         proxy.hold(); ...; proxy.release()             # no answer at all until released
+        proxy.cut_after(b"COMMIT")                     # forward it, lose the server's reply
 
 It forwards raw bytes both ways, so TLS passes through untouched (the client still verifies
 the real server's certificate; Pebble's is valid for 127.0.0.1). Only what the *server* sends
 is slowed down: ``delay`` holds each chunk before forwarding it, ``trickle`` forwards it one
 byte at a time with a pause between bytes (a server that keeps the connection alive but never
 finishes, which a per-read socket timeout does not catch), ``hold()`` keeps every answer until
-``release()`` (a test decides when the server answers). Settings apply to data read after
-the change. ``stop()`` closes every connection it accepted; nothing else is ever signalled.
+``release()`` (a test decides when the server answers), ``cut_after(marker)`` forwards the
+next client message holding ``marker`` and then closes that connection instead of forwarding
+the server's answer (a reply lost after the server acted: a COMMIT that committed; ``cuts``
+counts them). Settings apply to data read after the change. ``stop()`` closes every connection it accepted; nothing else is ever signalled.
 """
 
 from __future__ import annotations
@@ -34,6 +37,9 @@ class DelayProxy:
         self.trickle = trickle
         self.connections = 0        # accepted so far
         self.bytes_from_server = 0  # forwarded to clients so far
+        self.cuts = 0               # connections closed by cut_after, the server's answer lost
+        self._cut_marker: bytes | None = None
+        self._cutting: set[socket.socket] = set()  # upstreams whose next answer is lost
         self._listener = socket.create_server((host, 0))
         self.port: int = self._listener.getsockname()[1]
         self._stopped = threading.Event()
@@ -60,6 +66,12 @@ class DelayProxy:
 
     def release(self) -> None:
         self._released.set()
+
+    def cut_after(self, marker: bytes) -> None:
+        """Once: forward the next client data holding ``marker``, then close that connection
+        (both sides) when the server answers it, without forwarding the answer."""
+        with self._lock:
+            self._cut_marker = marker
 
     def stop(self) -> None:
         """Stop accepting and close every proxied connection (both sides)."""
@@ -106,8 +118,17 @@ class DelayProxy:
                 if not data:
                     break
                 if from_server:
+                    with self._lock:
+                        cut = src in self._cutting
+                        self.cuts += cut
+                    if cut:
+                        break  # the answer is lost with the connection
                     self._slow_send(dst, data)
                 else:
+                    with self._lock:  # armed before forwarding: the answer cannot come first
+                        if self._cut_marker is not None and self._cut_marker in data:
+                            self._cut_marker = None
+                            self._cutting.add(dst)
                     dst.sendall(data)
         except OSError:
             pass

@@ -23,18 +23,18 @@ class MemoryChain:
         self.down = False
         self.tries = 0
 
-    def append(self, ev: LifecycleEvent) -> dict[str, Any]:
+    def append(self, ev: LifecycleEvent, spool_id: str | None = None) -> dict[str, Any] | None:
         self.tries += 1
         if self.down:
             raise StoreUnreachable("PostgreSQL store: database unreachable: no connection within 5 s")
-        self.records.append({"event": ev.kind, "reason": ev.reason, "detail": dict(ev.detail)})
+        self.records.append({"event": ev.kind, "reason": ev.reason, "detail": dict(ev.detail), "id": spool_id})
         return self.records[-1]
 
-    def append_spooled(self, records: list[dict[str, Any]], marker: str) -> int:
+    def append_spooled(self, records: list[tuple[str, dict[str, Any]]]) -> int:
         if self.down:
             raise StoreUnreachable("PostgreSQL store: database unreachable")
-        seen = {r["detail"].get(marker) for r in self.records}
-        new = [r for r in records if r["detail"][marker] not in seen]
+        seen = {r["id"] for r in self.records}
+        new = [{**r, "id": sid} for sid, r in records if sid not in seen]
         self.records += new
         return len(new)
 

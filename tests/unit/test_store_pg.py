@@ -194,6 +194,46 @@ def test_the_feed_wakes_on_a_notification(opened):
         sub.close()
 
 
+class ReadCounter:
+    """The store as a subscription sees it (pgfeed's _Db), counting its reads of the database."""
+
+    def __init__(self, store: PgStore) -> None:
+        self.store, self.dsn, self.reads = store, store.dsn, 0
+
+    @property
+    def clock(self):
+        return self.store.clock
+
+    def now_param(self):
+        return self.store.now_param()
+
+    def tx(self):
+        self.reads += 1
+        return self.store.tx()
+
+
+def test_an_idle_feed_does_not_read_the_desired_versions(opened):
+    """An idle subscriber reads nothing while nothing is notified; a notified change reads that name and is seen."""
+    from certd.store.pgfeed import PgSubscription
+    a, b = opened("node1"), opened("node2")
+    lease = a.lease("www", "a", TTL)
+    for n in ("www", "api"):
+        a.add_version(n, make_bundle(), {}, lease=a.lease(n, "a", TTL) if n == "api" else lease)
+    counter = ReadCounter(b)
+    sub = PgSubscription(counter, None)
+    try:
+        assert counter.reads == 1  # the first read, after LISTEN began
+        for _ in range(20):
+            assert sub.changes() == []
+        assert sub.changes(timeout=1.5) == []
+        assert counter.reads == 1
+        a.set_desired("www", 1, lease=lease)
+        assert sub.changes(timeout=20.0) == [DesiredChange("www", 1)]
+        assert counter.reads == 2
+    finally:
+        sub.close()
+
+
 def test_audit_rows_are_a_verifiable_hash_chain(opened, clock, postgres):
     """Records from two nodes form one chain (seq 1..n, each prev the hash of the line
     before); editing a row is found by verify()."""
@@ -227,3 +267,29 @@ def test_a_killed_connection_costs_one_operation(opened, postgres):
     else:
         pytest.fail("the store did not recover from a killed connection")
     assert failures <= 4  # at most one per pooled connection
+
+
+def test_a_version_2_database_keeps_replayed_records_from_being_chained_again(opened, postgres, clock):
+    """After the upgrade to version 3, a spool id a version-2 node's replay chained (in the line only) is not chained again."""
+    from certd.ops.audit import record_fields, record_line
+    from certd.ops.auditchain import line_hash, record_hash
+    from certd.store.pgschema import DDL, UPGRADES
+    ev = LifecycleEvent("renew_refused", "www", clock.now(), initiator="ops", reason="#1", detail={"node": "web1"})
+    fields = record_fields(ev)
+    fields["detail"] = {**fields["detail"], "spool_id": "web1:replayed-by-v2"}
+    record = {"seq": 1, **fields, "prev": "0" * 64}
+    record["hash"] = record_hash(record)
+    line = record_line(record)
+    with psycopg.connect(postgres) as conn:  # what a version-2 node made, and its replay chained
+        conn.execute("CREATE TABLE certd_schema (id int PRIMARY KEY CHECK (id = 1), version int NOT NULL)")
+        conn.execute(DDL)
+        conn.execute(UPGRADES[2])
+        conn.execute("INSERT INTO certd_schema VALUES (1, 2)")
+        conn.execute("INSERT INTO certd_audit VALUES (1, %s)", (line.decode(),))
+        conn.execute("UPDATE certd_audit_head SET seq = 1, prev = %s", (line_hash(line),))
+    s = opened(clock=clock)
+    assert _raw(postgres, "SELECT seq, spool_id FROM certd_audit") == [(1, "web1:replayed-by-v2")]
+    assert s.audit.append_spooled([("web1:replayed-by-v2", fields)]) == 0
+    assert s.audit.append_spooled([("web1:new", {**fields, "detail": {"node": "web1", "spool_id": "web1:new"}})]) == 1
+    assert [r["detail"]["spool_id"] for r in s.audit.records] == ["web1:replayed-by-v2", "web1:new"]
+    assert s.audit.verify().ok
