@@ -403,6 +403,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "import": lambda args: cli_import.cmd_import(args, load_config),
     "cluster": lambda args: cli_cluster.cmd_cluster(args, load_config),
     "nodes": lambda args: cli_fleet.cmd_nodes(args, load_config),
+    "release": lambda args: cli_fleet.cmd_release(args, load_config),
     "dns-persist-record": cmd_dns_persist_record,
 }
 

@@ -5,6 +5,8 @@ shared database, so they answer on any node whether its daemon runs or not:
   it applied, the fingerprint its endpoints served, when that was verified, and its last error.
 - ``certd nodes``: every node that ever joined, when it was last heard from, its software.
 - ``certd nodes remove NODE``: the node no longer counts in the status (audited).
+- ``certd release hold NAME`` / ``resume NAME``: stop a release of NAME before its next widening
+  step (the release in flight, or the next one) / let it go on (audited, with who asked).
 """
 
 from __future__ import annotations
@@ -29,6 +31,13 @@ def add_parsers(sub: Any, parser_class: type[argparse.ArgumentParser]) -> None:
     r = nsub.add_parser("remove", help="stop counting NODE in the fleet's status (its rows stay, for the record)")
     r.add_argument("node", metavar="NODE")
     r.add_argument("--reason", default="", help="why (recorded with your identity)")
+    rel = sub.add_parser("release", help="hold or resume a fleet release ([certificate.rollout])")
+    rsub = rel.add_subparsers(dest="release_command", metavar="SUBCOMMAND", parser_class=parser_class, required=True)
+    for verb, text in (("hold", "stop NAME's release before promotion (the one in flight, or the next)"),
+                       ("resume", "let NAME's held release go on")):
+        h = rsub.add_parser(verb, help=text)
+        h.add_argument("name", metavar="NAME")
+        h.add_argument("--reason", default="", help="why (recorded with your identity)")
 
 
 def _open(cfg: Config, what: str) -> Any:
@@ -45,6 +54,9 @@ def cmd_status_fleet(args: argparse.Namespace, cfg: Config) -> int:
         if unknown:
             raise UsageError(f"unknown certificate {', '.join(unknown)}; configured: {cfg.names_summary()}")
         doc = store.fleet.status(names)
+        releases = store.releases.status(names)
+    for cert in doc["certificates"]:
+        cert["release"] = releases.get(cert["name"])
     if args.json:
         sys.stdout.write(json.dumps(doc, sort_keys=True) + "\n")
         return EXIT_OK
@@ -54,11 +66,53 @@ def cmd_status_fleet(args: argparse.Namespace, cfg: Config) -> int:
             rows.append({"name": cert["name"], "desired": _v(cert["desired_version"]), "node": node["node"],
                          "applied": _v(node.get("applied_version")),
                          "in_sync": "yes" if node.get("applied_version") == cert["desired_version"] else "NO",
+                         "release": _release_cell(cert["release"], node["node"]),
                          "verified_at": node.get("verified_at") or "-",
                          "fingerprint": (node.get("fingerprint_sha256") or "-")[:16],
                          "last_error": node.get("last_error") or ""})
-    cli_output.print_table(rows, _columns("name", "desired", "node", "applied", "in_sync", "verified_at",
+    cli_output.print_table(rows, _columns("name", "desired", "node", "applied", "in_sync", "release", "verified_at",
                                           "fingerprint", "last_error"))
+    return EXIT_OK
+
+
+def _release_cell(release: dict[str, Any] | None, node: str) -> str:
+    """``v3:canary``, ``,held`` when held, ``(canary)`` on a canary node's row; ``-`` without one."""
+    if release is None:
+        return "-"
+    text = f"v{release['version']}:{release['state']}" if release.get("state") else "next"
+    text += ",held" if release.get("held") else ""
+    return text + ("(canary)" if node in release.get("canaries", ()) else "")
+
+
+def cmd_release(args: argparse.Namespace, load_config: Callable[[argparse.Namespace], Config]) -> int:
+    """``certd release hold|resume NAME``: the hold row, and an audit record with who asked."""
+    from certd.core.events import LifecycleEvent
+    from certd.engine.manager import whoami
+    cfg = load_config(args)
+    cert = cfg.certificate(args.name) if args.name in cfg.names else None
+    if cert is None:
+        raise UsageError(f"release {args.release_command}: unknown certificate {args.name!r}; "
+                         f"configured: {cfg.names_summary()}")
+    with _open(cfg, f"release {args.release_command}") as store:
+        who = whoami()
+        if args.release_command == "hold":
+            store.releases.hold(cert.name, who)
+        elif not store.releases.resume(cert.name):
+            raise UsageError(f"release resume: {cert.name} is not held")
+        r = store.releases.get(cert.name)
+        assert cfg.cluster is not None
+        store.audit(LifecycleEvent(f"release_{'held' if args.release_command == 'hold' else 'resumed'}", cert.name,
+                                   SystemClock().now(), initiator=who, reason=args.reason,
+                                   version=r.version if r is not None else None,
+                                   detail={"node": cfg.cluster.node, "state": r.state.value if r else None}))
+    what = f"its release of version {r.version} ({r.state.value})" if r is not None and not r.finished \
+        else "its next release"
+    if cert.rollout is None:
+        print(f"note: {cert.name} has no [certificate.rollout] here: its new versions are not released in steps",
+              file=sys.stderr)
+    verb = "held: " + what + " stops before promotion" if args.release_command == "hold" \
+        else "resumed: " + what + " goes on"
+    print(f"{cert.name}: {verb}")
     return EXIT_OK
 
 

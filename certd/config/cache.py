@@ -39,7 +39,8 @@ _DIGEST = 32
 _VALUE_TYPES = {("pathlib", "PosixPath"), ("pathlib", "Path"), ("datetime", "timedelta"),
                 ("datetime", "timezone"), ("datetime", "datetime"), ("builtins", "frozenset"),
                 ("builtins", "set"), ("ipaddress", "IPv4Address"), ("ipaddress", "IPv6Address"),
-                ("certd.core.policy", "RenewBefore"), ("copyreg", "_reconstructor"), ("builtins", "object")}
+                ("certd.core.policy", "RenewBefore"), ("copyreg", "_reconstructor"), ("builtins", "object"),
+                ("certd.core.release", "Rollout")}
 
 _code_id: bytes | None = None
 

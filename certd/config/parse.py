@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 from certd.config.cas import CASections
 from certd.config.cluster import ClusterSection
 from certd.config.keyclass import KeyClassSections
+from certd.config.rollout import RolloutSection
 from certd.config.schema import (CHALLENGES, KEY_TYPES, AcmeConfig,
                           AlertsConfig, CertificateConfig, Config, DaemonConfig, KeysConfig, RenewBefore)
 from certd.config.values import Table, is_loopback, normalize_domain, parse_duration, type_name
@@ -25,7 +26,7 @@ _PROFILE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 
 
-class Parser(TargetSections, KeyClassSections, ClusterSection, CASections):
+class Parser(TargetSections, KeyClassSections, ClusterSection, CASections, RolloutSection):
     """Builds a Config from parsed TOML, collecting every problem instead of stopping at the first."""
 
     def config(self, data: dict[str, Any]) -> Config | None:
@@ -266,6 +267,7 @@ class Parser(TargetSections, KeyClassSections, ClusterSection, CASections):
                            domains[0][2:] if domains else (ips[0] if ips else ""))
         verify = tuple(v for j, raw_v in enumerate(t.get("verify", list, []))
                        if (v := self.verify(Table(self, t.key(f"verify[{j}]"), raw_v), default_sni)) is not None)
+        rollout = self.rollout(t)
         t.done()
         if name is None or not (domains or ips):
             return None
@@ -273,7 +275,7 @@ class Parser(TargetSections, KeyClassSections, ClusterSection, CASections):
                                  webroot, dns_hook, alpn_listen, renew_before, keep, verify_timeout,
                                  deploy, hooks, verify, insecure_shared, profile=profile,
                                  preferred_profile=preferred, preferred_chain=chain, ip_addresses=tuple(ips),
-                                 dns_persist_hook=persist_hook, ca=ca_refs)
+                                 dns_persist_hook=persist_hook, ca=ca_refs, rollout=rollout)
         return self.apply_key_class(cert, ref)
 
     def profiles(self, t: Table) -> tuple[str | None, str | None]:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal, Mapping
 
 from certd.core.policy import RenewBefore
+from certd.core.release import Rollout
 
 DEFAULT_PATH = Path("/etc/certd/certd.toml")
 DEFAULT_EXEC_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"  # hooks' PATH when unset
@@ -157,6 +158,7 @@ class CertificateConfig:
     destroy_after: float | None = None  # seconds: destroy a retired version's key after this long
     origins: tuple[tuple[str, str], ...] = ()
     ca: tuple[str, ...] = ()             # [[ca]] names in the order tried; () = every CA in file order
+    rollout: Rollout | None = None       # [certificate.rollout]: a fleet releases new versions in steps
 
     @property
     def identifiers(self) -> tuple[str, ...]:

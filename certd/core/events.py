@@ -52,6 +52,13 @@ KINDS = frozenset({
     "version_adopted",   # a fleet node rolls out the version another node stored and left (no second order)
     "node_removed",      # certd nodes remove: the node no longer counts in the fleet's status
     "renew_refused",     # an operator's renewal refused: the fleet's database is unreachable from the node
+    "release_opened",    # [certificate.rollout]: a stored version waits for its canaries (desired not moved)
+    "release_step",      # a release moved on: canary, promoted, fleet, done (or a canary was replaced)
+    "release_aborted",   # a canary failed: no other node changed; the version is marked bad
+    "release_rolled_back",  # failures after promotion beyond max_failed_nodes: the fleet went back
+    "release_held",      # certd release hold: the release stops before widening (audited, operator)
+    "release_resumed",   # certd release resume
+    "fleet_rollback",    # certd rollback in a fleet: desired moved back; the version left is marked bad
 })
 
 

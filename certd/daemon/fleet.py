@@ -29,6 +29,7 @@ from certd import __version__
 from certd.acme import answers, responders
 from certd.config import CertificateConfig, Config, Listen
 from certd.core.errors import CertdError, LockBusy
+from certd.daemon.releasing import ReleaseDriver
 from certd.engine.manager import Manager
 from certd.ops.log import event
 from certd.store.pg import PgStore
@@ -59,6 +60,7 @@ class FleetNode:
         self._finishing_lock = threading.Lock()
 
         self._listening: set[Listen] = set()
+        self.releases = ReleaseDriver(manager, store, self._interval)
 
     def start(self) -> None:
         answers.share_answers(self.store.fleet)
@@ -158,10 +160,11 @@ class FleetNode:
         for cert in config.certificates:
             if self._stop.is_set():
                 return
-            desired = self.store.desired(cert.name)
+            self.releases.drive(cert)  # [certificate.rollout]: move its release on, if this node may
+            applied = self.store.applied(self.node, cert.name)
+            desired = self.releases.target(cert, self.store.desired(cert.name), applied)
             if desired is None:
                 continue
-            applied = self.store.applied(self.node, cert.name)
             if applied != desired or cert.name in self._failed:
                 todo.append((cert, desired, applied))
             elif not self._reported(cert.name, desired):
@@ -226,6 +229,7 @@ class FleetNode:
             self._failed.add(cert.name)
             self.store.fleet.report(self.node, cert.name, fingerprint=None, verified_at=None,
                                     error=f"applying version {version}: {e}")
+            self.releases.reported(cert, version, str(e))
             self._emit(cert.name, version, previous, "failed", str(e), started)
             return
         self._failed.discard(cert.name)
@@ -233,6 +237,7 @@ class FleetNode:
         self.store.set_applied(self.node, cert.name, version)
         self.store.fleet.report(self.node, cert.name, fingerprint=info.fingerprint_sha256,
                                 verified_at=self.manager.clock.now() if verified else None, error=None)
+        self.releases.reported(cert, version, None)
         self._emit(cert.name, version, previous, "success", "desired version changed", started)
 
     def _deploy(self, cert: CertificateConfig, version: int, previous: int | None) -> bool:
@@ -249,6 +254,7 @@ class FleetNode:
                     effects.stage(previous)
                     effects.switch(previous)
                     effects.reload(previous, keep_going=True)
+                    effects.verify(previous)  # L3: the node proves it serves the previous one again
                 except CertdError as e:
                     event(log, "node_switch_back_failed", logging.ERROR, name=cert.name, version=previous,
                           error=str(e))

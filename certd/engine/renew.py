@@ -28,7 +28,7 @@ from certd.core.clock import isoformat
 from certd.core.errors import CANotReachable, CertdError, OperationFailed, StoreError
 from certd.core.rotation import Journal, Step
 from certd.crypto import certcheck, keys
-from certd.engine import adopt, attempts, keyage
+from certd.engine import adopt, attempts, keyage, releases
 from certd.engine.lifecycle import VersionStatus
 from certd.engine.failover import Failover, NothingResumed
 from certd.engine.orders import Orders
@@ -60,6 +60,9 @@ class Renew:
             with self.ports.lock(req.name):
                 resumed = self.rotations.resume(req.cert, say)
                 now = self.ports.store.current(req.name)
+                in_release = releases.blocking_release(self.ports, req.cert)  # one release at a time
+                if in_release is not None:
+                    return in_release
                 if req.force and not req.resume_only and resumed is None and now != asked_at:
                     # Another process (in a fleet, another node) renewed it while this one waited
                     # for the lease: that was the new certificate asked for; no second order.
@@ -204,6 +207,10 @@ class Renew:
                    old_serial=stored.bundle.info.serial if stored else None, spki_sha256=info.spki_sha256,
                    not_after=info.not_after, duration=clock.monotonic() - started,
                    detail=_issued_detail(issued.profile, issued.ca, tried.skipped))
+        released = releases.open_release(ports, self.planner, cert, state, current, version, info.serial, initiator,
+                                         reason)
+        if released is not None:  # [certificate.rollout] in a fleet: the canaries deploy it first
+            return released
         j = self.rotations.start(cert, "renew", current, version, initiator, reason)
         rotation.crash_point(Step.ISSUED)
         j = self.rotations.drive(cert, j, say)

@@ -25,6 +25,7 @@ is nothing to revoke.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -66,7 +67,10 @@ class Revoke:
 
     def _rotate(self, cert: CertificateConfig, why: str, initiator: str, say: Say) -> Outcome:
         """A forced renewal under the lock already held."""
-        return self.renew.locked(RenewRequest(cert, force=True, reason=why, initiator=initiator), say)
+        # not released in steps ([certificate.rollout]): a revocation moves the whole fleet off the
+        # old certificate at once; an unfinished release is then superseded (certd/core/release.py)
+        urgent = dataclasses.replace(cert, rollout=None)
+        return self.renew.locked(RenewRequest(urgent, force=True, reason=why, initiator=initiator), say)
 
     def _locked(self, cert: CertificateConfig, reason: str, initiator: str, say: Say) -> Outcome:
         store = self.ports.store

@@ -12,6 +12,7 @@ from __future__ import annotations
 from certd.config import CertificateConfig
 from certd.core.clock import isoformat
 from certd.core.errors import CertdError, UsageError
+from certd.engine import releases
 from certd.engine.lifecycle import VersionStatus
 from certd.engine.outcome import Outcome, Result
 from certd.engine.planning import Planner
@@ -42,7 +43,11 @@ class Rollback:
                 say(f"rolling back from version {current} to {target}")
                 j = self.rotations.start(cert, "rollback", current, target, initiator, reason)
                 j = self.rotations.drive(cert, j, say)
-                return self.rotations.finish(cert, j, self.planner.load_state(cert.name), clock.monotonic() - started)
+                outcome = self.rotations.finish(cert, j, self.planner.load_state(cert.name),
+                                                clock.monotonic() - started)
+                if outcome.result == Result.SWITCHED:  # in a fleet: every node follows; the version left is bad
+                    releases.fleet_rollback_done(self.ports, cert, current, target, initiator, reason)
+                return outcome
         except UsageError:
             raise
         except CertdError as e:
@@ -53,9 +58,11 @@ class Rollback:
         store = self.ports.store
         j = self.rotations.load_journal(name)
         if j is not None and j.succeeded and j.to_version == current and j.from_version is not None \
-                and j.from_version in store.versions(name):
+                and j.from_version in store.versions(name) \
+                and releases.bad_refusal(self.ports, name, j.from_version) is None:
             return j.from_version
-        older = [v for v in store.versions(name) if v < current]
+        # a version a fleet release marked bad is never the default (S3: it is refused anyway)
+        older = [v for v in store.versions(name) if v < current and releases.bad_refusal(self.ports, name, v) is None]
         if not older:
             raise UsageError(f"{name} has no earlier version to roll back to (versions: {store.versions(name)})")
         return older[-1]
@@ -67,6 +74,9 @@ class Rollback:
             raise UsageError(f"{name} has no version {target}; stored versions: {', '.join(map(str, versions))}")
         if target == current:
             raise UsageError(f"{name} version {target} is already current")
+        bad = releases.bad_refusal(self.ports, name, target)
+        if bad is not None:
+            raise UsageError(bad)
         sv = self.ports.store.load(name, target)
         refusal = VersionStatus.from_meta(sv.meta).deploy_refusal(name, target)
         if refusal is not None:

@@ -56,6 +56,8 @@ SEVERITY = {
     "drift_found": "warning",
     "rollback_failed": "critical",
     "expiring_soon": "critical",
+    "release_aborted": "critical",
+    "release_rolled_back": "critical",
 }
 
 

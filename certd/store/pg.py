@@ -43,6 +43,7 @@ from certd.store.pgfeed import PgAudit, PgSubscription
 from certd.store.pgfleet import FleetBook
 from certd.store import pglease
 from certd.store.pglease import FleetLock
+from certd.store.pgrelease import ReleaseBook, desired_refusal
 from certd.store.pgschema import configure, conninfo, ensure_schema
 from certd.store.port import LEGACY_TTL, Conflict, Fenced, Lease, LeaseLost, OrderJournal, StoredVersion, VersionInfo
 
@@ -88,6 +89,7 @@ class PgStore:
         #: lock(): ``lease_ttl`` kept alive while held (a fleet passes pglease.fleet_ttl)
         self.locks = FleetLock(self, self._bound, node, lease_ttl, self._clock)
         self.fleet = FleetBook(self)  # nodes, their reports, the shared http-01 answers
+        self.releases = ReleaseBook(self)  # canary releases and the versions marked bad
         self._pool: ConnectionPool | None = None
         try:
             self.dsn = conninfo(dsn, node)
@@ -333,6 +335,9 @@ class PgStore:
                 raise StoreError(f"{name}: cannot make version {version} current: it is not in the store")
             if row[0] == 0:
                 raise StoreError(f"{name}: cannot make version {version} current: its private key was destroyed")
+            refusal = desired_refusal(cur, name, version)  # S3: a bad or unpromoted version never spreads
+            if refusal is not None:
+                raise StoreError(refusal)
             cur.execute("INSERT INTO certd_desired VALUES (%s, %s) ON CONFLICT (name) DO UPDATE "
                         "SET version = EXCLUDED.version", (name, version))
             cur.execute("SELECT pg_notify('certd_desired', %s)", (name,))  # a wake-up, delivered at commit

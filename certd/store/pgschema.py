@@ -18,7 +18,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from certd.core.errors import StoreError
 
-VERSION = 3
+VERSION = 4
 #: pg_advisory_xact_lock key for schema creation and upgrades ("certd" in ASCII).
 SCHEMA_LOCK = 0x6365727464
 
@@ -153,6 +153,29 @@ UPDATE certd_audit a SET spool_id = s.id FROM (
     WHERE id IS NOT NULL ORDER BY id, seq) s
 WHERE a.seq = s.seq;
 CREATE UNIQUE INDEX certd_audit_spool_id ON certd_audit (spool_id);
+""",
+    4: """
+-- Fleet releases (certd/core/release.py, certd/store/pgrelease.py): the latest release of each
+-- certificate (body: Release.to_json), each node's outcome of deploying a release's version,
+-- and operator holds (a hold applies to the release in flight, or to the next one).
+CREATE TABLE certd_releases (
+    name text PRIMARY KEY,
+    body jsonb NOT NULL
+);
+CREATE TABLE certd_release_reports (
+    name text NOT NULL,
+    version int NOT NULL,
+    node text NOT NULL,
+    ok boolean NOT NULL,
+    error text,
+    at timestamptz NOT NULL,
+    PRIMARY KEY (name, version, node)
+);
+CREATE TABLE certd_release_holds (
+    name text PRIMARY KEY,
+    initiator text NOT NULL,
+    at timestamptz NOT NULL
+);
 """,
 }
 

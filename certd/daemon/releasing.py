@@ -1,0 +1,124 @@
+"""A fleet node's part in releases (``[certificate.rollout]``; certd/core/release.py).
+
+**Who drives.** Every node, on each reconcile pass, tries the certificate's lease without
+waiting; the one that gets it reads the release, the live nodes and their reports, asks
+:func:`certd.core.release.advance` for the next step and records it fenced by that lease, with
+its effect (moving desired, marking the version bad) in the same transaction. A node that does
+not get the lease skips: someone else is driving, or renewing. So any live node can finish a
+release whose opener died, and a node cut off from the database cannot move it.
+
+**What a node deploys** (:meth:`ReleaseDriver.target`): the release's version while it is a
+canary of a release at its canary step, else the desired version; never a version marked bad,
+and not again a version it already failed (it stays on the previous one, reported; the release
+decides whether that rolls the fleet back). Each apply of the release's version is reported
+(:meth:`ReleaseDriver.reported`): those reports are the release's input.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from certd.config import CertificateConfig
+from certd.core.errors import CertdError, LockBusy
+from certd.core.release import SUPERSEDED, Facts, Release, State, Transition, advance
+from certd.engine.manager import Manager
+from certd.engine.rotations import Rotations
+from certd.ops.log import event
+from certd.store.pg import PgStore
+
+log = logging.getLogger("certd.release")
+
+_STEPS_PER_PASS = 3  # promoted -> fleet -> done can follow each other in one pass
+
+
+class ReleaseDriver:
+    """Drives and follows the releases of one node's certificates."""
+
+    def __init__(self, manager: Manager, store: PgStore, interval: Callable[[], float]) -> None:
+        self.manager, self.store, self.node, self._interval = manager, store, store.node, interval
+
+    def live_within(self) -> float:
+        """Seconds since its last heartbeat within which a node counts as live: three passes
+        (a pass may spend a reload and a verify_timeout per certificate) and a margin."""
+        return 3 * self._interval() + 10
+
+    def drive(self, cert: CertificateConfig) -> None:
+        """Move ``cert``'s unfinished release on, if this node gets the lease now."""
+        if cert.rollout is None:
+            return
+        r = self.store.releases.get(cert.name)
+        if r is None or r.finished:
+            return
+        try:
+            with self.store.locks.held(cert.name, 0):
+                for _ in range(_STEPS_PER_PASS):
+                    if not self._step(cert):
+                        return
+        except LockBusy:
+            return  # another node drives (or renews) it now
+
+    def _step(self, cert: CertificateConfig) -> bool:
+        assert cert.rollout is not None
+        releases = self.store.releases
+        r = releases.get(cert.name)  # again, under the lease
+        if r is None or r.finished:
+            return False
+        facts = Facts(releases.live_nodes(self.live_within()), releases.reports(cert.name, r.version),
+                      releases.held(cert.name), self.store.desired(cert.name))
+        t = advance(r, facts, cert.rollout, self.manager.clock.now())
+        if t is None:
+            return False
+        releases.record(t.release, t.effect)  # fenced by the lease drive() holds
+        self._emit(cert, r, t)
+        return True
+
+    def _emit(self, cert: CertificateConfig, before: Release, t: Transition) -> None:
+        r = t.release
+        kind = {State.ABORTED: "release_aborted", State.FLEET_ROLLED_BACK: "release_rolled_back"}.get(
+            r.state, "release_step")
+        bad = kind != "release_step"
+        event(log, kind, logging.ERROR if bad else logging.INFO, name=r.name, version=r.version,
+              state=r.state.value, previous_state=before.state.value, reason=r.reason, node=self.node)
+        self.manager.emit(kind, r.name, initiator=f"node={self.node}", reason=r.reason,
+                          outcome="failed" if bad else r.state.value, version=r.version,
+                          detail={"node": self.node, "state": r.state.value, "from_state": before.state.value,
+                                  "canaries": list(r.canaries), "failed": list(r.failed), "previous": r.previous,
+                                  "effect": t.effect.value})
+        if bad and not r.reason.startswith(SUPERSEDED):
+            # the renewal failed after all: the scheduler backs off instead of ordering again at once
+            rotations = Rotations(self.manager.ports, self.manager.planner)
+            try:
+                rotations.record_failure(cert, self.manager.planner.load_state(cert.name),
+                                         f"release of version {r.version} {r.state.value}: {r.reason}",
+                                         result=r.state.value, initiator=f"node={self.node}")
+            except CertdError as e:
+                event(log, "release_failure_not_recorded", logging.WARNING, name=r.name, error=str(e))
+
+    def target(self, cert: CertificateConfig, desired: int | None, applied: int | None) -> int | None:
+        """The version this node should serve now (None: leave it as it is)."""
+        if cert.rollout is None:
+            return desired
+        releases = self.store.releases
+        r = releases.get(cert.name)
+        if r is None:
+            return desired
+        want = r.version if r.state == State.CANARY and self.node in r.canaries else desired
+        if want is None or want != r.version:
+            return want if want is None or releases.bad(cert.name, want) is None else None
+        mine = releases.reports(cert.name, r.version).get(self.node)
+        if mine is not None and not mine.ok and applied != want:
+            return None  # failed it once: stays on the previous version (reported), no flapping
+        if releases.bad(cert.name, want) is not None:
+            return None
+        if mine is None and applied == want and not r.finished:
+            releases.report(cert.name, want, self.node, True, None)  # applied before it could report
+        return want
+
+    def reported(self, cert: CertificateConfig, version: int, error: str | None) -> None:
+        """This node's outcome of deploying ``version``, when that is the release's version."""
+        if cert.rollout is None:
+            return
+        r = self.store.releases.get(cert.name)
+        if r is not None and not r.finished and r.version == version:
+            self.store.releases.report(cert.name, version, self.node, error is None, error)

@@ -1,0 +1,114 @@
+"""Where a renewal and an operator's rollback meet a fleet release (certd/core/release.py).
+
+With ``[certificate.rollout]`` on a fleet's store, the node whose renewal stored a new version
+opens a release instead of rolling it out itself (:func:`open_release`): it deploys nothing and
+the desired version stays; the canaries deploy it first (certd/daemon/releasing.py drives the
+steps). While a release is unfinished no renewal of that certificate orders again
+(:func:`blocking_release`): one release at a time, one order per renewal.
+
+A single host, a first issuance (nothing to fall back to) and a certificate without a rollout
+table go on exactly as before: these functions return None.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from typing import Protocol
+
+from certd.config import CertificateConfig
+from certd.core import release as core
+from certd.core.release import Release
+from certd.core.clock import isoformat
+from certd.engine import attempts
+from certd.engine.attempts import CertState
+from certd.engine.outcome import Outcome, Result
+from certd.engine.planning import Planner
+from certd.engine.ports import Ports
+from certd.engine.statebook import adopt, carry_notes
+from certd.ops.log import event
+
+log = logging.getLogger("certd.release")
+
+
+class ReleaseStore(Protocol):
+    """What a store with releases offers (:class:`certd.store.pgrelease.ReleaseBook`)."""
+
+    def get(self, name: str) -> Release | None: ...
+    def open(self, release: Release) -> None: ...
+    def record(self, release: Release, effect: core.Effect) -> None: ...
+    def mark_bad(self, name: str, version: int, state: str, reason: str) -> None: ...
+    def bad(self, name: str, version: int) -> str | None: ...
+
+
+def book(ports: Ports) -> ReleaseStore | None:
+    """The store's releases, or None on a single host."""
+    found: ReleaseStore | None = getattr(ports.store, "releases", None)
+    return found
+
+
+def blocking_release(ports: Ports, cert: CertificateConfig) -> Outcome | None:
+    """NOT_DUE while a release of ``cert`` is unfinished (it is that renewal still going on)."""
+    releases = book(ports) if cert.rollout is not None else None
+    r = releases.get(cert.name) if releases is not None else None
+    if r is None or r.finished:
+        return None
+    return Outcome(cert.name, Result.NOT_DUE, f"version {r.version} is being released ({r.state.value}); "
+                                              f"no new order until the release ends", ports.store.current(cert.name))
+
+
+def open_release(ports: Ports, planner: Planner, cert: CertificateConfig, state: CertState, current: int | None,
+                 version: int, serial: str, initiator: str, reason: str) -> Outcome | None:
+    """Open a release of the just-stored ``version`` (under the certificate's lease), or None
+    when this certificate is not released in steps here. The renewal itself succeeded (one
+    certificate issued and stored): ``state`` says so, as a committed renewal's does."""
+    releases = book(ports) if cert.rollout is not None and current is not None else None
+    if releases is None:
+        return None
+    now = ports.clock.now()
+    r = core.open_release(cert.name, version, current, now)
+    releases.open(r)
+    notes = carry_notes(state)
+
+    def change(s: CertState) -> None:
+        notes(s)
+        s.failures, s.last_error, s.ari, s.ca_unreachable = 0, None, None, False
+        attempts.clear(s)
+        s.last_success, s.last_result = isoformat(now), "renewed"
+    adopt(state, planner.update_state(cert.name, change))
+    event(log, "release_opened", name=cert.name, version=version, previous=current)
+    ports.emit("release_opened", cert.name, initiator=initiator, reason=reason, version=version, new_serial=serial,
+               detail={"previous": current, "canaries": _canaries(cert)})
+    return Outcome(cert.name, Result.RENEWED, f"version {version} (serial {serial}) stored; released to the canaries "
+                                              f"first ({_canaries(cert)}); `certd status --fleet` shows the release",
+                   version, serial)
+
+
+def _canaries(cert: CertificateConfig) -> str:
+    want = cert.rollout.canaries if cert.rollout is not None else 0
+    return ", ".join(want) if isinstance(want, tuple) else f"{want} node(s)"
+
+
+def bad_refusal(ports: Ports, name: str, version: int) -> str | None:
+    """Why ``version`` may not be rolled back to (marked bad by a release), or None."""
+    releases = book(ports)
+    why = releases.bad(name, version) if releases is not None else None
+    return f"{name}: {why}; choose another version" if why else None
+
+
+def fleet_rollback_done(ports: Ports, cert: CertificateConfig, left: int, to: int, initiator: str,
+                        reason: str) -> None:
+    """An operator's rollback committed in a fleet (desired moved from ``left`` to ``to``): the
+    version left is marked bad (S3) and the rollback audited as the fleet's."""
+    releases = book(ports)
+    if releases is None:
+        return
+    why = f"rolled back fleet-wide by {initiator}"
+    r = releases.get(cert.name)
+    if r is not None and not r.finished and r.version == left:  # the release in flight ends here
+        releases.record(replace(r, state=core.State.FLEET_ROLLED_BACK, since=ports.clock.now(), reason=why),
+                        core.Effect.NONE)
+    releases.mark_bad(cert.name, left, "operator_rollback", why)
+    ports.emit("fleet_rollback", cert.name, initiator=initiator, reason=reason, version=to,
+               detail={"from_version": left, "marked_bad": left})
+    event(log, "fleet_rollback", logging.WARNING, name=cert.name, from_version=left, version=to, initiator=initiator)

@@ -1,0 +1,158 @@
+"""Fleet releases on PostgreSQL (:mod:`certd.core.release`): the release of each certificate,
+the nodes' reports on its version, operator holds, and the versions marked bad. Tables:
+pgschema's version 4.
+
+Writes that move the desired version or mark a version bad (:meth:`ReleaseBook.open`,
+:meth:`ReleaseBook.record`) are fenced by the certificate's lease, in one transaction with the
+release row: a node that lost the lease cannot promote, abort or roll back. A node's report and
+an operator's hold are that node's / that operator's own rows, not fenced.
+
+S3 is kept here, whoever asks: :meth:`desired_refusal` (called by ``PgStore.set_desired`` in
+its transaction) refuses to make desired a version marked bad, or a release's version before
+its canaries promoted it; the reconcile loop asks :meth:`bad` before it deploys anything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+from certd.core.errors import StoreError
+from certd.core.release import Effect, Release, Report, State
+from certd.store.port import Lease
+
+NOW = "COALESCE(%(now)s::timestamptz, clock_timestamp())"
+BAD = "release_bad"  # the version meta key: {"state", "reason"}
+
+
+class _Db(Protocol):
+    def now_param(self) -> Any: ...
+    def tx(self) -> Any: ...
+    def _fence(self, cur: psycopg.Cursor[Any], name: str, lease: Lease | None) -> None: ...
+    def _one(self, sql: str, args: Any = ()) -> tuple[Any, ...] | None: ...
+    def _all(self, sql: str, args: Any = ()) -> list[tuple[Any, ...]]: ...
+
+
+def desired_refusal(cur: psycopg.Cursor[Any], name: str, version: int) -> str | None:
+    """Why ``version`` must not become ``name``'s desired version (S3), or None."""
+    row = cur.execute("SELECT meta -> %s ->> 'reason' FROM certd_versions WHERE name = %s AND version = %s",
+                      (BAD, name, version)).fetchone()
+    if row is not None and row[0] is not None:
+        return f"{name}: version {version} is marked bad ({row[0]}); it is never deployed again"
+    row = cur.execute("SELECT body ->> 'state' FROM certd_releases WHERE name = %s AND (body ->> 'version')::int = %s",
+                      (name, version)).fetchone()
+    if row is not None and row[0] in (State.ISSUED.value, State.CANARY.value):
+        return f"{name}: version {version} is in a release at its {row[0]} step; only its promotion moves it"
+    return None
+
+
+class ReleaseBook:
+    """Releases, reports, holds and bad versions, on a :class:`~certd.store.pg.PgStore`."""
+
+    def __init__(self, db: _Db) -> None:
+        self._db = db
+
+    def get(self, name: str) -> Release | None:
+        row = self._db._one("SELECT body FROM certd_releases WHERE name = %s", (name,))
+        return Release.from_json(row[0]) if row else None
+
+    def open(self, release: Release, *, lease: Lease | None = None) -> None:
+        """Record a new release of ``release.name`` (fenced); StoreError while another is unfinished."""
+        with self._db.tx() as cur:
+            self._db._fence(cur, release.name, lease)
+            row = cur.execute("SELECT body FROM certd_releases WHERE name = %s FOR UPDATE", (release.name,)).fetchone()
+            if row is not None and not Release.from_json(row[0]).finished:
+                raise StoreError(f"{release.name}: release of version {row[0]['version']} is still "
+                                 f"{row[0]['state']}; a new one waits for it")
+            self._save(cur, release)
+
+    def record(self, release: Release, effect: Effect, *, lease: Lease | None = None) -> None:
+        """Record a transition and do its ``effect``, in one fenced transaction."""
+        name = release.name
+        with self._db.tx() as cur:
+            self._db._fence(cur, name, lease)
+            self._save(cur, release)
+            target = {Effect.PROMOTE: release.version, Effect.ROLL_BACK: release.previous}.get(effect)
+            if target is not None:
+                cur.execute("INSERT INTO certd_desired VALUES (%s, %s) ON CONFLICT (name) DO UPDATE "
+                            "SET version = EXCLUDED.version", (name, target))
+                cur.execute("SELECT pg_notify('certd_desired', %s)", (name,))
+            if effect in (Effect.ABORT, Effect.ROLL_BACK):
+                self._mark_bad(cur, name, release.version, release.state.value, release.reason)
+                cur.execute("SELECT pg_notify('certd_desired', %s)", (name,))  # canaries go back now
+
+    def mark_bad(self, name: str, version: int, state: str, reason: str, *, lease: Lease | None = None) -> None:
+        """Mark ``version`` bad outside a release (an operator's fleet rollback away from it)."""
+        with self._db.tx() as cur:
+            self._db._fence(cur, name, lease)
+            self._mark_bad(cur, name, version, state, reason)
+
+    @staticmethod
+    def _mark_bad(cur: psycopg.Cursor[Any], name: str, version: int, state: str, reason: str) -> None:
+        cur.execute("UPDATE certd_versions SET meta = meta || %s WHERE name = %s AND version = %s",
+                    (Jsonb({BAD: {"state": state, "reason": reason}}), name, version))
+
+    @staticmethod
+    def _save(cur: psycopg.Cursor[Any], release: Release) -> None:
+        cur.execute("INSERT INTO certd_releases VALUES (%s, %s) ON CONFLICT (name) DO UPDATE SET body = EXCLUDED.body",
+                    (release.name, Jsonb(release.to_json())))
+
+    def bad(self, name: str, version: int) -> str | None:
+        """Why ``version`` of ``name`` must never be deployed (marked bad), or None."""
+        row = self._db._one("SELECT meta -> %s ->> 'reason' FROM certd_versions WHERE name = %s AND version = %s",
+                            (BAD, name, version))
+        return f"version {version} is marked bad: {row[0]}" if row and row[0] is not None else None
+
+    # -- reports, holds, live nodes ----------------------------------------------------------
+
+    def report(self, name: str, version: int, node: str, ok: bool, error: str | None) -> None:
+        self._db._one(f"INSERT INTO certd_release_reports VALUES (%(name)s, %(v)s, %(node)s, %(ok)s, %(err)s, {NOW}) "
+                      "ON CONFLICT (name, version, node) DO UPDATE SET ok = EXCLUDED.ok, error = EXCLUDED.error, "
+                      "at = EXCLUDED.at RETURNING node",
+                      {"name": name, "v": version, "node": node, "ok": ok, "err": error, "now": self._db.now_param()})
+        self._db._one("SELECT pg_notify('certd_desired', %s)", (name,))  # the driver looks at once
+
+    def reports(self, name: str, version: int) -> dict[str, Report]:
+        return {r[0]: Report(r[1], r[2]) for r in self._db._all(
+            "SELECT node, ok, error FROM certd_release_reports WHERE name = %s AND version = %s", (name, version))}
+
+    def hold(self, name: str, initiator: str) -> None:
+        self._db._one(f"INSERT INTO certd_release_holds VALUES (%(name)s, %(who)s, {NOW}) ON CONFLICT (name) "
+                      "DO UPDATE SET initiator = EXCLUDED.initiator, at = EXCLUDED.at RETURNING name",
+                      {"name": name, "who": initiator, "now": self._db.now_param()})
+
+    def resume(self, name: str) -> bool:
+        """Lift the hold on ``name``; False when it was not held."""
+        row = self._db._one("DELETE FROM certd_release_holds WHERE name = %s RETURNING name", (name,))
+        if row is not None:
+            self._db._one("SELECT pg_notify('certd_desired', %s)", (name,))  # the driver looks at once
+        return row is not None
+
+    def held(self, name: str) -> bool:
+        return self._db._one("SELECT 1 FROM certd_release_holds WHERE name = %s", (name,)) is not None
+
+    def live_nodes(self, within: float) -> list[str]:
+        """Nodes not removed that heartbeat within the last ``within`` seconds (the database's clock)."""
+        return [r[0] for r in self._db._all(
+            f"SELECT node FROM certd_nodes WHERE NOT removed AND last_seen > {NOW} - make_interval(secs => %(s)s) "
+            "ORDER BY node", {"s": within, "now": self._db.now_param()})]
+
+    def status(self, names: Sequence[str]) -> dict[str, dict[str, Any] | None]:
+        """``status --fleet``'s ``release`` of each of ``names``: the latest release and its hold."""
+        bodies = dict(self._db._all("SELECT name, body FROM certd_releases WHERE name = ANY(%s)", (list(names),)))
+        holds = dict(self._db._all("SELECT name, initiator FROM certd_release_holds WHERE name = ANY(%s)",
+                                   (list(names),)))
+        out: dict[str, dict[str, Any] | None] = {}
+        for name in names:
+            body = bodies.get(name)
+            if body is None and name not in holds:
+                out[name] = None
+                continue
+            row = {**(body or {"state": None, "version": None, "canaries": []}),
+                   "held": name in holds, "held_by": holds.get(name)}
+            row.pop("name", None)
+            out[name] = row
+        return out
