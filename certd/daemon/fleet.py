@@ -132,6 +132,9 @@ class FleetNode:
                     sub.close()
                     sub = None
                 self._wake.wait(min(_RETRY, self._interval()))
+            except Exception as e:  # noqa: BLE001 - a bug must not end this node's convergence for good
+                log.exception("fleet_pass_failed node=%s error=%s", self.node, e)
+                self._wake.wait(min(_RETRY, self._interval()))
             self._wake.clear()
         if sub is not None:
             sub.close()
@@ -178,8 +181,16 @@ class FleetNode:
         together — costs a few reloads on this node, not one each in turn (the fleet soak saw
         50 names take a node 50 s, one nginx reload after another)."""
         def one(cert: CertificateConfig, desired: int, applied: int | None) -> None:
-            if not self._stop.is_set():
+            if self._stop.is_set():
+                return
+            try:
                 self.apply(cert, desired, applied)
+            except CertdError as e:  # the store, mid-way: this certificate is tried again next pass
+                self._failed.add(cert.name)
+                event(log, "node_apply_failed", logging.WARNING, name=cert.name, version=desired, error=str(e))
+            except Exception as e:  # noqa: BLE001 - one certificate's bug must not stop the others' applies
+                self._failed.add(cert.name)  # tried again next pass
+                log.exception("node_apply_crashed name=%s version=%s error=%s", cert.name, desired, e)
         if len(todo) <= 1 or workers <= 1:
             for item in todo:
                 one(*item)

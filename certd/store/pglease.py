@@ -43,29 +43,54 @@ CONNECTION_BOUND = 25.0
 MARGIN = 10.0
 
 
+def _proc_start(pid: int) -> str | None:
+    """When process ``pid`` started (clock ticks since boot, /proc/PID/stat field 22); None if
+    there is no such process in this PID namespace."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read().decode("ascii", "replace")
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return data[data.rindex(")") + 2:].split()[19]  # fields after "(comm)" start at field 3
+
+
+def _host_identity() -> str:
+    """This boot of this host and this PID namespace: two containers sharing a host name (a
+    DaemonSet with hostNetwork during a surge), or a reboot, never see each other's pids."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+        pidns = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:  # no /proc: no identity, so nothing is ever reclaimed (the safe direction)
+        return f"unknown-{os.getpid()}-{id(object())}"
+    return f"{boot}/{pidns}"
+
+
 def owner_prefix(node: str) -> str:
-    """What every lease owner this node's processes on this host write begins with; the process
-    id and thread follow (``node@host:pid:thread``)."""
-    return f"{node}@{socket.gethostname()}:"
+    """What every lease owner written by this node's processes in this boot and PID namespace of
+    this host begins with; the process (pid and start time) and the thread follow
+    (``node@host/boot/pidns:pid.start:thread``)."""
+    return f"{node}@{socket.gethostname()}/{_host_identity()}:"
+
+
+def owner(node: str) -> str:
+    """This thread's lease owner name."""
+    return f"{owner_prefix(node)}{os.getpid()}.{_proc_start(os.getpid())}:{threading.get_ident()}"
 
 
 def dead_owner(owner: str, prefix: str) -> bool:
-    """True when ``owner`` is a process of this node on this host that no longer runs."""
+    """True when ``owner`` is a process of this node, in this boot and PID namespace of this host,
+    that no longer runs (its pid is gone, or belongs to a process started at another time)."""
     if not owner.startswith(prefix):
         return False
+    pid_text, _, start = owner[len(prefix):].split(":", 1)[0].partition(".")
     try:
-        pid = int(owner[len(prefix):].split(":", 1)[0])
+        pid = int(pid_text)
     except ValueError:
         return False
-    if pid == os.getpid():
+    if pid == os.getpid() or not start:
         return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # alive, another user's
-        return False
-    return False
+    return _proc_start(pid) != start
 
 
 def fleet_ttl(order_timeout: float) -> float:
@@ -110,8 +135,7 @@ class FleetLock:
         taken first, then this process's mutex: the apply loop (mutex only) never waits for a
         lease, so the two cannot deadlock, and the mutex is never held while waiting for one."""
         started = self._clock.monotonic()
-        owner = f"{owner_prefix(self._node)}{os.getpid()}:{threading.get_ident()}"
-        lease = self._leases.lease(name, owner, self.ttl, wait=timeout)
+        lease = self._leases.lease(name, owner(self._node), self.ttl, wait=timeout)
         stop = threading.Event()
         try:
             left = max(0.0, timeout - (self._clock.monotonic() - started))

@@ -83,20 +83,24 @@ def test_an_order_is_orphaned_only_once_its_lease_is_free(store: Any, clock: Fak
 
 
 def test_a_restarted_node_frees_the_leases_its_dead_process_held(store: Any) -> None:
-    """Leases held by a process of this node on this host that is gone are released at once; a live process's, another host's and another node's are kept."""
+    """Leases held by a process of this node, in this boot and PID namespace of this host, that is gone (or whose pid now names a process started later) are released at once; a live process's, another PID namespace's or host's, and another node's are kept."""
     import os
     import subprocess
 
     from certd.store import pglease
     gone = subprocess.Popen(["true"])
     gone.wait()  # reaped: its pid names no process
-    mine = pglease.owner_prefix("node1")
-    owners = {"dead": f"{mine}{gone.pid}:1", "live": f"{mine}{os.getppid()}:1",
-              "host": f"node1@another-host:{gone.pid}:1", "node": f"{pglease.owner_prefix('node2')}{gone.pid}:1"}
+    mine, parent = pglease.owner_prefix("node1"), os.getppid()
+    started = pglease._proc_start(parent)
+    owners = {"dead": f"{mine}{gone.pid}.12345:1", "reused": f"{mine}{parent}.1:1",
+              "live": f"{mine}{parent}.{started}:1", "myself": pglease.owner("node1"),
+              "other-pidns": f"node1@{mine.split('@')[1].split('/')[0]}/boot/4026531836:{gone.pid}.12345:1",
+              "host": f"node1@another-host/boot/1:{gone.pid}.12345:1",
+              "node": f"{pglease.owner_prefix('node2')}{gone.pid}.12345:1"}
     for name, owner in owners.items():
         store.lease(name, owner, 600.0)
-    assert store.reclaim_dead_leases() == ["dead"]
+    assert sorted(store.reclaim_dead_leases()) == ["dead", "reused"]
     assert store.lease("dead", "node1-again", 600.0).token == 2  # free at once, fenced by a new token
-    for name in ("live", "host", "node"):
+    for name in ("live", "myself", "other-pidns", "host", "node"):
         with pytest.raises(LockBusy):
             store.lease(name, "someone", 600.0)
