@@ -202,13 +202,14 @@ def test_operator_actions_through_the_daemon_are_audited_with_uid_and_reason(sit
 
 def test_renewal_after_a_revocation_by_someone_else_is_initiated_by_ari(site: Site, pebble: Any) -> None:
     """A certificate revoked behind certd's back is renewed by the daemon, and the audit names ARI as initiator."""
-    old = site.store.load("www", 1).bundle
+    version = site.env.renew_until_ari_finds("www")
+    old = site.store.load("www", version).bundle
     issuer = connect(AcmeConfig(pebble.directory_url, ca_bundle=pebble.ca_bundle), site.store, SystemClock())
     issuer.revoke(old.cert_pem, 4)
     issuer.close()
     site.env.start_daemon()
-    wait_until(lambda: site.row()["version"] == 2, timeout=40, what="renewal after revocation")
-    renewed = next(r for r in site.audit() if r["event"] == "renewed" and r["version"] == 2)
+    wait_until(lambda: site.row()["version"] == version + 1, timeout=40, what="renewal after revocation")
+    renewed = next(r for r in site.audit() if r["event"] == "renewed" and r["version"] == version + 1)
     assert renewed["initiator"] == "ari" and "ARI window ended" in renewed["reason"]
     assert site.served().serial == site.row()["serial"]
 

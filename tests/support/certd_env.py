@@ -132,6 +132,24 @@ class CertdEnv:
         r = self.run("status", "--json", *names, check=0)
         return {c["name"]: c for c in json.loads(r.stdout)["certificates"]}
 
+    def renew_until_ari_finds(self, name: str) -> int:
+        """Force renewals of ``name`` until Pebble's ARI can find its current certificate; its version.
+
+        For tests that need an ARI answer for one certificate (see ``ari_finds``): about 1 in
+        256 of Pebble's serials is one its ARI endpoint cannot look up.
+        """
+        from certd.store.files import FileStore
+        from tests.support.pebble_fixtures import ari_finds
+
+        store = FileStore(self.state_dir)
+        version = self.status(name)[name]["version"]
+        for _ in range(5):
+            if ari_finds(store.load(name, version).bundle.cert_pem):
+                return int(version)
+            self.run("renew", name, "--force", "--reason", "a serial Pebble's ARI can find", check=0)
+            version = self.status(name)[name]["version"]
+        pytest.fail(f"Pebble's ARI could not find any of {name}'s last 5 certificates")
+
     def start_daemon(self, env: Mapping[str, str] | None = None) -> ManagedProcess:
         proc = ManagedProcess(self.argv("run"), env={**os.environ, **self.extra_env, **(env or {})},
                               log_path=self.dir / "daemon.log", cwd=ROOT)

@@ -20,6 +20,7 @@ dns-01 records are set with :meth:`PebbleEnv.set_txt`.
 
 from __future__ import annotations
 
+import base64
 import importlib.util
 import json
 import os
@@ -104,6 +105,20 @@ class PebblePorts:
             dns=free_tcp_udp_port(),
             challtestsrv=free_port(),
         )
+
+
+def ari_finds(cert_pem: bytes) -> bool:
+    """False for a certificate Pebble 2.10's ARI endpoint answers "not found" (serverInternal).
+
+    Pebble looks an ARI identifier's serial up by the hex of its DER bytes but stores serials
+    without DER's leading zero, so a serial whose DER encoding starts with 0x00 (top bit set)
+    is never found: no renewal window, and ``replaces`` naming it is refused. A test that needs
+    ARI to answer for a certificate re-issues until this is true (a real CA has no such gap).
+    """
+    from certd.acme.issuer import ari_cert_id  # the ACME client only where a test needs it
+
+    serial = ari_cert_id(cert_pem).split(".")[1]
+    return base64.urlsafe_b64decode(serial + "=" * (-len(serial) % 4))[0] != 0
 
 
 class PebbleEnv:
