@@ -163,7 +163,8 @@ class FleetNode:
         for cert in config.certificates:
             if self._stop.is_set():
                 return
-            self.releases.drive(cert)  # [certificate.rollout]: move its release on, if this node may
+            if self.releases.drive(cert):  # [certificate.rollout]: move its release on, if this node may
+                self._busy = True  # another node held the lease: look again shortly
             applied = self.store.applied(self.node, cert.name)
             desired = self.releases.target(cert, self.store.desired(cert.name), applied)
             if desired is None:

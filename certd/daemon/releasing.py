@@ -43,20 +43,24 @@ class ReleaseDriver:
         (a pass may spend a reload and a verify_timeout per certificate) and a margin."""
         return 3 * self._interval() + 10
 
-    def drive(self, cert: CertificateConfig) -> None:
-        """Move ``cert``'s unfinished release on, if this node gets the lease now."""
+    def drive(self, cert: CertificateConfig) -> bool:
+        """Move ``cert``'s unfinished release on, if this node gets the lease now. True when
+        the lease was busy: the caller looks again soon, since the report that wakes this pass
+        may have reached the driver after it read the reports (three nodes reporting at once
+        left a release a whole reconcile interval short of done)."""
         if cert.rollout is None:
-            return
+            return False
         r = self.store.releases.get(cert.name)
         if r is None or r.finished:
-            return
+            return False
         try:
             with self.store.locks.held(cert.name, 0):
                 for _ in range(_STEPS_PER_PASS):
                     if not self._step(cert):
-                        return
+                        return False
         except LockBusy:
-            return  # another node drives (or renews) it now
+            return True  # another node drives (or renews) it now
+        return False
 
     def _step(self, cert: CertificateConfig) -> bool:
         assert cert.rollout is not None

@@ -68,6 +68,7 @@ class ReleaseBook:
                 raise StoreError(f"{release.name}: release of version {row[0]['version']} is still "
                                  f"{row[0]['state']}; a new one waits for it")
             self._save(cur, release)
+            cur.execute("SELECT pg_notify('certd_desired', %s)", (release.name,))  # a driver picks canaries now
 
     def record(self, release: Release, effect: Effect, *, lease: Lease | None = None) -> None:
         """Record a transition and do its ``effect``, in one fenced transaction."""
@@ -79,10 +80,11 @@ class ReleaseBook:
             if target is not None:
                 cur.execute("INSERT INTO certd_desired VALUES (%s, %s) ON CONFLICT (name) DO UPDATE "
                             "SET version = EXCLUDED.version", (name, target))
-                cur.execute("SELECT pg_notify('certd_desired', %s)", (name,))
             if effect in (Effect.ABORT, Effect.ROLL_BACK):
                 self._mark_bad(cur, name, release.version, release.state.value, release.reason)
-                cur.execute("SELECT pg_notify('certd_desired', %s)", (name,))  # canaries go back now
+            # every step wakes every node at commit: new canaries deploy, the fleet follows a
+            # promotion, canaries go back after an abort — not at their next reconcile pass
+            cur.execute("SELECT pg_notify('certd_desired', %s)", (name,))
 
     def mark_bad(self, name: str, version: int, state: str, reason: str, *, lease: Lease | None = None) -> None:
         """Mark ``version`` bad outside a release (an operator's fleet rollback away from it)."""
