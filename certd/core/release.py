@@ -50,6 +50,15 @@ class State(str, enum.Enum):
 
 TERMINAL = frozenset({State.DONE, State.ABORTED, State.FLEET_ROLLED_BACK})
 SUPERSEDED = "superseded"  # the reason's first word when desired moved outside the release
+BAD = "release_bad"  # a version's meta key once a release marked it bad: {"state", "reason"}
+
+
+def bad_reason(meta: Mapping[str, Any]) -> str | None:
+    """Why a version with ``meta`` was marked bad (S3: never deployed again), or None."""
+    mark = meta.get(BAD)
+    if not mark:
+        return None
+    return str(mark.get("reason") or mark.get("state") or "marked bad") if isinstance(mark, Mapping) else "marked bad"
 
 
 class Effect(str, enum.Enum):

@@ -22,11 +22,13 @@ from certd.core.release import Release
 from certd.core.clock import isoformat
 from certd.engine import attempts
 from certd.engine.attempts import CertState
+from certd.engine.lifecycle import VersionStatus
 from certd.engine.outcome import Outcome, Result
 from certd.engine.planning import Planner
 from certd.engine.ports import Ports
 from certd.engine.statebook import adopt, carry_notes
 from certd.ops.log import event
+from certd.store.port import VersionInfo
 
 log = logging.getLogger("certd.release")
 
@@ -87,6 +89,20 @@ def open_release(ports: Ports, planner: Planner, cert: CertificateConfig, state:
 def _canaries(cert: CertificateConfig) -> str:
     want = cert.rollout.canaries if cert.rollout is not None else 0
     return ", ".join(want) if isinstance(want, tuple) else f"{want} node(s)"
+
+
+class _Versions(Protocol):
+    def versions(self, name: str) -> list[int]: ...
+    def load_info(self, name: str, version: int) -> VersionInfo: ...
+
+
+def deploy_refusal(store: _Versions, name: str, version: int) -> str | None:
+    """Why ``version`` of ``name`` may not be deployed (the predicate "deployable", S3): not
+    stored, revoked, its key compromised or destroyed, or marked bad by a release; None if it
+    may. Read afresh each time: a version turns bad while a node works."""
+    if version not in store.versions(name):
+        return f"{name} has no version {version} (stored: {', '.join(map(str, store.versions(name))) or 'none'})"
+    return VersionStatus.from_meta(store.load_info(name, version).meta).deploy_refusal(name, version)
 
 
 def bad_refusal(ports: Ports, name: str, version: int) -> str | None:

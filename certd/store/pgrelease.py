@@ -21,11 +21,10 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from certd.core.errors import StoreError
-from certd.core.release import Effect, Release, Report, State
+from certd.core.release import BAD, Effect, Release, Report, State
 from certd.store.port import Lease
 
 NOW = "COALESCE(%(now)s::timestamptz, clock_timestamp())"
-BAD = "release_bad"  # the version meta key: {"state", "reason"}
 
 
 class _Db(Protocol):

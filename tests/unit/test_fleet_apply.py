@@ -1,0 +1,124 @@
+"""A fleet node's apply and its switch back (certd/daemon/fleet.py) keep S3: whatever a node
+deploys or falls back to is a version that may be deployed — not marked bad by a release, not
+revoked, its key not compromised. One node on a private PostgreSQL cluster
+(tests/support/postgres.py), its certificate deployed to a real live directory, its reload a
+command that fails while ``failreload`` exists."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+
+from certd.config import AcmeConfig, CertificateConfig, Config, DaemonConfig, DeployConfig, ReloadHook
+from certd.core.clock import FakeClock
+from certd.core.events import EventBus, LifecycleEvent
+from certd.core.release import Effect, State, open_release
+from certd.crypto.custody import FileKek, KeyRing
+from certd.engine.lifecycle import Revocation, compromised_meta
+from certd.engine.manager import Manager
+from tests.support.certs import make_bundle
+
+psycopg = pytest.importorskip("psycopg")
+from certd.daemon.fleet import FleetNode  # noqa: E402
+from certd.store.pg import PgStore  # noqa: E402
+
+NOW = datetime(2026, 12, 4, 8, 0, tzinfo=timezone.utc)
+TTL = 30.0
+
+
+@dataclass
+class Node:
+    """One fleet node: its store, its FleetNode, its certificate and what it audited."""
+
+    store: PgStore
+    fleet: FleetNode
+    cert: CertificateConfig
+    live: Path
+    fail: Path
+    events: list[LifecycleEvent]
+    clock: FakeClock
+
+    def serving(self) -> int:
+        """The version the live link names (what the server reads at its next reload)."""
+        return int(self.live.readlink().name)
+
+    def kinds(self) -> list[str]:
+        return [e.kind for e in self.events]
+
+
+@pytest.fixture
+def node(postgres: str, tmp_path: Path):
+    clock = FakeClock(NOW)
+    store = PgStore(postgres, node="node1", keyring=KeyRing(FileKek(bytes(range(32)), "kek")), clock=clock)
+    live, fail = tmp_path / "ssl" / "www", tmp_path / "failreload"
+    cert = CertificateConfig("www", ("www.example.test",), deploy=DeployConfig(live_dir=live),
+                             reload=(ReloadHook("command", command=("/bin/sh", "-c", f"[ ! -e {fail} ]")),))
+    config = Config(tmp_path / "certd.toml", DaemonConfig(state_dir=tmp_path / "state"),
+                    AcmeConfig("https://127.0.0.1:14000/dir"), (cert,))
+    bus, seen = EventBus(), []
+    bus.subscribe(seen.append)
+    manager = Manager(config, store=store, clock=clock, events=bus)
+    lease = store.lease("www", "a", TTL)
+    for _ in range(2):
+        store.add_version("www", make_bundle(), {}, lease=lease)
+    store.set_desired("www", 1, lease=lease)
+    store.release(lease)
+    fleet = FleetNode(manager, store, lambda: config, threading.Event())
+    fleet.apply(cert, 1, None)
+    yield Node(store, fleet, cert, live, fail, seen, clock)
+    store.close()
+
+
+def _abort_release_of_2(n: Node) -> None:
+    """A release of version 2 reached this node as a canary, then aborted: 2 is marked bad."""
+    lease = n.store.lease("www", "driver", TTL)
+    r = replace(open_release("www", 2, 1, n.clock.now()), state=State.CANARY, canaries=("node1",))
+    n.store.releases.open(r, lease=lease)
+    n.fleet.apply(n.cert, 2, 1)  # the canary deploys it
+    assert n.serving() == 2
+    n.store.releases.record(replace(r, state=State.ABORTED, reason="canary node2 failed"), Effect.ABORT, lease=lease)
+    n.store.release(lease)
+
+
+def _make_undeployable(n: Node, how: str) -> None:
+    """Version 2, applied on this node, becomes a version that must never be deployed again."""
+    if how == "bad":
+        _abort_release_of_2(n)
+        return
+    n.fleet.apply(n.cert, 2, 1)
+    assert n.serving() == 2
+    lease = n.store.lease("www", "op", TTL)
+    meta = compromised_meta() if how == "compromised" else Revocation.of("superseded", None, "root").to_meta()
+    n.store.update_meta("www", 2, meta, lease=lease)
+    n.store.release(lease)
+
+
+@pytest.mark.parametrize("how", ["bad", "revoked", "compromised"])
+def test_a_failed_apply_never_switches_back_to_a_version_that_may_not_be_deployed(node: Node, how: str) -> None:
+    """Going back to version 1 fails its reload: the node does not switch back to version 2
+    (bad / revoked / compromised); version 1 stays in place, and the report and the audit say so."""
+    _make_undeployable(node, how)
+    node.fail.touch()
+    node.fleet.apply(node.cert, 1, 2)
+    assert node.serving() == 1
+    refused = [e for e in node.events if e.kind == "node_switch_back_refused"]
+    assert len(refused) == 1 and refused[0].version == 2 and refused[0].initiator == "node=node1"
+    error = _last_error(node)
+    assert "not switched back to version 2" in error and "version 1 stays in place" in error
+
+
+def test_a_failed_apply_switches_back_to_a_good_previous_version(node: Node) -> None:
+    """The ordinary case is unchanged: version 2's reload fails, the node is back on version 1."""
+    node.fail.touch()
+    node.fleet.apply(node.cert, 2, 1)
+    assert node.serving() == 1 and "node_switch_back_refused" not in node.kinds()
+
+
+def _last_error(n: Node) -> str:
+    with psycopg.connect(n.store.dsn) as conn:
+        row = conn.execute("SELECT last_error FROM certd_node_reports WHERE node = 'node1' AND name = 'www'").fetchone()
+    return row[0] or ""
