@@ -105,6 +105,19 @@ def deploy_refusal(store: _Versions, name: str, version: int) -> str | None:
     return VersionStatus.from_meta(store.load_info(name, version).meta).deploy_refusal(name, version)
 
 
+def unpromoted_refusal(ports: Ports, name: str, version: int) -> str | None:
+    """Why an operator may not make ``version`` desired because it is the candidate of a
+    release that has not been promoted (only its canaries may serve it), or None. The store
+    refuses it too, but only at the commit: by then this node would have deployed it."""
+    releases = book(ports)
+    r = releases.get(name) if releases is not None else None
+    if r is None or r.version != version or r.state not in (core.State.ISSUED, core.State.CANARY):
+        return None
+    return (f"{name}: version {version} is the candidate of a release at its {r.state.value} step and was never "
+            f"promoted; only the release's canaries may serve it. Let the release promote it to every node or abort "
+            f"(`certd status --fleet` shows where it is), or `certd release hold {name}` to keep it from being promoted")
+
+
 def bad_refusal(ports: Ports, name: str, version: int) -> str | None:
     """Why ``version`` may not be rolled back to (marked bad by a release), or None."""
     releases = book(ports)

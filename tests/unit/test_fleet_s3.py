@@ -1,6 +1,7 @@
-"""A fleet node's apply and its switch back (certd/daemon/fleet.py) keep S3: whatever a node
-deploys or falls back to is a version that may be deployed — not marked bad by a release, not
-revoked, its key not compromised. One node on a private PostgreSQL cluster
+"""S3 on one fleet node (certd/daemon/fleet.py, certd/engine/rollback.py): whatever a node
+deploys or falls back to, and whatever an operator rolls the fleet back to, is a version that
+may be deployed — not marked bad by a release, not revoked, its key not compromised, not a
+release candidate its canaries have not promoted. One node on a private PostgreSQL cluster
 (tests/support/postgres.py), its certificate deployed to a real live directory, its reload a
 command that fails while ``failreload`` exists."""
 
@@ -15,6 +16,7 @@ import pytest
 
 from certd.config import AcmeConfig, CertificateConfig, Config, DaemonConfig, DeployConfig, ReloadHook
 from certd.core.clock import FakeClock
+from certd.core.errors import UsageError
 from certd.core.events import EventBus, LifecycleEvent
 from certd.core.release import Effect, State, open_release
 from certd.crypto.custody import FileKek, KeyRing
@@ -122,3 +124,28 @@ def _last_error(n: Node) -> str:
     with psycopg.connect(n.store.dsn) as conn:
         row = conn.execute("SELECT last_error FROM certd_node_reports WHERE node = 'node1' AND name = 'www'").fetchone()
     return row[0] or ""
+
+
+def _open_canary_release_of_2(n: Node) -> None:
+    """A release of version 2 at its canary step, on another node: 2 was never promoted."""
+    lease = n.store.lease("www", "driver", TTL)
+    r = replace(open_release("www", 2, 1, n.clock.now()), state=State.CANARY, canaries=("node2",))
+    n.store.releases.open(r, lease=lease)
+    n.store.release(lease)
+
+
+@pytest.mark.parametrize("how,why", [("candidate", "never promoted.*certd release hold www"),
+                                     ("bad", "marked bad.*canary node2 failed")])
+def test_a_fleet_rollback_refuses_an_unpromoted_candidate_or_a_bad_version(node: Node, how: str, why: str) -> None:
+    """`certd rollback www --to 2` with 2 only on canaries (or aborted) is refused before anything
+    is deployed: a clear error says why and what to do; desired and the live link stay on 1."""
+    if how == "candidate":
+        _open_canary_release_of_2(node)
+    else:
+        _abort_release_of_2(node)
+        node.fleet.apply(node.cert, 1, 2)  # the canary went back to the desired version
+    before = len(node.events)
+    with pytest.raises(UsageError, match=why):
+        node.fleet.manager.rollback(node.cert, to_version=2, initiator="uid=0(root)")
+    assert node.store.desired("www") == 1 and node.serving() == 1
+    assert "deployed" not in node.kinds()[before:]
