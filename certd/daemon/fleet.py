@@ -234,6 +234,12 @@ class FleetNode:
         started = self.manager.clock.monotonic()
         try:
             with self.store.locks.local(cert.name, timeout=0):
+                # S3, again now: the target was read before this pass's other certificates and
+                # this wait; a release may have aborted it (or a revocation hit it) meanwhile
+                refusal = deploy_refusal(self.store, cert.name, version)
+                if refusal is not None:
+                    self._refuse(cert, version, refusal)
+                    return
                 verified = self._deploy(cert, version, previous)
         except LockBusy:
             # this node's own rotation of it is running (it applies or rolls back itself): look
@@ -254,6 +260,15 @@ class FleetNode:
                                 verified_at=self.manager.clock.now() if verified else None, error=None)
         self.releases.reported(cert, version, None)
         self._emit(cert.name, version, previous, "success", "desired version changed", started)
+
+    def _refuse(self, cert: CertificateConfig, version: int, refusal: str) -> None:
+        """``version`` may not be deployed any more: nothing is touched; reported (it is not a
+        failure of the version, so not retried as one: the change that made it bad wakes the
+        next pass, which reads the target afresh)."""
+        event(log, "node_apply_refused", logging.WARNING, name=cert.name, version=version, node=self.node,
+              reason=refusal)
+        self.store.fleet.report(self.node, cert.name, fingerprint=None, verified_at=None,
+                                error=f"not applying version {version}: {refusal}")
 
     def _deploy(self, cert: CertificateConfig, version: int, previous: int | None) -> bool:
         """Stage, switch, reload, verify; switched back to ``previous`` if reload or verify fail

@@ -8,7 +8,8 @@ not get the lease skips: someone else is driving, or renewing. So any live node 
 release whose opener died, and a node cut off from the database cannot move it.
 
 **What a node deploys** (:meth:`ReleaseDriver.target`): the release's version while it is a
-canary of a release at its canary step, else the desired version; never a version marked bad,
+canary of a release at its canary step, else the desired version; never a version that may not
+be deployed (:func:`certd.engine.releases.deploy_refusal`: marked bad, revoked, key compromised),
 and not again a version it already failed (it stays on the previous one, reported; the release
 decides whether that rolls the fleet back). Each apply of the release's version is reported
 (:meth:`ReleaseDriver.reported`): those reports are the release's input.
@@ -23,6 +24,7 @@ from certd.config import CertificateConfig
 from certd.core.errors import CertdError, LockBusy
 from certd.core.release import SUPERSEDED, Facts, Release, State, Transition, advance
 from certd.engine.manager import Manager
+from certd.engine.releases import deploy_refusal
 from certd.engine.rotations import Rotations
 from certd.ops.log import event
 from certd.store.pg import PgStore
@@ -105,11 +107,11 @@ class ReleaseDriver:
             return desired
         want = r.version if r.state == State.CANARY and self.node in r.canaries else desired
         if want is None or want != r.version:
-            return want if want is None or releases.bad(cert.name, want) is None else None
+            return want if want is None or deploy_refusal(self.store, cert.name, want) is None else None
         mine = releases.reports(cert.name, r.version).get(self.node)
         if mine is not None and not mine.ok and applied != want:
             return None  # failed it once: stays on the previous version (reported), no flapping
-        if releases.bad(cert.name, want) is not None:
+        if deploy_refusal(self.store, cert.name, want) is not None:
             return None
         if mine is None and applied == want and not r.finished:
             releases.report(cert.name, want, self.node, True, None)  # applied before it could report

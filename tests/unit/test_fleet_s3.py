@@ -149,3 +149,28 @@ def test_a_fleet_rollback_refuses_an_unpromoted_candidate_or_a_bad_version(node:
         node.fleet.manager.rollback(node.cert, to_version=2, initiator="uid=0(root)")
     assert node.store.desired("www") == 1 and node.serving() == 1
     assert "deployed" not in node.kinds()[before:]
+
+
+def _turn_bad_without_deploying(n: Node, how: str) -> None:
+    """Version 2 becomes undeployable after the node decided to apply it, before it stages."""
+    lease = n.store.lease("www", "driver", TTL)
+    if how == "bad":
+        r = replace(open_release("www", 2, 1, n.clock.now()), state=State.CANARY, canaries=("node1",))
+        n.store.releases.open(r, lease=lease)
+        n.store.releases.record(replace(r, state=State.ABORTED, reason="canary node2 failed"), Effect.ABORT,
+                                lease=lease)
+    else:
+        n.store.update_meta("www", 2, Revocation.of("keyCompromise", None, "root").to_meta(), lease=lease)
+    n.store.release(lease)
+
+
+@pytest.mark.parametrize("how", ["bad", "revoked"])
+def test_apply_checks_again_right_before_staging(node: Node, how: str) -> None:
+    """The node read version 2 as its target; 2 turns bad (or revoked) before the apply stages:
+    nothing is deployed, the node keeps version 1 and reports why."""
+    _turn_bad_without_deploying(node, how)
+    before = len(node.events)
+    node.fleet.apply(node.cert, 2, 1)
+    assert node.serving() == 1 and node.store.applied("node1", "www") == 1
+    assert "node_applied" not in node.kinds()[before:]
+    assert "not applying version 2" in _last_error(node)
