@@ -3,18 +3,22 @@ the nodes' reports on its version, operator holds, and the versions marked bad. 
 pgschema's version 4.
 
 Writes that move the desired version or mark a version bad (:meth:`ReleaseBook.open`,
-:meth:`ReleaseBook.record`) are fenced by the certificate's lease, in one transaction with the
-release row: a node that lost the lease cannot promote, abort or roll back. A node's report and
+:meth:`ReleaseBook.record`, :meth:`ReleaseBook.roll_back`) are fenced by the certificate's lease,
+in one transaction with the release row: a node that lost the lease cannot promote, abort or roll
+back. A node's report and
 an operator's hold are that node's / that operator's own rows, not fenced.
 
 S3 is kept here, whoever asks: :meth:`desired_refusal` (called by ``PgStore.set_desired`` in
 its transaction) refuses to make desired a version marked bad, or a release's version before
-its canaries promoted it; the reconcile loop asks :meth:`bad` before it deploys anything.
+its canaries promoted it; a node asks ``certd.engine.releases.deploy_refusal`` (which reads the
+same mark) before it deploys anything.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
+from datetime import datetime
 from typing import Any, Protocol
 
 import psycopg
@@ -28,7 +32,11 @@ NOW = "COALESCE(%(now)s::timestamptz, clock_timestamp())"
 
 
 class _Db(Protocol):
+    node: str
+
     def now_param(self) -> Any: ...
+    def set_applied(self, node: str, name: str, version: int | None) -> None: ...
+    def _set_desired(self, cur: psycopg.Cursor[Any], name: str, version: int) -> None: ...
     def tx(self) -> Any: ...
     def _fence(self, cur: psycopg.Cursor[Any], name: str, lease: Lease | None) -> None: ...
     def _one(self, sql: str, args: Any = ()) -> tuple[Any, ...] | None: ...
@@ -83,11 +91,23 @@ class ReleaseBook:
                 self._mark_bad(cur, name, release.version, release.state.value, release.reason)
                 cur.execute("SELECT pg_notify('certd_desired', %s)", (name,))  # canaries go back now
 
-    def mark_bad(self, name: str, version: int, state: str, reason: str, *, lease: Lease | None = None) -> None:
-        """Mark ``version`` bad outside a release (an operator's fleet rollback away from it)."""
+    def roll_back(self, name: str, left: int, to: int, reason: str, now: datetime, *,
+                  lease: Lease | None = None) -> None:
+        """An operator's fleet rollback from ``left`` to ``to``, in one fenced transaction:
+        desired moves to ``to`` (S3's checks, as :meth:`PgStore.set_desired`), ``left`` is
+        marked bad and a release of ``left`` in flight ends (``fleet_rolled_back``). Separate
+        writes left a window — desired moved, ``left`` not yet bad — after which a release could
+        promote ``left`` again. Then this node's applied version is ``to`` (the rotation
+        deployed and verified it here)."""
         with self._db.tx() as cur:
             self._db._fence(cur, name, lease)
-            self._mark_bad(cur, name, version, state, reason)
+            self._db._set_desired(cur, name, to)
+            self._mark_bad(cur, name, left, "operator_rollback", reason)
+            row = cur.execute("SELECT body FROM certd_releases WHERE name = %s FOR UPDATE", (name,)).fetchone()
+            r = Release.from_json(row[0]) if row is not None else None
+            if r is not None and not r.finished and r.version == left:
+                self._save(cur, replace(r, state=State.FLEET_ROLLED_BACK, since=now, reason=reason))
+        self._db.set_applied(self._db.node, name, to)
 
     @staticmethod
     def _mark_bad(cur: psycopg.Cursor[Any], name: str, version: int, state: str, reason: str) -> None:

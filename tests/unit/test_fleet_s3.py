@@ -174,3 +174,29 @@ def test_apply_checks_again_right_before_staging(node: Node, how: str) -> None:
     assert node.serving() == 1 and node.store.applied("node1", "www") == 1
     assert "node_applied" not in node.kinds()[before:]
     assert "not applying version 2" in _last_error(node)
+
+
+def test_a_fleet_rollback_moves_desired_and_marks_the_version_left_bad_together(node: Node) -> None:
+    """`certd rollback www` from 2 to 1: the moment desired is back on 1 (the rotation's commit),
+    version 2 is already bad and its release over — a crash right after the commit cannot leave
+    2 promotable again. Observed at the rollback's own audit event, which follows the commit."""
+    lease = node.store.lease("www", "driver", TTL)
+    r = open_release("www", 2, 1, node.clock.now())
+    node.store.releases.open(r, lease=lease)
+    node.store.releases.record(replace(r, state=State.PROMOTED), Effect.PROMOTE, lease=lease)
+    node.store.releases.record(replace(r, state=State.FLEET), Effect.NONE, lease=lease)
+    node.store.release(lease)
+    node.fleet.apply(node.cert, 2, 1)
+    at_commit: list[tuple[int | None, str | None, State]] = []
+
+    def look(e: LifecycleEvent) -> None:
+        if e.kind == "operator_rollback":
+            at_commit.append((node.store.desired("www"), node.store.releases.bad("www", 2),
+                              node.store.releases.get("www").state))
+    node.fleet.manager.events.subscribe(look)
+    outcome = node.fleet.manager.rollback(node.cert, initiator="uid=0(root)")
+    assert (outcome.ok, outcome.version, node.serving()) == (True, 1, 1)
+    desired, bad, state = at_commit[0]
+    assert desired == 1 and bad is not None and "rolled back fleet-wide by uid=0(root)" in bad
+    assert state == State.FLEET_ROLLED_BACK
+    assert "fleet_rollback" in node.kinds()
