@@ -22,6 +22,8 @@ instead of moving the desired version at once::
   live node reported, or at ``fleet_timeout`` (the silent nodes are named; they converge when
   they come back, as any node does).
 - ``aborted`` / ``fleet_rolled_back``: the version is marked bad; no node deploys it again.
+  A version that may not be deployed any more before its promotion (revoked, its key
+  compromised: :attr:`Facts.refusal`) aborts, whatever its canaries said and even while held.
 
 A **hold** (``certd release hold``) is a fact given to :func:`advance`, not a state: it stops the
 steps that widen a release (promotion, fleet, done) but never the ones that protect the fleet
@@ -95,6 +97,7 @@ class Facts:
     reports: Mapping[str, Report] = field(default_factory=dict)
     held: bool = False
     desired: int | None = None   # the desired version now (None: not known, not checked)
+    refusal: str | None = None   # why the release's version may not be deployed now (revoked, key compromised)
 
 
 @dataclass(frozen=True)
@@ -157,6 +160,10 @@ def advance(r: Release, facts: Facts, rollout: Rollout, now: datetime) -> Transi
     superseded = _superseded(r, facts, now)
     if superseded is not None:
         return superseded
+    if facts.refusal is not None and r.state in (State.ISSUED, State.CANARY):
+        # revoked or compromised before its promotion: it must never reach the fleet (S3)
+        return Transition(_to(r, State.ABORTED, now, f"version {r.version} may not be deployed: {facts.refusal}"),
+                          Effect.ABORT)
     if r.state == State.ISSUED:
         return _issued(r, facts, rollout, now, timed_out)
     if r.state == State.CANARY:

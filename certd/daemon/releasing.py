@@ -67,7 +67,8 @@ class ReleaseDriver:
         if r is None or r.finished:
             return False
         facts = Facts(releases.live_nodes(self.live_within()), releases.reports(cert.name, r.version),
-                      releases.held(cert.name), self.store.desired(cert.name))
+                      releases.held(cert.name), self.store.desired(cert.name),
+                      deploy_refusal(self.store, cert.name, r.version))  # revoked/compromised since it opened
         t = advance(r, facts, cert.rollout, self.manager.clock.now())
         if t is None:
             return False

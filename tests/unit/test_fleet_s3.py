@@ -18,7 +18,7 @@ from certd.config import AcmeConfig, CertificateConfig, Config, DaemonConfig, De
 from certd.core.clock import FakeClock
 from certd.core.errors import UsageError
 from certd.core.events import EventBus, LifecycleEvent
-from certd.core.release import Effect, State, open_release
+from certd.core.release import Effect, Rollout, State, open_release
 from certd.crypto.custody import FileKek, KeyRing
 from certd.engine.lifecycle import Revocation, compromised_meta
 from certd.engine.manager import Manager
@@ -200,3 +200,23 @@ def test_a_fleet_rollback_moves_desired_and_marks_the_version_left_bad_together(
     assert desired == 1 and bad is not None and "rolled back fleet-wide by uid=0(root)" in bad
     assert state == State.FLEET_ROLLED_BACK
     assert "fleet_rollback" in node.kinds()
+
+
+def test_the_driver_aborts_a_release_whose_candidate_was_compromised_in_canary(node: Node) -> None:
+    """Version 2's canary verified it, then its key was reported compromised: the driver aborts
+    the release (2 marked bad, release_aborted audited) instead of promoting it; desired stays 1."""
+    cert = replace(node.cert, rollout=Rollout(canaries=1))
+    node.store.fleet.heartbeat("node1", "test")
+    lease = node.store.lease("www", "opener", TTL)
+    node.store.releases.open(open_release("www", 2, 1, node.clock.now()), lease=lease)
+    node.store.release(lease)
+    node.fleet.releases.drive(cert)  # issued -> canary: node1, the only live node
+    assert node.store.releases.get("www").canaries == ("node1",)
+    node.fleet.apply(cert, 2, 1)     # the canary deploys and verifies it (reported ok)
+    lease = node.store.lease("www", "op", TTL)
+    node.store.update_meta("www", 2, compromised_meta(), lease=lease)
+    node.store.release(lease)
+    node.fleet.releases.drive(cert)
+    r = node.store.releases.get("www")
+    assert (r.state, node.store.desired("www")) == (State.ABORTED, 1) and "compromised key" in r.reason
+    assert node.store.releases.bad("www", 2) is not None and "release_aborted" in node.kinds()

@@ -142,3 +142,22 @@ def test_a_release_is_superseded_when_desired_moves_outside_it(clock: FakeClock)
     ended, effect = run(promoted, Facts(NODES, desired=3), Rollout(), clock)
     assert (ended.state, effect) == (State.DONE, Effect.NONE) and "superseded" in ended.reason
     assert advance(promoted, Facts(NODES, {"node1": OK}, desired=2), Rollout(), clock.now()) is not None
+
+
+@pytest.mark.parametrize("step,reports,held,canaries", [
+    ("issued", {}, False, 1),
+    ("issued", {}, False, 0),                 # no canary step: it would be promoted at once
+    ("canary", {"node1": OK}, False, 1),      # every canary verified: it would be promoted
+    ("canary", {"node1": OK}, True, 1),       # held: an abort is never held back
+])
+def test_a_version_that_may_not_be_deployed_aborts_before_promotion(clock: FakeClock, step: str,
+                                                                    reports: dict[str, Report], held: bool,
+                                                                    canaries: int) -> None:
+    """The candidate was revoked or its key compromised before promotion: the release aborts (marked bad)."""
+    rollout = Rollout(canaries=canaries)
+    r = open_release("www", 2, 1, clock.now())
+    if step == "canary":
+        r, _ = run(r, Facts(NODES), rollout, clock)
+    why = "www version 2 has a compromised key; it cannot be deployed again"
+    r, effect = run(r, Facts(NODES, reports, held, refusal=why), rollout, clock)
+    assert (r.state, effect) == (State.ABORTED, Effect.ABORT) and why in r.reason
