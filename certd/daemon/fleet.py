@@ -164,6 +164,7 @@ class FleetNode:
                 self._finishing.add(name)
             self._finisher.submit(self._finish, config.certificate(name))
         todo: list[tuple[CertificateConfig, int, int | None]] = []
+        self.releases.publish(config.certificates)  # which of its certificates this node can prove
         for cert in config.certificates:
             if self._stop.is_set():
                 return

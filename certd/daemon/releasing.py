@@ -18,7 +18,7 @@ decides whether that rolls the fleet back). Each apply of the release's version 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from certd.config import CertificateConfig
 from certd.core.errors import CertdError, LockBusy
@@ -39,6 +39,7 @@ class ReleaseDriver:
 
     def __init__(self, manager: Manager, store: PgStore, interval: Callable[[], float]) -> None:
         self.manager, self.store, self.node, self._interval = manager, store, store.node, interval
+        self._published: dict[str, bool] | None = None  # what publish() last said
 
     def live_within(self) -> float:
         """Seconds since its last heartbeat within which a node counts as live: three passes
@@ -68,7 +69,8 @@ class ReleaseDriver:
             return False
         facts = Facts(releases.live_nodes(self.live_within()), releases.reports(cert.name, r.version),
                       releases.held(cert.name), self.store.desired(cert.name),
-                      deploy_refusal(self.store, cert.name, r.version))  # revoked/compromised since it opened
+                      deploy_refusal(self.store, cert.name, r.version),  # revoked/compromised since it opened
+                      releases.hollow(cert.name))
         t = advance(r, facts, cert.rollout, self.manager.clock.now())
         if t is None:
             return False
@@ -97,6 +99,14 @@ class ReleaseDriver:
                                          result=r.state.value, initiator=f"node={self.node}")
             except CertdError as e:
                 event(log, "release_failure_not_recorded", logging.WARNING, name=r.name, error=str(e))
+
+    def publish(self, certs: Sequence[CertificateConfig]) -> None:
+        """Tell the fleet which released certificates this node can prove by handshake (its
+        verify endpoints), when that changed: canaries picked by count skip hollow nodes."""
+        verifies = {c.name: bool(c.verify) for c in certs if c.rollout is not None}
+        if verifies != self._published:
+            self.store.releases.publish_verifies(self.node, verifies)
+            self._published = verifies
 
     def target(self, cert: CertificateConfig, desired: int | None, applied: int | None) -> int | None:
         """The version this node should serve now (None: leave it as it is)."""

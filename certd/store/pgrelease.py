@@ -16,7 +16,7 @@ same mark) before it deploys anything.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime
 from typing import Any, Protocol
@@ -152,6 +152,21 @@ class ReleaseBook:
 
     def held(self, name: str) -> bool:
         return self._db._one("SELECT 1 FROM certd_release_holds WHERE name = %s", (name,)) is not None
+
+    def publish_verifies(self, node: str, verifies: Mapping[str, bool]) -> None:
+        """Say, per certificate, whether ``node``'s configuration verifies it by handshake."""
+        if not verifies:
+            return
+        with self._db.tx() as cur:
+            for name, yes in sorted(verifies.items()):
+                cur.execute("INSERT INTO certd_node_verifies VALUES (%s, %s, %s) ON CONFLICT (node, name) "
+                            "DO UPDATE SET verifies = EXCLUDED.verifies", (node, name, yes))
+
+    def hollow(self, name: str) -> frozenset[str]:
+        """The nodes that said they have no verify endpoints for ``name`` (a node that never
+        said — an older certd — is not counted hollow)."""
+        return frozenset(r[0] for r in self._db._all(
+            "SELECT node FROM certd_node_verifies WHERE name = %s AND NOT verifies", (name,)))
 
     def live_nodes(self, within: float) -> list[str]:
         """Nodes not removed that heartbeat within the last ``within`` seconds (the database's clock)."""

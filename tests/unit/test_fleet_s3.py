@@ -220,3 +220,18 @@ def test_the_driver_aborts_a_release_whose_candidate_was_compromised_in_canary(n
     r = node.store.releases.get("www")
     assert (r.state, node.store.desired("www")) == (State.ABORTED, 1) and "compromised key" in r.reason
     assert node.store.releases.bad("www", 2) is not None and "release_aborted" in node.kinds()
+
+
+def test_a_node_without_verify_endpoints_is_not_picked_as_a_canary_by_count(node: Node) -> None:
+    """node1 has no [[certificate.verify]] for www (it says so each pass), node2 has: with
+    canaries = 1 the release's canary is node2, though node1 comes first by name."""
+    cert = replace(node.cert, rollout=Rollout(canaries=1))
+    for name in ("node1", "node2"):
+        node.store.fleet.heartbeat(name, "test")
+    node.fleet.releases.publish([cert])
+    node.store.releases.publish_verifies("node2", {"www": True})
+    lease = node.store.lease("www", "opener", TTL)
+    node.store.releases.open(open_release("www", 2, 1, node.clock.now()), lease=lease)
+    node.store.release(lease)
+    node.fleet.releases.drive(cert)
+    assert node.store.releases.get("www").canaries == ("node2",)
