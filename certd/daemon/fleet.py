@@ -15,8 +15,10 @@ A failure is reported (``last_error``), audited (``node_applied``, outcome ``fai
 previous version switched back where one was applied and may still be deployed (S3: never to
 a version marked bad, revoked or key-compromised — a canary of an aborted release; then the
 node stays on the desired version, ``node_switch_back_refused``), and retried at the next
-reconcile; it never moves the desired version. With the database unreachable the loop keeps what is served,
-logs once per attempt and tries again every ``reconcile_interval``.
+reconcile; it never moves the desired version. Right before staging, under the certificate's
+local mutex, the version is checked again (it may have turned bad since it was read). With the
+database unreachable the loop keeps what is served, logs once per attempt and tries again every
+``reconcile_interval``.
 """
 
 from __future__ import annotations

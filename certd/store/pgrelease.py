@@ -1,12 +1,12 @@
 """Fleet releases on PostgreSQL (:mod:`certd.core.release`): the release of each certificate,
-the nodes' reports on its version, operator holds, and the versions marked bad. Tables:
-pgschema's version 4.
+the nodes' reports on its version, operator holds, the versions marked bad, and which nodes
+can verify which certificate (hollow canaries). Tables: pgschema's versions 4 and 5.
 
 Writes that move the desired version or mark a version bad (:meth:`ReleaseBook.open`,
 :meth:`ReleaseBook.record`, :meth:`ReleaseBook.roll_back`) are fenced by the certificate's lease,
 in one transaction with the release row: a node that lost the lease cannot promote, abort or roll
-back. A node's report and
-an operator's hold are that node's / that operator's own rows, not fenced.
+back. A node's report, what it verifies and an operator's hold are that node's / that operator's
+own rows, not fenced.
 
 S3 is kept here, whoever asks: :meth:`desired_refusal` (called by ``PgStore.set_desired`` in
 its transaction) refuses to make desired a version marked bad, or a release's version before
