@@ -12,9 +12,13 @@ certificate is excluded by the store's local mutex). Then the node records ``app
 report (served fingerprint, verified at, last error) that ``certd status --fleet`` shows.
 
 A failure is reported (``last_error``), audited (``node_applied``, outcome ``failed``), the
-previous version switched back where one was applied, and retried at the next reconcile; it
-never moves the desired version. With the database unreachable the loop keeps what is served,
-logs once per attempt and tries again every ``reconcile_interval``.
+previous version switched back where one was applied and may still be deployed (S3: never to
+a version marked bad, revoked or key-compromised — a canary of an aborted release; then the
+node stays on the desired version, ``node_switch_back_refused``), and retried at the next
+reconcile; it never moves the desired version. Right before staging, under the certificate's
+local mutex, the version is checked again (it may have turned bad since it was read). With the
+database unreachable the loop keeps what is served, logs once per attempt and tries again every
+``reconcile_interval``.
 """
 
 from __future__ import annotations
@@ -28,9 +32,11 @@ from typing import Any
 from certd import __version__
 from certd.acme import answers, responders
 from certd.config import CertificateConfig, Config, Listen
-from certd.core.errors import CertdError, LockBusy
+from certd.core.errors import CertdError, LockBusy, OperationFailed
+from certd.core.rotation import Effects
 from certd.daemon.releasing import ReleaseDriver
 from certd.engine.manager import Manager
+from certd.engine.releases import deploy_refusal
 from certd.ops.log import event
 from certd.store.pg import PgStore
 from certd.store.port import Subscription
@@ -160,6 +166,7 @@ class FleetNode:
                 self._finishing.add(name)
             self._finisher.submit(self._finish, config.certificate(name))
         todo: list[tuple[CertificateConfig, int, int | None]] = []
+        self.releases.publish(config.certificates)  # which of its certificates this node can prove
         for cert in config.certificates:
             if self._stop.is_set():
                 return
@@ -231,6 +238,12 @@ class FleetNode:
         started = self.manager.clock.monotonic()
         try:
             with self.store.locks.local(cert.name, timeout=0):
+                # S3, again now: the target was read before this pass's other certificates and
+                # this wait; a release may have aborted it (or a revocation hit it) meanwhile
+                refusal = deploy_refusal(self.store, cert.name, version)
+                if refusal is not None:
+                    self._refuse(cert, version, refusal)
+                    return
                 verified = self._deploy(cert, version, previous)
         except LockBusy:
             # this node's own rotation of it is running (it applies or rolls back itself): look
@@ -252,25 +265,56 @@ class FleetNode:
         self.releases.reported(cert, version, None)
         self._emit(cert.name, version, previous, "success", "desired version changed", started)
 
+    def _refuse(self, cert: CertificateConfig, version: int, refusal: str) -> None:
+        """``version`` may not be deployed any more: nothing is touched; reported (it is not a
+        failure of the version, so not retried as one: the change that made it bad wakes the
+        next pass, which reads the target afresh)."""
+        event(log, "node_apply_refused", logging.WARNING, name=cert.name, version=version, node=self.node,
+              reason=refusal)
+        self.store.fleet.report(self.node, cert.name, fingerprint=None, verified_at=None,
+                                error=f"not applying version {version}: {refusal}")
+
     def _deploy(self, cert: CertificateConfig, version: int, previous: int | None) -> bool:
-        """Stage, switch, reload, verify; switched back to ``previous`` if reload or verify fail."""
+        """Stage, switch, reload, verify; switched back to ``previous`` if reload or verify fail
+        and ``previous`` may still be deployed (:meth:`_switch_back`)."""
         effects = self.manager.ports.edges.effects(cert)
         effects.stage(version)
         effects.switch(version)
         try:
             effects.reload(version)
             return effects.verify(version)
-        except CertdError:
-            if previous is not None and previous in self.store.versions(cert.name):
-                try:
-                    effects.stage(previous)
-                    effects.switch(previous)
-                    effects.reload(previous, keep_going=True)
-                    effects.verify(previous)  # L3: the node proves it serves the previous one again
-                except CertdError as e:
-                    event(log, "node_switch_back_failed", logging.ERROR, name=cert.name, version=previous,
-                          error=str(e))
+        except CertdError as e:
+            if previous is None or previous not in self.store.versions(cert.name):
+                raise
+            refusal = deploy_refusal(self.store, cert.name, previous)
+            if refusal is not None:
+                raise self._no_switch_back(cert, version, previous, refusal, e) from e
+            self._switch_back(cert, effects, previous)
             raise
+
+    def _switch_back(self, cert: CertificateConfig, effects: Effects, previous: int) -> None:
+        try:
+            effects.stage(previous)
+            effects.switch(previous)
+            effects.reload(previous, keep_going=True)
+            effects.verify(previous)  # L3: the node proves it serves the previous one again
+        except CertdError as e:
+            event(log, "node_switch_back_failed", logging.ERROR, name=cert.name, version=previous, error=str(e))
+
+    def _no_switch_back(self, cert: CertificateConfig, version: int, previous: int, refusal: str,
+                        error: CertdError) -> OperationFailed:
+        """``version`` failed, and ``previous`` (what this node served) may not be deployed any
+        more (S3: marked bad, revoked, key compromised — a canary of an aborted release). The
+        node stays on ``version``: it is the desired one, the only version it may serve; its
+        files stay switched in (the server may keep the old certificate in memory until a reload
+        works) and the apply is tried again at every pass. Audited, alerted and reported."""
+        why = f"{error}; not switched back to version {previous} ({refusal}): version {version} stays in place"
+        event(log, "node_switch_back_refused", logging.ERROR, name=cert.name, version=previous, node=self.node,
+              staying=version, reason=refusal)
+        self.manager.emit("node_switch_back_refused", cert.name, initiator=f"node={self.node}", outcome="failed",
+                          reason=refusal, version=previous, detail={"node": self.node, "staying_on": version,
+                                                                    "error": str(error)})
+        return OperationFailed(why)
 
     def _emit(self, name: str, version: int, previous: int | None, outcome: str, reason: str,
               started: float) -> None:

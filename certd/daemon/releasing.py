@@ -8,7 +8,8 @@ not get the lease skips: someone else is driving, or renewing. So any live node 
 release whose opener died, and a node cut off from the database cannot move it.
 
 **What a node deploys** (:meth:`ReleaseDriver.target`): the release's version while it is a
-canary of a release at its canary step, else the desired version; never a version marked bad,
+canary of a release at its canary step, else the desired version; never a version that may not
+be deployed (:func:`certd.engine.releases.deploy_refusal`: marked bad, revoked, key compromised),
 and not again a version it already failed (it stays on the previous one, reported; the release
 decides whether that rolls the fleet back). Each apply of the release's version is reported
 (:meth:`ReleaseDriver.reported`): those reports are the release's input.
@@ -17,12 +18,13 @@ decides whether that rolls the fleet back). Each apply of the release's version 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from certd.config import CertificateConfig
 from certd.core.errors import CertdError, LockBusy
 from certd.core.release import SUPERSEDED, Facts, Release, State, Transition, advance
 from certd.engine.manager import Manager
+from certd.engine.releases import deploy_refusal
 from certd.engine.rotations import Rotations
 from certd.ops.log import event
 from certd.store.pg import PgStore
@@ -37,6 +39,7 @@ class ReleaseDriver:
 
     def __init__(self, manager: Manager, store: PgStore, interval: Callable[[], float]) -> None:
         self.manager, self.store, self.node, self._interval = manager, store, store.node, interval
+        self._published: dict[str, bool] | None = None  # what publish() last said
 
     def live_within(self) -> float:
         """Seconds since its last heartbeat within which a node counts as live: three passes
@@ -69,7 +72,9 @@ class ReleaseDriver:
         if r is None or r.finished:
             return False
         facts = Facts(releases.live_nodes(self.live_within()), releases.reports(cert.name, r.version),
-                      releases.held(cert.name), self.store.desired(cert.name))
+                      releases.held(cert.name), self.store.desired(cert.name),
+                      deploy_refusal(self.store, cert.name, r.version),  # revoked/compromised since it opened
+                      releases.hollow(cert.name))
         t = advance(r, facts, cert.rollout, self.manager.clock.now())
         if t is None:
             return False
@@ -99,6 +104,14 @@ class ReleaseDriver:
             except CertdError as e:
                 event(log, "release_failure_not_recorded", logging.WARNING, name=r.name, error=str(e))
 
+    def publish(self, certs: Sequence[CertificateConfig]) -> None:
+        """Tell the fleet which released certificates this node can prove by handshake (its
+        verify endpoints), when that changed: canaries picked by count skip hollow nodes."""
+        verifies = {c.name: bool(c.verify) for c in certs if c.rollout is not None}
+        if verifies != self._published:
+            self.store.releases.publish_verifies(self.node, verifies)
+            self._published = verifies
+
     def target(self, cert: CertificateConfig, desired: int | None, applied: int | None) -> int | None:
         """The version this node should serve now (None: leave it as it is)."""
         if cert.rollout is None:
@@ -109,11 +122,11 @@ class ReleaseDriver:
             return desired
         want = r.version if r.state == State.CANARY and self.node in r.canaries else desired
         if want is None or want != r.version:
-            return want if want is None or releases.bad(cert.name, want) is None else None
+            return want if want is None or deploy_refusal(self.store, cert.name, want) is None else None
         mine = releases.reports(cert.name, r.version).get(self.node)
         if mine is not None and not mine.ok and applied != want:
             return None  # failed it once: stays on the previous version (reported), no flapping
-        if releases.bad(cert.name, want) is not None:
+        if deploy_refusal(self.store, cert.name, want) is not None:
             return None
         if mine is None and applied == want and not r.finished:
             releases.report(cert.name, want, self.node, True, None)  # applied before it could report

@@ -329,18 +329,23 @@ class PgStore:
     def set_desired(self, name: str, version: int, *, lease: Lease | None = None) -> None:
         with self.tx() as cur:
             self._fence(cur, name, lease)
-            row = cur.execute("SELECT length(key) FROM certd_versions WHERE name = %s AND version = %s",
-                              (name, version)).fetchone()
-            if row is None:
-                raise StoreError(f"{name}: cannot make version {version} current: it is not in the store")
-            if row[0] == 0:
-                raise StoreError(f"{name}: cannot make version {version} current: its private key was destroyed")
-            refusal = desired_refusal(cur, name, version)  # S3: a bad or unpromoted version never spreads
-            if refusal is not None:
-                raise StoreError(refusal)
-            cur.execute("INSERT INTO certd_desired VALUES (%s, %s) ON CONFLICT (name) DO UPDATE "
-                        "SET version = EXCLUDED.version", (name, version))
-            cur.execute("SELECT pg_notify('certd_desired', %s)", (name,))  # a wake-up, delivered at commit
+            self._set_desired(cur, name, version)
+
+    @staticmethod
+    def _set_desired(cur: psycopg.Cursor[Any], name: str, version: int) -> None:
+        """Make ``version`` desired in the caller's (fenced) transaction, unless S3 forbids it."""
+        row = cur.execute("SELECT length(key) FROM certd_versions WHERE name = %s AND version = %s",
+                          (name, version)).fetchone()
+        if row is None:
+            raise StoreError(f"{name}: cannot make version {version} current: it is not in the store")
+        if row[0] == 0:
+            raise StoreError(f"{name}: cannot make version {version} current: its private key was destroyed")
+        refusal = desired_refusal(cur, name, version)  # S3: a bad or unpromoted version never spreads
+        if refusal is not None:
+            raise StoreError(refusal)
+        cur.execute("INSERT INTO certd_desired VALUES (%s, %s) ON CONFLICT (name) DO UPDATE "
+                    "SET version = EXCLUDED.version", (name, version))
+        cur.execute("SELECT pg_notify('certd_desired', %s)", (name,))  # a wake-up, delivered at commit
 
     def applied(self, node: str, name: str) -> int | None:
         row = self._one("SELECT version FROM certd_applied WHERE node = %s AND name = %s", (node, name))

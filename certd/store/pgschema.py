@@ -18,7 +18,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from certd.core.errors import StoreError
 
-VERSION = 4
+VERSION = 5
 #: pg_advisory_xact_lock key for schema creation and upgrades ("certd" in ASCII).
 SCHEMA_LOCK = 0x6365727464
 
@@ -175,6 +175,16 @@ CREATE TABLE certd_release_holds (
     name text PRIMARY KEY,
     initiator text NOT NULL,
     at timestamptz NOT NULL
+);
+""",
+    5: """
+-- Whether each node can prove a certificate by handshake (its configuration has verify endpoints
+-- for it), as the node last said: canaries picked by count skip the nodes that cannot.
+CREATE TABLE certd_node_verifies (
+    node text NOT NULL,
+    name text NOT NULL,
+    verifies boolean NOT NULL,
+    PRIMARY KEY (node, name)
 );
 """,
 }
