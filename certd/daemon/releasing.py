@@ -10,7 +10,7 @@ release whose opener died, and a node cut off from the database cannot move it.
 **What a node deploys** (:meth:`ReleaseDriver.target`): the release's version while it is a
 canary of a release at its canary step, else the desired version; never a version that may not
 be deployed (:func:`certd.engine.releases.deploy_refusal`: marked bad, revoked, key compromised),
-and not again a version it already failed (it stays on the previous one, reported; the release
+and not again, while its release runs, a version it already failed (it stays on the previous one, reported; the release
 decides whether that rolls the fleet back). Each apply of the release's version is reported
 (:meth:`ReleaseDriver.reported`): those reports are the release's input.
 """
@@ -124,8 +124,11 @@ class ReleaseDriver:
         if want is None or want != r.version:
             return want if want is None or deploy_refusal(self.store, cert.name, want) is None else None
         mine = releases.reports(cert.name, r.version).get(self.node)
-        if mine is not None and not mine.ok and applied != want:
-            return None  # failed it once: stays on the previous version (reported), no flapping
+        if mine is not None and not mine.ok and applied != want and not r.finished:
+            # failed it once: stays on the previous version (reported) while the release runs, no
+            # flapping; once it is over the node tries again each pass like any failed apply (the
+            # previous version may expire long before the next renewal)
+            return None
         if deploy_refusal(self.store, cert.name, want) is not None:
             return None
         if mine is None and applied == want and not r.finished:

@@ -235,3 +235,26 @@ def test_a_node_without_verify_endpoints_is_not_picked_as_a_canary_by_count(node
     node.store.release(lease)
     node.fleet.releases.drive(cert)
     assert node.store.releases.get("www").canaries == ("node2",)
+
+
+def test_a_node_that_failed_a_promoted_version_tries_it_again_once_the_release_is_over(node: Node) -> None:
+    """L1: within ``max_failed_nodes`` a node whose apply of the promoted version failed stays on
+    the previous one while the release runs (its report stands, no flapping), and tries again
+    once the release is over — not only at the next renewal, by when the previous version may
+    have expired (a 90-day certificate renewed at day 60 leaves the old one 30 days)."""
+    cert = replace(node.cert, rollout=Rollout(canaries=0, max_failed_nodes=1))
+    lease = node.store.lease("www", "driver", TTL)
+    r = open_release("www", 2, 1, node.clock.now())
+    node.store.releases.open(r, lease=lease)
+    node.store.releases.record(replace(r, state=State.PROMOTED), Effect.PROMOTE, lease=lease)
+    node.store.releases.record(replace(r, state=State.FLEET), Effect.NONE, lease=lease)
+    node.fail.touch()
+    node.fleet.apply(cert, 2, 1)
+    assert node.serving() == 1
+    assert node.fleet.releases.target(cert, 2, 1) is None  # while the release runs: stays on 1
+    node.store.releases.record(replace(r, state=State.DONE, failed=("node1",)), Effect.NONE, lease=lease)
+    node.store.release(lease)
+    node.fail.unlink()
+    assert node.fleet.releases.target(cert, 2, 1) == 2
+    node.fleet.apply(cert, 2, 1)
+    assert node.serving() == 2 and node.store.applied("node1", "www") == 2
