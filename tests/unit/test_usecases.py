@@ -112,7 +112,8 @@ class FakeEdges:
     def prune(self, cert: CertificateConfig, keep: Collection[int]) -> None:
         pass
 
-    def destroy_keys(self, cert: CertificateConfig, keys: Collection[bytes]) -> list[Path]:
+    def destroy_keys(self, cert: CertificateConfig, keys: Collection[bytes], *,
+                     spkis: Collection[str] = ()) -> list[Path]:
         self.destroyed.extend(keys)
         return []
 
