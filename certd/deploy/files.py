@@ -131,6 +131,9 @@ class KeyMatch:
     def __bool__(self) -> bool:
         return bool(self.pems or self.spkis)
 
+    def __repr__(self) -> str:  # pems are keys: never in a traceback or a log line
+        return f"KeyMatch(pems=<{len(self.pems)} keys>, spkis={sorted(self.spkis)})"
+
     def found_in(self, data: bytes) -> bool:
         if any(k in data for k in self.pems):
             return True

@@ -116,6 +116,7 @@ def test_key_match_reads_only_private_key_blocks() -> None:
     assert match.found_in(b.combined_pem) and not match.found_in(b.fullchain_pem)
     assert not match.found_in(b"-----BEGIN PRIVATE KEY-----\nnot base64\n-----END PRIVATE KEY-----\n")
     assert not KeyMatch.of([b""], [""])
+    assert b.key_pem.decode() not in repr(KeyMatch.of([b.key_pem])) and "1 keys" in repr(KeyMatch.of([b.key_pem]))
 
 
 @pytest.mark.parametrize("cut", ["whole", "head_cut", "tail_cut", "bare_line"])
