@@ -258,3 +258,10 @@ def _fleet(r: Release, facts: Facts, rollout: Rollout, now: datetime, timed_out:
 
 def _failed_note(failed: tuple[str, ...]) -> str:
     return f"; failed and kept the previous version: {', '.join(failed)}" if failed else ""
+
+
+def live_window(reconcile_interval: float) -> float:
+    """Seconds since its last heartbeat within which a node counts as live (releases, and a
+    keyCompromise's completion): three passes (a pass may spend a reload and a verify_timeout
+    per certificate) and a margin."""
+    return 3 * reconcile_interval + 10

@@ -11,6 +11,11 @@ through the rotation's own stage, switch, reload and verify, without the fleet-w
 certificate is excluded by the store's local mutex). Then the node records ``applied`` and a
 report (served fingerprint, verified at, last error) that ``certd status --fleet`` shows.
 
+After the applies, a node that serves the desired version destroys its own copies of the
+certificate's compromised keys (keyCompromise; :func:`certd.engine.compromise.destroy_on_node`)
+and the pass records the fleet-wide completion of a compromised key no live node holds any more
+(:func:`certd.engine.compromise.fleet_completion`).
+
 A failure is reported (``last_error``), audited (``node_applied``, outcome ``failed``), the
 previous version switched back where one was applied and may still be deployed (S3: never to
 a version marked bad, revoked or key-compromised — a canary of an aborted release; then the
@@ -35,6 +40,7 @@ from certd.config import CertificateConfig, Config, Listen
 from certd.core.errors import CertdError, LockBusy, OperationFailed
 from certd.core.rotation import Effects
 from certd.daemon.releasing import ReleaseDriver
+from certd.engine import compromise
 from certd.engine.manager import Manager
 from certd.engine.releases import deploy_refusal
 from certd.ops.log import event
@@ -181,6 +187,25 @@ class FleetNode:
             elif not self._reported(cert.name, desired):
                 self._report_served(cert, desired)
         self._apply_all(todo, config.daemon.workers)
+        self._destroy_compromised(config)
+
+    def _destroy_compromised(self, config: Config) -> None:
+        """keyCompromise (certd/engine/compromise.py): once this node serves the desired version
+        (applied and verified, not failing), destroy its own copies of the certificate's other
+        compromised keys and record it; then record the fleet-wide completion of any compromised
+        key that no live node holds any more (one query each when there is nothing to do)."""
+        book, ports = self.store.compromises, self.manager.ports
+        for name, spkis in book.pending(config.names).items():
+            applied = self.store.applied(self.node, name)
+            if self._stop.is_set() or applied is None or name in self._failed or applied != self.store.desired(name):
+                continue  # not moved yet: its apply comes first
+            try:
+                with self.store.locks.local(name, timeout=0):
+                    compromise.destroy_on_node(ports, config.certificate(name), applied, sorted(spkis))
+            except LockBusy:
+                self._busy = True  # its own rotation runs: look again shortly
+        for name, spki in book.unfinished(config.names):
+            compromise.fleet_completion(ports, name, spki, self.releases.live_within())
 
     def _apply_all(self, todo: list[tuple[CertificateConfig, int, int | None]], workers: int) -> None:
         """Apply each of ``todo``, ``workers`` at a time. Certificates on one web server share

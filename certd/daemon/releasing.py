@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 
 from certd.config import CertificateConfig
 from certd.core.errors import CertdError, LockBusy
-from certd.core.release import SUPERSEDED, Facts, Release, State, Transition, advance
+from certd.core.release import SUPERSEDED, Facts, Release, State, Transition, advance, live_window
 from certd.engine.manager import Manager
 from certd.engine.releases import deploy_refusal
 from certd.engine.rotations import Rotations
@@ -42,9 +42,8 @@ class ReleaseDriver:
         self._published: dict[str, bool] | None = None  # what publish() last said
 
     def live_within(self) -> float:
-        """Seconds since its last heartbeat within which a node counts as live: three passes
-        (a pass may spend a reload and a verify_timeout per certificate) and a margin."""
-        return 3 * self._interval() + 10
+        """Seconds since its last heartbeat within which a node counts as live (:func:`live_window`)."""
+        return live_window(self._interval())
 
     def drive(self, cert: CertificateConfig) -> bool:
         """Move ``cert``'s unfinished release on, if this node gets the lease now. True when

@@ -22,6 +22,7 @@ from __future__ import annotations
 import grp
 import os
 import pwd
+import re
 import stat
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
@@ -31,7 +32,8 @@ from typing import Protocol
 
 from certd import fs as fsutil
 from certd.core.errors import StoreError
-from certd.core.model import Bundle
+from certd.core.model import Bundle, spki_sha256
+from certd.crypto.keys import load_private_key
 
 KEY_CONTENTS = ("privkey", "combined")
 
@@ -110,9 +112,53 @@ def read_file_at(dirfd: int, name: str, shown: Path) -> bytes | None:
         raise fsutil.store_error(e, shown, "read") from e
 
 
-def holds_any_at(dirfd: int, name: str, keys: Collection[bytes], shown: Path) -> bool:
+@dataclass(frozen=True)
+class KeyMatch:
+    """Which private keys to destroy: by their PEM bytes (the store still holds them: the node that
+    re-keyed), or by the SHA-256 of their public key's SubjectPublicKeyInfo (a fleet node whose
+    store copy another node already destroyed: it knows the key only by its certificate's SPKI).
+    A file matches when it contains one of the PEMs, or a PEM private key block whose public key
+    has one of the SPKI hashes (``combined`` files hold certificates too: only key blocks count).
+    Neither the key nor the file's content ever appears in an error or a log line."""
+
+    pems: frozenset[bytes] = frozenset()
+    spkis: frozenset[str] = frozenset()
+
+    @classmethod
+    def of(cls, pems: Collection[bytes] = (), spkis: Collection[str] = ()) -> KeyMatch:
+        return cls(frozenset(k for k in pems if k), frozenset(s for s in spkis if s))
+
+    def __bool__(self) -> bool:
+        return bool(self.pems or self.spkis)
+
+    def __repr__(self) -> str:  # pems are keys: never in a traceback or a log line
+        return f"KeyMatch(pems=<{len(self.pems)} keys>, spkis={sorted(self.spkis)})"
+
+    def found_in(self, data: bytes) -> bool:
+        if any(k in data for k in self.pems):
+            return True
+        return bool(self.spkis) and any(s in self.spkis for s in key_spkis(data))
+
+
+_KEY_BLOCK = re.compile(rb"-----BEGIN ((?:[A-Z0-9]+ )*)PRIVATE KEY-----.+?-----END \1PRIVATE KEY-----", re.DOTALL)
+
+
+def key_spkis(data: bytes) -> list[str]:
+    """The SPKI SHA-256 of every readable unencrypted PEM private key in ``data`` (others skipped:
+    an encrypted or foreign block is not certd's copy)."""
+    found = []
+    for m in _KEY_BLOCK.finditer(data):
+        try:
+            found.append(spki_sha256(load_private_key(m.group(0)).public_key()))
+        except ValueError:
+            continue
+    return found
+
+
+def holds_any_at(dirfd: int, name: str, keys: KeyMatch, shown: Path) -> bool:
+    """Whether the regular file ``name`` (opened without following a symlink) holds one of ``keys``."""
     data = read_file_at(dirfd, name, shown)
-    return data is not None and any(k in data for k in keys)
+    return data is not None and keys.found_in(data)
 
 
 def inode_at(dirfd: int, name: str) -> tuple[int, int] | None:
@@ -145,7 +191,7 @@ class Target(Protocol):
     def live_version(self) -> int | None: ...
     def prune(self, keep: set[int]) -> None: ...
     def check(self, version: int, bundle: Bundle) -> list[str]: ...
-    def destroy_keys(self, keys: Collection[bytes]) -> list[Path]: ...
+    def destroy_keys(self, keys: KeyMatch) -> list[Path]: ...
 
 
 def vname(version: int) -> str:

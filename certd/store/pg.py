@@ -43,6 +43,7 @@ from certd.store.pgfeed import PgAudit, PgSubscription
 from certd.store.pgfleet import FleetBook
 from certd.store import pglease
 from certd.store.pglease import FleetLock
+from certd.store.pgcompromise import CompromiseBook
 from certd.store.pgrelease import ReleaseBook, desired_refusal
 from certd.store.pgschema import configure, conninfo, ensure_schema
 from certd.store.port import LEGACY_TTL, Conflict, Fenced, Lease, LeaseLost, OrderJournal, StoredVersion, VersionInfo
@@ -90,6 +91,7 @@ class PgStore:
         self.locks = FleetLock(self, self._bound, node, lease_ttl, self._clock)
         self.fleet = FleetBook(self)  # nodes, their reports, the shared http-01 answers
         self.releases = ReleaseBook(self)  # canary releases and the versions marked bad
+        self.compromises = CompromiseBook(self)  # keyCompromise: each node's destruction, the completion
         self._pool: ConnectionPool | None = None
         try:
             self.dsn = conninfo(dsn, node)

@@ -26,6 +26,7 @@ from psycopg.types.json import Jsonb
 
 from certd.core.errors import StoreError
 from certd.core.release import BAD, Effect, Release, Report, State
+from certd.store.pgfleet import LIVE
 from certd.store.port import Lease
 
 NOW = "COALESCE(%(now)s::timestamptz, clock_timestamp())"
@@ -172,9 +173,8 @@ class ReleaseBook:
 
     def live_nodes(self, within: float) -> list[str]:
         """Nodes not removed that heartbeat within the last ``within`` seconds (the database's clock)."""
-        return [r[0] for r in self._db._all(
-            f"SELECT node FROM certd_nodes WHERE NOT removed AND last_seen > {NOW} - make_interval(secs => %(s)s) "
-            "ORDER BY node", {"s": within, "now": self._db.now_param()})]
+        return [r[0] for r in self._db._all(f"SELECT node FROM certd_nodes WHERE {LIVE} ORDER BY node",
+                                            {"within": within, "now": self._db.now_param()})]
 
     def status(self, names: Sequence[str]) -> dict[str, dict[str, Any] | None]:
         """``status --fleet``'s ``release`` of each of ``names``: the latest release and its hold."""
