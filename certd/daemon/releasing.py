@@ -31,6 +31,7 @@ from certd.store.pg import PgStore
 
 log = logging.getLogger("certd.release")
 
+_REPUBLISH = 20  # passes between two publish() writes of an unchanged configuration
 _STEPS_PER_PASS = 3  # promoted -> fleet -> done can follow each other in one pass
 
 
@@ -40,6 +41,7 @@ class ReleaseDriver:
     def __init__(self, manager: Manager, store: PgStore, interval: Callable[[], float]) -> None:
         self.manager, self.store, self.node, self._interval = manager, store, store.node, interval
         self._published: dict[str, bool] | None = None  # what publish() last said
+        self._passes = 0  # since publish() last wrote
 
     def live_within(self) -> float:
         """Seconds since its last heartbeat within which a node counts as live (:func:`live_window`)."""
@@ -70,7 +72,12 @@ class ReleaseDriver:
         r = releases.get(cert.name)  # again, under the lease
         if r is None or r.finished:
             return False
-        facts = Facts(releases.live_nodes(self.live_within()), releases.reports(cert.name, r.version),
+        # the release's nodes: live ones whose configuration releases this certificate — a node
+        # without it (or without its rollout table) never deploys a candidate nor reports, so as
+        # a canary it aborted every release at fleet_timeout and in the fleet step held "done"
+        members = releases.members(cert.name)
+        live = [n for n in releases.live_nodes(self.live_within()) if n in members]
+        facts = Facts(live, releases.reports(cert.name, r.version),
                       releases.held(cert.name), self.store.desired(cert.name),
                       deploy_refusal(self.store, cert.name, r.version),  # revoked/compromised since it opened
                       releases.hollow(cert.name))
@@ -104,12 +111,15 @@ class ReleaseDriver:
                 event(log, "release_failure_not_recorded", logging.WARNING, name=r.name, error=str(e))
 
     def publish(self, certs: Sequence[CertificateConfig]) -> None:
-        """Tell the fleet which released certificates this node can prove by handshake (its
-        verify endpoints), when that changed: canaries picked by count skip hollow nodes."""
+        """Tell the fleet which certificates this node releases (has with a rollout table) and
+        whether it can prove each by handshake (its verify endpoints): a release counts only
+        its certificate's nodes, and canaries picked by count skip hollow ones. Said when it
+        changed, and again every ``_REPUBLISH`` passes (a restored database forgets it)."""
         verifies = {c.name: bool(c.verify) for c in certs if c.rollout is not None}
-        if verifies != self._published:
+        self._passes += 1
+        if verifies != self._published or self._passes >= _REPUBLISH:
             self.store.releases.publish_verifies(self.node, verifies)
-            self._published = verifies
+            self._published, self._passes = verifies, 0
 
     def target(self, cert: CertificateConfig, desired: int | None, applied: int | None) -> int | None:
         """The version this node should serve now (None: leave it as it is)."""

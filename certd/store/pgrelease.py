@@ -157,17 +157,21 @@ class ReleaseBook:
         return self._db._one("SELECT 1 FROM certd_release_holds WHERE name = %s", (name,)) is not None
 
     def publish_verifies(self, node: str, verifies: Mapping[str, bool]) -> None:
-        """Say, per certificate, whether ``node``'s configuration verifies it by handshake."""
-        if not verifies:
-            return
+        """Say which certificates ``node`` releases (the keys: it has them with a rollout table)
+        and whether its configuration verifies each by handshake; forget the others."""
         with self._db.tx() as cur:
+            cur.execute("DELETE FROM certd_node_verifies WHERE node = %s AND NOT (name = ANY(%s))",
+                        (node, sorted(verifies)))
             for name, yes in sorted(verifies.items()):
                 cur.execute("INSERT INTO certd_node_verifies VALUES (%s, %s, %s) ON CONFLICT (node, name) "
                             "DO UPDATE SET verifies = EXCLUDED.verifies", (node, name, yes))
 
+    def members(self, name: str) -> frozenset[str]:
+        """The nodes that said they release ``name`` (see :meth:`publish_verifies`)."""
+        return frozenset(r[0] for r in self._db._all("SELECT node FROM certd_node_verifies WHERE name = %s", (name,)))
+
     def hollow(self, name: str) -> frozenset[str]:
-        """The nodes that said they have no verify endpoints for ``name`` (a node that never
-        said — an older certd — is not counted hollow)."""
+        """The nodes that said they have no verify endpoints for ``name``."""
         return frozenset(r[0] for r in self._db._all(
             "SELECT node FROM certd_node_verifies WHERE name = %s AND NOT verifies", (name,)))
 

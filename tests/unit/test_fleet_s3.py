@@ -258,3 +258,25 @@ def test_a_node_that_failed_a_promoted_version_tries_it_again_once_the_release_i
     assert node.fleet.releases.target(cert, 2, 1) == 2
     node.fleet.apply(cert, 2, 1)
     assert node.serving() == 2 and node.store.applied("node1", "www") == 2
+
+
+def test_a_node_that_does_not_release_the_certificate_is_neither_canary_nor_awaited(node: Node) -> None:
+    """node0 is live but its configuration has no www with a rollout table (or dropped it):
+    it never deploys a candidate nor reports, so it is not picked as a canary (it comes first
+    by name) and the fleet step does not wait for its report — as a canary it aborted every
+    release at fleet_timeout, and in the fleet step it held the release short of done."""
+    cert = replace(node.cert, rollout=Rollout(canaries=1, fleet_timeout=600))
+    node.store.releases.publish_verifies("node0", {"www": True})  # it had www once ...
+    node.store.releases.publish_verifies("node0", {})  # ... and dropped it
+    for name in ("node0", "node1"):
+        node.store.fleet.heartbeat(name, "test")
+    node.fleet.releases.publish([cert])
+    lease = node.store.lease("www", "opener", TTL)
+    node.store.releases.open(open_release("www", 2, 1, node.clock.now()), lease=lease)
+    node.store.release(lease)
+    node.fleet.releases.drive(cert)
+    assert node.store.releases.get("www").canaries == ("node1",)
+    node.fleet.apply(cert, 2, 1)  # the canary deploys and reports
+    node.fleet.releases.drive(cert)  # promoted -> fleet -> done: node0 is not awaited
+    r = node.store.releases.get("www")
+    assert r.state == State.DONE and node.store.desired("www") == 2
