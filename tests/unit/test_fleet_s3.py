@@ -207,6 +207,7 @@ def test_the_driver_aborts_a_release_whose_candidate_was_compromised_in_canary(n
     the release (2 marked bad, release_aborted audited) instead of promoting it; desired stays 1."""
     cert = replace(node.cert, rollout=Rollout(canaries=1))
     node.store.fleet.heartbeat("node1", "test")
+    node.fleet.releases.publish([cert])  # as each reconcile pass does: node1 releases www
     lease = node.store.lease("www", "opener", TTL)
     node.store.releases.open(open_release("www", 2, 1, node.clock.now()), lease=lease)
     node.store.release(lease)
