@@ -204,6 +204,8 @@ class FleetNode:
                     compromise.destroy_on_node(ports, config.certificate(name), applied, sorted(spkis))
             except LockBusy:
                 self._busy = True  # its own rotation runs: look again shortly
+            except Exception as e:  # noqa: BLE001 - one certificate's trouble must not skip the others'
+                log.exception("key_destroy_crashed name=%s node=%s error=%s", name, self.node, e)
         for name, spki in book.unfinished(config.names):
             compromise.fleet_completion(ports, name, spki, self.releases.live_within())
 

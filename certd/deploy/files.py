@@ -19,6 +19,7 @@ kinds. See :mod:`certd.deploy.stage` for what stage/switch/prune mean.
 
 from __future__ import annotations
 
+import errno
 import grp
 import os
 import pwd
@@ -140,24 +141,39 @@ class KeyMatch:
         return bool(self.spkis) and any(s in self.spkis for s in key_spkis(data))
 
 
-_KEY_BLOCK = re.compile(rb"-----BEGIN ((?:[A-Z0-9]+ )*)PRIVATE KEY-----.+?-----END \1PRIVATE KEY-----", re.DOTALL)
+# A block's body is base64 and white space only: no "-" can extend a match past the next
+# "-----" line, so a file of unmatched BEGIN lines costs linear time, not quadratic (the regex
+# engine holds the GIL: a planted file of them froze every thread of the daemon). Encrypted
+# blocks (Proc-Type / DEK-Info headers) do not match: they are not certd's copies.
+_KEY_BLOCK = re.compile(rb"-----BEGIN ((?:[A-Z0-9]+ )*)PRIVATE KEY-----[A-Za-z0-9+/=\s]*-----END \1PRIVATE KEY-----")
+#: the largest file searched for a key (certd's key and combined files are a few KB)
+KEY_FILE_LIMIT = 1 << 20
 
 
 def key_spkis(data: bytes) -> list[str]:
     """The SPKI SHA-256 of every readable unencrypted PEM private key in ``data`` (others skipped:
-    an encrypted or foreign block is not certd's copy)."""
+    an encrypted or foreign block, or one this library cannot load, is not certd's copy)."""
     found = []
     for m in _KEY_BLOCK.finditer(data):
         try:
             found.append(spki_sha256(load_private_key(m.group(0)).public_key()))
-        except ValueError:
+        except Exception:  # noqa: BLE001 - ValueError, UnsupportedAlgorithm (a curve it lacks), ...
             continue
     return found
 
 
 def holds_any_at(dirfd: int, name: str, keys: KeyMatch, shown: Path) -> bool:
-    """Whether the regular file ``name`` (opened without following a symlink) holds one of ``keys``."""
-    data = read_file_at(dirfd, name, shown)
+    """Whether the regular file ``name`` (opened without following a symlink) holds one of ``keys``.
+    StoreError for a file over :data:`KEY_FILE_LIMIT`: it is not searched, and the destruction
+    that asked fails (tried again, reported) rather than count it as holding no key."""
+    try:
+        data = fsutil.read_at(dirfd, name, limit=KEY_FILE_LIMIT)
+    except OSError as e:
+        if e.errno == errno.EFBIG:
+            raise StoreError(f"{shown} is larger than any key file certd writes ({KEY_FILE_LIMIT:,} bytes): not "
+                             "searched for the key to destroy; see who wrote it, remove it, and the next pass "
+                             "finishes") from None
+        raise fsutil.store_error(e, shown, "read") from e
     return data is not None and keys.found_in(data)
 
 

@@ -13,6 +13,7 @@ from certd.deploy.files import KeyMatch
 from certd.crypto import keys
 from certd.config import CertificateConfig, DeployConfig, FileTarget
 from certd.ops.log import redact
+from certd.core.errors import StoreError
 from certd.core.model import Bundle
 from tests.support.certs import make_bundle
 
@@ -117,6 +118,37 @@ def test_key_match_reads_only_private_key_blocks() -> None:
     assert not match.found_in(b"-----BEGIN PRIVATE KEY-----\nnot base64\n-----END PRIVATE KEY-----\n")
     assert not KeyMatch.of([b""], [""])
     assert b.key_pem.decode() not in repr(KeyMatch.of([b.key_pem])) and "1 keys" in repr(KeyMatch.of([b.key_pem]))
+
+
+# an EC key on sect163k1, a binary curve this cryptography build cannot load (UnsupportedAlgorithm)
+UNLOADABLE = b"""-----BEGIN EC PRIVATE KEY-----
+MFMCAQEEFQG0AMpu0YSrZW+l9LLF5tC9Ivj7LqAHBgUrgQQAAaEuAywABAJsvi30
+pzj/xf8qjDuyyEIMxzT2GgK2+pDq8o8fXduzROjnNhFzGszNRg==
+-----END EC PRIVATE KEY-----
+"""
+
+
+def test_a_key_block_this_library_cannot_load_is_skipped_not_raised() -> None:
+    """A planted (or foreign) key on a curve the library lacks is not certd's copy: the search
+    goes on to the next block — it raised UnsupportedAlgorithm out of every fleet pass (review)."""
+    b = make_bundle()
+    assert KeyMatch.of((), [b.info.spki_sha256]).found_in(UNLOADABLE + b.key_pem)
+
+
+def test_a_planted_file_too_large_for_a_key_fails_the_destruction(tmp_path: Path) -> None:
+    """A .certd-prev of unmatched BEGIN lines in a deploy directory someone else can write is not
+    searched (it froze the daemon: a quadratic scan under the GIL, 11 s for 216 KB): the
+    destruction fails, to be tried again, rather than read it or count it as key-free."""
+    cert = _cert(tmp_path)
+    old, new = make_bundle(), make_bundle()
+    _deploy(cert, 1, new)
+    planted = tmp_path / "app" / ".tls.key.certd-prev"
+    planted.unlink(missing_ok=True)
+    planted.write_bytes(b"-----BEGIN PRIVATE KEY-----\n" * 40_000)  # 1.1 MB
+    with pytest.raises(StoreError, match="larger than any key file certd writes"):
+        deploy.destroy_keys(cert, (), spkis=[old.info.spki_sha256])
+    planted.write_bytes(b"-----BEGIN PRIVATE KEY-----\n" * 20_000 + old.key_pem)  # under the limit
+    assert [p.name for p in deploy.destroy_keys(cert, (), spkis=[old.info.spki_sha256])] == [planted.name]
 
 
 @pytest.mark.parametrize("cut", ["whole", "head_cut", "tail_cut", "bare_line"])
