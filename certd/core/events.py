@@ -60,7 +60,7 @@ KINDS = frozenset({
     "release_held",      # certd release hold: the release stops before widening (audited, operator)
     "release_resumed",   # certd release resume
     "fleet_rollback",    # certd rollback in a fleet: desired moved back; the version left is marked bad
-    "key_compromise_complete",  # keyCompromise in a fleet: every live node moved off the key and destroyed it
+    "key_compromise_complete",  # keyCompromise in a fleet: every node moved off the key and destroyed it
 })
 
 

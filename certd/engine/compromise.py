@@ -11,7 +11,7 @@ destroys its own copies of every compromised key of the certificate by the key's
 (:func:`destroy_on_node`: the deploy layer parses each private key file it finds,
 :class:`certd.deploy.files.KeyMatch`) and records that per node (``certd_key_destructions``;
 the node that re-keyed records it here, after its byte-matched destruction). The revocation is
-complete when every live node that ever applied the certificate has recorded it and no stored
+complete when every node (not removed, live or not) that ever applied the certificate has recorded it and no stored
 version keeps a sealed copy (:func:`fleet_completion`): the first node to see that (on its
 reconcile pass, or the waiting ``certd revoke``) records the completion and its
 ``key_compromise_complete`` audit record in one transaction, exactly once

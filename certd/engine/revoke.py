@@ -13,7 +13,8 @@
   **In a fleet** the re-key is not released in steps (the whole fleet leaves the key at once);
   this node destroys the database's copy and its own, every other node destroys its copies at
   its reconcile pass once it serves the new key, and the revocation is reported complete only
-  when every live node has (and the database keeps no copy): the command waits for that after
+  when every node that applied the certificate has, live or not, until removed (and the database
+  keeps no copy): the command waits for that after
   releasing the certificate's lock, bounded by :func:`fleet_wait` (2 x ``reconcile_interval`` +
   ``verify_timeout`` + 10 s), and otherwise fails naming the nodes that still hold the key (they
   finish on their own; the ``key_compromise_complete`` audit record says when).
@@ -168,13 +169,13 @@ class Revoke:
                        renewed.version, renewed.serial)
 
     def _fleet_wide(self, cert: CertificateConfig, outcome: Outcome, spki: str, say: Say) -> Outcome:
-        """keyCompromise in a fleet: wait (bounded, :func:`fleet_wait`) until every live node
-        moved off the key and destroyed its copies (and the database's is gone); the revocation
+        """keyCompromise in a fleet: wait (bounded, :func:`fleet_wait`) until every node
+        (not removed) that applied the certificate moved off the key and destroyed its copies (and the database's is gone); the revocation
         is reported complete only then, else failed with the nodes that still hold it."""
         interval = fleet_interval(self.ports)
         bound, clock = fleet_wait(interval, cert.verify_timeout), self.ports.clock
         deadline = clock.monotonic() + bound
-        say(f"waiting up to {bound:.0f} s for every live node to serve the new key and destroy the old one")
+        say(f"waiting up to {bound:.0f} s for every node to serve the new key and destroy the old one")
         c, error = None, ""
         while True:
             try:
@@ -182,8 +183,8 @@ class Revoke:
             except CertdError as e:  # the database, for a moment: look again until the bound
                 error = f" (last look failed: {e})"
             if c is not None and c.completed_at is not None:
-                return dataclasses.replace(outcome, message=f"{outcome.message}; revocation complete: every live "
-                                           f"node ({', '.join(c.nodes) or 'none'}) serves a new key and destroyed "
+                return dataclasses.replace(outcome, message=f"{outcome.message}; revocation complete: every node "
+                                           f"({', '.join(c.nodes) or 'none'}) serves a new key and destroyed "
                                            f"the compromised one, and the database keeps no copy of it")
             if clock.monotonic() >= deadline:
                 break

@@ -1,6 +1,6 @@
 """keyCompromise across a fleet, on PostgreSQL (:mod:`certd.engine.compromise`): which node
 destroyed its own copies of which compromised key, who still holds one, and the fleet-wide
-completion. Tables: pgschema's version 5.
+completion. Tables: pgschema's version 6.
 
 A compromised key is named by its certificate's SPKI SHA-256 (``certd_versions.info``), never by
 its bytes: the node that re-keyed destroys the store's sealed copy at once, and the other nodes
@@ -9,11 +9,14 @@ the versions marked ``key_compromised`` (:mod:`certd.engine.lifecycle`); a versi
 the store before every node destroyed its copies drops out of that set (keep the default
 ``keep_versions``: a re-key prunes nothing the fleet still needs).
 
-**Who holds a key** (:meth:`CompromiseBook.holding`): the *live* nodes (not removed, a heartbeat
-within the releases' window, :data:`certd.store.pgfleet.LIVE`) that ever applied the certificate
-(a row in ``certd_applied``: a node without the certificate in its configuration has no copy)
-and have not recorded destroying the key (``certd_key_destructions``). A node records that only
-after it serves a version with another key, so "destroyed" also says "moved off".
+**Who holds a key** (:meth:`CompromiseBook.holding`): every node not removed (``certd nodes
+remove``) that ever applied the certificate (a row in ``certd_applied``: a node without the
+certificate in its configuration has no copy) and has not recorded destroying the key
+(``certd_key_destructions``), **whether or not it heartbeats now**: a node cut off from the
+database, rebooting or stuck in a long pass still serves and stores the key, and "complete"
+must not be said over it (it was, for nodes outside the live window: review). It finishes by
+itself when it is back, or an operator removes it. A node records destroying only after it
+serves a version with another key, so "destroyed" also says "moved off".
 
 **Completion** (:meth:`CompromiseBook.complete`): when no live node holds the key and no stored
 version keeps a sealed copy of it, a row in ``certd_key_compromise_done`` is claimed with
@@ -35,7 +38,7 @@ from psycopg.types.json import Jsonb
 
 from certd.core.events import LifecycleEvent
 from certd.store.pgfeed import append_in
-from certd.store.pgfleet import LIVE, NOW
+from certd.store.pgfleet import NOW
 from certd.store.port import Compromise
 
 _SPKI = "v.info ->> 'spki_sha256'"
@@ -100,8 +103,8 @@ class CompromiseBook:
         def rows(sql: str) -> list[tuple[Any, ...]]:
             return list(cur.execute(sql, args).fetchall()) if cur is not None else self._db._all(sql, args)
 
-        live = (f"SELECT n.node FROM certd_nodes n WHERE {LIVE} AND EXISTS (SELECT 1 FROM certd_applied a "
-                "WHERE a.node = n.node AND a.name = %(name)s)")
+        live = ("SELECT n.node FROM certd_nodes n WHERE NOT n.removed AND EXISTS (SELECT 1 FROM certd_applied a "
+                "WHERE a.node = n.node AND a.name = %(name)s)")  # live or not: see the module's docstring
         mine = ("EXISTS (SELECT 1 FROM certd_key_destructions d WHERE d.node = n.node AND d.name = %(name)s "
                 "AND d.spki_sha256 = %(spki)s) ORDER BY 1")
         holding = [r[0] for r in rows(f"{live} AND NOT {mine}")]
