@@ -169,9 +169,10 @@ class Revoke:
                        renewed.version, renewed.serial)
 
     def _fleet_wide(self, cert: CertificateConfig, outcome: Outcome, spki: str, say: Say) -> Outcome:
-        """keyCompromise in a fleet: wait (bounded, :func:`fleet_wait`) until every node
-        (not removed) that applied the certificate moved off the key and destroyed its copies (and the database's is gone); the revocation
-        is reported complete only then, else failed with the nodes that still hold it."""
+        """keyCompromise in a fleet: wait (bounded, :func:`fleet_wait`) until every node (not
+        removed) that applied the certificate moved off the key and destroyed its copies (and the
+        database's is gone); the revocation is reported complete only then, else failed with the
+        nodes that still hold it."""
         interval = fleet_interval(self.ports)
         bound, clock = fleet_wait(interval, cert.verify_timeout), self.ports.clock
         deadline = clock.monotonic() + bound
