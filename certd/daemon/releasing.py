@@ -76,7 +76,9 @@ class ReleaseDriver:
         # without it (or without its rollout table) never deploys a candidate nor reports, so as
         # a canary it aborted every release at fleet_timeout and in the fleet step held "done"
         members = releases.members(cert.name)
-        live = [n for n in releases.live_nodes(self.live_within()) if n in members]
+        live = releases.live_nodes(self.live_within())
+        if members:  # none at all: a restored database not republished yet — every live node, as before
+            live = [n for n in live if n in members]
         facts = Facts(live, releases.reports(cert.name, r.version),
                       releases.held(cert.name), self.store.desired(cert.name),
                       deploy_refusal(self.store, cert.name, r.version),  # revoked/compromised since it opened
