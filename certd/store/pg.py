@@ -43,7 +43,7 @@ from certd.store.pgfeed import PgAudit, PgSubscription
 from certd.store.pgfleet import FleetBook
 from certd.store import pglease
 from certd.store.pglease import FleetLock
-from certd.store.pgcompromise import CompromiseBook
+from certd.store.pgcompromise import UNFINISHED, CompromiseBook
 from certd.store.pgrelease import ReleaseBook, desired_refusal
 from certd.store.pgschema import configure, conninfo, ensure_schema
 from certd.store.port import LEGACY_TTL, Conflict, Fenced, Lease, LeaseLost, OrderJournal, StoredVersion, VersionInfo
@@ -307,7 +307,9 @@ class PgStore:
             versions = [r[0] for r in cur.execute("SELECT version FROM certd_versions WHERE name = %s ORDER BY 1",
                                                   (name,)).fetchall()]
             desired = cur.execute("SELECT version FROM certd_desired WHERE name = %s", (name,)).fetchone()
-            spare = {desired[0] if desired else None, *protect}
+            unfinished = cur.execute(f"SELECT v.version FROM certd_versions v WHERE v.name = %s AND {UNFINISHED}",
+                                     (name,)).fetchall()  # a compromised key some node may still hold
+            spare = {desired[0] if desired else None, *protect, *(r[0] for r in unfinished)}
             removed = [v for v in versions if v not in spare][:max(0, len(versions) - keep)]
             cur.execute("DELETE FROM certd_versions WHERE name = %s AND version = ANY(%s)", (name, removed))
             return removed

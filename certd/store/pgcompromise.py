@@ -5,9 +5,9 @@ completion. Tables: pgschema's version 6.
 A compromised key is named by its certificate's SPKI SHA-256 (``certd_versions.info``), never by
 its bytes: the node that re-keyed destroys the store's sealed copy at once, and the other nodes
 still have to find their deployed copies afterwards. The set of compromised keys is read from
-the versions marked ``key_compromised`` (:mod:`certd.engine.lifecycle`); a version pruned from
-the store before every node destroyed its copies drops out of that set (keep the default
-``keep_versions``: a re-key prunes nothing the fleet still needs).
+the versions marked ``key_compromised`` (:mod:`certd.engine.lifecycle`), so ``prune`` spares
+such a version until its key's completion is recorded (:data:`UNFINISHED`; a version pruned
+earlier dropped out of the set, and nodes still holding the key never destroyed it: review).
 
 **Who holds a key** (:meth:`CompromiseBook.holding`): every node not removed (``certd nodes
 remove``) that ever applied the certificate (a row in ``certd_applied``: a node without the
@@ -43,6 +43,10 @@ from certd.store.port import Compromise
 
 _SPKI = "v.info ->> 'spki_sha256'"
 _COMPROMISED = "(v.meta ->> 'key_compromised')::boolean IS TRUE"
+#: versions (``v``) whose compromised key the fleet has not finished destroying: the store keeps
+#: them (prune spares them), since the set of keys to destroy is read from their rows
+UNFINISHED = (f"{_COMPROMISED} AND NOT EXISTS (SELECT 1 FROM certd_key_compromise_done c "
+              f"WHERE c.name = v.name AND c.spki_sha256 = {_SPKI})")
 
 
 class _Db(Protocol):

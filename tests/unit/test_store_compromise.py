@@ -117,3 +117,24 @@ def test_a_version_4_database_is_upgraded_to_6(postgres, clock):
             assert conn.execute("SELECT count(*) FROM certd_node_verifies").fetchone() == (0,)
     finally:
         s.close()
+
+
+def test_prune_spares_a_compromised_version_until_its_key_is_gone_everywhere(nodes, clock):
+    """The fleet reads which keys to destroy from the compromised versions' rows: prune keeps
+    version 1 (compromised, node2 still holds its key) past keep_versions until the completion is
+    recorded — pruned, it dropped out and node2 never destroyed its copies (review)."""
+    one, two = nodes
+    spki = _compromised_then_rekeyed(one)
+    lease = one.lease("www", "a", TTL)
+    one.add_version("www", make_bundle(), {}, lease=lease)
+    one.set_desired("www", 3, lease=lease)
+    assert one.prune("www", 1, lease=lease) == [2]
+    assert two.compromises.pending(["www"]) == {"www": {spki}}
+    one.destroy_key("www", 1, lease=lease)
+    one.release(lease)
+    for s in (one, two):
+        s.compromises.destroyed("www", spki, 1)
+    assert one.compromises.complete("www", spki, LIVE, _event)[1]
+    lease = one.lease("www", "a", TTL)
+    assert one.prune("www", 1, lease=lease) == [1]
+    one.release(lease)
