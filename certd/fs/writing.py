@@ -78,7 +78,11 @@ def _discard(fd: int, path: Path | str, dirfd: int | None = None) -> None:
     _unlink_quiet(path, dirfd)
 
 
-_SWEPT_RETRIES = 8  # a sweep takes a temporary file at most once: a few tries always do
+# A sweep takes one temporary file at most once, but a sweeping thread can take each new one in
+# turn: the GIL may pass to it for milliseconds right after our create releases it (under load
+# the unit test's tight-loop sweeper won 9 tries in a row once in ~50 runs of 3,000 writes). A
+# retry costs only when a sweep took the file: many are cheap.
+_SWEPT_RETRIES = 64
 
 
 def atomic_write(path: Path | str, data: bytes, *, mode: int = 0o644, uid: int = -1, gid: int = -1,
