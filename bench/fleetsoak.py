@@ -25,7 +25,9 @@ SIGKILLed at random and the database restarted once, and a client watching every
 Targets (exit 1 when one is missed): 0 bad probes (an expired, untrusted, misnamed certificate
 or a failed handshake: a cert/key mismatch); 0 missed rotations (a certificate served by any node
 past its emergency point, a tenth of its lifetime before expiry, or any node's applied version
-past it at the end); orders = renewals (newOrders Pebble accepted during the soak = ``renewed``
+past it at the end; a node with no applied version recorded then — another node adopted the
+rotation a SIGKILL interrupted on it and it has not re-applied yet — is judged by what it
+serves, by a handshake); orders = renewals (newOrders Pebble accepted during the soak = ``renewed``
 audit records, one per committed renewal); every node's exit status 0 and no exit nobody caused.
 
 Pebble 2.10 offers a short certificate's whole lifetime as its ARI window, and certd draws from
@@ -35,9 +37,9 @@ The CA proxy therefore hides ``renewalInfo`` by default (renewals at ``renew_bef
 lifetime); ``--ari`` keeps it (a real CA's window sits near two thirds of a 90-day lifetime,
 where a 45 s lease is nothing).
 
-The release/canary state machine (issue 17 items 1-3) is not on main yet: every node applies the
-desired version as it moves. ``--rollout TOML`` adds lines to every certificate's
-``[certificate.rollout]`` table once it exists (e.g. ``--rollout 'canaries = 1'``).
+Without ``--rollout`` every node applies the desired version as it moves. ``--rollout TOML`` adds
+lines to every certificate's ``[certificate.rollout]`` table (e.g. ``--rollout 'canaries = 1'``):
+each renewal then runs as a release, canaries first (issue 17 items 1-3).
 
 Usage: .venv/bin/python bench/fleetsoak.py [--minutes 3] [--names 50] [--validity 180]
                                            [--kill-every S] [--pg-down S] [--seed N] [--json]
@@ -77,7 +79,7 @@ from tests.support.hostile_ca import HostileCA  # noqa: E402
 from tests.support.pebble_fixtures import PebbleEnv  # noqa: E402
 from tests.support.postgres import PgCluster, start_cluster  # noqa: E402
 from tests.support.procs import ManagedProcess, free_port, wait_until  # noqa: E402
-from tests.support.prober import TrustAnchors, Target  # noqa: E402
+from tests.support.prober import TrustAnchors, Target, probe_once  # noqa: E402
 from tests.support.rrproxy import RoundRobinProxy  # noqa: E402
 from tests.support.server_fixtures import NginxServer, TestCA, _start_with_retries  # noqa: E402
 
@@ -307,16 +309,28 @@ def soak(fleet: Fleet, rng: random.Random, watch: Watch) -> dict[str, Any]:
     return {"kills": kills, "pg_down_seconds": round(pg_down_for or 0.0, 1)}
 
 
-def stale_at(fleet: Fleet, applied: dict[str, dict[str, int | None]], at: float) -> list[str]:
-    """``node/name`` whose applied version is past its emergency point at ``at`` (epoch s)."""
+def stale_at(fleet: Fleet, applied: dict[str, dict[str, int | None]], at: float,
+             anchors: TrustAnchors) -> tuple[list[str], list[str]]:
+    """``node/name`` whose applied version is past its emergency point at ``at`` (epoch s),
+    and ``node/name`` with no applied version recorded then. A node's applied row is dropped
+    when another node adopts the rotation a SIGKILL interrupted on it (certd/engine/adopt.py;
+    it re-applies the desired version once it is back): for those what the node serves, by a
+    handshake now, decides — stale unless it serves a trusted certificate short of its
+    emergency point."""
     assert fleet.store is not None
-    stale = []
+    stale, unrecorded = [], []
+    ports = {node.name: node.nginx.port for node in fleet.nodes}
     for node, versions in applied.items():
         for n, version in versions.items():
-            info = fleet.store.load_info(n, version).info if version is not None else None
+            if version is None:
+                unrecorded.append(f"{node}/{n}")
+                served = probe_once(Target("127.0.0.1", ports[node], DOMAIN.format(name=n)), anchors, timeout=5)
+                info = served.info if served.ok else None
+            else:
+                info = fleet.store.load_info(n, version).info
             if info is None or at > info.not_after.timestamp() - info.lifetime_seconds / 10:
                 stale.append(f"{node}/{n}")
-    return stale
+    return stale, unrecorded
 
 
 def _epoch(record: dict[str, Any]) -> float:
@@ -377,7 +391,7 @@ def run(fleet: Fleet, rng: random.Random, seed: int) -> tuple[bool, dict[str, An
             t.join(timeout=30)
     stopped_at = time.time()
     _, applied_at_stop = fleet.versions()
-    stale = stale_at(fleet, applied_at_stop, stopped_at)
+    stale, unrecorded = stale_at(fleet, applied_at_stop, stopped_at, anchors)
     statuses = fleet.stop_nodes()
 
     desired, applied = fleet.versions()
@@ -396,6 +410,7 @@ def run(fleet: Fleet, rng: random.Random, seed: int) -> tuple[bool, dict[str, An
         "probes": sum(watch.counts.values()), "probe_categories": dict(watch.counts),
         "bad_probes": len(bad),
         "missed_rotations": len(watch.missed) + len(stale),
+        "applied_unrecorded_at_end": unrecorded,
         "nodes_converged_at_end": all(a == desired for a in applied.values()),
         "failed_node_applies": len(failed_applies),
         "commit_to_every_node_seconds": convergence(records, len(fleet.nodes)),
@@ -426,6 +441,9 @@ def report(ok: bool, s: dict[str, Any]) -> None:
     print(f"  probes (TLS handshakes, every node, name):   {s['probes']}  {s['probe_categories']}")
     print(f"  bad probes (expired/untrusted/name/handshake): {s['bad_probes']}  (target 0)")
     print(f"  missed rotations (past emergency point):     {s['missed_rotations']}  (target 0)")
+    if s["applied_unrecorded_at_end"]:
+        print(f"  no applied version recorded at the end (judged by a handshake): "
+              f"{', '.join(s['applied_unrecorded_at_end'][:10])}")
     print(f"  longest a served cert was past renewal point: {s['longest_past_renewal_point_seconds']} s "
           f"({s['longest_past_renewal_point_where']}; the emergency point is 40 % of the lifetime later)")
     print(f"  SIGKILLs {len(s['sigkills'])} ({', '.join(s['sigkills'])}); PostgreSQL down "
