@@ -353,6 +353,32 @@ def convergence(records: list[dict[str, Any]], nodes: int) -> dict[str, Any]:
             "max": round(lags[-1], 1), "not_everywhere": len(committed) - len(lags)}
 
 
+def _percentiles(values: list[float]) -> dict[str, float | None]:
+    v = sorted(values)
+    if not v:
+        return {"p50": None, "p95": None, "max": None}
+    return {"p50": round(v[len(v) // 2], 1), "p95": round(v[min(len(v) - 1, int(len(v) * 0.95))], 1),
+            "max": round(v[-1], 1)}
+
+
+def release_times(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """With ``--rollout``: seconds from each release's opening (the renewal stored its version,
+    canaries first) to its promotion (the canaries proved it; the desired version moves) and to
+    ``done`` (every node applied it) — canary to fleet; and how many releases ended otherwise."""
+    opened = {(r["name"], r["version"]): _epoch(r) for r in records if r["event"] == "release_opened"}
+    steps: dict[tuple[str, int], dict[str, float]] = {}
+    for r in records:
+        if r["event"] == "release_step":
+            steps.setdefault((r["name"], r["version"]), {}).setdefault(str(r.get("outcome")), _epoch(r))
+    def since_open(state: str) -> list[float]:
+        return [s[state] - opened[k] for k, s in steps.items() if k in opened and state in s]
+    return {"opened": len(opened), "canary_to_promoted": _percentiles(since_open("promoted")),
+            "canary_to_fleet_done": _percentiles(since_open("done")),
+            "done": sum(1 for s in steps.values() if "done" in s),
+            "aborted": sum(1 for r in records if r["event"] == "release_aborted"),
+            "rolled_back": sum(1 for r in records if r["event"] == "release_rolled_back")}
+
+
 def log_counts(text: str) -> dict[str, int]:
     keys = ("rotation_committed", "renewal_failed", "orphaned_order", "node_applied", "fleet_unreachable",
             "lease_lost", "rotation_resumed", "daemon_ready")
@@ -396,7 +422,8 @@ def run(fleet: Fleet, rng: random.Random, seed: int) -> tuple[bool, dict[str, An
 
     desired, applied = fleet.versions()
     records = [r for r in fleet.audit() if int(r["seq"]) > seq0]
-    renewed = [r for r in records if r["event"] == "renewed"]
+    # a renewal commits (``renewed``), or with --rollout stores its version and opens a release
+    renewed = [r for r in records if r["event"] in ("renewed", "release_opened")]
     failed_applies = [r for r in records if r["event"] == "node_applied" and r.get("outcome") != "success"]
     orders, finalized = len(fleet.ca.orders_created) - orders0, len(fleet.ca.finalized) - finalized0
     bad = list(watch.bad)
@@ -414,6 +441,7 @@ def run(fleet: Fleet, rng: random.Random, seed: int) -> tuple[bool, dict[str, An
         "nodes_converged_at_end": all(a == desired for a in applied.values()),
         "failed_node_applies": len(failed_applies),
         "commit_to_every_node_seconds": convergence(records, len(fleet.nodes)),
+        "releases": release_times(records) if args.rollout else None,
         "longest_past_renewal_point_seconds": round(watch.longest_overdue, 2),
         "longest_past_renewal_point_where": watch.longest_overdue_at,
         "sigkills": events["kills"], "pg_down_seconds": events["pg_down_seconds"],
@@ -434,7 +462,7 @@ def run(fleet: Fleet, rng: random.Random, seed: int) -> tuple[bool, dict[str, An
 def report(ok: bool, s: dict[str, Any]) -> None:
     print(f"fleet soak: {s['minutes']:g} min, {s['nodes']} nodes x {s['names']} names on {s['validity_seconds']} s "
           f"certificates (ARI {'on' if s['ari'] else 'hidden'}), seed {s['seed']}")
-    print(f"  renewals committed (audit 'renewed'):        {s['renewals']}  (desired versions moved "
+    print(f"  renewals (audit 'renewed'/'release_opened'): {s['renewals']}  (desired versions moved "
           f"{s['desired_version_moves']})")
     print(f"  orders at the CA / certificates finalized:   {s['orders']} / {s['finalized']}  "
           f"(target: orders = renewals)")
@@ -451,6 +479,11 @@ def report(ok: bool, s: dict[str, Any]) -> None:
     c = s["commit_to_every_node_seconds"]
     print(f"  commit -> every other node applied (audit):  p50 {c['p50']} s, p95 {c['p95']} s, max {c['max']} s "
           f"({c['not_everywhere']} renewals not applied everywhere by the end)")
+    if s["releases"]:
+        r = s["releases"]
+        print(f"  releases opened {r['opened']}, done {r['done']}, aborted {r['aborted']}, rolled back "
+              f"{r['rolled_back']}; open -> promoted {r['canary_to_promoted']}; canary -> fleet done "
+              f"{r['canary_to_fleet_done']} (s)")
     print(f"  every node on the desired version at the end: {s['nodes_converged_at_end']}; failed node applies "
           f"{s['failed_node_applies']}; peak RSS MB {s['peak_rss_mb']}")
     for node, counts in s["log"].items():
