@@ -19,7 +19,13 @@ and records when each first served each fingerprint. Per renewal:
 Printed: p50/p95/max convergence, against the issue's target (<= 2 s on loopback), and the
 orders per renewal, each ok or MISSED.
 
-Usage: .venv/bin/python bench/fleet.py [--renewals N]   (or: bash bench/run.sh --only fleet)
+With ``--rollout 'canaries = 1'`` (any ``[certificate.rollout]`` body, issue 17) every renewal
+is a release: the canaries deploy and verify first, then the desired version moves. Printed
+per renewal and as p50/p95 (audit times): release opened -> promoted (the canary step),
+promoted -> done (the fleet step), opened -> done (canary to fleet), and opened -> every node
+serving it (the prober); "convergence" is then counted from the release's opening.
+
+Usage: .venv/bin/python bench/fleet.py [--renewals N] [--rollout TOML]   (or: bash bench/run.sh --only fleet)
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import sys
 import tempfile
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -103,8 +110,9 @@ def stop_all(things: list[Any], method: str) -> None:
         getattr(thing, method)()
 
 
-def build(base: Path, stack: list[Any]) -> Any:
-    """The three nodes (daemons started, version 1 served everywhere); ``stack``: what to stop."""
+def build(base: Path, stack: list[Any], rollout: str | None = None) -> Any:
+    """The three nodes (daemons started, version 1 served everywhere); ``stack``: what to stop.
+    ``rollout``: the body of a ``[certificate.rollout]`` table every node gets."""
     cluster = start_cluster()
     stack.append(cluster.destroy)
     peb = PebbleEnv(base / "pebble")
@@ -130,6 +138,9 @@ def build(base: Path, stack: list[Any]) -> Any:
         ports -= {peb.http_port, peb.tls_port}
     for node, port in zip(nodes, sorted(ports)):
         node.configure(port)
+        if rollout is not None:  # the config's one [[certificate]] is its last table
+            with node.env.config_path.open("a") as f:
+                f.write(f"[certificate.rollout]\n{rollout}\n")
     proxy = RoundRobinProxy(("127.0.0.1", peb.http_port), [("127.0.0.1", n.http_port) for n in nodes]).start()
     stack.append(proxy.stop)
     fleet = Fleet(nodes, ca, proxy)
@@ -140,10 +151,12 @@ def build(base: Path, stack: list[Any]) -> Any:
     return fleet
 
 
-def measure(fleet: Any, renewals: int) -> tuple[list[float], list[int]]:
-    """Seconds from commit to every node serving it, and orders, per renewal."""
+def measure(fleet: Any, renewals: int, released: bool) -> tuple[list[float], list[int], dict[str, list[float]]]:
+    """Seconds from commit (a release: its opening) to every node serving it, orders per
+    renewal, and with ``released`` each release's steps in seconds (see the module's docstring)."""
     prober = Prober(fleet.nodes).start()
     took, orders = [], []
+    steps: dict[str, list[float]] = {"opened -> promoted": [], "promoted -> done": [], "opened -> done": []}
     try:
         for i in range(renewals):
             version = 2 + i
@@ -152,17 +165,46 @@ def measure(fleet: Any, renewals: int) -> tuple[list[float], list[int]]:
                                        "--reason", "fleet bench", check=0)
             wait_until(lambda v=version: fleet.converged(v), timeout=60, interval=0.05,  # type: ignore[misc]
                        what=f"every node serving version {version}")
-            want, committed = fleet.fingerprint(version), fleet.committed_at(version)
+            want = fleet.fingerprint(version)
             wait_until(lambda w=want: all(w in prober.first[n.name] for n in fleet.nodes),  # type: ignore[misc]
                        timeout=10,
                        what="the prober seeing the new certificate on every node")
-            took.append(max(0.0, max(prober.first[n.name][want] for n in fleet.nodes) - committed))
             orders.append(len(fleet.ca.orders_created) - before)
+            line = ""
+            if released:
+                at = wait_until(lambda v=version: release_times(fleet, v), timeout=30,  # type: ignore[misc]
+                                what=f"the release of version {version} done")
+                assert at is not None
+                start = at["opened"]
+                for key, (a, b) in {"opened -> promoted": ("opened", "promoted"),
+                                    "promoted -> done": ("promoted", "done"),
+                                    "opened -> done": ("opened", "done")}.items():
+                    steps[key].append(at[b] - at[a])
+                line = "; " + ", ".join(f"{k} {v[-1]:.3f} s" for k, v in steps.items())
+            else:
+                start = fleet.committed_at(version)
+            took.append(max(0.0, max(prober.first[n.name][want] for n in fleet.nodes) - start))
             print(f"  renewal {i + 1:>2} (version {version}, from {fleet.nodes[i % 3].name}): "
-                  f"every node serving it {took[-1]:.3f} s after the commit, orders {orders[-1]}", flush=True)
+                  f"every node serving it {took[-1]:.3f} s after the {'opening' if released else 'commit'}, "
+                  f"orders {orders[-1]}{line}", flush=True)
     finally:
         prober.stop()
-    return took, orders
+    return took, orders, steps
+
+
+def release_times(fleet: Any, version: int) -> dict[str, float] | None:
+    """Unix times of the release of ``version``: opened, promoted, done (audit records); None
+    until it is done."""
+    at: dict[str, float] = {}
+    for r in fleet.store.audit.records:
+        if r["version"] != version:
+            continue
+        when = datetime.fromisoformat(str(r["time"]).replace("Z", "+00:00")).timestamp()
+        if r["event"] == "release_opened":
+            at["opened"] = when
+        elif r["event"] == "release_step" and r["detail"].get("state") in ("promoted", "done"):
+            at[r["detail"]["state"]] = when
+    return at if {"opened", "promoted", "done"} <= set(at) else None
 
 
 def pct(values: list[float], p: float) -> float:
@@ -173,13 +215,16 @@ def pct(values: list[float], p: float) -> float:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--renewals", type=int, default=10)
+    ap.add_argument("--rollout", metavar="TOML",
+                    help="a [certificate.rollout] body for every node, e.g. 'canaries = 1': every renewal a release")
     args = ap.parse_args()
     stack: list[Any] = []
     with tempfile.TemporaryDirectory(prefix="certd-fleet-bench-") as tmp:
         try:
-            fleet = build(Path(tmp), stack)
-            print(f"fleet bench: 3 certd nodes (nginx each), one PostgreSQL, Pebble; {args.renewals} forced renewals")
-            took, orders = measure(fleet, args.renewals)
+            fleet = build(Path(tmp), stack, args.rollout)
+            print(f"fleet bench: 3 certd nodes (nginx each), one PostgreSQL, Pebble; {args.renewals} forced renewals"
+                  + (f", each a release ([certificate.rollout] {args.rollout})" if args.rollout else ""))
+            took, orders, steps = measure(fleet, args.renewals, args.rollout is not None)
         except Exception:
             for log in sorted(Path(tmp).glob("node*/daemon.log")):  # what the nodes said, before it is removed
                 print(f"--- {log.parent.name}: the end of its daemon log", file=sys.stderr)
@@ -193,9 +238,14 @@ def main() -> int:
                     print(f"fleet bench: teardown: {e}", file=sys.stderr)
     p50, p95 = statistics.median(took), pct(took, 95)
     conv_ok, orders_ok = p95 <= TARGET, all(n == 1 for n in orders)
-    print(f"commit -> every node serving it (handshake): p50 {p50:.3f} s, p95 {p95:.3f} s, max {max(took):.3f} s "
+    since = "release opened" if args.rollout else "commit"
+    print(f"{since} -> every node serving it (handshake): p50 {p50:.3f} s, p95 {p95:.3f} s, max {max(took):.3f} s "
           f"(target <= {TARGET:g} s): {'ok' if conv_ok else 'MISSED'}")
     print(f"orders per renewal: {', '.join(map(str, orders))} (must be exactly 1): {'ok' if orders_ok else 'MISSED'}")
+    for key, values in steps.items():
+        if values:
+            print(f"release {key}: p50 {statistics.median(values):.3f} s, p95 {pct(values, 95):.3f} s, "
+                  f"max {max(values):.3f} s")
     return 0 if conv_ok and orders_ok else 1
 
 

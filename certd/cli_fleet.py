@@ -5,6 +5,8 @@ shared database, so they answer on any node whether its daemon runs or not:
   it applied, the fingerprint its endpoints served, when that was verified, and its last error.
 - ``certd nodes``: every node that ever joined, when it was last heard from, its software.
 - ``certd nodes remove NODE``: the node no longer counts in the status (audited).
+  With ``--json`` each certificate also lists its ``compromised_keys`` (keyCompromise): which
+  live nodes still hold each one, and when its fleet-wide destruction completed.
 - ``certd release hold NAME`` / ``resume NAME``: stop a release of NAME before its next widening
   step (the release in flight, or the next one) / let it go on (audited, with who asked).
 """
@@ -20,6 +22,7 @@ from certd import cli_output
 from certd.config import Config
 from certd.core.clock import SystemClock
 from certd.core.errors import UsageError
+from certd.core.release import live_window
 
 EXIT_OK, EXIT_FAILED = 0, 1
 
@@ -55,8 +58,11 @@ def cmd_status_fleet(args: argparse.Namespace, cfg: Config) -> int:
             raise UsageError(f"unknown certificate {', '.join(unknown)}; configured: {cfg.names_summary()}")
         doc = store.fleet.status(names)
         releases = store.releases.status(names)
+        assert cfg.cluster is not None
+        compromised = store.compromises.status(names, live_window(cfg.cluster.reconcile_interval))
     for cert in doc["certificates"]:
         cert["release"] = releases.get(cert["name"])
+        cert["compromised_keys"] = compromised.get(cert["name"], [])
     if args.json:
         sys.stdout.write(json.dumps(doc, sort_keys=True) + "\n")
         return EXIT_OK
@@ -72,7 +78,18 @@ def cmd_status_fleet(args: argparse.Namespace, cfg: Config) -> int:
                          "last_error": node.get("last_error") or ""})
     cli_output.print_table(rows, _columns("name", "desired", "node", "applied", "in_sync", "release", "verified_at",
                                           "fingerprint", "last_error"))
+    for cert in doc["certificates"]:
+        for c in cert["compromised_keys"]:
+            print(f"{cert['name']}: compromised key {c['spki_sha256'][:16]}: {_compromise_cell(c)}")
     return EXIT_OK
+
+
+def _compromise_cell(c: dict[str, Any]) -> str:
+    """Where a keyCompromise stands: complete (when, which nodes), or who still holds the key."""
+    if c["completed_at"]:
+        return f"destroyed everywhere at {c['completed_at']} ({', '.join(c['nodes']) or 'no live node'})"
+    held = [*c["holding"], *(["the database"] if c["in_store"] else [])]
+    return f"still held by {', '.join(held)}" if held else "destroyed everywhere (completion not recorded yet)"
 
 
 def _release_cell(release: dict[str, Any] | None, node: str) -> str:

@@ -85,7 +85,7 @@ def history_serials(r: dict[str, Any]) -> str | None:
     """The SERIALS cell of ``history``: old -> new serial; a key's destruction or a pruned
     version also names the key by its SPKI SHA-256 (what proves which key went)."""
     text = " -> ".join(x for x in (r.get("old_serial"), r.get("new_serial")) if x)
-    if r.get("event") in ("key_destroyed", "version_pruned") and r.get("spki_sha256"):
+    if r.get("event") in ("key_destroyed", "version_pruned", "key_compromise_complete") and r.get("spki_sha256"):
         text = f"{text} spki_sha256:{r['spki_sha256']}".strip()
     return text or None
 

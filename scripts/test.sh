@@ -38,7 +38,7 @@ if [[ "${CERTD_LINT:-1}" != "0" ]]; then
 fi
 
 if [[ $# -eq 0 ]]; then
-    set -- tests
+    set -- tests --durations=25  # the whole suite: also print its 25 slowest tests (the CI budget)
 fi
 status=0
 .venv/bin/python -m pytest -q "$@" || status=$?

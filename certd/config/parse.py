@@ -60,6 +60,7 @@ class Parser(TargetSections, KeyClassSections, ClusterSection, CASections, Rollo
                 self.problem(f"certificate[{i}].name", f"duplicate name {cert.name!r} (also certificate[{names[cert.name]}]); names must be unique")
             names.setdefault(cert.name, i)
             self.check_shared_targets(i, cert, targets)
+            self.check_named_canary(i, cert, cluster.node if cluster is not None else None)
             certs.append(cert)
         if not cas:
             return None

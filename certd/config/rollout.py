@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 
 from certd.config.fields import FieldParser
+from certd.config.schema import CertificateConfig
 from certd.config.values import Table
 from certd.core.release import Rollout
 
@@ -35,6 +36,20 @@ class RolloutSection(FieldParser):
         timeout = self.duration(t, "fleet_timeout", Rollout.fleet_timeout)
         t.done()
         return Rollout(canaries, max_failed, timeout)
+
+    def check_named_canary(self, i: int, cert: CertificateConfig, node: str | None) -> None:
+        """A canary this configuration names as itself must be able to prove the version by
+        handshake: without verify endpoints its canary run proves only that the reload ran,
+        and the release would be promoted on nothing. (Other nodes' configurations are their
+        own check's: each node checks the names that are its own. Picked by count, such a node
+        is skipped instead: certd.core.release.pick_canaries.)"""
+        want = cert.rollout.canaries if cert.rollout is not None else None
+        if node is None or not isinstance(want, tuple) or node not in want or cert.verify:
+            return
+        self.problem(f"certificate[{i}].rollout.canaries",
+                     f"names this node ({node!r}), but {cert.name!r} has no [[certificate.verify]] endpoints here: a "
+                     "canary that cannot check the handshake proves nothing; add verify endpoints for it on this "
+                     "node, or name another node")
 
     def _canaries(self, t: Table) -> int | tuple[str, ...]:
         raw = t.get("canaries", (int, list), 1)

@@ -49,6 +49,7 @@ KINDS = frozenset({
     "imported",          # certd import certbot: a lineage's current certificate stored as this version
     "dry_run",           # certd renew --dry-run: an order against the staging directory, nothing stored
     "node_applied",      # a fleet node deployed the desired version (outcome "failed": it could not; desired stays)
+    "node_switch_back_refused",  # a node's apply failed and what it served before may not be deployed: it stays
     "version_adopted",   # a fleet node rolls out the version another node stored and left (no second order)
     "node_removed",      # certd nodes remove: the node no longer counts in the fleet's status
     "renew_refused",     # an operator's renewal refused: the fleet's database is unreachable from the node
@@ -59,6 +60,7 @@ KINDS = frozenset({
     "release_held",      # certd release hold: the release stops before widening (audited, operator)
     "release_resumed",   # certd release resume
     "fleet_rollback",    # certd rollback in a fleet: desired moved back; the version left is marked bad
+    "key_compromise_complete",  # keyCompromise in a fleet: every node moved off the key and destroyed it
 })
 
 

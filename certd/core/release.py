@@ -9,8 +9,10 @@ instead of moving the desired version at once::
               aborted          fleet_rolled_back
 
 - ``issued``: the version is stored; no node deploys it. The next step picks the canaries
-  among the live nodes (a count: the first N by name; names: those, a named node that is not
-  live replaced by the first live node that is not named), or waits while no node is live.
+  among the live nodes (a count: the first N by name that have verify endpoints for the
+  certificate — a *hollow* canary proves nothing clients see — hollow ones only when no live
+  node verifies; names: those, a named node that is not live replaced by the first live node
+  that is not named), or waits while no node is live.
 - ``canary``: the canaries deploy, reload and verify the version (the rest of the fleet keeps
   the desired, previous one). One canary failing aborts; a canary that stops heartbeating
   before it reported is replaced by another live node (never waited for: a renewal that is due
@@ -22,6 +24,8 @@ instead of moving the desired version at once::
   live node reported, or at ``fleet_timeout`` (the silent nodes are named; they converge when
   they come back, as any node does).
 - ``aborted`` / ``fleet_rolled_back``: the version is marked bad; no node deploys it again.
+  A version that may not be deployed any more before its promotion (revoked, its key
+  compromised: :attr:`Facts.refusal`) aborts, whatever its canaries said and even while held.
 
 A **hold** (``certd release hold``) is a fact given to :func:`advance`, not a state: it stops the
 steps that widen a release (promotion, fleet, done) but never the ones that protect the fleet
@@ -32,7 +36,7 @@ themselves. Pure: no I/O, the time is given.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
@@ -50,6 +54,15 @@ class State(str, enum.Enum):
 
 TERMINAL = frozenset({State.DONE, State.ABORTED, State.FLEET_ROLLED_BACK})
 SUPERSEDED = "superseded"  # the reason's first word when desired moved outside the release
+BAD = "release_bad"  # a version's meta key once a release marked it bad: {"state", "reason"}
+
+
+def bad_reason(meta: Mapping[str, Any]) -> str | None:
+    """Why a version with ``meta`` was marked bad (S3: never deployed again), or None."""
+    mark = meta.get(BAD)
+    if not mark:
+        return None
+    return str(mark.get("reason") or mark.get("state") or "marked bad") if isinstance(mark, Mapping) else "marked bad"
 
 
 class Effect(str, enum.Enum):
@@ -86,6 +99,8 @@ class Facts:
     reports: Mapping[str, Report] = field(default_factory=dict)
     held: bool = False
     desired: int | None = None   # the desired version now (None: not known, not checked)
+    refusal: str | None = None   # why the release's version may not be deployed now (revoked, key compromised)
+    hollow: frozenset[str] = frozenset()  # nodes with no verify endpoints for it: a canary there proves nothing
 
 
 @dataclass(frozen=True)
@@ -126,11 +141,16 @@ def open_release(name: str, version: int, previous: int | None, now: datetime) -
     return Release(name, version, previous, State.ISSUED, now, now, reason="stored; waiting for canaries")
 
 
-def pick_canaries(want: int | tuple[str, ...], live: Sequence[str], exclude: Sequence[str] = ()) -> tuple[str, ...]:
-    """The canaries among ``live`` (see the module's text); () if no live node can be one."""
+def pick_canaries(want: int | tuple[str, ...], live: Sequence[str], exclude: Sequence[str] = (),
+                  hollow: Collection[str] = ()) -> tuple[str, ...]:
+    """The canaries among ``live`` (see the module's text); () if no live node can be one.
+    Picked by count, a ``hollow`` node (no verify endpoints for the certificate: its canary
+    run would prove the reload only, never what clients get) is skipped — unless no live node
+    can verify at all, where the canaries prove what they can, as before."""
     pool = sorted(n for n in live if n not in exclude)
     if isinstance(want, int):
-        return tuple(pool[:want])
+        proving = [n for n in pool if n not in hollow]
+        return tuple((proving or pool)[:want])
     named = [n for n in want if n in pool]
     spare = [n for n in pool if n not in want]
     return tuple(named + spare[:len(want) - len(named)])
@@ -148,6 +168,10 @@ def advance(r: Release, facts: Facts, rollout: Rollout, now: datetime) -> Transi
     superseded = _superseded(r, facts, now)
     if superseded is not None:
         return superseded
+    if facts.refusal is not None and r.state in (State.ISSUED, State.CANARY):
+        # revoked or compromised before its promotion: it must never reach the fleet (S3)
+        return Transition(_to(r, State.ABORTED, now, f"version {r.version} may not be deployed: {facts.refusal}"),
+                          Effect.ABORT)
     if r.state == State.ISSUED:
         return _issued(r, facts, rollout, now, timed_out)
     if r.state == State.CANARY:
@@ -174,7 +198,7 @@ def _issued(r: Release, facts: Facts, rollout: Rollout, now: datetime, timed_out
     if rollout.canaries == 0:  # no canary step: straight to the fleet (unless held)
         return None if facts.held else Transition(_to(r, State.PROMOTED, now, "no canaries configured"),
                                                   Effect.PROMOTE)
-    canaries = pick_canaries(rollout.canaries, facts.live)
+    canaries = pick_canaries(rollout.canaries, facts.live, hollow=facts.hollow)
     if canaries:
         return Transition(_to(r, State.CANARY, now, f"canaries {', '.join(canaries)}", canaries=canaries))
     if timed_out:
@@ -202,7 +226,7 @@ def _canary(r: Release, facts: Facts, now: datetime, timed_out: bool) -> Transit
     if not gone:
         return None
     kept = [n for n in r.canaries if n not in gone]
-    extra = pick_canaries(len(gone), facts.live, exclude=[*kept, *facts.reports])
+    extra = pick_canaries(len(gone), facts.live, exclude=[*kept, *facts.reports], hollow=facts.hollow)
     if not extra:
         return None  # nobody to replace them with: wait (the timeout ends it)
     canaries = tuple(kept) + extra
@@ -234,3 +258,10 @@ def _fleet(r: Release, facts: Facts, rollout: Rollout, now: datetime, timed_out:
 
 def _failed_note(failed: tuple[str, ...]) -> str:
     return f"; failed and kept the previous version: {', '.join(failed)}" if failed else ""
+
+
+def live_window(reconcile_interval: float) -> float:
+    """Seconds since its last heartbeat within which a node counts as live (releases, and a
+    keyCompromise's completion): three passes (a pass may spend a reload and a verify_timeout
+    per certificate) and a margin."""
+    return 3 * reconcile_interval + 10

@@ -11,10 +11,19 @@ through the rotation's own stage, switch, reload and verify, without the fleet-w
 certificate is excluded by the store's local mutex). Then the node records ``applied`` and a
 report (served fingerprint, verified at, last error) that ``certd status --fleet`` shows.
 
+After the applies, a node that serves the desired version destroys its own copies of the
+certificate's compromised keys (keyCompromise; :func:`certd.engine.compromise.destroy_on_node`)
+and the pass records the fleet-wide completion of a compromised key no live node holds any more
+(:func:`certd.engine.compromise.fleet_completion`).
+
 A failure is reported (``last_error``), audited (``node_applied``, outcome ``failed``), the
-previous version switched back where one was applied, and retried at the next reconcile; it
-never moves the desired version. With the database unreachable the loop keeps what is served,
-logs once per attempt and tries again every ``reconcile_interval``.
+previous version switched back where one was applied and may still be deployed (S3: never to
+a version marked bad, revoked or key-compromised — a canary of an aborted release; then the
+node stays on the desired version, ``node_switch_back_refused``), and retried at the next
+reconcile; it never moves the desired version. Right before staging, under the certificate's
+local mutex, the version is checked again (it may have turned bad since it was read). With the
+database unreachable the loop keeps what is served, logs once per attempt and tries again every
+``reconcile_interval``.
 """
 
 from __future__ import annotations
@@ -30,9 +39,12 @@ from typing import Any
 from certd import __version__
 from certd.acme import answers, responders
 from certd.config import CertificateConfig, Config, Listen
-from certd.core.errors import CertdError, LockBusy
+from certd.core.errors import CertdError, LockBusy, OperationFailed
+from certd.core.rotation import Effects
 from certd.daemon.releasing import ReleaseDriver
+from certd.engine import compromise
 from certd.engine.manager import Manager
+from certd.engine.releases import deploy_refusal
 from certd.ops.log import event
 from certd.store.pg import PgStore
 from certd.store.port import Subscription
@@ -56,6 +68,7 @@ class FleetNode:
         # name -> (version, monotonic time) of its last failed apply: tried again a reconcile
         # interval later, or at once when the desired version moves on
         self._failed: dict[str, tuple[int, float]] = {}
+        self._busy = False  # a certificate was busy in this process: the next pass comes soon
         self._said_removed = False
         # finishing what a stopped node left (an order: up to order_timeout; a rotation: its
         # reloads and verify) runs beside the apply loop, not in it: one slow CA must not hold
@@ -159,7 +172,8 @@ class FleetNode:
     def _wait(self, sub: Subscription) -> None:
         """Until the desired versions change, a poke, the daemon stops, or the interval ends."""
         clock = self.manager.clock
-        deadline = clock.monotonic() + self._interval()
+        deadline = clock.monotonic() + (_BUSY_RETRY if self._busy else self._interval())
+        self._busy = False
         while not (self._stop.is_set() or self._wake.is_set()):
             left = deadline - clock.monotonic()
             if left <= 0 or sub.changes(timeout=min(1.0, left)):
@@ -178,13 +192,15 @@ class FleetNode:
         todo: list[tuple[CertificateConfig, int, int | None]] = []
         reports: list[tuple[CertificateConfig, int]] = []
         now = self.manager.clock.monotonic()
+        self.releases.publish(config.certificates)  # which of its certificates this node can prove
         views = self.store.fleet.node_view(self.node, config.names)
         for cert in config.certificates:
             if self._stop.is_set():
                 return
             view = views.get(cert.name)
             if cert.rollout is not None:
-                self.releases.drive(cert)  # [certificate.rollout]: move its release on, if this node may
+                if self.releases.drive(cert):  # [certificate.rollout]: move its release on, if this node may
+                    self._busy = True  # another node held the lease: look again shortly
                 view = None  # the release may have moved the desired version: read it again
             if view is None:
                 view = self.store.fleet.node_view(self.node, [cert.name])[cert.name]
@@ -200,6 +216,27 @@ class FleetNode:
             elif not (view.reported if desired == view.desired else self._reported(cert.name, desired)):
                 reports.append((cert, desired))
         self._hand_over(todo, reports, config.daemon.workers)
+        self._destroy_compromised(config)
+
+    def _destroy_compromised(self, config: Config) -> None:
+        """keyCompromise (certd/engine/compromise.py): once this node serves the desired version
+        (applied and verified, not failing), destroy its own copies of the certificate's other
+        compromised keys and record it; then record the fleet-wide completion of any compromised
+        key that no live node holds any more (one query each when there is nothing to do)."""
+        book, ports = self.store.compromises, self.manager.ports
+        for name, spkis in book.pending(config.names).items():
+            applied = self.store.applied(self.node, name)
+            if self._stop.is_set() or applied is None or name in self._failed or applied != self.store.desired(name):
+                continue  # not moved yet: its apply comes first
+            try:
+                with self.store.locks.local(name, timeout=0):
+                    compromise.destroy_on_node(ports, config.certificate(name), applied, sorted(spkis))
+            except LockBusy:
+                self._busy = True  # its own rotation runs: look again shortly
+            except Exception as e:  # noqa: BLE001 - one certificate's trouble must not skip the others'
+                log.exception("key_destroy_crashed name=%s node=%s error=%s", name, self.node, e)
+        for name, spki in book.unfinished(config.names):
+            compromise.fleet_completion(ports, name, spki, self.releases.live_within())
 
     def _hand_over(self, todo: list[tuple[CertificateConfig, int, int | None]],
                    reports: list[tuple[CertificateConfig, int]], workers: int) -> None:
@@ -285,6 +322,12 @@ class FleetNode:
         phases: dict[str, float] = {}
         try:
             with self.store.locks.local(cert.name, timeout=0):
+                # S3, again now: the target was read before this pass's other certificates and
+                # this wait; a release may have aborted it (or a revocation hit it) meanwhile
+                refusal = deploy_refusal(self.store, cert.name, version)
+                if refusal is not None:
+                    self._refuse(cert, version, refusal)
+                    return
                 verified = self._deploy(cert, version, previous, phases)
         except LockBusy:
             # this node's own rotation of it is running (it applies or rolls back itself): look
@@ -307,9 +350,19 @@ class FleetNode:
         self.releases.reported(cert, version, None)
         self._emit(cert.name, version, previous, "success", "desired version changed", started, phases)
 
+    def _refuse(self, cert: CertificateConfig, version: int, refusal: str) -> None:
+        """``version`` may not be deployed any more: nothing is touched; reported (it is not a
+        failure of the version, so not retried as one: the change that made it bad wakes the
+        next pass, which reads the target afresh)."""
+        event(log, "node_apply_refused", logging.WARNING, name=cert.name, version=version, node=self.node,
+              reason=refusal)
+        self.store.fleet.report(self.node, cert.name, fingerprint=None, verified_at=None,
+                                error=f"not applying version {version}: {refusal}")
+
     def _deploy(self, cert: CertificateConfig, version: int, previous: int | None, phases: dict[str, float]) -> bool:
-        """Stage, switch, reload, verify; switched back to ``previous`` if reload or verify fail.
-        ``phases`` gets the seconds each took (the ``node_applied`` log line says them)."""
+        """Stage, switch, reload, verify; switched back to ``previous`` if reload or verify fail
+        and ``previous`` may still be deployed (:meth:`_switch_back`). ``phases`` gets the
+        seconds each took (the ``node_applied`` log line says them)."""
         effects = self.manager.ports.edges.effects(cert)
         clock = self.manager.clock
         t0 = clock.monotonic()
@@ -322,17 +375,38 @@ class FleetNode:
             verified = effects.verify(version)
             phases.update(stage_s=t1 - t0, reload_s=t2 - t1, verify_s=clock.monotonic() - t2)
             return verified
-        except CertdError:
-            if previous is not None and previous in self.store.versions(cert.name):
-                try:
-                    effects.stage(previous)
-                    effects.switch(previous)
-                    effects.reload(previous, keep_going=True)
-                    effects.verify(previous)  # L3: the node proves it serves the previous one again
-                except CertdError as e:
-                    event(log, "node_switch_back_failed", logging.ERROR, name=cert.name, version=previous,
-                          error=str(e))
+        except CertdError as e:
+            if previous is None or previous not in self.store.versions(cert.name):
+                raise
+            refusal = deploy_refusal(self.store, cert.name, previous)
+            if refusal is not None:
+                raise self._no_switch_back(cert, version, previous, refusal, e) from e
+            self._switch_back(cert, effects, previous)
             raise
+
+    def _switch_back(self, cert: CertificateConfig, effects: Effects, previous: int) -> None:
+        try:
+            effects.stage(previous)
+            effects.switch(previous)
+            effects.reload(previous, keep_going=True)
+            effects.verify(previous)  # L3: the node proves it serves the previous one again
+        except CertdError as e:
+            event(log, "node_switch_back_failed", logging.ERROR, name=cert.name, version=previous, error=str(e))
+
+    def _no_switch_back(self, cert: CertificateConfig, version: int, previous: int, refusal: str,
+                        error: CertdError) -> OperationFailed:
+        """``version`` failed, and ``previous`` (what this node served) may not be deployed any
+        more (S3: marked bad, revoked, key compromised — a canary of an aborted release). The
+        node stays on ``version``: it is the desired one, the only version it may serve; its
+        files stay switched in (the server may keep the old certificate in memory until a reload
+        works) and the apply is tried again at every pass. Audited, alerted and reported."""
+        why = f"{error}; not switched back to version {previous} ({refusal}): version {version} stays in place"
+        event(log, "node_switch_back_refused", logging.ERROR, name=cert.name, version=previous, node=self.node,
+              staying=version, reason=refusal)
+        self.manager.emit("node_switch_back_refused", cert.name, initiator=f"node={self.node}", outcome="failed",
+                          reason=refusal, version=previous, detail={"node": self.node, "staying_on": version,
+                                                                    "error": str(error)})
+        return OperationFailed(why)
 
     def _emit(self, name: str, version: int, previous: int | None, outcome: str, reason: str,
               started: float, phases: dict[str, float]) -> None:

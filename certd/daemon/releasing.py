@@ -8,8 +8,9 @@ not get the lease skips: someone else is driving, or renewing. So any live node 
 release whose opener died, and a node cut off from the database cannot move it.
 
 **What a node deploys** (:meth:`ReleaseDriver.target`): the release's version while it is a
-canary of a release at its canary step, else the desired version; never a version marked bad,
-and not again a version it already failed (it stays on the previous one, reported; the release
+canary of a release at its canary step, else the desired version; never a version that may not
+be deployed (:func:`certd.engine.releases.deploy_refusal`: marked bad, revoked, key compromised),
+and not again, while its release runs, a version it already failed (it stays on the previous one, reported; the release
 decides whether that rolls the fleet back). Each apply of the release's version is reported
 (:meth:`ReleaseDriver.reported`): those reports are the release's input.
 """
@@ -17,18 +18,20 @@ decides whether that rolls the fleet back). Each apply of the release's version 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from certd.config import CertificateConfig
 from certd.core.errors import CertdError, LockBusy
-from certd.core.release import SUPERSEDED, Facts, Release, State, Transition, advance
+from certd.core.release import SUPERSEDED, Facts, Release, State, Transition, advance, live_window
 from certd.engine.manager import Manager
+from certd.engine.releases import deploy_refusal
 from certd.engine.rotations import Rotations
 from certd.ops.log import event
 from certd.store.pg import PgStore
 
 log = logging.getLogger("certd.release")
 
+_REPUBLISH = 20  # passes between two publish() writes of an unchanged configuration
 _STEPS_PER_PASS = 3  # promoted -> fleet -> done can follow each other in one pass
 
 
@@ -37,26 +40,31 @@ class ReleaseDriver:
 
     def __init__(self, manager: Manager, store: PgStore, interval: Callable[[], float]) -> None:
         self.manager, self.store, self.node, self._interval = manager, store, store.node, interval
+        self._published: dict[str, bool] | None = None  # what publish() last said
+        self._passes = 0  # since publish() last wrote
 
     def live_within(self) -> float:
-        """Seconds since its last heartbeat within which a node counts as live: three passes
-        (a pass may spend a reload and a verify_timeout per certificate) and a margin."""
-        return 3 * self._interval() + 10
+        """Seconds since its last heartbeat within which a node counts as live (:func:`live_window`)."""
+        return live_window(self._interval())
 
-    def drive(self, cert: CertificateConfig) -> None:
-        """Move ``cert``'s unfinished release on, if this node gets the lease now."""
+    def drive(self, cert: CertificateConfig) -> bool:
+        """Move ``cert``'s unfinished release on, if this node gets the lease now. True when
+        the lease was busy: the caller looks again soon, since the report that wakes this pass
+        may have reached the driver after it read the reports (three nodes reporting at once
+        left a release a whole reconcile interval short of done)."""
         if cert.rollout is None:
-            return
+            return False
         r = self.store.releases.get(cert.name)
         if r is None or r.finished:
-            return
+            return False
         try:
             with self.store.locks.held(cert.name, 0):
                 for _ in range(_STEPS_PER_PASS):
                     if not self._step(cert):
-                        return
+                        return False
         except LockBusy:
-            return  # another node drives (or renews) it now
+            return True  # another node drives (or renews) it now
+        return False
 
     def _step(self, cert: CertificateConfig) -> bool:
         assert cert.rollout is not None
@@ -64,8 +72,17 @@ class ReleaseDriver:
         r = releases.get(cert.name)  # again, under the lease
         if r is None or r.finished:
             return False
-        facts = Facts(releases.live_nodes(self.live_within()), releases.reports(cert.name, r.version),
-                      releases.held(cert.name), self.store.desired(cert.name))
+        # the release's nodes: live ones whose configuration releases this certificate — a node
+        # without it (or without its rollout table) never deploys a candidate nor reports, so as
+        # a canary it aborted every release at fleet_timeout and in the fleet step held "done"
+        members = releases.members(cert.name)
+        live = releases.live_nodes(self.live_within())
+        if members:  # none at all: a restored database not republished yet — every live node, as before
+            live = [n for n in live if n in members]
+        facts = Facts(live, releases.reports(cert.name, r.version),
+                      releases.held(cert.name), self.store.desired(cert.name),
+                      deploy_refusal(self.store, cert.name, r.version),  # revoked/compromised since it opened
+                      releases.hollow(cert.name))
         t = advance(r, facts, cert.rollout, self.manager.clock.now())
         if t is None:
             return False
@@ -95,6 +112,17 @@ class ReleaseDriver:
             except CertdError as e:
                 event(log, "release_failure_not_recorded", logging.WARNING, name=r.name, error=str(e))
 
+    def publish(self, certs: Sequence[CertificateConfig]) -> None:
+        """Tell the fleet which certificates this node releases (has with a rollout table) and
+        whether it can prove each by handshake (its verify endpoints): a release counts only
+        its certificate's nodes, and canaries picked by count skip hollow ones. Said when it
+        changed, and again every ``_REPUBLISH`` passes (a restored database forgets it)."""
+        verifies = {c.name: bool(c.verify) for c in certs if c.rollout is not None}
+        self._passes += 1
+        if verifies != self._published or self._passes >= _REPUBLISH:
+            self.store.releases.publish_verifies(self.node, verifies)
+            self._published, self._passes = verifies, 0
+
     def target(self, cert: CertificateConfig, desired: int | None, applied: int | None) -> int | None:
         """The version this node should serve now (None: leave it as it is)."""
         if cert.rollout is None:
@@ -105,11 +133,14 @@ class ReleaseDriver:
             return desired
         want = r.version if r.state == State.CANARY and self.node in r.canaries else desired
         if want is None or want != r.version:
-            return want if want is None or releases.bad(cert.name, want) is None else None
+            return want if want is None or deploy_refusal(self.store, cert.name, want) is None else None
         mine = releases.reports(cert.name, r.version).get(self.node)
-        if mine is not None and not mine.ok and applied != want:
-            return None  # failed it once: stays on the previous version (reported), no flapping
-        if releases.bad(cert.name, want) is not None:
+        if mine is not None and not mine.ok and applied != want and not r.finished:
+            # failed it once: stays on the previous version (reported) while the release runs, no
+            # flapping; once it is over the node tries again each pass like any failed apply (the
+            # previous version may expire long before the next renewal)
+            return None
+        if deploy_refusal(self.store, cert.name, want) is not None:
             return None
         if mine is None and applied == want and not r.finished:
             releases.report(cert.name, want, self.node, True, None)  # applied before it could report

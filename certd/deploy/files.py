@@ -19,9 +19,11 @@ kinds. See :mod:`certd.deploy.stage` for what stage/switch/prune mean.
 
 from __future__ import annotations
 
+import errno
 import grp
 import os
 import pwd
+import re
 import stat
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
@@ -31,7 +33,8 @@ from typing import Protocol
 
 from certd import fs as fsutil
 from certd.core.errors import StoreError
-from certd.core.model import Bundle
+from certd.core.model import Bundle, spki_sha256
+from certd.crypto.keys import load_private_key
 
 KEY_CONTENTS = ("privkey", "combined")
 
@@ -110,9 +113,68 @@ def read_file_at(dirfd: int, name: str, shown: Path) -> bytes | None:
         raise fsutil.store_error(e, shown, "read") from e
 
 
-def holds_any_at(dirfd: int, name: str, keys: Collection[bytes], shown: Path) -> bool:
-    data = read_file_at(dirfd, name, shown)
-    return data is not None and any(k in data for k in keys)
+@dataclass(frozen=True)
+class KeyMatch:
+    """Which private keys to destroy: by their PEM bytes (the store still holds them: the node that
+    re-keyed), or by the SHA-256 of their public key's SubjectPublicKeyInfo (a fleet node whose
+    store copy another node already destroyed: it knows the key only by its certificate's SPKI).
+    A file matches when it contains one of the PEMs, or a PEM private key block whose public key
+    has one of the SPKI hashes (``combined`` files hold certificates too: only key blocks count).
+    Neither the key nor the file's content ever appears in an error or a log line."""
+
+    pems: frozenset[bytes] = frozenset()
+    spkis: frozenset[str] = frozenset()
+
+    @classmethod
+    def of(cls, pems: Collection[bytes] = (), spkis: Collection[str] = ()) -> KeyMatch:
+        return cls(frozenset(k for k in pems if k), frozenset(s for s in spkis if s))
+
+    def __bool__(self) -> bool:
+        return bool(self.pems or self.spkis)
+
+    def __repr__(self) -> str:  # pems are keys: never in a traceback or a log line
+        return f"KeyMatch(pems=<{len(self.pems)} keys>, spkis={sorted(self.spkis)})"
+
+    def found_in(self, data: bytes) -> bool:
+        if any(k in data for k in self.pems):
+            return True
+        return bool(self.spkis) and any(s in self.spkis for s in key_spkis(data))
+
+
+# A block's body is base64 and white space only: no "-" can extend a match past the next
+# "-----" line, so a file of unmatched BEGIN lines costs linear time, not quadratic (the regex
+# engine holds the GIL: a planted file of them froze every thread of the daemon). Encrypted
+# blocks (Proc-Type / DEK-Info headers) do not match: they are not certd's copies.
+_KEY_BLOCK = re.compile(rb"-----BEGIN ((?:[A-Z0-9]+ )*)PRIVATE KEY-----[A-Za-z0-9+/=\s]*-----END \1PRIVATE KEY-----")
+#: the largest file searched for a key (certd's key and combined files are a few KB)
+KEY_FILE_LIMIT = 1 << 20
+
+
+def key_spkis(data: bytes) -> list[str]:
+    """The SPKI SHA-256 of every readable unencrypted PEM private key in ``data`` (others skipped:
+    an encrypted or foreign block, or one this library cannot load, is not certd's copy)."""
+    found = []
+    for m in _KEY_BLOCK.finditer(data):
+        try:
+            found.append(spki_sha256(load_private_key(m.group(0)).public_key()))
+        except Exception:  # noqa: BLE001 - ValueError, UnsupportedAlgorithm (a curve it lacks), ...
+            continue
+    return found
+
+
+def holds_any_at(dirfd: int, name: str, keys: KeyMatch, shown: Path) -> bool:
+    """Whether the regular file ``name`` (opened without following a symlink) holds one of ``keys``.
+    StoreError for a file over :data:`KEY_FILE_LIMIT`: it is not searched, and the destruction
+    that asked fails (tried again, reported) rather than count it as holding no key."""
+    try:
+        data = fsutil.read_at(dirfd, name, limit=KEY_FILE_LIMIT)
+    except OSError as e:
+        if e.errno == errno.EFBIG:
+            raise StoreError(f"{shown} is larger than any key file certd writes ({KEY_FILE_LIMIT:,} bytes): not "
+                             "searched for the key to destroy; see who wrote it, remove it, and the next pass "
+                             "finishes") from None
+        raise fsutil.store_error(e, shown, "read") from e
+    return data is not None and keys.found_in(data)
 
 
 def inode_at(dirfd: int, name: str) -> tuple[int, int] | None:
@@ -145,7 +207,7 @@ class Target(Protocol):
     def live_version(self) -> int | None: ...
     def prune(self, keep: set[int]) -> None: ...
     def check(self, version: int, bundle: Bundle) -> list[str]: ...
-    def destroy_keys(self, keys: Collection[bytes]) -> list[Path]: ...
+    def destroy_keys(self, keys: KeyMatch) -> list[Path]: ...
 
 
 def vname(version: int) -> str:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import re
 import stat
-from collections.abc import Collection, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -14,7 +14,7 @@ from certd import fs as fsutil
 from certd.core.errors import StoreError
 from certd.core.model import Bundle
 
-from certd.deploy.files import (Want, deploy_dir, drift_of, fix_attrs_at, holds_any_at, read_file_at, vname)
+from certd.deploy.files import (KeyMatch, Want, deploy_dir, drift_of, fix_attrs_at, holds_any_at, read_file_at, vname)
 
 
 class LiveDir:
@@ -150,7 +150,7 @@ class LiveDir:
                 if n.isdigit() and int(n) not in keep and int(n) != live:
                     fsutil.hide_and_remove_at(vfd, n, shown=self.root / n)
 
-    def destroy_keys(self, keys: Collection[bytes]) -> list[Path]:
+    def destroy_keys(self, keys: KeyMatch) -> list[Path]:
         with self._dirs(create=False) as dirs:
             if dirs is None:
                 return []

@@ -8,15 +8,14 @@ import errno
 import os
 import re
 import stat
-from collections.abc import Collection
 from pathlib import Path
 
 from certd import fs as fsutil
 from certd.core.errors import StoreError
 from certd.core.model import Bundle
 
-from certd.deploy.files import (KEY_CONTENTS, Want, content_of, deploy_dir, drift_of, fix_attrs_at, holds_any_at,
-                               inode_at, read_file_at, vname)
+from certd.deploy.files import (KEY_CONTENTS, KeyMatch, Want, content_of, deploy_dir, drift_of, fix_attrs_at,
+                               holds_any_at, inode_at, read_file_at, vname)
 
 
 class PlainFile:
@@ -139,7 +138,7 @@ class PlainFile:
     def check(self, version: int, bundle: Bundle) -> list[str]:
         return drift_of(self.path, self._want(bundle))
 
-    def destroy_keys(self, keys: Collection[bytes]) -> list[Path]:
+    def destroy_keys(self, keys: KeyMatch) -> list[Path]:
         if not self.is_key:
             return []
         with deploy_dir(self.dir, create=False) as d:

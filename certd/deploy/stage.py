@@ -35,7 +35,7 @@ from pathlib import Path
 
 from certd.deploy import strictmodes
 from certd.config import CertificateConfig
-from certd.deploy.files import KEY_CONTENTS, Target
+from certd.deploy.files import KEY_CONTENTS, KeyMatch, Target
 from certd.deploy.livedir import LiveDir
 from certd.deploy.plainfile import PlainFile
 from certd.core.errors import ConfigError, StoreError
@@ -77,15 +77,17 @@ def prune(cert: CertificateConfig, keep_versions: Collection[int]) -> None:
         target.prune(set(keep_versions))
 
 
-def destroy_keys(cert: CertificateConfig, keys: Collection[bytes]) -> list[Path]:
+def destroy_keys(cert: CertificateConfig, keys: Collection[bytes], *, spkis: Collection[str] = ()) -> list[Path]:
     """Zero and remove every staged, old or backup copy (``.certd-prev``) of these private keys in
-    ``cert``'s targets (after keyCompromise). What is live is never touched: switch away first.
-    Returns the paths removed; a version directory counts as one."""
-    keys = [k for k in keys if k]
+    ``cert``'s targets (after keyCompromise), matched by their PEM bytes or (``spkis``) by the
+    SHA-256 of their public key's SPKI (:class:`~certd.deploy.files.KeyMatch`: a fleet node whose
+    store copy is already gone). What is live is never touched: switch away first. Symlinks are
+    never followed. Returns the paths removed; a version directory counts as one."""
+    match = KeyMatch.of(keys, spkis)
     removed: list[Path] = []
-    if keys:
+    if match:
         for target in _targets(cert):
-            removed.extend(target.destroy_keys(keys))
+            removed.extend(target.destroy_keys(match))
     return removed
 
 

@@ -99,8 +99,9 @@ class LocalEdges:
     def prune(self, cert: CertificateConfig, keep: Collection[int]) -> None:
         deploy.prune(cert, keep)
 
-    def destroy_keys(self, cert: CertificateConfig, keys: Collection[bytes]) -> list[Path]:
-        return deploy.destroy_keys(cert, keys)
+    def destroy_keys(self, cert: CertificateConfig, keys: Collection[bytes], *,
+                     spkis: Collection[str] = ()) -> list[Path]:
+        return deploy.destroy_keys(cert, keys, spkis=spkis)
 
     def served(self, cert: CertificateConfig, fingerprint_sha256: str, timeout: float) -> list[str]:
         endpoints = cert.verify

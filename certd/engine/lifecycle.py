@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from certd.core.errors import UsageError
+from certd.core.release import bad_reason
 
 # RFC 5280 §5.3.1 CRLReason codes that an ACME subscriber may reasonably choose.
 REASONS: dict[str, int] = {"keyCompromise": 1, "affiliationChanged": 3, "superseded": 4, "cessationOfOperation": 5}
@@ -65,11 +66,12 @@ class VersionStatus:
     revoked: Revocation | None = None
     key_compromised: bool = False
     key_destroyed: bool = False
+    bad: str | None = None  # why a fleet release marked it bad (certd.core.release.BAD)
 
     @classmethod
     def from_meta(cls, meta: Mapping[str, Any]) -> VersionStatus:
         return cls(Revocation.from_meta(meta.get(_REVOKED)), bool(meta.get(_COMPROMISED)),
-                   bool(meta.get(_DESTROYED)))
+                   bool(meta.get(_DESTROYED)), bad_reason(meta))
 
     @property
     def held(self) -> str | None:
@@ -87,7 +89,9 @@ class VersionStatus:
         return self.key_compromised and not self.key_destroyed
 
     def deploy_refusal(self, name: str, version: int) -> str | None:
-        """Why this version must never be deployed again, or None."""
+        """Why this version must never be deployed again, or None: the one predicate
+        "deployable" (S3) that a fleet node's apply, its switch back, a rollback and a release
+        all ask (through :func:`certd.engine.releases.deploy_refusal`)."""
         if self.key_compromised:
             return f"{name} version {version} has a compromised key; it cannot be deployed again"
         if self.key_destroyed:
@@ -95,6 +99,8 @@ class VersionStatus:
                     f"again: choose a newer version")
         if self.revoked is not None:
             return f"{name} version {version} was revoked ({self.revoked.reason}); it cannot be deployed again"
+        if self.bad is not None:
+            return f"{name} version {version} is marked bad ({self.bad}); it is never deployed again"
         return None
 
 

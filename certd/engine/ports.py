@@ -74,8 +74,10 @@ class Edges(Protocol):
     def prune(self, cert: CertificateConfig, keep: Collection[int]) -> None:
         """Remove deployed versions not in ``keep`` (never the live one)."""
 
-    def destroy_keys(self, cert: CertificateConfig, keys: Collection[bytes]) -> list[Path]:
-        """Zero and remove every non-live deployed copy of these keys; the paths removed."""
+    def destroy_keys(self, cert: CertificateConfig, keys: Collection[bytes], *,
+                     spkis: Collection[str] = ()) -> list[Path]:
+        """Zero and remove every non-live deployed copy of these keys (by PEM bytes, or by their
+        public key's SPKI SHA-256 in ``spkis``); the paths removed."""
 
     def served(self, cert: CertificateConfig, fingerprint_sha256: str, timeout: float) -> list[str]:
         """The verify endpoints, once every one serves that leaf; OperationFailed otherwise."""

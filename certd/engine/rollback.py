@@ -13,7 +13,6 @@ from certd.config import CertificateConfig
 from certd.core.clock import isoformat
 from certd.core.errors import CertdError, UsageError
 from certd.engine import releases
-from certd.engine.lifecycle import VersionStatus
 from certd.engine.outcome import Outcome, Result
 from certd.engine.planning import Planner
 from certd.engine.ports import Ports, Progress, sayer
@@ -74,13 +73,12 @@ class Rollback:
             raise UsageError(f"{name} has no version {target}; stored versions: {', '.join(map(str, versions))}")
         if target == current:
             raise UsageError(f"{name} version {target} is already current")
-        bad = releases.bad_refusal(self.ports, name, target)
-        if bad is not None:
-            raise UsageError(bad)
-        sv = self.ports.store.load(name, target)
-        refusal = VersionStatus.from_meta(sv.meta).deploy_refusal(name, target)
+        # S3: the one predicate every deploy asks, then what only a fleet's desired version needs
+        refusal = releases.deploy_refusal(self.ports.store, name, target) \
+            or releases.unpromoted_refusal(self.ports, name, target)
         if refusal is not None:
             raise UsageError(refusal)
-        if sv.bundle.info.not_after <= self.ports.clock.now():
-            raise UsageError(f"{name} version {target} expired at {isoformat(sv.bundle.info.not_after)}; "
+        info = self.ports.store.load_info(name, target).info
+        if info.not_after <= self.ports.clock.now():
+            raise UsageError(f"{name} version {target} expired at {isoformat(info.not_after)}; "
                              f"choose a newer one")

@@ -22,7 +22,7 @@ from certd.core.clock import isoformat
 from certd.core.errors import CertdError, StoreError
 from certd.core.model import CertInfo
 from certd.core.rotation import Journal, Step
-from certd.engine import attempts
+from certd.engine import attempts, releases
 from certd.engine.compromise import destroy_compromised_keys
 from certd.engine.destruction import destroy_retired_keys
 from certd.engine.effects import STEP_TEXT, failed_step, idle_actions
@@ -60,7 +60,7 @@ class Rotations:
                 text = "no [[certificate.verify]] endpoints: the live handshake was not checked"
             say(text.format(j=jj))
             self._emit_step(cert, jj)
-        effects = self.ports.edges.effects(cert)
+        effects = releases.rotation_effects(self.ports, cert, j, self.ports.edges.effects(cert))
         return rotation.drive(j, effects, self.save_journal, self.ports.clock, on_step, idle=idle_actions(cert))
 
     def resume(self, cert: CertificateConfig, say: Say) -> Journal | None:

@@ -104,9 +104,10 @@ def open_nofollow(dirfd: int, name: str, flags: int = os.O_RDONLY) -> int:
     return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=dirfd)
 
 
-def read_at(dirfd: int, name: str) -> bytes | None:
+def read_at(dirfd: int, name: str, limit: int | None = None) -> bytes | None:
     """The bytes of the regular file ``name`` in ``dirfd``; None if missing, a symlink or not a
-    regular file (never followed, never blocks on a FIFO)."""
+    regular file (never followed, never blocks on a FIFO). With ``limit``, OSError(EFBIG) for a
+    file of more bytes (checked on the open file, and while reading: it may grow meanwhile)."""
     try:
         fd = open_nofollow(dirfd, name)
     except OSError as e:
@@ -114,10 +115,14 @@ def read_at(dirfd: int, name: str) -> bytes | None:
             return None
         raise
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
             return None
-        chunks = []
+        chunks, size = [], 0
         while chunk := os.read(fd, 1 << 16):
+            size += len(chunk)
+            if limit is not None and max(size, st.st_size) > limit:
+                raise OSError(errno.EFBIG, f"larger than {limit:,} bytes")
             chunks.append(chunk)
         return b"".join(chunks)
     finally:

@@ -58,6 +58,7 @@ SEVERITY = {
     "expiring_soon": "critical",
     "release_aborted": "critical",
     "release_rolled_back": "critical",
+    "node_switch_back_refused": "critical",
 }
 
 

@@ -47,6 +47,7 @@ from certd.store.pgfeed import PgAudit, PgSubscription
 from certd.store.pgfleet import FleetBook
 from certd.store import pglease
 from certd.store.pglease import FleetLock
+from certd.store.pgcompromise import UNFINISHED, CompromiseBook
 from certd.store.pgrelease import ReleaseBook, desired_refusal
 from certd.store.pgschema import configure, conninfo, ensure_schema
 from certd.store.port import LEGACY_TTL, Conflict, Fenced, Lease, LeaseLost, OrderJournal, StoredVersion, VersionInfo
@@ -107,6 +108,7 @@ class PgStore:
         self.locks = FleetLock(self, self._bound, node, lease_ttl, self._clock)
         self.fleet = FleetBook(self)  # nodes, their reports, the shared http-01 answers
         self.releases = ReleaseBook(self)  # canary releases and the versions marked bad
+        self.compromises = CompromiseBook(self)  # keyCompromise: each node's destruction, the completion
         self._pool: ConnectionPool | None = None
         self._holders: dict[int, str] = {}  # thread id -> its name's kind, while it holds a connection
         self._holders_lock = threading.Lock()
@@ -356,7 +358,9 @@ class PgStore:
             versions = [r[0] for r in cur.execute("SELECT version FROM certd_versions WHERE name = %s ORDER BY 1",
                                                   (name,)).fetchall()]
             desired = cur.execute("SELECT version FROM certd_desired WHERE name = %s", (name,)).fetchone()
-            spare = {desired[0] if desired else None, *protect}
+            unfinished = cur.execute(f"SELECT v.version FROM certd_versions v WHERE v.name = %s AND {UNFINISHED}",
+                                     (name,)).fetchall()  # a compromised key some node may still hold
+            spare = {desired[0] if desired else None, *protect, *(r[0] for r in unfinished)}
             removed = [v for v in versions if v not in spare][:max(0, len(versions) - keep)]
             cur.execute("DELETE FROM certd_versions WHERE name = %s AND version = ANY(%s)", (name, removed))
             return removed
@@ -380,18 +384,23 @@ class PgStore:
     def set_desired(self, name: str, version: int, *, lease: Lease | None = None) -> None:
         with self.tx() as cur:
             self._fence(cur, name, lease)
-            row = cur.execute("SELECT length(key) FROM certd_versions WHERE name = %s AND version = %s",
-                              (name, version)).fetchone()
-            if row is None:
-                raise StoreError(f"{name}: cannot make version {version} current: it is not in the store")
-            if row[0] == 0:
-                raise StoreError(f"{name}: cannot make version {version} current: its private key was destroyed")
-            refusal = desired_refusal(cur, name, version)  # S3: a bad or unpromoted version never spreads
-            if refusal is not None:
-                raise StoreError(refusal)
-            cur.execute("INSERT INTO certd_desired VALUES (%s, %s) ON CONFLICT (name) DO UPDATE "
-                        "SET version = EXCLUDED.version", (name, version))
-            cur.execute("SELECT pg_notify('certd_desired', %s)", (name,))  # a wake-up, delivered at commit
+            self._set_desired(cur, name, version)
+
+    @staticmethod
+    def _set_desired(cur: psycopg.Cursor[Any], name: str, version: int) -> None:
+        """Make ``version`` desired in the caller's (fenced) transaction, unless S3 forbids it."""
+        row = cur.execute("SELECT length(key) FROM certd_versions WHERE name = %s AND version = %s",
+                          (name, version)).fetchone()
+        if row is None:
+            raise StoreError(f"{name}: cannot make version {version} current: it is not in the store")
+        if row[0] == 0:
+            raise StoreError(f"{name}: cannot make version {version} current: its private key was destroyed")
+        refusal = desired_refusal(cur, name, version)  # S3: a bad or unpromoted version never spreads
+        if refusal is not None:
+            raise StoreError(refusal)
+        cur.execute("INSERT INTO certd_desired VALUES (%s, %s) ON CONFLICT (name) DO UPDATE "
+                    "SET version = EXCLUDED.version", (name, version))
+        cur.execute("SELECT pg_notify('certd_desired', %s)", (name,))  # a wake-up, delivered at commit
 
     def applied(self, node: str, name: str) -> int | None:
         row = self._one("SELECT version FROM certd_applied WHERE node = %s AND name = %s", (node, name))

@@ -214,6 +214,12 @@ class PgAudit:
         return verify_lines("certd_audit", raw, None, False, expect_head)
 
 
+def append_in(cur: psycopg.Cursor[Any], ev: LifecycleEvent, spool_id: str) -> dict[str, Any] | None:
+    """Chain ``ev`` in ``cur``'s transaction (with what else that transaction writes, so both or
+    neither happen), once: None when ``spool_id`` is already chained."""
+    return _chain(cur, record_fields(ev), spool_id)
+
+
 def _chain(cur: psycopg.Cursor[Any], fields: dict[str, Any], spool_id: str | None) -> dict[str, Any] | None:
     """Append one record after the chain's head, in ``cur``'s transaction (the head row locked);
     None, and the head untouched, when ``spool_id`` is already chained."""

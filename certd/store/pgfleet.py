@@ -25,6 +25,9 @@ CHALLENGE_TTL = 3600.0
 #: seconds a lookup waits for the one lookup slot (see :meth:`FleetBook.lookup`) before giving up
 LOOKUP_WAIT = 1.0
 NOW = "COALESCE(%(now)s::timestamptz, clock_timestamp())"
+#: a row of certd_nodes that counts as live: not removed, heard from within %(within)s seconds
+#: (the database's clock); releases and keyCompromise's completion use the same rule
+LIVE = f"NOT removed AND last_seen > {NOW} - make_interval(secs => %(within)s)"
 #: a rotation's steps on its way forward (certd.core.rotation): one left there can be adopted
 _FORWARD = ["issued", "staged", "switched", "reloaded", "verified"]
 

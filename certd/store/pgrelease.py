@@ -1,35 +1,43 @@
 """Fleet releases on PostgreSQL (:mod:`certd.core.release`): the release of each certificate,
-the nodes' reports on its version, operator holds, and the versions marked bad. Tables:
-pgschema's version 4.
+the nodes' reports on its version, operator holds, the versions marked bad, and which nodes
+can verify which certificate (hollow canaries). Tables: pgschema's versions 4 and 5.
 
 Writes that move the desired version or mark a version bad (:meth:`ReleaseBook.open`,
-:meth:`ReleaseBook.record`) are fenced by the certificate's lease, in one transaction with the
-release row: a node that lost the lease cannot promote, abort or roll back. A node's report and
-an operator's hold are that node's / that operator's own rows, not fenced.
+:meth:`ReleaseBook.record`, :meth:`ReleaseBook.roll_back`) are fenced by the certificate's lease,
+in one transaction with the release row: a node that lost the lease cannot promote, abort or roll
+back. A node's report, what it verifies and an operator's hold are that node's / that operator's
+own rows, not fenced.
 
 S3 is kept here, whoever asks: :meth:`desired_refusal` (called by ``PgStore.set_desired`` in
 its transaction) refuses to make desired a version marked bad, or a release's version before
-its canaries promoted it; the reconcile loop asks :meth:`bad` before it deploys anything.
+its canaries promoted it; a node asks ``certd.engine.releases.deploy_refusal`` (which reads the
+same mark) before it deploys anything.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from datetime import datetime
 from typing import Any, Protocol
 
 import psycopg
 from psycopg.types.json import Jsonb
 
 from certd.core.errors import StoreError
-from certd.core.release import Effect, Release, Report, State
+from certd.core.release import BAD, Effect, Release, Report, State
+from certd.store.pgfleet import LIVE
 from certd.store.port import Lease
 
 NOW = "COALESCE(%(now)s::timestamptz, clock_timestamp())"
-BAD = "release_bad"  # the version meta key: {"state", "reason"}
 
 
 class _Db(Protocol):
+    node: str
+
     def now_param(self) -> Any: ...
+    def set_applied(self, node: str, name: str, version: int | None) -> None: ...
+    def _set_desired(self, cur: psycopg.Cursor[Any], name: str, version: int) -> None: ...
     def tx(self) -> Any: ...
     def _fence(self, cur: psycopg.Cursor[Any], name: str, lease: Lease | None) -> None: ...
     def _one(self, sql: str, args: Any = ()) -> tuple[Any, ...] | None: ...
@@ -68,6 +76,7 @@ class ReleaseBook:
                 raise StoreError(f"{release.name}: release of version {row[0]['version']} is still "
                                  f"{row[0]['state']}; a new one waits for it")
             self._save(cur, release)
+            cur.execute("SELECT pg_notify('certd_desired', %s)", (release.name,))  # a driver picks canaries now
 
     def record(self, release: Release, effect: Effect, *, lease: Lease | None = None) -> None:
         """Record a transition and do its ``effect``, in one fenced transaction."""
@@ -79,16 +88,29 @@ class ReleaseBook:
             if target is not None:
                 cur.execute("INSERT INTO certd_desired VALUES (%s, %s) ON CONFLICT (name) DO UPDATE "
                             "SET version = EXCLUDED.version", (name, target))
-                cur.execute("SELECT pg_notify('certd_desired', %s)", (name,))
             if effect in (Effect.ABORT, Effect.ROLL_BACK):
                 self._mark_bad(cur, name, release.version, release.state.value, release.reason)
-                cur.execute("SELECT pg_notify('certd_desired', %s)", (name,))  # canaries go back now
+            # every step wakes every node at commit: new canaries deploy, the fleet follows a
+            # promotion, canaries go back after an abort — not at their next reconcile pass
+            cur.execute("SELECT pg_notify('certd_desired', %s)", (name,))
 
-    def mark_bad(self, name: str, version: int, state: str, reason: str, *, lease: Lease | None = None) -> None:
-        """Mark ``version`` bad outside a release (an operator's fleet rollback away from it)."""
+    def roll_back(self, name: str, left: int, to: int, reason: str, now: datetime, *,
+                  lease: Lease | None = None) -> None:
+        """An operator's fleet rollback from ``left`` to ``to``, in one fenced transaction:
+        desired moves to ``to`` (S3's checks, as :meth:`PgStore.set_desired`), ``left`` is
+        marked bad and a release of ``left`` in flight ends (``fleet_rolled_back``). Separate
+        writes left a window — desired moved, ``left`` not yet bad — after which a release could
+        promote ``left`` again. Then this node's applied version is ``to`` (the rotation
+        deployed and verified it here)."""
         with self._db.tx() as cur:
             self._db._fence(cur, name, lease)
-            self._mark_bad(cur, name, version, state, reason)
+            self._db._set_desired(cur, name, to)
+            self._mark_bad(cur, name, left, "operator_rollback", reason)
+            row = cur.execute("SELECT body FROM certd_releases WHERE name = %s FOR UPDATE", (name,)).fetchone()
+            r = Release.from_json(row[0]) if row is not None else None
+            if r is not None and not r.finished and r.version == left:
+                self._save(cur, replace(r, state=State.FLEET_ROLLED_BACK, since=now, reason=reason))
+        self._db.set_applied(self._db.node, name, to)
 
     @staticmethod
     def _mark_bad(cur: psycopg.Cursor[Any], name: str, version: int, state: str, reason: str) -> None:
@@ -134,11 +156,29 @@ class ReleaseBook:
     def held(self, name: str) -> bool:
         return self._db._one("SELECT 1 FROM certd_release_holds WHERE name = %s", (name,)) is not None
 
+    def publish_verifies(self, node: str, verifies: Mapping[str, bool]) -> None:
+        """Say which certificates ``node`` releases (the keys: it has them with a rollout table)
+        and whether its configuration verifies each by handshake; forget the others."""
+        with self._db.tx() as cur:
+            cur.execute("DELETE FROM certd_node_verifies WHERE node = %s AND NOT (name = ANY(%s))",
+                        (node, sorted(verifies)))
+            for name, yes in sorted(verifies.items()):
+                cur.execute("INSERT INTO certd_node_verifies VALUES (%s, %s, %s) ON CONFLICT (node, name) "
+                            "DO UPDATE SET verifies = EXCLUDED.verifies", (node, name, yes))
+
+    def members(self, name: str) -> frozenset[str]:
+        """The nodes that said they release ``name`` (see :meth:`publish_verifies`)."""
+        return frozenset(r[0] for r in self._db._all("SELECT node FROM certd_node_verifies WHERE name = %s", (name,)))
+
+    def hollow(self, name: str) -> frozenset[str]:
+        """The nodes that said they have no verify endpoints for ``name``."""
+        return frozenset(r[0] for r in self._db._all(
+            "SELECT node FROM certd_node_verifies WHERE name = %s AND NOT verifies", (name,)))
+
     def live_nodes(self, within: float) -> list[str]:
         """Nodes not removed that heartbeat within the last ``within`` seconds (the database's clock)."""
-        return [r[0] for r in self._db._all(
-            f"SELECT node FROM certd_nodes WHERE NOT removed AND last_seen > {NOW} - make_interval(secs => %(s)s) "
-            "ORDER BY node", {"s": within, "now": self._db.now_param()})]
+        return [r[0] for r in self._db._all(f"SELECT node FROM certd_nodes WHERE {LIVE} ORDER BY node",
+                                            {"within": within, "now": self._db.now_param()})]
 
     def status(self, names: Sequence[str]) -> dict[str, dict[str, Any] | None]:
         """``status --fleet``'s ``release`` of each of ``names``: the latest release and its hold."""

@@ -18,7 +18,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from certd.core.errors import StoreError
 
-VERSION = 4
+VERSION = 6
 #: pg_advisory_xact_lock key for schema creation and upgrades ("certd" in ASCII).
 SCHEMA_LOCK = 0x6365727464
 
@@ -175,6 +175,37 @@ CREATE TABLE certd_release_holds (
     name text PRIMARY KEY,
     initiator text NOT NULL,
     at timestamptz NOT NULL
+);
+""",
+    5: """
+-- Whether each node can prove a certificate by handshake (its configuration has verify endpoints
+-- for it), as the node last said: canaries picked by count skip the nodes that cannot.
+CREATE TABLE certd_node_verifies (
+    node text NOT NULL,
+    name text NOT NULL,
+    verifies boolean NOT NULL,
+    PRIMARY KEY (node, name)
+);
+""",
+    6: """
+-- keyCompromise across a fleet (certd/store/pgcompromise.py): each node's record of destroying
+-- its own copies of a compromised key (the key is named by its SPKI SHA-256, never stored), and
+-- the fleet-wide completion, claimed once (its audit record is chained in the same transaction).
+CREATE TABLE certd_key_destructions (
+    name text NOT NULL,
+    spki_sha256 text NOT NULL,
+    node text NOT NULL,
+    at timestamptz NOT NULL,
+    files int NOT NULL,              -- copies removed on that node (0: none left there)
+    PRIMARY KEY (name, spki_sha256, node)
+);
+CREATE TABLE certd_key_compromise_done (
+    name text NOT NULL,
+    spki_sha256 text NOT NULL,
+    at timestamptz NOT NULL,
+    by_node text NOT NULL,           -- the node whose pass saw it complete
+    nodes jsonb NOT NULL,            -- the live nodes that had destroyed it then
+    PRIMARY KEY (name, spki_sha256)
 );
 """,
 }

@@ -78,6 +78,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol, runtime_checkable
 
+from certd.core.clock import isoformat
 from certd.core.errors import StoreError
 from certd.core.events import LifecycleEvent
 from certd.core.model import Bundle, CertInfo
@@ -149,6 +150,23 @@ class OrderJournal:
     key_pem: bytes
     created: str
     meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Compromise:
+    """One compromised key of one certificate, as a fleet sees it now (:mod:`certd.store.pgcompromise`)."""
+
+    name: str
+    spki_sha256: str
+    holding: tuple[str, ...]        # live nodes that have not destroyed their copies
+    in_store: bool                  # a stored version still keeps a sealed copy
+    completed_at: datetime | None   # when the completion was recorded (None: not yet)
+    nodes: tuple[str, ...] = ()     # the live nodes that had destroyed it at completion
+
+    def to_json(self) -> dict[str, Any]:
+        return {"spki_sha256": self.spki_sha256, "holding": list(self.holding), "in_store": self.in_store,
+                "completed_at": isoformat(self.completed_at) if self.completed_at else None,
+                "nodes": list(self.nodes)}
 
 
 @dataclass(frozen=True)

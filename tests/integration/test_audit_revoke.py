@@ -83,7 +83,7 @@ def files_under(*roots: Path) -> Iterable[Path]:
         for dirpath, _dirs, files in os.walk(root):
             for f in files:
                 p = Path(dirpath, f)
-                if not p.is_symlink():
+                if not p.is_symlink() and p.is_file():  # not a daemon's control socket
                     yield p
 
 

@@ -66,7 +66,8 @@ class DyingEdges:
     def prune(self, cert: CertificateConfig, keep: Collection[int]) -> None:
         pass
 
-    def destroy_keys(self, cert: CertificateConfig, keys: Collection[bytes]) -> list[Path]:
+    def destroy_keys(self, cert: CertificateConfig, keys: Collection[bytes], *,
+                     spkis: Collection[str] = ()) -> list[Path]:
         return []
 
     def stage(self, version: int) -> None:

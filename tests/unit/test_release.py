@@ -142,3 +142,40 @@ def test_a_release_is_superseded_when_desired_moves_outside_it(clock: FakeClock)
     ended, effect = run(promoted, Facts(NODES, desired=3), Rollout(), clock)
     assert (ended.state, effect) == (State.DONE, Effect.NONE) and "superseded" in ended.reason
     assert advance(promoted, Facts(NODES, {"node1": OK}, desired=2), Rollout(), clock.now()) is not None
+
+
+@pytest.mark.parametrize("step,reports,held,canaries", [
+    ("issued", {}, False, 1),
+    ("issued", {}, False, 0),                 # no canary step: it would be promoted at once
+    ("canary", {"node1": OK}, False, 1),      # every canary verified: it would be promoted
+    ("canary", {"node1": OK}, True, 1),       # held: an abort is never held back
+])
+def test_a_version_that_may_not_be_deployed_aborts_before_promotion(clock: FakeClock, step: str,
+                                                                    reports: dict[str, Report], held: bool,
+                                                                    canaries: int) -> None:
+    """The candidate was revoked or its key compromised before promotion: the release aborts (marked bad)."""
+    rollout = Rollout(canaries=canaries)
+    r = open_release("www", 2, 1, clock.now())
+    if step == "canary":
+        r, _ = run(r, Facts(NODES), rollout, clock)
+    why = "www version 2 has a compromised key; it cannot be deployed again"
+    r, effect = run(r, Facts(NODES, reports, held, refusal=why), rollout, clock)
+    assert (r.state, effect) == (State.ABORTED, Effect.ABORT) and why in r.reason
+
+
+@pytest.mark.parametrize("want,hollow,expected", [
+    (1, {"node1"}, ("node2",)),                        # node1 cannot handshake: skipped
+    (2, {"node1", "node2"}, ("node3",)),               # fewer verifying nodes than asked: those only
+    (1, set(NODES), ("node1",)),                       # nobody verifies: the canaries prove the reload only
+    (("node1",), {"node1"}, ("node1",)),               # named: the operator's choice (check-config refuses it)
+])
+def test_hollow_nodes_are_not_picked_as_canaries_by_count(want: int | tuple[str, ...], hollow: set[str],
+                                                         expected: tuple[str, ...]) -> None:
+    """Picked by count, a node with no verify endpoints for the certificate is not a canary while one that verifies is live."""
+    assert pick_canaries(want, NODES, hollow=hollow) == expected
+
+
+def test_a_hollow_canary_is_not_picked_at_the_canary_step(clock: FakeClock) -> None:
+    """The release's canary step, given the hollow nodes, picks the first live node that can verify."""
+    r, _ = run(open_release("www", 2, 1, clock.now()), Facts(NODES, hollow=frozenset({"node1"})), Rollout(), clock)
+    assert r.canaries == ("node2",)

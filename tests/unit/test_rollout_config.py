@@ -51,3 +51,30 @@ def test_bad_rollout_values_give_one_line_each(tmp_path: Path, text: str, fragme
     lines = [line for line in str(e.value).splitlines() if "rollout" in line]
     assert len(lines) == 1, str(e.value)
     assert all(f in lines[0] for f in fragments), lines[0]
+
+
+def _fleet_config(tmp_path: Path, canaries: str, verify: bool) -> Path:
+    kek = tmp_path / "kek"
+    kek.write_bytes(bytes(32))
+    kek.chmod(0o600)
+    path = tmp_path / "certd.toml"
+    path.write_text(f'[keys]\nkek_file = "{kek}"\n[cluster]\ndatabase = "postgresql://db/certd"\nnode = "web-1"\n'
+                    + CERT + ('[[certificate.verify]]\nendpoint = "127.0.0.1:8443"\n' if verify else "")
+                    + f"[certificate.rollout]\ncanaries = {canaries}\n")
+    path.chmod(0o600)
+    return path
+
+
+def test_a_canary_named_here_without_verify_endpoints_is_refused(tmp_path: Path) -> None:
+    """canaries = ["web-1"] on web-1, which cannot handshake-check www: one line saying why and the two fixes."""
+    with pytest.raises(ConfigError) as e:
+        config.load(_fleet_config(tmp_path, '["web-1"]', verify=False))
+    assert len(e.value.problems) == 1, e.value.problems
+    line = e.value.problems[0]
+    assert "rollout.canaries" in line and "proves nothing" in line and "name another node" in line
+
+
+@pytest.mark.parametrize("canaries,verify", [('["web-1"]', True), ('["web-2"]', False), ("1", False)])
+def test_other_canary_settings_pass_the_check(tmp_path: Path, canaries: str, verify: bool) -> None:
+    """Named here with verify endpoints, another node named, or a count (hollow nodes are skipped): accepted."""
+    assert config.load(_fleet_config(tmp_path, canaries, verify)).certificate("www").rollout is not None

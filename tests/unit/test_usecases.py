@@ -23,10 +23,11 @@ from certd.engine.ports import Ports
 from certd.engine.recover import recover_all
 from certd.engine.redeploy import redeploy
 from certd.engine.renew import Renew, renew_all
-from certd.engine.revoke import Revoke
+from certd.engine.revoke import Revoke, fleet_wait
 from certd.engine.rollback import Rollback
 from certd.engine.status import Status
 from certd.store.files import FileStore
+from certd.store.port import Compromise
 from tests.support.certs import CA, make_ca, make_leaf
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=timezone.utc)
@@ -112,7 +113,8 @@ class FakeEdges:
     def prune(self, cert: CertificateConfig, keep: Collection[int]) -> None:
         pass
 
-    def destroy_keys(self, cert: CertificateConfig, keys: Collection[bytes]) -> list[Path]:
+    def destroy_keys(self, cert: CertificateConfig, keys: Collection[bytes], *,
+                     spkis: Collection[str] = ()) -> list[Path]:
         self.destroyed.extend(keys)
         return []
 
@@ -315,6 +317,46 @@ def test_key_compromise_rekeys_rotates_and_destroys_the_old_key(world: World) ->
     old = VersionStatus.from_meta(world.ports.store.load("www", 1).meta)
     assert old.key_compromised and old.key_destroyed and old.revoked and old.revoked.reason == "keyCompromise"
     assert world.edges.destroyed == [old_key] and "key_destroyed" in world.kinds()
+
+
+class FakeFleetBook:
+    """A fleet's record of compromised keys (certd.store.pgcompromise) where ``node3`` moves off
+    the key after ``node3_after`` looks (None: never)."""
+
+    node = "node1"
+
+    def __init__(self, node3_after: int | None) -> None:
+        self.node3_after, self.looks = node3_after, 0
+        self.recorded: list[tuple[str, str, int]] = []
+
+    def destroyed(self, name: str, spki: str, files: int) -> None:
+        self.recorded.append((name, spki, files))
+
+    def complete(self, name: str, spki: str, within: float, event: Any) -> tuple[Compromise, bool]:
+        self.looks += 1
+        if self.node3_after is None or self.looks <= self.node3_after:
+            return Compromise(name, spki, ("node3",), False, None, ("node1",)), False
+        return Compromise(name, spki, (), False, NOW, ("node1", "node3")), True
+
+
+@pytest.mark.parametrize("node3_after", [2, None])
+def test_key_compromise_in_a_fleet_is_complete_only_once_every_live_node_destroyed_the_key(
+        world: World, node3_after: int | None) -> None:
+    """In a fleet revoke waits (bounded) for the other nodes; it fails naming the node that still holds the key."""
+    world.renew()
+    spki = world.ports.store.load("www", 1).bundle.info.spki_sha256
+    book = FakeFleetBook(node3_after)
+    world.ports.store.compromises = book  # type: ignore[attr-defined]
+    started = world.clock.monotonic()
+    o = Revoke(world.ports, world.planner)(CERT, "keyCompromise")
+    assert book.recorded == [("www", spki, 0)]  # this node's own destruction, recorded
+    if node3_after is not None:
+        assert o.result == Result.REVOKED and "revocation complete: every live node (node1, node3)" in o.message
+        assert book.looks == 3
+    else:
+        assert o.result == Result.FAILED and "NOT complete after 80 s: node(s) node3 still hold" in o.message
+        assert "certd nodes remove NODE" in o.message
+        assert world.clock.monotonic() - started >= fleet_wait(30.0, CERT.verify_timeout)
 
 
 def test_superseded_whose_renewal_fails_revokes_nothing(world: World) -> None:
