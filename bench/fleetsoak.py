@@ -25,7 +25,9 @@ SIGKILLed at random and the database restarted once, and a client watching every
 Targets (exit 1 when one is missed): 0 bad probes (an expired, untrusted, misnamed certificate
 or a failed handshake: a cert/key mismatch); 0 missed rotations (a certificate served by any node
 past its emergency point, a tenth of its lifetime before expiry, or any node's applied version
-past it at the end); orders = renewals (newOrders Pebble accepted during the soak = ``renewed``
+past it at the end; a node with no applied version recorded then — another node adopted the
+rotation a SIGKILL interrupted on it and it has not re-applied yet — is judged by what it
+serves, by a handshake); orders = renewals (newOrders Pebble accepted during the soak = ``renewed``
 audit records, one per committed renewal); every node's exit status 0 and no exit nobody caused.
 
 Pebble 2.10 offers a short certificate's whole lifetime as its ARI window, and certd draws from
@@ -35,9 +37,9 @@ The CA proxy therefore hides ``renewalInfo`` by default (renewals at ``renew_bef
 lifetime); ``--ari`` keeps it (a real CA's window sits near two thirds of a 90-day lifetime,
 where a 45 s lease is nothing).
 
-The release/canary state machine (issue 17 items 1-3) is not on main yet: every node applies the
-desired version as it moves. ``--rollout TOML`` adds lines to every certificate's
-``[certificate.rollout]`` table once it exists (e.g. ``--rollout 'canaries = 1'``).
+Without ``--rollout`` every node applies the desired version as it moves. ``--rollout TOML`` adds
+lines to every certificate's ``[certificate.rollout]`` table (e.g. ``--rollout 'canaries = 1'``):
+each renewal then runs as a release, canaries first (issue 17 items 1-3).
 
 Usage: .venv/bin/python bench/fleetsoak.py [--minutes 3] [--names 50] [--validity 180]
                                            [--kill-every S] [--pg-down S] [--seed N] [--json]
@@ -77,7 +79,7 @@ from tests.support.hostile_ca import HostileCA  # noqa: E402
 from tests.support.pebble_fixtures import PebbleEnv  # noqa: E402
 from tests.support.postgres import PgCluster, start_cluster  # noqa: E402
 from tests.support.procs import ManagedProcess, free_port, wait_until  # noqa: E402
-from tests.support.prober import TrustAnchors, Target  # noqa: E402
+from tests.support.prober import TrustAnchors, Target, probe_once  # noqa: E402
 from tests.support.rrproxy import RoundRobinProxy  # noqa: E402
 from tests.support.server_fixtures import NginxServer, TestCA, _start_with_retries  # noqa: E402
 
@@ -307,16 +309,28 @@ def soak(fleet: Fleet, rng: random.Random, watch: Watch) -> dict[str, Any]:
     return {"kills": kills, "pg_down_seconds": round(pg_down_for or 0.0, 1)}
 
 
-def stale_at(fleet: Fleet, applied: dict[str, dict[str, int | None]], at: float) -> list[str]:
-    """``node/name`` whose applied version is past its emergency point at ``at`` (epoch s)."""
+def stale_at(fleet: Fleet, applied: dict[str, dict[str, int | None]], at: float,
+             anchors: TrustAnchors) -> tuple[list[str], list[str]]:
+    """``node/name`` whose applied version is past its emergency point at ``at`` (epoch s),
+    and ``node/name`` with no applied version recorded then. A node's applied row is dropped
+    when another node adopts the rotation a SIGKILL interrupted on it (certd/engine/adopt.py;
+    it re-applies the desired version once it is back): for those what the node serves, by a
+    handshake now, decides — stale unless it serves a trusted certificate short of its
+    emergency point."""
     assert fleet.store is not None
-    stale = []
+    stale, unrecorded = [], []
+    ports = {node.name: node.nginx.port for node in fleet.nodes}
     for node, versions in applied.items():
         for n, version in versions.items():
-            info = fleet.store.load_info(n, version).info if version is not None else None
+            if version is None:
+                unrecorded.append(f"{node}/{n}")
+                served = probe_once(Target("127.0.0.1", ports[node], DOMAIN.format(name=n)), anchors, timeout=5)
+                info = served.info if served.ok else None
+            else:
+                info = fleet.store.load_info(n, version).info
             if info is None or at > info.not_after.timestamp() - info.lifetime_seconds / 10:
                 stale.append(f"{node}/{n}")
-    return stale
+    return stale, unrecorded
 
 
 def _epoch(record: dict[str, Any]) -> float:
@@ -337,6 +351,32 @@ def convergence(records: list[dict[str, Any]], nodes: int) -> dict[str, Any]:
         return {"p50": None, "p95": None, "max": None, "not_everywhere": len(committed)}
     return {"p50": round(lags[len(lags) // 2], 1), "p95": round(lags[min(len(lags) - 1, int(len(lags) * 0.95))], 1),
             "max": round(lags[-1], 1), "not_everywhere": len(committed) - len(lags)}
+
+
+def _percentiles(values: list[float]) -> dict[str, float | None]:
+    v = sorted(values)
+    if not v:
+        return {"p50": None, "p95": None, "max": None}
+    return {"p50": round(v[len(v) // 2], 1), "p95": round(v[min(len(v) - 1, int(len(v) * 0.95))], 1),
+            "max": round(v[-1], 1)}
+
+
+def release_times(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """With ``--rollout``: seconds from each release's opening (the renewal stored its version,
+    canaries first) to its promotion (the canaries proved it; the desired version moves) and to
+    ``done`` (every node applied it) — canary to fleet; and how many releases ended otherwise."""
+    opened = {(r["name"], r["version"]): _epoch(r) for r in records if r["event"] == "release_opened"}
+    steps: dict[tuple[str, int], dict[str, float]] = {}
+    for r in records:
+        if r["event"] == "release_step":
+            steps.setdefault((r["name"], r["version"]), {}).setdefault(str(r.get("outcome")), _epoch(r))
+    def since_open(state: str) -> list[float]:
+        return [s[state] - opened[k] for k, s in steps.items() if k in opened and state in s]
+    return {"opened": len(opened), "canary_to_promoted": _percentiles(since_open("promoted")),
+            "canary_to_fleet_done": _percentiles(since_open("done")),
+            "done": sum(1 for s in steps.values() if "done" in s),
+            "aborted": sum(1 for r in records if r["event"] == "release_aborted"),
+            "rolled_back": sum(1 for r in records if r["event"] == "release_rolled_back")}
 
 
 def log_counts(text: str) -> dict[str, int]:
@@ -377,12 +417,13 @@ def run(fleet: Fleet, rng: random.Random, seed: int) -> tuple[bool, dict[str, An
             t.join(timeout=30)
     stopped_at = time.time()
     _, applied_at_stop = fleet.versions()
-    stale = stale_at(fleet, applied_at_stop, stopped_at)
+    stale, unrecorded = stale_at(fleet, applied_at_stop, stopped_at, anchors)
     statuses = fleet.stop_nodes()
 
     desired, applied = fleet.versions()
     records = [r for r in fleet.audit() if int(r["seq"]) > seq0]
-    renewed = [r for r in records if r["event"] == "renewed"]
+    # a renewal commits (``renewed``), or with --rollout stores its version and opens a release
+    renewed = [r for r in records if r["event"] in ("renewed", "release_opened")]
     failed_applies = [r for r in records if r["event"] == "node_applied" and r.get("outcome") != "success"]
     orders, finalized = len(fleet.ca.orders_created) - orders0, len(fleet.ca.finalized) - finalized0
     bad = list(watch.bad)
@@ -396,9 +437,11 @@ def run(fleet: Fleet, rng: random.Random, seed: int) -> tuple[bool, dict[str, An
         "probes": sum(watch.counts.values()), "probe_categories": dict(watch.counts),
         "bad_probes": len(bad),
         "missed_rotations": len(watch.missed) + len(stale),
+        "applied_unrecorded_at_end": unrecorded,
         "nodes_converged_at_end": all(a == desired for a in applied.values()),
         "failed_node_applies": len(failed_applies),
         "commit_to_every_node_seconds": convergence(records, len(fleet.nodes)),
+        "releases": release_times(records) if args.rollout else None,
         "longest_past_renewal_point_seconds": round(watch.longest_overdue, 2),
         "longest_past_renewal_point_where": watch.longest_overdue_at,
         "sigkills": events["kills"], "pg_down_seconds": events["pg_down_seconds"],
@@ -419,13 +462,16 @@ def run(fleet: Fleet, rng: random.Random, seed: int) -> tuple[bool, dict[str, An
 def report(ok: bool, s: dict[str, Any]) -> None:
     print(f"fleet soak: {s['minutes']:g} min, {s['nodes']} nodes x {s['names']} names on {s['validity_seconds']} s "
           f"certificates (ARI {'on' if s['ari'] else 'hidden'}), seed {s['seed']}")
-    print(f"  renewals committed (audit 'renewed'):        {s['renewals']}  (desired versions moved "
+    print(f"  renewals (audit 'renewed'/'release_opened'): {s['renewals']}  (desired versions moved "
           f"{s['desired_version_moves']})")
     print(f"  orders at the CA / certificates finalized:   {s['orders']} / {s['finalized']}  "
           f"(target: orders = renewals)")
     print(f"  probes (TLS handshakes, every node, name):   {s['probes']}  {s['probe_categories']}")
     print(f"  bad probes (expired/untrusted/name/handshake): {s['bad_probes']}  (target 0)")
     print(f"  missed rotations (past emergency point):     {s['missed_rotations']}  (target 0)")
+    if s["applied_unrecorded_at_end"]:
+        print(f"  no applied version recorded at the end (judged by a handshake): "
+              f"{', '.join(s['applied_unrecorded_at_end'][:10])}")
     print(f"  longest a served cert was past renewal point: {s['longest_past_renewal_point_seconds']} s "
           f"({s['longest_past_renewal_point_where']}; the emergency point is 40 % of the lifetime later)")
     print(f"  SIGKILLs {len(s['sigkills'])} ({', '.join(s['sigkills'])}); PostgreSQL down "
@@ -433,6 +479,11 @@ def report(ok: bool, s: dict[str, Any]) -> None:
     c = s["commit_to_every_node_seconds"]
     print(f"  commit -> every other node applied (audit):  p50 {c['p50']} s, p95 {c['p95']} s, max {c['max']} s "
           f"({c['not_everywhere']} renewals not applied everywhere by the end)")
+    if s["releases"]:
+        r = s["releases"]
+        print(f"  releases opened {r['opened']}, done {r['done']}, aborted {r['aborted']}, rolled back "
+              f"{r['rolled_back']}; open -> promoted {r['canary_to_promoted']}; canary -> fleet done "
+              f"{r['canary_to_fleet_done']} (s)")
     print(f"  every node on the desired version at the end: {s['nodes_converged_at_end']}; failed node applies "
           f"{s['failed_node_applies']}; peak RSS MB {s['peak_rss_mb']}")
     for node, counts in s["log"].items():

@@ -29,9 +29,11 @@ database unreachable the loop keeps what is served, logs once per attempt and tr
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any
 
 from certd import __version__
@@ -51,6 +53,8 @@ log = logging.getLogger("certd.fleet")
 
 _RETRY = 5.0  # seconds between attempts while the database cannot be reached
 _BUSY_RETRY = 0.25  # seconds before looking again at a certificate this process was rotating
+#: an apply worker's job: certificate name, version, what to run, whether a pass follows at once
+_Job = tuple[str, int, Callable[[], None], bool]
 
 
 class FleetNode:
@@ -61,7 +65,9 @@ class FleetNode:
         self.node = store.node
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="certd-fleet", daemon=True)
-        self._failed: set[str] = set()  # names whose last apply failed: tried again every pass
+        # name -> (version, monotonic time) of its last failed apply: tried again a reconcile
+        # interval later, or at once when the desired version moves on
+        self._failed: dict[str, tuple[int, float]] = {}
         self._busy = False  # a certificate was busy in this process: the next pass comes soon
         self._said_removed = False
         # finishing what a stopped node left (an order: up to order_timeout; a rotation: its
@@ -70,6 +76,14 @@ class FleetNode:
         self._finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="certd-finish")
         self._finishing: set[str] = set()
         self._finishing_lock = threading.Lock()
+        # applies run on their own workers, handed over as the loop sees them: a pass does not
+        # wait for the previous pass's applies, so a renewal committed while a wave is being
+        # applied here starts at once instead of after the whole wave (see _hand_over). Plain
+        # threads on a queue, ``[daemon] workers`` of them started together at the first job
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._appliers: list[threading.Thread] = []
+        self._applying: set[str] = set()
+        self._applying_lock = threading.Lock()
 
         self._listening: set[Listen] = set()
         self.releases = ReleaseDriver(manager, store, self._interval)
@@ -84,6 +98,10 @@ class FleetNode:
         if self._thread.ident is not None:  # a SIGTERM during start-up recovery stops it before it started
             self._thread.join(timeout=30)
         self._finisher.shutdown(wait=True, cancel_futures=True)
+        for _ in self._appliers:  # applies in flight reach their end (a reload, a verify); no new one starts
+            self._jobs.put(None)
+        for t in self._appliers:
+            t.join()
         for listen in self._listening:
             responders.stop_listening(listen)
         self._listening.clear()
@@ -172,21 +190,32 @@ class FleetNode:
                 self._finishing.add(name)
             self._finisher.submit(self._finish, config.certificate(name))
         todo: list[tuple[CertificateConfig, int, int | None]] = []
+        reports: list[tuple[CertificateConfig, int]] = []
+        now = self.manager.clock.monotonic()
         self.releases.publish(config.certificates)  # which of its certificates this node can prove
+        views = self.store.fleet.node_view(self.node, config.names)
         for cert in config.certificates:
             if self._stop.is_set():
                 return
-            if self.releases.drive(cert):  # [certificate.rollout]: move its release on, if this node may
-                self._busy = True  # another node held the lease: look again shortly
-            applied = self.store.applied(self.node, cert.name)
-            desired = self.releases.target(cert, self.store.desired(cert.name), applied)
+            view = views.get(cert.name)
+            if cert.rollout is not None:
+                if self.releases.drive(cert):  # [certificate.rollout]: move its release on, if this node may
+                    self._busy = True  # another node held the lease: look again shortly
+                view = None  # the release may have moved the desired version: read it again
+            if view is None:
+                view = self.store.fleet.node_view(self.node, [cert.name])[cert.name]
+            applied = view.applied
+            desired = self.releases.target(cert, view.desired, applied)
             if desired is None:
                 continue
-            if applied != desired or cert.name in self._failed:
+            failed = self._failed.get(cert.name)
+            if failed is not None and failed[0] == desired and now - failed[1] < self._interval():
+                continue  # failed a moment ago: tried again at a later pass, not in a tight loop
+            if applied != desired or failed is not None:
                 todo.append((cert, desired, applied))
-            elif not self._reported(cert.name, desired):
-                self._report_served(cert, desired)
-        self._apply_all(todo, config.daemon.workers)
+            elif not (view.reported if desired == view.desired else self._reported(cert.name, desired)):
+                reports.append((cert, desired))
+        self._hand_over(todo, reports, config.daemon.workers)
         self._destroy_compromised(config)
 
     def _destroy_compromised(self, config: Config) -> None:
@@ -209,30 +238,57 @@ class FleetNode:
         for name, spki in book.unfinished(config.names):
             compromise.fleet_completion(ports, name, spki, self.releases.live_within())
 
-    def _apply_all(self, todo: list[tuple[CertificateConfig, int, int | None]], workers: int) -> None:
-        """Apply each of ``todo``, ``workers`` at a time. Certificates on one web server share
-        its reloads (:class:`certd.reload.nginx.NginxGate`: one reload serves every switch made
-        before it began), so a wave of renewals — every certificate issued together renews
-        together — costs a few reloads on this node, not one each in turn (the fleet soak saw
-        50 names take a node 50 s, one nginx reload after another)."""
-        def one(cert: CertificateConfig, desired: int, applied: int | None) -> None:
-            if self._stop.is_set():
-                return
-            try:
-                self.apply(cert, desired, applied)
-            except CertdError as e:  # the store, mid-way: this certificate is tried again next pass
-                self._failed.add(cert.name)
-                event(log, "node_apply_failed", logging.WARNING, name=cert.name, version=desired, error=str(e))
-            except Exception as e:  # noqa: BLE001 - one certificate's bug must not stop the others' applies
-                self._failed.add(cert.name)  # tried again next pass
-                log.exception("node_apply_crashed name=%s version=%s error=%s", cert.name, desired, e)
-        if len(todo) <= 1 or workers <= 1:
-            for item in todo:
-                one(*item)
+    def _hand_over(self, todo: list[tuple[CertificateConfig, int, int | None]],
+                   reports: list[tuple[CertificateConfig, int]], workers: int) -> None:
+        """Apply each of ``todo`` (and check by handshake each of ``reports``) on the apply
+        workers, ``workers`` at a time, unless that certificate is being applied already; return
+        at once. Certificates on one web server share its reloads
+        (:class:`certd.reload.nginx.NginxGate`: one reload serves every switch made before it
+        began), so a wave of renewals costs a few reloads on this node, not one each in turn.
+        The fleet soak measured why the loop must not wait for them: with every pass waiting
+        for its whole wave (2-13 s under load) a renewal committed meanwhile reached this node
+        only after it, and commit -> every node took 8 s at the median."""
+        # after an apply the next pass comes at once; after a report (which may keep failing,
+        # and reports it) not before the next change or interval
+        jobs = [(c.name, d, partial(self.apply, c, d, a), True) for c, d, a in todo]
+        jobs += [(c.name, d, partial(self._report_served, c, d), False) for c, d in reports]
+        with self._applying_lock:
+            jobs = [job for job in jobs if job[0] not in self._applying]
+            self._applying.update(job[0] for job in jobs)
+        if not jobs:
             return
-        with ThreadPoolExecutor(max_workers=min(workers, len(todo)), thread_name_prefix="certd-apply") as pool:
-            for done in [pool.submit(one, *item) for item in todo]:
-                done.result()
+        if not self._appliers:
+            self._appliers = [threading.Thread(target=self._applier, name=f"certd-apply-{i}", daemon=True)
+                              for i in range(max(1, workers))]
+            for t in self._appliers:
+                t.start()
+        for job in jobs:
+            self._jobs.put(job)
+
+    def _applier(self) -> None:
+        """An apply worker: jobs until the None that stop() sends (jobs queued after a stop are
+        skipped by _run_job)."""
+        while (job := self._jobs.get()) is not None:
+            self._run_job(*job)
+
+    def _run_job(self, name: str, version: int, job: Callable[[], None], then_pass: bool) -> None:
+        """One apply (or report) of ``version`` on an apply worker; the next pass sees what it left."""
+        ok = False
+        try:
+            if not self._stop.is_set():
+                job()
+                ok = then_pass and name not in self._failed
+        except CertdError as e:  # the store, mid-way: this certificate is tried again later
+            self._failed[name] = (version, self.manager.clock.monotonic())
+            event(log, "node_apply_failed", logging.WARNING, name=name, version=version, error=str(e))
+        except Exception as e:  # noqa: BLE001 - one certificate's bug must not stop the others' applies
+            self._failed[name] = (version, self.manager.clock.monotonic())
+            log.exception("node_apply_crashed name=%s version=%s error=%s", name, version, e)
+        finally:
+            with self._applying_lock:
+                self._applying.discard(name)
+        if ok:
+            self.poke()  # a version that moved while this one was applied is applied now
 
     def _finish(self, cert: CertificateConfig) -> None:
         """Finish the order or rotation a stopped node left for ``cert`` (on the finisher thread)."""
@@ -263,6 +319,7 @@ class FleetNode:
     def apply(self, cert: CertificateConfig, version: int, previous: int | None) -> None:
         """Deploy ``version`` of ``cert`` on this node; record and report how it went."""
         started = self.manager.clock.monotonic()
+        phases: dict[str, float] = {}
         try:
             with self.store.locks.local(cert.name, timeout=0):
                 # S3, again now: the target was read before this pass's other certificates and
@@ -271,26 +328,27 @@ class FleetNode:
                 if refusal is not None:
                     self._refuse(cert, version, refusal)
                     return
-                verified = self._deploy(cert, version, previous)
+                verified = self._deploy(cert, version, previous, phases)
         except LockBusy:
             # this node's own rotation of it is running (it applies or rolls back itself): look
             # again shortly, to report what it ended with
-            self._busy = True
+            if not self._stop.wait(_BUSY_RETRY):
+                self.poke()
             return
         except CertdError as e:
-            self._failed.add(cert.name)
+            self._failed[cert.name] = (version, self.manager.clock.monotonic())
             self.store.fleet.report(self.node, cert.name, fingerprint=None, verified_at=None,
                                     error=f"applying version {version}: {e}")
             self.releases.reported(cert, version, str(e))
-            self._emit(cert.name, version, previous, "failed", str(e), started)
+            self._emit(cert.name, version, previous, "failed", str(e), started, phases)
             return
-        self._failed.discard(cert.name)
+        self._failed.pop(cert.name, None)
         info = self.store.load_info(cert.name, version).info
         self.store.set_applied(self.node, cert.name, version)
         self.store.fleet.report(self.node, cert.name, fingerprint=info.fingerprint_sha256,
                                 verified_at=self.manager.clock.now() if verified else None, error=None)
         self.releases.reported(cert, version, None)
-        self._emit(cert.name, version, previous, "success", "desired version changed", started)
+        self._emit(cert.name, version, previous, "success", "desired version changed", started, phases)
 
     def _refuse(self, cert: CertificateConfig, version: int, refusal: str) -> None:
         """``version`` may not be deployed any more: nothing is touched; reported (it is not a
@@ -301,15 +359,22 @@ class FleetNode:
         self.store.fleet.report(self.node, cert.name, fingerprint=None, verified_at=None,
                                 error=f"not applying version {version}: {refusal}")
 
-    def _deploy(self, cert: CertificateConfig, version: int, previous: int | None) -> bool:
+    def _deploy(self, cert: CertificateConfig, version: int, previous: int | None, phases: dict[str, float]) -> bool:
         """Stage, switch, reload, verify; switched back to ``previous`` if reload or verify fail
-        and ``previous`` may still be deployed (:meth:`_switch_back`)."""
+        and ``previous`` may still be deployed (:meth:`_switch_back`). ``phases`` gets the
+        seconds each took (the ``node_applied`` log line says them)."""
         effects = self.manager.ports.edges.effects(cert)
+        clock = self.manager.clock
+        t0 = clock.monotonic()
         effects.stage(version)
         effects.switch(version)
+        t1 = clock.monotonic()
         try:
             effects.reload(version)
-            return effects.verify(version)
+            t2 = clock.monotonic()
+            verified = effects.verify(version)
+            phases.update(stage_s=t1 - t0, reload_s=t2 - t1, verify_s=clock.monotonic() - t2)
+            return verified
         except CertdError as e:
             if previous is None or previous not in self.store.versions(cert.name):
                 raise
@@ -344,12 +409,14 @@ class FleetNode:
         return OperationFailed(why)
 
     def _emit(self, name: str, version: int, previous: int | None, outcome: str, reason: str,
-              started: float) -> None:
+              started: float, phases: dict[str, float]) -> None:
         detail: dict[str, Any] = {"node": self.node, "from_version": previous}
+        seconds = self.manager.clock.monotonic() - started
         self.manager.emit("node_applied", name, initiator=f"node={self.node}", outcome=outcome, reason=reason,
-                          version=version, duration=self.manager.clock.monotonic() - started, detail=detail)
+                          version=version, duration=seconds, detail=detail)
         event(log, "node_applied", logging.INFO if outcome == "success" else logging.ERROR, name=name,
-              version=version, node=self.node, outcome=outcome, reason=reason)
+              version=version, node=self.node, outcome=outcome, reason=reason, seconds=round(seconds, 2),
+              **{k: round(v, 2) for k, v in phases.items()})
 
 
 def start_fleet(manager: Manager, config: Callable[[], Config], stop: threading.Event) -> FleetNode | None:

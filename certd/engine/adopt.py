@@ -12,7 +12,9 @@ desired version whatever the rotation had left on its disk.
 
 A journal that cannot be adopted — its rotation had failed, its version is gone, revoked,
 expired or no longer matches the configuration, or the desired version moved on since it
-started — is dropped the same way, and the renewal orders as usual.
+started — is dropped the same way, and the renewal orders as usual. One whose own version is
+desired already is adopted: its commit reached the store and the reply was lost (the database
+stopped under it), and rolling it out here is what records the renewal (``renewed``).
 
 The gap this does not close: a node that dies after storing the version and before writing
 its rotation's first journal step (microseconds) leaves a version nothing points to; the next
@@ -63,7 +65,10 @@ def _unusable(ports: Ports, cert: CertificateConfig, current: int | None, j: Jou
     """Why the version of ``j`` must not be rolled out now, or None."""
     if j.kind != "renew" or j.step not in _FORWARD:
         return f"its {j.kind} had reached {j.step.value}"
-    if j.from_version != current:
+    if current not in (j.from_version, j.to_version):
+        # to_version desired already: its commit reached the store and its reply did not (the
+        # database stopped under it), so the renewal happened and was never recorded; rolling
+        # it out here records it (the fleet soak saw such journals dropped as stale)
         return f"it started from version {j.from_version}; version {current} is desired now"
     try:
         stored = ports.store.load_info(cert.name, j.to_version)

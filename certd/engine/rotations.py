@@ -108,9 +108,9 @@ class Rotations:
 
     def _committed(self, cert: CertificateConfig, j: Journal, state: CertState, version: int | None,
                    serial: str | None, seconds: float) -> Outcome:
-        self.prune(cert, j.initiator)
-        destroy_compromised_keys(self.ports, cert, j.initiator)
-        destroy_retired_keys(self.ports, cert, j.initiator)  # destroy_after (key classes)
+        # The audit record first: the version is committed, whatever happens next. Pruning and
+        # key destruction write to the store, and a fleet's database stopping right after a
+        # commit (the fleet soak) left a committed renewal with no 'renewed' record at all.
         info = self.info(cert.name, version)
         fields: dict[str, Any] = {"initiator": j.initiator, "reason": j.reason, "version": version,
                                   "new_serial": serial, "old_serial": self.serial(cert.name, j.from_version),
@@ -123,6 +123,9 @@ class Rotations:
         else:
             result, msg = Result.SWITCHED, f"rolled back to version {version}, serial {serial}; verified"
             self.ports.emit("operator_rollback", cert.name, **fields)
+        self.prune(cert, j.initiator)
+        destroy_compromised_keys(self.ports, cert, j.initiator)
+        destroy_retired_keys(self.ports, cert, j.initiator)  # destroy_after (key classes)
         now, notes = self.ports.clock.now(), carry_notes(state)
 
         def change(s: CertState) -> None:  # a renewal's success fields; a rollback's last_result

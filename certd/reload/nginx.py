@@ -69,14 +69,23 @@ class NginxGate:
         """Run ``run`` (nginx -t, reload, wait for the old workers) unless a good reload that
         started after ``name``'s last switch already happened; waiting for its turn ends at
         ``deadline`` (on ``clock``'s monotonic time)."""
+        # A switch made before this process started (a rotation resumed after a crash) is
+        # number 0: any reload since the start began after it.
+        def covered() -> bool:
+            return self.reloaded_through >= self.last_switch.get(name, 0)
+
+        def free() -> bool:
+            return not self.reading and not self.switching and not self.waiting
+
         with self.cond:
-            if not wait_for(clock, self.cond, lambda: not self.reading and not self.switching and not self.waiting,
-                            max(0.0, deadline - clock.monotonic())):
+            # Covered ends the wait too: once a reload that began after this switch succeeded,
+            # this hook is done, whatever other certificates switch meanwhile. Waiting for the
+            # gate to be free instead starved it while a wave kept switching (the fleet soak:
+            # 14 applies on a restarted node sat 20 s here with their version served).
+            if not wait_for(clock, self.cond, lambda: covered() or free(), max(0.0, deadline - clock.monotonic())):
                 return HookResult("nginx", False, None, 0.0, "another reload of this nginx did not finish "
                                   "before this hook's timeout", timed_out=True)
-            # A switch made before this process started (a rotation resumed after a crash) is
-            # number 0: any reload since the start began after it.
-            if self.reloaded_through >= self.last_switch.get(name, 0):
+            if covered():
                 return HookResult("nginx", True, 0, 0.0, "nginx already reloaded after this switch")
             self.reading, upto = True, self.switches
         ok = False

@@ -25,7 +25,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import re
 import threading
+import time
 from collections.abc import Collection, Hashable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from datetime import datetime
@@ -39,6 +42,7 @@ from certd.core.clock import Clock, SystemClock
 from certd.core.errors import LockBusy, StoreError, StoreUnreachable
 from certd.core.model import Bundle, CertInfo
 from certd.crypto.custody import KeyRing
+from certd.ops.log import event
 from certd.store.pgfeed import PgAudit, PgSubscription
 from certd.store.pgfleet import FleetBook
 from certd.store import pglease
@@ -48,7 +52,12 @@ from certd.store.pgrelease import ReleaseBook, desired_refusal
 from certd.store.pgschema import configure, conninfo, ensure_schema
 from certd.store.port import LEGACY_TTL, Conflict, Fenced, Lease, LeaseLost, OrderJournal, StoredVersion, VersionInfo
 
+log = logging.getLogger("certd.store")
+
 _POLL = 0.05  # seconds between tries of a busy lease
+#: a wait for a pooled connection this long (real seconds) is logged (``store_pool_wait``) with
+#: what held the pool's connections then: the evidence for sizing the pool (issue 17's soak)
+POOL_WAIT_LOG = 0.5
 #: seconds an operation waits for a pooled connection: about libpq's ``connect_timeout`` (a new
 #: connection to a database that answers takes far less; operations are short transactions)
 POOL_WAIT = 5.0
@@ -65,6 +74,14 @@ _GRANT = """
     ON CONFLICT (name) DO UPDATE SET token = l.token + 1, owner = EXCLUDED.owner, expires = EXCLUDED.expires
     WHERE l.owner IS NULL OR l.expires <= {now}
     RETURNING token, expires"""
+
+
+def _kind(thread_name: str) -> str:
+    """A thread's kind, from its name: ``certd-apply_3`` -> ``certd-apply``, ``certd-lease-f001``
+    -> ``certd-lease``."""
+    if thread_name.startswith("certd-lease-"):
+        return "certd-lease"
+    return re.sub(r"[_-]?\d+(?:_\d+)?$", "", thread_name.split(" ")[0]) or thread_name
 
 
 def account_id(directory_url: str) -> str:
@@ -93,6 +110,8 @@ class PgStore:
         self.releases = ReleaseBook(self)  # canary releases and the versions marked bad
         self.compromises = CompromiseBook(self)  # keyCompromise: each node's destruction, the completion
         self._pool: ConnectionPool | None = None
+        self._holders: dict[int, str] = {}  # thread id -> its name's kind, while it holds a connection
+        self._holders_lock = threading.Lock()
         try:
             self.dsn = conninfo(dsn, node)
             # One direct connection first: a wrong password or an unreachable host fails now with
@@ -149,10 +168,42 @@ class PgStore:
         except psycopg.Error as e:
             raise StoreError(f"PostgreSQL store: {e}") from e
 
-    def _connection(self) -> AbstractContextManager[psycopg.Connection[Any]]:
-        if self._pool is None:
+    @contextmanager
+    def _connection(self) -> Iterator[psycopg.Connection[Any]]:
+        """A pooled connection for the block; a long wait for it is logged with who held the
+        pool's connections meanwhile (by thread kind: applies, renewals, lease keepers...)."""
+        pool = self._pool
+        if pool is None:
             raise StoreError("PostgreSQL store: closed")
-        return self._pool.connection()
+        started = time.monotonic()
+        try:
+            with pool.connection() as conn:
+                waited = time.monotonic() - started
+                if waited >= POOL_WAIT_LOG:
+                    self._said_wait(pool, waited, "connection")
+                me = threading.get_ident()
+                with self._holders_lock:
+                    self._holders[me] = _kind(threading.current_thread().name)
+                try:
+                    yield conn
+                finally:
+                    with self._holders_lock:
+                        self._holders.pop(me, None)
+        except PoolTimeout:
+            self._said_wait(pool, time.monotonic() - started, "timeout")
+            raise
+
+    def _said_wait(self, pool: ConnectionPool, waited: float, outcome: str) -> None:
+        stats = pool.get_stats()
+        with self._holders_lock:
+            kinds: dict[str, int] = {}
+            for kind in self._holders.values():
+                kinds[kind] = kinds.get(kind, 0) + 1
+        event(log, "store_pool_wait", logging.WARNING, waited=round(waited, 2), outcome=outcome,
+              thread=_kind(threading.current_thread().name), size=stats.get("pool_size"),
+              max=stats.get("pool_max"), available=stats.get("pool_available"),
+              waiting=stats.get("requests_waiting"),
+              holders=",".join(f"{k}:{n}" for k, n in sorted(kinds.items())) or "none")
 
     def _one(self, sql: str, args: Any = ()) -> tuple[Any, ...] | None:
         with self.tx() as cur:

@@ -53,6 +53,15 @@ class NodeRow:
                 "software": self.software, "removed": self.removed}
 
 
+@dataclass(frozen=True)
+class NodeView:
+    """One certificate as a node's reconcile pass sees it: the desired version, the version
+    this node applied, and whether this node's last report says it serves the desired one."""
+    desired: int | None
+    applied: int | None
+    reported: bool
+
+
 class FleetBook:
     """Nodes, their reports and the shared http-01 answers, on a :class:`~certd.store.pg.PgStore`."""
 
@@ -104,6 +113,22 @@ class FleetBook:
                       "verified_at = COALESCE(EXCLUDED.verified_at, r.verified_at), "
                       "last_error = EXCLUDED.last_error, updated = EXCLUDED.updated RETURNING node",
                       self._args(node=node, name=name, fp=fingerprint, at=verified_at, err=error))
+
+    def node_view(self, node: str, names: Sequence[str]) -> dict[str, NodeView]:
+        """:class:`NodeView` of each of ``names`` for ``node``, in one query: a reconcile pass
+        asked four per certificate (desired, applied, the report, the desired version's
+        fingerprint), and with 50 names under a renewal wave the scan alone took 2-7 s before
+        the first apply began (the fleet soak's ``fleet_pass scan_s``)."""
+        rows = self._db._all(
+            "SELECT n.name, d.version, a.version, COALESCE(r.last_error IS NULL "
+            "AND r.fingerprint_sha256 = v.info->>'fingerprint_sha256', false) "
+            "FROM unnest(%(names)s::text[]) AS n(name) "
+            "LEFT JOIN certd_desired d ON d.name = n.name "
+            "LEFT JOIN certd_applied a ON a.node = %(node)s AND a.name = n.name "
+            "LEFT JOIN certd_node_reports r ON r.node = %(node)s AND r.name = n.name "
+            "LEFT JOIN certd_versions v ON v.name = n.name AND v.version = d.version",
+            {"names": list(names), "node": node})
+        return {r[0]: NodeView(r[1], r[2], bool(r[3])) for r in rows}
 
     def reported_fingerprint(self, node: str, name: str) -> str | None:
         """The fingerprint ``node`` last reported serving for ``name`` (None: none, or an error)."""

@@ -61,6 +61,27 @@ def test_status_shows_desired_and_each_nodes_applied_and_served(store: Any, cloc
     assert store.fleet.reported_fingerprint("node2", "www") is None
 
 
+def test_node_view_reads_desired_applied_and_whether_the_node_reported_serving_it(store: Any) -> None:
+    """A reconcile pass's one query: per name the desired version, this node's applied version,
+    and whether its last report is the desired version's fingerprint without an error."""
+    with store.lock("www"):
+        v1 = store.add_version("www", make_bundle(["www.example.test"]), {})
+        store.set_current("www", v1)
+        v2 = store.add_version("www", make_bundle(["www.example.test"]), {})
+        store.set_desired("www", v2)
+    fp1, fp2 = (store.load_info("www", v).info.fingerprint_sha256 for v in (v1, v2))
+    store.fleet.report("node1", "www", fingerprint=fp1, verified_at=None, error=None)
+    views = store.fleet.node_view("node1", ["www", "new"])
+    assert (views["www"].desired, views["www"].applied, views["www"].reported) == (v2, v1, False)
+    assert (views["new"].desired, views["new"].applied, views["new"].reported) == (None, None, False)
+    store.set_applied("node1", "www", v2)
+    store.fleet.report("node1", "www", fingerprint=fp2, verified_at=None, error=None)
+    assert store.fleet.node_view("node1", ["www"])["www"].reported
+    assert not store.fleet.node_view("node2", ["www"])["www"].reported  # node2 reported nothing
+    store.fleet.report("node1", "www", fingerprint=None, verified_at=None, error="reload failed")
+    assert not store.fleet.node_view("node1", ["www"])["www"].reported
+
+
 def test_a_published_answer_is_served_until_withdrawn_or_expired(store: Any, clock: FakeClock) -> None:
     """Any node finds a published http-01 answer; it is gone once withdrawn, or after its expiry."""
     store.fleet.publish("tok1", "tok1.thumb", "www.example.test")

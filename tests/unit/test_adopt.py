@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives import serialization
 
 from certd.config import AcmeConfig, CertificateConfig, Config, DaemonConfig
 from certd.core.clock import FakeClock
+from certd.core.errors import StoreUnreachable
 from certd.core.events import EventBus, LifecycleEvent
 from certd.engine.manager import Manager
 from certd.store.memory import MemoryStore
@@ -54,6 +55,7 @@ class DyingEdges:
     store: Any
     die_at: set[int] = field(default_factory=set)
     switched: list[int] = field(default_factory=list)
+    lost_ack: set[int] = field(default_factory=set)  # commits the store takes and whose reply is lost
 
     def check_safe(self, cert: CertificateConfig) -> None:
         pass
@@ -84,6 +86,8 @@ class DyingEdges:
 
     def commit(self, version: int) -> None:
         self.store.set_current(CERT.name, version)
+        if version in self.lost_ack:
+            raise StoreUnreachable("PostgreSQL store: database unreachable: server closed the connection")
 
 
 @dataclass
@@ -174,3 +178,26 @@ def test_a_dead_nodes_failed_rotation_is_not_adopted(tmp_path: Path, fleet: tupl
     assert two.manager.renew_one(CERT).result == "renewed"
     assert ca.orders == 3 and data.desired("www") == 3
     assert data.load_rotation("node1", "www") is None
+
+
+def test_a_commit_whose_reply_was_lost_is_finished_and_audited_not_dropped(
+        tmp_path: Path, fleet: tuple[MemoryStore, CA, FakeClock]) -> None:
+    """node1's commit of version 2 reached the store but its reply did not (PostgreSQL stopping):
+    version 2 is desired, node1's journal stays short of ``committed`` and no 'renewed' was recorded.
+    node2, finishing what node1 left, rolls version 2 out and records the renewal, ordering
+    nothing; it used to drop that journal as stale ("version 2 is desired now"), and the fleet
+    soak counted fewer renewals than orders."""
+    data, ca, clock = fleet
+    one = node(tmp_path, data, ca, clock, "node1")
+    assert one.manager.renew_one(CERT, force=True).result == "renewed"
+    clock.advance(timedelta(days=70).total_seconds())
+    one.edges.lost_ack.add(2)
+    assert one.manager.renew_one(CERT).result != "renewed"
+    raw = data.load_rotation("node1", "www")
+    assert data.desired("www") == 2 and raw is not None and raw["step"] != "committed"
+    two = node(tmp_path, data, ca, clock, "node2")
+    out = two.manager.resume_order(CERT, initiator="node=node2")
+    assert out.result == "renewed", out.message
+    assert ca.orders == 2, "one certificate per renewal"
+    assert [e.version for e in one.events + two.events if e.kind == "renewed"] == [1, 2]
+    assert data.load_rotation("node1", "www") is None and data.desired("www") == 2

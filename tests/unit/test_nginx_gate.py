@@ -129,3 +129,42 @@ def test_waiting_for_a_reload_gives_up_exactly_at_the_hook_deadline() -> None:
     release.set()
     stuck.join(10)
     assert log == ["reload start", "reload end"]
+
+
+def test_a_hook_whose_switch_a_finished_reload_covered_does_not_wait_for_later_switches() -> None:
+    """A reload that started after ``a``'s switch ends while another certificate switches: ``a``'s
+    hook is done at once. It used to wait for a moment with no switch at all, which a wave of
+    renewals and fleet applies (32 threads switching and reloading one nginx) did not give for
+    20 s (the fleet soak: applies served by nginx, still waiting in their reload hook)."""
+    gate, clock, log = NginxGate(), FakeClock(), []
+    started, release, in_b, hold_b = threading.Event(), threading.Event(), threading.Event(), threading.Event()
+    with gate.switch("a"):
+        pass
+    first = threading.Thread(target=reload, args=(gate, clock, "x", blocking_reload(log, started, release)))
+    first.start()
+    assert started.wait(10)
+    results: list[HookResult] = []
+    a = threading.Thread(target=lambda: results.append(reload(gate, clock, "a", ok_reload(log, "a's own"))))
+    a.start()
+    clock.until_waiting()  # a's hook waits for the reload that reads a's switch
+
+    def switch_b() -> None:
+        with gate.switch("b"):
+            in_b.set()
+            assert hold_b.wait(30)
+    b = threading.Thread(target=switch_b)
+    b.start()
+    with gate.cond:
+        assert gate.cond.wait_for(lambda: gate.waiting == 1, 10)
+    release.set()
+    first.join(10)
+    assert in_b.wait(10)  # b switches now, and stays in its switch
+    a.join(10)
+    try:
+        assert len(results) == 1 and results[0].ok and "already reloaded" in results[0].output
+    finally:
+        hold_b.set()
+        clock.advance(TIMEOUT)
+        a.join(10)
+        b.join(10)
+    assert log == ["reload start", "reload end"]

@@ -10,6 +10,8 @@ from cryptography.hazmat.primitives import serialization
 
 from certd.config import AcmeConfig, CertificateConfig, Config, DaemonConfig
 from certd.core.clock import FakeClock
+from certd.core.errors import StoreUnreachable
+from certd.core.events import EventBus, LifecycleEvent
 from certd.engine.manager import Manager
 from certd.store.memory import MemoryStore
 from tests.support.certs import make_leaf, shared_ca
@@ -56,3 +58,28 @@ def test_renew_and_rollback_over_memory_store(tmp_path: Path) -> None:
     assert ca.orders == 2 and not (tmp_path / "state").exists()  # nothing touched the disk
     lease = store.lease("www", "other", 60.0)  # every lock() was released
     assert lease.token == 4
+
+
+class StoreGoneAfterCommit(MemoryStore):
+    """A store whose database goes away right after a renewal commits (prune is the next write)."""
+
+    def prune(self, *args: Any, **kwargs: Any) -> list[int]:
+        raise StoreUnreachable("PostgreSQL store: database unreachable: no connection within 5 s")
+
+
+def test_a_committed_renewal_is_audited_even_when_the_store_fails_right_after(tmp_path: Path) -> None:
+    """The fleet soak lost a 'renewed' record (99 for 100 committed renewals): PostgreSQL stopped
+    between the commit and the housekeeping that ran before the audit record (pruning old
+    versions), so the record of a renewal that did happen was never written."""
+    clock = FakeClock(datetime.now(timezone.utc))
+    store = StoreGoneAfterCommit(clock=clock, node="host1")
+    cfg = Config(tmp_path / "certd.toml", DaemonConfig(state_dir=tmp_path / "state"),
+                 AcmeConfig("https://127.0.0.1:14000/dir"), (CERT,))
+    events = EventBus()
+    seen: list[LifecycleEvent] = []
+    events.subscribe(seen.append)
+    m = Manager(cfg, store=store, issuer=SigningCA(), clock=clock, events=events)  # type: ignore[arg-type]
+    m.renew_one(CERT, force=True)  # the first issuance
+    m.renew_one(CERT, force=True)
+    assert store.desired("www") == 2  # both committed
+    assert [e.version for e in seen if e.kind == "renewed"] == [1, 2]
