@@ -16,7 +16,7 @@ import pytest
 
 from certd.config import AcmeConfig, CertificateConfig, Config, DaemonConfig, DeployConfig, ReloadHook
 from certd.core.clock import FakeClock
-from certd.core.errors import UsageError
+from certd.core.errors import StoreUnreachable, UsageError
 from certd.core.events import EventBus, LifecycleEvent
 from certd.core.release import Effect, Rollout, State, open_release
 from certd.crypto.custody import FileKek, KeyRing
@@ -281,3 +281,24 @@ def test_a_node_that_does_not_release_the_certificate_is_neither_canary_nor_awai
     node.fleet.releases.drive(cert)  # promoted -> fleet -> done: node0 is not awaited
     r = node.store.releases.get("www")
     assert r.state == State.DONE and node.store.desired("www") == 2
+
+
+def test_a_canary_that_cannot_reach_the_database_does_not_fail_the_release(node: Node, monkeypatch) -> None:
+    """The database out of reach while a canary applies says nothing about the version: no
+    failure is reported to the release (it would abort and mark a good version bad — the
+    releases soak saw a 6 s PostgreSQL restart do that to 16 versions); the next try reports."""
+    cert = replace(node.cert, rollout=Rollout(canaries=1))
+    lease = node.store.lease("www", "driver", TTL)
+    r = replace(open_release("www", 2, 1, node.clock.now()), state=State.CANARY, canaries=("node1",))
+    node.store.releases.open(r, lease=lease)
+    node.store.release(lease)
+    real = node.store.load
+
+    def unreachable(*args, **kw):
+        raise StoreUnreachable("PostgreSQL store: database unreachable: no connection within 5 s")
+    monkeypatch.setattr(node.store, "load", unreachable)
+    node.fleet.apply(cert, 2, 1)
+    assert node.serving() == 1 and node.store.releases.reports("www", 2) == {}
+    monkeypatch.setattr(node.store, "load", real)
+    node.fleet.apply(cert, 2, 1)
+    assert node.serving() == 2 and node.store.releases.reports("www", 2)["node1"].ok
