@@ -13,7 +13,7 @@ report (served fingerprint, verified at, last error) that ``certd status --fleet
 
 After the applies, a node that serves the desired version destroys its own copies of the
 certificate's compromised keys (keyCompromise; :func:`certd.engine.compromise.destroy_on_node`)
-and the pass records the fleet-wide completion of a compromised key no live node holds any more
+and the pass records the fleet-wide completion of a compromised key no node holds any more
 (:func:`certd.engine.compromise.fleet_completion`).
 
 A failure is reported (``last_error``), audited (``node_applied``, outcome ``failed``), the
@@ -222,7 +222,7 @@ class FleetNode:
         """keyCompromise (certd/engine/compromise.py): once this node serves the desired version
         (applied and verified, not failing), destroy its own copies of the certificate's other
         compromised keys and record it; then record the fleet-wide completion of any compromised
-        key that no live node holds any more (one query each when there is nothing to do)."""
+        key that no node (live or not, until removed) holds any more (one query each when there is nothing to do)."""
         book, ports = self.store.compromises, self.manager.ports
         for name, spkis in book.pending(config.names).items():
             applied = self.store.applied(self.node, name)

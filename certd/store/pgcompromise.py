@@ -18,7 +18,7 @@ must not be said over it (it was, for nodes outside the live window: review). It
 itself when it is back, or an operator removes it. A node records destroying only after it
 serves a version with another key, so "destroyed" also says "moved off".
 
-**Completion** (:meth:`CompromiseBook.complete`): when no live node holds the key and no stored
+**Completion** (:meth:`CompromiseBook.complete`): when no node holds the key and no stored
 version keeps a sealed copy of it, a row in ``certd_key_compromise_done`` is claimed with
 ``INSERT ... ON CONFLICT DO NOTHING`` and, in the same transaction, the ``key_compromise_complete``
 audit record is chained with a spool id naming the key: whichever node's pass (or waiting
