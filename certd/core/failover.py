@@ -69,7 +69,8 @@ def after_failure(error: BaseException, tries: int, now: datetime, emergency: da
 
     ``emergency`` is the current certificate's emergency point (None: no certificate yet, so
     nothing is served and any wait is too long); ``held_failures`` counts this CA's refusals in
-    a row (its hold schedule, :func:`certd.core.retry.hold_delay`)."""
+    a row as :func:`certd.core.retry.count_after` counts them (its hold schedule,
+    :func:`certd.core.retry.hold_delay`)."""
     rule = retry.rule_for(getattr(error, "problem_type", None), getattr(error, "where", None))
     problem = retry.short(getattr(error, "problem_type", None))
     if rule.kind == retry.HELD:

@@ -12,6 +12,13 @@ A CA's answer says what kind of failure it was, and each kind waits differently:
   failed-validation limit (Let's Encrypt: 5 per name per account per hour), so the next try
   waits 20 min, then 1 h, 2 h, 4 h ... capped at 24 h, whatever the certificate's time left.
   ``certd renew --force NAME`` is how an operator says "fixed, try now".
+  One held failure is retried once early: ``connection`` at the challenge (the CA could not
+  connect, or read EOF) is the one failed validation that a restart, a deploy or a node dying
+  while the CA's request was on it produces by itself — in a fleet another node would have
+  answered. Its rule says ``retry_first``: the first refusal of a row waits
+  :data:`FIRST_RETRY` (30 s, as certmagic retries within a minute; one more failed validation
+  is well inside the CA's limit) and counts 0 on the schedule, so a second refusal in a row, of
+  any held kind, holds 20 min and the schedule goes on from there.
 
 The table :data:`RULES` maps (problem type, where it happened) to a kind, each row citing the
 RFC section that defines the problem. A problem not in the table keeps today's backoff.
@@ -33,6 +40,8 @@ PREFIX = "urn:ietf:params:acme:error:"
 #: The held schedule: 20 min after the first refusal, then 1 h doubling to a 24 h cap.
 HOLD_FIRST = timedelta(minutes=20)
 HOLD_CAP = timedelta(hours=24)
+#: The early retry of a row started by a rule with ``retry_first`` (count 0 on the schedule).
+FIRST_RETRY = timedelta(seconds=30)
 
 
 @dataclass(frozen=True)
@@ -40,6 +49,7 @@ class Rule:
     kind: str
     cite: str          # where the problem type is defined
     fix: str = ""      # what an operator does about it (held only)
+    retry_first: bool = False  # held only: a row it starts is retried after FIRST_RETRY, then held
 
 
 _VALIDATION_FIX = "fix what the CA could not validate (DNS records, firewall, challenge responder)"
@@ -80,7 +90,8 @@ RULES: dict[tuple[str, str | None], Rule] = {
                                    "set profile to one the CA offers, or use preferred_profile"),
     # held: failed validations (each counts against the CA's failed-validation limit)
     ("dns", CHALLENGE): Rule(HELD, "RFC 8555 §6.7 dns", _VALIDATION_FIX),
-    ("connection", CHALLENGE): Rule(HELD, "RFC 8555 §6.7 connection", _VALIDATION_FIX),
+    # a restart, a deploy or a dying node (another would have answered) produces this by itself
+    ("connection", CHALLENGE): Rule(HELD, "RFC 8555 §6.7 connection", _VALIDATION_FIX, retry_first=True),
     ("incorrectResponse", CHALLENGE): Rule(HELD, "RFC 8555 §6.7 incorrectResponse", _VALIDATION_FIX),
     ("tls", CHALLENGE): Rule(HELD, "RFC 8555 §6.7 tls", _VALIDATION_FIX),
     ("unauthorized", CHALLENGE): Rule(HELD, "RFC 8555 §6.7 unauthorized", _VALIDATION_FIX),
@@ -104,9 +115,22 @@ def rule_for(problem_type: str | None, where: str | None) -> Rule:
     return RULES.get((code, where)) or RULES.get((code, None)) or _DEFAULT
 
 
+def count_after(rule: Rule, previous_kind: str | None, previous_count: int) -> int:
+    """The failures of ``rule.kind`` in a row once a failure under ``rule`` is counted, the one
+    before being of ``previous_kind`` (None: none since the last success), ``previous_count`` of
+    them in a row. A held row started by a rule with ``retry_first`` counts 0 (its wait is
+    :data:`FIRST_RETRY`); the next held refusal in a row counts 1 (20 min), and so on."""
+    if previous_kind == rule.kind:
+        return previous_count + 1
+    return 0 if rule.retry_first else 1
+
+
 def hold_delay(held_failures: int) -> timedelta:
-    """How long the ``held_failures``-th refusal in a row holds: 20 min, 1 h, 2 h, 4 h ... 24 h."""
-    if held_failures <= 1:
+    """How long the ``held_failures``-th refusal in a row holds: 20 min, 1 h, 2 h, 4 h ... 24 h;
+    0 (a row started by a ``retry_first`` rule, see :func:`count_after`): :data:`FIRST_RETRY`."""
+    if held_failures <= 0:
+        return FIRST_RETRY
+    if held_failures == 1:
         return HOLD_FIRST
     return min(timedelta(hours=2 ** (held_failures - 2)), HOLD_CAP)
 

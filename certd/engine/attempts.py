@@ -29,7 +29,7 @@ class CertState:
     ari: dict[str, Any] | None = None          # {"serial", "start", "end", "retry_after"}
     # the last failure's kind (see certd.core.retry and certd.engine.attempts) and the earliest next try
     failure_kind: str | None = None
-    kind_failures: int = 0                     # failures of that kind in a row
+    kind_failures: int = 0                     # failures of that kind in a row (retry.count_after)
     problem: str | None = None                 # the CA's problem type (short form), if any
     retry_after: str | None = None             # ISO 8601: no attempt before (held, rate_limited)
     fix: str | None = None                     # what an operator does about a hold
@@ -64,8 +64,7 @@ def note_failure(state: CertState, error: BaseException | None, now: datetime, b
     """Record the kind of a failure in ``state`` (the caller counts ``state.failures``) and
     when the next try may come; returns the rule that applied."""
     rule = classify(error)
-    same = state.failure_kind == rule.kind
-    state.kind_failures = (state.kind_failures + 1) if same else 1
+    state.kind_failures = retry.count_after(rule, state.failure_kind, state.kind_failures)
     state.failure_kind = rule.kind
     state.problem = retry.short(getattr(error, "problem_type", None))
     ra_seconds = getattr(error, "retry_after", None)

@@ -22,7 +22,7 @@ from certd.config import AcmeConfig, CertificateConfig
 from certd.core import failover, policy, retry
 from certd.core.clock import isoformat
 from certd.core.errors import AcmeError, CANotReachable, OperationFailed
-from certd.engine.attempts import CertState
+from certd.engine.attempts import CertState, classify
 from certd.engine.orders import Issued, Orders
 from certd.engine.ports import Ports, Say
 from certd.ops.log import event
@@ -152,7 +152,7 @@ class Failover:
             except OperationFailed as e:
                 self.orders.failed(cert.name, e)
                 before = waits.get(ca.name) or {}
-                count = int(before.get("count", 0)) + 1 if before.get("kind") == retry.HELD else 1
+                count = retry.count_after(classify(e), before.get("kind"), int(before.get("count", 0)))
                 step = failover.after_failure(e, tries, self.ports.clock.now(), emergency, held_failures=count)
                 if step.action == failover.RETRY and not last:
                     say(f"CA {ca.name} {step.reason}; asking it again")

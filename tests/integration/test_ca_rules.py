@@ -4,7 +4,8 @@ tests.support.hostile_ca proxy, which counts orders and answers what Pebble cann
 - a name on Pebble's ``domainBlocklist`` (``rejectedIdentifier``, a permanent refusal) under
   ``certd run``: one order, then the certificate is ``held``, its status saying why, when the
   next try is and how to try now — while a rate-limited certificate in the same daemon waits
-  out ``Retry-After`` and is then issued;
+  out ``Retry-After`` and is then issued, and one whose name resolves where nothing listens
+  (Pebble's validation fails with ``connection``) is ordered again 30 s later, then held 20 min;
 - 90 % of nonces rejected: ``renew --all`` of 5 certificates still succeeds;
 - an account registration whose answer was lost (the CA knows the key, the state has a stale
   account URL) heals on the next renewal;
@@ -13,6 +14,7 @@ tests.support.hostile_ca proxy, which counts orders and answers what Pebble cann
 
 from __future__ import annotations
 
+import datetime as dt
 import time
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,9 @@ from tests.support.procs import wait_until
 
 BLOCKED = "blocked.example.test"
 LIMITED = "limited.example.test"
+UNREACHABLE = "unreachable.example.test"   # resolves to 127.0.0.2: the responder is on 127.0.0.1
 RETRY_AFTER = 30
+FIRST_RETRY = 30  # certd.core.retry.FIRST_RETRY: a first `connection` failure is retried after it
 WATCH = 60.0   # seconds the daemon runs with the refused certificate
 
 
@@ -38,15 +42,19 @@ def orders_for(ca: HostileCA, name: str) -> list[float]:
 
 def test_a_refused_name_is_held_and_a_rate_limited_one_waits_for_retry_after(
         tmp_path: Path, pebble_factory: Any) -> None:
-    """One daemon, two certificates: the blocklisted one gets exactly one order in a minute and
+    """One daemon, three certificates: the blocklisted one gets exactly one order in a minute and
     says held / why / what to do; the rate-limited one places no order before Retry-After,
-    then is issued."""
+    then is issued; the one Pebble cannot connect to (`connection`, as when the node answering
+    the CA's validation is killed) is ordered again 30 s later, not 20 min, and the second
+    `connection` in a row holds it 20 min."""
     peb = pebble_factory(config={"domainBlocklist": [BLOCKED]})
     ca = HostileCA(peb, tmp_path).start()
     ca.rate_limited, ca.rate_limited_name, ca.rate_limited_count = RETRY_AFTER, LIMITED, 1
     env = CertdEnv(tmp_path, peb)
     env.acme_extra["directory"] = ca.directory_url
-    env.write_config([env.http_cert("blocked", [BLOCKED]), env.http_cert("limited", [LIMITED])])
+    peb.add_a(UNREACHABLE, ["127.0.0.2"])
+    env.write_config([env.http_cert("blocked", [BLOCKED]), env.http_cert("limited", [LIMITED]),
+                      env.http_cert("unreachable", [UNREACHABLE])])
     try:
         daemon = env.start_daemon()
         started = time.monotonic()
@@ -69,8 +77,18 @@ def test_a_refused_name_is_held_and_a_rate_limited_one_waits_for_retry_after(
         first, second = orders_for(ca, LIMITED)[:2]
         assert second - first >= RETRY_AFTER - 0.5, (first, second)
 
+        wait_until(lambda: len(orders_for(ca, UNREACHABLE)) >= 2 and env.status()["unreachable"]["failures"] >= 2,
+                   timeout=FIRST_RETRY + 20, what="unreachable ordered again after its first connection failure")
+        first, second = orders_for(ca, UNREACHABLE)[:2]
+        assert FIRST_RETRY - 0.5 <= second - first < FIRST_RETRY + 15, (first, second)
+        row = env.status()["unreachable"]
+        assert (row["state"], row["problem"]) == ("held", "connection"), row
+        held_for = dt.datetime.fromisoformat(row["retry_after"].replace("Z", "+00:00")) - dt.datetime.now(dt.timezone.utc)
+        assert dt.timedelta(minutes=19) < held_for <= dt.timedelta(minutes=20, seconds=1), row  # to the second
+
         wait_until(lambda: time.monotonic() - started >= WATCH, timeout=WATCH + 5, what="a minute of certd run")
         assert len(orders_for(ca, BLOCKED)) == 1, ca.new_orders
+        assert len(orders_for(ca, UNREACHABLE)) == 2, ca.new_orders
         assert env.status()["blocked"]["state"] == "held"
         metrics_ok = daemon.alive
         daemon.stop(timeout=30)

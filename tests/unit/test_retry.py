@@ -75,6 +75,31 @@ def test_held_waits_20_minutes_then_doubles_from_an_hour_to_a_day() -> None:
     assert sum(1 for x in tries if x < NOW + timedelta(hours=1)) <= 3
 
 
+def test_a_first_connection_failure_is_retried_after_30_s_then_held_on_the_usual_schedule() -> None:
+    """A row of held refusals started by `connection` at the challenge: 30 s, then 20 min, 1 h ...;
+    one started by another held kind keeps 20 min, 1 h, even when `connection` comes second."""
+    conn = retry.rule_for(URN + "connection", retry.CHALLENGE)
+    wrong = retry.rule_for(URN + "incorrectResponse", retry.CHALLENGE)
+
+    def waits(rules: list[retry.Rule]) -> list[timedelta]:
+        kind, count, out = None, 0, []
+        for rule in rules:
+            count, kind = retry.count_after(rule, kind, count), rule.kind
+            out.append(retry.next_allowed(kind, count, NOW, timedelta(seconds=1)) - NOW)
+        return out
+
+    assert waits([conn, conn, conn, conn]) == [timedelta(seconds=30), timedelta(minutes=20), timedelta(hours=1),
+                                               timedelta(hours=2)]
+    assert waits([conn, wrong, conn]) == [timedelta(seconds=30), timedelta(minutes=20), timedelta(hours=1)]
+    assert waits([wrong, conn, conn]) == [timedelta(minutes=20), timedelta(hours=1), timedelta(hours=2)]
+    transient = retry.rule_for(None, None)
+    assert waits([conn, transient, conn])[2] == timedelta(seconds=30)   # another kind ended the row
+    assert [r for r in retry.RULES.values() if r.retry_first] == [conn]  # the one early retry
+    # still at most 3 tries per name in the first hour (Let's Encrypt allows 5 failed validations)
+    tries = [NOW + sum(waits([conn] * n), timedelta()) for n in range(4)]
+    assert sum(1 for x in tries if x < NOW + timedelta(hours=1)) == 3
+
+
 def test_rate_limited_waits_for_retry_after_and_for_the_backoff() -> None:
     b = timedelta(minutes=2)
     assert retry.next_allowed(retry.RATE_LIMITED, 1, NOW, b, NOW + timedelta(seconds=30)) == NOW + b
@@ -162,6 +187,25 @@ def test_the_emergency_point_never_cuts_a_hold_below_20_minutes(tmp_path: Path) 
     assert m.renew_one(CERT).result == "not_due" and ca.orders == 1
     clock.advance(timedelta(minutes=1, seconds=1))
     assert m.renew_one(CERT).result == "failed" and ca.orders == 2
+
+
+def test_a_connection_failure_is_retried_after_30_s_and_a_second_one_holds_20_minutes(tmp_path: Path) -> None:
+    """The CA saw EOF from a node killed under its validation (`connection`): status says held
+    until 30 s later, not 20 min; the retry then goes out, and a second `connection` in a row
+    holds 20 min."""
+    clock, ca = FakeClock(NOW), RefusingCA(refusal("connection", retry.CHALLENGE))
+    m, _ = make(tmp_path, clock, ca)
+    assert m.renew_one(CERT).result == "failed" and ca.orders == 1
+    row = m.status(CERT)
+    assert (row["state"], row["problem"]) == ("held", "connection")
+    assert row["retry_after"] == isoformat(NOW + timedelta(seconds=30))
+    clock.advance(29)
+    assert m.renew_one(CERT).result == "not_due" and ca.orders == 1
+    clock.advance(2)
+    assert m.renew_one(CERT).result == "failed" and ca.orders == 2
+    assert m.status(CERT)["retry_after"] == isoformat(clock.now() + timedelta(minutes=20))
+    clock.advance(timedelta(minutes=19))
+    assert m.renew_one(CERT).result == "not_due" and ca.orders == 2
 
 
 def test_rate_limited_is_not_retried_before_retry_after(tmp_path: Path) -> None:
