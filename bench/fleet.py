@@ -25,7 +25,14 @@ per renewal and as p50/p95 (audit times): release opened -> promoted (the canary
 promoted -> done (the fleet step), opened -> done (canary to fleet), and opened -> every node
 serving it (the prober); "convergence" is then counted from the release's opening.
 
-Usage: .venv/bin/python bench/fleet.py [--renewals N] [--rollout TOML]   (or: bash bench/run.sh --only fleet)
+``--wave N`` (with ``--rollout``) adds N certificates to every node (``wave1`` ..., each in a
+server block of the node's nginx, reloaded and verified by handshake as in the fleet soak) and,
+once all are issued, force-renews them all in one ``certd renew`` on node1: N releases open within seconds
+of each other, as a renewal wave does in the fleet soak. Printed: the same release steps over
+the N releases (audit times), p50/p95/max.
+
+Usage: .venv/bin/python bench/fleet.py [--renewals N] [--rollout TOML] [--wave N]
+       (or: bash bench/run.sh --only fleet)
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from soak import DOMAIN, nginx_server_blocks  # noqa: E402  (bench/, on the path as the script's directory)
 from tests.integration.test_faults import add_root  # noqa: E402
 from tests.support.hostile_ca import HostileCA  # noqa: E402
 from tests.support.pebble_fixtures import PebbleEnv  # noqa: E402
@@ -89,15 +97,24 @@ class Prober:
             self._stop.wait(PROBE_EVERY)
 
 
-def nginx_in(base: Path) -> Any:
-    """An nginx_factory (tests.support.server_fixtures) outside pytest: servers listed for stopping."""
+def nginx_in(base: Path, wave: int = 0) -> Any:
+    """An nginx_factory (tests.support.server_fixtures) outside pytest: servers listed for stopping.
+    With ``wave``, each also serves the wave certificates from ``<cert dir>/wave/<name>/``
+    (the placeholder until they are issued)."""
     servers: list[Any] = []
 
     def start(cert_path: Path, key_path: Path, *, server_name: str = "_") -> Any:
         workdir = Path(tempfile.mkdtemp(prefix="nginx-", dir=base))
-        server = _start_with_retries(lambda p: NginxServer(workdir, p, Path(cert_path), Path(key_path),
-                                                           server_name=server_name, extra="", extra_http=""),
-                                    None)
+        live = Path(cert_path).parent / "wave"
+        for name in wave_names(wave):
+            (live / name).mkdir(parents=True, mode=0o700)
+            (live / name / "fullchain.pem").write_bytes(Path(cert_path).read_bytes())
+            fd = os.open(live / name / "privkey.pem", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            os.write(fd, Path(key_path).read_bytes())
+            os.close(fd)
+        server = _start_with_retries(lambda p: NginxServer(
+            workdir, p, Path(cert_path), Path(key_path), server_name=server_name, extra="",
+            extra_http=nginx_server_blocks(["www", *wave_names(wave)], p, live)), None)
         servers.append(server)
         return server
 
@@ -110,9 +127,10 @@ def stop_all(things: list[Any], method: str) -> None:
         getattr(thing, method)()
 
 
-def build(base: Path, stack: list[Any], rollout: str | None = None) -> Any:
+def build(base: Path, stack: list[Any], rollout: str | None = None, wave: int = 0) -> Any:
     """The three nodes (daemons started, version 1 served everywhere); ``stack``: what to stop.
-    ``rollout``: the body of a ``[certificate.rollout]`` table every node gets."""
+    ``rollout``: the body of a ``[certificate.rollout]`` table every node gets; ``wave``: how
+    many ``wave<i>`` certificates each node adds (:func:`wave_tables`)."""
     cluster = start_cluster()
     stack.append(cluster.destroy)
     peb = PebbleEnv(base / "pebble")
@@ -126,7 +144,7 @@ def build(base: Path, stack: list[Any], rollout: str | None = None) -> Any:
     fd = os.open(kek, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     os.write(fd, os.urandom(32))
     os.close(fd)
-    nginx = nginx_in(base)
+    nginx = nginx_in(base, wave)
     stack.append(lambda: stop_all(nginx.servers, "stop"))
     test_ca = TestCA(base / "ca", "certd bench")
     dsn = cluster.database()
@@ -141,6 +159,7 @@ def build(base: Path, stack: list[Any], rollout: str | None = None) -> Any:
         if rollout is not None:  # the config's one [[certificate]] is its last table
             with node.env.config_path.open("a") as f:
                 f.write(f"[certificate.rollout]\n{rollout}\n")
+                f.write(wave_tables(wave, node, rollout, roots))
     proxy = RoundRobinProxy(("127.0.0.1", peb.http_port), [("127.0.0.1", n.http_port) for n in nodes]).start()
     stack.append(proxy.stop)
     fleet = Fleet(nodes, ca, proxy)
@@ -148,7 +167,54 @@ def build(base: Path, stack: list[Any], rollout: str | None = None) -> Any:
     for node in nodes:
         node.env.start_daemon()
     wait_until(lambda: fleet.converged(1), timeout=90, interval=0.5, what="every node serving version 1")
+    wait_until(lambda: all(fleet.store.desired(n) == 1 and all(fleet.store.applied(node.name, n) == 1 for node in nodes)
+                           for n in wave_names(wave)),
+               timeout=60 + 3 * wave, interval=0.5, what=f"the {wave} wave certificates applied everywhere")
     return fleet
+
+
+def wave_names(wave: int) -> list[str]:
+    return [f"wave{i}" for i in range(1, wave + 1)]
+
+
+def wave_tables(wave: int, node: Any, rollout: str, roots: Path) -> str:
+    """TOML for ``wave`` certificates on ``node``, as the fleet soak's: http-01 on its responder,
+    deployed to the files its nginx serves (:func:`nginx_in`), nginx reloaded, verified by
+    handshake, released with ``rollout``."""
+    out = []
+    for name in wave_names(wave):
+        files, domain = node.fullchain.parent / "wave" / name, DOMAIN.format(name=name)
+        out += ["[[certificate]]", f'name = "{name}"', f'domains = ["{domain}"]', 'challenge = "http-01"',
+                f'http01_listen = "127.0.0.1:{node.http_port}"', 'verify_timeout = "5s"', "[certificate.deploy]",
+                "[[certificate.deploy.files]]", f'path = "{files / "fullchain.pem"}"', 'content = "fullchain"',
+                "[[certificate.deploy.files]]", f'path = "{files / "privkey.pem"}"', 'content = "privkey"',
+                "[[certificate.reload]]", 'hook = "nginx"', f'config = "{node.server.config}"',
+                "[[certificate.verify]]", f'endpoint = "127.0.0.1:{node.server.port}"', f'sni = "{domain}"',
+                f'ca_bundle = "{roots}"', "[certificate.rollout]", rollout, ""]
+    return "\n".join(out)
+
+
+def measure_wave(fleet: Any, wave: int) -> dict[str, list[float]]:
+    """Force-renew every wave certificate at once (one ``certd renew`` on node1) and return each
+    release's steps in seconds, once all are done."""
+    names = wave_names(wave)
+    started = time.time()
+    fleet.nodes[0].env.run("renew", *names, "--force", "--wait", "--ignore-duplicate-limit", "--reason",
+                           "fleet bench wave", check=0, timeout=600)
+    times: dict[str, dict[str, float]] = {}
+
+    def all_done() -> bool:
+        times.update({n: t for n in names if n not in times
+                      and (t := release_times(fleet, 2, n, since=started)) is not None})
+        return len(times) == len(names)
+    wait_until(all_done, timeout=300, interval=1.0, what=f"the {wave} releases done")
+    steps: dict[str, list[float]] = {}
+    for (key, a, b) in (("opened -> promoted", "opened", "promoted"), ("promoted -> done", "promoted", "done"),
+                        ("opened -> done", "opened", "done")):
+        steps[key] = [t[b] - t[a] for t in times.values()]
+    opened = sorted(t["opened"] for t in times.values())
+    print(f"  {wave} releases opened within {opened[-1] - opened[0]:.1f} s of each other", flush=True)
+    return steps
 
 
 def measure(fleet: Any, renewals: int, released: bool) -> tuple[list[float], list[int], dict[str, list[float]]]:
@@ -192,14 +258,16 @@ def measure(fleet: Any, renewals: int, released: bool) -> tuple[list[float], lis
     return took, orders, steps
 
 
-def release_times(fleet: Any, version: int) -> dict[str, float] | None:
-    """Unix times of the release of ``version``: opened, promoted, done (audit records); None
-    until it is done."""
+def release_times(fleet: Any, version: int, name: str = "www", since: float = 0.0) -> dict[str, float] | None:
+    """Unix times of the release of ``version`` of ``name``: opened, promoted, done (audit
+    records after ``since``); None until it is done."""
     at: dict[str, float] = {}
     for r in fleet.store.audit.records:
-        if r["version"] != version:
+        if r["version"] != version or r.get("name", name) != name:
             continue
         when = datetime.fromisoformat(str(r["time"]).replace("Z", "+00:00")).timestamp()
+        if when < since:
+            continue
         if r["event"] == "release_opened":
             at["opened"] = when
         elif r["event"] == "release_step" and r["detail"].get("state") in ("promoted", "done"):
@@ -217,11 +285,22 @@ def main() -> int:
     ap.add_argument("--renewals", type=int, default=10)
     ap.add_argument("--rollout", metavar="TOML",
                     help="a [certificate.rollout] body for every node, e.g. 'canaries = 1': every renewal a release")
+    ap.add_argument("--wave", type=int, default=0, metavar="N",
+                    help="with --rollout: N more certificates per node, force-renewed at once (N releases together)")
     args = ap.parse_args()
+    if args.wave and not args.rollout:
+        ap.error("--wave needs --rollout")
     stack: list[Any] = []
     with tempfile.TemporaryDirectory(prefix="certd-fleet-bench-") as tmp:
         try:
-            fleet = build(Path(tmp), stack, args.rollout)
+            fleet = build(Path(tmp), stack, args.rollout, args.wave)
+            if args.wave:
+                print(f"fleet bench: 3 certd nodes, one PostgreSQL, Pebble; a wave of {args.wave} releases "
+                      f"([certificate.rollout] {args.rollout})", flush=True)
+                wave_steps = measure_wave(fleet, args.wave)
+                for key, values in wave_steps.items():
+                    print(f"wave release {key}: p50 {statistics.median(values):.3f} s, p95 {pct(values, 95):.3f} s, "
+                          f"max {max(values):.3f} s")
             print(f"fleet bench: 3 certd nodes (nginx each), one PostgreSQL, Pebble; {args.renewals} forced renewals"
                   + (f", each a release ([certificate.rollout] {args.rollout})" if args.rollout else ""))
             took, orders, steps = measure(fleet, args.renewals, args.rollout is not None)
