@@ -153,7 +153,8 @@ class FleetNode:
                           hint="this node was removed with `certd nodes remove`; its reports do not count")
                 self._said_removed = removed
                 if sub is None:
-                    sub = self.store.subscribe([c.name for c in self._config().certificates])
+                    # every notified name wakes the pass: a release step or report moves a release on
+                    sub = self.store.subscribe([c.name for c in self._config().certificates], notified=True)
                 self.reconcile()
                 self._wait(sub)
             except CertdError as e:
@@ -180,8 +181,9 @@ class FleetNode:
                 return
 
     def reconcile(self) -> None:
-        """One pass: finish orders whose node stopped; apply every configured certificate's
-        desired version where it differs."""
+        """One pass: finish orders whose node stopped; move on the releases that are due
+        (:meth:`ReleaseDriver.drive_due`); apply every configured certificate's desired version
+        where it differs."""
         config = self._config()
         for name in self.store.fleet.orphaned_orders(config.names):
             with self._finishing_lock:
@@ -193,15 +195,15 @@ class FleetNode:
         reports: list[tuple[CertificateConfig, int]] = []
         now = self.manager.clock.monotonic()
         self.releases.publish(config.certificates)  # which of its certificates this node can prove
+        # [certificate.rollout]: move on the releases that are due, if this node may; read the
+        # desired versions after (a release may have moved them)
+        if self.releases.drive_due(config.certificates)[1]:
+            self._busy = True  # another node held a lease: look again shortly
         views = self.store.fleet.node_view(self.node, config.names)
         for cert in config.certificates:
             if self._stop.is_set():
                 return
             view = views.get(cert.name)
-            if cert.rollout is not None:
-                if self.releases.drive(cert):  # [certificate.rollout]: move its release on, if this node may
-                    self._busy = True  # another node held the lease: look again shortly
-                view = None  # the release may have moved the desired version: read it again
             if view is None:
                 view = self.store.fleet.node_view(self.node, [cert.name])[cert.name]
             applied = view.applied

@@ -7,6 +7,14 @@ its effect (moving desired, marking the version bad) in the same transaction. A 
 not get the lease skips: someone else is driving, or renewing. So any live node can finish a
 release whose opener died, and a node cut off from the database cannot move it.
 
+**Which releases a pass drives** (:meth:`ReleaseDriver.drive_due`): those whose release row,
+reports, hold, desired version or version marks changed since this node last drove them (one
+query digests them all, :meth:`certd.store.pgrelease.ReleaseBook.marks`), those whose lease was
+busy, and every unfinished one once a reconcile interval — the clock (``fleet_timeout``) and
+which nodes are live change without a write. Driving every open release in turn at every pass
+(a lease, ~10 queries each) made a pass under a wave of 50 releases so slow that a release
+moved about one step per pass: canary -> fleet 42 s p50 in the fleet soak, 3.6 s alone.
+
 **What a node deploys** (:meth:`ReleaseDriver.target`): the release's version while it is a
 canary of a release at its canary step, else the desired version; never a version that may not
 be deployed (:func:`certd.engine.releases.deploy_refusal`: marked bad, revoked, key compromised),
@@ -42,10 +50,35 @@ class ReleaseDriver:
         self.manager, self.store, self.node, self._interval = manager, store, store.node, interval
         self._published: dict[str, bool] | None = None  # what publish() last said
         self._passes = 0  # since publish() last wrote
+        self._driven: dict[str, str] = {}  # name -> the release's mark when this node last drove it
+        self._sweep_at = float("-inf")  # monotonic time of the next drive of every unfinished release
 
     def live_within(self) -> float:
         """Seconds since its last heartbeat within which a node counts as live (:func:`live_window`)."""
         return live_window(self._interval())
+
+    def drive_due(self, certs: Sequence[CertificateConfig]) -> tuple[set[str], bool]:
+        """Drive the releases of ``certs`` that are due (the module's text): the names driven
+        (their desired version may have moved) and whether a lease was busy (the caller looks
+        again soon)."""
+        rolled = {c.name: c for c in certs if c.rollout is not None}
+        marks = self.store.releases.marks(sorted(rolled)) if rolled else {}
+        now = self.manager.clock.monotonic()
+        sweep = now >= self._sweep_at
+        if sweep:
+            self._sweep_at = now + self._interval()
+        self._driven = {n: m for n, m in self._driven.items() if n in marks}  # finished ones are forgotten
+        due = [n for n in sorted(marks) if sweep or self._driven.get(n) != marks[n]]
+        busy = False
+        for name in due:
+            if self.drive(rolled[name]):
+                busy = True
+                self._driven.pop(name, None)  # driven again at the next pass
+            else:
+                # the mark read before driving: a step recorded now moves it, so the next pass
+                # drives once more (the step after may be due at once)
+                self._driven[name] = marks[name]
+        return set(due), busy
 
     def drive(self, cert: CertificateConfig) -> bool:
         """Move ``cert``'s unfinished release on, if this node gets the lease now. True when

@@ -510,8 +510,9 @@ class PgStore:
 
     # -- change feed, audit, accounts --------------------------------------------------------
 
-    def subscribe(self, names: Collection[str] | None = None) -> PgSubscription:
-        return PgSubscription(self, names)
+    def subscribe(self, names: Collection[str] | None = None, *, notified: bool = False) -> PgSubscription:
+        """The desired versions' changes (``notified``: and every name notified, see pgfeed)."""
+        return PgSubscription(self, names, notified)
 
     @property
     def audit(self) -> PgAudit:

@@ -7,9 +7,12 @@ payload: the name; a notification is delivered at commit). While that connection
 subscription reads only the names notified, and everything only when the LISTEN (re)starts
 (notifications to a disconnected listener are lost) and every :data:`_RESYNC` seconds, a
 backstop for a writer that does not notify; the fleet's reconcile pass reads each certificate's
-desired version on its own interval anyway. Without the LISTEN connection it reads everything
-every :data:`_WAKE` seconds, as before. With a fake clock it polls through the clock, so a test
-never waits in real time.
+desired version on its own interval anyway. A subscription made with ``notified=True`` (the
+fleet's pass) also answers a name notified whose desired version did not move — a release step
+or a node's report on the release (certd/store/pgrelease.py notifies each) — with its unchanged
+version: the releases' drivers and canaries look at once, not at their next interval.
+Without the LISTEN connection it reads everything every :data:`_WAKE` seconds, as before. With a
+fake clock it polls through the clock, so a test never waits in real time.
 
 The audit log is ``certd_audit``: one row per record, each ``line`` exactly what
 :class:`certd.ops.audit.AuditLog` would append to ``audit.jsonl`` (same fields, same ``seq``,
@@ -58,9 +61,10 @@ class _Db(Protocol):
 class PgSubscription:
     """:class:`~certd.store.port.Subscription` on ``certd_desired`` (module essay: when it reads)."""
 
-    def __init__(self, store: _Db, names: Collection[str] | None) -> None:
+    def __init__(self, store: _Db, names: Collection[str] | None, notified: bool = False) -> None:
         self._store = store
         self._names = None if names is None else set(names)
+        self._every_notified = notified  # also a notified name whose desired version stayed
         self._closed = False
         self._fake = store.now_param() is not None  # a test's clock: poll through it, no LISTEN
         self._conn: psycopg.Connection[Any] | None = None
@@ -141,7 +145,8 @@ class PgSubscription:
         gone = (gone & set(self._seen)) - set(now)
         for name in gone:
             seen.pop(name, None)
-        found = [DesiredChange(n, v) for n, v in sorted(now.items()) if self._seen.get(n) != v]
+        found = [DesiredChange(n, v) for n, v in sorted(now.items())
+                 if self._seen.get(n) != v or (self._every_notified and n in notified)]
         found += [DesiredChange(n, None) for n in sorted(gone)]
         self._seen = seen
         return found

@@ -25,7 +25,7 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from certd.core.errors import StoreError
-from certd.core.release import BAD, Effect, Release, Report, State
+from certd.core.release import BAD, TERMINAL, Effect, Release, Report, State
 from certd.store.pgfleet import LIVE
 from certd.store.port import Lease
 
@@ -121,6 +121,24 @@ class ReleaseBook:
     def _save(cur: psycopg.Cursor[Any], release: Release) -> None:
         cur.execute("INSERT INTO certd_releases VALUES (%s, %s) ON CONFLICT (name) DO UPDATE SET body = EXCLUDED.body",
                     (release.name, Jsonb(release.to_json())))
+
+    def marks(self, names: Sequence[str]) -> dict[str, str]:
+        """Each of ``names`` with an unfinished release -> a digest of what the writes that
+        notify change about it: the release, the reports on its version, its hold, the desired
+        version, the version's meta (marked bad, revoked). One query for a whole pass: a driver
+        drives again only the releases whose digest moved (certd/daemon/releasing.py); what
+        changes unnotified — the clock (``fleet_timeout``), which nodes are live — it sweeps."""
+        version = "(r.body ->> 'version')::int"
+        return dict(self._db._all(
+            "SELECT r.name, md5(concat_ws('|', r.body::text, "  # each part COALESCEd: a missing one keeps its place
+            "COALESCE((SELECT string_agg(concat_ws(':', p.node, p.ok, p.at), ',' ORDER BY p.node) "
+            f"  FROM certd_release_reports p WHERE p.name = r.name AND p.version = {version}), ''), "
+            "COALESCE((SELECT h.at::text FROM certd_release_holds h WHERE h.name = r.name), ''), "
+            "COALESCE((SELECT d.version::text FROM certd_desired d WHERE d.name = r.name), ''), "
+            f"COALESCE((SELECT v.meta::text FROM certd_versions v WHERE v.name = r.name AND v.version = {version}), "
+            "''))) "
+            "FROM certd_releases r WHERE r.name = ANY(%s) AND NOT (r.body ->> 'state' = ANY(%s))",
+            (list(names), sorted(s.value for s in TERMINAL))))
 
     def bad(self, name: str, version: int) -> str | None:
         """Why ``version`` of ``name`` must never be deployed (marked bad), or None."""

@@ -302,3 +302,40 @@ def test_a_canary_that_cannot_reach_the_database_does_not_fail_the_release(node:
     monkeypatch.setattr(node.store, "load", real)
     node.fleet.apply(cert, 2, 1)
     assert node.serving() == 2 and node.store.releases.reports("www", 2)["node1"].ok
+
+
+
+def test_a_pass_drives_only_the_releases_that_changed_and_sweeps_them_all_each_interval(node: Node) -> None:
+    """A release waiting for its canary's report is not driven again at every pass (a lease and
+    ~10 queries each: under a wave of 50 a release moved one step per pass), only once its report
+    (or any notified write) changed it; the sweep each reconcile interval (30 s here) still drives
+    it, so fleet_timeout aborts a release whose canary never reports."""
+    cert = replace(node.cert, rollout=Rollout(canaries=1, fleet_timeout=10))
+    node.store.fleet.heartbeat("node1", "test")
+    node.fleet.releases.publish([cert])
+    drive = node.fleet.releases.drive_due
+    lease = node.store.lease("www", "opener", TTL)
+    node.store.releases.open(open_release("www", 2, 1, node.clock.now()), lease=lease)
+    node.store.release(lease)
+    assert drive([cert]) == ({"www"}, False)   # the first pass sweeps: issued -> canary node1
+    assert node.store.releases.get("www").state == State.CANARY
+    assert drive([cert]) == ({"www"}, False)   # the step it recorded moved the mark: once more
+    assert drive([cert]) == (set(), False)     # nothing changed since: not driven
+    node.fleet.apply(cert, 2, 1)               # the canary reports
+    assert drive([cert]) == ({"www"}, False)
+    assert node.store.releases.get("www").state == State.DONE
+
+    lease = node.store.lease("www", "opener", TTL)
+    node.store.add_version("www", make_bundle(), {}, lease=lease)
+    node.store.releases.open(open_release("www", 3, 2, node.clock.now()), lease=lease)
+    node.store.release(lease)
+    node.store.fleet.heartbeat("node2", "test")
+    node.store.releases.publish_verifies("node2", {"www": True})  # node2 proves it: the canary, silent
+    assert drive([cert]) == ({"www"}, False) and node.store.releases.get("www").canaries == ("node2",)
+    drive([cert])
+    node.clock.advance(11)                     # past fleet_timeout: nothing notified, not driven yet
+    assert drive([cert]) == (set(), False) and node.store.releases.get("www").state == State.CANARY
+    node.clock.advance(20)                     # the sweep
+    assert drive([cert]) == ({"www"}, False)
+    r = node.store.releases.get("www")
+    assert r.state == State.ABORTED and "did not verify within fleet_timeout" in r.reason

@@ -234,6 +234,23 @@ def test_an_idle_feed_does_not_read_the_desired_versions(opened):
         sub.close()
 
 
+def test_a_fleet_feed_also_wakes_on_a_release_report(opened):
+    """A node's report on a release moves no desired version: a plain subscriber sleeps on, the
+    fleet pass's (``notified=True``) wakes with the name and its unchanged version."""
+    a, b = opened("node1"), opened("node2")
+    lease = a.lease("www", "a", TTL)
+    a.add_version("www", make_bundle(), {}, lease=lease)
+    a.set_desired("www", 1, lease=lease)
+    plain, fleet = b.subscribe(), b.subscribe(notified=True)
+    try:
+        a.releases.report("www", 1, "node1", True, None)
+        assert fleet.changes(timeout=20.0) == [DesiredChange("www", 1)]
+        assert plain.changes(timeout=1.0) == []
+    finally:
+        plain.close()
+        fleet.close()
+
+
 def test_audit_rows_are_a_verifiable_hash_chain(opened, clock, postgres):
     """Records from two nodes form one chain (seq 1..n, each prev the hash of the line
     before); editing a row is found by verify()."""
