@@ -151,6 +151,13 @@ class OrderJournal:
     created: str
     meta: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def intent(self) -> bool:
+        """Journaled right before newOrder, with no order URL yet (empty): the order may exist
+        at the CA or not; a later attempt looks for it in the account's orders list
+        (:mod:`certd.acme.lookup`) rather than ordering again."""
+        return not self.order_url
+
 
 @dataclass(frozen=True)
 class Compromise:

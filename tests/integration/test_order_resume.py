@@ -3,7 +3,9 @@ tests.support.hostile_ca proxy (which counts the orders and finalizations the CA
 the next run resumes the journaled order instead of placing a second one, and nginx serves
 the certificate it yields.
 
-Two crash points (``CERTD_CRASH_AT``, certd/engine/orders.py): ``order_journaled`` — the order
+Three crash points (``CERTD_CRASH_AT``, certd/engine/orders.py): ``order_created`` — the CA
+accepted newOrder, its URL is not journaled (only the intent written before newOrder is: the
+next run finds the order in the account's orders list); ``order_journaled`` — the order
 exists and is journaled, no challenge answered, not finalized; ``order_finalized`` — the CA
 has issued and certd downloaded the chain, but no version is stored.
 """
@@ -35,7 +37,7 @@ def sites() -> Iterator[list[FaultSite]]:
         site.env.close()
 
 
-@pytest.mark.parametrize("point", ["order_journaled", "order_finalized"])
+@pytest.mark.parametrize("point", ["order_created", "order_journaled", "order_finalized"])
 def test_certd_killed_mid_order_resumes_it_and_the_ca_sees_one_order(
         tmp_path: Path, pebble_factory: Any, nginx_factory: Any, sites: list[FaultSite], point: str) -> None:
     """Killed mid-order, the next renew finishes that same order: one order and one issuance at the CA, served by nginx."""
@@ -58,6 +60,8 @@ def test_certd_killed_mid_order_resumes_it_and_the_ca_sees_one_order(
 
         r, _ = renew_forced(site, check=0)
         assert len(ca.orders_created) == orders + 1, "a second order was placed instead of resuming the first"
+        if point == "order_created":  # only the intent was journaled: the account's orders list named the order
+            assert "order for the journaled intent: https://" in r.stdout + r.stderr, r.stdout + r.stderr
         assert len(ca.finalized) == issued + 1
         row = site.stored()
         assert row["version"] == 2 and row["last_result"] == "success", row
