@@ -13,9 +13,11 @@ is cleared once the certificate is stored as a version, or once the order is kno
 The journal is best effort on the way in: if it cannot be written (a full disk), the order
 goes on, as before this journal existed; only a lost lease stops it.
 
-The journal is written once before that, right before newOrder (after the lease proof), as an
+The journal is written once before that, right before newOrder and with the lease proof
+(:meth:`certd.store.port.Store.prove_with_order`: one statement on PostgreSQL), as an
 *intent*: the names, the CA, the profile and the new key, with no order URL
-(:attr:`certd.store.port.OrderJournal.intent`). A process killed after the CA accepted newOrder
+(:attr:`certd.store.port.OrderJournal.intent`). A CA answering newOrder with a problem placed
+no order: the intent is cleared at once. A process killed after the CA accepted newOrder
 and before the URL was journaled (the fleet soak: 101 orders for 100 renewals) leaves that
 intent; the next attempt (this host after a restart, or in a fleet another node once the lease
 lapsed: the reconcile pass finds intents as it finds journals) looks the order up in the
@@ -38,8 +40,9 @@ from typing import Callable
 from certd.acme import resume
 from certd.config import AcmeConfig, CertificateConfig
 from certd.core.clock import isoformat
-from certd.core.errors import StoreError
+from certd.core.errors import AcmeError, StoreError
 from certd.core.model import spki_sha256
+from certd.core.retry import NEW_ORDER
 from certd.core.rotation import CRASH_ENV
 from certd.crypto import keys
 from certd.engine.lifecycle import VersionStatus
@@ -80,25 +83,32 @@ class Orders:
         key_pem = new_key()
         say(f"ordering from CA {ca.name}" + (f" (replaces {replaces})" if replaces else ""))
 
-        journaled = False
+        journaled = placed = False
         profile: str | None = None
         proving = self._proving(cert.name)
 
         def before(step: str) -> None:
             nonlocal journaled
-            proving(step)
-            if step == "newOrder":  # the intent: an order this attempt places can be found again
-                journaled = self._save(cert, ca, "", key_pem, replaces, cert.profile) or journaled
+            if step == "newOrder":  # the intent, with the lease proof: the order can be found again
+                journaled = self._intend(cert, ca, key_pem, replaces, proving) or journaled
+            else:
+                proving(step)
 
         def journal(order_url: str, asked: str | None = None) -> None:
-            nonlocal journaled, profile
+            nonlocal journaled, profile, placed
+            placed = True
             crash_at(CRASH_ORDERED)
             profile = asked
             journaled = self._save(cert, ca, order_url, key_pem, replaces, asked) or journaled
             crash_at(CRASH_JOURNALED)
 
-        fullchain = self.ports.issuer_at(ca.name).issue(cert, key_pem, replaces=replaces, progress=say,
-                                                        on_order=journal, before=before)
+        try:
+            fullchain = self.ports.issuer_at(ca.name).issue(cert, key_pem, replaces=replaces, progress=say,
+                                                            on_order=journal, before=before)
+        except AcmeError as e:
+            if journaled and not placed and e.problem_type and e.where == NEW_ORDER:
+                self._clear(cert.name)  # the CA answered newOrder with a problem: no order to find
+            raise
         crash_at(CRASH_FINALIZED)
         return Issued(fullchain, key_pem, replaces, journaled, profile, ca.name)
 
@@ -240,13 +250,34 @@ class Orders:
         return any(VersionStatus.from_meta(v.meta).key_compromised and v.info.spki_sha256 == spki
                    for v in (store.load_info(name, n) for n in store.versions(name)))
 
-    def _save(self, cert: CertificateConfig, ca: AcmeConfig, order_url: str, key_pem: bytes, replaces: str | None,
-              profile: str | None = None) -> bool:
-        """Store the journal; False (logged) when the store could not (best effort)."""
+    def _intend(self, cert: CertificateConfig, ca: AcmeConfig, key_pem: bytes, replaces: str | None,
+                proving: Callable[[str], None]) -> bool:
+        """Prove the lease and journal the order intent (no URL yet) in one store write, right
+        before newOrder; the intent is best effort (False, logged, and the proof made alone),
+        the proof is not (LeaseLost stops the order, as ``proving`` does)."""
+        intent = self._journal(cert, ca, "", key_pem, replaces, cert.profile)
+        try:
+            self.ports.store.prove_with_order(cert.name, intent)
+            return True
+        except LeaseLost as e:
+            event(log, "order_stopped", logging.ERROR, name=cert.name, step="newOrder", error=str(e))
+            raise
+        except StoreError as e:
+            event(log, "order_journal_unwritten", logging.WARNING, name=cert.name, order="(intent)", error=str(e))
+        proving("newOrder")
+        return False
+
+    def _journal(self, cert: CertificateConfig, ca: AcmeConfig, order_url: str, key_pem: bytes, replaces: str | None,
+                 profile: str | None) -> OrderJournal:
         meta = resume.journal_meta(ca.directory, cert.identifiers, replaces, cert.key_type)
         if profile is not None:
             meta["profile"] = profile
-        journal = OrderJournal(order_url, key_pem, isoformat(self.ports.clock.now()), meta)
+        return OrderJournal(order_url, key_pem, isoformat(self.ports.clock.now()), meta)
+
+    def _save(self, cert: CertificateConfig, ca: AcmeConfig, order_url: str, key_pem: bytes, replaces: str | None,
+              profile: str | None = None) -> bool:
+        """Store the journal; False (logged) when the store could not (best effort)."""
+        journal = self._journal(cert, ca, order_url, key_pem, replaces, profile)
         try:
             self.ports.store.save_order(cert.name, journal)
             return True

@@ -154,6 +154,11 @@ class FileStore(VersionFiles):
         if lease is not None:
             self._leases.check(lease)
 
+    def prove_with_order(self, name: str, order: OrderJournal) -> None:
+        """:meth:`check_lock`, then :meth:`save_order` (a local lease: nothing to save in combining them)."""
+        self.check_lock(name)
+        self.save_order(name, order)
+
     @contextmanager
     def _locked(self, name: str, timeout: float) -> Iterator[None]:
         owner = f"{self.node}:{os.getpid()}:{threading.get_ident()}"

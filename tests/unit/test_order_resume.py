@@ -18,6 +18,7 @@ from certd.core.clock import FakeClock
 from certd.core.errors import (AcmeError, CANotReachable, CertificateRejected, ChallengeFailed, OperationFailed,
                                StoreError)
 from certd.core.events import EventBus, LifecycleEvent
+from certd.core.retry import NEW_ORDER
 from certd.crypto import keys
 from certd.engine.lifecycle import compromised_meta
 from certd.engine.outcome import RenewRequest, Result
@@ -117,6 +118,7 @@ class OrderingCA:
         self.store: FileStore | None = None
         self.key_mode = 0
         self.lose_reply = False           # newOrder accepted, its reply lost (the process dies there)
+        self.refusal: Exception | None = None   # the CA's answer to newOrder: a problem, no order
         self.listed: str | None = None    # what find_order answers for an intent
         self.lookups: list[bytes] = []    # the intent keys looked up
 
@@ -130,6 +132,8 @@ class OrderingCA:
         if before is not None:
             before("newOrder")
             self.journal_at_intent = self.store.load_order(cert.name)
+        if self.refusal is not None:
+            raise self.refusal
         url = f"https://ca.test/order/{len(self.new_orders) + 1}"
         self.new_orders.append(url)
         if self.lose_reply:
@@ -375,3 +379,13 @@ def test_an_intent_without_a_profile_takes_an_order_with_any() -> None:
     """The intent named no profile (the CA's default, or a preferred one): the order's profile does not matter."""
     got = resume.pick_order([listed("a", profile="shortlived")], CERT.domains, None, NOW)
     assert got is not None and got.url == "a"
+
+
+def test_an_intent_the_ca_answered_with_a_problem_is_cleared_at_once(world: Any) -> None:
+    """newOrder refused (rate limited, transient): no order exists to find, so no intent is left for a lookup."""
+    renew, issuer, store = world
+    issuer.refusal = AcmeError("issuing www: the CA refused (rateLimited): too many orders; will retry later",
+                               problem_type="urn:ietf:params:acme:error:rateLimited", transient=True,
+                               where=NEW_ORDER)
+    assert renew(RenewRequest(CERT)).result is Result.FAILED
+    assert issuer.journal_at_intent is not None and store.load_order("www") is None
