@@ -12,6 +12,7 @@ has issued and certd downloaded the chain, but no version is stored.
 
 from __future__ import annotations
 
+import json
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -61,7 +62,9 @@ def test_certd_killed_mid_order_resumes_it_and_the_ca_sees_one_order(
         r, _ = renew_forced(site, check=0)
         assert len(ca.orders_created) == orders + 1, "a second order was placed instead of resuming the first"
         if point == "order_created":  # only the intent was journaled: the account's orders list named the order
-            assert "order for the journaled intent: https://" in r.stdout + r.stderr, r.stdout + r.stderr
+            audit = [json.loads(line) for line in (site.env.state_dir / "audit.jsonl").read_text().splitlines()]
+            (found,) = [a for a in audit if a["event"] == "order_intent"]
+            assert found["outcome"] == "found" and found["detail"]["order"].startswith("https://"), found
         assert len(ca.finalized) == issued + 1
         row = site.stored()
         assert row["version"] == 2 and row["last_result"] == "success", row
