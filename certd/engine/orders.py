@@ -40,7 +40,7 @@ from typing import Callable
 from certd.acme import resume
 from certd.config import AcmeConfig, CertificateConfig
 from certd.core.clock import isoformat
-from certd.core.errors import AcmeError, StoreError
+from certd.core.errors import AcmeError, StoreError, StoreUnreachable
 from certd.core.model import spki_sha256
 from certd.core.retry import NEW_ORDER
 from certd.core.rotation import CRASH_ENV
@@ -262,6 +262,8 @@ class Orders:
         except LeaseLost as e:
             event(log, "order_stopped", logging.ERROR, name=cert.name, step="newOrder", error=str(e))
             raise
+        except StoreUnreachable:
+            raise  # the proof cannot be made either: the order stops here, as it always did
         except StoreError as e:
             event(log, "order_journal_unwritten", logging.WARNING, name=cert.name, order="(intent)", error=str(e))
         proving("newOrder")

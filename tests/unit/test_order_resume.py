@@ -16,7 +16,7 @@ from certd.acme.resume import Step, journal_meta, journal_mismatch, next_step, o
 from certd.config import AcmeConfig, CertificateConfig, Config, DaemonConfig
 from certd.core.clock import FakeClock
 from certd.core.errors import (AcmeError, CANotReachable, CertificateRejected, ChallengeFailed, OperationFailed,
-                               StoreError)
+                               StoreError, StoreUnreachable)
 from certd.core.events import EventBus, LifecycleEvent
 from certd.core.retry import NEW_ORDER
 from certd.crypto import keys
@@ -389,3 +389,29 @@ def test_an_intent_the_ca_answered_with_a_problem_is_cleared_at_once(world: Any)
                                where=NEW_ORDER)
     assert renew(RenewRequest(CERT)).result is Result.FAILED
     assert issuer.journal_at_intent is not None and store.load_order("www") is None
+
+
+class CutOffStore(FileStore):
+    """A FileStore whose intent write finds the database out of reach (as a fleet node's PgStore would)."""
+
+    proofs = 0
+
+    def prove_with_order(self, name: str, order: OrderJournal) -> None:
+        raise StoreUnreachable("PostgreSQL store: database unreachable: no connection within 5 s")
+
+    def check_lock(self, name: str) -> None:
+        self.proofs += 1
+        super().check_lock(name)
+
+
+def test_a_store_out_of_reach_before_new_order_stops_the_order_without_a_second_wait(tmp_path: Path,
+                                                                                      test_ca: CA) -> None:
+    """The intent's write cannot reach the store: no newOrder is sent, and the lease proof is not tried again alone."""
+    clock, store = FakeClock(NOW), CutOffStore(tmp_path / "state")
+    issuer = OrderingCA(test_ca)
+    issuer.store = store
+    config = Config(tmp_path / "certd.toml", DaemonConfig(state_dir=tmp_path / "state"), AcmeConfig(DIRECTORY), (CERT,))
+    ports = Ports(config, store, store, lambda: issuer, EventBus(), clock, FakeEdges(store))
+    o = Renew(ports, Planner(store, clock, lambda: issuer))(RenewRequest(CERT))
+    assert o.result is Result.FAILED and "unreachable" in o.message
+    assert issuer.new_orders == [] and store.proofs == 0
