@@ -63,8 +63,8 @@ def find(client: acme_client.ClientV2, identifiers: Collection[str], profile: st
             order = messages.Order.from_json(post_as_get(client, order_url).json())
         except _REFUSED:
             continue   # gone meanwhile
-        item = Listed(order_url, order.status.name, frozenset(str(i.value) for i in order.identifiers or ()),
-                      order.profile, order.expires)
+        item = Listed(order_url, getattr(order.status, "name", ""),
+                      frozenset(str(i.value) for i in order.identifiers or ()), order.profile, order.expires)
         if item.status == "valid" and order.certificate and downloads < MAX_DOWNLOADS \
                 and intent_matches(item, identifiers, profile):
             downloads += 1

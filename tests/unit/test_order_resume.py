@@ -6,12 +6,13 @@ from __future__ import annotations
 import stat
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from certd.acme import resume
+from certd.acme import lookup, resume
 from certd.acme.resume import Step, journal_meta, journal_mismatch, next_step, order_may_live
 from certd.config import AcmeConfig, CertificateConfig, Config, DaemonConfig
 from certd.core.clock import FakeClock
@@ -415,3 +416,32 @@ def test_a_store_out_of_reach_before_new_order_stops_the_order_without_a_second_
     o = Renew(ports, Planner(store, clock, lambda: issuer))(RenewRequest(CERT))
     assert o.result is Result.FAILED and "unreachable" in o.message
     assert issuer.new_orders == [] and store.proofs == 0
+
+
+class ListingNet:
+    """The account's orders list as a CA pages it: ``pages[url] = (orders, next url or None)``."""
+
+    def __init__(self, pages: dict[str, tuple[list[str], str | None]]) -> None:
+        self.pages, self.asked = pages, []
+
+    def post(self, url: str, obj: Any, new_nonce_url: str = "") -> Any:
+        self.asked.append(url)
+        orders, following = self.pages[url]
+        link = f'<{following}>;rel="next"' if following else ""
+        return SimpleNamespace(json=lambda: {"orders": orders}, headers={"Link": link})
+
+
+L = "https://ca.test/list-orderz/1"
+
+
+@pytest.mark.parametrize("pages,urls,asked", [
+    ({f"{L}/0": (["a", "b"], f"{L}/1"), f"{L}/1": (["c"], None)}, ["a", "b", "c"], 2),
+    ({f"{L}/0": (["a"], "/list-orderz/1/1"), f"{L}/1": (["b"], f"{L}/0")}, ["a", "b"], 2),  # relative; looping
+    ({f"{L}/{i}": ([f"o{i}"], f"{L}/{i + 1}") for i in range(30)}, [f"o{i}" for i in range(20)], 20),  # bounded
+])
+def test_the_orders_list_follows_next_links_within_bounds(pages: dict[str, Any], urls: list[str], asked: int) -> None:
+    """Pages are followed by rel="next" until none, a page seen before, or 20 pages."""
+    net = ListingNet(pages)
+    client: Any = SimpleNamespace(net=net, directory={"newNonce": "https://ca.test/nonce"})
+    assert lookup.listed_urls(client, f"{L}/0") == urls
+    assert len(net.asked) == asked
