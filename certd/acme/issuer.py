@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
+from typing import TypeVar
 
 from acme import client as acme_client
 from acme import messages
@@ -31,7 +32,7 @@ from cryptography import x509
 
 from certd.acme.account import Account, AccountStore
 from certd.acme.ari import RenewalInfo, ari_cert_id, askable_cert_id, fetch_renewal_info
-from certd.acme import persist
+from certd.acme import lookup, persist
 from certd.acme.order import OrderFlow, signed_post
 from certd.acme.problems import Failure, problem_code
 from certd.acme.solvers import solver_for
@@ -39,12 +40,14 @@ from certd.acme.transport import AcmeTransport, Network, Transport
 from certd.config import AcmeConfig, CertificateConfig
 from certd.core.clock import Clock
 from certd.core.errors import AcmeError, CANotReachable, ConfigError, StoreError
-from certd.core.model import split_pem_chain
-from certd.crypto.keys import make_csr
+from certd.core.model import spki_sha256, split_pem_chain
+from certd.crypto.keys import load_private_key, make_csr
 
 __all__ = ["AccountStore", "Issuer", "RenewalInfo", "ari_cert_id", "connect"]
 
 log = logging.getLogger("certd.issuer")  # a stable name: it is part of the log format
+
+T = TypeVar("T")
 
 ORDER_TIMEOUT = AcmeConfig.order_timeout   # default seconds for one whole order ([acme] order_timeout)
 
@@ -105,9 +108,26 @@ class Issuer:
         csr_pem = make_csr(key_pem, cert.identifiers)
         return self._ordering(cert, progress, lambda flow: flow.resume(order_url, csr_pem), before)
 
+    def find_order(self, cert: CertificateConfig, key_pem: bytes, *, profile: str | None = None,
+                   stored: Collection[str] = (), progress: Callable[[str], None] | None = None) -> str | None:
+        """The URL of the order an intent placed for ``cert``'s identifiers (and ``profile``,
+        when it names one) with ``key_pem``, found in the account's orders list
+        (:mod:`certd.acme.lookup`); None when the CA lists none (it has no list, or nothing
+        matches: the reason is logged). ``stored``: fingerprints of the certificates stored as
+        versions (a valid order for one of them is done, not ours to download). Failures as
+        :meth:`issue` (the CA unreachable: the intent is kept)."""
+        spki = spki_sha256(load_private_key(key_pem).public_key())
+
+        def body(flow: OrderFlow) -> str | None:
+            url, why = lookup.find(flow.client, cert.identifiers, profile, spki, stored, self._clock.now())
+            log.info("order_lookup certificate=%s found=%s reason=%s", cert.name, url or "-", why)
+            (progress or (lambda _m: None))(f"order for the journaled intent: {url or 'none'} ({why})")
+            return url
+        return self._ordering(cert, progress, body)
+
     def _ordering(self, cert: CertificateConfig, progress: Callable[[str], None] | None,
-                  body: Callable[[OrderFlow], bytes | None],
-                  before: Callable[[str], None] | None = None) -> bytes | None:
+                  body: Callable[[OrderFlow], T],
+                  before: Callable[[str], None] | None = None) -> T:
         """Run ``body`` on an :class:`OrderFlow` within the order deadline, every failure
         mapped to one certd error; once more after registering again if the CA forgot the account."""
         say = progress or (lambda _msg: None)

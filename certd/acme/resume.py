@@ -16,12 +16,18 @@ Two questions, answered here without I/O:
 
 And one about failures, :func:`order_may_live`: after a failed attempt, may the journaled order
 still complete (keep the journal), or is it over (discard it)?
+
+A journal may also be an *intent*, written right before newOrder (no order URL yet): a process
+killed between the CA's answer and journaling the URL left an order at the CA that only the
+account's orders list can name (RFC 8555 §7.1.2.1). :func:`pick_order` chooses, among the
+orders listed there, the one that intent placed, if any.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -114,3 +120,48 @@ def order_may_live(error: Exception) -> bool:
     if isinstance(error, AcmeError):
         return error.transient
     return isinstance(error, StoreError)
+
+
+@dataclass(frozen=True)
+class Listed:
+    """One order from the account's orders list, as the CA shows it now."""
+
+    url: str
+    status: str
+    identifiers: frozenset[str]        # the identifiers' values (names, IP addresses)
+    profile: str | None = None         # as the order says (None: it says none)
+    expires: datetime | None = None
+    #: a ``valid`` order only: its certificate is for the intent's key and not stored as a version
+    #: yet (None: not looked at)
+    ours: bool | None = None
+
+
+def intent_matches(order: Listed, identifiers: Collection[str], profile: str | None) -> bool:
+    """Whether ``order`` is for exactly the intent's ``identifiers`` and, when both the intent
+    and the order name a profile, the same one."""
+    if order.identifiers != frozenset(identifiers):
+        return False
+    return profile is None or order.profile is None or order.profile == profile
+
+
+def pick_order(listed: Iterable[Listed], identifiers: Collection[str], profile: str | None,
+               now: datetime) -> Listed | None:
+    """The order an intent for ``identifiers`` (and ``profile``) placed, among ``listed`` (in
+    the CA's list order; later is taken as newer when expiries tie), or None: a ``valid`` one
+    whose certificate is ours (issued already: only a download is left), else the newest (latest
+    expiry) ``pending`` or ``ready`` one not expired. Any other order — another key's, invalid,
+    processing, expired — is not resumed: ordering afresh costs one order, resuming someone
+    else's would certify the wrong key (check_issued would refuse it anyway)."""
+    best: Listed | None = None
+    for order in listed:
+        if not intent_matches(order, identifiers, profile):
+            continue
+        if order.status == "valid":
+            if order.ours:
+                return order
+            continue
+        if order.status not in ("pending", "ready") or (order.expires is not None and order.expires <= now):
+            continue
+        if best is None or best.expires is None or (order.expires is not None and order.expires >= best.expires):
+            best = order
+    return best

@@ -50,6 +50,8 @@ KINDS = frozenset({
     "dry_run",           # certd renew --dry-run: an order against the staging directory, nothing stored
     "node_applied",      # a fleet node deployed the desired version (outcome "failed": it could not; desired stays)
     "node_switch_back_refused",  # a node's apply failed and what it served before may not be deployed: it stays
+    "order_intent",      # an order intent (journaled before newOrder, no URL) was looked up at the CA: outcome
+                         # "found" (its order is resumed) or "not_found" (ordered afresh)
     "version_adopted",   # a fleet node rolls out the version another node stored and left (no second order)
     "node_removed",      # certd nodes remove: the node no longer counts in the fleet's status
     "renew_refused",     # an operator's renewal refused: the fleet's database is unreachable from the node

@@ -12,6 +12,21 @@ is cleared once the certificate is stored as a version, or once the order is kno
 
 The journal is best effort on the way in: if it cannot be written (a full disk), the order
 goes on, as before this journal existed; only a lost lease stops it.
+
+The journal is written once before that, right before newOrder and with the lease proof
+(:meth:`certd.store.port.Store.prove_with_order`: one statement on PostgreSQL), as an
+*intent*: the names, the CA, the profile and the new key, with no order URL
+(:attr:`certd.store.port.OrderJournal.intent`). A CA answering newOrder with a problem placed
+no order: the intent is cleared at once. A process killed after the CA accepted newOrder
+and before the URL was journaled (the fleet soak: 101 orders for 100 renewals) leaves that
+intent; the next attempt (this host after a restart, or in a fleet another node once the lease
+lapsed: the reconcile pass finds intents as it finds journals) looks the order up in the
+account's orders list (:meth:`certd.acme.issuer.Issuer.find_order`), journals its URL and
+resumes it like any journaled order. A CA without an orders list (Let's Encrypt), or nothing
+listed for these names and key: the intent is discarded and a new order placed, audited once
+(``order_intent``, outcome ``not_found``, "no order found for the journaled intent"). The
+file store writes an intent without any fsync (a SIGKILL keeps the page cache; a power loss in
+that window costs at most one order), so a renewal pays no fsync for it.
 """
 
 from __future__ import annotations
@@ -25,8 +40,9 @@ from typing import Callable
 from certd.acme import resume
 from certd.config import AcmeConfig, CertificateConfig
 from certd.core.clock import isoformat
-from certd.core.errors import StoreError
+from certd.core.errors import AcmeError, StoreError, StoreUnreachable
 from certd.core.model import spki_sha256
+from certd.core.retry import NEW_ORDER
 from certd.core.rotation import CRASH_ENV
 from certd.crypto import keys
 from certd.engine.lifecycle import VersionStatus
@@ -37,6 +53,7 @@ from certd.store.port import LeaseLost, OrderJournal
 log = logging.getLogger("certd")
 
 #: fault-injection points (``CERTD_CRASH_AT``) for the crash tests
+CRASH_ORDERED = "order_created"        # the CA accepted newOrder; its URL is not journaled yet
 CRASH_JOURNALED = "order_journaled"    # the journal is stored; no challenge answered, not finalized
 CRASH_FINALIZED = "order_finalized"    # the CA issued and certd downloaded; no version stored yet
 
@@ -66,17 +83,32 @@ class Orders:
         key_pem = new_key()
         say(f"ordering from CA {ca.name}" + (f" (replaces {replaces})" if replaces else ""))
 
-        journaled = False
+        journaled = placed = False
         profile: str | None = None
+        proving = self._proving(cert.name)
+
+        def before(step: str) -> None:
+            nonlocal journaled
+            if step == "newOrder":  # the intent, with the lease proof: the order can be found again
+                journaled = self._intend(cert, ca, key_pem, replaces, proving) or journaled
+            else:
+                proving(step)
 
         def journal(order_url: str, asked: str | None = None) -> None:
-            nonlocal journaled, profile
+            nonlocal journaled, profile, placed
+            placed = True
+            crash_at(CRASH_ORDERED)
             profile = asked
-            journaled = self._save(cert, ca, order_url, key_pem, replaces, asked)
+            journaled = self._save(cert, ca, order_url, key_pem, replaces, asked) or journaled
             crash_at(CRASH_JOURNALED)
 
-        fullchain = self.ports.issuer_at(ca.name).issue(cert, key_pem, replaces=replaces, progress=say,
-                                                        on_order=journal, before=self._proving(cert.name))
+        try:
+            fullchain = self.ports.issuer_at(ca.name).issue(cert, key_pem, replaces=replaces, progress=say,
+                                                            on_order=journal, before=before)
+        except AcmeError as e:
+            if journaled and not placed and e.problem_type and e.where == NEW_ORDER:
+                self._clear(cert.name)  # the CA answered newOrder with a problem: no order to find
+            raise
         crash_at(CRASH_FINALIZED)
         return Issued(fullchain, key_pem, replaces, journaled, profile, ca.name)
 
@@ -114,6 +146,8 @@ class Orders:
             why = self._stored_already(cert.name, journal)
         if why is None and self._compromised(cert.name, journal.key_pem):
             why = "its key (reused) was marked compromised since"
+        if why is None and journal.intent:
+            journal, why = self._found(cert, ca, journal, say)
         if why is None:
             fullchain = self.ports.issuer_at(ca.name).resume(cert, journal.order_url, journal.key_pem, progress=say,
                                                              before=self._proving(cert.name))
@@ -125,10 +159,38 @@ class Orders:
                               profile if isinstance(profile, str) else None, ca.name)
             # the issuer logged why the CA cannot continue it
         else:
-            event(log, "order_discarded", logging.WARNING, name=cert.name, order=journal.order_url, reason=why)
-            say(f"not resuming order {journal.order_url}: {why}")
+            order = journal.order_url or "(intent)"
+            event(log, "order_discarded", logging.WARNING, name=cert.name, order=order, reason=why)
+            say(f"not resuming order {order}: {why}")
         self._clear(cert.name)
         return None
+
+    def _found(self, cert: CertificateConfig, ca: AcmeConfig, intent: OrderJournal,
+               say: Say) -> tuple[OrderJournal, str | None]:
+        """The journal of the order ``intent`` placed, found in the account's orders list at
+        ``ca`` and journaled now (a crash while it is resumed finds it by URL); else why there
+        is none (ordered afresh). Recorded once either way (``order_intent``)."""
+        store = self.ports.store
+        profile = intent.meta.get("profile")
+        stored = [store.load_info(cert.name, v).info.fingerprint_sha256 for v in store.versions(cert.name)]
+        url = self.ports.issuer_at(ca.name).find_order(cert, intent.key_pem,
+                                                       profile=profile if isinstance(profile, str) else None,
+                                                       stored=stored, progress=say)
+        detail = {"intent_created": intent.created, "ca": ca.name}
+        if url is None:
+            why = "no order found for the journaled intent (the CA lists none for its names and key)"
+            self.ports.emit("order_intent", cert.name, outcome="not_found", reason=why, detail=detail)
+            return intent, why
+        self.ports.emit("order_intent", cert.name, outcome="found", reason="the order is resumed",
+                        detail={**detail, "order": url})
+        found = OrderJournal(url, intent.key_pem, intent.created, intent.meta)
+        try:
+            store.save_order(cert.name, found)
+        except LeaseLost:
+            raise
+        except StoreError as e:  # the intent stays: a crash now looks the order up again
+            event(log, "order_journal_unwritten", logging.WARNING, name=cert.name, order=url, error=str(e))
+        return found, None
 
     def _proving(self, name: str) -> Callable[[str], None]:
         """The issuer's ``before`` hook: prove the certificate's lease right before newOrder and
@@ -188,13 +250,36 @@ class Orders:
         return any(VersionStatus.from_meta(v.meta).key_compromised and v.info.spki_sha256 == spki
                    for v in (store.load_info(name, n) for n in store.versions(name)))
 
-    def _save(self, cert: CertificateConfig, ca: AcmeConfig, order_url: str, key_pem: bytes, replaces: str | None,
-              profile: str | None = None) -> bool:
-        """Store the journal; False (logged) when the store could not (best effort)."""
+    def _intend(self, cert: CertificateConfig, ca: AcmeConfig, key_pem: bytes, replaces: str | None,
+                proving: Callable[[str], None]) -> bool:
+        """Prove the lease and journal the order intent (no URL yet) in one store write, right
+        before newOrder; the intent is best effort (False, logged, and the proof made alone),
+        the proof is not (LeaseLost stops the order, as ``proving`` does)."""
+        intent = self._journal(cert, ca, "", key_pem, replaces, cert.profile)
+        try:
+            self.ports.store.prove_with_order(cert.name, intent)
+            return True
+        except LeaseLost as e:
+            event(log, "order_stopped", logging.ERROR, name=cert.name, step="newOrder", error=str(e))
+            raise
+        except StoreUnreachable:
+            raise  # the proof cannot be made either: the order stops here, as it always did
+        except StoreError as e:
+            event(log, "order_journal_unwritten", logging.WARNING, name=cert.name, order="(intent)", error=str(e))
+        proving("newOrder")
+        return False
+
+    def _journal(self, cert: CertificateConfig, ca: AcmeConfig, order_url: str, key_pem: bytes, replaces: str | None,
+                 profile: str | None) -> OrderJournal:
         meta = resume.journal_meta(ca.directory, cert.identifiers, replaces, cert.key_type)
         if profile is not None:
             meta["profile"] = profile
-        journal = OrderJournal(order_url, key_pem, isoformat(self.ports.clock.now()), meta)
+        return OrderJournal(order_url, key_pem, isoformat(self.ports.clock.now()), meta)
+
+    def _save(self, cert: CertificateConfig, ca: AcmeConfig, order_url: str, key_pem: bytes, replaces: str | None,
+              profile: str | None = None) -> bool:
+        """Store the journal; False (logged) when the store could not (best effort)."""
+        journal = self._journal(cert, ca, order_url, key_pem, replaces, profile)
         try:
             self.ports.store.save_order(cert.name, journal)
             return True

@@ -43,6 +43,12 @@ class IssuerPort(Protocol):
         """Continue the order at ``order_url`` (no new order): the full chain as :meth:`issue`,
         or None when the CA cannot continue it (gone, invalid, expired). OperationFailed."""
 
+    def find_order(self, cert: CertificateConfig, key_pem: bytes, *, profile: str | None = None,
+                   stored: Collection[str] = (), progress: Say | None = None) -> str | None:
+        """The URL of the order an intent (journaled before newOrder, no URL) placed for ``cert``
+        with ``key_pem``, from the account's orders list; None when the CA lists none that
+        matches (``stored``: fingerprints of stored versions' certificates). OperationFailed."""
+
     def renewal_info(self, cert_pem: bytes) -> RenewalInfo | None:
         """The CA's ARI window for ``cert_pem``; None when the CA has no ARI. OperationFailed."""
 

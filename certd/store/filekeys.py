@@ -188,12 +188,13 @@ class KeyFiles:
         return any(os.path.isfile(place.path(s)) for s in (True, False))
 
     def write(self, place: KeyPlace, key_pem: bytes, *, mode: int = 0o600, gid: int = -1,
-              durable: bool = True) -> None:
+              durable: bool = True, lazy: bool = False) -> None:
         """Atomically replace the key at ``place`` (the other form, if any, is zeroed and removed).
-        ``durable=False``: the file is fsynced, its directory is left to the caller."""
+        ``durable=False``: the file is fsynced, its directory is left to the caller; ``lazy``:
+        no fsync at all (survives a SIGKILL, not a power loss)."""
         fname, data, sealed = self.encode(place, key_pem)
         fsutil.atomic_write(f"{place.directory}/{fname}", data, mode=SEALED_MODE if sealed else mode,
-                            gid=-1 if sealed else gid, durable=durable)
+                            gid=-1 if sealed else gid, durable=durable, lazy=lazy)
         other = place.path(not sealed)
         if os.path.lexists(other):
             fsutil.secure_delete(other)

@@ -154,6 +154,11 @@ class FileStore(VersionFiles):
         if lease is not None:
             self._leases.check(lease)
 
+    def prove_with_order(self, name: str, order: OrderJournal) -> None:
+        """:meth:`check_lock`, then :meth:`save_order` (a local lease: nothing to save in combining them)."""
+        self.check_lock(name)
+        self.save_order(name, order)
+
     @contextmanager
     def _locked(self, name: str, timeout: float) -> Iterator[None]:
         owner = f"{self.node}:{os.getpid()}:{threading.get_ident()}"
@@ -281,7 +286,11 @@ class FileStore(VersionFiles):
         None: the record first, then the key, zeroed (only unlinked when the stored version
         shares it: see ``_linked_order_key``), without a directory fsync: the next one of this
         directory (the commit's ``current``) makes it durable, and a journal a power loss brings
-        back is recognised as done (certd.engine.orders: its certificate is stored)."""
+        back is recognised as done (certd.engine.orders: its certificate is stored).
+        An intent (no order URL yet: :attr:`OrderJournal.intent`) is written the same way but
+        without any fsync: a SIGKILL does not lose the page cache, a power loss right then costs
+        at most one order more, and a renewal pays no fsync for it (issue 20); the journal of
+        the order's URL that follows is durable as ever."""
         d = self._ensure_cert_dir(name)
         place = order_place(os.fspath(d), name)
         with self._fence(name, lease):
@@ -289,11 +298,13 @@ class FileStore(VersionFiles):
                 fileio.remove(d / "order.json", durable=False)
                 self._keys.destroy(place, durable=False)
                 return
-            self._keys.write(place, order.key_pem, durable=False)
+            lazy = order.intent
+            self._keys.write(place, order.key_pem, durable=False, lazy=lazy)
             fsutil.atomic_write(d / "order.json", fileio.meta_bytes(
                 {"order_url": order.order_url, "created": order.created, "meta": order.meta}), mode=0o600,
-                durable=False)
-            fsutil.fsync_dir(d)
+                durable=False, lazy=lazy)
+            if not lazy:
+                fsutil.fsync_dir(d)
 
     # -- key custody -------------------------------------------------------------------------
 

@@ -123,6 +123,11 @@ class MemoryStore:
     def check_lock(self, name: str) -> None:
         check_bound(self, self._bound, name)
 
+    def prove_with_order(self, name: str, order: OrderJournal) -> None:
+        """:meth:`check_lock`, then :meth:`save_order` (a local lease: nothing to save in combining them)."""
+        self.check_lock(name)
+        self.save_order(name, order)
+
     def _locked(self, name: str, timeout: float) -> AbstractContextManager[None]:
         return bound_lease(self, self._bound, name, f"{self.node}:{threading.get_ident()}", timeout)
 

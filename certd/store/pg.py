@@ -68,6 +68,17 @@ ACCOUNT_LOCK_TTL = 600.0  # a registration lock outlives a dead holder by at mos
 #: next try (every store operation blocked meanwhile); 10 s keeps the gap under 4 s.
 RECONNECT_TIMEOUT = 10.0
 NOW = "COALESCE(%(now)s::timestamptz, clock_timestamp())"
+#: the lease proof (FleetLock.check) and the order journal's write (save_order, fenced) in one
+#: statement: nothing is written unless the lease is still this holder's
+_PROVE_WITH_ORDER = (
+    f"WITH proof AS (UPDATE certd_leases SET expires = {NOW} + make_interval(secs => %(ttl)s) "
+    "WHERE name = %(name)s AND token = %(token)s AND owner IS NOT NULL RETURNING expires), "
+    "changed AS (INSERT INTO certd_changes SELECT %(name)s::text, 1 FROM proof ON CONFLICT (name) DO UPDATE "
+    "SET changed = certd_changes.changed + 1), "
+    "journal AS (INSERT INTO certd_orders SELECT %(name)s::text, %(url)s::text, %(key)s::bytea, %(created)s::text, "
+    "%(meta)s::jsonb FROM proof ON CONFLICT (name) DO UPDATE SET url = EXCLUDED.url, key = EXCLUDED.key, "
+    "created = EXCLUDED.created, meta = EXCLUDED.meta) "
+    "SELECT expires FROM proof")
 _GRANT = """
     INSERT INTO {table} AS l (name, token, owner, expires)
     VALUES (%(name)s, 1, %(owner)s, {now} + make_interval(secs => %(ttl)s))
@@ -470,6 +481,25 @@ class PgStore:
             cur.execute("INSERT INTO certd_orders VALUES (%s, %s, %s, %s, %s) ON CONFLICT (name) DO UPDATE "
                         "SET url = EXCLUDED.url, key = EXCLUDED.key, created = EXCLUDED.created, meta = EXCLUDED.meta",
                         (name, order.order_url, key, order.created, Jsonb(order.meta)))
+
+    def prove_with_order(self, name: str, order: OrderJournal) -> None:
+        """Prove and extend the lease ``lock()`` holds on ``name`` (as :meth:`check_lock`) and
+        journal ``order`` (as :meth:`save_order`) in one statement: the renewal's order intent
+        right before newOrder costs no round trip beyond the lease proof it replaces. Without a
+        held lease, :meth:`save_order` alone. LeaseLost when another node holds the lease."""
+        lease = self._bound.get(name)
+        if lease is None:
+            self.save_order(name, order)
+            return
+        _no_key_material(order.meta, "order metadata")
+        row = self._one(_PROVE_WITH_ORDER, {
+            "ttl": self.locks.ttl, "name": name, "token": lease.token, "now": self.now_param(),
+            "url": order.order_url, "key": self._seal(order.key_pem, f"order/{name}"), "created": order.created,
+            "meta": Jsonb(order.meta)})
+        if row is None:
+            raise LeaseLost(f"{name}: lease {lease.token} was lost (released or taken over)")
+        if self._bound.get(name) is lease:  # as FleetLock.check: the keeper extends from here
+            self._bound[name] = Lease(lease.name, lease.owner, lease.token, row[0])
 
     # -- state (compare-and-set) -------------------------------------------------------------
 

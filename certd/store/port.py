@@ -151,6 +151,13 @@ class OrderJournal:
     created: str
     meta: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def intent(self) -> bool:
+        """Journaled right before newOrder, with no order URL yet (empty): the order may exist
+        at the CA or not; a later attempt looks for it in the account's orders list
+        (:mod:`certd.acme.lookup`) rather than ordering again."""
+        return not self.order_url
+
 
 @dataclass(frozen=True)
 class Compromise:
@@ -323,6 +330,10 @@ class Store(Protocol):
     def drop_rotation(self, node: str, name: str) -> None: ...
     def load_order(self, name: str) -> OrderJournal | None: ...
     def save_order(self, name: str, order: OrderJournal | None, *, lease: Lease | None = None) -> None: ...
+    def prove_with_order(self, name: str, order: OrderJournal) -> None:
+        """``check_lock(name)`` and ``save_order(name, order)`` at once (the order intent right
+        before newOrder): PostgreSQL proves and extends the lease in the statement that writes
+        the journal, one round trip for both. LeaseLost as ``check_lock``."""
     def load_state(self, name: str) -> dict[str, Any] | None: ...
     def save_state(self, name: str, state: dict[str, Any]) -> None: ...
     def read_state(self, name: str) -> tuple[dict[str, Any] | None, str | None]: ...

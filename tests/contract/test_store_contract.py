@@ -325,6 +325,24 @@ def test_order_journal_lets_another_client_resume(opener):
     assert a.load_order("www") is None
 
 
+def test_an_order_intent_is_journaled_with_the_lease_proof_and_not_past_a_takeover(opener, clock):
+    """prove_with_order under lock(): the intent (no URL) is there for another client; once another
+    client took the lease over, it raises LeaseLost and writes nothing."""
+    a, b = opener("node1"), opener("node2")
+    key = make_bundle().key_pem
+    intent = OrderJournal("", key, "2026-12-03T08:00:00Z", {"domains": ["www.example.test"]})
+    with a.lock("www"):
+        a.prove_with_order("www", intent)
+        got = b.load_order("www")
+        assert got is not None and got.intent and got.key_pem == key and got.meta == intent.meta
+        clock.advance(LEGACY_TTL + 1)
+        taker = b.lease("www", "b", TTL)
+        b.save_order("www", None, lease=taker)
+        with pytest.raises(LeaseLost):
+            a.prove_with_order("www", intent)
+    assert b.load_order("www") is None
+
+
 # --- change feed -----------------------------------------------------------------------------
 
 def test_change_feed_reports_the_latest_desired_version(opener, clock):

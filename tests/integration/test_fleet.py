@@ -98,9 +98,10 @@ def kill_node1_renewing(fleet: Fleet, crash_at: str) -> None:
     wait_until(lambda: not crashing.alive, timeout=30, what=f"node 1 killed at {crash_at}")
 
 
-def test_ordering_node_killed_between_new_order_and_finalize_another_completes_it(fleet: Fleet) -> None:
-    """The ordering node SIGKILLed after newOrder, before finalize: another node finishes that order; one certificate."""
-    kill_node1_renewing(fleet, "order_journaled")  # its daemon dies mid-order
+@pytest.mark.parametrize("point", ["order_journaled", "order_created"])
+def test_ordering_node_killed_between_new_order_and_finalize_another_completes_it(fleet: Fleet, point: str) -> None:
+    """The ordering node SIGKILLed after newOrder, before finalize (``order_created``: before even its URL was journaled, so only the intent journaled before newOrder and the account's orders list find it): another node finishes that order; one certificate."""
+    kill_node1_renewing(fleet, point)  # its daemon dies mid-order
     assert len(fleet.ca.orders_created) == 2 and len(fleet.ca.finalized) == 1
     # the lease outlives the dead holder by its TTL (order_timeout 10 s + 35 s), then node 2 or 3 resumes
     wait_until(lambda: fleet.converged(2, fleet.nodes[1:]), timeout=90, interval=0.5, what="nodes 2-3 on version 2")

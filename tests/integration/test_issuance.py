@@ -467,3 +467,45 @@ def test_revoke(pebble: PebbleEnv, make_issuer: Callable[..., Issuer], tmp_path:
     status = pebble.cert_status(serial)
     assert status["Status"] == "Revoked" and status["Reason"] == 4
     issuer.revoke(bundle.cert_pem, 4)  # again: already revoked is fine
+
+
+class _Stop(Exception):
+    """Raised from ``on_order``: the order stays pending at the CA, as a process killed there leaves it."""
+
+
+def _pending_order(issuer: Issuer, cert: CertificateConfig) -> str:
+    """Place an order for ``cert`` and leave it pending (its URL never journaled)."""
+    placed: list[str] = []
+
+    def stop(url: str, _profile: str | None = None) -> None:
+        placed.append(url)
+        raise _Stop(url)
+    with pytest.raises(AcmeError):
+        issuer.issue(cert, generate_private_key("ecdsa-p256"), on_order=stop)
+    return placed[0]
+
+
+def test_the_orders_list_finds_only_an_intents_own_order(pebble_factory: Callable[..., PebbleEnv],
+                                                         make_issuer: Callable[..., Issuer], tmp_path: Path) -> None:
+    """Pebble listing 2 orders a page: an intent finds the newest pending order for exactly its names, across pages; a valid one only with its own key and while its certificate is not stored."""
+    ca = pebble_factory(config={"ordersPerPage": 2})
+    issuer = make_issuer(ca)
+    cert = http_cert(ca, "find.example.test", "www.find.example.test")
+    key, other_key = generate_private_key("ecdsa-p256"), generate_private_key("ecdsa-p256")
+    assert issuer.find_order(cert, key) is None  # an account without orders
+
+    issued = CertInfo.from_pem(issuer.issue(cert, key))
+    valid = issuer.find_order(cert, key)
+    assert valid is not None and "order" in valid
+    assert issuer.find_order(cert, key, stored=[issued.fingerprint_sha256]) is None, "a stored certificate's order"
+    assert issuer.find_order(cert, other_key) is None, "another key's certificate"
+
+    first = _pending_order(issuer, cert)
+    subset = http_cert(ca, "find.example.test", name="subset")
+    others = [_pending_order(issuer, subset) for _ in range(2)]
+    newest = _pending_order(issuer, cert)
+    assert len({first, newest, *others}) == 4  # 5 orders in all: three pages
+    assert issuer.find_order(cert, other_key) == newest
+    assert issuer.find_order(cert, key) == valid, "issued with this key already: only the download is left"
+    assert issuer.find_order(subset, other_key) == others[-1]
+    assert issuer.find_order(http_cert(ca, "nowhere.example.test", name="x"), key) is None

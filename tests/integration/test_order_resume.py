@@ -3,13 +3,16 @@ tests.support.hostile_ca proxy (which counts the orders and finalizations the CA
 the next run resumes the journaled order instead of placing a second one, and nginx serves
 the certificate it yields.
 
-Two crash points (``CERTD_CRASH_AT``, certd/engine/orders.py): ``order_journaled`` — the order
+Three crash points (``CERTD_CRASH_AT``, certd/engine/orders.py): ``order_created`` — the CA
+accepted newOrder, its URL is not journaled (only the intent written before newOrder is: the
+next run finds the order in the account's orders list); ``order_journaled`` — the order
 exists and is journaled, no challenge answered, not finalized; ``order_finalized`` — the CA
 has issued and certd downloaded the chain, but no version is stored.
 """
 
 from __future__ import annotations
 
+import json
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,7 +38,7 @@ def sites() -> Iterator[list[FaultSite]]:
         site.env.close()
 
 
-@pytest.mark.parametrize("point", ["order_journaled", "order_finalized"])
+@pytest.mark.parametrize("point", ["order_created", "order_journaled", "order_finalized"])
 def test_certd_killed_mid_order_resumes_it_and_the_ca_sees_one_order(
         tmp_path: Path, pebble_factory: Any, nginx_factory: Any, sites: list[FaultSite], point: str) -> None:
     """Killed mid-order, the next renew finishes that same order: one order and one issuance at the CA, served by nginx."""
@@ -58,6 +61,10 @@ def test_certd_killed_mid_order_resumes_it_and_the_ca_sees_one_order(
 
         r, _ = renew_forced(site, check=0)
         assert len(ca.orders_created) == orders + 1, "a second order was placed instead of resuming the first"
+        if point == "order_created":  # only the intent was journaled: the account's orders list named the order
+            audit = [json.loads(line) for line in (site.env.state_dir / "audit.jsonl").read_text().splitlines()]
+            (found,) = [a for a in audit if a["event"] == "order_intent"]
+            assert found["outcome"] == "found" and found["detail"]["order"].startswith("https://"), found
         assert len(ca.finalized) == issued + 1
         row = site.stored()
         assert row["version"] == 2 and row["last_result"] == "success", row

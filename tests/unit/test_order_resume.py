@@ -6,18 +6,20 @@ from __future__ import annotations
 import stat
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from certd.acme import resume
+from certd.acme import lookup, resume
 from certd.acme.resume import Step, journal_meta, journal_mismatch, next_step, order_may_live
 from certd.config import AcmeConfig, CertificateConfig, Config, DaemonConfig
 from certd.core.clock import FakeClock
 from certd.core.errors import (AcmeError, CANotReachable, CertificateRejected, ChallengeFailed, OperationFailed,
-                               StoreError)
-from certd.core.events import EventBus
+                               StoreError, StoreUnreachable)
+from certd.core.events import EventBus, LifecycleEvent
+from certd.core.retry import NEW_ORDER
 from certd.crypto import keys
 from certd.engine.lifecycle import compromised_meta
 from certd.engine.outcome import RenewRequest, Result
@@ -113,8 +115,13 @@ class OrderingCA:
         self.status: dict[str, str] = {}
         self.failure: Exception | None = None
         self.journal_at_order: OrderJournal | None = None
+        self.journal_at_intent: OrderJournal | None = None
         self.store: FileStore | None = None
         self.key_mode = 0
+        self.lose_reply = False           # newOrder accepted, its reply lost (the process dies there)
+        self.refusal: Exception | None = None   # the CA's answer to newOrder: a problem, no order
+        self.listed: str | None = None    # what find_order answers for an intent
+        self.lookups: list[bytes] = []    # the intent keys looked up
 
     def _sign(self, cert: CertificateConfig, key_pem: bytes) -> bytes:
         key = serialization.load_pem_private_key(key_pem, None)
@@ -122,8 +129,16 @@ class OrderingCA:
 
     def issue(self, cert: CertificateConfig, key_pem: bytes, *, replaces: str | None = None, progress: Any = None,
               on_order: Any = None, before: Any = None) -> bytes:
+        assert self.store is not None
+        if before is not None:
+            before("newOrder")
+            self.journal_at_intent = self.store.load_order(cert.name)
+        if self.refusal is not None:
+            raise self.refusal
         url = f"https://ca.test/order/{len(self.new_orders) + 1}"
         self.new_orders.append(url)
+        if self.lose_reply:
+            raise CANotReachable("the CA did not answer newOrder")
         if on_order is not None:
             on_order(url)
         assert self.store is not None
@@ -142,6 +157,11 @@ class OrderingCA:
         if self.failure is not None:
             raise self.failure
         return self._sign(cert, key_pem)
+
+    def find_order(self, cert: CertificateConfig, key_pem: bytes, *, profile: str | None = None,
+                   stored: Any = (), progress: Any = None) -> str | None:
+        self.lookups.append(key_pem)
+        return self.listed
 
     def renewal_info(self, cert_pem: bytes) -> None:
         return None
@@ -164,6 +184,12 @@ def world(tmp_path: Path, test_ca: CA) -> tuple[Renew, OrderingCA, FileStore]:
     config = Config(tmp_path / "certd.toml", DaemonConfig(state_dir=tmp_path / "state"), AcmeConfig(DIRECTORY), (CERT,))
     ports = Ports(config, store, store, lambda: issuer, EventBus(), clock, FakeEdges(store))
     return Renew(ports, Planner(store, clock, lambda: issuer)), issuer, store
+
+
+def events_of(renew: Renew) -> list[LifecycleEvent]:
+    seen: list[LifecycleEvent] = []
+    renew.ports.events.subscribe(seen.append)
+    return seen
 
 
 def journal(store: FileStore, url: str, key_pem: bytes, meta: dict[str, Any] | None = None) -> None:
@@ -268,3 +294,154 @@ def test_a_journal_that_cannot_be_written_does_not_stop_the_order(tmp_path: Path
     ports = Ports(config, store, store, lambda: issuer, EventBus(), clock, FakeEdges(store))
     o = Renew(ports, Planner(store, clock, lambda: issuer))(RenewRequest(CERT))
     assert o.result is Result.RENEWED and len(issuer.new_orders) == 1 and issuer.journal_at_order is None
+
+
+# -- the order intent: journaled before newOrder, found again in the account's orders list ---
+
+def test_the_intent_is_journaled_before_new_order_with_the_key_and_no_url(world: Any) -> None:
+    """Right before newOrder the journal holds the new key (0600) and the names, with no order URL yet."""
+    renew, issuer, store = world
+    assert renew(RenewRequest(CERT)).result is Result.RENEWED
+    intent = issuer.journal_at_intent
+    assert intent is not None and intent.intent and intent.order_url == ""
+    assert intent.key_pem == store.load("www", 1).bundle.key_pem
+    assert journal_mismatch(intent.meta, DIRECTORY, CERT.domains) is None
+    assert issuer.key_mode == 0o600 and store.load_order("www") is None and issuer.lookups == []
+
+
+def test_an_order_whose_reply_was_lost_is_found_in_the_orders_list_and_resumed(world: Any) -> None:
+    """newOrder accepted but its answer lost: the next attempt finds that order by the intent and finishes it; one order."""
+    renew, issuer, store = world
+    seen = events_of(renew)
+    issuer.lose_reply = True
+    assert renew(RenewRequest(CERT)).result is Result.FAILED
+    intent = store.load_order("www")
+    assert intent is not None and intent.intent and issuer.new_orders == ["https://ca.test/order/1"]
+    issuer.lose_reply, issuer.listed = False, "https://ca.test/order/1"
+    issuer.status["https://ca.test/order/1"] = "pending"
+    assert renew(RenewRequest(CERT, force=True)).result is Result.RENEWED
+    assert issuer.lookups == [intent.key_pem] and issuer.resumed == ["https://ca.test/order/1"]
+    assert issuer.new_orders == ["https://ca.test/order/1"], "a second order was placed"
+    assert store.load("www", 1).bundle.key_pem == intent.key_pem and store.load_order("www") is None
+    (found,) = [e for e in seen if e.kind == "order_intent"]
+    assert found.outcome == "found" and found.detail["order"] == "https://ca.test/order/1"
+
+
+def test_an_intent_the_ca_lists_no_order_for_is_recorded_once_and_ordered_afresh(world: Any) -> None:
+    """Nothing in the orders list (or no list at all): one new order, and one audit record saying why."""
+    renew, issuer, store = world
+    seen = events_of(renew)
+    journal(store, "", keys.generate_private_key(CERT.key_type))
+    assert renew(RenewRequest(CERT)).result is Result.RENEWED
+    assert len(issuer.lookups) == 1 and issuer.resumed == [] and issuer.new_orders == ["https://ca.test/order/1"]
+    (missed,) = [e for e in seen if e.kind == "order_intent"]
+    assert missed.outcome == "not_found" and "no order found for the journaled intent" in missed.reason
+
+
+def test_an_intent_for_other_names_is_discarded_without_asking_the_ca(world: Any) -> None:
+    """The names changed since the intent: no lookup at the CA, one new order for the new names."""
+    renew, issuer, store = world
+    journal(store, "", keys.generate_private_key(CERT.key_type), journal_meta(DIRECTORY, ["www.example.test"], None))
+    issuer.listed = "https://ca.test/order/9"
+    assert renew(RenewRequest(CERT)).result is Result.RENEWED
+    assert issuer.lookups == [] and issuer.resumed == [] and len(issuer.new_orders) == 1
+
+
+LATER = NOW + timedelta(hours=1)
+
+
+def listed(url: str, status: str = "pending", names: tuple[str, ...] = CERT.domains, *, profile: str | None = None,
+           expires: datetime | None = LATER, ours: bool | None = None) -> resume.Listed:
+    return resume.Listed(url, status, frozenset(names), profile, expires, ours)
+
+
+@pytest.mark.parametrize("orders,picked", [
+    ([], None),
+    ([listed("a")], "a"),
+    ([listed("a", "ready"), listed("b", expires=LATER + timedelta(minutes=1))], "b"),   # the newest
+    ([listed("a", expires=LATER + timedelta(minutes=1)), listed("b")], "a"),
+    ([listed("a", names=("www.example.test",))], None),                                 # a subset of the names
+    ([listed("a", names=(*CERT.domains, "x.test"))], None),                             # more names
+    ([listed("a", "invalid"), listed("b", "processing")], None),
+    ([listed("a", expires=NOW - timedelta(seconds=1))], None),                          # expired
+    ([listed("a", "valid", ours=False)], None),                                         # another key's certificate
+    ([listed("a"), listed("b", "valid", ours=True)], "b"),                              # issued already: download it
+    ([listed("a", profile="shortlived")], None),                                        # another profile
+    ([listed("a", profile="classic")], "a"),
+])
+def test_the_intent_picks_only_an_order_for_its_names_profile_and_key(orders: list[resume.Listed],
+                                                                      picked: str | None) -> None:
+    """Same names (as a set), same profile when both say one, pending/ready not expired (newest), or valid with its key."""
+    got = resume.pick_order(orders, list(reversed(CERT.domains)), "classic", NOW)
+    assert (got.url if got else None) == picked
+
+
+def test_an_intent_without_a_profile_takes_an_order_with_any() -> None:
+    """The intent named no profile (the CA's default, or a preferred one): the order's profile does not matter."""
+    got = resume.pick_order([listed("a", profile="shortlived")], CERT.domains, None, NOW)
+    assert got is not None and got.url == "a"
+
+
+def test_an_intent_the_ca_answered_with_a_problem_is_cleared_at_once(world: Any) -> None:
+    """newOrder refused (rate limited, transient): no order exists to find, so no intent is left for a lookup."""
+    renew, issuer, store = world
+    issuer.refusal = AcmeError("issuing www: the CA refused (rateLimited): too many orders; will retry later",
+                               problem_type="urn:ietf:params:acme:error:rateLimited", transient=True,
+                               where=NEW_ORDER)
+    assert renew(RenewRequest(CERT)).result is Result.FAILED
+    assert issuer.journal_at_intent is not None and store.load_order("www") is None
+
+
+class CutOffStore(FileStore):
+    """A FileStore whose intent write finds the database out of reach (as a fleet node's PgStore would)."""
+
+    proofs = 0
+
+    def prove_with_order(self, name: str, order: OrderJournal) -> None:
+        raise StoreUnreachable("PostgreSQL store: database unreachable: no connection within 5 s")
+
+    def check_lock(self, name: str) -> None:
+        self.proofs += 1
+        super().check_lock(name)
+
+
+def test_a_store_out_of_reach_before_new_order_stops_the_order_without_a_second_wait(tmp_path: Path,
+                                                                                      test_ca: CA) -> None:
+    """The intent's write cannot reach the store: no newOrder is sent, and the lease proof is not tried again alone."""
+    clock, store = FakeClock(NOW), CutOffStore(tmp_path / "state")
+    issuer = OrderingCA(test_ca)
+    issuer.store = store
+    config = Config(tmp_path / "certd.toml", DaemonConfig(state_dir=tmp_path / "state"), AcmeConfig(DIRECTORY), (CERT,))
+    ports = Ports(config, store, store, lambda: issuer, EventBus(), clock, FakeEdges(store))
+    o = Renew(ports, Planner(store, clock, lambda: issuer))(RenewRequest(CERT))
+    assert o.result is Result.FAILED and "unreachable" in o.message
+    assert issuer.new_orders == [] and store.proofs == 0
+
+
+class ListingNet:
+    """The account's orders list as a CA pages it: ``pages[url] = (orders, next url or None)``."""
+
+    def __init__(self, pages: dict[str, tuple[list[str], str | None]]) -> None:
+        self.pages, self.asked = pages, []
+
+    def post(self, url: str, obj: Any, new_nonce_url: str = "") -> Any:
+        self.asked.append(url)
+        orders, following = self.pages[url]
+        link = f'<{following}>;rel="next"' if following else ""
+        return SimpleNamespace(json=lambda: {"orders": orders}, headers={"Link": link})
+
+
+L = "https://ca.test/list-orderz/1"
+
+
+@pytest.mark.parametrize("pages,urls,asked", [
+    ({f"{L}/0": (["a", "b"], f"{L}/1"), f"{L}/1": (["c"], None)}, ["a", "b", "c"], 2),
+    ({f"{L}/0": (["a"], "/list-orderz/1/1"), f"{L}/1": (["b"], f"{L}/0")}, ["a", "b"], 2),  # relative; looping
+    ({f"{L}/{i}": ([f"o{i}"], f"{L}/{i + 1}") for i in range(30)}, [f"o{i}" for i in range(20)], 20),  # bounded
+])
+def test_the_orders_list_follows_next_links_within_bounds(pages: dict[str, Any], urls: list[str], asked: int) -> None:
+    """Pages are followed by rel="next" until none, a page seen before, or 20 pages."""
+    net = ListingNet(pages)
+    client: Any = SimpleNamespace(net=net, directory={"newNonce": "https://ca.test/nonce"})
+    assert lookup.listed_urls(client, f"{L}/0") == urls
+    assert len(net.asked) == asked

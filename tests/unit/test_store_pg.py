@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import pytest
 
@@ -15,7 +15,7 @@ from certd.core.clock import FakeClock
 from certd.core.errors import LockBusy, StoreError
 from certd.core.events import LifecycleEvent
 from certd.crypto.custody import CustodyError, FileKek, KeyRing, is_sealed
-from certd.store.port import DesiredChange, OrderJournal
+from certd.store.port import DesiredChange, LeaseLost, OrderJournal
 from tests.support.certs import make_bundle
 
 psycopg = pytest.importorskip("psycopg")
@@ -310,3 +310,25 @@ def test_a_version_2_database_keeps_replayed_records_from_being_chained_again(op
     assert s.audit.append_spooled([("web1:new", {**fields, "detail": {"node": "web1", "spool_id": "web1:new"}})]) == 1
     assert [r["detail"]["spool_id"] for r in s.audit.records] == ["web1:replayed-by-v2", "web1:new"]
     assert s.audit.verify().ok
+
+
+def test_the_order_intent_is_written_with_the_lease_proof_and_never_past_a_takeover(opened, clock, postgres):
+    """prove_with_order extends the held lease and journals the intent in one statement; once
+    another node took the lease over, it writes nothing and raises LeaseLost."""
+    a, b = opened("node1", clock=clock, lease_ttl=TTL), opened("node2", clock=clock, lease_ttl=TTL)
+    intent = OrderJournal("", b"-----BEGIN PRIVATE KEY-----\nk\n-----END PRIVATE KEY-----\n", "t",
+                          {"directory": "https://ca/dir"})
+    with a.lock("www"):
+        clock.advance(TTL / 2)
+        a.prove_with_order("www", intent)
+        got = b.load_order("www")
+        assert got is not None and got.intent and got.key_pem == intent.key_pem
+        (expires,) = _raw(postgres, "SELECT expires FROM certd_leases WHERE name = 'www'")[0]
+        assert expires == clock.now() + timedelta(seconds=TTL)   # extended from now, as check_lock does
+        assert b"PRIVATE KEY" not in bytes(_raw(postgres, "SELECT key FROM certd_orders")[0][0])
+        clock.advance(TTL + 1)
+        taken = b.lease("www", "b", TTL)
+        b.save_order("www", None, lease=taken)
+        with pytest.raises(LeaseLost):
+            a.prove_with_order("www", intent)
+        assert b.load_order("www") is None
