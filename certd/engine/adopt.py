@@ -1,4 +1,5 @@
-"""Adopting the version a fleet node stored and did not roll out (S1: one certificate per renewal).
+"""Adopting a version a renewal stored and did not roll out, instead of ordering again (S1: one
+certificate per renewal): a fleet node's lapsed rotation, or an orphan nothing points to.
 
 A node that dies, or is cut off, after storing a renewal's version and before its rotation
 commits leaves that rotation's journal in the store under its own name, and the certificate's
@@ -14,7 +15,8 @@ A journal that cannot be adopted — its rotation had failed, its version is gon
 expired or no longer matches the configuration, or the desired version moved on since it
 started — is dropped the same way, and the renewal orders as usual. One whose own version is
 desired already is adopted: its commit reached the store and the reply was lost (the database
-stopped under it), and rolling it out here is what records the renewal (``renewed``).
+stopped under it), and rolling it out here is what records the renewal (``renewed``). On one
+host :meth:`~certd.store.port.Store.foreign_rotations` is empty and :func:`lapsed` finds nothing.
 
 Stored, not yet journaled: an *orphan*. A renewal that dies (or whose database stops) after
 storing the version and before its rotation's first journal step or its release leaves a
@@ -30,7 +32,8 @@ Not an orphan, and left to the order step (which discards a journal whose certif
 stored): a version not newer than the desired one, one a rotation journal (this node's or
 another's) or the certificate's release names (rolled out, or rolled back from, already),
 and one :func:`version_refusal` refuses (revoked, compromised, destroyed, marked bad, expired,
-other names or key type). Why not the version and the rotation journal in one transaction
+other names or key type). A keyCompromise renewal never takes an orphan: its key must be made
+now (``RenewRequest.fresh_key``). Why not the version and the rotation journal in one transaction
 instead: the file store cannot write two files atomically, and the release path would need a
 third combined write; the order journal is written before the version on every store
 already. What is left: an order whose journal could not be written (best effort, a full
