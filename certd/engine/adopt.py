@@ -1,4 +1,5 @@
-"""Adopting the version a fleet node stored and did not roll out (S1: one certificate per renewal).
+"""Adopting a version a renewal stored and did not roll out, instead of ordering again (S1: one
+certificate per renewal): a fleet node's lapsed rotation, or an orphan nothing points to.
 
 A node that dies, or is cut off, after storing a renewal's version and before its rotation
 commits leaves that rotation's journal in the store under its own name, and the certificate's
@@ -14,27 +15,53 @@ A journal that cannot be adopted — its rotation had failed, its version is gon
 expired or no longer matches the configuration, or the desired version moved on since it
 started — is dropped the same way, and the renewal orders as usual. One whose own version is
 desired already is adopted: its commit reached the store and the reply was lost (the database
-stopped under it), and rolling it out here is what records the renewal (``renewed``).
+stopped under it), and rolling it out here is what records the renewal (``renewed``). On one
+host :meth:`~certd.store.port.Store.foreign_rotations` is empty and :func:`lapsed` finds nothing.
 
-The gap this does not close: a node that dies after storing the version and before writing
-its rotation's first journal step (microseconds) leaves a version nothing points to; the next
-node orders again. On one host :meth:`~certd.store.port.Store.foreign_rotations` is empty and
-nothing here runs.
+Stored, not yet journaled: an *orphan*. A renewal that dies (or whose database stops) after
+storing the version and before its rotation's first journal step or its release leaves a
+version nothing points to; the next attempt ordered again (the fleet soak: the CA answered
+``alreadyReplaced`` to ``replaces``, and the order went out without it: two orders, one
+renewal). The order journal closes that window: the renewal clears it only once the rotation
+journal or the release exists (certd/engine/renew.py), so while a version is an orphan the
+journal that ordered it is still stored, and its key is that version's key. :func:`orphan`
+finds it — one store call (``load_order``) when nothing is journaled, which is every renewal
+attempt but these — and the renewal rolls the version out as itself (``version_adopted``,
+``left_at = "stored"``; then ``renewed``) instead of ordering; on one host too (a SIGKILL).
+Not an orphan, and left to the order step (which discards a journal whose certificate is
+stored): a version not newer than the desired one, one a rotation journal (this node's or
+another's) or the certificate's release names (rolled out, or rolled back from, already),
+and one :func:`version_refusal` refuses (revoked, compromised, destroyed, marked bad, expired,
+other names or key type). A keyCompromise renewal never takes an orphan: its key must be made
+now (``RenewRequest.fresh_key``). Why not the version and the rotation journal in one transaction
+instead: the file store cannot write two files atomically, and the release path would need a
+third combined write; the order journal is written before the version on every store
+already. What is left: an order whose journal could not be written (best effort, a full
+disk) has nothing to find it by, and its renewal orders again, as before.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
+from datetime import datetime
 
 from certd.config import CertificateConfig
 from certd.core.clock import isoformat
+from certd.core.model import spki_sha256
 from certd.core.rotation import Journal, Step
 from certd.core.errors import StoreError
+from certd.crypto import keys
+from certd.engine import releases
 from certd.engine.lifecycle import VersionStatus
 from certd.engine.ports import Ports
 from certd.ops.log import event
+from certd.store.port import LeaseLost, OrderJournal, VersionInfo
 
 log = logging.getLogger("certd")
+
+#: ``version_adopted``'s ``left_at`` for an orphan: stored, no rotation journal or release yet
+LEFT_STORED = "stored"
 
 #: the steps of a rotation still on its way forward (nothing failed yet)
 _FORWARD = frozenset({Step.ISSUED, Step.STAGED, Step.SWITCHED, Step.RELOADED, Step.VERIFIED})
@@ -74,19 +101,99 @@ def _unusable(ports: Ports, cert: CertificateConfig, current: int | None, j: Jou
         stored = ports.store.load_info(cert.name, j.to_version)
     except StoreError as e:
         return f"version {j.to_version} cannot be read: {e}"
-    status, info = VersionStatus.from_meta(stored.meta), stored.info
-    if status.revoked is not None or status.key_compromised or status.key_destroyed:
-        return f"version {j.to_version} was revoked or its key retired"
-    if info.not_after <= ports.clock.now():
-        return f"version {j.to_version} expired at {isoformat(info.not_after)}"
+    return version_refusal(cert, stored, ports.clock.now())
+
+
+def version_refusal(cert: CertificateConfig, stored: VersionInfo, now: datetime) -> str | None:
+    """Why ``stored`` must not be rolled out for ``cert`` at ``now`` by a renewal that did not
+    order it (a lapsed rotation's, an orphan): S3's "deployable" predicate (revoked, key
+    compromised or destroyed, marked bad by a release), expired, or other names or key type
+    than the configuration's; None if it may. Pure."""
+    refusal = VersionStatus.from_meta(stored.meta).deploy_refusal(cert.name, stored.version)
+    if refusal is not None:
+        return refusal
+    info = stored.info
+    if info.not_after <= now:
+        return f"version {stored.version} expired at {isoformat(info.not_after)}"
     if sorted(info.identifiers) != sorted(cert.identifiers) or info.key_type != cert.key_type:
-        return f"version {j.to_version} no longer matches the configuration (names or key type)"
+        return f"version {stored.version} no longer matches the configuration (names or key type)"
     return None
+
+
+def stored_from(journal: OrderJournal, stored: VersionInfo) -> bool:
+    """Whether ``stored`` holds the certificate of the order ``journal`` describes: it has the
+    journaled key and was stored after the journal was written (with ``reuse_key`` older
+    versions share the key). Pure."""
+    try:
+        spki = spki_sha256(keys.load_private_key(journal.key_pem).public_key())
+    except ValueError:
+        return False
+    created = stored.meta.get("created")
+    return stored.info.spki_sha256 == spki and isinstance(created, str) and created >= journal.created
+
+
+def orphan_refusal(cert: CertificateConfig, current: int | None, stored: VersionInfo, pointed: Collection[int],
+                   now: datetime) -> str | None:
+    """Why ``stored``, the journaled order's certificate, is not an orphan to roll out as this
+    renewal (``current``: the desired version; ``pointed``: the versions a rotation journal or
+    the release names), or None if it is. A version rolled out or rolled back from had a
+    rotation journal; one that never went further than the store had none. Pure."""
+    if current is not None and stored.version <= current:
+        return f"version {stored.version} is not newer than version {current}, the desired one"
+    if stored.version in pointed:
+        return f"a rotation or release took version {stored.version} already"
+    return version_refusal(cert, stored, now)
+
+
+def orphan(ports: Ports, cert: CertificateConfig, current: int | None) -> VersionInfo | None:
+    """The version a renewal of ``cert`` stored and died before rolling out (an orphan: see
+    above), to be rolled out instead of ordering again; None (nothing ordered and stored, or
+    not an orphan: the order step judges the journal as ever). The caller holds the lease.
+    One store call when no order is journaled."""
+    store = ports.store
+    try:
+        journal = store.load_order(cert.name)
+    except LeaseLost:
+        raise
+    except StoreError:
+        return None  # unreadable: the order step discards it
+    if journal is None:
+        return None
+    versions = store.versions(cert.name)
+    newest = store.load_info(cert.name, versions[-1]) if versions else None
+    if newest is None or not stored_from(journal, newest):
+        return None  # the order has not issued, or its certificate was not stored
+    why = orphan_refusal(cert, current, newest, _pointed(ports, cert.name), ports.clock.now())
+    if why is not None:
+        event(log, "orphan_not_adopted", name=cert.name, version=newest.version, reason=why)
+        return None
+    return newest
+
+
+def _pointed(ports: Ports, name: str) -> set[int]:
+    """The versions of ``name`` a rotation journal (this node's, another node's) or its release names."""
+    store = ports.store
+    journals = [store.load_journal(name), *store.foreign_rotations(name).values()]
+    found = {v for j in journals if j for v in (j.get("from_version"), j.get("to_version")) if isinstance(v, int)}
+    book = releases.book(ports)
+    release = book.get(name) if book is not None else None
+    return found | ({release.version} if release is not None else set())
 
 
 def _drop(ports: Ports, node: str, name: str, why: str) -> None:
     event(log, "rotation_dropped", logging.WARNING, name=name, node=node, reason=why)
     ports.store.drop_rotation(node, name)
+
+
+def adopt_orphan(ports: Ports, cert: CertificateConfig, current: int | None, stored: VersionInfo) -> tuple[str, str]:
+    """Audit that this renewal rolls out the orphan ``stored`` (``version_adopted``, left at
+    ``stored``); the initiator and reason of the renewal that ordered it, for its rotation."""
+    initiator, reason = str(stored.meta.get("initiator") or "scheduler"), str(stored.meta.get("reason") or "")
+    event(log, "version_adopted", logging.WARNING, name=cert.name, version=stored.version, step=LEFT_STORED)
+    ports.emit("version_adopted", cert.name, initiator=initiator, reason=reason, version=stored.version,
+               new_serial=stored.info.serial,
+               detail={"left_at": LEFT_STORED, "from_version": current, "stored": stored.meta.get("created")})
+    return initiator, reason
 
 
 def take_over(ports: Ports, node: str, j: Journal) -> None:

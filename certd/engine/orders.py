@@ -45,6 +45,7 @@ from certd.core.model import spki_sha256
 from certd.core.retry import NEW_ORDER
 from certd.core.rotation import CRASH_ENV
 from certd.crypto import keys
+from certd.engine import adopt
 from certd.engine.lifecycle import VersionStatus
 from certd.engine.ports import Ports, Say
 from certd.ops.log import event
@@ -112,10 +113,10 @@ class Orders:
         crash_at(CRASH_FINALIZED)
         return Issued(fullchain, key_pem, replaces, journaled, profile, ca.name)
 
-    def stored(self, name: str, issued: Issued) -> None:
-        """``issued`` is stored as a version: the order is done (no store write when it had
-        no journal: the common renewal pays nothing for clearing)."""
-        if issued.journaled:
+    def stored(self, name: str, journaled: bool) -> None:
+        """The order's certificate is stored as a version and a rotation journal or release
+        points to it: the order is done (no store write when it had no journal)."""
+        if journaled:
             self._clear(name)
 
     def failed(self, name: str, error: Exception) -> None:
@@ -206,21 +207,17 @@ class Orders:
 
     def _stored_already(self, name: str, journal: OrderJournal) -> str | None:
         """Why ``journal`` is done, if the newest stored version has its key and was stored
-        after it was written: its certificate is that version. The journal is cleared right
-        after the version is stored, but without an fsync of its own (it rides on the commit's),
-        so a power loss in between can bring a done journal back; resuming it would store the
-        same certificate again."""
+        after it was written: its certificate is that version. The journal is cleared once a
+        rotation journal or release points to that version (a version nothing points to yet is
+        rolled out before this is asked: :func:`certd.engine.adopt.orphan`), but without an
+        fsync of its own, so a power loss can bring a done journal back, or a database stopping
+        can keep one; resuming it would store the same certificate again."""
         store = self.ports.store
         versions = store.versions(name)
         if not versions:
             return None
         newest = store.load_info(name, versions[-1])
-        created = newest.meta.get("created")
-        try:
-            spki = spki_sha256(keys.load_private_key(journal.key_pem).public_key())
-        except ValueError:
-            return None  # judged by _compromised
-        if newest.info.spki_sha256 == spki and isinstance(created, str) and created >= journal.created:
+        if adopt.stored_from(journal, newest):  # an unreadable key is judged by _compromised
             return f"its certificate is stored already (version {newest.version})"
         return None
 

@@ -68,7 +68,9 @@ class RenewRequest:
     ``skip_backoff``: the CA is known to be back, so a failure backoff no longer holds it;
     ``ignore_duplicate_limit``: a forced renewal past the CA's duplicate-certificate limit;
     ``resume_only``: finish the order a stopped process journaled, if one is still journaled
-    once the lease is held, and order nothing new (a fleet node taking over a dead node's order)."""
+    once the lease is held, and order nothing new (a fleet node taking over a dead node's order);
+    ``fresh_key``: the new certificate needs a key made now (keyCompromise), so a version an
+    interrupted renewal stored (certd/engine/adopt.py, an orphan) is not rolled out instead."""
 
     cert: CertificateConfig
     force: bool = False
@@ -77,6 +79,7 @@ class RenewRequest:
     skip_backoff: bool = False
     ignore_duplicate_limit: bool = False
     resume_only: bool = False
+    fresh_key: bool = False
 
     @property
     def name(self) -> str:

@@ -31,7 +31,7 @@ from certd.crypto import certcheck, keys
 from certd.engine import adopt, attempts, keyage, releases
 from certd.engine.lifecycle import VersionStatus
 from certd.engine.failover import Failover, NothingResumed
-from certd.engine.orders import Orders
+from certd.engine.orders import Orders, crash_at
 from certd.engine.outcome import Outcome, RenewRequest, Result, with_resumed
 from certd.engine.planning import Planner
 from certd.engine.ports import Ports, Progress, Say, sayer
@@ -39,8 +39,13 @@ from certd.engine.rotations import Rotations
 from certd.engine.attempts import CertState
 from certd.ops.log import event
 from certd.store.files import StoredVersion
+from certd.store.port import VersionInfo
 
 log = logging.getLogger("certd")
+
+#: fault-injection point (``CERTD_CRASH_AT``): the new version is stored, no rotation journal or
+#: release points to it yet
+CRASH_STORED = "version_stored"
 
 
 class Renew:
@@ -97,6 +102,9 @@ class Renew:
         state = self.planner.load_state(cert.name)
         old_serial = stored.bundle.info.serial if stored else None
         reason, initiator = req.reason, req.initiator
+        orphaned = adopt.orphan(self.ports, cert, current) if not req.fresh_key else None
+        if orphaned is not None:  # stored by a renewal that died before its rotation: no second order
+            return self._roll_out_orphan(cert, current, state, orphaned, say)
         if req.resume_only:
             return self._resume(req, stored, state, say)
         if not req.force:
@@ -128,6 +136,18 @@ class Renew:
                                  lapsed.reason)
         j = self.rotations.drive(cert, j, say)
         return self.rotations.finish(cert, j, state, self.ports.clock.monotonic() - started)
+
+    def _roll_out_orphan(self, cert: CertificateConfig, current: int | None, state: CertState, orphan: VersionInfo,
+                         say: Say) -> Outcome:
+        """Roll out as this renewal the version a renewal stored and died before rolling out (see
+        :func:`certd.engine.adopt.orphan`): the CA issued it for this renewal already."""
+        started = self.ports.clock.monotonic()
+        initiator, reason = adopt.adopt_orphan(self.ports, cert, current, orphan)
+        say(f"rolling out version {orphan.version} (serial {orphan.info.serial}), which an interrupted renewal "
+            f"stored and did not roll out; nothing ordered")
+        attempts.note_issued(state, cert.identifiers, self.ports.clock.now())  # its state was never saved
+        return self._roll_out(cert, state, current, orphan.version, orphan.info.serial, initiator, reason, started,
+                              say, journaled=True)
 
     def _resume(self, req: RenewRequest, stored: StoredVersion | None, state: CertState, say: Say) -> Outcome:
         """Finish the order another process journaled, under the lease: never a fresh order, and
@@ -189,7 +209,6 @@ class Renew:
                 **({"ca": issued.ca, "ca_directory": _directory(ports, issued.ca)} if issued.ca else {}),
                 **({"ca_skipped": tried.skipped} if tried.skipped else {}),
             })
-            self.orders.stored(cert.name, issued)
         except NothingResumed as e:
             return Outcome(cert.name, Result.NOT_DUE, str(e), current)
         except OperationFailed as e:
@@ -207,14 +226,26 @@ class Renew:
                    old_serial=stored.bundle.info.serial if stored else None, spki_sha256=info.spki_sha256,
                    not_after=info.not_after, duration=clock.monotonic() - started,
                    detail=_issued_detail(issued.profile, issued.ca, tried.skipped))
-        released = releases.open_release(ports, self.planner, cert, state, current, version, info.serial, initiator,
+        return self._roll_out(cert, state, current, version, info.serial, initiator, reason, started, say,
+                              journaled=issued.journaled)
+
+    def _roll_out(self, cert: CertificateConfig, state: CertState, current: int | None, version: int, serial: str,
+                  initiator: str, reason: str, started: float, say: Say, *, journaled: bool) -> Outcome:
+        """Release the stored ``version`` or roll it out. The order journal is cleared only once
+        a release or a rotation journal points to the version: until then it is what lets the
+        next attempt find the version (:func:`certd.engine.adopt.orphan`) instead of ordering
+        again, should this process die or the database stop in between."""
+        crash_at(CRASH_STORED)
+        released = releases.open_release(self.ports, self.planner, cert, state, current, version, serial, initiator,
                                          reason)
         if released is not None:  # [certificate.rollout] in a fleet: the canaries deploy it first
+            self.orders.stored(cert.name, journaled)
             return released
         j = self.rotations.start(cert, "renew", current, version, initiator, reason)
+        self.orders.stored(cert.name, journaled)
         rotation.crash_point(Step.ISSUED)
         j = self.rotations.drive(cert, j, say)
-        return self.rotations.finish(cert, j, state, clock.monotonic() - started)
+        return self.rotations.finish(cert, j, state, self.ports.clock.monotonic() - started)
 
     def _key_for(self, cert: CertificateConfig, stored: StoredVersion | None, say: Say) -> bytes:
         """The stored key again (``reuse_key``, same type, not compromised, not too old for

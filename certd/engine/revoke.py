@@ -92,12 +92,14 @@ class Revoke:
             event(log, "revocation_failed", logging.ERROR, name=cert.name, error=str(e))
             return Outcome(cert.name, Result.FAILED, str(e))
 
-    def _rotate(self, cert: CertificateConfig, why: str, initiator: str, say: Say) -> Outcome:
-        """A forced renewal under the lock already held."""
+    def _rotate(self, cert: CertificateConfig, why: str, initiator: str, say: Say, *,
+                fresh_key: bool = False) -> Outcome:
+        """A forced renewal under the lock already held (``fresh_key``: keyCompromise, see RenewRequest)."""
         # not released in steps ([certificate.rollout]): a revocation moves the whole fleet off the
         # old certificate at once; an unfinished release is then superseded (certd/core/release.py)
         urgent = dataclasses.replace(cert, rollout=None)
-        return self.renew.locked(RenewRequest(urgent, force=True, reason=why, initiator=initiator), say)
+        return self.renew.locked(RenewRequest(urgent, force=True, reason=why, initiator=initiator, fresh_key=fresh_key),
+                                 say)
 
     def _locked(self, cert: CertificateConfig, reason: str, initiator: str,
                 say: Say) -> tuple[Outcome, str | None]:
@@ -153,7 +155,8 @@ class Revoke:
         errors = [e for sv in victims if sv.bundle.info.not_after > now   # expired ones need no revocation
                   and (e := self._revoke_one(cert, sv, reason, initiator, say))]
         say("renewing now with a fresh key")
-        renewed = self._rotate(cert, f"{reason}: serial {info.serial} revoked by {initiator}", initiator, say)
+        renewed = self._rotate(cert, f"{reason}: serial {info.serial} revoked by {initiator}", initiator, say,
+                               fresh_key=True)
         parts = [f"REVOCATION FAILED: {'; '.join(errors)}" if errors else f"revoked serial {info.serial} ({reason})",
                  renewed.message]
         left = [sv.version for sv in victims if not compromise.key_destroyed(self.ports, cert.name, sv.version)]

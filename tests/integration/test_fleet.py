@@ -112,6 +112,23 @@ def test_ordering_node_killed_between_new_order_and_finalize_another_completes_i
     wait_until(lambda: fleet.converged(2), timeout=30, interval=0.2, what="node 1 back on version 2")
 
 
+def test_ordering_node_killed_before_journaling_its_rotation_another_rolls_the_version_out(fleet: Fleet) -> None:
+    """The ordering node SIGKILLed after storing version 2, before any rotation journal or release points to it: another node rolls version 2 out instead of ordering again; the CA saw one order for the renewal."""
+    kill_node1_renewing(fleet, "version_stored")
+    assert fleet.store.versions("www") == [1, 2] and fleet.store.desired("www") == 1
+    assert fleet.store.load_order("www") is not None  # kept until a rotation journal or release points to 2
+    # the lease outlives the dead holder by its TTL, then node 2 or 3 finds the journaled order's version
+    wait_until(lambda: fleet.converged(2, fleet.nodes[1:]), timeout=90, interval=0.5, what="nodes 2-3 on version 2")
+    assert len(fleet.ca.orders_created) == 2, "a second certificate was ordered for one renewal"
+    assert fleet.store.versions("www") == [1, 2] and fleet.store.load_order("www") is None
+    (adopted,) = [r for r in fleet.store.audit.records if r["event"] == "version_adopted"]
+    assert adopted["version"] == 2 and adopted["detail"]["left_at"] == "stored"
+    fleet.nodes[0].env.daemons.clear()
+    fleet.nodes[0].env.start_daemon()
+    wait_until(lambda: fleet.converged(2), timeout=30, interval=0.2, what="node 1 back on version 2")
+    assert fleet.store.desired("www") == 2 and len(fleet.ca.orders_created) == 2
+
+
 def test_ordering_node_killed_after_storing_the_version_another_rolls_it_out(fleet: Fleet) -> None:
     """The ordering node SIGKILLed after storing the new version, before rolling it out: another node rolls that version out to the fleet; one certificate, and the node that died serves it once back."""
     kill_node1_renewing(fleet, "issued")  # its daemon dies after storing version 2

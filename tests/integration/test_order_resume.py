@@ -7,7 +7,9 @@ Three crash points (``CERTD_CRASH_AT``, certd/engine/orders.py): ``order_created
 accepted newOrder, its URL is not journaled (only the intent written before newOrder is: the
 next run finds the order in the account's orders list); ``order_journaled`` — the order
 exists and is journaled, no challenge answered, not finalized; ``order_finalized`` — the CA
-has issued and certd downloaded the chain, but no version is stored.
+has issued and certd downloaded the chain, but no version is stored. A third
+(certd/engine/renew.py): ``version_stored`` — the certificate is stored as a version, and no
+rotation journal points to it yet (certd/engine/adopt.py: an orphan).
 """
 
 from __future__ import annotations
@@ -71,6 +73,42 @@ def test_certd_killed_mid_order_resumes_it_and_the_ca_sees_one_order(
         assert site.served().fingerprint_sha256 == row["fingerprint_sha256"] != before.fingerprint_sha256
         assert (cert_dir / "versions" / "0002" / "privkey.pem").read_bytes() == journal_key
         assert not (cert_dir / "order.json").exists() and not (cert_dir / "order.key").exists()
+        site.assert_invariants()
+    finally:
+        ca.stop()
+
+
+@pytest.mark.parametrize("forced", [False, True])
+def test_certd_killed_after_storing_the_version_rolls_it_out_next_time_and_the_ca_sees_one_order(
+        tmp_path: Path, pebble_factory: Any, nginx_factory: Any, sites: list[FaultSite], forced: bool) -> None:
+    """Killed after storing version 2, before its rotation journal: the next renew (scheduled or forced) rolls version 2 out; one order at the CA, nginx serves it."""
+    peb = pebble_factory()
+    ca = HostileCA(peb, tmp_path).start()
+    try:
+        site = start(sites, make_site(tmp_path, peb, nginx_factory, directory=ca.directory_url))
+        before = site.served()
+        orders, issued = len(ca.orders_created), len(ca.finalized)
+        cert_dir = site.env.state_dir / "certs" / "www"
+
+        r = site.env.run("renew", "www", "--force", env={"CERTD_CRASH_AT": "version_stored"})
+        assert r.returncode == -9, r.stdout + r.stderr
+        assert (len(ca.orders_created), len(ca.finalized)) == (orders + 1, issued + 1)
+        assert site.versions() == [1, 2] and site.stored()["version"] == 1
+        assert site.served().fingerprint_sha256 == before.fingerprint_sha256
+
+        r = site.env.run(*(["renew", "www", "--force"] if forced else ["renew", "www"]), check=0)
+        assert "Traceback" not in r.stdout + r.stderr
+        assert len(ca.orders_created) == orders + 1, "a second order was placed for one renewal"
+        assert len(ca.finalized) == issued + 1
+        row = site.stored()
+        assert row["version"] == 2 and row["last_result"] == "success", row
+        assert site.versions() == [1, 2]
+        assert site.served().fingerprint_sha256 == row["fingerprint_sha256"] != before.fingerprint_sha256
+        assert not (cert_dir / "order.json").exists() and not (cert_dir / "order.key").exists()
+        audit = [json.loads(line) for line in (site.env.state_dir / "audit.jsonl").read_text().splitlines()]
+        (adopted,) = [a for a in audit if a["event"] == "version_adopted"]
+        assert adopted["version"] == 2 and adopted["detail"]["left_at"] == "stored", adopted
+        assert [a["version"] for a in audit if a["event"] == "renewed"][-1] == 2
         site.assert_invariants()
     finally:
         ca.stop()

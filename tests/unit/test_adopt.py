@@ -13,11 +13,13 @@ from cryptography.hazmat.primitives import serialization
 
 from certd.config import AcmeConfig, CertificateConfig, Config, DaemonConfig
 from certd.core.clock import FakeClock
-from certd.core.errors import StoreUnreachable
+from certd.core.errors import StoreUnreachable, VerificationFailed
 from certd.core.events import EventBus, LifecycleEvent
+from certd.engine.adopt import orphan_refusal, stored_from
 from certd.engine.manager import Manager
 from certd.store.memory import MemoryStore
-from tests.support.certs import make_leaf, shared_ca
+from certd.store.port import OrderJournal, VersionInfo
+from tests.support.certs import make_bundle, make_leaf, shared_ca
 
 CERT = CertificateConfig("www", ("www.example.test",))
 START = datetime(2026, 11, 1, tzinfo=timezone.utc)
@@ -33,16 +35,22 @@ class CA:
 
     clock: FakeClock
     orders: int = 0
+    revoked: int = 0
 
     def issue(self, cert: Any, key_pem: bytes, *, replaces: str | None = None, progress: Any = None,
               on_order: Any = None, before: Any = None) -> bytes:
         self.orders += 1
+        if on_order is not None:  # as the real issuer: right after newOrder (certd journals the order)
+            on_order(f"https://p.test/order/{self.orders}")
         key = serialization.load_pem_private_key(key_pem, password=None)
         leaf = make_leaf(shared_ca(), cert.domains, key=key, not_before=self.clock.now())  # type: ignore[arg-type]
         return leaf.bundle.fullchain_pem
 
     def renewal_info(self, cert_pem: bytes) -> None:
         return None
+
+    def revoke(self, cert_pem: bytes, reason: int) -> None:
+        self.revoked += 1
 
     def close(self) -> None:
         pass
@@ -56,6 +64,7 @@ class DyingEdges:
     die_at: set[int] = field(default_factory=set)
     switched: list[int] = field(default_factory=list)
     lost_ack: set[int] = field(default_factory=set)  # commits the store takes and whose reply is lost
+    fail_verify: set[int] = field(default_factory=set)
 
     def check_safe(self, cert: CertificateConfig) -> None:
         pass
@@ -82,6 +91,8 @@ class DyingEdges:
         return []
 
     def verify(self, version: int) -> bool:
+        if version in self.fail_verify:
+            raise VerificationFailed(f"version {version} is not served")
         return True
 
     def commit(self, version: int) -> None:
@@ -201,3 +212,153 @@ def test_a_commit_whose_reply_was_lost_is_finished_and_audited_not_dropped(
     assert ca.orders == 2, "one certificate per renewal"
     assert [e.version for e in one.events + two.events if e.kind == "renewed"] == [1, 2]
     assert data.load_rotation("node1", "www") is None and data.desired("www") == 2
+
+
+# --- a version stored and nothing else: an orphan (certd/engine/adopt.py) -------------------------
+
+
+class StoppingStore(MemoryStore):
+    """A node's store whose first rotation-journal write ends the node (``stop``): ``Died``
+    (SIGKILL), or the database stopping (``StoreUnreachable``, and every write after fails too).
+    It keeps the order journals it was given (a power loss may bring one back)."""
+
+    def __init__(self, data: MemoryStore, node: str, stop: type[BaseException] | None) -> None:
+        super().__init__(clock=data._clock, node=node, _data=data._d)
+        self.stop, self.stopped = stop, False
+        self.journals: list[Any] = []
+
+    def save_rotation(self, node: str, name: str, journal: dict[str, Any] | None, *, lease: Any = None) -> None:
+        if self.stop is not None and journal is not None:
+            self.stopped = True
+            raise self.stop("PostgreSQL store: database unreachable: the server stopped") \
+                if self.stop is StoreUnreachable else self.stop()
+        super().save_rotation(node, name, journal, lease=lease)
+
+    def save_order(self, name: str, order: Any, *, lease: Any = None) -> None:
+        if self.stopped:
+            raise StoreUnreachable("PostgreSQL store: database unreachable: the server stopped")
+        if order is not None:
+            self.journals.append(order)
+        super().save_order(name, order, lease=lease)
+
+
+def stored_then_stopped(tmp_path: Path, data: MemoryStore, ca: CA, clock: FakeClock,
+                        stop: type[BaseException]) -> Node:
+    """node1 issued version 1; when it was due, stored version 2 and stopped (``stop``) writing its rotation's first journal step."""
+    one = node(tmp_path, data, ca, clock, "node1")
+    assert one.manager.renew_one(CERT, force=True).result == "renewed"
+    clock.advance(timedelta(days=70).total_seconds())  # 2/3 of 90 days: due
+    dying = StoppingStore(data, "node1", stop)
+    one.manager.ports = replace(one.manager.ports, store=dying)
+    if stop is Died:
+        with pytest.raises(Died):
+            one.manager.renew_one(CERT)
+    else:
+        assert one.manager.renew_one(CERT).result == "failed"
+    assert data.versions("www") == [1, 2] and data.desired("www") == 1
+    journal = data.load_rotation("node1", "www")  # its last rotation's, to version 1: none points to 2
+    assert journal is not None and journal["to_version"] == 1 and data.load_order("www") is not None
+    assert ca.orders == 2
+    return one
+
+
+@pytest.mark.parametrize("stop", [Died, StoreUnreachable])
+@pytest.mark.parametrize("who", ["node1 renews", "node2 finishes"])
+def test_a_version_stored_before_its_rotation_journal_is_rolled_out_not_ordered_again(
+        tmp_path: Path, fleet: tuple[MemoryStore, CA, FakeClock], stop: type[BaseException], who: str) -> None:
+    """Version 2 stored, then the node died or the database stopped before its rotation journal: the next attempt (the node's scheduled renewal, or another node finishing the journaled order) rolls version 2 out and orders nothing."""
+    data, ca, clock = fleet
+    stored_then_stopped(tmp_path, data, ca, clock, stop)
+    nxt = node(tmp_path, data, ca, clock, "node1" if who == "node1 renews" else "node2")
+    out = nxt.manager.renew_one(CERT) if who == "node1 renews" else \
+        nxt.manager.resume_order(CERT, initiator="node=node2")
+    assert out.result == "renewed" and out.version == 2, out.message
+    assert ca.orders == 2, "one certificate per renewal"
+    assert (data.versions("www"), data.desired("www")) == ([1, 2], 2)
+    assert nxt.edges.switched == [2] and data.load_order("www") is None
+    (adopted,) = [e for e in nxt.events if e.kind == "version_adopted"]
+    assert adopted.version == 2 and adopted.detail["left_at"] == "stored" and adopted.detail["from_version"] == 1
+    assert [e.version for e in nxt.events if e.kind == "renewed"] == [2]
+    assert nxt.manager.renew_one(CERT).result == "not_due" and ca.orders == 2
+
+
+def test_a_version_rolled_back_from_is_not_rolled_out_again(
+        tmp_path: Path, fleet: tuple[MemoryStore, CA, FakeClock]) -> None:
+    """Version 2 failed its verify and was rolled back; its order journal came back (a power loss lost the clearing): version 2, newer than the desired version, is not taken for an orphan; the next renewal orders afresh."""
+    data, ca, clock = fleet
+    one = node(tmp_path, data, ca, clock, "node1")
+    assert one.manager.renew_one(CERT, force=True).result == "renewed"
+    keeping = StoppingStore(data, "node1", None)
+    one.manager.ports = replace(one.manager.ports, store=keeping)
+    one.edges.fail_verify.add(2)
+    assert one.manager.renew_one(CERT, force=True).result == "rolled_back"
+    assert (data.versions("www"), data.desired("www"), data.load_order("www")) == ([1, 2], 1, None)
+    with data.lock("www"):
+        data.save_order("www", keeping.journals[-1])  # back from the dead
+    out = one.manager.renew_one(CERT, force=True)
+    assert out.result == "renewed" and out.version == 3, out.message
+    assert ca.orders == 3 and not [e for e in one.events if e.kind == "version_adopted"]
+
+
+@pytest.mark.parametrize("mark", [{"revoked": {"reason": "superseded"}}, {"key_compromised": True},
+                                  {"release_bad": {"state": "aborted", "reason": "canary node2 failed"}}])
+def test_an_orphan_revoked_compromised_or_bad_is_not_rolled_out(
+        tmp_path: Path, fleet: tuple[MemoryStore, CA, FakeClock], mark: dict[str, Any]) -> None:
+    """An orphan version marked revoked, compromised or bad since (S3) is never rolled out; the renewal orders afresh."""
+    data, ca, clock = fleet
+    stored_then_stopped(tmp_path, data, ca, clock, Died)
+    with data.lock("www"):
+        data.update_meta("www", 2, mark)
+    two = node(tmp_path, data, ca, clock, "node2")
+    out = two.manager.renew_one(CERT)
+    assert out.result == "renewed" and out.version == 3, out.message
+    assert ca.orders == 3 and two.edges.switched == [3]
+
+
+def test_a_key_compromise_renewal_does_not_roll_out_an_orphan(
+        tmp_path: Path, fleet: tuple[MemoryStore, CA, FakeClock]) -> None:
+    """Revoking for keyCompromise renews with a key made now: an orphan's key, made before, is not taken instead."""
+    data, ca, clock = fleet
+    one = stored_then_stopped(tmp_path, data, ca, clock, Died)
+    one.manager.ports = replace(one.manager.ports, store=data.handle("node1"))
+    out = one.manager.revoke(CERT, "keyCompromise")
+    assert out.version == 3 and ca.revoked == 1, out.message
+    assert ca.orders == 3 and not [e for e in one.events if e.kind == "version_adopted"]
+
+
+def _version(version: int = 2, meta: dict[str, Any] | None = None, **info: Any) -> VersionInfo:
+    """Version ``version`` of www, valid 90 days from START (``info``: CertInfo fields to change)."""
+    base = make_bundle(CERT.identifiers, not_before=START).info
+    return VersionInfo("www", version, replace(base, **info), {"created": "2026-11-01T00:00:05Z", **(meta or {})})
+
+
+@pytest.mark.parametrize("current, version, pointed, want", [
+    (1, _version(), (), None),                                          # the orphan: rolled out
+    (None, _version(1), (), None),                                      # a first issuance's orphan too
+    (2, _version(), (), "not newer than version 2"),                    # desired already: nothing to do
+    (3, _version(), (), "not newer than version 3"),                    # rolled back past it
+    (1, _version(), (1, 2), "took version 2 already"),                  # a rotation (or rollback) names it
+    (1, _version(meta={"revoked": {"reason": "superseded"}}), (), "was revoked"),
+    (1, _version(meta={"key_compromised": True}), (), "compromised key"),
+    (1, _version(meta={"key_destroyed": True}), (), "was destroyed"),
+    (1, _version(meta={"release_bad": {"state": "aborted", "reason": "canary failed"}}), (), "marked bad"),
+    (1, _version(not_after=START + timedelta(days=1)), (), "expired at"),
+    (1, _version(domains=("other.example.test",)), (), "no longer matches the configuration"),
+    (1, _version(key_type="rsa-2048"), (), "no longer matches the configuration"),
+])
+def test_orphan_refusal(current: int | None, version: VersionInfo, pointed: tuple[int, ...], want: str | None) -> None:
+    """A stored version the journaled order yielded is rolled out instead of ordering only when newer than the desired one, named by no rotation or release, deployable (S3), unexpired and still the configuration's."""
+    got = orphan_refusal(CERT, current, version, pointed, START + timedelta(days=2))
+    assert (got is None) if want is None else (got is not None and want in got), got
+
+
+def test_stored_from_matches_the_journaled_key_stored_after_the_journal() -> None:
+    """The journaled order's certificate is the version with its key stored after the journal was written (with reuse_key, older versions share the key)."""
+    bundle = make_bundle(CERT.identifiers, not_before=START)
+    stored = VersionInfo("www", 2, bundle.info, {"created": "2026-11-01T00:00:05Z"})
+    journal = OrderJournal("https://p.test/order/2", bundle.key_pem, "2026-11-01T00:00:01Z")
+    assert stored_from(journal, stored)
+    assert not stored_from(replace(journal, created="2026-11-01T00:00:09Z"), stored)  # an older version, same key
+    assert not stored_from(replace(journal, key_pem=make_bundle(CERT.identifiers).key_pem), stored)
+    assert not stored_from(replace(journal, key_pem=b"not a key"), stored)
+    assert not stored_from(journal, replace(stored, meta={}))
