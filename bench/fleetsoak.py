@@ -28,7 +28,12 @@ past its emergency point, a tenth of its lifetime before expiry, or any node's a
 past it at the end; a node with no applied version recorded then — another node adopted the
 rotation a SIGKILL interrupted on it and it has not re-applied yet — is judged by what it
 serves, by a handshake); orders = renewals (newOrders Pebble accepted during the soak = ``renewed``
-audit records, one per committed renewal); every node's exit status 0 and no exit nobody caused.
+audit records, one per committed renewal, plus the orders the CA itself invalidated because a
+validation failed — each one a ``renewal_failed`` record whose problem the CA answered at the
+challenge, as when the node answering the validation is SIGKILLed under it: a new order is the
+only way on after an invalid authorization, RFC 8555 §7.1.6), and certificates finalized =
+renewals (no second certificate for one renewal); every node's exit status 0 and no exit nobody
+caused.
 
 Pebble 2.10 offers a short certificate's whole lifetime as its ARI window, and certd draws from
 it up to a third of the lifetime left (core/policy.py): 60 s before expiry for these certificates,
@@ -425,6 +430,8 @@ def run(fleet: Fleet, rng: random.Random, seed: int) -> tuple[bool, dict[str, An
     # a renewal commits (``renewed``), or with --rollout stores its version and opens a release
     renewed = [r for r in records if r["event"] in ("renewed", "release_opened")]
     failed_applies = [r for r in records if r["event"] == "node_applied" and r.get("outcome") != "success"]
+    invalidated = [r for r in records if r["event"] == "renewal_failed"
+                   and (r.get("detail") or {}).get("where") == "challenge"]
     orders, finalized = len(fleet.ca.orders_created) - orders0, len(fleet.ca.finalized) - finalized0
     bad = list(watch.bad)
     unexpected = sum(n.unexpected_exits for n in fleet.nodes)
@@ -434,6 +441,7 @@ def run(fleet: Fleet, rng: random.Random, seed: int) -> tuple[bool, dict[str, An
         "renewals": len(renewed),
         "desired_version_moves": sum((desired[n] or 0) - (desired0[n] or 0) for n in names),
         "orders": orders, "finalized": finalized,
+        "orders_invalidated_by_validation": len(invalidated),
         "probes": sum(watch.counts.values()), "probe_categories": dict(watch.counts),
         "bad_probes": len(bad),
         "missed_rotations": len(watch.missed) + len(stale),
@@ -453,8 +461,11 @@ def run(fleet: Fleet, rng: random.Random, seed: int) -> tuple[bool, dict[str, An
     summary["_detail"] = {"bad": [f"{r.category} {r.target}: {r.detail}" for r in bad[:10]],
                           "missed": [f"{k} serial {s}" for k, s in sorted(watch.missed)[:10]] + stale[:10],
                           "failed_applies": [f"{r['name']} v{r.get('version')} {r.get('detail', {}).get('node')}: "
-                                             f"{r.get('reason')}" for r in failed_applies[:5]]}
-    ok = (not bad and not watch.missed and not stale and orders == len(renewed) and unexpected == 0
+                                             f"{r.get('reason')}" for r in failed_applies[:5]],
+                          "invalidated": [f"{r['name']} at {r.get('time')}: {r['detail'].get('problem')}"
+                                          for r in invalidated[:5]]}
+    ok = (not bad and not watch.missed and not stale and orders == len(renewed) + len(invalidated)
+          and finalized == len(renewed) and unexpected == 0
           and all(s == 0 for s in statuses.values()))
     return ok, summary
 
@@ -465,7 +476,8 @@ def report(ok: bool, s: dict[str, Any]) -> None:
     print(f"  renewals (audit 'renewed'/'release_opened'): {s['renewals']}  (desired versions moved "
           f"{s['desired_version_moves']})")
     print(f"  orders at the CA / certificates finalized:   {s['orders']} / {s['finalized']}  "
-          f"(target: orders = renewals)")
+          f"(targets: orders = renewals + orders invalidated by a failed validation "
+          f"({s['orders_invalidated_by_validation']}), finalized = renewals)")
     print(f"  probes (TLS handshakes, every node, name):   {s['probes']}  {s['probe_categories']}")
     print(f"  bad probes (expired/untrusted/name/handshake): {s['bad_probes']}  (target 0)")
     print(f"  missed rotations (past emergency point):     {s['missed_rotations']}  (target 0)")

@@ -60,6 +60,17 @@ def classify(error: BaseException | None) -> retry.Rule:
     return retry.rule_for(getattr(error, "problem_type", None), getattr(error, "where", None))
 
 
+def problem_detail(error: BaseException | None) -> dict[str, str]:
+    """The CA's problem (short type) and where in the order it answered, for a ``renewal_failed``
+    audit record: an auditor tells a failed validation (an order the CA invalidated) from a
+    refusal of the order, or from a failure on our side (no problem)."""
+    problem = retry.short(getattr(error, "problem_type", None))
+    if problem is None:
+        return {}
+    where = getattr(error, "where", None)
+    return {"problem": problem, **({"where": where} if where else {})}
+
+
 def note_failure(state: CertState, error: BaseException | None, now: datetime, backoff: timedelta) -> retry.Rule:
     """Record the kind of a failure in ``state`` (the caller counts ``state.failures``) and
     when the next try may come; returns the rule that applied."""

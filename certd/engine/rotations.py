@@ -148,6 +148,7 @@ class Rotations:
         detail: dict[str, Any] = {"failures": state.failures + 1, "error": error}
         if failed_step is not None:
             detail["failed_step"] = failed_step
+        detail.update(attempts.problem_detail(exc))
         # reason: why the renewal was asked for (the operator's --reason); the error goes in detail
         self.ports.emit("renewal_failed", cert.name, outcome=result, reason=reason, detail=detail, initiator=initiator)
         notes = carry_notes(state)

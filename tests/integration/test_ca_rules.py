@@ -15,6 +15,7 @@ tests.support.hostile_ca proxy, which counts orders and answers what Pebble cann
 from __future__ import annotations
 
 import datetime as dt
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,9 @@ def test_a_refused_name_is_held_and_a_rate_limited_one_waits_for_retry_after(
         assert (row["state"], row["problem"]) == ("held", "connection"), row
         held_for = dt.datetime.fromisoformat(row["retry_after"].replace("Z", "+00:00")) - dt.datetime.now(dt.timezone.utc)
         assert dt.timedelta(minutes=19) < held_for <= dt.timedelta(minutes=20, seconds=1), row  # to the second
+        audit = [json.loads(x) for x in (env.state_dir / "audit.jsonl").read_text().splitlines()]
+        failed = [r["detail"] for r in audit if r["event"] == "renewal_failed" and r["name"] == "unreachable"]
+        assert [(d.get("problem"), d.get("where")) for d in failed] == [("connection", "challenge")] * 2, failed
 
         wait_until(lambda: time.monotonic() - started >= WATCH, timeout=WATCH + 5, what="a minute of certd run")
         assert len(orders_for(ca, BLOCKED)) == 1, ca.new_orders
