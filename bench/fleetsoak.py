@@ -462,12 +462,29 @@ def run(fleet: Fleet, rng: random.Random, seed: int) -> tuple[bool, dict[str, An
                           "missed": [f"{k} serial {s}" for k, s in sorted(watch.missed)[:10]] + stale[:10],
                           "failed_applies": [f"{r['name']} v{r.get('version')} {r.get('detail', {}).get('node')}: "
                                              f"{r.get('reason')}" for r in failed_applies[:5]],
+                          "unrecorded_renewals": unrecorded_renewals(names, desired0, desired, renewed, records),
                           "invalidated": [f"{r['name']} at {r.get('time')}: {r['detail'].get('problem')}"
                                           for r in invalidated[:5]]}
     ok = (not bad and not watch.missed and not stale and orders == len(renewed) + len(invalidated)
           and finalized == len(renewed) and unexpected == 0
           and all(s == 0 for s in statuses.values()))
     return ok, summary
+
+
+def unrecorded_renewals(names: list[str], desired0: dict[str, int | None], desired: dict[str, int | None],
+                        renewed: list[dict[str, Any]], records: list[dict[str, Any]]) -> list[str]:
+    """Each name whose desired version moved more often than it has renewal records, with its
+    audit trail (event, version, initiator): where to start reading the nodes' logs when
+    renewals and orders disagree."""
+    out = []
+    for n in names:
+        moves = (desired[n] or 0) - (desired0[n] or 0)
+        if moves != sum(1 for r in renewed if r["name"] == n):
+            trail = [f"{r['event']}@{r.get('time', '')[11:19]} v{r.get('version')} {r.get('initiator')}"
+                     for r in records if r["name"] == n and r["event"] not in ("node_applied", "deployed",
+                                                                                "verified", "version_pruned")]
+            out.append(f"{n} moved {moves}: {'; '.join(trail)}")
+    return out[:10]
 
 
 def report(ok: bool, s: dict[str, Any]) -> None:
