@@ -26,7 +26,7 @@ from certd.engine.lifecycle import VersionStatus
 from certd.engine.ports import IssuerPort
 from certd.engine.statebook import Change, StateBook, adopt
 from certd.engine.statusindex import Entry, StatusIndex, row_state
-from certd.core.errors import OperationFailed, StoreError
+from certd.core.errors import OperationFailed, StoreError, StoreUnreachable
 from certd.ops.log import event
 from certd.core.model import CertInfo
 from certd.core.policy import ari_poll_interval
@@ -178,6 +178,9 @@ class Planner:
                 or now >= hit.decision.renew_at:
             try:
                 hit = self._gather(cert, token)
+            except StoreUnreachable as e:  # the fleet's database, not this certificate (store_down says so once):
+                # the last known facts while it is away, never "broken" (no cert_broken record for every name)
+                return hit if hit is not None else self._broken(cert, token, str(e), now)
             except StoreError as e:  # one broken certificate never stops the rest (issue 12, F8)
                 hit = self._broken(cert, token, str(e), now)
             if hit.broken is not None and (prev := self._cache.get(cert.name)) is not None \

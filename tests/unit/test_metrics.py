@@ -177,3 +177,26 @@ def test_a_broken_certificate_is_flagged_and_the_others_still_exported(tmp_path)
     assert row["state"] == "broken" and row["broken_reason"]
     manager.status(manager.config.certificate("www"))
     assert [e.kind for e in seen if e.name == "www"] == ["cert_broken"]
+
+
+def test_a_fleet_database_out_of_reach_keeps_the_last_known_facts_and_breaks_nothing(tmp_path, monkeypatch):
+    """The fleet's database goes away (a failover): every certificate keeps the status row it
+    had, none is flagged broken and no cert_broken record is written for each
+    name — the daemon's store_down says it once. (Seen in the fleet soak: a PostgreSQL restart
+    turned certificates 'broken' with a cert_broken audit record apiece.)"""
+    from certd.core.errors import StoreUnreachable
+    metrics, manager = setup(tmp_path)
+    seen: list[LifecycleEvent] = []
+    manager.events.subscribe(seen.append)
+    store_version(manager, "www")
+    before = manager.status(manager.config.certificate("www"))
+    assert before["version"] == 1
+
+    def away(*_: object, **__: object) -> None:
+        raise StoreUnreachable("PostgreSQL store: database unreachable: connection refused")
+    for method in ("change_token", "current", "load", "load_info", "versions", "load_state"):
+        monkeypatch.setattr(manager.store, method, away, raising=False)
+    assert get(samples(metrics), "certd_certificate_broken", name="www") != 1  # skipped while unreadable
+    row = manager.status(manager.config.certificate("www"))
+    assert row["state"] != "broken" and row["version"] == 1, row
+    assert [e.kind for e in seen if e.kind == "cert_broken"] == []
