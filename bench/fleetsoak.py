@@ -347,11 +347,14 @@ def convergence(records: list[dict[str, Any]], nodes: int) -> dict[str, Any]:
     nodes applying it (``node_applied`` success): p50, p95, max, and renewals some node never
     applied before the end (a later version overtook it, or the soak ended first)."""
     committed = {(r["name"], r["version"]): _epoch(r) for r in records if r["event"] == "renewed"}
-    applied: dict[tuple[str, int], list[float]] = {}
-    for r in records:
+    applied: dict[tuple[str, int], dict[str, float]] = {}  # each node's FIRST apply: a re-apply after
+    for r in records:                                        # a SIGKILL is not how long the first took
         if r["event"] == "node_applied" and r.get("outcome") == "success":
-            applied.setdefault((r["name"], r["version"]), []).append(_epoch(r))
-    lags = sorted(max(applied[k]) - t for k, t in committed.items() if len(applied.get(k, [])) >= nodes - 1)
+            first = applied.setdefault((r["name"], r["version"]), {})
+            node = str((r.get("detail") or {}).get("node"))
+            first[node] = min(first.get(node, _epoch(r)), _epoch(r))
+    lags = sorted(max(applied[k].values()) - t for k, t in committed.items()
+                  if len(applied.get(k, {})) >= nodes - 1)
     if not lags:
         return {"p50": None, "p95": None, "max": None, "not_everywhere": len(committed)}
     return {"p50": round(lags[len(lags) // 2], 1), "p95": round(lags[min(len(lags) - 1, int(len(lags) * 0.95))], 1),
