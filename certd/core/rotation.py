@@ -51,7 +51,7 @@ from datetime import datetime
 from typing import Any, Callable, Collection, Protocol
 
 from certd.core.clock import Clock, isoformat
-from certd.core.errors import HookFailed, OperationFailed, StoreError, VerificationFailed
+from certd.core.errors import HookFailed, OperationFailed, StoreError, StoreUnreachable, VerificationFailed
 
 
 class Step(str, enum.Enum):
@@ -228,12 +228,18 @@ def drive(j: Journal, effects: Effects, save: Callable[[Journal], None], clock: 
     step (a rotation of a certificate with no deploy targets writes its journal twice, not six
     times). ``on_step`` is told of every new step (for progress output and audit). A commit
     failure (the store could not record the new current version) leaves the journal at the
-    step before the commit so the next run finishes it; the error propagates.
+    step before the commit so the next run finishes it; the error propagates. So does a store
+    out of reach (a fleet's database restarting) at any step: the certificate is not at fault,
+    rolling back would need the same database, and rolling back a good certificate would make
+    the next attempt order another one (the fleet soak: two orders for one renewal); the next
+    run resumes the rotation where the journal says, as after a crash.
     """
     while (action := next_action(j)) is not None:
         try:
             _perform(action, j, effects)
             error = None
+        except StoreUnreachable:
+            raise
         except OperationFailed as e:
             if action == Action.COMMIT:
                 raise

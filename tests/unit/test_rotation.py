@@ -6,7 +6,7 @@ import pytest
 
 from certd.core import rotation
 from certd.core.clock import FakeClock
-from certd.core.errors import HookFailed, StoreError, VerificationFailed
+from certd.core.errors import HookFailed, StoreError, StoreUnreachable, VerificationFailed
 from certd.core.rotation import Action, Journal, Step
 
 
@@ -188,6 +188,24 @@ def test_commit_failure_leaves_the_journal_resumable_at_verified():
     assert saved[-1].step == Step.VERIFIED
     fx.fail.clear()
     j = rotation.drive(saved[-1], fx, saved.append, clock)
+    assert j.step == Step.COMMITTED
+
+
+@pytest.mark.parametrize("failing", ["stage", "switch", "reload", "verify"])
+def test_a_store_out_of_reach_leaves_the_rotation_to_resume_not_to_roll_back(failing: str) -> None:
+    """A fleet's database restarting under a step (StoreUnreachable): the error surfaces, the
+    journal stays at the step before (nothing rolled back: the certificate is good, and rolling it
+    back made the next attempt order another one), and the next run finishes the rotation."""
+    fx = FakeEffects({(failing, 2): StoreUnreachable("PostgreSQL store: database unreachable")})
+    clock = FakeClock()
+    saved: list[Journal] = []
+    j0 = rotation.start("www", "renew", 1, 2, clock.now(), initiator="t", reason="")
+    with pytest.raises(StoreUnreachable):
+        rotation.drive(j0, fx, saved.append, clock)
+    assert all(j.step not in (Step.ROLLING_BACK, Step.ROLLED_BACK, Step.FAILED) for j in saved), saved
+    assert ("stage", 1) not in fx.calls
+    fx.fail.clear()
+    j = rotation.drive(saved[-1] if saved else j0, fx, saved.append, clock)
     assert j.step == Step.COMMITTED
 
 
