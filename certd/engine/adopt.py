@@ -28,15 +28,15 @@ journal that ordered it is still stored, and its key is that version's key. :fun
 finds it — one store call (``load_order``) when nothing is journaled, which is every renewal
 attempt but these — and the renewal rolls the version out as itself (``version_adopted``,
 ``left_at = "stored"``; then ``renewed``) instead of ordering; on one host too (a SIGKILL).
-Not an orphan, and left to the order step (which discards a journal whose certificate is
-stored): a version not newer than the desired one, one a rotation journal (this node's or
-another's) or the certificate's release names (rolled out, or rolled back from, already),
-and one :func:`version_refusal` refuses (revoked, compromised, destroyed, marked bad, expired,
-other names or key type, a CA no longer configured for the certificate or a profile it no longer
-requires), or whose order :func:`journal_refusal` refuses as the order step would (another CA
-directory, names, key type or profile: the operator moved the certificate from a staging CA
-to production after the first issuance died). Such a journal is done and is cleared at once.
-A keyCompromise renewal never takes an orphan: its key must be made now
+Not an orphan (its journal is done, and cleared at once: the order step would discard it too,
+its certificate being stored, but only when an attempt orders): a version not newer than the
+desired one, one a rotation journal (this node's or another's) or the certificate's release
+names (rolled out, or rolled back from, already), and one :func:`version_refusal` refuses
+(revoked, compromised, destroyed, marked bad, expired, other names or key type, a CA no longer
+configured for the certificate or a profile it no longer requires), or whose order
+:func:`journal_refusal` refuses as the order step would (another CA directory, names, key type
+or profile: the operator moved the certificate from a staging CA to production after the first
+issuance died). A keyCompromise renewal never takes an orphan: its key must be made now
 (``RenewRequest.fresh_key``). Why not the version and the rotation journal in one transaction
 instead: the file store cannot write two files atomically, and the release path would need a
 third combined write; the order journal is written before the version on every store
