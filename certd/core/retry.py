@@ -15,10 +15,15 @@ A CA's answer says what kind of failure it was, and each kind waits differently:
   One held failure is retried once early: ``connection`` at the challenge (the CA could not
   connect, or read EOF) is the one failed validation that a restart, a deploy or a node dying
   while the CA's request was on it produces by itself — in a fleet another node would have
-  answered. Its rule says ``retry_first``: the first refusal of a row waits
+  answered. Its rule says ``retry_first``: a refusal that starts a row waits
   :data:`FIRST_RETRY` (30 s, as certmagic retries within a minute; one more failed validation
   is well inside the CA's limit) and counts 0 on the schedule, so a second refusal in a row, of
-  any held kind, holds 20 min and the schedule goes on from there.
+  any held kind, holds 20 min and the schedule goes on from there. The early retry is granted
+  at most once per :data:`EARLY_RETRY_EVERY` (an hour) per certificate (:func:`early_allowed`,
+  the certificate's state keeps when): a row is ended by any other kind of failure in between
+  (a transient one), and granting 30 s to every row would let connection failures
+  interleaved with others spend the CA's failed-validation limit (Let's Encrypt: 5 per name per
+  account per hour; two certificates sharing a name spend it twice as fast).
 
 The table :data:`RULES` maps (problem type, where it happened) to a kind, each row citing the
 RFC section that defines the problem. A problem not in the table keeps today's backoff.
@@ -42,6 +47,8 @@ HOLD_FIRST = timedelta(minutes=20)
 HOLD_CAP = timedelta(hours=24)
 #: The early retry of a row started by a rule with ``retry_first`` (count 0 on the schedule).
 FIRST_RETRY = timedelta(seconds=30)
+#: At most one early retry per certificate in this long (the CA counts failed validations per hour).
+EARLY_RETRY_EVERY = timedelta(hours=1)
 
 
 @dataclass(frozen=True)
@@ -115,14 +122,23 @@ def rule_for(problem_type: str | None, where: str | None) -> Rule:
     return RULES.get((code, where)) or RULES.get((code, None)) or _DEFAULT
 
 
-def count_after(rule: Rule, previous_kind: str | None, previous_count: int) -> int:
+def count_after(rule: Rule, previous_kind: str | None, previous_count: int, *, early: bool = True) -> int:
     """The failures of ``rule.kind`` in a row once a failure under ``rule`` is counted, the one
     before being of ``previous_kind`` (None: none since the last success), ``previous_count`` of
     them in a row. A held row started by a rule with ``retry_first`` counts 0 (its wait is
-    :data:`FIRST_RETRY`); the next held refusal in a row counts 1 (20 min), and so on."""
+    :data:`FIRST_RETRY`) when ``early`` (no early retry for the certificate within the last
+    hour: :func:`early_allowed`), else 1; the next held refusal in a row counts 1 more (20 min,
+    1 h ...). A CA's own row in a failover (``ca_waits``) ends only when that CA issues, so it
+    keeps the default."""
     if previous_kind == rule.kind:
         return previous_count + 1
-    return 0 if rule.retry_first else 1
+    return 0 if rule.retry_first and early else 1
+
+
+def early_allowed(last_early: datetime | None, now: datetime) -> bool:
+    """Whether a row started at ``now`` may have the early retry, the last one granted to the
+    certificate at ``last_early`` (None: never): once per :data:`EARLY_RETRY_EVERY`."""
+    return last_early is None or now - last_early >= EARLY_RETRY_EVERY
 
 
 def hold_delay(held_failures: int) -> timedelta:

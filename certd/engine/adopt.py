@@ -28,12 +28,16 @@ journal that ordered it is still stored, and its key is that version's key. :fun
 finds it — one store call (``load_order``) when nothing is journaled, which is every renewal
 attempt but these — and the renewal rolls the version out as itself (``version_adopted``,
 ``left_at = "stored"``; then ``renewed``) instead of ordering; on one host too (a SIGKILL).
-Not an orphan, and left to the order step (which discards a journal whose certificate is
-stored): a version not newer than the desired one, one a rotation journal (this node's or
-another's) or the certificate's release names (rolled out, or rolled back from, already),
-and one :func:`version_refusal` refuses (revoked, compromised, destroyed, marked bad, expired,
-other names or key type). A keyCompromise renewal never takes an orphan: its key must be made
-now (``RenewRequest.fresh_key``). Why not the version and the rotation journal in one transaction
+Not an orphan (its journal is done, and cleared at once: the order step would discard it too,
+its certificate being stored, but only when an attempt orders): a version not newer than the
+desired one, one a rotation journal (this node's or another's) or the certificate's release
+names (rolled out, or rolled back from, already), and one :func:`version_refusal` refuses
+(revoked, compromised, destroyed, marked bad, expired, other names or key type, a CA no longer
+configured for the certificate or a profile it no longer requires), or whose order
+:func:`journal_refusal` refuses as the order step would (another CA directory, names, key type
+or profile: the operator moved the certificate from a staging CA to production after the first
+issuance died). A keyCompromise renewal never takes an orphan: its key must be made now
+(``RenewRequest.fresh_key``). Why not the version and the rotation journal in one transaction
 instead: the file store cannot write two files atomically, and the release path would need a
 third combined write; the order journal is written before the version on every store
 already. What is left: an order whose journal could not be written (best effort, a full
@@ -43,10 +47,12 @@ disk) has nothing to find it by, and its renewal orders again, as before.
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection
+from collections.abc import Collection, Mapping, Sequence
 from datetime import datetime
+from typing import Any
 
-from certd.config import CertificateConfig
+from certd.acme import resume
+from certd.config import AcmeConfig, CertificateConfig
 from certd.core.clock import isoformat
 from certd.core.model import spki_sha256
 from certd.core.rotation import Journal, Step
@@ -101,14 +107,17 @@ def _unusable(ports: Ports, cert: CertificateConfig, current: int | None, j: Jou
         stored = ports.store.load_info(cert.name, j.to_version)
     except StoreError as e:
         return f"version {j.to_version} cannot be read: {e}"
-    return version_refusal(cert, stored, ports.clock.now())
+    return version_refusal(cert, ports.config.cas_for(cert), stored, ports.clock.now())
 
 
-def version_refusal(cert: CertificateConfig, stored: VersionInfo, now: datetime) -> str | None:
-    """Why ``stored`` must not be rolled out for ``cert`` at ``now`` by a renewal that did not
-    order it (a lapsed rotation's, an orphan): S3's "deployable" predicate (revoked, key
-    compromised or destroyed, marked bad by a release), expired, or other names or key type
-    than the configuration's; None if it may. Pure."""
+def version_refusal(cert: CertificateConfig, cas: Collection[AcmeConfig], stored: VersionInfo,
+                    now: datetime) -> str | None:
+    """Why ``stored`` must not be rolled out for ``cert`` (ordered from ``cas``) at ``now`` by a
+    renewal that did not order it (a lapsed rotation's, an orphan): S3's "deployable" predicate
+    (revoked, key compromised or destroyed, marked bad by a release), expired, other names or key
+    type than the configuration's, or issued by a CA or for a profile the configuration no longer
+    asks for (the operator moved the certificate from a staging CA to production: the staging
+    certificate must not be rolled out as its renewal); None if it may. Pure."""
     refusal = VersionStatus.from_meta(stored.meta).deploy_refusal(cert.name, stored.version)
     if refusal is not None:
         return refusal
@@ -117,7 +126,43 @@ def version_refusal(cert: CertificateConfig, stored: VersionInfo, now: datetime)
         return f"version {stored.version} expired at {isoformat(info.not_after)}"
     if sorted(info.identifiers) != sorted(cert.identifiers) or info.key_type != cert.key_type:
         return f"version {stored.version} no longer matches the configuration (names or key type)"
+    issuer = _foreign_ca(stored.meta, cas)
+    if issuer is not None:
+        return f"version {stored.version} was issued by {issuer}, a CA no longer configured for {cert.name}"
+    profile = stored.meta.get("profile")
+    if cert.profile is not None and profile != cert.profile:
+        return f"version {stored.version} has profile {profile!r}; the configuration now requires {cert.profile!r}"
     return None
+
+
+def _foreign_ca(meta: Mapping[str, Any], cas: Collection[AcmeConfig]) -> str | None:
+    """The CA a version with ``meta`` records (its directory URL, else its name) when it is none
+    of ``cas``; None when it is one, or records none (a version from before several CAs: judged
+    on its order journal, :func:`journal_refusal`). The directory decides when recorded: a table
+    kept under its name and pointed at another CA is another CA."""
+    directory, name = meta.get("ca_directory"), meta.get("ca")
+    if isinstance(directory, str):
+        known = {ca.directory.rstrip("/") for ca in cas}
+        return None if directory.rstrip("/") in known else directory
+    if isinstance(name, str):
+        return None if name in {ca.name for ca in cas} else f"CA {name!r}"
+    return None
+
+
+def journal_refusal(cert: CertificateConfig, cas: Sequence[AcmeConfig], journal: OrderJournal) -> str | None:
+    """Why the order ``journal`` describes is not one ``cert`` would place now, as the order step
+    judges it before resuming (:meth:`certd.engine.orders.Orders.resumed`): another CA than the
+    certificate's (``cas``), other names or key type, or not the profile it requires; None if
+    it is. Pure."""
+    if not cas:
+        return f"no CA is configured for {cert.name}"
+    placed = journal.meta.get(resume.META_DIRECTORY)
+    ca = next((c for c in cas if c.directory == placed), cas[0])
+    why = resume.journal_mismatch(journal.meta, ca.directory, cert.identifiers, cert.key_type)
+    profile = journal.meta.get("profile")
+    if why is None and cert.profile is not None and profile != cert.profile:
+        why = f"it was ordered with profile {profile!r}; the configuration now requires {cert.profile!r}"
+    return why
 
 
 def stored_from(journal: OrderJournal, stored: VersionInfo) -> bool:
@@ -132,24 +177,33 @@ def stored_from(journal: OrderJournal, stored: VersionInfo) -> bool:
     return stored.info.spki_sha256 == spki and isinstance(created, str) and created >= journal.created
 
 
-def orphan_refusal(cert: CertificateConfig, current: int | None, stored: VersionInfo, pointed: Collection[int],
-                   now: datetime) -> str | None:
-    """Why ``stored``, the journaled order's certificate, is not an orphan to roll out as this
-    renewal (``current``: the desired version; ``pointed``: the versions a rotation journal or
-    the release names), or None if it is. A version rolled out or rolled back from had a
-    rotation journal; one that never went further than the store had none. Pure."""
+def orphan_refusal(cert: CertificateConfig, cas: Sequence[AcmeConfig], journal: OrderJournal, current: int | None,
+                   stored: VersionInfo, pointed: Collection[int], now: datetime) -> str | None:
+    """Why ``stored``, the certificate of the order ``journal`` describes, is not an orphan to
+    roll out as this renewal of ``cert`` (ordered from ``cas``; ``current``: the desired version;
+    ``pointed``: the versions a rotation journal or the release names), or None if it is. A
+    version rolled out or rolled back from had a rotation journal; one that never went further
+    than the store had none. Pure."""
     if current is not None and stored.version <= current:
         return f"version {stored.version} is not newer than version {current}, the desired one"
     if stored.version in pointed:
         return f"a rotation or release took version {stored.version} already"
-    return version_refusal(cert, stored, now)
+    refusal = version_refusal(cert, cas, stored, now)
+    if refusal is not None:
+        return refusal
+    why = journal_refusal(cert, cas, journal)
+    return f"its order is not the configuration's: {why}" if why is not None else None
 
 
 def orphan(ports: Ports, cert: CertificateConfig, current: int | None) -> VersionInfo | None:
     """The version a renewal of ``cert`` stored and died before rolling out (an orphan: see
     above), to be rolled out instead of ordering again; None (nothing ordered and stored, or
-    not an orphan: the order step judges the journal as ever). The caller holds the lease.
-    One store call when no order is journaled."""
+    not an orphan). The caller holds the lease. One store call when no order is journaled.
+
+    A journal whose certificate is stored and is not an orphan is done (the order step would
+    discard it too): it is cleared here, at once, not left for an attempt that orders. Left, a
+    stale journal (its clearing failed) of the version rolled out would make that version an
+    orphan again once two rollbacks leave no rotation journal naming it."""
     store = ports.store
     try:
         journal = store.load_order(cert.name)
@@ -163,11 +217,23 @@ def orphan(ports: Ports, cert: CertificateConfig, current: int | None) -> Versio
     newest = store.load_info(cert.name, versions[-1]) if versions else None
     if newest is None or not stored_from(journal, newest):
         return None  # the order has not issued, or its certificate was not stored
-    why = orphan_refusal(cert, current, newest, _pointed(ports, cert.name), ports.clock.now())
+    why = orphan_refusal(cert, ports.config.cas_for(cert), journal, current, newest, _pointed(ports, cert.name),
+                         ports.clock.now())
     if why is not None:
         event(log, "orphan_not_adopted", name=cert.name, version=newest.version, reason=why)
+        _clear_order(ports, cert.name)
         return None
     return newest
+
+
+def _clear_order(ports: Ports, name: str) -> None:
+    """Clear ``name``'s order journal; one that cannot be cleared is judged again next attempt."""
+    try:
+        ports.store.save_order(name, None)
+    except LeaseLost:
+        raise
+    except StoreError as e:
+        event(log, "order_journal_not_cleared", logging.WARNING, name=name, error=str(e))
 
 
 def _pointed(ports: Ports, name: str) -> set[int]:

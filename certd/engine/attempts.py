@@ -30,6 +30,7 @@ class CertState:
     # the last failure's kind (see certd.core.retry and certd.engine.attempts) and the earliest next try
     failure_kind: str | None = None
     kind_failures: int = 0                     # failures of that kind in a row (retry.count_after)
+    early_retry: str | None = None             # ISO 8601: the last early retry granted (retry.early_allowed)
     problem: str | None = None                 # the CA's problem type (short form), if any
     retry_after: str | None = None             # ISO 8601: no attempt before (held, rate_limited)
     fix: str | None = None                     # what an operator does about a hold
@@ -75,7 +76,10 @@ def note_failure(state: CertState, error: BaseException | None, now: datetime, b
     """Record the kind of a failure in ``state`` (the caller counts ``state.failures``) and
     when the next try may come; returns the rule that applied."""
     rule = classify(error)
-    state.kind_failures = retry.count_after(rule, state.failure_kind, state.kind_failures)
+    early = retry.early_allowed(_parse_or_none(state.early_retry), now)
+    state.kind_failures = retry.count_after(rule, state.failure_kind, state.kind_failures, early=early)
+    if rule.kind == retry.HELD and state.kind_failures == 0:  # granted: none again for an hour
+        state.early_retry = isoformat(now)
     state.failure_kind = rule.kind
     state.problem = retry.short(getattr(error, "problem_type", None))
     ra_seconds = getattr(error, "retry_after", None)
@@ -88,7 +92,8 @@ def note_failure(state: CertState, error: BaseException | None, now: datetime, b
 
 
 def clear(state: CertState) -> None:
-    """A success: no failure kind, no hold."""
+    """A success: no failure kind, no hold (the last early retry stays: the CA's limit counts
+    failed validations per hour, successes in between or not)."""
     state.failure_kind, state.kind_failures, state.problem, state.retry_after, state.fix = None, 0, None, None, None
     state.forced_retry = None
 
@@ -158,3 +163,12 @@ def _recent(state: CertState, now: datetime) -> list[dict[str, Any]]:
 
 def _parse(value: str) -> datetime:
     return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def _parse_or_none(value: Any) -> datetime | None:
+    """``value`` as a time; None when it is none, or not one (a hand-edited state)."""
+    try:
+        at = _parse(value) if isinstance(value, str) else None
+    except ValueError:
+        return None
+    return at if at is not None and at.tzinfo is not None else None

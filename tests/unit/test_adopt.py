@@ -13,8 +13,9 @@ from cryptography.hazmat.primitives import serialization
 
 from certd.config import AcmeConfig, CertificateConfig, Config, DaemonConfig
 from certd.core.clock import FakeClock
-from certd.core.errors import StoreUnreachable, VerificationFailed
+from certd.core.errors import StoreError, StoreUnreachable, VerificationFailed
 from certd.core.events import EventBus, LifecycleEvent
+from certd.acme import resume
 from certd.engine.adopt import orphan_refusal, stored_from
 from certd.engine.manager import Manager
 from certd.store.memory import MemoryStore
@@ -23,6 +24,7 @@ from tests.support.certs import make_bundle, make_leaf, shared_ca
 
 CERT = CertificateConfig("www", ("www.example.test",))
 START = datetime(2026, 11, 1, tzinfo=timezone.utc)
+FIRST = AcmeConfig("https://p.test/dir")  # the CA the nodes order from, unless a test changes it
 
 
 class Died(BaseException):
@@ -114,13 +116,14 @@ def fleet(tmp_path: Path) -> tuple[MemoryStore, CA, FakeClock]:
     return MemoryStore(clock=clock, node="node1"), CA(clock), clock
 
 
-def node(tmp_path: Path, data: MemoryStore, ca: CA, clock: FakeClock, name: str) -> Node:
+def node(tmp_path: Path, data: MemoryStore, ca: CA, clock: FakeClock, name: str,
+         acme: AcmeConfig = FIRST, cert: CertificateConfig = CERT) -> Node:
+    """Node ``name`` over ``data``, configured with the CA ``acme`` and the certificate ``cert``."""
     store = data.handle(name)
     events: list[LifecycleEvent] = []
     bus = EventBus()
     bus.subscribe(events.append)
-    cfg = Config(tmp_path / "certd.toml", DaemonConfig(state_dir=tmp_path / name), AcmeConfig("https://p.test/dir"),
-                 (CERT,))
+    cfg = Config(tmp_path / "certd.toml", DaemonConfig(state_dir=tmp_path / name), acme, (cert,))
     m = Manager(cfg, store=store, issuer=ca, clock=clock, events=bus)  # type: ignore[arg-type]
     edges = DyingEdges(store)
     m.ports = replace(m.ports, edges=edges)
@@ -326,6 +329,76 @@ def test_a_key_compromise_renewal_does_not_roll_out_an_orphan(
     assert ca.orders == 3 and not [e for e in one.events if e.kind == "version_adopted"]
 
 
+#: the configuration changed since version 2 was ordered at https://p.test/dir with no profile
+PRODUCTION = AcmeConfig("https://production.test/dir")  # the same [acme] table ("default"), another CA
+CHANGED = [pytest.param(PRODUCTION, CERT, id="another CA directory"),
+           pytest.param(FIRST, replace(CERT, profile="shortlived"), id="a profile required")]
+
+
+@pytest.mark.parametrize("acme, cert", CHANGED)
+def test_an_orphan_ordered_for_another_ca_or_profile_is_not_rolled_out(
+        tmp_path: Path, fleet: tuple[MemoryStore, CA, FakeClock], acme: AcmeConfig, cert: CertificateConfig) -> None:
+    """Version 2 stored from the staging CA, then the node died; the operator switched the certificate to production (or to a required profile): the next renewal orders afresh there instead of rolling out a certificate of the CA (profile) no longer configured, and drops the stale order journal."""
+    data, ca, clock = fleet
+    stored_then_stopped(tmp_path, data, ca, clock, Died)
+    two = node(tmp_path, data, ca, clock, "node2", acme, cert)
+    out = two.manager.renew_one(cert)
+    assert out.result == "renewed" and out.version == 3, out.message
+    assert ca.orders == 3 and two.edges.switched == [3] and data.load_order("www") is None
+    assert not [e for e in two.events if e.kind == "version_adopted"]
+
+
+def test_a_dead_nodes_version_from_a_ca_no_longer_configured_is_not_adopted(
+        tmp_path: Path, fleet: tuple[MemoryStore, CA, FakeClock]) -> None:
+    """node1 stored version 2 from the CA at https://p.test/dir and died switching to it; the [acme] table now names another CA: node2 drops node1's rotation and orders from the configured CA."""
+    data, ca, clock = fleet
+    died_after_storing(tmp_path, data, ca, clock)
+    two = node(tmp_path, data, ca, clock, "node2", PRODUCTION)
+    out = two.manager.renew_one(CERT)
+    assert out.result == "renewed" and out.version == 3, out.message
+    assert ca.orders == 3 and data.load_rotation("node1", "www") is None
+    assert not [e for e in two.events if e.kind == "version_adopted"]
+
+
+class UnclearedStore(MemoryStore):
+    """A node's store that cannot clear the order journal (``clearing``: a full disk, a database stopping)."""
+
+    def __init__(self, data: MemoryStore, node: str) -> None:
+        super().__init__(clock=data._clock, node=node, _data=data._d)
+        self.clearing = True
+
+    def save_order(self, name: str, order: Any, *, lease: Any = None) -> None:
+        if order is None and not self.clearing:
+            raise StoreError("cannot write the order journal: no space left on device")
+        super().save_order(name, order, lease=lease)
+
+
+@pytest.mark.parametrize("tick", ["while version 3 is desired", "after the first rollback"])
+def test_a_stale_order_journal_does_not_bring_back_a_version_rolled_back_from(
+        tmp_path: Path, fleet: tuple[MemoryStore, CA, FakeClock], tick: str) -> None:
+    """Version 3 rolled out but its order journal could not be cleared; a scheduled renewal (not due) sees that journal and clears it, so after two rollbacks (3 -> 2 -> 1) version 3, named by no rotation any more, is not taken for an orphan and rolled out again."""
+    data, ca, clock = fleet
+    one = node(tmp_path, data, ca, clock, "node1")
+    store = UnclearedStore(data, "node1")
+    one.manager.ports = replace(one.manager.ports, store=store)
+    assert one.manager.renew_one(CERT, force=True).result == "renewed"
+    assert one.manager.renew_one(CERT, force=True).result == "renewed"
+    store.clearing = False
+    assert one.manager.renew_one(CERT, force=True).result == "renewed"
+    store.clearing = True
+    assert data.desired("www") == 3 and data.load_order("www") is not None  # stale: its clear failed
+    if tick == "while version 3 is desired":
+        assert one.manager.renew_one(CERT).result == "not_due"
+    assert one.manager.rollback(CERT, reason="bad").version == 2
+    if tick == "after the first rollback":
+        assert one.manager.renew_one(CERT).result == "not_due"
+    assert data.load_order("www") is None
+    assert one.manager.rollback(CERT, to_version=1, reason="worse").version == 1
+    out = one.manager.renew_one(CERT)
+    assert out.result == "not_due" and data.desired("www") == 1, out.message
+    assert ca.orders == 3 and not [e for e in one.events if e.kind == "version_adopted"]
+
+
 def _version(version: int = 2, meta: dict[str, Any] | None = None, **info: Any) -> VersionInfo:
     """Version ``version`` of www, valid 90 days from START (``info``: CertInfo fields to change)."""
     base = make_bundle(CERT.identifiers, not_before=START).info
@@ -345,10 +418,37 @@ def _version(version: int = 2, meta: dict[str, Any] | None = None, **info: Any) 
     (1, _version(not_after=START + timedelta(days=1)), (), "expired at"),
     (1, _version(domains=("other.example.test",)), (), "no longer matches the configuration"),
     (1, _version(key_type="rsa-2048"), (), "no longer matches the configuration"),
+    (1, _version(meta={"ca": "default", "ca_directory": "https://p.test/dir/"}), (), None),  # the same CA
+    (1, _version(meta={"ca": "default", "ca_directory": "https://staging.test/dir"}), (), "no longer configured"),
+    (1, _version(meta={"ca": "staging"}), (), "no longer configured"),  # a name alone: the table's
+    (1, _version(meta={"profile": "classic"}), (), None),            # no profile required: any
 ])
 def test_orphan_refusal(current: int | None, version: VersionInfo, pointed: tuple[int, ...], want: str | None) -> None:
-    """A stored version the journaled order yielded is rolled out instead of ordering only when newer than the desired one, named by no rotation or release, deployable (S3), unexpired and still the configuration's."""
-    got = orphan_refusal(CERT, current, version, pointed, START + timedelta(days=2))
+    """A stored version the journaled order yielded is rolled out instead of ordering only when newer than the desired one, named by no rotation or release, deployable (S3), unexpired and still the configuration's (names, key type, CA)."""
+    got = orphan_refusal(CERT, (FIRST,), JOURNAL, current, version, pointed, START + timedelta(days=2))
+    assert (got is None) if want is None else (got is not None and want in got), got
+
+
+JOURNAL = OrderJournal("https://p.test/order/2", b"", "2026-11-01T00:00:01Z",
+                       resume.journal_meta(FIRST.directory, CERT.identifiers, None, CERT.key_type))
+SHORT = replace(CERT, profile="shortlived")
+
+
+@pytest.mark.parametrize("cert, journal, version, want", [
+    (CERT, JOURNAL, _version(), None),
+    (CERT, replace(JOURNAL, meta={**JOURNAL.meta, "directory": "https://staging.test/dir"}), _version(),
+     "placed with another CA (https://staging.test/dir)"),
+    (CERT, replace(JOURNAL, meta={**JOURNAL.meta, "domains": ["other.example.test"]}), _version(), "other names"),
+    (CERT, replace(JOURNAL, meta={**JOURNAL.meta, "key_type": "rsa-2048"}), _version(), "its key is rsa-2048"),
+    (SHORT, JOURNAL, _version(meta={"profile": "shortlived"}), "ordered with profile None"),
+    (SHORT, replace(JOURNAL, meta={**JOURNAL.meta, "profile": "shortlived"}), _version(), "has profile None"),
+    (SHORT, replace(JOURNAL, meta={**JOURNAL.meta, "profile": "shortlived"}), _version(meta={"profile": "shortlived"}),
+     None),
+])
+def test_an_orphan_must_be_ordered_as_the_configuration_orders_now(
+        cert: CertificateConfig, journal: OrderJournal, version: VersionInfo, want: str | None) -> None:
+    """An orphan is rolled out only if its order is one the certificate would place now (as the order step judges a journal it resumes): the CA's directory, the names, the key type and a required profile, on the journal and on the version."""
+    got = orphan_refusal(cert, (FIRST,), journal, 1, version, (), START + timedelta(days=2))
     assert (got is None) if want is None else (got is not None and want in got), got
 
 

@@ -100,6 +100,32 @@ def test_a_first_connection_failure_is_retried_after_30_s_then_held_on_the_usual
     assert sum(1 for x in tries if x < NOW + timedelta(hours=1)) == 3
 
 
+def test_the_early_retry_is_granted_at_most_once_an_hour_per_certificate() -> None:
+    """`connection`, a transient failure, `connection` again within the hour: the second holds
+    20 min (the transient one ended the row, and used to give it 30 s again); an hour after the
+    early retry, a `connection` row starts with 30 s again. The hour outlasts a success."""
+    conn, down = refusal("connection", retry.CHALLENGE), AcmeError("CA not answering", transient=True)
+    state = CertState()
+
+    def fail(error: AcmeError, at: datetime) -> timedelta:
+        attempts.note_failure(state, error, at, timedelta(seconds=1))
+        assert state.retry_after is not None
+        return datetime.fromisoformat(state.retry_after.replace("Z", "+00:00")) - at
+
+    assert fail(conn, NOW) == retry.FIRST_RETRY
+    assert fail(down, NOW + timedelta(minutes=1)) == timedelta(seconds=1)
+    assert fail(conn, NOW + timedelta(minutes=2)) == timedelta(minutes=20)   # within the hour
+    assert fail(down, NOW + timedelta(minutes=30)) == timedelta(seconds=1)
+    attempts.clear(state)                                                      # a success between
+    assert fail(conn, NOW + timedelta(minutes=59)) == timedelta(minutes=20)
+    assert fail(down, NOW + timedelta(minutes=70)) == timedelta(seconds=1)
+    assert fail(conn, NOW + timedelta(minutes=81)) == retry.FIRST_RETRY       # an hour after: early again
+    assert state.early_retry == isoformat(NOW + timedelta(minutes=81))
+    state.early_retry = "not a time"                                           # hand-edited: as if none
+    assert fail(down, NOW + timedelta(minutes=82)) == timedelta(seconds=1)
+    assert fail(conn, NOW + timedelta(minutes=83)) == retry.FIRST_RETRY
+
+
 def test_rate_limited_waits_for_retry_after_and_for_the_backoff() -> None:
     b = timedelta(minutes=2)
     assert retry.next_allowed(retry.RATE_LIMITED, 1, NOW, b, NOW + timedelta(seconds=30)) == NOW + b
@@ -206,6 +232,28 @@ def test_a_connection_failure_is_retried_after_30_s_and_a_second_one_holds_20_mi
     assert m.status(CERT)["retry_after"] == isoformat(clock.now() + timedelta(minutes=20))
     clock.advance(timedelta(minutes=19))
     assert m.renew_one(CERT).result == "not_due" and ca.orders == 2
+
+
+def test_the_early_retry_once_an_hour_is_kept_across_a_restart(tmp_path: Path) -> None:
+    """`connection` (retried after 30 s), then the CA not answering, then a restart and
+    `connection` again within the hour: held 20 min, not 30 s (the state keeps the early
+    retry's time); the CA saw 3 orders, not a fourth 30 s later."""
+    clock, ca = FakeClock(NOW), RefusingCA(refusal("connection", retry.CHALLENGE))
+    m, _ = make(tmp_path, clock, ca)
+    assert m.renew_one(CERT).result == "failed"
+    assert m.status(CERT)["retry_after"] == isoformat(NOW + retry.FIRST_RETRY)
+    clock.advance(31)
+    ca.error = AcmeError("issuing www: CA not answering", transient=True)
+    assert m.renew_one(CERT).result == "failed" and ca.orders == 2
+    m2, _ = make(tmp_path, clock, ca)  # a restart: the early retry's time is in the state
+    ca.error = refusal("connection", retry.CHALLENGE)
+    while ca.orders == 2 and clock.now() < NOW + timedelta(minutes=30):  # the transient backoff
+        clock.advance(10)
+        m2.renew_one(CERT)
+    assert ca.orders == 3 and clock.now() < NOW + timedelta(minutes=30)
+    assert m2.status(CERT)["retry_after"] == isoformat(clock.now() + timedelta(minutes=20))
+    clock.advance(31)
+    assert m2.renew_one(CERT).result == "not_due" and ca.orders == 3
 
 
 def test_rate_limited_is_not_retried_before_retry_after(tmp_path: Path) -> None:
