@@ -24,6 +24,7 @@ import logging
 import threading
 from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from typing import TypeVar
 
 from acme import client as acme_client
@@ -109,17 +110,20 @@ class Issuer:
         return self._ordering(cert, progress, lambda flow: flow.resume(order_url, csr_pem), before)
 
     def find_order(self, cert: CertificateConfig, key_pem: bytes, *, profile: str | None = None,
-                   stored: Collection[str] = (), progress: Callable[[str], None] | None = None) -> str | None:
-        """The URL of the order an intent placed for ``cert``'s identifiers (and ``profile``,
-        when it names one) with ``key_pem``, found in the account's orders list
-        (:mod:`certd.acme.lookup`); None when the CA lists none (it has no list, or nothing
-        matches: the reason is logged). ``stored``: fingerprints of the certificates stored as
-        versions (a valid order for one of them is done, not ours to download). Failures as
-        :meth:`issue` (the CA unreachable: the intent is kept)."""
+                   newer_than: datetime | None = None, held: Collection[str] = (), take_pending: bool = True,
+                   progress: Callable[[str], None] | None = None) -> str | None:
+        """The URL of the order an intent placed for ``cert``'s identifiers (and ``profile``)
+        with ``key_pem``, found in the account's orders list (:mod:`certd.acme.lookup`); None
+        when none is surely the intent's (no list, nothing or several match, a lookup that fails
+        or takes over :data:`certd.acme.lookup.BUDGET`: the reason is logged). ``newer_than``:
+        the newest stored version's notBefore; ``held``: order URLs other certificates'
+        journals hold; ``take_pending`` False: another certificate for these names has an
+        intent too. Only the CA unreachable raises (CANotReachable: the intent is kept)."""
         spki = spki_sha256(load_private_key(key_pem).public_key())
 
         def body(flow: OrderFlow) -> str | None:
-            url, why = lookup.find(flow.client, cert.identifiers, profile, spki, stored, self._clock.now())
+            url, why = lookup.find(flow.client, cert.identifiers, profile, spki, newer_than, self._clock.now(),
+                                   held=held, take_pending=take_pending, monotonic=self._clock.monotonic)
             log.info("order_lookup certificate=%s found=%s reason=%s", cert.name, url or "-", why)
             (progress or (lambda _m: None))(f"order for the journaled intent: {url or 'none'} ({why})")
             return url

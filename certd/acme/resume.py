@@ -131,37 +131,48 @@ class Listed:
     identifiers: frozenset[str]        # the identifiers' values (names, IP addresses)
     profile: str | None = None         # as the order says (None: it says none)
     expires: datetime | None = None
-    #: a ``valid`` order only: its certificate is for the intent's key and not stored as a version
-    #: yet (None: not looked at)
+    #: a ``valid`` order only: its certificate is for the intent's key and newer than every
+    #: version stored (None: not looked at)
     ours: bool | None = None
 
 
 def intent_matches(order: Listed, identifiers: Collection[str], profile: str | None) -> bool:
-    """Whether ``order`` is for exactly the intent's ``identifiers`` and, when both the intent
-    and the order name a profile, the same one."""
+    """Whether ``order`` is for exactly the intent's ``identifiers`` and its profile: the same
+    one, or none at all when the intent names none (an order naming a profile was asked for by
+    someone else). An intent naming one takes an order naming none (a CA that does not echo it)."""
     if order.identifiers != frozenset(identifiers):
         return False
-    return profile is None or order.profile is None or order.profile == profile
+    return order.profile == profile or (profile is not None and order.profile is None)
 
 
-def pick_order(listed: Iterable[Listed], identifiers: Collection[str], profile: str | None,
-               now: datetime) -> Listed | None:
-    """The order an intent for ``identifiers`` (and ``profile``) placed, among ``listed`` (in
-    the CA's list order; later is taken as newer when expiries tie), or None: a ``valid`` one
-    whose certificate is ours (issued already: only a download is left), else the newest (latest
-    expiry) ``pending`` or ``ready`` one not expired. Any other order — another key's, invalid,
-    processing, expired — is not resumed: ordering afresh costs one order, resuming someone
-    else's would certify the wrong key (check_issued would refuse it anyway)."""
-    best: Listed | None = None
+def pick_order(listed: Iterable[Listed], identifiers: Collection[str], profile: str | None, now: datetime,
+               held: Collection[str] = (), take_pending: bool = True) -> tuple[Listed | None, str]:
+    """(the order an intent for ``identifiers`` (and ``profile``) placed, among ``listed``, or
+    None; why, for the log). A ``valid`` one whose certificate is ours (issued already: only a
+    download is left); else the one ``pending`` or ``ready`` order not expired, if exactly one
+    fits. ``held``: order URLs another certificate's journal holds (never ours);
+    ``take_pending`` False: another certificate for the same names has an intent of its own, so
+    a pending order may be its.
+
+    When in doubt, none: ordering afresh costs one order, resuming someone else's order costs a
+    wrong or duplicate certificate. So two pending orders that fit are none (which one the intent
+    placed is unknowable: a pending order carries no key), and so is any other order — another
+    key's, an older certificate's, invalid, processing, expired."""
+    fits: list[Listed] = []
     for order in listed:
-        if not intent_matches(order, identifiers, profile):
+        if order.url in held or not intent_matches(order, identifiers, profile):
             continue
         if order.status == "valid":
             if order.ours:
-                return order
+                return order, "issued already with the intent's key (valid)"
             continue
-        if order.status not in ("pending", "ready") or (order.expires is not None and order.expires <= now):
-            continue
-        if best is None or best.expires is None or (order.expires is not None and order.expires >= best.expires):
-            best = order
-    return best
+        if order.status in ("pending", "ready") and (order.expires is None or order.expires > now):
+            fits.append(order)
+    if not fits:
+        return None, "no order for the intent's names, profile and key"
+    if not take_pending:
+        return None, (f"{len(fits)} pending order(s) fit, but another certificate for these names has an "
+                      "order intent too: which one is whose is unknown")
+    if len(fits) > 1:
+        return None, f"{len(fits)} pending orders fit the intent: which one it placed is unknown"
+    return fits[0], f"the only order that fits ({fits[0].status})"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Collection, Mapping, Protocol
 
@@ -44,10 +45,13 @@ class IssuerPort(Protocol):
         or None when the CA cannot continue it (gone, invalid, expired). OperationFailed."""
 
     def find_order(self, cert: CertificateConfig, key_pem: bytes, *, profile: str | None = None,
-                   stored: Collection[str] = (), progress: Say | None = None) -> str | None:
+                   newer_than: datetime | None = None, held: Collection[str] = (), take_pending: bool = True,
+                   progress: Say | None = None) -> str | None:
         """The URL of the order an intent (journaled before newOrder, no URL) placed for ``cert``
-        with ``key_pem``, from the account's orders list; None when the CA lists none that
-        matches (``stored``: fingerprints of stored versions' certificates). OperationFailed."""
+        with ``key_pem``, from the account's orders list; None when none is surely its
+        (``newer_than``: the newest stored version's notBefore; ``held``: URLs other
+        certificates' journals hold; ``take_pending`` False: a pending order may be another
+        certificate's). CANotReachable only: any other failure finds nothing."""
 
     def renewal_info(self, cert_pem: bytes) -> RenewalInfo | None:
         """The CA's ARI window for ``cert_pem``; None when the CA has no ARI. OperationFailed."""
