@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from typing import TypeVar
@@ -36,6 +36,7 @@ from certd.acme.ari import RenewalInfo, ari_cert_id, askable_cert_id, fetch_rene
 from certd.acme import lookup, persist
 from certd.acme.order import OrderFlow, signed_post
 from certd.acme.problems import Failure, problem_code
+from certd.acme.resume import NO_TWINS, Twins
 from certd.acme.solvers import solver_for
 from certd.acme.transport import AcmeTransport, Network, Transport
 from certd.config import AcmeConfig, CertificateConfig
@@ -110,20 +111,20 @@ class Issuer:
         return self._ordering(cert, progress, lambda flow: flow.resume(order_url, csr_pem), before)
 
     def find_order(self, cert: CertificateConfig, key_pem: bytes, *, profile: str | None = None,
-                   newer_than: datetime | None = None, held: Collection[str] = (), take_pending: bool = True,
+                   newer_than: datetime | None = None, twins: Twins | None = None,
                    progress: Callable[[str], None] | None = None) -> str | None:
         """The URL of the order an intent placed for ``cert``'s identifiers (and ``profile``)
         with ``key_pem``, found in the account's orders list (:mod:`certd.acme.lookup`); None
         when none is surely the intent's (no list, nothing or several match, a lookup that fails
         or takes over :data:`certd.acme.lookup.BUDGET`: the reason is logged). ``newer_than``:
-        the newest stored version's notBefore; ``held``: order URLs other certificates'
-        journals hold; ``take_pending`` False: another certificate for these names has an
-        intent too. Only the CA unreachable raises (CANotReachable: the intent is kept)."""
+        the newest stored version's notBefore; ``twins``: what the other certificates for these
+        identifiers hold (:class:`certd.acme.resume.Twins`). Only the CA unreachable raises
+        (CANotReachable: the intent is kept)."""
         spki = spki_sha256(load_private_key(key_pem).public_key())
 
         def body(flow: OrderFlow) -> str | None:
             url, why = lookup.find(flow.client, cert.identifiers, profile, spki, newer_than, self._clock.now(),
-                                   held=held, take_pending=take_pending, monotonic=self._clock.monotonic)
+                                   twins=twins or NO_TWINS, monotonic=self._clock.monotonic)
             log.info("order_lookup certificate=%s found=%s reason=%s", cert.name, url or "-", why)
             (progress or (lambda _m: None))(f"order for the journaled intent: {url or 'none'} ({why})")
             return url

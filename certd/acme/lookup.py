@@ -40,7 +40,7 @@ from acme import messages
 
 from certd.acme.order import post_as_get
 from certd.acme.problems import http_status, one_line, problem_code
-from certd.acme.resume import Listed, intent_matches, pick_order
+from certd.acme.resume import NO_TWINS, Listed, Twins, intent_matches, pick_order
 from certd.core.model import CertInfo
 
 log = logging.getLogger("certd.issuer")  # a stable name: it is part of the log format
@@ -60,13 +60,13 @@ class _OverBudget(Exception):
 
 
 def find(client: acme_client.ClientV2, identifiers: Collection[str], profile: str | None, spki_sha256: str,
-         newer_than: datetime | None, now: datetime, *, held: Collection[str] = (), take_pending: bool = True,
+         newer_than: datetime | None, now: datetime, *, twins: Twins = NO_TWINS,
          monotonic: Callable[[], float], budget: float = BUDGET) -> tuple[str | None, str]:
     """(the URL of the order an intent for ``identifiers``, ``profile`` and the key whose SPKI
     hash is ``spki_sha256`` placed, or None; why, for the log). ``newer_than``: the newest
     stored version's notBefore (a valid order is the intent's only if its certificate is newer:
-    with a reused key, older orders have that key too). ``held`` and ``take_pending`` as
-    :func:`certd.acme.resume.pick_order`. The CA unreachable raises (a requests
+    with a reused key, older orders have that key too). ``twins``: what other certificates for
+    these identifiers hold (:class:`certd.acme.resume.Twins`). The CA unreachable raises (a requests
     ConnectionError or Timeout); every other failure, and a lookup past ``budget`` seconds (on
     ``monotonic``), finds nothing."""
     deadline = monotonic() + budget
@@ -75,7 +75,7 @@ def find(client: acme_client.ClientV2, identifiers: Collection[str], profile: st
     # every request ends by the lookup's budget (and the order's deadline, when sooner)
     net.time_left = lambda: min(deadline - monotonic(), outer() if outer is not None else math.inf)
     try:
-        return _find(client, identifiers, profile, spki_sha256, newer_than, now, held, take_pending,
+        return _find(client, identifiers, profile, spki_sha256, newer_than, now, twins,
                      lambda: deadline - monotonic())
     except UNREACHABLE:
         if deadline - monotonic() > 0:
@@ -90,7 +90,7 @@ def find(client: acme_client.ClientV2, identifiers: Collection[str], profile: st
 
 
 def _find(client: acme_client.ClientV2, identifiers: Collection[str], profile: str | None, spki_sha256: str,
-          newer_than: datetime | None, now: datetime, held: Collection[str], take_pending: bool,
+          newer_than: datetime | None, now: datetime, twins: Twins,
           left: Callable[[], float]) -> tuple[str | None, str]:
     """:func:`find` without its budget and failure mapping: the orders newest first, stopping
     at the first valid order that is the intent's."""
@@ -122,13 +122,13 @@ def _find(client: acme_client.ClientV2, identifiers: Collection[str], profile: s
         item = Listed(order_url, getattr(order.status, "name", ""),
                       frozenset(str(i.value) for i in order.identifiers or ()), order.profile, order.expires)
         if item.status == "valid" and order.certificate and downloads < MAX_DOWNLOADS \
-                and order_url not in held and intent_matches(item, identifiers, profile):
+                and order_url not in twins.orders and intent_matches(item, identifiers, profile, twins):
             downloads += 1
             item = replace(item, ours=_ours(client, order.certificate, spki_sha256, newer_than))
             if item.ours:   # the newest first: the first that is the intent's is the one
                 return order_url, "the account's orders list has it, issued already with the intent's key (valid)"
         listed.append(item)
-    picked, why = pick_order(listed, identifiers, profile, now, held, take_pending)
+    picked, why = pick_order(listed, identifiers, profile, now, twins)
     if picked is None:
         return None, f"{why}, among the {len(listed)} orders the CA lists"
     return picked.url, f"the account's orders list has it: {why}"

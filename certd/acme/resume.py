@@ -136,23 +136,43 @@ class Listed:
     ours: bool | None = None
 
 
-def intent_matches(order: Listed, identifiers: Collection[str], profile: str | None) -> bool:
+@dataclass(frozen=True)
+class Twins:
+    """What the other certificates for exactly the same identifiers hold or ask for: an order
+    the intent would match may be theirs. ``orders``: the order URLs their journals hold (never
+    the intent's); ``intent``: one of them has an order intent of its own (or a journal that
+    cannot be read), so a pending order may be its; ``profiles``: the profiles they require or
+    prefer that this certificate does not."""
+
+    orders: frozenset[str] = frozenset()
+    intent: bool = False
+    profiles: frozenset[str] = frozenset()
+
+
+NO_TWINS = Twins()   # a certificate alone with its identifiers
+
+
+def intent_matches(order: Listed, identifiers: Collection[str], profile: str | None,
+                   twins: Twins = NO_TWINS) -> bool:
     """Whether ``order`` is for exactly the intent's ``identifiers`` and its profile: the same
-    one, or none at all when the intent names none (an order naming a profile was asked for by
-    someone else). An intent naming one takes an order naming none (a CA that does not echo it)."""
+    one; or, when the order names none, any (a CA that does not echo it); or, when the intent
+    names none, any but a profile a twin certificate asks for (an order naming that was the
+    twin's). An intent naming none does take an order naming another: a CA names the default
+    it chose (Pebble: ``default``), and ``preferred_profile`` is not journaled as required."""
     if order.identifiers != frozenset(identifiers):
         return False
-    return order.profile == profile or (profile is not None and order.profile is None)
+    if order.profile == profile or order.profile is None:
+        return True
+    return profile is None and order.profile not in twins.profiles
 
 
 def pick_order(listed: Iterable[Listed], identifiers: Collection[str], profile: str | None, now: datetime,
-               held: Collection[str] = (), take_pending: bool = True) -> tuple[Listed | None, str]:
+               twins: Twins = NO_TWINS) -> tuple[Listed | None, str]:
     """(the order an intent for ``identifiers`` (and ``profile``) placed, among ``listed``, or
     None; why, for the log). A ``valid`` one whose certificate is ours (issued already: only a
     download is left); else the one ``pending`` or ``ready`` order not expired, if exactly one
-    fits. ``held``: order URLs another certificate's journal holds (never ours);
-    ``take_pending`` False: another certificate for the same names has an intent of its own, so
-    a pending order may be its.
+    fits. Orders ``twins`` hold are never the intent's; with a twin's intent outstanding, no
+    pending order is surely the intent's either.
 
     When in doubt, none: ordering afresh costs one order, resuming someone else's order costs a
     wrong or duplicate certificate. So two pending orders that fit are none (which one the intent
@@ -160,7 +180,7 @@ def pick_order(listed: Iterable[Listed], identifiers: Collection[str], profile: 
     key's, an older certificate's, invalid, processing, expired."""
     fits: list[Listed] = []
     for order in listed:
-        if order.url in held or not intent_matches(order, identifiers, profile):
+        if order.url in twins.orders or not intent_matches(order, identifiers, profile, twins):
             continue
         if order.status == "valid":
             if order.ours:
@@ -170,7 +190,7 @@ def pick_order(listed: Iterable[Listed], identifiers: Collection[str], profile: 
             fits.append(order)
     if not fits:
         return None, "no order for the intent's names, profile and key"
-    if not take_pending:
+    if twins.intent:
         return None, (f"{len(fits)} pending order(s) fit, but another certificate for these names has an "
                       "order intent too: which one is whose is unknown")
     if len(fits) > 1:

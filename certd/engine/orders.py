@@ -188,12 +188,10 @@ class Orders:
         store = self.ports.store
         profile = intent.meta.get("profile")
         infos = [store.load_info(cert.name, v).info for v in store.versions(cert.name)]
-        held, take_pending = self._held_elsewhere(cert)
         try:
             url = self.ports.issuer_at(ca.name).find_order(
                 cert, intent.key_pem, profile=profile if isinstance(profile, str) else None,
-                newer_than=max((i.not_before for i in infos), default=None), held=held, take_pending=take_pending,
-                progress=say)
+                newer_than=max((i.not_before for i in infos), default=None), twins=self._twins(cert), progress=say)
         except CANotReachable as e:
             tries = _int(intent.meta.get(META_LOOKUPS)) + 1
             if tries < MAX_LOOKUPS:
@@ -229,31 +227,34 @@ class Orders:
         except StoreError as e:
             event(log, "order_journal_unwritten", logging.WARNING, name=name, order="(intent)", error=str(e))
 
-    def _held_elsewhere(self, cert: CertificateConfig) -> tuple[set[str], bool]:
-        """(the order URLs the journals of the other certificates for exactly ``cert``'s
-        identifiers hold, never this intent's; whether a pending order may be this intent's:
-        not when one of them has an intent of its own, or a journal that cannot be read). Only
-        certificates with the same identifier set can hold an order the intent would match."""
+    def _twins(self, cert: CertificateConfig) -> resume.Twins:
+        """What the other certificates for exactly ``cert``'s identifiers hold and ask for (an
+        order the intent would match may be theirs): their journals' order URLs, whether one has
+        an intent (or an unreadable journal), their profiles. Only a certificate with the same
+        identifier set can have placed an order the intent matches: the rest are not read."""
         store = self.ports.store
         names = sorted(cert.identifiers)
-        held: set[str] = set()
-        take_pending = True
+        orders: set[str] = set()
+        intent = False
+        profiles: set[str] = set()
         for other in self.ports.config.certificates:
             if other.name == cert.name or sorted(other.identifiers) != names:
                 continue
+            profiles.update(p for p in (other.profile, other.preferred_profile) if p is not None)
             try:
                 journal = store.load_order(other.name)
             except LeaseLost:
                 raise
             except StoreError:
-                take_pending = False
+                intent = True   # unknown: as doubtful as an intent
                 continue
             if journal is not None:
                 if journal.intent:
-                    take_pending = False
+                    intent = True
                 else:
-                    held.add(journal.order_url)
-        return held, take_pending
+                    orders.add(journal.order_url)
+        profiles -= {cert.profile, cert.preferred_profile}
+        return resume.Twins(frozenset(orders), intent, frozenset(profiles))
 
     def _proving(self, name: str) -> Callable[[str], None]:
         """The issuer's ``before`` hook: prove the certificate's lease right before newOrder and

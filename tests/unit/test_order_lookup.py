@@ -14,6 +14,7 @@ import requests
 from cryptography.hazmat.primitives import serialization
 
 from certd.acme import lookup
+from certd.acme.resume import Twins
 from certd.core.model import spki_sha256
 from certd.crypto import keys
 from tests.support.certs import CA, make_ca, make_leaf
@@ -126,18 +127,20 @@ def test_two_pending_orders_that_fit_are_neither_taken() -> None:
 
 
 def test_an_order_another_certificates_journal_holds_is_not_taken() -> None:
-    """The ECDSA twin of an RSA certificate journaled order 1: the intent takes only order 2."""
+    """The ECDSA twin of an RSA certificate journaled order 1: the intent takes only order 2, and none while the twin has an intent of its own."""
     client = ca_with({"https://ca.test/order/1": order(), "https://ca.test/order/2": order()})
-    assert find(client, KEY, held={"https://ca.test/order/1"})[0] == "https://ca.test/order/2"
-    url, why = find(client, KEY, held={"https://ca.test/order/1"}, take_pending=False)
+    held = frozenset({"https://ca.test/order/1"})
+    assert find(client, KEY, twins=Twins(held))[0] == "https://ca.test/order/2"
+    url, why = find(client, KEY, twins=Twins(held, intent=True))
     assert url is None and "order intent too" in why, why
 
 
-def test_an_intent_without_a_profile_does_not_take_an_order_naming_one() -> None:
-    """An order naming a profile was asked for by someone else than an intent that named none."""
+def test_an_intent_without_a_profile_takes_no_order_naming_a_twins_profile() -> None:
+    """A twin requires "shortlived": an order naming it is the twin's, not a no-profile intent's; the CA's own default (Pebble names it) still is."""
     client = ca_with({"https://ca.test/order/1": order(profile="shortlived")})
-    assert find(client, KEY)[0] is None
+    assert find(client, KEY, twins=Twins(profiles=frozenset({"shortlived"})))[0] is None
     assert find(client, KEY, profile="shortlived")[0] == "https://ca.test/order/1"
+    assert find(client, KEY)[0] == "https://ca.test/order/1", "the CA's default profile, named"
 
 
 def test_a_valid_order_with_a_reused_key_is_ours_only_if_newer_than_every_stored_version(test_ca: CA) -> None:

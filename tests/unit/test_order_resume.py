@@ -161,10 +161,10 @@ class OrderingCA:
         return self._sign(cert, key_pem)
 
     def find_order(self, cert: CertificateConfig, key_pem: bytes, *, profile: str | None = None,
-                   newer_than: datetime | None = None, held: Any = (), take_pending: bool = True,
+                   newer_than: datetime | None = None, twins: resume.Twins | None = None,
                    progress: Any = None) -> str | None:
         self.lookups.append(key_pem)
-        self.lookup_args.append({"newer_than": newer_than, "held": set(held), "take_pending": take_pending})
+        self.lookup_args.append({"newer_than": newer_than, "twins": twins})
         if self.lookup_failure is not None:
             raise self.lookup_failure
         return self.listed
@@ -385,22 +385,22 @@ def test_an_intent_whose_ca_stays_unreachable_is_dropped_after_three_lookups(wor
     assert missed.outcome == "not_found" and "unreachable for 3 lookups" in missed.reason
 
 
-TWIN = CertificateConfig("www-rsa", CERT.domains, key_type="rsa-2048")
+TWIN = CertificateConfig("www-rsa", CERT.domains, key_type="rsa-2048", profile="shortlived")
 
 
 def test_the_lookup_skips_the_twins_orders_and_older_certificates(tmp_path: Path, test_ca: CA) -> None:
-    """An RSA twin for the same names: its journaled order is never this intent's, and its intent makes pending orders doubtful; a valid order must be newer than the newest stored version."""
+    """An RSA twin for the same names: its journaled order and its profile are never this intent's, its intent makes pending orders doubtful; a valid order must be newer than the newest stored version."""
     clock, store = FakeClock(NOW), FileStore(tmp_path / "state")
     issuer = OrderingCA(test_ca)
     issuer.store = store
     config = Config(tmp_path / "certd.toml", DaemonConfig(state_dir=tmp_path / "state"), AcmeConfig(DIRECTORY),
-                    (CERT, TWIN, CertificateConfig("other", ("www.example.test",))))
+                    (CERT, TWIN, CertificateConfig("other", ("www.example.test",), profile="classic")))
     ports = Ports(config, store, store, lambda: issuer, EventBus(), clock, FakeEdges(store))
     renew = Renew(ports, Planner(store, clock, lambda: issuer))
     assert renew(RenewRequest(CERT)).result is Result.RENEWED
     stored = store.load_info("www", 1).info
-    for twin_journal, held, take_pending in (("https://ca.test/order/77", {"https://ca.test/order/77"}, True),
-                                             ("", set(), False)):
+    for twin_journal, twins in (("https://ca.test/order/77", resume.Twins(frozenset({"https://ca.test/order/77"}))),
+                                ("", resume.Twins(intent=True))):
         with store.lock("www-rsa"):
             store.save_order("www-rsa", OrderJournal(twin_journal, keys.generate_private_key("rsa-2048"),
                                                      "2026-11-22T11:00:00Z", journal_meta(DIRECTORY, CERT.domains, None)))
@@ -409,7 +409,8 @@ def test_the_lookup_skips_the_twins_orders_and_older_certificates(tmp_path: Path
                                                    "2026-11-22T11:00:00Z", journal_meta(DIRECTORY, ["www.example.test"], None)))
         journal(store, "", keys.generate_private_key(CERT.key_type))
         assert renew(RenewRequest(CERT, force=True)).result is Result.RENEWED
-        assert issuer.lookup_args[-1] == {"newer_than": stored.not_before, "held": held, "take_pending": take_pending}
+        expected = resume.Twins(twins.orders, twins.intent, frozenset({"shortlived"}))
+        assert issuer.lookup_args[-1] == {"newer_than": stored.not_before, "twins": expected}
         stored = store.load_info("www", store.versions("www")[-1]).info
 
 
@@ -442,21 +443,21 @@ def test_the_intent_picks_only_an_order_for_its_names_profile_and_key(orders: li
     assert (got.url if got else None) == picked, why
 
 
-def test_an_intent_without_a_profile_takes_no_order_naming_one() -> None:
-    """The intent named no profile: an order naming one was asked for by someone else."""
-    got, _ = resume.pick_order([listed("a", profile="shortlived")], CERT.domains, None, NOW)
-    assert got is None
-    assert resume.pick_order([listed("a")], CERT.domains, None, NOW)[0] is not None
+def test_an_intent_without_a_profile_takes_no_order_naming_a_twins_profile() -> None:
+    """The intent named no profile: an order naming one a twin certificate asks for was the twin's; the CA's named default is not."""
+    twins = resume.Twins(profiles=frozenset({"shortlived"}))
+    assert resume.pick_order([listed("a", profile="shortlived")], CERT.domains, None, NOW, twins)[0] is None
+    assert resume.pick_order([listed("a", profile="default")], CERT.domains, None, NOW, twins)[0] is not None
 
 
 def test_orders_held_elsewhere_or_with_a_twin_intent_are_not_picked() -> None:
     """An order another certificate's journal holds is never ours; with a twin's intent pending, no pending order is."""
     orders = [listed("a"), listed("b")]
-    assert resume.pick_order(orders, CERT.domains, None, NOW, held={"a"})[0] == listed("b")
-    got, why = resume.pick_order(orders, CERT.domains, None, NOW, held={"a"}, take_pending=False)
+    assert resume.pick_order(orders, CERT.domains, None, NOW, resume.Twins(frozenset({"a"})))[0] == listed("b")
+    got, why = resume.pick_order(orders, CERT.domains, None, NOW, resume.Twins(frozenset({"a"}), intent=True))
     assert got is None and "intent too" in why
     valid = [listed("v", "valid", ours=True)]
-    assert resume.pick_order(valid, CERT.domains, None, NOW, take_pending=False)[0] == valid[0]
+    assert resume.pick_order(valid, CERT.domains, None, NOW, resume.Twins(intent=True))[0] == valid[0]
 
 
 def test_an_intent_the_ca_answered_with_a_problem_is_cleared_at_once(world: Any) -> None:
