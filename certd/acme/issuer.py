@@ -112,22 +112,22 @@ class Issuer:
 
     def find_order(self, cert: CertificateConfig, key_pem: bytes, *, profile: str | None = None,
                    newer_than: datetime | None = None, twins: Twins | None = None,
-                   progress: Callable[[str], None] | None = None) -> str | None:
-        """The URL of the order an intent placed for ``cert``'s identifiers (and ``profile``)
-        with ``key_pem``, found in the account's orders list (:mod:`certd.acme.lookup`); None
-        when none is surely the intent's (no list, nothing or several match, a lookup that fails
+                   progress: Callable[[str], None] | None = None) -> tuple[str | None, str]:
+        """(the URL of the order an intent placed for ``cert``'s identifiers (and ``profile``)
+        with ``key_pem``, found in the account's orders list (:mod:`certd.acme.lookup`), or None
+        when none is surely the intent's; why, for the audit) (no list, nothing or several match, a lookup that fails
         or takes over :data:`certd.acme.lookup.BUDGET`: the reason is logged). ``newer_than``:
         the newest stored version's notBefore; ``twins``: what the other certificates for these
         identifiers hold (:class:`certd.acme.resume.Twins`). Only the CA unreachable raises
         (CANotReachable: the intent is kept)."""
         spki = spki_sha256(load_private_key(key_pem).public_key())
 
-        def body(flow: OrderFlow) -> str | None:
+        def body(flow: OrderFlow) -> tuple[str | None, str]:
             url, why = lookup.find(flow.client, cert.identifiers, profile, spki, newer_than, self._clock.now(),
                                    twins=twins or NO_TWINS, monotonic=self._clock.monotonic)
             log.info("order_lookup certificate=%s found=%s reason=%s", cert.name, url or "-", why)
             (progress or (lambda _m: None))(f"order for the journaled intent: {url or 'none'} ({why})")
-            return url
+            return url, why
         return self._ordering(cert, progress, body)
 
     def _ordering(self, cert: CertificateConfig, progress: Callable[[str], None] | None,

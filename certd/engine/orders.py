@@ -22,9 +22,16 @@ and before the URL was journaled (the fleet soak: 101 orders for 100 renewals) l
 intent; the next attempt (this host after a restart, or in a fleet another node once the lease
 lapsed: the reconcile pass finds intents as it finds journals) looks the order up in the
 account's orders list (:meth:`certd.acme.issuer.Issuer.find_order`), journals its URL and
-resumes it like any journaled order. A CA without an orders list (Let's Encrypt), or nothing
-listed for these names and key: the intent is discarded and a new order placed, audited once
-(``order_intent``, outcome ``not_found``, "no order found for the journaled intent"). The
+resumes it like any journaled order — only an order that is surely the intent's: giving the
+intent up costs at most one order, a wrong pick a wrong or duplicate certificate. So the lookup
+is told the newest stored version's notBefore (a valid order's certificate must be newer) and
+what the other certificates for the same identifiers hold (:meth:`_twins`); only the CA
+unreachable keeps the intent, for :data:`MAX_LOOKUPS` lookups. A CA without an orders list (Let's
+Encrypt), nothing surely its, an answer certd cannot read, a lookup past its budget: the intent
+is discarded and a new order placed, audited once (``order_intent``, outcome ``not_found``,
+with why). An intent is not written over a journal that still names an order (:meth:`_keeps`:
+with several CAs, one a CA that is down could not continue this attempt): that new order goes
+without an intent, and its failure does not clear the other order's journal. The
 file store writes an intent without any fsync (a SIGKILL keeps the page cache; a power loss in
 that window costs at most one order), so a renewal pays no fsync for it.
 """
@@ -189,7 +196,7 @@ class Orders:
         profile = intent.meta.get("profile")
         infos = [store.load_info(cert.name, v).info for v in store.versions(cert.name)]
         try:
-            url = self.ports.issuer_at(ca.name).find_order(
+            url, why = self.ports.issuer_at(ca.name).find_order(
                 cert, intent.key_pem, profile=profile if isinstance(profile, str) else None,
                 newer_than=max((i.not_before for i in infos), default=None), twins=self._twins(cert), progress=say)
         except CANotReachable as e:
@@ -201,12 +208,13 @@ class Orders:
         except AcmeError as e:  # the account or directory, or the order deadline: nothing to judge by
             url, why = None, f"the lookup failed ({e})"
         else:
-            why = "no order found for the journaled intent (the CA lists none that is surely its)"
+            if url is None:
+                why = f"no order found for the journaled intent: {why}"
         detail = {"intent_created": intent.created, "ca": ca.name}
         if url is None:
             self.ports.emit("order_intent", cert.name, outcome="not_found", reason=why, detail=detail)
             return intent, why
-        self.ports.emit("order_intent", cert.name, outcome="found", reason="the order is resumed",
+        self.ports.emit("order_intent", cert.name, outcome="found", reason=f"the order is resumed: {why}",
                         detail={**detail, "order": url})
         found = OrderJournal(url, intent.key_pem, intent.created, intent.meta)
         try:

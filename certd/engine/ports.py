@@ -47,11 +47,11 @@ class IssuerPort(Protocol):
 
     def find_order(self, cert: CertificateConfig, key_pem: bytes, *, profile: str | None = None,
                    newer_than: datetime | None = None, twins: Twins | None = None,
-                   progress: Say | None = None) -> str | None:
-        """The URL of the order an intent (journaled before newOrder, no URL) placed for ``cert``
-        with ``key_pem``, from the account's orders list; None when none is surely its
-        (``newer_than``: the newest stored version's notBefore; ``twins``: what the other
-        certificates for these identifiers hold). CANotReachable only: any other failure finds nothing."""
+                   progress: Say | None = None) -> tuple[str | None, str]:
+        """(the URL of the order an intent (journaled before newOrder, no URL) placed for ``cert``
+        with ``key_pem``, from the account's orders list, or None when none is surely its; why).
+        ``newer_than``: the newest stored version's notBefore; ``twins``: what the other
+        certificates for these identifiers hold. CANotReachable only: any other failure finds nothing."""
 
     def renewal_info(self, cert_pem: bytes) -> RenewalInfo | None:
         """The CA's ARI window for ``cert_pem``; None when the CA has no ARI. OperationFailed."""

@@ -16,6 +16,7 @@ import threading
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -493,21 +494,25 @@ def test_the_orders_list_finds_only_an_intents_own_order(pebble_factory: Callabl
     issuer = make_issuer(ca)
     cert = http_cert(ca, "find.example.test", "www.find.example.test")
     key, other_key = generate_private_key("ecdsa-p256"), generate_private_key("ecdsa-p256")
-    assert issuer.find_order(cert, key) is None  # an account without orders
+
+    def find(c: CertificateConfig, k: bytes, **kw: Any) -> str | None:
+        return issuer.find_order(c, k, **kw)[0]
+
+    assert find(cert, key) is None  # an account without orders
 
     issued = CertInfo.from_pem(issuer.issue(cert, key))
-    valid = issuer.find_order(cert, key)
+    valid = find(cert, key)
     assert valid is not None and "order" in valid
-    assert issuer.find_order(cert, key, newer_than=issued.not_before) is None, "a stored certificate's order"
-    assert issuer.find_order(cert, other_key) is None, "another key's certificate"
+    assert find(cert, key, newer_than=issued.not_before) is None, "a stored certificate's order"
+    assert find(cert, other_key) is None, "another key's certificate"
 
     subset = http_cert(ca, "find.example.test", name="subset")
     others = [_pending_order(issuer, subset) for _ in range(2)]
     pending = _pending_order(issuer, cert)
     assert len({pending, *others}) == 3  # 4 orders in all: two pages
-    assert issuer.find_order(cert, other_key) == pending
-    assert issuer.find_order(cert, other_key, twins=Twins(frozenset({pending}))) is None, "another certificate's journal holds it"
-    assert issuer.find_order(cert, key) == valid, "issued with this key already: only the download is left"
-    assert issuer.find_order(subset, other_key) is None, "two pending orders fit: which one is unknown"
-    assert issuer.find_order(subset, other_key, twins=Twins(frozenset({others[0]}))) == others[-1]
-    assert issuer.find_order(http_cert(ca, "nowhere.example.test", name="x"), key) is None
+    assert find(cert, other_key) == pending
+    assert find(cert, other_key, twins=Twins(frozenset({pending}))) is None, "another certificate holds it"
+    assert find(cert, key) == valid, "issued with this key already: only the download is left"
+    assert find(subset, other_key) is None, "two pending orders fit: which one is unknown"
+    assert find(subset, other_key, twins=Twins(frozenset({others[0]}))) == others[-1]
+    assert find(http_cert(ca, "nowhere.example.test", name="x"), key) is None

@@ -162,12 +162,12 @@ class OrderingCA:
 
     def find_order(self, cert: CertificateConfig, key_pem: bytes, *, profile: str | None = None,
                    newer_than: datetime | None = None, twins: resume.Twins | None = None,
-                   progress: Any = None) -> str | None:
+                   progress: Any = None) -> tuple[str | None, str]:
         self.lookups.append(key_pem)
         self.lookup_args.append({"newer_than": newer_than, "twins": twins})
         if self.lookup_failure is not None:
             raise self.lookup_failure
-        return self.listed
+        return self.listed, "listed" if self.listed else "nothing listed"
 
     def renewal_info(self, cert_pem: bytes) -> None:
         return None
