@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from typing import TypeVar
 
 from acme import client as acme_client
@@ -35,6 +36,7 @@ from certd.acme.ari import RenewalInfo, ari_cert_id, askable_cert_id, fetch_rene
 from certd.acme import lookup, persist
 from certd.acme.order import OrderFlow, signed_post
 from certd.acme.problems import Failure, problem_code
+from certd.acme.resume import NO_TWINS, Twins
 from certd.acme.solvers import solver_for
 from certd.acme.transport import AcmeTransport, Network, Transport
 from certd.config import AcmeConfig, CertificateConfig
@@ -109,20 +111,23 @@ class Issuer:
         return self._ordering(cert, progress, lambda flow: flow.resume(order_url, csr_pem), before)
 
     def find_order(self, cert: CertificateConfig, key_pem: bytes, *, profile: str | None = None,
-                   stored: Collection[str] = (), progress: Callable[[str], None] | None = None) -> str | None:
-        """The URL of the order an intent placed for ``cert``'s identifiers (and ``profile``,
-        when it names one) with ``key_pem``, found in the account's orders list
-        (:mod:`certd.acme.lookup`); None when the CA lists none (it has no list, or nothing
-        matches: the reason is logged). ``stored``: fingerprints of the certificates stored as
-        versions (a valid order for one of them is done, not ours to download). Failures as
-        :meth:`issue` (the CA unreachable: the intent is kept)."""
+                   newer_than: datetime | None = None, twins: Twins | None = None,
+                   progress: Callable[[str], None] | None = None) -> tuple[str | None, str]:
+        """(the URL of the order an intent placed for ``cert``'s identifiers (and ``profile``)
+        with ``key_pem``, found in the account's orders list (:mod:`certd.acme.lookup`), or None
+        when none is surely the intent's; why, for the audit) (no list, nothing or several match, a lookup that fails
+        or takes over :data:`certd.acme.lookup.BUDGET`: the reason is logged). ``newer_than``:
+        the newest stored version's notBefore; ``twins``: what the other certificates for these
+        identifiers hold (:class:`certd.acme.resume.Twins`). Only the CA unreachable raises
+        (CANotReachable: the intent is kept)."""
         spki = spki_sha256(load_private_key(key_pem).public_key())
 
-        def body(flow: OrderFlow) -> str | None:
-            url, why = lookup.find(flow.client, cert.identifiers, profile, spki, stored, self._clock.now())
+        def body(flow: OrderFlow) -> tuple[str | None, str]:
+            url, why = lookup.find(flow.client, cert.identifiers, profile, spki, newer_than, self._clock.now(),
+                                   twins=twins or NO_TWINS, monotonic=self._clock.monotonic)
             log.info("order_lookup certificate=%s found=%s reason=%s", cert.name, url or "-", why)
             (progress or (lambda _m: None))(f"order for the journaled intent: {url or 'none'} ({why})")
-            return url
+            return url, why
         return self._ordering(cert, progress, body)
 
     def _ordering(self, cert: CertificateConfig, progress: Callable[[str], None] | None,

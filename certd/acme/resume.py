@@ -131,37 +131,68 @@ class Listed:
     identifiers: frozenset[str]        # the identifiers' values (names, IP addresses)
     profile: str | None = None         # as the order says (None: it says none)
     expires: datetime | None = None
-    #: a ``valid`` order only: its certificate is for the intent's key and not stored as a version
-    #: yet (None: not looked at)
+    #: a ``valid`` order only: its certificate is for the intent's key and newer than every
+    #: version stored (None: not looked at)
     ours: bool | None = None
 
 
-def intent_matches(order: Listed, identifiers: Collection[str], profile: str | None) -> bool:
-    """Whether ``order`` is for exactly the intent's ``identifiers`` and, when both the intent
-    and the order name a profile, the same one."""
+@dataclass(frozen=True)
+class Twins:
+    """What the other certificates for exactly the same identifiers hold or ask for: an order
+    the intent would match may be theirs. ``orders``: the order URLs their journals hold (never
+    the intent's); ``intent``: one of them has an order intent of its own (or a journal that
+    cannot be read), so a pending order may be its; ``profiles``: the profiles they require or
+    prefer that this certificate does not."""
+
+    orders: frozenset[str] = frozenset()
+    intent: bool = False
+    profiles: frozenset[str] = frozenset()
+
+
+NO_TWINS = Twins()   # a certificate alone with its identifiers
+
+
+def intent_matches(order: Listed, identifiers: Collection[str], profile: str | None,
+                   twins: Twins = NO_TWINS) -> bool:
+    """Whether ``order`` is for exactly the intent's ``identifiers`` and its profile: the same
+    one; or, when the order names none, any (a CA that does not echo it); or, when the intent
+    names none, any but a profile a twin certificate asks for (an order naming that was the
+    twin's). An intent naming none does take an order naming another: a CA names the default
+    it chose (Pebble: ``default``), and ``preferred_profile`` is not journaled as required."""
     if order.identifiers != frozenset(identifiers):
         return False
-    return profile is None or order.profile is None or order.profile == profile
+    if order.profile == profile or order.profile is None:
+        return True
+    return profile is None and order.profile not in twins.profiles
 
 
-def pick_order(listed: Iterable[Listed], identifiers: Collection[str], profile: str | None,
-               now: datetime) -> Listed | None:
-    """The order an intent for ``identifiers`` (and ``profile``) placed, among ``listed`` (in
-    the CA's list order; later is taken as newer when expiries tie), or None: a ``valid`` one
-    whose certificate is ours (issued already: only a download is left), else the newest (latest
-    expiry) ``pending`` or ``ready`` one not expired. Any other order — another key's, invalid,
-    processing, expired — is not resumed: ordering afresh costs one order, resuming someone
-    else's would certify the wrong key (check_issued would refuse it anyway)."""
-    best: Listed | None = None
+def pick_order(listed: Iterable[Listed], identifiers: Collection[str], profile: str | None, now: datetime,
+               twins: Twins = NO_TWINS) -> tuple[Listed | None, str]:
+    """(the order an intent for ``identifiers`` (and ``profile``) placed, among ``listed``, or
+    None; why, for the log). A ``valid`` one whose certificate is ours (issued already: only a
+    download is left); else the one ``pending`` or ``ready`` order not expired, if exactly one
+    fits. Orders ``twins`` hold are never the intent's; with a twin's intent outstanding, no
+    pending order is surely the intent's either.
+
+    When in doubt, none: ordering afresh costs one order, resuming someone else's order costs a
+    wrong or duplicate certificate. So two pending orders that fit are none (which one the intent
+    placed is unknowable: a pending order carries no key), and so is any other order — another
+    key's, an older certificate's, invalid, processing, expired."""
+    fits: list[Listed] = []
     for order in listed:
-        if not intent_matches(order, identifiers, profile):
+        if order.url in twins.orders or not intent_matches(order, identifiers, profile, twins):
             continue
         if order.status == "valid":
             if order.ours:
-                return order
+                return order, "issued already with the intent's key (valid)"
             continue
-        if order.status not in ("pending", "ready") or (order.expires is not None and order.expires <= now):
-            continue
-        if best is None or best.expires is None or (order.expires is not None and order.expires >= best.expires):
-            best = order
-    return best
+        if order.status in ("pending", "ready") and (order.expires is None or order.expires > now):
+            fits.append(order)
+    if not fits:
+        return None, "no order for the intent's names, profile and key"
+    if twins.intent:
+        return None, (f"{len(fits)} pending order(s) fit, but another certificate for these names has an "
+                      "order intent too: which one is whose is unknown")
+    if len(fits) > 1:
+        return None, f"{len(fits)} pending orders fit the intent: which one it placed is unknown"
+    return fits[0], f"the only order that fits ({fits[0].status})"

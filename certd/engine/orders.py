@@ -22,9 +22,16 @@ and before the URL was journaled (the fleet soak: 101 orders for 100 renewals) l
 intent; the next attempt (this host after a restart, or in a fleet another node once the lease
 lapsed: the reconcile pass finds intents as it finds journals) looks the order up in the
 account's orders list (:meth:`certd.acme.issuer.Issuer.find_order`), journals its URL and
-resumes it like any journaled order. A CA without an orders list (Let's Encrypt), or nothing
-listed for these names and key: the intent is discarded and a new order placed, audited once
-(``order_intent``, outcome ``not_found``, "no order found for the journaled intent"). The
+resumes it like any journaled order — only an order that is surely the intent's: giving the
+intent up costs at most one order, a wrong pick a wrong or duplicate certificate. So the lookup
+is told the newest stored version's notBefore (a valid order's certificate must be newer) and
+what the other certificates for the same identifiers hold (:meth:`_twins`); only the CA
+unreachable keeps the intent, for :data:`MAX_LOOKUPS` lookups. A CA without an orders list (Let's
+Encrypt), nothing surely its, an answer certd cannot read, a lookup past its budget: the intent
+is discarded and a new order placed, audited once (``order_intent``, outcome ``not_found``,
+with why). An intent is not written over a journal that still names an order (:meth:`_keeps`:
+with several CAs, one a CA that is down could not continue this attempt): that new order goes
+without an intent, and its failure does not clear the other order's journal. The
 file store writes an intent without any fsync (a SIGKILL keeps the page cache; a power loss in
 that window costs at most one order), so a renewal pays no fsync for it.
 """
@@ -34,13 +41,13 @@ from __future__ import annotations
 import logging
 import os
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 from certd.acme import resume
 from certd.config import AcmeConfig, CertificateConfig
 from certd.core.clock import isoformat
-from certd.core.errors import AcmeError, StoreError, StoreUnreachable
+from certd.core.errors import AcmeError, CANotReachable, StoreError, StoreUnreachable
 from certd.core.model import spki_sha256
 from certd.core.retry import NEW_ORDER
 from certd.core.rotation import CRASH_ENV
@@ -57,6 +64,11 @@ log = logging.getLogger("certd")
 CRASH_ORDERED = "order_created"        # the CA accepted newOrder; its URL is not journaled yet
 CRASH_JOURNALED = "order_journaled"    # the journal is stored; no challenge answered, not finalized
 CRASH_FINALIZED = "order_finalized"    # the CA issued and certd downloaded; no version stored yet
+
+#: an intent's journal meta: how many lookups found its CA unreachable
+META_LOOKUPS = "lookups"
+#: lookups of one intent at most; the last one unreachable drops it (ordered afresh)
+MAX_LOOKUPS = 3
 
 
 @dataclass(frozen=True)
@@ -77,6 +89,9 @@ class Orders:
 
     def __init__(self, ports: Ports) -> None:
         self.ports = ports
+        #: certificates whose journal holds an order this attempt's new order did not place (kept
+        #: by :meth:`_intend`): that order's fate is not judged by the new order's failure
+        self._foreign: set[str] = set()
 
     def order(self, cert: CertificateConfig, ca: AcmeConfig, new_key: Callable[[], bytes], replaces: str | None,
               say: Say) -> Issued:
@@ -120,14 +135,16 @@ class Orders:
             self._clear(name)
 
     def failed(self, name: str, error: Exception) -> None:
-        """The attempt failed with ``error``: discard the journal if the order is over."""
-        if not resume.order_may_live(error):
+        """The attempt failed with ``error``: discard the journal if the order is over (not when
+        the journal is another order's, kept by :meth:`_intend`: that one was judged already)."""
+        if name not in self._foreign and not resume.order_may_live(error):
             self._clear(name)
 
     def resumed(self, cert: CertificateConfig, say: Say) -> Issued | None:
         """The certificate of the journaled order, if there is one and its CA (one of ``cert``'s)
         can continue it; else None (a journal that cannot be resumed is discarded). OperationFailed."""
         store = self.ports.store
+        self._foreign.discard(cert.name)   # a new attempt: whatever is journaled is judged here
         try:
             journal = store.load_order(cert.name)
         except LeaseLost:
@@ -170,19 +187,34 @@ class Orders:
                say: Say) -> tuple[OrderJournal, str | None]:
         """The journal of the order ``intent`` placed, found in the account's orders list at
         ``ca`` and journaled now (a crash while it is resumed finds it by URL); else why there
-        is none (ordered afresh). Recorded once either way (``order_intent``)."""
+        is none (ordered afresh). Recorded once either way (``order_intent``).
+
+        Only the CA unreachable keeps the intent, for :data:`MAX_LOOKUPS` lookups in all (the
+        count is journaled with it): an intent must never block renewals, and giving it up
+        costs at most one order, while a wrong pick costs a wrong or duplicate certificate."""
         store = self.ports.store
         profile = intent.meta.get("profile")
-        stored = [store.load_info(cert.name, v).info.fingerprint_sha256 for v in store.versions(cert.name)]
-        url = self.ports.issuer_at(ca.name).find_order(cert, intent.key_pem,
-                                                       profile=profile if isinstance(profile, str) else None,
-                                                       stored=stored, progress=say)
+        infos = [store.load_info(cert.name, v).info for v in store.versions(cert.name)]
+        try:
+            url, why = self.ports.issuer_at(ca.name).find_order(
+                cert, intent.key_pem, profile=profile if isinstance(profile, str) else None,
+                newer_than=max((i.not_before for i in infos), default=None), twins=self._twins(cert), progress=say)
+        except CANotReachable as e:
+            tries = _int(intent.meta.get(META_LOOKUPS)) + 1
+            if tries < MAX_LOOKUPS:
+                self._count_lookup(cert.name, intent, tries)
+                raise
+            url, why = None, f"the CA was unreachable for {tries} lookups ({e})"
+        except AcmeError as e:  # the account or directory, or the order deadline: nothing to judge by
+            url, why = None, f"the lookup failed ({e})"
+        else:
+            if url is None:
+                why = f"no order found for the journaled intent: {why}"
         detail = {"intent_created": intent.created, "ca": ca.name}
         if url is None:
-            why = "no order found for the journaled intent (the CA lists none for its names and key)"
             self.ports.emit("order_intent", cert.name, outcome="not_found", reason=why, detail=detail)
             return intent, why
-        self.ports.emit("order_intent", cert.name, outcome="found", reason="the order is resumed",
+        self.ports.emit("order_intent", cert.name, outcome="found", reason=f"the order is resumed: {why}",
                         detail={**detail, "order": url})
         found = OrderJournal(url, intent.key_pem, intent.created, intent.meta)
         try:
@@ -192,6 +224,45 @@ class Orders:
         except StoreError as e:  # the intent stays: a crash now looks the order up again
             event(log, "order_journal_unwritten", logging.WARNING, name=cert.name, order=url, error=str(e))
         return found, None
+
+    def _count_lookup(self, name: str, intent: OrderJournal, tries: int) -> None:
+        """Journal that ``tries`` lookups of ``intent`` found the CA unreachable (best effort:
+        unwritten, the intent is looked up a few more times)."""
+        try:
+            self.ports.store.save_order(name, replace(intent, meta={**intent.meta, META_LOOKUPS: tries}))
+        except LeaseLost:
+            raise
+        except StoreError as e:
+            event(log, "order_journal_unwritten", logging.WARNING, name=name, order="(intent)", error=str(e))
+
+    def _twins(self, cert: CertificateConfig) -> resume.Twins:
+        """What the other certificates for exactly ``cert``'s identifiers hold and ask for (an
+        order the intent would match may be theirs): their journals' order URLs, whether one has
+        an intent (or an unreadable journal), their profiles. Only a certificate with the same
+        identifier set can have placed an order the intent matches: the rest are not read."""
+        store = self.ports.store
+        names = sorted(cert.identifiers)
+        orders: set[str] = set()
+        intent = False
+        profiles: set[str] = set()
+        for other in self.ports.config.certificates:
+            if other.name == cert.name or sorted(other.identifiers) != names:
+                continue
+            profiles.update(p for p in (other.profile, other.preferred_profile) if p is not None)
+            try:
+                journal = store.load_order(other.name)
+            except LeaseLost:
+                raise
+            except StoreError:
+                intent = True   # unknown: as doubtful as an intent
+                continue
+            if journal is not None:
+                if journal.intent:
+                    intent = True
+                else:
+                    orders.add(journal.order_url)
+        profiles -= {cert.profile, cert.preferred_profile}
+        return resume.Twins(frozenset(orders), intent, frozenset(profiles))
 
     def _proving(self, name: str) -> Callable[[str], None]:
         """The issuer's ``before`` hook: prove the certificate's lease right before newOrder and
@@ -251,20 +322,48 @@ class Orders:
                 proving: Callable[[str], None]) -> bool:
         """Prove the lease and journal the order intent (no URL yet) in one store write, right
         before newOrder; the intent is best effort (False, logged, and the proof made alone),
-        the proof is not (LeaseLost stops the order, as ``proving`` does)."""
-        intent = self._journal(cert, ca, "", key_pem, replaces, cert.profile)
-        try:
-            self.ports.store.prove_with_order(cert.name, intent)
-            return True
-        except LeaseLost as e:
-            event(log, "order_stopped", logging.ERROR, name=cert.name, step="newOrder", error=str(e))
-            raise
-        except StoreUnreachable:
-            raise  # the proof cannot be made either: the order stops here, as it always did
-        except StoreError as e:
-            event(log, "order_journal_unwritten", logging.WARNING, name=cert.name, order="(intent)", error=str(e))
+        the proof is not (LeaseLost stops the order, as ``proving`` does). A journal that may
+        still name a live order (:meth:`_keeps`) is not overwritten: the order goes on without
+        an intent (a crash before its URL is journaled costs one order, not that order)."""
+        kept = self._keeps(cert.name, ca)
+        if kept is None:
+            self._foreign.discard(cert.name)
+            intent = self._journal(cert, ca, "", key_pem, replaces, cert.profile)
+            try:
+                self.ports.store.prove_with_order(cert.name, intent)
+                return True
+            except LeaseLost as e:
+                event(log, "order_stopped", logging.ERROR, name=cert.name, step="newOrder", error=str(e))
+                raise
+            except StoreUnreachable:
+                raise  # the proof cannot be made either: the order stops here, as it always did
+            except StoreError as e:
+                event(log, "order_journal_unwritten", logging.WARNING, name=cert.name, order="(intent)",
+                      error=str(e))
+        else:
+            self._foreign.add(cert.name)
+            event(log, "order_intent_unwritten", logging.INFO, name=cert.name, ca=ca.name, reason=kept)
         proving("newOrder")
         return False
+
+    def _keeps(self, name: str, ca: AcmeConfig) -> str | None:
+        """Why the journal must not be overwritten by an intent for ``ca`` (None: it may): it
+        holds an order URL not known to be over (a CA the failover gave up on for this attempt
+        may still finish it), or another CA's intent. This renewal's own intent at ``ca`` may be
+        replaced (a newOrder asked again). Unreadable: nothing to keep (resumed discarded it)."""
+        try:
+            journal = self.ports.store.load_order(name)
+        except (LeaseLost, StoreUnreachable):
+            raise
+        except StoreError:
+            return None
+        if journal is None:
+            return None
+        if not journal.intent:
+            return f"the journal holds order {journal.order_url}, which may still complete"
+        if journal.meta.get(resume.META_DIRECTORY) != ca.directory:
+            return f"the journal holds an order intent at {journal.meta.get(resume.META_DIRECTORY)}"
+        return None
 
     def _journal(self, cert: CertificateConfig, ca: AcmeConfig, order_url: str, key_pem: bytes, replaces: str | None,
                  profile: str | None) -> OrderJournal:
@@ -279,6 +378,7 @@ class Orders:
         journal = self._journal(cert, ca, order_url, key_pem, replaces, profile)
         try:
             self.ports.store.save_order(cert.name, journal)
+            self._foreign.discard(cert.name)   # the journal is this order's now
             return True
         except LeaseLost:
             raise  # another process owns the certificate now: stop before finalizing
@@ -300,3 +400,8 @@ def crash_at(point: str) -> None:
     SIGKILL itself here (as :func:`certd.core.rotation.crash_point` does for rotation steps)."""
     if os.environ.get(CRASH_ENV) == point:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _int(value: object) -> int:
+    """A journal meta count (anything else, from an older or damaged journal: 0)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0

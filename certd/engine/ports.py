@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Collection, Mapping, Protocol
 
@@ -22,6 +23,7 @@ from certd.store.files import Store
 
 if TYPE_CHECKING:  # the ACME client is imported only where an order happens (certd status never)
     from certd.acme.ari import RenewalInfo
+    from certd.acme.resume import Twins
 
 Say = Callable[[str], None]                 # one progress line about the certificate at hand
 Progress = Callable[[str, str], None]       # (certificate name, message)
@@ -44,10 +46,12 @@ class IssuerPort(Protocol):
         or None when the CA cannot continue it (gone, invalid, expired). OperationFailed."""
 
     def find_order(self, cert: CertificateConfig, key_pem: bytes, *, profile: str | None = None,
-                   stored: Collection[str] = (), progress: Say | None = None) -> str | None:
-        """The URL of the order an intent (journaled before newOrder, no URL) placed for ``cert``
-        with ``key_pem``, from the account's orders list; None when the CA lists none that
-        matches (``stored``: fingerprints of stored versions' certificates). OperationFailed."""
+                   newer_than: datetime | None = None, twins: Twins | None = None,
+                   progress: Say | None = None) -> tuple[str | None, str]:
+        """(the URL of the order an intent (journaled before newOrder, no URL) placed for ``cert``
+        with ``key_pem``, from the account's orders list, or None when none is surely its; why).
+        ``newer_than``: the newest stored version's notBefore; ``twins``: what the other
+        certificates for these identifiers hold. CANotReachable only: any other failure finds nothing."""
 
     def renewal_info(self, cert_pem: bytes) -> RenewalInfo | None:
         """The CA's ARI window for ``cert_pem``; None when the CA has no ARI. OperationFailed."""

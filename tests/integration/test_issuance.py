@@ -16,6 +16,7 @@ import threading
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -25,6 +26,7 @@ from certd.core.clock import SystemClock
 from certd.config import KEY_TYPES, AcmeConfig, CertificateConfig, Listen
 from certd.core.errors import AcmeError, CANotReachable, ChallengeFailed, ConfigError
 from certd.acme.issuer import Issuer, RenewalInfo, ari_cert_id, connect
+from certd.acme.resume import Twins
 from certd.crypto.keys import generate_private_key
 from certd.core.model import Bundle, CertInfo
 from certd.acme import solvers
@@ -487,25 +489,30 @@ def _pending_order(issuer: Issuer, cert: CertificateConfig) -> str:
 
 def test_the_orders_list_finds_only_an_intents_own_order(pebble_factory: Callable[..., PebbleEnv],
                                                          make_issuer: Callable[..., Issuer], tmp_path: Path) -> None:
-    """Pebble listing 2 orders a page: an intent finds the newest pending order for exactly its names, across pages; a valid one only with its own key and while its certificate is not stored."""
+    """Pebble listing 2 orders a page: an intent finds the one pending order for exactly its names, across pages, and none when two fit or another certificate holds it; a valid one only with its own key and while no stored version is as new."""
     ca = pebble_factory(config={"ordersPerPage": 2})
     issuer = make_issuer(ca)
     cert = http_cert(ca, "find.example.test", "www.find.example.test")
     key, other_key = generate_private_key("ecdsa-p256"), generate_private_key("ecdsa-p256")
-    assert issuer.find_order(cert, key) is None  # an account without orders
+
+    def find(c: CertificateConfig, k: bytes, **kw: Any) -> str | None:
+        return issuer.find_order(c, k, **kw)[0]
+
+    assert find(cert, key) is None  # an account without orders
 
     issued = CertInfo.from_pem(issuer.issue(cert, key))
-    valid = issuer.find_order(cert, key)
+    valid = find(cert, key)
     assert valid is not None and "order" in valid
-    assert issuer.find_order(cert, key, stored=[issued.fingerprint_sha256]) is None, "a stored certificate's order"
-    assert issuer.find_order(cert, other_key) is None, "another key's certificate"
+    assert find(cert, key, newer_than=issued.not_before) is None, "a stored certificate's order"
+    assert find(cert, other_key) is None, "another key's certificate"
 
-    first = _pending_order(issuer, cert)
     subset = http_cert(ca, "find.example.test", name="subset")
     others = [_pending_order(issuer, subset) for _ in range(2)]
-    newest = _pending_order(issuer, cert)
-    assert len({first, newest, *others}) == 4  # 5 orders in all: three pages
-    assert issuer.find_order(cert, other_key) == newest
-    assert issuer.find_order(cert, key) == valid, "issued with this key already: only the download is left"
-    assert issuer.find_order(subset, other_key) == others[-1]
-    assert issuer.find_order(http_cert(ca, "nowhere.example.test", name="x"), key) is None
+    pending = _pending_order(issuer, cert)
+    assert len({pending, *others}) == 3  # 4 orders in all: two pages
+    assert find(cert, other_key) == pending
+    assert find(cert, other_key, twins=Twins(frozenset({pending}))) is None, "another certificate holds it"
+    assert find(cert, key) == valid, "issued with this key already: only the download is left"
+    assert find(subset, other_key) is None, "two pending orders fit: which one is unknown"
+    assert find(subset, other_key, twins=Twins(frozenset({others[0]}))) == others[-1]
+    assert find(http_cert(ca, "nowhere.example.test", name="x"), key) is None

@@ -70,6 +70,33 @@ def test_an_order_journaled_at_a_ca_that_is_down_does_not_stop_the_fallback(tmp_
     assert w.store.load_order("www") is None, "the abandoned order is not resumed after backup issued"
 
 
+class IntendingCA(ResumingCA):
+    """A ResumingCA whose ``issue`` proves the lease (and journals the intent) before newOrder."""
+
+    def issue(self, cert: CertificateConfig, key_pem: bytes, *, replaces: str | None = None,
+              progress: Any = None, on_order: Any = None, before: Any = None) -> bytes:
+        if before is not None:
+            before("newOrder")
+        return super().issue(cert, key_pem, replaces=replaces, progress=progress, on_order=on_order)
+
+
+def test_an_order_journaled_at_a_ca_that_is_down_outlives_a_refusal_at_the_next(tmp_path: Path, test_ca: CA) -> None:
+    """primary's journaled order cannot be continued (primary down); backup refuses newOrder: primary's order is still journaled, to be finished when primary answers (no second certificate)."""
+    w = World(tmp_path, test_ca)
+    w.cas.update({name: IntendingCA(test_ca, w.clock) for name in w.cas})
+    key = keys.generate_private_key(CERT.key_type)
+    w.store.save_order("www", OrderJournal("https://p.test/order/1", key, "2026-11-22T11:00:00Z",
+                                           resume.journal_meta("https://p.test/dir", CERT.identifiers, None,
+                                                               CERT.key_type)))
+    w.cas["primary"].failure = CANotReachable("ACME server https://p.test/dir is not reachable (refused)")
+    w.cas["backup"].failure = AcmeError("the CA refused (rejectedIdentifier)", problem_type=P + "rejectedIdentifier",
+                                        where="newOrder")
+    assert w.renew().result == Result.FAILED
+    kept = w.store.load_order("www")
+    assert kept is not None and kept.order_url == "https://p.test/order/1" and kept.key_pem == key, kept
+    assert len(w.cas["backup"].orders) == 1
+
+
 def test_a_journaled_order_whose_ca_is_down_is_said_to_have_been_tried_once(tmp_path: Path, test_ca: CA) -> None:
     """The CA of a journaled order is asked once to continue it: the skip names one try, not the budget of two."""
     w = World(tmp_path, test_ca)

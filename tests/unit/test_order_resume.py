@@ -122,6 +122,8 @@ class OrderingCA:
         self.refusal: Exception | None = None   # the CA's answer to newOrder: a problem, no order
         self.listed: str | None = None    # what find_order answers for an intent
         self.lookups: list[bytes] = []    # the intent keys looked up
+        self.lookup_args: list[dict[str, Any]] = []   # what else each lookup was told
+        self.lookup_failure: Exception | None = None  # what find_order raises
 
     def _sign(self, cert: CertificateConfig, key_pem: bytes) -> bytes:
         key = serialization.load_pem_private_key(key_pem, None)
@@ -159,9 +161,13 @@ class OrderingCA:
         return self._sign(cert, key_pem)
 
     def find_order(self, cert: CertificateConfig, key_pem: bytes, *, profile: str | None = None,
-                   stored: Any = (), progress: Any = None) -> str | None:
+                   newer_than: datetime | None = None, twins: resume.Twins | None = None,
+                   progress: Any = None) -> tuple[str | None, str]:
         self.lookups.append(key_pem)
-        return self.listed
+        self.lookup_args.append({"newer_than": newer_than, "twins": twins})
+        if self.lookup_failure is not None:
+            raise self.lookup_failure
+        return self.listed, "listed" if self.listed else "nothing listed"
 
     def renewal_info(self, cert_pem: bytes) -> None:
         return None
@@ -347,6 +353,67 @@ def test_an_intent_for_other_names_is_discarded_without_asking_the_ca(world: Any
     assert issuer.lookups == [] and issuer.resumed == [] and len(issuer.new_orders) == 1
 
 
+def test_an_intent_whose_lookup_answer_cannot_be_read_is_dropped_and_ordered_afresh(world: Any) -> None:
+    """The orders list is garbage (an HTML page, orders not a list): the intent is given up at once — one new order, one audit record — instead of failing every renewal."""
+    renew, issuer, store = world
+    seen = events_of(renew)
+    journal(store, "", keys.generate_private_key(CERT.key_type))
+    issuer.lookup_failure = AcmeError("issuing www: the CA sent an answer certd cannot read (Expecting value); "
+                                      "will retry", transient=True)
+    o = renew(RenewRequest(CERT))
+    assert o.result is Result.RENEWED, o.message
+    assert len(issuer.lookups) == 1 and issuer.new_orders == ["https://ca.test/order/1"]
+    assert store.load_order("www") is None
+    (missed,) = [e for e in seen if e.kind == "order_intent"]
+    assert missed.outcome == "not_found" and "cannot read" in missed.reason
+
+
+def test_an_intent_whose_ca_stays_unreachable_is_dropped_after_three_lookups(world: Any) -> None:
+    """The CA unreachable for the lookup keeps the intent (the order may be there), but three lookups at most: then one new order."""
+    renew, issuer, store = world
+    seen = events_of(renew)
+    journal(store, "", keys.generate_private_key(CERT.key_type))
+    issuer.lookup_failure = CANotReachable("ACME server https://ca.test/dir is not reachable (refused); will retry")
+    for tries in (1, 2):
+        assert renew(RenewRequest(CERT, force=True)).result is Result.FAILED
+        kept = store.load_order("www")
+        assert kept is not None and kept.intent and kept.meta["lookups"] == tries and issuer.new_orders == []
+    o = renew(RenewRequest(CERT, force=True))
+    assert o.result is Result.RENEWED, o.message
+    assert len(issuer.lookups) == 3 and issuer.new_orders == ["https://ca.test/order/1"]
+    (missed,) = [e for e in seen if e.kind == "order_intent"]
+    assert missed.outcome == "not_found" and "unreachable for 3 lookups" in missed.reason
+
+
+TWIN = CertificateConfig("www-rsa", CERT.domains, key_type="rsa-2048", profile="shortlived")
+
+
+def test_the_lookup_skips_the_twins_orders_and_older_certificates(tmp_path: Path, test_ca: CA) -> None:
+    """An RSA twin for the same names: its journaled order and its profile are never this intent's, its intent makes pending orders doubtful; a valid order must be newer than the newest stored version."""
+    clock, store = FakeClock(NOW), FileStore(tmp_path / "state")
+    issuer = OrderingCA(test_ca)
+    issuer.store = store
+    config = Config(tmp_path / "certd.toml", DaemonConfig(state_dir=tmp_path / "state"), AcmeConfig(DIRECTORY),
+                    (CERT, TWIN, CertificateConfig("other", ("www.example.test",), profile="classic")))
+    ports = Ports(config, store, store, lambda: issuer, EventBus(), clock, FakeEdges(store))
+    renew = Renew(ports, Planner(store, clock, lambda: issuer))
+    assert renew(RenewRequest(CERT)).result is Result.RENEWED
+    stored = store.load_info("www", 1).info
+    for twin_journal, twins in (("https://ca.test/order/77", resume.Twins(frozenset({"https://ca.test/order/77"}))),
+                                ("", resume.Twins(intent=True))):
+        with store.lock("www-rsa"):
+            store.save_order("www-rsa", OrderJournal(twin_journal, keys.generate_private_key("rsa-2048"),
+                                                     "2026-11-22T11:00:00Z", journal_meta(DIRECTORY, CERT.domains, None)))
+        with store.lock("other"):
+            store.save_order("other", OrderJournal("https://ca.test/order/88", keys.generate_private_key(CERT.key_type),
+                                                   "2026-11-22T11:00:00Z", journal_meta(DIRECTORY, ["www.example.test"], None)))
+        journal(store, "", keys.generate_private_key(CERT.key_type))
+        assert renew(RenewRequest(CERT, force=True)).result is Result.RENEWED
+        expected = resume.Twins(twins.orders, twins.intent, frozenset({"shortlived"}))
+        assert issuer.lookup_args[-1] == {"newer_than": stored.not_before, "twins": expected}
+        stored = store.load_info("www", store.versions("www")[-1]).info
+
+
 LATER = NOW + timedelta(hours=1)
 
 
@@ -358,8 +425,8 @@ def listed(url: str, status: str = "pending", names: tuple[str, ...] = CERT.doma
 @pytest.mark.parametrize("orders,picked", [
     ([], None),
     ([listed("a")], "a"),
-    ([listed("a", "ready"), listed("b", expires=LATER + timedelta(minutes=1))], "b"),   # the newest
-    ([listed("a", expires=LATER + timedelta(minutes=1)), listed("b")], "a"),
+    ([listed("a", "ready"), listed("b", expires=LATER + timedelta(minutes=1))], None),  # two fit: which is unknown
+    ([listed("a", "ready"), listed("b", "invalid")], "a"),
     ([listed("a", names=("www.example.test",))], None),                                 # a subset of the names
     ([listed("a", names=(*CERT.domains, "x.test"))], None),                             # more names
     ([listed("a", "invalid"), listed("b", "processing")], None),
@@ -371,15 +438,26 @@ def listed(url: str, status: str = "pending", names: tuple[str, ...] = CERT.doma
 ])
 def test_the_intent_picks_only_an_order_for_its_names_profile_and_key(orders: list[resume.Listed],
                                                                       picked: str | None) -> None:
-    """Same names (as a set), same profile when both say one, pending/ready not expired (newest), or valid with its key."""
-    got = resume.pick_order(orders, list(reversed(CERT.domains)), "classic", NOW)
-    assert (got.url if got else None) == picked
+    """Same names (as a set), same profile when both say one, the one pending/ready order not expired, or valid with its key."""
+    got, why = resume.pick_order(orders, list(reversed(CERT.domains)), "classic", NOW)
+    assert (got.url if got else None) == picked, why
 
 
-def test_an_intent_without_a_profile_takes_an_order_with_any() -> None:
-    """The intent named no profile (the CA's default, or a preferred one): the order's profile does not matter."""
-    got = resume.pick_order([listed("a", profile="shortlived")], CERT.domains, None, NOW)
-    assert got is not None and got.url == "a"
+def test_an_intent_without_a_profile_takes_no_order_naming_a_twins_profile() -> None:
+    """The intent named no profile: an order naming one a twin certificate asks for was the twin's; the CA's named default is not."""
+    twins = resume.Twins(profiles=frozenset({"shortlived"}))
+    assert resume.pick_order([listed("a", profile="shortlived")], CERT.domains, None, NOW, twins)[0] is None
+    assert resume.pick_order([listed("a", profile="default")], CERT.domains, None, NOW, twins)[0] is not None
+
+
+def test_orders_held_elsewhere_or_with_a_twin_intent_are_not_picked() -> None:
+    """An order another certificate's journal holds is never ours; with a twin's intent pending, no pending order is."""
+    orders = [listed("a"), listed("b")]
+    assert resume.pick_order(orders, CERT.domains, None, NOW, resume.Twins(frozenset({"a"})))[0] == listed("b")
+    got, why = resume.pick_order(orders, CERT.domains, None, NOW, resume.Twins(frozenset({"a"}), intent=True))
+    assert got is None and "intent too" in why
+    valid = [listed("v", "valid", ours=True)]
+    assert resume.pick_order(valid, CERT.domains, None, NOW, resume.Twins(intent=True))[0] == valid[0]
 
 
 def test_an_intent_the_ca_answered_with_a_problem_is_cleared_at_once(world: Any) -> None:
