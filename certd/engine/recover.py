@@ -18,7 +18,7 @@ from certd.core.errors import CertdError
 from certd.core.rotation import Journal
 from certd.engine.planning import Planner
 from certd.engine.ports import Ports, sayer
-from certd.engine.rotations import Rotations
+from certd.engine.rotations import Rotations, to_resume
 from certd.ops.log import event
 
 log = logging.getLogger("certd")
@@ -35,8 +35,7 @@ def recover_all(ports: Ports, planner: Planner, workers: int = 1,
     rotations = Rotations(ports, planner)
     pending = []
     for cert in ports.config.certificates:
-        j = rotations.load_journal(cert.name)
-        if j is not None and not j.finished:
+        if to_resume(rotations.load_journal(cert.name)):
             pending.append(cert)  # no lock needed to know that (10,000 locks: ~0.5 s)
 
     deferred: list[str] = []

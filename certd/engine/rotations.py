@@ -35,6 +35,20 @@ from certd.ops.log import event
 
 log = logging.getLogger("certd")
 
+#: journal ``extra`` key: False from the start until the rotation's committed end is audited
+#: (``renewed`` / ``operator_rollback``); a committed journal still False is recorded on resume
+RECORDED = "recorded"
+
+
+def unrecorded(j: Journal) -> bool:
+    """Whether ``j`` committed and its process died before auditing it."""
+    return j.step == Step.COMMITTED and j.extra.get(RECORDED) is False
+
+
+def to_resume(j: Journal | None) -> bool:
+    """Whether start-up recovery has something to finish in ``j``."""
+    return j is not None and (not j.finished or unrecorded(j))
+
 
 class Rotations:
     """Journals of one certificate store, driven over ``ports``; state kept through ``planner``."""
@@ -47,6 +61,7 @@ class Rotations:
         """A new journal, saved before anything is done (a crash from here on resumes it)."""
         j = rotation.start(cert.name, kind, from_version, to_version, self.ports.clock.now(),
                            initiator=initiator, reason=reason)
+        j = replace(j, extra={**j.extra, RECORDED: False})  # True once its end is audited
         self.save_journal(j)
         return j
 
@@ -66,6 +81,12 @@ class Rotations:
     def resume(self, cert: CertificateConfig, say: Say) -> Journal | None:
         """Finish a rotation that a crash left unfinished (see certd/core/rotation.py for the rule)."""
         j = self.load_journal(cert.name)
+        if j is not None and unrecorded(j):
+            # Committed, and the process died before the 'renewed' record (a SIGKILL in the fleet
+            # soak): the renewal happened, so it is recorded now, once.
+            event(log, "rotation_recorded_late", logging.WARNING, name=cert.name, version=j.to_version)
+            self.finish(cert, j, self.planner.load_state(cert.name), 0.0)
+            return j
         if j is None or j.finished:
             return None
         current = self.ports.store.current(cert.name)
@@ -123,6 +144,8 @@ class Rotations:
         else:
             result, msg = Result.SWITCHED, f"rolled back to version {version}, serial {serial}; verified"
             self.ports.emit("operator_rollback", cert.name, **fields)
+        if j.extra.get(RECORDED) is False:  # no fsync of its own: a power loss may record it twice, never not at all
+            self.save_journal(replace(j, extra={**j.extra, RECORDED: True}))
         self.prune(cert, j.initiator)
         destroy_compromised_keys(self.ports, cert, j.initiator)
         destroy_retired_keys(self.ports, cert, j.initiator)  # destroy_after (key classes)

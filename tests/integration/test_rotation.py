@@ -198,9 +198,11 @@ def test_verify_reports_what_is_served_when_it_differs(site: Site, tmp_path: Pat
     assert "served serial" in r.stdout and v1_serial != ""
 
 
-@pytest.mark.parametrize("step", ["issued", "staged", "switched", "reloaded", "verified"])
+@pytest.mark.parametrize("step", ["issued", "staged", "switched", "reloaded", "verified", "committed"])
 def test_sigkill_at_each_step_then_restart_is_consistent(site: Site, step: str) -> None:
-    """Killed at any journal step, the next run finishes the rotation: served, valid, matching, unlocked."""
+    """Killed at any journal step, the next run finishes the rotation: served, valid, matching,
+    unlocked, and the renewal audited exactly once (killed right after the commit, before its
+    'renewed' record, the renewal had gone unrecorded)."""
     r = site.env.run("renew", "www", "--force", env={"CERTD_CRASH_AT": step})
     assert r.returncode == -9, r.stderr
     assert_disk_consistent(site)
@@ -210,6 +212,8 @@ def test_sigkill_at_each_step_then_restart_is_consistent(site: Site, step: str) 
     assert row["rotation"] is None and row["version"] == 2, row
     assert_served_valid(site, row["fingerprint_sha256"])
     assert_disk_consistent(site)
+    audit = [json.loads(x) for x in (site.env.state_dir / "audit.jsonl").read_text().splitlines()]
+    assert [r["version"] for r in audit if r["event"] == "renewed"] == [1, 2], audit  # 1: the site fixture
     site.env.run("renew", "www", "--force", check=0)  # no stale lock, the next rotation works
     assert site.stored()["version"] == 3
 
