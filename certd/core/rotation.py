@@ -279,6 +279,8 @@ def _perform(action: Action, j: Journal, effects: Effects) -> None:
             try:
                 verified = effects.verify(j.from_version)
                 break
+            except StoreUnreachable:
+                raise  # drive() leaves the rollback to resume, as for any step
             except OperationFailed as e:
                 if not hook_errors:
                     raise

@@ -9,7 +9,7 @@ import json
 import logging
 import random
 from collections.abc import Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from datetime import datetime, timedelta
 from typing import Any, Callable, Mapping
@@ -36,6 +36,7 @@ log = logging.getLogger("certd")
 
 ARI_POLL = "poll ACME Renewal Information"  # plan()'s reason when the next look is only an ARI poll
 BROKEN_RECHECK = timedelta(minutes=10)  # how soon a broken certificate is looked at again
+UNREACHABLE_RECHECK = timedelta(seconds=30)  # ... and one whose fleet database is out of reach
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,7 @@ class _Facts:
     blocked_until: datetime | None = None  # a hold or rate limit (row["failure_kind"]) lasts until
     broken: str | None = None       # why this certificate cannot be planned or deployed (state "broken")
     key_created: datetime | None = None  # for the row's time-dependent key_age_days
+    stale: bool = False             # the last known facts, the fleet's database out of reach
 
     @cached_property
     def row_json(self) -> str:
@@ -111,7 +113,7 @@ class Planner:
         now = self.clock.now()
         facts = self._facts(cert, now)
         when, why = facts.decision.renew_at, facts.decision.reason
-        if facts.info is not None and not facts.held:
+        if facts.info is not None and not facts.held and not facts.stale:
             # No ARI answer cached: ask now, unless attempts are failing. Then the retry at the
             # end of the backoff asks ARI itself; a poll sooner would only be another attempt
             # (a state disk too full for the lease failed every one of them at once, for ever).
@@ -179,8 +181,12 @@ class Planner:
             try:
                 hit = self._gather(cert, token)
             except StoreUnreachable as e:  # the fleet's database, not this certificate (store_down says so once):
-                # the last known facts while it is away, never "broken" (no cert_broken record for every name)
-                return hit if hit is not None else self._broken(cert, token, str(e), now)
+                # the last known facts while it is away, never "broken" (no cert_broken record for every
+                # name), looked at again UNREACHABLE_RECHECK later, not at once in a loop
+                if hit is None:
+                    return self._broken(cert, token, str(e), now)
+                later = max(hit.decision.renew_at, now + UNREACHABLE_RECHECK)
+                return replace(hit, decision=replace(hit.decision, renew_at=later), stale=True)
             except StoreError as e:  # one broken certificate never stops the rest (issue 12, F8)
                 hit = self._broken(cert, token, str(e), now)
             if hit.broken is not None and (prev := self._cache.get(cert.name)) is not None \

@@ -82,11 +82,8 @@ class Rotations:
         """Finish a rotation that a crash left unfinished (see certd/core/rotation.py for the rule)."""
         j = self.load_journal(cert.name)
         if j is not None and unrecorded(j):
-            # Committed, and the process died before the 'renewed' record (a SIGKILL in the fleet
-            # soak): the renewal happened, so it is recorded now, once.
-            event(log, "rotation_recorded_late", logging.WARNING, name=cert.name, version=j.to_version)
-            self.finish(cert, j, self.planner.load_state(cert.name), 0.0)
-            return j
+            self._record_late(cert, j)
+            return None
         if j is None or j.finished:
             return None
         current = self.ports.store.current(cert.name)
@@ -104,6 +101,30 @@ class Rotations:
         j = self.drive(cert, j, say)
         self.finish(cert, j, self.planner.load_state(cert.name), 0.0)
         return j
+
+    def _record_late(self, cert: CertificateConfig, j: Journal) -> None:
+        """Audit the committed ``j`` whose process died before its record (a SIGKILL in the fleet
+        soak): the renewal happened. Only the record and the mark: the state, pruning and key
+        destruction belong to whatever came since (another node's later renewal, a hold the CA
+        put on it), and a version pruned meanwhile still gets its record, without a serial."""
+        event(log, "rotation_recorded_late", logging.WARNING, name=cert.name, version=j.to_version)
+        info = self.info(cert.name, j.to_version)
+        self.ports.emit("renewed" if j.kind == "renew" else "operator_rollback", cert.name,
+                        initiator=j.initiator, reason=j.reason, version=j.to_version,
+                        new_serial=info.serial if info else None, old_serial=self.serial(cert.name, j.from_version),
+                        spki_sha256=info.spki_sha256 if info else None, not_after=info.not_after if info else None,
+                        detail={"recorded_late": True, "rotation_started": j.started})
+        self._mark_recorded(j)
+
+    def _mark_recorded(self, j: Journal) -> None:
+        """Say in ``j`` that its committed end is audited (no fsync of its own: a power loss may
+        record it twice, never not at all). A store out of reach here is logged, not a failure
+        of the renewal: the record is written (or spooled); the next run may record it again."""
+        when = isoformat(self.ports.clock.now()) or ""
+        try:  # a history entry of its own: the file store's lazy journal.next is read only when it is longer
+            self.save_journal(replace(j, extra={**j.extra, RECORDED: True}, history=j.history + (("recorded", when),)))
+        except StoreError as e:
+            event(log, "rotation_mark_not_saved", logging.WARNING, name=j.name, version=j.to_version, error=str(e))
 
     def finish(self, cert: CertificateConfig, j: Journal, state: CertState, seconds: float) -> Outcome:
         """The outcome of the finished ``j``, with the state, audit and housekeeping it implies."""
@@ -144,8 +165,8 @@ class Rotations:
         else:
             result, msg = Result.SWITCHED, f"rolled back to version {version}, serial {serial}; verified"
             self.ports.emit("operator_rollback", cert.name, **fields)
-        if j.extra.get(RECORDED) is False:  # no fsync of its own: a power loss may record it twice, never not at all
-            self.save_journal(replace(j, extra={**j.extra, RECORDED: True}))
+        if j.extra.get(RECORDED) is False:
+            self._mark_recorded(j)
         self.prune(cert, j.initiator)
         destroy_compromised_keys(self.ports, cert, j.initiator)
         destroy_retired_keys(self.ports, cert, j.initiator)  # destroy_after (key classes)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import stat
-from datetime import datetime, timezone
+from dataclasses import replace
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import httpx
@@ -200,3 +201,33 @@ def test_a_fleet_database_out_of_reach_keeps_the_last_known_facts_and_breaks_not
     row = manager.status(manager.config.certificate("www"))
     assert row["state"] != "broken" and row["version"] == 1, row
     assert [e.kind for e in seen if e.kind == "cert_broken"] == []
+    when, why = manager.plan(manager.config.certificate("www"))  # not "now" in a loop while it is away
+    assert when >= NOW + timedelta(seconds=30), (when, why)
+
+
+def test_a_late_record_of_a_committed_rotation_touches_nothing_but_the_audit(tmp_path):
+    """A process committed version 2 and died before its 'renewed' record; since then the
+    version was pruned and a later attempt left a hold in the state. The next start records the
+    renewal (no serial: the version is gone), marks the journal, keeps the state as it is, and a
+    second start records nothing more (seen in review: finish() re-read the pruned version
+    strictly and failed every attempt for ever, and reset the later hold)."""
+    _, manager = setup(tmp_path)
+    seen: list[LifecycleEvent] = []
+    manager.events.subscribe(seen.append)
+    store_version(manager, "www")
+    j = rotation.start("www", "renew", 1, 2, NOW, initiator="scheduler", reason="due")
+    for step in (Step.STAGED, Step.SWITCHED, Step.RELOADED, Step.VERIFIED, Step.COMMITTED):
+        j = rotation.advance(j, {Step.STAGED: rotation.Action.STAGE, Step.SWITCHED: rotation.Action.SWITCH,
+                                 Step.RELOADED: rotation.Action.RELOAD, Step.VERIFIED: rotation.Action.VERIFY,
+                                 Step.COMMITTED: rotation.Action.COMMIT}[step], None, NOW)
+    j = replace(j, extra={**j.extra, "recorded": False})
+    assert j.step == Step.COMMITTED
+    manager.store.save_journal("www", j.to_json())
+    manager.save_state("www", CertState(failures=2, failure_kind="held", retry_after="2026-03-01T13:00:00Z"))
+    manager.recover_all()
+    renewed = [e for e in seen if e.kind == "renewed"]
+    assert [(e.version, e.new_serial, e.detail.get("recorded_late")) for e in renewed] == [(2, None, True)]
+    state = manager.load_state("www")
+    assert (state.failures, state.failure_kind, state.retry_after) == (2, "held", "2026-03-01T13:00:00Z")
+    manager.recover_all()
+    assert len([e for e in seen if e.kind == "renewed"]) == 1

@@ -191,6 +191,23 @@ def test_commit_failure_leaves_the_journal_resumable_at_verified():
     assert j.step == Step.COMMITTED
 
 
+def test_a_store_out_of_reach_while_rolling_back_leaves_the_rollback_to_resume() -> None:
+    """Verify of the new version failed, and while rolling back (a reload hook failing too) the
+    fleet's database goes away under the old version's verify: the rollback is resumed later,
+    not ended as rollback_failed for good."""
+    fx = FakeEffects({("verify", 2): VerificationFailed("served serial 1"),
+                      ("reload", 1): [HookFailed("nginx down"), HookFailed("nginx down")],
+                      ("verify", 1): [StoreUnreachable("PostgreSQL store: database unreachable")]})
+    clock = FakeClock()
+    saved: list[Journal] = []
+    j0 = rotation.start("www", "renew", 1, 2, clock.now(), initiator="t", reason="")
+    with pytest.raises(StoreUnreachable):
+        rotation.drive(j0, fx, saved.append, clock)
+    assert saved[-1].step == Step.ROLLING_BACK, saved[-1]
+    j = rotation.drive(saved[-1], fx, saved.append, clock)
+    assert j.step == Step.ROLLED_BACK, j
+
+
 @pytest.mark.parametrize("failing", ["stage", "switch", "reload", "verify"])
 def test_a_store_out_of_reach_leaves_the_rotation_to_resume_not_to_roll_back(failing: str) -> None:
     """A fleet's database restarting under a step (StoreUnreachable): the error surfaces, the
