@@ -156,10 +156,7 @@ class Orders:
         if journal is None:
             return None
         ca = self._journal_ca(cert, journal)
-        why = resume.journal_mismatch(journal.meta, ca.directory, cert.identifiers, cert.key_type)
-        if why is None and cert.profile is not None and journal.meta.get("profile") != cert.profile:
-            why = (f"it was ordered with profile {journal.meta.get('profile')!r}; the configuration now requires "
-                   f"{cert.profile!r}")
+        why = adopt.journal_refusal(cert, self.ports.config.cas_for(cert), journal)
         if why is None:
             why = self._stored_already(cert.name, journal)
         if why is None and self._compromised(cert.name, journal.key_pem):

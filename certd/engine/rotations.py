@@ -110,11 +110,16 @@ class Rotations:
         event(log, "rotation_recorded_late", logging.WARNING, name=cert.name, version=j.to_version)
         info = self.info(cert.name, j.to_version)
         self.ports.emit("renewed" if j.kind == "renew" else "operator_rollback", cert.name,
-                        initiator=j.initiator, reason=j.reason, version=j.to_version,
-                        new_serial=info.serial if info else None, old_serial=self.serial(cert.name, j.from_version),
-                        spki_sha256=info.spki_sha256 if info else None, not_after=info.not_after if info else None,
-                        detail={"recorded_late": True, "rotation_started": j.started})
+                        detail={"recorded_late": True, "rotation_started": j.started},
+                        **self._end_fields(cert, j, j.to_version, info.serial if info else None, info))
         self._mark_recorded(j)
+
+    def _end_fields(self, cert: CertificateConfig, j: Journal, version: int | None, serial: str | None,
+                    info: CertInfo | None) -> dict[str, Any]:
+        """The audit fields of ``j``'s committed end at ``version`` (``renewed``, ``operator_rollback``)."""
+        return {"initiator": j.initiator, "reason": j.reason, "version": version, "new_serial": serial,
+                "old_serial": self.serial(cert.name, j.from_version),
+                "spki_sha256": info.spki_sha256 if info else None, "not_after": info.not_after if info else None}
 
     def _mark_recorded(self, j: Journal) -> None:
         """Say in ``j`` that its committed end is audited (no fsync of its own: a power loss may
@@ -153,11 +158,7 @@ class Rotations:
         # The audit record first: the version is committed, whatever happens next. Pruning and
         # key destruction write to the store, and a fleet's database stopping right after a
         # commit (the fleet soak) left a committed renewal with no 'renewed' record at all.
-        info = self.info(cert.name, version)
-        fields: dict[str, Any] = {"initiator": j.initiator, "reason": j.reason, "version": version,
-                                  "new_serial": serial, "old_serial": self.serial(cert.name, j.from_version),
-                                  "spki_sha256": info.spki_sha256 if info else None,
-                                  "not_after": info.not_after if info else None, "duration": seconds}
+        fields = {**self._end_fields(cert, j, version, serial, self.info(cert.name, version)), "duration": seconds}
         renewed = j.kind == "renew"
         if renewed:
             result, msg = Result.RENEWED, f"renewed: version {version}, serial {serial} ({seconds:.2f}s)"
