@@ -47,6 +47,8 @@ log = logging.getLogger("certd.monitor")
 
 DEBOUNCE = 0.5
 BUSY_RETRY = 2.0
+#: drift_checked names at most this many certificates (the rest are counted)
+LOGGED_NAMES = 20
 #: Event types that mean a file changed (not "opened" / "closed_no_write": reads).
 CHANGES = frozenset({"created", "deleted", "modified", "moved", "closed", "attrib"})
 
@@ -183,7 +185,10 @@ class Monitor:
             if wanted:
                 self._submit(self._repair, cert, r, job_id=f"repair:{r.name}")
         if results:
-            event(log, "drift_checked", names=",".join(r.name for r in results),
+            # The names while they fit a log line (a start-up check of 100,000 certificates named
+            # them in one 1.5 MB line); then how many, and the drifted ones are in drift_found.
+            shown = ",".join(r.name for r in results[:LOGGED_NAMES]) + (",..." if len(results) > LOGGED_NAMES else "")
+            event(log, "drift_checked", names=shown, certificates=len(results),
                   drift=sum(1 for r in results if not r.clean), periodic=full)
 
     def _record(self, r: drift.CertDrift) -> None:

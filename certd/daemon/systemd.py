@@ -22,6 +22,7 @@ from certd.engine.attempts import CertState
 
 log = logging.getLogger("certd.daemon")
 
+NOTIFY_TIMEOUT = 2.0     # seconds a state line may wait for room in the notify socket
 STATUS_INTERVAL = 5.0    # seconds between systemd STATUS= lines (each one looks at every certificate)
 
 
@@ -33,10 +34,14 @@ def sd_notify(message: str) -> None:
     if addr.startswith("@"):
         addr = "\0" + addr[1:]
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        # Bounded: a receiver that stopped reading (its queue full) blocked a plain sendto for
+        # good, and STOPPING=1 then held the shutdown until systemd's SIGKILL. A line that cannot
+        # be sent within NOTIFY_TIMEOUT is dropped, with a warning, like any other failure.
+        s.settimeout(NOTIFY_TIMEOUT)
         try:
             s.sendto(message.encode(), addr)
-        except OSError as e:
-            log.warning("sd_notify failed: %s", e)
+        except OSError as e:  # socket.timeout is an OSError
+            log.warning("sd_notify failed: %s", e or "timed out")
 
 
 def start_watchdog(scheduler: Scheduler, stop: threading.Event) -> None:

@@ -48,7 +48,12 @@ class _Facts:
     token: Hashable
     cert: CertificateConfig         # the configuration it was gathered for
     decision: policy.Decision
-    row: dict[str, Any]             # the status row, but for its time-dependent "state"
+    #: ``json.dumps(row)`` of the status row (but for its time-dependent "state") without its
+    #: closing brace (see Planner.status_json). Kept as text, not as the dict: ~1 KB less a
+    #: certificate in the daemon (100 MB at 100,000, issue 20); status() parses it again.
+    row_json: str
+    failure_kind: str | None        # of the row: what its state is worked out from
+    failures: int
     info: CertInfo | None = None
     revoked: bool = False
     held: bool = False              # revoked for cessationOfOperation: not renewed
@@ -60,19 +65,13 @@ class _Facts:
     stale: bool = False             # the last known facts, the fleet's database out of reach
 
     @cached_property
-    def row_json(self) -> str:
-        """``json.dumps(row)`` without its closing brace (see Planner.status_json); built on
-        first use, not for every plan() after an ARI poll."""
-        return json.dumps(self.row)[:-1]
-
-    @cached_property
     def expiring_at(self) -> datetime | None:
         return policy.expiring_at(self.info.not_before, self.info.not_after) if self.info else None
 
     def state(self, now: datetime) -> str:
         """The row's ``state`` at ``now``."""
         return row_state(now, self.broken is not None, self.blocked_until, self.info.not_after if self.info else None,
-                         self.expiring_at, self.revoked, self.row.get("failure_kind"), self.row["failures"])
+                         self.expiring_at, self.revoked, self.failure_kind, self.failures)
 
     def index_entry(self) -> Entry:
         """What the status index keeps of these facts (see certd.engine.statusindex): the row,
@@ -80,8 +79,13 @@ class _Facts:
         until = self.decision.renew_at if self.blocked_until is None else min(self.decision.renew_at,
                                                                                self.blocked_until)
         shown = (_iso(self.blocked_until), _iso(self.info.not_after if self.info else None), _iso(self.expiring_at),
-                 self.revoked, self.row["failure_kind"], self.row["failures"], _iso(self.key_created))
+                 self.revoked, self.failure_kind, self.failures, _iso(self.key_created))
         return self.token, until.isoformat(), self.row_json, shown
+
+
+def _row(row: dict[str, Any]) -> tuple[str, str | None, int]:
+    """What _Facts keeps of a status row: its text, failure kind and failures."""
+    return json.dumps(row)[:-1], row.get("failure_kind"), row["failures"]
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -117,7 +121,7 @@ class Planner:
             # No ARI answer cached: ask now, unless attempts are failing. Then the retry at the
             # end of the backoff asks ARI itself; a poll sooner would only be another attempt
             # (a state disk too full for the lease failed every one of them at once, for ever).
-            poll_at = facts.ari_poll if facts.ari_cached else (None if facts.row["failures"] else now)
+            poll_at = facts.ari_poll if facts.ari_cached else (None if facts.failures else now)
             if poll_at is not None and poll_at < when:
                 when, why = poll_at, ARI_POLL
         return when, why
@@ -132,7 +136,8 @@ class Planner:
         now = self.clock.now()
         shown = self._shown(cert, now)
         if isinstance(shown, _Facts):
-            return {**shown.row, "state": shown.state(now), "key_age_days": keyage.key_age_days(shown.key_created, now)}
+            return {**json.loads(shown.row_json + "}"), "state": shown.state(now),
+                    "key_age_days": keyage.key_age_days(shown.key_created, now)}
         row_json, state, key_created = shown
         return {**json.loads(row_json + "}"), "state": state, "key_age_days": keyage.key_age_days(key_created, now)}
 
@@ -216,7 +221,7 @@ class Planner:
             row.update(last_result=state.last_result, last_error=state.last_error, failures=state.failures)
         except StoreError:
             pass
-        return _Facts(token, cert, decision, row, broken=reason)
+        return _Facts(token, cert, decision, *_row(row), broken=reason)
 
     @staticmethod
     def _unsafe(cert: CertificateConfig) -> list[str]:
@@ -250,7 +255,7 @@ class Planner:
         row["next_renewal"] = isoformat(decision.renew_at)
         row["renewal_reason"] = decision.reason
         if stored is None:
-            return _Facts(token, cert, decision, row, blocked_until=until)
+            return _Facts(token, cert, decision, *_row(row), blocked_until=until)
         info = stored.info
         row["profile"] = stored.meta.get("profile")
         row["ca"] = stored.meta.get("ca")  # the CA that issued the current version
@@ -261,7 +266,7 @@ class Planner:
         if held:
             row["next_renewal"] = None  # the operator ended it; nothing is planned
         ari = state.ari if state.ari and state.ari.get("serial") == info.serial else None
-        return _Facts(token, cert, decision, row, info, status.revoked is not None, held,
+        return _Facts(token, cert, decision, *_row(row), info, status.revoked is not None, held,
                       ari is not None, parse_time(ari.get("next_poll")) if ari else None, until,
                       key_created=keyage.key_created(stored.meta, info))
 

@@ -103,6 +103,10 @@ def test_durations_and_drift(tmp_path):
     assert get(m, "certd_hook_duration_seconds_bucket", hook="nginx -c /etc/nginx/nginx.conf", le="0.5") == 1
     assert get(m, "certd_drift", name="www", kind="deployed") == 2
     assert get(m, "certd_drift", name="www", kind="served") == 0
+    assert get(m, "certd_drift", name="api", kind="deployed") is None  # never checked: no series yet
+    metrics.set_drift("www", {})  # repaired: every kind back to 0, the series stay
+    m = samples(metrics)
+    assert [get(m, "certd_drift", name="www", kind=k) for k in ("config", "store", "deployed", "served")] == [0] * 4
 
 
 def test_a_removed_certificate_loses_its_series(tmp_path):
