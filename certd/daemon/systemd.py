@@ -22,26 +22,36 @@ from certd.engine.attempts import CertState
 
 log = logging.getLogger("certd.daemon")
 
-NOTIFY_TIMEOUT = 2.0     # seconds a state line may wait for room in the notify socket
+NOTIFY_TIMEOUT = 2.0     # seconds a STATUS= or WATCHDOG=1 line may wait for room in the notify socket
+STATE_TIMEOUT = 30.0     # ... and READY=1 or STOPPING=1
 STATUS_INTERVAL = 5.0    # seconds between systemd STATUS= lines (each one looks at every certificate)
 
 
 def sd_notify(message: str) -> None:
-    """Send a state line to systemd (Type=notify); a no-op outside systemd."""
+    """Send a state line to systemd (Type=notify); a no-op outside systemd.
+
+    Bounded: a receiver that stopped reading (its queue full) blocked a plain sendto for good,
+    and STOPPING=1 then held the shutdown until systemd's SIGKILL. READY=1 and STOPPING=1 wait
+    up to :data:`STATE_TIMEOUT` for room (systemd busy with a daemon-reload must not cost the
+    start), STATUS= and WATCHDOG=1 lines :data:`NOTIFY_TIMEOUT`; a line not sent by then is
+    dropped with a warning, like any other failure."""
     addr = os.environ.get("NOTIFY_SOCKET")
     if not addr:
         return
     if addr.startswith("@"):
         addr = "\0" + addr[1:]
+    timeout = STATE_TIMEOUT if message in ("READY=1", "STOPPING=1") else NOTIFY_TIMEOUT
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-        # Bounded: a receiver that stopped reading (its queue full) blocked a plain sendto for
-        # good, and STOPPING=1 then held the shutdown until systemd's SIGKILL. A line that cannot
-        # be sent within NOTIFY_TIMEOUT is dropped, with a warning, like any other failure.
-        s.settimeout(NOTIFY_TIMEOUT)
         try:
-            s.sendto(message.encode(), addr)
-        except OSError as e:  # socket.timeout is an OSError
-            log.warning("sd_notify failed: %s", e or "timed out")
+            # Connected, so that waiting for room polls the receiver's queue: an unconnected
+            # datagram socket polls as always writable, and the timeout became a busy loop.
+            s.settimeout(timeout)
+            s.connect(addr)
+            s.send(message.encode())
+        except TimeoutError:
+            log.warning("sd_notify failed: %s not sent: the notify socket stayed full for %g s", message, timeout)
+        except OSError as e:
+            log.warning("sd_notify failed: %s", e)
 
 
 def start_watchdog(scheduler: Scheduler, stop: threading.Event) -> None:

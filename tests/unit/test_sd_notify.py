@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import time
 
 from certd.daemon import systemd
 
@@ -21,7 +22,7 @@ def test_a_notify_socket_nobody_reads_drops_lines_instead_of_blocking(tmp_path, 
     caplog.set_level(logging.WARNING, logger="certd.daemon")
 
     def fill() -> None:
-        for i in range(5000):  # far beyond net.unix.max_dgram_qlen (512 by default)
+        for i in range(5000):  # far beyond net.unix.max_dgram_qlen (10 by default; systemd sets 512)
             systemd.sd_notify(f"STATUS=line {i}")
             if "sd_notify failed" in caplog.text:
                 return
@@ -32,3 +33,26 @@ def test_a_notify_socket_nobody_reads_drops_lines_instead_of_blocking(tmp_path, 
     receiver.close()
     assert not sender.is_alive(), "sd_notify blocked on a full notify socket"
     assert "sd_notify failed" in caplog.text
+
+    # ... and waiting for room does not spin: a dropped line costs its wait, not a core for it
+    cpu: list[float] = []
+
+    def one() -> None:
+        began = time.thread_time()
+        systemd.sd_notify("STATUS=one more")
+        cpu.append(time.thread_time() - began)
+
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    path.unlink()
+    receiver.bind(str(path))
+    caplog.clear()
+    fill()  # full again
+    assert "sd_notify failed" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(systemd, "NOTIFY_TIMEOUT", 0.5, raising=False)
+    sender = threading.Thread(target=one, daemon=True)
+    sender.start()
+    sender.join(timeout=20)
+    receiver.close()
+    assert "sd_notify failed" in caplog.text  # dropped after its wait
+    assert cpu and cpu[0] < 0.25, f"a dropped line cost {cpu} s of CPU waiting for room"
