@@ -186,7 +186,8 @@ class Monitor:
                 self._submit(self._repair, cert, r, job_id=f"repair:{r.name}")
         if results:
             # The names while they fit a log line (a start-up check of 100,000 certificates named
-            # them in one 1.5 MB line); then how many, and the drifted ones are in drift_found.
+            # them in one 1.5 MB line); then how many. A certificate is named by drift_found when
+            # its mismatches change, and certd drift / GET /v1/drift list every one.
             shown = ",".join(r.name for r in results[:LOGGED_NAMES]) + (",..." if len(results) > LOGGED_NAMES else "")
             event(log, "drift_checked", names=shown, certificates=len(results),
                   drift=sum(1 for r in results if not r.clean), periodic=full)

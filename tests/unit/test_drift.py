@@ -173,3 +173,29 @@ def test_unreadable_current_version_is_store_drift(tmp_path):
     (cfg.daemon.state_dir / "certs" / "www" / "versions" / "0001" / "cert.pem").unlink()
     r = drift.check(cfg.certificate("www"), store)
     assert [m.kind for m in r.mismatches] == ["store"] and "cannot be read" in r.mismatches[0].message
+
+
+def test_a_slow_check_does_not_hold_the_others_back():
+    """check_all keeps at most 4 x WORKERS checks submitted (100,000 futures at once cost the
+    daemon ~100 MB), refilled as any ends: the first certificate's endpoint hanging until every
+    other check is done must not stall them behind it (results still in order)."""
+    import threading
+
+    others_done = threading.Event()
+    finished: list[int] = []
+    lock = threading.Lock()
+    n = 10 * 4 * drift.WORKERS
+
+    def check(i: int) -> str:
+        if i == 0:
+            waited = others_done.wait(timeout=30)  # a black-holed endpoint, for as long as the rest take
+            return f"0 waited={waited}"
+        with lock:
+            finished.append(i)
+            if len(finished) == n - 1:
+                others_done.set()
+        return str(i)
+
+    results = drift._side_by_side(check, list(range(n)))  # type: ignore[arg-type]
+    assert results[0] == "0 waited=True", "the other checks queued behind the slow one"
+    assert results[1:] == [str(i) for i in range(1, n)]
