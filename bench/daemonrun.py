@@ -1,0 +1,103 @@
+#!/usr/bin/env python3
+"""``certd run`` over a state directory that already exists: start-up, memory, status, stop.
+
+The footprint part of ``bash bench/run.sh`` issues its certificates first (100,000 take most
+of an hour); with ``--keep`` it leaves them behind, and this measures the daemon over them
+again, e.g. before and after a change, in minutes (issue 20):
+
+    .venv/bin/python bench/daemonrun.py --config /tmp/certd-bench-XXXX/footprint-100000-NNNN/certd.toml
+
+It starts ``certd run`` from this checkout (with NOTIFY_SOCKET, as systemd would), prints
+when READY=1 came and the daemon's RSS (and peak) then and ``--wait`` seconds later, times
+``certd status --json`` (twice: the second finds the facts cached) and ``certd status NAME
+--json`` as processes talking to the daemon, and how long the daemon took to stop after
+SIGTERM. The CA need not run: its ARI polls then fail fast and are retried later.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def memory_mb(pid: int) -> tuple[int, int]:
+    """(RSS, peak RSS) of ``pid`` in MB."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    return int(fields["VmRSS"].split()[0]) // 1024, int(fields["VmHWM"].split()[0]) // 1024
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", type=Path, required=True, help="the certd.toml of the kept state")
+    ap.add_argument("--wait", type=float, default=35.0, help="seconds after READY=1 before status (default 35)")
+    ap.add_argument("--name", help="the certificate for `status NAME` (default: the config's first)")
+    args = ap.parse_args()
+    certd = [sys.executable, "-m", "certd.cli", "--config", str(args.config)]
+    name = args.name or _first_name(args.config)
+    work = Path(tempfile.mkdtemp(prefix="certd-daemonrun-"))
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(work / "notify.sock"))
+    started = time.perf_counter()
+    daemon = subprocess.Popen([*certd, "run"], cwd=ROOT, stdout=open(work / "daemon.log", "wb"),
+                              stderr=subprocess.STDOUT, env={**os.environ, "NOTIFY_SOCKET": str(work / "notify.sock")})
+    try:
+        notify.settimeout(900)
+        while b"READY=1" not in notify.recv(4096):
+            pass
+        print(f"READY=1 after {time.perf_counter() - started:.1f} s; RSS {'%d MB (peak %d MB)' % memory_mb(daemon.pid)}",
+              flush=True)
+        # Keep reading what the daemon tells "systemd" (STATUS= lines), as systemd does.
+        threading.Thread(target=_drain, args=(notify,), daemon=True).start()
+        time.sleep(args.wait)
+        print(f"{args.wait:g} s later: RSS {'%d MB (peak %d MB)' % memory_mb(daemon.pid)}", flush=True)
+        for what in (["status", "--json"], ["status", "--json"], ["status", name, "--json"]):
+            t = time.perf_counter()
+            out = subprocess.run([*certd, *what], cwd=ROOT, capture_output=True, check=True).stdout
+            print(f"certd {' '.join(what)}: {time.perf_counter() - t:.2f} s ({len(out) / 1e6:.1f} MB); "
+                  f"RSS {'%d MB (peak %d MB)' % memory_mb(daemon.pid)}", flush=True)
+    finally:
+        t = time.perf_counter()
+        daemon.send_signal(signal.SIGTERM)
+        try:
+            code = daemon.wait(300)
+            print(f"stopped {time.perf_counter() - t:.1f} s after SIGTERM (exit {code}); its log: {work / 'daemon.log'}")
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+            print("still running 300 s after SIGTERM: killed")
+        notify.close()
+    return 0
+
+
+def _drain(sock: socket.socket) -> None:
+    sock.settimeout(None)
+    while True:
+        try:
+            sock.recv(4096)
+        except OSError:
+            return
+
+
+def _first_name(config: Path) -> str:
+    in_cert = False
+    with config.open() as f:  # the first [[certificate]]'s name, without parsing 100,000 tables
+        for line in f:
+            stripped = line.strip()
+            if stripped.startswith("["):
+                in_cert = stripped == "[[certificate]]"
+            elif in_cert and stripped.split("=", 1)[0].strip() == "name":
+                return stripped.split("=", 1)[1].strip().strip('"')
+    raise SystemExit(f"{config}: no certificate name found; pass --name")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
