@@ -30,10 +30,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def memory_mb(pid: int) -> tuple[int, int]:
-    """(RSS, peak RSS) of ``pid`` in MB."""
+def memory(pid: int) -> str:
+    """``pid``'s RSS and peak RSS, as text."""
     fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
-    return int(fields["VmRSS"].split()[0]) // 1024, int(fields["VmHWM"].split()[0]) // 1024
+    rss, peak = (int(fields[k].split()[0]) // 1024 for k in ("VmRSS", "VmHWM"))
+    return f"{rss} MB (peak {peak} MB)"
 
 
 def main() -> int:
@@ -54,23 +55,24 @@ def main() -> int:
         notify.settimeout(900)
         while b"READY=1" not in notify.recv(4096):
             pass
-        print(f"READY=1 after {time.perf_counter() - started:.1f} s; RSS {'%d MB (peak %d MB)' % memory_mb(daemon.pid)}",
+        print(f"READY=1 after {time.perf_counter() - started:.1f} s; RSS {memory(daemon.pid)}",
               flush=True)
         # Keep reading what the daemon tells "systemd" (STATUS= lines), as systemd does.
         threading.Thread(target=_drain, args=(notify,), daemon=True).start()
         time.sleep(args.wait)
-        print(f"{args.wait:g} s later: RSS {'%d MB (peak %d MB)' % memory_mb(daemon.pid)}", flush=True)
+        print(f"{args.wait:g} s later: RSS {memory(daemon.pid)}", flush=True)
         for what in (["status", "--json"], ["status", "--json"], ["status", name, "--json"]):
             t = time.perf_counter()
             out = subprocess.run([*certd, *what], cwd=ROOT, capture_output=True, check=True).stdout
             print(f"certd {' '.join(what)}: {time.perf_counter() - t:.2f} s ({len(out) / 1e6:.1f} MB); "
-                  f"RSS {'%d MB (peak %d MB)' % memory_mb(daemon.pid)}", flush=True)
+                  f"RSS {memory(daemon.pid)}", flush=True)
     finally:
         t = time.perf_counter()
         daemon.send_signal(signal.SIGTERM)
         try:
             code = daemon.wait(300)
-            print(f"stopped {time.perf_counter() - t:.1f} s after SIGTERM (exit {code}); its log: {work / 'daemon.log'}")
+            print(f"stopped {time.perf_counter() - t:.1f} s after SIGTERM (exit {code}); "
+                  f"its log: {work / 'daemon.log'}")
         except subprocess.TimeoutExpired:
             daemon.kill()
             print("still running 300 s after SIGTERM: killed")

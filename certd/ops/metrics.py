@@ -251,9 +251,10 @@ class _Counters(Collector):
         with self._lock:
             snapshot = {f: dict(v) for f, v in self._values.items()}
             names = sorted(self._names)
-        zeros = {"renewals": [(n, r) for n in names for r in RENEWAL_RESULTS],
-                 "rollbacks": [(n, r) for n in names for r in ROLLBACK_RESULTS],
-                 "verification_failures": [(n,) for n in names]}
+        zeros: dict[str, list[tuple[str, ...]]] = {
+            "renewals": [(n, r) for n in names for r in RENEWAL_RESULTS],
+            "rollbacks": [(n, r) for n in names for r in ROLLBACK_RESULTS],
+            "verification_failures": [(n,) for n in names]}
         for family, (doc, labels) in self.FAMILIES.items():
             fam = CounterMetricFamily(f"certd_{family}", doc, labels=labels)
             values = snapshot[family]
