@@ -88,6 +88,11 @@ def _row(row: dict[str, Any]) -> tuple[str, str | None, int]:
     return json.dumps(row)[:-1], row.get("failure_kind"), row["failures"]
 
 
+def _shown_of(facts: _Facts, now: datetime) -> tuple[str, str, datetime | None]:
+    """What a status row is built from: the row's text, its state at ``now``, the key's creation."""
+    return facts.row_json, facts.state(now), facts.key_created
+
+
 def _iso(value: datetime | None) -> str | None:
     return value.isoformat() if value is not None else None
 
@@ -134,32 +139,25 @@ class Planner:
         fraction of a second), or the status index when a command set one (:attr:`index`);
         the time-dependent ``state`` is worked out afresh each time."""
         now = self.clock.now()
-        shown = self._shown(cert, now)
-        if isinstance(shown, _Facts):
-            return {**json.loads(shown.row_json + "}"), "state": shown.state(now),
-                    "key_age_days": keyage.key_age_days(shown.key_created, now)}
-        row_json, state, key_created = shown
+        row_json, state, key_created = self._shown(cert, now)
         return {**json.loads(row_json + "}"), "state": state, "key_age_days": keyage.key_age_days(key_created, now)}
 
     def status_json(self, cert: CertificateConfig, next_run: str | None = None) -> str:
         """:meth:`status` as one line of JSON, plus the daemon's ``next_run`` (ISO 8601 text):
         the row's text is cached with its facts (json.dumps of 10,000 rows cost ~0.1 s a request)."""
         now = self.clock.now()
-        shown = self._shown(cert, now)
-        if isinstance(shown, _Facts):
-            row_json, state, key_created = shown.row_json, shown.state(now), shown.key_created
-        else:
-            row_json, state, key_created = shown
+        row_json, state, key_created = self._shown(cert, now)
         tail = f', "next_run": {json.dumps(next_run)}' if next_run is not None else ""
         age = json.dumps(keyage.key_age_days(key_created, now))
         return f'{row_json}, "state": "{state}", "key_age_days": {age}{tail}}}'
 
-    def _shown(self, cert: CertificateConfig, now: datetime) -> _Facts | tuple[str, str, datetime | None]:
-        """The facts of ``cert``, or from the status index (:attr:`index`) its row's text,
-        state and key creation time while its entry holds; the index learns fresh facts."""
+    def _shown(self, cert: CertificateConfig, now: datetime) -> tuple[str, str, datetime | None]:
+        """``cert``'s row text (without its closing brace), state at ``now`` and key creation
+        time: from its facts, or from the status index (:attr:`index`) while its entry holds;
+        the index learns fresh facts."""
         index = self.index
         if index is None or cert.name in self._cache:
-            return self._facts(cert, now)
+            return _shown_of(self._facts(cert, now), now)
         token = self._token(cert.name)
         entry = index.get(cert.name, token, now)
         if entry is not None and not self._unsafe(cert):  # what is on disk beside the store: checked each time
@@ -169,7 +167,7 @@ class Planner:
         facts = self._facts(cert, now, token)
         if facts.broken is None:
             index.put(cert.name, facts.index_entry())
-        return facts
+        return _shown_of(facts, now)
 
     def _token(self, name: str) -> Hashable:
         try:
