@@ -19,22 +19,20 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench import ROOT, Notify, memory_mb, wait_until  # noqa: E402
 
 
 def memory(pid: int) -> str:
     """``pid``'s RSS and peak RSS, as text."""
-    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
-    rss, peak = (int(fields[k].split()[0]) // 1024 for k in ("VmRSS", "VmHWM"))
-    return f"{rss} MB (peak {peak} MB)"
+    rss, peak = memory_mb(pid)
+    return f"{rss:.0f} MB (peak {peak:.0f} MB)"
 
 
 def main() -> int:
@@ -46,19 +44,13 @@ def main() -> int:
     certd = [sys.executable, "-m", "certd.cli", "--config", str(args.config)]
     name = args.name or _first_name(args.config)
     work = Path(tempfile.mkdtemp(prefix="certd-daemonrun-"))
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    notify.bind(str(work / "notify.sock"))
+    notify = Notify(work / "notify.sock")  # drained as systemd does: a full socket would hold the daemon
     started = time.perf_counter()
     daemon = subprocess.Popen([*certd, "run"], cwd=ROOT, stdout=open(work / "daemon.log", "wb"),
-                              stderr=subprocess.STDOUT, env={**os.environ, "NOTIFY_SOCKET": str(work / "notify.sock")})
+                              stderr=subprocess.STDOUT, env={**os.environ, "NOTIFY_SOCKET": str(notify.path)})
     try:
-        notify.settimeout(900)
-        while b"READY=1" not in notify.recv(4096):
-            pass
-        print(f"READY=1 after {time.perf_counter() - started:.1f} s; RSS {memory(daemon.pid)}",
-              flush=True)
-        # Keep reading what the daemon tells "systemd" (STATUS= lines), as systemd does.
-        threading.Thread(target=_drain, args=(notify,), daemon=True).start()
+        wait_until(notify.ready, timeout=900, interval=0.1, what="READY=1")
+        print(f"READY=1 after {(notify.ready_at or 0) - started:.1f} s; RSS {memory(daemon.pid)}", flush=True)
         time.sleep(args.wait)
         print(f"{args.wait:g} s later: RSS {memory(daemon.pid)}", flush=True)
         for what in (["status", "--json"], ["status", "--json"], ["status", name, "--json"]):
@@ -78,15 +70,6 @@ def main() -> int:
             print("still running 300 s after SIGTERM: killed")
         notify.close()
     return 0
-
-
-def _drain(sock: socket.socket) -> None:
-    sock.settimeout(None)
-    while True:
-        try:
-            sock.recv(4096)
-        except OSError:
-            return
 
 
 def _first_name(config: Path) -> str:
