@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import logging
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any, Iterable
 
 from certd.config import CertificateConfig
 from certd.core import policy, rotation
 from certd.core.clock import isoformat
+from certd.core.concurrency import bounded_map
 from certd.core.errors import CANotReachable, CertdError, OperationFailed, StoreError
 from certd.core.rotation import Journal, Step
 from certd.crypto import certcheck, keys
@@ -321,8 +321,7 @@ def renew_all(renew: Renew, requests: Iterable[RenewRequest], workers: int,
     if workers == 1:
         return [one(r) for r in requests]
     renew.ports.issuer()  # built once here, not raced for by the workers
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="certd-renew") as pool:
-        return list(pool.map(one, requests))
+    return bounded_map(one, requests, workers, thread_name_prefix="certd-renew")
 
 
 def _serialized(progress: Progress) -> Progress:

@@ -24,15 +24,14 @@ Pure apart from reading the store and the deployed files and the handshakes; it 
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Callable, Iterable
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from certd.deploy import stage as deploy
 from certd.verify import handshake as verify
 from certd.config import CertificateConfig, Config
+from certd.core.concurrency import bounded_map
 from certd.core.errors import CertdError, StoreUnreachable
 from certd.core.rotation import Journal
 from certd.store.files import Store
@@ -144,7 +143,7 @@ def check_all(config: Config, store: Store, names: Iterable[str] | None = None, 
     row per certificate found in the store but not configured (when none are named)."""
     wanted = set(names) if names is not None else None  # a set: the daemon names thousands
     certs = [c for c in config.certificates if wanted is None or c.name in wanted]
-    results = _side_by_side(lambda c: check(c, store, probe_timeout=probe_timeout), certs)
+    results = bounded_map(lambda c: check(c, store, probe_timeout=probe_timeout), certs, WORKERS)
     if wanted is None:
         try:
             configured = set(config.names)
@@ -154,28 +153,6 @@ def check_all(config: Config, store: Store, names: Iterable[str] | None = None, 
         results += [CertDrift(n, store.current(n), configured=False,
                               note="in the store but not configured; certd no longer manages it") for n in stray]
     return results
-
-
-def _side_by_side(fn: Callable[[CertificateConfig], CertDrift], certs: list[CertificateConfig]) -> list[CertDrift]:
-    """``[fn(c) for c in certs]`` on :data:`WORKERS` threads, in order, with at most
-    ``4 * WORKERS`` calls submitted at a time (a future each for 100,000 certificates at once
-    was ~100 MB the daemon's start-up held for an instant and its RSS kept, issue 20); the
-    window is refilled as any call ends, so one slow endpoint does not idle the other workers."""
-    if len(certs) <= 1:
-        return [fn(c) for c in certs]
-    results: list[CertDrift | None] = [None] * len(certs)
-    todo = iter(enumerate(certs))
-    with ThreadPoolExecutor(max_workers=min(WORKERS, len(certs))) as pool:
-        running: dict[Future[CertDrift], int] = {}
-        while True:
-            for i, cert in itertools.islice(todo, 4 * WORKERS - len(running)):
-                running[pool.submit(fn, cert)] = i
-            if not running:
-                break
-            done, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in done:
-                results[running.pop(future)] = future.result()
-    return [r for r in results if r is not None]
 
 
 def repair_enabled(config: Config, cert: CertificateConfig) -> bool:

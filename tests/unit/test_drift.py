@@ -11,6 +11,7 @@ import pytest
 
 from certd.deploy import stage as deploy
 from certd.verify import drift
+from certd.core.concurrency import bounded_map
 from certd.core.clock import FakeClock
 from certd.config import AcmeConfig, CertificateConfig, Config, DaemonConfig, DeployConfig, VerifyEndpoint
 from certd.core.errors import StoreError
@@ -196,6 +197,6 @@ def test_a_slow_check_does_not_hold_the_others_back():
                 others_done.set()
         return str(i)
 
-    results = drift._side_by_side(check, list(range(n)))  # type: ignore[arg-type]
+    results = bounded_map(check, list(range(n)), drift.WORKERS)
     assert results[0] == "0 waited=True", "the other checks queued behind the slow one"
     assert results[1:] == [str(i) for i in range(1, n)]
