@@ -8,13 +8,14 @@ rollback or revocation is refused during one (it would change what that one comm
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any, Callable, Iterator
 
 from certd.config import CertificateConfig, Config
 from certd.core.errors import OperationFailed, UsageError
 from certd.core.textsafe import check_reason
-from certd.daemon.control import Caller, Handler, Preformatted, rows_document
+from certd.daemon.control import Caller, Handler, Preformatted
 from certd.daemon.jobs import Jobs
 from certd.daemon.storehealth import StoreHealth
 from certd.daemon.wiring import rotate_kek_with
@@ -65,22 +66,20 @@ class ControlAPI:
         return self.manager.select(names or [])
 
     def status(self, caller: Caller, query: dict[str, Any]) -> dict[str, Any]:
-        certs, runs = self._select(query.get("name")), self.scheduler.next_runs()
+        """The status rows (see Planner.listing_json: the whole listing trusts what the daemon
+        wrote itself; rows named are checked against the store each time), as one line each
+        with ``format=lines`` (the CLI prints or parses the document as it is)."""
+        names = query.get("name")
+        certs, runs = self._select(names), self.scheduler.next_runs()
         if self.store_health is not None and not self.store_health.up:  # what this node deploys
-            rows = self.store_health.rows(certs)
-            if query.get("format") == ["lines"]:
-                return Preformatted(rows_document("certificates", rows))  # type: ignore[return-value]
-            return {"certificates": rows}
-        if query.get("format") == ["lines"]:  # the CLI prints it as it is (status --json)
-            return Preformatted(rows_document("certificates", [  # type: ignore[return-value]
-                self.manager.status_json(c, next_run=runs.get(c.name)) for c in certs]))
-        rows = []
-        for cert in certs:
-            row = self.manager.status(cert)
-            if cert.name in runs:
-                row["next_run"] = runs[cert.name]
-            rows.append(row)
-        return {"certificates": rows}
+            rows: list[str] | list[dict[str, Any]] = self.store_health.rows(certs)
+        elif names:
+            rows = [self.manager.status_json(c, next_run=runs.get(c.name)) for c in certs]
+        else:
+            rows = self.manager.listing_json(certs, runs)
+        if query.get("format") == ["lines"]:
+            return Preformatted("certificates", rows)  # type: ignore[return-value]
+        return {"certificates": [json.loads(r) if isinstance(r, str) else r for r in rows]}
 
     def renew(self, caller: Caller, body: dict[str, Any]) -> Iterator[dict[str, Any]] | dict[str, Any]:
         certs = list(self._config().certificates) if body.get("all") else self._select(body.get("names"))

@@ -27,7 +27,7 @@ import tempfile
 import threading
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 from urllib.parse import parse_qs, urlparse
 
 from certd.core.errors import CertdError, UsageError
@@ -35,7 +35,7 @@ from certd.daemon.control_conn import Caller, Handler, Limits, Server, peer_cred
 from certd.ops.log import event
 # The client lives apart so that the CLI's status, which only asks whether a daemon answers, does
 # not import the server (http.server) nor httpx (~0.15 s with bytecode); re-exported here.
-from certd.daemon.control_client import ControlClient, DaemonNotRunning, rows_document
+from certd.daemon.control_client import ControlClient, DaemonNotRunning, rows_document, rows_document_chunks
 
 log = logging.getLogger("certd.control")
 
@@ -187,12 +187,13 @@ def _make_handler(server: ControlServer) -> type[BaseHTTPRequestHandler]:
             return data
 
         def _send(self, status: int, payload: Any) -> None:
-            data = payload.encode() if isinstance(payload, Preformatted) else json.dumps(payload).encode() + b"\n"
+            chunks = payload.chunks if isinstance(payload, Preformatted) else [json.dumps(payload).encode() + b"\n"]
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
+            self.send_header("Content-Length", str(sum(map(len, chunks))))
             self.end_headers()
-            self.wfile.write(data)
+            for chunk in chunks:
+                self.wfile.write(chunk)
 
         def _stream(self, events: Iterator[Any]) -> None:
             self.send_response(200)
@@ -213,8 +214,12 @@ def _limits() -> Limits:
     return Limits(CLIENT_TIMEOUT, MAX_CLIENTS, MAX_CLIENTS_PER_UID, BUSY_LINGER, MAX_LINGERING)
 
 
-class Preformatted(str):
-    """A route's answer that is JSON text already (see rows_document): sent as it is."""
+class Preformatted:
+    """A route's answer that is JSON text already: ``rows_document(key, rows)``, sent as it is
+    in the pieces of :func:`rows_document_chunks`."""
+
+    def __init__(self, key: str, rows: Iterable[dict[str, Any] | str]) -> None:
+        self.chunks = rows_document_chunks(key, rows)
 
 
 def _socket_answers(path: Path) -> bool:

@@ -27,6 +27,18 @@ def rows_document(key: str, rows: Iterable[dict[str, Any] | str]) -> str:
     return f'{{"{key}": [\n' + ",\n".join(lines) + "\n]}\n"
 
 
+def rows_document_chunks(key: str, rows: Iterable[dict[str, Any] | str], size: int = 1000) -> list[bytes]:
+    """``rows_document(key, rows)`` encoded, in pieces of ``size`` rows: the daemon sends them one
+    after the other (100,000 status rows are 70 MB: joined, copied and encoded at once they
+    took 280 MB for a moment)."""
+    lines = [r if isinstance(r, str) else json.dumps(r) for r in rows]
+    chunks = [f'{{"{key}": [\n'.encode()]
+    for i in range(0, len(lines), size):
+        chunks.append(((",\n" if i else "") + ",\n".join(lines[i:i + size])).encode())
+    chunks.append(b"\n]}\n")
+    return chunks
+
+
 class DaemonNotRunning(Exception):
     """No daemon listens on the socket: the CLI works in-process instead."""
 

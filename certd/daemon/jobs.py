@@ -61,6 +61,14 @@ class Jobs:
         except Exception:  # never stop the daemon; the next pass tries again
             log.exception("key destruction pass failed")
 
+    def recheck_facts(self) -> None:
+        """Every RECHECK_INTERVAL: find what changed in the store behind the daemon's back (a
+        hand edit), so that status listings, which trust the daemon's own writes, show it."""
+        try:
+            self.manager.recheck(list(self._config().certificates))
+        except Exception:  # never stop the daemon; the next pass tries again
+            log.exception("status recheck failed")
+
     def reschedule(self, name: str, spread: Spread | None = None) -> None:
         """Schedule ``name``'s next look from the store (nothing if it is no longer configured)."""
         try:

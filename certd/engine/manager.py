@@ -265,5 +265,13 @@ class Manager:
         """See :meth:`certd.engine.status.Status.row_json`."""
         return self.planner.status_json(cert, next_run)
 
+    def listing_json(self, certs: list[CertificateConfig], next_runs: Mapping[str, str]) -> list[str]:
+        """See :meth:`certd.engine.planning.Planner.listing_json`."""
+        return self.planner.listing_json(certs, next_runs)
+
+    def recheck(self, certs: list[CertificateConfig]) -> None:
+        """See :meth:`certd.engine.planning.Planner.recheck`."""
+        self.planner.recheck(certs)
+
     def verify_now(self, cert: CertificateConfig) -> Outcome:
         return Status(self.ports, self.planner).verify(cert)

@@ -47,7 +47,7 @@ from certd.store.feed import PollingSubscription
 from certd.store.fileaccounts import FileAccounts
 from certd.store.filekeys import KeyFiles, order_place
 from certd.store.filelease import FileLeases
-from certd.store.fileversions import VersionFiles
+from certd.store.fileversions import VersionFiles, writes
 from certd.store.port import LEGACY_TTL, Conflict, Lease, OrderJournal, Store, StoredVersion, VersionInfo
 
 __all__ = ["FileStore", "open_file_store", "Store", "StoredVersion", "VersionInfo", "LEGACY_TTL", "node_name"]
@@ -106,6 +106,7 @@ class FileStore(VersionFiles):
         self._key_mode = 0o600 if self._gid == -1 else 0o640
         self._clock: Clock = clock or SystemClock()
         self._certs = os.fspath(self.root / "certs")
+        self._count_own_writes()
         self.node = node_name(node)
         self._leases = FileLeases(self._ensure_cert_dir, self._clock)
         self._keys = KeyFiles(self.root, keyring, kek_loader, self._key_guard)
@@ -154,6 +155,7 @@ class FileStore(VersionFiles):
         if lease is not None:
             self._leases.check(lease)
 
+    @writes
     def prove_with_order(self, name: str, order: OrderJournal) -> None:
         """:meth:`check_lock`, then :meth:`save_order` (a local lease: nothing to save in combining them)."""
         self.check_lock(name)
@@ -175,6 +177,7 @@ class FileStore(VersionFiles):
 
     # -- desired and applied -----------------------------------------------------------------
 
+    @writes
     def set_current(self, name: str, version: int) -> None:
         """Single-host: the version is desired and, once switched here, applied by this node."""
         self.set_desired(name, version)
@@ -208,6 +211,7 @@ class FileStore(VersionFiles):
         text = raw.decode("ascii", "replace").strip()
         return int(text) if text.isdigit() else None
 
+    @writes
     def set_applied(self, node: str, name: str, version: int | None) -> None:
         """Written by ``node`` alone (not fenced), lazily (no fsync): after a crash the journal,
         not this report, says what to finish, and a report a power loss tore reads as None."""
@@ -226,6 +230,7 @@ class FileStore(VersionFiles):
             found = fileio.load_obj(f"{self._cert_path(name)}/journal.json", "rotation journal")
         return _newer_step(found, base)
 
+    @writes
     def save_rotation(self, node: str, name: str, journal: dict[str, Any] | None, *,
                       lease: Lease | None = None) -> None:
         """Write or, with None, remove ``node``'s rotation journal. A step that decides recovery
@@ -256,6 +261,7 @@ class FileStore(VersionFiles):
                  if node != self.node and fileio.NAME_RE.fullmatch(node)}
         return {node: j for node, j in found.items() if j is not None}
 
+    @writes
     def drop_rotation(self, node: str, name: str) -> None:
         """Remove ``node``'s rotation journal of ``name`` and its applied report (fenced)."""
         d = self._node_dir(node, name)
@@ -266,6 +272,7 @@ class FileStore(VersionFiles):
     def load_journal(self, name: str) -> dict[str, Any] | None:
         return self.load_rotation(self.node, name)
 
+    @writes
     def save_journal(self, name: str, journal: dict[str, Any] | None) -> None:
         self.save_rotation(self.node, name, journal)
 
@@ -280,6 +287,7 @@ class FileStore(VersionFiles):
                              f"(the next renewal orders afresh)")
         return OrderJournal(str(rec["order_url"]), key_pem, str(rec["created"]), dict(rec.get("meta") or {}))
 
+    @writes
     def save_order(self, name: str, order: OrderJournal | None, *, lease: Lease | None = None) -> None:
         """The key (0600, or sealed) first, the record last, both fsynced, then one fsync of
         the directory: a recorded order always has its key, and is durable before finalize.
@@ -331,6 +339,7 @@ class FileStore(VersionFiles):
             raise fsutil.store_error(e, path, "read") from e
         return _state_obj(raw, path), _etag(raw)
 
+    @writes
     def write_state(self, name: str, state: dict[str, Any], *, expected: str | None,
                     lease: Lease | None = None) -> str:
         data = fileio.json_bytes(state)
@@ -346,6 +355,7 @@ class FileStore(VersionFiles):
     def load_state(self, name: str) -> dict[str, Any] | None:
         return self.read_state(name)[0]
 
+    @writes
     def save_state(self, name: str, state: dict[str, Any]) -> None:
         """Single-host adapter: last writer wins (the engine's own in-memory floor covers a
         lost write); fenced by the lease ``lock()`` bound, when there is one."""

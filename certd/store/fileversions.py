@@ -9,13 +9,16 @@ Every write here is fenced (:meth:`certd.store.filelease.FileLeases.fenced`).
 
 from __future__ import annotations
 
+import functools
+import inspect
+import itertools
 import os
 import re
 import stat
 from collections.abc import Collection, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, ParamSpec, TypeVar
 
 from certd.core.errors import StoreError
 from certd.core.model import Bundle, CertInfo
@@ -27,6 +30,34 @@ from certd.store.port import Lease, StoredVersion, VersionInfo
 
 _CURRENT_RE = re.compile(r"versions/(\d+)/?")
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
+#: This process's writes, per certificate (see :meth:`VersionFiles.own_writes`): for each
+#: ``certs`` directory (its real path, shared by every FileStore of this process on it), the
+#: name -> the sequence number of the last write of that certificate's files.
+_OWN_WRITES: dict[str, dict[str, int]] = {}
+_SEQUENCE = itertools.count(1)
+
+
+def writes(method: Callable[P, R]) -> Callable[P, R]:
+    """Mark a store method that writes a certificate's files (its ``name`` argument's): once it
+    returns, or fails part-way, :meth:`VersionFiles.own_writes` of that name has changed.
+    tests/unit/test_store.py checks that every method of FileStore is either marked or known
+    to write nothing of a certificate's."""
+    position = list(inspect.signature(method).parameters).index("name")
+
+    @functools.wraps(method)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return method(*args, **kwargs)
+        finally:  # after the write (a bump before it would let a reader see the old files as new)
+            name = kwargs["name"] if "name" in kwargs else args[position]
+            args[0]._own_writes[name] = next(_SEQUENCE)  # type: ignore[attr-defined]
+
+    wrapper.writes_a_certificate = True  # type: ignore[attr-defined]
+    return wrapper
+
 
 class VersionFiles:
     """Versions and ``current`` of the certificates under ``root/certs``."""
@@ -37,6 +68,18 @@ class VersionFiles:
     _key_mode: int
     _gid: int
     _keys: KeyFiles
+    _own_writes: dict[str, int]
+
+    def _count_own_writes(self) -> None:
+        self._own_writes = _OWN_WRITES.setdefault(os.path.realpath(self._certs), {})
+
+    def own_writes(self, name: str) -> int:
+        """A number that changes whenever this process (any FileStore of it on this directory)
+        has written ``name``'s files: a cache of what :meth:`change_token` covers may trust itself
+        while it is unchanged, unless something else wrote the files (another process, a hand
+        edit) — which only the change token sees, at five syscalls a certificate (issue 20: the
+        daemon's whole status listing at 100,000 certificates)."""
+        return self._own_writes.get(name, 0)
 
     def _fence(self, name: str, lease: Lease | None) -> AbstractContextManager[None]:
         raise NotImplementedError
@@ -166,6 +209,7 @@ class VersionFiles:
 
     # -- writing (fenced) --------------------------------------------------------------------
 
+    @writes
     def add_version(self, name: str, bundle: Bundle, meta: dict[str, Any], *, lease: Lease | None = None) -> int:
         """Store ``bundle`` as the next version number (written and fsynced; not made desired).
         The files are written before the fence is checked; only the publishing rename is fenced."""
@@ -187,6 +231,7 @@ class VersionFiles:
                         self._write_key(tmp, name, version, bundle.key_pem)
         return version
 
+    @writes
     def restore_version(self, name: str, version: int, bundle: Bundle, meta: dict[str, Any], *,
                         lease: Lease | None = None) -> None:
         """Store ``bundle`` as version number ``version`` exactly (a backup being restored keeps
@@ -241,6 +286,7 @@ class VersionFiles:
             return False
         return True
 
+    @writes
     def update_meta(self, name: str, version: int, changes: dict[str, Any], *, lease: Lease | None = None) -> None:
         """Merge ``changes`` into a version's meta.json (e.g. ``key_compromised``), atomically."""
         path = self._version_dir(name, version) / "meta.json"
@@ -250,6 +296,7 @@ class VersionFiles:
             meta.update(changes)
             fsutil.atomic_write(path, fileio.meta_bytes(meta), mode=0o644)
 
+    @writes
     def set_desired(self, name: str, version: int, *, lease: Lease | None = None) -> None:
         """Point ``current`` at ``version`` with one rename()."""
         vdir = self._version_dir(name, version)
@@ -260,6 +307,7 @@ class VersionFiles:
         with self._fence(name, lease):
             fsutil.atomic_symlink(f"versions/{version_dirname(version)}", self._cert_dir(name) / "current")
 
+    @writes
     def prune(self, name: str, keep: int, protect: Collection[int] = (), *, lease: Lease | None = None) -> list[int]:
         """Remove the oldest versions until ``keep`` remain, never the desired or a protected
         one (so more may remain). Keys are zeroed before unlinking. Returns the removed ones."""
@@ -280,6 +328,7 @@ class VersionFiles:
                 excess -= 1
         return removed
 
+    @writes
     def destroy_key(self, name: str, version: int, *, lease: Lease | None = None) -> None:
         """Zero and remove one version's private key (after keyCompromise); the certificate and
         meta stay for the record, with ``key_destroyed: true``."""

@@ -35,6 +35,8 @@ def status(m: Manager, cert: CertificateConfig) -> dict[str, Any]:
     row = m.status(cert)
     assert json.loads(m.status_json(cert)) == row
     assert json.loads(m.status_json(cert, "2026-11-22T13:00:00Z")) == {**row, "next_run": "2026-11-22T13:00:00Z"}
+    assert [json.loads(r) for r in m.listing_json([cert], {"www": "2026-11-22T13:00:00Z"})] == \
+        [{**row, "next_run": "2026-11-22T13:00:00Z"}]  # the daemon's whole listing
     return row
 
 
@@ -80,3 +82,39 @@ def test_an_equal_configuration_after_a_reload_keeps_the_cache_and_a_changed_one
     changed = CertificateConfig("www", ("www.example.test", "api.example.test"))
     when, why = m.plan(changed)
     assert when == clock.now() and "differ" in why
+
+
+def test_the_listing_trusts_this_processs_writes_and_sees_a_hand_edit_at_the_recheck(tmp_path: Path) -> None:
+    """The daemon's whole listing asks no change token while the facts are current since this
+    process's last write of the certificate (any FileStore of it on the directory): a version
+    written shows at once; a hand edit, once recheck() (the daemon's every few minutes) looked."""
+    clock = FakeClock(NOW)
+    m = make(tmp_path, clock)
+    cert = m.config.certificates[0]
+    first = add(m, days=30)
+
+    def listing() -> dict[str, Any]:
+        row: dict[str, Any] = json.loads(m.listing_json([cert], {})[0])
+        return row
+
+    assert (listing()["serial"], listing()["version"]) == (first, 1)
+    asked: list[str] = []
+    token = m.store.change_token
+    m.store.change_token = lambda name: asked.append(name) or token(name)  # type: ignore[method-assign]
+    assert listing()["serial"] == first and asked == []  # trusted: no syscalls for this row
+
+    other = FileStore(m.config.daemon.state_dir)  # another part of this process (housekeeping, a rollback)
+    second = make_bundle(("www.example.test",), not_before=NOW, days=30)
+    other.set_current("www", other.add_version("www", second, {}))
+    assert (listing()["serial"], listing()["version"]) == (second.info.serial, 2)  # at once
+
+    link = tmp_path / "state" / "certs" / "www" / "current"  # by hand: back to version 1
+    (tmp_path / "state" / "certs" / "www" / "hand").symlink_to("versions/0001")
+    (tmp_path / "state" / "certs" / "www" / "hand").replace(link)
+    assert listing()["version"] == 2  # not seen yet: nothing of this process wrote it
+    m.recheck([cert])
+    assert (listing()["serial"], listing()["version"]) == (first, 1)
+
+    (tmp_path / "state" / "certs" / "www" / "hand").symlink_to("versions/0002")
+    (tmp_path / "state" / "certs" / "www" / "hand").replace(link)
+    assert m.status(cert)["version"] == 2  # a row named (certd status NAME) checks the store each time

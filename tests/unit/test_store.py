@@ -418,3 +418,30 @@ def test_later_journal_steps_are_not_fsynced_and_a_torn_one_falls_back(store, tm
     assert store.load_journal("www")["step"] == "issued"
     store.save_journal("www", None)
     assert store.load_journal("www") is None and not nxt.exists()
+
+
+#: FileStore's methods that write nothing a certificate's status or plan is read from (reads,
+#: leases and locks, accounts): every other method must be marked @writes (see own_writes).
+WRITE_NO_CERTIFICATE = {"account_lock", "applied", "change_token", "check", "check_lock", "current", "desired",
+                        "foreign_rotations", "lease", "load", "load_account", "load_info", "load_journal",
+                        "load_order", "load_rotation", "load_state", "lock", "names", "own_writes", "read_state",
+                        "release", "renew", "save_account", "subscribe", "versions"}
+
+
+def test_every_method_that_writes_a_certificate_changes_own_writes(tmp_path):
+    """The daemon's status listing trusts its facts while own_writes() is unchanged, so a write
+    method that forgot to say so would leave a listing showing the old files: a new method is
+    either marked @writes or listed above as writing no certificate's files."""
+    import inspect
+    methods = {n for n, m in inspect.getmembers(FileStore, callable) if not n.startswith("_")}
+    unmarked = {n for n in methods if not getattr(getattr(FileStore, n), "writes_a_certificate", False)}
+    assert unmarked == WRITE_NO_CERTIFICATE
+
+    one, two = FileStore(tmp_path / "state"), FileStore(tmp_path / "state")  # shared within the process
+    before = one.own_writes("www")
+    two.set_current("www", two.add_version("www", make_bundle(("www.example.test",)), {}))
+    after = one.own_writes("www")
+    assert after != before and one.own_writes("api") == 0
+    with pytest.raises(StoreError):
+        two.set_current("www", 7)  # failed part-way or at once: counted all the same
+    assert one.own_writes("www") != after
