@@ -521,9 +521,9 @@ def bench_footprint(site: Site, n: int, idle: float, res: Results, issue_workers
             f"RSS {row['rss_mb']:.1f} MB (peak {row['hwm_mb']:.1f} MB)")
 
         timings = []
-        for _ in range(2):
+        for _ in range(2):  # the request certd status --json makes (the whole listing, one row a line)
             t = time.perf_counter()
-            rows = client.get("/v1/status")["certificates"]
+            rows = json.loads(client.get_text("/v1/status", params={"format": "lines"}))["certificates"]
             timings.append(time.perf_counter() - t)
         assert len(rows) == n
         row["status_daemon_s"], row["status_daemon_warm_s"] = timings
@@ -675,10 +675,11 @@ def report(res: Results, sizes: Sizes) -> str:
         if "status_inproc_s" in f:
             line("status --json in-process", f"{f['status_inproc_s']:.2f} s", "<= 1 s" if n <= 10000 else "",
                  check(f["status_inproc_s"] <= 1) if n <= 10000 else "")  # issue 20: at 10,000
-            line("status --json through the daemon", f"{f['status_daemon_s']:.2f} s", "<= 1 s",
-                 check(f["status_daemon_s"] <= 1))
-            line("  certd status --json process (start-up, config)", f"{f['status_cli_daemon_s']:.2f} s",
-                 f"config load {f['config_load_s']:.2f} s")
+            line("certd status --json through the daemon (the process)", f"{f['status_cli_daemon_s']:.2f} s",
+                 "<= 1 s", check(f["status_cli_daemon_s"] <= 1))
+            line("  its request alone (first, again)",
+                 f"{f['status_daemon_s']:.2f} s, {f['status_daemon_warm_s']:.2f} s",
+                 f"config load {f['config_load_s']:.2f} s (the CLI does not load it)")
         if "forced_s" in f:
             line("renew NAME --force --wait through the daemon (median of 2)", f"{f['forced_s']:.2f} s",
                  "as at 1,000")

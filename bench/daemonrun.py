@@ -7,11 +7,15 @@ again, e.g. before and after a change, in minutes (issue 20):
 
     .venv/bin/python bench/daemonrun.py --config /tmp/certd-bench-XXXX/footprint-100000-NNNN/certd.toml
 
+Or over a state built without a CA (``--build 100000``: two minutes; its certificates are not
+due, so the daemon settles once its start-up work is done: ``--settle 600``).
+
 It starts ``certd run`` from this checkout (with NOTIFY_SOCKET, as systemd would), prints
-when READY=1 came and the daemon's RSS (and peak) then and ``--wait`` seconds later, times
-``certd status --json`` (twice: the second finds the facts cached) and ``certd status NAME
---json`` as processes talking to the daemon, and how long the daemon took to stop after
-SIGTERM. The CA need not run: its ARI polls then fail fast and are retried later.
+when READY=1 came and the daemon's RSS (and peak) then and ``--wait`` seconds later (or once
+settled), times ``certd status --json`` (twice: the second finds the facts stamped current),
+``certd status`` (the table) and ``certd status NAME --json`` as processes talking to the
+daemon, with the daemon's CPU for each, and how long the daemon took to stop after SIGTERM.
+The CA need not run: its ARI polls then fail fast and are retried later.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import ROOT, Notify, memory_mb, wait_until  # noqa: E402
+import statusbench  # noqa: E402
+from bench import ROOT, STATUS_TARGET, Notify, cpu_seconds, memory_mb, wait_until  # noqa: E402
 
 
 def memory(pid: int) -> str:
@@ -37,10 +42,18 @@ def memory(pid: int) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", type=Path, required=True, help="the certd.toml of the kept state")
+    where = ap.add_mutually_exclusive_group(required=True)
+    where.add_argument("--config", type=Path, help="the certd.toml of the kept state")
+    where.add_argument("--build", type=int, metavar="N", help="build a state of N certificates without a CA "
+                       "first (bench/statusbench.py: one self-signed version copied; ARI polls fail fast)")
     ap.add_argument("--wait", type=float, default=35.0, help="seconds after READY=1 before status (default 35)")
+    ap.add_argument("--settle", type=float, metavar="MAX", help="instead of --wait: until the daemon's CPU stays "
+                    "under 10 %% for 5 s (its start-up work done), at most MAX seconds")
     ap.add_argument("--name", help="the certificate for `status NAME` (default: the config's first)")
     args = ap.parse_args()
+    if args.build:
+        args.config = statusbench.build(Path(tempfile.mkdtemp(prefix="certd-daemonrun-state-")), args.build)
+        print(f"built {args.build} certificates: {args.config}", flush=True)
     certd = [sys.executable, "-m", "certd.cli", "--config", str(args.config)]
     name = args.name or _first_name(args.config)
     work = Path(tempfile.mkdtemp(prefix="certd-daemonrun-"))
@@ -51,13 +64,20 @@ def main() -> int:
     try:
         wait_until(notify.ready, timeout=900, interval=0.1, what="READY=1")
         print(f"READY=1 after {(notify.ready_at or 0) - started:.1f} s; RSS {memory(daemon.pid)}", flush=True)
-        time.sleep(args.wait)
-        print(f"{args.wait:g} s later: RSS {memory(daemon.pid)}", flush=True)
-        for what in (["status", "--json"], ["status", "--json"], ["status", name, "--json"]):
-            t = time.perf_counter()
+        if args.settle:
+            waited = settle(daemon.pid, args.settle)
+            print(f"{waited:.0f} s later (settled: {waited < args.settle}): RSS {memory(daemon.pid)}", flush=True)
+        else:
+            time.sleep(args.wait)
+            print(f"{args.wait:g} s later: RSS {memory(daemon.pid)}", flush=True)
+        for what in (["status", "--json"], ["status", "--json"], ["status"], ["status", name, "--json"]):
+            t, cpu = time.perf_counter(), cpu_seconds(daemon.pid)
             out = subprocess.run([*certd, *what], cwd=ROOT, capture_output=True, check=True).stdout
-            print(f"certd {' '.join(what)}: {time.perf_counter() - t:.2f} s ({len(out) / 1e6:.1f} MB); "
-                  f"RSS {memory(daemon.pid)}", flush=True)
+            took = time.perf_counter() - t
+            ok = "ok" if took <= STATUS_TARGET else "MISSED"
+            judged = f"; <= {STATUS_TARGET:g} s: {ok}" if what[1:] == ["--json"] else ""
+            print(f"certd {' '.join(what)}: {took:.2f} s ({len(out) / 1e6:.1f} MB; the daemon's CPU "
+                  f"{cpu_seconds(daemon.pid) - cpu:.2f} s){judged}; RSS {memory(daemon.pid)}", flush=True)
     finally:
         t = time.perf_counter()
         daemon.send_signal(signal.SIGTERM)
@@ -70,6 +90,17 @@ def main() -> int:
             print("still running 300 s after SIGTERM: killed")
         notify.close()
     return 0
+
+
+def settle(pid: int, limit: float) -> float:
+    """Seconds until ``pid`` used under 10 % of a core over 5 s (at most ``limit``)."""
+    started = time.perf_counter()
+    while time.perf_counter() - started < limit:
+        cpu, t = cpu_seconds(pid), time.perf_counter()
+        time.sleep(5.0)
+        if (cpu_seconds(pid) - cpu) / (time.perf_counter() - t) < 0.1:
+            break
+    return time.perf_counter() - started
 
 
 def _first_name(config: Path) -> str:
