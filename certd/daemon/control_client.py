@@ -54,15 +54,16 @@ class ControlClient:
         s.settimeout(2.0)
         try:
             s.connect(str(self.path))
-        except (FileNotFoundError, ConnectionRefusedError):
-            raise DaemonNotRunning() from None
         except PermissionError:
-            raise UsageError(f"permission denied on the control socket {self.path}: run as root or as a member of "
-                             f"the daemon's control_group") from None
-        except OSError as e:
+            raise self._refused() from None
+        except OSError as e:  # nobody listens (FileNotFoundError, ConnectionRefusedError, ...)
             raise DaemonNotRunning() from e
         finally:
             s.close()
+
+    def _refused(self) -> UsageError:
+        return UsageError(f"permission denied on the control socket {self.path}: run as root or as a member of "
+                          f"the daemon's control_group")
 
     def _client(self) -> httpx.Client:
         # verify=False: plain HTTP over a Unix socket; the default would load the system's CA
@@ -85,6 +86,13 @@ class ControlClient:
         from certd.daemon.unixhttp import UnixConnection  # here: see the module's docstring
         conn = UnixConnection(self.path, self.timeout)
         try:
+            try:
+                conn.connect()
+            except PermissionError:
+                raise self._refused() from None
+            except OSError as e:  # it answered probe() a moment ago
+                raise OperationFailed(f"the daemon on {self.path} stopped answering ({e}); run the command again "
+                                      f"(without a daemon it works in-process)") from None
             conn.request("GET", f"{path}?{urlencode(params, doseq=True)}" if params else path)
             r = conn.getresponse()
             body = r.read()

@@ -188,7 +188,11 @@ class Planner:
             return  # every listing asks the store
         now = self.clock.now()
         for cert in certs:
-            self._facts(cert, now)
+            try:
+                self._facts(cert, now)
+            except Exception:  # one certificate's trouble must not keep the rest from being looked at
+                self._cache.pop(cert.name, None)  # so the listing asks the store for it afresh
+                log.exception("status recheck of %s failed", cert.name)
 
     def _shown(self, cert: CertificateConfig, now: datetime) -> tuple[str, str, datetime | None]:
         """``cert``'s row text (without its closing brace), state at ``now`` and key creation
@@ -236,6 +240,10 @@ class Planner:
                 return replace(hit, decision=replace(hit.decision, renew_at=later), stale=True)
             except StoreError as e:  # one broken certificate never stops the rest (issue 12, F8)
                 hit = replace(self._broken(cert, token, str(e), now), written=written)
+            except (ValueError, TypeError, KeyError, AttributeError) as e:  # nor one a hand edit left unreadable
+                # (state.json's "last_failure": "yesterday"): broken, and the listing says so
+                reason = f"stored data certd cannot read ({type(e).__name__}: {e}); fix or remove the file"
+                hit = replace(self._broken(cert, token, reason, now), written=written)
             if hit.broken is not None and (prev := self._cache.get(cert.name)) is not None \
                     and prev.broken == hit.broken:
                 pass  # already reported

@@ -118,3 +118,23 @@ def test_the_listing_trusts_this_processs_writes_and_sees_a_hand_edit_at_the_rec
     (tmp_path / "state" / "certs" / "www" / "hand").symlink_to("versions/0002")
     (tmp_path / "state" / "certs" / "www" / "hand").replace(link)
     assert m.status(cert)["version"] == 2  # a row named (certd status NAME) checks the store each time
+
+
+def test_a_hand_edit_certd_cannot_read_breaks_that_certificate_and_the_recheck_goes_on(tmp_path: Path) -> None:
+    """A state.json edited by hand into something certd cannot read (a timestamp "yesterday")
+    shows that certificate as broken, saying what; the recheck still finds the next one's edit."""
+    clock = FakeClock(NOW)
+    certs = (CertificateConfig("aaa", ("aaa.example.test",)), CertificateConfig("bbb", ("bbb.example.test",)))
+    cfg = Config(tmp_path / "certd.toml", DaemonConfig(state_dir=tmp_path / "state"),
+                 AcmeConfig("https://127.0.0.1:14000/dir"), certs)
+    m = Manager(cfg, store=FileStore(cfg.daemon.state_dir), clock=clock)
+    for c in certs:
+        m.store.set_current(c.name, m.store.add_version(c.name, make_bundle(c.domains, not_before=NOW, days=30), {}))
+    assert [json.loads(r)["state"] for r in m.listing_json(list(certs), {})] == ["ok", "ok"]
+    (tmp_path / "state" / "certs" / "aaa" / "state.json").write_text('{"failures": 1, "last_failure": "yesterday"}')
+    (tmp_path / "state" / "certs" / "bbb" / "state.json").write_text('{"failures": 3, "last_error": "by hand"}')
+    m.recheck(list(certs))
+    aaa, bbb = (json.loads(r) for r in m.listing_json(list(certs), {}))
+    assert aaa["state"] == "broken" and "yesterday" in aaa["broken_reason"] and "fix or remove" in aaa["broken_reason"]
+    assert (bbb["state"], bbb["failures"]) == ("failing", 3)
+    assert m.status(certs[0])["state"] == "broken"  # status NAME: the same, not a traceback
