@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from certd.config import CertificateConfig, Config
 from certd.core.errors import OperationFailed, UsageError
@@ -72,7 +72,7 @@ class ControlAPI:
         names = query.get("name")
         certs, runs = self._select(names), self.scheduler.next_runs()
         if self.store_health is not None and not self.store_health.up:  # what this node deploys
-            rows: list[str] | list[dict[str, Any]] = self.store_health.rows(certs)
+            rows: Iterable[str | dict[str, Any]] = self.store_health.rows(certs)
         elif names:
             rows = [self.manager.status_json(c, next_run=runs.get(c.name)) for c in certs]
         else:

@@ -187,13 +187,28 @@ def _make_handler(server: ControlServer) -> type[BaseHTTPRequestHandler]:
             return data
 
         def _send(self, status: int, payload: Any) -> None:
-            chunks = payload.chunks if isinstance(payload, Preformatted) else [json.dumps(payload).encode() + b"\n"]
+            if isinstance(payload, Preformatted):
+                return self._send_streamed(payload)
+            data = json.dumps(payload).encode() + b"\n"
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(sum(map(len, chunks))))
+            self.send_header("Content-Length", str(len(data)))
             self.end_headers()
-            for chunk in chunks:
-                self.wfile.write(chunk)
+            self.wfile.write(data)
+
+        def _send_streamed(self, document: Preformatted) -> None:
+            """Each piece as it is made, the end of the body the end of the connection (HTTP/1.0):
+            a failure part-way closes it without the document's end, which the client notices."""
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            try:
+                for chunk in document.chunks:
+                    self.wfile.write(chunk)
+            except OSError:
+                pass  # the client went away (certd status | head -1)
+            except Exception:
+                log.exception("control answer failed part-way; the client is told it was cut short")
 
         def _stream(self, events: Iterator[Any]) -> None:
             self.send_response(200)
@@ -216,7 +231,7 @@ def _limits() -> Limits:
 
 class Preformatted:
     """A route's answer that is JSON text already: ``rows_document(key, rows)``, sent as it is
-    in the pieces of :func:`rows_document_chunks`."""
+    in the pieces of :func:`rows_document_chunks`, each as ``rows`` (an iterator) makes it."""
 
     def __init__(self, key: str, rows: Iterable[dict[str, Any] | str]) -> None:
         self.chunks = rows_document_chunks(key, rows)

@@ -27,16 +27,25 @@ def rows_document(key: str, rows: Iterable[dict[str, Any] | str]) -> str:
     return f'{{"{key}": [\n' + ",\n".join(lines) + "\n]}\n"
 
 
-def rows_document_chunks(key: str, rows: Iterable[dict[str, Any] | str], size: int = 1000) -> list[bytes]:
-    """``rows_document(key, rows)`` encoded, in pieces of ``size`` rows: the daemon sends them one
-    after the other (100,000 status rows are 70 MB: joined, copied and encoded at once they
-    took 280 MB for a moment)."""
-    lines = [r if isinstance(r, str) else json.dumps(r) for r in rows]
-    chunks = [f'{{"{key}": [\n'.encode()]
-    for i in range(0, len(lines), size):
-        chunks.append(((",\n" if i else "") + ",\n".join(lines[i:i + size])).encode())
-    chunks.append(b"\n]}\n")
-    return chunks
+def rows_document_chunks(key: str, rows: Iterable[dict[str, Any] | str], size: int = 1000) -> Iterator[bytes]:
+    """``rows_document(key, rows)`` encoded, in pieces of ``size`` rows made as ``rows`` yields
+    them: the daemon sends each as it is made (100,000 status rows are 70 MB: made, joined and
+    encoded at once they took 280 MB for a moment, and the first listing's page faults 0.6 s)."""
+    yield f'{{"{key}": [\n'.encode()
+    batch: list[str] = []
+    sep = ""
+    for row in rows:
+        batch.append(row if isinstance(row, str) else json.dumps(row))
+        if len(batch) == size:
+            yield (sep + ",\n".join(batch)).encode()
+            batch, sep = [], ",\n"
+    if batch:
+        yield (sep + ",\n".join(batch)).encode()
+    yield DOCUMENT_END
+
+
+#: How rows_document ends: a streamed answer without it was cut short.
+DOCUMENT_END = b"\n]}\n"
 
 
 class DaemonNotRunning(Exception):
@@ -107,6 +116,9 @@ class ControlClient:
             except ValueError:
                 payload = None
             _result(r.status, payload)
+        if r.getheader("Content-Length") is None and not body.endswith(DOCUMENT_END):  # streamed, then cut
+            raise OperationFailed(f"the daemon on {self.path} did not answer in full (its answer stops after "
+                                  f"{len(body)} bytes); see its log")
         return body.decode()
 
     def call(self, path: str, body: dict[str, Any]) -> Any:

@@ -19,7 +19,7 @@ import threading
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 from certd.config import CertificateConfig, Config
 from certd.core.clock import Clock, SystemClock
@@ -265,7 +265,7 @@ class Manager:
         """See :meth:`certd.engine.status.Status.row_json`."""
         return self.planner.status_json(cert, next_run)
 
-    def listing_json(self, certs: list[CertificateConfig], next_runs: Mapping[str, str]) -> list[str]:
+    def listing_json(self, certs: list[CertificateConfig], next_runs: Mapping[str, str]) -> Iterator[str]:
         """See :meth:`certd.engine.planning.Planner.listing_json`."""
         return self.planner.listing_json(certs, next_runs)
 

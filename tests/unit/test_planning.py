@@ -94,7 +94,7 @@ def test_the_listing_trusts_this_processs_writes_and_sees_a_hand_edit_at_the_rec
     first = add(m, days=30)
 
     def listing() -> dict[str, Any]:
-        row: dict[str, Any] = json.loads(m.listing_json([cert], {})[0])
+        row: dict[str, Any] = json.loads(next(m.listing_json([cert], {})))
         return row
 
     assert (listing()["serial"], listing()["version"]) == (first, 1)
