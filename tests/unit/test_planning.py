@@ -102,6 +102,11 @@ def test_the_listing_trusts_this_processs_writes_and_sees_a_hand_edit_at_the_rec
     token = m.store.change_token
     m.store.change_token = lambda name: asked.append(name) or token(name)  # type: ignore[method-assign]
     assert listing()["serial"] == first and asked == []  # trusted: no syscalls for this row
+    renew_at = datetime.fromisoformat(listing()["next_renewal"].replace("Z", "+00:00"))
+    clock.advance(renew_at - clock.now() + timedelta(days=1))  # due: plan() would gather afresh
+    assert (listing()["serial"], listing()["state"], asked) == (first, "ok", [])  # the listing need not
+    clock.advance(timedelta(days=9))
+    assert (listing()["state"], asked) == ("expiring", [])  # the state is worked out at now all the same
 
     other = FileStore(m.config.daemon.state_dir)  # another part of this process (housekeeping, a rollback)
     second = make_bundle(("www.example.test",), not_before=NOW, days=30)
