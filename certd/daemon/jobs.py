@@ -47,10 +47,10 @@ class Jobs:
     def housekeep(self, names: list[str] | None = None) -> None:
         """Remove what killed processes left (certd/store/housekeeping.py): all at start, then per rotation."""
         try:
-            housekeeping.sweep(self._config(), names)
+            housekeeping.sweep(self._config(), names, stop=self._stop)
         except Exception:  # tidying up must never stop the daemon
             log.exception("housekeeping failed")
-        if names is None:
+        if names is None and not self._stop.is_set():
             self.destroy_retired()
 
     def destroy_retired(self) -> None:

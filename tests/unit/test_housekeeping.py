@@ -132,3 +132,18 @@ def test_a_private_or_absent_state_dir_is_left_as_it_is(tmp_path: Path) -> None:
     assert housekeeping.secure_state_dir(state) is None
     os.chmod(state, 0o500)
     assert housekeeping.secure_state_dir(state) is None and os.stat(state).st_mode & 0o777 == 0o500
+
+
+def test_a_sweep_asked_to_stop_leaves_the_certificates_for_the_next_start(tmp_path: Path) -> None:
+    """The daemon's start-up sweep ends once it is stopping (SIGTERM waited minutes for it at
+    100,000 certificates); the state dir's own temporaries go, the rest stays for next time."""
+    import threading
+    cfg = make_config(tmp_path)
+    paths = leftovers(tmp_path)
+    stop = threading.Event()
+    stop.set()
+    removed = housekeeping.sweep(cfg, stop=stop)
+    assert removed == [str(paths["head"])]
+    assert paths["journal"].exists() and paths["staging"].exists()
+    housekeeping.sweep(cfg)
+    assert not paths["journal"].exists() and not paths["staging"].exists()
