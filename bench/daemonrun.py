@@ -72,7 +72,7 @@ def main() -> int:
             print(f"{args.wait:g} s later: RSS {memory(daemon.pid)}", flush=True)
         for what in (["status", "--json"], ["status", "--json"], ["status"], ["status", name, "--json"]):
             t, cpu = time.perf_counter(), cpu_seconds(daemon.pid)
-            out = subprocess.run([*certd, *what], cwd=ROOT, capture_output=True, check=True).stdout
+            out = subprocess.run([*certd, *what], cwd=ROOT, capture_output=True, check=True, timeout=600).stdout
             took = time.perf_counter() - t
             ok = "ok" if took <= STATUS_TARGET else "MISSED"
             judged = f"; <= {STATUS_TARGET:g} s: {ok}" if what[1:] == ["--json"] else ""
