@@ -151,6 +151,8 @@ def _make_handler(server: ControlServer) -> type[BaseHTTPRequestHandler]:
                 self.server.watchdog.done(self.connection)  # type: ignore[attr-defined]
                 self.connection.settimeout(None)  # the request is in; an answer may take minutes
                 result = route(caller, body)
+                if isinstance(result, Preformatted):
+                    result.prime()  # its first rows: a failure there is answered as any other
             except UsageError as e:
                 return self._send(400, {"error": str(e), "exit_code": 2})
             except CertdError as e:
@@ -202,13 +204,19 @@ def _make_handler(server: ControlServer) -> type[BaseHTTPRequestHandler]:
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
             self.end_headers()
-            try:
-                for chunk in document.chunks:
+            pieces = document.pieces()
+            while True:
+                try:
+                    chunk = next(pieces)
+                except StopIteration:
+                    return
+                except Exception:  # making a row (an OSError too: it is ours, not the client's)
+                    log.exception("control answer failed part-way; the client is told it was cut short")
+                    return
+                try:
                     self.wfile.write(chunk)
-            except OSError:
-                pass  # the client went away (certd status | head -1)
-            except Exception:
-                log.exception("control answer failed part-way; the client is told it was cut short")
+                except OSError:
+                    return  # the client went away (certd status | head -1)
 
         def _stream(self, events: Iterator[Any]) -> None:
             self.send_response(200)
@@ -234,7 +242,17 @@ class Preformatted:
     in the pieces of :func:`rows_document_chunks`, each as ``rows`` (an iterator) makes it."""
 
     def __init__(self, key: str, rows: Iterable[dict[str, Any] | str]) -> None:
-        self.chunks = rows_document_chunks(key, rows)
+        self._rest = rows_document_chunks(key, rows)
+        self._made: list[bytes] = []
+
+    def prime(self) -> None:
+        """Make the document's head and first piece now (before the answer's status line goes
+        out): a listing that fails at once is an error answer with its message, not a cut."""
+        self._made = [next(self._rest), next(self._rest)]  # the head, then the first rows or the end
+
+    def pieces(self) -> Iterator[bytes]:
+        yield from self._made
+        yield from self._rest
 
 
 def _socket_answers(path: Path) -> bool:

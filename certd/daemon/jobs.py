@@ -46,12 +46,12 @@ class Jobs:
 
     def housekeep(self, names: list[str] | None = None) -> None:
         """Remove what killed processes left (certd/store/housekeeping.py): all at start, then per rotation."""
+        if names is None:  # first: a stop during the sweep below must not put off the keys' destruction
+            self.destroy_retired()
         try:
             housekeeping.sweep(self._config(), names, stop=self._stop)
         except Exception:  # tidying up must never stop the daemon
             log.exception("housekeeping failed")
-        if names is None and not self._stop.is_set():
-            self.destroy_retired()
 
     def destroy_retired(self) -> None:
         """Destroy keys retired for longer than their ``destroy_after`` (certd.engine.destruction):

@@ -52,18 +52,18 @@ def sweep(config: Config, names: Collection[str] | None = None, *, stop: threadi
     removed: list[str] = []
     state_dir = config.daemon.state_dir
     removed += sweep_dir(state_dir, STATE_DIR_TEMPS)
+    for cert in _configured(config, names):  # first: staging directories beside a live_dir may hold keys
+        if stop is not None and stop.is_set():
+            break
+        live = cert.deploy.live_dir
+        if live is not None:
+            removed += sweep_dir(live.parent / f".{live.name}.versions", (".",))
     for name in (_subdirs(state_dir / "certs") if names is None else names):
         if stop is not None and stop.is_set():
             break
         removed += sweep_dir(state_dir / "certs" / name, CERT_DIR_TEMPS)
         for node in _subdirs(state_dir / "certs" / name / "nodes"):
             removed += sweep_dir(state_dir / "certs" / name / "nodes" / node, NODE_DIR_TEMPS)
-    for cert in _configured(config, names):
-        if stop is not None and stop.is_set():
-            break
-        live = cert.deploy.live_dir
-        if live is not None:
-            removed += sweep_dir(live.parent / f".{live.name}.versions", (".",))
     for path in removed:
         event(log, "stale_temp_removed", path=path)
     return removed

@@ -195,20 +195,28 @@ def test_a_preformatted_document_arrives_whole_in_its_pieces(tmp_path: Path, cou
     assert [r["n"] for r in json.loads(text)["certificates"]] == list(range(count))
 
 
-def test_a_document_that_fails_part_way_is_an_error_not_a_short_listing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("error", [RuntimeError("a bug"), PermissionError(13, "Permission denied")])
+def test_a_document_that_fails_part_way_is_an_error_not_a_short_listing(
+        tmp_path: Path, error: Exception, caplog: pytest.LogCaptureFixture) -> None:
     """A streamed listing has no Content-Length: if making a row fails after the first pieces
-    went out, the client must not print a valid-looking shorter document (jq would accept it)."""
-    def rows() -> Iterator[str]:
+    went out, the client must not print a valid-looking shorter document (jq would accept it),
+    and the daemon's log says why (an OSError of its own is not the client going away); one
+    that fails at its first row is an error answer with the message, as any route's."""
+    def rows(fail_at: int) -> Iterator[str]:
         for i in range(2500):
-            if i == 1500:
-                raise RuntimeError("a bug in row 1500")
+            if i == fail_at:
+                raise error
             yield json.dumps({"name": f"c{i:05d}"})
 
     path = tmp_path / "control.sock"
-    server = ControlServer(path, {("GET", "/v1/status"): lambda caller, body: Preformatted("certificates", rows())})
+    server = ControlServer(path, {("GET", "/v1/status"): lambda caller, body: Preformatted("certificates", rows(1500)),
+                                  ("GET", "/v1/other"): lambda caller, body: Preformatted("certificates", rows(0))})
     server.start()
     try:
         with pytest.raises(OperationFailed, match="did not answer in full"):
             ControlClient(path).get_text("/v1/status")
+        wait_until(lambda: "failed part-way" in caplog.text, timeout=5, what="the failure logged")
+        with pytest.raises(OperationFailed, match="internal error|Permission denied"):
+            ControlClient(path).get_text("/v1/other")
     finally:
         server.stop()
