@@ -58,7 +58,7 @@ class Site:
         self.nginx = self.nginx_factory(self.live / "fullchain.pem", self.live / "privkey.pem", server_name=SNI)
 
     def renew(self) -> None:
-        self.env.run("renew", "--force", "www", "--reason", "test", check=0)
+        self.env.run("renew", "--force", "--wait", "www", "--reason", "test", check=0)  # --wait: the daemon's answer is the outcome
 
     def serves_current(self) -> str:
         """nginx serves the stored current version, and live_dir's key matches its certificate."""
