@@ -123,6 +123,8 @@ class Planner:
     def __init__(self, store: Store, clock: Clock, issuer: Callable[[], IssuerPort],
                  issuer_at: Callable[[Mapping[str, Any]], IssuerPort | None] | None = None) -> None:
         self.store, self.clock, self._issuer = store, clock, issuer
+        #: the store's count of this process's writes (FileStore), None when it has none: see listing_json
+        self._own_writes: Callable[[str], int] | None = getattr(store, "own_writes", None)
         # ARI is asked of the CA that issued the certificate (from the version's meta; None: that
         # CA is no longer configured, and no other CA knows the certificate)
         self._issuer_at = issuer_at
@@ -174,7 +176,7 @@ class Planner:
         A certificate that is due is shown from its facts too (its state worked out at now), not
         gathered afresh as plan() does: at 100,000 certificates all due (a CA down for a day)
         that made each listing read 300,000 files; the scheduler looks at due ones anyway."""
-        own_writes: Callable[[str], int] | None = getattr(self.store, "own_writes", None)
+        own_writes = self._own_writes
         if own_writes is None or self.index is not None:
             yield from (self.status_json(c, next_runs.get(c.name)) for c in certs)
             return
@@ -190,7 +192,7 @@ class Planner:
         """Ask the store's change token of each of ``certs`` now, gathering afresh what changed:
         the daemon runs it every few minutes, so that :meth:`listing_json` sees changes made by
         anything but itself in that time at most."""
-        if getattr(self.store, "own_writes", None) is None:
+        if self._own_writes is None:
             return  # every listing asks the store
         now = self.clock.now()
         for cert in certs:
@@ -225,7 +227,7 @@ class Planner:
             return None
 
     def _facts(self, cert: CertificateConfig, now: datetime, token: Hashable = ...) -> _Facts:
-        own_writes: Callable[[str], int] | None = getattr(self.store, "own_writes", None)
+        own_writes = self._own_writes
         written = own_writes(cert.name) if own_writes is not None else None  # before the token: see listing_json
         if token is ...:
             token = self._token(cert.name)
