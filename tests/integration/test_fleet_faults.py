@@ -25,6 +25,13 @@ CHALLENGE_PATH = "/chalZ/"  # Pebble's challenge URLs: node 3 answers its challe
 
 
 
+def new_orders_seen(fleet: Fleet, began: float) -> str:
+    """The newOrder requests (seconds from the cut, payload), the orders created and finalized:
+    what a failure needs to tell a node's retry from a repeated request."""
+    seen = [(round(t - began, 1), payload.decode(errors="replace")[:200]) for t, payload in fleet.ca.new_orders]
+    return f"newOrder requests {seen}; created {len(fleet.ca.orders_created)}, finalized {len(fleet.ca.finalized)}"
+
+
 def one_version(fleet: Fleet, version: int) -> None:
     """``certd status --fleet --json`` shows every node on ``version``, verified, no error."""
     cert = fleet.status_cli()
@@ -87,7 +94,8 @@ def taken_over_and_healed(fleet: Fleet, cut: PartitionProxy, began: float) -> No
     wait_until(lambda: "renewal_failed" in node3.env.daemons[0].log_text(), timeout=60, interval=0.5,
                what="node 3's held renewal ending")
     assert fleet.status()["desired_version"] == 2 and fleet.store.current("www") == 2
-    assert len(fleet.ca.new_orders) == 2 and len(fleet.ca.finalized) == 2, "node 3 ordered again after the heal"
+    assert len(fleet.ca.new_orders) == 2 and len(fleet.ca.finalized) == 2, \
+        f"node 3 ordered again after the heal: {new_orders_seen(fleet, began)}"
 
 
 def test_node_cut_off_after_finalize_issues_no_second_certificate(cut_fleet: tuple[Fleet, PartitionProxy]) -> None:
