@@ -43,7 +43,7 @@ log = logging.getLogger("certd.issuer")  # a stable name: it is part of the log 
 # finalize request (a local CA is done in milliseconds; no fixed wait is paid per certificate),
 # unless the CA said Retry-After; then waits grow from FIRST_POLL, never shorter than what
 # the CA asks (capped).
-FIRST_POLL = 0.004
+FIRST_POLL = 0.001        # as the limit client: a local CA answers the next poll in about a millisecond
 POLL_GROWTH = 2.0
 MAX_POLL = 2.0
 MAX_RETRY_AFTER = 15.0       # never wait longer than this for one poll, whatever the CA says

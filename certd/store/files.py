@@ -108,7 +108,7 @@ class FileStore(VersionFiles):
         self._certs = os.fspath(self.root / "certs")
         self._count_own_writes()
         self.node = node_name(node)
-        self._leases = FileLeases(self._ensure_cert_dir, self._clock)
+        self._leases = FileLeases(self._ensure_cert_path, self._clock)
         self._keys = KeyFiles(self.root, keyring, kek_loader, self._key_guard)
         self._accounts = FileAccounts(self.root, self._clock, self._dir_mode, self._gid, self._keys)
         self._audit_group = audit_group
@@ -140,8 +140,7 @@ class FileStore(VersionFiles):
         if lease is None:
             with self._mutex:
                 lease = self._bound.get(name)
-        self._ensure_cert_dir(name)
-        return self._leases.fenced(name, lease)
+        return self._leases.fenced(name, lease)  # which makes the certificate's directory first
 
     def lock(self, name: str, *, timeout: float = 0.0) -> AbstractContextManager[None]:
         """The single-host lock: the certificate's lease for the block, bound to ``name`` so

@@ -103,18 +103,24 @@ class VersionFiles:
         return self._versions_dir(name) / version_dirname(version)
 
     def _ensure_cert_dir(self, name: str) -> Path:
-        d = self._cert_dir(name)
+        return Path(self._ensure_cert_path(name))
+
+    def _ensure_cert_path(self, name: str) -> str:
+        """:meth:`_ensure_cert_dir` as a string: every fenced write asks (20 a rotation), and
+        parsing a Path each time cost more than the stat."""
+        path = self._cert_path(name)
         try:  # the common case, in one stat: versions/ exists, so everything above it does
-            if stat.S_ISDIR(os.stat(f"{self._cert_path(name)}/versions").st_mode):
-                return d
+            if stat.S_ISDIR(os.stat(f"{path}/versions").st_mode):
+                return path
         except OSError:
             pass
+        d = self._cert_dir(name)
         fresh = not os.path.isdir(self._certs)
         for p in (self.root, self.root / "certs", d, d / "versions"):
             fsutil.ensure_dir(p, self._dir_mode, gid=self._gid)
         if fresh:
             self._created()
-        return d
+        return path
 
     def _created(self) -> None:
         """Called once when this store created the ``certs`` directory (a new state directory)."""
