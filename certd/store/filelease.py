@@ -27,6 +27,7 @@ or dies — the price of making the token check and the write one step on a plai
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -38,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from certd.core.clock import Clock
-from certd.core.errors import LockBusy
+from certd.core.errors import LockBusy, StoreError
 from certd import fs as fsutil
 from certd.store import fileio
 from certd.store.port import Fenced, Lease, LeaseLost
@@ -127,10 +128,14 @@ class FileLeases:
     def _read(d: str) -> dict[str, Any]:
         path = f"{d}/{LEASE_FILE}"
         try:  # os.read, not Path.read_bytes: every fenced write reads it (20 a rotation; 5 us, not 20)
-            raw = fileio.read(path)
+            raw = fileio.read(path, nofollow=True)
         except FileNotFoundError:
             return {"token": 0, "owner": None, "expires": 0.0, "flock": False}
         except OSError as e:
+            if e.errno == errno.ELOOP:  # followed, a link would lend another record's token (or none)
+                raise StoreError(f"{path} is a symbolic link; certd does not follow links in its state "
+                                 f"directory: stop every certd using it and put the lease record itself "
+                                 f"there (or remove the link)") from None
             raise fsutil.store_error(e, path, "read") from e
         try:
             rec = json.loads(raw)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from certd.core.clock import SystemClock
-from certd.core.errors import LockBusy
+from certd.core.errors import LockBusy, StoreError
 from certd.store.files import FileStore
 from certd.store.port import Fenced, OrderJournal
 from tests.support.certs import make_bundle
@@ -75,6 +75,27 @@ def test_tokens_survive_a_restart_of_the_store(tmp_path):
     again = FileStore(tmp_path / "state")
     assert again.lease("www", "a", 10.0).token == lease.token + 1
     assert _mode(tmp_path / "state/certs/www/lease.json") == 0o600
+
+
+def test_a_symlink_at_lease_json_is_refused_not_followed(tmp_path):
+    """lease.json swapped for a symlink (to another record, or dangling) is refused with the
+    path; certd neither imports the other record's token nor starts the tokens again at 1."""
+    store = FileStore(tmp_path / "state")
+    store.release(store.lease("www", "a", 10.0))
+    elsewhere = tmp_path / "other.json"
+    elsewhere.write_text('{"token": 99, "owner": null, "expires": 0.0, "flock": true}\n')
+    record = tmp_path / "state/certs/www/lease.json"
+    before = record.read_bytes()
+    record.unlink()
+    for target in (elsewhere, tmp_path / "missing.json"):
+        if record.is_symlink():
+            record.unlink()
+        record.symlink_to(target)
+        with pytest.raises(StoreError, match="lease.json.*symbolic link"):
+            store.lease("www", "a", 10.0)
+    record.unlink()
+    record.write_bytes(before)
+    assert store.lease("www", "a", 10.0).token == 2
 
 
 def test_order_key_is_0600_and_zeroed_on_removal(tmp_path):
