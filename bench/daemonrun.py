@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -50,6 +51,8 @@ def main() -> int:
     ap.add_argument("--settle", type=float, metavar="MAX", help="instead of --wait: until the daemon's CPU stays "
                     "under 10 %% for 5 s (its start-up work done), at most MAX seconds")
     ap.add_argument("--name", help="the certificate for `status NAME` (default: the config's first)")
+    ap.add_argument("--scrape", type=int, default=0, metavar="K", help="then GET /metrics K times from the "
+                    "config's [daemon] metrics_listen: time, size, the daemon's CPU and RSS each")
     args = ap.parse_args()
     if args.build:
         args.config = statusbench.build(Path(tempfile.mkdtemp(prefix="certd-daemonrun-state-")), args.build)
@@ -78,6 +81,8 @@ def main() -> int:
             judged = f"; <= {STATUS_TARGET:g} s: {ok}" if what[1:] == ["--json"] else ""
             print(f"certd {' '.join(what)}: {took:.2f} s ({len(out) / 1e6:.1f} MB; the daemon's CPU "
                   f"{cpu_seconds(daemon.pid) - cpu:.2f} s){judged}; RSS {memory(daemon.pid)}", flush=True)
+        if args.scrape:
+            scrape(daemon.pid, _daemon_value(args.config, "metrics_listen"), args.scrape)
     finally:
         t = time.perf_counter()
         daemon.send_signal(signal.SIGTERM)
@@ -90,6 +95,34 @@ def main() -> int:
             print("still running 300 s after SIGTERM: killed")
         notify.close()
     return 0
+
+
+def scrape(pid: int, listen: str | None, times: int) -> None:
+    """GET /metrics ``times`` times, as Prometheus would, printing what each cost the daemon."""
+    if listen is None:
+        raise SystemExit("--scrape: the config's [daemon] has no metrics_listen")
+    for i in range(times):
+        t, cpu = time.perf_counter(), cpu_seconds(pid)
+        with urllib.request.urlopen(f"http://{listen}/metrics", timeout=600) as r:
+            body = r.read()
+        series = body.count(b"\n") - body.count(b"\n#")
+        print(f"GET /metrics #{i + 1}: {time.perf_counter() - t:.2f} s, {len(body) / 1e6:.1f} MB, {series:,} "
+              f"series (the daemon's CPU {cpu_seconds(pid) - cpu:.2f} s); RSS {memory(pid)}", flush=True)
+
+
+def _daemon_value(config: Path, key: str) -> str | None:
+    """``key``'s string value in the config's [daemon] table, without parsing every table."""
+    in_daemon = False
+    with config.open() as f:
+        for line in f:
+            stripped = line.strip()
+            if stripped.startswith("["):
+                if in_daemon:
+                    return None
+                in_daemon = stripped == "[daemon]"
+            elif in_daemon and stripped.split("=", 1)[0].strip() == key:
+                return stripped.split("=", 1)[1].strip().strip('"')
+    return None
 
 
 def settle(pid: int, limit: float) -> float:
