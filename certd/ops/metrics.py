@@ -312,10 +312,6 @@ class _StoreCollector(Collector):
         self.store_up: Callable[[], bool] = lambda: True
         self._issued: dict[tuple[str, int], float | None] = {}
         self._cache: dict[str, tuple[float, dict[str, float | None]]] = {}   # name -> (read at, values)
-        #: one collection at a time: scrapes that overlap (a slow one retried by Prometheus after
-        #: its timeout, a second Prometheus) wait for it and reuse what it read, instead of each
-        #: reading every certificate again and holding its own copy of every series
-        self._collecting = threading.Lock()
 
     def forget(self, name: str | None = None) -> None:
         """Read ``name`` (everything, with None) from the store at the next collection. The old
@@ -326,10 +322,6 @@ class _StoreCollector(Collector):
                 self._cache[key] = (float("-inf"), self._cache[key][1])
 
     def collect(self) -> Iterator[Metric]:
-        with self._collecting:
-            yield from self._collect()
-
-    def _collect(self) -> Iterator[Metric]:
         def family(suffix: str, doc: str) -> GaugeMetricFamily:
             return GaugeMetricFamily(f"certd_{suffix}", doc, labels=["name"])
 

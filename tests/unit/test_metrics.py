@@ -251,30 +251,3 @@ def test_a_scrape_reads_each_versions_metadata_not_the_whole_version(tmp_path, m
         datetime(2026, 3, 1, 11, 59, tzinfo=timezone.utc).timestamp()
     assert loads == []
 
-
-def test_overlapping_scrapes_read_the_store_once(tmp_path, monkeypatch):
-    """Two scrapes at once (a slow one retried by Prometheus after its timeout): the second
-    waits for the first and uses what it read, instead of reading every certificate again."""
-    import threading
-    metrics, manager = setup(tmp_path)
-    for name in ("www", "api"):
-        store_version(manager, name)
-    reads: list[str] = []
-    inside = threading.Event()
-    real_status = manager.status
-
-    def slow_status(cert: CertificateConfig) -> dict[str, object]:
-        reads.append(cert.name)
-        inside.set()
-        threading.Event().wait(0.2)  # the first scrape is still reading when the second asks
-        return real_status(cert)
-
-    monkeypatch.setattr(manager, "status", slow_status)
-    second: list[dict[tuple[str, tuple[tuple[str, str], ...]], float]] = []
-    first = threading.Thread(target=lambda: samples(metrics))
-    first.start()
-    assert inside.wait(10)
-    second.append(samples(metrics))
-    first.join(10)
-    assert sorted(reads) == ["api", "www"]
-    assert get(second[0], "certd_certificate_version", name="www") == 1.0
